@@ -1,0 +1,60 @@
+"""pyorchestrate: run long-lived Python agents across many hosts over ZeroMQ.
+
+Everything public is importable from here::
+
+    from pyorchestrate import Orchestrator, PeriodicThreadAgent, OrchestratorEvent
+"""
+
+from .agents import (
+    SUCCESS,
+    BaseAgent,
+    BaseProcessAgent,
+    BaseThreadAgent,
+    LoopingAgent,
+    LoopingProcessAgent,
+    LoopingThreadAgent,
+    PeriodicAgent,
+    PeriodicProcessAgent,
+    PeriodicThreadAgent,
+)
+from .config import (
+    BaseConfig,
+    ConfigValidationError,
+    ValidationPolicy,
+    ValidationResult,
+    ValidationSeverity,
+)
+from .coordinator import WorkerWaitTimeout
+from .events import OrchestratorEvent
+from .orchestrator import Orchestrator, RunMode
+from .shipping import ShippingError
+from .sockets import AddressError
+from .subscriber import Event, EventSubscriber
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Orchestrator",
+    "RunMode",
+    "OrchestratorEvent",
+    "EventSubscriber",
+    "Event",
+    "BaseAgent",
+    "LoopingAgent",
+    "PeriodicAgent",
+    "BaseThreadAgent",
+    "BaseProcessAgent",
+    "LoopingThreadAgent",
+    "LoopingProcessAgent",
+    "PeriodicThreadAgent",
+    "PeriodicProcessAgent",
+    "BaseConfig",
+    "ValidationResult",
+    "ValidationSeverity",
+    "ValidationPolicy",
+    "ConfigValidationError",
+    "WorkerWaitTimeout",
+    "ShippingError",
+    "AddressError",
+    "SUCCESS",
+]

@@ -1,0 +1,129 @@
+"""BaseAgent: the lifecycle every agent goes through, wherever it runs.
+
+STARTED -> config validation -> ``setup()`` -> READY -> ``execute()`` -> (``on_stop()`` if stop was
+requested) -> ``on_close()`` -> TERMINATED.  An exception anywhere reports AGENT_ERROR with the
+message and traceback text, then TERMINATED.  Where the events go is decided by whoever runs the
+agent: a worker sends them to the coordinator; standalone, they are logged.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import traceback
+from typing import Any, Callable, ClassVar
+
+from ..config import BaseConfig, ConfigValidationError, ValidationSeverity
+
+Reporter = Callable[..., None]
+
+SUCCESS = 25
+logging.addLevelName(SUCCESS, "SUCCESS")
+
+
+def _log_reporter(agent: "BaseAgent") -> Reporter:
+    def report(event: str, **fields: Any) -> None:
+        agent.logger.debug("%s %s", event, fields or "")
+    return report
+
+
+class BaseAgent(abc.ABC):
+    """Runs :meth:`execute` once.  Subclass a Thread or Process variant and override ``execute``.
+
+    Optional hooks: :meth:`setup` (before READY), :meth:`on_stop` (after a stop request, once the
+    current work has finished), :meth:`on_close` (always, last).
+    """
+
+    class Config(BaseConfig):
+        """Settings of an agent.  Subclass as ``class Config(ParentAgent.Config)``."""
+
+        #: seconds a stopped agent may take to finish before it is terminated (process) or
+        #: reported stuck (thread)
+        stop_timeout: float = 10.0
+
+        def validate(self):
+            results = super().validate()
+            from ..config import ValidationResult
+            if not isinstance(self.stop_timeout, (int, float)) or self.stop_timeout < 0:
+                results.append(ValidationResult("stop_timeout", "must be a number of seconds >= 0"))
+            return results
+
+    #: "thread" or "process"; set by the Thread/Process variants
+    execution_mode: ClassVar[str] = ""
+
+    config: Config
+
+    def __init__(self, name: str | None = None, config: BaseConfig | None = None) -> None:
+        self.name = name or type(self).__name__
+        self.config = config if config is not None else type(self).Config()
+        self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
+        self._stop_event: Any = threading.Event()
+        self._report: Reporter = _log_reporter(self)
+
+    # ---------------------------------------------------------------- hooks to override
+
+    def setup(self) -> None:
+        """Prepare resources before the agent is READY.  Optional."""
+
+    @abc.abstractmethod
+    def execute(self) -> None:
+        """The agent's work.  Required in Base agents; Looping/Periodic agents implement it."""
+
+    def on_stop(self) -> None:
+        """Called after a stop request, once the current iteration has finished.  Optional."""
+
+    def on_close(self) -> None:
+        """Called last, whether the agent finished, stopped or failed.  Optional."""
+
+    # ---------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Ask the agent to stop: the current iteration finishes, then ``on_stop``, ``on_close``."""
+        self._stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop_event.is_set()
+
+    def wait_stop(self, timeout: float | None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early on stop; True if stop was requested."""
+        return self._stop_event.wait(timeout)
+
+    # ---------------------------------------------------------------- lifecycle (do not override)
+
+    def run(self) -> bool:
+        """Drive the whole lifecycle in the current thread; return True if it ended without error."""
+        report = self._report
+        ok = True
+        report("AGENT_STARTED")
+        try:
+            for finding in self.config.check(f"agent {self.name!r}"):
+                level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
+                self.logger.log(level, "config: %s", finding)
+            self.setup()
+            report("AGENT_READY")
+            if not self.stopping:
+                self.execute()
+        except BaseException as exc:  # noqa: BLE001 - an agent's failure must be reported, whatever it is
+            ok = False
+            self._report_error(exc)
+            if not isinstance(exc, (Exception, ConfigValidationError)):
+                # KeyboardInterrupt / SystemExit still end the agent, after reporting
+                pass
+        finally:
+            for hook in ((self.on_stop,) if self.stopping else ()) + (self.on_close,):
+                try:
+                    hook()
+                except Exception as exc:
+                    ok = False
+                    self._report_error(exc)
+            report("AGENT_TERMINATED", ok=ok)
+        return ok
+
+    def _report_error(self, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.logger.error("agent %s failed: %s", self.name, message)
+        self._report("AGENT_ERROR", error_message=message, traceback=text)

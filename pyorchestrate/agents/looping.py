@@ -1,0 +1,85 @@
+"""LoopingAgent and PeriodicAgent: the agents that repeat."""
+
+from __future__ import annotations
+
+import abc
+import time
+
+from ..config import ValidationResult
+from .base import BaseAgent
+
+
+class LoopingAgent(BaseAgent):
+    """Calls :meth:`cycle` until stopped or ``Config.limit`` cycles have run (-1 = forever).
+
+    It does not pace itself: ``cycle`` should block or sleep (``self.wait_stop(seconds)`` sleeps
+    and wakes early on stop).
+    """
+
+    class Config(BaseAgent.Config):
+        #: number of cycles; -1 runs until stopped
+        limit: int = -1
+
+        def validate(self):
+            results = super().validate()
+            if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < -1:
+                results.append(ValidationResult("limit", "must be a whole number >= -1 (-1 = forever)"))
+            return results
+
+    @abc.abstractmethod
+    def cycle(self) -> None:
+        """One iteration of the agent's work.  Required."""
+
+    def execute(self) -> None:
+        limit = self.config.limit
+        done = 0
+        while not self.stopping and (limit < 0 or done < limit):
+            self.cycle()
+            done += 1
+        self.cycles_done = done
+
+
+class PeriodicAgent(LoopingAgent):
+    """Calls :meth:`runner` every ``Config.execution_interval`` seconds (``limit`` times, -1 =
+    forever).  The wait between runs ends early when the agent is stopped."""
+
+    class Config(LoopingAgent.Config):
+        #: seconds between the starts of two runs
+        execution_interval: float = 1.0
+        #: keep a fixed schedule (the next run is due ``interval`` after the previous one was due,
+        #: not after it finished)
+        delay_compensation: bool = False
+
+        def validate(self):
+            results = super().validate()
+            interval = self.execution_interval
+            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval < 0:
+                results.append(ValidationResult("execution_interval", "must be a number of seconds >= 0"))
+            return results
+
+    @abc.abstractmethod
+    def runner(self) -> None:
+        """The periodic work.  Required."""
+
+    def cycle(self) -> None:
+        """One run; the schedule is kept by :meth:`execute`."""
+        self.runner()
+
+    def execute(self) -> None:
+        interval = self.config.execution_interval
+        limit = self.config.limit
+        due = time.monotonic()
+        done = 0
+        while not self.stopping and (limit < 0 or done < limit):
+            self.cycle()
+            done += 1
+            if limit >= 0 and done >= limit:
+                break
+            if self.config.delay_compensation:
+                due += interval
+                delay = due - time.monotonic()
+            else:
+                delay = interval
+            if delay > 0:
+                self.wait_stop(delay)
+        self.cycles_done = done

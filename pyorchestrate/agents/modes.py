@@ -1,0 +1,84 @@
+"""Execution modes: where an agent's lifecycle runs when it is started standalone.
+
+Under an orchestrator, a worker runs thread agents in its own process and process agents in a
+child it supervises; the mode only tells it which.  Standalone (``agent.start(); agent.join()``)
+the mixins below run the agent themselves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from typing import Any
+
+import cloudpickle
+
+
+class ThreadMode:
+    """Runs the agent in a thread of the current process."""
+
+    execution_mode = "thread"
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the agent in a new thread (standalone use)."""
+        self._thread = threading.Thread(target=self.run, name=f"agent-{self.name}", daemon=True)  # type: ignore[attr-defined]
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the agent to end; True if it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def _run_pickled(blob: bytes, stop_event: Any) -> None:
+    agent = cloudpickle.loads(blob)
+    agent._stop_event = stop_event
+    raise SystemExit(0 if agent.run() else 1)
+
+
+class ProcessMode:
+    """Runs the agent in a child process (started with ``spawn``: never a fork of a threaded parent)."""
+
+    execution_mode = "process"
+    _process: Any = None
+
+    def start(self) -> None:
+        """Start the agent in a new process (standalone use)."""
+        ctx = multiprocessing.get_context("spawn")
+        stop_event = ctx.Event()
+        self._stop_event = stop_event
+        blob = cloudpickle.dumps(self)
+        self._process = ctx.Process(target=_run_pickled, args=(blob, stop_event), name=f"agent-{self.name}")  # type: ignore[attr-defined]
+        self._process.start()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        # process handles and events belong to the parent; the child gets its own
+        for key in ("_process", "_stop_event", "_report", "logger"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import logging
+        from .base import _log_reporter
+
+        self.__dict__.update(state)
+        self._stop_event = threading.Event()
+        self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")  # type: ignore[attr-defined]
+        self._report = _log_reporter(self)  # type: ignore[arg-type]
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the agent's process to end; True if it has."""
+        if self._process is None:
+            return True
+        self._process.join(timeout)
+        return self._process.exitcode is not None
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()

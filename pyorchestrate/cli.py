@@ -1,0 +1,76 @@
+"""``pyorchestrate``: command-line tools for a running cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import __version__
+from .sockets import AddressError, parse_tcp
+from .subscriber import Event, EventSubscriber
+
+_SKIP = {"event", "event_date", "event_time", "publisher", "incarnation", "agent_name", "traceback"}
+
+
+def format_event(ev: Event) -> str:
+    """One human-readable line per event."""
+    extras = " ".join(f"{k}={v}" for k, v in ev.items() if k not in _SKIP and v not in (None, "", [], {}))
+    line = f"{ev.get('event_time', '--:--:--')} {ev.event:<22} {ev.subject:<20} {extras}".rstrip()
+    if ev.get("traceback"):
+        line += "\n" + str(ev["traceback"]).rstrip()
+    return line
+
+
+def _events(args: argparse.Namespace) -> int:
+    try:
+        parse_tcp(args.address)
+    except AddressError as exc:
+        print(f"pyorchestrate events: {exc}", file=sys.stderr)
+        return 2
+    topics = args.topic or [""]
+    seen = 0
+    with EventSubscriber(args.address, topics, timeout=args.timeout) as subscriber:
+        try:
+            for ev in subscriber:
+                out: Any = json.dumps(ev, default=str, sort_keys=True) if args.json else format_event(ev)
+                print(out, flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+                if args.exit_on_shutdown and ev.event == "SHUTDOWN":
+                    break
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            return 0
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyorchestrate", description="Tools for pyorchestrate clusters.")
+    p.add_argument("--version", action="version", version=f"pyorchestrate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("events", help="print a cluster's events as they arrive",
+                        description="Subscribe to a coordinator's event bus and print every event.")
+    ev.add_argument("--address", required=True, metavar="tcp://HOST:PORT",
+                    help="the coordinator's events address (printed at its start; Orchestrator.Config.events_address)")
+    ev.add_argument("--topic", action="append", metavar="PREFIX",
+                    help="only events whose topic (EVENT.<agent or worker>) starts with PREFIX; repeatable")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
+    ev.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="exit after SECONDS without an event")
+    ev.add_argument("--exit-on-shutdown", action="store_true", help="exit when the coordinator shuts down")
+    ev.set_defaults(func=_events)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,541 @@
+"""The coordinator: one thread that owns every socket and all cluster state.
+
+Sockets: a ROUTER for workers' control connections, an XSUB that workers publish into, and an
+XPUB that subscribers read.  Lifecycle events arrive on the control connection (which never
+drops silently); the coordinator applies them to its state and republishes them on the bus with
+its own sequence numbers.  What workers publish directly is checked, gap-detected and forwarded.
+Liveness is judged by control traffic: a worker silent for ``interval * liveness`` is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol, sockets
+from .drops import DropCounter
+from .events import EventDispatcher, OrchestratorEvent, stamp
+from .mailbox import Mailbox
+from .versions import compare, local_versions, table
+
+log = logging.getLogger("pyorchestrate.coordinator")
+
+TERMINAL = "TERMINATED"
+_DRAIN_BATCH = 1000
+
+
+@dataclass
+class AgentRecord:
+    """What the coordinator knows of one registered agent."""
+
+    name: str
+    agent_class: type
+    config: Any
+    class_id: str
+    class_blob: bytes
+    config_blob: bytes
+    mode: str
+    state: str = "PENDING"
+    worker: str | None = None
+    epoch: int = 0
+    error: str | None = None
+    failed: bool = False
+    started_at: float | None = None
+
+
+@dataclass
+class WorkerRecord:
+    """What the coordinator knows of one worker."""
+
+    name: str
+    identity: bytes
+    incarnation: str
+    host: str
+    pid: int
+    labels: dict[str, str]
+    capacity: int
+    versions: dict[str, str]
+    order: int
+    last_seen: float
+    alive: bool = True
+    agents: set[str] = field(default_factory=set)
+    sent_classes: set[str] = field(default_factory=set)
+
+
+class WorkerWaitTimeout(TimeoutError):
+    """Too few workers joined within ``worker_wait_timeout``."""
+
+
+class Coordinator:
+    """The coordinator's sockets, state and loop thread (used by :class:`Orchestrator`)."""
+
+    def __init__(self, name: str, config: Any, agents: dict[str, AgentRecord], dispatcher: EventDispatcher,
+                 on_finished: Callable[[], None]) -> None:
+        self.name = name
+        self.config = config
+        self.agents = agents
+        self.dispatcher = dispatcher
+        self.session = uuid.uuid4().hex
+        self.workers: dict[str, WorkerRecord] = {}
+        self.dropped = DropCounter(log)
+        self.lost_events = 0
+        self.start_error: str | None = None
+        self._by_identity: dict[bytes, str] = {}
+        self._order = 0
+        self._seq = 0
+        self._bus_seqs: dict[tuple[str, str], int] = {}
+        self._versions = local_versions()
+        self._on_finished = on_finished
+        self._finished = False
+        self._stopping_deadline: float | None = None
+        self._workers_ready = False
+        self._wait_deadline = 0.0
+        self._closing = False
+        self._stop_requested = False
+        self.min_workers = 1
+        self._thread: threading.Thread | None = None
+        self.ctx = zmq.Context()
+        self.mailbox = Mailbox(self.ctx)
+        self.address = self.events_address = self.bus_address = ""
+
+    # ================================================================== setup (caller's thread)
+
+    def bind(self, address: str, events_address: str | None) -> None:
+        """Bind the three sockets.  ``*``/``0`` ports are chosen by the OS."""
+        cfg = self.config
+        sockets.check_bind_allowed(address, insecure=cfg.insecure)
+        host, port = sockets.parse_tcp(address)
+        if events_address is None:
+            events_address = sockets.with_port(address, int(port) + 1) if port.isdigit() else address
+        sockets.check_bind_allowed(events_address, insecure=cfg.insecure)
+        ev_host, ev_port = sockets.parse_tcp(events_address)
+        bus_in = sockets.with_port(address, int(ev_port) + 1) if ev_port.isdigit() else address
+        size = cfg.max_message_size
+        self.router = sockets.make_socket(self.ctx, zmq.ROUTER, max_message_size=size)
+        self.xsub = sockets.make_socket(self.ctx, zmq.XSUB, max_message_size=size)
+        self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=4096)
+        try:
+            self.address = sockets.bind(self.router, address)
+            self.events_address = sockets.bind(self.xpub, events_address)
+            self.bus_address = sockets.bind(self.xsub, bus_in)
+        except Exception:
+            self._close_sockets()
+            raise
+        self.xsub.send(b"\x01")  # hear everything workers publish
+
+    def start(self) -> None:
+        self._wait_deadline = time.monotonic() + self.config.worker_wait_timeout
+        self._thread = threading.Thread(target=self._run, name="pyorchestrate-coordinator", daemon=True)
+        self._thread.start()
+
+    def join_thread(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ================================================================== loop
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket):
+            poller.register(sock, zmq.POLLIN)
+        interval = self.config.heartbeat_interval
+        next_tick = time.monotonic()
+        try:
+            while not self._closing:
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + min(interval, 0.25)
+                ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
+                if self.mailbox.wake_socket in ready:
+                    for command, *args in self.mailbox.drain():
+                        getattr(self, f"_cmd_{command}")(*args)
+                if self.router in ready:
+                    self._drain(self.router, self._on_control)
+                if self.xsub in ready:
+                    self._drain(self.xsub, self._on_bus)
+                if self.xpub in ready:
+                    self._drain(self.xpub, self._on_subscription)
+                self._place_pending()
+                self._check_finished()
+        except Exception:
+            log.exception("coordinator loop crashed; shutting down")
+            self.start_error = "the coordinator loop crashed (see the log)"
+            self._mark_finished()
+        finally:
+            self._close()
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except protocol.ProtocolError as exc:
+                self.dropped.drop("bad_frame", exc)
+
+    def _tick(self, now: float) -> None:
+        limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
+        beat = protocol.encode("heartbeat")
+        for worker in list(self.workers.values()):
+            if not worker.alive:
+                continue
+            if now - worker.last_seen > limit:
+                self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
+                                  f"worker {worker.name!r} was lost (no heartbeat for {now - worker.last_seen:.1f} s)")
+                continue
+            if now - getattr(worker, "_last_beat_sent", 0.0) >= self.config.heartbeat_interval:
+                worker._last_beat_sent = now  # type: ignore[attr-defined]
+                self._send(worker, beat)
+        self._publish_bus_heartbeat(now)
+        if self._stopping_deadline is not None and now > self._stopping_deadline:
+            for record in self.agents.values():
+                if record.state != TERMINAL:
+                    self._fail_agent(record, f"agent {record.name!r} did not stop in time", emit_error=True)
+            self._stopping_deadline = None
+        if not self._workers_ready and now > self._wait_deadline and self._pending():
+            self._give_up_waiting()
+
+    def _publish_bus_heartbeat(self, now: float) -> None:
+        # lets subscribers confirm their subscription and notice a lost last event
+        if now - getattr(self, "_last_bus_beat", 0.0) < self.config.heartbeat_interval:
+            return
+        self._last_bus_beat = now
+        fields = {"event": "_HEARTBEAT", "seq": self._seq, "publisher": self.name,
+                  "incarnation": self.session, **stamp()}
+        self.xpub.send_multipart(protocol.encode_event("_HEARTBEAT", fields))
+
+    # ================================================================== commands from the user thread
+
+    def _cmd_add(self, record: AgentRecord) -> None:
+        # agents registered after start() enter the state here, on the loop's own thread;
+        # placement happens at the end of every loop turn
+        self.agents[record.name] = record
+
+    def _cmd_stop_all(self, timeout: float) -> None:
+        self._stopping_deadline = time.monotonic() + timeout + self.config.heartbeat_interval * 2
+        for record in self.agents.values():
+            if record.state == "PENDING":
+                record.state = TERMINAL
+                self._publish_agent(record, OrchestratorEvent.AGENT_TERMINATED, {"ok": True, "reason": "stopped before start"})
+            elif record.state != TERMINAL and record.worker in self.workers:
+                self._send(self.workers[record.worker],
+                           protocol.encode("stop", agent=record.name, epoch=record.epoch, timeout=float(timeout)))
+
+    def _cmd_close(self) -> None:
+        release = protocol.encode("release")
+        for worker in self.workers.values():
+            if worker.alive:
+                self._send(worker, release)
+        self._publish(OrchestratorEvent.SHUTDOWN, self.name, {"coordinator": self.name})
+        self._closing = True
+
+    # ================================================================== control messages
+
+    def _send(self, worker: WorkerRecord, frame: bytes) -> None:
+        try:
+            self.router.send_multipart([worker.identity, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # unreachable or full: heartbeats will tell whether the worker is really gone
+            log.debug("could not send to worker %s: %s", worker.name, exc)
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            raise protocol.ProtocolError(f"control message with {len(frames)} frames")
+        identity, frame = frames
+        try:
+            message = protocol.decode(frame, self.config.max_message_size)
+        except protocol.ProtocolError:
+            self._maybe_refuse_old_peer(identity, frame)
+            raise
+        kind = message["type"]
+        if kind == "register":
+            self._on_register(identity, message)
+            return
+        name = self._by_identity.get(identity)
+        worker = self.workers.get(name) if name else None
+        if worker is None or not worker.alive or worker.identity != identity:
+            if kind in ("heartbeat", "agent_event"):
+                # a worker we do not know (we restarted) or had given up on (it was frozen)
+                self.router.send_multipart([identity, protocol.encode("reregister")], zmq.NOBLOCK)
+                if kind == "agent_event" and worker is not None:
+                    self._on_stale_event(worker, message)
+            elif kind != "goodbye":
+                self.dropped.drop("unexpected", kind)
+            return
+        worker.last_seen = time.monotonic()
+        if kind == "agent_event":
+            self._on_agent_event(worker, message)
+        elif kind == "goodbye":
+            self._worker_gone(worker, OrchestratorEvent.WORKER_LEFT, f"worker {worker.name!r} shut down")
+        elif kind != "heartbeat":
+            self.dropped.drop("unexpected", kind)
+
+    def _maybe_refuse_old_peer(self, identity: bytes, frame: bytes) -> None:
+        try:
+            version, kind = protocol.peek_version(frame)
+        except protocol.ProtocolError:
+            return
+        if kind == "register" and version != protocol.PROTOCOL_VERSION:
+            reason = (f"protocol version mismatch: coordinator speaks {protocol.PROTOCOL_VERSION}, worker speaks "
+                      f"{version!r}. Install the same pyorchestrate version on both sides.")
+            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
+
+    def _on_register(self, identity: bytes, message: dict[str, Any]) -> None:
+        name = message["name"]
+        errors, warnings = compare(self._versions, message["versions"])
+        if errors:
+            reason = ("incompatible versions (" + "; ".join(errors) + "):\n" + table(self._versions, message["versions"]))
+            log.error("refused worker %s: %s", name, reason)
+            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
+            return
+        existing = self.workers.get(name)
+        if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
+            reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid {existing.pid}); "
+                      "give each worker a unique --name")
+            log.error("refused worker %s: %s", name, reason)
+            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
+            return
+        rejoined = existing is not None
+        if existing is not None:
+            self._by_identity.pop(existing.identity, None)
+        self._order += 1
+        worker = WorkerRecord(
+            name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
+            pid=message["pid"], labels={str(k): str(v) for k, v in message["labels"].items()},
+            capacity=message["capacity"], versions=message["versions"], order=self._order,
+            last_seen=time.monotonic())
+        if existing is not None and existing.alive and existing.incarnation == worker.incarnation:
+            # the same process re-registering (new socket): keep what it runs and what it has
+            worker.agents, worker.sent_classes, worker.order = existing.agents, existing.sent_classes, existing.order
+        self.workers[name] = worker
+        self._by_identity[identity] = name
+        bus_seq = message.get("bus_seq")
+        if isinstance(bus_seq, int):
+            self._bus_seqs[(name, worker.incarnation)] = bus_seq
+        stop = []
+        for item in message["agents"]:
+            if not (isinstance(item, list) and len(item) == 2):
+                continue
+            agent_name, epoch = item
+            record = self.agents.get(agent_name)
+            if record is None or record.worker != name or record.epoch != epoch or record.state == TERMINAL:
+                stop.append([agent_name, epoch])
+            else:
+                worker.agents.add(agent_name)
+        self.router.send_multipart([identity, protocol.encode(
+            "welcome", coordinator=self.name, session=self.session,
+            heartbeat_interval=float(self.config.heartbeat_interval),
+            heartbeat_liveness=int(self.config.heartbeat_liveness),
+            bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings)], zmq.NOBLOCK)
+        if not (existing is not None and existing.alive):
+            log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
+                     " again" if rejoined else "", worker.host, worker.pid, worker.labels or "{}",
+                     worker.capacity or "unlimited")
+            self._publish(OrchestratorEvent.WORKER_JOINED, name, {
+                "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
+                "capacity": worker.capacity, "rejoined": rejoined})
+
+    def _on_agent_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        record = self.agents.get(message["agent"])
+        if record is None or record.worker != worker.name or record.epoch != message["epoch"] or record.state == TERMINAL:
+            self._on_stale_event(worker, message)
+            return
+        try:
+            event = OrchestratorEvent(message["event"])
+        except ValueError:
+            raise protocol.ProtocolError(f"unknown agent event {message['event']!r}") from None
+        fields = {k: v for k, v in message["fields"].items() if isinstance(k, str)}
+        if event is OrchestratorEvent.AGENT_STARTED:
+            record.state = "STARTED"
+        elif event is OrchestratorEvent.AGENT_READY:
+            record.state = "READY"
+        elif event is OrchestratorEvent.AGENT_ERROR:
+            record.error = str(fields.get("error_message", ""))
+            record.failed = True
+        elif event is OrchestratorEvent.AGENT_TERMINATED:
+            record.state = TERMINAL
+            worker.agents.discard(record.name)
+        else:
+            raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
+        self._publish_agent(record, event, fields, worker)
+
+    def _on_stale_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
+        # an agent copy we no longer consider running there: make sure it stops
+        if message["event"] != "AGENT_TERMINATED" and worker.alive:
+            self._send(worker, protocol.encode("stop", agent=message["agent"], epoch=message["epoch"], timeout=0.0))
+
+    def _worker_gone(self, worker: WorkerRecord, event: OrchestratorEvent, reason: str) -> None:
+        worker.alive = False
+        (log.warning if event is OrchestratorEvent.WORKER_LOST else log.info)("%s", reason)
+        self._publish(event, worker.name, {"worker": worker.name, "host": worker.host, "reason": reason,
+                                           "agents": sorted(worker.agents)})
+        for agent_name in sorted(worker.agents):
+            record = self.agents.get(agent_name)
+            if record is not None and record.state != TERMINAL:
+                self._fail_agent(record, f"{reason}; agent {agent_name!r} was running there", emit_error=True)
+        worker.agents.clear()
+
+    def _fail_agent(self, record: AgentRecord, reason: str, *, emit_error: bool) -> None:
+        record.failed = True
+        record.error = reason
+        if emit_error:
+            self._publish_agent(record, OrchestratorEvent.AGENT_ERROR, {"error_message": reason, "traceback": ""})
+        record.state = TERMINAL
+        self._publish_agent(record, OrchestratorEvent.AGENT_TERMINATED, {"ok": False, "reason": reason})
+        if record.worker in self.workers:
+            self.workers[record.worker].agents.discard(record.name)
+
+    # ================================================================== bus traffic from workers
+
+    def _on_bus(self, frames: list[bytes]) -> None:
+        fields = protocol.decode_event(frames, self.config.max_message_size)
+        key = (fields["publisher"], fields["incarnation"])
+        seq = fields["seq"]
+        last = self._bus_seqs.get(key)
+        if last is not None and seq > last + 1:
+            self._report_gap(fields["publisher"], seq - last - 1)
+        if last is None or seq > last:
+            self._bus_seqs[key] = seq
+        self.xpub.send_multipart(frames)
+        try:
+            event = OrchestratorEvent(fields["event"])
+        except ValueError:
+            return
+        if self.dispatcher.wants(event):
+            self.dispatcher.dispatch(event, fields)
+
+    def _report_gap(self, publisher: str, lost: int) -> None:
+        self.lost_events += lost
+        log.warning("%d event(s) from %s were lost on the bus (high-water mark reached?)", lost, publisher)
+        self._publish(OrchestratorEvent.EVENTS_LOST, publisher, {"lost": lost, "source": publisher})
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        frame = frames[0] if len(frames) == 1 else b""
+        if frame[:1] not in (b"\x00", b"\x01"):
+            raise protocol.ProtocolError("subscriber sent something other than a subscription")
+
+    # ================================================================== publishing
+
+    def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any]) -> dict[str, Any]:
+        self._seq += 1
+        fields = {"event": event.value, "seq": self._seq, "publisher": self.name, "incarnation": self.session,
+                  **stamp(), **fields}
+        try:
+            self.xpub.send_multipart(protocol.encode_event(protocol.event_topic(event.value, subject), fields),
+                                     zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self.dispatcher.dispatch(event, fields)
+        return fields
+
+    def _publish_agent(self, record: AgentRecord, event: OrchestratorEvent, fields: dict[str, Any],
+                       worker: WorkerRecord | None = None) -> None:
+        worker = worker or self.workers.get(record.worker or "")
+        base = {"agent_name": record.name, "worker": record.worker, "host": worker.host if worker else None,
+                "epoch": record.epoch}
+        published = self._publish(event, record.name, {**fields, **base})
+        where = f"on {record.worker}" if record.worker else "(not placed)"
+        if event is OrchestratorEvent.AGENT_ERROR:
+            log.error("agent %s %s: %s%s", record.name, where, published.get("error_message"),
+                      ("\n" + published["traceback"].rstrip()) if published.get("traceback") else "")
+        else:
+            log.info("agent %s %s %s", record.name, event.value.removeprefix("AGENT_").lower(), where)
+
+    # ================================================================== placement
+
+    def _pending(self) -> list[AgentRecord]:
+        return [r for r in self.agents.values() if r.state == "PENDING"]
+
+    def _place_pending(self) -> None:
+        if self._stopping_deadline is not None:
+            return
+        pending = self._pending()
+        if not pending:
+            return
+        alive = [w for w in self.workers.values() if w.alive]
+        if not self._workers_ready:
+            if len(alive) < max(1, self.min_workers):
+                return
+            self._workers_ready = True
+        for record in pending:
+            candidates = [w for w in alive if not w.capacity or len(w.agents) < w.capacity]
+            if not candidates:
+                return
+            worker = min(candidates, key=lambda w: (len(w.agents), w.order))
+            self._assign(record, worker)
+
+    def _assign(self, record: AgentRecord, worker: WorkerRecord) -> None:
+        record.epoch += 1
+        record.worker = worker.name
+        record.state = "ASSIGNED"
+        record.started_at = time.time()
+        worker.agents.add(record.name)
+        first = record.class_id not in worker.sent_classes
+        worker.sent_classes.add(record.class_id)
+        self._send(worker, protocol.encode(
+            "start", agent=record.name, epoch=record.epoch, class_id=record.class_id,
+            class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode))
+
+    def _give_up_waiting(self) -> None:
+        alive = sum(w.alive for w in self.workers.values())
+        self.start_error = (
+            f"only {alive} of min_workers={self.min_workers} worker(s) joined within "
+            f"worker_wait_timeout={self.config.worker_wait_timeout} s. Start workers with:\n"
+            f"    pyorchestrate-worker --coordinator {sockets.connectable(self.address)}\n"
+            "or lower min_workers / raise worker_wait_timeout.")
+        log.error("%s", self.start_error)
+        for record in self._pending():
+            self._fail_agent(record, "no worker to run it: " + self.start_error.splitlines()[0], emit_error=True)
+
+    # ================================================================== finishing
+
+    def _check_finished(self) -> None:
+        if self._finished:
+            return
+        if all(r.state == TERMINAL for r in self.agents.values()):
+            stopping = self._stopping_deadline is not None or self._stop_requested
+            if self.config.run_mode.name == "STOP_ON_EMPTY" or stopping:
+                if self.agents or stopping:
+                    self._publish(OrchestratorEvent.ALL_AGENTS_TERMINATED, self.name, {"agents": len(self.agents)})
+                self._mark_finished()
+
+    def _cmd_request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _mark_finished(self) -> None:
+        self._finished = True
+        self._stopping_deadline = None
+        self._on_finished()
+
+    def _close_sockets(self) -> None:
+        for name in ("router", "xsub", "xpub"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=sockets.LINGER_MS)
+
+    def _close(self) -> None:
+        self._close_sockets()
+        self.mailbox.close()
+        self.ctx.term()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-data status (read without locking: values may be a moment old)."""
+        now = time.monotonic()
+        return {
+            "agents": {r.name: {"state": r.state, "worker": r.worker, "failed": r.failed, "error": r.error,
+                                "epoch": r.epoch, "started_at": r.started_at} for r in list(self.agents.values())},
+            "workers": {w.name: {"host": w.host, "pid": w.pid, "labels": w.labels, "capacity": w.capacity,
+                                 "alive": w.alive, "agents": sorted(w.agents),
+                                 "since_heartbeat": round(now - w.last_seen, 3)} for w in list(self.workers.values())},
+            "dropped": dict(self.dropped.counts),
+            "lost_events": self.lost_events,
+        }

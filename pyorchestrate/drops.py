@@ -1,0 +1,28 @@
+"""Counting what we drop from the network, and saying so without flooding the log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+
+class DropCounter:
+    """Counts dropped frames by kind; logs at most once per ``interval`` seconds."""
+
+    def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
+        self.counts: Counter[str] = Counter()
+        self._log = log
+        self._interval = interval
+        self._last_log = -interval
+
+    def drop(self, kind: str, detail: Any = "") -> None:
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if now - self._last_log >= self._interval:
+            self._last_log = now
+            self._log.warning("dropped a %s frame (%s); dropped so far: %s", kind, detail, dict(self.counts))
+
+    def total(self) -> int:
+        return sum(self.counts.values())

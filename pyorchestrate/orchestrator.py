@@ -1,0 +1,288 @@
+"""The Orchestrator: the public face of a coordinator."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import sys
+import threading
+from typing import Any, Callable
+
+from . import shipping
+from .agents.base import BaseAgent
+from .config import BaseConfig, ValidationResult, ValidationSeverity
+from .coordinator import AgentRecord, Coordinator, WorkerWaitTimeout
+from .events import EventDispatcher, OrchestratorEvent
+from .local_workers import LocalWorkers
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .sockets import AddressError, parse_tcp
+
+log = logging.getLogger("pyorchestrate.orchestrator")
+
+
+class RunMode(enum.Enum):
+    """When :meth:`Orchestrator.join` returns."""
+
+    STOP_ON_EMPTY = "stop_on_empty"  #: once every agent has terminated
+    DAEMON = "daemon"  #: only after :meth:`Orchestrator.stop`; agents may be added while running
+
+
+def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool = False, allow_none: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    kinds = (int,) if whole else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or value < minimum:
+        kind = "a whole number" if whole else "a number"
+        results.append(ValidationResult(name, f"must be {kind} >= {minimum}, got {value!r}"))
+
+
+class Orchestrator:
+    """Runs registered agents on worker nodes and reports what happens to them.
+
+    ``Orchestrator("name", config=Orchestrator.Config(...))``, then :meth:`register_agent`,
+    :meth:`register_event`, :meth:`start` and :meth:`join`.  With no ``address`` it starts
+    ``local_workers`` worker processes on loopback itself; with an address it waits for
+    ``min_workers`` ``pyorchestrate-worker`` processes to join.
+    """
+
+    class Config(BaseConfig):
+        """The orchestrator's settings.  "Worker" here always means a worker node (process)."""
+
+        #: STOP_ON_EMPTY: ``join()`` returns when all agents terminated; DAEMON: runs until ``stop()``
+        run_mode: RunMode = RunMode.STOP_ON_EMPTY
+        #: control address workers connect to, e.g. ``tcp://0.0.0.0:5555``; None = embedded local workers
+        address: str | None = None
+        #: where subscribers connect (``pyorchestrate events --address``); default: address's port + 1
+        events_address: str | None = None
+        #: worker processes started on loopback when ``address`` is None
+        local_workers: int = 1
+        #: workers to wait for before placing agents (default: local_workers, or 1 with an address)
+        min_workers: int | None = None
+        #: seconds to wait for ``min_workers`` before failing the agents
+        worker_wait_timeout: float = 30.0
+        #: seconds between heartbeats, both ways
+        heartbeat_interval: float = 1.0
+        #: heartbeats a worker may miss before it is declared lost
+        heartbeat_liveness: int = 5
+        #: seconds ``stop()`` gives agents to finish before it gives up on them
+        stop_timeout: float = 10.0
+        #: allow binding a non-loopback address without keys (trusted networks only)
+        insecure: bool = False
+        #: largest frame accepted from the network, in bytes
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        #: threads running event callbacks
+        callback_threads: int = 10
+        #: level of the ``pyorchestrate`` logger when the application has not configured logging
+        log_level: str = "INFO"
+
+        def validate(self) -> list[ValidationResult]:
+            results = super().validate()
+            if not isinstance(self.run_mode, RunMode):
+                results.append(ValidationResult("run_mode", "must be RunMode.STOP_ON_EMPTY or RunMode.DAEMON"))
+            for name in ("address", "events_address"):
+                value = getattr(self, name)
+                if value is not None:
+                    try:
+                        parse_tcp(value)
+                    except AddressError as exc:
+                        results.append(ValidationResult(name, str(exc)))
+            _number(results, self, "local_workers", 0, whole=True)
+            _number(results, self, "min_workers", 0, whole=True, allow_none=True)
+            _number(results, self, "worker_wait_timeout", 0)
+            _number(results, self, "heartbeat_interval", 0.01)
+            _number(results, self, "heartbeat_liveness", 2, whole=True)
+            _number(results, self, "stop_timeout", 0)
+            _number(results, self, "max_message_size", 1024, whole=True)
+            _number(results, self, "callback_threads", 1, whole=True)
+            if self.address is None and self.local_workers == 0 and (self.min_workers or 0) > 0:
+                results.append(ValidationResult(
+                    "local_workers", "is 0 and no address is set: no worker could ever join; set address or local_workers"))
+            if str(self.log_level).upper() not in logging._nameToLevel:
+                results.append(ValidationResult("log_level", f"unknown level {self.log_level!r}", ValidationSeverity.WARNING))
+            return results
+
+    config: Config
+
+    def __init__(self, name: str = "Orchestrator", config: BaseConfig | None = None, **overrides: Any) -> None:
+        if isinstance(name, BaseConfig) and config is None:  # Orchestrator(MyConfig()) also works
+            name, config = "Orchestrator", name
+        if config is None:
+            config = type(self).Config(**overrides)
+        elif overrides:
+            raise TypeError("pass settings either in config= or as keyword arguments, not both")
+        if not isinstance(config, BaseConfig):
+            raise TypeError(f"config must be an Orchestrator.Config, got {type(config).__name__}")
+        self.name = name
+        self.config = config
+        self.logger = log
+        self._agents: dict[str, AgentRecord] = {}
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+        self._classes: dict[tuple[type, type], tuple[str, bytes]] = {}
+        self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
+        self._finished = threading.Event()
+        self._started = False
+        self._shut = False
+        self._coordinator: Coordinator | None = None
+        self._local = LocalWorkers()
+
+    # ------------------------------------------------------------------ registration
+
+    def register_agent(self, agent_class: type, name: str | None = None, custom_config: BaseConfig | None = None) -> str:
+        """Register ``agent_class`` to run under ``name`` (default: the class name).
+
+        The config is validated here (an ERROR raises :class:`ConfigValidationError`) and the class
+        is pickled here, so mistakes surface before anything is sent.  After :meth:`start` (DAEMON
+        mode) the agent starts right away.  Returns the agent's name.
+        """
+        if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
+            raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
+                            "e.g. BaseThreadAgent or PeriodicProcessAgent")
+        if inspect.isabstract(agent_class):
+            missing = ", ".join(sorted(agent_class.__abstractmethods__))
+            raise TypeError(f"{agent_class.__qualname__} cannot run: implement {missing}()")
+        name = agent_class.__name__ if name is None else name
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValueError(f"agent name {name!r} must be a non-empty string without spaces")
+        config = custom_config if custom_config is not None else agent_class.Config()
+        if not isinstance(config, BaseConfig):
+            raise TypeError(f"custom_config for {name!r} must be a Config instance (e.g. {agent_class.__name__}.Config(...)), "
+                            f"got {type(config).__name__}")
+        for finding in config.check(f"agent {name!r}"):
+            log.warning("agent %s config: %s", name, finding)
+        key = (agent_class, type(config))
+        if key not in self._classes:
+            self._classes[key] = shipping.pack_class(agent_class, type(config))
+        class_id, class_blob = self._classes[key]
+        record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
+                             class_blob=class_blob, config_blob=shipping.pack_config(config, name),
+                             mode=agent_class.execution_mode)
+        with self._lock:
+            if name in self._names:
+                raise ValueError(f"an agent named {name!r} is already registered; pick another name")
+            if self._finished.is_set():
+                raise RuntimeError("this orchestrator has finished; create a new one")
+            self._names.add(name)
+            if self._coordinator is None:
+                self._agents[name] = record
+            else:
+                self._coordinator.mailbox.put(("add", record))
+        return name
+
+    def register_event(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
+        """Call ``callback`` on every ``event``, with the keyword arguments it accepts.
+
+        Callbacks run on a bounded thread pool; one that raises is logged and does not affect
+        the others.  Common fields: ``event``, ``event_date``, ``event_time``, ``seq``,
+        ``agent_name``, ``worker``, ``host``; AGENT_ERROR adds ``error_message`` and ``traceback``.
+        """
+        self._dispatcher.register(event, callback)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Bind, start local workers if needed, and begin placing agents.  Returns at once."""
+        if self._started:
+            raise RuntimeError("this orchestrator was already started")
+        self.config.check(f"orchestrator {self.name!r}")
+        _default_logging(self.config.log_level)
+        cfg = self.config
+        embedded = cfg.address is None
+        coordinator = Coordinator(self.name, cfg, self._agents, self._dispatcher, self._finished.set)
+        coordinator.min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
+        coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
+        self._coordinator = coordinator
+        self._started = True
+        log.info("orchestrator %s: control %s, events %s (subscribe with: pyorchestrate events --address %s)",
+                 self.name, coordinator.address, coordinator.events_address, coordinator.events_address)
+        coordinator.start()
+        if embedded and cfg.local_workers:
+            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"),
+                              logging.getLevelName(log.getEffectiveLevel()))
+        elif not embedded:
+            log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
+                     coordinator.address)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the run is over (STOP_ON_EMPTY: every agent terminated; DAEMON: ``stop()``).
+
+        Returns False if ``timeout`` passed first.  Raises :class:`WorkerWaitTimeout` if too few
+        workers ever joined.  Ctrl-C stops the agents, then re-raises.
+        """
+        if not self._started:
+            raise RuntimeError("call start() before join()")
+        try:
+            if not self._finished.wait(timeout):
+                return False
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping agents")
+            self.stop()
+            raise
+        self._shutdown()
+        error = self._coordinator.start_error if self._coordinator else None
+        if error:
+            raise WorkerWaitTimeout(error)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every agent (each finishes its current iteration), then shut down."""
+        if not self._started or self._coordinator is None:
+            return
+        if not self._finished.is_set():
+            timeout = self.config.stop_timeout if timeout is None else timeout
+            self._coordinator.mailbox.put(("request_stop",))
+            self._coordinator.mailbox.put(("stop_all", float(timeout)))
+            grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
+            if not self._finished.wait(timeout + grace + 5.0):
+                log.error("agents did not all stop in time; shutting down anyway")
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+            self._finished.set()
+        assert self._coordinator is not None
+        self._dispatcher.wait_idle(10.0)
+        self._coordinator.mailbox.put(("close",))
+        self._coordinator.join_thread(10.0)
+        self._local.stop()
+        self._dispatcher.close()
+
+    def __enter__(self) -> "Orchestrator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ information
+
+    @property
+    def address(self) -> str:
+        """The control address actually bound (after :meth:`start`)."""
+        return self._coordinator.address if self._coordinator else ""
+
+    @property
+    def events_address(self) -> str:
+        """The event bus address subscribers connect to (after :meth:`start`)."""
+        return self._coordinator.events_address if self._coordinator else ""
+
+    def status(self) -> dict[str, Any]:
+        """Agents, workers and drop counters as plain data."""
+        if self._coordinator is None:
+            return {"agents": {n: {"state": "REGISTERED"} for n in self._agents}, "workers": {}, "dropped": {}}
+        return self._coordinator.snapshot()
+
+
+def _default_logging(level: str) -> None:
+    """Show our INFO messages when the application has not set up logging itself."""
+    ours = logging.getLogger("pyorchestrate")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(str(level).upper())

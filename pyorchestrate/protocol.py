@@ -1,0 +1,163 @@
+"""The wire format: every control message and bus event, built and parsed here and nowhere else.
+
+A control frame is one msgpack map ``{"v": PROTOCOL_VERSION, "type": ..., <fields>}``.  A bus
+event is two frames: the topic (``EVENT.<agent or worker>``, so subscribers can filter with
+ZeroMQ's prefix match) and a msgpack map of the event's fields.
+
+Everything arriving from the network goes through :func:`decode` or :func:`decode_event`, which
+raise :class:`ProtocolError` for anything malformed; receive loops drop and count those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+# Field name -> accepted Python type(s), per message type.  Extra fields are allowed (newer peers
+# may add some); missing or mistyped required ones are a ProtocolError.
+_STR = str
+_INT = int
+_NUM = (int, float)
+_BYTES = bytes
+_DICT = dict
+_LIST = list
+
+MESSAGES: dict[str, dict[str, Any]] = {
+    # worker -> coordinator
+    "register": {
+        "name": _STR,
+        "incarnation": _STR,
+        "host": _STR,
+        "pid": _INT,
+        "labels": _DICT,
+        "capacity": _INT,
+        "versions": _DICT,
+        "agents": _LIST,
+    },
+    "heartbeat": {},
+    "agent_event": {"agent": _STR, "epoch": _INT, "event": _STR, "fields": _DICT},
+    "goodbye": {},
+    # coordinator -> worker
+    "welcome": {
+        "coordinator": _STR,
+        "session": _STR,
+        "heartbeat_interval": _NUM,
+        "heartbeat_liveness": _INT,
+        "bus_port": _INT,
+        "stop": _LIST,
+        "warnings": _LIST,
+    },
+    "refused": {"reason": _STR},
+    "reregister": {},
+    "start": {
+        "agent": _STR,
+        "epoch": _INT,
+        "class_id": _STR,
+        "class_blob": (bytes, type(None)),
+        "config": _BYTES,
+        "mode": _STR,
+    },
+    "stop": {"agent": _STR, "epoch": _INT, "timeout": _NUM},
+    "release": {},
+}
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+def encode(type_: str, **fields: Any) -> bytes:
+    """Build one control frame.  Raises ``KeyError`` for an unknown type (a bug, not input)."""
+    schema = MESSAGES[type_]
+    missing = [name for name in schema if name not in fields]
+    if missing:
+        raise TypeError(f"message {type_!r} needs fields {missing}")
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": type_, **fields}, use_bin_type=True)
+
+
+def _unpack(frame: bytes, max_size: int) -> Any:
+    if len(frame) > max_size:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_size}")
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"not msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def peek_version(frame: bytes) -> tuple[Any, Any]:
+    """Return ``(v, type)`` of a frame without validating the rest (for refusing old peers)."""
+    message = _unpack(frame, DEFAULT_MAX_MESSAGE_SIZE)
+    if not isinstance(message, dict):
+        raise ProtocolError("message is not a map")
+    return message.get("v"), message.get("type")
+
+
+def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    """Parse and validate one control frame; raise :class:`ProtocolError` if it is not valid."""
+    message = _unpack(frame, max_size)
+    if not isinstance(message, dict):
+        raise ProtocolError("message is not a map")
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    type_ = message.get("type")
+    schema = MESSAGES.get(type_) if isinstance(type_, str) else None
+    if schema is None:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    for name, expected in schema.items():
+        if name not in message:
+            raise ProtocolError(f"{type_}: missing field {name!r}")
+        value = message[name]
+        # bool is an int subclass; never accept it where a number is meant
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise ProtocolError(f"{type_}: field {name!r} has type {type(value).__name__}")
+    return message
+
+
+# ---------------------------------------------------------------------------- bus events
+
+# Fields every bus event carries (checked on decode).
+EVENT_FIELDS: dict[str, Any] = {
+    "event": _STR,
+    "seq": _INT,
+    "publisher": _STR,
+    "incarnation": _STR,
+    "event_date": _STR,
+    "event_time": _STR,
+}
+
+
+def event_topic(event: str, subject: str) -> str:
+    """The bus topic of an event about ``subject`` (an agent or worker name)."""
+    return f"{event}.{subject}"
+
+
+def encode_event(topic: str, fields: dict[str, Any]) -> list[bytes]:
+    """Build the two frames of one bus event."""
+    return [topic.encode(), msgpack.packb(fields, use_bin_type=True)]
+
+
+def decode_event(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    """Parse and validate the frames of one bus event."""
+    if len(frames) != 2:
+        raise ProtocolError(f"event has {len(frames)} frames, expected 2")
+    try:
+        topic = frames[0].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("event topic is not UTF-8") from None
+    fields = _unpack(frames[1], max_size)
+    if not isinstance(fields, dict):
+        raise ProtocolError("event body is not a map")
+    for name, expected in EVENT_FIELDS.items():
+        value = fields.get(name)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ProtocolError(f"event field {name!r} missing or mistyped")
+    if not topic.startswith(fields["event"]):
+        raise ProtocolError("event topic does not match its event name")
+    return fields

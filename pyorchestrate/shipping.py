@@ -1,0 +1,122 @@
+"""Shipping agent code to workers with cloudpickle (coordinator -> worker only).
+
+Modules the user wrote (anything imported from outside the standard library and site-packages,
+such as the seed's ``my_project.models``) are pickled *by value*, so workers need not have them;
+installed libraries are pickled by reference and must be installed on the workers.  A class is
+pickled once and identified by the hash of its pickle, so a worker receives it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import site
+import sys
+import sysconfig
+import threading
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+_lock = threading.Lock()
+_OWN_PACKAGES = {"pyorchestrate", "pyorchestrate_worker"}
+
+
+def _installed_roots() -> tuple[str, ...]:
+    paths = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            paths.add(os.path.realpath(path))
+    try:
+        paths.update(os.path.realpath(p) for p in site.getsitepackages())
+    except AttributeError:  # some virtualenv layouts lack it
+        pass
+    user_site = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    if user_site:
+        paths.add(os.path.realpath(user_site))
+    paths.add(os.path.realpath(sys.base_prefix))
+    return tuple(p + os.sep for p in paths)
+
+
+_INSTALLED = _installed_roots()
+
+
+def _is_user_module(module: ModuleType) -> bool:
+    root = module.__name__.partition(".")[0]
+    if root in _OWN_PACKAGES or root == "__main__" or root in sys.builtin_module_names:
+        return False
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    return not os.path.realpath(path).startswith(_INSTALLED)
+
+
+def user_module_roots() -> list[str]:
+    """Top-level names of the user's own modules currently imported."""
+    roots = set()
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.partition(".")[0] not in roots and _is_user_module(module):
+            roots.add(name.partition(".")[0])
+    return sorted(r for r in roots if r in sys.modules)
+
+
+def _dumps(obj: Any) -> bytes:
+    # register the user's modules by value only for the duration of this pickle, so we do not
+    # change how the user's own cloudpickle calls behave
+    with _lock:
+        roots = user_module_roots()
+        registered = []
+        for root in roots:
+            try:
+                cloudpickle.register_pickle_by_value(sys.modules[root])
+                registered.append(root)
+            except ValueError:  # already registered by the user: leave it as they set it
+                pass
+        try:
+            return cloudpickle.dumps(obj, protocol=5)
+        finally:
+            for root in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[root])
+
+
+class ShippingError(TypeError):
+    """An agent class or config that cannot be sent to a worker."""
+
+
+def pack_class(agent_class: type, config_class: type) -> tuple[str, bytes]:
+    """Pickle an agent class with its config class; return ``(class_id, blob)``."""
+    try:
+        blob = _dumps((agent_class, config_class))
+    except Exception as exc:
+        raise ShippingError(
+            f"cannot send agent class {agent_class.__qualname__} to workers: {type(exc).__name__}: {exc}"
+        ) from exc
+    return hashlib.sha256(blob).hexdigest()[:24], blob
+
+
+def pack_config(config: Any, agent_name: str) -> bytes:
+    """Pickle a config's own values, naming the attribute that cannot be pickled."""
+    values = config.overrides()
+    try:
+        return _dumps(values)
+    except Exception:
+        for key, value in values.items():
+            try:
+                _dumps(value)
+            except Exception as exc:
+                raise ShippingError(
+                    f"agent {agent_name!r}: config attribute {key!r} ({type(value).__name__}) cannot be "
+                    f"sent to a worker: {type(exc).__name__}: {exc}. Store something picklable instead "
+                    "(for example a path or an address) and open the resource in setup()."
+                ) from exc
+        raise
+
+
+def unpack_class(blob: bytes) -> tuple[type, type]:
+    return cloudpickle.loads(blob)
+
+
+def unpack_config(config_class: type, blob: bytes) -> Any:
+    return config_class(**cloudpickle.loads(blob))

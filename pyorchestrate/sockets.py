@@ -1,0 +1,124 @@
+"""The one place sockets are made: transport options are set here for every socket we open.
+
+Every socket gets a bounded linger (so closing never hangs), a maximum message size (libzmq
+drops a peer that sends more, before Python sees it), and high-water marks sized for bursts of
+lifecycle events.  Address helpers live here too, because binding is where security starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket as _socket
+from urllib.parse import urlsplit
+
+import zmq
+
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+
+LINGER_MS = 1000
+HWM = 100_000
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    linger_ms: int = LINGER_MS,
+) -> zmq.Socket:
+    """Create a socket with the project's transport options."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    if kind == zmq.ROUTER:
+        # a send to a vanished peer raises EHOSTUNREACH instead of vanishing silently
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if kind == zmq.XPUB:
+        # deliver every (un)subscription so garbage can be told from a real subscribe
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    return sock
+
+
+class AddressError(ValueError):
+    """An address the user gave that we cannot or will not use."""
+
+
+def parse_tcp(address: str) -> tuple[str, str]:
+    """Split ``tcp://HOST:PORT`` into ``(host, port)``; port may be ``*`` or ``0`` (any)."""
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        raise AddressError(
+            f"address {address!r} is not of the form tcp://HOST:PORT "
+            "(for example tcp://127.0.0.1:5555, or tcp://127.0.0.1:* for any free port)"
+        )
+    rest = address[len("tcp://") :]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port:
+        raise AddressError(f"address {address!r} needs a host and a port, as tcp://HOST:PORT")
+    if port not in ("*", "0") and not (port.isdigit() and 0 < int(port) < 65536):
+        raise AddressError(f"address {address!r}: port {port!r} is not a number from 1 to 65535 or *")
+    return host.strip("[]"), port
+
+
+def is_loopback(host: str) -> bool:
+    """True if binding ``host`` exposes nothing beyond this machine."""
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in _socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_bind_allowed(address: str, *, insecure: bool) -> None:
+    """Refuse to expose a code-executing port beyond loopback unless the user says so."""
+    host, _ = parse_tcp(address)
+    if not is_loopback(host) and not insecure:
+        raise AddressError(
+            f"refusing to bind {address}: workers run any code the coordinator sends, so anyone who "
+            "can reach this port can run code on your workers. Bind 127.0.0.1 for a single host, "
+            "or pass insecure=True (trusted network only) to bind a public address."
+        )
+
+
+def bind(sock: zmq.Socket, address: str) -> str:
+    """Bind ``address`` (port ``*``/``0`` = OS-chosen) and return the address actually bound."""
+    host, port = parse_tcp(address)
+    host_part = f"[{host}]" if ":" in host else host
+    if port in ("*", "0"):
+        sock.bind(f"tcp://{host_part}:*")
+    else:
+        try:
+            sock.bind(f"tcp://{host_part}:{port}")
+        except zmq.ZMQError as exc:
+            raise AddressError(f"cannot bind {address}: {exc.strerror} (is another coordinator using it?)") from None
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return endpoint
+
+
+def port_of(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+def with_port(address: str, port: int) -> str:
+    """``address`` with its port replaced: how a worker reaches the bus on the coordinator's host."""
+    host, _ = parse_tcp(address)
+    host_part = f"[{host}]" if ":" in host else host
+    return f"tcp://{host_part}:{port}"
+
+
+def connectable(endpoint: str) -> str:
+    """Turn a bound endpoint into one a client can connect to (0.0.0.0 -> this host's name)."""
+    host, port = parse_tcp(endpoint)
+    if host in ("0.0.0.0", "::", "*"):
+        host = _socket.gethostname()
+    host_part = f"[{host}]" if ":" in host else host
+    return f"tcp://{host_part}:{port}"
+
+
+def split_host(address: str) -> str:
+    return urlsplit(address).hostname or ""

@@ -1,0 +1,129 @@
+"""Subscribing to a cluster's event bus from any process or host (read-only).
+
+Gaps in a publisher's sequence numbers are reported as synthetic ``EVENTS_LOST`` events, so a
+slow subscriber learns that it missed something instead of missing it silently.  The check needs
+the whole stream: with a topic filter, gaps are counted only from the coordinator's heartbeats.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Iterator
+
+import zmq
+
+from . import protocol, sockets
+
+_HEARTBEAT = "_HEARTBEAT"
+
+
+class Event(dict):
+    """One event: a dict that also allows attribute access (``ev.event``, ``ev.agent_name``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def subject(self) -> str:
+        """The agent or worker the event is about."""
+        return str(self.get("agent_name") or self.get("worker") or self.get("source") or self.get("publisher") or "")
+
+
+class EventSubscriber:
+    """Iterate over a cluster's events::
+
+        with EventSubscriber("tcp://host:5556", topics=["AGENT_"], timeout=10) as events:
+            for ev in events:
+                print(ev.event, ev.subject)
+
+    Iteration ends when no event arrives for ``timeout`` seconds (None: never).  ``topics`` are
+    prefixes of ``EVENT.<agent or worker>``.
+    """
+
+    def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None) -> None:
+        sockets.parse_tcp(address)
+        self.address = address
+        self.timeout = timeout
+        self.lost = 0
+        self.dropped = 0
+        self._whole_stream = "" in topics
+        self._last: dict[tuple[str, str], int] = {}
+        self._pending: collections.deque[Event] = collections.deque()
+        self._connected = False
+        self._ctx = zmq.Context()
+        self._sub = sockets.make_socket(self._ctx, zmq.SUB, max_message_size=protocol.DEFAULT_MAX_MESSAGE_SIZE)
+        for topic in topics:
+            self._sub.setsockopt_string(zmq.SUBSCRIBE, topic)
+        if not self._whole_stream:
+            self._sub.setsockopt_string(zmq.SUBSCRIBE, _HEARTBEAT)
+        self._sub.connect(address)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until the coordinator's heartbeat arrives: from then on nothing is missed."""
+        deadline = time.monotonic() + timeout
+        while not self._connected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._receive_one(remaining):
+                return self._connected
+        return True
+
+    def recv(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds (None: wait forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._pending:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self._receive_one(remaining)
+        return self._pending.popleft()
+
+    def _receive_one(self, timeout: float | None) -> bool:
+        if not self._sub.poll(None if timeout is None else max(1, int(timeout * 1000))):
+            return False
+        frames = self._sub.recv_multipart()
+        try:
+            fields = protocol.decode_event(frames)
+        except protocol.ProtocolError:
+            self.dropped += 1
+            return True
+        self._connected = True
+        key = (fields["publisher"], fields["incarnation"])
+        seq = fields["seq"]
+        last = self._last.get(key)
+        is_beat = fields["event"] == _HEARTBEAT
+        if last is not None and (self._whole_stream or is_beat):
+            expected = last if is_beat else last + 1
+            if seq > expected:
+                self._report_gap(fields["publisher"], seq - expected)
+        if last is None or seq > last:
+            self._last[key] = seq
+        if not is_beat:
+            self._pending.append(Event(fields))
+        return True
+
+    def _report_gap(self, publisher: str, lost: int) -> None:
+        self.lost += lost
+        self._pending.append(Event({"event": "EVENTS_LOST", "lost": lost, "source": publisher, "seq": -1}))
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self.recv(self.timeout)
+            if event is None:
+                return
+            yield event
+
+    def close(self) -> None:
+        """Close the socket; safe to call twice."""
+        if not self._sub.closed:
+            self._sub.close(linger=0)
+            self._ctx.term()
+
+    def __enter__(self) -> "EventSubscriber":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

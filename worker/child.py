@@ -1,0 +1,63 @@
+"""Entry point of a process agent's child process (started by the worker's forkserver).
+
+Lifecycle events go back to the worker over a pipe as msgpack; a stop request comes the other
+way.  If the worker dies, the pipe closes and the agent is asked to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from typing import Any
+
+import msgpack
+
+from pyorchestrate import shipping
+from pyorchestrate.events import stamp
+
+
+def _listen_for_stop(conn: Any, agent: Any) -> None:
+    try:
+        while True:
+            if msgpack.unpackb(conn.recv_bytes()) == "stop":
+                agent.stop()
+    except (EOFError, OSError):
+        agent.stop()  # the worker is gone: nobody is left to report to
+
+
+def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO) -> None:
+    """Run one process agent to completion, reporting through ``conn``."""
+    # the forkserver's children start with no logging set up; log like the worker does
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s")
+    lock = threading.Lock()
+
+    def report(event: str, **fields: Any) -> None:
+        fields.update(stamp())
+        with lock:
+            try:
+                conn.send_bytes(msgpack.packb([event, fields], use_bin_type=True, default=repr))
+            except (OSError, ValueError):
+                pass
+
+    try:
+        agent_class, config_class = shipping.unpack_class(class_blob)
+        agent = agent_class(name, shipping.unpack_config(config_class, config_blob))
+    except BaseException as exc:  # noqa: BLE001 - any failure to load must be reported
+        report("AGENT_STARTED")
+        report("AGENT_ERROR", error_message=f"{type(exc).__name__}: {exc}",
+               traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        report("AGENT_TERMINATED", ok=False)
+        conn.close()
+        sys.exit(1)
+    agent._report = report
+    threading.Thread(target=_listen_for_stop, args=(conn, agent), daemon=True).start()
+    ok = agent.run()
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: a stray non-daemon thread of user code must not keep us alive
+    os._exit(0 if ok else 1)

@@ -1,0 +1,80 @@
+"""``pyorchestrate-worker``: run agents for a coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from pyorchestrate import sockets
+from pyorchestrate.versions import local_versions
+
+from .node import Worker
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"label {item!r} is not of the form key=value (e.g. --labels gpu=1,zone=a)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _capacity(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"capacity {text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("capacity must be >= 0 (0 = no limit)")
+    return value
+
+
+def _address(text: str) -> str:
+    try:
+        sockets.parse_tcp(text)
+    except sockets.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyorchestrate-worker",
+        description="Run pyorchestrate agents for a coordinator. Waits (retrying with backoff) until the "
+                    "coordinator is there, serves one coordinator script after another, and stops its agents "
+                    "gracefully on SIGTERM.",
+    )
+    p.add_argument("--coordinator", required=True, type=_address, metavar="tcp://HOST:PORT",
+                   help="the coordinator's control address (Orchestrator.Config.address)")
+    p.add_argument("--name", help="this worker's name, unique in the cluster (default: HOSTNAME-PID)")
+    p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...",
+                   help="labels reported at registration, e.g. gpu=1,zone=a")
+    p.add_argument("--capacity", type=_capacity, default=0, metavar="N",
+                   help="most agents this worker runs at once, reported at registration (0 = no limit)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator
+    p.add_argument("--version", action="version",
+                   version="pyorchestrate-worker " + " ".join(f"{k}={v}" for k, v in local_versions().items()))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    name = args.name
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]"),
+    )
+    worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
+                    parent_pid=args.parent_pid)
+
+    def on_signal(signum, frame):
+        worker.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return worker.run()

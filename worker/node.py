@@ -1,0 +1,323 @@
+"""A worker node: registers with a coordinator, runs what it is sent, heartbeats, and comes back.
+
+The main thread owns every socket.  It registers (retrying with backoff until a coordinator
+answers), then loops: control messages in, agent events out, heartbeats on a timer.  If the
+coordinator falls silent or says goodbye, the worker registers again, with it or its successor.
+Agent code runs on other threads or in child processes, so it cannot block heartbeats (except by
+holding the GIL in C code; see the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import tenacity
+import zmq
+
+from pyorchestrate import protocol, sockets
+from pyorchestrate.drops import DropCounter
+from pyorchestrate.events import stamp
+from pyorchestrate.mailbox import Mailbox
+from pyorchestrate.versions import local_versions
+
+from .supervisor import Supervisor
+
+log = logging.getLogger("pyorchestrate.worker")
+
+REGISTER_TIMEOUT = 2.0
+POLL_CAP_MS = 100
+
+
+class NoAnswer(Exception):
+    """The coordinator did not answer a registration in time."""
+
+
+class Refused(Exception):
+    """The coordinator refused this worker; retrying will not help."""
+
+
+class Worker:
+    """One ``pyorchestrate-worker`` process."""
+
+    def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
+                 capacity: int = 0, parent_pid: int | None = None) -> None:
+        sockets.parse_tcp(coordinator)
+        self.coordinator = coordinator
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.labels = labels or {}
+        self.capacity = capacity
+        self.parent_pid = parent_pid
+        self.incarnation = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.dropped = DropCounter(log)
+        self._ctx = zmq.Context()
+        self._outbox = Mailbox(self._ctx)
+        self._supervisor = Supervisor(self._queue_event, self.name)
+        self._dealer: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._bus_address = ""
+        self._bus_seq = 0
+        self._subscribed = False
+        self._shutdown = threading.Event()
+        self._session = ""
+        self._interval = 1.0
+        self._liveness = 5
+        self._last_heard = 0.0
+
+    # ------------------------------------------------------------------ public
+
+    def request_shutdown(self) -> None:
+        """Ask the worker to stop its agents and exit (safe from a signal handler)."""
+        self._shutdown.set()
+
+    def run(self) -> int:
+        """Serve coordinators until shutdown; return the process exit code."""
+        log.info("worker %s (pid %d) serving coordinator %s", self.name, os.getpid(), self.coordinator)
+        try:
+            while not self._shutdown.is_set():
+                try:
+                    self._register_with_retries()
+                except Refused as exc:
+                    log.error("%s", exc)
+                    return 2
+                if self._shutdown.is_set():
+                    break
+                self._serve()
+            return 0
+        finally:
+            self._shut_down()
+
+    # ------------------------------------------------------------------ registration
+
+    def _new_dealer(self) -> zmq.Socket:
+        if self._dealer is not None:
+            self._dealer.close(0)
+        dealer = sockets.make_socket(self._ctx, zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
+        dealer.connect(self.coordinator)
+        self._dealer = dealer
+        return dealer
+
+    def _register_message(self) -> bytes:
+        return protocol.encode(
+            "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
+            labels=self.labels, capacity=self.capacity, versions=local_versions(),
+            agents=[[n, e] for n, e in self._supervisor.running()], bus_seq=self._bus_seq)
+
+    def _register_with_retries(self) -> None:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(NoAnswer),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+            stop=lambda state: self._shutdown.is_set(),
+            sleep=self._sleep_interruptibly,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            retrying(self._register_once)
+        except NoAnswer:
+            pass  # shutdown requested while waiting
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        level = logging.INFO if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0 else logging.DEBUG
+        log.log(level, "no coordinator at %s yet (attempt %d); retrying", self.coordinator, state.attempt_number)
+
+    def _sleep_interruptibly(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._shutdown.is_set() and time.monotonic() < deadline:
+            self._pump_outbox_offline()
+            self._shutdown.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _pump_outbox_offline(self) -> None:
+        # while no coordinator listens, keep agents' events flowing out of the mailbox, and keep
+        # enforcing stop timeouts; events are dropped (the next coordinator asks what runs)
+        for _ in self._outbox.drain():
+            pass
+        self._supervisor.enforce_stop_timeouts()
+        self._supervisor.forget_finished()
+        self._check_parent()
+
+    def _register_once(self) -> None:
+        dealer = self._new_dealer()
+        dealer.send(self._register_message())
+        deadline = time.monotonic() + REGISTER_TIMEOUT
+        while time.monotonic() < deadline and not self._shutdown.is_set():
+            if dealer.poll(50):
+                frame = dealer.recv()
+                try:
+                    message = protocol.decode(frame)
+                except protocol.ProtocolError as exc:
+                    self.dropped.drop("bad_frame", exc)
+                    continue
+                if message["type"] == "welcome":
+                    self._on_welcome(message)
+                    return
+                if message["type"] == "refused":
+                    raise Refused(f"coordinator {self.coordinator} refused worker {self.name}:\n{message['reason']}")
+            self._pump_outbox_offline()
+        raise NoAnswer()
+
+    def _on_welcome(self, message: dict[str, Any]) -> None:
+        self._session = message["session"]
+        self._interval = float(message["heartbeat_interval"])
+        self._liveness = int(message["heartbeat_liveness"])
+        self._last_heard = time.monotonic()
+        for warning in message["warnings"]:
+            log.warning("version difference with the coordinator: %s", warning)
+        bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
+        if bus != self._bus_address:
+            if self._pub is not None:
+                self._pub.close(0)
+            # an XPUB rather than a PUB: it tells us when the coordinator's subscription has
+            # arrived, so nothing is published into the void (and counted as lost) at connect
+            self._pub = sockets.make_socket(self._ctx, zmq.XPUB)
+            self._pub.connect(bus)
+            self._subscribed = False
+            self._bus_address = bus
+        for name, epoch in message["stop"]:
+            log.info("coordinator says agent %s (epoch %s) is not ours to run any more: stopping it", name, epoch)
+            self._supervisor.stop(str(name), int(epoch), 0.0)
+        log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
+                 message["coordinator"], self.coordinator, self._interval, self._liveness)
+
+    # ------------------------------------------------------------------ serving
+
+    def _queue_event(self, name: str, epoch: int, event: str, fields: dict[str, Any]) -> None:
+        self._outbox.put((name, epoch, event, fields))
+
+    def _send(self, frame: bytes) -> None:
+        assert self._dealer is not None
+        try:
+            self._dealer.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped.drop("send_queue_full", "control socket full")
+
+    def _serve(self) -> None:
+        """Loop while registered; return when the coordinator is gone (to register again)."""
+        assert self._dealer is not None
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._outbox.wake_socket, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while not self._shutdown.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send(protocol.encode("heartbeat"))
+                self._publish_agent_heartbeats()
+                next_beat = now + self._interval
+            if now - self._last_heard > self._interval * self._liveness:
+                log.warning("coordinator %s silent for %.1f s: registering again", self.coordinator,
+                            now - self._last_heard)
+                return
+            timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
+            ready = dict(poller.poll(timeout_ms))
+            if self._outbox.wake_socket in ready:
+                for name, epoch, event, fields in self._outbox.drain():
+                    self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
+            if self._dealer in ready:
+                while self._dealer.poll(0):
+                    if self._handle(self._dealer.recv()) == "reconnect":
+                        return
+            self._supervisor.enforce_stop_timeouts()
+            self._supervisor.forget_finished()
+            self._check_parent()
+
+    def _handle(self, frame: bytes) -> str | None:
+        try:
+            message = protocol.decode(frame)
+        except protocol.ProtocolError as exc:
+            self.dropped.drop("bad_frame", exc)
+            return None
+        self._last_heard = time.monotonic()
+        kind = message["type"]
+        if kind == "heartbeat":
+            return None
+        if kind == "start":
+            if self.capacity and self._supervisor.count() >= self.capacity:
+                log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
+                            message["agent"], self.capacity)
+            self._supervisor.start(message["agent"], message["epoch"], message["class_id"],
+                                   message["class_blob"], message["config"], message["mode"])
+        elif kind == "stop":
+            self._supervisor.stop(message["agent"], message["epoch"], float(message["timeout"]))
+        elif kind == "reregister":
+            self._dealer.send(self._register_message())  # type: ignore[union-attr]
+        elif kind == "welcome":
+            self._on_welcome(message)
+        elif kind == "release":
+            log.info("coordinator %s finished; stopping its agents and waiting for the next one", self._session)
+            self._supervisor.stop_all()
+            return "reconnect"
+        elif kind == "refused":
+            log.error("coordinator refused this worker: %s", message["reason"])
+            return "reconnect"
+        else:
+            self.dropped.drop("unexpected", kind)
+        return None
+
+    def _bus_ready(self) -> bool:
+        if self._pub is None:
+            return False
+        while self._pub.poll(0):
+            frame = self._pub.recv()
+            if frame[:1] == b"\x01":
+                self._subscribed = True
+            elif frame[:1] == b"\x00":
+                self._subscribed = False
+        return self._subscribed
+
+    def _publish_agent_heartbeats(self) -> None:
+        if not self._bus_ready():
+            return
+        assert self._pub is not None
+        base = {"publisher": self.name, "incarnation": self.incarnation, "worker": self.name,
+                "host": self.host, **stamp()}
+        for name, _epoch in self._supervisor.running():
+            self._bus_seq += 1
+            fields = {"event": "AGENT_HEARTBEAT", "agent_name": name, "seq": self._bus_seq, **base}
+            try:
+                self._pub.send_multipart(protocol.encode_event(
+                    protocol.event_topic("AGENT_HEARTBEAT", name), fields), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the gap in seq tells the coordinator
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent process %d is gone: shutting down", self.parent_pid)
+            self._shutdown.set()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shut_down(self) -> None:
+        count = self._supervisor.count()
+        if count:
+            log.info("stopping %d agent(s)", count)
+        self._supervisor.stop_all()
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and self._supervisor.count():
+            self._supervisor.enforce_stop_timeouts()
+            self._flush_events()
+            time.sleep(0.02)
+        self._flush_events()
+        if self._dealer is not None:
+            try:
+                self._dealer.send(protocol.encode("goodbye"), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for sock in (self._dealer, self._pub):
+            if sock is not None:
+                sock.close(linger=500)
+        self._outbox.close()
+        self._ctx.term()
+        log.info("worker %s stopped", self.name)
+
+    def _flush_events(self) -> None:
+        for name, epoch, event, fields in self._outbox.drain():
+            if self._dealer is not None:
+                self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
