@@ -1,0 +1,183 @@
+"""Fixtures that start real clusters: an orchestrator in the test process, workers as separate
+processes on 127.0.0.1 with OS-chosen ports and fast heartbeats.  Every wait has a timeout, and
+every test is checked for processes left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pyorchestrate import Orchestrator, OrchestratorEvent
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5, "worker_wait_timeout": 20.0}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (only for tests that must start workers first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, session = fields[0], int(fields[3])
+        if session == sid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+def live_children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
+class EventLog:
+    """Records every orchestrator event (via callbacks) for assertions."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        for event in OrchestratorEvent:
+            orchestrator.register_event(event, self._record)
+
+    def _record(self, **fields: Any) -> None:
+        with self._lock:
+            self.events.append(fields)
+
+    def of(self, event: str, subject: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e["event"] == event
+                    and (subject is None or subject in (e.get("agent_name"), e.get("worker")))]
+
+    def wait(self, event: str, subject: str | None = None, timeout: float = 15.0, count: int = 1) -> list[dict]:
+        return wait_for(lambda: len(self.of(event, subject)) >= count and self.of(event, subject), timeout,
+                        f"{count} x {event} {subject or ''}")
+
+
+class Cluster:
+    """Starts orchestrators and worker processes for one test and cleans them all up."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.orchestrators: list[Orchestrator] = []
+        self.leaks: list[str] = []
+
+    def orchestrator(self, name: str = "test", **settings: Any) -> Orchestrator:
+        settings = {"address": "tcp://127.0.0.1:*", **FAST, **settings}
+        orch = Orchestrator(name, config=Orchestrator.Config(**settings))
+        self.orchestrators.append(orch)
+        return orch
+
+    def worker(self, coordinator: str, name: str, *args: str) -> subprocess.Popen:
+        """Start ``pyorchestrate-worker`` in an empty directory (so nothing of ours is importable)."""
+        cwd = self.tmp / f"worker-{name}"
+        cwd.mkdir(exist_ok=True)
+        log = open(self.tmp / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", coordinator, "--name", name, *args],
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.workers[name] = proc
+        return proc
+
+    def log_of(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for orch in self.orchestrators:
+            try:
+                orch.stop(timeout=5)
+            except Exception as exc:  # keep cleaning up
+                self.leaks.append(f"orchestrator.stop raised {exc!r}")
+        for name, proc in self.workers.items():
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name, proc in self.workers.items():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.leaks.append(f"worker {name} ignored SIGTERM for 20 s")
+            # a graceful worker leaves nothing in its session (forkserver, process agents)
+            try:
+                wait_for(lambda: not _session_members(proc.pid), 10, f"session of worker {name} to empty")
+            except AssertionError:
+                self.leaks.append(f"worker {name} left processes {_session_members(proc.pid)}")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+    assert not c.leaks, c.leaks
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    yield
+    try:
+        wait_for(lambda: not live_children(os.getpid()), 10, "child processes to exit")
+    except AssertionError:
+        leftover = live_children(os.getpid())
+        for pid in leftover:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"test left processes behind: {leftover}")
+
+
+def run_script(args: list[str], cwd: Path, timeout: float = 60.0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a Python script as its own process with a hard timeout."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

@@ -1,0 +1,171 @@
+"""Agents running on real worker processes: lifecycle, events, callbacks, spreading, stop."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Sleeper
+from conftest import EventLog, wait_for
+
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+
+
+def two_workers(cluster, **settings):
+    orch = cluster.orchestrator(min_workers=2, **settings)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    cluster.worker(orch.address, "w2")
+    return orch, events
+
+
+def test_lifecycle_events_in_order_with_their_fields(cluster):
+    orch, events = two_workers(cluster)
+    orch.register_agent(Quick, "thread-agent")
+    orch.register_agent(QuickProcess, "process-agent")
+    assert orch.join(timeout=30)
+    for agent in ("thread-agent", "process-agent"):
+        mine = [e for e in events.events if e.get("agent_name") == agent]
+        assert [e["event"] for e in mine] == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
+        for e in mine:
+            assert e["worker"] in ("w1", "w2") and e["host"]
+            assert e["event_date"].count("-") == 2 and e["event_time"].count(":") == 2
+            assert isinstance(e["seq"], int)
+    seqs = [e["seq"] for e in events.events if e["event"] != "AGENT_HEARTBEAT"]
+    assert len(seqs) == len(set(seqs)), "sequence numbers are unique per publisher"
+    assert events.of("ALL_AGENTS_TERMINATED")
+    assert {e["worker"] for e in events.of("WORKER_JOINED")} == {"w1", "w2"}
+
+
+def test_two_agents_spread_over_two_workers(cluster):
+    orch, events = two_workers(cluster)
+    orch.register_agent(Sleeper, "a")
+    orch.register_agent(Sleeper, "b")
+    assert orch.join(timeout=30)
+    started = {e["agent_name"]: e["worker"] for e in events.of("AGENT_STARTED")}
+    assert sorted(started.values()) == ["w1", "w2"]
+
+
+def test_erroring_agent_reports_error_then_terminated_and_others_run(cluster):
+    orch, events = two_workers(cluster)
+    orch.register_agent(Boom, "boom")
+    orch.register_agent(BoomProcess, "boom-process")
+    orch.register_agent(Sleeper, "fine")
+    assert orch.join(timeout=30)
+    for agent, text in (("boom", "ValueError: boom from agent"), ("boom-process", "RuntimeError: process boom")):
+        kinds = [e["event"] for e in events.events if e.get("agent_name") == agent]
+        assert kinds == ["AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"]
+        error = events.of("AGENT_ERROR", agent)[0]
+        assert error["error_message"] == text
+        assert "Traceback (most recent call last)" in error["traceback"] and "execute" in error["traceback"]
+    assert not events.of("AGENT_ERROR", "fine")
+    assert events.of("AGENT_TERMINATED", "fine")[0]["ok"] is True
+    assert orch.status()["agents"]["boom"]["failed"] is True
+
+
+def test_callbacks_get_only_accepted_kwargs_and_failures_are_isolated(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    got: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def narrow(agent_name):
+        with lock:
+            got.setdefault("narrow", []).append(agent_name)
+
+    def dated(agent_name, event_date, event_time):
+        with lock:
+            got.setdefault("dated", []).append((agent_name, event_date, event_time))
+
+    def broken(**kwargs):
+        raise RuntimeError("a buggy callback")
+
+    def everything(**kwargs):
+        with lock:
+            got.setdefault("everything", []).append(kwargs)
+
+    for callback in (broken, narrow, dated, everything):
+        orch.register_event(OrchestratorEvent.AGENT_TERMINATED, callback)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Quick, "q")
+    assert orch.join(timeout=30)
+    assert got["narrow"] == ["q"]
+    assert got["dated"][0][0] == "q"
+    assert {"agent_name", "worker", "host", "seq", "event"} <= set(got["everything"][0])
+    assert orch._dispatcher.failures == 1
+
+
+def test_register_event_rejects_unknown_events():
+    orch = Orchestrator("x")
+    with pytest.raises(ValueError, match="unknown event"):
+        orch.register_event("NOT_AN_EVENT", print)
+    with pytest.raises(TypeError, match="callable"):
+        orch.register_event(OrchestratorEvent.AGENT_READY, "print")
+
+
+def test_daemon_mode_starts_agents_registered_after_start_and_stop_ends_it(cluster, tmp_path):
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    trace = tmp_path / "trace.txt"
+    orch.register_agent(Forever, "forever", Forever.Config(trace=str(trace)))
+    orch.register_agent(ForeverProcess, "forever-process")
+    events.wait("AGENT_READY", "forever")
+    events.wait("AGENT_READY", "forever-process")
+    orch.register_agent(Quick, "late")
+    events.wait("AGENT_TERMINATED", "late")
+    assert not orch.join(timeout=0.3), "a daemon keeps running with agents done"
+    orch.stop(timeout=5)
+    assert orch.join(timeout=1)
+    for agent in ("forever", "forever-process"):
+        assert events.of("AGENT_TERMINATED", agent)[0]["ok"] is True
+    assert trace.read_text().split() == ["setup", "on_stop", "on_close"]
+    assert events.of("ALL_AGENTS_TERMINATED")
+
+
+def test_context_manager_stops_running_agents(cluster):
+    with cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON) as orch:
+        events = EventLog(orch)
+        orch.start()
+        cluster.worker(orch.address, "w1")
+        orch.register_agent(Forever, "forever")
+        events.wait("AGENT_READY", "forever")
+    assert events.of("AGENT_TERMINATED", "forever")
+    assert events.of("SHUTDOWN")
+
+
+def test_a_worker_serves_one_coordinator_after_another(cluster):
+    first = cluster.orchestrator("first", min_workers=1)
+    first.start()
+    port = first.address.rpartition(":")[2]
+    cluster.worker(first.address, "w1")
+    first.register_agent(Quick, "q1")
+    assert first.join(timeout=30)
+    second = cluster.orchestrator("second", address=f"tcp://127.0.0.1:{port}", min_workers=1)
+    events = EventLog(second)
+    second.start()
+    second.register_agent(Quick, "q2")
+    assert second.join(timeout=30)
+    assert events.of("AGENT_TERMINATED", "q2")[0]["worker"] == "w1"
+
+
+def test_join_raises_when_no_worker_joins(cluster):
+    orch = cluster.orchestrator(min_workers=1, worker_wait_timeout=0.5)
+    events = EventLog(orch)
+    orch.register_agent(Quick, "q")
+    orch.start()
+    with pytest.raises(TimeoutError, match="pyorchestrate-worker --coordinator"):
+        orch.join(timeout=20)
+    assert "no worker" in events.wait("AGENT_ERROR", "q")[0]["error_message"]
+
+
+def test_status_reports_labels_and_capacity(cluster):
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    orch.start()
+    cluster.worker(orch.address, "gpu-box", "--labels", "gpu=1,zone=a", "--capacity", "3")
+    status = wait_for(lambda: orch.status()["workers"].get("gpu-box"), 15, "worker to register")
+    assert status["labels"] == {"gpu": "1", "zone": "a"}
+    assert status["capacity"] == 3
+    assert status["alive"] is True
