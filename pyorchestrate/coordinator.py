@@ -98,6 +98,7 @@ class Coordinator:
         self._wait_deadline = 0.0
         self._closing = False
         self._stop_requested = False
+        self._joined = False
         self.min_workers = 1
         self._thread: threading.Thread | None = None
         self.ctx = zmq.Context()
@@ -503,10 +504,15 @@ class Coordinator:
             return
         if all(r.state == TERMINAL for r in self.agents.values()):
             stopping = self._stopping_deadline is not None or self._stop_requested
-            if self.config.run_mode.name == "STOP_ON_EMPTY" or stopping:
-                if self.agents or stopping:
+            # STOP_ON_EMPTY ends once it has run something, or when joined with nothing to run
+            batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and (self.agents or self._joined)
+            if batch_done or stopping:
+                if self.agents:
                     self._publish(OrchestratorEvent.ALL_AGENTS_TERMINATED, self.name, {"agents": len(self.agents)})
                 self._mark_finished()
+
+    def _cmd_join(self) -> None:
+        self._joined = True
 
     def _cmd_request_stop(self) -> None:
         self._stop_requested = True
@@ -536,6 +542,7 @@ class Coordinator:
             "workers": {w.name: {"host": w.host, "pid": w.pid, "labels": w.labels, "capacity": w.capacity,
                                  "alive": w.alive, "agents": sorted(w.agents),
                                  "since_heartbeat": round(now - w.last_seen, 3)} for w in list(self.workers.values())},
+            "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
             "dropped": dict(self.dropped.counts),
             "lost_events": self.lost_events,
         }

@@ -213,6 +213,8 @@ class Orchestrator:
         """
         if not self._started:
             raise RuntimeError("call start() before join()")
+        if self._coordinator is not None and not self._finished.is_set():
+            self._coordinator.mailbox.put(("join",))
         try:
             if not self._finished.wait(timeout):
                 return False

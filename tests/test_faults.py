@@ -1,0 +1,249 @@
+"""Failures with real processes and real sockets: SIGKILL, garbage on every port, refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import msgpack
+import zmq
+from agents import Forever, ForeverProcess, Quick, Sleeper
+from conftest import EventLog, _session_members, run_script, wait_for
+
+from pyorchestrate import protocol, shipping
+from pyorchestrate.versions import local_versions
+
+
+def test_sigkilled_worker_is_lost_in_time_its_agents_fail_and_join_returns(cluster, tmp_path):
+    orch = cluster.orchestrator(min_workers=1)  # 0.1 s x 5 = 0.5 s
+    events = EventLog(orch)
+    orch.register_agent(Forever, "doomed-thread")
+    orch.register_agent(ForeverProcess, "doomed-process", ForeverProcess.Config(pid_file=str(tmp_path / "pid")))
+    orch.start()
+    victim = cluster.worker(orch.address, "w1")
+    events.wait("AGENT_READY", "doomed-thread")
+    events.wait("AGENT_READY", "doomed-process")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    orch.register_agent(Sleeper, "survivor", Sleeper.Config(seconds=1.5))
+    events.wait("AGENT_STARTED", "survivor")
+    agent_pid = int((tmp_path / "pid").read_text())
+
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    lost = events.wait("WORKER_LOST", "w1", timeout=10)[0]
+    detected = time.monotonic() - killed_at
+    assert detected < 0.5 + 1.5, f"lost after {detected:.2f} s, limit is interval x liveness (0.5 s) + margin"
+    assert lost["worker"] == "w1" and sorted(lost["agents"]) == ["doomed-process", "doomed-thread"]
+    for agent in ("doomed-thread", "doomed-process"):
+        assert "w1" in events.wait("AGENT_ERROR", agent)[0]["error_message"]
+        assert events.of("AGENT_TERMINATED", agent)[0]["ok"] is False
+    assert orch.join(timeout=20), "join() returns although a worker was lost"
+    assert events.of("AGENT_TERMINATED", "survivor")[0]["ok"] is True
+    # the orphaned process agent notices its worker is gone and exits by itself
+    wait_for(lambda: not os.path.exists(f"/proc/{agent_pid}") or _zombie(agent_pid), 10, "orphaned agent to exit")
+    wait_for(lambda: not _session_members(victim.pid), 10, "killed worker's session to empty")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_killed_process_agent_is_reported_at_once_not_by_heartbeat(cluster, tmp_path):
+    # a slow heartbeat: only the worker's own report can explain a quick AGENT_ERROR
+    orch = cluster.orchestrator(min_workers=1, heartbeat_interval=1.0, heartbeat_liveness=30)
+    events = EventLog(orch)
+    orch.register_agent(ForeverProcess, "victim", ForeverProcess.Config(pid_file=str(tmp_path / "pid")))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    events.wait("AGENT_READY", "victim")
+    pid = int((tmp_path / "pid").read_text())
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    error = events.wait("AGENT_ERROR", "victim", timeout=10)[0]
+    assert time.monotonic() - killed_at < 1.0
+    assert "killed by signal 9" in error["error_message"]
+    assert orch.join(timeout=10)
+    assert not events.of("WORKER_LOST")
+
+
+def _raw_tcp_garbage(address: str) -> None:
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    for payload in (os.urandom(4096), b"\xff" + b"\x00" * 8 + b"\x7f" + os.urandom(54), b"GET / HTTP/1.1\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(payload)
+                s.settimeout(0.2)
+                s.recv(1024)
+            except OSError:
+                pass
+
+
+def test_garbage_on_every_coordinator_port_is_dropped_and_counted(cluster):
+    orch = cluster.orchestrator(min_workers=1, max_message_size=64 * 1024)
+    orch.start()
+    addresses = orch.status()["addresses"]
+    ctx = zmq.Context()
+    try:
+        # control port: garbage frames from a ZeroMQ peer
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(addresses["control"])
+        bad_frames = [
+            os.urandom(300),
+            msgpack.packb([1, 2, 3]),
+            msgpack.packb({"v": 99, "type": "heartbeat"}),
+            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "no-such-type"}),
+            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "register", "name": 5}),
+            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "agent_event"}),
+        ]
+        for frame in bad_frames:
+            dealer.send(frame)
+        dealer.send_multipart([b"a", b"b", b"c"])
+        # oversized: libzmq drops the connection of whoever sends it
+        big = ctx.socket(zmq.DEALER)
+        big.connect(addresses["control"])
+        big.send(b"x" * (256 * 1024))
+        # bus input: garbage published into the XSUB (wait for its subscription first)
+        pub = ctx.socket(zmq.XPUB)
+        pub.connect(addresses["bus"])
+        assert pub.poll(5000), "coordinator's XSUB never subscribed"
+        pub.recv()
+        pub.send_multipart([b"AGENT_READY.x", os.urandom(64)])
+        pub.send_multipart([b"AGENT_READY.x", msgpack.packb({"event": "AGENT_READY"})])
+        pub.send(b"one frame only")
+        # events port: a "subscriber" that sends things that are not subscriptions
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.connect(addresses["events"])
+        time.sleep(0.1)
+        xsub.send(b"\x07not a subscription")
+        # raw TCP garbage on all three ports
+        for address in addresses.values():
+            _raw_tcp_garbage(address)
+        wait_for(lambda: sum(orch.status()["dropped"].values()) >= len(bad_frames) + 1 + 3 + 1, 10,
+                 "garbage to be counted")
+    finally:
+        ctx.destroy(linger=0)
+    # and the coordinator still serves
+    events = EventLog(orch)
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Quick, "still-works")
+    assert orch.join(timeout=30)
+    assert events.of("AGENT_TERMINATED", "still-works")[0]["ok"] is True
+
+
+def test_incompatible_worker_is_refused_with_both_versions(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    orch.start()
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(orch.address)
+        versions = {**local_versions(), "python": "2.7.18"}
+        dealer.send(protocol.encode("register", name="old", incarnation="x", host="h", pid=1, labels={},
+                                    capacity=0, versions=versions, agents=[]))
+        assert dealer.poll(5000)
+        reply = protocol.decode(dealer.recv())
+        assert reply["type"] == "refused"
+        assert "2.7.18" in reply["reason"] and local_versions()["python"] in reply["reason"]
+        # an older protocol is refused too, with a message rather than silence
+        dealer.send(msgpack.packb({"v": 0, "type": "register", "name": "ancient"}))
+        assert dealer.poll(5000)
+        reply = protocol.decode(dealer.recv())
+        assert reply["type"] == "refused" and "protocol version" in reply["reason"]
+    finally:
+        ctx.destroy(linger=0)
+    assert "old" not in orch.status()["workers"]
+
+
+def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster):
+    """A fake coordinator (a raw ROUTER speaking our protocol by hand) sends the worker garbage,
+    then real work."""
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        bus = ctx.socket(zmq.XSUB)
+        bus_port = bus.bind_to_random_port("tcp://127.0.0.1")
+        worker = cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
+        assert router.poll(15000)
+        identity, frame = router.recv_multipart()
+        assert protocol.decode(frame)["type"] == "register"
+        for garbage in (os.urandom(100), msgpack.packb("hi"), msgpack.packb({"v": 5, "type": "start"}),
+                        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "start", "agent": 1})):
+            router.send_multipart([identity, garbage])
+        welcome = protocol.encode("welcome", coordinator="fake", session="s", heartbeat_interval=0.2,
+                                  heartbeat_liveness=50, bus_port=bus_port, stop=[], warnings=[])
+        router.send_multipart([identity, welcome])
+        class_id, blob = shipping.pack_class(Quick, Quick.Config)
+        router.send_multipart([identity, protocol.encode(
+            "start", agent="q", epoch=1, class_id=class_id, class_blob=blob,
+            config=shipping.pack_config(Quick.Config(), "q"), mode="thread")])
+        seen = []
+        deadline = time.monotonic() + 15
+        while "AGENT_TERMINATED" not in seen and time.monotonic() < deadline:
+            if router.poll(200):
+                ident, frame = router.recv_multipart()
+                message = protocol.decode(frame)
+                if message["type"] == "agent_event":
+                    seen.append(message["event"])
+        assert seen == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
+        assert worker.poll() is None
+        assert "dropped a bad_frame frame" in cluster.log_of("w1")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_worker_reregisters_after_its_coordinator_is_sigkilled(cluster, tmp_path):
+    port = str(_free_port())
+    script = tmp_path / "coordinator.py"
+    script.write_text(
+        "from pyorchestrate import Orchestrator, RunMode\n"
+        f"o = Orchestrator('doomed', address='tcp://127.0.0.1:{port}', run_mode=RunMode.DAEMON,\n"
+        "                 heartbeat_interval=0.1, heartbeat_liveness=5)\n"
+        "o.start()\n"
+        "import time; time.sleep(60)\n")
+    import subprocess
+    import sys
+    doomed = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
+        wait_for(lambda: "registered with coordinator doomed" in cluster.log_of("w1"), 15, "first registration")
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(5)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(5)
+        doomed.stderr.close()
+    successor = cluster.orchestrator("successor", address=f"tcp://127.0.0.1:{port}", min_workers=1)
+    events = EventLog(successor)
+    successor.register_agent(Quick, "q")
+    successor.start()
+    assert successor.join(timeout=30)
+    assert events.of("AGENT_TERMINATED", "q")[0]["worker"] == "w1"
+
+
+def _free_port() -> int:
+    from conftest import free_port
+    return free_port()
+
+
+def test_unpicklable_config_value_is_refused_at_register(cluster):
+    import threading
+
+    import pytest
+
+    from pyorchestrate import ShippingError
+
+    orch = cluster.orchestrator()
+    with pytest.raises(ShippingError, match="config attribute 'lock'"):
+        orch.register_agent(Quick, "q", Quick.Config(lock=threading.Lock()))
+    assert "q" not in orch.status()["agents"]
+    unused = run_script(["-c", "print('ok')"], cwd=os.getcwd())
+    assert unused.stdout.strip() == "ok"
