@@ -32,6 +32,10 @@ def _events(args: argparse.Namespace) -> int:
     topics = args.topic or [""]
     seen = 0
     with EventSubscriber(args.address, topics, timeout=args.timeout) as subscriber:
+        if subscriber.wait_connected(timeout=min(args.timeout or 3.0, 3.0)):
+            print(f"connected to {args.address}", file=sys.stderr, flush=True)
+        else:
+            print(f"no coordinator heartbeat from {args.address} yet; waiting", file=sys.stderr, flush=True)
         try:
             for ev in subscriber:
                 out: Any = json.dumps(ev, default=str, sort_keys=True) if args.json else format_event(ev)

@@ -314,15 +314,16 @@ class Coordinator:
             pid=message["pid"], labels={str(k): str(v) for k, v in message["labels"].items()},
             capacity=message["capacity"], versions=message["versions"], order=self._order,
             last_seen=time.monotonic())
-        if existing is not None and existing.alive and existing.incarnation == worker.incarnation:
-            # the same process re-registering (new socket): keep what it runs and what it has
-            worker.agents, worker.sent_classes, worker.order = existing.agents, existing.sent_classes, existing.order
+        same_process = existing is not None and existing.alive and existing.incarnation == worker.incarnation
+        if same_process:
+            # the same process on a new socket: what we sent the old one may never have arrived
+            worker.agents, worker.order = existing.agents, existing.order
         self.workers[name] = worker
         self._by_identity[identity] = name
         bus_seq = message.get("bus_seq")
         if isinstance(bus_seq, int):
             self._bus_seqs[(name, worker.incarnation)] = bus_seq
-        stop = []
+        stop, reported = [], set()
         for item in message["agents"]:
             if not (isinstance(item, list) and len(item) == 2):
                 continue
@@ -332,11 +333,14 @@ class Coordinator:
                 stop.append([agent_name, epoch])
             else:
                 worker.agents.add(agent_name)
+                reported.add(agent_name)
         self.router.send_multipart([identity, protocol.encode(
             "welcome", coordinator=self.name, session=self.session,
             heartbeat_interval=float(self.config.heartbeat_interval),
             heartbeat_liveness=int(self.config.heartbeat_liveness),
             bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings)], zmq.NOBLOCK)
+        if same_process:
+            self._reconcile(worker, reported)
         if not (existing is not None and existing.alive):
             log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
                      " again" if rejoined else "", worker.host, worker.pid, worker.labels or "{}",
@@ -344,6 +348,17 @@ class Coordinator:
             self._publish(OrchestratorEvent.WORKER_JOINED, name, {
                 "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
                 "capacity": worker.capacity, "rejoined": rejoined})
+
+    def _reconcile(self, worker: WorkerRecord, reported: set[str]) -> None:
+        """A live worker re-registered: its list of running agents is the truth."""
+        for agent_name in sorted(worker.agents - reported):
+            record = self.agents[agent_name]
+            worker.agents.discard(agent_name)
+            if record.state == "ASSIGNED":
+                self._assign(record, worker)  # the start message went to its old socket
+            elif record.state != TERMINAL:
+                self._fail_agent(record, f"worker {worker.name!r} no longer runs agent {agent_name!r} "
+                                         "and its end was not reported", emit_error=True)
 
     def _on_agent_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         record = self.agents.get(message["agent"])

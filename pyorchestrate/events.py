@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import datetime
 import enum
@@ -57,14 +58,16 @@ class EventDispatcher:
     """Runs user callbacks on a bounded thread pool.
 
     Each callback receives only the keyword arguments its signature accepts; one that raises is
-    logged and counted and never affects the others.
+    logged and counted and never affects the others.  Callbacks for one subject (an agent or a
+    worker) run one at a time, in event order; different subjects run in parallel.
     """
 
     def __init__(self, max_threads: int = 10) -> None:
         self._callbacks: dict[OrchestratorEvent, list[tuple[Callable[..., Any], set[str] | None]]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="pyorchestrate-callback")
+        self._lock = threading.Condition()
+        self._queues: dict[str, collections.deque] = {}
         self._pending = 0
-        self._idle = threading.Condition()
         self.failures = 0
 
     def register(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
@@ -82,35 +85,49 @@ class EventDispatcher:
         return bool(self._callbacks.get(event))
 
     def dispatch(self, event: OrchestratorEvent, fields: dict[str, Any]) -> None:
-        for callback, accepted in self._callbacks.get(event, ()):
-            kwargs = fields if accepted is None else {k: v for k, v in fields.items() if k in accepted}
-            with self._idle:
-                self._pending += 1
-            try:
-                self._pool.submit(self._run, event, callback, kwargs)
-            except RuntimeError:  # pool shut down: the orchestrator is gone
-                self._done()
-
-    def _run(self, event: OrchestratorEvent, callback: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        callbacks = self._callbacks.get(event)
+        if not callbacks:
+            return
+        subject = str(fields.get("agent_name") or fields.get("worker") or "")
+        with self._lock:
+            self._pending += 1
+            queue = self._queues.get(subject)
+            if queue is not None:  # a runner is draining this subject: it will take this too
+                queue.append((event, callbacks, fields))
+                return
+            self._queues[subject] = collections.deque([(event, callbacks, fields)])
         try:
-            callback(**kwargs)
-        except Exception:
-            self.failures += 1
-            log.exception("callback %s for %s raised; other callbacks are unaffected",
-                          getattr(callback, "__qualname__", callback), event.name)
-        finally:
-            self._done()
+            self._pool.submit(self._drain, subject)
+        except RuntimeError:  # pool shut down: the orchestrator is gone
+            with self._lock:
+                self._pending -= len(self._queues.pop(subject, ()))
+                self._lock.notify_all()
 
-    def _done(self) -> None:
-        with self._idle:
-            self._pending -= 1
-            if self._pending == 0:
-                self._idle.notify_all()
+    def _drain(self, subject: str) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues[subject]
+                if not queue:
+                    del self._queues[subject]
+                    return
+                event, callbacks, fields = queue.popleft()
+            for callback, accepted in callbacks:
+                kwargs = fields if accepted is None else {k: v for k, v in fields.items() if k in accepted}
+                try:
+                    callback(**kwargs)
+                except Exception:
+                    self.failures += 1
+                    log.exception("callback %s for %s raised; other callbacks are unaffected",
+                                  getattr(callback, "__qualname__", callback), event.name)
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every dispatched callback has returned."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+        with self._lock:
+            return self._lock.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         self.wait_idle(timeout)

@@ -1,8 +1,10 @@
 """Subscribing to a cluster's event bus from any process or host (read-only).
 
 Gaps in a publisher's sequence numbers are reported as synthetic ``EVENTS_LOST`` events, so a
-slow subscriber learns that it missed something instead of missing it silently.  The check needs
-the whole stream: with a topic filter, gaps are counted only from the coordinator's heartbeats.
+slow subscriber learns that it missed something instead of missing it silently.  The coordinator's
+bus heartbeat carries its latest ``seq``, so even a lost *last* event is noticed.  The check needs
+the whole stream: a subscriber with a topic filter cannot tell a lost event from a filtered one,
+so it does not check (``gap_detection`` is False).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class EventSubscriber:
         self.lost = 0
         self.dropped = 0
         self._whole_stream = "" in topics
+        #: whether gaps can be detected (only on the unfiltered stream)
+        self.gap_detection = self._whole_stream
         self._last: dict[tuple[str, str], int] = {}
         self._pending: collections.deque[Event] = collections.deque()
         self._connected = False
@@ -95,7 +99,7 @@ class EventSubscriber:
         seq = fields["seq"]
         last = self._last.get(key)
         is_beat = fields["event"] == _HEARTBEAT
-        if last is not None and (self._whole_stream or is_beat):
+        if last is not None and self._whole_stream:
             expected = last if is_beat else last + 1
             if seq > expected:
                 self._report_gap(fields["publisher"], seq - expected)

@@ -64,6 +64,8 @@ class Worker:
         self._bus_address = ""
         self._bus_seq = 0
         self._subscribed = False
+        self._beating: dict[str, int] = {}  # agents whose STARTED went out -> heartbeat round then
+        self._beat_round = 0
         self._shutdown = threading.Event()
         self._session = ""
         self._interval = 1.0
@@ -97,7 +99,7 @@ class Worker:
 
     def _new_dealer(self) -> zmq.Socket:
         if self._dealer is not None:
-            self._dealer.close(0)
+            self._dealer.close(linger=200)
         dealer = sockets.make_socket(self._ctx, zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         dealer.connect(self.coordinator)
@@ -161,6 +163,10 @@ class Worker:
                 if message["type"] == "refused":
                     raise Refused(f"coordinator {self.coordinator} refused worker {self.name}:\n{message['reason']}")
             self._pump_outbox_offline()
+        # close now, not at the next attempt: a socket left open through the back-off sleep would
+        # deliver this register when the coordinator appears, and its welcome would be lost
+        dealer.close(0)
+        self._dealer = None
         raise NoAnswer()
 
     def _on_welcome(self, message: dict[str, Any]) -> None:
@@ -218,8 +224,7 @@ class Worker:
             timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
             if self._outbox.wake_socket in ready:
-                for name, epoch, event, fields in self._outbox.drain():
-                    self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
+                self._flush_events()
             if self._dealer in ready:
                 while self._dealer.poll(0):
                     if self._handle(self._dealer.recv()) == "reconnect":
@@ -278,7 +283,12 @@ class Worker:
         assert self._pub is not None
         base = {"publisher": self.name, "incarnation": self.incarnation, "worker": self.name,
                 "host": self.host, **stamp()}
-        for name, _epoch in self._supervisor.running():
+        self._beat_round += 1
+        # an agent's first heartbeat leaves at least one interval after its STARTED event, so the
+        # bus (a different path from the control connection) cannot deliver it first
+        for name, since in list(self._beating.items()):
+            if since >= self._beat_round - 1:
+                continue
             self._bus_seq += 1
             fields = {"event": "AGENT_HEARTBEAT", "agent_name": name, "seq": self._bus_seq, **base}
             try:
@@ -319,5 +329,9 @@ class Worker:
 
     def _flush_events(self) -> None:
         for name, epoch, event, fields in self._outbox.drain():
+            if event == "AGENT_TERMINATED":
+                self._beating.pop(name, None)
             if self._dealer is not None:
                 self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
+            if event == "AGENT_STARTED":
+                self._beating[name] = self._beat_round

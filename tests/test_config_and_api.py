@@ -1,0 +1,156 @@
+"""Config, registration and protocol: user mistakes raise clear errors before anything ships."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from agents import Quick
+
+from pyorchestrate import (
+    AddressError,
+    BaseThreadAgent,
+    ConfigValidationError,
+    LoopingThreadAgent,
+    Orchestrator,
+    PeriodicProcessAgent,
+    RunMode,
+    ValidationResult,
+    ValidationSeverity,
+    protocol,
+)
+
+
+class MyOrchestrator(Orchestrator):
+    class Config(Orchestrator.Config):  # the seed's custom config
+        retry = True
+        heartbeat_liveness = 7
+
+    config: Config
+
+
+def test_config_defaults_overrides_and_user_attributes():
+    cfg = Orchestrator.Config()
+    assert (cfg.run_mode, cfg.address, cfg.local_workers, cfg.heartbeat_interval, cfg.heartbeat_liveness) == \
+        (RunMode.STOP_ON_EMPTY, None, 1, 1.0, 5)
+    custom = MyOrchestrator.Config(heartbeat_interval=0.2, owner="me")
+    assert custom.retry is True and custom.heartbeat_liveness == 7 and custom.heartbeat_interval == 0.2
+    assert custom.owner == "me"  # unknown keywords become user-defined attributes
+    assert custom.validate() == []
+    assert MyOrchestrator("m").config.retry is True
+    assert Orchestrator("o", heartbeat_interval=0.5).config.heartbeat_interval == 0.5
+    assert Orchestrator(MyOrchestrator.Config()).name == "Orchestrator"  # config first, as some docs do
+
+
+def test_agent_configs_inherit_and_override():
+    class Reader(PeriodicProcessAgent):
+        class Config(PeriodicProcessAgent.Config):
+            execution_interval = 5.0
+            path = "/tmp/x"
+
+        def runner(self):
+            pass
+
+    cfg = Reader.Config(limit=10, output_directory="out")
+    assert (cfg.execution_interval, cfg.limit, cfg.path, cfg.output_directory, cfg.delay_compensation) == \
+        (5.0, 10, "/tmp/x", "out", False)
+    assert Reader.Config().limit == -1
+
+
+def test_typo_in_a_setting_is_a_warning_naming_the_right_one():
+    findings = Orchestrator.Config(heartbeat_intervl=0.1).validate()
+    assert findings[0].severity is ValidationSeverity.WARNING and "heartbeat_interval" in findings[0].message
+
+
+def test_invalid_orchestrator_config_raises_at_start_with_every_finding():
+    orch = Orchestrator("bad", config=Orchestrator.Config(heartbeat_interval=-1, heartbeat_liveness=1,
+                                                          address="localhost:5555"))
+    with pytest.raises(ConfigValidationError) as info:
+        orch.start()
+    text = str(info.value)
+    assert "heartbeat_interval" in text and "heartbeat_liveness" in text and "tcp://HOST:PORT" in text
+
+
+def test_custom_validate_hook():
+    class Strict(Orchestrator.Config):
+        def validate(self):
+            results = super().validate()
+            if self.local_workers > 4:
+                results.append(ValidationResult("local_workers", "this laptop has 4 cores"))
+            return results
+
+    with pytest.raises(ConfigValidationError, match="this laptop"):
+        Orchestrator("s", config=Strict(local_workers=8)).start()
+
+
+def test_binding_beyond_loopback_without_keys_is_refused():
+    orch = Orchestrator("open", address="tcp://0.0.0.0:*")
+    with pytest.raises(AddressError, match="insecure=True"):
+        orch.start()
+
+
+def test_register_agent_mistakes():
+    orch = Orchestrator("r")
+    orch.register_agent(Quick, "q")
+    with pytest.raises(ValueError, match="already registered"):
+        orch.register_agent(Quick, "q")
+    assert orch.register_agent(Quick) == "Quick"  # the class name by default
+
+    class NoExecute(BaseThreadAgent):
+        pass
+
+    with pytest.raises(TypeError, match="implement execute"):
+        orch.register_agent(NoExecute, "n")
+    with pytest.raises(TypeError, match="not an agent class"):
+        orch.register_agent(dict, "d")
+    with pytest.raises(TypeError, match="Config instance"):
+        orch.register_agent(Quick, "c", {"limit": 3})
+
+    class Looper(LoopingThreadAgent):
+        def cycle(self):
+            pass
+
+    with pytest.raises(ConfigValidationError, match="limit"):
+        orch.register_agent(Looper, "l", Looper.Config(limit="many"))
+    with pytest.raises(RuntimeError, match="start"):
+        orch.join()
+
+
+def test_protocol_round_trip_and_rejections():
+    frame = protocol.encode("stop", agent="a", epoch=3, timeout=1.5)
+    assert protocol.decode(frame)["epoch"] == 3
+    rejected = [
+        b"\x00\x01garbage",
+        msgpack.packb({"v": protocol.PROTOCOL_VERSION + 1, "type": "stop"}),
+        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "stop", "agent": "a", "epoch": True, "timeout": 1}),
+        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "stop", "agent": "a"}),
+        msgpack.packb({1: 2}),
+        b"x" * 100,
+    ]
+    for bad in rejected:
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode(bad, max_size=99 if bad == b"x" * 100 else protocol.DEFAULT_MAX_MESSAGE_SIZE)
+    with pytest.raises(protocol.ProtocolError, match="topic"):
+        protocol.decode_event([b"WRONG.x", msgpack.packb({"event": "AGENT_READY", "seq": 1, "publisher": "p",
+                                                          "incarnation": "i", "event_date": "d", "event_time": "t"})])
+
+
+def test_standalone_thread_agent_runs_its_hooks():
+    calls = []
+
+    class Standalone(LoopingThreadAgent):
+        class Config(LoopingThreadAgent.Config):
+            limit = 3
+
+        def setup(self):
+            calls.append("setup")
+
+        def cycle(self):
+            calls.append("cycle")
+
+        def on_close(self):
+            calls.append("close")
+
+    agent = Standalone()
+    agent.start()
+    assert agent.join(5)
+    assert calls == ["setup", "cycle", "cycle", "cycle", "close"]

@@ -1,0 +1,141 @@
+"""The event bus from other processes: the CLI, the example, EventSubscriber, and gap detection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import zmq
+from agents import Forever, Quick, QuickProcess
+from conftest import REPO, EventLog, wait_for
+
+from pyorchestrate import EventSubscriber, RunMode, protocol
+
+
+def _start_reader(args, tmp_path, name):
+    out = open(tmp_path / f"{name}.out", "w")
+    err = open(tmp_path / f"{name}.err", "w")
+    proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True, cwd=tmp_path)
+    out.close()
+    err.close()
+    return proc
+
+
+def test_cli_subscriber_in_another_process_sees_every_agent_lifecycle(cluster, tmp_path):
+    orch = cluster.orchestrator(min_workers=2, run_mode=RunMode.DAEMON)
+    orch.start()
+    cli = _start_reader(["-m", "pyorchestrate.cli", "events", "--address", orch.events_address, "--json",
+                         "--exit-on-shutdown", "--timeout", "60"], tmp_path, "cli")
+    try:
+        wait_for(lambda: "connected to" in (tmp_path / "cli.err").read_text(), 15, "the CLI to connect")
+        cluster.worker(orch.address, "w1")
+        cluster.worker(orch.address, "w2")
+        events = EventLog(orch)
+        names = [f"agent-{i}" for i in range(6)]
+        for i, name in enumerate(names):
+            orch.register_agent(Quick if i % 2 else QuickProcess, name)
+        for name in names:
+            events.wait("AGENT_TERMINATED", name)
+        orch.stop()
+        assert cli.wait(15) == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+    lines = [json.loads(line) for line in (tmp_path / "cli.out").read_text().splitlines()]
+    for line in lines:
+        assert {"event", "seq", "event_date", "event_time"} <= set(line)
+        assert line.get("agent_name") or line.get("worker") or line["event"] in ("ALL_AGENTS_TERMINATED", "SHUTDOWN")
+    for name in names:
+        mine = [line["event"] for line in lines if line.get("agent_name") == name and line["event"] != "AGENT_HEARTBEAT"]
+        assert mine == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], (name, mine)
+    assert lines[-1]["event"] == "SHUTDOWN"
+    assert not [line for line in lines if line["event"] == "EVENTS_LOST"]
+
+
+def test_remote_subscriber_example(cluster, tmp_path):
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    orch.start()
+    reader = _start_reader([str(REPO / "examples" / "remote_subscriber.py"), orch.events_address,
+                            "--topic", "AGENT_", "--count", "3", "--timeout", "30"], tmp_path, "example")
+    try:
+        wait_for(lambda: "connected" in (tmp_path / "example.out").read_text(), 15, "the example to connect")
+        cluster.worker(orch.address, "w1")
+        orch.register_agent(Quick, "watched")
+        assert reader.wait(30) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(5)
+    out = (tmp_path / "example.out").read_text()
+    for kind in ("AGENT_STARTED watched on w1@", "AGENT_READY watched", "AGENT_TERMINATED watched"):
+        assert kind in out
+    assert "lost: 0" in out
+
+
+def test_event_subscriber_filters_by_topic_and_times_out(cluster):
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    orch.start()
+    with EventSubscriber(orch.events_address, topics=["AGENT_TERMINATED."], timeout=1.0) as sub:
+        assert sub.wait_connected(10)
+        cluster.worker(orch.address, "w1")
+        orch.register_agent(Quick, "one")
+        orch.register_agent(Forever, "two")
+        got = list(sub)  # ends after 1 s without events
+        assert [ev.event for ev in got] == ["AGENT_TERMINATED"] and got[0].agent_name == "one"
+        assert sub.recv(timeout=0.1) is None
+    sub.close()  # closing twice is fine
+
+
+def _publisher(ctx, address=None):
+    pub = ctx.socket(zmq.XPUB)
+    if address:
+        pub.connect(address)
+    return pub
+
+
+def _event(seq, publisher="fake", event="AGENT_READY", agent="x"):
+    return protocol.encode_event(protocol.event_topic(event, agent), {
+        "event": event, "seq": seq, "publisher": publisher, "incarnation": "i1", "agent_name": agent,
+        "event_date": "2026-01-01", "event_time": "00:00:00.0"})
+
+
+def test_subscriber_reports_gaps_in_sequence_numbers():
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        with EventSubscriber(f"tcp://127.0.0.1:{port}", timeout=2) as sub:
+            assert pub.poll(5000)
+            pub.recv()  # the subscription arrived
+            for seq in (1, 2, 5, 6):
+                pub.send_multipart(_event(seq))
+            pub.send_multipart([b"AGENT_READY.x", b"\xc1 not msgpack"])
+            got = [ev for _, ev in zip(range(5), sub)]
+            assert [ev.event for ev in got] == ["AGENT_READY", "AGENT_READY", "EVENTS_LOST", "AGENT_READY", "AGENT_READY"]
+            assert got[2]["lost"] == 2 and sub.lost == 2
+            wait_for(lambda: sub.recv(0.05) is None and sub.dropped == 1, 5, "garbage to be dropped")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_coordinator_reports_gaps_from_worker_publishers(cluster):
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    ctx = zmq.Context()
+    try:
+        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
+        assert pub.poll(5000)
+        pub.recv()
+        for seq in (1, 2, 3, 7):
+            pub.send_multipart(_event(seq, event="AGENT_HEARTBEAT"))
+            time.sleep(0.01)
+        lost = events.wait("EVENTS_LOST")[0]
+        assert lost["lost"] == 3 and lost["source"] == "fake"
+        assert orch.status()["lost_events"] == 3
+        assert len(events.wait("AGENT_HEARTBEAT", count=4)) == 4
+    finally:
+        ctx.destroy(linger=0)
