@@ -85,6 +85,7 @@ class Coordinator:
         self.workers: dict[str, WorkerRecord] = {}
         self.dropped = DropCounter(log)
         self.lost_events = 0
+        self.class_blobs_sent = 0
         self.start_error: str | None = None
         self._by_identity: dict[bytes, str] = {}
         self._order = 0
@@ -497,6 +498,7 @@ class Coordinator:
         worker.agents.add(record.name)
         first = record.class_id not in worker.sent_classes
         worker.sent_classes.add(record.class_id)
+        self.class_blobs_sent += first
         self._send(worker, protocol.encode(
             "start", agent=record.name, epoch=record.epoch, class_id=record.class_id,
             class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode))
@@ -560,4 +562,5 @@ class Coordinator:
             "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
             "dropped": dict(self.dropped.counts),
             "lost_events": self.lost_events,
+            "class_blobs_sent": self.class_blobs_sent,
         }

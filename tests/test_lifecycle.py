@@ -169,3 +169,90 @@ def test_status_reports_labels_and_capacity(cluster):
     assert status["labels"] == {"gpu": "1", "zone": "a"}
     assert status["capacity"] == 3
     assert status["alive"] is True
+
+
+def test_each_class_is_sent_once_per_worker(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    for i in range(5):
+        orch.register_agent(Quick, f"q{i}")
+    orch.register_agent(Sleeper, "s", Sleeper.Config(seconds=0.01))
+    assert orch.join(timeout=30)
+    assert orch.status()["class_blobs_sent"] == 2  # Quick once, Sleeper once
+
+
+def test_user_modules_ship_by_value_installed_libraries_by_reference():
+    from pyorchestrate import shipping
+
+    roots = shipping.user_module_roots()
+    assert "agents" in roots and "conftest" in roots  # this test suite's own modules
+    for installed in ("zmq", "msgpack", "cloudpickle", "pytest", "json", "pyorchestrate"):
+        assert installed not in roots
+
+
+def test_periodic_process_agent_on_a_worker(cluster, tmp_path):
+    from pyorchestrate import PeriodicProcessAgent
+
+    class Ticker(PeriodicProcessAgent):
+        class Config(PeriodicProcessAgent.Config):
+            execution_interval = 0.05
+            limit = 4
+            out = ""
+
+        def runner(self):
+            with open(self.config.out, "a") as f:
+                f.write("tick\n")
+
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    orch.register_agent(Ticker, "ticker", Ticker.Config(out=str(tmp_path / "ticks")))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    assert orch.join(timeout=30)
+    assert (tmp_path / "ticks").read_text().split() == ["tick"] * 4
+    assert events.of("AGENT_TERMINATED", "ticker")[0]["ok"] is True
+
+
+def test_sigterm_stops_a_workers_agents_gracefully_and_exits_0(cluster):
+    import signal
+
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    worker = cluster.worker(orch.address, "w1")
+    orch.register_agent(Forever, "t")
+    orch.register_agent(ForeverProcess, "p")
+    events.wait("AGENT_READY", "t")
+    events.wait("AGENT_READY", "p")
+    events.wait("AGENT_HEARTBEAT", "t")  # running agents are heartbeated on the bus
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    for agent in ("t", "p"):
+        assert events.wait("AGENT_TERMINATED", agent)[0]["ok"] is True
+    events.wait("WORKER_LEFT", "w1")
+    assert not events.of("WORKER_LOST")
+
+
+def test_explicit_events_address_is_used_and_logged(cluster, caplog):
+    import logging
+
+    from conftest import free_port
+
+    wanted = f"tcp://127.0.0.1:{free_port()}"
+    orch = cluster.orchestrator(events_address=wanted, run_mode=RunMode.DAEMON)
+    with caplog.at_level(logging.INFO, logger="pyorchestrate"):
+        orch.start()
+    assert orch.events_address == wanted
+    assert f"events {wanted}" in caplog.text
+
+
+def test_console_scripts_are_installed():
+    import os
+    import subprocess
+    import sys
+
+    bindir = os.path.dirname(sys.executable)
+    for script, expect in (("pyorchestrate-worker", "--coordinator"), ("pyorchestrate", "events")):
+        result = subprocess.run([os.path.join(bindir, script), "--help"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and expect in result.stdout
