@@ -22,31 +22,14 @@ from . import protocol, sockets
 from .drops import DropCounter
 from .events import EventDispatcher, OrchestratorEvent, stamp
 from .mailbox import Mailbox
+from .scheduling import RUNNING, TERMINAL, AgentRecord, Scheduling
 from .versions import compare, local_versions, table
 
 log = logging.getLogger("pyorchestrate.coordinator")
 
-TERMINAL = "TERMINATED"
 _DRAIN_BATCH = 1000
 
-
-@dataclass
-class AgentRecord:
-    """What the coordinator knows of one registered agent."""
-
-    name: str
-    agent_class: type
-    config: Any
-    class_id: str
-    class_blob: bytes
-    config_blob: bytes
-    mode: str
-    state: str = "PENDING"
-    worker: str | None = None
-    epoch: int = 0
-    error: str | None = None
-    failed: bool = False
-    started_at: float | None = None
+__all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
 
 
 @dataclass
@@ -64,6 +47,7 @@ class WorkerRecord:
     order: int
     last_seen: float
     alive: bool = True
+    draining: bool = False
     agents: set[str] = field(default_factory=set)
     sent_classes: set[str] = field(default_factory=set)
 
@@ -72,7 +56,7 @@ class WorkerWaitTimeout(TimeoutError):
     """Too few workers joined within ``worker_wait_timeout``."""
 
 
-class Coordinator:
+class Coordinator(Scheduling):
     """The coordinator's sockets, state and loop thread (used by :class:`Orchestrator`)."""
 
     def __init__(self, name: str, config: Any, agents: dict[str, AgentRecord], dispatcher: EventDispatcher,
@@ -100,6 +84,9 @@ class Coordinator:
         self._closing = False
         self._stop_requested = False
         self._joined = False
+        self._dirty = True  # something changed that placement should look at
+        self.final_snapshot: dict[str, Any] | None = None
+        self._drained_sessions: set[str] = set()
         self.min_workers = 1
         self._thread: threading.Thread | None = None
         self.ctx = zmq.Context()
@@ -156,8 +143,8 @@ class Coordinator:
                     next_tick = now + min(interval, 0.25)
                 ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
                 if self.mailbox.wake_socket in ready:
-                    for command, *args in self.mailbox.drain():
-                        getattr(self, f"_cmd_{command}")(*args)
+                    for command, args, future in self.mailbox.drain():
+                        self._run_command(command, args, future)
                 if self.router in ready:
                     self._drain(self.router, self._on_control)
                 if self.xsub in ready:
@@ -165,6 +152,7 @@ class Coordinator:
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)
                 self._place_pending()
+                self._release_drained()
                 self._check_finished()
         except Exception:
             log.exception("coordinator loop crashed; shutting down")
@@ -172,6 +160,18 @@ class Coordinator:
             self._mark_finished()
         finally:
             self._close()
+
+    def _run_command(self, command: str, args: tuple, future: Any) -> None:
+        try:
+            result = getattr(self, f"_cmd_{command}")(*args)
+        except Exception as exc:
+            if future is None:
+                log.exception("command %s failed", command)
+            else:
+                future.set_exception(exc)
+        else:
+            if future is not None:
+                future.set_result(result)
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -198,10 +198,12 @@ class Coordinator:
                 worker._last_beat_sent = now  # type: ignore[attr-defined]
                 self._send(worker, beat)
         self._publish_bus_heartbeat(now)
+        if any(r.state == "RESTARTING" and now >= r.restart_at for r in self.agents.values()):
+            self._dirty = True
         if self._stopping_deadline is not None and now > self._stopping_deadline:
             for record in self.agents.values():
                 if record.state != TERMINAL:
-                    self._fail_agent(record, f"agent {record.name!r} did not stop in time", emit_error=True)
+                    self._fail_run(record, f"agent {record.name!r} did not stop in time", final=True)
             self._stopping_deadline = None
         if not self._workers_ready and now > self._wait_deadline and self._pending():
             self._give_up_waiting()
@@ -217,22 +219,8 @@ class Coordinator:
 
     # ================================================================== commands from the user thread
 
-    def _cmd_add(self, record: AgentRecord) -> None:
-        # agents registered after start() enter the state here, on the loop's own thread;
-        # placement happens at the end of every loop turn
-        self.agents[record.name] = record
-
-    def _cmd_stop_all(self, timeout: float) -> None:
-        self._stopping_deadline = time.monotonic() + timeout + self.config.heartbeat_interval * 2
-        for record in self.agents.values():
-            if record.state == "PENDING":
-                record.state = TERMINAL
-                self._publish_agent(record, OrchestratorEvent.AGENT_TERMINATED, {"ok": True, "reason": "stopped before start"})
-            elif record.state != TERMINAL and record.worker in self.workers:
-                self._send(self.workers[record.worker],
-                           protocol.encode("stop", agent=record.name, epoch=record.epoch, timeout=float(timeout)))
-
     def _cmd_close(self) -> None:
+        self.final_snapshot = self._cmd_snapshot()
         release = protocol.encode("release")
         for worker in self.workers.values():
             if worker.alive:
@@ -299,12 +287,18 @@ class Coordinator:
             log.error("refused worker %s: %s", name, reason)
             self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
             return
+        drained_by = message.get("drained_by")
+        if isinstance(drained_by, list) and self.session in drained_by:
+            # drained from this session: it waits for the next coordinator
+            self.router.send_multipart([identity, protocol.encode("refused", reason="drained", retry=True)], zmq.NOBLOCK)
+            return
         existing = self.workers.get(name)
         if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
+            # maybe a restarted worker whose old self is not declared lost yet: let it retry
             reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid {existing.pid}); "
-                      "give each worker a unique --name")
-            log.error("refused worker %s: %s", name, reason)
-            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
+                      "give each worker a unique --name (retrying until the old one is gone)")
+            log.warning("worker %s: %s", name, reason)
+            self.router.send_multipart([identity, protocol.encode("refused", reason=reason, retry=True)], zmq.NOBLOCK)
             return
         rejoined = existing is not None
         if existing is not None:
@@ -330,7 +324,7 @@ class Coordinator:
                 continue
             agent_name, epoch = item
             record = self.agents.get(agent_name)
-            if record is None or record.worker != name or record.epoch != epoch or record.state == TERMINAL:
+            if record is None or record.worker != name or record.epoch != epoch or record.state not in RUNNING:
                 stop.append([agent_name, epoch])
             else:
                 worker.agents.add(agent_name)
@@ -340,6 +334,7 @@ class Coordinator:
             heartbeat_interval=float(self.config.heartbeat_interval),
             heartbeat_liveness=int(self.config.heartbeat_liveness),
             bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings)], zmq.NOBLOCK)
+        self._dirty = True
         if same_process:
             self._reconcile(worker, reported)
         if not (existing is not None and existing.alive):
@@ -357,13 +352,13 @@ class Coordinator:
             worker.agents.discard(agent_name)
             if record.state == "ASSIGNED":
                 self._assign(record, worker)  # the start message went to its old socket
-            elif record.state != TERMINAL:
-                self._fail_agent(record, f"worker {worker.name!r} no longer runs agent {agent_name!r} "
-                                         "and its end was not reported", emit_error=True)
+            elif record.state in RUNNING:
+                self._fail_run(record, f"worker {worker.name!r} no longer runs agent {agent_name!r} "
+                                       "and its end was not reported")
 
     def _on_agent_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
         record = self.agents.get(message["agent"])
-        if record is None or record.worker != worker.name or record.epoch != message["epoch"] or record.state == TERMINAL:
+        if record is None or record.worker != worker.name or record.epoch != message["epoch"] or record.state not in RUNNING:
             self._on_stale_event(worker, message)
             return
         try:
@@ -371,16 +366,20 @@ class Coordinator:
         except ValueError:
             raise protocol.ProtocolError(f"unknown agent event {message['event']!r}") from None
         fields = {k: v for k, v in message["fields"].items() if isinstance(k, str)}
+        if event is OrchestratorEvent.AGENT_TERMINATED:
+            ok = fields.pop("ok", True) is True and not record.run_errored
+            record.run_errored = False
+            self._run_over(record, ok, fields)
+            return
         if event is OrchestratorEvent.AGENT_STARTED:
             record.state = "STARTED"
+            record.run_errored = False
         elif event is OrchestratorEvent.AGENT_READY:
             record.state = "READY"
+            self._dirty = True  # dependents may start now
         elif event is OrchestratorEvent.AGENT_ERROR:
             record.error = str(fields.get("error_message", ""))
-            record.failed = True
-        elif event is OrchestratorEvent.AGENT_TERMINATED:
-            record.state = TERMINAL
-            worker.agents.discard(record.name)
+            record.run_errored = True
         else:
             raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
         self._publish_agent(record, event, fields, worker)
@@ -397,19 +396,10 @@ class Coordinator:
                                            "agents": sorted(worker.agents)})
         for agent_name in sorted(worker.agents):
             record = self.agents.get(agent_name)
-            if record is not None and record.state != TERMINAL:
-                self._fail_agent(record, f"{reason}; agent {agent_name!r} was running there", emit_error=True)
+            if record is not None and record.state in RUNNING:
+                self._fail_run(record, f"{reason}; agent {agent_name!r} was running there")
         worker.agents.clear()
-
-    def _fail_agent(self, record: AgentRecord, reason: str, *, emit_error: bool) -> None:
-        record.failed = True
-        record.error = reason
-        if emit_error:
-            self._publish_agent(record, OrchestratorEvent.AGENT_ERROR, {"error_message": reason, "traceback": ""})
-        record.state = TERMINAL
-        self._publish_agent(record, OrchestratorEvent.AGENT_TERMINATED, {"ok": False, "reason": reason})
-        if record.worker in self.workers:
-            self.workers[record.worker].agents.discard(record.name)
+        self._dirty = True
 
     # ================================================================== bus traffic from workers
 
@@ -467,41 +457,7 @@ class Coordinator:
         else:
             log.info("agent %s %s %s", record.name, event.value.removeprefix("AGENT_").lower(), where)
 
-    # ================================================================== placement
-
-    def _pending(self) -> list[AgentRecord]:
-        return [r for r in self.agents.values() if r.state == "PENDING"]
-
-    def _place_pending(self) -> None:
-        if self._stopping_deadline is not None:
-            return
-        pending = self._pending()
-        if not pending:
-            return
-        alive = [w for w in self.workers.values() if w.alive]
-        if not self._workers_ready:
-            if len(alive) < max(1, self.min_workers):
-                return
-            self._workers_ready = True
-        for record in pending:
-            candidates = [w for w in alive if not w.capacity or len(w.agents) < w.capacity]
-            if not candidates:
-                return
-            worker = min(candidates, key=lambda w: (len(w.agents), w.order))
-            self._assign(record, worker)
-
-    def _assign(self, record: AgentRecord, worker: WorkerRecord) -> None:
-        record.epoch += 1
-        record.worker = worker.name
-        record.state = "ASSIGNED"
-        record.started_at = time.time()
-        worker.agents.add(record.name)
-        first = record.class_id not in worker.sent_classes
-        worker.sent_classes.add(record.class_id)
-        self.class_blobs_sent += first
-        self._send(worker, protocol.encode(
-            "start", agent=record.name, epoch=record.epoch, class_id=record.class_id,
-            class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode))
+    # ================================================================== finishing
 
     def _give_up_waiting(self) -> None:
         alive = sum(w.alive for w in self.workers.values())
@@ -512,9 +468,10 @@ class Coordinator:
             "or lower min_workers / raise worker_wait_timeout.")
         log.error("%s", self.start_error)
         for record in self._pending():
-            self._fail_agent(record, "no worker to run it: " + self.start_error.splitlines()[0], emit_error=True)
+            self._fail_run(record, "no worker to run it: " + self.start_error.splitlines()[0], final=True)
 
-    # ================================================================== finishing
+    def _pending(self) -> list[AgentRecord]:
+        return [r for r in self.agents.values() if r.state == "PENDING"]
 
     def _check_finished(self) -> None:
         if self._finished:
@@ -549,18 +506,3 @@ class Coordinator:
         self._close_sockets()
         self.mailbox.close()
         self.ctx.term()
-
-    def snapshot(self) -> dict[str, Any]:
-        """Plain-data status (read without locking: values may be a moment old)."""
-        now = time.monotonic()
-        return {
-            "agents": {r.name: {"state": r.state, "worker": r.worker, "failed": r.failed, "error": r.error,
-                                "epoch": r.epoch, "started_at": r.started_at} for r in list(self.agents.values())},
-            "workers": {w.name: {"host": w.host, "pid": w.pid, "labels": w.labels, "capacity": w.capacity,
-                                 "alive": w.alive, "agents": sorted(w.agents),
-                                 "since_heartbeat": round(now - w.last_seen, 3)} for w in list(self.workers.values())},
-            "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
-            "dropped": dict(self.dropped.counts),
-            "lost_events": self.lost_events,
-            "class_blobs_sent": self.class_blobs_sent,
-        }

@@ -21,6 +21,7 @@ class OrchestratorEvent(str, enum.Enum):
     AGENT_READY = "AGENT_READY"  #: ``setup()`` finished
     AGENT_TERMINATED = "AGENT_TERMINATED"  #: the agent finished, stopped, or failed
     AGENT_ERROR = "AGENT_ERROR"  #: carries ``error_message`` and ``traceback``
+    AGENT_RESTARTING = "AGENT_RESTARTING"  #: a restart is scheduled: ``attempt``, ``delay``, ``reason``
     AGENT_HEARTBEAT = "AGENT_HEARTBEAT"  #: a running agent's worker is alive (every heartbeat interval)
     ALL_AGENTS_TERMINATED = "ALL_AGENTS_TERMINATED"  #: nothing is left running
     WORKER_JOINED = "WORKER_JOINED"  #: a worker registered

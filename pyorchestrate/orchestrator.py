@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import inspect
 import logging
@@ -13,9 +14,11 @@ from . import shipping
 from .agents.base import BaseAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
 from .coordinator import AgentRecord, Coordinator, WorkerWaitTimeout
+from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
 from .local_workers import LocalWorkers
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
 
 log = logging.getLogger("pyorchestrate.orchestrator")
@@ -62,6 +65,10 @@ class Orchestrator:
         min_workers: int | None = None
         #: seconds to wait for ``min_workers`` before failing the agents
         worker_wait_timeout: float = 30.0
+        #: most agents running at once across the cluster (PyOrchestrate's meaning); the rest wait
+        #: in a FIFO queue.  None = no cap (PyOrchestrate defaults to 5; a cluster is sized by each
+        #: worker's --capacity instead, so we do not cap silently)
+        max_workers: int | None = None
         #: seconds between heartbeats, both ways
         heartbeat_interval: float = 1.0
         #: heartbeats a worker may miss before it is declared lost
@@ -90,6 +97,7 @@ class Orchestrator:
                         results.append(ValidationResult(name, str(exc)))
             _number(results, self, "local_workers", 0, whole=True)
             _number(results, self, "min_workers", 0, whole=True, allow_none=True)
+            _number(results, self, "max_workers", 1, whole=True, allow_none=True)
             _number(results, self, "worker_wait_timeout", 0)
             _number(results, self, "heartbeat_interval", 0.01)
             _number(results, self, "heartbeat_liveness", 2, whole=True)
@@ -130,12 +138,31 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ registration
 
-    def register_agent(self, agent_class: type, name: str | None = None, custom_config: BaseConfig | None = None) -> str:
+    def register_agent(
+        self,
+        agent_class: type,
+        name: str | None = None,
+        custom_config: BaseConfig | None = None,
+        *,
+        worker: str | None = None,
+        labels: dict[str, str] | None = None,
+        depends_on: list[str] | None = None,
+        restart: str = "never",
+        max_restarts: int = 10,
+        restart_backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> str:
         """Register ``agent_class`` to run under ``name`` (default: the class name).
 
+        Placement: ``worker`` pins it to the worker of that name; ``labels`` requires a worker
+        started with matching ``--labels``; otherwise the least-loaded worker with room takes it.
+        ``depends_on`` names agents that must be READY (or have finished cleanly) first.
+        ``restart`` is "never", "on-failure" (errors, crashed processes, lost workers) or "always",
+        at most ``max_restarts`` times (-1: no limit), waiting ``restart_backoff`` = (initial, max)
+        seconds, doubling with jitter.
+
         The config is validated here (an ERROR raises :class:`ConfigValidationError`) and the class
-        is pickled here, so mistakes surface before anything is sent.  After :meth:`start` (DAEMON
-        mode) the agent starts right away.  Returns the agent's name.
+        is pickled here, so mistakes surface before anything is sent.  After :meth:`start` the
+        agent is scheduled right away.  Returns the agent's name.
         """
         if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
             raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
@@ -150,6 +177,13 @@ class Orchestrator:
         if not isinstance(config, BaseConfig):
             raise TypeError(f"custom_config for {name!r} must be a Config instance (e.g. {agent_class.__name__}.Config(...)), "
                             f"got {type(config).__name__}")
+        if worker is not None and not isinstance(worker, str):
+            raise TypeError(f"worker= must be a worker name, got {worker!r}")
+        labels = dict(labels or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
+        depends_on = _names(depends_on, "depends_on")
+        policy = RestartPolicy.build(restart, max_restarts, restart_backoff)
         for finding in config.check(f"agent {name!r}"):
             log.warning("agent %s config: %s", name, finding)
         key = (agent_class, type(config))
@@ -158,18 +192,70 @@ class Orchestrator:
         class_id, class_blob = self._classes[key]
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
                              class_blob=class_blob, config_blob=shipping.pack_config(config, name),
-                             mode=agent_class.execution_mode)
+                             mode=agent_class.execution_mode, pin=worker, labels=labels,
+                             depends_on=depends_on, policy=policy)
         with self._lock:
             if name in self._names:
                 raise ValueError(f"an agent named {name!r} is already registered; pick another name")
             if self._finished.is_set():
                 raise RuntimeError("this orchestrator has finished; create a new one")
             self._names.add(name)
-            if self._coordinator is None:
+            started = self._coordinator is not None
+            if not started:
                 self._agents[name] = record
-            else:
-                self._coordinator.mailbox.put(("add", record))
+        if started:
+            try:
+                self._call("add", record)
+            except Exception:
+                with self._lock:
+                    self._names.discard(name)
+                raise
         return name
+
+    def add_dependency(self, agent_name: str, deps: list[str]) -> None:
+        """``agent_name`` starts only after every agent in ``deps`` is READY (or finished cleanly).
+
+        Checked at :meth:`start` (or at once, after it): a cycle or an unknown agent raises
+        ``ValueError`` naming them.  If a dependency fails for good, ``agent_name`` does not start
+        and gets AGENT_ERROR "dependency <x> failed".
+        """
+        deps = _names(deps, "deps")
+        if self._coordinator is not None:
+            self._call("add_dependency", agent_name, deps)
+            return
+        record = self._agents.get(agent_name)
+        if record is None:
+            raise ValueError(f"unknown agent {agent_name!r}: register it before adding its dependencies")
+        record.depends_on = list(dict.fromkeys(record.depends_on + deps))
+
+    # ------------------------------------------------------------------ runtime control
+
+    def start_agent(self, name: str) -> None:
+        """Start a terminated agent again (its restart count starts over)."""
+        self._call("start_agent", name)
+
+    def stop_agent(self, name: str, timeout: float | None = None) -> None:
+        """Stop one agent; it is not restarted, whatever its policy."""
+        self._call("stop_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
+
+    def restart_agent(self, name: str, timeout: float | None = None) -> None:
+        """Stop an agent and start it again (not counted against ``max_restarts``)."""
+        self._call("restart_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
+
+    def drain_worker(self, name: str) -> None:
+        """Send no new agents to worker ``name``, move its restartable agents elsewhere, let the
+        others finish, then release it (WORKER_LEFT)."""
+        self._call("drain_worker", name)
+
+    def _call(self, command: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Run a command on the coordinator's loop and return its result (or raise its error)."""
+        if self._coordinator is None:
+            raise RuntimeError(f"{command.replace('_', ' ')}: call start() first")
+        if self._shut:
+            raise RuntimeError("this orchestrator has shut down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._coordinator.mailbox.put((command, args, future))
+        return future.result(timeout)
 
     def register_event(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
         """Call ``callback`` on every ``event``, with the keyword arguments it accepts.
@@ -187,6 +273,7 @@ class Orchestrator:
         if self._started:
             raise RuntimeError("this orchestrator was already started")
         self.config.check(f"orchestrator {self.name!r}")
+        check_graph({n: r.depends_on for n, r in self._agents.items()})
         _default_logging(self.config.log_level)
         cfg = self.config
         embedded = cfg.address is None
@@ -214,7 +301,7 @@ class Orchestrator:
         if not self._started:
             raise RuntimeError("call start() before join()")
         if self._coordinator is not None and not self._finished.is_set():
-            self._coordinator.mailbox.put(("join",))
+            self._coordinator.mailbox.put(("join", (), None))
         try:
             if not self._finished.wait(timeout):
                 return False
@@ -234,8 +321,8 @@ class Orchestrator:
             return
         if not self._finished.is_set():
             timeout = self.config.stop_timeout if timeout is None else timeout
-            self._coordinator.mailbox.put(("request_stop",))
-            self._coordinator.mailbox.put(("stop_all", float(timeout)))
+            self._coordinator.mailbox.put(("request_stop", (), None))
+            self._coordinator.mailbox.put(("stop_all", (float(timeout),), None))
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
             if not self._finished.wait(timeout + grace + 5.0):
                 log.error("agents did not all stop in time; shutting down anyway")
@@ -249,7 +336,7 @@ class Orchestrator:
             self._finished.set()
         assert self._coordinator is not None
         self._dispatcher.wait_idle(10.0)
-        self._coordinator.mailbox.put(("close",))
+        self._coordinator.mailbox.put(("close", (), None))
         self._coordinator.join_thread(10.0)
         self._local.stop()
         self._dispatcher.close()
@@ -273,10 +360,23 @@ class Orchestrator:
         return self._coordinator.events_address if self._coordinator else ""
 
     def status(self) -> dict[str, Any]:
-        """Agents, workers and drop counters as plain data."""
+        """Plain data, ready for JSON: ``agents`` (name, state, worker, restarts, last_error,
+        started_at, pending_reason, ...) and ``workers`` (name, host, pid, labels, capacity, running
+        agents, seconds since the last heartbeat, ...), plus drop counters."""
         if self._coordinator is None:
-            return {"agents": {n: {"state": "REGISTERED"} for n in self._agents}, "workers": {}, "dropped": {}}
-        return self._coordinator.snapshot()
+            return {"agents": {n: {"name": n, "state": "REGISTERED"} for n in self._agents}, "workers": {},
+                    "dropped": {}}
+        if self._shut:
+            return self._coordinator.final_snapshot or {}
+        return self._call("snapshot")
+
+
+def _names(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{what} must be a list of agent names, got {value!r}")
+    return list(value)
 
 
 def _default_logging(level: str) -> None:

@@ -1,0 +1,49 @@
+"""Restart policies: whether a finished agent runs again, and after how long."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+MODES = ("never", "on-failure", "always")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """``mode``: never | on-failure (errors, crashed processes, lost workers) | always.
+
+    Delays grow exponentially from ``initial`` to ``maximum`` with up to 25 % jitter added (never
+    subtracted), so no restart comes sooner than ``initial`` seconds: no restart storms.
+    ``max_restarts`` counts restarts over the agent's life (-1 = no limit).
+    """
+
+    mode: str = "never"
+    max_restarts: int = 10
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    @classmethod
+    def build(cls, mode: str, max_restarts: int, backoff: tuple[float, float]) -> "RestartPolicy":
+        """Check what the user passed to ``register_agent`` and build the policy."""
+        if mode not in MODES:
+            raise ValueError(f"restart={mode!r}: use one of {', '.join(repr(m) for m in MODES)}")
+        if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < -1:
+            raise ValueError(f"max_restarts={max_restarts!r}: use a whole number >= 0, or -1 for no limit")
+        try:
+            initial, maximum = (float(x) for x in backoff)
+        except (TypeError, ValueError):
+            raise ValueError(f"restart_backoff={backoff!r}: use (initial_seconds, max_seconds)") from None
+        if not 0 < initial <= maximum:
+            raise ValueError(f"restart_backoff={backoff!r}: need 0 < initial <= max")
+        return cls(mode, max_restarts, initial, maximum)
+
+    def wants_restart(self, failed: bool) -> bool:
+        return self.mode == "always" or (self.mode == "on-failure" and failed)
+
+    def exhausted(self, restarts_done: int) -> bool:
+        return self.max_restarts != -1 and restarts_done >= self.max_restarts
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds before restart number ``attempt`` (1-based)."""
+        base = min(self.maximum, self.initial * 2 ** (attempt - 1))
+        return min(self.maximum, base * (1.0 + 0.25 * rng.random()))
