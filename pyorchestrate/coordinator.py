@@ -478,8 +478,8 @@ class Coordinator(Scheduling):
             return
         if all(r.state == TERMINAL for r in self.agents.values()):
             stopping = self._stopping_deadline is not None or self._stop_requested
-            # STOP_ON_EMPTY ends once it has run something, or when joined with nothing to run
-            batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and (self.agents or self._joined)
+            # STOP_ON_EMPTY ends in join(): agents registered between start() and join() all run
+            batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and self._joined
             if batch_done or stopping:
                 if self.agents:
                     self._publish(OrchestratorEvent.ALL_AGENTS_TERMINATED, self.name, {"agents": len(self.agents)})

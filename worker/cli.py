@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="labels reported at registration, e.g. gpu=1,zone=a")
     p.add_argument("--capacity", type=_capacity, default=0, metavar="N",
                    help="most agents this worker runs at once, reported at registration (0 = no limit)")
+    p.add_argument("--orphan-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop this worker's agents after SECONDS without a coordinator (0 = never; default 60)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator
     p.add_argument("--version", action="version",
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]"),
     )
     worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
-                    parent_pid=args.parent_pid)
+                    parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout)
 
     def on_signal(signum, frame):
         worker.request_shutdown()

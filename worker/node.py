@@ -46,13 +46,17 @@ class Worker:
     """One ``pyorchestrate-worker`` process."""
 
     def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
-                 capacity: int = 0, parent_pid: int | None = None) -> None:
+                 capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = 60.0) -> None:
         sockets.parse_tcp(coordinator)
         self.coordinator = coordinator
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = labels or {}
         self.capacity = capacity
         self.parent_pid = parent_pid
+        self.orphan_timeout = orphan_timeout
+        self._orphans_stopped = False
+        self._drained_by: list[str] = []  # sessions that released us after a drain
+        self._last_refusal = ""
         self.incarnation = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.dropped = DropCounter(log)
@@ -64,7 +68,7 @@ class Worker:
         self._bus_address = ""
         self._bus_seq = 0
         self._subscribed = False
-        self._beating: dict[str, int] = {}  # agents whose STARTED went out -> heartbeat round then
+        self._beating: dict[tuple[str, int], int] = {}  # (agent, epoch) whose STARTED went out -> round
         self._beat_round = 0
         self._shutdown = threading.Event()
         self._session = ""
@@ -110,7 +114,8 @@ class Worker:
         return protocol.encode(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
-            agents=[[n, e] for n, e in self._supervisor.running()], bus_seq=self._bus_seq)
+            agents=[[n, e] for n, e in self._supervisor.running()], bus_seq=self._bus_seq,
+            drained_by=self._drained_by)
 
     def _register_with_retries(self) -> None:
         retrying = tenacity.Retrying(
@@ -141,6 +146,12 @@ class Worker:
         # enforcing stop timeouts; events are dropped (the next coordinator asks what runs)
         for _ in self._outbox.drain():
             pass
+        if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
+                and time.monotonic() - self._last_heard > self.orphan_timeout):
+            self._orphans_stopped = True
+            log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
+                        self.orphan_timeout, self._supervisor.count())
+            self._supervisor.stop_all()
         self._supervisor.enforce_stop_timeouts()
         self._supervisor.forget_finished()
         self._check_parent()
@@ -161,6 +172,13 @@ class Worker:
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
+                    if message.get("retry") is True:
+                        # temporary: drained from this coordinator, or our old self not yet declared lost
+                        if message["reason"] != self._last_refusal:
+                            self._last_refusal = message["reason"]
+                            log.log(logging.DEBUG if message["reason"] == "drained" else logging.WARNING,
+                                    "coordinator %s: %s", self.coordinator, message["reason"])
+                        break
                     raise Refused(f"coordinator {self.coordinator} refused worker {self.name}:\n{message['reason']}")
             self._pump_outbox_offline()
         # close now, not at the next attempt: a socket left open through the back-off sleep would
@@ -174,6 +192,8 @@ class Worker:
         self._interval = float(message["heartbeat_interval"])
         self._liveness = int(message["heartbeat_liveness"])
         self._last_heard = time.monotonic()
+        self._orphans_stopped = False
+        self._last_refusal = ""
         for warning in message["warnings"]:
             log.warning("version difference with the coordinator: %s", warning)
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
@@ -188,6 +208,7 @@ class Worker:
             self._bus_address = bus
         for name, epoch in message["stop"]:
             log.info("coordinator says agent %s (epoch %s) is not ours to run any more: stopping it", name, epoch)
+            self._beating.pop((str(name), int(epoch)), None)
             self._supervisor.stop(str(name), int(epoch), 0.0)
         log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
                  message["coordinator"], self.coordinator, self._interval, self._liveness)
@@ -213,14 +234,16 @@ class Worker:
         next_beat = time.monotonic()
         while not self._shutdown.is_set():
             now = time.monotonic()
-            if now >= next_beat:
-                self._send(protocol.encode("heartbeat"))
-                self._publish_agent_heartbeats()
-                next_beat = now + self._interval
+            # silence first: a worker resumed after SIGSTOP must not vouch for agents the
+            # coordinator may have restarted elsewhere meanwhile; it registers again instead
             if now - self._last_heard > self._interval * self._liveness:
                 log.warning("coordinator %s silent for %.1f s: registering again", self.coordinator,
                             now - self._last_heard)
                 return
+            if now >= next_beat:
+                self._send(protocol.encode("heartbeat"))
+                self._publish_agent_heartbeats()
+                next_beat = now + self._interval
             timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
             if self._outbox.wake_socket in ready:
@@ -256,7 +279,11 @@ class Worker:
         elif kind == "welcome":
             self._on_welcome(message)
         elif kind == "release":
-            log.info("coordinator %s finished; stopping its agents and waiting for the next one", self._session)
+            if message.get("drain") is True:
+                self._drained_by = (self._drained_by + [self._session])[-16:]
+                log.info("drained by coordinator %s; waiting for the next coordinator", self._session)
+            else:
+                log.info("coordinator %s finished; stopping its agents and waiting for the next one", self._session)
             self._supervisor.stop_all()
             return "reconnect"
         elif kind == "refused":
@@ -286,7 +313,7 @@ class Worker:
         self._beat_round += 1
         # an agent's first heartbeat leaves at least one interval after its STARTED event, so the
         # bus (a different path from the control connection) cannot deliver it first
-        for name, since in list(self._beating.items()):
+        for (name, _epoch), since in list(self._beating.items()):
             if since >= self._beat_round - 1:
                 continue
             self._bus_seq += 1
@@ -330,8 +357,8 @@ class Worker:
     def _flush_events(self) -> None:
         for name, epoch, event, fields in self._outbox.drain():
             if event == "AGENT_TERMINATED":
-                self._beating.pop(name, None)
+                self._beating.pop((name, epoch), None)
             if self._dealer is not None:
                 self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
             if event == "AGENT_STARTED":
-                self._beating[name] = self._beat_round
+                self._beating[(name, epoch)] = self._beat_round
