@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from . import shipping
 from .agents.base import BaseAgent
+from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
 from .coordinator import AgentRecord, Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
@@ -155,7 +156,8 @@ class Orchestrator:
 
         Placement: ``worker`` pins it to the worker of that name; ``labels`` requires a worker
         started with matching ``--labels``; otherwise the least-loaded worker with room takes it.
-        ``depends_on`` names agents that must be READY (or have finished cleanly) first.
+        ``depends_on`` names agents that must be READY first (Looping/Periodic agents) or have
+        finished without error (one-shot agents, e.g. a migration).
         ``restart`` is "never", "on-failure" (errors, crashed processes, lost workers) or "always",
         at most ``max_restarts`` times (-1: no limit), waiting ``restart_backoff`` = (initial, max)
         seconds, doubling with jitter.
@@ -193,7 +195,8 @@ class Orchestrator:
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
                              class_blob=class_blob, config_blob=shipping.pack_config(config, name),
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
-                             depends_on=depends_on, policy=policy)
+                             depends_on=depends_on, policy=policy,
+                             one_shot=not issubclass(agent_class, LoopingAgent))
         with self._lock:
             if name in self._names:
                 raise ValueError(f"an agent named {name!r} is already registered; pick another name")

@@ -47,6 +47,7 @@ class AgentRecord:
     restart_at: float = 0.0
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR
+    one_shot: bool = True  #: runs once (Base agents), as opposed to Looping/Periodic
     then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
 
 
@@ -98,9 +99,11 @@ class Scheduling:
             running += 1
 
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:
+        # a long-running dependency (Looping/Periodic) must be READY; a one-shot one (a migration,
+        # say) must have finished without error
         for name in record.depends_on:
             dep = self.agents[name]
-            if dep.state == "READY" or (dep.state == TERMINAL and not dep.failed):
+            if (dep.state == "READY" and not dep.one_shot) or (dep.state == TERMINAL and not dep.failed):
                 continue
             if dep.state == TERMINAL:
                 return "failed", name

@@ -1,0 +1,268 @@
+"""Running a cluster for real: placement, the concurrency cap, dependencies, restarts, drain,
+runtime control and status, all on real worker processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from agents import Boom, Forever, Quick, Sleeper
+from conftest import EventLog, wait_for
+
+from pyorchestrate import RunMode
+
+
+def daemon(cluster, workers=(), **settings):
+    orch = cluster.orchestrator(min_workers=settings.pop("min_workers", 1), run_mode=RunMode.DAEMON, **settings)
+    events = EventLog(orch)
+    orch.start()
+    for name, *args in workers:
+        cluster.worker(orch.address, name, *args)
+    for name, *_ in workers:
+        events.wait("WORKER_JOINED", name)
+    return orch, events
+
+
+def placed_on(events, agent):
+    return events.wait("AGENT_STARTED", agent)[-1]["worker"]
+
+
+# ---------------------------------------------------------------------------- placement
+
+def test_pinning_labels_and_spreading(cluster):
+    orch, events = daemon(cluster, [("w1",), ("w2", "--labels", "gpu=1,zone=a")], min_workers=2)
+    orch.register_agent(Forever, "pinned", worker="w2")
+    orch.register_agent(Forever, "gpu", labels={"gpu": "1"})
+    assert placed_on(events, "pinned") == "w2" and placed_on(events, "gpu") == "w2"
+    for i in range(2):  # w1 is the least loaded now
+        orch.register_agent(Forever, f"spread{i}")
+    assert {placed_on(events, f"spread{i}") for i in range(2)} == {"w1"}
+    orch.register_agent(Forever, "spread2")
+    orch.register_agent(Forever, "spread3")
+    workers = orch.status()["workers"]
+    wait_for(lambda: all(len(w["agents"]) == 3 for w in orch.status()["workers"].values()), 10, "3 agents each")
+    assert sorted(workers) == ["w1", "w2"]
+
+
+def test_pending_agents_wait_with_a_reason_and_start_when_a_worker_joins(cluster):
+    orch, events = daemon(cluster, [("w1",)])
+    orch.register_agent(Quick, "needs-gpu2", labels={"gpu": "2"})
+    orch.register_agent(Quick, "needs-w9", worker="w9")
+    wait_for(lambda: orch.status()["agents"]["needs-gpu2"]["pending_reason"] == "no live worker has labels gpu=2",
+             10, "label reason")
+    assert orch.status()["agents"]["needs-w9"]["pending_reason"] == "waiting for worker 'w9' to join"
+    assert orch.status()["agents"]["needs-gpu2"]["state"] == "PENDING"
+    cluster.worker(orch.address, "w9", "--labels", "gpu=2")
+    assert events.wait("AGENT_TERMINATED", "needs-gpu2")[0]["worker"] == "w9"
+    assert events.wait("AGENT_TERMINATED", "needs-w9")[0]["worker"] == "w9"
+
+
+def test_worker_capacity_is_respected(cluster):
+    orch, events = daemon(cluster, [("small", "--capacity", "1")])
+    orch.register_agent(Forever, "first")
+    orch.register_agent(Forever, "second")
+    events.wait("AGENT_READY", "first")
+    wait_for(lambda: orch.status()["agents"]["second"]["pending_reason"] == "every eligible worker is at capacity",
+             10, "capacity reason")
+    orch.stop_agent("first")
+    events.wait("AGENT_READY", "second")
+
+
+def test_max_workers_caps_running_agents_with_a_fifo_queue(cluster):
+    orch = cluster.orchestrator(min_workers=2, max_workers=2)
+    events = EventLog(orch)
+    names = [f"job{i}" for i in range(6)]
+    for name in names:
+        orch.register_agent(Sleeper, name, Sleeper.Config(seconds=0.3))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    cluster.worker(orch.address, "w2")
+    assert orch.join(timeout=60)
+    running, peak = 0, 0
+    for e in events.events:
+        if e["event"] == "AGENT_STARTED":
+            running += 1
+            peak = max(peak, running)
+        elif e["event"] == "AGENT_TERMINATED":
+            running -= 1
+    assert peak == 2
+    agents = orch.status()["agents"]
+    assert sorted(names, key=lambda n: agents[n]["started_at"]) == names, "placed in registration order"
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+def test_dependencies_start_after_their_dependencies_are_ready(cluster):
+    orch = cluster.orchestrator(min_workers=2)
+    events = EventLog(orch)
+    orch.register_agent(Sleeper, "api", Sleeper.Config(seconds=0.1), depends_on=["db"])
+    orch.register_agent(Forever, "db", Forever.Config(limit=40))  # long-running: READY is enough
+    orch.register_agent(Sleeper, "migrate", Sleeper.Config(seconds=0.3))  # one-shot: must finish first
+    orch.add_dependency("api", ["migrate"])
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    cluster.worker(orch.address, "w2")
+    assert orch.join(timeout=60)
+    order = [(e["event"], e["agent_name"]) for e in events.events if e.get("agent_name")]
+    api_started = order.index(("AGENT_STARTED", "api"))
+    assert order.index(("AGENT_READY", "db")) < api_started
+    assert order.index(("AGENT_TERMINATED", "migrate")) < api_started  # a one-shot dependency finished
+    assert order.index(("AGENT_TERMINATED", "db")) > api_started  # db only had to be READY
+
+
+def test_dependency_errors_name_the_agents():
+    from pyorchestrate import Orchestrator
+
+    cyclic = Orchestrator("c")
+    for name in ("a", "b", "c"):
+        cyclic.register_agent(Quick, name)
+    cyclic.add_dependency("a", ["b"])
+    cyclic.add_dependency("b", ["c"])
+    cyclic.add_dependency("c", ["a"])
+    with pytest.raises(ValueError, match="cycle: a -> b -> c -> a"):
+        cyclic.start()
+    missing = Orchestrator("m")
+    missing.register_agent(Quick, "api", depends_on=["ghost"])
+    with pytest.raises(ValueError, match="api -> ghost"):
+        missing.start()
+    with pytest.raises(ValueError, match="unknown agent 'nobody'"):
+        missing.add_dependency("nobody", ["api"])
+
+
+def test_failed_dependency_fails_its_dependents(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    orch.register_agent(Boom, "db")
+    orch.register_agent(Quick, "api", depends_on=["db"])
+    orch.register_agent(Quick, "frontend", depends_on=["api"])
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    assert orch.join(timeout=30)
+    assert events.of("AGENT_ERROR", "api")[0]["error_message"] == "dependency db failed"
+    assert events.of("AGENT_ERROR", "frontend")[0]["error_message"] == "dependency api failed"
+    assert not events.of("AGENT_STARTED", "api") and not events.of("AGENT_STARTED", "frontend")
+
+
+# ---------------------------------------------------------------------------- restarts
+
+def test_on_failure_restarts_with_growing_backoff_then_gives_up(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    orch.register_agent(Boom, "flaky", restart="on-failure", max_restarts=3, restart_backoff=(0.2, 0.5))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    assert orch.join(timeout=60)
+    restarts = events.of("AGENT_RESTARTING", "flaky")
+    assert [r["attempt"] for r in restarts] == [1, 2, 3]
+    delays = [r["delay"] for r in restarts]
+    assert 0.2 <= delays[0] <= 0.25 and 0.4 <= delays[1] <= 0.5 and delays[2] == pytest.approx(0.5)
+    assert "boom from agent" in restarts[0]["reason"]
+    # the measured gap between a failed run and the next start honours the delay
+    mine = [e for e in events.events if e.get("agent_name") == "flaky"]
+    for attempt, restarting in enumerate(restarts):
+        index = mine.index(restarting)
+        next_start = next(e for e in mine[index:] if e["event"] == "AGENT_STARTED")
+        gap = _seconds(next_start["event_time"]) - _seconds(restarting["event_time"])
+        assert gap >= restarting["delay"] - 0.02, (attempt, gap)
+    final = [e for e in mine if e["event"] == "AGENT_TERMINATED"][-1]
+    assert final["final"] is True and final["ok"] is False
+    assert "gave up after 3 restart(s)" in events.of("AGENT_ERROR", "flaky")[-1]["error_message"]
+    assert len(events.of("AGENT_STARTED", "flaky")) == 4
+    assert orch.status()["agents"]["flaky"]["restarts"] == 3
+
+
+def _seconds(event_time: str) -> float:
+    h, m, s = event_time.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def test_always_restarts_clean_runs_and_never_does_not(cluster):
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    orch.register_agent(Quick, "again", restart="always", max_restarts=2, restart_backoff=(0.05, 0.1))
+    orch.register_agent(Quick, "clean", restart="on-failure")
+    orch.register_agent(Boom, "once", restart="never")
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    assert orch.join(timeout=60)
+    assert len(events.of("AGENT_STARTED", "again")) == 3
+    assert len(events.of("AGENT_STARTED", "clean")) == 1 and not events.of("AGENT_RESTARTING", "clean")
+    assert len(events.of("AGENT_STARTED", "once")) == 1 and not events.of("AGENT_RESTARTING", "once")
+
+
+def test_restart_moves_off_a_sigkilled_worker(cluster):
+    orch, events = daemon(cluster, [("w1",)])
+    orch.register_agent(Forever, "survivor", restart="on-failure", restart_backoff=(0.1, 1.0))
+    assert placed_on(events, "survivor") == "w1"
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    cluster.workers["w1"].send_signal(signal.SIGKILL)
+    events.wait("WORKER_LOST", "w1")
+    restarting = events.wait("AGENT_RESTARTING", "survivor")[0]
+    assert "w1" in restarting["reason"]
+    ready = events.wait("AGENT_READY", "survivor", count=2)
+    assert ready[-1]["worker"] == "w2"
+
+
+# ---------------------------------------------------------------------------- runtime control
+
+def test_runtime_control_in_daemon_mode(cluster):
+    orch, events = daemon(cluster, [("w1",)])
+    orch.register_agent(Forever, "svc", restart="always")
+    events.wait("AGENT_READY", "svc")
+    orch.restart_agent("svc")
+    ready = events.wait("AGENT_READY", "svc", count=2)
+    assert ready[1]["epoch"] == ready[0]["epoch"] + 1
+    assert orch.status()["agents"]["svc"]["restarts"] == 0, "a manual restart is not a failure restart"
+    orch.stop_agent("svc")
+    final = events.wait("AGENT_TERMINATED", "svc", count=2)[-1]
+    assert final["final"] is True and final["ok"] is True
+    assert orch.status()["agents"]["svc"]["state"] == "TERMINATED"
+    orch.start_agent("svc")
+    events.wait("AGENT_READY", "svc", count=3)
+    with pytest.raises(ValueError, match="already|not terminated"):
+        orch.start_agent("svc")
+    with pytest.raises(ValueError, match="unknown agent 'nope'"):
+        orch.stop_agent("nope")
+    with pytest.raises(ValueError, match="no live worker named 'w7'"):
+        orch.drain_worker("w7")
+
+
+def test_drain_moves_restartable_agents_then_releases_the_worker(cluster):
+    orch, events = daemon(cluster, [("w1",)])
+    orch.register_agent(Forever, "movable", restart="always")
+    orch.register_agent(Sleeper, "finishing", Sleeper.Config(seconds=1.0))
+    events.wait("AGENT_READY", "movable")
+    events.wait("AGENT_STARTED", "finishing")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    orch.drain_worker("w1")
+    moved = events.wait("AGENT_READY", "movable", count=2)[-1]
+    assert moved["worker"] == "w2"
+    assert events.wait("AGENT_TERMINATED", "finishing")[0]["worker"] == "w1"
+    left = events.wait("WORKER_LEFT", "w1", timeout=20)[0]
+    assert left["reason"] == "drained"
+    assert orch.status()["agents"]["movable"]["restarts"] == 0
+    orch.register_agent(Quick, "after-drain")
+    assert events.wait("AGENT_TERMINATED", "after-drain")[0]["worker"] == "w2"
+    assert cluster.workers["w1"].poll() is None, "a drained worker keeps running, for the next coordinator"
+    assert not orch.status()["workers"]["w1"]["alive"]
+
+
+def test_status_is_plain_data_with_the_documented_fields(cluster):
+    orch, events = daemon(cluster, [("w1", "--labels", "zone=a", "--capacity", "4")])
+    orch.register_agent(Forever, "svc")
+    orch.register_agent(Quick, "waiting", worker="elsewhere")
+    events.wait("AGENT_READY", "svc")
+    status = json.loads(json.dumps(orch.status()))
+    svc = status["agents"]["svc"]
+    for key in ("name", "state", "worker", "restarts", "last_error", "started_at", "pending_reason"):
+        assert key in svc
+    assert (svc["state"], svc["worker"], svc["restarts"]) == ("READY", "w1", 0)
+    assert status["agents"]["waiting"]["state"] == "PENDING"
+    w1 = status["workers"]["w1"]
+    for key in ("name", "host", "pid", "labels", "capacity", "agents", "since_heartbeat"):
+        assert key in w1
+    assert w1["labels"] == {"zone": "a"} and w1["capacity"] == 4 and w1["agents"] == ["svc"]
+    assert w1["pid"] == cluster.workers["w1"].pid and 0 <= w1["since_heartbeat"] < 1.0
