@@ -79,14 +79,20 @@ class EventSubscriber:
         """The next event, or None after ``timeout`` seconds (None: wait forever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._pending:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._receive_one(remaining) and deadline is not None and time.monotonic() >= deadline:
                 return None
-            self._receive_one(remaining)
         return self._pending.popleft()
 
+    def drain(self) -> list[Event]:
+        """Every event already waiting, without blocking."""
+        events = []
+        while (ev := self.recv(timeout=0)) is not None:
+            events.append(ev)
+        return events
+
     def _receive_one(self, timeout: float | None) -> bool:
-        if not self._sub.poll(None if timeout is None else max(1, int(timeout * 1000))):
+        if not self._sub.poll(None if timeout is None else int(timeout * 1000)):
             return False
         frames = self._sub.recv_multipart()
         try:

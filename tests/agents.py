@@ -72,3 +72,33 @@ class Sleeper(BaseThreadAgent):
 
     def execute(self):
         time.sleep(self.config.seconds)
+
+
+class CpuBurner(BaseThreadAgent):
+    """Pure-Python CPU burn (the GIL is switched every 5 ms, so the heartbeat thread still runs)."""
+
+    class Config(BaseThreadAgent.Config):
+        seconds = 3.0
+
+    def execute(self):
+        end = time.monotonic() + self.config.seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+
+
+class GilHolder(BaseThreadAgent):
+    """Sorts a big list: one C call that holds the GIL throughout (about a second per call here)."""
+
+    class Config(BaseThreadAgent.Config):
+        size = 3_000_000
+        rounds = 2
+
+    def execute(self):
+        import random
+
+        data = [random.random() for _ in range(self.config.size)]
+        for _ in range(self.config.rounds):
+            start = time.monotonic()
+            sorted(data)
+            self.logger.info("sorted with the GIL held for %.2f s", time.monotonic() - start)

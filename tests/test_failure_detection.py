@@ -1,0 +1,188 @@
+"""Failure detection and fencing: no false deaths, clean rejoin, no duplicate live agents, orphan
+timeout, and a bounded, seeded chaos run."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+from agents import CpuBurner, Forever, GilHolder
+from conftest import EventLog, free_port, wait_for
+
+from pyorchestrate import EventSubscriber, RunMode
+
+
+def test_cpu_bound_agents_do_not_make_a_worker_look_dead(cluster):
+    # window 1 s: two threads burning pure-Python CPU for 3 s must not starve the heartbeat
+    orch = cluster.orchestrator(min_workers=1, heartbeat_interval=0.1, heartbeat_liveness=10)
+    events = EventLog(orch)
+    orch.register_agent(CpuBurner, "burn1")
+    orch.register_agent(CpuBurner, "burn2")
+    orch.start()
+    cluster.worker(orch.address, "busy")
+    assert orch.join(timeout=60)
+    assert not events.of("WORKER_LOST")
+    assert all(e["ok"] for e in events.of("AGENT_TERMINATED"))
+
+
+def test_c_code_holding_the_gil_is_tolerated_by_a_generous_liveness(cluster):
+    # sorted() holds the GIL for its whole call: heartbeats pause; a 5 s window absorbs it
+    orch = cluster.orchestrator(min_workers=1, heartbeat_interval=0.5, heartbeat_liveness=10)
+    events = EventLog(orch)
+    orch.register_agent(GilHolder, "sorter")
+    orch.start()
+    cluster.worker(orch.address, "busy")
+    assert orch.join(timeout=90)
+    held = [float(x) for x in re.findall(r"GIL held for ([\d.]+) s", cluster.log_of("busy"))]
+    assert len(held) == 2 and max(held) > 0.3, held  # the GIL really was held for a while
+    assert not events.of("WORKER_LOST")
+    assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True
+
+
+def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluster):
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)  # window 0.5 s
+    events = EventLog(orch)
+    orch.start()
+    with EventSubscriber(orch.events_address, timeout=None) as bus:
+        assert bus.wait_connected(10)
+        frozen = cluster.worker(orch.address, "w1")
+        events.wait("WORKER_JOINED", "w1")
+        orch.register_agent(Forever, "singleton", restart="on-failure", restart_backoff=(0.1, 1.0))
+        events.wait("AGENT_READY", "singleton")
+        cluster.worker(orch.address, "w2")
+        events.wait("WORKER_JOINED", "w2")
+
+        frozen.send_signal(signal.SIGSTOP)
+        events.wait("WORKER_LOST", "w1", timeout=10)
+        assert events.wait("AGENT_READY", "singleton", count=2)[-1]["worker"] == "w2"
+        frozen.send_signal(signal.SIGCONT)
+        rejoined = events.wait("WORKER_JOINED", "w1", count=2)[-1]
+        assert rejoined["rejoined"] is True
+        wait_for(lambda: "not ours to run any more: stopping it" in cluster.log_of("w1"), 10,
+                 "w1 to stop its stale copy")
+        history = bus.drain()
+        # then watch the bus for a while: who is really running it?
+        deadline = time.monotonic() + 1.5
+        recent = []
+        while time.monotonic() < deadline:
+            ev = bus.recv(timeout=0.1)
+            if ev is not None:
+                recent.append(ev)
+    seen = history + recent
+    ready = [(ev.worker, ev.epoch) for ev in seen if ev.event == "AGENT_READY" and ev.agent_name == "singleton"]
+    assert ready == [("w1", 1), ("w2", 2)], "one READY per placement; the stale copy never announces itself"
+    beats = {ev.worker for ev in recent if ev.event == "AGENT_HEARTBEAT" and ev.agent_name == "singleton"}
+    assert beats == {"w2"}, f"exactly one live copy heartbeats, got {beats}"
+    assert bus.lost == 0
+    status = orch.status()
+    assert status["agents"]["singleton"]["worker"] == "w2"
+    assert status["workers"]["w1"]["alive"] and status["workers"]["w1"]["agents"] == []
+
+
+def test_orphan_timeout_stops_agents_of_a_vanished_coordinator(cluster, tmp_path):
+    port = free_port()
+    trace = tmp_path / "trace.txt"
+    script = tmp_path / "coordinator.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(os.path.dirname(__file__))!r})\n"
+        "from agents import Forever\n"
+        "from pyorchestrate import Orchestrator, RunMode\n"
+        f"o = Orchestrator('doomed', address='tcp://127.0.0.1:{port}', run_mode=RunMode.DAEMON,\n"
+        "                 heartbeat_interval=0.1, heartbeat_liveness=5)\n"
+        f"o.register_agent(Forever, 'orphan', Forever.Config(trace={str(trace)!r}))\n"
+        "o.start()\n"
+        "time.sleep(60)\n")
+    doomed = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    try:
+        cluster.worker(f"tcp://127.0.0.1:{port}", "w1", "--orphan-timeout", "1.5")
+        wait_for(lambda: trace.exists() and "setup" in trace.read_text(), 20, "the agent to start")
+        doomed.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        doomed.wait(5)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(5)
+    wait_for(lambda: "on_close" in trace.read_text(), 10, "the orphan to be stopped")
+    took = time.monotonic() - killed
+    assert 1.3 <= took < 5.0, took  # timed from the last word heard, up to one heartbeat before the kill
+    assert trace.read_text().split() == ["setup", "on_stop", "on_close"]
+    assert "orphan timeout" in cluster.log_of("w1")
+    assert cluster.workers["w1"].poll() is None, "the worker itself keeps waiting for a coordinator"
+    successor = cluster.orchestrator("successor", address=f"tcp://127.0.0.1:{port}", run_mode=RunMode.DAEMON)
+    events = EventLog(successor)
+    successor.start()
+    events.wait("WORKER_JOINED", "w1", timeout=20)
+
+
+CHAOS_SECONDS = float(os.environ.get("PYORCHESTRATE_CHAOS_SECONDS", "8"))
+
+
+@pytest.mark.timeout(CHAOS_SECONDS + 120)
+def test_chaos_random_worker_kills_leave_every_agent_running_exactly_once(cluster):
+    """4 workers, 20 looping agents with restart="always"; workers are SIGKILLed and restarted at
+    random (seeded) for CHAOS_SECONDS (8 by default; PYORCHESTRATE_CHAOS_SECONDS=60 for the long
+    run).  Then every agent must run exactly once, and the event stream must have no gaps."""
+    seed = int(os.environ.get("PYORCHESTRATE_CHAOS_SEED", "1234"))
+    rng = random.Random(seed)
+    orch = cluster.orchestrator(min_workers=4, run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    names = [f"w{i}" for i in range(1, 5)]
+    with EventSubscriber(orch.events_address) as bus:
+        assert bus.wait_connected(10)
+        for name in names:
+            cluster.worker(orch.address, name)
+        agents = [f"agent{i:02d}" for i in range(20)]
+        for agent in agents:
+            orch.register_agent(Forever, agent, restart="always", max_restarts=-1, restart_backoff=(0.05, 0.5))
+        for agent in agents:
+            events.wait("AGENT_READY", agent, timeout=30)
+
+        kills = 0
+        end = time.monotonic() + CHAOS_SECONDS
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.2, 1.0))
+            victim = rng.choice(names)
+            proc = cluster.workers[victim]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(5)
+                kills += 1
+            elif rng.random() < 0.7:
+                cluster.worker(orch.address, victim)  # restart it under the same name
+        for name in names:  # bring everyone back
+            if cluster.workers[name].poll() is not None:
+                cluster.worker(orch.address, name)
+
+        def settled():
+            status = orch.status()
+            live = {n for n, w in status["workers"].items() if w["alive"]}
+            return live == set(names) and all(
+                status["agents"][a]["state"] == "READY" and status["agents"][a]["worker"] in live for a in agents)
+
+        wait_for(settled, 60, "every agent READY on a live worker")
+        gaps = sum(ev.event == "EVENTS_LOST" for ev in bus.drain())
+        # who really runs what: collect heartbeats (sent by the running copies themselves)
+        beats: dict[str, set[str]] = defaultdict(set)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            ev = bus.recv(timeout=0.1)
+            if ev is None:
+                continue
+            if ev.event == "AGENT_HEARTBEAT":
+                beats[ev.agent_name].add(ev.worker)
+            gaps += ev.event == "EVENTS_LOST"
+    status = orch.status()
+    assert kills >= 3, f"chaos too mild to mean anything ({kills} kills)"
+    for agent in agents:
+        assert beats[agent] == {status["agents"][agent]["worker"]}, (agent, beats[agent])
+    assert gaps == 0 and bus.lost == 0 and status["lost_events"] == 0, "no unexplained gaps in the event log"
