@@ -182,6 +182,8 @@ def test_chaos_random_worker_kills_leave_every_agent_running_exactly_once(cluste
                 beats[ev.agent_name].add(ev.worker)
             gaps += ev.event == "EVENTS_LOST"
     status = orch.status()
+    restarts = sum(a["restarts"] for a in status["agents"].values())
+    print(f"chaos: seed {seed}, {CHAOS_SECONDS:.0f} s, {kills} worker kills, {restarts} agent restarts")
     assert kills >= 3, f"chaos too mild to mean anything ({kills} kills)"
     for agent in agents:
         assert beats[agent] == {status["agents"][agent]["worker"]}, (agent, beats[agent])
