@@ -333,7 +333,8 @@ class Coordinator(Scheduling):
             "welcome", coordinator=self.name, session=self.session,
             heartbeat_interval=float(self.config.heartbeat_interval),
             heartbeat_liveness=int(self.config.heartbeat_liveness),
-            bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings)], zmq.NOBLOCK)
+            bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings,
+            events_port=sockets.port_of(self.events_address))], zmq.NOBLOCK)
         self._dirty = True
         if same_process:
             self._reconcile(worker, reported)
@@ -379,7 +380,8 @@ class Coordinator(Scheduling):
             self._dirty = True  # dependents may start now
         elif event is OrchestratorEvent.AGENT_ERROR:
             record.error = str(fields.get("error_message", ""))
-            record.run_errored = True
+            if fields.get("recoverable") is not True:  # a recoverable error does not fail the run
+                record.run_errored = True
         else:
             raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
         self._publish_agent(record, event, fields, worker)

@@ -245,6 +245,16 @@ class Orchestrator:
         """Stop an agent and start it again (not counted against ``max_restarts``)."""
         self._call("restart_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
 
+    def trigger(self, name: str, payload: Any = None) -> None:
+        """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
+        msgpack-able (numbers, strings, bytes, lists, dicts)."""
+        self._call("deliver", name, "trigger", _plain(payload, "trigger"))
+
+    def send(self, name: str, payload: Any) -> None:
+        """Send a message to an EventDriven agent: its ``on_event`` gets an event ``"MESSAGE"``
+        with this ``payload`` (msgpack-able)."""
+        self._call("deliver", name, "message", _plain(payload, "send"))
+
     def drain_worker(self, name: str) -> None:
         """Send no new agents to worker ``name``, move its restartable agents elsewhere, let the
         others finish, then release it (WORKER_LEFT)."""
@@ -372,6 +382,17 @@ class Orchestrator:
         if self._shut:
             return self._coordinator.final_snapshot or {}
         return self._call("snapshot")
+
+
+def _plain(payload: Any, what: str) -> Any:
+    import msgpack
+
+    try:
+        msgpack.packb(payload, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"{what}: payload {type(payload).__name__} cannot travel to an agent ({exc}); use "
+                        "numbers, strings, bytes, lists and dicts") from None
+    return payload
 
 
 def _names(value: Any, what: str) -> list[str]:

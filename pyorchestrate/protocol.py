@@ -64,6 +64,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "mode": _STR,
     },
     "stop": {"agent": _STR, "epoch": _INT, "timeout": _NUM},
+    "deliver": {"agent": _STR, "epoch": _INT, "kind": _STR, "payload": object},
     "release": {},
 }
 

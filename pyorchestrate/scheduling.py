@@ -122,7 +122,8 @@ class Scheduling:
         self.class_blobs_sent += first
         self._send(worker, protocol.encode(
             "start", agent=record.name, epoch=record.epoch, class_id=record.class_id,
-            class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode))
+            class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode,
+            stop_timeout=float(getattr(record.config, "stop_timeout", 10.0))))
 
     # ------------------------------------------------------------------ the end of a run
 
@@ -203,6 +204,13 @@ class Scheduling:
         record.error = None
         record.state = "PENDING"
         self._dirty = True
+
+    def _cmd_deliver(self, name: str, kind: str, payload: Any) -> None:
+        record = self._record(name)
+        worker = self.workers.get(record.worker or "")
+        if record.state not in RUNNING or worker is None or not worker.alive:
+            raise ValueError(f"agent {name!r} is not running (state {record.state}); nothing to deliver to")
+        self._send(worker, protocol.encode("deliver", agent=name, epoch=record.epoch, kind=kind, payload=payload))
 
     def _cmd_stop_agent(self, name: str, timeout: float) -> None:
         record = self._record(name)

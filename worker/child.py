@@ -19,16 +19,21 @@ from pyorchestrate import shipping
 from pyorchestrate.events import stamp
 
 
-def _listen_for_stop(conn: Any, agent: Any) -> None:
+def _listen(conn: Any, agent: Any) -> None:
+    """Stop requests and deliveries from the worker."""
     try:
         while True:
-            if msgpack.unpackb(conn.recv_bytes()) == "stop":
+            message = msgpack.unpackb(conn.recv_bytes(), raw=False)
+            if message[0] == "stop":
                 agent.stop()
+            elif message[0] == "deliver":
+                agent.deliver(message[1], message[2])
     except (EOFError, OSError):
         agent.stop()  # the worker is gone: nobody is left to report to
 
 
-def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO) -> None:
+def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
+         events_address: str | None = None) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
     # the forkserver's children start with no logging set up; log like the worker does
     logging.basicConfig(level=log_level, stream=sys.stderr,
@@ -54,7 +59,8 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         conn.close()
         sys.exit(1)
     agent._report = report
-    threading.Thread(target=_listen_for_stop, args=(conn, agent), daemon=True).start()
+    agent.events_address = events_address
+    threading.Thread(target=_listen, args=(conn, agent), daemon=True).start()
     ok = agent.run()
     conn.close()
     sys.stdout.flush()

@@ -196,6 +196,9 @@ class Worker:
         self._last_refusal = ""
         for warning in message["warnings"]:
             log.warning("version difference with the coordinator: %s", warning)
+        events_port = message.get("events_port")
+        self._supervisor.events_address = (sockets.with_port(self.coordinator, events_port)
+                                           if isinstance(events_port, int) else None)
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
         if bus != self._bus_address:
             if self._pub is not None:
@@ -270,10 +273,15 @@ class Worker:
             if self.capacity and self._supervisor.count() >= self.capacity:
                 log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
                             message["agent"], self.capacity)
+            stop_timeout = message.get("stop_timeout")
             self._supervisor.start(message["agent"], message["epoch"], message["class_id"],
-                                   message["class_blob"], message["config"], message["mode"])
+                                   message["class_blob"], message["config"], message["mode"],
+                                   float(stop_timeout) if isinstance(stop_timeout, (int, float)) else 10.0)
         elif kind == "stop":
             self._supervisor.stop(message["agent"], message["epoch"], float(message["timeout"]))
+        elif kind == "deliver":
+            if not self._supervisor.deliver(message["agent"], message["epoch"], message["kind"], message["payload"]):
+                self.dropped.drop("deliver_to_unknown_agent", message["agent"])
         elif kind == "reregister":
             self._dealer.send(self._register_message())  # type: ignore[union-attr]
         elif kind == "welcome":

@@ -51,6 +51,7 @@ class Running:
     terminated: bool = False
     stop_requested_at: float | None = None
     stop_timeout: float = 10.0
+    forced: bool = False  #: it ignored a stop past its timeout
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -64,6 +65,7 @@ class Supervisor:
         self._agents: dict[str, Running] = {}
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
+        self.events_address: str | None = None
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
 
@@ -89,7 +91,7 @@ class Supervisor:
         self._emit(name, epoch, "AGENT_TERMINATED", {"ok": False})
 
     def start(self, name: str, epoch: int, class_id: str, class_blob: bytes | None,
-              config_blob: bytes, mode: str) -> None:
+              config_blob: bytes, mode: str, stop_timeout: float = 10.0) -> None:
         if class_blob is not None:
             self._blobs[class_id] = class_blob
             self._blobs.move_to_end(class_id)
@@ -106,7 +108,7 @@ class Supervisor:
             log.warning("agent %s (epoch %d) replaced by epoch %d; stopping the old copy", name, previous.epoch, epoch)
             self.stop(name, previous.epoch, 0.0)
         if mode == "process":
-            self._start_process(name, epoch, blob, config_blob)
+            self._start_process(name, epoch, blob, config_blob, stop_timeout)
         else:
             self._start_thread(name, epoch, class_id, blob, config_blob)
 
@@ -128,15 +130,17 @@ class Supervisor:
             self._emit(name, epoch, event, fields)
 
         agent._report = report
+        agent.events_address = self.events_address
         record.thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
         with self._lock:
             self._agents[name] = record
         record.thread.start()
 
-    def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes) -> None:
+    def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes, stop_timeout: float) -> None:
         parent_conn, child_conn = self._mp.Pipe()
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
-                                                                    logging.getLogger().getEffectiveLevel()),
+                                                                    logging.getLogger().getEffectiveLevel(),
+                                                                    self.events_address),
                                    name=f"agent-{name}", daemon=False)
         try:
             process.start()
@@ -144,7 +148,7 @@ class Supervisor:
             self._fail_before_start(name, epoch, exc, " (could not start the process)")
             return
         child_conn.close()
-        record = Running(name, epoch, "process", process=process, conn=parent_conn)
+        record = Running(name, epoch, "process", process=process, conn=parent_conn, stop_timeout=stop_timeout)
         with self._lock:
             self._agents[name] = record
         record.thread = threading.Thread(target=self._watch_process, args=(record,),
@@ -170,6 +174,8 @@ class Supervisor:
         if not record.terminated:
             # the child died without saying goodbye (SIGKILL, segfault, os._exit): report it now
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            if record.forced:
+                how = f"ignored stop for {record.stop_timeout:.1f} s and was terminated ({how})"
             record.terminated = True
             if not seen_error:
                 self._emit(record.name, record.epoch, "AGENT_ERROR", {
@@ -197,10 +203,26 @@ class Supervisor:
         if record.mode == "thread":
             record.agent.stop()
         else:
-            try:
-                record.conn.send_bytes(msgpack.packb("stop"))
-            except (OSError, ValueError):
-                pass
+            self._to_child(record, ["stop"])
+
+    def deliver(self, name: str, epoch: int, kind: str, payload: Any) -> bool:
+        """Hand a message to a running agent; False if it is not running here at that epoch."""
+        with self._lock:
+            record = self._agents.get(name)
+        if record is None or record.epoch != epoch or record.terminated:
+            return False
+        if record.mode == "thread":
+            record.agent.deliver(kind, payload)
+        else:
+            self._to_child(record, ["deliver", kind, payload])
+        return True
+
+    @staticmethod
+    def _to_child(record: Running, message: list) -> None:
+        try:
+            record.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+        except (OSError, ValueError):
+            pass  # the child is gone; its watcher reports that
 
     def stop_all(self, timeout: float | None = None) -> None:
         with self._lock:
@@ -221,15 +243,20 @@ class Supervisor:
             if overdue < 0:
                 continue
             if record.mode == "process" and record.process.is_alive():
+                record.forced = True
                 if overdue < 2.0:
                     log.warning("process agent %s ignored stop for %.1f s: terminating it", record.name, record.stop_timeout)
                     record.process.terminate()
                 else:
                     record.process.kill()
-            elif record.mode == "thread" and not getattr(record, "_stuck_reported", False):
-                record._stuck_reported = True  # type: ignore[attr-defined]
-                log.warning("thread agent %s has not stopped %.1f s after the request: it is stuck", record.name,
-                            record.stop_timeout)
+            elif record.mode == "thread" and not record.forced:
+                record.forced = True  # threads cannot be killed: say so once
+                message = (f"thread agent {record.name} has not stopped {record.stop_timeout:.1f} s after the "
+                           "request: it is stuck (threads cannot be terminated; make cycle() return or use a "
+                           "process agent)")
+                log.warning("%s", message)
+                self._emit(record.name, record.epoch, "AGENT_ERROR", {"error_message": message, "traceback": "",
+                                                                      "stuck": True})
 
     def wait_all(self, deadline: float) -> bool:
         while time.monotonic() < deadline:

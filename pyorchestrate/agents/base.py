@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import abc
 import logging
+import queue
 import threading
 import traceback
 from typing import Any, Callable, ClassVar
 
-from ..config import BaseConfig, ConfigValidationError, ValidationSeverity
+from ..config import BaseConfig, ValidationSeverity
 
 Reporter = Callable[..., None]
+
+
+class RecoverableException(Exception):
+    """Raise from ``cycle()`` / ``runner()`` for a failure the loop should survive: it is logged
+    and reported (AGENT_ERROR with ``recoverable=True``) and the next iteration runs."""
 
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
@@ -60,6 +66,9 @@ class BaseAgent(abc.ABC):
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
         self._stop_event: Any = threading.Event()
         self._report: Reporter = _log_reporter(self)
+        self._inbox: queue.Queue = queue.Queue()
+        #: the cluster's events address (set by the worker; None standalone)
+        self.events_address: str | None = None
 
     # ---------------------------------------------------------------- hooks to override
 
@@ -91,6 +100,21 @@ class BaseAgent(abc.ABC):
         """Sleep up to ``timeout`` seconds, waking early on stop; True if stop was requested."""
         return self._stop_event.wait(timeout)
 
+    def deliver(self, kind: str, payload: Any) -> None:
+        """Hand the agent a message (``orchestrator.trigger`` / ``orchestrator.send`` end here)."""
+        self._inbox.put((kind, payload))
+
+    def _next_delivery(self, timeout: float) -> tuple[str, Any] | None:
+        """The next delivered message, or None after ``timeout`` seconds."""
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _main(self) -> None:
+        """What runs between READY and on_close; behaviours override this, users override execute."""
+        self.execute()
+
     # ---------------------------------------------------------------- lifecycle (do not override)
 
     def run(self) -> bool:
@@ -105,13 +129,10 @@ class BaseAgent(abc.ABC):
             self.setup()
             report("AGENT_READY")
             if not self.stopping:
-                self.execute()
+                self._main()
         except BaseException as exc:  # noqa: BLE001 - an agent's failure must be reported, whatever it is
             ok = False
             self._report_error(exc)
-            if not isinstance(exc, (Exception, ConfigValidationError)):
-                # KeyboardInterrupt / SystemExit still end the agent, after reporting
-                pass
         finally:
             for hook in ((self.on_stop,) if self.stopping else ()) + (self.on_close,):
                 try:
@@ -122,8 +143,9 @@ class BaseAgent(abc.ABC):
             report("AGENT_TERMINATED", ok=ok)
         return ok
 
-    def _report_error(self, exc: BaseException) -> None:
+    def _report_error(self, exc: BaseException, **extra: Any) -> None:
         message = f"{type(exc).__name__}: {exc}"
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.logger.error("agent %s failed: %s", self.name, message)
-        self._report("AGENT_ERROR", error_message=message, traceback=text)
+        self.logger.error("agent %s %s: %s", self.name, "error (continuing)" if extra.get("recoverable") else "failed",
+                          message)
+        self._report("AGENT_ERROR", error_message=message, traceback=text, **extra)

@@ -6,7 +6,7 @@ import abc
 import time
 
 from ..config import ValidationResult
-from .base import BaseAgent
+from .base import BaseAgent, RecoverableException
 
 
 class LoopingAgent(BaseAgent):
@@ -34,9 +34,15 @@ class LoopingAgent(BaseAgent):
         limit = self.config.limit
         done = 0
         while not self.stopping and (limit < 0 or done < limit):
-            self.cycle()
+            self._guarded(self.cycle)
             done += 1
         self.cycles_done = done
+
+    def _guarded(self, call) -> None:
+        try:
+            call()
+        except RecoverableException as exc:
+            self._report_error(exc, recoverable=True)
 
 
 class PeriodicAgent(LoopingAgent):
@@ -71,7 +77,7 @@ class PeriodicAgent(LoopingAgent):
         due = time.monotonic()
         done = 0
         while not self.stopping and (limit < 0 or done < limit):
-            self.cycle()
+            self._guarded(self.cycle)
             done += 1
             if limit >= 0 and done >= limit:
                 break
