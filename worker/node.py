@@ -345,7 +345,7 @@ class Worker:
             log.info("stopping %d agent(s)", count)
         self._supervisor.stop_all()
         deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline and self._supervisor.count():
+        while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
             self._flush_events()
             time.sleep(0.02)

@@ -75,9 +75,12 @@ class Supervisor:
         with self._lock:
             return [(r.name, r.epoch) for r in self._agents.values() if not r.terminated]
 
-    def count(self) -> int:
+    def count(self, include_stuck: bool = True) -> int:
+        """Agents still running; ``include_stuck=False`` leaves out threads that ignored a stop
+        past their timeout (they cannot be killed, so nobody should wait for them)."""
         with self._lock:
-            return sum(not r.terminated for r in self._agents.values())
+            return sum(not r.terminated and (include_stuck or not (r.forced and r.mode == "thread"))
+                       for r in self._agents.values())
 
     # ------------------------------------------------------------------ start
 
