@@ -164,22 +164,19 @@ def test_recoverable_exception_keeps_a_periodic_agent_going(daemon, tmp_path, mo
     assert error["recoverable"] is True and "a bad reading" in error["error_message"]
 
 
-def test_process_agent_that_ignores_stop_is_terminated_and_reported(daemon, tmp_path):
+@pytest.mark.parametrize("mode, expected", [
+    ("process", "ignored stop for 0.5 s and was terminated"),  # killed, then TERMINATED
+    ("thread", "cannot be terminated"),  # threads cannot be killed: reported stuck
+])
+def test_agent_that_ignores_stop_is_reported(daemon, tmp_path, mode, expected):
     orch, events = daemon
-    cls = STUBBORN["process"]
+    cls = STUBBORN[mode]
     orch.register_agent(cls, "stubborn", cls.Config(out=str(tmp_path / "out"), stop_timeout=0.5))
     events.wait("AGENT_READY", "stubborn")
     orch.stop_agent("stubborn", timeout=0.5)
     error = events.wait("AGENT_ERROR", "stubborn", timeout=10)[0]
-    assert "ignored stop for 0.5 s and was terminated" in error["error_message"]
-    assert events.wait("AGENT_TERMINATED", "stubborn")[0]["ok"] is False
-
-
-def test_thread_agent_that_ignores_stop_is_reported_stuck(daemon, tmp_path):
-    orch, events = daemon
-    cls = STUBBORN["thread"]
-    orch.register_agent(cls, "stuck", cls.Config(out=str(tmp_path / "out"), stop_timeout=0.3))
-    events.wait("AGENT_READY", "stuck")
-    orch.stop_agent("stuck", timeout=0.3)
-    error = events.wait("AGENT_ERROR", "stuck", timeout=10)[0]
-    assert error["stuck"] is True and "cannot be terminated" in error["error_message"]
+    assert expected in error["error_message"]
+    if mode == "process":
+        assert events.wait("AGENT_TERMINATED", "stubborn")[0]["ok"] is False
+    else:
+        assert error["stuck"] is True
