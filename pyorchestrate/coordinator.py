@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from . import protocol, sockets
@@ -85,6 +86,8 @@ class Coordinator(Scheduling):
         self._stop_requested = False
         self._joined = False
         self._dirty = True  # something changed that placement should look at
+        self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
+        self._bus_deadline: float | None = None
         self.final_snapshot: dict[str, Any] | None = None
         self._drained_sessions: set[str] = set()
         self.min_workers = 1
@@ -368,6 +371,9 @@ class Coordinator(Scheduling):
             raise protocol.ProtocolError(f"unknown agent event {message['event']!r}") from None
         fields = {k: v for k, v in message["fields"].items() if isinstance(k, str)}
         if event is OrchestratorEvent.AGENT_TERMINATED:
+            marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
+            if isinstance(marker[2], int) and marker[2] > self._bus_seqs.get((marker[0], marker[1]), 0):
+                self._awaited_bus[(marker[0], marker[1])] = marker[2]
             ok = fields.pop("ok", True) is True and not record.run_errored
             record.run_errored = False
             self._run_over(record, ok, fields)
@@ -406,7 +412,13 @@ class Coordinator(Scheduling):
     # ================================================================== bus traffic from workers
 
     def _on_bus(self, frames: list[bytes]) -> None:
-        fields = protocol.decode_event(frames, self.config.max_message_size)
+        if frames and frames[0] == protocol.BATCH_TOPIC:
+            for topic, fields in protocol.decode_batch(frames, self.config.max_message_size):
+                self._on_bus_event(fields, [topic.encode(), msgpack.packb(fields, use_bin_type=True)])
+        else:
+            self._on_bus_event(protocol.decode_event(frames, self.config.max_message_size), frames)
+
+    def _on_bus_event(self, fields: dict[str, Any], frames: list[bytes]) -> None:
         key = (fields["publisher"], fields["incarnation"])
         seq = fields["seq"]
         last = self._bus_seqs.get(key)
@@ -414,13 +426,25 @@ class Coordinator(Scheduling):
             self._report_gap(fields["publisher"], seq - last - 1)
         if last is None or seq > last:
             self._bus_seqs[key] = seq
+            if key in self._awaited_bus and seq >= self._awaited_bus[key]:
+                del self._awaited_bus[key]
         self.xpub.send_multipart(frames)
         try:
             event = OrchestratorEvent(fields["event"])
         except ValueError:
             return
+        if event is OrchestratorEvent.AGENT_LOG:
+            self._reemit_log(fields)
         if self.dispatcher.wants(event):
             self.dispatcher.dispatch(event, fields)
+
+    @staticmethod
+    def _reemit_log(fields: dict[str, Any]) -> None:
+        agent = str(fields.get("agent_name", "?"))
+        level = fields.get("levelno")
+        logging.getLogger(f"pyorchestrate.agent.{agent}").log(
+            level if isinstance(level, int) else logging.INFO, "%s [%s@%s]", fields.get("message", ""),
+            fields.get("worker", "?"), fields.get("host", "?"))
 
     def _report_gap(self, publisher: str, lost: int) -> None:
         self.lost_events += lost
@@ -483,6 +507,12 @@ class Coordinator(Scheduling):
             # STOP_ON_EMPTY ends in join(): agents registered between start() and join() all run
             batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and self._joined
             if batch_done or stopping:
+                if self._awaited_bus:  # finished agents' last logs/events are still on their way
+                    if self._bus_deadline is None:
+                        self._bus_deadline = time.monotonic() + 2.0
+                    if time.monotonic() < self._bus_deadline:
+                        return
+                    log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
                 if self.agents:
                     self._publish(OrchestratorEvent.ALL_AGENTS_TERMINATED, self.name, {"agents": len(self.agents)})
                 self._mark_finished()

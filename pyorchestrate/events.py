@@ -23,6 +23,8 @@ class OrchestratorEvent(str, enum.Enum):
     AGENT_ERROR = "AGENT_ERROR"  #: carries ``error_message`` and ``traceback``
     AGENT_RESTARTING = "AGENT_RESTARTING"  #: a restart is scheduled: ``attempt``, ``delay``, ``reason``
     AGENT_HEARTBEAT = "AGENT_HEARTBEAT"  #: a running agent's worker is alive (every heartbeat interval)
+    AGENT_LOG = "AGENT_LOG"  #: a log record of an agent: ``level``, ``logger``, ``message``
+    AGENT_EVENT = "AGENT_EVENT"  #: ``self.publish(topic, **data)``: ``topic``, ``data``
     ALL_AGENTS_TERMINATED = "ALL_AGENTS_TERMINATED"  #: nothing is left running
     WORKER_JOINED = "WORKER_JOINED"  #: a worker registered
     WORKER_LOST = "WORKER_LOST"  #: a worker fell silent for ``heartbeat_interval * heartbeat_liveness``

@@ -299,8 +299,9 @@ class Orchestrator:
                  self.name, coordinator.address, coordinator.events_address, coordinator.events_address)
         coordinator.start()
         if embedded and cfg.local_workers:
-            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"),
-                              logging.getLevelName(log.getEffectiveLevel()))
+            # they share our terminal: their agents' log lines reach it once, through the bus and
+            # our logging; the workers themselves only add warnings
+            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING")
         elif not embedded:
             log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
                      coordinator.address)

@@ -152,7 +152,13 @@ def decode_event(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) 
         topic = frames[0].decode()
     except UnicodeDecodeError:
         raise ProtocolError("event topic is not UTF-8") from None
-    fields = _unpack(frames[1], max_size)
+    return check_event(topic, _unpack(frames[1], max_size))
+
+
+def check_event(topic: Any, fields: Any) -> dict[str, Any]:
+    """Validate one event's topic and fields."""
+    if not isinstance(topic, str):
+        raise ProtocolError("event topic is not a string")
     if not isinstance(fields, dict):
         raise ProtocolError("event body is not a map")
     for name, expected in EVENT_FIELDS.items():
@@ -162,3 +168,22 @@ def decode_event(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) 
     if not topic.startswith(fields["event"]):
         raise ProtocolError("event topic does not match its event name")
     return fields
+
+
+BATCH_TOPIC = b"_BATCH"
+
+
+def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a batch of events published by an agent: ``[b"_BATCH", msgpack([[topic, fields], ...])]``.
+    A malformed item makes the whole batch invalid."""
+    if len(frames) != 2 or frames[0] != BATCH_TOPIC:
+        raise ProtocolError("not a batch")
+    items = _unpack(frames[1], max_size)
+    if not isinstance(items, list):
+        raise ProtocolError("batch body is not a list")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ProtocolError("batch item is not [topic, fields]")
+        out.append((item[0], check_event(item[0], item[1])))
+    return out

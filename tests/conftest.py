@@ -19,6 +19,7 @@ import pytest
 from pyorchestrate import Orchestrator, OrchestratorEvent
 
 REPO = Path(__file__).resolve().parent.parent
+LIFECYCLE = {"AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"}
 FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5, "worker_wait_timeout": 20.0}
 
 

@@ -9,7 +9,7 @@ import time
 
 import zmq
 from agents import Forever, Quick, QuickProcess
-from conftest import REPO, EventLog, wait_for
+from conftest import LIFECYCLE, REPO, EventLog, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol
 
@@ -49,7 +49,7 @@ def test_cli_subscriber_in_another_process_sees_every_agent_lifecycle(cluster, t
         assert {"event", "seq", "event_date", "event_time"} <= set(line)
         assert line.get("agent_name") or line.get("worker") or line["event"] in ("ALL_AGENTS_TERMINATED", "SHUTDOWN")
     for name in names:
-        mine = [line["event"] for line in lines if line.get("agent_name") == name and line["event"] != "AGENT_HEARTBEAT"]
+        mine = [line["event"] for line in lines if line.get("agent_name") == name and line["event"] in LIFECYCLE]
         assert mine == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], (name, mine)
     assert lines[-1]["event"] == "SHUTDOWN"
     assert not [line for line in lines if line["event"] == "EVENTS_LOST"]
@@ -59,7 +59,7 @@ def test_remote_subscriber_example(cluster, tmp_path):
     orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
     orch.start()
     reader = _start_reader([str(REPO / "examples" / "remote_subscriber.py"), orch.events_address,
-                            "--topic", "AGENT_", "--count", "3", "--timeout", "30"], tmp_path, "example")
+                            "--topic", "AGENT_", "--count", "4", "--timeout", "30"], tmp_path, "example")
     try:
         wait_for(lambda: "connected" in (tmp_path / "example.out").read_text(), 15, "the example to connect")
         cluster.worker(orch.address, "w1")
@@ -70,7 +70,8 @@ def test_remote_subscriber_example(cluster, tmp_path):
             reader.kill()
             reader.wait(5)
     out = (tmp_path / "example.out").read_text()
-    for kind in ("AGENT_STARTED watched on w1@", "AGENT_READY watched", "AGENT_TERMINATED watched"):
+    for kind in ("AGENT_STARTED watched on w1@", "AGENT_READY watched", "AGENT_LOG watched",
+                 "AGENT_TERMINATED watched"):
         assert kind in out
     assert "lost: 0" in out
 

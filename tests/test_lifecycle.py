@@ -6,7 +6,7 @@ import threading
 
 import pytest
 from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Sleeper
-from conftest import EventLog, wait_for
+from conftest import LIFECYCLE, EventLog, wait_for
 
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
@@ -26,13 +26,13 @@ def test_lifecycle_events_in_order_with_their_fields(cluster):
     orch.register_agent(QuickProcess, "process-agent")
     assert orch.join(timeout=30)
     for agent in ("thread-agent", "process-agent"):
-        mine = [e for e in events.events if e.get("agent_name") == agent and e["event"] != "AGENT_HEARTBEAT"]
+        mine = [e for e in events.events if e.get("agent_name") == agent and e["event"] in LIFECYCLE]
         assert [e["event"] for e in mine] == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
         for e in mine:
             assert e["worker"] in ("w1", "w2") and e["host"]
             assert e["event_date"].count("-") == 2 and e["event_time"].count(":") == 2
             assert isinstance(e["seq"], int)
-    seqs = [e["seq"] for e in events.events if e["event"] != "AGENT_HEARTBEAT"]
+    seqs = [(e["publisher"], e["incarnation"], e["seq"]) for e in events.events]
     assert len(seqs) == len(set(seqs)), "sequence numbers are unique per publisher"
     assert events.of("ALL_AGENTS_TERMINATED")
     assert {e["worker"] for e in events.of("WORKER_JOINED")} == {"w1", "w2"}
@@ -54,7 +54,7 @@ def test_erroring_agent_reports_error_then_terminated_and_others_run(cluster):
     orch.register_agent(Sleeper, "fine")
     assert orch.join(timeout=30)
     for agent, text in (("boom", "ValueError: boom from agent"), ("boom-process", "RuntimeError: process boom")):
-        kinds = [e["event"] for e in events.events if e.get("agent_name") == agent and e["event"] != "AGENT_HEARTBEAT"]
+        kinds = [e["event"] for e in events.events if e.get("agent_name") == agent and e["event"] in LIFECYCLE]
         assert kinds == ["AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"]
         error = events.of("AGENT_ERROR", agent)[0]
         assert error["error_message"] == text

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from pyorchestrate import shipping
+from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
 
@@ -33,11 +33,14 @@ def _listen(conn: Any, agent: Any) -> None:
 
 
 def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
-         events_address: str | None = None) -> None:
+         events_address: str | None = None, bus: list | None = None) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
     # the forkserver's children start with no logging set up; log like the worker does
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(log_level)  # the level is the handler's: records still reach the bus
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(min(log_level, logging.INFO))
     lock = threading.Lock()
 
     def report(event: str, **fields: Any) -> None:
@@ -61,7 +64,12 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent._report = report
     agent.events_address = events_address
     threading.Thread(target=_listen, args=(conn, agent), daemon=True).start()
-    ok = agent.run()
+    if bus:
+        publisher.attach(agent, *bus)
+    try:
+        ok = agent.run()
+    finally:
+        publisher.detach(agent)
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -67,10 +67,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     name = args.name
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]"),
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(args.log_level)  # the level is the handler's: agents' INFO records still reach the bus
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]")))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
     worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
                     parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout)
 

@@ -200,6 +200,7 @@ class Worker:
         self._supervisor.events_address = (sockets.with_port(self.coordinator, events_port)
                                            if isinstance(events_port, int) else None)
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
+        self._supervisor.bus_address = bus
         if bus != self._bus_address:
             if self._pub is not None:
                 self._pub.close(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
+import socket
 import threading
 import time
 import traceback
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from pyorchestrate import shipping
+from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
 from . import child
@@ -29,6 +30,12 @@ log = logging.getLogger("pyorchestrate.worker.supervisor")
 Report = Callable[[str, int, str, dict], None]
 
 _CLASS_CACHE_SIZE = 256
+
+
+def _stderr_level() -> int:
+    """The level this worker prints at (its handlers' level), for its children to copy."""
+    levels = [h.level for h in logging.getLogger().handlers if h.level]
+    return min(levels) if levels else logging.INFO
 
 
 def _error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:
@@ -66,6 +73,8 @@ class Supervisor:
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
+        self.bus_address: str | None = None
+        self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
 
@@ -132,9 +141,18 @@ class Supervisor:
                 record.terminated = True
             self._emit(name, epoch, event, fields)
 
+        bus = {"address": self.bus_address, "worker": self._worker_name, "host": self.host}
+
+        def run() -> None:
+            publisher.attach(agent, bus["address"], bus["worker"], bus["host"])
+            try:
+                agent.run()
+            finally:
+                publisher.detach(agent)
+
         agent._report = report
         agent.events_address = self.events_address
-        record.thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
+        record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         with self._lock:
             self._agents[name] = record
         record.thread.start()
@@ -142,8 +160,9 @@ class Supervisor:
     def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes, stop_timeout: float) -> None:
         parent_conn, child_conn = self._mp.Pipe()
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
-                                                                    logging.getLogger().getEffectiveLevel(),
-                                                                    self.events_address),
+                                                                    _stderr_level(),
+                                                                    self.events_address,
+                                                                    [self.bus_address, self._worker_name, self.host]),
                                    name=f"agent-{name}", daemon=False)
         try:
             process.start()

@@ -67,6 +67,9 @@ class BaseAgent(abc.ABC):
         self._stop_event: Any = threading.Event()
         self._report: Reporter = _log_reporter(self)
         self._inbox: queue.Queue = queue.Queue()
+        self._bus: Any = None  # a BusPublisher while running on a worker
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.INFO)  # INFO and up reach the bus, whatever stderr shows
         #: the cluster's events address (set by the worker; None standalone)
         self.events_address: str | None = None
 
@@ -99,6 +102,18 @@ class BaseAgent(abc.ABC):
     def wait_stop(self, timeout: float | None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on stop; True if stop was requested."""
         return self._stop_event.wait(timeout)
+
+    def publish(self, topic: str, **data: Any) -> None:
+        """Put an ``AGENT_EVENT`` on the cluster's bus, topic ``AGENT_EVENT.<topic>``, carrying
+        ``data`` (msgpack-able values; anything else raises TypeError naming the field).  Never
+        blocks for long: events are batched, and dropped (and counted) if nobody drains them."""
+        from ..publisher import check_publishable
+
+        check_publishable(topic, data)
+        if self._bus is None:
+            self.logger.debug("publish %s %s (standalone: no bus)", topic, data)
+            return
+        self._bus.publish("AGENT_EVENT", topic, {"agent_name": self.name, "topic": topic, "data": data})
 
     def deliver(self, kind: str, payload: Any) -> None:
         """Hand the agent a message (``orchestrator.trigger`` / ``orchestrator.send`` end here)."""
@@ -140,7 +155,9 @@ class BaseAgent(abc.ABC):
                 except Exception as exc:
                     ok = False
                     self._report_error(exc)
-            report("AGENT_TERMINATED", ok=ok)
+            # the coordinator holds its finish until it has seen our last bus event
+            marker = self._bus.flush() if self._bus is not None else {}
+            report("AGENT_TERMINATED", ok=ok, **marker)
         return ok
 
     def _report_error(self, exc: BaseException, **extra: Any) -> None:

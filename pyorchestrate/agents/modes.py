@@ -60,7 +60,7 @@ class ProcessMode:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # process handles and events belong to the parent; the child gets its own
-        for key in ("_process", "_stop_event", "_report", "logger", "_inbox"):
+        for key in ("_process", "_stop_event", "_report", "logger", "_inbox", "_bus", "_bus_log_handler"):
             state.pop(key, None)
         return state
 
@@ -72,6 +72,7 @@ class ProcessMode:
 
         self.__dict__.update(state)
         self._inbox = queue.Queue()
+        self._bus = None
         self._stop_event = threading.Event()
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")  # type: ignore[attr-defined]
         self._report = _log_reporter(self)  # type: ignore[arg-type]
