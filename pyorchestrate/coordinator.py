@@ -9,6 +9,7 @@ Liveness is judged by control traffic: a worker silent for ``interval * liveness
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -88,6 +89,7 @@ class Coordinator(Scheduling):
         self._dirty = True  # something changed that placement should look at
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
         self._bus_deadline: float | None = None
+        self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
         self.final_snapshot: dict[str, Any] | None = None
         self._drained_sessions: set[str] = set()
         self.min_workers = 1
@@ -429,6 +431,8 @@ class Coordinator(Scheduling):
             if key in self._awaited_bus and seq >= self._awaited_bus[key]:
                 del self._awaited_bus[key]
         self.xpub.send_multipart(frames)
+        if fields["event"] != "AGENT_HEARTBEAT":
+            self._history.append((frames[0].decode(), fields))
         try:
             event = OrchestratorEvent(fields["event"])
         except ValueError:
@@ -455,6 +459,11 @@ class Coordinator(Scheduling):
         frame = frames[0] if len(frames) == 1 else b""
         if frame[:1] not in (b"\x00", b"\x01"):
             raise protocol.ProtocolError("subscriber sent something other than a subscription")
+        prefixes = protocol.parse_history_request(frame[1:]) if frame[:1] == b"\x01" else None
+        if prefixes is not None:
+            # answer on the subscriber's own unique topic: only it hears the reply
+            items = [[t, f] for t, f in self._history if any(t.startswith(p) for p in prefixes)]
+            self.xpub.send_multipart([frame[1:], msgpack.packb(items, use_bin_type=True)], zmq.NOBLOCK)
 
     # ================================================================== publishing
 
@@ -462,11 +471,12 @@ class Coordinator(Scheduling):
         self._seq += 1
         fields = {"event": event.value, "seq": self._seq, "publisher": self.name, "incarnation": self.session,
                   **stamp(), **fields}
+        topic = protocol.event_topic(event.value, subject)
         try:
-            self.xpub.send_multipart(protocol.encode_event(protocol.event_topic(event.value, subject), fields),
-                                     zmq.NOBLOCK)
+            self.xpub.send_multipart(protocol.encode_event(topic, fields), zmq.NOBLOCK)
         except zmq.Again:
             pass
+        self._history.append((topic, fields))
         self.dispatcher.dispatch(event, fields)
         return fields
 

@@ -82,6 +82,8 @@ class Orchestrator:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
         #: threads running event callbacks
         callback_threads: int = 10
+        #: recent events kept for late subscribers (``EventSubscriber(history=True)``, ``pyorchestrate logs``)
+        history_max_events: int = 5000
         #: level of the ``pyorchestrate`` logger when the application has not configured logging
         log_level: str = "INFO"
 
@@ -105,6 +107,7 @@ class Orchestrator:
             _number(results, self, "stop_timeout", 0)
             _number(results, self, "max_message_size", 1024, whole=True)
             _number(results, self, "callback_threads", 1, whole=True)
+            _number(results, self, "history_max_events", 0, whole=True)
             if self.address is None and self.local_workers == 0 and (self.min_workers or 0) > 0:
                 results.append(ValidationResult(
                     "local_workers", "is 0 and no address is set: no worker could ever join; set address or local_workers"))

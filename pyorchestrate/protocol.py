@@ -171,6 +171,24 @@ def check_event(topic: Any, fields: Any) -> dict[str, Any]:
 
 
 BATCH_TOPIC = b"_BATCH"
+HISTORY_TOPIC = "_HISTORY."
+
+
+def history_request(nonce: str, prefixes: list[str]) -> str:
+    """The subscription that asks the coordinator for recent history: a unique topic only this
+    subscriber listens to, naming the prefixes it wants."""
+    return HISTORY_TOPIC + nonce + "\n" + "\n".join(prefixes)
+
+
+def parse_history_request(subscription: bytes) -> list[str] | None:
+    """The prefixes a history subscription asks for, or None if it is not one."""
+    try:
+        text = subscription.decode()
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith(HISTORY_TOPIC) or "\n" not in text:
+        return None
+    return text.split("\n")[1:]
 
 
 def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[tuple[str, dict[str, Any]]]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import collections
 import time
+import uuid
+
+import msgpack
 from typing import Any, Iterator
 
 import zmq
@@ -46,7 +49,8 @@ class EventSubscriber:
     prefixes of ``EVENT.<agent or worker>``.
     """
 
-    def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None) -> None:
+    def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None,
+                 history: bool = False) -> None:
         sockets.parse_tcp(address)
         self.address = address
         self.timeout = timeout
@@ -64,6 +68,13 @@ class EventSubscriber:
             self._sub.setsockopt_string(zmq.SUBSCRIBE, topic)
         if not self._whole_stream:
             self._sub.setsockopt_string(zmq.SUBSCRIBE, _HEARTBEAT)
+        self._history_topic: bytes | None = None
+        self._live_keys: set[tuple] | None = None
+        if history:
+            # after the live subscriptions, so nothing falls between history and the live stream
+            self._history_topic = protocol.history_request(uuid.uuid4().hex, list(topics)).encode()
+            self._sub.setsockopt(zmq.SUBSCRIBE, self._history_topic)
+            self._live_keys = set()
         self._sub.connect(address)
 
     def wait_connected(self, timeout: float) -> bool:
@@ -95,6 +106,10 @@ class EventSubscriber:
         if not self._sub.poll(None if timeout is None else int(timeout * 1000)):
             return False
         frames = self._sub.recv_multipart()
+        if frames[0].startswith(protocol.HISTORY_TOPIC.encode()):
+            if frames[0] == self._history_topic:
+                self._take_history(frames)
+            return True  # another subscriber's history reply: not for us
         try:
             fields = protocol.decode_event(frames)
         except protocol.ProtocolError:
@@ -112,8 +127,25 @@ class EventSubscriber:
         if last is None or seq > last:
             self._last[key] = seq
         if not is_beat:
+            if self._live_keys is not None:
+                self._live_keys.add((key, seq))
             self._pending.append(Event(fields))
         return True
+
+    def _take_history(self, frames: list[bytes]) -> None:
+        """Recent events, older than anything live: put them first, minus any already seen live."""
+        assert self._history_topic is not None
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, self._history_topic)
+        self._history_topic = None
+        seen, self._live_keys = self._live_keys or set(), None
+        try:
+            items = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
+            past = [protocol.check_event(t, f) for t, f in items]  # type: ignore[union-attr]
+        except (protocol.ProtocolError, TypeError, ValueError, msgpack.UnpackException):
+            self.dropped += 1
+            return
+        old = [Event(f) for f in past if ((f["publisher"], f["incarnation"]), f["seq"]) not in seen]
+        self._pending.extendleft(reversed(old))
 
     def _report_gap(self, publisher: str, lost: int) -> None:
         self.lost += lost

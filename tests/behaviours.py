@@ -93,3 +93,26 @@ PERIODIC = pair("Periodic", _Recovering, "Periodic")
 STUBBORN = pair("Stubborn", _Stubborn, "Looping")
 for cls in RECOVERY.values():
     cls.Config.succeed_on = 3
+
+
+class _Sensor:
+    """Publishes ``Config.count`` temperature readings."""
+
+    def execute(self):
+        for i in range(self.config.count):
+            self.publish("temperature", celsius=20 + i, sensor=self.name)
+        self.logger.info("published %d readings", self.config.count)
+
+
+class _Chatty:
+    def execute(self):
+        for i in range(self.config.lines):
+            self.logger.info("line %d", i)
+
+
+SENSOR = pair("Sensor", _Sensor, "OneShot")
+CHATTY = pair("Chatty", _Chatty, "OneShot")
+for cls in SENSOR.values():
+    cls.Config.count = 5
+for cls in CHATTY.values():
+    cls.Config.lines = 20000

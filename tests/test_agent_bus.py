@@ -1,0 +1,119 @@
+"""Agents on the bus: self.publish (AGENT_EVENT), remote logs (AGENT_LOG), late-subscriber history."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+from agents import Quick
+from behaviours import CHATTY, EVENTDRIVEN, SENSOR
+from conftest import EventLog, wait_for
+
+from pyorchestrate import BaseThreadAgent, EventSubscriber, RunMode
+
+MODES = ["thread", "process"]
+
+
+@pytest.fixture
+def two(cluster):
+    orch = cluster.orchestrator(min_workers=2, run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w1")
+    events.wait("WORKER_JOINED", "w2")
+    return orch, events
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_publish_reaches_another_process_and_an_event_driven_agent_on_another_worker(two, tmp_path, mode):
+    orch, events = two
+    cli_out = tmp_path / "cli.out"
+    with open(cli_out, "w") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "pyorchestrate.cli", "events", "--address", orch.events_address,
+                                "--topic", "AGENT_EVENT.temperature", "--json", "--count", "5", "--timeout", "30"],
+                               stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        listener_out = tmp_path / "listener"
+        cls = EVENTDRIVEN[mode]
+        orch.register_agent(cls, "listener", cls.Config(out=str(listener_out), subscribe=["AGENT_EVENT.temperature"]),
+                            worker="w2")
+        events.wait("AGENT_READY", "listener")
+        time.sleep(0.5)  # the listener's and the CLI's subscriptions reach the coordinator
+        orch.register_agent(SENSOR[mode], "sensor", worker="w1")
+        assert cli.wait(30) == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+    received = [json.loads(line) for line in cli_out.read_text().splitlines()]
+    assert [r["data"]["celsius"] for r in received] == [20, 21, 22, 23, 24]
+    first = received[0]
+    assert (first["event"], first["topic"], first["agent_name"], first["worker"]) == \
+        ("AGENT_EVENT", "temperature", "sensor", "w1")
+    assert [r["seq"] for r in received] == sorted(r["seq"] for r in received)
+    wait_for(lambda: listener_out.exists() and listener_out.read_text().count("AGENT_EVENT") == 5, 10,
+             "the listener on w2 to get all five")
+
+
+def test_publish_refuses_data_that_cannot_travel():
+    class Bad(BaseThreadAgent):
+        def execute(self):
+            pass
+
+    agent = Bad()
+    with pytest.raises(TypeError, match="field 'when'"):
+        agent.publish("reading", when=object())
+    with pytest.raises(TypeError, match="topic"):
+        agent.publish("two words", x=1)
+    agent.publish("fine", x=1)  # standalone: nowhere to go, no error
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_remote_log_lines_reach_the_coordinator_and_the_cli(two, mode, caplog):
+    orch, events = two
+    with caplog.at_level(logging.INFO, logger="pyorchestrate.agent"):
+        orch.register_agent(SENSOR[mode], "logger-agent")
+        events.wait("AGENT_TERMINATED", "logger-agent")
+        wait_for(lambda: "published 5 readings" in caplog.text, 10, "the log line at the coordinator")
+    record = next(r for r in caplog.records if "published 5 readings" in r.getMessage())
+    assert record.name == "pyorchestrate.agent.logger-agent"
+    assert "[w1@" in record.getMessage() or "[w2@" in record.getMessage()
+    # the CLI, run afterwards, gets it from the coordinator's history
+    result = subprocess.run([sys.executable, "-m", "pyorchestrate.cli", "logs", "logger-agent", "--address",
+                             orch.events_address], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "INFO" in result.stdout and "logger-agent@w" in result.stdout and "published 5 readings" in result.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_heavy_logging_is_batched_and_never_stalls_the_agent(two, mode):
+    orch, events = two
+    logs = []
+    orch.register_event("AGENT_LOG", lambda message: logs.append(message))
+    started = time.monotonic()
+    orch.register_agent(CHATTY[mode], "chatty")
+    terminated = events.wait("AGENT_TERMINATED", "chatty", timeout=60)[0]
+    took = time.monotonic() - started
+    assert terminated["ok"] is True
+    wait_for(lambda: len(logs) >= 20000, 30, "every line to arrive")
+    assert logs[0] == "line 0" and logs[-1] == "line 19999"
+    assert orch.status()["lost_events"] == 0
+    assert took < 30, took
+
+
+def test_late_subscriber_gets_recent_history(two):
+    orch, events = two
+    orch.register_agent(Quick, "early")
+    events.wait("AGENT_TERMINATED", "early")
+    with EventSubscriber(orch.events_address, topics=["AGENT_"], timeout=1.0, history=True) as late:
+        got = [(ev.event, ev.agent_name) for ev in late]
+    assert ("AGENT_STARTED", "early") in got and ("AGENT_TERMINATED", "early") in got
+    assert got.index(("AGENT_STARTED", "early")) < got.index(("AGENT_TERMINATED", "early"))
+    with EventSubscriber(orch.events_address, topics=["AGENT_"], timeout=0.5) as plain:
+        assert not [ev for ev in plain if ev.agent_name == "early"], "without history= nothing old comes"
