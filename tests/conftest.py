@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from pyorchestrate import Orchestrator, OrchestratorEvent
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 REPO = Path(__file__).resolve().parent.parent
 LIFECYCLE = {"AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"}
@@ -35,11 +35,29 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "conditio
         time.sleep(interval)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (only for tests that must start workers first)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 3) -> int:
+    """A port P with P..P+span-1 free a moment ago (a coordinator given P binds P, P+1 and P+2).
+
+    Chosen below Linux's ephemeral range (32768+), where ports bound as ``:*`` by parallel tests
+    never land, so only another test doing the same could collide, and the check makes that rare."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000 - span)
+        socks = []
+        try:
+            for p in range(port, port + span):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port span found")
 
 
 def _session_members(sid: int) -> list[int]:
@@ -153,6 +171,18 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def start_daemon(cluster: "Cluster", *workers: tuple[str, ...], **settings: Any) -> tuple[Orchestrator, EventLog]:
+    """A started DAEMON orchestrator with ``workers`` (each ``(name, *cli_args)``) joined."""
+    orch = cluster.orchestrator(min_workers=settings.pop("min_workers", 1), run_mode=RunMode.DAEMON, **settings)
+    events = EventLog(orch)
+    orch.start()
+    for name, *args in workers:
+        cluster.worker(orch.address, name, *args)
+    for name, *_ in workers:
+        events.wait("WORKER_JOINED", name)
+    return orch, events
 
 
 @pytest.fixture

@@ -11,23 +11,16 @@ import time
 import pytest
 from agents import Quick
 from behaviours import CHATTY, EVENTDRIVEN, SENSOR
-from conftest import EventLog, wait_for
+from conftest import start_daemon, wait_for
 
-from pyorchestrate import BaseThreadAgent, EventSubscriber, RunMode
+from pyorchestrate import BaseThreadAgent, EventSubscriber
 
 MODES = ["thread", "process"]
 
 
 @pytest.fixture
 def two(cluster):
-    orch = cluster.orchestrator(min_workers=2, run_mode=RunMode.DAEMON)
-    events = EventLog(orch)
-    orch.start()
-    cluster.worker(orch.address, "w1")
-    cluster.worker(orch.address, "w2")
-    events.wait("WORKER_JOINED", "w1")
-    events.wait("WORKER_JOINED", "w2")
-    return orch, events
+    return start_daemon(cluster, ("w1",), ("w2",), min_workers=2)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -8,21 +8,14 @@ import pytest
 from agents import Quick
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, ONESHOT, PERIODIC, POOL, RECOVERY, STUBBORN,
                         TRIGGERED)
-from conftest import EventLog, wait_for
-
-from pyorchestrate import RunMode
+from conftest import start_daemon, wait_for
 
 MODES = ["thread", "process"]
 
 
 @pytest.fixture
 def daemon(cluster):
-    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
-    events = EventLog(orch)
-    orch.start()
-    cluster.worker(orch.address, "w1")
-    events.wait("WORKER_JOINED", "w1")
-    return orch, events
+    return start_daemon(cluster, ("w1",))
 
 
 def notes(path):

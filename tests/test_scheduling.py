@@ -8,20 +8,13 @@ import signal
 
 import pytest
 from agents import Boom, Forever, Quick, Sleeper
-from conftest import EventLog, wait_for
+from conftest import EventLog, start_daemon, wait_for
 
 from pyorchestrate import RunMode
 
 
 def daemon(cluster, workers=(), **settings):
-    orch = cluster.orchestrator(min_workers=settings.pop("min_workers", 1), run_mode=RunMode.DAEMON, **settings)
-    events = EventLog(orch)
-    orch.start()
-    for name, *args in workers:
-        cluster.worker(orch.address, name, *args)
-    for name, *_ in workers:
-        events.wait("WORKER_JOINED", name)
-    return orch, events
+    return start_daemon(cluster, *workers, **settings)
 
 
 def placed_on(events, agent):
