@@ -46,7 +46,9 @@ from .config import (
     ValidationResult,
     ValidationSeverity,
 )
+from .agents.signals import ControlEvents, StateEvents
 from .coordinator import WorkerWaitTimeout
+from .handles import AgentHandle
 from .events import OrchestratorEvent
 from .orchestrator import Orchestrator, RunMode
 from .shipping import ShippingError
@@ -79,6 +81,9 @@ __all__ = [
     "ShippingError",
     "AddressError",
     "SUCCESS",
+    "StateEvents",
+    "ControlEvents",
+    "AgentHandle",
     "OneShotAgent",
     "DeferredAgent",
     "ConditionalAgent",

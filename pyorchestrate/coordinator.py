@@ -89,6 +89,7 @@ class Coordinator(Scheduling):
         self._dirty = True  # something changed that placement should look at
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
         self._bus_deadline: float | None = None
+        self.on_agent_state: Callable[[str, str, str | None, int], None] | None = None
         self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
         self.final_snapshot: dict[str, Any] | None = None
         self._drained_sessions: set[str] = set()
@@ -486,6 +487,8 @@ class Coordinator(Scheduling):
         base = {"agent_name": record.name, "worker": record.worker, "host": worker.host if worker else None,
                 "epoch": record.epoch}
         published = self._publish(event, record.name, {**fields, **base})
+        if self.on_agent_state is not None:
+            self.on_agent_state(record.name, record.state, record.worker, record.epoch)
         where = f"on {record.worker}" if record.worker else "(not placed)"
         if event is OrchestratorEvent.AGENT_ERROR:
             log.error("agent %s %s: %s%s", record.name, where, published.get("error_message"),

@@ -17,6 +17,7 @@ from .config import BaseConfig, ValidationResult, ValidationSeverity
 from .coordinator import AgentRecord, Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
+from .handles import AgentHandle, AgentStates
 from .local_workers import LocalWorkers
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 from .restart import RestartPolicy
@@ -82,6 +83,8 @@ class Orchestrator:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
         #: threads running event callbacks
         callback_threads: int = 10
+        #: hold every agent after READY until ``orchestrator.execute(name)`` (or ``execute()`` for all)
+        hold_after_ready: bool = False
         #: recent events kept for late subscribers (``EventSubscriber(history=True)``, ``pyorchestrate logs``)
         history_max_events: int = 5000
         #: level of the ``pyorchestrate`` logger when the application has not configured logging
@@ -139,6 +142,7 @@ class Orchestrator:
         self._shut = False
         self._coordinator: Coordinator | None = None
         self._local = LocalWorkers()
+        self._states = AgentStates()
 
     # ------------------------------------------------------------------ registration
 
@@ -248,6 +252,19 @@ class Orchestrator:
         """Stop an agent and start it again (not counted against ``max_restarts``)."""
         self._call("restart_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
 
+    def agent(self, name: str) -> AgentHandle:
+        """A handle on a registered agent: ``state``, ``worker``, ``wait_ready(timeout)``,
+        ``wait_closed(timeout)``, ``execute()``, ``stop()``."""
+        if name not in self._names:
+            known = ", ".join(sorted(self._names)) or "none"
+            raise ValueError(f"unknown agent {name!r} (registered: {known})")
+        return AgentHandle(self, name, self._states)
+
+    def execute(self, name: str | None = None) -> None:
+        """Let agents held after READY (``Config(hold_after_ready=True)``) do their work: the one
+        named, or every running one."""
+        self._call("execute", name)
+
     def trigger(self, name: str, payload: Any = None) -> None:
         """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
         msgpack-able (numbers, strings, bytes, lists, dicts)."""
@@ -294,6 +311,7 @@ class Orchestrator:
         cfg = self.config
         embedded = cfg.address is None
         coordinator = Coordinator(self.name, cfg, self._agents, self._dispatcher, self._finished.set)
+        coordinator.on_agent_state = self._states.update
         coordinator.min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
         self._coordinator = coordinator

@@ -123,7 +123,7 @@ class Scheduling:
         self._send(worker, protocol.encode(
             "start", agent=record.name, epoch=record.epoch, class_id=record.class_id,
             class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode,
-            stop_timeout=float(getattr(record.config, "stop_timeout", 10.0))))
+            stop_timeout=float(getattr(record.config, "stop_timeout", 10.0)), hold=bool(self.config.hold_after_ready)))
 
     # ------------------------------------------------------------------ the end of a run
 
@@ -211,6 +211,16 @@ class Scheduling:
         if record.state not in RUNNING or worker is None or not worker.alive:
             raise ValueError(f"agent {name!r} is not running (state {record.state}); nothing to deliver to")
         self._send(worker, protocol.encode("deliver", agent=name, epoch=record.epoch, kind=kind, payload=payload))
+
+    def _cmd_execute(self, name: str | None) -> None:
+        records = [self._record(name)] if name is not None else list(self.agents.values())
+        for record in records:
+            worker = self.workers.get(record.worker or "")
+            if record.state in RUNNING and worker is not None and worker.alive:
+                self._send(worker, protocol.encode("deliver", agent=record.name, epoch=record.epoch,
+                                                   kind="execute", payload=None))
+            elif name is not None:
+                raise ValueError(f"agent {name!r} is not running (state {record.state})")
 
     def _cmd_stop_agent(self, name: str, timeout: float) -> None:
         record = self._record(name)

@@ -116,3 +116,33 @@ for cls in SENSOR.values():
     cls.Config.count = 5
 for cls in CHATTY.values():
     cls.Config.lines = 20000
+
+
+class _Worker:
+    """Notes when its work runs (to see that execute_event gates it)."""
+
+    def execute(self):
+        self.note("work")
+
+
+HOLDABLE = pair("Holdable", _Worker, "Base")
+
+
+class _PickyConfig:
+    """Valid where it was registered, an ERROR anywhere else (on a worker)."""
+
+    def validate(self):
+        results = super().validate()
+        if os.getpid() != self.registered_in:
+            results.append(po.ValidationResult("registered_in", "not on the machine it was registered on"))
+            results.append(po.ValidationResult("other", "a second finding", po.ValidationSeverity.ERROR))
+        return results
+
+
+class PickyAgent(_Notes, po.BaseThreadAgent):
+    class Config(_PickyConfig, po.BaseThreadAgent.Config):
+        out = ""
+        registered_in = 0
+
+    def execute(self):
+        self.note("ran")

@@ -277,7 +277,8 @@ class Worker:
             stop_timeout = message.get("stop_timeout")
             self._supervisor.start(message["agent"], message["epoch"], message["class_id"],
                                    message["class_blob"], message["config"], message["mode"],
-                                   float(stop_timeout) if isinstance(stop_timeout, (int, float)) else 10.0)
+                                   float(stop_timeout) if isinstance(stop_timeout, (int, float)) else 10.0,
+                                   message.get("hold") is True)
         elif kind == "stop":
             self._supervisor.stop(message["agent"], message["epoch"], float(message["timeout"]))
         elif kind == "deliver":

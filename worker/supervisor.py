@@ -103,7 +103,7 @@ class Supervisor:
         self._emit(name, epoch, "AGENT_TERMINATED", {"ok": False})
 
     def start(self, name: str, epoch: int, class_id: str, class_blob: bytes | None,
-              config_blob: bytes, mode: str, stop_timeout: float = 10.0) -> None:
+              config_blob: bytes, mode: str, stop_timeout: float = 10.0, hold: bool = False) -> None:
         if class_blob is not None:
             self._blobs[class_id] = class_blob
             self._blobs.move_to_end(class_id)
@@ -120,11 +120,11 @@ class Supervisor:
             log.warning("agent %s (epoch %d) replaced by epoch %d; stopping the old copy", name, previous.epoch, epoch)
             self.stop(name, previous.epoch, 0.0)
         if mode == "process":
-            self._start_process(name, epoch, blob, config_blob, stop_timeout)
+            self._start_process(name, epoch, blob, config_blob, stop_timeout, hold)
         else:
-            self._start_thread(name, epoch, class_id, blob, config_blob)
+            self._start_thread(name, epoch, class_id, blob, config_blob, hold)
 
-    def _start_thread(self, name: str, epoch: int, class_id: str, blob: bytes, config_blob: bytes) -> None:
+    def _start_thread(self, name: str, epoch: int, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
         try:
             if class_id not in self._classes:
                 self._classes[class_id] = shipping.unpack_class(blob)
@@ -152,17 +152,21 @@ class Supervisor:
 
         agent._report = report
         agent.events_address = self.events_address
+        if hold:
+            agent.control_events.execute_event.clear()  # until the coordinator says execute
         record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         with self._lock:
             self._agents[name] = record
         record.thread.start()
 
-    def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes, stop_timeout: float) -> None:
+    def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes, stop_timeout: float,
+                       hold: bool) -> None:
         parent_conn, child_conn = self._mp.Pipe()
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
                                                                     _stderr_level(),
                                                                     self.events_address,
-                                                                    [self.bus_address, self._worker_name, self.host]),
+                                                                    [self.bus_address, self._worker_name, self.host],
+                                                                    hold),
                                    name=f"agent-{name}", daemon=False)
         try:
             process.start()

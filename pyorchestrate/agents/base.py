@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Callable, ClassVar
 
 from ..config import BaseConfig, ValidationSeverity
+from . import signals
 
 Reporter = Callable[..., None]
 
@@ -55,6 +56,9 @@ class BaseAgent(abc.ABC):
                 results.append(ValidationResult("stop_timeout", "must be a number of seconds >= 0"))
             return results
 
+    StateEvents = signals.StateEvents
+    ControlEvents = signals.ControlEvents
+
     #: "thread" or "process"; set by the Thread/Process variants
     execution_mode: ClassVar[str] = ""
 
@@ -64,7 +68,11 @@ class BaseAgent(abc.ABC):
         self.name = name or type(self).__name__
         self.config = config if config is not None else type(self).Config()
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
-        self._stop_event: Any = threading.Event()
+        self.state_events = type(self).StateEvents(threading.Event)
+        self.control_events = type(self).ControlEvents(threading.Event)
+        # standalone, nobody else drives the agent: setup and execute proceed on their own
+        self.control_events.setup_event.set()
+        self.control_events.execute_event.set()
         self._report: Reporter = _log_reporter(self)
         self._inbox: queue.Queue = queue.Queue()
         self._bus: Any = None  # a BusPublisher while running on a worker
@@ -89,6 +97,10 @@ class BaseAgent(abc.ABC):
         """Called last, whether the agent finished, stopped or failed.  Optional."""
 
     # ---------------------------------------------------------------- control
+
+    @property
+    def _stop_event(self) -> Any:
+        return self.control_events.stop_event
 
     def stop(self) -> None:
         """Ask the agent to stop: the current iteration finishes, then ``on_stop``, ``on_close``."""
@@ -116,8 +128,18 @@ class BaseAgent(abc.ABC):
         self._bus.publish("AGENT_EVENT", topic, {"agent_name": self.name, "topic": topic, "data": data})
 
     def deliver(self, kind: str, payload: Any) -> None:
-        """Hand the agent a message (``orchestrator.trigger`` / ``orchestrator.send`` end here)."""
-        self._inbox.put((kind, payload))
+        """Hand the agent a message (``orchestrator.trigger`` / ``send`` / ``execute`` end here)."""
+        if kind == "execute":
+            self.control_events.execute_event.set()
+        else:
+            self._inbox.put((kind, payload))
+
+    def _wait_control(self, event: Any) -> bool:
+        """Wait for a control event, giving up if stop is requested; True if it was set."""
+        while not event.wait(0.05):
+            if self.stopping:
+                return False
+        return not self.stopping
 
     def _next_delivery(self, timeout: float) -> tuple[str, Any] | None:
         """The next delivered message, or None after ``timeout`` seconds."""
@@ -137,14 +159,17 @@ class BaseAgent(abc.ABC):
         report = self._report
         ok = True
         report("AGENT_STARTED")
+        self.state_events.start_event.set()
         try:
             for finding in self.config.check(f"agent {self.name!r}"):
                 level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
                 self.logger.log(level, "config: %s", finding)
-            self.setup()
-            report("AGENT_READY")
-            if not self.stopping:
-                self._main()
+            if self._wait_control(self.control_events.setup_event):
+                self.setup()
+                report("AGENT_READY")
+                self.state_events.ready_event.set()
+                if self._wait_control(self.control_events.execute_event):
+                    self._main()
         except BaseException as exc:  # noqa: BLE001 - an agent's failure must be reported, whatever it is
             ok = False
             self._report_error(exc)
@@ -158,6 +183,7 @@ class BaseAgent(abc.ABC):
             # the coordinator holds its finish until it has seen our last bus event
             marker = self._bus.flush() if self._bus is not None else {}
             report("AGENT_TERMINATED", ok=ok, **marker)
+            self.state_events.close_event.set()
         return ok
 
     def _report_error(self, exc: BaseException, **extra: Any) -> None:

@@ -36,9 +36,10 @@ class ThreadMode:
         return self._thread is not None and self._thread.is_alive()
 
 
-def _run_pickled(blob: bytes, stop_event: Any) -> None:
+def _run_pickled(blob: bytes, state: dict[str, Any], control: dict[str, Any]) -> None:
     agent = cloudpickle.loads(blob)
-    agent._stop_event = stop_event
+    agent.state_events.replace(state)
+    agent.control_events.replace(control)
     raise SystemExit(0 if agent.run() else 1)
 
 
@@ -51,16 +52,23 @@ class ProcessMode:
     def start(self) -> None:
         """Start the agent in a new process (standalone use)."""
         ctx = multiprocessing.get_context("spawn")
-        stop_event = ctx.Event()
-        self._stop_event = stop_event
+        # process-shared events, so the parent can wait on state and drive control
+        for events in (self.state_events, self.control_events):  # type: ignore[attr-defined]
+            shared = {name: ctx.Event() for name in events.names()}
+            for name, event in shared.items():
+                if getattr(events, name).is_set():
+                    event.set()
+            events.replace(shared)
         blob = cloudpickle.dumps(self)
-        self._process = ctx.Process(target=_run_pickled, args=(blob, stop_event), name=f"agent-{self.name}")  # type: ignore[attr-defined]
+        self._process = ctx.Process(target=_run_pickled, name=f"agent-{self.name}",  # type: ignore[attr-defined]
+                                    args=(blob, self.state_events.as_dict(), self.control_events.as_dict()))  # type: ignore[attr-defined]
         self._process.start()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # process handles and events belong to the parent; the child gets its own
-        for key in ("_process", "_stop_event", "_report", "logger", "_inbox", "_bus", "_bus_log_handler"):
+        for key in ("_process", "_report", "logger", "_inbox", "_bus", "_bus_log_handler", "state_events",
+                    "control_events"):
             state.pop(key, None)
         return state
 
@@ -73,7 +81,8 @@ class ProcessMode:
         self.__dict__.update(state)
         self._inbox = queue.Queue()
         self._bus = None
-        self._stop_event = threading.Event()
+        self.state_events = type(self).StateEvents(threading.Event)  # type: ignore[attr-defined]
+        self.control_events = type(self).ControlEvents(threading.Event)  # type: ignore[attr-defined]
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")  # type: ignore[attr-defined]
         self._report = _log_reporter(self)  # type: ignore[arg-type]
 

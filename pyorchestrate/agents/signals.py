@@ -1,0 +1,55 @@
+"""State and control events of an agent (PyOrchestrate's ``StateEvents`` / ``ControlEvents``).
+
+Each is a nested class whose attributes name events; subclass it (``class StateEvents(
+BaseAgent.StateEvents): saved_event = None``) to add your own.  An instance holds one real event per
+name: ``threading.Event`` for thread agents, a process-shared event for a process agent started
+standalone, so ``agent.state_events.ready_event.wait()`` works from the parent in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class EventSet:
+    """A set of named events.  Declare names as class attributes (their values are ignored)."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for key in vars(klass):
+                if key.endswith("_event") and key not in names:
+                    names.append(key)
+        return names
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        for name in self.names():
+            setattr(self, name, make())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
+    def replace(self, events: dict[str, Any]) -> None:
+        for name, event in events.items():
+            setattr(self, name, event)
+
+
+class StateEvents(EventSet):
+    """Set by the agent as it goes: STARTED, READY (after setup), closed (after on_close)."""
+
+    start_event = None
+    ready_event = None
+    close_event = None
+
+
+class ControlEvents(EventSet):
+    """Set by whoever drives the agent: it waits for ``setup_event`` before ``setup()`` and for
+    ``execute_event`` before its work; ``stop_event`` asks it to stop.  Standalone, setup and
+    execute are set for you; under an orchestrator holding agents after READY
+    (``Orchestrator.Config(hold_after_ready=True)``), ``orchestrator.execute(name)`` sets
+    ``execute_event``."""
+
+    setup_event = None
+    execute_event = None
+    stop_event = None
