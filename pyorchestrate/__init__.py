@@ -49,6 +49,8 @@ from .config import (
 from .agents.signals import ControlEvents, StateEvents
 from .coordinator import WorkerWaitTimeout
 from .handles import AgentHandle
+from .plugins import PluginBase, Plugins
+from .zmq_plugins import ZmqPubSub, ZmqReqRep
 from .events import OrchestratorEvent
 from .orchestrator import Orchestrator, RunMode
 from .shipping import ShippingError
@@ -84,6 +86,10 @@ __all__ = [
     "StateEvents",
     "ControlEvents",
     "AgentHandle",
+    "PluginBase",
+    "Plugins",
+    "ZmqPubSub",
+    "ZmqReqRep",
     "OneShotAgent",
     "DeferredAgent",
     "ConditionalAgent",

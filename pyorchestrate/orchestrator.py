@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from . import shipping
+from . import plugins, shipping
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
@@ -118,6 +118,9 @@ class Orchestrator:
                 results.append(ValidationResult("log_level", f"unknown level {self.log_level!r}", ValidationSeverity.WARNING))
             return results
 
+    #: the orchestrator's own plugins: initialized at start(), finalized at shutdown
+    Plugin = plugins.Plugins
+
     config: Config
 
     def __init__(self, name: str = "Orchestrator", config: BaseConfig | None = None, **overrides: Any) -> None:
@@ -143,6 +146,7 @@ class Orchestrator:
         self._coordinator: Coordinator | None = None
         self._local = LocalWorkers()
         self._states = AgentStates()
+        self.plugin = plugins.PluginSet(type(self).Plugin.declared())
 
     # ------------------------------------------------------------------ registration
 
@@ -158,6 +162,7 @@ class Orchestrator:
         restart: str = "never",
         max_restarts: int = 10,
         restart_backoff: tuple[float, float] = (0.5, 30.0),
+        custom_plugin: Any = None,
     ) -> str:
         """Register ``agent_class`` to run under ``name`` (default: the class name).
 
@@ -167,7 +172,8 @@ class Orchestrator:
         finished without error (one-shot agents, e.g. a migration).
         ``restart`` is "never", "on-failure" (errors, crashed processes, lost workers) or "always",
         at most ``max_restarts`` times (-1: no limit), waiting ``restart_backoff`` = (initial, max)
-        seconds, doubling with jitter.
+        seconds, doubling with jitter.  ``custom_plugin`` (a ``Plugin`` class) replaces the
+        agent's default plugins.
 
         The config is validated here (an ERROR raises :class:`ConfigValidationError`) and the class
         is pickled here, so mistakes surface before anything is sent.  After :meth:`start` the
@@ -193,6 +199,7 @@ class Orchestrator:
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         depends_on = _names(depends_on, "depends_on")
         policy = RestartPolicy.build(restart, max_restarts, restart_backoff)
+        plugins.resolve(agent_class.Plugin, custom_plugin)  # a wrong kind of plugin fails here
         for finding in config.check(f"agent {name!r}"):
             log.warning("agent %s config: %s", name, finding)
         key = (agent_class, type(config))
@@ -200,7 +207,7 @@ class Orchestrator:
             self._classes[key] = shipping.pack_class(agent_class, type(config))
         class_id, class_blob = self._classes[key]
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
-                             class_blob=class_blob, config_blob=shipping.pack_config(config, name),
+                             class_blob=class_blob, config_blob=shipping.pack_config(config, name, custom_plugin),
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
                              depends_on=depends_on, policy=policy,
                              one_shot=not issubclass(agent_class, LoopingAgent))
@@ -316,6 +323,7 @@ class Orchestrator:
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
         self._coordinator = coordinator
         self._started = True
+        self.plugin.initialize(self, _log_plugin_failure)
         log.info("orchestrator %s: control %s, events %s (subscribe with: pyorchestrate events --address %s)",
                  self.name, coordinator.address, coordinator.events_address, coordinator.events_address)
         coordinator.start()
@@ -374,6 +382,7 @@ class Orchestrator:
         self._coordinator.mailbox.put(("close", (), None))
         self._coordinator.join_thread(10.0)
         self._local.stop()
+        self.plugin.finalize(_log_plugin_failure)
         self._dispatcher.close()
 
     def __enter__(self) -> "Orchestrator":
@@ -404,6 +413,10 @@ class Orchestrator:
         if self._shut:
             return self._coordinator.final_snapshot or {}
         return self._call("snapshot")
+
+
+def _log_plugin_failure(name: str, exc: BaseException) -> None:
+    log.error("orchestrator plugin %s failed: %s: %s", name, type(exc).__name__, exc)
 
 
 def _plain(payload: Any, what: str) -> Any:

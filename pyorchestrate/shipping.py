@@ -96,11 +96,17 @@ def pack_class(agent_class: type, config_class: type) -> tuple[str, bytes]:
     return hashlib.sha256(blob).hexdigest()[:24], blob
 
 
-def pack_config(config: Any, agent_name: str) -> bytes:
-    """Pickle a config's own values, naming the attribute that cannot be pickled."""
+def pack_config(config: Any, agent_name: str, plugin: Any = None) -> bytes:
+    """Pickle a config's own values (and a custom plugin), naming what cannot be pickled."""
     values = config.overrides()
+    if plugin is not None:
+        try:
+            _dumps(plugin)
+        except Exception as exc:
+            raise ShippingError(f"agent {agent_name!r}: custom_plugin cannot be sent to a worker: "
+                                f"{type(exc).__name__}: {exc}. Plugins must open their resources in initialize().") from exc
     try:
-        return _dumps(values)
+        return _dumps({"config": values, "plugin": plugin})
     except Exception:
         for key, value in values.items():
             try:
@@ -118,5 +124,7 @@ def unpack_class(blob: bytes) -> tuple[type, type]:
     return cloudpickle.loads(blob)
 
 
-def unpack_config(config_class: type, blob: bytes) -> Any:
-    return config_class(**cloudpickle.loads(blob))
+def unpack_config(config_class: type, blob: bytes) -> tuple[Any, Any]:
+    """``(config, custom plugin or None)`` from :func:`pack_config`'s blob."""
+    packed = cloudpickle.loads(blob)
+    return config_class(**packed["config"]), packed["plugin"]

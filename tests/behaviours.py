@@ -146,3 +146,77 @@ class PickyAgent(_Notes, po.BaseThreadAgent):
 
     def execute(self):
         self.note("ran")
+
+
+class Recorder(po.PluginBase):
+    """Notes its initialize/finalize in its owner's output file."""
+
+    def __init__(self, label, fail=False):
+        self.label, self.fail = label, fail
+
+    def initialize(self):
+        if self.fail:
+            raise OSError(f"{self.label} cannot start")
+        self.owner.note("init", self.label)
+
+    def finalize(self):
+        self.owner.note("final", self.label)
+
+
+class _Hooked:
+    def setup(self):
+        self.note("setup")
+
+    def execute(self):
+        self.note("execute", *self.plugin.names())
+        if self.config.explode:
+            raise RuntimeError("execute failed")
+
+    def on_close(self):
+        self.note("on_close")
+
+
+HOOKED = pair("Hooked", _Hooked, "Base")
+for cls in HOOKED.values():
+    cls.Config.explode = False
+    cls.Plugin = type("Plugin", (po.Plugins,), {"first": Recorder("first"), "broken": Recorder("broken", fail=True),
+                                                "last": Recorder("last")})
+
+
+class Speaker(_Notes, po.BaseThreadAgent):
+    """Publishes over ZmqPubSub and asks over ZmqReqRep; the address comes from the config."""
+
+    class Config(po.BaseThreadAgent.Config):
+        out = ""
+        pub = ""
+        rep = ""
+
+    def setup(self):
+        self.feed = po.ZmqPubSub(self.config.pub, role="pub")
+        self.ask = po.ZmqReqRep(self.config.rep, role="req", timeout=5)
+        self.feed.initialize()
+        self.ask.initialize()
+
+    def execute(self):
+        for _ in range(20):  # PUB/SUB drops what is sent before the subscriber joins: repeat a while
+            self.feed.send("news", {"n": 1})
+            time.sleep(0.05)
+        answer = self.ask.request({"question": 6 * 7}, timeout=10)
+        self.note("answer", answer["answer"], answer["heard"])
+
+    def on_close(self):
+        self.feed.finalize()
+        self.ask.finalize()
+
+
+class Listener(_Notes, po.BaseProcessAgent):
+    """Declares its plugins the documented way; answers one request, reporting the news it heard."""
+
+    class Config(po.BaseProcessAgent.Config):
+        out = ""
+
+    def execute(self):
+        heard = self.plugin.feed.recv(timeout=15)
+        request = self.plugin.answers.recv(timeout=15)
+        self.plugin.answers.reply({"answer": request["question"], "heard": heard[1]["n"] if heard else None})
+        self.note("served")

@@ -53,7 +53,8 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
 
     try:
         agent_class, config_class = shipping.unpack_class(class_blob)
-        agent = agent_class(name, shipping.unpack_config(config_class, config_blob))
+        config, plugin = shipping.unpack_config(config_class, config_blob)
+        agent = agent_class(name, config, plugin)
     except BaseException as exc:  # noqa: BLE001 - any failure to load must be reported
         report("AGENT_STARTED")
         report("AGENT_ERROR", error_message=f"{type(exc).__name__}: {exc}",

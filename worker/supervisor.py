@@ -129,7 +129,8 @@ class Supervisor:
             if class_id not in self._classes:
                 self._classes[class_id] = shipping.unpack_class(blob)
             agent_class, config_class = self._classes[class_id]
-            agent = agent_class(name, shipping.unpack_config(config_class, config_blob))
+            config, plugin = shipping.unpack_config(config_class, config_blob)
+            agent = agent_class(name, config, plugin)
         except Exception as exc:
             self._fail_before_start(name, epoch, exc)
             return

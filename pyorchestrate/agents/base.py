@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Callable, ClassVar
 
 from ..config import BaseConfig, ValidationSeverity
+from .. import plugins
 from . import signals
 
 Reporter = Callable[..., None]
@@ -56,6 +57,7 @@ class BaseAgent(abc.ABC):
                 results.append(ValidationResult("stop_timeout", "must be a number of seconds >= 0"))
             return results
 
+    Plugin = plugins.Plugins
     StateEvents = signals.StateEvents
     ControlEvents = signals.ControlEvents
 
@@ -64,10 +66,12 @@ class BaseAgent(abc.ABC):
 
     config: Config
 
-    def __init__(self, name: str | None = None, config: BaseConfig | None = None) -> None:
+    def __init__(self, name: str | None = None, config: BaseConfig | None = None, plugin: Any = None) -> None:
         self.name = name or type(self).__name__
         self.config = config if config is not None else type(self).Config()
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
+        #: this agent's plugins (``self.plugin.<name>``): its class's ``Plugin``, or ``plugin``
+        self.plugin = plugins.PluginSet(plugins.resolve(type(self).Plugin, plugin))
         self.state_events = type(self).StateEvents(threading.Event)
         self.control_events = type(self).ControlEvents(threading.Event)
         # standalone, nobody else drives the agent: setup and execute proceed on their own
@@ -164,6 +168,7 @@ class BaseAgent(abc.ABC):
             for finding in self.config.check(f"agent {self.name!r}"):
                 level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
                 self.logger.log(level, "config: %s", finding)
+            self.plugin.initialize(self, self._plugin_failed)
             if self._wait_control(self.control_events.setup_event):
                 self.setup()
                 report("AGENT_READY")
@@ -180,11 +185,15 @@ class BaseAgent(abc.ABC):
                 except Exception as exc:
                     ok = False
                     self._report_error(exc)
+            self.plugin.finalize(self._plugin_failed)
             # the coordinator holds its finish until it has seen our last bus event
             marker = self._bus.flush() if self._bus is not None else {}
             report("AGENT_TERMINATED", ok=ok, **marker)
             self.state_events.close_event.set()
         return ok
+
+    def _plugin_failed(self, name: str, exc: BaseException) -> None:
+        self._report_error(exc, plugin=name, recoverable=True)
 
     def _report_error(self, exc: BaseException, **extra: Any) -> None:
         message = f"{type(exc).__name__}: {exc}"

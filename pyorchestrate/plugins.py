@@ -1,0 +1,90 @@
+"""Plugins: objects an agent (or the orchestrator) initializes before its work and finalizes after.
+
+Declare them as attributes of a nested ``Plugin`` class::
+
+    class Monitor(PeriodicThreadAgent):
+        class Plugin(PeriodicThreadAgent.Plugin):
+            feed = ZmqPubSub("tcp://127.0.0.1:6000", role="pub")
+
+        def runner(self):
+            self.plugin.feed.send("cpu", {"load": 0.3})
+
+Each agent gets its own copy; ``owner`` is set, then ``initialize()`` runs before ``setup()``, and
+``finalize()`` after ``on_close()``, even when the agent failed.  A plugin that raises is logged
+and reported (AGENT_ERROR with ``plugin``); the other plugins and the agent carry on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("pyorchestrate.plugins")
+
+
+class PluginBase:
+    """Base for plugins: override :meth:`initialize` and :meth:`finalize`."""
+
+    owner: Any = None
+
+    def initialize(self) -> None:
+        """Acquire resources (sockets, files).  ``self.owner`` is the agent or orchestrator."""
+
+    def finalize(self) -> None:
+        """Release them.  Called even if the owner failed."""
+
+
+class Plugins:
+    """Base of the nested ``Plugin`` class: its attributes that are plugins are the plugins."""
+
+    @classmethod
+    def declared(cls) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            for key, value in vars(klass).items():
+                if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
+                    found[key] = value
+        return found
+
+
+class PluginSet:
+    """An owner's own copies of its plugins, reachable as attributes (``self.plugin.feed``)."""
+
+    def __init__(self, declared: dict[str, Any]) -> None:
+        self._plugins = {name: copy.copy(plugin) for name, plugin in declared.items()}
+        self._initialized: list[str] = []
+        for name, plugin in self._plugins.items():
+            setattr(self, name, plugin)
+
+    def names(self) -> list[str]:
+        return list(self._plugins)
+
+    def initialize(self, owner: Any, report: Callable[[str, BaseException], None]) -> None:
+        for name, plugin in self._plugins.items():
+            plugin.owner = owner
+            try:
+                plugin.initialize()
+                self._initialized.append(name)
+            except Exception as exc:
+                report(name, exc)
+
+    def finalize(self, report: Callable[[str, BaseException], None]) -> None:
+        while self._initialized:  # only what initialized, last first
+            name = self._initialized.pop()
+            try:
+                self._plugins[name].finalize()
+            except Exception as exc:
+                report(name, exc)
+
+
+def resolve(default: type[Plugins], custom: Any) -> dict[str, Any]:
+    """The plugins an owner gets: its class's, or ``custom`` (a Plugin class or object) instead."""
+    if custom is None:
+        return default.declared()
+    if isinstance(custom, type) and issubclass(custom, Plugins):
+        return custom.declared()
+    if isinstance(custom, dict):
+        return dict(custom)
+    raise TypeError(f"custom_plugin must be a Plugin class (class P(Agent.Plugin): ...) or a dict of plugins, "
+                    f"got {custom!r}")

@@ -1,0 +1,122 @@
+"""Communication plugins for agent-to-agent messaging across hosts over ZeroMQ (msgpack payloads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import zmq
+
+from . import sockets
+from .plugins import PluginBase
+
+
+def _pack(data: Any) -> bytes:
+    try:
+        return msgpack.packb(data, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot send {type(data).__name__} ({exc}); use numbers, strings, bytes, lists and dicts") from None
+
+
+class _ZmqPlugin(PluginBase):
+    def __init__(self, address: str, *, bind: bool) -> None:
+        sockets.parse_tcp(address)
+        self.address = address
+        self.bind = bind
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+
+    def _open(self, kind: int) -> zmq.Socket:
+        self._ctx = zmq.Context()
+        sock = sockets.make_socket(self._ctx, kind, linger_ms=0)
+        if self.bind:
+            sockets.bind(sock, self.address)
+        else:
+            sock.connect(self.address)
+        return sock
+
+    def finalize(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a plugin travels to its worker before it opens anything
+        return {k: (None if k in ("_ctx", "_sock") else v) for k, v in self.__dict__.items()}
+
+
+class ZmqPubSub(_ZmqPlugin):
+    """Publish or subscribe.  ``role="pub"`` binds ``address`` (by default) and :meth:`send`s;
+    ``role="sub"`` connects and :meth:`recv`s messages whose topic starts with one of ``topics``.
+    PUB/SUB drops what a slow or late subscriber misses."""
+
+    def __init__(self, address: str, role: str = "pub", topics: list[str] | None = None, bind: bool | None = None) -> None:
+        if role not in ("pub", "sub"):
+            raise ValueError(f"ZmqPubSub role={role!r}: use 'pub' or 'sub'")
+        super().__init__(address, bind=(role == "pub") if bind is None else bind)
+        self.role = role
+        self.topics = topics if topics is not None else [""]
+
+    def initialize(self) -> None:
+        self._sock = self._open(zmq.PUB if self.role == "pub" else zmq.SUB)
+        if self.role == "sub":
+            for topic in self.topics:
+                self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+
+    def send(self, topic: str, data: Any) -> None:
+        """Publish ``data`` under ``topic`` (never blocks)."""
+        assert self._sock is not None, "plugin not initialized"
+        try:
+            self._sock.send_multipart([topic.encode(), _pack(data)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops at the high-water mark: that is its contract
+
+    def recv(self, timeout: float | None = None) -> tuple[str, Any] | None:
+        """The next ``(topic, data)``, or None after ``timeout`` seconds."""
+        assert self._sock is not None, "plugin not initialized"
+        if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+            return None
+        topic, body = self._sock.recv_multipart()
+        return topic.decode(errors="replace"), msgpack.unpackb(body, raw=False)
+
+
+class ZmqReqRep(_ZmqPlugin):
+    """Request/reply.  ``role="rep"`` binds and answers with :meth:`recv` then :meth:`reply`;
+    ``role="req"`` connects and calls :meth:`request`, which raises TimeoutError after ``timeout``
+    seconds and resets its socket, so one lost reply never wedges it."""
+
+    def __init__(self, address: str, role: str = "req", timeout: float = 5.0, bind: bool | None = None) -> None:
+        if role not in ("req", "rep"):
+            raise ValueError(f"ZmqReqRep role={role!r}: use 'req' or 'rep'")
+        super().__init__(address, bind=(role == "rep") if bind is None else bind)
+        self.role = role
+        self.timeout = timeout
+
+    def initialize(self) -> None:
+        self._sock = self._open(zmq.REQ if self.role == "req" else zmq.REP)
+
+    def request(self, data: Any, timeout: float | None = None) -> Any:
+        """Send ``data``, wait for the reply."""
+        assert self._sock is not None and self.role == "req", "request() needs an initialized role='req' plugin"
+        self._sock.send(_pack(data))
+        wait = self.timeout if timeout is None else timeout
+        if not self._sock.poll(int(wait * 1000)):
+            self.finalize()  # a REQ socket that missed its reply can send nothing more: start over
+            self.initialize()
+            raise TimeoutError(f"no reply from {self.address} within {wait} s")
+        return msgpack.unpackb(self._sock.recv(), raw=False)
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next request (then call :meth:`reply`), or None after ``timeout`` seconds."""
+        assert self._sock is not None and self.role == "rep", "recv() needs an initialized role='rep' plugin"
+        if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+            return None
+        return msgpack.unpackb(self._sock.recv(), raw=False)
+
+    def reply(self, data: Any) -> None:
+        """Answer the request just received."""
+        assert self._sock is not None
+        self._sock.send(_pack(data))
