@@ -220,3 +220,14 @@ class Listener(_Notes, po.BaseProcessAgent):
         request = self.plugin.answers.recv(timeout=15)
         self.plugin.answers.reply({"answer": request["question"], "heard": heard[1]["n"] if heard else None})
         self.note("served")
+
+
+class _Metronome:
+    """Each run takes 20 ms; notes when it started."""
+
+    def runner(self):
+        self.note("tick")
+        time.sleep(0.02)
+
+
+METRONOME = pair("Metronome", _Metronome, "Periodic")

@@ -120,7 +120,7 @@ class Worker:
     def _register_with_retries(self) -> None:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(NoAnswer),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
             stop=lambda state: self._shutdown.is_set(),
             sleep=self._sleep_interruptibly,
             before_sleep=self._log_retry,

@@ -146,7 +146,7 @@ class RecoveryAgent(OneShotAgent):
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.config.max_retries + 1) | tenacity.stop_any(lambda s: self.stopping),
-            wait=tenacity.wait_exponential_jitter(initial=initial, max=maximum, jitter=jitter),
+            wait=tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=jitter),
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=failed_try,
             sleep=lambda seconds: self.wait_stop(seconds),
