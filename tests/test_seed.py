@@ -107,3 +107,17 @@ def test_waiting_worker_exits_0_on_sigterm(cluster):
     wait_for(lambda: "no coordinator at" in cluster.log_of("idle"), 10, "worker to wait")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(10) == 0
+
+
+def test_writing_agents_example_runs_every_behaviour():
+    result = run_script([str(REPO / "examples" / "writing_agents.py")], cwd=REPO, timeout=90)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    for expected in ("hello, once", "sum of squares", "half a second after READY", "condition met after 3 polls",
+                     "deploying version 1.2", "try 1: service unavailable", "connected on try 3", "says"):
+        assert expected in err, expected
+    # each agent line shows once: embedded workers do not print what the coordinator re-emits
+    assert err.count("fetched") == 6 and err.count("cycle [") == 3
+    for agent in ("Hello", "Crunch", "Reminder", "WhenReady", "Deploy", "Flaky", "Counter", "Sampler", "Dashboard",
+                  "Fetcher"):
+        assert f"agent {agent} terminated" in err, agent
