@@ -61,6 +61,7 @@ class ZmqPubSub(_ZmqPlugin):
         self.topics = topics if topics is not None else [""]
 
     def initialize(self) -> None:
+        """Open the socket (bind or connect)."""
         self._sock = self._open(zmq.PUB if self.role == "pub" else zmq.SUB)
         if self.role == "sub":
             for topic in self.topics:
@@ -96,6 +97,7 @@ class ZmqReqRep(_ZmqPlugin):
         self.timeout = timeout
 
     def initialize(self) -> None:
+        """Open the socket (bind or connect)."""
         self._sock = self._open(zmq.REQ if self.role == "req" else zmq.REP)
 
     def request(self, data: Any, timeout: float | None = None) -> Any:

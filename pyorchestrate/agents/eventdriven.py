@@ -22,8 +22,8 @@ class EventDrivenAgent(LoopingAgent):
     def on_event(self, event: Event) -> None:
         """Handle one event.  Required."""
 
-    def cycle(self) -> None:  # the loop is driven by events, not by cycle()
-        pass
+    def cycle(self) -> None:
+        """Unused: the loop is driven by events (write ``on_event``)."""
 
     def _main(self) -> None:
         subscriber = None

@@ -31,6 +31,7 @@ class LoopingAgent(BaseAgent):
         """One iteration of the agent's work.  Required."""
 
     def execute(self) -> None:
+        """The loop: ``cycle()`` until stopped or ``limit`` cycles (do not override; write ``cycle``)."""
         limit = self.config.limit
         done = 0
         while not self.stopping and (limit < 0 or done < limit):
@@ -72,6 +73,7 @@ class PeriodicAgent(LoopingAgent):
         self.runner()
 
     def execute(self) -> None:
+        """The schedule: ``runner()`` every interval (do not override; write ``runner``)."""
         interval = self.config.execution_interval
         limit = self.config.limit
         due = time.monotonic()

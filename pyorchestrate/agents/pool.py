@@ -27,6 +27,7 @@ class PoolAgent(PeriodicAgent):
             return results
 
     def execute(self) -> None:
+        """The schedule and the pool (do not override; write ``runner``)."""
         size = self.config.pool_size
         slots = threading.BoundedSemaphore(size)
         failure: list[BaseException] = []

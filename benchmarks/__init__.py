@@ -1,0 +1,1 @@
+"""The performance suite: ``python -m benchmarks [--quick] [--json FILE]`` (not collected by pytest)."""

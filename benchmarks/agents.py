@@ -1,0 +1,32 @@
+"""The agents the scenarios run (shipped by value, like a user's own)."""
+
+from pyorchestrate import BaseProcessAgent, BaseThreadAgent, LoopingProcessAgent, LoopingThreadAgent
+
+
+class Trivial(BaseThreadAgent):
+    def execute(self):
+        pass
+
+
+class TrivialProcess(BaseProcessAgent):
+    def execute(self):
+        pass
+
+
+class Idle(LoopingThreadAgent):
+    def cycle(self):
+        self.wait_stop(1.0)
+
+
+class IdleProcess(LoopingProcessAgent):
+    def cycle(self):
+        self.wait_stop(1.0)
+
+
+class Emitter(BaseThreadAgent):
+    class Config(BaseThreadAgent.Config):
+        count = 100_000
+
+    def execute(self):
+        for i in range(self.config.count):
+            self.publish("bench", i=i)
