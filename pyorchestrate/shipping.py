@@ -43,7 +43,19 @@ def _installed_roots() -> tuple[str, ...]:
 _INSTALLED = _installed_roots()
 
 
+_verdicts: dict[tuple[str, int], bool] = {}  # (module name, id) -> is it the user's own?
+_roots_cache: tuple[int, list[str]] = (-1, [])
+
+
 def _is_user_module(module: ModuleType) -> bool:
+    key = (module.__name__, id(module))
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        verdict = _verdicts[key] = _judge(module)
+    return verdict
+
+
+def _judge(module: ModuleType) -> bool:
     root = module.__name__.partition(".")[0]
     if root in _OWN_PACKAGES or root == "__main__" or root in sys.builtin_module_names:
         return False
@@ -54,12 +66,18 @@ def _is_user_module(module: ModuleType) -> bool:
 
 
 def user_module_roots() -> list[str]:
-    """Top-level names of the user's own modules currently imported."""
+    """Top-level names of the user's own modules currently imported (recomputed only when
+    ``sys.modules`` changes: resolving every module's real path costs milliseconds)."""
+    global _roots_cache
+    if _roots_cache[0] == len(sys.modules):
+        return list(_roots_cache[1])
     roots = set()
     for name, module in list(sys.modules.items()):
         if module is not None and name.partition(".")[0] not in roots and _is_user_module(module):
             roots.add(name.partition(".")[0])
-    return sorted(r for r in roots if r in sys.modules)
+    result = sorted(r for r in roots if r in sys.modules)
+    _roots_cache = (len(sys.modules), result)
+    return list(result)
 
 
 def _dumps(obj: Any) -> bytes:
