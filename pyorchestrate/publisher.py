@@ -1,7 +1,8 @@
 """Agents publishing onto the cluster's bus: custom events (``self.publish``) and log records.
 
-Each running agent gets a :class:`BusPublisher` with its own XPUB socket into the coordinator's bus
-input.  ``publish`` only appends to a buffer (microseconds, never blocks on the network); a flusher
+Each running agent gets a :class:`BusPublisher`; at its first event it opens its own XPUB socket
+into the coordinator's bus input (on the process's shared context), so an agent that never
+publishes or logs costs nothing.  ``publish`` only appends to a buffer (microseconds, never blocks on the network); a flusher
 thread sends the buffer as one batch frame every few milliseconds, which the coordinator unpacks
 and republishes event by event, each under its own topic.  The buffer is bounded: when nobody
 drains it fast enough the oldest events are dropped, counted, and still numbered, so subscribers
@@ -42,16 +43,23 @@ class BusPublisher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._ctx = zmq.Context()
-        self._sock = sockets.make_socket(self._ctx, zmq.XPUB)
-        self._sock.connect(address)
+        self._address = address
+        self._sock: zmq.Socket | None = None
         self._subscribed = False
-        self._thread = threading.Thread(target=self._flush_loop, name=f"publish-{publisher}", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    def _open(self) -> None:
+        """Called with the lock held, at the first event."""
+        self._sock = sockets.make_socket(zmq.Context.instance(), zmq.XPUB)
+        self._sock.connect(self._address)
+        self._thread = threading.Thread(target=self._flush_loop, name=f"publish-{self.publisher}", daemon=True)
         self._thread.start()
 
     def publish(self, event: str, subject: str, fields: dict[str, Any]) -> None:
         """Queue one event (thread-safe, non-blocking)."""
         with self._lock:
+            if self._thread is None:
+                self._open()
             self._seq += 1
             item = [protocol.event_topic(event, subject),
                     {**self._base, **fields, **stamp(), "event": event, "seq": self._seq,
@@ -70,6 +78,7 @@ class BusPublisher:
 
     def _ready(self) -> bool:
         # an XPUB learns when the coordinator's subscription has arrived: nothing is sent before
+        assert self._sock is not None
         while self._sock.poll(0):
             frame = self._sock.recv()
             if frame[:1] in (b"\x00", b"\x01"):
@@ -84,6 +93,7 @@ class BusPublisher:
             while self._buffer and self._ready():
                 batch = self._take()
                 try:
+                    assert self._sock is not None
                     self._sock.send_multipart([BATCH_TOPIC, msgpack.packb(batch, use_bin_type=True, default=repr)],
                                               zmq.NOBLOCK)
                 except zmq.Again:
@@ -94,7 +104,10 @@ class BusPublisher:
 
     def flush(self, timeout: float = 2.0) -> dict[str, Any]:
         """Wait (up to ``timeout``) until everything queued is sent; return the marker the
-        coordinator waits for: this publisher's id, incarnation and last ``seq``."""
+        coordinator waits for: this publisher's id, incarnation and last ``seq`` (nothing if it
+        never published)."""
+        if self._thread is None:
+            return {}
         self._wake.set()
         deadline = time.monotonic() + timeout
         while self._buffer and time.monotonic() < deadline:
@@ -106,11 +119,13 @@ class BusPublisher:
         deadline = time.monotonic() + timeout
         while self._buffer and time.monotonic() < deadline:  # the flusher drains it once subscribed
             time.sleep(0.01)
+        if self._thread is None:
+            return
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
+        assert self._sock is not None
         self._sock.close(linger=int(timeout * 1000))
-        self._ctx.term()
 
 
 class BusLogHandler(logging.Handler):
