@@ -221,12 +221,16 @@ class Orchestrator:
             if not started:
                 self._agents[name] = record
         if started:
+            # checked here, against the names registered so far, so adding needs no round trip
+            # through the coordinator's loop (one would cost more than the rest of registering)
             try:
-                self._call("add", record)
-            except Exception:
+                check_graph({name: depends_on, **{d: [] for d in depends_on if d in self._names and d != name}})
+            except ValueError:
                 with self._lock:
                     self._names.discard(name)
                 raise
+            assert self._coordinator is not None
+            self._coordinator.mailbox.put(("add", (record,), None))
         return name
 
     def add_dependency(self, agent_name: str, deps: list[str]) -> None:
