@@ -16,7 +16,7 @@ PAYLOAD = msgpack.packb({"type": "x", "data": "y" * 80})  # about 100 bytes
 
 def _echo_server(port_queue) -> None:
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
+    sock = _unbounded(ctx.socket(zmq.ROUTER))
     port_queue.put(sock.bind_to_random_port("tcp://127.0.0.1"))
     while True:
         ident, frame = sock.recv_multipart()
@@ -30,7 +30,7 @@ def _echo_server(port_queue) -> None:
 def _dispatch_server(port_queue) -> None:
     """Our dispatch with nothing else: load a pickled class, run it, reply."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
+    sock = _unbounded(ctx.socket(zmq.ROUTER))
     port_queue.put(sock.bind_to_random_port("tcp://127.0.0.1"))
     while True:
         ident, frame = sock.recv_multipart()
@@ -40,6 +40,13 @@ def _dispatch_server(port_queue) -> None:
         sock.send_multipart([ident, msgpack.packb(cls().execute())])
     sock.close(0)
     ctx.term()
+
+
+def _unbounded(sock):
+    # pipelined floors must not hit a high-water mark: a ROUTER drops silently beyond it
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
 
 
 def _serve(target):
@@ -52,7 +59,7 @@ def _serve(target):
 
 def _client(port: int):
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = _unbounded(ctx.socket(zmq.DEALER))
     sock.connect(f"tcp://127.0.0.1:{port}")
     return ctx, sock
 

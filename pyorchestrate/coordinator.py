@@ -50,6 +50,7 @@ class WorkerRecord:
     last_seen: float
     alive: bool = True
     draining: bool = False
+    last_beat_sent: float = 0.0
     agents: set[str] = field(default_factory=set)
     sent_classes: set[str] = field(default_factory=set)
 
@@ -92,7 +93,7 @@ class Coordinator(Scheduling):
         self.on_agent_state: Callable[[str, str, str | None, int], None] | None = None
         self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
         self.final_snapshot: dict[str, Any] | None = None
-        self._drained_sessions: set[str] = set()
+        self._last_bus_beat = 0.0
         self.min_workers = 1
         self._thread: threading.Thread | None = None
         self.ctx = zmq.Context()
@@ -104,23 +105,23 @@ class Coordinator(Scheduling):
     def bind(self, address: str, events_address: str | None) -> None:
         """Bind the three sockets.  ``*``/``0`` ports are chosen by the OS."""
         cfg = self.config
-        sockets.check_bind_allowed(address, insecure=cfg.insecure)
-        host, port = sockets.parse_tcp(address)
-        if events_address is None:
-            events_address = sockets.with_port(address, int(port) + 1) if port.isdigit() else address
-        sockets.check_bind_allowed(events_address, insecure=cfg.insecure)
-        ev_host, ev_port = sockets.parse_tcp(events_address)
-        bus_in = sockets.with_port(address, int(ev_port) + 1) if ev_port.isdigit() else address
-        size = cfg.max_message_size
-        self.router = sockets.make_socket(self.ctx, zmq.ROUTER, max_message_size=size)
-        self.xsub = sockets.make_socket(self.ctx, zmq.XSUB, max_message_size=size)
-        self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=4096)
         try:
+            sockets.check_bind_allowed(address, insecure=cfg.insecure)
+            port = sockets.parse_tcp(address)[1]
+            if events_address is None:
+                events_address = sockets.with_port(address, int(port) + 1) if port.isdigit() else address
+            sockets.check_bind_allowed(events_address, insecure=cfg.insecure)
+            ev_port = sockets.parse_tcp(events_address)[1]
+            bus_in = sockets.with_port(address, int(ev_port) + 1) if ev_port.isdigit() else address
+            size = cfg.max_message_size
+            self.router = sockets.make_socket(self.ctx, zmq.ROUTER, max_message_size=size)
+            self.xsub = sockets.make_socket(self.ctx, zmq.XSUB, max_message_size=size)
+            self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=4096)
             self.address = sockets.bind(self.router, address)
             self.events_address = sockets.bind(self.xpub, events_address)
             self.bus_address = sockets.bind(self.xsub, bus_in)
         except Exception:
-            self._close_sockets()
+            self._close()  # nothing half-open is left behind
             raise
         self.xsub.send(b"\x01")  # hear everything workers publish
 
@@ -200,8 +201,8 @@ class Coordinator(Scheduling):
                 self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
                                   f"worker {worker.name!r} was lost (no heartbeat for {now - worker.last_seen:.1f} s)")
                 continue
-            if now - getattr(worker, "_last_beat_sent", 0.0) >= self.config.heartbeat_interval:
-                worker._last_beat_sent = now  # type: ignore[attr-defined]
+            if now - worker.last_beat_sent >= self.config.heartbeat_interval:
+                worker.last_beat_sent = now
                 self._send(worker, beat)
         self._publish_bus_heartbeat(now)
         if any(r.state == "RESTARTING" and now >= r.restart_at for r in self.agents.values()):
@@ -216,7 +217,7 @@ class Coordinator(Scheduling):
 
     def _publish_bus_heartbeat(self, now: float) -> None:
         # lets subscribers confirm their subscription and notice a lost last event
-        if now - getattr(self, "_last_bus_beat", 0.0) < self.config.heartbeat_interval:
+        if now - self._last_bus_beat < self.config.heartbeat_interval:
             return
         self._last_bus_beat = now
         fields = {"event": "_HEARTBEAT", "seq": self._seq, "publisher": self.name,
