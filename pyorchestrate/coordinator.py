@@ -51,6 +51,8 @@ class WorkerRecord:
     alive: bool = True
     draining: bool = False
     last_beat_sent: float = 0.0
+    fd: int = -1  #: the file descriptor its messages arrive on (for closed-connection detection)
+    disconnected_at: float | None = None  #: when that connection closed, if it has
     agents: set[str] = field(default_factory=set)
     sent_classes: set[str] = field(default_factory=set)
 
@@ -94,6 +96,8 @@ class Coordinator(Scheduling):
         self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
         self.final_snapshot: dict[str, Any] | None = None
         self._last_bus_beat = 0.0
+        self._fd_workers: dict[int, str] = {}
+        self.monitor: zmq.Socket | None = None
         self.min_workers = 1
         self._thread: threading.Thread | None = None
         self.ctx = zmq.Context()
@@ -120,6 +124,8 @@ class Coordinator(Scheduling):
             self.address = sockets.bind(self.router, address)
             self.events_address = sockets.bind(self.xpub, events_address)
             self.bus_address = sockets.bind(self.xsub, bus_in)
+            # a worker whose process dies closes its connection: the monitor tells us at once
+            self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         except Exception:
             self._close()  # nothing half-open is left behind
             raise
@@ -138,7 +144,7 @@ class Coordinator(Scheduling):
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket):
+        for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
             poller.register(sock, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         next_tick = time.monotonic()
@@ -147,13 +153,17 @@ class Coordinator(Scheduling):
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(now)
-                    next_tick = now + min(interval, 0.25)
+                    # tick sooner while a closed connection waits out its grace
+                    pending_grace = any(w.disconnected_at is not None for w in self.workers.values() if w.alive)
+                    next_tick = now + (0.05 if pending_grace else min(interval, 0.25))
                 ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
                 if self.mailbox.wake_socket in ready:
                     for command, args, future in self.mailbox.drain():
                         self._run_command(command, args, future)
                 if self.router in ready:
-                    self._drain(self.router, self._on_control)
+                    self._drain_control()
+                if self.monitor in ready:
+                    self._on_monitor()
                 if self.xsub in ready:
                     self._drain(self.xsub, self._on_bus)
                 if self.xpub in ready:
@@ -180,22 +190,57 @@ class Coordinator(Scheduling):
             if future is not None:
                 future.set_result(result)
 
+    def _drain_control(self) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                fd = frames[-1].get(zmq.SRCFD)
+            except zmq.ZMQError:  # libzmq has no source fd for some frames (empty ones)
+                fd = -1
+            self._handle(self._on_control, [f.bytes for f in frames], fd)
+
+    def _handle(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run one message's handler: whatever the network sent, the loop goes on."""
+        try:
+            handler(*args)
+        except protocol.ProtocolError as exc:
+            self.dropped.drop("bad_frame", exc)
+        except Exception as exc:  # a bug of ours on a strange message: count it, log it, carry on
+            self.dropped.drop("handler_error", f"{type(exc).__name__}: {exc}")
+            log.debug("handler error", exc_info=True)
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            worker = self.workers.get(self._fd_workers.pop(int(event["value"]), ""))
+            if worker is not None and worker.alive and worker.fd == int(event["value"]):
+                worker.disconnected_at = time.monotonic()
+
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(_DRAIN_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                handler(frames)
-            except protocol.ProtocolError as exc:
-                self.dropped.drop("bad_frame", exc)
+            self._handle(handler, frames)
 
     def _tick(self, now: float) -> None:
         limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
         beat = protocol.encode("heartbeat")
+        grace = self.config.heartbeat_interval + 0.2  # a live worker that reconnected speaks by then
         for worker in list(self.workers.values()):
             if not worker.alive:
+                continue
+            if worker.disconnected_at is not None and now - worker.disconnected_at > grace:
+                self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
+                                  f"worker {worker.name!r} was lost (its connection closed and it did not come back)")
                 continue
             if now - worker.last_seen > limit:
                 self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
@@ -244,7 +289,7 @@ class Coordinator(Scheduling):
             # unreachable or full: heartbeats will tell whether the worker is really gone
             log.debug("could not send to worker %s: %s", worker.name, exc)
 
-    def _on_control(self, frames: list[bytes]) -> None:
+    def _on_control(self, frames: list[bytes], fd: int = -1) -> None:
         if len(frames) != 2:
             raise protocol.ProtocolError(f"control message with {len(frames)} frames")
         identity, frame = frames
@@ -256,6 +301,7 @@ class Coordinator(Scheduling):
         kind = message["type"]
         if kind == "register":
             self._on_register(identity, message)
+            self._note_fd(self.workers.get(message["name"]), identity, fd)
             return
         name = self._by_identity.get(identity)
         worker = self.workers.get(name) if name else None
@@ -269,12 +315,23 @@ class Coordinator(Scheduling):
                 self.dropped.drop("unexpected", kind)
             return
         worker.last_seen = time.monotonic()
+        self._note_fd(worker, identity, fd)
         if kind == "agent_event":
             self._on_agent_event(worker, message)
         elif kind == "goodbye":
             self._worker_gone(worker, OrchestratorEvent.WORKER_LEFT, f"worker {worker.name!r} shut down")
         elif kind != "heartbeat":
             self.dropped.drop("unexpected", kind)
+
+    def _note_fd(self, worker: WorkerRecord | None, identity: bytes, fd: int) -> None:
+        """Remember which connection a worker speaks on now; speaking means it is connected."""
+        if worker is None or worker.identity != identity or fd < 0:
+            return
+        worker.disconnected_at = None
+        if worker.fd != fd:
+            self._fd_workers.pop(worker.fd, None)
+            worker.fd = fd
+            self._fd_workers[fd] = worker.name
 
     def _maybe_refuse_old_peer(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -549,6 +606,10 @@ class Coordinator(Scheduling):
                 sock.close(linger=sockets.LINGER_MS)
 
     def _close(self) -> None:
+        if self.monitor is not None:
+            self.router.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         self._close_sockets()
         self.mailbox.close()
         self.ctx.term()

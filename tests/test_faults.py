@@ -247,3 +247,19 @@ def test_unpicklable_config_value_is_refused_at_register(cluster):
     assert "q" not in orch.status()["agents"]
     unused = run_script(["-c", "print('ok')"], cwd=os.getcwd())
     assert unused.stdout.strip() == "ok"
+
+
+def test_sigkilled_worker_is_noticed_by_its_closed_connection_not_heartbeats(cluster):
+    # default heartbeats (1 s x 5): only the closed connection can explain detection well before 5 s
+    orch = cluster.orchestrator(min_workers=1, heartbeat_interval=1.0, heartbeat_liveness=5)
+    events = EventLog(orch)
+    orch.start()
+    victim = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    lost = events.wait("WORKER_LOST", "w1", timeout=10)[0]
+    took = time.monotonic() - killed_at
+    assert "connection closed" in lost["reason"]
+    assert took < 2.5, f"{took:.2f} s: within one heartbeat interval of grace, far below the 5 s window"

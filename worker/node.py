@@ -254,7 +254,13 @@ class Worker:
                 self._flush_events()
             if self._dealer in ready:
                 while self._dealer.poll(0):
-                    if self._handle(self._dealer.recv()) == "reconnect":
+                    try:
+                        outcome = self._handle(self._dealer.recv())
+                    except Exception as exc:  # never let one strange message end the worker
+                        self.dropped.drop("handler_error", f"{type(exc).__name__}: {exc}")
+                        log.debug("handler error", exc_info=True)
+                        continue
+                    if outcome == "reconnect":
                         return
             self._supervisor.enforce_stop_timeouts()
             self._supervisor.forget_finished()
