@@ -183,7 +183,8 @@ def _detect(settings: dict, sig: int) -> float:
 def s6_detection(quick: bool) -> dict[str, dict]:
     fast = {"heartbeat_interval": 0.1}
     out = {"kill": {"seconds": round(_detect(fast if quick else {}, signal.SIGKILL), 3),
-                    "setting": "heartbeat_interval=0.1" if quick else "defaults", "how": "heartbeat"},
+                    "setting": "heartbeat_interval=0.1" if quick else "defaults",
+                    "how": "closed connection, after one heartbeat interval of grace"},
            "hung.fast": {"seconds": round(_detect(fast, signal.SIGSTOP), 3)}}
     if not quick:
         out["hung.default"] = {"seconds": round(_detect({}, signal.SIGSTOP), 3)}
