@@ -14,7 +14,9 @@ from .stats import latency
 PAYLOAD = msgpack.packb({"type": "x", "data": "y" * 80})  # about 100 bytes
 
 
-def _echo_server(port_queue) -> None:
+def _server(port_queue, dispatch: bool) -> None:
+    """Echo each frame back, or (``dispatch``) load the pickled class in it, run it, and reply:
+    our dispatch with nothing else."""
     ctx = zmq.Context()
     sock = _unbounded(ctx.socket(zmq.ROUTER))
     port_queue.put(sock.bind_to_random_port("tcp://127.0.0.1"))
@@ -22,22 +24,7 @@ def _echo_server(port_queue) -> None:
         ident, frame = sock.recv_multipart()
         if frame == b"quit":
             break
-        sock.send_multipart([ident, frame])
-    sock.close(0)
-    ctx.term()
-
-
-def _dispatch_server(port_queue) -> None:
-    """Our dispatch with nothing else: load a pickled class, run it, reply."""
-    ctx = zmq.Context()
-    sock = _unbounded(ctx.socket(zmq.ROUTER))
-    port_queue.put(sock.bind_to_random_port("tcp://127.0.0.1"))
-    while True:
-        ident, frame = sock.recv_multipart()
-        if frame == b"quit":
-            break
-        cls = cloudpickle.loads(frame)
-        sock.send_multipart([ident, msgpack.packb(cls().execute())])
+        sock.send_multipart([ident, msgpack.packb(cloudpickle.loads(frame)().execute()) if dispatch else frame])
     sock.close(0)
     ctx.term()
 
@@ -49,10 +36,10 @@ def _unbounded(sock):
     return sock
 
 
-def _serve(target):
+def _serve(dispatch: bool):
     mp = multiprocessing.get_context("spawn")
     q = mp.Queue()
-    proc = mp.Process(target=target, args=(q,), daemon=True)
+    proc = mp.Process(target=_server, args=(q, dispatch), daemon=True)
     proc.start()
     return proc, q.get(timeout=30)
 
@@ -72,7 +59,7 @@ def _stop(proc, ctx, sock) -> None:
 
 
 def rtt(reps: int) -> dict:
-    proc, port = _serve(_echo_server)
+    proc, port = _serve(dispatch=False)
     ctx, sock = _client(port)
     samples = []
     for i in range(reps + 50):
@@ -91,7 +78,7 @@ class Trivial:
 
 
 def dispatch(reps: int, throughput_n: int) -> tuple[dict, dict]:
-    proc, port = _serve(_dispatch_server)
+    proc, port = _serve(dispatch=True)
     ctx, sock = _client(port)
     samples = []
     for i in range(reps + 50):

@@ -60,8 +60,9 @@ def free_port(span: int = 3) -> int:
     raise RuntimeError("no free port span found")
 
 
-def _session_members(sid: int) -> list[int]:
-    members = []
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, session id) of every process, from /proc."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -70,25 +71,16 @@ def _session_members(sid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z":
-            members.append(int(entry))
-    return members
+        out.append((int(entry), fields[0], int(fields[1]), int(fields[3])))
+    return out
+
+
+def _session_members(sid: int) -> list[int]:
+    return [pid for pid, state, _, session in _processes() if session == sid and state != "Z"]
 
 
 def live_children(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.append(int(entry))
-    return children
+    return [p for p, state, parent, _ in _processes() if parent == pid and state != "Z"]
 
 
 class EventLog:
