@@ -47,6 +47,7 @@ def _serve(dispatch: bool):
 def _client(port: int):
     ctx = zmq.Context()
     sock = _unbounded(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)  # a dead server fails the run instead of hanging it
     sock.connect(f"tcp://127.0.0.1:{port}")
     return ctx, sock
 
