@@ -23,6 +23,3 @@ class DropCounter:
         if now - self._last_log >= self._interval:
             self._last_log = now
             self._log.warning("dropped a %s frame (%s); dropped so far: %s", kind, detail, dict(self.counts))
-
-    def total(self) -> int:
-        return sum(self.counts.values())

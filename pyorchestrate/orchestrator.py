@@ -19,7 +19,7 @@ from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .local_workers import LocalWorkers
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, pack_plain
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
 
@@ -424,13 +424,7 @@ def _log_plugin_failure(name: str, exc: BaseException) -> None:
 
 
 def _plain(payload: Any, what: str) -> Any:
-    import msgpack
-
-    try:
-        msgpack.packb(payload, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"{what}: payload {type(payload).__name__} cannot travel to an agent ({exc}); use "
-                        "numbers, strings, bytes, lists and dicts") from None
+    pack_plain(payload, f"{what}: payload {type(payload).__name__} cannot travel to an agent")
     return payload
 
 

@@ -73,6 +73,15 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol version."""
 
 
+def pack_plain(value: Any, what: str) -> bytes:
+    """msgpack ``value`` (user data bound for the wire), or raise a TypeError that says what could
+    not be sent (``what``) and what can."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"{what} ({exc}); use numbers, strings, bytes, lists and dicts") from None
+
+
 def encode(type_: str, **fields: Any) -> bytes:
     """Build one control frame.  Raises ``KeyError`` for an unknown type (a bug, not input)."""
     schema = MESSAGES[type_]

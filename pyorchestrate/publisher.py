@@ -175,8 +175,4 @@ def check_publishable(topic: str, data: dict[str, Any]) -> None:
     if not isinstance(topic, str) or not topic or any(c.isspace() for c in topic):
         raise TypeError(f"publish: topic {topic!r} must be a non-empty string without spaces")
     for key, value in data.items():
-        try:
-            msgpack.packb(value, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"publish({topic!r}): field {key!r} ({type(value).__name__}) cannot be sent "
-                            f"({exc}); use numbers, strings, bytes, lists and dicts") from None
+        protocol.pack_plain(value, f"publish({topic!r}): field {key!r} ({type(value).__name__}) cannot be sent")

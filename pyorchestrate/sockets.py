@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket as _socket
-from urllib.parse import urlsplit
 
 import zmq
 
@@ -119,6 +118,3 @@ def connectable(endpoint: str) -> str:
     host_part = f"[{host}]" if ":" in host else host
     return f"tcp://{host_part}:{port}"
 
-
-def split_host(address: str) -> str:
-    return urlsplit(address).hostname or ""

@@ -7,15 +7,12 @@ from typing import Any
 import msgpack
 import zmq
 
-from . import sockets
+from . import protocol, sockets
 from .plugins import PluginBase
 
 
 def _pack(data: Any) -> bytes:
-    try:
-        return msgpack.packb(data, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"cannot send {type(data).__name__} ({exc}); use numbers, strings, bytes, lists and dicts") from None
+    return protocol.pack_plain(data, f"cannot send {type(data).__name__}")
 
 
 class _ZmqPlugin(PluginBase):

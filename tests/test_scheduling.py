@@ -10,8 +10,6 @@ import pytest
 from agents import Boom, Forever, Quick, Sleeper
 from conftest import EventLog, start_daemon, wait_for
 
-from pyorchestrate import RunMode
-
 
 def daemon(cluster, workers=(), **settings):
     return start_daemon(cluster, *workers, **settings)

@@ -8,7 +8,7 @@ import time
 import pytest
 from agents import Quick
 from behaviours import HOLDABLE, PickyAgent
-from conftest import EventLog, start_daemon, wait_for
+from conftest import start_daemon
 
 from pyorchestrate import (BaseThreadAgent, ConfigValidationError, ValidationPolicy, ValidationResult,
                            ValidationSeverity)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from behaviours import CONDITIONAL, DEFERRED, EVENTDRIVEN, METRONOME, ONESHOT, PERIODIC, POOL, RECOVERY, TRIGGERED

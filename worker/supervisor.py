@@ -285,14 +285,6 @@ class Supervisor:
                 self._emit(record.name, record.epoch, "AGENT_ERROR", {"error_message": message, "traceback": "",
                                                                       "stuck": True})
 
-    def wait_all(self, deadline: float) -> bool:
-        while time.monotonic() < deadline:
-            if self.count() == 0:
-                return True
-            self.enforce_stop_timeouts()
-            time.sleep(0.02)
-        return self.count() == 0
-
     def forget_finished(self) -> None:
         with self._lock:
             for name in [n for n, r in self._agents.items() if r.terminated]:
