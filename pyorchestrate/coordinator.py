@@ -24,7 +24,7 @@ from . import protocol, sockets
 from .drops import DropCounter
 from .events import EventDispatcher, OrchestratorEvent, stamp
 from .mailbox import Mailbox
-from .scheduling import RUNNING, TERMINAL, AgentRecord, Scheduling
+from .scheduling import RUNNING, TERMINAL, AgentRecord, Scheduling, StateIndex
 from .versions import compare, local_versions, table
 
 log = logging.getLogger("pyorchestrate.coordinator")
@@ -69,6 +69,7 @@ class Coordinator(Scheduling):
         self.name = name
         self.config = config
         self.agents = agents
+        self.states = StateIndex()
         self.dispatcher = dispatcher
         self.session = uuid.uuid4().hex
         self.workers: dict[str, WorkerRecord] = {}
@@ -132,6 +133,8 @@ class Coordinator(Scheduling):
         self.xsub.send(b"\x01")  # hear everything workers publish
 
     def start(self) -> None:
+        for record in self.agents.values():  # those registered before start
+            self.states.add(record)
         self._wait_deadline = time.monotonic() + self.config.worker_wait_timeout
         self._thread = threading.Thread(target=self._run, name="pyorchestrate-coordinator", daemon=True)
         self._thread.start()
@@ -250,7 +253,7 @@ class Coordinator(Scheduling):
                 worker.last_beat_sent = now
                 self._send(worker, beat)
         self._publish_bus_heartbeat(now)
-        if any(r.state == "RESTARTING" and now >= r.restart_at for r in self.agents.values()):
+        if any(now >= r.restart_at for r in self.states.of("RESTARTING")):
             self._dirty = True
         if self._stopping_deadline is not None and now > self._stopping_deadline:
             for record in self.agents.values():
@@ -306,18 +309,20 @@ class Coordinator(Scheduling):
         name = self._by_identity.get(identity)
         worker = self.workers.get(name) if name else None
         if worker is None or not worker.alive or worker.identity != identity:
-            if kind in ("heartbeat", "agent_event"):
+            if kind in ("heartbeat", "agent_events"):
                 # a worker we do not know (we restarted) or had given up on (it was frozen)
                 self.router.send_multipart([identity, protocol.encode("reregister")], zmq.NOBLOCK)
-                if kind == "agent_event" and worker is not None:
-                    self._on_stale_event(worker, message)
+                if kind == "agent_events" and worker is not None:
+                    for item in protocol.agent_events(message):
+                        self._on_stale_event(worker, item)
             elif kind != "goodbye":
                 self.dropped.drop("unexpected", kind)
             return
         worker.last_seen = time.monotonic()
         self._note_fd(worker, identity, fd)
-        if kind == "agent_event":
-            self._on_agent_event(worker, message)
+        if kind == "agent_events":
+            for item in protocol.agent_events(message):
+                self._handle(self._on_agent_event, worker, item)  # one bad item spoils no other
         elif kind == "goodbye":
             self._worker_gone(worker, OrchestratorEvent.WORKER_LEFT, f"worker {worker.name!r} shut down")
         elif kind != "heartbeat":
@@ -568,12 +573,12 @@ class Coordinator(Scheduling):
             self._fail_run(record, "no worker to run it: " + self.start_error.splitlines()[0], final=True)
 
     def _pending(self) -> list[AgentRecord]:
-        return [r for r in self.agents.values() if r.state == "PENDING"]
+        return self.states.of("PENDING")
 
     def _check_finished(self) -> None:
         if self._finished:
             return
-        if all(r.state == TERMINAL for r in self.agents.values()):
+        if self.states.count(TERMINAL) == len(self.agents):
             stopping = self._stopping_deadline is not None or self._stop_requested
             # STOP_ON_EMPTY ends in join(): agents registered between start() and join() all run
             batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and self._joined

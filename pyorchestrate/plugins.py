@@ -40,12 +40,15 @@ class Plugins:
 
     @classmethod
     def declared(cls) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            for key, value in vars(klass).items():
-                if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
-                    found[key] = value
-        return found
+        found = cls.__dict__.get("_declared")  # this class's own, not a parent's
+        if found is None:
+            found = {}
+            for klass in reversed(cls.__mro__):
+                for key, value in vars(klass).items():
+                    if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
+                        found[key] = value
+            cls._declared = found  # every agent start asks: walk the MRO once per class
+        return dict(found)
 
 
 class PluginSet:

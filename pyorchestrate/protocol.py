@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: agent events travel in batches (agent_events)
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -41,7 +41,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "agents": _LIST,
     },
     "heartbeat": {},
-    "agent_event": {"agent": _STR, "epoch": _INT, "event": _STR, "fields": _DICT},
+    # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
+    # often travel together); each item is checked against AGENT_EVENT by agent_events()
+    "agent_events": {"events": _LIST},
     "goodbye": {},
     # coordinator -> worker
     "welcome": {
@@ -67,6 +69,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "deliver": {"agent": _STR, "epoch": _INT, "kind": _STR, "payload": object},
     "release": {},
 }
+
+
+AGENT_EVENT: dict[str, Any] = {"agent": _STR, "epoch": _INT, "event": _STR, "fields": _DICT}
 
 
 class ProtocolError(ValueError):
@@ -120,14 +125,35 @@ def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, 
     schema = MESSAGES.get(type_) if isinstance(type_, str) else None
     if schema is None:
         raise ProtocolError(f"unknown message type {type_!r}")
+    _check(type_, schema, message)
+    return message
+
+
+def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
     for name, expected in schema.items():
         if name not in message:
-            raise ProtocolError(f"{type_}: missing field {name!r}")
+            raise ProtocolError(f"{what}: missing field {name!r}")
         value = message[name]
         # bool is an int subclass; never accept it where a number is meant
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ProtocolError(f"{type_}: field {name!r} has type {type(value).__name__}")
-    return message
+            raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
+
+
+def agent_event(agent: str, epoch: int, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """One item of an ``agent_events`` message."""
+    return {"agent": agent, "epoch": epoch, "event": event, "fields": fields}
+
+
+def agent_events(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The items of a decoded ``agent_events`` message, each checked; ProtocolError if one is bad
+    (the whole message is dropped: a worker that sends one bad item is not to be trusted with
+    the rest)."""
+    items = message["events"]
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError("agent_events: an item is not a map")
+        _check("agent_events item", AGENT_EVENT, item)
+    return items
 
 
 # ---------------------------------------------------------------------------- bus events

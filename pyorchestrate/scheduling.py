@@ -3,6 +3,7 @@ draining and runtime control.  Runs on the coordinator's loop thread (mixed into
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -49,12 +50,46 @@ class AgentRecord:
     run_errored: bool = False  #: the current run reported AGENT_ERROR
     one_shot: bool = True  #: runs once (Base agents), as opposed to Looping/Periodic
     then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
+    index: StateIndex | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "state":
+            index = self.__dict__.get("index")
+            if index is not None:
+                index.moved(self, self.__dict__["state"], value)
+        object.__setattr__(self, key, value)
+
+
+class StateIndex:
+    """The coordinator's agents grouped by state, kept current as states change, so its loop asks
+    "which are pending?" or "have all finished?" without scanning every agent on every turn
+    (which made a cluster with thousands of agents quadratic).  Within a state, agents are in
+    the order they entered it: FIFO for placement."""
+
+    def __init__(self) -> None:
+        self._by_state: dict[str, dict[str, AgentRecord]] = collections.defaultdict(dict)
+
+    def add(self, record: AgentRecord) -> None:
+        record.index = self
+        self._by_state[record.state][record.name] = record
+
+    def moved(self, record: AgentRecord, old: str, new: str) -> None:
+        del self._by_state[old][record.name]
+        self._by_state[new][record.name] = record
+
+    def count(self, *states: str) -> int:
+        return sum(len(self._by_state[s]) for s in states)
+
+    def of(self, state: str) -> list[AgentRecord]:
+        """The agents in ``state`` now (a copy: the caller may change their states)."""
+        return list(self._by_state[state].values())
 
 
 class Scheduling:
     """Decides what runs where and what happens when a run ends."""
 
     agents: dict[str, AgentRecord]
+    states: StateIndex
     workers: dict[str, Any]
     config: Any
     min_workers: int
@@ -69,17 +104,17 @@ class Scheduling:
         now = time.monotonic()
         if not self._workers_ready:
             if sum(w.alive for w in self.workers.values()) < max(1, self.min_workers):
-                for record in self.agents.values():
-                    if record.state == "PENDING":
-                        record.pending_reason = f"waiting for min_workers={self.min_workers} worker(s) to join"
+                for record in self.states.of("PENDING"):
+                    record.pending_reason = f"waiting for min_workers={self.min_workers} worker(s) to join"
                 return
             self._workers_ready = True
-        cap = self.config.max_workers
-        running = sum(r.state in RUNNING for r in self.agents.values())
-        for record in list(self.agents.values()):
-            if record.state == "RESTARTING" and now >= record.restart_at:
+        for record in self.states.of("RESTARTING"):
+            if now >= record.restart_at:
                 record.state = "PENDING"
-            if record.state != "PENDING":
+        cap = self.config.max_workers
+        running = self.states.count(*RUNNING)
+        for record in self.states.of("PENDING"):
+            if record.state != "PENDING":  # failed meanwhile, as a dependent of one that failed
                 continue
             verdict, detail = self._dependency_state(record)
             if verdict == "failed":
@@ -185,6 +220,7 @@ class Scheduling:
         # checking its own dependencies is enough, and keeps adding O(1) however many agents run
         check_graph({record.name: record.depends_on, **{d: [] for d in record.depends_on if d in self.agents}})
         self.agents[record.name] = record
+        self.states.add(record)
         self._dirty = True
 
     def _cmd_add_dependency(self, name: str, deps: list[str]) -> None:

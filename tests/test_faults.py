@@ -100,7 +100,8 @@ def test_garbage_on_every_coordinator_port_is_dropped_and_counted(cluster):
             msgpack.packb({"v": 99, "type": "heartbeat"}),
             msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "no-such-type"}),
             msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "register", "name": 5}),
-            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "agent_event"}),
+            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "agent_events"}),
+            msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "agent_events", "events": [{"agent": 1}]}),
         ]
         for frame in bad_frames:
             dealer.send(frame)
@@ -190,8 +191,8 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
             if router.poll(200):
                 ident, frame = router.recv_multipart()
                 message = protocol.decode(frame)
-                if message["type"] == "agent_event":
-                    seen.append(message["event"])
+                if message["type"] == "agent_events":
+                    seen.extend(item["event"] for item in protocol.agent_events(message))
         assert seen == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
         assert worker.poll() is None
         assert "dropped a bad_frame frame" in cluster.log_of("w1")

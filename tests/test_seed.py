@@ -9,6 +9,8 @@ import sys
 
 from conftest import REPO, free_port, run_script, wait_for
 
+from pyorchestrate import protocol
+
 SEED = REPO / "examples" / "seed"
 
 
@@ -93,7 +95,7 @@ def test_worker_cli_help_version_and_bad_arguments(tmp_path):
     for option in ("--coordinator", "--name", "--labels", "--capacity", "--version"):
         assert option in help_text.stdout
     version = worker("--version")
-    assert version.returncode == 0 and "protocol=1" in version.stdout and "cloudpickle=" in version.stdout
+    assert version.returncode == 0 and f"protocol={protocol.PROTOCOL_VERSION}" in version.stdout and "cloudpickle=" in version.stdout
     bad_labels = worker("--coordinator", "tcp://127.0.0.1:1", "--labels", "gpu")
     assert bad_labels.returncode == 2 and "key=value" in bad_labels.stderr
     bad_address = worker("--coordinator", "localhost:5555")

@@ -41,6 +41,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(min(log_level, logging.INFO))
+    logging.getLogger("pyorchestrate.agent").setLevel(logging.INFO)  # INFO records reach the bus
     lock = threading.Lock()
 
     def report(event: str, **fields: Any) -> None:

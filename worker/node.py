@@ -31,6 +31,7 @@ from .supervisor import Supervisor
 log = logging.getLogger("pyorchestrate.worker")
 
 REGISTER_TIMEOUT = 2.0
+_EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 POLL_CAP_MS = 100
 
 
@@ -371,10 +372,21 @@ class Worker:
         log.info("worker %s stopped", self.name)
 
     def _flush_events(self) -> None:
+        # everything queued since the last flush goes in one message: one send here and one
+        # receive at the coordinator, not three, for an agent that starts and finishes at once
+        batch = []
         for name, epoch, event, fields in self._outbox.drain():
             if event == "AGENT_TERMINATED":
                 self._beating.pop((name, epoch), None)
-            if self._dealer is not None:
-                self._send(protocol.encode("agent_event", agent=name, epoch=epoch, event=event, fields=fields))
+            batch.append(protocol.agent_event(name, epoch, event, fields))
             if event == "AGENT_STARTED":
                 self._beating[(name, epoch)] = self._beat_round
+            if len(batch) == _EVENTS_PER_MESSAGE:
+                self._send_events(batch)
+                batch = []
+        if batch:
+            self._send_events(batch)
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> None:
+        if self._dealer is not None:
+            self._send(protocol.encode("agent_events", events=batch))

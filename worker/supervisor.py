@@ -20,6 +20,7 @@ from typing import Any, Callable
 import msgpack
 
 from pyorchestrate import publisher, shipping
+from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 
 from . import child
@@ -45,6 +46,14 @@ def _error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:
                     "keep it next to the coordinator script so it is shipped with the agent")
     return {"error_message": message,
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+def _forget_logger(logger: logging.Logger) -> None:
+    """Drop a finished agent's logger from the logging registry, which otherwise keeps one per
+    agent name the worker ever ran (agents with unique names would grow it without bound)."""
+    registry = logging.Logger.manager.loggerDict
+    if registry.get(logger.name) is logger and not logger.handlers:
+        registry.pop(logger.name, None)
 
 
 @dataclass
@@ -77,6 +86,8 @@ class Supervisor:
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
+        if AGENT_LOGGERS.level == logging.NOTSET:
+            AGENT_LOGGERS.setLevel(logging.INFO)  # agents' INFO records reach the bus
 
     # ------------------------------------------------------------------ queries
 
@@ -150,6 +161,7 @@ class Supervisor:
                 agent.run()
             finally:
                 publisher.detach(agent)
+                _forget_logger(agent.logger)
 
         agent._report = report
         agent.events_address = self.events_address

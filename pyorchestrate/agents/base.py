@@ -26,6 +26,9 @@ class RecoverableException(Exception):
     """Raise from ``cycle()`` / ``runner()`` for a failure the loop should survive: it is logged
     and reported (AGENT_ERROR with ``recoverable=True``) and the next iteration runs."""
 
+#: the parent of every agent's ``self.logger`` (``pyorchestrate.agent.<name>``)
+AGENT_LOGGERS = logging.getLogger("pyorchestrate.agent")
+
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
 
@@ -80,8 +83,10 @@ class BaseAgent(abc.ABC):
         self._report: Reporter = _log_reporter(self)
         self._inbox: queue.Queue = queue.Queue()
         self._bus: Any = None  # a BusPublisher while running on a worker
-        if self.logger.level == logging.NOTSET:
-            self.logger.setLevel(logging.INFO)  # INFO and up reach the bus, whatever stderr shows
+        if self.logger.level == logging.NOTSET and AGENT_LOGGERS.level == logging.NOTSET:
+            # INFO and up reach the bus, whatever stderr shows.  Workers set this once on the parent
+            # instead: every setLevel clears every logger's cache, O(loggers) per agent started
+            self.logger.setLevel(logging.INFO)
         #: the cluster's events address (set by the worker; None standalone)
         self.events_address: str | None = None
 

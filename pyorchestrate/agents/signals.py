@@ -16,12 +16,15 @@ class EventSet:
 
     @classmethod
     def names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            for key in vars(klass):
-                if key.endswith("_event") and key not in names:
-                    names.append(key)
-        return names
+        cached = cls.__dict__.get("_names")  # this class's own, not a parent's
+        if cached is None:
+            cached = []
+            for klass in reversed(cls.__mro__):
+                for key in vars(klass):
+                    if key.endswith("_event") and key not in cached:
+                        cached.append(key)
+            cls._names = cached  # every agent start asks: walk the MRO once per class
+        return list(cached)
 
     def __init__(self, make: Callable[[], Any]) -> None:
         for name in self.names():
