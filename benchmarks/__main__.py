@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--scale X] [--json FILE]: our costs next to the raw-pyzmq floor."""
+"""python -m benchmarks [--quick] [--peers] [--scale X] [--json FILE]: our costs next to the raw-pyzmq
+floor and (``--peers``) to Ray, Dask and ipyparallel, in one run on this machine."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import time
 from importlib import metadata
 
 from . import floor, ours
+from .peers import run_peers
+
+#: the figure the peer table shows (the first a result has), and whether more is better
+MAIN_FIGURE = {"median_us": False, "per_s": True, "seconds": False, "rss_mb": False, "cpu_percent": False}
+#: where a scenario's headline is not its first figure
+HEADLINE = {"S7": "rss_mb"}
 
 
 def _versions() -> dict:
@@ -73,20 +80,80 @@ def table(scenarios: dict) -> str:
     return "\n".join(rows)
 
 
+def _figure(value: dict | None, key: str) -> tuple[str, float | None, bool]:
+    """(the figure's name, its value, more is better) of one scenario's result."""
+    names = [HEADLINE[key]] if key in HEADLINE else list(MAIN_FIGURE)
+    for name in names:
+        if value and isinstance(value.get(name), (int, float)):
+            return name, float(value[name]), MAIN_FIGURE[name]
+    return "", None, False
+
+
+def _cell(value: dict | None, key: str) -> str:
+    if not value:
+        return "-"
+    if "not_run" in value or "not_installed" in value:
+        return "n/a"
+    if "error" in value:
+        return "error"
+    name, figure, _ = _figure(value, key)
+    if figure is None:
+        return f"none in {value['not_within_s']:.0f} s" if "not_within_s" in value else "-"
+    unit = {"median_us": " us", "per_s": "/s", "seconds": " s", "rss_mb": " MB", "cpu_percent": " %"}[name]
+    return f"{figure:,.0f}{unit}" if figure >= 100 else f"{figure:.3g}{unit}"
+
+
+def _advantage(ours: dict, theirs: dict | None, key: str) -> str:
+    """How many times better ours is (>1: ours is better)."""
+    name, mine, more = _figure(ours, key)
+    other_name, other, _ = _figure(theirs, key)
+    if mine is None or other is None or name != other_name or not mine or not other:
+        return ""
+    ratio = mine / other if more else other / mine
+    return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2g}x"
+
+
+def peer_table(scenarios: dict, peers: dict) -> str:
+    """Ours next to each peer's same scenario, with how many times better ours is."""
+    names = list(peers)
+    head = f"{'scenario':<18} {'ours':>12} " + " ".join(f"{n:>13} {'ours/x':>7}" for n in names)
+    rows = [head]
+    extra = {k: {} for name in names for k in peers[name].get("scenarios", {}) if k not in scenarios}
+    for key, value in {**scenarios, **extra}.items():  # then what only peers ran (e.g. S3.actor)
+        if key.startswith("floor."):
+            continue
+        cells = []
+        for name in names:
+            theirs = peers[name].get("scenarios", {}).get(key)
+            cells.append(f"{_cell(theirs, key):>13} {_advantage(value, theirs, key):>7}")
+        rows.append(f"{key:<18} {_cell(value, key):>12} " + " ".join(cells))
+    notes = [f"  {name} {key}: {value['differs']}" for name in names
+             for key, value in peers[name].get("scenarios", {}).items() if value.get("differs")]
+    return "\n".join(rows + ["", "Where a peer's scenario differs from ours:"] + notes)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts, fast settings only (< 2 min)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (the smoke test uses 0.05)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--peers", action="store_true", help="also run Ray, Dask and ipyparallel (not built yet)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
+    parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
+                        help="give up on a peer after S seconds (default 600)")
     args = parser.parse_args()
-    if args.peers:
-        print("--peers: the peer scenarios are not implemented yet; running ours only", file=sys.stderr)
     started = time.perf_counter()
     scenarios = run(args.quick, args.scale)
-    report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios,
-              "seconds": round(time.perf_counter() - started, 1)}
+    report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}
     print(table(scenarios))
+    if args.peers:
+        peers = run_peers(args.quick, args.scale, args.peer_timeout)
+        report["peers"] = {name: value.get("scenarios", value) for name, value in peers.items()}
+        for value in peers.values():
+            report["versions"].update(value.get("versions", {}))
+        print()
+        print(peer_table(scenarios, peers))
+    report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

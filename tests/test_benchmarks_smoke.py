@@ -19,3 +19,23 @@ def test_benchmarks_quick_tiny_runs_and_writes_every_key(tmp_path):
     assert expected <= set(report["scenarios"])
     assert report["scenarios"]["S5"]["lost"] == report["scenarios"]["floor.pubsub"]["lost"] == 0
     assert "floor ratio" in result.stdout
+
+
+def test_peer_table_compares_like_with_like_and_says_why_not():
+    from benchmarks.__main__ import peer_table
+
+    ours = {"S2.thread": {"median_us": 500.0, "p99_us": 900.0}, "S3": {"per_s": 4000},
+            "S6.hung.default": {"seconds": 5.2}, "S7": {"rss_mb": 30.0, "seconds": 10.0}}
+    peers = {"ray": {"scenarios": {"S2.thread": {"median_us": 1500.0, "differs": "a task"},
+                                   "S3": {"per_s": 8000},
+                                   "S6.hung.default": {"seconds": None, "not_within_s": 90.0},
+                                   "S7": {"rss_mb": 60.0}}},
+             "dask": {"scenarios": {"S2.thread": {"error": "RuntimeError: boom"}, "S3": {"not_run": "no"}}},
+             "ipyparallel": {"not_installed": "pip install -e '.[peers]'"}}
+    rows = {line.split()[0]: line.split()[1:] for line in peer_table(ours, peers).splitlines()[1:] if line.strip()}
+    assert rows["S2.thread"][:4] == ["500", "us", "1,500", "us"] and "3.0x" in rows["S2.thread"]
+    assert "0.5x" in rows["S3"] and "n/a" in rows["S3"]  # ours slower: said, not hidden
+    assert "error" in rows["S2.thread"]
+    assert rows["S6.hung.default"][2:5] == ["none", "in", "90"]
+    assert rows["S7"][:2] == ["30", "MB"] and "2.0x" in rows["S7"]  # S7's headline is memory
+    assert "ray S2.thread: a task" in peer_table(ours, peers)
