@@ -30,6 +30,7 @@ from .versions import compare, local_versions, table
 log = logging.getLogger("pyorchestrate.coordinator")
 
 _DRAIN_BATCH = 1000
+_EVENTS = {e.value: e for e in OrchestratorEvent}
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
 
@@ -478,29 +479,36 @@ class Coordinator(Scheduling):
     # ================================================================== bus traffic from workers
 
     def _on_bus(self, frames: list[bytes]) -> None:
+        size = self.config.max_message_size
         if frames and frames[0] == protocol.BATCH_TOPIC:
-            for topic, fields in protocol.decode_batch(frames, self.config.max_message_size):
-                self._on_bus_event(fields, [topic.encode(), msgpack.packb(fields, use_bin_type=True)])
+            publisher, incarnation, items = protocol.decode_batch(frames, size)
+            for topic, seq, body in items:
+                self._on_bus_event((publisher, incarnation), seq, topic, body, None)
         else:
-            self._on_bus_event(protocol.decode_event(frames, self.config.max_message_size), frames)
+            fields = protocol.decode_event(frames, size)
+            self._on_bus_event((fields["publisher"], fields["incarnation"]), fields["seq"], frames[0].decode(),
+                               frames[1], fields)
 
-    def _on_bus_event(self, fields: dict[str, Any], frames: list[bytes]) -> None:
-        key = (fields["publisher"], fields["incarnation"])
-        seq = fields["seq"]
+    def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes,
+                      fields: dict[str, Any] | None) -> None:
+        """Check one event's place in its publisher's sequence and forward it.  Its body is only
+        parsed here if something here reads it (a log line, a callback): subscribers check it."""
         last = self._bus_seqs.get(key)
         if last is not None and seq > last + 1:
-            self._report_gap(fields["publisher"], seq - last - 1)
+            self._report_gap(key[0], seq - last - 1)
         if last is None or seq > last:
             self._bus_seqs[key] = seq
             if key in self._awaited_bus and seq >= self._awaited_bus[key]:
                 del self._awaited_bus[key]
-        self.xpub.send_multipart(frames)
-        if fields["event"] != "AGENT_HEARTBEAT":
-            self._history.append((frames[0].decode(), fields))
-        try:
-            event = OrchestratorEvent(fields["event"])
-        except ValueError:
+        self.xpub.send_multipart([topic.encode(), body])
+        name = topic.partition(".")[0]
+        if name != "AGENT_HEARTBEAT":
+            self._history.append((topic, body))
+        event = _EVENTS.get(name)
+        if event is None or not (event is OrchestratorEvent.AGENT_LOG or self.dispatcher.wants(event)):
             return
+        if fields is None:
+            fields = protocol.decode_body(topic, body, self.config.max_message_size)
         if event is OrchestratorEvent.AGENT_LOG:
             self._reemit_log(fields)
         if self.dispatcher.wants(event):
@@ -526,7 +534,7 @@ class Coordinator(Scheduling):
         prefixes = protocol.parse_history_request(frame[1:]) if frame[:1] == b"\x01" else None
         if prefixes is not None:
             # answer on the subscriber's own unique topic: only it hears the reply
-            items = [[t, f] for t, f in self._history if any(t.startswith(p) for p in prefixes)]
+            items = [[t, b] for t, b in self._history if any(t.startswith(p) for p in prefixes)]
             self.xpub.send_multipart([frame[1:], msgpack.packb(items, use_bin_type=True)], zmq.NOBLOCK)
 
     # ================================================================== publishing
@@ -536,11 +544,12 @@ class Coordinator(Scheduling):
         fields = {"event": event.value, "seq": self._seq, "publisher": self.name, "incarnation": self.session,
                   **stamp(), **fields}
         topic = protocol.event_topic(event.value, subject)
+        frames = protocol.encode_event(topic, fields)
         try:
-            self.xpub.send_multipart(protocol.encode_event(topic, fields), zmq.NOBLOCK)
+            self.xpub.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self._history.append((topic, fields))
+        self._history.append((topic, frames[1]))
         self.dispatcher.dispatch(event, fields)
         return fields
 

@@ -9,6 +9,7 @@ import enum
 import inspect
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger("pyorchestrate.events")
@@ -36,10 +37,22 @@ class OrchestratorEvent(str, enum.Enum):
         return self.value
 
 
+_second: tuple[int, str, str] = (-1, "", "")  # the last second formatted: (epoch second, date, time)
+
+
 def stamp(now: datetime.datetime | None = None) -> dict[str, str]:
     """The ``event_date`` / ``event_time`` fields, in local time as PyOrchestrate reports them."""
-    now = now or datetime.datetime.now()
-    return {"event_date": now.strftime("%Y-%m-%d"), "event_time": now.strftime("%H:%M:%S.%f")}
+    global _second
+    if now is not None:
+        return {"event_date": now.strftime("%Y-%m-%d"), "event_time": now.strftime("%H:%M:%S.%f")}
+    # every event is stamped: format the date and time once a second, not twice per event
+    t = time.time()
+    second = int(t)
+    cached = _second  # one read: another thread may replace it meanwhile
+    if cached[0] != second:
+        local = time.localtime(second)
+        cached = _second = (second, time.strftime("%Y-%m-%d", local), time.strftime("%H:%M:%S", local))
+    return {"event_date": cached[1], "event_time": f"{cached[2]}.{int((t - second) * 1e6):06d}"}
 
 
 def _accepted_kwargs(callback: Callable[..., Any]) -> set[str] | None:

@@ -187,7 +187,12 @@ def decode_event(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) 
         topic = frames[0].decode()
     except UnicodeDecodeError:
         raise ProtocolError("event topic is not UTF-8") from None
-    return check_event(topic, _unpack(frames[1], max_size))
+    return decode_body(topic, frames[1], max_size)
+
+
+def decode_body(topic: str, body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    """Parse and validate one event's body (its msgpack fields) published under ``topic``."""
+    return check_event(topic, _unpack(body, max_size))
 
 
 def check_event(topic: Any, fields: Any) -> dict[str, Any]:
@@ -226,17 +231,25 @@ def parse_history_request(subscription: bytes) -> list[str] | None:
     return text.split("\n")[1:]
 
 
-def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[tuple[str, dict[str, Any]]]:
-    """Parse a batch of events published by an agent: ``[b"_BATCH", msgpack([[topic, fields], ...])]``.
-    A malformed item makes the whole batch invalid."""
+def encode_batch(publisher: str, incarnation: str, items: list[tuple[str, int, bytes]]) -> list[bytes]:
+    """The frames of a batch of events from one publisher: ``items`` are ``(topic, seq, body)``,
+    each body already one event's msgpack fields, so the coordinator can forward it unchanged."""
+    return [BATCH_TOPIC, msgpack.packb([publisher, incarnation, items], use_bin_type=True)]
+
+
+def decode_batch(frames: list[bytes],
+                 max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, list[tuple[str, int, bytes]]]:
+    """Parse a batch (see :func:`encode_batch`): ``(publisher, incarnation, items)``.  The envelope
+    is checked here, each body only where it is read (:func:`decode_body`); a malformed item makes
+    the whole batch invalid."""
     if len(frames) != 2 or frames[0] != BATCH_TOPIC:
         raise ProtocolError("not a batch")
-    items = _unpack(frames[1], max_size)
-    if not isinstance(items, list):
-        raise ProtocolError("batch body is not a list")
-    out = []
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ProtocolError("batch item is not [topic, fields]")
-        out.append((item[0], check_event(item[0], item[1])))
-    return out
+    batch = _unpack(frames[1], max_size)
+    if not (isinstance(batch, list) and len(batch) == 3 and isinstance(batch[0], str)
+            and isinstance(batch[1], str) and isinstance(batch[2], list)):
+        raise ProtocolError("batch is not [publisher, incarnation, items]")
+    for item in batch[2]:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0][:1] != "_"
+                and type(item[1]) is int and isinstance(item[2], bytes)):
+            raise ProtocolError("batch item is not [topic, seq, body]")
+    return batch[0], batch[1], batch[2]

@@ -24,7 +24,6 @@ import zmq
 from . import protocol, sockets
 from .events import stamp
 
-BATCH_TOPIC = protocol.BATCH_TOPIC
 FLUSH_INTERVAL = 0.005
 MAX_BATCH = 2000
 MAX_BUFFER = 100_000
@@ -61,9 +60,11 @@ class BusPublisher:
             if self._thread is None:
                 self._open()
             self._seq += 1
-            item = [protocol.event_topic(event, subject),
-                    {**self._base, **fields, **stamp(), "event": event, "seq": self._seq,
-                     "publisher": self.publisher, "incarnation": self.incarnation}]
+            # packed here, once: the coordinator forwards the bytes as they are
+            body = msgpack.packb({**self._base, **fields, **stamp(), "event": event, "seq": self._seq,
+                                  "publisher": self.publisher, "incarnation": self.incarnation},
+                                 use_bin_type=True, default=repr)
+            item = (protocol.event_topic(event, subject), self._seq, body)
             if len(self._buffer) >= MAX_BUFFER:
                 self._buffer.popleft()
                 self.dropped += 1
@@ -94,7 +95,7 @@ class BusPublisher:
                 batch = self._take()
                 try:
                     assert self._sock is not None
-                    self._sock.send_multipart([BATCH_TOPIC, msgpack.packb(batch, use_bin_type=True, default=repr)],
+                    self._sock.send_multipart(protocol.encode_batch(self.publisher, self.incarnation, batch),
                                               zmq.NOBLOCK)
                 except zmq.Again:
                     with self._lock:

@@ -140,7 +140,7 @@ class EventSubscriber:
         seen, self._live_keys = self._live_keys or set(), None
         try:
             items = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
-            past = [protocol.check_event(t, f) for t, f in items]  # type: ignore[union-attr]
+            past = [protocol.decode_body(t, b) for t, b in items]  # type: ignore[union-attr]
         except (protocol.ProtocolError, TypeError, ValueError, msgpack.UnpackException):
             self.dropped += 1
             return
