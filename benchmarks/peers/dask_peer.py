@@ -35,12 +35,9 @@ def _emit(n: int) -> int:
     return n
 
 
-def _cluster(workers: int, **settings):
-    import dask
+def _cluster(workers: int):
     from distributed import Client, LocalCluster
 
-    if settings:
-        dask.config.set(settings)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=":0", silence_logs=logging.CRITICAL)
     client = Client(cluster)
@@ -116,14 +113,16 @@ def run(results: Results, quick: bool, scale: float) -> None:
 
 
 def _detection(results: Results, quick: bool) -> None:
+    import dask
+
     cases = [("S6.kill", signal.SIGKILL, {}, WAIT_CAP, "defaults; a closed connection"),
              ("S6.hung.fast", signal.SIGSTOP, {"distributed.scheduler.worker-ttl": "0.5s"}, HUNG_CAP,
               "worker-ttl=0.5s, which dask raises to 10 heartbeats (5 s)")]
     if not quick:
         cases.append(("S6.hung.default", signal.SIGSTOP, {}, HUNG_CAP, "defaults: worker-ttl 5 minutes"))
     for key, sig, settings, cap, differs in cases:
-        with results.scenario(key, differs) as out:
-            cluster, client = _cluster(2, **settings)
+        with results.scenario(key, differs) as out, dask.config.set(settings):  # for this case only
+            cluster, client = _cluster(2)
             victim = None
             try:
                 address, victim = next(iter(client.run(os.getpid).items()))
