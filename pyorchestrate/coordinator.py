@@ -157,9 +157,7 @@ class Coordinator(Scheduling):
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(now)
-                    # tick sooner while a closed connection waits out its grace
-                    pending_grace = any(w.disconnected_at is not None for w in self.workers.values() if w.alive)
-                    next_tick = now + (0.05 if pending_grace else min(interval, 0.25))
+                    next_tick = self._next_tick(now, interval)
                 ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
                 if self.mailbox.wake_socket in ready:
                     for command, args, future in self.mailbox.drain():
@@ -234,6 +232,15 @@ class Coordinator(Scheduling):
             except zmq.Again:
                 return
             self._handle(handler, frames)
+
+    def _next_tick(self, now: float, interval: float) -> float:
+        """When to look again: the regular beat, sooner while a closed connection waits out its
+        grace, and no later than the moment the quietest worker's silence limit runs out (so a
+        hung worker is declared lost on time, not up to a tick late)."""
+        limit = interval * self.config.heartbeat_liveness
+        alive = [w for w in self.workers.values() if w.alive]
+        soonest = now + (0.05 if any(w.disconnected_at is not None for w in alive) else min(interval, 0.25))
+        return min([soonest] + [w.last_seen + limit + 0.001 for w in alive])
 
     def _tick(self, now: float) -> None:
         limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
