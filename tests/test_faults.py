@@ -12,7 +12,8 @@ import zmq
 from agents import Forever, ForeverProcess, Quick, Sleeper
 from conftest import EventLog, _session_members, free_port, wait_for
 
-from pyorchestrate import protocol, shipping
+from pyorchestrate import EventSubscriber, protocol, shipping
+from pyorchestrate.events import stamp
 from pyorchestrate.versions import local_versions
 
 
@@ -257,3 +258,39 @@ def test_sigkilled_worker_is_noticed_by_its_closed_connection_not_heartbeats(clu
     took = time.monotonic() - killed_at
     assert "connection closed" in lost["reason"]
     assert took < 2.5, f"{took:.2f} s: within one heartbeat interval of grace, far below the 5 s window"
+
+
+def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_nothing_else(cluster):
+    # the coordinator forwards batched event bodies unparsed: their checking is the subscribers' job
+    orch = cluster.orchestrator(min_workers=0)
+    orch.start()
+    addresses = orch.status()["addresses"]
+    ctx = zmq.Context()
+    try:
+        with EventSubscriber(addresses["events"], topics=["AGENT_EVENT.probe"]) as sub:
+            assert sub.wait_connected(10)
+            pub = ctx.socket(zmq.XPUB)
+            pub.connect(addresses["bus"])
+            assert pub.poll(5000), "coordinator's XSUB never subscribed"
+            pub.recv()
+
+            def body(seq: int) -> bytes:
+                return msgpack.packb({"event": "AGENT_EVENT", "seq": seq, "publisher": "fake", "incarnation": "i",
+                                      "topic": "probe", "data": {"n": seq}, **stamp()})
+
+            bad_envelopes = [[protocol.BATCH_TOPIC, msgpack.packb([1, 2, 3])],
+                             [protocol.BATCH_TOPIC, msgpack.packb(["fake", "i", [["AGENT_EVENT.probe", True, b""]]])],
+                             [protocol.BATCH_TOPIC, msgpack.packb(["fake", "i", [["_HISTORY.x", 1, b""]]])]]
+            for frames in bad_envelopes:
+                pub.send_multipart(frames)
+            pub.send_multipart(protocol.encode_batch("fake", "i", [
+                ("AGENT_EVENT.probe", 1, body(1)), ("AGENT_EVENT.probe", 2, os.urandom(40)),
+                ("AGENT_EVENT.probe", 3, body(3))]))
+            got = [sub.recv(timeout=10), sub.recv(timeout=10)]
+            assert [e["data"]["n"] for e in got] == [1, 3]
+            assert sub.dropped == 1
+            wait_for(lambda: orch.status()["dropped"].get("bad_frame", 0) >= len(bad_envelopes), 10,
+                     "bad batch envelopes to be counted")
+    finally:
+        ctx.destroy(linger=0)
+        orch.stop(timeout=5)
