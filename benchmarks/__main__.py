@@ -13,6 +13,7 @@ from importlib import metadata
 
 from . import floor, ours
 from .peers import run_peers
+from .stats import count
 
 #: the figure the peer table shows (the first a result has), and whether more is better
 MAIN_FIGURE = {"median_us": False, "per_s": True, "seconds": False, "rss_mb": False, "cpu_percent": False}
@@ -36,7 +37,7 @@ def _machine() -> dict:
 
 def run(quick: bool, scale: float) -> dict:
     def n(full: int, fast: int) -> int:
-        return max(2, int((fast if quick else full) * scale))
+        return count(full, fast, quick, scale)
 
     results: dict[str, dict] = {}
     step = time.perf_counter()

@@ -6,6 +6,11 @@ import os
 import statistics
 
 
+def count(full: int, fast: int, quick: bool, scale: float) -> int:
+    """How many of something a scenario runs: ``full`` or (``--quick``) ``fast``, times ``--scale``."""
+    return max(2, int((fast if quick else full) * scale))
+
+
 def latency(samples_s: list[float]) -> dict[str, float]:
     """median and p99 of durations in seconds, as microseconds."""
     ordered = sorted(samples_s)

@@ -102,7 +102,3 @@ def rate(run_all: Callable[[int], Any], n: int) -> dict[str, float]:
     run_all(n)
     seconds = time.perf_counter() - t0
     return {"per_s": round(n / seconds), "n": n, "seconds": round(seconds, 3)}
-
-
-def count(full: int, fast: int, quick: bool, scale: float) -> int:
-    return max(2, int((fast if quick else full) * scale))

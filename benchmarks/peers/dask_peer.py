@@ -11,8 +11,8 @@ import signal
 import threading
 import time
 
-from ..stats import rss_mb
-from .common import WAIT_CAP, Results, count, detected, main, rate, stopwatch, timed, until
+from ..stats import count, rss_mb
+from .common import WAIT_CAP, Results, detected, main, rate, stopwatch, timed, until
 
 HUNG_CAP = 30.0  # dask's default worker-ttl is 5 minutes: waiting that long is not informative
 

@@ -9,8 +9,8 @@ import os
 import signal
 import time
 
-from ..stats import rss_mb
-from .common import WAIT_CAP, Results, count, detected, main, rate, stopwatch, timed, until
+from ..stats import count, rss_mb
+from .common import WAIT_CAP, Results, detected, main, rate, stopwatch, timed, until
 
 
 def trivial(i: int = 0) -> int:

@@ -10,8 +10,8 @@ import os
 import signal
 import time
 
-from ..stats import rss_mb
-from .common import WAIT_CAP, Results, count, detected, main, rate, stopwatch, timed, until
+from ..stats import count, rss_mb
+from .common import WAIT_CAP, Results, detected, main, rate, stopwatch, timed, until
 
 _QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
 FAST = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 100, "health_check_timeout_ms": 100,
