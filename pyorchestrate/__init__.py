@@ -22,6 +22,7 @@ from .zmq_plugins import ZmqPubSub, ZmqReqRep
 from .events import OrchestratorEvent
 from .orchestrator import Orchestrator, RunMode
 from .shipping import ShippingError
+from .states import AgentState
 from .sockets import AddressError
 from .subscriber import Event, EventSubscriber
 
@@ -44,6 +45,7 @@ __all__ = [
     "StateEvents",
     "ControlEvents",
     "AgentHandle",
+    "AgentState",
     "PluginBase",
     "Plugins",
     "ZmqPubSub",

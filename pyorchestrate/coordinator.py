@@ -1,110 +1,87 @@
-"""The coordinator: one thread that owns every socket and all cluster state.
+"""The coordinator's loop: one thread that owns every socket and feeds the cluster core.
 
 Sockets: a ROUTER for workers' control connections, an XSUB that workers publish into, and an
-XPUB that subscribers read.  Lifecycle events arrive on the control connection (which never
-drops silently); the coordinator applies them to its state and republishes them on the bus with
-its own sequence numbers.  What workers publish directly is checked, gap-detected and forwarded.
-Liveness is judged by control traffic: a worker silent for ``interval * liveness`` is lost.
+XPUB that subscribers read.  Every decision is the core's (:mod:`pyorchestrate.core`); this loop
+turns frames into stimuli, carries out the actions the core returns (send, publish, forget,
+finish), and relays the bus: what agents publish is checked against the current run (a stale
+copy's events are dropped and counted), gap-detected and forwarded.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgpack
 import zmq
 
-from . import protocol, sockets
+from . import commands, protocol, sockets
+from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .events import EventDispatcher, OrchestratorEvent, stamp
+from .limits import Limits, adopt_window
 from .mailbox import Mailbox
-from .scheduling import RUNNING, TERMINAL, AgentRecord, Scheduling, StateIndex
-from .versions import compare, local_versions, table
+from .records import AgentRecord, WorkerRecord
+from .versions import local_versions
 
 log = logging.getLogger("pyorchestrate.coordinator")
 
 _DRAIN_BATCH = 1000
 _EVENTS = {e.value: e for e in OrchestratorEvent}
+_SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
-
-
-@dataclass
-class WorkerRecord:
-    """What the coordinator knows of one worker."""
-
-    name: str
-    identity: bytes
-    incarnation: str
-    host: str
-    pid: int
-    labels: dict[str, str]
-    capacity: int
-    versions: dict[str, str]
-    order: int
-    last_seen: float
-    alive: bool = True
-    draining: bool = False
-    last_beat_sent: float = 0.0
-    fd: int = -1  #: the file descriptor its messages arrive on (for closed-connection detection)
-    disconnected_at: float | None = None  #: when that connection closed, if it has
-    agents: set[str] = field(default_factory=set)
-    sent_classes: set[str] = field(default_factory=set)
 
 
 class WorkerWaitTimeout(TimeoutError):
     """Too few workers joined within ``worker_wait_timeout``."""
 
 
-class Coordinator(Scheduling):
-    """The coordinator's sockets, state and loop thread (used by :class:`Orchestrator`)."""
+class Coordinator:
+    """The coordinator's sockets and loop thread (used by :class:`Orchestrator`)."""
 
-    def __init__(self, name: str, config: Any, agents: dict[str, AgentRecord], dispatcher: EventDispatcher,
-                 on_finished: Callable[[], None]) -> None:
+    def __init__(self, name: str, config: Any, dispatcher: EventDispatcher, on_finished: Callable[[], None],
+                 on_agent_state: Callable[[str, str, str | None, int], None],
+                 on_forget: Callable[[str], None], min_workers: int) -> None:
         self.name = name
         self.config = config
-        self.agents = agents
-        self.states = StateIndex()
         self.dispatcher = dispatcher
         self.session = uuid.uuid4().hex
-        self.workers: dict[str, WorkerRecord] = {}
         self.dropped = DropCounter(log)
         self.lost_events = 0
-        self.class_blobs_sent = 0
-        self.start_error: str | None = None
-        self._by_identity: dict[bytes, str] = {}
-        self._order = 0
+        self.min_workers = min_workers
+        self._on_finished = on_finished
+        self._on_agent_state = on_agent_state
+        self._on_forget = on_forget
+        self._closing = False
         self._seq = 0
         self._bus_seqs: dict[tuple[str, str], int] = {}
-        self._versions = local_versions()
-        self._on_finished = on_finished
-        self._finished = False
-        self._stopping_deadline: float | None = None
-        self._workers_ready = False
-        self._wait_deadline = 0.0
-        self._closing = False
-        self._stop_requested = False
-        self._joined = False
-        self._dirty = True  # something changed that placement should look at
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
         self._bus_deadline: float | None = None
-        self.on_agent_state: Callable[[str, str, str | None, int], None] | None = None
         self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
         self.final_snapshot: dict[str, Any] | None = None
         self._last_bus_beat = 0.0
-        self._fd_workers: dict[int, str] = {}
+        self._last_sweep = time.monotonic()
+        self._fd_identity: dict[int, bytes] = {}
         self.monitor: zmq.Socket | None = None
-        self.min_workers = 1
         self._thread: threading.Thread | None = None
+        self.core: ClusterCore | None = None
         self.ctx = zmq.Context()
         self.mailbox = Mailbox(self.ctx)
         self.address = self.events_address = self.bus_address = ""
+
+    @property
+    def start_error(self) -> str | None:
+        if self.core is None or self.core.start_error is None:
+            return None
+        return (f"{self.core.start_error}. Start workers with:\n"
+                f"    pyorchestrate-worker --coordinator {sockets.connectable(self.address)}\n"
+                "or lower min_workers / raise worker_wait_timeout.")
 
     # ================================================================== setup (caller's thread)
 
@@ -132,11 +109,24 @@ class Coordinator(Scheduling):
             self._close()  # nothing half-open is left behind
             raise
         self.xsub.send(b"\x01")  # hear everything workers publish
+        # a fixed port may be one workers of a previous coordinator still know
+        self._fixed_port = sockets.parse_tcp(address)[1].isdigit()
 
-    def start(self) -> None:
-        for record in self.agents.values():  # those registered before start
-            self.states.add(record)
-        self._wait_deadline = time.monotonic() + self.config.worker_wait_timeout
+    def start(self, records: list[AgentRecord], embedded: bool) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        window = cfg.adopt_window
+        if window is None:
+            limits = Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness)
+            window = adopt_window(limits) if self._fixed_port and not embedded else 0.0
+        core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
+                           drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
+                           versions=local_versions())
+        core.bus_port = sockets.port_of(self.bus_address)
+        core.events_port = sockets.port_of(self.events_address)
+        for record in records:  # those registered before start
+            core.command(commands.AddAgent(record, graph_checked=True), now)
+        self.core = core
         self._thread = threading.Thread(target=self._run, name="pyorchestrate-coordinator", daemon=True)
         self._thread.start()
 
@@ -147,21 +137,21 @@ class Coordinator(Scheduling):
     # ================================================================== loop
 
     def _run(self) -> None:
+        assert self.core is not None
+        core = self.core
         poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
             poller.register(sock, zmq.POLLIN)
-        interval = self.config.heartbeat_interval
         next_tick = time.monotonic()
         try:
             while not self._closing:
                 now = time.monotonic()
-                if now >= next_tick:
-                    self._tick(now)
-                    next_tick = self._next_tick(now, interval)
                 ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
+                # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
+                # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
-                    for command, args, future in self.mailbox.drain():
-                        self._run_command(command, args, future)
+                    for command, future in self.mailbox.drain():
+                        self._run_command(command, future)
                 if self.router in ready:
                     self._drain_control()
                 if self.monitor in ready:
@@ -170,27 +160,61 @@ class Coordinator(Scheduling):
                     self._drain(self.xsub, self._on_bus)
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)
-                self._place_pending()
-                self._release_drained()
-                self._check_finished()
+                now = time.monotonic()
+                if now >= next_tick:
+                    core.tick(now)
+                    self._publish_bus_heartbeat(now)
+                    self._sweep(now)
+                    next_tick = core.next_wake(now)
+                core.place(now)
+                core.release_drained(now)
+                self._check_finished(now)
+                self._carry_out()
         except Exception:
             log.exception("coordinator loop crashed; shutting down")
-            self.start_error = "the coordinator loop crashed (see the log)"
-            self._mark_finished()
+            core.start_error = "the coordinator loop crashed (see the log)"
+            self._on_finished()
         finally:
             self._close()
 
-    def _run_command(self, command: str, args: tuple, future: Any) -> None:
+    def _run_command(self, command: commands.Command, future: Any) -> None:
+        assert self.core is not None
         try:
-            result = getattr(self, f"_cmd_{command}")(*args)
+            if isinstance(command, commands.Close):
+                self.final_snapshot = self._snapshot()
+                self._closing = True
+            result = self.core.command(command, time.monotonic())
+            if isinstance(command, commands.Snapshot):
+                result = self._snapshot(result)
         except Exception as exc:
             if future is None:
-                log.exception("command %s failed", command)
+                log.exception("command %s failed", type(command).__name__)
             else:
                 future.set_exception(exc)
         else:
             if future is not None:
                 future.set_result(result)
+        self._carry_out()
+
+    def _carry_out(self) -> None:
+        """Do what the core decided."""
+        assert self.core is not None
+        for action in self.core.take():
+            kind = type(action)
+            if kind is Send:
+                self._send(action.identity, action.frame)
+            elif kind is Publish:
+                self._publish(action.event, action.subject, action.fields, action.record)
+            elif kind is AwaitBus:
+                key = (action.publisher, action.incarnation)
+                if action.seq > self._bus_seqs.get(key, 0):
+                    self._awaited_bus[key] = action.seq
+                else:
+                    self._bus_seqs.pop(key, None)  # the run is over and all of it arrived
+            elif kind is Forget:
+                self._on_forget(action.name)
+            elif kind is Finished:
+                self._on_finished()
 
     def _drain_control(self) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -217,13 +241,14 @@ class Coordinator(Scheduling):
     def _on_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
+        assert self.core is not None
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
-            worker = self.workers.get(self._fd_workers.pop(int(event["value"]), ""))
-            if worker is not None and worker.alive and worker.fd == int(event["value"]):
-                worker.disconnected_at = time.monotonic()
+            identity = self._fd_identity.pop(int(event["value"]), None)
+            if identity is not None:
+                self.core.disconnected(identity, time.monotonic())
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -232,44 +257,6 @@ class Coordinator(Scheduling):
             except zmq.Again:
                 return
             self._handle(handler, frames)
-
-    def _next_tick(self, now: float, interval: float) -> float:
-        """When to look again: the regular beat, sooner while a closed connection waits out its
-        grace, and no later than the moment the quietest worker's silence limit runs out (so a
-        hung worker is declared lost on time, not up to a tick late)."""
-        limit = interval * self.config.heartbeat_liveness
-        alive = [w for w in self.workers.values() if w.alive]
-        soonest = now + (0.05 if any(w.disconnected_at is not None for w in alive) else min(interval, 0.25))
-        return min([soonest] + [w.last_seen + limit + 0.001 for w in alive])
-
-    def _tick(self, now: float) -> None:
-        limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
-        beat = protocol.encode("heartbeat")
-        grace = self.config.heartbeat_interval + 0.2  # a live worker that reconnected speaks by then
-        for worker in list(self.workers.values()):
-            if not worker.alive:
-                continue
-            if worker.disconnected_at is not None and now - worker.disconnected_at > grace:
-                self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
-                                  f"worker {worker.name!r} was lost (its connection closed and it did not come back)")
-                continue
-            if now - worker.last_seen > limit:
-                self._worker_gone(worker, OrchestratorEvent.WORKER_LOST,
-                                  f"worker {worker.name!r} was lost (no heartbeat for {now - worker.last_seen:.1f} s)")
-                continue
-            if now - worker.last_beat_sent >= self.config.heartbeat_interval:
-                worker.last_beat_sent = now
-                self._send(worker, beat)
-        self._publish_bus_heartbeat(now)
-        if any(now >= r.restart_at for r in self.states.of("RESTARTING")):
-            self._dirty = True
-        if self._stopping_deadline is not None and now > self._stopping_deadline:
-            for record in self.agents.values():
-                if record.state != TERMINAL:
-                    self._fail_run(record, f"agent {record.name!r} did not stop in time", final=True)
-            self._stopping_deadline = None
-        if not self._workers_ready and now > self._wait_deadline and self._pending():
-            self._give_up_waiting()
 
     def _publish_bus_heartbeat(self, now: float) -> None:
         # lets subscribers confirm their subscription and notice a lost last event
@@ -280,27 +267,40 @@ class Coordinator(Scheduling):
                   "incarnation": self.session, **stamp()}
         self.xpub.send_multipart(protocol.encode_event("_HEARTBEAT", fields))
 
-    # ================================================================== commands from the user thread
+    def _sweep(self, now: float) -> None:
+        """Free the bus sequence state of runs and workers that are over (it would grow forever
+        in a long DAEMON run of short-lived agents)."""
+        if now - self._last_sweep < _SWEEP_EVERY:
+            return
+        self._last_sweep = now
+        assert self.core is not None
+        for key in list(self._bus_seqs):
+            if key not in self._awaited_bus and not self._current_publisher(*key):
+                del self._bus_seqs[key]
 
-    def _cmd_close(self) -> None:
-        self.final_snapshot = self._cmd_snapshot()
-        release = protocol.encode("release")
-        for worker in self.workers.values():
-            if worker.alive:
-                self._send(worker, release)
-        self._publish(OrchestratorEvent.SHUTDOWN, self.name, {"coordinator": self.name})
-        self._closing = True
+    def _current_publisher(self, publisher: str, incarnation: str) -> bool:
+        assert self.core is not None
+        worker, _, agent = publisher.partition("/")
+        if agent:
+            return self.core.bus_accepts(agent, worker, incarnation)
+        record = self.core.workers.get(publisher)
+        return record is not None and record.incarnation == incarnation
 
     # ================================================================== control messages
 
-    def _send(self, worker: WorkerRecord, frame: bytes) -> None:
+    def _send(self, identity: bytes, frame: bytes) -> None:
         try:
-            self.router.send_multipart([worker.identity, frame], zmq.NOBLOCK)
+            self.router.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            # unreachable or full: heartbeats will tell whether the worker is really gone
-            log.debug("could not send to worker %s: %s", worker.name, exc)
+            # no route (ROUTER_MANDATORY) or full: the worker's connection is gone; if it is a
+            # worker we count on, it must come back and speak within the reconnect grace
+            log.debug("could not send to %r: %s", identity, exc)
+            assert self.core is not None
+            self.core.disconnected(identity, time.monotonic())
 
     def _on_control(self, frames: list[bytes], fd: int = -1) -> None:
+        assert self.core is not None
+        core = self.core
         if len(frames) != 2:
             raise protocol.ProtocolError(f"control message with {len(frames)} frames")
         identity, frame = frames
@@ -309,42 +309,35 @@ class Coordinator(Scheduling):
         except protocol.ProtocolError:
             self._maybe_refuse_old_peer(identity, frame)
             raise
+        now = time.monotonic()
         kind = message["type"]
         if kind == "register":
-            self._on_register(identity, message)
-            self._note_fd(self.workers.get(message["name"]), identity, fd)
+            core.register(identity, message, now)
+            self._note_fd(identity, fd)
             return
-        name = self._by_identity.get(identity)
-        worker = self.workers.get(name) if name else None
-        if worker is None or not worker.alive or worker.identity != identity:
+        worker = core.worker_of(identity)
+        if worker is None:
             if kind in ("heartbeat", "agent_events"):
-                # a worker we do not know (we restarted) or had given up on (it was frozen)
-                self.router.send_multipart([identity, protocol.encode("reregister")], zmq.NOBLOCK)
-                if kind == "agent_events" and worker is not None:
-                    for item in protocol.agent_events(message):
-                        self._on_stale_event(worker, item)
+                core.stranger(identity, message, now)
             elif kind != "goodbye":
                 self.dropped.drop("unexpected", kind)
             return
-        worker.last_seen = time.monotonic()
-        self._note_fd(worker, identity, fd)
-        if kind == "agent_events":
-            for item in protocol.agent_events(message):
-                self._handle(self._on_agent_event, worker, item)  # one bad item spoils no other
+        self._note_fd(identity, fd)
+        if kind == "heartbeat":
+            core.heartbeat(worker, message, now)
+        elif kind == "agent_events":
+            core.heard(worker, now)
+            for item in message["events"]:
+                self._handle(core.agent_event, worker, item, now)  # one bad item spoils no other
         elif kind == "goodbye":
-            self._worker_gone(worker, OrchestratorEvent.WORKER_LEFT, f"worker {worker.name!r} shut down")
-        elif kind != "heartbeat":
+            core.goodbye(worker, now)
+        else:
             self.dropped.drop("unexpected", kind)
 
-    def _note_fd(self, worker: WorkerRecord | None, identity: bytes, fd: int) -> None:
-        """Remember which connection a worker speaks on now; speaking means it is connected."""
-        if worker is None or worker.identity != identity or fd < 0:
-            return
-        worker.disconnected_at = None
-        if worker.fd != fd:
-            self._fd_workers.pop(worker.fd, None)
-            worker.fd = fd
-            self._fd_workers[fd] = worker.name
+    def _note_fd(self, identity: bytes, fd: int) -> None:
+        """Remember which connection an identity speaks on (for closed-connection detection)."""
+        if fd >= 0 and self._fd_identity.get(fd) != identity:
+            self._fd_identity[fd] = identity
 
     def _maybe_refuse_old_peer(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -354,134 +347,7 @@ class Coordinator(Scheduling):
         if kind == "register" and version != protocol.PROTOCOL_VERSION:
             reason = (f"protocol version mismatch: coordinator speaks {protocol.PROTOCOL_VERSION}, worker speaks "
                       f"{version!r}. Install the same pyorchestrate version on both sides.")
-            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
-
-    def _on_register(self, identity: bytes, message: dict[str, Any]) -> None:
-        name = message["name"]
-        errors, warnings = compare(self._versions, message["versions"])
-        if errors:
-            reason = ("incompatible versions (" + "; ".join(errors) + "):\n" + table(self._versions, message["versions"]))
-            log.error("refused worker %s: %s", name, reason)
-            self.router.send_multipart([identity, protocol.encode("refused", reason=reason)], zmq.NOBLOCK)
-            return
-        drained_by = message.get("drained_by")
-        if isinstance(drained_by, list) and self.session in drained_by:
-            # drained from this session: it waits for the next coordinator
-            self.router.send_multipart([identity, protocol.encode("refused", reason="drained", retry=True)], zmq.NOBLOCK)
-            return
-        existing = self.workers.get(name)
-        if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
-            # maybe a restarted worker whose old self is not declared lost yet: let it retry
-            reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid {existing.pid}); "
-                      "give each worker a unique --name (retrying until the old one is gone)")
-            log.warning("worker %s: %s", name, reason)
-            self.router.send_multipart([identity, protocol.encode("refused", reason=reason, retry=True)], zmq.NOBLOCK)
-            return
-        rejoined = existing is not None
-        if existing is not None:
-            self._by_identity.pop(existing.identity, None)
-        self._order += 1
-        worker = WorkerRecord(
-            name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
-            pid=message["pid"], labels={str(k): str(v) for k, v in message["labels"].items()},
-            capacity=message["capacity"], versions=message["versions"], order=self._order,
-            last_seen=time.monotonic())
-        same_process = existing is not None and existing.alive and existing.incarnation == worker.incarnation
-        if same_process:
-            # the same process on a new socket: what we sent the old one may never have arrived
-            worker.agents, worker.order = existing.agents, existing.order
-        self.workers[name] = worker
-        self._by_identity[identity] = name
-        bus_seq = message.get("bus_seq")
-        if isinstance(bus_seq, int):
-            self._bus_seqs[(name, worker.incarnation)] = bus_seq
-        stop, reported = [], set()
-        for item in message["agents"]:
-            if not (isinstance(item, list) and len(item) == 2):
-                continue
-            agent_name, epoch = item
-            record = self.agents.get(agent_name)
-            if record is None or record.worker != name or record.epoch != epoch or record.state not in RUNNING:
-                stop.append([agent_name, epoch])
-            else:
-                worker.agents.add(agent_name)
-                reported.add(agent_name)
-        self.router.send_multipart([identity, protocol.encode(
-            "welcome", coordinator=self.name, session=self.session,
-            heartbeat_interval=float(self.config.heartbeat_interval),
-            heartbeat_liveness=int(self.config.heartbeat_liveness),
-            bus_port=sockets.port_of(self.bus_address), stop=stop, warnings=warnings,
-            events_port=sockets.port_of(self.events_address))], zmq.NOBLOCK)
-        self._dirty = True
-        if same_process:
-            self._reconcile(worker, reported)
-        if not (existing is not None and existing.alive):
-            log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
-                     " again" if rejoined else "", worker.host, worker.pid, worker.labels or "{}",
-                     worker.capacity or "unlimited")
-            self._publish(OrchestratorEvent.WORKER_JOINED, name, {
-                "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
-                "capacity": worker.capacity, "rejoined": rejoined})
-
-    def _reconcile(self, worker: WorkerRecord, reported: set[str]) -> None:
-        """A live worker re-registered: its list of running agents is the truth."""
-        for agent_name in sorted(worker.agents - reported):
-            record = self.agents[agent_name]
-            worker.agents.discard(agent_name)
-            if record.state == "ASSIGNED":
-                self._assign(record, worker)  # the start message went to its old socket
-            elif record.state in RUNNING:
-                self._fail_run(record, f"worker {worker.name!r} no longer runs agent {agent_name!r} "
-                                       "and its end was not reported")
-
-    def _on_agent_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
-        record = self.agents.get(message["agent"])
-        if record is None or record.worker != worker.name or record.epoch != message["epoch"] or record.state not in RUNNING:
-            self._on_stale_event(worker, message)
-            return
-        try:
-            event = OrchestratorEvent(message["event"])
-        except ValueError:
-            raise protocol.ProtocolError(f"unknown agent event {message['event']!r}") from None
-        fields = {k: v for k, v in message["fields"].items() if isinstance(k, str)}
-        if event is OrchestratorEvent.AGENT_TERMINATED:
-            marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
-            if isinstance(marker[2], int) and marker[2] > self._bus_seqs.get((marker[0], marker[1]), 0):
-                self._awaited_bus[(marker[0], marker[1])] = marker[2]
-            ok = fields.pop("ok", True) is True and not record.run_errored
-            record.run_errored = False
-            self._run_over(record, ok, fields)
-            return
-        if event is OrchestratorEvent.AGENT_STARTED:
-            record.state = "STARTED"
-            record.run_errored = False
-        elif event is OrchestratorEvent.AGENT_READY:
-            record.state = "READY"
-            self._dirty = True  # dependents may start now
-        elif event is OrchestratorEvent.AGENT_ERROR:
-            record.error = str(fields.get("error_message", ""))
-            if fields.get("recoverable") is not True:  # a recoverable error does not fail the run
-                record.run_errored = True
-        else:
-            raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
-        self._publish_agent(record, event, fields, worker)
-
-    def _on_stale_event(self, worker: WorkerRecord, message: dict[str, Any]) -> None:
-        # an agent copy we no longer consider running there: make sure it stops
-        if message["event"] != "AGENT_TERMINATED" and worker.alive:
-            self._send(worker, protocol.encode("stop", agent=message["agent"], epoch=message["epoch"], timeout=0.0))
-
-    def _worker_gone(self, worker: WorkerRecord, event: OrchestratorEvent, reason: str) -> None:
-        worker.alive = False
-        (log.warning if event is OrchestratorEvent.WORKER_LOST else log.info)("%s", reason)
-        self._publish(event, worker.name, {"worker": worker.name, "host": worker.host, "reason": reason,
-                                           "agents": sorted(worker.agents)})
-        for agent_name in sorted(worker.agents):
-            record = self.agents.get(agent_name)
-            if record is not None and record.state in RUNNING:
-                self._fail_run(record, f"{reason}; agent {agent_name!r} was running there")
-        worker.agents.clear()
-        self._dirty = True
+            self._send(identity, protocol.encode("refused", reason=reason))
 
     # ================================================================== bus traffic from workers
 
@@ -489,12 +355,21 @@ class Coordinator(Scheduling):
         size = self.config.max_message_size
         if frames and frames[0] == protocol.BATCH_TOPIC:
             publisher, incarnation, items = protocol.decode_batch(frames, size)
+            key = (publisher, incarnation)
+            if key not in self._awaited_bus and not self._current_publisher(publisher, incarnation):
+                self.dropped.drop("stale_bus_event", publisher)
+                return
             for topic, seq, body in items:
-                self._on_bus_event((publisher, incarnation), seq, topic, body, None)
+                self._handle(self._on_bus_event, key, seq, topic, body, None)  # one bad body spoils no other
         else:
             fields = protocol.decode_event(frames, size)
-            self._on_bus_event((fields["publisher"], fields["incarnation"]), fields["seq"], frames[0].decode(),
-                               frames[1], fields)
+            key = (fields["publisher"], fields["incarnation"])
+            agent, tag = fields.get("agent_name"), fields.get("run")
+            if not (self._current_publisher(*key) and isinstance(agent, str) and isinstance(tag, str)
+                    and self.core is not None and self.core.bus_accepts(agent, key[0], tag)):
+                self.dropped.drop("stale_bus_event", key[0])
+                return
+            self._on_bus_event(key, fields["seq"], frames[0].decode(), frames[1], fields)
 
     def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes,
                       fields: dict[str, Any] | None) -> None:
@@ -505,8 +380,10 @@ class Coordinator(Scheduling):
             self._report_gap(key[0], seq - last - 1)
         if last is None or seq > last:
             self._bus_seqs[key] = seq
-            if key in self._awaited_bus and seq >= self._awaited_bus[key]:
+            awaited = self._awaited_bus.get(key)
+            if awaited is not None and seq >= awaited:
                 del self._awaited_bus[key]
+                del self._bus_seqs[key]  # its run is over and everything it sent has arrived
         self.xpub.send_multipart([topic.encode(), body])
         name = topic.partition(".")[0]
         if name != "AGENT_HEARTBEAT":
@@ -546,7 +423,8 @@ class Coordinator(Scheduling):
 
     # ================================================================== publishing
 
-    def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any],
+                 record: AgentRecord | None = None) -> None:
         self._seq += 1
         fields = {"event": event.value, "seq": self._seq, "publisher": self.name, "incarnation": self.session,
                   **stamp(), **fields}
@@ -558,79 +436,43 @@ class Coordinator(Scheduling):
             pass
         self._history.append((topic, frames[1]))
         self.dispatcher.dispatch(event, fields)
-        return fields
-
-    def _publish_agent(self, record: AgentRecord, event: OrchestratorEvent, fields: dict[str, Any],
-                       worker: WorkerRecord | None = None) -> None:
-        worker = worker or self.workers.get(record.worker or "")
-        base = {"agent_name": record.name, "worker": record.worker, "host": worker.host if worker else None,
-                "epoch": record.epoch}
-        published = self._publish(event, record.name, {**fields, **base})
-        if self.on_agent_state is not None:
-            self.on_agent_state(record.name, record.state, record.worker, record.epoch)
-        where = f"on {record.worker}" if record.worker else "(not placed)"
-        if event is OrchestratorEvent.AGENT_ERROR:
-            log.error("agent %s %s: %s%s", record.name, where, published.get("error_message"),
-                      ("\n" + published["traceback"].rstrip()) if published.get("traceback") else "")
-        else:
-            log.info("agent %s %s %s", record.name, event.value.removeprefix("AGENT_").lower(), where)
+        if record is not None:
+            self._on_agent_state(record.name, record.state.value, record.worker, record.epoch)
+            where = f"on {record.worker}" if record.worker else "(not placed)"
+            if event is OrchestratorEvent.AGENT_ERROR:
+                log.error("agent %s %s: %s%s", record.name, where, fields.get("error_message"),
+                          ("\n" + fields["traceback"].rstrip()) if fields.get("traceback") else "")
+            else:
+                log.info("agent %s %s %s", record.name, event.value.removeprefix("AGENT_").lower(), where)
 
     # ================================================================== finishing
 
-    def _give_up_waiting(self) -> None:
-        alive = sum(w.alive for w in self.workers.values())
-        self.start_error = (
-            f"only {alive} of min_workers={self.min_workers} worker(s) joined within "
-            f"worker_wait_timeout={self.config.worker_wait_timeout} s. Start workers with:\n"
-            f"    pyorchestrate-worker --coordinator {sockets.connectable(self.address)}\n"
-            "or lower min_workers / raise worker_wait_timeout.")
-        log.error("%s", self.start_error)
-        for record in self._pending():
-            self._fail_run(record, "no worker to run it: " + self.start_error.splitlines()[0], final=True)
-
-    def _pending(self) -> list[AgentRecord]:
-        return self.states.of("PENDING")
-
-    def _check_finished(self) -> None:
-        if self._finished:
+    def _check_finished(self, now: float) -> None:
+        assert self.core is not None
+        if not self.core.all_done():
             return
-        if self.states.count(TERMINAL) == len(self.agents):
-            stopping = self._stopping_deadline is not None or self._stop_requested
-            # STOP_ON_EMPTY ends in join(): agents registered between start() and join() all run
-            batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and self._joined
-            if batch_done or stopping:
-                if self._awaited_bus:  # finished agents' last logs/events are still on their way
-                    if self._bus_deadline is None:
-                        self._bus_deadline = time.monotonic() + 2.0
-                    if time.monotonic() < self._bus_deadline:
-                        return
-                    log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
-                if self.agents:
-                    self._publish(OrchestratorEvent.ALL_AGENTS_TERMINATED, self.name, {"agents": len(self.agents)})
-                self._mark_finished()
+        if self._awaited_bus:  # finished agents' last logs/events are still on their way
+            if self._bus_deadline is None:
+                self._bus_deadline = now + 2.0
+            if now < self._bus_deadline:
+                return
+            log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
+        self.core.finish()
 
-    def _cmd_join(self) -> None:
-        self._joined = True
-
-    def _cmd_request_stop(self) -> None:
-        self._stop_requested = True
-
-    def _mark_finished(self) -> None:
-        self._finished = True
-        self._stopping_deadline = None
-        self._on_finished()
-
-    def _close_sockets(self) -> None:
-        for name in ("router", "xsub", "xpub"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                sock.close(linger=sockets.LINGER_MS)
+    def _snapshot(self, core_snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self.core is not None
+        snap = core_snapshot or self.core.snapshot(None, time.monotonic())
+        return {**snap, "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
+                "dropped": dict(self.dropped.counts), "lost_events": self.lost_events}
 
     def _close(self) -> None:
         if self.monitor is not None:
             self.router.disable_monitor()
             self.monitor.close(linger=0)
             self.monitor = None
-        self._close_sockets()
+        for name in ("router", "xsub", "xpub"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=sockets.LINGER_MS)
         self.mailbox.close()
         self.ctx.term()

@@ -23,6 +23,8 @@ class OrchestratorEvent(str, enum.Enum):
     AGENT_TERMINATED = "AGENT_TERMINATED"  #: the agent finished, stopped, or failed
     AGENT_ERROR = "AGENT_ERROR"  #: carries ``error_message`` and ``traceback``
     AGENT_RESTARTING = "AGENT_RESTARTING"  #: a restart is scheduled: ``attempt``, ``delay``, ``reason``
+    AGENT_DISCONNECTED = "AGENT_DISCONNECTED"  #: its worker fell silent; the copy there is kept running (on_disconnect="keep")
+    AGENT_ADOPTED = "AGENT_ADOPTED"  #: a running copy was taken back (its worker returned, or a restarted coordinator adopted it): ``reason``, ``state``
     AGENT_HEARTBEAT = "AGENT_HEARTBEAT"  #: a running agent's worker is alive (every heartbeat interval)
     AGENT_LOG = "AGENT_LOG"  #: a log record of an agent: ``level``, ``logger``, ``message``
     AGENT_EVENT = "AGENT_EVENT"  #: ``self.publish(topic, **data)``: ``topic``, ``data``

@@ -23,6 +23,10 @@ class AgentStates:
             self._states[name] = (state, worker, epoch)
             self._changed.notify_all()
 
+    def forget(self, name: str) -> None:
+        with self._changed:
+            self._states.pop(name, None)
+
     def get(self, name: str) -> tuple[str, str | None, int]:
         with self._changed:
             return self._states.get(name, ("PENDING", None, 0))
@@ -42,7 +46,8 @@ class AgentHandle:
 
     @property
     def state(self) -> str:
-        """PENDING, RESTARTING, ASSIGNED, STARTED, READY or TERMINATED."""
+        """PENDING, RESTARTING, ASSIGNED, STARTED, READY, DISCONNECTED or TERMINATED
+        (the values of :class:`AgentState`)."""
         return self._states.get(self.name)[0]
 
     @property

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import enum
+import hashlib
 import inspect
 import logging
+import signal
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
+from . import commands as cmd
 from . import plugins, shipping
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
-from .coordinator import AgentRecord, Coordinator, WorkerWaitTimeout
+from .coordinator import Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .local_workers import LocalWorkers
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, pack_plain
+from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
 
@@ -89,6 +95,22 @@ class Orchestrator:
         history_max_events: int = 5000
         #: level of the ``pyorchestrate`` logger when the application has not configured logging
         log_level: str = "INFO"
+        #: when this script starts on an address workers already know (a coordinator of the same
+        #: name ran there before and died): "adopt" agents still running from it whose class and
+        #: config are identical, or "replace" them (stopped before the new copy starts)
+        on_restart: str = "adopt"
+        #: seconds to wait for workers to report agents a previous coordinator started, before
+        #: placing anything; None = automatic (0 for OS-chosen ports and embedded workers, which
+        #: no previous coordinator can have used; a few seconds otherwise)
+        adopt_window: float | None = None
+        #: seconds an agent with on_disconnect="keep" may stay unreachable (its worker silent)
+        #: before it is given up (reported failed, or replaced if it restarts); None = never
+        disconnect_timeout: float | None = None
+        #: finished agents remembered (status, handles); older ones are forgotten, oldest first
+        #: (their events stay in the history)
+        finished_agents_max: int = 10_000
+        #: seconds a lost or departed worker's record is kept (for status) before it is dropped
+        worker_retention: float = 300.0
 
         def validate(self) -> list[ValidationResult]:
             results = super().validate()
@@ -111,6 +133,12 @@ class Orchestrator:
             _number(results, self, "max_message_size", 1024, whole=True)
             _number(results, self, "callback_threads", 1, whole=True)
             _number(results, self, "history_max_events", 0, whole=True)
+            _number(results, self, "adopt_window", 0, allow_none=True)
+            _number(results, self, "disconnect_timeout", 0, allow_none=True)
+            _number(results, self, "finished_agents_max", 0, whole=True)
+            _number(results, self, "worker_retention", 0)
+            if self.on_restart not in ("adopt", "replace"):
+                results.append(ValidationResult("on_restart", f"must be 'adopt' or 'replace', got {self.on_restart!r}"))
             if self.address is None and self.local_workers == 0 and (self.min_workers or 0) > 0:
                 results.append(ValidationResult(
                     "local_workers", "is 0 and no address is set: no worker could ever join; set address or local_workers"))
@@ -163,6 +191,7 @@ class Orchestrator:
         max_restarts: int = 10,
         restart_backoff: tuple[float, float] = (0.5, 30.0),
         custom_plugin: Any = None,
+        on_disconnect: str | None = None,
     ) -> str:
         """Register ``agent_class`` to run under ``name`` (default: the class name).
 
@@ -174,6 +203,13 @@ class Orchestrator:
         at most ``max_restarts`` times (-1: no limit), waiting ``restart_backoff`` = (initial, max)
         seconds, doubling with jitter.  ``custom_plugin`` (a ``Plugin`` class) replaces the
         agent's default plugins.
+
+        ``on_disconnect`` says what happens when the agent's worker falls silent (a partition, a
+        hung host): "replace" (the default when ``restart`` is not "never") - the worker stops the
+        agent once its lease runs out and a replacement starts elsewhere only after that, so two
+        copies never run at once; "keep" (the default for ``restart="never"``) - the copy keeps
+        running, is reported AGENT_DISCONNECTED, and is taken back (AGENT_ADOPTED) when its worker
+        returns, never started a second time.
 
         The config is validated here (an ERROR raises :class:`ConfigValidationError`) and the class
         is pickled here, so mistakes surface before anything is sent.  After :meth:`start` the
@@ -199,6 +235,8 @@ class Orchestrator:
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         depends_on = _names(depends_on, "depends_on")
         policy = RestartPolicy.build(restart, max_restarts, restart_backoff)
+        if on_disconnect is not None and on_disconnect not in DISCONNECT_POLICIES:
+            raise ValueError(f"on_disconnect={on_disconnect!r}: use 'replace' or 'keep' (or leave it out)")
         plugins.resolve(agent_class.Plugin, custom_plugin)  # a wrong kind of plugin fails here
         for finding in config.check(f"agent {name!r}"):
             log.warning("agent %s config: %s", name, finding)
@@ -206,10 +244,14 @@ class Orchestrator:
         if key not in self._classes:
             self._classes[key] = shipping.pack_class(agent_class, type(config))
         class_id, class_blob = self._classes[key]
+        config_blob = shipping.pack_config(config, name, custom_plugin)
+        # what a restarted coordinator compares before adopting a running copy: class and config
+        definition = hashlib.blake2b(class_id.encode() + b"\0" + config_blob, digest_size=16).hexdigest()
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
-                             class_blob=class_blob, config_blob=shipping.pack_config(config, name, custom_plugin),
+                             class_blob=class_blob, config_blob=config_blob,
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
-                             depends_on=depends_on, policy=policy,
+                             depends_on=depends_on, policy=policy, on_disconnect=on_disconnect,
+                             definition=definition, stop_timeout=float(getattr(config, "stop_timeout", 10.0)),
                              one_shot=not issubclass(agent_class, LoopingAgent))
         with self._lock:
             if name in self._names:
@@ -230,7 +272,7 @@ class Orchestrator:
                     self._names.discard(name)
                 raise
             assert self._coordinator is not None
-            self._coordinator.mailbox.put(("add", (record,), None))
+            self._coordinator.mailbox.put((cmd.AddAgent(record), None))
         return name
 
     def add_dependency(self, agent_name: str, deps: list[str]) -> None:
@@ -242,7 +284,7 @@ class Orchestrator:
         """
         deps = _names(deps, "deps")
         if self._coordinator is not None:
-            self._call("add_dependency", agent_name, deps)
+            self._call(cmd.AddDependency(agent_name, deps))
             return
         record = self._agents.get(agent_name)
         if record is None:
@@ -253,15 +295,15 @@ class Orchestrator:
 
     def start_agent(self, name: str) -> None:
         """Start a terminated agent again (its restart count starts over)."""
-        self._call("start_agent", name)
+        self._call(cmd.StartAgent(name))
 
     def stop_agent(self, name: str, timeout: float | None = None) -> None:
         """Stop one agent; it is not restarted, whatever its policy."""
-        self._call("stop_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
+        self._call(cmd.StopAgent(name, float(self.config.stop_timeout if timeout is None else timeout)))
 
     def restart_agent(self, name: str, timeout: float | None = None) -> None:
         """Stop an agent and start it again (not counted against ``max_restarts``)."""
-        self._call("restart_agent", name, float(self.config.stop_timeout if timeout is None else timeout))
+        self._call(cmd.RestartAgent(name, float(self.config.stop_timeout if timeout is None else timeout)))
 
     def agent(self, name: str) -> AgentHandle:
         """A handle on a registered agent: ``state``, ``worker``, ``wait_ready(timeout)``,
@@ -274,31 +316,31 @@ class Orchestrator:
     def execute(self, name: str | None = None) -> None:
         """Let agents held after READY (``Config(hold_after_ready=True)``) do their work: the one
         named, or every running one."""
-        self._call("execute", name)
+        self._call(cmd.Execute(name))
 
     def trigger(self, name: str, payload: Any = None) -> None:
         """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
         msgpack-able (numbers, strings, bytes, lists, dicts)."""
-        self._call("deliver", name, "trigger", _plain(payload, "trigger"))
+        self._call(cmd.Deliver(name, "trigger", _plain(payload, "trigger")))
 
     def send(self, name: str, payload: Any) -> None:
         """Send a message to an EventDriven agent: its ``on_event`` gets an event ``"MESSAGE"``
         with this ``payload`` (msgpack-able)."""
-        self._call("deliver", name, "message", _plain(payload, "send"))
+        self._call(cmd.Deliver(name, "message", _plain(payload, "send")))
 
     def drain_worker(self, name: str) -> None:
         """Send no new agents to worker ``name``, move its restartable agents elsewhere, let the
         others finish, then release it (WORKER_LEFT)."""
-        self._call("drain_worker", name)
+        self._call(cmd.DrainWorker(name))
 
-    def _call(self, command: str, *args: Any, timeout: float = 30.0) -> Any:
+    def _call(self, command: cmd.Command, timeout: float = 30.0) -> Any:
         """Run a command on the coordinator's loop and return its result (or raise its error)."""
         if self._coordinator is None:
-            raise RuntimeError(f"{command.replace('_', ' ')}: call start() first")
+            raise RuntimeError(f"{type(command).__name__}: call start() first")
         if self._shut:
             raise RuntimeError("this orchestrator has shut down")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._coordinator.mailbox.put((command, args, future))
+        self._coordinator.mailbox.put((command, future))
         return future.result(timeout)
 
     def register_event(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
@@ -321,16 +363,18 @@ class Orchestrator:
         _default_logging(self.config.log_level)
         cfg = self.config
         embedded = cfg.address is None
-        coordinator = Coordinator(self.name, cfg, self._agents, self._dispatcher, self._finished.set)
-        coordinator.on_agent_state = self._states.update
-        coordinator.min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
+        min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
+        coordinator = Coordinator(self.name, cfg, self._dispatcher, self._finished.set, self._states.update,
+                                  self._forget, min_workers)
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
         self._coordinator = coordinator
         self._started = True
         self.plugin.initialize(self, _log_plugin_failure)
         log.info("orchestrator %s: control %s, events %s (subscribe with: pyorchestrate events --address %s)",
                  self.name, coordinator.address, coordinator.events_address, coordinator.events_address)
-        coordinator.start()
+        coordinator.start(list(self._agents.values()), embedded)
+        self._agents.clear()  # the core owns them now
+        _stop_at_exit(self)
         if embedded and cfg.local_workers:
             # they share our terminal: their agents' log lines reach it once, through the bus and
             # our logging; the workers themselves only add warnings
@@ -348,7 +392,7 @@ class Orchestrator:
         if not self._started:
             raise RuntimeError("call start() before join()")
         if self._coordinator is not None and not self._finished.is_set():
-            self._coordinator.mailbox.put(("join", (), None))
+            self._coordinator.mailbox.put((cmd.Join(), None))
         try:
             if not self._finished.wait(timeout):
                 return False
@@ -368,8 +412,8 @@ class Orchestrator:
             return
         if not self._finished.is_set():
             timeout = self.config.stop_timeout if timeout is None else timeout
-            self._coordinator.mailbox.put(("request_stop", (), None))
-            self._coordinator.mailbox.put(("stop_all", (float(timeout),), None))
+            self._coordinator.mailbox.put((cmd.RequestStop(), None))
+            self._coordinator.mailbox.put((cmd.StopAll(float(timeout)), None))
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
             if not self._finished.wait(timeout + grace + 5.0):
                 log.error("agents did not all stop in time; shutting down anyway")
@@ -383,7 +427,7 @@ class Orchestrator:
             self._finished.set()
         assert self._coordinator is not None
         self._dispatcher.wait_idle(10.0)
-        self._coordinator.mailbox.put(("close", (), None))
+        self._coordinator.mailbox.put((cmd.Close(), None))
         self._coordinator.join_thread(10.0)
         self._local.stop()
         self.plugin.finalize(_log_plugin_failure)
@@ -416,7 +460,13 @@ class Orchestrator:
                     "dropped": {}}
         if self._shut:
             return self._coordinator.final_snapshot or {}
-        return self._call("snapshot")
+        return self._call(cmd.Snapshot())
+
+    def _forget(self, name: str) -> None:
+        """The core forgot a finished agent (finished_agents_max): its name may be used again."""
+        with self._lock:
+            self._names.discard(name)
+        self._states.forget(name)
 
 
 def _log_plugin_failure(name: str, exc: BaseException) -> None:
@@ -434,6 +484,43 @@ def _names(value: Any, what: str) -> list[str]:
     if isinstance(value, str) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{what} must be a list of agent names, got {value!r}")
     return list(value)
+
+
+_running: "weakref.WeakSet[Orchestrator]" = weakref.WeakSet()
+_hooks_installed = False
+
+
+def _stop_at_exit(orchestrator: Orchestrator) -> None:
+    """A script that ends without stop() - an uncaught exception, Ctrl-C outside join(), SIGTERM,
+    the end of the file - stops its agents the way stop() does, so none is left running on the
+    workers to be confused with the next script's.  (A SIGKILLed script cannot: the next one
+    adopts or replaces its agents.)"""
+    global _hooks_installed
+    _running.add(orchestrator)
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_stop_all_running)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # SIGTERM's default ends the process at once, without atexit: turn it into SystemExit,
+        # which unwinds the script (finally blocks run) and then runs the exit hook above
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_all_running() -> None:
+    for orchestrator in list(_running):
+        if orchestrator._started and not orchestrator._shut:
+            log.warning("orchestrator %s: the script is exiting without stop(); stopping its agents", orchestrator.name)
+            try:
+                orchestrator.stop()
+            except Exception:  # at exit, say what went wrong and carry on with the others
+                log.exception("orchestrator %s: stopping at exit failed", orchestrator.name)
 
 
 def _default_logging(level: str) -> None:

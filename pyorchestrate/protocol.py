@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2  # 2: agent events travel in batches (agent_events)
+PROTOCOL_VERSION = 3  # 3: runs named by (coordinator incarnation, epoch); reports kept across re-registration
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -28,6 +28,39 @@ _BYTES = bytes
 _DICT = dict
 _LIST = list
 
+
+class Optional:
+    """A field a message may leave out; :func:`decode` fills in ``default`` (a fresh copy for
+    lists and dicts), so handlers never guess with ``.get()``."""
+
+    def __init__(self, kind: Any, default: Any) -> None:
+        self.kind = kind
+        self.default = default
+
+
+class ListOf:
+    """A list whose every item is a map checked against ``schema`` (one bad item: the whole
+    message is dropped; a peer that sends one bad item is not to be trusted with the rest)."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.schema = schema
+
+
+class MapOf:
+    """A map of strings to values of ``kind``."""
+
+    def __init__(self, kind: Any) -> None:
+        self.kind = kind
+
+
+# One agent event reported by a worker (inside agent_events and register).
+AGENT_EVENT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "event": _STR, "fields": _DICT}
+# One agent copy a worker runs (inside register): enough to fence it, reconnect it or adopt it.
+RUN_REPORT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "state": _STR,
+                              "coordinator": _STR, "definition": _STR}
+# One copy a coordinator tells a worker to stop (inside welcome).
+STOP_ITEM: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM}
+
 MESSAGES: dict[str, dict[str, Any]] = {
     # worker -> coordinator
     "register": {
@@ -35,15 +68,20 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "incarnation": _STR,
         "host": _STR,
         "pid": _INT,
-        "labels": _DICT,
+        "labels": MapOf(_STR),
         "capacity": _INT,
-        "versions": _DICT,
-        "agents": _LIST,
+        "versions": MapOf(_STR),
+        "agents": ListOf(RUN_REPORT),
+        # what happened to agents while the worker had no coordinator: delivered, never dropped
+        "events": Optional(ListOf(AGENT_EVENT), []),
+        "bus_seq": Optional(_INT, 0),
+        "drained_by": Optional(_LIST, []),
+        "t": Optional(_NUM, 0.0),  # the worker's clock when it sent this: echoed back (its lease)
     },
-    "heartbeat": {},
+    "heartbeat": {"t": Optional(_NUM, 0.0)},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
-    # often travel together); each item is checked against AGENT_EVENT by agent_events()
-    "agent_events": {"events": _LIST},
+    # often travel together)
+    "agent_events": {"events": ListOf(AGENT_EVENT)},
     "goodbye": {},
     # coordinator -> worker
     "welcome": {
@@ -52,26 +90,31 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "heartbeat_interval": _NUM,
         "heartbeat_liveness": _INT,
         "bus_port": _INT,
-        "stop": _LIST,
+        "events_port": Optional((int, type(None)), None),
+        "stop": ListOf(STOP_ITEM),
         "warnings": _LIST,
+        "echo": Optional(_NUM, 0.0),
     },
-    "refused": {"reason": _STR},
+    "refused": {"reason": _STR, "retry": Optional(bool, False)},
     "reregister": {},
     "start": {
         "agent": _STR,
+        "run": _STR,
         "epoch": _INT,
         "class_id": _STR,
         "class_blob": (bytes, type(None)),
         "config": _BYTES,
         "mode": _STR,
+        "stop_timeout": Optional(_NUM, 10.0),
+        "hold": Optional(bool, False),
+        "keep": Optional(bool, False),  # keep running while the coordinator is unreachable
+        "definition": Optional(_STR, ""),
     },
-    "stop": {"agent": _STR, "epoch": _INT, "timeout": _NUM},
-    "deliver": {"agent": _STR, "epoch": _INT, "kind": _STR, "payload": object},
-    "release": {},
+    "stop": {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM},
+    "deliver": {"agent": _STR, "run": _STR, "epoch": _INT, "kind": _STR, "payload": object},
+    "heartbeat_reply": {"echo": _NUM},
+    "release": {"drain": Optional(bool, False)},
 }
-
-
-AGENT_EVENT: dict[str, Any] = {"agent": _STR, "epoch": _INT, "event": _STR, "fields": _DICT}
 
 
 class ProtocolError(ValueError):
@@ -90,7 +133,7 @@ def pack_plain(value: Any, what: str) -> bytes:
 def encode(type_: str, **fields: Any) -> bytes:
     """Build one control frame.  Raises ``KeyError`` for an unknown type (a bug, not input)."""
     schema = MESSAGES[type_]
-    missing = [name for name in schema if name not in fields]
+    missing = [name for name, kind in schema.items() if name not in fields and not isinstance(kind, Optional)]
     if missing:
         raise TypeError(f"message {type_!r} needs fields {missing}")
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": type_, **fields}, use_bin_type=True)
@@ -132,28 +175,39 @@ def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, 
 def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
     for name, expected in schema.items():
         if name not in message:
+            if isinstance(expected, Optional):
+                default = expected.default
+                message[name] = type(default)(default) if isinstance(default, (list, dict)) else default
+                continue
             raise ProtocolError(f"{what}: missing field {name!r}")
-        value = message[name]
-        # bool is an int subclass; never accept it where a number is meant
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
+        _check_value(f"{what}: field {name!r}", expected, message[name])
 
 
-def agent_event(agent: str, epoch: int, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+def _check_value(what: str, expected: Any, value: Any) -> None:
+    if isinstance(expected, Optional):
+        expected = expected.kind
+    if isinstance(expected, ListOf):
+        if not isinstance(value, list):
+            raise ProtocolError(f"{what} has type {type(value).__name__}, expected a list")
+        for item in value:
+            if not isinstance(item, dict):
+                raise ProtocolError(f"{what}: an item is not a map")
+            _check(what + " item", expected.schema, item)
+        return
+    if isinstance(expected, MapOf):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ProtocolError(f"{what} is not a map with string keys")
+        for item in value.values():
+            _check_value(what, expected.kind, item)
+        return
+    # bool is an int subclass; never accept it where a number is meant
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise ProtocolError(f"{what} has type {type(value).__name__}")
+
+
+def agent_event(agent: str, run: str, epoch: int, event: str, fields: dict[str, Any]) -> dict[str, Any]:
     """One item of an ``agent_events`` message."""
-    return {"agent": agent, "epoch": epoch, "event": event, "fields": fields}
-
-
-def agent_events(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The items of a decoded ``agent_events`` message, each checked; ProtocolError if one is bad
-    (the whole message is dropped: a worker that sends one bad item is not to be trusted with
-    the rest)."""
-    items = message["events"]
-    for item in items:
-        if not isinstance(item, dict):
-            raise ProtocolError("agent_events: an item is not a map")
-        _check("agent_events item", AGENT_EVENT, item)
-    return items
+    return {"agent": agent, "run": run, "epoch": epoch, "event": event, "fields": fields}
 
 
 # ---------------------------------------------------------------------------- bus events

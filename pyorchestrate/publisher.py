@@ -32,9 +32,11 @@ MAX_BUFFER = 100_000
 class BusPublisher:
     """Numbered, batched, bounded publishing for one agent."""
 
-    def __init__(self, address: str, publisher: str, base: dict[str, Any]) -> None:
+    def __init__(self, address: str, publisher: str, base: dict[str, Any], incarnation: str | None = None) -> None:
         self.publisher = publisher
-        self.incarnation = uuid.uuid4().hex
+        # the run's identity (coordinator incarnation.epoch) on a worker: the coordinator forwards
+        # only what the current run of an agent publishes, never a stale copy's events
+        self.incarnation = incarnation or uuid.uuid4().hex
         self.dropped = 0
         self._base = base
         self._seq = 0
@@ -149,12 +151,13 @@ class BusLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def attach(agent: Any, bus_address: str | None, worker: str, host: str) -> BusPublisher | None:
-    """Give a running agent its publisher and send its log records to the bus too."""
+def attach(agent: Any, bus_address: str | None, worker: str, host: str, run: str | None = None) -> BusPublisher | None:
+    """Give a running agent its publisher and send its log records to the bus too.  ``run`` is
+    the run's tag (``incarnation.epoch``): the publisher's incarnation on the bus."""
     if not bus_address:
         return None
     publisher = BusPublisher(bus_address, f"{worker}/{agent.name}",
-                             {"agent_name": agent.name, "worker": worker, "host": host})
+                             {"agent_name": agent.name, "worker": worker, "host": host}, run)
     agent._bus = publisher
     agent._bus_log_handler = BusLogHandler(publisher, agent.name)
     agent.logger.addHandler(agent._bus_log_handler)

@@ -116,12 +116,23 @@ def test_register_agent_mistakes():
 
 
 def test_protocol_round_trip_and_rejections():
-    frame = protocol.encode("stop", agent="a", epoch=3, timeout=1.5)
+    frame = protocol.encode("stop", agent="a", run="r", epoch=3, timeout=1.5)
     assert protocol.decode(frame)["epoch"] == 3
+    # optional fields are declared in the schema and filled in with their defaults
+    assert protocol.decode(protocol.encode("heartbeat"))["t"] == 0.0
     rejected = [
         b"\x00\x01garbage",
         msgpack.packb({"v": protocol.PROTOCOL_VERSION + 1, "type": "stop"}),
-        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "stop", "agent": "a", "epoch": True, "timeout": 1}),
+        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "stop", "agent": "a", "run": "r", "epoch": True,
+                       "timeout": 1}),
+        # wrong shapes inside well-formed messages: a welcome's stop list, a register's agents
+        protocol.encode("welcome", coordinator="c", session="s", heartbeat_interval=1, heartbeat_liveness=5,
+                        bus_port=1, stop=[["a", 1]], warnings=[]),
+        protocol.encode("register", name="w", incarnation="i", host="h", pid=1, labels={}, capacity=0,
+                        versions={}, agents=[{"agent": ["unhashable"], "run": "r", "epoch": 1, "state": "READY",
+                                              "coordinator": "c", "definition": "d"}]),
+        protocol.encode("register", name="w", incarnation="i", host="h", pid=1, labels={"k": 1}, capacity=0,
+                        versions={}, agents=[]),
         msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "stop", "agent": "a"}),
         msgpack.packb({1: 2}),
         b"x" * 100,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import zmq
 from agents import Forever, Quick, QuickProcess
 from conftest import LIFECYCLE, REPO, EventLog, wait_for
@@ -122,21 +123,44 @@ def test_subscriber_reports_gaps_in_sequence_numbers():
         ctx.destroy(linger=0)
 
 
+def current_run(orch, agent: str) -> tuple[str, str]:
+    """The bus identity of ``agent``'s current run: (publisher, incarnation)."""
+    info = orch.status()["agents"][agent]
+    return f"{info['worker']}/{agent}", f"{info['run']}.{info['epoch']}"
+
+
 def test_coordinator_reports_gaps_from_worker_publishers(cluster):
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
     events = EventLog(orch)
     orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Forever, "probe")
+    events.wait("AGENT_READY", "probe")
+    publisher, run = current_run(orch, "probe")
     ctx = zmq.Context()
     try:
         pub = _publisher(ctx, orch.status()["addresses"]["bus"])
         assert pub.poll(5000)
         pub.recv()
-        for seq in (1, 2, 3, 7):
-            pub.send_multipart(_event(seq, event="AGENT_HEARTBEAT"))
+
+        def batch(incarnation, *seqs):
+            return protocol.encode_batch(publisher, incarnation, [
+                ("AGENT_EVENT.probe", seq, msgpack.packb({
+                    "event": "AGENT_EVENT", "seq": seq, "publisher": publisher, "incarnation": incarnation,
+                    "agent_name": "probe", "topic": "t", "data": {}, "event_date": "d", "event_time": "t"}))
+                for seq in seqs])
+
+        # posing as the agent's current run: a gap in its numbers is reported
+        for seqs in ((1, 2, 3), (7,)):
+            pub.send_multipart(batch(run, *seqs))
             time.sleep(0.01)
         lost = events.wait("EVENTS_LOST")[0]
-        assert lost["lost"] == 3 and lost["source"] == "fake"
+        assert lost["lost"] == 3 and lost["source"] == publisher
         assert orch.status()["lost_events"] == 3
-        assert len(events.wait("AGENT_HEARTBEAT", count=4)) == 4
+        assert len(events.wait("AGENT_EVENT", count=4)) == 4
+        # a copy of an older run (or of another coordinator's) is not the agent: dropped, counted
+        pub.send_multipart(batch("oldcoordinator.1", 1, 2))
+        wait_for(lambda: orch.status()["dropped"].get("stale_bus_event", 0) >= 1, 10, "the stale batch to be counted")
+        assert len(events.of("AGENT_EVENT")) == 4
     finally:
         ctx.destroy(linger=0)

@@ -12,7 +12,7 @@ import zmq
 from agents import Forever, ForeverProcess, Quick, Sleeper
 from conftest import EventLog, _session_members, free_port, wait_for
 
-from pyorchestrate import EventSubscriber, protocol, shipping
+from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.versions import local_versions
 
@@ -175,16 +175,21 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
         worker = cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
         assert router.poll(15000)
         identity, frame = router.recv_multipart()
-        assert protocol.decode(frame)["type"] == "register"
+        register = protocol.decode(frame)
+        assert register["type"] == "register"
         for garbage in (os.urandom(100), msgpack.packb("hi"), msgpack.packb({"v": 5, "type": "start"}),
-                        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "start", "agent": 1})):
+                        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "start", "agent": 1}),
+                        # well-formed messages with wrong shapes inside (a worker once died of this one)
+                        protocol.encode("welcome", coordinator="fake", session="s", heartbeat_interval=0.2,
+                                        heartbeat_liveness=50, bus_port=bus_port, stop=[["q", 1]], warnings=[]),
+                        protocol.encode("stop", agent="q", run=["x"], epoch=1, timeout=0)):
             router.send_multipart([identity, garbage])
         welcome = protocol.encode("welcome", coordinator="fake", session="s", heartbeat_interval=0.2,
-                                  heartbeat_liveness=50, bus_port=bus_port, stop=[], warnings=[])
+                                  heartbeat_liveness=50, bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
         router.send_multipart([identity, welcome])
         class_id, blob = shipping.pack_class(Quick, Quick.Config)
         router.send_multipart([identity, protocol.encode(
-            "start", agent="q", epoch=1, class_id=class_id, class_blob=blob,
+            "start", agent="q", run="s", epoch=1, class_id=class_id, class_blob=blob,
             config=shipping.pack_config(Quick.Config(), "q"), mode="thread")])
         seen = []
         deadline = time.monotonic() + 15
@@ -193,7 +198,7 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
                 ident, frame = router.recv_multipart()
                 message = protocol.decode(frame)
                 if message["type"] == "agent_events":
-                    seen.extend(item["event"] for item in protocol.agent_events(message))
+                    seen.extend(item["event"] for item in message["events"])
         assert seen == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
         assert worker.poll() is None
         assert "dropped a bad_frame frame" in cluster.log_of("w1")
@@ -262,8 +267,14 @@ def test_sigkilled_worker_is_noticed_by_its_closed_connection_not_heartbeats(clu
 
 def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_nothing_else(cluster):
     # the coordinator forwards batched event bodies unparsed: their checking is the subscribers' job
-    orch = cluster.orchestrator(min_workers=0)
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
     orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Forever, "probe")
+    events.wait("AGENT_READY", "probe")
+    info = orch.status()["agents"]["probe"]
+    fake, run = "w1/probe", f"{info['run']}.{info['epoch']}"  # posing as the agent's current run
     addresses = orch.status()["addresses"]
     ctx = zmq.Context()
     try:
@@ -275,15 +286,15 @@ def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_not
             pub.recv()
 
             def body(seq: int) -> bytes:
-                return msgpack.packb({"event": "AGENT_EVENT", "seq": seq, "publisher": "fake", "incarnation": "i",
+                return msgpack.packb({"event": "AGENT_EVENT", "seq": seq, "publisher": fake, "incarnation": run,
                                       "topic": "probe", "data": {"n": seq}, **stamp()})
 
             bad_envelopes = [[protocol.BATCH_TOPIC, msgpack.packb([1, 2, 3])],
-                             [protocol.BATCH_TOPIC, msgpack.packb(["fake", "i", [["AGENT_EVENT.probe", True, b""]]])],
-                             [protocol.BATCH_TOPIC, msgpack.packb(["fake", "i", [["_HISTORY.x", 1, b""]]])]]
+                             [protocol.BATCH_TOPIC, msgpack.packb([fake, run, [["AGENT_EVENT.probe", True, b""]]])],
+                             [protocol.BATCH_TOPIC, msgpack.packb([fake, run, [["_HISTORY.x", 1, b""]]])]]
             for frames in bad_envelopes:
                 pub.send_multipart(frames)
-            pub.send_multipart(protocol.encode_batch("fake", "i", [
+            pub.send_multipart(protocol.encode_batch(fake, run, [
                 ("AGENT_EVENT.probe", 1, body(1)), ("AGENT_EVENT.probe", 2, os.urandom(40)),
                 ("AGENT_EVENT.probe", 3, body(3))]))
             got = [sub.recv(timeout=10), sub.recv(timeout=10)]

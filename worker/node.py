@@ -5,6 +5,13 @@ answers), then loops: control messages in, agent events out, heartbeats on a tim
 coordinator falls silent or says goodbye, the worker registers again, with it or its successor.
 Agent code runs on other threads or in child processes, so it cannot block heartbeats (except by
 holding the GIL in C code; see the README).
+
+Leases: the coordinator echoes the clock stamp of each heartbeat it receives.  The worker may run
+its agents until the latest echoed stamp + the lease; past that it cannot prove the coordinator
+still counts on it (a partition, a dead or frozen coordinator: it cannot tell which and never
+needs to), so it stops every agent that would be replaced elsewhere and keeps only those started
+with ``keep``.  What happens to agents while no coordinator listens is kept and delivered with the
+next registration, never dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import zmq
 from pyorchestrate import protocol, sockets
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.events import stamp
+from pyorchestrate.limits import REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
 from pyorchestrate.mailbox import Mailbox
 from pyorchestrate.versions import local_versions
 
@@ -32,6 +40,7 @@ log = logging.getLogger("pyorchestrate.worker")
 
 REGISTER_TIMEOUT = 2.0
 _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
+_PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 POLL_CAP_MS = 100
 
 
@@ -69,13 +78,15 @@ class Worker:
         self._bus_address = ""
         self._bus_seq = 0
         self._subscribed = False
-        self._beating: dict[tuple[str, int], int] = {}  # (agent, epoch) whose STARTED went out -> round
+        self._beating: dict[tuple[str, str, int], int] = {}  # copy whose STARTED went out -> round
         self._beat_round = 0
         self._shutdown = threading.Event()
         self._session = ""
-        self._interval = 1.0
-        self._liveness = 5
-        self._last_heard = 0.0
+        self._coordinator_name = ""
+        self._limits = Limits()
+        self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
+        self._lease_expired = False
+        self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
 
     # ------------------------------------------------------------------ public
 
@@ -112,16 +123,31 @@ class Worker:
         return dealer
 
     def _register_message(self) -> bytes:
+        # the running list first, then the reports: a copy leaves the list only after its last
+        # report is queued, so whatever is missing from one is in the other
+        running = self._supervisor.running()
+        self._keep_reports()
         return protocol.encode(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
-            agents=[[n, e] for n, e in self._supervisor.running()], bus_seq=self._bus_seq,
-            drained_by=self._drained_by)
+            agents=running, events=self._pending, bus_seq=self._bus_seq,
+            drained_by=self._drained_by, t=time.monotonic())
+
+    def _keep_reports(self) -> None:
+        """Move what agents reported into the list delivered with the next registration."""
+        for name, run, epoch, event, fields in self._outbox.drain():
+            if event == "AGENT_TERMINATED":
+                self._beating.pop((name, run, epoch), None)
+            self._pending.append(protocol.agent_event(name, run, epoch, event, fields))
+        if len(self._pending) > _PENDING_MAX:
+            excess = len(self._pending) - _PENDING_MAX
+            del self._pending[:excess]
+            self.dropped.drop("report_while_offline", f"{excess} oldest agent report(s)")
 
     def _register_with_retries(self) -> None:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(NoAnswer),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=REGISTER_BACKOFF_MAX, jitter=REGISTER_JITTER),
             stop=lambda state: self._shutdown.is_set(),
             sleep=self._sleep_interruptibly,
             before_sleep=self._log_retry,
@@ -143,12 +169,12 @@ class Worker:
             self._shutdown.wait(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _pump_outbox_offline(self) -> None:
-        # while no coordinator listens, keep agents' events flowing out of the mailbox, and keep
-        # enforcing stop timeouts; events are dropped (the next coordinator asks what runs)
-        for _ in self._outbox.drain():
-            pass
+        # while no coordinator listens: keep what agents report (the next coordinator gets it),
+        # let the lease run out, enforce stop timeouts
+        self._keep_reports()
+        self._check_lease()
         if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
-                and time.monotonic() - self._last_heard > self.orphan_timeout):
+                and time.monotonic() - self._lease_from > self.orphan_timeout):
             self._orphans_stopped = True
             log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
                         self.orphan_timeout, self._supervisor.count())
@@ -173,7 +199,7 @@ class Worker:
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
-                    if message.get("retry") is True:
+                    if message["retry"]:
                         # temporary: drained from this coordinator, or our old self not yet declared lost
                         if message["reason"] != self._last_refusal:
                             self._last_refusal = message["reason"]
@@ -190,16 +216,16 @@ class Worker:
 
     def _on_welcome(self, message: dict[str, Any]) -> None:
         self._session = message["session"]
-        self._interval = float(message["heartbeat_interval"])
-        self._liveness = int(message["heartbeat_liveness"])
-        self._last_heard = time.monotonic()
+        self._coordinator_name = message["coordinator"]
+        self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
+        self._renew_lease(message["echo"])
+        self._pending.clear()  # the coordinator has them now
         self._orphans_stopped = False
         self._last_refusal = ""
         for warning in message["warnings"]:
             log.warning("version difference with the coordinator: %s", warning)
-        events_port = message.get("events_port")
-        self._supervisor.events_address = (sockets.with_port(self.coordinator, events_port)
-                                           if isinstance(events_port, int) else None)
+        events_port = message["events_port"]
+        self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
         self._supervisor.bus_address = bus
         if bus != self._bus_address:
@@ -211,17 +237,38 @@ class Worker:
             self._pub.connect(bus)
             self._subscribed = False
             self._bus_address = bus
-        for name, epoch in message["stop"]:
-            log.info("coordinator says agent %s (epoch %s) is not ours to run any more: stopping it", name, epoch)
-            self._beating.pop((str(name), int(epoch)), None)
-            self._supervisor.stop(str(name), int(epoch), 0.0)
+        for item in message["stop"]:
+            log.info("coordinator says agent %s (run %s.%d) is not ours to run any more: stopping it",
+                     item["agent"], item["run"], item["epoch"])
+            self._beating.pop((item["agent"], item["run"], item["epoch"]), None)
+            self._supervisor.stop(item["agent"], item["run"], item["epoch"], float(item["timeout"]))
         log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
-                 message["coordinator"], self.coordinator, self._interval, self._liveness)
+                 message["coordinator"], self.coordinator, self._limits.interval, self._limits.liveness)
+
+    def _renew_lease(self, echo: float) -> None:
+        # the echo is a stamp of our own clock from before the coordinator answered: the lease
+        # counts from when we asked, so a reply that sat in a buffer cannot stretch it
+        if echo > self._lease_from:
+            self._lease_from = echo
+            self._lease_expired = False
+
+    def _check_lease(self) -> bool:
+        """Has the lease run out?  The first time, stop every agent that will be replaced."""
+        if time.monotonic() - self._lease_from <= self._limits.lease:
+            return False
+        if not self._lease_expired:
+            self._lease_expired = True
+            stopped = self._supervisor.stop_all(keep=True)
+            if stopped:
+                log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "
+                            "will be replaced elsewhere; agents with on_disconnect='keep' keep running",
+                            self.coordinator, time.monotonic() - self._lease_from, stopped)
+        return True
 
     # ------------------------------------------------------------------ serving
 
-    def _queue_event(self, name: str, epoch: int, event: str, fields: dict[str, Any]) -> None:
-        self._outbox.put((name, epoch, event, fields))
+    def _queue_event(self, name: str, run: str, epoch: int, event: str, fields: dict[str, Any]) -> None:
+        self._outbox.put((name, run, epoch, event, fields))
 
     def _send(self, frame: bytes) -> None:
         assert self._dealer is not None
@@ -239,16 +286,16 @@ class Worker:
         next_beat = time.monotonic()
         while not self._shutdown.is_set():
             now = time.monotonic()
-            # silence first: a worker resumed after SIGSTOP must not vouch for agents the
+            # the lease first: a worker resumed after SIGSTOP must not vouch for agents the
             # coordinator may have restarted elsewhere meanwhile; it registers again instead
-            if now - self._last_heard > self._interval * self._liveness:
+            if self._check_lease():
                 log.warning("coordinator %s silent for %.1f s: registering again", self.coordinator,
-                            now - self._last_heard)
+                            now - self._lease_from)
                 return
             if now >= next_beat:
-                self._send(protocol.encode("heartbeat"))
+                self._send(protocol.encode("heartbeat", t=now))
                 self._publish_agent_heartbeats()
-                next_beat = now + self._interval
+                next_beat = now + self._limits.interval
             timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
             if self._outbox.wake_socket in ready:
@@ -273,30 +320,34 @@ class Worker:
         except protocol.ProtocolError as exc:
             self.dropped.drop("bad_frame", exc)
             return None
-        self._last_heard = time.monotonic()
         kind = message["type"]
-        if kind == "heartbeat":
-            return None
-        if kind == "start":
+        if kind == "heartbeat_reply":
+            self._renew_lease(message["echo"])
+        elif kind == "start":
+            if self._lease_expired:
+                # the coordinator sent this before it could know we lost touch; it will learn
+                # from our registration that the agent never started
+                self.dropped.drop("start_after_lease", message["agent"])
+                return None
             if self.capacity and self._supervisor.count() >= self.capacity:
                 log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
                             message["agent"], self.capacity)
-            stop_timeout = message.get("stop_timeout")
-            self._supervisor.start(message["agent"], message["epoch"], message["class_id"],
+            self._supervisor.start(message["agent"], message["run"], message["epoch"], message["class_id"],
                                    message["class_blob"], message["config"], message["mode"],
-                                   float(stop_timeout) if isinstance(stop_timeout, (int, float)) else 10.0,
-                                   message.get("hold") is True)
+                                   float(message["stop_timeout"]), message["hold"], message["keep"],
+                                   self._coordinator_name, message["definition"])
         elif kind == "stop":
-            self._supervisor.stop(message["agent"], message["epoch"], float(message["timeout"]))
+            self._supervisor.stop(message["agent"], message["run"], message["epoch"], float(message["timeout"]))
         elif kind == "deliver":
-            if not self._supervisor.deliver(message["agent"], message["epoch"], message["kind"], message["payload"]):
+            if not self._supervisor.deliver(message["agent"], message["run"], message["epoch"], message["kind"],
+                                            message["payload"]):
                 self.dropped.drop("deliver_to_unknown_agent", message["agent"])
         elif kind == "reregister":
             self._dealer.send(self._register_message())  # type: ignore[union-attr]
         elif kind == "welcome":
             self._on_welcome(message)
         elif kind == "release":
-            if message.get("drain") is True:
+            if message["drain"]:
                 self._drained_by = (self._drained_by + [self._session])[-16:]
                 log.info("drained by coordinator %s; waiting for the next coordinator", self._session)
             else:
@@ -330,11 +381,12 @@ class Worker:
         self._beat_round += 1
         # an agent's first heartbeat leaves at least one interval after its STARTED event, so the
         # bus (a different path from the control connection) cannot deliver it first
-        for (name, _epoch), since in list(self._beating.items()):
+        for (name, run, epoch), since in list(self._beating.items()):
             if since >= self._beat_round - 1:
                 continue
             self._bus_seq += 1
-            fields = {"event": "AGENT_HEARTBEAT", "agent_name": name, "seq": self._bus_seq, **base}
+            fields = {"event": "AGENT_HEARTBEAT", "agent_name": name, "seq": self._bus_seq, "run": f"{run}.{epoch}",
+                      **base}
             try:
                 self._pub.send_multipart(protocol.encode_event(
                     protocol.event_topic("AGENT_HEARTBEAT", name), fields), zmq.NOBLOCK)
@@ -375,12 +427,12 @@ class Worker:
         # everything queued since the last flush goes in one message: one send here and one
         # receive at the coordinator, not three, for an agent that starts and finishes at once
         batch = []
-        for name, epoch, event, fields in self._outbox.drain():
+        for name, run, epoch, event, fields in self._outbox.drain():
             if event == "AGENT_TERMINATED":
-                self._beating.pop((name, epoch), None)
-            batch.append(protocol.agent_event(name, epoch, event, fields))
+                self._beating.pop((name, run, epoch), None)
+            batch.append(protocol.agent_event(name, run, epoch, event, fields))
             if event == "AGENT_STARTED":
-                self._beating[(name, epoch)] = self._beat_round
+                self._beating[(name, run, epoch)] = self._beat_round
             if len(batch) == _EVENTS_PER_MESSAGE:
                 self._send_events(batch)
                 batch = []

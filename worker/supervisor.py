@@ -27,8 +27,10 @@ from . import child
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
 
-# agent name, epoch, event name, fields
-Report = Callable[[str, int, str, dict], None]
+# agent name, run, epoch, event name, fields
+Report = Callable[[str, str, int, str, dict], None]
+# one copy: (agent name, run, epoch)
+Key = tuple[str, str, int]
 
 _CLASS_CACHE_SIZE = 256
 
@@ -59,8 +61,13 @@ def _forget_logger(logger: logging.Logger) -> None:
 @dataclass
 class Running:
     name: str
+    run: str  #: the coordinator incarnation that started it
     epoch: int
     mode: str
+    keep: bool = False  #: keeps running while no coordinator can be reached
+    coordinator: str = ""  #: the name of the coordinator that started it
+    definition: str = ""
+    ready: bool = False
     agent: Any = None  # thread agents
     process: Any = None  # process agents
     conn: Any = None
@@ -70,6 +77,19 @@ class Running:
     forced: bool = False  #: it ignored a stop past its timeout
     thread: threading.Thread | None = field(default=None, repr=False)
 
+    @property
+    def key(self) -> Key:
+        return (self.name, self.run, self.epoch)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.run}.{self.epoch}"
+
+    def report(self) -> dict[str, Any]:
+        """What the worker tells a coordinator it registers with about this copy."""
+        return {"agent": self.name, "run": self.run, "epoch": self.epoch, "state": "READY" if self.ready else "STARTED",
+                "coordinator": self.coordinator, "definition": self.definition}
+
 
 class Supervisor:
     """Starts, stops and watches agents; every lifecycle event goes to ``report``."""
@@ -78,7 +98,7 @@ class Supervisor:
         self._report = report
         self._worker_name = worker_name
         self._lock = threading.Lock()
-        self._agents: dict[str, Running] = {}
+        self._agents: dict[Key, Running] = {}
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
@@ -91,9 +111,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ queries
 
-    def running(self) -> list[tuple[str, int]]:
+    def running(self) -> list[dict[str, Any]]:
+        """Reports of the copies still running.  A copy leaves this list only after its
+        TERMINATED report was queued (see ``_finished``), so the two together are complete."""
         with self._lock:
-            return [(r.name, r.epoch) for r in self._agents.values() if not r.terminated]
+            return [r.report() for r in self._agents.values() if not r.terminated]
 
     def count(self, include_stuck: bool = True) -> int:
         """Agents still running; ``include_stuck=False`` leaves out threads that ignored a stop
@@ -104,38 +126,55 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start
 
-    def _emit(self, name: str, epoch: int, event: str, fields: dict[str, Any]) -> None:
+    def _emit(self, record: Running, event: str, fields: dict[str, Any]) -> None:
         fields.update(stamp())
-        self._report(name, epoch, event, fields)
+        self._report(record.name, record.run, record.epoch, event, fields)
 
-    def _fail_before_start(self, name: str, epoch: int, exc: BaseException, hint: str = "") -> None:
-        self._emit(name, epoch, "AGENT_STARTED", {})
-        self._emit(name, epoch, "AGENT_ERROR", _error_fields(exc, hint))
-        self._emit(name, epoch, "AGENT_TERMINATED", {"ok": False})
+    def _relay(self, record: Running, event: str, fields: dict[str, Any]) -> None:
+        """Pass on one event of a running copy, keeping what the worker must know of it."""
+        if event == "AGENT_READY":
+            record.ready = True
+        if event == "AGENT_TERMINATED":
+            self._report(record.name, record.run, record.epoch, event, fields)
+            # only now: a register composed meanwhile lists the copy or carries this report
+            record.terminated = True
+            return
+        self._report(record.name, record.run, record.epoch, event, fields)
 
-    def start(self, name: str, epoch: int, class_id: str, class_blob: bytes | None,
-              config_blob: bytes, mode: str, stop_timeout: float = 10.0, hold: bool = False) -> None:
+    def _fail_before_start(self, record: Running, exc: BaseException, hint: str = "") -> None:
+        self._emit(record, "AGENT_STARTED", {})
+        self._emit(record, "AGENT_ERROR", _error_fields(exc, hint))
+        self._emit(record, "AGENT_TERMINATED", {"ok": False})
+
+    def start(self, name: str, run: str, epoch: int, class_id: str, class_blob: bytes | None,
+              config_blob: bytes, mode: str, stop_timeout: float = 10.0, hold: bool = False, keep: bool = False,
+              coordinator: str = "", definition: str = "") -> None:
         if class_blob is not None:
             self._blobs[class_id] = class_blob
             self._blobs.move_to_end(class_id)
             while len(self._blobs) > _CLASS_CACHE_SIZE:
                 old, _ = self._blobs.popitem(last=False)
                 self._classes.pop(old, None)
+        record = Running(name, run, epoch, mode, keep=keep, coordinator=coordinator, definition=definition,
+                         stop_timeout=stop_timeout)
         blob = self._blobs.get(class_id)
         if blob is None:
-            self._fail_before_start(name, epoch, LookupError(f"class {class_id} was never sent to this worker"))
+            self._fail_before_start(record, LookupError(f"class {class_id} was never sent to this worker"))
             return
         with self._lock:
-            previous = self._agents.get(name)
-        if previous is not None and not previous.terminated:
-            log.warning("agent %s (epoch %d) replaced by epoch %d; stopping the old copy", name, previous.epoch, epoch)
-            self.stop(name, previous.epoch, 0.0)
+            others = [r for r in self._agents.values() if r.name == name and not r.terminated]
+        for previous in others:
+            # the coordinator waits for an old copy to stop before it starts a new one; if one is
+            # still here all the same, it gets its normal stop timeout, and both are tracked
+            log.warning("agent %s: a copy of run %s is still running here; stopping it", name, previous.tag)
+            self._request_stop(previous, None)
         if mode == "process":
-            self._start_process(name, epoch, blob, config_blob, stop_timeout, hold)
+            self._start_process(record, blob, config_blob, hold)
         else:
-            self._start_thread(name, epoch, class_id, blob, config_blob, hold)
+            self._start_thread(record, class_id, blob, config_blob, hold)
 
-    def _start_thread(self, name: str, epoch: int, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
+    def _start_thread(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
+        name = record.name
         try:
             if class_id not in self._classes:
                 self._classes[class_id] = shipping.unpack_class(blob)
@@ -143,20 +182,18 @@ class Supervisor:
             config, plugin = shipping.unpack_config(config_class, config_blob)
             agent = agent_class(name, config, plugin)
         except Exception as exc:
-            self._fail_before_start(name, epoch, exc)
+            self._fail_before_start(record, exc)
             return
-        record = Running(name, epoch, "thread", agent=agent,
-                         stop_timeout=float(getattr(agent.config, "stop_timeout", 10.0)))
+        record.agent = agent
+        record.stop_timeout = float(getattr(agent.config, "stop_timeout", record.stop_timeout))
 
         def report(event: str, **fields: Any) -> None:
-            if event == "AGENT_TERMINATED":
-                record.terminated = True
-            self._emit(name, epoch, event, fields)
+            self._relay(record, event, fields)
 
         bus = {"address": self.bus_address, "worker": self._worker_name, "host": self.host}
 
         def run() -> None:
-            publisher.attach(agent, bus["address"], bus["worker"], bus["host"])
+            publisher.attach(agent, bus["address"], bus["worker"], bus["host"], record.tag)
             try:
                 agent.run()
             finally:
@@ -169,27 +206,28 @@ class Supervisor:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         with self._lock:
-            self._agents[name] = record
+            self._agents[record.key] = record
         record.thread.start()
 
-    def _start_process(self, name: str, epoch: int, blob: bytes, config_blob: bytes, stop_timeout: float,
-                       hold: bool) -> None:
+    def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
+        name = record.name
         parent_conn, child_conn = self._mp.Pipe()
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
                                                                     _stderr_level(),
                                                                     self.events_address,
-                                                                    [self.bus_address, self._worker_name, self.host],
+                                                                    [self.bus_address, self._worker_name, self.host,
+                                                                     record.tag],
                                                                     hold),
                                    name=f"agent-{name}", daemon=False)
         try:
             process.start()
         except Exception as exc:
-            self._fail_before_start(name, epoch, exc, " (could not start the process)")
+            self._fail_before_start(record, exc, " (could not start the process)")
             return
         child_conn.close()
-        record = Running(name, epoch, "process", process=process, conn=parent_conn, stop_timeout=stop_timeout)
+        record.process, record.conn = process, parent_conn
         with self._lock:
-            self._agents[name] = record
+            self._agents[record.key] = record
         record.thread = threading.Thread(target=self._watch_process, args=(record,),
                                          name=f"watch-{name}", daemon=True)
         record.thread.start()
@@ -201,9 +239,7 @@ class Supervisor:
                 event, fields = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
                 if event == "AGENT_ERROR":
                     seen_error = True
-                if event == "AGENT_TERMINATED":
-                    record.terminated = True
-                self._report(record.name, record.epoch, event, fields)
+                self._relay(record, event, fields)
         except (EOFError, OSError):
             pass
         except Exception:
@@ -215,21 +251,20 @@ class Supervisor:
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
             if record.forced:
                 how = f"ignored stop for {record.stop_timeout:.1f} s and was terminated ({how})"
-            record.terminated = True
             if not seen_error:
-                self._emit(record.name, record.epoch, "AGENT_ERROR", {
+                self._emit(record, "AGENT_ERROR", {
                     "error_message": f"process agent {record.name} {how} on worker {self._worker_name}",
                     "traceback": "", "exitcode": code})
-            self._emit(record.name, record.epoch, "AGENT_TERMINATED", {"ok": False, "exitcode": code})
+            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code})
         record.conn.close()
 
     # ------------------------------------------------------------------ stop
 
-    def stop(self, name: str, epoch: int, timeout: float | None = None) -> bool:
-        """Ask one agent to stop; False if it is not running here at that epoch."""
+    def stop(self, name: str, run: str, epoch: int, timeout: float | None = None) -> bool:
+        """Ask one copy to stop; False if it is not running here."""
         with self._lock:
-            record = self._agents.get(name)
-        if record is None or record.epoch != epoch or record.terminated:
+            record = self._agents.get((name, run, epoch))
+        if record is None or record.terminated:
             return False
         self._request_stop(record, timeout)
         return True
@@ -244,11 +279,11 @@ class Supervisor:
         else:
             self._to_child(record, ["stop"])
 
-    def deliver(self, name: str, epoch: int, kind: str, payload: Any) -> bool:
-        """Hand a message to a running agent; False if it is not running here at that epoch."""
+    def deliver(self, name: str, run: str, epoch: int, kind: str, payload: Any) -> bool:
+        """Hand a message to a running copy; False if it is not running here."""
         with self._lock:
-            record = self._agents.get(name)
-        if record is None or record.epoch != epoch or record.terminated:
+            record = self._agents.get((name, run, epoch))
+        if record is None or record.terminated:
             return False
         if record.mode == "thread":
             record.agent.deliver(kind, payload)
@@ -263,12 +298,14 @@ class Supervisor:
         except (OSError, ValueError):
             pass  # the child is gone; its watcher reports that
 
-    def stop_all(self, timeout: float | None = None) -> None:
+    def stop_all(self, timeout: float | None = None, *, keep: bool = False) -> int:
+        """Ask every copy to stop (``keep=True``: all but those that keep running without a
+        coordinator); return how many were asked."""
         with self._lock:
-            records = list(self._agents.values())
+            records = [r for r in self._agents.values() if not r.terminated and not (keep and r.keep)]
         for record in records:
-            if not record.terminated:
-                self._request_stop(record, timeout)
+            self._request_stop(record, timeout)
+        return len(records)
 
     def enforce_stop_timeouts(self) -> None:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
@@ -294,10 +331,9 @@ class Supervisor:
                            "request: it is stuck (threads cannot be terminated; make cycle() return or use a "
                            "process agent)")
                 log.warning("%s", message)
-                self._emit(record.name, record.epoch, "AGENT_ERROR", {"error_message": message, "traceback": "",
-                                                                      "stuck": True})
+                self._emit(record, "AGENT_ERROR", {"error_message": message, "traceback": "", "stuck": True})
 
     def forget_finished(self) -> None:
         with self._lock:
-            for name in [n for n, r in self._agents.items() if r.terminated]:
-                del self._agents[name]
+            for key in [k for k, r in self._agents.items() if r.terminated]:
+                del self._agents[key]

@@ -1,0 +1,66 @@
+"""Every time limit of liveness and leases, computed in one place from the heartbeat settings.
+
+The coordinator and its workers both derive their limits from here (the worker learns the
+interval and liveness in its welcome), so the two sides cannot disagree about what "silent too
+long" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``interval`` seconds between heartbeats both ways; ``liveness`` heartbeats may be missed."""
+
+    interval: float = 1.0
+    liveness: int = 5
+
+    @property
+    def silence(self) -> float:
+        """A worker silent this long is lost; a worker whose coordinator is silent this long
+        re-registers and lets its lease run out (stops its agents with on_disconnect="replace")."""
+        return self.interval * self.liveness
+
+    @property
+    def lease(self) -> float:
+        """How long a worker's agents may run after the last round trip with the coordinator that
+        it can prove (the coordinator echoed a heartbeat the worker sent at time t: until t+lease)."""
+        return self.silence
+
+    @property
+    def reconnect_grace(self) -> float:
+        """After a worker's connection closes: how long a live worker needs to reconnect and speak
+        (ZeroMQ reconnects within 0.1 s; it speaks at its next heartbeat)."""
+        return self.interval + 0.2
+
+    @property
+    def margin(self) -> float:
+        """Added to the lease before a replacement starts elsewhere: the two clocks run at the same
+        rate, but the stop the lease triggers takes a moment to reach the agent."""
+        return max(0.2, self.interval)
+
+    def replace_after(self, last_heard: float, stop_timeout: float) -> float:
+        """The earliest moment (coordinator clock) a replacement for an agent on a worker last heard
+        at ``last_heard`` may start: its worker's lease has run out and the agent has had its
+        ``stop_timeout`` to finish."""
+        return last_heard + self.lease + stop_timeout + self.margin
+
+    @property
+    def stall(self) -> float:
+        """A coordinator loop turn that took this long was a stall of our own (GC, SIGSTOP, a burst):
+        nobody's silence during it counts against them."""
+        return self.interval + 0.25
+
+
+#: a worker looking for its coordinator retries at most this often (plus up to REGISTER_JITTER s)
+REGISTER_BACKOFF_MAX = 2.0
+REGISTER_JITTER = 0.5
+
+
+def adopt_window(limits: Limits) -> float:
+    """How long a coordinator that starts on an address workers may already know waits for them
+    to report what a previous coordinator left running: a connected worker notices within one
+    heartbeat (its heartbeat gets "register again"), one between retries within the back-off."""
+    return max(limits.interval, REGISTER_BACKOFF_MAX + REGISTER_JITTER) + limits.margin

@@ -1,0 +1,88 @@
+"""What the coordinator's core knows of each agent and each worker (plain data, no behaviour)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .restart import RestartPolicy
+from .states import AgentState
+
+DISCONNECT_POLICIES = ("replace", "keep")
+
+
+@dataclass(eq=False)
+class AgentRecord:
+    """One registered agent.  ``state`` changes only through ``StateIndex.move``."""
+
+    name: str
+    agent_class: type
+    config: Any
+    class_id: str
+    class_blob: bytes
+    config_blob: bytes
+    mode: str
+    pin: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    depends_on: list[str] = field(default_factory=list)
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    #: "replace": a worker cut off from its coordinator stops the agent when its lease runs out and
+    #: the coordinator starts a replacement after that; "keep": the copy keeps running and is taken
+    #: back when its worker (or a restarted coordinator) returns.  None: "keep" for restart="never"
+    on_disconnect: str | None = None
+    definition: str = ""  #: digest of class and config: a restarted coordinator adopts only identical ones
+    stop_timeout: float = 10.0
+    one_shot: bool = True  #: runs once (Base agents), as opposed to Looping/Periodic
+    state: AgentState = AgentState.PENDING
+    worker: str | None = None
+    #: the current run's identity: (coordinator incarnation that started it, epoch).  Nothing that
+    #: names another pair is ever taken for this run.
+    run: str = ""
+    epoch: int = 0
+    error: str | None = None
+    failed: bool = False
+    started_at: float | None = None
+    restarts: int = 0
+    pending_reason: str = ""
+    restart_at: float = 0.0  #: RESTARTING until then (coordinator clock)
+    stop_requested: bool = False  #: stopped on purpose: never restarted
+    run_errored: bool = False  #: the current run reported AGENT_ERROR
+    then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
+    disconnected_at: float = 0.0  #: when it became DISCONNECTED
+    ended_at: float = 0.0  #: when it last became TERMINATED for good (for forgetting)
+
+    @property
+    def keeps_running(self) -> bool:
+        """Does its copy keep running while its worker is cut off?"""
+        if self.on_disconnect is not None:
+            return self.on_disconnect == "keep"
+        return self.policy.mode == "never"
+
+    @property
+    def tag(self) -> str:
+        """The run's identity as one string (a bus publisher's incarnation)."""
+        return f"{self.run}.{self.epoch}"
+
+
+@dataclass(eq=False)
+class WorkerRecord:
+    """One worker process, as known from its registration and heartbeats."""
+
+    name: str
+    identity: bytes
+    incarnation: str
+    host: str
+    pid: int
+    labels: dict[str, str]
+    capacity: int
+    versions: dict[str, str]
+    order: int
+    last_seen: float
+    alive: bool = True
+    draining: bool = False
+    last_beat_sent: float = 0.0
+    last_t: float = 0.0  #: the worker-clock stamp of its latest heartbeat (echoed back: its lease)
+    disconnected_at: float | None = None  #: when its connection closed, if it has
+    gone_at: float = 0.0  #: when it was lost or left (records are forgotten some time after)
+    agents: set[str] = field(default_factory=set)
+    sent_classes: set[str] = field(default_factory=set)
