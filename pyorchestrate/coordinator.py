@@ -20,7 +20,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, protocol, sockets
+from . import commands, protocol, runmarker, sockets
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .events import EventDispatcher, OrchestratorEvent, stamp
@@ -117,10 +117,17 @@ class Coordinator:
         now = time.monotonic()
         window = cfg.adopt_window
         if window is None:
-            limits = Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness)
-            window = adopt_window(limits) if self._fixed_port and not embedded else 0.0
+            # only where workers may still run agents of a coordinator of our name that crashed
+            crashed = self._fixed_port and not embedded and runmarker.crashed_before(self.name, self.address)
+            window = adopt_window(Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness)) if crashed else 0.0
+            if crashed:
+                log.warning("the previous coordinator %r on %s did not end cleanly: waiting for its workers to "
+                            "report what it left running (adoption window)", self.name, self.address)
+        if self._fixed_port:
+            runmarker.mark(self.name, self.address, "running")
         core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
                            drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
+                           strict_hold=cfg.adopt_window is None,
                            versions=local_versions())
         core.bus_port = sockets.port_of(self.bus_address)
         core.events_port = sockets.port_of(self.events_address)
@@ -309,30 +316,9 @@ class Coordinator:
         except protocol.ProtocolError:
             self._maybe_refuse_old_peer(identity, frame)
             raise
-        now = time.monotonic()
-        kind = message["type"]
-        if kind == "register":
-            core.register(identity, message, now)
+        core.control(identity, message, time.monotonic())
+        if message["type"] == "register" or core.worker_of(identity) is not None:
             self._note_fd(identity, fd)
-            return
-        worker = core.worker_of(identity)
-        if worker is None:
-            if kind in ("heartbeat", "agent_events"):
-                core.stranger(identity, message, now)
-            elif kind != "goodbye":
-                self.dropped.drop("unexpected", kind)
-            return
-        self._note_fd(identity, fd)
-        if kind == "heartbeat":
-            core.heartbeat(worker, message, now)
-        elif kind == "agent_events":
-            core.heard(worker, now)
-            for item in message["events"]:
-                self._handle(core.agent_event, worker, item, now)  # one bad item spoils no other
-        elif kind == "goodbye":
-            core.goodbye(worker, now)
-        else:
-            self.dropped.drop("unexpected", kind)
 
     def _note_fd(self, identity: bytes, fd: int) -> None:
         """Remember which connection an identity speaks on (for closed-connection detection)."""
@@ -466,6 +452,8 @@ class Coordinator:
                 "dropped": dict(self.dropped.counts), "lost_events": self.lost_events}
 
     def _close(self) -> None:
+        if self._closing and getattr(self, "_fixed_port", False):
+            runmarker.mark(self.name, self.address, "clean")  # the workers were released
         if self.monitor is not None:
             self.router.disable_monitor()
             self.monitor.close(linger=0)

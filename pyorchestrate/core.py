@@ -74,7 +74,8 @@ class ClusterCore:
 
     def __init__(self, name: str, incarnation: str, config: Any, *, now: float, rng: random.Random,
                  wall: Callable[[], float], drop: Callable[[str, Any], None], min_workers: int = 1,
-                 adopt_window: float = 0.0, versions: dict[str, str] | None = None) -> None:
+                 adopt_window: float = 0.0, strict_hold: bool = False,
+                 versions: dict[str, str] | None = None) -> None:
         self.name = name
         self.incarnation = incarnation
         self.config = config
@@ -100,8 +101,13 @@ class ClusterCore:
         self._wait_deadline = now + config.worker_wait_timeout
         self._stopping_deadline: float | None = None
         self._last_tick = now
+        self._started = now
+        self._adopt_window = adopt_window
         self._adopt_until = now + adopt_window
-        self._adopting = adopt_window > 0
+        self._holding = adopt_window > 0  # some pending agent waits out the adoption window
+        #: after a crash: also wait until copies on workers that never report have stopped
+        self._strict_hold = strict_hold
+        self._found: set[str] = set()  # agents of which a previous coordinator's copy was reported
         self.bus_port = 0  #: told to workers in their welcome (set by the loop once bound)
         self.events_port: int | None = None
         self.start_error: str | None = None  #: too few workers joined in time
@@ -120,8 +126,24 @@ class ClusterCore:
         actions, self.actions = self.actions, []
         return actions
 
-    def _send(self, worker: WorkerRecord, type_: str, **fields: Any) -> None:
-        self.actions.append(Send(worker.identity, protocol.encode(type_, **fields)))
+    def _send(self, worker: WorkerRecord, type_: str, **fields: Any) -> int:
+        worker.sent_n += 1
+        self.actions.append(Send(worker.identity, protocol.encode(type_, n=worker.sent_n, **fields)))
+        return worker.sent_n
+
+    def received(self, worker: WorkerRecord, message: dict[str, Any]) -> bool:
+        """Check a live worker's frame number: False (and a request to register again, on a new
+        connection) if frames from it were lost."""
+        n = message["n"]
+        if n == 0:
+            return True
+        expected, worker.recv_n = worker.recv_n + 1, n
+        if n == expected:
+            return True
+        log.info("worker %s: frames %d..%d were lost on the way; asking it to register again", worker.name,
+                 expected, n - 1)
+        self._send(worker, "reregister")
+        return False
 
     def _publish(self, event: E, subject: str, fields: dict[str, Any], record: AgentRecord | None = None) -> None:
         self.actions.append(Publish(event, subject, fields, record))
@@ -154,6 +176,34 @@ class ClusterCore:
 
     # ================================================================== workers
 
+    def control(self, identity: bytes, message: dict[str, Any], now: float) -> None:
+        """One decoded control frame from the connection ``identity``."""
+        kind = message["type"]
+        if kind == "register":
+            self.register(identity, message, now)
+            return
+        worker = self.worker_of(identity)
+        if worker is None:
+            if kind in ("heartbeat", "agent_events"):
+                self.stranger(identity, message, now)
+            elif kind != "goodbye":
+                self.drop("unexpected", kind)
+            return
+        self.received(worker, message)  # a gap: it registers again; this frame still counts
+        if kind == "heartbeat":
+            self.heartbeat(worker, message, now)
+        elif kind == "agent_events":
+            self.heard(worker, now)
+            for item in message["events"]:
+                try:
+                    self.agent_event(worker, item, now)
+                except protocol.ProtocolError as exc:  # one bad item spoils no other
+                    self.drop("bad_frame", exc)
+        elif kind == "goodbye":
+            self.goodbye(worker, now)
+        else:
+            self.drop("unexpected", kind)
+
     def register(self, identity: bytes, message: dict[str, Any], now: float) -> None:
         """A worker registers (first time, after a reconnect, or after we restarted)."""
         name = message["name"]
@@ -176,16 +226,22 @@ class ClusterCore:
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
             return
         same_process = existing is not None and existing.alive
+        same_connection = same_process and existing.identity == identity
+        if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
+            self.drop("stale_register", name)  # from a connection it has since replaced
+            return
         if existing is not None:
             self.by_identity.pop(existing.identity, None)
         self._order += 1
         worker = WorkerRecord(
             name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
             pid=message["pid"], labels=dict(message["labels"]), capacity=message["capacity"],
-            versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]))
+            versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]),
+            recv_n=message["n"], conn=message["conn"])
         if same_process:
-            # the same process on a new socket: what we sent the old one may never have arrived
-            worker.agents, worker.order, worker.sent_classes = existing.agents, existing.order, set()
+            worker.agents, worker.order = existing.agents, existing.order
+            if same_connection:  # it answered "register again": what we sent it still arrives in order
+                worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
         self.workers[name] = worker
         self.by_identity[identity] = name
         # what happened while it was away comes first, then the list of what runs there now: a
@@ -197,12 +253,22 @@ class ClusterCore:
         for report in message["agents"]:
             if self._take_report(worker, report, now, stop):
                 reported.add(report["agent"])
+        worker.stopping = {(item["agent"], item["run"], item["epoch"]) for item in stop}
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
                    bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings, echo=float(message["t"]))
+        seen = message["seen"] if same_connection else -1  # on a new connection nothing unseen arrives
         for agent_name in sorted(worker.agents - reported):
-            self._not_reported(worker, self.agents[agent_name], now)
+            record = self.agents.get(agent_name)
+            if record is None:
+                worker.agents.discard(agent_name)
+            elif not (record.state is S.ASSIGNED and record.start_n > seen >= 0):
+                self._not_reported(worker, record, now)  # else its start is still on its way
+        # a copy we kept for it while it was silent, that it does not run any more, is gone
+        for record in self.states.of(S.DISCONNECTED):
+            if record.worker == name and record.name not in reported:
+                self._fail_run(record, f"worker {name!r} came back without agent {record.name!r}", now)
         self._dirty = True
         if not same_process:
             log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
@@ -221,11 +287,21 @@ class ClusterCore:
         if record is not None and record.worker == worker.name and (record.run, record.epoch) == (run, epoch):
             if record.state in RUNNING:
                 worker.agents.add(name)
+                if record.stop_requested or record.then:  # the stop may have been lost: say it again
+                    self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=record.stop_timeout)
+                # its STARTED / READY reports may have been lost with a connection: catch up
+                for state, event in ((S.STARTED, E.AGENT_STARTED), (S.READY, E.AGENT_READY)):
+                    if record.state is S.ASSIGNED or (state is S.READY and report["state"] == "READY"
+                                                      and record.state is S.STARTED):
+                        self.states.move(record, state)
+                        self._publish_agent(record, event, {"recovered": True})
+                        self._dirty = True
                 return True
             if record.state is S.DISCONNECTED:
                 self._reconnect(record, worker, report, "its worker is back")
                 return True
         elif run != self.incarnation and report["coordinator"] == self.name and self.config.on_restart == "adopt":
+            self._found.add(name)
             if record is None:
                 # the script may register it in a moment: hold it (running) for the adoption window
                 self._foreign[name] = (worker.name, report, max(now, self._adopt_until) + self.limits.silence)
@@ -234,6 +310,8 @@ class ClusterCore:
             if record.state is S.PENDING and record.definition == report["definition"] and name not in self._old_copies:
                 self._adopt(record, worker, report)
                 return True
+        if run != self.incarnation and report["coordinator"] == self.name:
+            self._found.add(name)
         timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
         stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
         if record is not None and record.state in (S.PENDING, S.RESTARTING):
@@ -272,6 +350,18 @@ class ClusterCore:
         worker.last_seen = now
         worker.last_t = max(worker.last_t, float(message["t"]))
         worker.disconnected_at = None
+        running = message["running"]
+        if running < 0 or running == len(worker.agents) + len(worker.stopping):
+            worker.mismatches = 0
+            return
+        # a report or a start can be lost when a connection resets; reports in flight explain a
+        # difference for a moment, never for three heartbeats: then registration sets it right
+        worker.mismatches += 1
+        if worker.mismatches >= 3:
+            worker.mismatches = 0
+            log.info("worker %s runs %d copies, we count %d: asking it to register again", worker.name, running,
+                     len(worker.agents) + len(worker.stopping))
+            self._send(worker, "reregister")
 
     def heard(self, worker: WorkerRecord, now: float) -> None:
         """Any message from a live worker: it is alive and connected."""
@@ -365,6 +455,7 @@ class ClusterCore:
         """A report about a copy that is not the current run (replaced, or a previous coordinator's)."""
         name = item["agent"]
         if item["event"] == "AGENT_TERMINATED":
+            worker.stopping.discard((name, item["run"], item["epoch"]))
             old = self._old_copies.get(name)
             if old is not None and old[:3] == (worker.name, item["run"], item["epoch"]):
                 del self._old_copies[name]  # the old copy is gone: ours may start
@@ -379,6 +470,7 @@ class ClusterCore:
             record = self.agents.get(name)
             timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
             self._send(worker, "stop", agent=name, run=item["run"], epoch=item["epoch"], timeout=timeout)
+            worker.stopping.add((name, item["run"], item["epoch"]))
 
     # ================================================================== time
 
@@ -406,9 +498,8 @@ class ClusterCore:
                 self._send(worker, "heartbeat_reply", echo=worker.last_t)
         if any(now >= r.restart_at for r in self.states.of(S.RESTARTING)):
             self._dirty = True
-        if self._adopting and now >= self._adopt_until:
-            self._adopting = False
-            self._dirty = True
+        if self._holding:
+            self._dirty = True  # a held agent may be free to go now
         self._expire(now)
         if self._stopping_deadline is not None and now > self._stopping_deadline:
             for record in list(self.agents.values()):
@@ -434,6 +525,7 @@ class ClusterCore:
                     worker.agents.discard(name)
                     self._send(worker, "stop", agent=name, run=report["run"], epoch=report["epoch"],
                                timeout=float(self.config.stop_timeout))
+                    worker.stopping.add((name, report["run"], report["epoch"]))
         for name, old in list(self._old_copies.items()):
             if now > old[3]:
                 del self._old_copies[name]  # its worker's lease has run out: it has stopped
@@ -480,15 +572,17 @@ class ClusterCore:
         for record in self.states.of(S.RESTARTING):
             if now >= record.restart_at:
                 self.states.move(record, S.PENDING)
-        adopting = now < self._adopt_until
+        self._holding = False
         cap = self.config.max_workers
         running = self.states.count(*LIVE)
         for record in self.states.of(S.PENDING):
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
-            if adopting:
-                record.pending_reason = (f"waiting {self._adopt_until - now:.1f} s for workers to report agents "
-                                         "a previous coordinator started (adoption window)")
+            held = self._hold_until(record) - now
+            if held > 0:
+                self._holding = True
+                record.pending_reason = (f"waiting {held:.1f} s for workers to report (or stop) copies a previous "
+                                         "coordinator left running (adoption window)")
                 continue
             if record.name in self._old_copies:
                 record.pending_reason = f"waiting for the previous copy on {self._old_copies[record.name][0]} to stop"
@@ -509,6 +603,19 @@ class ClusterCore:
                 continue
             self._assign(record, worker, now)
             running += 1
+
+    def _hold_until(self, record: AgentRecord) -> float:
+        """After a crash of the previous coordinator (``adopt_window`` > 0): a copy it left running
+        is reported within the window, unless its worker is cut off.  Once one was reported it was
+        adopted or is stopped before ours starts (the old coordinator ran one at a time); if none
+        was, a cut-off copy may still run until its lease (or, kept, the orphan timeout) and the
+        stop timeout have passed.  Until then no new copy may start."""
+        if self._adopt_window <= 0:
+            return 0.0
+        if not self._strict_hold or record.name in self._found:
+            return self._adopt_until
+        gone = self.limits.unknown_copy_gone(record.keeps_running, record.stop_timeout)
+        return self._started + max(self._adopt_window, gone)
 
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:
         # a long-running dependency (Looping/Periodic) must be READY; a one-shot one (a migration,
@@ -534,7 +641,7 @@ class ClusterCore:
         first = record.class_id not in worker.sent_classes
         worker.sent_classes.add(record.class_id)
         self.class_blobs_sent += first
-        self._send(worker, "start", agent=record.name, run=record.run, epoch=record.epoch, class_id=record.class_id,
+        record.start_n = self._send(worker, "start", agent=record.name, run=record.run, epoch=record.epoch, class_id=record.class_id,
                    class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode,
                    stop_timeout=record.stop_timeout, hold=bool(self.config.hold_after_ready),
                    keep=record.keeps_running, definition=record.definition)
@@ -648,6 +755,7 @@ class ClusterCore:
             if not self._take_report(worker, report, now, stop):
                 for item in stop:
                     self._send(worker, "stop", **item)
+                    worker.stopping.add((item["agent"], item["run"], item["epoch"]))
 
     @handles(cmd.AddDependency)
     def _add_dependency(self, c: cmd.AddDependency, now: float) -> None:

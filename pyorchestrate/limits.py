@@ -47,12 +47,20 @@ class Limits:
         ``stop_timeout`` to finish."""
         return last_heard + self.lease + stop_timeout + self.margin
 
+    def unknown_copy_gone(self, keeps_running: bool, stop_timeout: float) -> float:
+        """After a coordinator crash, how long until a copy it left on a worker that never reports
+        has certainly stopped: a replaced copy at its lease, a kept one at the orphan timeout."""
+        return (ORPHAN_TIMEOUT if keeps_running else self.lease) + stop_timeout + self.margin
+
     @property
     def stall(self) -> float:
         """A coordinator loop turn that took this long was a stall of our own (GC, SIGSTOP, a burst):
         nobody's silence during it counts against them."""
         return self.interval + 0.25
 
+
+#: a worker with no coordinator stops even the agents it keeps after this long (--orphan-timeout)
+ORPHAN_TIMEOUT = 60.0
 
 #: a worker looking for its coordinator retries at most this often (plus up to REGISTER_JITTER s)
 REGISTER_BACKOFF_MAX = 2.0

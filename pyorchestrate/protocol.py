@@ -61,6 +61,11 @@ RUN_REPORT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "state"
 # One copy a coordinator tells a worker to stop (inside welcome).
 STOP_ITEM: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM}
 
+# In every control frame: ``n`` numbers the frames one side sends on one connection (1, 2, ...;
+# 0 = not numbered).  A gap means the transport lost frames (a reset connection): the worker then
+# registers again on a new connection, which sets every count right (see core.py).
+ENVELOPE: dict[str, Any] = {"n": Optional(_INT, 0)}
+
 MESSAGES: dict[str, dict[str, Any]] = {
     # worker -> coordinator
     "register": {
@@ -77,8 +82,16 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "bus_seq": Optional(_INT, 0),
         "drained_by": Optional(_LIST, []),
         "t": Optional(_NUM, 0.0),  # the worker's clock when it sent this: echoed back (its lease)
+        # the last coordinator frame number it handled on this connection: a start numbered
+        # higher is still on its way, not lost
+        "seen": Optional(_INT, 0),
+        # which connection of this worker process it is (1, 2, ...): a register that arrives from
+        # an older one after a newer one spoke is a stale snapshot and is ignored
+        "conn": Optional(_INT, 0),
     },
-    "heartbeat": {"t": Optional(_NUM, 0.0)},
+    # running: how many copies the worker runs (-1: not said); a persistent difference from what
+    # the coordinator believes makes it ask for a full registration (lost messages are repaired)
+    "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1)},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},
@@ -169,6 +182,7 @@ def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, 
     if schema is None:
         raise ProtocolError(f"unknown message type {type_!r}")
     _check(type_, schema, message)
+    _check("envelope", ENVELOPE, message)
     return message
 
 

@@ -48,6 +48,7 @@ class AgentRecord:
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR
     then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
+    start_n: int = 0  #: the number of the frame that carried its start (on its worker's connection)
     disconnected_at: float = 0.0  #: when it became DISCONNECTED
     ended_at: float = 0.0  #: when it last became TERMINATED for good (for forgetting)
 
@@ -85,4 +86,10 @@ class WorkerRecord:
     disconnected_at: float | None = None  #: when its connection closed, if it has
     gone_at: float = 0.0  #: when it was lost or left (records are forgotten some time after)
     agents: set[str] = field(default_factory=set)
+    #: stale copies it was told to stop and that have not reported their end: (agent, run, epoch)
+    stopping: set[tuple[str, str, int]] = field(default_factory=set)
+    mismatches: int = 0  #: heartbeats in a row whose count of copies differed from ours
+    conn: int = 0  #: which of its process's connections it speaks on
+    sent_n: int = 0  #: frames sent on its connection (numbered)
+    recv_n: int = 0  #: the number of the last frame received from it
     sent_classes: set[str] = field(default_factory=set)

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from pyorchestrate import sockets
+from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
 from .node import Worker
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
                    help="labels reported at registration, e.g. gpu=1,zone=a")
     p.add_argument("--capacity", type=_capacity, default=0, metavar="N",
                    help="most agents this worker runs at once, reported at registration (0 = no limit)")
-    p.add_argument("--orphan-timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--orphan-timeout", type=float, default=ORPHAN_TIMEOUT, metavar="SECONDS",
                    help="stop this worker's agents after SECONDS without a coordinator (0 = never; default 60)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator

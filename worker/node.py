@@ -16,6 +16,7 @@ next registration, never dropped.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -30,7 +31,7 @@ import zmq
 from pyorchestrate import protocol, sockets
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.events import stamp
-from pyorchestrate.limits import REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
+from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
 from pyorchestrate.mailbox import Mailbox
 from pyorchestrate.versions import local_versions
 
@@ -41,6 +42,7 @@ log = logging.getLogger("pyorchestrate.worker")
 REGISTER_TIMEOUT = 2.0
 _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
+_RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
 
 
@@ -56,7 +58,7 @@ class Worker:
     """One ``pyorchestrate-worker`` process."""
 
     def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
-                 capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = 60.0) -> None:
+                 capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = ORPHAN_TIMEOUT) -> None:
         sockets.parse_tcp(coordinator)
         self.coordinator = coordinator
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -87,6 +89,12 @@ class Worker:
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
+        self._conn = 0  # connections opened so far (the current one's number)
+        self._sent_n = 0  # frames sent on the current connection
+        self._recv_n = 0  # the number of the last coordinator frame handled on it
+        # the latest ends sent: a connection that resets can lose one in flight, and the next
+        # registration repeats them (the coordinator ignores an end it already knows)
+        self._recent_ends: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_ENDS)
 
     # ------------------------------------------------------------------ public
 
@@ -120,18 +128,25 @@ class Worker:
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         dealer.connect(self.coordinator)
         self._dealer = dealer
+        self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
+        self._conn += 1
         return dealer
+
+    def _frame(self, type_: str, **fields: Any) -> bytes:
+        """One numbered frame for the current connection (a gap tells the coordinator frames were lost)."""
+        self._sent_n += 1
+        return protocol.encode(type_, n=self._sent_n, **fields)
 
     def _register_message(self) -> bytes:
         # the running list first, then the reports: a copy leaves the list only after its last
         # report is queued, so whatever is missing from one is in the other
         running = self._supervisor.running()
         self._keep_reports()
-        return protocol.encode(
+        return self._frame(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
-            agents=running, events=self._pending, bus_seq=self._bus_seq,
-            drained_by=self._drained_by, t=time.monotonic())
+            agents=running, events=[*self._recent_ends, *self._pending], bus_seq=self._bus_seq,
+            drained_by=self._drained_by, t=time.monotonic(), seen=self._recv_n, conn=self._conn)
 
     def _keep_reports(self) -> None:
         """Move what agents reported into the list delivered with the next registration."""
@@ -196,6 +211,7 @@ class Worker:
                     self.dropped.drop("bad_frame", exc)
                     continue
                 if message["type"] == "welcome":
+                    self._recv_n = message["n"]
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
@@ -293,7 +309,8 @@ class Worker:
                             now - self._lease_from)
                 return
             if now >= next_beat:
-                self._send(protocol.encode("heartbeat", t=now))
+                self._flush_events()  # what happened goes before the count that reflects it
+                self._send(self._frame("heartbeat", t=now, running=self._supervisor.count()))
                 self._publish_agent_heartbeats()
                 next_beat = now + self._limits.interval
             timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
@@ -320,6 +337,14 @@ class Worker:
         except protocol.ProtocolError as exc:
             self.dropped.drop("bad_frame", exc)
             return None
+        n = message["n"]
+        if n:
+            if n != self._recv_n + 1:
+                # the transport lost frames (a reset connection): a start or a stop may be among
+                # them; registering on a new connection sets everything right
+                log.warning("frames %d..%d from the coordinator were lost: registering again", self._recv_n + 1, n - 1)
+                return "reconnect"
+            self._recv_n = n
         kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])
@@ -413,7 +438,7 @@ class Worker:
         self._flush_events()
         if self._dealer is not None:
             try:
-                self._dealer.send(protocol.encode("goodbye"), zmq.NOBLOCK)
+                self._dealer.send(self._frame("goodbye"), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         for sock in (self._dealer, self._pub):
@@ -428,9 +453,11 @@ class Worker:
         # receive at the coordinator, not three, for an agent that starts and finishes at once
         batch = []
         for name, run, epoch, event, fields in self._outbox.drain():
+            item = protocol.agent_event(name, run, epoch, event, fields)
             if event == "AGENT_TERMINATED":
                 self._beating.pop((name, run, epoch), None)
-            batch.append(protocol.agent_event(name, run, epoch, event, fields))
+                self._recent_ends.append(item)
+            batch.append(item)
             if event == "AGENT_STARTED":
                 self._beating[(name, run, epoch)] = self._beat_round
             if len(batch) == _EVENTS_PER_MESSAGE:
@@ -441,4 +468,4 @@ class Worker:
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
-            self._send(protocol.encode("agent_events", events=batch))
+            self._send(self._frame("agent_events", events=batch))

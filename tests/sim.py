@@ -1,0 +1,505 @@
+"""A deterministic simulation of a cluster around the real cluster core.
+
+The core (pyorchestrate.core.ClusterCore) is the production code; around it, this file models
+what the sockets, the workers and the agents do, on a simulated clock, with every random choice
+drawn from one seeded generator: the same seed replays the same run exactly.
+
+The transport is modelled as ZeroMQ over TCP behaves: messages on one connection arrive in order
+after a random delay; a partition holds them until it heals (TCP retransmits); a connection reset
+loses what was in flight on it (both ways) and the coordinator's monitor sees the connection
+close; a worker that re-registers opens a new connection, and whatever was addressed to the old
+one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
+connection resets, coordinator stalls and coordinator restarts (same name, new incarnation).
+
+Invariants checked after every step (``Sim.check``) are the product's promises; see
+tests/test_core_simulation.py.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyorchestrate import commands, protocol
+from pyorchestrate.core import ClusterCore, Forget, Publish, Send
+from pyorchestrate.limits import ORPHAN_TIMEOUT, Limits, adopt_window
+from pyorchestrate.orchestrator import RunMode
+from pyorchestrate.records import AgentRecord
+from pyorchestrate.restart import RestartPolicy
+
+REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
+STEP = 0.05  # simulated seconds per step
+CORE_SLICE = 3  # control frames the coordinator reads per loop turn (kept tiny: backlogs build up)
+
+
+@dataclass
+class SimConfig:
+    """The Orchestrator.Config fields the core reads."""
+
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 5
+    worker_wait_timeout: float = 1e9
+    max_workers: int | None = None
+    hold_after_ready: bool = False
+    stop_timeout: float = 2.0
+    run_mode: RunMode = RunMode.DAEMON
+    on_restart: str = "adopt"
+    adopt_window: float | None = None
+    disconnect_timeout: float | None = None
+    finished_agents_max: int = 40
+    worker_retention: float = 60.0
+
+
+@dataclass
+class Copy:
+    """One copy of an agent running on a simulated worker."""
+
+    agent: str
+    run: str
+    epoch: int
+    keep: bool
+    coordinator: str
+    definition: str
+    stop_timeout: float
+    ready_at: float
+    ends_at: float | None  #: a one-shot agent finishes then
+    ok: bool
+    ready: bool = False
+    stop_done: float | None = None  #: a stop takes effect then
+    #: its worker was frozen (SIGSTOP) past its lease: it ran on after thawing until stopped.  No
+    #: lease can prevent that (the worker cannot act while stopped); README says so.
+    zombie: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.agent, self.run, self.epoch)
+
+
+@dataclass
+class SimWorker:
+    name: str
+    incarnation: str
+    identity: bytes = b""
+    registered: bool = False
+    next_register: float = 0.0
+    next_beat: float = 0.0
+    lease_from: float = 0.0
+    lease_expired: bool = False
+    limits: Limits = field(default_factory=Limits)
+    copies: dict[tuple[str, str, int], Copy] = field(default_factory=dict)
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # reports not yet sent
+    pending: list[dict[str, Any]] = field(default_factory=list)  # kept while unregistered
+    recent_ends: list[dict[str, Any]] = field(default_factory=list)
+    coordinator: str = ""
+    conn: int = 0  # connections opened by this process
+    sent_n: int = 0  # frames sent on the current connection
+    recv_n: int = 0  # the last coordinator frame handled on it
+    frozen_until: float = 0.0
+    frozen_since: float = -1e9
+    partitioned_until: float = 0.0
+
+
+class Sim:
+    """One simulated cluster; ``step()`` advances it by one event."""
+
+    def __init__(self, seed: int, workers: int = 4, agents: int = 12, *, faults: bool = True,
+                 config: SimConfig | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.config = config or SimConfig()
+        self.limits = Limits(self.config.heartbeat_interval, self.config.heartbeat_liveness)
+        self.faults = faults
+        self.ids = itertools.count(1)
+        self.coordinator_name = "sim"
+        self.core_stalled_until = 0.0
+        self.net: list[tuple[float, int, str, bytes, bytes]] = []  # (at, n, "core"/"worker", identity, frame)
+        self.last_delivery: dict[tuple[str, bytes], float] = {}
+        self.heard: dict[bytes, float] = {}  # connection -> when the core last read a frame from it
+        self.workers: dict[str, SimWorker] = {}
+        self.starts: dict[str, int] = {}  # agent -> copies ever started
+        #: (agent, coordinator incarnation) -> copies that coordinator started or adopted
+        self.runs_of: dict[tuple[str, str], int] = {}
+        self.max_live: dict[str, int] = {}
+        self.published: list[Publish] = []
+        self.forgotten: set[str] = set()
+        self.violations: list[str] = []
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.dropped: list[str] = []
+        self._closed: set[bytes] = set()  # connections that closed (their process died)
+        self.log: list[str] = []  # what happened, for reading a failing seed
+        self._restarted_at = -1e9
+        for i in range(workers):
+            self._new_worker(f"w{i}")
+        self.core = self._new_core(adopt=0.0)
+        for i in range(agents):
+            self.add_agent(f"a{i}")
+
+    # ------------------------------------------------------------------ set-up
+
+    def _new_worker(self, name: str) -> None:
+        self.workers[name] = SimWorker(name, f"inc{next(self.ids)}", next_register=self.now + self.rng.uniform(0, 1),
+                                       lease_from=self.now)
+
+    def _new_core(self, adopt: float) -> ClusterCore:
+        core = ClusterCore(self.coordinator_name, f"coord{next(self.ids)}", self.config, now=self.now,
+                           rng=random.Random(self.rng.random()), wall=lambda: self.now,
+                           drop=lambda kind, detail: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
+                           strict_hold=True,
+                           versions={})
+        self.core_at = self.now
+        return core
+
+    def add_agent(self, name: str) -> None:
+        rng = self.rng
+        mode = rng.choice(["never", "on-failure", "always"])
+        spec = {"mode": mode, "one_shot": rng.random() < 0.5, "stop_timeout": rng.choice([0.5, 2.0, 5.0]),
+                "fail": rng.random() < 0.3, "duration": rng.uniform(0.5, 20.0)}
+        self.specs[name] = spec
+        self.core.command(commands.AddAgent(self._record(name)), self.now)
+        self._apply()
+
+    def _record(self, name: str) -> AgentRecord:
+        spec = self.specs[name]
+        return AgentRecord(name=name, agent_class=object, config=None, class_id="c", class_blob=b"",
+                           config_blob=name.encode(), mode="thread",
+                           policy=RestartPolicy(spec["mode"], max_restarts=-1, initial=0.5, maximum=4.0),
+                           one_shot=spec["one_shot"], definition=f"def-{name}", stop_timeout=spec["stop_timeout"])
+
+    # ------------------------------------------------------------------ the network
+
+    def _deliver_at(self, direction: str, identity: bytes, worker: SimWorker | None) -> float:
+        at = self.now + self.rng.uniform(0.001, 0.05) + (self.rng.expovariate(4.0) if self.rng.random() < 0.05 else 0)
+        if worker is not None and worker.partitioned_until > self.now:
+            at = max(at, worker.partitioned_until + 0.01)  # held by TCP until the link heals
+        key = (direction, identity)
+        at = max(at, self.last_delivery.get(key, 0.0))  # one connection delivers in order
+        self.last_delivery[key] = at
+        return at
+
+    def _worker_by_identity(self, identity: bytes) -> SimWorker | None:
+        for worker in self.workers.values():
+            if worker.identity == identity:
+                return worker
+        return None
+
+    def to_core(self, worker: SimWorker, frame: bytes) -> None:
+        heapq.heappush(self.net, (self._deliver_at("core", worker.identity, worker), next(self.ids), "core",
+                                  worker.identity, frame))
+
+    def _apply(self) -> None:
+        """Carry out the core's actions."""
+        for action in self.core.take():
+            if isinstance(action, Send):
+                worker = self._worker_by_identity(action.identity)
+                heapq.heappush(self.net, (self._deliver_at("worker", action.identity, worker), next(self.ids),
+                                          "worker", action.identity, action.frame))
+            elif isinstance(action, Publish):
+                self.published.append(action)
+                if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
+                    key = (action.subject, self.core.incarnation)
+                    self.runs_of[key] = self.runs_of.get(key, 0) + 1
+                self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
+                                f"{ {k: v for k, v in action.fields.items() if k in ('worker', 'epoch', 'reason')} }")
+                if action.event.value == "WORKER_LOST":
+                    self._check_loss(action.subject)
+            elif isinstance(action, Forget):
+                self.forgotten.add(action.name)
+
+    def _check_loss(self, name: str) -> None:
+        """No worker is declared lost while frames from it reached the coordinator (read or not)
+        within the silence limit, unless its connection closed (its process died)."""
+        record = self.core.workers.get(name)
+        if record is None or record.identity in self._closed:
+            return
+        heard = self.heard.get(record.identity, -1e9)
+        arrived = [at for at, _, direction, identity, _ in self.net
+                   if direction == "core" and identity == record.identity and at <= self.now]
+        heard = max([heard] + arrived)
+        if self.now - heard < self.limits.silence - 1e-6:
+            self.violations.append(f"t={self.now:.2f}: {name} declared lost, last heard {self.now - heard:.2f} s ago")
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> None:
+        """Advance to the next thing that happens (a message, a timer, a fault) and do it."""
+        self.now += STEP
+        if self.faults:
+            self._fault()
+        to_core = 0
+        while self.net and self.net[0][0] <= self.now:
+            if self.net[0][2] == "core" and self.core_stalled_until <= self.now and to_core >= CORE_SLICE:
+                break  # the real loop reads a bounded slice per turn, then judges liveness
+            _, n, direction, identity, frame = heapq.heappop(self.net)
+            if direction == "core":
+                if self.core_stalled_until > self.now:  # it reads them after the stall, in order
+                    heapq.heappush(self.net, (self.core_stalled_until, n, direction, identity, frame))
+                    continue
+                to_core += 1
+                self._core_receive(identity, frame)
+            else:
+                worker = self._worker_by_identity(identity)
+                if worker is not None and worker.frozen_until <= self.now:
+                    self._worker_receive(worker, frame)
+                elif worker is not None:  # frozen: it reads later, in order
+                    heapq.heappush(self.net, (worker.frozen_until, n, direction, identity, frame))
+        if self.core_stalled_until <= self.now:
+            self.core.tick(self.now)
+            self.core.place(self.now)
+            self.core.release_drained(self.now)
+            self._apply()
+        for worker in list(self.workers.values()):
+            if worker.frozen_until <= self.now:
+                self._worker_step(worker)
+        self.check()
+
+    def _core_receive(self, identity: bytes, frame: bytes) -> None:
+        message = protocol.decode(frame)
+        self.core.control(identity, message, self.now)
+        self.heard[identity] = self.now
+        self._apply()
+
+    # ------------------------------------------------------------------ the worker model
+
+    def _send(self, worker: SimWorker, type_: str, **fields: Any) -> None:
+        worker.sent_n += 1
+        self.to_core(worker, protocol.encode(type_, n=worker.sent_n, **fields))
+
+    def _reconnect(self, worker: SimWorker) -> None:
+        """Close the connection and register on a new one (what was in flight on the old is lost)."""
+        worker.identity = f"{worker.name}/{next(self.ids)}".encode()
+        worker.sent_n = worker.recv_n = 0
+        worker.conn += 1
+        self._register(worker)
+
+    def _report(self, worker: SimWorker, copy: Copy, event: str, fields: dict[str, Any] | None = None) -> None:
+        worker.outbox.append(protocol.agent_event(copy.agent, copy.run, copy.epoch, event, fields or {}))
+
+    def _worker_step(self, worker: SimWorker) -> None:
+        now = self.now
+        for copy in list(worker.copies.values()):
+            if not copy.ready and now >= copy.ready_at:
+                copy.ready = True
+                self._report(worker, copy, "AGENT_READY")
+            ended = copy.stop_done is not None and now >= copy.stop_done
+            finished = copy.ends_at is not None and now >= copy.ends_at
+            if ended or finished:
+                ok = True if ended else copy.ok
+                if not ok:
+                    self._report(worker, copy, "AGENT_ERROR", {"error_message": "boom"})
+                self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok})
+                del worker.copies[copy.key]
+        self._check_lease(worker)
+        if worker.registered:
+            if worker.outbox:
+                self._flush(worker)
+            if now >= worker.next_beat:
+                worker.next_beat = now + worker.limits.interval
+                self._send(worker, "heartbeat", t=now, running=len(worker.copies))
+        else:
+            worker.pending.extend(worker.outbox)
+            worker.outbox = []
+            if now - worker.lease_from > ORPHAN_TIMEOUT:  # --orphan-timeout: even kept copies stop
+                for copy in worker.copies.values():
+                    self._stop(copy, copy.stop_timeout)
+            if now >= worker.next_register:
+                worker.next_register = now + REGISTER_RETRY * self.rng.uniform(0.5, 1.5)
+                self._reconnect(worker)
+
+    def _check_lease(self, worker: SimWorker) -> None:
+        """As the worker's loop does first thing each turn: past the lease, stop what is replaced."""
+        if worker.registered and self.now - worker.lease_from > worker.limits.lease:
+            worker.registered = False
+            worker.lease_expired = True
+            paused_past_lease = worker.frozen_since > worker.lease_from  # it could not act in time
+            for copy in worker.copies.values():
+                if not copy.keep:
+                    self._stop(copy, copy.stop_timeout)
+                    copy.zombie = paused_past_lease
+            worker.next_register = self.now
+
+    def _flush(self, worker: SimWorker) -> None:
+        for item in worker.outbox:
+            if item["event"] == "AGENT_TERMINATED":
+                worker.recent_ends = (worker.recent_ends + [item])[-50:]
+        self._send(worker, "agent_events", events=worker.outbox)
+        worker.outbox = []
+
+    def _register(self, worker: SimWorker) -> None:
+        running = [{"agent": c.agent, "run": c.run, "epoch": c.epoch, "state": "READY" if c.ready else "STARTED",
+                    "coordinator": c.coordinator, "definition": c.definition} for c in worker.copies.values()]
+        worker.pending.extend(worker.outbox)
+        worker.outbox = []
+        self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
+                   capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
+                   seen=worker.recv_n, conn=worker.conn)
+
+    def _stop(self, copy: Copy, timeout: float) -> None:
+        done = self.now + timeout * self.rng.uniform(0.3, 0.95)  # most of its timeout: slow stoppers
+        copy.stop_done = done if copy.stop_done is None else min(copy.stop_done, done)
+
+    def _worker_receive(self, worker: SimWorker, frame: bytes) -> None:
+        self._check_lease(worker)
+        message = protocol.decode(frame)
+        kind = message["type"]
+        if message["n"]:
+            if message["n"] != worker.recv_n + 1:  # frames were lost: register on a new connection
+                worker.registered = False
+                self._reconnect(worker)
+                return
+            worker.recv_n = message["n"]
+        if kind == "welcome":
+            worker.registered = True
+            worker.coordinator = message["coordinator"]
+            worker.limits = Limits(message["heartbeat_interval"], message["heartbeat_liveness"])
+            worker.lease_from = max(worker.lease_from, message["echo"])
+            worker.lease_expired = False
+            worker.pending = []
+            worker.next_beat = self.now
+            for item in message["stop"]:
+                copy = worker.copies.get((item["agent"], item["run"], item["epoch"]))
+                if copy is not None:
+                    self._stop(copy, item["timeout"])
+        elif kind == "heartbeat_reply":
+            if message["echo"] > worker.lease_from:
+                worker.lease_from = message["echo"]
+                worker.lease_expired = False
+        elif kind == "start":
+            if worker.lease_expired or not worker.registered:
+                return
+            spec = self.specs[message["agent"]]
+            copy = Copy(message["agent"], message["run"], message["epoch"], message["keep"], worker.coordinator,
+                        message["definition"], message["stop_timeout"], self.now + self.rng.uniform(0.0, 0.5),
+                        self.now + spec["duration"] * self.rng.uniform(0.5, 1.5) if spec["one_shot"] else None,
+                        not (spec["fail"] and self.rng.random() < 0.5))
+            worker.copies[copy.key] = copy
+            self.starts[copy.agent] = self.starts.get(copy.agent, 0) + 1
+            self.runs_of[(copy.agent, copy.run)] = self.runs_of.get((copy.agent, copy.run), 0) + 1
+            self.log.append(f"t={self.now:.2f} {worker.name} starts {copy.agent} epoch {copy.epoch} ({copy.run[-4:]})")
+            self._report(worker, copy, "AGENT_STARTED")
+        elif kind == "stop":
+            copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
+            if copy is not None:
+                self._stop(copy, message["timeout"])
+        elif kind == "reregister":
+            self._register(worker)
+        elif kind == "release":
+            for copy in worker.copies.values():
+                self._stop(copy, copy.stop_timeout)
+            worker.registered = False
+            worker.next_register = self.now + 0.5
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault(self) -> None:
+        rng = self.rng
+        if rng.random() > 0.01:
+            return
+        kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop"])
+        worker = self.workers[rng.choice(sorted(self.workers))]
+        self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
+        if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
+            self._closed.add(worker.identity)
+            if worker.identity:
+                self.core.disconnected(worker.identity, self.now + 0.01)
+                self._apply()
+            self._new_worker(worker.name)  # restarted under the same name, a new process
+        elif kind == "freeze":
+            worker.frozen_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
+            worker.frozen_since = self.now
+        elif kind == "partition":
+            worker.partitioned_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
+        elif kind == "reset" and worker.identity:
+            # what was in flight on its connection is lost (ZeroMQ reconnects under the same
+            # identity): a start, a report; the heartbeat count repairs it
+            self.net = [m for m in self.net if m[3] != worker.identity]
+            heapq.heapify(self.net)
+        elif kind == "stall":
+            self.core_stalled_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
+        elif kind == "restart_coordinator":  # SIGKILL and start the same script again
+            self.net = [m for m in self.net if m[2] == "worker"]  # what was queued for the old one is gone
+            heapq.heapify(self.net)
+            self.heard.clear()
+            self.core = self._new_core(adopt=adopt_window(self.limits))
+            for name in self.specs:
+                if name not in self.forgotten:
+                    self.core.command(commands.AddAgent(self._record(name), graph_checked=True), self.now)
+            self._restarted_at = self.now
+            self._apply()
+        elif kind == "add":
+            self.add_agent(f"a{len(self.specs)}")
+        elif kind == "stop":
+            running = sorted(n for n, r in self.core.agents.items() if r.state.value != "TERMINATED")
+            if running:
+                self.core.command(commands.StopAgent(rng.choice(running), 1.0), self.now)
+                self._apply()
+
+    # ------------------------------------------------------------------ invariants
+
+    def live_copies(self, agent: str) -> list[tuple[str, Copy]]:
+        """Copies that run now: not paused (a frozen process runs nothing), not zombies."""
+        return [(w.name, c) for w in self.workers.values() if w.frozen_until <= self.now
+                for c in w.copies.values() if c.agent == agent and not c.zombie]
+
+    def check(self) -> None:
+        for agent in self.specs:
+            live = self.live_copies(agent)
+            if len(live) > 1:
+                self.violations.append(f"t={self.now:.2f}: {agent} has {len(live)} live copies: "
+                                       f"{[(w, c.run[-4:], c.epoch) for w, c in live]}")
+            # restart="never": one coordinator starts (or adopts) it at most once; a restarted script
+            # registers its agents anew (and adopts those still running instead of starting them)
+            runs = self.runs_of.get((agent, self.core.incarnation), 0)
+            if self.specs[agent]["mode"] == "never" and runs > 1:
+                self.violations.append(f"t={self.now:.2f}: {agent} (restart=never) started {runs} times")
+        if len(self.core.agents) > self.config.finished_agents_max + sum(
+                r.state.value != "TERMINATED" for r in self.core.agents.values()) + len(self.core._depended):
+            self.violations.append(f"t={self.now:.2f}: {len(self.core.agents)} agents remembered")
+        if len(self.core.workers) > 4 * len(self.workers) + 50:
+            self.violations.append(f"t={self.now:.2f}: {len(self.core.workers)} worker records")
+
+    def settle(self, seconds: float) -> None:
+        """Run with no new faults until everything heals."""
+        self.faults = False
+        for worker in self.workers.values():
+            worker.frozen_until = min(worker.frozen_until, self.now)
+            worker.partitioned_until = min(worker.partitioned_until, self.now)
+        self.core_stalled_until = min(self.core_stalled_until, self.now)
+        end = self.now + seconds
+        while self.now < end:
+            self.step()
+
+    def _consistent(self, name: str) -> str:
+        """'' if the core's view of agent ``name`` matches what runs, else what differs."""
+        record = self.core.agents[name]
+        state = record.state.value
+        live = self.live_copies(name)
+        if state in ("TERMINATED", "PENDING", "RESTARTING"):
+            return f"{name} is {state} but runs on {[w for w, _ in live]}" if live and state == "TERMINATED" else ""
+        worker = self.core.workers.get(record.worker or "")
+        if worker is None or not worker.alive:
+            return f"{name} is {state} on {record.worker}, which is not alive"
+        if [(w, c.run, c.epoch) for w, c in live] != [(record.worker, record.run, record.epoch)]:
+            return f"{name} is {state} on {record.worker} run {record.epoch}, but copies are {[(w, c.epoch) for w, c in live]}"
+        return ""
+
+    def check_settled(self, seconds: float = 5.0) -> None:
+        """After healing: every agent is terminated, or runs (exactly once) on a live worker, as
+        the core believes.  Messages in flight make any one instant misleading (an agent that
+        restarts forever is never still), so each agent must be seen consistent once within
+        ``seconds``."""
+        waiting = {name: "" for name in self.core.agents}
+        end = self.now + seconds
+        while waiting and self.now < end:
+            for name in list(waiting):
+                if name not in self.core.agents:
+                    del waiting[name]
+                    continue
+                waiting[name] = self._consistent(name)
+                if not waiting[name]:
+                    del waiting[name]
+            self.step()
+        self.violations.extend(waiting.values())
