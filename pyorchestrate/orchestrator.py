@@ -166,7 +166,7 @@ class Orchestrator:
         self._agents: dict[str, AgentRecord] = {}
         self._names: set[str] = set()
         self._lock = threading.Lock()
-        self._classes: dict[tuple[type, type], tuple[str, bytes]] = {}
+        self._classes: dict[tuple[type, type], tuple[str, bytes, str]] = {}  # -> id, pickle, fingerprint
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
         self._finished = threading.Event()
         self._started = False
@@ -242,11 +242,12 @@ class Orchestrator:
             log.warning("agent %s config: %s", name, finding)
         key = (agent_class, type(config))
         if key not in self._classes:
-            self._classes[key] = shipping.pack_class(agent_class, type(config))
-        class_id, class_blob = self._classes[key]
+            self._classes[key] = (*shipping.pack_class(agent_class, type(config)),
+                                  shipping.class_fingerprint(agent_class, type(config)))
+        class_id, class_blob, fingerprint = self._classes[key]
         config_blob = shipping.pack_config(config, name, custom_plugin)
         # what a restarted coordinator compares before adopting a running copy: class and config
-        definition = hashlib.blake2b(class_id.encode() + b"\0" + config_blob, digest_size=16).hexdigest()
+        definition = hashlib.blake2b(fingerprint.encode() + b"\0" + config_blob, digest_size=16).hexdigest()
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
                              class_blob=class_blob, config_blob=config_blob,
                              mode=agent_class.execution_mode, pin=worker, labels=labels,

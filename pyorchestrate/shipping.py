@@ -9,6 +9,7 @@ pickled once and identified by the hash of its pickle, so a worker receives it o
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import site
 import sys
@@ -112,6 +113,24 @@ def pack_class(agent_class: type, config_class: type) -> tuple[str, bytes]:
             f"cannot send agent class {agent_class.__qualname__} to workers: {type(exc).__name__}: {exc}"
         ) from exc
     return hashlib.sha256(blob).hexdigest()[:24], blob
+
+
+def class_fingerprint(*classes: type) -> str:
+    """A digest of what the classes are (their MROs' qualified names and source), the same in every
+    process: a restarted coordinator adopts a running agent only if its class and config are
+    unchanged.  (Pickles of classes sent by value are not comparable across processes: cloudpickle
+    gives each a random tracker id.)"""
+    digest = hashlib.blake2b(digest_size=16)
+    for cls in classes:
+        for klass in cls.__mro__:
+            if klass.__module__ in ("builtins", "abc"):
+                continue
+            digest.update(f"{klass.__module__}.{klass.__qualname__}\n".encode())
+            try:
+                digest.update(inspect.getsource(klass).encode())
+            except (OSError, TypeError):  # no source (a REPL, a C class): its name must do
+                pass
+    return digest.hexdigest()
 
 
 def pack_config(config: Any, agent_name: str, plugin: Any = None) -> bytes:

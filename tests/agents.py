@@ -102,3 +102,44 @@ class GilHolder(BaseThreadAgent):
             start = time.monotonic()
             sorted(data)
             self.logger.info("sorted with the GIL held for %.2f s", time.monotonic() - start)
+
+
+def append_line(path: str, line: str) -> None:
+    """One whole line per write (O_APPEND): many agents in many processes share one file."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class Traced(LoopingThreadAgent):
+    """Loops until stopped; writes "setup NAME VERSION" and "close NAME" lines to ``trace``, so a
+    test sees every copy that ever started or ended, on any worker."""
+
+    class Config(LoopingThreadAgent.Config):
+        trace = ""
+        version = 1
+
+    def setup(self):
+        append_line(self.config.trace, f"setup {self.name} {self.config.version}")
+
+    def cycle(self):
+        self.wait_stop(0.05)
+
+    def on_close(self):
+        append_line(self.config.trace, f"close {self.name}")
+
+
+class CountedOnce(BaseThreadAgent):
+    """A one-shot agent that logs and publishes, and counts its executions in ``runs``."""
+
+    class Config(BaseThreadAgent.Config):
+        runs = ""
+
+    def execute(self):
+        append_line(self.config.runs, self.name)
+        for i in range(3):
+            self.logger.info("%s working (%d)", self.name, i)
+        self.publish("progress", done=True)
+        time.sleep(0.02)

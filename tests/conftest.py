@@ -16,6 +16,12 @@ from typing import Any, Callable
 
 import pytest
 
+# coordinators leave a run marker per name and address (pyorchestrate/runmarker.py): keep the
+# suite's apart from the machine's, and from one run to the next
+import tempfile
+
+os.environ.setdefault("PYORCHESTRATE_STATE_DIR", tempfile.mkdtemp(prefix="pyorchestrate-tests-"))
+
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 REPO = Path(__file__).resolve().parent.parent

@@ -46,6 +46,11 @@ _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration 
 POLL_CAP_MS = 100
 
 
+def kind_is_new_session(message: dict[str, Any], session: str) -> bool:
+    """Is this the welcome of another coordinator than the one we served (it restarted)?"""
+    return message["type"] == "welcome" and message["session"] != session
+
+
 class NoAnswer(Exception):
     """The coordinator did not answer a registration in time."""
 
@@ -338,6 +343,8 @@ class Worker:
             self.dropped.drop("bad_frame", exc)
             return None
         n = message["n"]
+        if kind_is_new_session(message, self._session):
+            self._recv_n = n - 1  # a new coordinator on the same connection numbers from 1
         if n:
             if n != self._recv_n + 1:
                 # the transport lost frames (a reset connection): a start or a stop may be among

@@ -1,0 +1,201 @@
+"""The coordinator as a process of its own: how it ends, stalls and comes back.
+
+Each coordinator here is a real script in its own process, SIGKILLed, SIGSTOPped, SIGTERMed or
+interrupted as a user's would be; workers are real ``pyorchestrate-worker`` processes.  Agents
+write a line to a shared trace file when a copy starts (``setup``) and ends (``close``), so the
+tests see every copy that ever ran, on any worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+SCRIPT = """
+import json, os, sys, time
+sys.path.insert(0, {tests!r})
+from agents import Traced
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+
+out = open({events!r}, "a")
+
+def record(**fields):
+    if fields["event"] not in ("AGENT_HEARTBEAT", "AGENT_LOG"):
+        out.write(json.dumps({{k: fields.get(k) for k in ("event", "agent_name", "worker", "reason")}}) + "\\n")
+        out.flush()
+
+o = Orchestrator({name!r}, address={address!r}, run_mode=RunMode.DAEMON, min_workers={workers},
+                 heartbeat_interval=0.1, heartbeat_liveness=5)
+for event in OrchestratorEvent:
+    o.register_event(event, record)
+versions = {versions!r}
+for i in range({agents}):
+    o.register_agent(Traced, f"agent{{i}}", Traced.Config(trace={trace!r}, version=versions.get(i, 1)))
+o.start()
+{ending}
+"""
+
+ENDINGS = {
+    "sleep": "time.sleep(120)",
+    "sigterm": "while True:\n    time.sleep(0.1)",
+    "sigint": "while True:\n    time.sleep(0.1)",  # Ctrl-C outside join()
+    "exception": "time.sleep(1.0)\nraise RuntimeError('the script failed after start()')",
+}
+
+
+class Script:
+    """One coordinator script run as its own process."""
+
+    def __init__(self, tmp: Path, tag: str, address: str, *, name: str = "svc", agents: int = 3, workers: int = 1,
+                 versions: dict[int, int] | None = None, ending: str = "sleep") -> None:
+        self.events = tmp / f"events-{tag}.jsonl"
+        path = tmp / f"coordinator-{tag}.py"
+        path.write_text(SCRIPT.format(tests=TESTS, events=str(self.events), name=name, address=address,
+                                      workers=workers, versions=versions or {}, agents=agents,
+                                      trace=str(tmp / "trace.txt"), ending=ENDINGS[ending]))
+        self.log = open(tmp / f"coordinator-{tag}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def of(self, event: str) -> list[dict]:
+        if not self.events.exists():
+            return []
+        return [e for e in map(json.loads, self.events.read_text().splitlines()) if e["event"] == event]
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def trace(tmp: Path) -> list[str]:
+    path = tmp / "trace.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def setups(tmp: Path) -> list[str]:
+    return [line for line in trace(tmp) if line.startswith("setup")]
+
+
+@pytest.fixture
+def scripts():
+    started: list[Script] = []
+    yield started
+    for script in started:
+        script.end()
+
+
+def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_changed_one(cluster, tmp_path, scripts):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    for name in ("w1", "w2"):
+        cluster.worker(address, name)
+    first = Script(tmp_path, "first", address, agents=20, workers=2)
+    scripts.append(first)
+    wait_for(lambda: len(setups(tmp_path)) == 20, 30, "20 agents to start")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    # the same script again: every agent is still running and is adopted, none starts anew
+    second = Script(tmp_path, "second", address, agents=20, workers=2)
+    scripts.append(second)
+    wait_for(lambda: len(second.of("AGENT_ADOPTED")) == 20, 30, "20 agents to be adopted")
+    time.sleep(1.0)  # anything that would start or stop a copy has had time to
+    assert not second.of("AGENT_STARTED") and not second.of("AGENT_TERMINATED")
+    assert len(setups(tmp_path)) == 20 and not [line for line in trace(tmp_path) if line.startswith("close")]
+
+    # once more, with agent3's config changed: that one is replaced (its old copy stops first),
+    # the other 19 are adopted
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(10)
+    third = Script(tmp_path, "third", address, agents=20, workers=2, versions={3: 2})
+    scripts.append(third)
+    wait_for(lambda: len(third.of("AGENT_ADOPTED")) == 19 and third.of("AGENT_READY"), 30,
+             "19 adopted and agent3 started anew")
+    time.sleep(1.0)
+    assert [e["agent_name"] for e in third.of("AGENT_READY")] == ["agent3"]
+    assert "agent3" not in {e["agent_name"] for e in third.of("AGENT_ADOPTED")}
+    lines = trace(tmp_path)
+    assert lines.count("setup agent3 2") == 1 and lines.index("close agent3") < lines.index("setup agent3 2")
+    assert len(setups(tmp_path)) == 21 and [line for line in lines if line.startswith("close")] == ["close agent3"]
+
+    # and a clean end stops them all
+    third.proc.send_signal(signal.SIGTERM)
+    assert third.proc.wait(30) == 128 + signal.SIGTERM
+    wait_for(lambda: len([line for line in trace(tmp_path) if line.startswith("close")]) == 21, 20,
+             "every copy to close")
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "sigint", "exception"])
+def test_a_script_that_ends_without_stop_stops_its_agents_and_the_next_run_is_untouched(cluster, tmp_path, scripts,
+                                                                                       ending):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cluster.worker(address, "w1")
+    first = Script(tmp_path, "first", address, ending=ending)
+    scripts.append(first)
+    wait_for(lambda: len(setups(tmp_path)) == 3, 30, "3 agents to start")
+    if ending != "exception":
+        first.proc.send_signal(signal.SIGTERM if ending == "sigterm" else signal.SIGINT)
+    first.proc.wait(30)
+    # stopped the way stop() stops them, before the script was gone
+    assert sorted(line for line in trace(tmp_path) if line.startswith("close")) == [f"close agent{i}" for i in range(3)]
+    wait_for(lambda: "finished; stopping its agents" in cluster.log_of("w1"), 10, "the worker to be released")
+
+    # the next run of the same script (same names, its epochs start at 1 again) is not confused
+    # with the previous one: its agents start once, and nothing ends them
+    second = Script(tmp_path, "second", address)
+    scripts.append(second)
+    wait_for(lambda: len(second.of("AGENT_READY")) == 3, 30, "the next run's agents to be READY")
+    time.sleep(1.0)
+    assert not second.of("AGENT_TERMINATED") and not second.of("AGENT_ADOPTED")
+    assert len(setups(tmp_path)) == 6
+
+
+def test_a_stalled_coordinator_loses_no_worker_and_fails_no_agent(cluster, tmp_path, scripts):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    for name in ("w1", "w2"):
+        cluster.worker(address, name)
+    script = Script(tmp_path, "stalled", address, agents=4, workers=2)
+    scripts.append(script)
+    wait_for(lambda: len(script.of("AGENT_READY")) == 4, 30, "4 agents READY")
+    script.proc.send_signal(signal.SIGSTOP)
+    time.sleep(1.5)  # 3x the liveness window (0.1 s x 5)
+    script.proc.send_signal(signal.SIGCONT)
+    time.sleep(2.0)
+    assert not script.of("WORKER_LOST") and not script.of("AGENT_ERROR") and not script.of("AGENT_TERMINATED")
+    # the workers noticed the silence and kept their agents (restart="never": on_disconnect="keep")
+    assert "lease ran out" not in cluster.log_of("w1") + cluster.log_of("w2")
+    assert len(setups(tmp_path)) == 4 and not [line for line in trace(tmp_path) if line.startswith("close")]
+    assert script.proc.poll() is None
+
+
+def test_a_burst_of_one_shot_agents_that_log_runs_each_exactly_once(cluster, tmp_path):
+    """The reproduction scaled to the suite: many workers with a capacity, agents that log and
+    publish, registered all at once; each must run exactly once (restart="never")."""
+    from agents import CountedOnce
+
+
+    runs = tmp_path / "runs.txt"
+    workers = [f"w{i}" for i in range(6)]
+    orch = cluster.orchestrator(min_workers=len(workers))
+    orch.start()
+    for name in workers:
+        cluster.worker(orch.address, name, "--capacity", "5")
+    names = [f"m{i}" for i in range(300)]
+    for name in names:
+        orch.register_agent(CountedOnce, name, CountedOnce.Config(runs=str(runs)))
+    assert orch.join(timeout=120)
+    executed = runs.read_text().split()
+    assert sorted(executed) == sorted(names), (len(executed), len(set(executed)))
+    status = orch.status()
+    assert all(a["state"] == "TERMINATED" and not a["failed"] for a in status["agents"].values())
+    assert all(not w["agents"] for w in status["workers"].values())
