@@ -143,3 +143,32 @@ class CountedOnce(BaseThreadAgent):
             self.logger.info("%s working (%d)", self.name, i)
         self.publish("progress", done=True)
         time.sleep(0.02)
+
+
+class CopyTracer(LoopingThreadAgent):
+    """Each copy appends "start/alive/close COPY_ID TIME" to ``trace`` and logs every cycle: a
+    test reads from the file which copies ran when, and sees their logs on the bus."""
+
+    class Config(LoopingThreadAgent.Config):
+        trace = ""
+        linger = 0.0  #: seconds it keeps working after a stop request (a slow stopper)
+
+    def setup(self):
+        import uuid
+
+        self.copy = uuid.uuid4().hex[:8]
+        append_line(self.config.trace, f"start {self.copy} {time.time():.3f}")
+
+    def cycle(self):
+        append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
+        self.logger.info("copy %s alive", self.copy)
+        self.wait_stop(0.05)
+
+    def on_stop(self):
+        end = time.time() + self.config.linger
+        while time.time() < end:
+            append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
+            time.sleep(0.05)
+
+    def on_close(self):
+        append_line(self.config.trace, f"close {self.copy} {time.time():.3f}")

@@ -1,0 +1,180 @@
+"""Multi-host tier: a coordinator, two workers and a subscriber, each in its own network namespace
+on one bridge; a worker is cut off by disabling its bridge port (``bridge link set dev X state 0``)
+for three times the liveness window, then healed.
+
+The promise: at no moment do two copies of the agent run, and nothing the cut-off copy sent
+reaches the bus after its replacement is READY.  Each copy appends ``start``/``alive``/``close``
+lines with its copy id and the time to a file in a shared directory (one host clock), so overlap is
+read from what the copies did, not from what the coordinator believed.
+
+Needs root and ``ip netns``; skips with the reason otherwise.  Every address is inside namespaces
+this test creates (no address is added to the host's own namespace), and all of it is removed at
+the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WINDOW = 1.0  # heartbeat 0.2 s x 5
+
+SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from agents import CopyTracer
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+
+out = open({events!r}, "a")
+
+def record(**fields):
+    if fields["event"] != "AGENT_LOG":
+        out.write(json.dumps({{k: fields.get(k) for k in ("event", "agent_name", "worker", "epoch")}}
+                             | {{"t": time.time()}}) + "\\n")
+        out.flush()
+
+o = Orchestrator("partitioned", address={address!r}, insecure=True, run_mode=RunMode.DAEMON, min_workers=2,
+                 heartbeat_interval=0.2, heartbeat_liveness=5)
+for event in OrchestratorEvent:
+    o.register_event(event, record)
+o.register_agent(CopyTracer, "db", CopyTracer.Config(trace={trace!r}, stop_timeout=1.0, linger=0.8),
+                 restart="always", restart_backoff=(0.2, 1.0))
+o.start()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+
+class Net:
+    """A bridge and one namespace per host; removed in :meth:`close`."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 10000:04d}"
+        self.bridge = f"pob{tag}"
+        self.subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+        self.hosts: dict[str, tuple[str, str, str]] = {}  # name -> (namespace, host-side veth, address)
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "link", "set", self.bridge, "up")
+
+    def host(self, name: str) -> str:
+        index = len(self.hosts) + 1
+        ns, veth = f"po{self.bridge[3:]}{name}", f"{self.bridge}{name}"
+        address = f"{self.subnet}.{index}"
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _run("ip", "link", "set", veth, "master", self.bridge)
+        _run("ip", "link", "set", veth, "up")
+        for cmd in (["ip", "addr", "add", f"{address}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
+                    ["ip", "link", "set", "lo", "up"]):
+            _run("ip", "netns", "exec", ns, *cmd)
+        self.hosts[name] = (ns, veth, address)
+        return address
+
+    def spawn(self, name: str, args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            return subprocess.Popen(["ip", "netns", "exec", self.hosts[name][0], *args], stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def cut(self, name: str, cut: bool) -> None:
+        _run("bridge", "link", "set", "dev", self.hosts[name][1], "state", "0" if cut else "3")
+
+    def close(self) -> None:
+        for ns, _, _ in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
+
+
+def _namespaces_work() -> str:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if not (shutil.which("ip") and shutil.which("bridge")):
+        return "needs iproute2 (ip, bridge)"
+    probe = f"poprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=20)
+    if made.returncode:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
+    return ""
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.timeout(180)
+def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path):
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    net = Net()
+    procs: list[subprocess.Popen] = []
+    trace, events, bus = tmp_path / "copies.txt", tmp_path / "events.jsonl", tmp_path / "bus.jsonl"
+    try:
+        coordinator = net.host("c")
+        for name in ("w1", "w2", "s"):
+            net.host(name)
+        address = f"tcp://{coordinator}:25600"
+        script = tmp_path / "coordinator.py"
+        script.write_text(SCRIPT.format(tests=TESTS, events=str(events), address=address, trace=str(trace)))
+        procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
+        for name in ("w1", "w2"):
+            procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
+                                          "--name", name], tmp_path / f"{name}.log"))
+        procs.append(net.spawn("s", [sys.executable, "-m", "pyorchestrate.cli", "events", "--address",
+                                     f"tcp://{coordinator}:25601", "--json", "--timeout", "120"], bus))
+
+        def of(event: str) -> list[dict]:
+            return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
+
+        first = wait_for(lambda: of("AGENT_READY"), 60, "db to be READY")[0]
+        victim, other = first["worker"], {"w1": "w2", "w2": "w1"}[first["worker"]]
+        time.sleep(1.0)  # the subscriber hears the steady state
+        net.cut(victim, True)
+        time.sleep(3 * WINDOW)
+        net.cut(victim, False)
+        second = wait_for(lambda: [e for e in of("AGENT_READY") if e["worker"] == other], 30,
+                          f"db to be READY on {other}")[0]
+        time.sleep(3.0)  # the healed worker comes back; anything stale would arrive now
+
+        # what the copies did: never two alive at once
+        copies: dict[str, list[float]] = {}
+        for line in _lines(trace):
+            what, copy, at = line.split()
+            copies.setdefault(copy, []).append(float(at))
+        spans = sorted((min(ts), max(ts), copy) for copy, ts in copies.items())
+        assert len(spans) == 2, spans
+        assert spans[0][1] < spans[1][0], f"two copies alive at once: {spans}"
+        lost = of("WORKER_LOST")
+        assert [e["worker"] for e in lost] == [victim]
+
+        # what the bus carried: nothing from the cut-off copy after the replacement's READY
+        seen = [json.loads(line) for line in _lines(bus) if line.startswith("{")]
+        ready = next(i for i, e in enumerate(seen) if e.get("event") == "AGENT_READY" and e.get("worker") == other)
+        stale = [e for e in seen[ready:] if e.get("agent_name") == "db" and e.get("worker") == victim
+                 and e.get("event") in ("AGENT_LOG", "AGENT_HEARTBEAT", "AGENT_EVENT")]
+        assert not stale, stale[:3]
+        assert any(e.get("event") == "AGENT_LOG" and e.get("worker") == other for e in seen[ready:]), \
+            "the new copy's logs reach the bus"
+        assert second["epoch"] > first["epoch"]
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        net.close()
