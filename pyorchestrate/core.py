@@ -20,56 +20,30 @@ from __future__ import annotations
 import collections
 import logging
 import random
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from . import commands as cmd
 from . import protocol
-from .commands import handles
-from .dependencies import check_graph
+from .actions import Action, AwaitBus, Finished, Forget, Publish, Send
+from .core_commands import CommandHandlers
 from .events import OrchestratorEvent as E
 from .limits import Limits
 from .placement import choose
+from .predecessor import Predecessor
 from .records import AgentRecord, WorkerRecord
+from .registration import Registration
 from .states import LIVE, RUNNING, AgentState, StateIndex
-from .versions import compare, table
+
+__all__ = ["Action", "AwaitBus", "ClusterCore", "Finished", "Forget", "Publish", "Send"]
 
 log = logging.getLogger("pyorchestrate.coordinator")
 
 S = AgentState
 
 
-class Send(NamedTuple):
-    identity: bytes
-    frame: bytes
 
 
-class Publish(NamedTuple):
-    event: E
-    subject: str
-    fields: dict[str, Any]
-    record: AgentRecord | None  #: the agent the event is about (its state changed, log it)
-
-
-class AwaitBus(NamedTuple):
-    """A finished run's publisher sent up to ``seq``: wait for it before declaring the run over."""
-    publisher: str
-    incarnation: str
-    seq: int
-
-
-class Forget(NamedTuple):
-    """A finished agent left the core's memory (finished_agents_max): its name is free again."""
-    name: str
-
-
-class Finished(NamedTuple):
-    pass
-
-
-Action = Send | Publish | AwaitBus | Forget | Finished
-
-
-class ClusterCore:
+class ClusterCore(Registration, CommandHandlers):
     """Workers, agents, assignments and leases; see the module docstring."""
 
     def __init__(self, name: str, incarnation: str, config: Any, *, now: float, rng: random.Random,
@@ -101,21 +75,11 @@ class ClusterCore:
         self._wait_deadline = now + config.worker_wait_timeout
         self._stopping_deadline: float | None = None
         self._last_tick = now
-        self._started = now
-        self._adopt_window = adopt_window
-        self._adopt_until = now + adopt_window
+        self.predecessor = Predecessor(self.limits, now, adopt_window, strict_hold)
         self._holding = adopt_window > 0  # some pending agent waits out the adoption window
-        #: after a crash: also wait until copies on workers that never report have stopped
-        self._strict_hold = strict_hold
-        self._found: set[str] = set()  # agents of which a previous coordinator's copy was reported
         self.bus_port = 0  #: told to workers in their welcome (set by the loop once bound)
         self.events_port: int | None = None
         self.start_error: str | None = None  #: too few workers joined in time
-        #: copies of agents a previous coordinator started, not (yet) registered by this script:
-        #: name -> (worker, report, deadline)
-        self._foreign: dict[str, tuple[str, dict[str, Any], float]] = {}
-        #: agents that wait until an old copy has stopped: name -> (worker, run, epoch, deadline)
-        self._old_copies: dict[str, tuple[str, str, int, float]] = {}
         self._ended: collections.deque[str] = collections.deque()  # finished for good, oldest first
         self._depended: collections.Counter[str] = collections.Counter()  # never forget these
 
@@ -204,148 +168,6 @@ class ClusterCore:
         else:
             self.drop("unexpected", kind)
 
-    def register(self, identity: bytes, message: dict[str, Any], now: float) -> None:
-        """A worker registers (first time, after a reconnect, or after we restarted)."""
-        name = message["name"]
-        errors, warnings = compare(self.versions, message["versions"])
-        if errors:
-            reason = "incompatible versions (" + "; ".join(errors) + "):\n" + table(self.versions, message["versions"])
-            log.error("refused worker %s: %s", name, reason)
-            self.actions.append(Send(identity, protocol.encode("refused", reason=reason)))
-            return
-        if self.incarnation in message["drained_by"]:
-            # drained from this coordinator: it waits for the next one
-            self.actions.append(Send(identity, protocol.encode("refused", reason="drained", retry=True)))
-            return
-        existing = self.workers.get(name)
-        if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
-            # maybe a restarted worker whose old self is not declared lost yet: let it retry
-            reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid "
-                      f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
-            log.warning("worker %s: %s", name, reason)
-            self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
-            return
-        same_process = existing is not None and existing.alive
-        same_connection = same_process and existing.identity == identity
-        if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
-            self.drop("stale_register", name)  # from a connection it has since replaced
-            return
-        if existing is not None:
-            self.by_identity.pop(existing.identity, None)
-        self._order += 1
-        worker = WorkerRecord(
-            name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
-            pid=message["pid"], labels=dict(message["labels"]), capacity=message["capacity"],
-            versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]),
-            recv_n=message["n"], conn=message["conn"])
-        if same_process:
-            worker.agents, worker.order = existing.agents, existing.order
-            if same_connection:  # it answered "register again": what we sent it still arrives in order
-                worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
-        self.workers[name] = worker
-        self.by_identity[identity] = name
-        # what happened while it was away comes first, then the list of what runs there now: a
-        # worker lists copies only after queueing their last reports, so together they are complete
-        for item in message["events"]:
-            self.agent_event(worker, item, now)
-        stop: list[dict[str, Any]] = []
-        reported = set()
-        for report in message["agents"]:
-            if self._take_report(worker, report, now, stop):
-                reported.add(report["agent"])
-        worker.stopping = {(item["agent"], item["run"], item["epoch"]) for item in stop}
-        self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
-                   heartbeat_interval=float(self.config.heartbeat_interval),
-                   heartbeat_liveness=int(self.config.heartbeat_liveness),
-                   bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings, echo=float(message["t"]))
-        seen = message["seen"] if same_connection else -1  # on a new connection nothing unseen arrives
-        for agent_name in sorted(worker.agents - reported):
-            record = self.agents.get(agent_name)
-            if record is None:
-                worker.agents.discard(agent_name)
-            elif not (record.state is S.ASSIGNED and record.start_n > seen >= 0):
-                self._not_reported(worker, record, now)  # else its start is still on its way
-        # a copy we kept for it while it was silent, that it does not run any more, is gone
-        for record in self.states.of(S.DISCONNECTED):
-            if record.worker == name and record.name not in reported:
-                self._fail_run(record, f"worker {name!r} came back without agent {record.name!r}", now)
-        self._dirty = True
-        if not same_process:
-            log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
-                     " again" if existing else "", worker.host, worker.pid, worker.labels or "{}",
-                     worker.capacity or "unlimited")
-            self._publish(E.WORKER_JOINED, name, {
-                "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
-                "capacity": worker.capacity, "rejoined": existing is not None})
-
-    def _take_report(self, worker: WorkerRecord, report: dict[str, Any], now: float,
-                     stop: list[dict[str, Any]]) -> bool:
-        """One copy a registering worker runs: ours (keep it), a previous coordinator's (adopt it
-        or stop it), or stale (stop it).  True if it stays as the current run."""
-        name, run, epoch = report["agent"], report["run"], report["epoch"]
-        record = self.agents.get(name)
-        if record is not None and record.worker == worker.name and (record.run, record.epoch) == (run, epoch):
-            if record.state in RUNNING:
-                worker.agents.add(name)
-                if record.stop_requested or record.then:  # the stop may have been lost: say it again
-                    self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=record.stop_timeout)
-                # its STARTED / READY reports may have been lost with a connection: catch up
-                for state, event in ((S.STARTED, E.AGENT_STARTED), (S.READY, E.AGENT_READY)):
-                    if record.state is S.ASSIGNED or (state is S.READY and report["state"] == "READY"
-                                                      and record.state is S.STARTED):
-                        self.states.move(record, state)
-                        self._publish_agent(record, event, {"recovered": True})
-                        self._dirty = True
-                return True
-            if record.state is S.DISCONNECTED:
-                self._reconnect(record, worker, report, "its worker is back")
-                return True
-        elif run != self.incarnation and report["coordinator"] == self.name and self.config.on_restart == "adopt":
-            self._found.add(name)
-            if record is None:
-                # the script may register it in a moment: hold it (running) for the adoption window
-                self._foreign[name] = (worker.name, report, max(now, self._adopt_until) + self.limits.silence)
-                worker.agents.add(name)
-                return True
-            if record.state is S.PENDING and record.definition == report["definition"] and name not in self._old_copies:
-                self._adopt(record, worker, report)
-                return True
-        if run != self.incarnation and report["coordinator"] == self.name:
-            self._found.add(name)
-        timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
-        stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
-        if record is not None and record.state in (S.PENDING, S.RESTARTING):
-            # an older copy (a previous coordinator's with another definition, or ours from before
-            # its worker was declared lost) still runs: it is stopped before a new one starts
-            self._old_copies[name] = (worker.name, run, epoch, self.limits.replace_after(now, timeout))
-        return False
-
-    def _adopt(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any]) -> None:
-        """Take over a copy a previous coordinator (same name, same definition) started."""
-        record.worker, record.run, record.epoch = worker.name, report["run"], report["epoch"]
-        record.started_at = self.wall()
-        self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
-        worker.agents.add(record.name)
-        self._publish_agent(record, E.AGENT_ADOPTED, {"reason": "still running from a previous coordinator",
-                                                      "state": record.state.value})
-
-    def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str) -> None:
-        self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
-        worker.agents.add(record.name)
-        self._publish_agent(record, E.AGENT_ADOPTED, {"reason": reason, "state": record.state.value})
-
-    def _not_reported(self, worker: WorkerRecord, record: AgentRecord, now: float) -> None:
-        """A re-registering worker does not list an agent we had there, and its reports (which
-        come first and are complete) did not end it."""
-        worker.agents.discard(record.name)
-        if record.state is S.ASSIGNED:
-            # the start went to its old socket and never arrived: it never ran, so sending it
-            # again cannot make it run twice
-            self._assign(record, worker, now)
-        elif record.state in LIVE:
-            self._fail_run(record, f"worker {worker.name!r} no longer runs agent {record.name!r} "
-                                   "and its end was not reported", now)
-
     def heartbeat(self, worker: WorkerRecord, message: dict[str, Any], now: float) -> None:
         worker.last_seen = now
         worker.last_t = max(worker.last_t, float(message["t"]))
@@ -394,7 +216,7 @@ class ClusterCore:
         for agent_name in sorted(worker.agents):
             record = self.agents.get(agent_name)
             if record is None:
-                self._foreign.pop(agent_name, None)
+                self.predecessor.foreign.pop(agent_name, None)
                 continue
             if record.state not in RUNNING:
                 continue
@@ -456,16 +278,12 @@ class ClusterCore:
         name = item["agent"]
         if item["event"] == "AGENT_TERMINATED":
             worker.stopping.discard((name, item["run"], item["epoch"]))
-            old = self._old_copies.get(name)
-            if old is not None and old[:3] == (worker.name, item["run"], item["epoch"]):
-                del self._old_copies[name]  # the old copy is gone: ours may start
-                self._dirty = True
-            foreign = self._foreign.get(name)
-            if foreign is not None and (foreign[1]["run"], foreign[1]["epoch"]) == (item["run"], item["epoch"]):
-                del self._foreign[name]
+            if name in self.predecessor.foreign:
                 worker.agents.discard(name)
+            if self.predecessor.copy_ended(name, worker.name, item["run"], item["epoch"]):
+                self._dirty = True  # the old copy is gone: ours may start
             return
-        if worker.alive and name not in self._foreign:
+        if worker.alive and name not in self.predecessor.foreign:
             # an agent copy we no longer consider running there: make sure it stops
             record = self.agents.get(name)
             timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
@@ -516,20 +334,16 @@ class ClusterCore:
                 if now - record.disconnected_at > limit:
                     self._fail_run(record, f"its worker {record.worker!r} has been unreachable for {limit} s "
                                            "(disconnect_timeout)", now)
-        for name, (worker_name, report, deadline) in list(self._foreign.items()):
-            if now > deadline:
-                # a previous coordinator's agent this script did not register: stop it
-                del self._foreign[name]
-                worker = self.workers.get(worker_name)
-                if worker is not None and worker.alive:
-                    worker.agents.discard(name)
-                    self._send(worker, "stop", agent=name, run=report["run"], epoch=report["epoch"],
-                               timeout=float(self.config.stop_timeout))
-                    worker.stopping.add((name, report["run"], report["epoch"]))
-        for name, old in list(self._old_copies.items()):
-            if now > old[3]:
-                del self._old_copies[name]  # its worker's lease has run out: it has stopped
-                self._dirty = True
+        unclaimed, waited_out = self.predecessor.expire(now)
+        for worker_name, name, report in unclaimed:
+            # a previous coordinator's agent this script did not register: stop it
+            worker = self.workers.get(worker_name)
+            if worker is not None and worker.alive:
+                worker.agents.discard(name)
+                self._send(worker, "stop", agent=name, run=report["run"], epoch=report["epoch"],
+                           timeout=float(self.config.stop_timeout))
+                worker.stopping.add((name, report["run"], report["epoch"]))
+        self._dirty |= waited_out  # an old copy's lease has run out: it has stopped
         retention = self.config.worker_retention
         for name in [n for n, w in self.workers.items() if not w.alive and now - w.gone_at > retention]:
             if not any(r.worker == name for r in self.states.of(S.DISCONNECTED)):
@@ -578,14 +392,14 @@ class ClusterCore:
         for record in self.states.of(S.PENDING):
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
-            held = self._hold_until(record) - now
+            held = self.predecessor.hold_until(record) - now
             if held > 0:
                 self._holding = True
                 record.pending_reason = (f"waiting {held:.1f} s for workers to report (or stop) copies a previous "
                                          "coordinator left running (adoption window)")
                 continue
-            if record.name in self._old_copies:
-                record.pending_reason = f"waiting for the previous copy on {self._old_copies[record.name][0]} to stop"
+            if self.predecessor.waits_for(record.name):
+                record.pending_reason = f"waiting for the previous copy on {self.predecessor.waits_for(record.name)} to stop"
                 continue
             verdict, detail = self._dependency_state(record)
             if verdict == "failed":
@@ -603,19 +417,6 @@ class ClusterCore:
                 continue
             self._assign(record, worker, now)
             running += 1
-
-    def _hold_until(self, record: AgentRecord) -> float:
-        """After a crash of the previous coordinator (``adopt_window`` > 0): a copy it left running
-        is reported within the window, unless its worker is cut off.  Once one was reported it was
-        adopted or is stopped before ours starts (the old coordinator ran one at a time); if none
-        was, a cut-off copy may still run until its lease (or, kept, the orphan timeout) and the
-        stop timeout have passed.  Until then no new copy may start."""
-        if self._adopt_window <= 0:
-            return 0.0
-        if not self._strict_hold or record.name in self._found:
-            return self._adopt_until
-        gone = self.limits.unknown_copy_gone(record.keeps_running, record.stop_timeout)
-        return self._started + max(self._adopt_window, gone)
 
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:
         # a long-running dependency (Looping/Periodic) must be READY; a one-shot one (a migration,
@@ -727,177 +528,8 @@ class ClusterCore:
         self._stopping_deadline = None
         self.actions.append(Finished())
 
-    # ================================================================== commands
+    # ================================================================== commands (handlers: core_commands.py)
 
     def command(self, command: cmd.Command, now: float) -> Any:
         """Carry out a user command (from :mod:`pyorchestrate.commands`); may raise ValueError."""
         return cmd.HANDLERS[type(command)](self, command, now)
-
-    @handles(cmd.AddAgent)
-    def _add(self, c: cmd.AddAgent, now: float) -> None:
-        record = c.record
-        if not c.graph_checked:
-            # nothing can depend on a new agent yet, so it closes no cycle (unless it names itself):
-            # checking its own dependencies is enough, and keeps adding O(1) however many agents run
-            check_graph({record.name: record.depends_on, **{d: [] for d in record.depends_on if d in self.agents}})
-        self.agents[record.name] = record
-        self.states.add(record)
-        self._depended.update(record.depends_on)
-        self._dirty = True
-        foreign = self._foreign.pop(record.name, None)
-        if foreign is not None:
-            worker_name, report, _ = foreign
-            worker = self.workers.get(worker_name)
-            if worker is None or not worker.alive:
-                return
-            worker.agents.discard(record.name)
-            stop: list[dict[str, Any]] = []
-            if not self._take_report(worker, report, now, stop):
-                for item in stop:
-                    self._send(worker, "stop", **item)
-                    worker.stopping.add((item["agent"], item["run"], item["epoch"]))
-
-    @handles(cmd.AddDependency)
-    def _add_dependency(self, c: cmd.AddDependency, now: float) -> None:
-        record = self._record(c.name)
-        graph = {n: r.depends_on for n, r in self.agents.items()}
-        graph[c.name] = list(dict.fromkeys(record.depends_on + c.deps))
-        check_graph(graph)
-        self._depended.update(d for d in graph[c.name] if d not in record.depends_on)
-        record.depends_on = graph[c.name]
-        self._dirty = True
-
-    @handles(cmd.StartAgent)
-    def _start_agent(self, c: cmd.StartAgent, now: float) -> None:
-        record = self._record(c.name)
-        if record.state is not S.TERMINATED:
-            raise ValueError(f"agent {c.name!r} is {record.state.value}, not terminated; use restart_agent to restart it")
-        record.stop_requested = False
-        record.restarts = 0
-        record.error = None
-        self.states.move(record, S.PENDING)
-        self._dirty = True
-
-    def _live_worker(self, record: AgentRecord) -> WorkerRecord | None:
-        worker = self.workers.get(record.worker or "")
-        return worker if record.state in RUNNING and worker is not None and worker.alive else None
-
-    @handles(cmd.Deliver)
-    def _deliver(self, c: cmd.Deliver, now: float) -> None:
-        record = self._record(c.name)
-        worker = self._live_worker(record)
-        if worker is None:
-            raise ValueError(f"agent {c.name!r} is not running (state {record.state.value}); nothing to deliver to")
-        self._send(worker, "deliver", agent=c.name, run=record.run, epoch=record.epoch, kind=c.kind, payload=c.payload)
-
-    @handles(cmd.Execute)
-    def _execute(self, c: cmd.Execute, now: float) -> None:
-        records = [self._record(c.name)] if c.name is not None else list(self.agents.values())
-        for record in records:
-            worker = self._live_worker(record)
-            if worker is not None:
-                self._send(worker, "deliver", agent=record.name, run=record.run, epoch=record.epoch,
-                           kind="execute", payload=None)
-            elif c.name is not None:
-                raise ValueError(f"agent {c.name!r} is not running (state {record.state.value})")
-
-    @handles(cmd.StopAgent)
-    def _stop_agent(self, c: cmd.StopAgent, now: float) -> None:
-        record = self._record(c.name)
-        record.stop_requested = True
-        self._stop_record(record, c.timeout, "stopped", now)
-
-    @handles(cmd.RestartAgent)
-    def _restart_agent(self, c: cmd.RestartAgent, now: float) -> None:
-        record = self._record(c.name)
-        if record.state in RUNNING:
-            record.then = "restart"
-            record.stop_requested = False
-            self._send_stop(record, c.timeout)
-        elif record.state is S.TERMINATED:
-            self._start_agent(cmd.StartAgent(c.name), now)
-        elif record.state is S.RESTARTING:
-            self.states.move(record, S.PENDING)
-            record.stop_requested = False
-            self._dirty = True
-        else:
-            record.stop_requested = False
-            self._dirty = True
-
-    def _stop_record(self, record: AgentRecord, timeout: float, reason: str, now: float) -> None:
-        if record.state in (S.PENDING, S.RESTARTING):
-            self._run_over(record, ok=True, fields={"reason": f"{reason} before it started"}, now=now, final=True)
-        elif record.state in RUNNING:
-            self._send_stop(record, timeout)
-        elif record.state is S.DISCONNECTED:
-            # its worker cannot hear us; when it comes back, the copy is stopped as stale
-            self._fail_run(record, f"{reason} while its worker {record.worker!r} was unreachable", now, final=True)
-
-    def _send_stop(self, record: AgentRecord, timeout: float) -> None:
-        worker = self._live_worker(record)
-        if worker is not None:
-            self._send(worker, "stop", agent=record.name, run=record.run, epoch=record.epoch, timeout=float(timeout))
-
-    @handles(cmd.StopAll)
-    def _stop_all(self, c: cmd.StopAll, now: float) -> None:
-        self._stopping_deadline = now + c.timeout + self.limits.interval * 2
-        for record in list(self.agents.values()):
-            record.stop_requested = True
-            self._stop_record(record, c.timeout, "stopped", now)
-
-    @handles(cmd.DrainWorker)
-    def _drain_worker(self, c: cmd.DrainWorker, now: float) -> None:
-        worker = self.workers.get(c.name)
-        if worker is None or not worker.alive:
-            known = ", ".join(sorted(n for n, w in self.workers.items() if w.alive)) or "none"
-            raise ValueError(f"no live worker named {c.name!r} (live: {known})")
-        worker.draining = True
-        log.info("draining worker %s: moving %d agent(s) off it", c.name, len(worker.agents))
-        for agent_name in sorted(worker.agents):
-            record = self.agents.get(agent_name)
-            if record is not None and record.policy.mode != "never" and record.state in RUNNING:
-                record.then = "move"
-                self._send_stop(record, self.config.stop_timeout)
-        self._dirty = True
-
-    def release_drained(self, now: float) -> None:
-        for worker in self.workers.values():
-            if worker.alive and worker.draining and not worker.agents:
-                self._send(worker, "release", drain=True)
-                worker.alive = False
-                worker.gone_at = now
-                self._publish(E.WORKER_LEFT, worker.name, {"worker": worker.name, "host": worker.host,
-                                                           "reason": "drained", "agents": []})
-
-    @handles(cmd.Join)
-    def _join(self, c: cmd.Join, now: float) -> None:
-        self.joined = True
-
-    @handles(cmd.RequestStop)
-    def _request_stop(self, c: cmd.RequestStop, now: float) -> None:
-        self.stop_requested = True
-
-    @handles(cmd.Snapshot)
-    def snapshot(self, c: Any, now: float) -> dict[str, Any]:
-        return {
-            "agents": {r.name: {
-                "name": r.name, "state": r.state.value, "worker": r.worker, "restarts": r.restarts,
-                "last_error": r.error, "failed": r.failed, "started_at": r.started_at, "epoch": r.epoch,
-                "run": r.run, "pending_reason": r.pending_reason, "restart": r.policy.mode,
-                "on_disconnect": "keep" if r.keeps_running else "replace",
-                "depends_on": list(r.depends_on)} for r in self.agents.values()},
-            "workers": {w.name: {
-                "name": w.name, "host": w.host, "pid": w.pid, "labels": dict(w.labels), "capacity": w.capacity,
-                "alive": w.alive, "draining": w.draining, "agents": sorted(w.agents), "running": len(w.agents),
-                "since_heartbeat": round(now - w.last_seen, 3)} for w in self.workers.values()},
-            "incarnation": self.incarnation,
-            "forgotten_agents": self.forgotten,
-            "class_blobs_sent": self.class_blobs_sent,
-        }
-
-    @handles(cmd.Close)
-    def close(self, c: Any, now: float) -> None:
-        for worker in self.workers.values():
-            if worker.alive:
-                self._send(worker, "release")
-        self._publish(E.SHUTDOWN, self.name, {"coordinator": self.name})

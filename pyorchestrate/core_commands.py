@@ -1,0 +1,190 @@
+"""How the cluster core carries out what the user's thread asks (the commands of
+:mod:`pyorchestrate.commands`).  Part of the pure core: it only changes state and queues actions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import commands as cmd
+from .commands import handles
+from .dependencies import check_graph
+from .events import OrchestratorEvent as E
+from .records import AgentRecord, WorkerRecord
+from .states import RUNNING, AgentState
+
+S = AgentState
+log = logging.getLogger("pyorchestrate.coordinator")
+
+
+class CommandHandlers:
+    """Mixed into :class:`pyorchestrate.core.ClusterCore`: one handler per command type."""
+
+    @handles(cmd.AddAgent)
+    def _add(self, c: cmd.AddAgent, now: float) -> None:
+        record = c.record
+        if not c.graph_checked:
+            # nothing can depend on a new agent yet, so it closes no cycle (unless it names itself):
+            # checking its own dependencies is enough, and keeps adding O(1) however many agents run
+            check_graph({record.name: record.depends_on, **{d: [] for d in record.depends_on if d in self.agents}})
+        self.agents[record.name] = record
+        self.states.add(record)
+        self._depended.update(record.depends_on)
+        self._dirty = True
+        foreign = self.predecessor.foreign.pop(record.name, None)
+        if foreign is not None:
+            worker_name, report, _ = foreign
+            worker = self.workers.get(worker_name)
+            if worker is None or not worker.alive:
+                return
+            worker.agents.discard(record.name)
+            stop: list[dict[str, Any]] = []
+            if not self._take_report(worker, report, now, stop):
+                for item in stop:
+                    self._send(worker, "stop", **item)
+                    worker.stopping.add((item["agent"], item["run"], item["epoch"]))
+
+    @handles(cmd.AddDependency)
+    def _add_dependency(self, c: cmd.AddDependency, now: float) -> None:
+        record = self._record(c.name)
+        graph = {n: r.depends_on for n, r in self.agents.items()}
+        graph[c.name] = list(dict.fromkeys(record.depends_on + c.deps))
+        check_graph(graph)
+        self._depended.update(d for d in graph[c.name] if d not in record.depends_on)
+        record.depends_on = graph[c.name]
+        self._dirty = True
+
+    @handles(cmd.StartAgent)
+    def _start_agent(self, c: cmd.StartAgent, now: float) -> None:
+        record = self._record(c.name)
+        if record.state is not S.TERMINATED:
+            raise ValueError(f"agent {c.name!r} is {record.state.value}, not terminated; use restart_agent to restart it")
+        record.stop_requested = False
+        record.restarts = 0
+        record.error = None
+        self.states.move(record, S.PENDING)
+        self._dirty = True
+
+    def _live_worker(self, record: AgentRecord) -> WorkerRecord | None:
+        worker = self.workers.get(record.worker or "")
+        return worker if record.state in RUNNING and worker is not None and worker.alive else None
+
+    @handles(cmd.Deliver)
+    def _deliver(self, c: cmd.Deliver, now: float) -> None:
+        record = self._record(c.name)
+        worker = self._live_worker(record)
+        if worker is None:
+            raise ValueError(f"agent {c.name!r} is not running (state {record.state.value}); nothing to deliver to")
+        self._send(worker, "deliver", agent=c.name, run=record.run, epoch=record.epoch, kind=c.kind, payload=c.payload)
+
+    @handles(cmd.Execute)
+    def _execute(self, c: cmd.Execute, now: float) -> None:
+        records = [self._record(c.name)] if c.name is not None else list(self.agents.values())
+        for record in records:
+            worker = self._live_worker(record)
+            if worker is not None:
+                self._send(worker, "deliver", agent=record.name, run=record.run, epoch=record.epoch,
+                           kind="execute", payload=None)
+            elif c.name is not None:
+                raise ValueError(f"agent {c.name!r} is not running (state {record.state.value})")
+
+    @handles(cmd.StopAgent)
+    def _stop_agent(self, c: cmd.StopAgent, now: float) -> None:
+        record = self._record(c.name)
+        record.stop_requested = True
+        self._stop_record(record, c.timeout, "stopped", now)
+
+    @handles(cmd.RestartAgent)
+    def _restart_agent(self, c: cmd.RestartAgent, now: float) -> None:
+        record = self._record(c.name)
+        if record.state in RUNNING:
+            record.then = "restart"
+            record.stop_requested = False
+            self._send_stop(record, c.timeout)
+        elif record.state is S.TERMINATED:
+            self._start_agent(cmd.StartAgent(c.name), now)
+        elif record.state is S.RESTARTING:
+            self.states.move(record, S.PENDING)
+            record.stop_requested = False
+            self._dirty = True
+        else:
+            record.stop_requested = False
+            self._dirty = True
+
+    def _stop_record(self, record: AgentRecord, timeout: float, reason: str, now: float) -> None:
+        if record.state in (S.PENDING, S.RESTARTING):
+            self._run_over(record, ok=True, fields={"reason": f"{reason} before it started"}, now=now, final=True)
+        elif record.state in RUNNING:
+            self._send_stop(record, timeout)
+        elif record.state is S.DISCONNECTED:
+            # its worker cannot hear us; when it comes back, the copy is stopped as stale
+            self._fail_run(record, f"{reason} while its worker {record.worker!r} was unreachable", now, final=True)
+
+    def _send_stop(self, record: AgentRecord, timeout: float) -> None:
+        worker = self._live_worker(record)
+        if worker is not None:
+            self._send(worker, "stop", agent=record.name, run=record.run, epoch=record.epoch, timeout=float(timeout))
+
+    @handles(cmd.StopAll)
+    def _stop_all(self, c: cmd.StopAll, now: float) -> None:
+        self._stopping_deadline = now + c.timeout + self.limits.interval * 2
+        for record in list(self.agents.values()):
+            record.stop_requested = True
+            self._stop_record(record, c.timeout, "stopped", now)
+
+    @handles(cmd.DrainWorker)
+    def _drain_worker(self, c: cmd.DrainWorker, now: float) -> None:
+        worker = self.workers.get(c.name)
+        if worker is None or not worker.alive:
+            known = ", ".join(sorted(n for n, w in self.workers.items() if w.alive)) or "none"
+            raise ValueError(f"no live worker named {c.name!r} (live: {known})")
+        worker.draining = True
+        log.info("draining worker %s: moving %d agent(s) off it", c.name, len(worker.agents))
+        for agent_name in sorted(worker.agents):
+            record = self.agents.get(agent_name)
+            if record is not None and record.policy.mode != "never" and record.state in RUNNING:
+                record.then = "move"
+                self._send_stop(record, self.config.stop_timeout)
+        self._dirty = True
+
+    def release_drained(self, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.alive and worker.draining and not worker.agents:
+                self._send(worker, "release", drain=True)
+                worker.alive = False
+                worker.gone_at = now
+                self._publish(E.WORKER_LEFT, worker.name, {"worker": worker.name, "host": worker.host,
+                                                           "reason": "drained", "agents": []})
+
+    @handles(cmd.Join)
+    def _join(self, c: cmd.Join, now: float) -> None:
+        self.joined = True
+
+    @handles(cmd.RequestStop)
+    def _request_stop(self, c: cmd.RequestStop, now: float) -> None:
+        self.stop_requested = True
+
+    @handles(cmd.Snapshot)
+    def snapshot(self, c: Any, now: float) -> dict[str, Any]:
+        return {
+            "agents": {r.name: {
+                "name": r.name, "state": r.state.value, "worker": r.worker, "restarts": r.restarts,
+                "last_error": r.error, "failed": r.failed, "started_at": r.started_at, "epoch": r.epoch,
+                "run": r.run, "pending_reason": r.pending_reason, "restart": r.policy.mode,
+                "on_disconnect": "keep" if r.keeps_running else "replace",
+                "depends_on": list(r.depends_on)} for r in self.agents.values()},
+            "workers": {w.name: {
+                "name": w.name, "host": w.host, "pid": w.pid, "labels": dict(w.labels), "capacity": w.capacity,
+                "alive": w.alive, "draining": w.draining, "agents": sorted(w.agents), "running": len(w.agents),
+                "since_heartbeat": round(now - w.last_seen, 3)} for w in self.workers.values()},
+            "incarnation": self.incarnation,
+            "forgotten_agents": self.forgotten,
+            "class_blobs_sent": self.class_blobs_sent,
+        }
+
+    @handles(cmd.Close)
+    def close(self, c: Any, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.alive:
+                self._send(worker, "release")
+        self._publish(E.SHUTDOWN, self.name, {"coordinator": self.name})

@@ -1,0 +1,80 @@
+"""What a coordinator must respect of the one that ran before it under the same name: copies it
+left running on the workers.  Part of the pure core (no clock reads, no sockets).
+
+- A copy with the same definition as an agent this script registers is adopted (see core.py).
+- A copy reported before this script registered its agent is held for a while ("foreign"); if
+  the script does not register it, it is stopped.
+- A copy that is stopped (changed definition, or stale) blocks its agent until it has ended
+  ("old copy"), so two never run at once.
+- After a crash, agents wait before they start (the adoption window, and longer where a copy on a
+  worker that never reports could still be running).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .limits import Limits
+from .records import AgentRecord
+
+
+class Predecessor:
+    """The adoption window and the previous coordinator's copies."""
+
+    def __init__(self, limits: Limits, now: float, window: float, strict: bool) -> None:
+        self.limits = limits
+        self.started = now
+        self.window = window
+        self.until = now + window
+        #: after a crash: also wait until copies on workers that never report have stopped
+        self.strict = strict
+        self.found: set[str] = set()  #: agents of which a previous coordinator's copy was reported
+        #: copies reported before the script registered their agent: name -> (worker, report, deadline)
+        self.foreign: dict[str, tuple[str, dict[str, Any], float]] = {}
+        #: agents waiting until an older copy has stopped: name -> (worker, run, epoch, deadline)
+        self.old_copies: dict[str, tuple[str, str, int, float]] = {}
+
+    def hold_until(self, record: AgentRecord) -> float:
+        """When ``record`` may start.  After a crash, a copy the predecessor left running is reported
+        within the window unless its worker is cut off.  Once one was reported it was adopted or is
+        stopped before ours starts (the predecessor ran one at a time); if none was, a cut-off copy
+        may still run until its lease (or, kept, the orphan timeout) and stop timeout have passed."""
+        if self.window <= 0:
+            return 0.0
+        if not self.strict or record.name in self.found:
+            return self.until
+        return self.started + max(self.window, self.limits.unknown_copy_gone(record.keeps_running,
+                                                                             record.stop_timeout))
+
+    def hold_foreign(self, name: str, worker: str, report: dict[str, Any], now: float) -> None:
+        self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)
+
+    def block(self, name: str, worker: str, run: str, epoch: int, now: float, stop_timeout: float) -> None:
+        self.old_copies[name] = (worker, run, epoch, self.limits.replace_after(now, stop_timeout))
+
+    def waits_for(self, name: str) -> str | None:
+        """The worker an older copy of ``name`` is stopping on, if it has not ended yet."""
+        old = self.old_copies.get(name)
+        return old[0] if old else None
+
+    def copy_ended(self, name: str, worker: str, run: str, epoch: int) -> bool:
+        """A copy reported its end; True if its agent may start now."""
+        if name in self.foreign and (self.foreign[name][1]["run"], self.foreign[name][1]["epoch"]) == (run, epoch):
+            del self.foreign[name]
+        old = self.old_copies.get(name)
+        if old is not None and old[:3] == (worker, run, epoch):
+            del self.old_copies[name]
+            return True
+        return False
+
+    def expire(self, now: float) -> tuple[list[tuple[str, str, dict[str, Any]]], bool]:
+        """Foreign copies not claimed in time (to be stopped: ``(worker, name, report)``), and
+        whether an old copy's wait ran out (its worker's lease ended it)."""
+        unclaimed = [(worker, name, report) for name, (worker, report, deadline) in self.foreign.items()
+                     if now > deadline]
+        for _, name, _ in unclaimed:
+            del self.foreign[name]
+        over = [name for name, old in self.old_copies.items() if now > old[3]]
+        for name in over:
+            del self.old_copies[name]
+        return unclaimed, bool(over)

@@ -1,0 +1,170 @@
+"""A worker registers: how the cluster core reconciles what it reports (the copies it runs, the
+reports it kept while it had no coordinator) with what the core believes.  Part of the pure core.
+
+The register carries the reports first, then the list of running copies; a worker lists a copy
+only until its last report is queued, so together they are complete: whatever we had on that
+worker that is in neither has ended or never arrived (and which, the frame numbers tell).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import protocol
+from .actions import Send
+from .events import OrchestratorEvent as E
+from .records import AgentRecord, WorkerRecord
+from .states import LIVE, RUNNING, AgentState
+from .versions import compare, table
+
+log = logging.getLogger("pyorchestrate.coordinator")
+
+S = AgentState
+
+
+class Registration:
+    """Mixed into :class:`pyorchestrate.core.ClusterCore`."""
+
+    def register(self, identity: bytes, message: dict[str, Any], now: float) -> None:
+        """A worker registers (first time, after a reconnect, or after we restarted)."""
+        name = message["name"]
+        errors, warnings = compare(self.versions, message["versions"])
+        if errors:
+            reason = "incompatible versions (" + "; ".join(errors) + "):\n" + table(self.versions, message["versions"])
+            log.error("refused worker %s: %s", name, reason)
+            self.actions.append(Send(identity, protocol.encode("refused", reason=reason)))
+            return
+        if self.incarnation in message["drained_by"]:
+            # drained from this coordinator: it waits for the next one
+            self.actions.append(Send(identity, protocol.encode("refused", reason="drained", retry=True)))
+            return
+        existing = self.workers.get(name)
+        if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
+            # maybe a restarted worker whose old self is not declared lost yet: let it retry
+            reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid "
+                      f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
+            log.warning("worker %s: %s", name, reason)
+            self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
+            return
+        same_process = existing is not None and existing.alive
+        same_connection = same_process and existing.identity == identity
+        if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
+            self.drop("stale_register", name)  # from a connection it has since replaced
+            return
+        if existing is not None:
+            self.by_identity.pop(existing.identity, None)
+        self._order += 1
+        worker = WorkerRecord(
+            name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
+            pid=message["pid"], labels=dict(message["labels"]), capacity=message["capacity"],
+            versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]),
+            recv_n=message["n"], conn=message["conn"])
+        if same_process:
+            worker.agents, worker.order = existing.agents, existing.order
+            if same_connection:  # it answered "register again": what we sent it still arrives in order
+                worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
+        self.workers[name] = worker
+        self.by_identity[identity] = name
+        # what happened while it was away comes first, then the list of what runs there now: a
+        # worker lists copies only after queueing their last reports, so together they are complete
+        for item in message["events"]:
+            self.agent_event(worker, item, now)
+        stop: list[dict[str, Any]] = []
+        reported = set()
+        for report in message["agents"]:
+            if self._take_report(worker, report, now, stop):
+                reported.add(report["agent"])
+        worker.stopping = {(item["agent"], item["run"], item["epoch"]) for item in stop}
+        self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
+                   heartbeat_interval=float(self.config.heartbeat_interval),
+                   heartbeat_liveness=int(self.config.heartbeat_liveness),
+                   bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings, echo=float(message["t"]))
+        seen = message["seen"] if same_connection else -1  # on a new connection nothing unseen arrives
+        for agent_name in sorted(worker.agents - reported):
+            record = self.agents.get(agent_name)
+            if record is None:
+                worker.agents.discard(agent_name)
+            elif not (record.state is S.ASSIGNED and record.start_n > seen >= 0):
+                self._not_reported(worker, record, now)  # else its start is still on its way
+        # a copy we kept for it while it was silent, that it does not run any more, is gone
+        for record in self.states.of(S.DISCONNECTED):
+            if record.worker == name and record.name not in reported:
+                self._fail_run(record, f"worker {name!r} came back without agent {record.name!r}", now)
+        self._dirty = True
+        if not same_process:
+            log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,
+                     " again" if existing else "", worker.host, worker.pid, worker.labels or "{}",
+                     worker.capacity or "unlimited")
+            self._publish(E.WORKER_JOINED, name, {
+                "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
+                "capacity": worker.capacity, "rejoined": existing is not None})
+
+    def _take_report(self, worker: WorkerRecord, report: dict[str, Any], now: float,
+                     stop: list[dict[str, Any]]) -> bool:
+        """One copy a registering worker runs: ours (keep it), a previous coordinator's (adopt it
+        or stop it), or stale (stop it).  True if it stays as the current run."""
+        name, run, epoch = report["agent"], report["run"], report["epoch"]
+        record = self.agents.get(name)
+        if record is not None and record.worker == worker.name and (record.run, record.epoch) == (run, epoch):
+            if record.state in RUNNING:
+                worker.agents.add(name)
+                if record.stop_requested or record.then:  # the stop may have been lost: say it again
+                    self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=record.stop_timeout)
+                # its STARTED / READY reports may have been lost with a connection: catch up
+                for state, event in ((S.STARTED, E.AGENT_STARTED), (S.READY, E.AGENT_READY)):
+                    if record.state is S.ASSIGNED or (state is S.READY and report["state"] == "READY"
+                                                      and record.state is S.STARTED):
+                        self.states.move(record, state)
+                        self._publish_agent(record, event, {"recovered": True})
+                        self._dirty = True
+                return True
+            if record.state is S.DISCONNECTED:
+                self._reconnect(record, worker, report, "its worker is back")
+                return True
+        elif run != self.incarnation and report["coordinator"] == self.name and self.config.on_restart == "adopt":
+            self.predecessor.found.add(name)
+            if record is None:
+                # the script may register it in a moment: hold it (running) for the adoption window
+                self.predecessor.hold_foreign(name, worker.name, report, now)
+                worker.agents.add(name)
+                return True
+            if record.state is S.PENDING and record.definition == report["definition"] and not self.predecessor.waits_for(name):
+                self._adopt(record, worker, report)
+                return True
+        if run != self.incarnation and report["coordinator"] == self.name:
+            self.predecessor.found.add(name)
+        timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
+        stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
+        if record is not None and record.state in (S.PENDING, S.RESTARTING):
+            # an older copy (a previous coordinator's with another definition, or ours from before
+            # its worker was declared lost) still runs: it is stopped before a new one starts
+            self.predecessor.block(name, worker.name, run, epoch, now, timeout)
+        return False
+
+    def _adopt(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any]) -> None:
+        """Take over a copy a previous coordinator (same name, same definition) started."""
+        record.worker, record.run, record.epoch = worker.name, report["run"], report["epoch"]
+        record.started_at = self.wall()
+        self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
+        worker.agents.add(record.name)
+        self._publish_agent(record, E.AGENT_ADOPTED, {"reason": "still running from a previous coordinator",
+                                                      "state": record.state.value})
+
+    def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str) -> None:
+        self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
+        worker.agents.add(record.name)
+        self._publish_agent(record, E.AGENT_ADOPTED, {"reason": reason, "state": record.state.value})
+
+    def _not_reported(self, worker: WorkerRecord, record: AgentRecord, now: float) -> None:
+        """A re-registering worker does not list an agent we had there, and its reports (which
+        come first and are complete) did not end it."""
+        worker.agents.discard(record.name)
+        if record.state is S.ASSIGNED:
+            # the start went to its old socket and never arrived: it never ran, so sending it
+            # again cannot make it run twice
+            self._assign(record, worker, now)
+        elif record.state in LIVE:
+            self._fail_run(record, f"worker {worker.name!r} no longer runs agent {record.name!r} "
+                                   "and its end was not reported", now)
+

@@ -1,0 +1,271 @@
+"""The cluster core, driven directly: no sockets, no threads, a clock that only moves when told."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+from sim import SimConfig
+
+from pyorchestrate import AgentState, commands, protocol
+from pyorchestrate.core import ClusterCore, Forget, Publish, Send
+from pyorchestrate.dependencies import check_graph
+from pyorchestrate.placement import choose
+from pyorchestrate.records import AgentRecord
+from pyorchestrate.restart import RestartPolicy
+from pyorchestrate.states import TRANSITIONS, IllegalTransition, StateIndex
+
+S = AgentState
+
+
+class Harness:
+    """A core, a clock, and helpers that speak for workers."""
+
+    def __init__(self, **config) -> None:
+        self.now = 100.0
+        self.config = SimConfig(**config)
+        self.core = ClusterCore("c", "inc1", self.config, now=self.now, rng=random.Random(1), wall=lambda: self.now,
+                                drop=lambda kind, detail: None)
+        self.sent: list[tuple[bytes, dict]] = []
+        self.published: list[Publish] = []
+        self.forgotten: list[str] = []
+
+    def flush(self) -> None:
+        for action in self.core.take():
+            if isinstance(action, Send):
+                self.sent.append((action.identity, protocol.decode(action.frame)))
+            elif isinstance(action, Publish):
+                self.published.append(action)
+            elif isinstance(action, Forget):
+                self.forgotten.append(action.name)
+
+    def events(self, event: str) -> list[Publish]:
+        return [p for p in self.published if p.event.value == event]
+
+    def to(self, identity: bytes, kind: str) -> list[dict]:
+        return [m for i, m in self.sent if i == identity and m["type"] == kind]
+
+    def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
+                 conn=1, seen=0) -> bytes:
+        identity = identity or name.encode()
+        frame = protocol.encode("register", n=1, name=name, incarnation=incarnation, host="h", pid=1, labels={},
+                                capacity=0, versions={}, agents=list(agents), events=list(events), t=self.now,
+                                conn=conn, seen=seen)
+        self.core.control(identity, protocol.decode(frame), self.now)
+        self.flush()
+        return identity
+
+    def add(self, name: str, restart: str = "never", **fields) -> AgentRecord:
+        record = AgentRecord(name=name, agent_class=object, config=None, class_id="c", class_blob=b"",
+                             config_blob=b"", mode="thread", policy=RestartPolicy(restart, -1, 0.5, 4.0),
+                             definition=f"d-{name}", stop_timeout=fields.pop("stop_timeout", 1.0), **fields)
+        self.core.command(commands.AddAgent(record), self.now)
+        self.flush()
+        return record
+
+    def step(self, seconds: float = 0.0) -> None:
+        self.now += seconds
+        self.core.tick(self.now)
+        self.core.place(self.now)
+        self.flush()
+
+    def report(self, identity: bytes, record: AgentRecord, *events: str, n: int = 0, **fields) -> None:
+        items = [protocol.agent_event(record.name, record.run, record.epoch, e, dict(fields)) for e in events]
+        self.core.control(identity, protocol.decode(protocol.encode("agent_events", n=n, events=items)), self.now)
+        self.flush()
+
+    def beat(self, identity: bytes, running: int = -1) -> None:
+        frame = protocol.encode("heartbeat", t=self.now, running=running)
+        self.core.control(identity, protocol.decode(frame), self.now)
+        self.flush()
+
+
+# ---------------------------------------------------------------------------- states
+
+
+def test_every_state_has_transitions_and_an_illegal_one_raises():
+    assert set(TRANSITIONS) == set(AgentState)
+    index = StateIndex()
+    record = SimpleNamespace(name="a", state=S.TERMINATED)
+    index.add(record)
+    with pytest.raises(IllegalTransition, match="TERMINATED -> READY"):
+        index.move(record, S.READY)
+    assert record.state is S.TERMINATED and index.of(S.TERMINATED) == [record]
+
+
+def test_state_index_keeps_entry_order_within_a_state():
+    index = StateIndex()
+    records = [SimpleNamespace(name=f"a{i}", state=S.PENDING) for i in range(5)]
+    for record in records:
+        index.add(record)
+    index.move(records[1], S.ASSIGNED)
+    assert [r.name for r in index.of(S.PENDING)] == ["a0", "a2", "a3", "a4"]
+    assert index.count(S.PENDING, S.ASSIGNED) == 5
+
+
+# ---------------------------------------------------------------------------- placement, restarts, graphs
+
+
+def test_placement_prefers_the_least_loaded_eligible_worker_and_says_why_not():
+    def worker(name, load, **kw):
+        return SimpleNamespace(name=name, alive=True, draining=False, labels=kw.get("labels", {}),
+                               capacity=kw.get("capacity", 0), agents=set(range(load)), order=0)
+
+    workers = [worker("a", 3), worker("b", 1, labels={"gpu": "1"}), worker("c", 2, capacity=2)]
+    assert choose(workers, None, {})[0].name == "b"
+    assert choose(workers, "a", {})[0].name == "a"
+    assert choose(workers, None, {"gpu": "2"}) == (None, "no live worker has labels gpu=2")
+    assert choose(workers, "c", {}) == (None, "every eligible worker is at capacity")
+    assert choose(workers, "z", {}) == (None, "waiting for worker 'z' to join")
+
+
+def test_restart_backoff_grows_within_bounds_and_replays_from_its_seed():
+    policy = RestartPolicy("always", -1, 0.5, 4.0)
+    first = [policy.delay(n, random.Random(7)) for n in range(1, 8)]
+    assert first == [policy.delay(n, random.Random(7)) for n in range(1, 8)]
+    for n, delay in enumerate(first, 1):
+        base = min(4.0, 0.5 * 2 ** (n - 1))
+        assert base <= delay <= min(4.0, base * 1.25)
+
+
+def test_dependency_cycles_and_missing_agents_are_named():
+    with pytest.raises(ValueError, match="a -> b -> a"):
+        check_graph({"a": ["b"], "b": ["a"]})
+    with pytest.raises(ValueError, match="a -> nope"):
+        check_graph({"a": ["nope"]})
+
+
+def test_every_command_has_a_handler():
+    assert {c for c in vars(commands).values()
+            if isinstance(c, type) and issubclass(c, commands.Command) and c is not commands.Command} \
+        == set(commands.HANDLERS)
+
+
+# ---------------------------------------------------------------------------- liveness
+
+
+def test_a_stall_of_the_coordinator_itself_gives_every_worker_a_fresh_window():
+    h = Harness()
+    w = h.register("w1")
+    h.step(10.0)  # we were not listening for 10 s (SIGSTOP): nobody's silence counts
+    assert not h.events("WORKER_LOST")
+    h.beat(w)
+    for _ in range(30):  # but real silence, while we listen, does
+        h.step(0.25)
+    assert [p.subject for p in h.events("WORKER_LOST")] == ["w1"]
+
+
+def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_timeout():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("db", restart="always", stop_timeout=2.0)
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    last_heard = h.now
+    w2 = h.register("w2", identity=b"w2")
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+        h.beat(w2)
+    assert record.state is S.RESTARTING
+    limits = h.core.limits
+    assert record.restart_at >= last_heard + limits.lease + 2.0
+    while record.state is not S.ASSIGNED:
+        h.step(0.25)
+        h.beat(w2)
+        assert h.now < last_heard + 30
+    assert h.now >= last_heard + limits.lease + 2.0 and record.worker == "w2"
+
+
+def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_returns():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("svc")  # restart="never": kept
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    assert record.state is S.DISCONNECTED and h.events("AGENT_DISCONNECTED")
+    report = {"agent": "svc", "run": record.run, "epoch": record.epoch, "state": "READY", "coordinator": "c",
+              "definition": record.definition}
+    h.register("w1", identity=b"w1-again", agents=[report], conn=2)
+    assert record.state is S.READY and record.worker == "w1"
+    assert [p.fields["reason"] for p in h.events("AGENT_ADOPTED")] == ["its worker is back"]
+    assert not h.events("AGENT_TERMINATED")
+
+
+# ---------------------------------------------------------------------------- at most once, run identity
+
+
+def test_an_end_reported_with_the_registration_is_not_mistaken_for_a_lost_agent():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("once")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    # it re-registers on a new connection: the agent finished meanwhile, its end travels along
+    end = protocol.agent_event("once", record.run, record.epoch, "AGENT_TERMINATED", {"ok": True})
+    h.register("w1", identity=b"w1-new", events=[end], conn=2)
+    h.step(1.0)
+    assert record.state is S.TERMINATED and not record.failed
+    assert len(h.to(b"w1-new", "start")) == 0 and len(h.events("AGENT_TERMINATED")) == 1
+
+
+def test_a_start_still_on_its_way_is_not_sent_again():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    assert record.state is S.ASSIGNED
+    # it registers again on the same connection before it read the start (seen < the start's n)
+    h.register("w1", identity=w1, seen=0, conn=1)
+    h.step()
+    assert len(h.to(w1, "start")) == 1 and record.epoch == 1
+    # on a new connection, what it never saw is lost: the start goes again (it never ran)
+    h.register("w1", identity=b"w1-2", conn=2)
+    assert len(h.to(b"w1-2", "start")) == 1 and record.epoch == 2
+
+
+def test_reports_and_registrations_of_another_run_or_an_older_connection_are_ignored():
+    h = Harness()
+    w1 = h.register("w1", conn=2)
+    record = h.add("a")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    # a copy of another run with the same name and epoch (a previous script's, whose epochs also
+    # started at 1) reports: it is not this run
+    for event in ("AGENT_READY", "AGENT_TERMINATED"):
+        stale = protocol.agent_event("a", "previous-coordinator", record.epoch, event, {"ok": False})
+        h.core.control(w1, protocol.decode(protocol.encode("agent_events", events=[stale])), h.now)
+        h.flush()
+    assert record.state is S.READY and not h.events("AGENT_TERMINATED")
+    stops = h.to(w1, "stop")
+    assert len(stops) == 1 and stops[0]["run"] == "previous-coordinator"  # the running stale copy is stopped
+    h.register("w1", identity=b"old-socket", conn=1)  # a snapshot from its older connection
+    assert record.state is S.READY and h.core.workers["w1"].identity == w1
+
+
+def test_lost_frames_from_a_worker_make_it_register_again():
+    h = Harness()
+    w1 = h.register("w1")
+    h.core.control(w1, protocol.decode(protocol.encode("heartbeat", n=2)), h.now)
+    h.core.control(w1, protocol.decode(protocol.encode("heartbeat", n=5)), h.now)
+    h.flush()
+    assert len(h.to(w1, "reregister")) == 1
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def test_finished_agents_and_departed_workers_are_forgotten():
+    h = Harness(finished_agents_max=3, worker_retention=10.0)
+    w1 = h.register("w1")
+    records = [h.add(f"a{i}") for i in range(6)]
+    h.step()
+    for record in records:
+        h.report(w1, record, "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
+    h.step()
+    assert sorted(h.core.agents) == ["a3", "a4", "a5"] and h.forgotten == ["a0", "a1", "a2"]
+    h.core.control(w1, protocol.decode(protocol.encode("goodbye")), h.now)
+    h.step(11.0)
+    assert "w1" not in h.core.workers
