@@ -346,7 +346,10 @@ class Coordinator:
                 self.dropped.drop("stale_bus_event", publisher)
                 return
             for topic, seq, body in items:
-                self._handle(self._on_bus_event, key, seq, topic, body, None)  # one bad body spoils no other
+                try:
+                    self._on_bus_event(key, seq, topic, body, None)
+                except protocol.ProtocolError as exc:  # one bad body spoils no other
+                    self.dropped.drop("bad_frame", exc)
         else:
             fields = protocol.decode_event(frames, size)
             key = (fields["publisher"], fields["incarnation"])

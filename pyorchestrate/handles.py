@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+from typing import Any, Protocol
 
 _READY_OR_LATER = ("READY", "TERMINATED")
 
@@ -36,12 +33,20 @@ class AgentStates:
             return self._changed.wait_for(lambda: self._states.get(name, ("",))[0] in states, timeout)
 
 
+class AgentControl(Protocol):
+    """What a handle may ask of its orchestrator (and nothing more)."""
+
+    def execute(self, name: str | None = None) -> None: ...
+
+    def stop_agent(self, name: str, timeout: float | None = None) -> None: ...
+
+
 class AgentHandle:
     """Returned by ``orchestrator.agent(name)``: watch and drive one agent wherever it runs."""
 
-    def __init__(self, orchestrator: "Orchestrator", name: str, states: AgentStates) -> None:
+    def __init__(self, control: AgentControl, name: str, states: AgentStates) -> None:
         self.name = name
-        self._orchestrator = orchestrator
+        self._control = control
         self._states = states
 
     @property
@@ -65,18 +70,18 @@ class AgentHandle:
 
     def execute(self) -> None:
         """Let an agent held after READY proceed (``Config(hold_after_ready=True)``)."""
-        self._orchestrator.execute(self.name)
+        self._control.execute(self.name)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the agent (it is not restarted)."""
-        self._orchestrator.stop_agent(self.name, timeout)
+        self._control.stop_agent(self.name, timeout)
 
     def __repr__(self) -> str:
         state, worker, _ = self._states.get(self.name)
         return f"<AgentHandle {self.name} {state} on {worker}>"
 
     def __eq__(self, other: Any) -> bool:
-        return isinstance(other, AgentHandle) and other.name == self.name and other._orchestrator is self._orchestrator
+        return isinstance(other, AgentHandle) and other.name == self.name and other._control is self._control
 
     def __hash__(self) -> int:
         return hash(self.name)
