@@ -94,6 +94,7 @@ class SimWorker:
     pending: list[dict[str, Any]] = field(default_factory=list)  # kept while unregistered
     recent_ends: list[dict[str, Any]] = field(default_factory=list)
     coordinator: str = ""
+    in_register: int = 0  # how many pending reports the last register carried
     conn: int = 0  # connections opened by this process
     sent_n: int = 0  # frames sent on the current connection
     recv_n: int = 0  # the last coordinator frame handled on it
@@ -121,6 +122,7 @@ class Sim:
         self.heard: dict[bytes, float] = {}  # connection -> when the core last read a frame from it
         self.workers: dict[str, SimWorker] = {}
         self.starts: dict[str, int] = {}  # agent -> copies ever started
+        self.ended: set[tuple[str, str, int]] = set()  # copies that ended and reported it
         #: (agent, coordinator incarnation) -> copies that coordinator started or adopted
         self.runs_of: dict[tuple[str, str], int] = {}
         self.max_live: dict[str, int] = {}
@@ -206,8 +208,19 @@ class Sim:
                                 f"{ {k: v for k, v in action.fields.items() if k in ('worker', 'epoch', 'reason')} }")
                 if action.event.value == "WORKER_LOST":
                     self._check_loss(action.subject)
+                reason = str(action.fields.get("error_message", ""))
+                if "was not reported" in reason or "came back without" in reason:
+                    self._check_lost_track(action.subject, reason)
             elif isinstance(action, Forget):
                 self.forgotten.add(action.name)
+
+    def _check_lost_track(self, agent: str, reason: str) -> None:
+        """The core gave up on a copy it cannot account for: right only if the copy died with its
+        worker's process, never if it still runs or ended and reported it (reports are complete)."""
+        record = self.core.agents[agent]
+        copy = (agent, record.run, record.epoch)
+        if copy in self.ended or any(copy in w.copies for w in self.workers.values()):
+            self.violations.append(f"t={self.now:.2f}: false failure of {agent}: {reason}")
 
     def _check_loss(self, name: str) -> None:
         """No worker is declared lost while frames from it reached the coordinator (read or not)
@@ -291,10 +304,11 @@ class Sim:
                 if not ok:
                     self._report(worker, copy, "AGENT_ERROR", {"error_message": "boom"})
                 self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok})
+                self.ended.add(copy.key)
                 del worker.copies[copy.key]
         self._check_lease(worker)
         if worker.registered:
-            if worker.outbox:
+            if worker.pending or worker.outbox:
                 self._flush(worker)
             if now >= worker.next_beat:
                 worker.next_beat = now + worker.limits.interval
@@ -322,17 +336,19 @@ class Sim:
             worker.next_register = self.now
 
     def _flush(self, worker: SimWorker) -> None:
-        for item in worker.outbox:
+        items = worker.pending + worker.outbox
+        worker.pending, worker.outbox = [], []
+        for item in items:
             if item["event"] == "AGENT_TERMINATED":
                 worker.recent_ends = (worker.recent_ends + [item])[-50:]
-        self._send(worker, "agent_events", events=worker.outbox)
-        worker.outbox = []
+        self._send(worker, "agent_events", events=items)
 
     def _register(self, worker: SimWorker) -> None:
         running = [{"agent": c.agent, "run": c.run, "epoch": c.epoch, "state": "READY" if c.ready else "STARTED",
                     "coordinator": c.coordinator, "definition": c.definition} for c in worker.copies.values()]
         worker.pending.extend(worker.outbox)
         worker.outbox = []
+        worker.in_register = len(worker.pending)
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
                    capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
                    seen=worker.recv_n, conn=worker.conn)
@@ -357,7 +373,8 @@ class Sim:
             worker.limits = Limits(message["heartbeat_interval"], message["heartbeat_liveness"])
             worker.lease_from = max(worker.lease_from, message["echo"])
             worker.lease_expired = False
-            worker.pending = []
+            del worker.pending[:worker.in_register]  # what came after it goes out next
+            worker.in_register = 0
             worker.next_beat = self.now
             for item in message["stop"]:
                 copy = worker.copies.get((item["agent"], item["run"], item["epoch"]))
@@ -386,6 +403,8 @@ class Sim:
                 self._stop(copy, message["timeout"])
         elif kind == "reregister":
             self._register(worker)
+            del worker.pending[:worker.in_register]  # same connection: it arrives first
+            worker.in_register = 0
         elif kind == "release":
             for copy in worker.copies.values():
                 self._stop(copy, copy.stop_timeout)

@@ -94,6 +94,7 @@ class Worker:
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
+        self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
         self._sent_n = 0  # frames sent on the current connection
         self._recv_n = 0  # the number of the last coordinator frame handled on it
@@ -147,6 +148,7 @@ class Worker:
         # report is queued, so whatever is missing from one is in the other
         running = self._supervisor.running()
         self._keep_reports()
+        self._in_register = len(self._pending)
         return self._frame(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
@@ -154,7 +156,8 @@ class Worker:
             drained_by=self._drained_by, t=time.monotonic(), seen=self._recv_n, conn=self._conn)
 
     def _keep_reports(self) -> None:
-        """Move what agents reported into the list delivered with the next registration."""
+        """Move what agents reported (the outbox) to the list of reports not yet delivered, in order:
+        sent by the next flush, or with the next registration while there is no coordinator."""
         for name, run, epoch, event, fields in self._outbox.drain():
             if event == "AGENT_TERMINATED":
                 self._beating.pop((name, run, epoch), None)
@@ -162,6 +165,7 @@ class Worker:
         if len(self._pending) > _PENDING_MAX:
             excess = len(self._pending) - _PENDING_MAX
             del self._pending[:excess]
+            self._in_register = max(0, self._in_register - excess)
             self.dropped.drop("report_while_offline", f"{excess} oldest agent report(s)")
 
     def _register_with_retries(self) -> None:
@@ -240,7 +244,9 @@ class Worker:
         self._coordinator_name = message["coordinator"]
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
         self._renew_lease(message["echo"])
-        self._pending.clear()  # the coordinator has them now
+        # the coordinator has what the register carried; what came after goes out next
+        del self._pending[:self._in_register]
+        self._in_register = 0
         self._orphans_stopped = False
         self._last_refusal = ""
         for warning in message["warnings"]:
@@ -376,6 +382,9 @@ class Worker:
                 self.dropped.drop("deliver_to_unknown_agent", message["agent"])
         elif kind == "reregister":
             self._dealer.send(self._register_message())  # type: ignore[union-attr]
+            # on this same connection it arrives before anything sent after it: delivered
+            del self._pending[:self._in_register]
+            self._in_register = 0
         elif kind == "welcome":
             self._on_welcome(message)
         elif kind == "release":
@@ -458,20 +467,17 @@ class Worker:
     def _flush_events(self) -> None:
         # everything queued since the last flush goes in one message: one send here and one
         # receive at the coordinator, not three, for an agent that starts and finishes at once
-        batch = []
-        for name, run, epoch, event, fields in self._outbox.drain():
-            item = protocol.agent_event(name, run, epoch, event, fields)
-            if event == "AGENT_TERMINATED":
-                self._beating.pop((name, run, epoch), None)
+        self._keep_reports()  # after what was kept while registering, in order
+        items, self._pending = self._pending, []
+        for item in items:
+            copy = (item["agent"], item["run"], item["epoch"])
+            if item["event"] == "AGENT_STARTED":
+                self._beating[copy] = self._beat_round
+            elif item["event"] == "AGENT_TERMINATED":
+                self._beating.pop(copy, None)
                 self._recent_ends.append(item)
-            batch.append(item)
-            if event == "AGENT_STARTED":
-                self._beating[(name, run, epoch)] = self._beat_round
-            if len(batch) == _EVENTS_PER_MESSAGE:
-                self._send_events(batch)
-                batch = []
-        if batch:
-            self._send_events(batch)
+        for i in range(0, len(items), _EVENTS_PER_MESSAGE):
+            self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
