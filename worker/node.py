@@ -93,6 +93,7 @@ class Worker:
         self._limits = Limits()
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
+        self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
         self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
@@ -198,7 +199,7 @@ class Worker:
         self._keep_reports()
         self._check_lease()
         if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
-                and time.monotonic() - self._lease_from > self.orphan_timeout):
+                and time.monotonic() - self._last_heard > self.orphan_timeout):
             self._orphans_stopped = True
             log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
                         self.orphan_timeout, self._supervisor.count())
@@ -244,6 +245,7 @@ class Worker:
         self._coordinator_name = message["coordinator"]
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
         self._renew_lease(message["echo"])
+        self._last_heard = time.monotonic()
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
@@ -348,6 +350,7 @@ class Worker:
         except protocol.ProtocolError as exc:
             self.dropped.drop("bad_frame", exc)
             return None
+        self._last_heard = time.monotonic()
         n = message["n"]
         if kind_is_new_session(message, self._session):
             self._recv_n = n - 1  # a new coordinator on the same connection numbers from 1
