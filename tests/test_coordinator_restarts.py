@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for
 
+from pyorchestrate import RunMode
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = """
@@ -199,3 +201,19 @@ def test_a_burst_of_one_shot_agents_that_log_runs_each_exactly_once(cluster, tmp
     status = orch.status()
     assert all(a["state"] == "TERMINATED" and not a["failed"] for a in status["agents"].values())
     assert all(not w["agents"] for w in status["workers"].values())
+
+
+def test_a_long_daemon_run_forgets_finished_agents_and_frees_their_names(cluster):
+    from agents import Quick
+
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON,
+                                finished_agents_max=5)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    for i in range(20):
+        orch.register_agent(Quick, f"q{i}")
+    wait_for(lambda: orch.status()["forgotten_agents"] == 15, 30, "15 finished agents to be forgotten")
+    status = orch.status()
+    assert sorted(status["agents"]) == [f"q{i}" for i in range(15, 20)]
+    orch.register_agent(Quick, "q0")  # a forgotten name is free again
+    wait_for(lambda: orch.status()["agents"].get("q0", {}).get("state") == "TERMINATED", 30, "q0 to run again")

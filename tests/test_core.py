@@ -269,3 +269,15 @@ def test_finished_agents_and_departed_workers_are_forgotten():
     h.core.control(w1, protocol.decode(protocol.encode("goodbye")), h.now)
     h.step(11.0)
     assert "w1" not in h.core.workers
+
+
+def test_a_worker_whose_welcome_cannot_be_delivered_is_joined_then_lost_never_half_alive():
+    h = Harness()
+    w1 = h.register("w1")
+    assert [p.subject for p in h.events("WORKER_JOINED")] == ["w1"]
+    h.core.disconnected(w1, h.now)  # the loop's send found no route (EHOSTUNREACH)
+    h.step(h.core.limits.reconnect_grace + 0.01)
+    assert [p.event.value for p in h.published] == ["WORKER_JOINED", "WORKER_LOST"]
+    record = h.add("a")
+    h.step()
+    assert record.state is S.PENDING and record.worker is None  # nothing is placed on it
