@@ -127,10 +127,8 @@ class Coordinator:
             runmarker.mark(self.name, self.address, "running")
         core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
                            drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
-                           strict_hold=cfg.adopt_window is None,
-                           versions=local_versions())
-        core.bus_port = sockets.port_of(self.bus_address)
-        core.events_port = sockets.port_of(self.events_address)
+                           strict_hold=cfg.adopt_window is None, versions=local_versions(),
+                           bus_port=sockets.port_of(self.bus_address), events_port=sockets.port_of(self.events_address))
         for record in records:  # those registered before start
             core.command(commands.AddAgent(record, graph_checked=True), now)
         self.core = core
@@ -159,8 +157,7 @@ class Coordinator:
                 if self.mailbox.wake_socket in ready:
                     for command, future in self.mailbox.drain():
                         self._run_command(command, future)
-                if self.router in ready:
-                    self._drain_control()
+                behind = self.router in ready and self._drain_control()
                 if self.monitor in ready:
                     self._on_monitor()
                 if self.xsub in ready:
@@ -169,7 +166,7 @@ class Coordinator:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
                 if now >= next_tick:
-                    core.tick(now)
+                    core.tick(now, behind)
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
                     next_tick = core.next_wake(now)
@@ -223,17 +220,19 @@ class Coordinator:
             elif kind is Finished:
                 self._on_finished()
 
-    def _drain_control(self) -> None:
+    def _drain_control(self) -> bool:
+        """Read a bounded slice of control frames; True if more are waiting (we are behind)."""
         for _ in range(_DRAIN_BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             try:
                 fd = frames[-1].get(zmq.SRCFD)
             except zmq.ZMQError:  # libzmq has no source fd for some frames (empty ones)
                 fd = -1
             self._handle(self._on_control, [f.bytes for f in frames], fd)
+        return True
 
     def _handle(self, handler: Callable[..., None], *args: Any) -> None:
         """Run one message's handler: whatever the network sent, the loop goes on."""

@@ -39,6 +39,7 @@ __all__ = ["Action", "AwaitBus", "ClusterCore", "Finished", "Forget", "Publish",
 log = logging.getLogger("pyorchestrate.coordinator")
 
 S = AgentState
+_CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
 
 
 
@@ -49,7 +50,7 @@ class ClusterCore(Registration, CommandHandlers):
     def __init__(self, name: str, incarnation: str, config: Any, *, now: float, rng: random.Random,
                  wall: Callable[[], float], drop: Callable[[str, Any], None], min_workers: int = 1,
                  adopt_window: float = 0.0, strict_hold: bool = False,
-                 versions: dict[str, str] | None = None) -> None:
+                 versions: dict[str, str] | None = None, bus_port: int = 0, events_port: int | None = None) -> None:
         self.name = name
         self.incarnation = incarnation
         self.config = config
@@ -77,10 +78,12 @@ class ClusterCore(Registration, CommandHandlers):
         self._last_tick = now
         self.predecessor = Predecessor(self.limits, now, adopt_window, strict_hold)
         self._holding = adopt_window > 0  # some pending agent waits out the adoption window
-        self.bus_port = 0  #: told to workers in their welcome (set by the loop once bound)
-        self.events_port: int | None = None
+        self.bus_port = bus_port  #: told to workers in their welcome
+        self.events_port = events_port
         self.start_error: str | None = None  #: too few workers joined in time
         self._ended: collections.deque[str] = collections.deque()  # finished for good, oldest first
+        self.closed_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.closing_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._depended: collections.Counter[str] = collections.Counter()  # never forget these
 
     # ================================================================== helpers
@@ -146,6 +149,9 @@ class ClusterCore(Registration, CommandHandlers):
         if kind == "register":
             self.register(identity, message, now)
             return
+        if kind == "closing":  # its close that follows is no death: judge the worker by silence
+            self._remember(self.closing_connections, identity)
+            return
         worker = self.worker_of(identity)
         if worker is None:
             if kind in ("heartbeat", "agent_events"):
@@ -193,17 +199,43 @@ class ClusterCore(Registration, CommandHandlers):
     def disconnected(self, identity: bytes, now: float) -> None:
         """The connection a worker spoke on closed (its process died, or it reconnects), or a
         send to it found no route."""
+        # frames read from a closed connection later (a register its process wrote just before
+        # it died) must not bring it back
+        self._remember(self.closed_connections, identity)
+        if identity in self.closing_connections:
+            return  # the worker closed it on purpose and speaks on another one
         worker = self.worker_of(identity)
         if worker is not None and worker.disconnected_at is None:
             worker.disconnected_at = now
+
+    @staticmethod
+    def _remember(connections: collections.OrderedDict[bytes, None], identity: bytes) -> None:
+        connections[identity] = None
+        if len(connections) > _CLOSED_REMEMBERED:
+            connections.popitem(last=False)
 
     def goodbye(self, worker: WorkerRecord, now: float) -> None:
         self._worker_gone(worker, E.WORKER_LEFT, f"worker {worker.name!r} shut down", now, certain=True)
 
     def stranger(self, identity: bytes, message: dict[str, Any], now: float) -> None:
-        """A message from a connection that is not a live worker's: we restarted, or gave up on
-        it (it was frozen).  It must register again; stale copies it reports are stopped."""
+        """A message from a connection that is not a live worker's: we restarted, gave up on it
+        (it was frozen), or it is an old connection of a worker that has moved on or died.  It must
+        register again; but the end of a copy is taken from anywhere: a report names its run, and
+        one that finished on a worker that then died, the report stuck in a cut-off link, did not
+        fail."""
         self.actions.append(Send(identity, protocol.encode("reregister")))
+        if message["type"] == "agent_events":
+            self.ends_from_anywhere(message["events"], now)
+
+    def ends_from_anywhere(self, items: list[dict[str, Any]], now: float) -> None:
+        """Take the ends of current runs among ``items`` (from a frame we otherwise refuse)."""
+        for item in items:
+            record = self.agents.get(item["agent"])
+            if (item["event"] == "AGENT_TERMINATED" and record is not None and record.state in LIVE
+                    and (record.run, record.epoch) == (item["run"], item["epoch"])):
+                worker = self.workers.get(record.worker or "")
+                if worker is not None:
+                    self.agent_event(worker, item, now)
 
     def _worker_gone(self, worker: WorkerRecord, event: E, reason: str, now: float, *, certain: bool) -> None:
         """``certain``: its process is gone (goodbye, closed connection), so are its thread agents.
@@ -285,15 +317,28 @@ class ClusterCore(Registration, CommandHandlers):
             return
         if worker.alive and name not in self.predecessor.foreign:
             # an agent copy we no longer consider running there: make sure it stops
-            record = self.agents.get(name)
-            timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
-            self._send(worker, "stop", agent=name, run=item["run"], epoch=item["epoch"], timeout=timeout)
-            worker.stopping.add((name, item["run"], item["epoch"]))
+            self.stop_stale(worker, name, item["run"], item["epoch"], now)
+
+    def stop_stale(self, worker: WorkerRecord, name: str, run: str, epoch: int, now: float, *,
+                   send: bool = True) -> float:
+        """Stop a copy that is not its agent's current run (its normal stop timeout), and keep its
+        agent from starting anew until that copy has ended (``send=False``: the stop travels in a
+        welcome).  Returns the timeout."""
+        record = self.agents.get(name)
+        timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
+        if send:
+            self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=timeout)
+        worker.stopping.add((name, run, epoch))
+        if record is not None:
+            self.predecessor.block(name, worker.name, run, epoch, now, timeout)
+        return timeout
 
     # ================================================================== time
 
-    def tick(self, now: float) -> None:
-        """Judge liveness, send heartbeats, start what is due.  Call at :meth:`next_wake`."""
+    def tick(self, now: float, behind: bool = False) -> None:
+        """Judge liveness, send heartbeats, start what is due.  Call at :meth:`next_wake`.
+        ``behind``: frames are still waiting to be read (the last read stopped at its batch limit):
+        we are not done listening, so nobody is judged silent (or gone) until we have caught up."""
         limits = self.limits
         if now - self._last_tick > limits.stall:
             # we were not listening (GC, SIGSTOP, a burst): the queue has been read by now, and
@@ -305,7 +350,9 @@ class ClusterCore(Registration, CommandHandlers):
         for worker in list(self.workers.values()):
             if not worker.alive:
                 continue
-            if worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
+            if behind:
+                pass
+            elif worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (its connection closed "
                                                          "and it did not come back)", now, certain=True)
             elif now - worker.last_seen > limits.silence:
@@ -340,9 +387,7 @@ class ClusterCore(Registration, CommandHandlers):
             worker = self.workers.get(worker_name)
             if worker is not None and worker.alive:
                 worker.agents.discard(name)
-                self._send(worker, "stop", agent=name, run=report["run"], epoch=report["epoch"],
-                           timeout=float(self.config.stop_timeout))
-                worker.stopping.add((name, report["run"], report["epoch"]))
+                self.stop_stale(worker, name, report["run"], report["epoch"], now)
         self._dirty |= waited_out  # an old copy's lease has run out: it has stopped
         retention = self.config.worker_retention
         for name in [n for n, w in self.workers.items() if not w.alive and now - w.gone_at > retention]:
@@ -367,7 +412,7 @@ class ClusterCore(Registration, CommandHandlers):
         out (so a hung worker is declared lost on time, not up to a tick late)."""
         limits = self.limits
         alive = [w for w in self.workers.values() if w.alive]
-        soonest = now + (0.05 if any(w.disconnected_at is not None for w in alive) else min(limits.interval, 0.25))
+        soonest = now + (0.05 if any(w.disconnected_at is not None for w in alive) else limits.tick)
         return min([soonest] + [w.last_seen + limits.silence + 0.001 for w in alive])
 
     # ================================================================== placement

@@ -41,8 +41,7 @@ class CommandHandlers:
             stop: list[dict[str, Any]] = []
             if not self._take_report(worker, report, now, stop):
                 for item in stop:
-                    self._send(worker, "stop", **item)
-                    worker.stopping.add((item["agent"], item["run"], item["epoch"]))
+                    self.stop_stale(worker, item["agent"], item["run"], item["epoch"], now)
 
     @handles(cmd.AddDependency)
     def _add_dependency(self, c: cmd.AddDependency, now: float) -> None:
@@ -127,7 +126,7 @@ class CommandHandlers:
 
     @handles(cmd.StopAll)
     def _stop_all(self, c: cmd.StopAll, now: float) -> None:
-        self._stopping_deadline = now + c.timeout + self.limits.interval * 2
+        self._stopping_deadline = now + self.limits.stop_deadline(c.timeout)
         for record in list(self.agents.values()):
             record.stop_requested = True
             self._stop_record(record, c.timeout, "stopped", now)

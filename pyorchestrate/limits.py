@@ -53,10 +53,25 @@ class Limits:
         return (ORPHAN_TIMEOUT if keeps_running else self.lease) + stop_timeout + self.margin
 
     @property
+    def tick(self) -> float:
+        """How often the coordinator judges liveness and sends heartbeats (at most)."""
+        return min(self.interval, 0.25)
+
+    @property
     def stall(self) -> float:
-        """A coordinator loop turn that took this long was a stall of our own (GC, SIGSTOP, a burst):
+        """A gap between two ticks this long was a stall of our own (GC, SIGSTOP, a burst):
         nobody's silence during it counts against them."""
-        return self.interval + 0.25
+        return self.interval + self.tick
+
+    def stop_deadline(self, timeout: float) -> float:
+        """stop(): seconds after which agents that have not reported their end are given up (their
+        stop timeout, and two heartbeats for the last reports to travel)."""
+        return timeout + 2 * self.interval
+
+    def stop_wait(self, timeout: float) -> float:
+        """stop(): how long the caller waits for the run to end before shutting down regardless
+        (the deadline above, a silent worker's window, and the wait for agents' last bus events)."""
+        return self.stop_deadline(timeout) + self.silence + 5.0
 
 
 #: a worker with no coordinator stops even the agents it keeps after this long (--orphan-timeout)

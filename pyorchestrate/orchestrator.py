@@ -23,6 +23,7 @@ from .coordinator import Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
+from .limits import Limits
 from .local_workers import LocalWorkers
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
@@ -415,8 +416,8 @@ class Orchestrator:
             timeout = self.config.stop_timeout if timeout is None else timeout
             self._coordinator.mailbox.put((cmd.RequestStop(), None))
             self._coordinator.mailbox.put((cmd.StopAll(float(timeout)), None))
-            grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
-            if not self._finished.wait(timeout + grace + 5.0):
+            limits = Limits(self.config.heartbeat_interval, self.config.heartbeat_liveness)
+            if not self._finished.wait(limits.stop_wait(timeout)):
                 log.error("agents did not all stop in time; shutting down anyway")
         self._shutdown()
 

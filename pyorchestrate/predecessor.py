@@ -31,8 +31,8 @@ class Predecessor:
         self.found: set[str] = set()  #: agents of which a previous coordinator's copy was reported
         #: copies reported before the script registered their agent: name -> (worker, report, deadline)
         self.foreign: dict[str, tuple[str, dict[str, Any], float]] = {}
-        #: agents waiting until an older copy has stopped: name -> (worker, run, epoch, deadline)
-        self.old_copies: dict[str, tuple[str, str, int, float]] = {}
+        #: agents waiting until older copies have stopped: name -> {(worker, run, epoch): deadline}
+        self.old_copies: dict[str, dict[tuple[str, str, int], float]] = {}
 
     def hold_until(self, record: AgentRecord) -> float:
         """When ``record`` may start.  After a crash, a copy the predecessor left running is reported
@@ -50,22 +50,26 @@ class Predecessor:
         self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)
 
     def block(self, name: str, worker: str, run: str, epoch: int, now: float, stop_timeout: float) -> None:
-        self.old_copies[name] = (worker, run, epoch, self.limits.replace_after(now, stop_timeout))
+        """A copy of ``name`` that is not its current run is being stopped: no new copy starts
+        until it has reported its end, or its worker's lease and its stop timeout have run out."""
+        self.old_copies.setdefault(name, {})[(worker, run, epoch)] = self.limits.replace_after(now, stop_timeout)
 
     def waits_for(self, name: str) -> str | None:
-        """The worker an older copy of ``name`` is stopping on, if it has not ended yet."""
+        """A worker an older copy of ``name`` is stopping on, if one has not ended yet."""
         old = self.old_copies.get(name)
-        return old[0] if old else None
+        return next(iter(old))[0] if old else None
 
     def copy_ended(self, name: str, worker: str, run: str, epoch: int) -> bool:
         """A copy reported its end; True if its agent may start now."""
         if name in self.foreign and (self.foreign[name][1]["run"], self.foreign[name][1]["epoch"]) == (run, epoch):
             del self.foreign[name]
         old = self.old_copies.get(name)
-        if old is not None and old[:3] == (worker, run, epoch):
-            del self.old_copies[name]
-            return True
-        return False
+        if old is None or old.pop((worker, run, epoch), None) is None:
+            return False
+        if old:
+            return False
+        del self.old_copies[name]
+        return True
 
     def expire(self, now: float) -> tuple[list[tuple[str, str, dict[str, Any]]], bool]:
         """Foreign copies not claimed in time (to be stopped: ``(worker, name, report)``), and
@@ -74,7 +78,11 @@ class Predecessor:
                      if now > deadline]
         for _, name, _ in unclaimed:
             del self.foreign[name]
-        over = [name for name, old in self.old_copies.items() if now > old[3]]
-        for name in over:
-            del self.old_copies[name]
-        return unclaimed, bool(over)
+        over = False
+        for name, old in list(self.old_copies.items()):
+            for copy in [c for c, deadline in old.items() if now > deadline]:
+                del old[copy]
+            if not old:
+                del self.old_copies[name]
+                over = True
+        return unclaimed, over

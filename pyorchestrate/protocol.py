@@ -96,6 +96,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},
     "goodbye": {},
+    # the worker closes this connection on purpose and opens another: its close is no death
+    "closing": {},
     # coordinator -> worker
     "welcome": {
         "coordinator": _STR,

@@ -29,6 +29,13 @@ class Registration:
     def register(self, identity: bytes, message: dict[str, Any], now: float) -> None:
         """A worker registers (first time, after a reconnect, or after we restarted)."""
         name = message["name"]
+        if identity in self.closed_connections:
+            # written before its connection closed (its process died?): a live worker opens a
+            # new connection and registers there
+            self.actions.append(Send(identity, protocol.encode("refused", reason="connection closed", retry=True)))
+            self.drop("register_on_closed_connection", name)
+            self.ends_from_anywhere(message["events"], now)
+            return
         errors, warnings = compare(self.versions, message["versions"])
         if errors:
             reason = "incompatible versions (" + "; ".join(errors) + "):\n" + table(self.versions, message["versions"])
@@ -46,11 +53,13 @@ class Registration:
                       f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
             log.warning("worker %s: %s", name, reason)
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
+            self.ends_from_anywhere(message["events"], now)
             return
         same_process = existing is not None and existing.alive
         same_connection = same_process and existing.identity == identity
         if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
             self.drop("stale_register", name)  # from a connection it has since replaced
+            self.ends_from_anywhere(message["events"], now)
             return
         if existing is not None:
             self.by_identity.pop(existing.identity, None)
@@ -75,7 +84,7 @@ class Registration:
         for report in message["agents"]:
             if self._take_report(worker, report, now, stop):
                 reported.add(report["agent"])
-        worker.stopping = {(item["agent"], item["run"], item["epoch"]) for item in stop}
+
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
@@ -134,12 +143,10 @@ class Registration:
                 return True
         if run != self.incarnation and report["coordinator"] == self.name:
             self.predecessor.found.add(name)
-        timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
+        # an older copy (a previous coordinator's with another definition, a stale one of ours):
+        # stopped, and no new copy of its agent starts before it has ended
+        timeout = self.stop_stale(worker, name, run, epoch, now, send=False)
         stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
-        if record is not None and record.state in (S.PENDING, S.RESTARTING):
-            # an older copy (a previous coordinator's with another definition, or ours from before
-            # its worker was declared lost) still runs: it is stopped before a new one starts
-            self.predecessor.block(name, worker.name, run, epoch, now, timeout)
         return False
 
     def _adopt(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any]) -> None:

@@ -29,9 +29,11 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT, Limits, adopt_window
 from pyorchestrate.orchestrator import RunMode
 from pyorchestrate.records import AgentRecord
 from pyorchestrate.restart import RestartPolicy
+from pyorchestrate.states import AgentState
 
 REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
 STEP = 0.05  # simulated seconds per step
+_ALIVE = ("heartbeat", "agent_events", "register")  # frames that show a worker is alive
 CORE_SLICE = 3  # control frames the coordinator reads per loop turn (kept tiny: backlogs build up)
 
 
@@ -94,6 +96,7 @@ class SimWorker:
     pending: list[dict[str, Any]] = field(default_factory=list)  # kept while unregistered
     recent_ends: list[dict[str, Any]] = field(default_factory=list)
     coordinator: str = ""
+    session: str = ""
     in_register: int = 0  # how many pending reports the last register carried
     conn: int = 0  # connections opened by this process
     sent_n: int = 0  # frames sent on the current connection
@@ -131,7 +134,7 @@ class Sim:
         self.violations: list[str] = []
         self.specs: dict[str, dict[str, Any]] = {}
         self.dropped: list[str] = []
-        self._closed: set[bytes] = set()  # connections that closed (their process died)
+        self._dead: set[bytes] = set()  # connections closed because their process died
         self.log: list[str] = []  # what happened, for reading a failing seed
         self._restarted_at = -1e9
         for i in range(workers):
@@ -202,8 +205,7 @@ class Sim:
             elif isinstance(action, Publish):
                 self.published.append(action)
                 if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
-                    key = (action.subject, self.core.incarnation)
-                    self.runs_of[key] = self.runs_of.get(key, 0) + 1
+                    self._count_run(action.subject, self.core.incarnation)
                 self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
                                 f"{ {k: v for k, v in action.fields.items() if k in ('worker', 'epoch', 'reason')} }")
                 if action.event.value == "WORKER_LOST":
@@ -213,6 +215,13 @@ class Sim:
                     self._check_lost_track(action.subject, reason)
             elif isinstance(action, Forget):
                 self.forgotten.add(action.name)
+
+    def _count_run(self, agent: str, incarnation: str) -> None:
+        """restart="never": one coordinator starts (or adopts) it at most once; a restarted script
+        registers its agents anew (and adopts those still running instead of starting them)."""
+        runs = self.runs_of[(agent, incarnation)] = self.runs_of.get((agent, incarnation), 0) + 1
+        if self.specs[agent]["mode"] == "never" and runs > 1:
+            self.violations.append(f"t={self.now:.2f}: {agent} (restart=never) started {runs} times")
 
     def _check_lost_track(self, agent: str, reason: str) -> None:
         """The core gave up on a copy it cannot account for: right only if the copy died with its
@@ -226,11 +235,12 @@ class Sim:
         """No worker is declared lost while frames from it reached the coordinator (read or not)
         within the silence limit, unless its connection closed (its process died)."""
         record = self.core.workers.get(name)
-        if record is None or record.identity in self._closed:
+        if record is None or record.identity in self._dead:
             return
         heard = self.heard.get(record.identity, -1e9)
-        arrived = [at for at, _, direction, identity, _ in self.net
-                   if direction == "core" and identity == record.identity and at <= self.now]
+        arrived = [at for at, _, direction, identity, frame in self.net
+                   if direction == "core" and identity == record.identity and at <= self.now
+                   and protocol.decode(frame)["type"] in _ALIVE]
         heard = max([heard] + arrived)
         if self.now - heard < self.limits.silence - 1e-6:
             self.violations.append(f"t={self.now:.2f}: {name} declared lost, last heard {self.now - heard:.2f} s ago")
@@ -244,15 +254,19 @@ class Sim:
             self._fault()
         to_core = 0
         while self.net and self.net[0][0] <= self.now:
-            if self.net[0][2] == "core" and self.core_stalled_until <= self.now and to_core >= CORE_SLICE:
+            if self.net[0][2] != "worker" and self.core_stalled_until <= self.now and to_core >= CORE_SLICE:
                 break  # the real loop reads a bounded slice per turn, then judges liveness
             _, n, direction, identity, frame = heapq.heappop(self.net)
-            if direction == "core":
+            if direction in ("core", "close"):
                 if self.core_stalled_until > self.now:  # it reads them after the stall, in order
                     heapq.heappush(self.net, (self.core_stalled_until, n, direction, identity, frame))
                     continue
                 to_core += 1
-                self._core_receive(identity, frame)
+                if direction == "close":
+                    self.core.disconnected(identity, self.now)
+                    self._apply()
+                else:
+                    self._core_receive(identity, frame)
             else:
                 worker = self._worker_by_identity(identity)
                 if worker is not None and worker.frozen_until <= self.now:
@@ -260,7 +274,8 @@ class Sim:
                 elif worker is not None:  # frozen: it reads later, in order
                     heapq.heappush(self.net, (worker.frozen_until, n, direction, identity, frame))
         if self.core_stalled_until <= self.now:
-            self.core.tick(self.now)
+            behind = bool(self.net) and self.net[0][0] <= self.now and self.net[0][2] != "worker"
+            self.core.tick(self.now, behind)
             self.core.place(self.now)
             self.core.release_drained(self.now)
             self._apply()
@@ -272,7 +287,8 @@ class Sim:
     def _core_receive(self, identity: bytes, frame: bytes) -> None:
         message = protocol.decode(frame)
         self.core.control(identity, message, self.now)
-        self.heard[identity] = self.now
+        if message["type"] in _ALIVE:
+            self.heard[identity] = self.now
         self._apply()
 
     # ------------------------------------------------------------------ the worker model
@@ -281,8 +297,21 @@ class Sim:
         worker.sent_n += 1
         self.to_core(worker, protocol.encode(type_, n=worker.sent_n, **fields))
 
+    def _close(self, worker: SimWorker, on_purpose: bool) -> None:
+        """Its connection closes; the coordinator's monitor sees that after the frames sent on it
+        (and not before a partition heals).  On purpose, the worker says "closing" first."""
+        if not worker.identity:
+            return
+        if on_purpose:
+            self._send(worker, "closing")
+        if not on_purpose:
+            self._dead.add(worker.identity)
+        heapq.heappush(self.net, (self._deliver_at("core", worker.identity, worker), next(self.ids), "close",
+                                  worker.identity, b""))
+
     def _reconnect(self, worker: SimWorker) -> None:
         """Close the connection and register on a new one (what was in flight on the old is lost)."""
+        self._close(worker, on_purpose=True)
         worker.identity = f"{worker.name}/{next(self.ids)}".encode()
         worker.sent_n = worker.recv_n = 0
         worker.conn += 1
@@ -325,7 +354,7 @@ class Sim:
 
     def _check_lease(self, worker: SimWorker) -> None:
         """As the worker's loop does first thing each turn: past the lease, stop what is replaced."""
-        if worker.registered and self.now - worker.lease_from > worker.limits.lease:
+        if not worker.lease_expired and self.now - worker.lease_from > worker.limits.lease:
             worker.registered = False
             worker.lease_expired = True
             paused_past_lease = worker.frozen_since > worker.lease_from  # it could not act in time
@@ -361,6 +390,8 @@ class Sim:
         self._check_lease(worker)
         message = protocol.decode(frame)
         kind = message["type"]
+        if kind == "welcome" and message["session"] != worker.session:
+            worker.recv_n = message["n"] - 1  # a new coordinator on this connection numbers from 1
         if message["n"]:
             if message["n"] != worker.recv_n + 1:  # frames were lost: register on a new connection
                 worker.registered = False
@@ -369,6 +400,7 @@ class Sim:
             worker.recv_n = message["n"]
         if kind == "welcome":
             worker.registered = True
+            worker.session = message["session"]
             worker.coordinator = message["coordinator"]
             worker.limits = Limits(message["heartbeat_interval"], message["heartbeat_liveness"])
             worker.lease_from = max(worker.lease_from, message["echo"])
@@ -394,13 +426,16 @@ class Sim:
                         not (spec["fail"] and self.rng.random() < 0.5))
             worker.copies[copy.key] = copy
             self.starts[copy.agent] = self.starts.get(copy.agent, 0) + 1
-            self.runs_of[(copy.agent, copy.run)] = self.runs_of.get((copy.agent, copy.run), 0) + 1
+            self._count_run(copy.agent, copy.run)
             self.log.append(f"t={self.now:.2f} {worker.name} starts {copy.agent} epoch {copy.epoch} ({copy.run[-4:]})")
             self._report(worker, copy, "AGENT_STARTED")
         elif kind == "stop":
             copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
             if copy is not None:
                 self._stop(copy, message["timeout"])
+        elif kind == "refused":
+            worker.registered = False
+            self._reconnect(worker)
         elif kind == "reregister":
             self._register(worker)
             del worker.pending[:worker.in_register]  # same connection: it arrives first
@@ -421,14 +456,14 @@ class Sim:
         worker = self.workers[rng.choice(sorted(self.workers))]
         self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
         if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
-            self._closed.add(worker.identity)
-            if worker.identity:
-                self.core.disconnected(worker.identity, self.now + 0.01)
-                self._apply()
+            self._close(worker, on_purpose=False)
             self._new_worker(worker.name)  # restarted under the same name, a new process
+            self.workers[worker.name].partitioned_until = worker.partitioned_until  # same host, same link
         elif kind == "freeze":
-            worker.frozen_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
-            worker.frozen_since = self.now
+            # only ever extended: frames held for the old end must not overtake newer ones
+            if worker.frozen_until <= self.now:
+                worker.frozen_since = self.now
+            worker.frozen_until = max(worker.frozen_until, self.now + rng.uniform(1.0, 3 * self.limits.silence))
         elif kind == "partition":
             worker.partitioned_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
         elif kind == "reset" and worker.identity:
@@ -437,7 +472,7 @@ class Sim:
             self.net = [m for m in self.net if m[3] != worker.identity]
             heapq.heapify(self.net)
         elif kind == "stall":
-            self.core_stalled_until = self.now + rng.uniform(1.0, 3 * self.limits.silence)
+            self.core_stalled_until = max(self.core_stalled_until, self.now + rng.uniform(1.0, 3 * self.limits.silence))
         elif kind == "restart_coordinator":  # SIGKILL and start the same script again
             self.net = [m for m in self.net if m[2] == "worker"]  # what was queued for the old one is gone
             heapq.heapify(self.net)
@@ -464,18 +499,18 @@ class Sim:
                 for c in w.copies.values() if c.agent == agent and not c.zombie]
 
     def check(self) -> None:
-        for agent in self.specs:
-            live = self.live_copies(agent)
-            if len(live) > 1:
-                self.violations.append(f"t={self.now:.2f}: {agent} has {len(live)} live copies: "
-                                       f"{[(w, c.run[-4:], c.epoch) for w, c in live]}")
-            # restart="never": one coordinator starts (or adopts) it at most once; a restarted script
-            # registers its agents anew (and adopts those still running instead of starting them)
-            runs = self.runs_of.get((agent, self.core.incarnation), 0)
-            if self.specs[agent]["mode"] == "never" and runs > 1:
-                self.violations.append(f"t={self.now:.2f}: {agent} (restart=never) started {runs} times")
-        if len(self.core.agents) > self.config.finished_agents_max + sum(
-                r.state.value != "TERMINATED" for r in self.core.agents.values()) + len(self.core._depended):
+        live: dict[str, int] = {}
+        for worker in self.workers.values():  # one pass over every copy (see live_copies)
+            if worker.frozen_until <= self.now:
+                for copy in worker.copies.values():
+                    if not copy.zombie:
+                        live[copy.agent] = live.get(copy.agent, 0) + 1
+        for agent, count in live.items():
+            if count > 1:
+                self.violations.append(f"t={self.now:.2f}: {agent} has {count} live copies: "
+                                       f"{[(w, c.run[-4:], c.epoch) for w, c in self.live_copies(agent)]}")
+        if len(self.core.agents) > self.config.finished_agents_max + self.core.states.count(
+                *(s for s in AgentState if s is not AgentState.TERMINATED)) + len(self.core._depended):
             self.violations.append(f"t={self.now:.2f}: {len(self.core.agents)} agents remembered")
         if len(self.core.workers) > 4 * len(self.workers) + 50:
             self.violations.append(f"t={self.now:.2f}: {len(self.core.workers)} worker records")
@@ -487,6 +522,10 @@ class Sim:
             worker.frozen_until = min(worker.frozen_until, self.now)
             worker.partitioned_until = min(worker.partitioned_until, self.now)
         self.core_stalled_until = min(self.core_stalled_until, self.now)
+        # what a stall, a freeze or a partition held is released now, in the order it was sent
+        self.net = [(min(at, self.now), n, d, i, f) for at, n, d, i, f in self.net]
+        heapq.heapify(self.net)
+        self.last_delivery = {key: min(at, self.now) for key, at in self.last_delivery.items()}
         end = self.now + seconds
         while self.now < end:
             self.step()

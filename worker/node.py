@@ -128,9 +128,20 @@ class Worker:
 
     # ------------------------------------------------------------------ registration
 
+    def _close_dealer(self) -> None:
+        """Close the control connection on purpose: say so first, or the coordinator would take
+        the closed connection for a dead worker (and restart its agents elsewhere)."""
+        if self._dealer is None:
+            return
+        try:
+            self._dealer.send(self._frame("closing"), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._dealer.close(linger=200)
+        self._dealer = None
+
     def _new_dealer(self) -> zmq.Socket:
-        if self._dealer is not None:
-            self._dealer.close(linger=200)
+        self._close_dealer()
         dealer = sockets.make_socket(self._ctx, zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         dealer.connect(self.coordinator)
@@ -236,8 +247,7 @@ class Worker:
             self._pump_outbox_offline()
         # close now, not at the next attempt: a socket left open through the back-off sleep would
         # deliver this register when the coordinator appears, and its welcome would be lost
-        dealer.close(0)
-        self._dealer = None
+        self._close_dealer()
         raise NoAnswer()
 
     def _on_welcome(self, message: dict[str, Any]) -> None:
@@ -399,7 +409,7 @@ class Worker:
             self._supervisor.stop_all()
             return "reconnect"
         elif kind == "refused":
-            log.error("coordinator refused this worker: %s", message["reason"])
+            (log.info if message["retry"] else log.error)("coordinator refused this worker: %s", message["reason"])
             return "reconnect"
         else:
             self.dropped.drop("unexpected", kind)
