@@ -281,3 +281,19 @@ def test_a_worker_whose_welcome_cannot_be_delivered_is_joined_then_lost_never_ha
     record = h.add("a")
     h.step()
     assert record.state is S.PENDING and record.worker is None  # nothing is placed on it
+
+
+def test_twenty_thousand_registrations_leave_nothing_behind():
+    h = Harness(worker_retention=10.0)
+    for conn in range(1, 20_001):
+        identity = f"w1/{conn}".encode()
+        h.register("w1", identity=identity, conn=conn)
+        h.core.disconnected(f"w1/{conn - 1}".encode(), h.now)  # its previous connection closes
+        h.sent.clear()
+    assert len(h.core.workers) == 1 and len(h.core.by_identity) == 1
+    assert len(h.core.closed_connections) <= 10_000
+    for i in range(200):  # and workers that come and go are forgotten after the retention
+        w = h.register(f"tmp{i}", identity=f"tmp{i}".encode(), incarnation=f"i{i}")
+        h.core.control(w, protocol.decode(protocol.encode("goodbye")), h.now)
+    h.step(11.0)
+    assert sorted(h.core.workers) == ["w1"]
