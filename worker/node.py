@@ -46,7 +46,7 @@ _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration 
 POLL_CAP_MS = 100
 
 
-def kind_is_new_session(message: dict[str, Any], session: str) -> bool:
+def _from_another_coordinator(message: dict[str, Any], session: str) -> bool:
     """Is this the welcome of another coordinator than the one we served (it restarted)?"""
     return message["type"] == "welcome" and message["session"] != session
 
@@ -171,8 +171,6 @@ class Worker:
         """Move what agents reported (the outbox) to the list of reports not yet delivered, in order:
         sent by the next flush, or with the next registration while there is no coordinator."""
         for name, run, epoch, event, fields in self._outbox.drain():
-            if event == "AGENT_TERMINATED":
-                self._beating.pop((name, run, epoch), None)
             self._pending.append(protocol.agent_event(name, run, epoch, event, fields))
         if len(self._pending) > _PENDING_MAX:
             excess = len(self._pending) - _PENDING_MAX
@@ -362,7 +360,7 @@ class Worker:
             return None
         self._last_heard = time.monotonic()
         n = message["n"]
-        if kind_is_new_session(message, self._session):
+        if _from_another_coordinator(message, self._session):
             self._recv_n = n - 1  # a new coordinator on the same connection numbers from 1
         if n:
             if n != self._recv_n + 1:
