@@ -11,8 +11,15 @@ Guarantees it keeps (the simulation in tests/test_core_simulation.py checks them
 
 - a run is named by (coordinator incarnation, epoch): nothing naming another pair is taken for it;
 - ``restart="never"`` starts at most once; an agent whose fate is unknown is reported failed;
-- a replacement for an agent on a silent worker starts only after that worker's lease ran out;
-- a worker is judged only over time this coordinator was listening (its own stalls don't count).
+- a replacement for an agent on a silent worker starts only after that worker's lease ran out,
+  and no new copy starts while a stale one it told to stop has not ended: never two live copies;
+- a worker is judged only over time this coordinator was listening (its own stalls and backlogs
+  don't count); a closed connection means a dead worker unless the worker announced the close;
+- memory is bounded (finished agents, departed workers, closed connections).
+
+Reading order: this file (workers, reports, time, placement, the end of a run), then
+registration.py (a worker registers), predecessor.py (a previous coordinator's copies) and
+core_commands.py (what the user asks).
 """
 
 from __future__ import annotations
@@ -40,8 +47,6 @@ log = logging.getLogger("pyorchestrate.coordinator")
 
 S = AgentState
 _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
-
-
 
 
 class ClusterCore(Registration, CommandHandlers):
