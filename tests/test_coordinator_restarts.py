@@ -89,27 +89,42 @@ def setups(tmp: Path) -> list[str]:
     return [line for line in trace(tmp) if line.startswith("setup")]
 
 
+class Scripts:
+    """Coordinator scripts on one fixed address (a restarted script comes back to it), and the
+    workers that serve them; every script is ended after the test."""
+
+    def __init__(self, cluster, tmp: Path) -> None:
+        self.cluster, self.tmp = cluster, tmp
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.started: list[Script] = []
+
+    def workers(self, *names: str) -> None:
+        for name in names:
+            self.cluster.worker(self.address, name)
+
+    def run(self, tag: str, **settings) -> Script:
+        script = Script(self.tmp, tag, self.address, **settings)
+        self.started.append(script)
+        return script
+
+
 @pytest.fixture
-def scripts():
-    started: list[Script] = []
-    yield started
-    for script in started:
+def scripts(cluster, tmp_path):
+    made = Scripts(cluster, tmp_path)
+    yield made
+    for script in made.started:
         script.end()
 
 
 def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_changed_one(cluster, tmp_path, scripts):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    for name in ("w1", "w2"):
-        cluster.worker(address, name)
-    first = Script(tmp_path, "first", address, agents=20, workers=2)
-    scripts.append(first)
+    scripts.workers("w1", "w2")
+    first = scripts.run("first", agents=20, workers=2)
     wait_for(lambda: len(setups(tmp_path)) == 20, 30, "20 agents to start")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
 
     # the same script again: every agent is still running and is adopted, none starts anew
-    second = Script(tmp_path, "second", address, agents=20, workers=2)
-    scripts.append(second)
+    second = scripts.run("second", agents=20, workers=2)
     wait_for(lambda: len(second.of("AGENT_ADOPTED")) == 20, 30, "20 agents to be adopted")
     time.sleep(1.0)  # anything that would start or stop a copy has had time to
     assert not second.of("AGENT_STARTED") and not second.of("AGENT_TERMINATED")
@@ -119,8 +134,7 @@ def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_
     # the other 19 are adopted
     second.proc.send_signal(signal.SIGKILL)
     second.proc.wait(10)
-    third = Script(tmp_path, "third", address, agents=20, workers=2, versions={3: 2})
-    scripts.append(third)
+    third = scripts.run("third", agents=20, workers=2, versions={3: 2})
     wait_for(lambda: len(third.of("AGENT_ADOPTED")) == 19 and third.of("AGENT_READY"), 30,
              "19 adopted and agent3 started anew")
     time.sleep(1.0)
@@ -140,10 +154,8 @@ def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_
 @pytest.mark.parametrize("ending", ["sigterm", "sigint", "exception"])
 def test_a_script_that_ends_without_stop_stops_its_agents_and_the_next_run_is_untouched(cluster, tmp_path, scripts,
                                                                                        ending):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    cluster.worker(address, "w1")
-    first = Script(tmp_path, "first", address, ending=ending)
-    scripts.append(first)
+    scripts.workers("w1")
+    first = scripts.run("first", ending=ending)
     wait_for(lambda: len(setups(tmp_path)) == 3, 30, "3 agents to start")
     if ending != "exception":
         first.proc.send_signal(signal.SIGTERM if ending == "sigterm" else signal.SIGINT)
@@ -154,8 +166,7 @@ def test_a_script_that_ends_without_stop_stops_its_agents_and_the_next_run_is_un
 
     # the next run of the same script (same names, its epochs start at 1 again) is not confused
     # with the previous one: its agents start once, and nothing ends them
-    second = Script(tmp_path, "second", address)
-    scripts.append(second)
+    second = scripts.run("second")
     wait_for(lambda: len(second.of("AGENT_READY")) == 3, 30, "the next run's agents to be READY")
     time.sleep(1.0)
     assert not second.of("AGENT_TERMINATED") and not second.of("AGENT_ADOPTED")
@@ -163,11 +174,8 @@ def test_a_script_that_ends_without_stop_stops_its_agents_and_the_next_run_is_un
 
 
 def test_a_stalled_coordinator_loses_no_worker_and_fails_no_agent(cluster, tmp_path, scripts):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    for name in ("w1", "w2"):
-        cluster.worker(address, name)
-    script = Script(tmp_path, "stalled", address, agents=4, workers=2)
-    scripts.append(script)
+    scripts.workers("w1", "w2")
+    script = scripts.run("stalled", agents=4, workers=2)
     wait_for(lambda: len(script.of("AGENT_READY")) == 4, 30, "4 agents READY")
     script.proc.send_signal(signal.SIGSTOP)
     time.sleep(1.5)  # 3x the liveness window (0.1 s x 5)
