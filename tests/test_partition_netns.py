@@ -67,6 +67,8 @@ class Net:
         self.bridge = f"pob{tag}"
         self.subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
         self.hosts: dict[str, tuple[str, str, str]] = {}  # name -> (namespace, host-side veth, address)
+        # a run that was killed mid-way may have left these names behind: ours to remove
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "link", "set", self.bridge, "up")
 
@@ -74,6 +76,7 @@ class Net:
         index = len(self.hosts) + 1
         ns, veth = f"po{self.bridge[3:]}{name}", f"{self.bridge}{name}"
         address = f"{self.subnet}.{index}"
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         _run("ip", "netns", "add", ns)
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _run("ip", "link", "set", veth, "master", self.bridge)
