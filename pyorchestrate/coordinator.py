@@ -158,6 +158,7 @@ class Coordinator:
                     for command, future in self.mailbox.drain():
                         self._run_command(command, future)
                 behind = self.router in ready and self._drain_control()
+                self._carry_out()  # a run's end announces its last bus events before the bus is read
                 if self.monitor in ready:
                     self._on_monitor()
                 if self.xsub in ready:

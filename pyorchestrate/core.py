@@ -144,7 +144,9 @@ class ClusterCore(Registration, CommandHandlers):
         """Is a bus event from ``worker``'s copy of ``agent`` in run ``tag`` from the current run?
         (A stale copy's logs and events never reach subscribers, the log or a callback.)"""
         record = self.agents.get(agent)
-        return record is not None and record.worker == worker and record.tag == tag
+        # a run that has ended sends nothing more, except what it announced with its end (the
+        # loop keeps accepting that); a copy cut off from us ended when its worker was lost
+        return record is not None and record.state in LIVE and record.worker == worker and record.tag == tag
 
     # ================================================================== workers
 

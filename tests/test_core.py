@@ -177,6 +177,19 @@ def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_t
     assert h.now >= last_heard + limits.lease + 2.0 and record.worker == "w2"
 
 
+def test_a_lost_workers_copy_is_no_longer_the_current_run_on_the_bus():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("db", restart="always")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    assert h.core.bus_accepts("db", "w1", record.tag)
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    assert record.state is S.RESTARTING and record.tag.endswith(".1")  # not yet replaced...
+    assert not h.core.bus_accepts("db", "w1", record.tag)  # ...but what the cut-off copy sends is stale
+
+
 def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_returns():
     h = Harness()
     w1 = h.register("w1")
