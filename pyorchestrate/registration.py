@@ -84,7 +84,6 @@ class Registration:
         for report in message["agents"]:
             if self._take_report(worker, report, now, stop):
                 reported.add(report["agent"])
-
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
@@ -115,6 +114,9 @@ class Registration:
         or stop it), or stale (stop it).  True if it stays as the current run."""
         name, run, epoch = report["agent"], report["run"], report["epoch"]
         record = self.agents.get(name)
+        from_predecessor = run != self.incarnation and report["coordinator"] == self.name
+        if from_predecessor:
+            self.predecessor.found.add(name)
         if record is not None and record.worker == worker.name and (record.run, record.epoch) == (run, epoch):
             if record.state in RUNNING:
                 worker.agents.add(name)
@@ -131,34 +133,26 @@ class Registration:
             if record.state is S.DISCONNECTED:
                 self._reconnect(record, worker, report, "its worker is back")
                 return True
-        elif run != self.incarnation and report["coordinator"] == self.name and self.config.on_restart == "adopt":
-            self.predecessor.found.add(name)
+        elif from_predecessor and self.config.on_restart == "adopt":
             if record is None:
                 # the script may register it in a moment: hold it (running) for the adoption window
                 self.predecessor.hold_foreign(name, worker.name, report, now)
                 worker.agents.add(name)
                 return True
             if record.state is S.PENDING and record.definition == report["definition"] and not self.predecessor.waits_for(name):
-                self._adopt(record, worker, report)
+                # take over a copy a previous coordinator (same name, same definition) started
+                record.worker, record.run, record.epoch = worker.name, run, epoch
+                record.started_at = self.wall()
+                self._reconnect(record, worker, report, "still running from a previous coordinator")
                 return True
-        if run != self.incarnation and report["coordinator"] == self.name:
-            self.predecessor.found.add(name)
         # an older copy (a previous coordinator's with another definition, a stale one of ours):
         # stopped, and no new copy of its agent starts before it has ended
         timeout = self.stop_stale(worker, name, run, epoch, now, send=False)
         stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
         return False
 
-    def _adopt(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any]) -> None:
-        """Take over a copy a previous coordinator (same name, same definition) started."""
-        record.worker, record.run, record.epoch = worker.name, report["run"], report["epoch"]
-        record.started_at = self.wall()
-        self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
-        worker.agents.add(record.name)
-        self._publish_agent(record, E.AGENT_ADOPTED, {"reason": "still running from a previous coordinator",
-                                                      "state": record.state.value})
-
     def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str) -> None:
+        """Take ``record``'s running copy on ``worker`` (as ``report`` describes it) as its current run."""
         self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
         worker.agents.add(record.name)
         self._publish_agent(record, E.AGENT_ADOPTED, {"reason": reason, "state": record.state.value})
