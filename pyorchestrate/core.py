@@ -86,7 +86,8 @@ class ClusterCore(Registration, CommandHandlers):
         self.bus_port = bus_port  #: told to workers in their welcome
         self.events_port = events_port
         self.start_error: str | None = None  #: too few workers joined in time
-        self._ended: collections.deque[str] = collections.deque()  # finished for good, oldest first
+        #: agents finished for good, in the order of their latest end (oldest first)
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.closing_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._depended: collections.Counter[str] = collections.Counter()  # never forget these
@@ -402,7 +403,7 @@ class ClusterCore(Registration, CommandHandlers):
                 del self.workers[name]
         keep = self.config.finished_agents_max
         while len(self._ended) > keep:
-            self._forget(self._ended.popleft())
+            self._forget(self._ended.popitem(last=False)[0])
 
     def _forget(self, name: str) -> None:
         record = self.agents.get(name)
@@ -546,7 +547,8 @@ class ClusterCore(Registration, CommandHandlers):
             self._publish_agent(record, E.AGENT_TERMINATED, {"ok": False, "final": True})
         if record.state is S.TERMINATED:
             record.ended_at = now
-            self._ended.append(record.name)
+            self._ended[record.name] = None
+            self._ended.move_to_end(record.name)  # ended again (started anew meanwhile): it is the newest
 
     def _schedule_restart(self, record: AgentRecord, now: float, delay: float, reason: str,
                           attempt: int | None = None) -> None:

@@ -310,3 +310,20 @@ def test_twenty_thousand_registrations_leave_nothing_behind():
         h.core.control(w, protocol.decode(protocol.encode("goodbye")), h.now)
     h.step(11.0)
     assert sorted(h.core.workers) == ["w1"]
+
+
+def test_the_oldest_end_is_forgotten_first_even_after_an_agent_ran_again():
+    h = Harness(finished_agents_max=2)
+    w1 = h.register("w1")
+    a0, a1 = h.add("a0"), h.add("a1")
+    h.step()
+    h.report(w1, a0, "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
+    h.report(w1, a1, "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
+    h.core.command(commands.StartAgent("a0"), h.now)  # a0 runs again and ends last
+    h.step()
+    h.report(w1, a0, "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
+    h.add("a2")
+    h.step()
+    h.report(w1, h.core.agents["a2"], "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
+    h.step()
+    assert h.forgotten == ["a1"] and sorted(h.core.agents) == ["a0", "a2"]
