@@ -9,7 +9,6 @@ copy's events are dropped and counted), gap-detected and forwarded.
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import threading
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, protocol, runmarker, sockets
+from . import commands, history, protocol, runmarker, sockets
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .events import EventDispatcher, OrchestratorEvent, stamp
@@ -63,7 +62,9 @@ class Coordinator:
         self._bus_seqs: dict[tuple[str, str], int] = {}
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
         self._bus_deadline: float | None = None
-        self._history: collections.deque = collections.deque(maxlen=config.history_max_events)
+        self._history = history.History(config.history_max_events, config.history_max_bytes)
+        self._started_wall = time.time()
+        self.worker_bus: dict[str, tuple[str, int]] = {}  # worker -> (incarnation, last bus frame number)
         self.final_snapshot: dict[str, Any] | None = None
         self._last_bus_beat = 0.0
         self._last_sweep = time.monotonic()
@@ -100,6 +101,9 @@ class Coordinator:
             self.router = sockets.make_socket(self.ctx, zmq.ROUTER, max_message_size=size)
             self.xsub = sockets.make_socket(self.ctx, zmq.XSUB, max_message_size=size)
             self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=4096)
+            # events queued per subscriber before a slow one starts missing some (and recovering
+            # them from history)
+            self.xpub.setsockopt(zmq.SNDHWM, cfg.subscriber_hwm)
             self.address = sockets.bind(self.router, address)
             self.events_address = sockets.bind(self.xpub, events_address)
             self.bus_address = sockets.bind(self.xsub, bus_in)
@@ -272,7 +276,7 @@ class Coordinator:
         self._last_bus_beat = now
         fields = {"event": "_HEARTBEAT", "seq": self._seq, "publisher": self.name,
                   "incarnation": self.session, **stamp()}
-        self.xpub.send_multipart(protocol.encode_event("_HEARTBEAT", fields))
+        self._emit("_HEARTBEAT", msgpack.packb(fields, use_bin_type=True), numbered=False)
 
     def _sweep(self, now: float) -> None:
         """Free the bus sequence state of runs and workers that are over (it would grow forever
@@ -340,28 +344,66 @@ class Coordinator:
     def _on_bus(self, frames: list[bytes]) -> None:
         size = self.config.max_message_size
         if frames and frames[0] == protocol.BATCH_TOPIC:
-            publisher, incarnation, items = protocol.decode_batch(frames, size)
-            key = (publisher, incarnation)
-            if key not in self._awaited_bus and not self._current_publisher(publisher, incarnation):
-                self.dropped.drop("stale_bus_event", publisher)
-                return
-            for topic, seq, body in items:
+            worker, incarnation, wseq, items = protocol.decode_batch(frames, size)
+            self._note_worker_frame(worker, incarnation, wseq)
+            last_key: tuple[str, str] | None = None
+            accepted = False
+            for publisher, run, topic, seq, body in items:
+                key = (publisher, run)
+                if key != last_key:  # a batch holds runs of events of one agent: judge once per run
+                    last_key = key
+                    accepted = publisher.partition("/")[0] == worker and (
+                        key in self._awaited_bus or self._current_publisher(publisher, run))
+                if not accepted:
+                    self.dropped.drop("stale_bus_event", publisher)
+                    continue
                 try:
-                    self._on_bus_event(key, seq, topic, body, None)
+                    self._on_bus_event(key, seq, topic, body)
                 except protocol.ProtocolError as exc:  # one bad body spoils no other
                     self.dropped.drop("bad_frame", exc)
+        elif frames and frames[0] == protocol.BEATS_TOPIC:
+            worker, incarnation, wseq, beats = protocol.decode_beats(frames, size)
+            self._note_worker_frame(worker, incarnation, wseq)
+            self._on_beats(worker, beats)
         else:
-            fields = protocol.decode_event(frames, size)
-            key = (fields["publisher"], fields["incarnation"])
-            agent, tag = fields.get("agent_name"), fields.get("run")
-            if not (self._current_publisher(*key) and isinstance(agent, str) and isinstance(tag, str)
-                    and self.core is not None and self.core.bus_accepts(agent, key[0], tag)):
-                self.dropped.drop("stale_bus_event", key[0])
-                return
-            self._on_bus_event(key, fields["seq"], frames[0].decode(), frames[1], fields)
+            raise protocol.ProtocolError("bus frame is neither a batch nor beats")
 
-    def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes,
-                      fields: dict[str, Any] | None) -> None:
+    def _note_worker_frame(self, worker: str, incarnation: str, wseq: int) -> None:
+        """A gap in a worker's bus frame numbers: frames lost between it and us (what they held
+        is counted exactly by each run's seqs)."""
+        known = self.worker_bus.get(worker)
+        if known is not None and known[0] == incarnation and wseq > known[1] + 1:
+            self.dropped.drop("bus_frames_lost", f"{wseq - known[1] - 1} frame(s) from {worker}")
+        if known is None or known[0] != incarnation or wseq > known[1]:
+            self.worker_bus[worker] = (incarnation, wseq)
+
+    def _on_beats(self, worker: str, beats: list) -> None:
+        """A worker's running agents, each with the last seq its run sent before this frame: a
+        seq beyond what arrived is a lost tail, reported now (not when the agent ends)."""
+        assert self.core is not None
+        wanted = self.dispatcher.wants(OrchestratorEvent.AGENT_HEARTBEAT)
+        base = {"event": "AGENT_HEARTBEAT", "publisher": worker, "incarnation": self.session, "worker": worker,
+                **stamp()}
+        for agent, tag, seq in beats:
+            if not self.core.bus_accepts(agent, worker, tag):
+                self.dropped.drop("stale_bus_event", f"{worker}/{agent}")
+                continue
+            key = (f"{worker}/{agent}", tag)
+            last = self._bus_seqs.get(key)
+            if last is None:  # first word of this run here (it may be adopted): nothing to compare
+                if seq:
+                    self._bus_seqs[key] = seq
+            elif seq > last:
+                self._report_gap(key[0], seq - last)
+                self._bus_seqs[key] = seq
+            # unnumbered: a heartbeat says "alive now"; one lost is not worth recovering
+            fields = {**base, "agent_name": agent, "seq": self._seq, "run": tag}
+            self._emit(protocol.event_topic("AGENT_HEARTBEAT", agent), msgpack.packb(fields, use_bin_type=True),
+                       numbered=False)
+            if wanted:
+                self.dispatcher.dispatch(OrchestratorEvent.AGENT_HEARTBEAT, fields)
+
+    def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes) -> None:
         """Check one event's place in its publisher's sequence and forward it.  Its body is only
         parsed here if something here reads it (a log line, a callback): subscribers check it."""
         last = self._bus_seqs.get(key)
@@ -373,19 +415,32 @@ class Coordinator:
             if awaited is not None and seq >= awaited:
                 del self._awaited_bus[key]
                 del self._bus_seqs[key]  # its run is over and everything it sent has arrived
-        self.xpub.send_multipart([topic.encode(), body])
+        elif seq <= last:
+            self.dropped.drop("duplicate_bus_event", key[0])
+            return
+        self._emit(topic, body)
         name = topic.partition(".")[0]
-        if name != "AGENT_HEARTBEAT":
-            self._history.append((topic, body))
         event = _EVENTS.get(name)
         if event is None or not (event is OrchestratorEvent.AGENT_LOG or self.dispatcher.wants(event)):
             return
-        if fields is None:
-            fields = protocol.decode_body(topic, body, self.config.max_message_size)
+        fields = protocol.decode_body(topic, body, self.config.max_message_size)
         if event is OrchestratorEvent.AGENT_LOG:
             self._reemit_log(fields)
         if self.dispatcher.wants(event):
             self.dispatcher.dispatch(event, fields)
+
+    def _emit(self, topic: str, body: bytes, numbered: bool = True) -> None:
+        """Put one event on the XPUB under the next coordinator seq (kept in history), or, for
+        a heartbeat, under the last one."""
+        if numbered:
+            self._seq += 1
+            self._history.add(self._seq, topic, body)
+        try:
+            self.xpub.send_multipart([topic.encode(), body,
+                                      protocol.encode_stamp(self.session, self._seq, numbered, self._started_wall)],
+                                     zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the subscriber sees the gap and asks history
 
     @staticmethod
     def _reemit_log(fields: dict[str, Any]) -> None:
@@ -404,26 +459,48 @@ class Coordinator:
         frame = frames[0] if len(frames) == 1 else b""
         if frame[:1] not in (b"\x00", b"\x01"):
             raise protocol.ProtocolError("subscriber sent something other than a subscription")
-        prefixes = protocol.parse_history_request(frame[1:]) if frame[:1] == b"\x01" else None
+        if frame[:1] != b"\x01":
+            return
+        # a request is a subscription to a unique topic: the answer goes under it, so only the
+        # asker hears it
+        wanted = protocol.parse_range_request(frame[1:])
+        if wanted is not None:
+            self._serve_range(frame[1:], *wanted)
+            return
+        prefixes = protocol.parse_history_request(frame[1:])
         if prefixes is not None:
-            # answer on the subscriber's own unique topic: only it hears the reply
-            items = [[t, b] for t, b in self._history if any(t.startswith(p) for p in prefixes)]
+            items = [[t, b] for _, t, b in self._history.matching(prefixes)][-history.SLICE_ITEMS:]
             self.xpub.send_multipart([frame[1:], msgpack.packb(items, use_bin_type=True)], zmq.NOBLOCK)
+
+    def _serve_range(self, topic: bytes, session: str, first: int, last: int) -> None:
+        """One slice of a range of our events (bounded work per request; the asker continues)."""
+        refused = ""
+        items: list = []
+        covered = last
+        if session != self.session:
+            refused = "that coordinator run is over: its history went with it"
+        elif last - first + 1 > history.MAX_RANGE or first < 1 or last < first:
+            refused = f"a range of {last - first + 1} events is over the limit of {history.MAX_RANGE}"
+        else:
+            items, covered = self._history.slice(first, min(last, self._seq))
+            if last > self._seq:
+                covered = min(covered, self._seq)
+        if refused:
+            self.dropped.drop("history_refused", refused)
+        reply = protocol.encode_range_reply(session, first, covered, items, refused)
+        try:
+            self.xpub.send_multipart([topic, reply], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the asker asks again
 
     # ================================================================== publishing
 
     def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any],
                  record: AgentRecord | None = None) -> None:
-        self._seq += 1
-        fields = {"event": event.value, "seq": self._seq, "publisher": self.name, "incarnation": self.session,
+        fields = {"event": event.value, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
                   **stamp(), **fields}
         topic = protocol.event_topic(event.value, subject)
-        frames = protocol.encode_event(topic, fields)
-        try:
-            self.xpub.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        self._history.append((topic, frames[1]))
+        self._emit(topic, msgpack.packb(fields, use_bin_type=True))
         self.dispatcher.dispatch(event, fields)
         if record is not None:
             self._on_agent_state(record.name, record.state.value, record.worker, record.epoch)
@@ -455,6 +532,9 @@ class Coordinator:
                 "dropped": dict(self.dropped.counts), "lost_events": self.lost_events}
 
     def _close(self) -> None:
+        if getattr(self, "xpub", None) is not None and self.core is not None:
+            self._last_bus_beat = 0.0
+            self._publish_bus_heartbeat(time.monotonic())  # our last seq: a lost tail shows
         if self._closing and getattr(self, "_fixed_port", False):
             runmarker.mark(self.name, self.address, "clean")  # the workers were released
         if self.monitor is not None:

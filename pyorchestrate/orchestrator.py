@@ -92,8 +92,13 @@ class Orchestrator:
         callback_threads: int = 10
         #: hold every agent after READY until ``orchestrator.execute(name)`` (or ``execute()`` for all)
         hold_after_ready: bool = False
-        #: recent events kept for late subscribers (``EventSubscriber(history=True)``, ``pyorchestrate logs``)
-        history_max_events: int = 5000
+        #: recent bus events kept for subscribers that missed some (a gap, a late start, a
+        #: stall): bounded by count and by bytes, the oldest go first
+        history_max_events: int = 100_000
+        history_max_bytes: int = 64 * 1024 * 1024
+        #: bus events queued per subscriber before a slow one misses some (which it then
+        #: recovers from history, or is told the exact count of)
+        subscriber_hwm: int = 100_000
         #: level of the ``pyorchestrate`` logger when the application has not configured logging
         log_level: str = "INFO"
         #: when this script starts on an address workers already know (a coordinator of the same
@@ -134,6 +139,8 @@ class Orchestrator:
             _number(results, self, "max_message_size", 1024, whole=True)
             _number(results, self, "callback_threads", 1, whole=True)
             _number(results, self, "history_max_events", 0, whole=True)
+            _number(results, self, "history_max_bytes", 0, whole=True)
+            _number(results, self, "subscriber_hwm", 1, whole=True)
             _number(results, self, "adopt_window", 0, allow_none=True)
             _number(results, self, "disconnect_timeout", 0, allow_none=True)
             _number(results, self, "finished_agents_max", 0, whole=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 3: runs named by (coordinator incarnation, epoch); reports kept across re-registration
+PROTOCOL_VERSION = 4  # 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -250,9 +250,10 @@ def encode_event(topic: str, fields: dict[str, Any]) -> list[bytes]:
 
 
 def decode_event(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
-    """Parse and validate the frames of one bus event."""
-    if len(frames) != 2:
-        raise ProtocolError(f"event has {len(frames)} frames, expected 2")
+    """Parse and validate the frames of one bus event (a third frame, the coordinator's stamp,
+    is read with :func:`decode_stamp`)."""
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"event has {len(frames)} frames, expected 2 or 3")
     try:
         topic = frames[0].decode()
     except UnicodeDecodeError:
@@ -301,25 +302,115 @@ def parse_history_request(subscription: bytes) -> list[str] | None:
     return text.split("\n")[1:]
 
 
-def encode_batch(publisher: str, incarnation: str, items: list[tuple[str, int, bytes]]) -> list[bytes]:
-    """The frames of a batch of events from one publisher: ``items`` are ``(topic, seq, body)``,
-    each body already one event's msgpack fields, so the coordinator can forward it unchanged."""
-    return [BATCH_TOPIC, msgpack.packb([publisher, incarnation, items], use_bin_type=True)]
+def encode_batch(worker: str, incarnation: str, wseq: int, items: list) -> list[bytes]:
+    """The frames of one batch from a worker's bus outbox: ``items`` are ``(publisher,
+    incarnation, topic, seq, body)`` of any of its agents' runs, each body already one event's
+    msgpack fields, so the coordinator forwards it unchanged.  ``wseq`` numbers the worker's bus
+    frames (a lost frame is a gap there)."""
+    return [BATCH_TOPIC, msgpack.packb([worker, incarnation, wseq, items], use_bin_type=True)]
 
 
-def decode_batch(frames: list[bytes],
-                 max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, list[tuple[str, int, bytes]]]:
-    """Parse a batch (see :func:`encode_batch`): ``(publisher, incarnation, items)``.  The envelope
-    is checked here, each body only where it is read (:func:`decode_body`); a malformed item makes
-    the whole batch invalid."""
-    if len(frames) != 2 or frames[0] != BATCH_TOPIC:
-        raise ProtocolError("not a batch")
-    batch = _unpack(frames[1], max_size)
-    if not (isinstance(batch, list) and len(batch) == 3 and isinstance(batch[0], str)
-            and isinstance(batch[1], str) and isinstance(batch[2], list)):
-        raise ProtocolError("batch is not [publisher, incarnation, items]")
-    for item in batch[2]:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0][:1] != "_"
-                and type(item[1]) is int and isinstance(item[2], bytes)):
-            raise ProtocolError("batch item is not [topic, seq, body]")
-    return batch[0], batch[1], batch[2]
+def _check_worker_frame(frames: list[bytes], topic: bytes, what: str, max_size: int) -> list:
+    if len(frames) != 2 or frames[0] != topic:
+        raise ProtocolError(f"not a {what}")
+    frame = _unpack(frames[1], max_size)
+    if not (isinstance(frame, list) and len(frame) == 4 and isinstance(frame[0], str)
+            and isinstance(frame[1], str) and type(frame[2]) is int and isinstance(frame[3], list)):
+        raise ProtocolError(f"{what} is not [worker, incarnation, wseq, items]")
+    return frame
+
+
+def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, int, list]:
+    """Parse a batch (see :func:`encode_batch`): ``(worker, incarnation, wseq, items)``.  The
+    envelope is checked here, each body only where it is read (:func:`decode_body`); a malformed
+    item makes the whole batch invalid."""
+    batch = _check_worker_frame(frames, BATCH_TOPIC, "batch", max_size)
+    for item in batch[3]:
+        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and isinstance(item[1], str)
+                and isinstance(item[2], str) and item[2][:1] != "_" and type(item[3]) is int
+                and isinstance(item[4], bytes)):
+            raise ProtocolError("batch item is not [publisher, incarnation, topic, seq, body]")
+    return batch[0], batch[1], batch[2], batch[3]
+
+
+BEATS_TOPIC = b"_BEATS"
+
+
+def encode_beats(worker: str, incarnation: str, wseq: int, beats: list) -> list[bytes]:
+    """One frame for every running agent of a worker, once per heartbeat interval: ``beats`` are
+    ``(agent, run tag, last bus seq of that run)``.  The seqs let the coordinator notice a lost
+    tail of an agent's stream without waiting for the agent to end."""
+    return [BEATS_TOPIC, msgpack.packb([worker, incarnation, wseq, beats], use_bin_type=True)]
+
+
+def decode_beats(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, int, list]:
+    frame = _check_worker_frame(frames, BEATS_TOPIC, "beats frame", max_size)
+    for beat in frame[3]:
+        if not (isinstance(beat, list) and len(beat) == 3 and isinstance(beat[0], str) and isinstance(beat[1], str)
+                and type(beat[2]) is int):
+            raise ProtocolError("beat is not [agent, run, seq]")
+    return frame[0], frame[1], frame[2], frame[3]
+
+
+# ---------------------------------------------------------------- the coordinator's seq on events
+#
+# Everything the coordinator puts on its XPUB carries a third frame: [session, seq, numbered,
+# started].  ``seq`` numbers the events it publishes (its own and those it forwards), one stream
+# per coordinator run; unnumbered ones (heartbeats) carry the last seq, so a lost tail shows.
+# ``started`` is the run's wall-clock start: a subscriber up before it wants the run from seq 1.
+
+def encode_stamp(session: str, seq: int, numbered: bool, started: float) -> bytes:
+    return msgpack.packb([session, seq, numbered, started], use_bin_type=True)
+
+
+def decode_stamp(frame: bytes) -> tuple[str, int, bool, float]:
+    stamp_ = _unpack(frame, 1024)
+    if not (isinstance(stamp_, list) and len(stamp_) == 4 and isinstance(stamp_[0], str) and type(stamp_[1]) is int
+            and isinstance(stamp_[2], bool) and isinstance(stamp_[3], (int, float))):
+        raise ProtocolError("event stamp is not [session, seq, numbered, started]")
+    return stamp_[0], stamp_[1], stamp_[2], float(stamp_[3])
+
+
+RANGE_TOPIC = "_RANGE."
+
+
+def range_request(nonce: str, session: str, first: int, last: int) -> str:
+    """The subscription that asks the coordinator for its events ``first..last`` of run
+    ``session``: a unique topic only the asker listens to; the reply comes under it."""
+    return f"{RANGE_TOPIC}{nonce}\n{session}\n{first}\n{last}"
+
+
+def parse_range_request(subscription: bytes) -> tuple[str, int, int] | None:
+    """``(session, first, last)`` of a range request, or None if it is not one."""
+    if not subscription.startswith(RANGE_TOPIC.encode()):
+        return None
+    try:
+        _, session, first, last = subscription.decode().split("\n")
+        return session, int(first), int(last)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("malformed range request") from None
+
+
+def encode_range_reply(session: str, first: int, covered: int, items: list, refused: str = "") -> bytes:
+    """An answer to a range request: ``items`` ``(seq, topic, body)`` held of ``first..covered``
+    (the rest of that span is lost), or why it was refused."""
+    return msgpack.packb({"session": session, "first": first, "covered": covered, "items": items,
+                          "refused": refused}, use_bin_type=True)
+
+
+RANGE_REPLY = {"session": _STR, "first": _INT, "covered": _INT, "items": ListOf(list), "refused": _STR}
+
+
+def decode_range_reply(body: bytes) -> dict[str, Any]:
+    reply = _unpack(body, DEFAULT_MAX_MESSAGE_SIZE)
+    if not isinstance(reply, dict):
+        raise ProtocolError("range reply is not a map")
+    for name, expected in RANGE_REPLY.items():
+        value = reply.get(name)
+        ok = isinstance(value, list) if isinstance(expected, ListOf) else isinstance(value, expected)
+        if not ok or isinstance(value, bool):
+            raise ProtocolError(f"range reply field {name!r} missing or mistyped")
+    for item in reply["items"]:
+        if not (len(item) == 3 and type(item[0]) is int and isinstance(item[1], str) and isinstance(item[2], bytes)):
+            raise ProtocolError("range reply item is not [seq, topic, body]")
+    return reply

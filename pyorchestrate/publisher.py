@@ -1,12 +1,15 @@
 """Agents publishing onto the cluster's bus: custom events (``self.publish``) and log records.
 
-Each running agent gets a :class:`BusPublisher`; at its first event it opens its own XPUB socket
-into the coordinator's bus input (on the process's shared context), so an agent that never
-publishes or logs costs nothing.  ``publish`` only appends to a buffer (microseconds, never blocks on the network); a flusher
-thread sends the buffer as one batch frame every few milliseconds, which the coordinator unpacks
-and republishes event by event, each under its own topic.  The buffer is bounded: when nobody
-drains it fast enough the oldest events are dropped, counted, and still numbered, so subscribers
-see the gap.
+One :class:`BusOutbox` per worker process holds the events of every agent it runs; the worker's
+loop, the only thread that owns the bus socket, sends them in batches bounded by count and bytes,
+a slice per turn.  Each running agent gets an :class:`AgentBus`: it numbers and packs an event and
+hands it off, into the outbox (thread agents) or over the pipe to the worker (process agents).
+No per-agent thread, no per-agent socket, and an agent's exit never waits on the network: its
+TERMINATED report carries the last ``seq`` it handed off, and the coordinator (not the agent)
+waits for that.
+
+The outbox is bounded: past its limit the oldest events go, counted, and still numbered, so the
+coordinator sees the gap and reports it as ``EVENTS_LOST``.
 """
 
 from __future__ import annotations
@@ -14,129 +17,114 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
-import uuid
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
-import zmq
 
-from . import protocol, sockets
+from . import protocol
 from .events import stamp
 
-FLUSH_INTERVAL = 0.005
-MAX_BATCH = 2000
-MAX_BUFFER = 100_000
+MAX_BUFFER = 200_000  # events a worker holds for the bus (beyond: the oldest go, counted)
+MAX_BUFFER_BYTES = 256 * 1024 * 1024
+BATCH_ITEMS = 2000
+BATCH_BYTES = 1024 * 1024
+#: the largest event an agent may publish; a batch carries at least one, so every frame stays
+#: under the coordinator's default max_message_size (a bigger frame would cost the connection)
+MAX_EVENT_BYTES = protocol.DEFAULT_MAX_MESSAGE_SIZE // 4
+
+#: (publisher, incarnation, topic, seq, body): one event on its way to the coordinator
+Item = tuple[str, str, str, int, bytes]
 
 
-class BusPublisher:
-    """Numbered, batched, bounded publishing for one agent."""
+class BusOutbox:
+    """The events of every agent of one worker process, waiting for the worker's loop."""
 
-    def __init__(self, address: str, publisher: str, base: dict[str, Any], incarnation: str | None = None) -> None:
-        self.publisher = publisher
-        # the run's identity (coordinator incarnation.epoch) on a worker: the coordinator forwards
-        # only what the current run of an agent publishes, never a stale copy's events
-        self.incarnation = incarnation or uuid.uuid4().hex
+    def __init__(self, wake: Callable[[], None] | None = None, max_items: int = MAX_BUFFER,
+                 max_bytes: int = MAX_BUFFER_BYTES) -> None:
+        self._items: collections.deque[Item] = collections.deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._wake = wake
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        #: events discarded because the outbox was full (their seqs are a gap the coordinator sees)
         self.dropped = 0
+
+    def put(self, item: Item) -> None:
+        """Queue one event (any thread; never blocks on the network)."""
+        with self._lock:
+            was_empty = not self._items
+            self._items.append(item)
+            self._bytes += len(item[4])
+            while len(self._items) > self._max_items or self._bytes > self._max_bytes:
+                old = self._items.popleft()
+                self._bytes -= len(old[4])
+                self.dropped += 1
+        if was_empty and self._wake is not None:
+            self._wake()  # one wake per batch: the owner takes everything it finds
+
+    def take(self, max_items: int = BATCH_ITEMS, max_bytes: int = BATCH_BYTES) -> list[Item]:
+        """Up to one batch (at least one event if any is waiting), oldest first."""
+        batch: list[Item] = []
+        size = 0
+        with self._lock:
+            while self._items and len(batch) < max_items and (not batch or size + len(self._items[0][4]) <= max_bytes):
+                item = self._items.popleft()
+                size += len(item[4])
+                batch.append(item)
+            self._bytes -= size
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class AgentBus:
+    """One agent run's numbered stream of events; ``sink`` takes each packed event."""
+
+    def __init__(self, sink: Callable[[Item], None], publisher: str, incarnation: str, base: dict[str, Any]) -> None:
+        self.publisher = publisher
+        # the run's identity (coordinator incarnation.epoch): the coordinator forwards only what
+        # the current run of an agent publishes, never a stale copy's events
+        self.incarnation = incarnation
+        self._sink = sink
         self._base = base
         self._seq = 0
-        self._buffer: collections.deque = collections.deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = False
-        self._address = address
-        self._sock: zmq.Socket | None = None
-        self._subscribed = False
-        self._thread: threading.Thread | None = None
-
-    def _open(self) -> None:
-        """Called with the lock held, at the first event."""
-        self._sock = sockets.make_socket(zmq.Context.instance(), zmq.XPUB)
-        self._sock.connect(self._address)
-        self._thread = threading.Thread(target=self._flush_loop, name=f"publish-{self.publisher}", daemon=True)
-        self._thread.start()
 
     def publish(self, event: str, subject: str, fields: dict[str, Any]) -> None:
-        """Queue one event (thread-safe, non-blocking)."""
+        """Number, pack and hand off one event (thread-safe, non-blocking).  Raises ValueError
+        for an event larger than :data:`MAX_EVENT_BYTES` (nothing is numbered for it)."""
         with self._lock:
-            if self._thread is None:
-                self._open()
-            self._seq += 1
+            seq = self._seq + 1
             # packed here, once: the coordinator forwards the bytes as they are
-            body = msgpack.packb({**self._base, **fields, **stamp(), "event": event, "seq": self._seq,
+            body = msgpack.packb({**self._base, **fields, **stamp(), "event": event, "seq": seq,
                                   "publisher": self.publisher, "incarnation": self.incarnation},
                                  use_bin_type=True, default=repr)
-            item = (protocol.event_topic(event, subject), self._seq, body)
-            if len(self._buffer) >= MAX_BUFFER:
-                self._buffer.popleft()
-                self.dropped += 1
-            self._buffer.append(item)
-            if len(self._buffer) >= MAX_BATCH:
-                self._wake.set()
+            if len(body) > MAX_EVENT_BYTES:
+                raise ValueError(f"{event} of {len(body):,} bytes is over the bus limit of {MAX_EVENT_BYTES:,} bytes "
+                                 "per event: publish a reference (a path, a URL, a key) instead of the data")
+            self._seq = seq
+            self._sink((self.publisher, self.incarnation, protocol.event_topic(event, subject), seq, body))
 
-    def _take(self) -> list:
-        with self._lock:
-            count = min(len(self._buffer), MAX_BATCH)
-            return [self._buffer.popleft() for _ in range(count)]
+    @property
+    def seq(self) -> int:
+        return self._seq
 
-    def _ready(self) -> bool:
-        # an XPUB learns when the coordinator's subscription has arrived: nothing is sent before
-        assert self._sock is not None
-        while self._sock.poll(0):
-            frame = self._sock.recv()
-            if frame[:1] in (b"\x00", b"\x01"):
-                self._subscribed = frame[:1] == b"\x01"
-        return self._subscribed
-
-    def _flush_loop(self) -> None:
-        while True:
-            self._wake.wait(FLUSH_INTERVAL)
-            self._wake.clear()
-            closing = self._closing
-            while self._buffer and self._ready():
-                batch = self._take()
-                try:
-                    assert self._sock is not None
-                    self._sock.send_multipart(protocol.encode_batch(self.publisher, self.incarnation, batch),
-                                              zmq.NOBLOCK)
-                except zmq.Again:
-                    with self._lock:
-                        self.dropped += len(batch)
-            if closing:
-                return
-
-    def flush(self, timeout: float = 2.0) -> dict[str, Any]:
-        """Wait (up to ``timeout``) until everything queued is sent; return the marker the
-        coordinator waits for: this publisher's id, incarnation and last ``seq`` (nothing if it
-        never published)."""
-        if self._thread is None:
+    def flush(self) -> dict[str, Any]:
+        """The marker the coordinator waits for: this run's publisher, incarnation and last
+        ``seq`` (nothing if it never published).  Returns at once."""
+        if not self._seq:
             return {}
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        while self._buffer and time.monotonic() < deadline:
-            time.sleep(0.002)
         return {"bus_publisher": self.publisher, "bus_incarnation": self.incarnation, "bus_seq": self._seq}
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Send what is buffered (up to ``timeout`` s for the subscription), then close."""
-        deadline = time.monotonic() + timeout
-        while self._buffer and time.monotonic() < deadline:  # the flusher drains it once subscribed
-            time.sleep(0.01)
-        if self._thread is None:
-            return
-        self._closing = True
-        self._wake.set()
-        self._thread.join(timeout)
-        assert self._sock is not None
-        self._sock.close(linger=int(timeout * 1000))
 
 
 class BusLogHandler(logging.Handler):
-    """Turns an agent's log records into AGENT_LOG events on its publisher."""
+    """Turns an agent's log records into AGENT_LOG events on its bus."""
 
-    def __init__(self, publisher: BusPublisher, agent: str, level: int = logging.DEBUG) -> None:
+    def __init__(self, bus: AgentBus, agent: str, level: int = logging.DEBUG) -> None:
         super().__init__(level)
-        self._publisher = publisher
+        self._bus = bus
         self._agent = agent
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -144,34 +132,32 @@ class BusLogHandler(logging.Handler):
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
-            self._publisher.publish("AGENT_LOG", self._agent, {
+            self._bus.publish("AGENT_LOG", self._agent, {
                 "agent_name": self._agent, "level": record.levelname, "levelno": record.levelno,
-                "logger": record.name, "message": message})
+                "logger": record.name, "message": message[:MAX_EVENT_BYTES // 2]})
         except Exception:
             self.handleError(record)
 
 
-def attach(agent: Any, bus_address: str | None, worker: str, host: str, run: str | None = None) -> BusPublisher | None:
-    """Give a running agent its publisher and send its log records to the bus too.  ``run`` is
-    the run's tag (``incarnation.epoch``): the publisher's incarnation on the bus."""
-    if not bus_address:
+def attach(agent: Any, sink: Callable[[Item], None] | None, worker: str, host: str, run: str) -> AgentBus | None:
+    """Give a running agent its bus and send its log records there too.  ``run`` is the run's
+    tag (``incarnation.epoch``): the publisher's incarnation on the bus."""
+    if sink is None:
         return None
-    publisher = BusPublisher(bus_address, f"{worker}/{agent.name}",
-                             {"agent_name": agent.name, "worker": worker, "host": host}, run)
-    agent._bus = publisher
-    agent._bus_log_handler = BusLogHandler(publisher, agent.name)
+    bus = AgentBus(sink, f"{worker}/{agent.name}", run, {"agent_name": agent.name, "worker": worker, "host": host})
+    agent._bus = bus
+    agent._bus_log_handler = BusLogHandler(bus, agent.name)
     agent.logger.addHandler(agent._bus_log_handler)
-    return publisher
+    return bus
 
 
 def detach(agent: Any) -> None:
-    """Flush and close what :func:`attach` set up."""
+    """Undo :func:`attach` (nothing to wait for: the events are already handed off)."""
     handler = getattr(agent, "_bus_log_handler", None)
     if handler is not None:
         agent.logger.removeHandler(handler)
-    if agent._bus is not None:
-        agent._bus.close()
-        agent._bus = None
+        agent._bus_log_handler = None
+    agent._bus = None
 
 
 def check_publishable(topic: str, data: dict[str, Any]) -> None:

@@ -1,10 +1,14 @@
 """Subscribing to a cluster's event bus from any process or host (read-only).
 
-Gaps in a publisher's sequence numbers are reported as synthetic ``EVENTS_LOST`` events, so a
-slow subscriber learns that it missed something instead of missing it silently.  The coordinator's
-bus heartbeat carries its latest ``seq``, so even a lost *last* event is noticed.  The check needs
-the whole stream: a subscriber with a topic filter cannot tell a lost event from a filtered one,
-so it does not check (``gap_detection`` is False).
+The bus is lossless as far as the coordinator's history reaches.  Every event the coordinator
+publishes carries its run's seq; a subscriber of the whole stream that sees a gap, or a heartbeat
+announcing events it never got (a lost tail), asks the coordinator for the missing range, holds
+what arrives live meanwhile, and delivers everything in order.  Only what history no longer holds
+is reported, as one ``EVENTS_LOST`` event with the exact count.  A coordinator run that started
+after this subscriber (a slow joiner: its first events went out before our subscription
+arrived), or any run after the first one we saw (scripts that come and go), is delivered whole,
+from seq 1.  A subscriber with a topic filter cannot tell a lost event from a filtered one, so it
+does not check (``gap_detection`` is False).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import zmq
 from . import protocol, sockets
 
 _HEARTBEAT = "_HEARTBEAT"
+RANGE_TIMEOUT = 2.0  # seconds to wait for one slice of a range before asking again
+RANGE_TRIES = 3  # asks per slice before its events are reported lost
+_CLOCK_SKEW = 1.0  # a run that started this long before us still counts as "after" (clocks differ)
 
 
 class Event(dict):
@@ -50,27 +57,35 @@ class EventSubscriber:
     """
 
     def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None,
-                 history: bool = False) -> None:
+                 history: bool = False, hwm: int = sockets.HWM) -> None:
         sockets.parse_tcp(address)
         self.address = address
         self.timeout = timeout
+        #: events reported lost (history no longer held them), and events recovered from history
         self.lost = 0
+        self.recovered = 0
         self.dropped = 0
         self._whole_stream = "" in topics
         #: whether gaps can be detected (only on the unfiltered stream)
         self.gap_detection = self._whole_stream
-        self._last: dict[tuple[str, str], int] = {}
+        self._created = time.time()
+        self._want_history = history
+        self._next: dict[str, int] = {}  # coordinator run -> the seq expected next
         self._pending: collections.deque[Event] = collections.deque()
+        # while a range is being recovered: what arrives live waits here, in order
+        self._held: collections.deque[tuple[str, int, bool, float, Event]] = collections.deque()
+        self._range: dict[str, Any] | None = None
         self._connected = False
         self._ctx = zmq.Context()
         self._sub = sockets.make_socket(self._ctx, zmq.SUB, max_message_size=protocol.DEFAULT_MAX_MESSAGE_SIZE)
+        self._sub.setsockopt(zmq.RCVHWM, hwm)
         for topic in topics:
             self._sub.setsockopt_string(zmq.SUBSCRIBE, topic)
         if not self._whole_stream:
             self._sub.setsockopt_string(zmq.SUBSCRIBE, _HEARTBEAT)
         self._history_topic: bytes | None = None
         self._live_keys: set[tuple] | None = None
-        if history:
+        if history and not self._whole_stream:
             # after the live subscriptions, so nothing falls between history and the live stream
             self._history_topic = protocol.history_request(uuid.uuid4().hex, list(topics)).encode()
             self._sub.setsockopt(zmq.SUBSCRIBE, self._history_topic)
@@ -103,34 +118,137 @@ class EventSubscriber:
         return events
 
     def _receive_one(self, timeout: float | None) -> bool:
-        if not self._sub.poll(None if timeout is None else int(timeout * 1000)):
-            return False
+        if self._range is not None:
+            # waiting for history: wake in time to ask again
+            left = max(0.0, self._range["deadline"] - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        got = self._sub.poll(None if timeout is None else int(timeout * 1000))
+        timed_out = self._range is not None and time.monotonic() >= self._range["deadline"]
+        if timed_out:
+            self._range_timed_out()
+        if not got:
+            return timed_out
         frames = self._sub.recv_multipart()
-        if frames[0].startswith(protocol.HISTORY_TOPIC.encode()):
-            if frames[0] == self._history_topic:
+        head = frames[0]
+        if head.startswith(protocol.RANGE_TOPIC.encode()):
+            if self._range is not None and head == self._range["topic"]:
+                self._take_range(frames)
+            return True  # another subscriber's answer: not for us
+        if head.startswith(protocol.HISTORY_TOPIC.encode()):
+            if head == self._history_topic:
                 self._take_history(frames)
-            return True  # another subscriber's history reply: not for us
+            return True
         try:
             fields = protocol.decode_event(frames)
+            stamp = protocol.decode_stamp(frames[2]) if len(frames) == 3 else None
         except protocol.ProtocolError:
             self.dropped += 1
             return True
         self._connected = True
-        key = (fields["publisher"], fields["incarnation"])
-        seq = fields["seq"]
-        last = self._last.get(key)
-        is_beat = fields["event"] == _HEARTBEAT
-        if last is not None and self._whole_stream:
-            expected = last if is_beat else last + 1
-            if seq > expected:
-                self._report_gap(fields["publisher"], seq - expected)
-        if last is None or seq > last:
-            self._last[key] = seq
-        if not is_beat:
-            if self._live_keys is not None:
-                self._live_keys.add((key, seq))
-            self._pending.append(Event(fields))
+        event = Event(fields)
+        if stamp is None or not self._whole_stream:
+            if fields["event"] != _HEARTBEAT:
+                if self._live_keys is not None:
+                    self._live_keys.add(((fields["publisher"], fields["incarnation"]), fields["seq"]))
+                self._pending.append(event)
+            return True
+        self._place(*stamp, event)
         return True
+
+    # ---------------------------------------------------------------- order and recovery
+
+    def _place(self, session: str, seq: int, numbered: bool, started: float, event: Event) -> None:
+        """Deliver one live event in order, or hold it while a missing range is recovered."""
+        if self._range is not None:
+            self._held.append((session, seq, numbered, started, event))
+            return
+        expected = self._next.get(session)
+        if expected is None:
+            # a run we have not heard: whole if it began after us (or after another run), or if
+            # history was asked for; otherwise from now on
+            whole = self._want_history or bool(self._next) or started >= self._created - _CLOCK_SKEW
+            expected = 1 if whole else (seq if numbered else seq + 1)
+            self._next[session] = expected
+        last_wanted = seq - 1 if numbered else seq  # a heartbeat carries the last seq sent
+        if last_wanted >= expected:
+            self._ask(session, expected, last_wanted)
+            self._held.append((session, seq, numbered, started, event))
+            return
+        if numbered:
+            if seq < expected:
+                return  # already delivered (it came from history)
+            self._next[session] = seq + 1
+        if event.get("event") != _HEARTBEAT:
+            self._pending.append(event)
+
+    def _ask(self, session: str, first: int, last: int, tries: int = 1) -> None:
+        topic = protocol.range_request(uuid.uuid4().hex, session, first, last).encode()
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._range = {"topic": topic, "session": session, "first": first, "last": last, "tries": tries,
+                       "deadline": time.monotonic() + RANGE_TIMEOUT}
+
+    def _end_request(self) -> dict[str, Any]:
+        assert self._range is not None
+        wanted, self._range = self._range, None
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, wanted["topic"])
+        return wanted
+
+    def _range_timed_out(self) -> None:
+        wanted = self._end_request()
+        if wanted["tries"] < RANGE_TRIES:
+            self._ask(wanted["session"], wanted["first"], wanted["last"], wanted["tries"] + 1)
+            return
+        # nobody answers (the coordinator is gone): what we asked for is lost
+        self._lost(f"coordinator run {wanted['session']}", wanted["last"] - wanted["first"] + 1)
+        self._next[wanted["session"]] = wanted["last"] + 1
+        self._release_held()
+
+    def _take_range(self, frames: list[bytes]) -> None:
+        wanted = self._end_request()
+        session, first, last = wanted["session"], wanted["first"], wanted["last"]
+        try:
+            if len(frames) != 2:
+                raise protocol.ProtocolError("range reply of wrong shape")
+            reply = protocol.decode_range_reply(frames[1])
+            if reply["refused"]:
+                covered, items = last, []
+            else:
+                covered, items = min(max(reply["covered"], first - 1), last), reply["items"]
+                past = [(s, protocol.decode_body(t, b)) for s, t, b in items if first <= s <= covered]
+        except protocol.ProtocolError:
+            self.dropped += 1
+            self._range = {**wanted, "deadline": 0.0}  # a bad answer is no answer: the timeout path decides
+            self._sub.setsockopt(zmq.SUBSCRIBE, wanted["topic"])
+            return
+        if reply["refused"]:
+            past = []
+        expected = first
+        for seq, fields in past:
+            if seq > expected:
+                self._lost(f"coordinator run {session}", seq - expected)
+            if seq >= expected:
+                self.recovered += 1
+                self._pending.append(Event(fields))
+                expected = seq + 1
+        if covered >= expected:
+            self._lost(f"coordinator run {session}", covered - expected + 1)
+        self._next[session] = covered + 1
+        if covered < last:
+            self._ask(session, covered + 1, last)  # the next slice
+            return
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, collections.deque()
+        while held:
+            self._place(*held.popleft())
+            if self._range is not None:  # another gap among them: hold the rest again
+                self._held.extend(held)
+                return
+
+    def _lost(self, source: str, lost: int) -> None:
+        if lost > 0:
+            self._report_gap(source, lost)
 
     def _take_history(self, frames: list[bytes]) -> None:
         """Recent events, older than anything live: put them first, minus any already seen live."""

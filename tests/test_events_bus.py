@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -98,27 +99,62 @@ def _publisher(ctx, address=None):
     return pub
 
 
-def _event(seq, publisher="fake", event="AGENT_READY", agent="x"):
-    return protocol.encode_event(protocol.event_topic(event, agent), {
+def _event(seq, publisher="fake", event="AGENT_READY", agent="x", session="run1", numbered=True):
+    return [*protocol.encode_event(protocol.event_topic(event, agent), {
         "event": event, "seq": seq, "publisher": publisher, "incarnation": "i1", "agent_name": agent,
-        "event_date": "2026-01-01", "event_time": "00:00:00.0"})
+        "event_date": "2026-01-01", "event_time": "00:00:00.0"}), protocol.encode_stamp(session, seq, numbered, 0.0)]
 
 
-def test_subscriber_reports_gaps_in_sequence_numbers():
+def _answer_ranges(pub, held: dict[int, list[bytes]], answers: int) -> threading.Thread:
+    """Play the coordinator's history on a thread (the socket is its own until joined): answer
+    ``answers`` range requests from ``held`` (seq -> frames)."""
+    thread = threading.Thread(target=_answer, args=(pub, held, answers, time.monotonic() + 10))
+    thread.start()
+    return thread
+
+
+def _answer(pub, held, answers, until) -> int:
+    answered = 0
+    while time.monotonic() < until and answered < answers:
+        if not pub.poll(50):
+            continue
+        sub = pub.recv()
+        wanted = protocol.parse_range_request(sub[1:]) if sub[:1] == b"\x01" else None
+        if wanted is None:
+            continue
+        session, first, last = wanted
+        items = [[s, held[s][0].decode(), held[s][1]] for s in range(first, last + 1) if s in held]
+        pub.send_multipart([sub[1:], protocol.encode_range_reply(session, first, last, items)])
+        answered += 1
+    return answered
+
+
+def test_subscriber_recovers_gaps_from_history_and_reports_only_what_history_lacks():
     ctx = zmq.Context()
     try:
         pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         port = pub.bind_to_random_port("tcp://127.0.0.1")
-        with EventSubscriber(f"tcp://127.0.0.1:{port}", timeout=2) as sub:
+        with EventSubscriber(f"tcp://127.0.0.1:{port}", timeout=2, history=False) as sub:
             assert pub.poll(5000)
             pub.recv()  # the subscription arrived
-            for seq in (1, 2, 5, 6):
-                pub.send_multipart(_event(seq))
+            # a run already under way when we joined: it is taken from the first event seen
+            for seq in (10, 11, 14, 15):
+                pub.send_multipart(_event(seq, agent=f"a{seq}"))
             pub.send_multipart([b"AGENT_READY.x", b"\xc1 not msgpack"])
-            got = [ev for _, ev in zip(range(5), sub)]
-            assert [ev.event for ev in got] == ["AGENT_READY", "AGENT_READY", "EVENTS_LOST", "AGENT_READY", "AGENT_READY"]
-            assert got[2]["lost"] == 2 and sub.lost == 2
+            # the history still holds 12, no longer 13
+            answering = _answer_ranges(pub, {12: _event(12, agent="a12")}, 1)
+            got = [ev for _, ev in zip(range(6), sub)]
+            answering.join()
+            assert [ev.get("agent_name") or ev.event for ev in got] == ["a10", "a11", "a12", "EVENTS_LOST", "a14", "a15"]
+            assert got[3]["lost"] == 1 and sub.lost == 1 and sub.recovered == 1
             wait_for(lambda: sub.recv(0.05) is None and sub.dropped == 1, 5, "garbage to be dropped")
+            # a lost tail: the heartbeat says 17 was sent; history holds 16 and 17
+            pub.send_multipart(_event(17, event="_HEARTBEAT", agent="c", numbered=False))
+            answering = _answer_ranges(pub, {16: _event(16, agent="a16"), 17: _event(17, agent="a17")}, 1)
+            assert [ev.agent_name for ev in (sub.recv(5), sub.recv(5))] == ["a16", "a17"]
+            answering.join()
+            assert sub.lost == 1 and sub.recovered == 3
     finally:
         ctx.destroy(linger=0)
 
@@ -143,9 +179,11 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
         assert pub.poll(5000)
         pub.recv()
 
+        frame_n = iter(range(1, 1000))
+
         def batch(incarnation, *seqs):
-            return protocol.encode_batch(publisher, incarnation, [
-                ("AGENT_EVENT.probe", seq, msgpack.packb({
+            return protocol.encode_batch("w1", "fake-incarnation", next(frame_n), [
+                (publisher, incarnation, "AGENT_EVENT.probe", seq, msgpack.packb({
                     "event": "AGENT_EVENT", "seq": seq, "publisher": publisher, "incarnation": incarnation,
                     "agent_name": "probe", "topic": "t", "data": {}, "event_date": "d", "event_time": "t"}))
                 for seq in seqs])

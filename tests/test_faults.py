@@ -290,13 +290,15 @@ def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_not
                                       "topic": "probe", "data": {"n": seq}, **stamp()})
 
             bad_envelopes = [[protocol.BATCH_TOPIC, msgpack.packb([1, 2, 3])],
-                             [protocol.BATCH_TOPIC, msgpack.packb([fake, run, [["AGENT_EVENT.probe", True, b""]]])],
-                             [protocol.BATCH_TOPIC, msgpack.packb([fake, run, [["_HISTORY.x", 1, b""]]])]]
+                             [protocol.BATCH_TOPIC, msgpack.packb(["w1", "i", 1, [[fake, run, "AGENT_EVENT.probe", True, b""]]])],
+                             [protocol.BATCH_TOPIC, msgpack.packb(["w1", "i", 1, [[fake, run, "_HISTORY.x", 1, b""]]])],
+                             [protocol.BEATS_TOPIC, msgpack.packb(["w1", "i", 1, [["probe", run, "x"]]])],
+                             [b"_UNKNOWN", b""]]
             for frames in bad_envelopes:
                 pub.send_multipart(frames)
-            pub.send_multipart(protocol.encode_batch(fake, run, [
-                ("AGENT_EVENT.probe", 1, body(1)), ("AGENT_EVENT.probe", 2, os.urandom(40)),
-                ("AGENT_EVENT.probe", 3, body(3))]))
+            pub.send_multipart(protocol.encode_batch("w1", "i", 2, [
+                (fake, run, "AGENT_EVENT.probe", 1, body(1)), (fake, run, "AGENT_EVENT.probe", 2, os.urandom(40)),
+                (fake, run, "AGENT_EVENT.probe", 3, body(3))]))
             got = [sub.recv(timeout=10), sub.recv(timeout=10)]
             assert [e["data"]["n"] for e in got] == [1, 3]
             assert sub.dropped == 1

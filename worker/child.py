@@ -18,6 +18,8 @@ import msgpack
 from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
+BUS = "_BUS"  # a pipe message that is a bus event, not a report
+
 
 def _listen(conn: Any, agent: Any) -> None:
     """Stop requests and deliveries from the worker."""
@@ -69,7 +71,15 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
     threading.Thread(target=_listen, args=(conn, agent), daemon=True).start()
     if bus:
-        publisher.attach(agent, *bus)
+        def sink(item: Any) -> None:
+            # over the pipe the worker already reads: no socket of our own, nothing to wait
+            # for at exit (the pipe is flushed before the TERMINATED report behind it)
+            with lock:
+                try:
+                    conn.send_bytes(msgpack.packb([BUS, *item], use_bin_type=True))
+                except (OSError, ValueError):
+                    pass
+        publisher.attach(agent, sink, *bus)
     try:
         ok = agent.run()
     finally:

@@ -29,8 +29,8 @@ import tenacity
 import zmq
 
 from pyorchestrate import protocol, sockets
+from pyorchestrate.publisher import BusOutbox
 from pyorchestrate.drops import DropCounter
-from pyorchestrate.events import stamp
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
 from pyorchestrate.mailbox import Mailbox
 from pyorchestrate.versions import local_versions
@@ -44,6 +44,12 @@ _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
+#: one loop turn reads at most this many control frames, and spends at most this long acting on
+#: them and at most this long sending bus batches: no burst can keep the loop from heartbeating
+READ_SLICE = 2000
+WORK_SLICE = 0.02
+BUS_SLICE = 0.02
+_BEATS_PER_FRAME = 5000
 
 
 def _from_another_coordinator(message: dict[str, Any], session: str) -> bool:
@@ -79,11 +85,18 @@ class Worker:
         self.dropped = DropCounter(log)
         self._ctx = zmq.Context()
         self._outbox = Mailbox(self._ctx)
-        self._supervisor = Supervisor(self._queue_event, self.name)
+        self._bus_signal = Mailbox(self._ctx)  # wakes the loop when agents' bus events wait
+        self._bus_outbox = BusOutbox(wake=lambda: self._bus_signal.put(None))
+        self._supervisor = Supervisor(self._queue_event, self.name, self._bus_outbox)
         self._dealer: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._bus_address = ""
-        self._bus_seq = 0
+        self._bus_seq = 0  # numbers this worker's bus frames (batches and beats)
+        self._bus_sent: dict[tuple[str, str], int] = {}  # (publisher, run tag) -> last seq sent
+        # control frames read but not yet acted on, in order (heartbeat replies are taken at once)
+        self._deferred: collections.deque[dict[str, Any]] = collections.deque()
+        self._deferred_starts = 0
+        self._read_session = ""  # the session of the last welcome read (acted on or not)
         self._subscribed = False
         self._beating: dict[tuple[str, str, int], int] = {}  # copy whose STARTED went out -> round
         self._beat_round = 0
@@ -231,6 +244,9 @@ class Worker:
                     continue
                 if message["type"] == "welcome":
                     self._recv_n = message["n"]
+                    self._read_session = message["session"]
+                    self._deferred.clear()
+                    self._deferred_starts = 0
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
@@ -264,7 +280,6 @@ class Worker:
         events_port = message["events_port"]
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
-        self._supervisor.bus_address = bus
         if bus != self._bus_address:
             if self._pub is not None:
                 self._pub.close(0)
@@ -315,11 +330,17 @@ class Worker:
             self.dropped.drop("send_queue_full", "control socket full")
 
     def _serve(self) -> None:
-        """Loop while registered; return when the coordinator is gone (to register again)."""
+        """Loop while registered; return when the coordinator is gone (to register again).
+
+        Each turn is bounded: it reads at most READ_SLICE control frames (a heartbeat reply renews
+        the lease as it is read; everything else waits in order), acts on them for at most
+        WORK_SLICE seconds and sends bus batches for at most BUS_SLICE, then heartbeats when due.
+        A burst of thousands of starts or log lines therefore never silences the worker."""
         assert self._dealer is not None
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._outbox.wake_socket, zmq.POLLIN)
+        poller.register(self._bus_signal.wake_socket, zmq.POLLIN)
         next_beat = time.monotonic()
         while not self._shutdown.is_set():
             now = time.monotonic()
@@ -331,28 +352,48 @@ class Worker:
                 return
             if now >= next_beat:
                 self._flush_events()  # what happened goes before the count that reflects it
-                self._send(self._frame("heartbeat", t=now, running=self._supervisor.count()))
+                self._send(self._frame("heartbeat", t=now,
+                                       running=self._supervisor.count() + self._deferred_starts))
                 self._publish_agent_heartbeats()
                 next_beat = now + self._limits.interval
-            timeout_ms = max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
+            busy = bool(self._deferred) or bool(len(self._bus_outbox) and self._bus_ready())
+            timeout_ms = 0 if busy else max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
+            if self._dealer in ready and self._read_control() == "reconnect":
+                return
+            if self._act_on_deferred() == "reconnect":
+                return
             if self._outbox.wake_socket in ready:
                 self._flush_events()
-            if self._dealer in ready:
-                while self._dealer.poll(0):
-                    try:
-                        outcome = self._handle(self._dealer.recv())
-                    except Exception as exc:  # never let one strange message end the worker
-                        self.dropped.drop("handler_error", f"{type(exc).__name__}: {exc}")
-                        log.debug("handler error", exc_info=True)
-                        continue
-                    if outcome == "reconnect":
-                        return
+            if self._bus_signal.wake_socket in ready:
+                self._bus_signal.drain()
+            self._send_bus()
             self._supervisor.enforce_stop_timeouts()
             self._supervisor.forget_finished()
             self._check_parent()
 
-    def _handle(self, frame: bytes) -> str | None:
+    def _read_control(self) -> str | None:
+        """Read up to READ_SLICE frames: check their numbering, renew the lease from heartbeat
+        replies at once, and queue the rest in order."""
+        assert self._dealer is not None
+        for _ in range(READ_SLICE):
+            try:
+                frame = self._dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            if self._guarded(self._receive, frame) == "reconnect":
+                return "reconnect"
+        return None
+
+    def _guarded(self, handler: Any, arg: Any) -> str | None:
+        try:
+            return handler(arg)
+        except Exception as exc:  # never let one strange message end the worker
+            self.dropped.drop("handler_error", f"{type(exc).__name__}: {exc}")
+            log.debug("handler error", exc_info=True)
+            return None
+
+    def _receive(self, frame: bytes) -> str | None:
         try:
             message = protocol.decode(frame)
         except protocol.ProtocolError as exc:
@@ -360,7 +401,7 @@ class Worker:
             return None
         self._last_heard = time.monotonic()
         n = message["n"]
-        if _from_another_coordinator(message, self._session):
+        if _from_another_coordinator(message, self._read_session):
             self._recv_n = n - 1  # a new coordinator on the same connection numbers from 1
         if n:
             if n != self._recv_n + 1:
@@ -371,8 +412,33 @@ class Worker:
             self._recv_n = n
         kind = message["type"]
         if kind == "heartbeat_reply":
-            self._renew_lease(message["echo"])
+            self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
+            return None
+        if kind == "welcome":
+            self._read_session = message["session"]
         elif kind == "start":
+            self._deferred_starts += 1
+        self._deferred.append(message)
+        return None
+
+    def _act_on_deferred(self) -> str | None:
+        """Act on queued control messages, in order, for at most WORK_SLICE seconds."""
+        deadline = time.monotonic() + WORK_SLICE
+        while self._deferred:
+            message = self._deferred.popleft()
+            if message["type"] == "start":
+                self._deferred_starts -= 1
+            if self._guarded(self._handle, message) == "reconnect":
+                self._deferred.clear()  # what the coordinator sent before it let us go is moot
+                self._deferred_starts = 0
+                return "reconnect"
+            if time.monotonic() >= deadline:
+                break
+        return None
+
+    def _handle(self, message: dict[str, Any]) -> str | None:
+        kind = message["type"]
+        if kind == "start":
             if self._lease_expired:
                 # the coordinator sent this before it could know we lost touch; it will learn
                 # from our registration that the agent never started
@@ -424,26 +490,46 @@ class Worker:
                 self._subscribed = False
         return self._subscribed
 
+    def _send_bus_frame(self, frames: list[bytes], lost: int) -> None:
+        assert self._pub is not None
+        try:
+            self._pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # the coordinator sees the gaps (in our frame numbers and in each run's seqs)
+            self.dropped.drop("bus_full", f"{lost} event(s)")
+
+    def _send_bus(self) -> None:
+        """Send agents' waiting bus events in batches, for at most BUS_SLICE seconds."""
+        if not len(self._bus_outbox) or not self._bus_ready():
+            return
+        deadline = time.monotonic() + BUS_SLICE
+        sent = self._bus_sent
+        while len(self._bus_outbox) and time.monotonic() < deadline:
+            batch = self._bus_outbox.take()
+            for item in batch:
+                key = (item[0], item[1])
+                if key in sent:  # only runs still beating: a late event adds no entry
+                    sent[key] = item[3]
+            self._bus_seq += 1
+            self._send_bus_frame(protocol.encode_batch(self.name, self.incarnation, self._bus_seq, batch), len(batch))
+
     def _publish_agent_heartbeats(self) -> None:
+        """One beats frame per interval for all running agents (not one event each), each with
+        the last seq its run handed to the bus: after the events before it, on the same socket,
+        so the coordinator can tell a lost tail."""
         if not self._bus_ready():
             return
-        assert self._pub is not None
-        base = {"publisher": self.name, "incarnation": self.incarnation, "worker": self.name,
-                "host": self.host, **stamp()}
         self._beat_round += 1
         # an agent's first heartbeat leaves at least one interval after its STARTED event, so the
         # bus (a different path from the control connection) cannot deliver it first
-        for (name, run, epoch), since in list(self._beating.items()):
-            if since >= self._beat_round - 1:
-                continue
+        self._send_bus()
+        # the seqs are of events *sent* (before this frame, on this socket), not merely handed off
+        beats = [[name, f"{run}.{epoch}", self._bus_sent.get((f"{self.name}/{name}", f"{run}.{epoch}"), 0)]
+                 for (name, run, epoch), since in list(self._beating.items()) if since < self._beat_round - 1]
+        for i in range(0, len(beats), _BEATS_PER_FRAME):
             self._bus_seq += 1
-            fields = {"event": "AGENT_HEARTBEAT", "agent_name": name, "seq": self._bus_seq, "run": f"{run}.{epoch}",
-                      **base}
-            try:
-                self._pub.send_multipart(protocol.encode_event(
-                    protocol.event_topic("AGENT_HEARTBEAT", name), fields), zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the gap in seq tells the coordinator
+            self._send_bus_frame(protocol.encode_beats(self.name, self.incarnation, self._bus_seq,
+                                                       beats[i:i + _BEATS_PER_FRAME]), 0)
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -468,10 +554,15 @@ class Worker:
                 self._dealer.send(self._frame("goodbye"), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+        if self._pub is not None:
+            deadline = time.monotonic() + 1.0  # agents' last events, while the coordinator listens
+            while len(self._bus_outbox) and self._bus_ready() and time.monotonic() < deadline:
+                self._send_bus()
         for sock in (self._dealer, self._pub):
             if sock is not None:
                 sock.close(linger=500)
         self._outbox.close()
+        self._bus_signal.close()
         self._ctx.term()
         log.info("worker %s stopped", self.name)
 
@@ -484,8 +575,10 @@ class Worker:
             copy = (item["agent"], item["run"], item["epoch"])
             if item["event"] == "AGENT_STARTED":
                 self._beating[copy] = self._beat_round
+                self._bus_sent.setdefault((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), 0)
             elif item["event"] == "AGENT_TERMINATED":
                 self._beating.pop(copy, None)
+                self._bus_sent.pop((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), None)
                 self._recent_ends.append(item)
         for i in range(0, len(items), _EVENTS_PER_MESSAGE):
             self._send_events(items[i:i + _EVENTS_PER_MESSAGE])

@@ -94,15 +94,16 @@ class Running:
 class Supervisor:
     """Starts, stops and watches agents; every lifecycle event goes to ``report``."""
 
-    def __init__(self, report: Report, worker_name: str) -> None:
+    def __init__(self, report: Report, worker_name: str, bus: publisher.BusOutbox | None = None) -> None:
         self._report = report
+        #: where agents' bus events wait for the worker's loop (None: no bus)
+        self.bus = bus
         self._worker_name = worker_name
         self._lock = threading.Lock()
         self._agents: dict[Key, Running] = {}
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
-        self.bus_address: str | None = None
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
@@ -116,6 +117,9 @@ class Supervisor:
         TERMINATED report was queued (see ``_finished``), so the two together are complete."""
         with self._lock:
             return [r.report() for r in self._agents.values() if not r.terminated]
+
+    def _bus_sink(self, record: Running) -> Callable[[publisher.Item], None] | None:
+        return self.bus.put if self.bus is not None else None
 
     def count(self, include_stuck: bool = True) -> int:
         """Agents still running; ``include_stuck=False`` leaves out threads that ignored a stop
@@ -190,10 +194,10 @@ class Supervisor:
         def report(event: str, **fields: Any) -> None:
             self._relay(record, event, fields)
 
-        bus = {"address": self.bus_address, "worker": self._worker_name, "host": self.host}
+        sink = self._bus_sink(record)
 
         def run() -> None:
-            publisher.attach(agent, bus["address"], bus["worker"], bus["host"], record.tag)
+            publisher.attach(agent, sink, self._worker_name, self.host, record.tag)
             try:
                 agent.run()
             finally:
@@ -215,8 +219,8 @@ class Supervisor:
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
                                                                     _stderr_level(),
                                                                     self.events_address,
-                                                                    [self.bus_address, self._worker_name, self.host,
-                                                                     record.tag],
+                                                                    [self._worker_name, self.host, record.tag]
+                                                                    if self.bus is not None else None,
                                                                     hold),
                                    name=f"agent-{name}", daemon=False)
         try:
@@ -234,9 +238,15 @@ class Supervisor:
 
     def _watch_process(self, record: Running) -> None:
         seen_error = False
+        sink = self._bus_sink(record)
         try:
             while True:
-                event, fields = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
+                message = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
+                if message[0] == child.BUS:  # one bus event, numbered and packed by the child
+                    if sink is not None:
+                        sink(tuple(message[1:]))
+                    continue
+                event, fields = message
                 if event == "AGENT_ERROR":
                     seen_error = True
                 self._relay(record, event, fields)

@@ -1,0 +1,72 @@
+"""The coordinator's memory of recent bus events, for subscribers that missed some.
+
+Every numbered event the coordinator publishes (its own and those it forwards) is kept here under
+its coordinator seq, bounded by count *and* bytes: the oldest go first.  A subscriber that sees a
+gap (or joins late) asks for a range; it is served in slices (bounded items and bytes per reply)
+so a large request costs the coordinator's loop bounded time, and one beyond ``max_range`` is
+refused outright.  What history no longer holds is reported back as the exact count lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Iterator
+
+SLICE_ITEMS = 2000
+SLICE_BYTES = 1024 * 1024
+MAX_RANGE = 1_000_000
+
+
+class History:
+    """Numbered events ``(seq, topic, body)``, contiguous in seq, oldest first."""
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._items: collections.deque[tuple[int, str, bytes]] = collections.deque()
+        self.bytes = 0
+
+    def add(self, seq: int, topic: str, body: bytes) -> None:
+        if self.max_events <= 0:
+            return
+        items = self._items
+        items.append((seq, topic, body))
+        self.bytes += len(body) + len(topic)
+        while len(items) > self.max_events or (self.bytes > self.max_bytes and len(items) > 1):
+            _, old_topic, old_body = items.popleft()
+            self.bytes -= len(old_body) + len(old_topic)
+
+    @property
+    def oldest(self) -> int | None:
+        """The seq of the oldest event still held (None: nothing)."""
+        return self._items[0][0] if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def slice(self, first: int, last: int, max_items: int = SLICE_ITEMS,
+              max_bytes: int = SLICE_BYTES) -> tuple[list[tuple[int, str, bytes]], int]:
+        """Events ``first..last`` still held, at most one slice of them; and the seq up to which
+        this answer covers the range (the asker continues from there + 1)."""
+        items = self._items
+        if not items or last < items[0][0]:
+            return [], last  # all of it is gone (or never was)
+        oldest = items[0][0]
+        out: list[tuple[int, str, bytes]] = []
+        size = 0
+        limited = False
+        for entry in itertools.islice(items, max(first, oldest) - oldest, None):
+            if entry[0] > last:
+                break
+            if len(out) >= max_items or (out and size + len(entry[2]) > max_bytes):
+                limited = True
+                break
+            out.append(entry)
+            size += len(entry[2])
+        covered = out[-1][0] if limited else last
+        return out, covered
+
+    def matching(self, prefixes: list[str]) -> Iterator[tuple[int, str, bytes]]:
+        """Every event held whose topic starts with one of ``prefixes``, oldest first."""
+        return (e for e in self._items if any(e[1].startswith(p) for p in prefixes))
