@@ -30,3 +30,12 @@ class Emitter(BaseThreadAgent):
     def execute(self):
         for i in range(self.config.count):
             self.publish("bench", i=i)
+
+
+class Chatty(BaseThreadAgent):
+    """S9: logs 10 lines and publishes 10 events, then ends."""
+
+    def execute(self):
+        for i in range(10):
+            self.logger.info("line %d", i)
+            self.publish("chatty", i=i)

@@ -23,23 +23,27 @@ TIMEOUT = 120.0
 class Cluster:
     """A DAEMON orchestrator plus worker processes, with event counters to wait on."""
 
-    def __init__(self, workers: int, **settings: Any) -> None:
+    def __init__(self, workers: int, worker_args: tuple[str, ...] = (), **settings: Any) -> None:
         settings = {"address": "tcp://127.0.0.1:*", "run_mode": RunMode.DAEMON, "log_level": "WARNING",
                     "min_workers": workers, **settings}
         self.orch = Orchestrator("bench", config=Orchestrator.Config(**settings))
         self.counts: dict[str, int] = defaultdict(int)
         self.times: dict[tuple[str, str], float] = {}
         self.cond = threading.Condition()
-        for event in (OrchestratorEvent.AGENT_READY, OrchestratorEvent.AGENT_TERMINATED, OrchestratorEvent.AGENT_ERROR,
+        for event in (OrchestratorEvent.AGENT_STARTED, OrchestratorEvent.AGENT_READY, OrchestratorEvent.AGENT_TERMINATED, OrchestratorEvent.AGENT_ERROR,
                       OrchestratorEvent.WORKER_JOINED, OrchestratorEvent.WORKER_LOST):
             self.orch.register_event(event, self._record)
         self.orch.start()
         self.procs: list[subprocess.Popen] = []
+        self.worker_args = worker_args
+        self.started: dict[str, int] = defaultdict(int)
         self.add_workers(workers)
 
     def _record(self, event: str, agent_name: str | None = None, worker: str | None = None) -> None:
         with self.cond:
             self.counts[event] += 1
+            if event == "AGENT_STARTED" and agent_name:
+                self.started[agent_name] += 1
             self.times[(event, agent_name or worker or "")] = time.perf_counter()
             self.cond.notify_all()
 
@@ -48,7 +52,7 @@ class Cluster:
         for i in range(start, start + n):
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", self.orch.address, "--name", f"b{i}",
-                 "--log-level", "ERROR"], start_new_session=True, stdout=subprocess.DEVNULL))
+                 "--log-level", "ERROR", *self.worker_args], start_new_session=True, stdout=subprocess.DEVNULL))
         self.wait("WORKER_JOINED", start + n)
 
     def wait(self, event: str, count: int, timeout: float = TIMEOUT) -> None:
@@ -230,3 +234,48 @@ def s8_scale(workers: int, per_worker: int) -> dict:
     finally:
         cluster.close()
     return {"seconds": round(seconds, 3), "agents": n, "workers": workers, "rss_mb": rss}
+
+
+class _Sampler:
+    """Samples the coordinator's RSS and ``status()`` latency on a thread until stopped."""
+
+    def __init__(self, orch: Orchestrator, every: float = 0.25) -> None:
+        self.orch, self.every = orch, every
+        self.rss_peak = 0.0
+        self.status_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.rss_peak = max(self.rss_peak, rss_mb(os.getpid()))
+            t0 = time.perf_counter()
+            self.orch.status()
+            self.status_ms.append((time.perf_counter() - t0) * 1000)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
+    """n agents that each log 10 lines and publish 10 events, on ``workers`` with --capacity."""
+    cluster = Cluster(workers, worker_args=("--capacity", str(capacity)))
+    try:
+        sampler = _Sampler(cluster.orch)
+        t0 = time.perf_counter()
+        for i in range(n):
+            cluster.orch.register_agent(agents.Chatty, f"c{i}")
+        cluster.wait("AGENT_TERMINATED", n, timeout=600)
+        seconds = time.perf_counter() - t0
+        sampler.stop()
+        runs = [cluster.started.get(f"c{i}", 0) for i in range(n)]
+        status = cluster.orch.status()
+    finally:
+        cluster.close()
+    return {"seconds": round(seconds, 2), "agents": n, "workers": workers, "capacity": capacity,
+            "executions_min": min(runs), "executions_max": max(runs), "errors": cluster.counts["AGENT_ERROR"],
+            "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
+            "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),
+            "lost_events": status["lost_events"], "dropped": status["dropped"]}

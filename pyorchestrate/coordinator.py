@@ -31,6 +31,10 @@ from .versions import local_versions
 log = logging.getLogger("pyorchestrate.coordinator")
 
 _DRAIN_BATCH = 1000
+#: the most one loop turn spends on one socket's frames: a bus batch can hold thousands of events,
+#: so frames alone do not bound a turn (commands, like status(), wait for the turn to end)
+_DRAIN_SECONDS = 0.02
+_COMMANDS_PER_TURN = 20
 _EVENTS = {e.value: e for e in OrchestratorEvent}
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
 
@@ -159,14 +163,23 @@ class Coordinator:
                 # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
                 # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
-                    for command, future in self.mailbox.drain():
-                        self._run_command(command, future)
+                    # a bounded slice: 10,000 register_agent calls at once must not hold up
+                    # heartbeats (or a status() call) for a second
+                    deadline = time.monotonic() + _DRAIN_SECONDS
+                    while time.monotonic() < deadline:
+                        taken = self.mailbox.drain(_COMMANDS_PER_TURN)
+                        for command, future in taken:
+                            self._run_command(command, future)
+                        if not taken:
+                            break
                 behind = self.router in ready and self._drain_control()
+                self._serve_queries()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
                 if self.monitor in ready:
                     self._on_monitor()
                 if self.xsub in ready:
                     self._drain(self.xsub, self._on_bus)
+                    self._serve_queries()
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
@@ -175,16 +188,22 @@ class Coordinator:
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
                     next_tick = core.next_wake(now)
+                self._serve_queries()
                 core.place(now)
                 core.release_drained(now)
                 self._check_finished(now)
                 self._carry_out()
+                self._serve_queries()
         except Exception:
             log.exception("coordinator loop crashed; shutting down")
             core.start_error = "the coordinator loop crashed (see the log)"
             self._on_finished()
         finally:
             self._close()
+
+    def _serve_queries(self) -> None:
+        for command, future in self.mailbox.queries():
+            self._run_command(command, future)
 
     def _run_command(self, command: commands.Command, future: Any) -> None:
         assert self.core is not None
@@ -227,7 +246,10 @@ class Coordinator:
 
     def _drain_control(self) -> bool:
         """Read a bounded slice of control frames; True if more are waiting (we are behind)."""
+        deadline = time.monotonic() + _DRAIN_SECONDS
         for _ in range(_DRAIN_BATCH):
+            if time.monotonic() >= deadline:
+                return True
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -262,7 +284,10 @@ class Coordinator:
                 self.core.disconnected(identity, time.monotonic())
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        deadline = time.monotonic() + _DRAIN_SECONDS
         for _ in range(_DRAIN_BATCH):
+            if time.monotonic() >= deadline:
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

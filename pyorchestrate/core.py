@@ -35,7 +35,7 @@ from .actions import Action, AwaitBus, Finished, Forget, Publish, Send
 from .core_commands import CommandHandlers
 from .events import OrchestratorEvent as E
 from .limits import Limits
-from .placement import choose
+from .placement import PLACE_PER_PASS, Free, choose
 from .predecessor import Predecessor
 from .records import AgentRecord, WorkerRecord
 from .registration import Registration
@@ -358,12 +358,12 @@ class ClusterCore(Registration, CommandHandlers):
         for worker in list(self.workers.values()):
             if not worker.alive:
                 continue
-            if behind:
-                pass
-            elif worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
+            # behind, nobody is judged; but replies still go out: a coordinator that is merely busy
+            # must not let its workers' leases run out (it would stop their agents: a false death)
+            if not behind and worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (its connection closed "
                                                          "and it did not come back)", now, certain=True)
-            elif now - worker.last_seen > limits.silence:
+            elif not behind and now - worker.last_seen > limits.silence:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (no heartbeat for "
                                                          f"{now - worker.last_seen:.1f} s)", now, certain=False)
             elif now - worker.last_beat_sent >= limits.interval:
@@ -442,8 +442,19 @@ class ClusterCore(Registration, CommandHandlers):
         self._holding = False
         cap = self.config.max_workers
         running = self.states.count(*LIVE)
+        # workers with room, least loaded first: an agent without pin or labels takes the top in
+        # O(log workers), and once none is left the rest wait without scanning every worker
+        free = Free(self.workers.values())
+        assigned = 0
         for record in self.states.of(S.PENDING):
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
+                continue
+            if assigned >= PLACE_PER_PASS:
+                self._dirty = True  # the rest in the next pass: one pass never holds the loop long
+                break
+            anywhere = record.pin is None and not record.labels
+            if anywhere and not free:
+                record.pending_reason = free.why_none()
                 continue
             held = self.predecessor.hold_until(record) - now
             if held > 0:
@@ -464,11 +475,13 @@ class ClusterCore(Registration, CommandHandlers):
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
                 continue
-            worker, why = choose(self.workers.values(), record.pin, record.labels)
+            worker, why = free.take() if anywhere else choose(self.workers.values(), record.pin, record.labels)
             if worker is None:
                 record.pending_reason = why
                 continue
             self._assign(record, worker, now)
+            free.update(worker)
+            assigned += 1
             running += 1
 
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:

@@ -349,7 +349,7 @@ class Orchestrator:
         if self._shut:
             raise RuntimeError("this orchestrator has shut down")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._coordinator.mailbox.put((command, future))
+        self._coordinator.mailbox.put((command, future), query=isinstance(command, cmd.Snapshot))
         return future.result(timeout)
 
     def register_event(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Iterable
 
 
@@ -32,3 +33,52 @@ def choose(workers: Iterable[Any], pin: str | None, labels: dict[str, str]) -> t
         wanted = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         return None, f"no live worker has labels {wanted}"
     return None, "no live worker"
+
+
+#: assignments per placement pass; the rest wait for the next loop turn (a pass is then bounded)
+PLACE_PER_PASS = 250
+
+
+class Free:
+    """The workers with room for an agent without pin or labels, least loaded first (the order
+    :func:`choose` picks in), as a heap: taking one costs O(log workers), not a scan."""
+
+    def __init__(self, workers: Iterable[Any]) -> None:
+        self._any_alive = False
+        self._heap: list[tuple[int, int, Any]] = []
+        for worker in workers:
+            if eligible(worker, None, {}):
+                self._any_alive = True
+                if has_room(worker):
+                    self._heap.append((len(worker.agents), worker.order, worker))
+        heapq.heapify(self._heap)
+
+    def _clean(self) -> None:
+        # an entry is stale once its worker's load changed (an assignment elsewhere in the pass)
+        heap = self._heap
+        while heap:
+            load, order, worker = heap[0]
+            if load == len(worker.agents) and eligible(worker, None, {}) and has_room(worker):
+                return
+            heapq.heappop(heap)
+            if eligible(worker, None, {}) and has_room(worker) and load != len(worker.agents):
+                heapq.heappush(heap, (len(worker.agents), order, worker))
+
+    def __bool__(self) -> bool:
+        self._clean()
+        return bool(self._heap)
+
+    def take(self) -> tuple[Any | None, str]:
+        """The least-loaded worker with room (removed until :meth:`update`), or None and why."""
+        self._clean()
+        if not self._heap:
+            return None, self.why_none()
+        return heapq.heappop(self._heap)[2], ""
+
+    def update(self, worker: Any) -> None:
+        """``worker`` was given an agent: back in the heap if it still has room."""
+        if eligible(worker, None, {}) and has_room(worker):
+            heapq.heappush(self._heap, (len(worker.agents), worker.order, worker))
+
+    def why_none(self) -> str:
+        return "every eligible worker is at capacity" if self._any_alive else "no live worker"
