@@ -331,6 +331,8 @@ class Coordinator:
             # no route (ROUTER_MANDATORY) or full: the worker's connection is gone; if it is a
             # worker we count on, it must come back and speak within the reconnect grace
             log.debug("could not send to %r: %s", identity, exc)
+            # named for what it is: a peer gone, not garbage from the network
+            self.dropped.counts["send_to_unreachable_peer"] += 1
             assert self.core is not None
             self.core.disconnected(identity, time.monotonic())
 
@@ -409,9 +411,10 @@ class Coordinator:
         wanted = self.dispatcher.wants(OrchestratorEvent.AGENT_HEARTBEAT)
         base = {"event": "AGENT_HEARTBEAT", "publisher": worker, "incarnation": self.session, "worker": worker,
                 **stamp()}
+        stale = 0
         for agent, tag, seq in beats:
             if not self.core.bus_accepts(agent, worker, tag):
-                self.dropped.drop("stale_bus_event", f"{worker}/{agent}")
+                stale += 1  # counted once per frame: thousands of drops would each cost a log check
                 continue
             key = (f"{worker}/{agent}", tag)
             last = self._bus_seqs.get(key)
@@ -427,6 +430,8 @@ class Coordinator:
                        numbered=False)
             if wanted:
                 self.dispatcher.dispatch(OrchestratorEvent.AGENT_HEARTBEAT, fields)
+        if stale:
+            self.dropped.drop("stale_bus_event", f"{stale} heartbeat(s) of {worker}", count=stale)
 
     def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes) -> None:
         """Check one event's place in its publisher's sequence and forward it.  Its body is only

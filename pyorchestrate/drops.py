@@ -17,8 +17,8 @@ class DropCounter:
         self._interval = interval
         self._last_log = -interval
 
-    def drop(self, kind: str, detail: Any = "") -> None:
-        self.counts[kind] += 1
+    def drop(self, kind: str, detail: Any = "", count: int = 1) -> None:
+        self.counts[kind] += count
         now = time.monotonic()
         if now - self._last_log >= self._interval:
             self._last_log = now
