@@ -31,7 +31,10 @@ _CLOCK_SKEW = 1.0  # a run that started this long before us still counts as "aft
 
 
 class Event(dict):
-    """One event: a dict that also allows attribute access (``ev.event``, ``ev.agent_name``)."""
+    """One event: a dict that also allows attribute access (``ev.event``, ``ev.agent_name``).
+    ``coordinator_seq`` is its number in its coordinator run's stream (None where unknown)."""
+
+    coordinator_seq: int | None = None
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -178,6 +181,7 @@ class EventSubscriber:
             if seq < expected:
                 return  # already delivered (it came from history)
             self._next[session] = seq + 1
+            event.coordinator_seq = seq
         if event.get("event") != _HEARTBEAT:
             self._pending.append(event)
 
@@ -228,7 +232,9 @@ class EventSubscriber:
                 self._lost(f"coordinator run {session}", seq - expected)
             if seq >= expected:
                 self.recovered += 1
-                self._pending.append(Event(fields))
+                event = Event(fields)
+                event.coordinator_seq = seq
+                self._pending.append(event)
                 expected = seq + 1
         if covered >= expected:
             self._lost(f"coordinator run {session}", covered - expected + 1)

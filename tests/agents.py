@@ -172,3 +172,16 @@ class CopyTracer(LoopingThreadAgent):
 
     def on_close(self):
         append_line(self.config.trace, f"close {self.copy} {time.time():.3f}")
+
+
+class Burst(BaseThreadAgent):
+    """Publishes ``count`` numbered events of ``pad`` bytes each as fast as it can."""
+
+    class Config(BaseThreadAgent.Config):
+        count = 1000
+        pad = 0
+
+    def execute(self):
+        pad = "x" * self.config.pad
+        for i in range(self.config.count):
+            self.publish("burst", i=i, pad=pad)

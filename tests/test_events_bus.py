@@ -196,6 +196,10 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
         assert lost["lost"] == 3 and lost["source"] == publisher
         assert orch.status()["lost_events"] == 3
         assert len(events.wait("AGENT_EVENT", count=4)) == 4
+        # a lost tail: the worker's beats frame says the run sent 9; 8 and 9 never came
+        pub.send_multipart(protocol.encode_beats("w1", "fake-incarnation", next(frame_n), [["probe", run, 9]]))
+        tail = events.wait("EVENTS_LOST", count=2)[1]
+        assert tail["lost"] == 2 and orch.status()["lost_events"] == 5
         # a copy of an older run (or of another coordinator's) is not the agent: dropped, counted
         pub.send_multipart(batch("oldcoordinator.1", 1, 2))
         wait_for(lambda: orch.status()["dropped"].get("stale_bus_event", 0) >= 1, 10, "the stale batch to be counted")

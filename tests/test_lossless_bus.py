@@ -1,0 +1,104 @@
+"""The lossless bus with a real coordinator: a stalled subscriber recovers what it missed from the
+coordinator's history (or is told the exact count history no longer held), a subscriber started
+before its coordinator sees the run from seq 1, and one that outlives coordinator scripts sees
+every run whole."""
+
+from __future__ import annotations
+
+import pytest
+from agents import Burst, Quick
+from conftest import EventLog, free_port, wait_for
+
+from pyorchestrate import EventSubscriber, RunMode
+
+N = 20_000
+PAD = 4000  # 80 MB in all: more than the pipes and TCP buffers (up to 32 MB here) hold while nobody reads
+
+
+def _read_all(sub: EventSubscriber, until) -> tuple[list[int], int]:
+    """The burst's numbers in the order delivered, and the EVENTS_LOST total, until ``until``."""
+    numbers: list[int] = []
+    lost = 0
+    while not until(numbers, lost):
+        ev = sub.recv(timeout=30)
+        assert ev is not None, f"stream stalled at {len(numbers)} events, {lost} reported lost"
+        if ev.event == "EVENTS_LOST":
+            lost += ev.lost
+        elif ev.event == "AGENT_EVENT" and ev.agent_name == "burst":
+            numbers.append(ev.data["i"])
+    return numbers, lost
+
+
+@pytest.mark.parametrize("history", [200_000, 2_000], ids=["history-holds-all", "history-too-short"])
+def test_stalled_subscriber_gets_every_event_or_the_exact_count_lost(cluster, history):
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, subscriber_hwm=500, history_max_events=history,
+                                history_max_bytes=200 * 1024 * 1024)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED")
+    with EventSubscriber(orch.events_address, hwm=500) as sub:
+        assert sub.wait_connected(10)
+        orch.register_agent(Burst, "burst", Burst.Config(count=N, pad=PAD))
+        # all of it forwarded by the coordinator while we slept (its callbacks see each event)
+        events.wait("AGENT_EVENT", "burst", count=N, timeout=120)
+        assert orch.status()["lost_events"] == 0  # nothing lost between worker and coordinator
+        numbers, lost = _read_all(sub, lambda got, lost: len(got) + lost >= N)
+    assert numbers == sorted(numbers), "delivered out of order"
+    assert len(set(numbers)) == len(numbers), "delivered twice"
+    assert len(numbers) + lost == N and sub.lost == lost  # every one delivered or counted: 0 silent
+    assert sub.recovered > 0, "the stall lost nothing: the test did not test recovery"
+    if history >= N * 2:
+        assert lost == 0 and numbers == list(range(N))
+    else:
+        assert lost > 0 and numbers[-1] == N - 1, (lost, sub.recovered, len(numbers))
+
+
+def test_subscriber_started_before_its_coordinator_sees_the_run_from_seq_1(cluster):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port + 1}"
+    with EventSubscriber(address) as sub:  # nobody there yet: the slow-joiner case, every time
+        orch = cluster.orchestrator(address=f"tcp://127.0.0.1:{port}", events_address=address)
+        events = EventLog(orch)
+        orch.start()
+        cluster.worker(orch.address, "w1")
+        orch.register_agent(Quick, "first")
+        events.wait("AGENT_TERMINATED", "first")
+        got = []
+        wait_for(lambda: got.extend(sub.drain()) or any(e.event == "AGENT_TERMINATED" for e in got), 20,
+                 "the run's events at the early subscriber")
+        assert [e.coordinator_seq for e in got] == list(range(1, len(got) + 1)), [(e.event, e.coordinator_seq) for e in got]
+        assert [e.event for e in got if e.get("agent_name") == "first" and e.event.startswith("AGENT_")
+                and e.event not in ("AGENT_LOG", "AGENT_HEARTBEAT")] == \
+            ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
+        assert sub.lost == 0
+
+
+def test_subscriber_that_outlives_coordinator_scripts_sees_every_run_whole(cluster):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port + 1}"
+    got = []
+    with EventSubscriber(address) as sub:
+        for run in range(2):
+            # DAEMON: a script that ends 0.1 s after it starts may be gone before a subscriber's
+            # reconnect (every 0.1 s) reaches it, and its history with it (then it is reported lost)
+            orch = cluster.orchestrator(f"script{run}", address=f"tcp://127.0.0.1:{port}", events_address=address,
+                                        run_mode=RunMode.DAEMON)
+            orch.start()
+            worker = cluster.worker(orch.address, f"w{run}")
+            orch.register_agent(Quick, f"agent{run}")
+            wait_for(lambda: got.extend(sub.drain()) or any(e.event == "AGENT_TERMINATED" and e.agent_name == f"agent{run}"
+                                                            for e in got), 20, f"agent{run} at the subscriber")
+            orch.stop(timeout=10)
+            worker.terminate()
+            worker.wait(20)
+            wait_for(lambda: got.extend(sub.drain()) or any(e.event == "SHUTDOWN" and e.publisher == f"script{run}"
+                                                            for e in got), 20, f"run {run} at the subscriber")
+        assert sub.lost == 0
+    numbered = [e.coordinator_seq for e in got if e.event != "AGENT_HEARTBEAT"]
+    second = numbered.index(1, 1)  # the second run starts again at 1
+    assert numbered == list(range(1, second + 1)) + list(range(1, len(numbered) - second + 1)), numbered
+    for run in range(2):
+        mine = [e.event for e in got if e.get("agent_name") == f"agent{run}" and e.event in
+                ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")]
+        assert mine == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], (run, mine)
