@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--peers] [--scale X] [--json FILE]: our costs next to the raw-pyzmq
+"""python -m benchmarks [--quick] [--peers] [--scale X] [--soak S] [--json FILE]: our costs next to the raw-pyzmq
 floor and (``--peers``) to Ray, Dask and ipyparallel, in one run on this machine."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run(quick: bool, scale: float) -> dict:
+def run(quick: bool, scale: float, soak: float = 0.0) -> dict:
     def n(full: int, fast: int) -> int:
         return count(full, fast, quick, scale)
 
@@ -69,6 +69,11 @@ def run(quick: bool, scale: float) -> dict:
         done(f"S6.{variant}", value)
     done("S7", ours.s7_idle(n(20, 5), 10.0 if not quick else 2.0))
     done("S8", ours.s8_scale(n(50, 6), 20 if not quick else 4))
+    done("S5.lossless", ours.s5_lossless(n(100_000, 20_000)))
+    for workers in ((50, 100) if not quick else (n(10, 5),)):
+        done(f"S9.{workers}w", ours.s9_scale(workers, n(10_000, 1_000)))
+    if soak:
+        done("S10", ours.s10_soak(soak))
     return results
 
 
@@ -138,13 +143,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts, fast settings only (< 2 min)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (the smoke test uses 0.05)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="S",
+                        help="also run S10: S seconds of agents registered and finished at 500/s (e.g. 300)")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
                         help="give up on a peer after S seconds (default 600)")
     args = parser.parse_args()
     started = time.perf_counter()
-    scenarios = run(args.quick, args.scale)
+    scenarios = run(args.quick, args.scale, args.soak)
     report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}
     print(table(scenarios))
     if args.peers:

@@ -23,7 +23,8 @@ TIMEOUT = 120.0
 class Cluster:
     """A DAEMON orchestrator plus worker processes, with event counters to wait on."""
 
-    def __init__(self, workers: int, worker_args: tuple[str, ...] = (), **settings: Any) -> None:
+    def __init__(self, workers: int, worker_args: tuple[str, ...] = (), track: bool = True, **settings: Any) -> None:
+        self.track = track
         settings = {"address": "tcp://127.0.0.1:*", "run_mode": RunMode.DAEMON, "log_level": "WARNING",
                     "min_workers": workers, **settings}
         self.orch = Orchestrator("bench", config=Orchestrator.Config(**settings))
@@ -42,9 +43,10 @@ class Cluster:
     def _record(self, event: str, agent_name: str | None = None, worker: str | None = None) -> None:
         with self.cond:
             self.counts[event] += 1
-            if event == "AGENT_STARTED" and agent_name:
-                self.started[agent_name] += 1
-            self.times[(event, agent_name or worker or "")] = time.perf_counter()
+            if self.track:  # per-agent records: off in the soak, where they would be the leak measured
+                self.times[(event, agent_name or worker or "")] = time.perf_counter()
+                if event == "AGENT_STARTED" and agent_name:
+                    self.started[agent_name] += 1
             self.cond.notify_all()
 
     def add_workers(self, n: int) -> None:
@@ -279,3 +281,102 @@ def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
             "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
             "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),
             "lost_events": status["lost_events"], "dropped": status["dropped"]}
+
+
+def _proc_counts(pid: int) -> dict:
+    return {"threads": len(os.listdir(f"/proc/{pid}/task")), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def _slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) samples, in MB per minute."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in samples) / n
+    mm = sum(m for _, m in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return 60 * sum((t - mt) * (m - mm) for t, m in samples) / var if var else 0.0
+
+
+def s10_soak(seconds: float, rate: int = 500, workers: int = 4, warmup: float | None = None) -> dict:
+    """DAEMON; ``rate`` agents a second registered and finished (each logs 10 lines and publishes
+    10 events) for ``seconds``; RSS slope of the coordinator and a worker after warm-up."""
+    warmup = min(60.0, seconds / 5) if warmup is None else warmup
+    cluster = Cluster(workers, track=False)
+    me, worker_pid = os.getpid(), cluster.procs[0].pid
+    try:
+        time.sleep(1.0)
+        start = {"coordinator": _proc_counts(me), "worker": _proc_counts(worker_pid)}
+        coord: list[tuple[float, float]] = []
+        work: list[tuple[float, float]] = []
+        t0 = time.perf_counter()
+        next_sample = t0
+        registered = 0
+        while (now := time.perf_counter()) - t0 < seconds:
+            due = int((now - t0) * rate)
+            for i in range(registered, due):
+                cluster.orch.register_agent(agents.Chatty, f"s{i}")
+            registered = max(registered, due)
+            if now >= next_sample:
+                if now - t0 >= warmup:
+                    coord.append((now - t0, rss_mb(me)))
+                    work.append((now - t0, rss_mb(worker_pid)))
+                next_sample = now + 2.0
+            time.sleep(0.02)
+        cluster.wait("AGENT_TERMINATED", registered, timeout=120)
+        end = {"coordinator": _proc_counts(me), "worker": _proc_counts(worker_pid)}
+        finished_per_s = registered / (time.perf_counter() - t0)
+        status = cluster.orch.status()
+    finally:
+        cluster.close()
+    return {"seconds": round(seconds), "agents": registered, "per_s": round(finished_per_s),
+            "coordinator_mb_per_min": round(_slope_mb_per_min(coord), 3),
+            "worker_mb_per_min": round(_slope_mb_per_min(work), 3),
+            "coordinator_rss_mb": [coord[0][1], coord[-1][1]] if coord else None,
+            "worker_rss_mb": [work[0][1], work[-1][1]] if work else None,
+            "start": start, "end": end, "worker_lost": cluster.counts["WORKER_LOST"],
+            "errors": cluster.counts["AGENT_ERROR"], "lost_events": status["lost_events"]}
+
+
+def s5_lossless(n: int, stall: float = 5.0) -> dict:
+    """A subscriber that stalls ``stall`` s mid-stream: events delivered (recovered from history)
+    vs reported lost vs silently missing (must be 0)."""
+    cluster = Cluster(1)
+    try:
+        sub = subprocess.Popen([sys.executable, "-c", _STALLER, cluster.orch.events_address, str(n), str(stall)],
+                               stdout=subprocess.PIPE, text=True)
+        assert sub.stdout.readline().strip() == "ready"
+        cluster.orch.register_agent(agents.Emitter, "emitter", agents.Emitter.Config(count=n))
+        out, _ = sub.communicate(timeout=TIMEOUT + stall)
+        got, lost, recovered, in_order = out.split()
+    finally:
+        cluster.close()
+    got, lost = int(got), int(lost)
+    return {"delivered": got, "reported_lost": lost, "silent": n - got - lost, "recovered": int(recovered),
+            "in_order": in_order == "True", "n": n}
+
+
+_STALLER = r"""
+import sys, time
+from pyorchestrate import EventSubscriber
+address, n, stall = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sub = EventSubscriber(address)
+sub.wait_connected(30)
+print("ready", flush=True)
+got, lost, seen, last = 0, 0, 0, -1
+in_order = True
+deadline = time.monotonic() + 120
+while got + lost < n and time.monotonic() < deadline:
+    ev = sub.recv(10)
+    if ev is None:
+        break
+    if ev.event == "EVENTS_LOST":
+        lost += ev.lost
+    elif ev.event == "AGENT_EVENT":
+        got += 1
+        in_order = in_order and ev.data["i"] > last
+        last = ev.data["i"]
+        if got == n // 4:
+            time.sleep(stall)  # mid-stream: everything published meanwhile piles up, then spills
+print(got, lost, sub.recovered, in_order, flush=True)
+"""

@@ -29,6 +29,7 @@ from .records import AgentRecord, WorkerRecord
 from .versions import local_versions
 
 log = logging.getLogger("pyorchestrate.coordinator")
+_AGENT_LOG = logging.getLogger("pyorchestrate.agent")
 
 _DRAIN_BATCH = 1000
 #: the most one loop turn spends on one socket's frames: a bus batch can hold thousands of events,
@@ -474,11 +475,18 @@ class Coordinator:
 
     @staticmethod
     def _reemit_log(fields: dict[str, Any]) -> None:
+        # under the agent's logger name, but through the parent logger: getLogger() per agent
+        # would keep one logger per agent name ever seen (a DAEMON of short-lived agents grew
+        # without bound)
         agent = str(fields.get("agent_name", "?"))
         level = fields.get("levelno")
-        logging.getLogger(f"pyorchestrate.agent.{agent}").log(
-            level if isinstance(level, int) else logging.INFO, "%s [%s@%s]", fields.get("message", ""),
-            fields.get("worker", "?"), fields.get("host", "?"))
+        level = level if isinstance(level, int) else logging.INFO
+        if not _AGENT_LOG.isEnabledFor(level):
+            return
+        record = _AGENT_LOG.makeRecord(f"pyorchestrate.agent.{agent}", level, "(agent)", 0, "%s [%s@%s]",
+                                       (fields.get("message", ""), fields.get("worker", "?"), fields.get("host", "?")),
+                                       None)
+        _AGENT_LOG.handle(record)
 
     def _report_gap(self, publisher: str, lost: int) -> None:
         self.lost_events += lost
