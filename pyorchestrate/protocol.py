@@ -363,6 +363,18 @@ def encode_stamp(session: str, seq: int, numbered: bool, started: float) -> byte
     return msgpack.packb([session, seq, numbered, started], use_bin_type=True)
 
 
+def stamp_encoder(session: str, started: float) -> Any:
+    """A fast :func:`encode_stamp` for one coordinator run: the same bytes, with only the seq
+    packed per event (the rest is fixed for the run)."""
+    head = b"\x94" + msgpack.packb(session, use_bin_type=True)  # a 4-element array, then session
+    tails = {True: b"\xc3" + msgpack.packb(started), False: b"\xc2" + msgpack.packb(started)}
+    pack = msgpack.Packer(use_bin_type=True).pack
+
+    def encode(seq: int, numbered: bool) -> bytes:
+        return head + pack(seq) + tails[numbered]
+    return encode
+
+
 def decode_stamp(frame: bytes) -> tuple[str, int, bool, float]:
     stamp_ = _unpack(frame, 1024)
     if not (isinstance(stamp_, list) and len(stamp_) == 4 and isinstance(stamp_[0], str) and type(stamp_[1]) is int
