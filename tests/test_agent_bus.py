@@ -110,3 +110,41 @@ def test_late_subscriber_gets_recent_history(two):
     assert got.index(("AGENT_STARTED", "early")) < got.index(("AGENT_TERMINATED", "early"))
     with EventSubscriber(orch.events_address, topics=["AGENT_"], timeout=0.5) as plain:
         assert not [ev for ev in plain if ev.agent_name == "early"], "without history= nothing old comes"
+
+
+def test_an_oversized_event_raises_in_the_agent_and_numbers_nothing():
+    from pyorchestrate.publisher import MAX_EVENT_BYTES, AgentBus
+
+    sent = []
+    bus = AgentBus(sent.append, "w1/a", "run.1", {"agent_name": "a"})
+    bus.publish("AGENT_EVENT", "t", {"data": {"n": 1}})
+    with pytest.raises(ValueError, match=f"over the bus limit of {MAX_EVENT_BYTES:,} bytes"):
+        bus.publish("AGENT_EVENT", "t", {"data": {"blob": b"x" * (MAX_EVENT_BYTES + 1)}})
+    bus.publish("AGENT_EVENT", "t", {"data": {"n": 2}})
+    assert [item[3] for item in sent] == [1, 2]  # the refused one left no gap
+    assert bus.flush() == {"bus_publisher": "w1/a", "bus_incarnation": "run.1", "bus_seq": 2}
+
+
+def test_a_query_goes_ahead_of_other_threads_commands_but_never_its_own():
+    import threading
+
+    import zmq
+
+    from pyorchestrate.mailbox import Mailbox
+
+    ctx = zmq.Context()
+    box = Mailbox(ctx)
+    try:
+        other = threading.Thread(target=lambda: [box.put(f"add{i}") for i in range(3)])
+        other.start()
+        other.join()
+        box.put("status", query=True)  # this thread queued nothing: it goes first
+        assert box.queries() == ["status"]
+        box.put("mine")
+        box.put("my-status", query=True)  # behind this thread's own command
+        assert box.queries() == []
+        assert box.drain(2) == ["add0", "add1"]
+        assert box.drain() == ["add2", "mine", "my-status"]
+    finally:
+        box.close()
+        ctx.term()
