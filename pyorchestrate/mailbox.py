@@ -44,7 +44,10 @@ class Mailbox:
                 return
             was_empty = not self._items
             if query and not self._queued_by[thread]:
-                self._items.appendleft((None, item))
+                ahead = 0  # behind the queries already waiting at the head (first come, first served)
+                while ahead < len(self._items) and self._items[ahead][0] is None:
+                    ahead += 1
+                self._items.insert(ahead, (None, item))
             else:
                 self._items.append((thread, item))
                 self._queued_by[thread] += 1

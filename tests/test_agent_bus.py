@@ -139,7 +139,8 @@ def test_a_query_goes_ahead_of_other_threads_commands_but_never_its_own():
         other.start()
         other.join()
         box.put("status", query=True)  # this thread queued nothing: it goes first
-        assert box.queries() == ["status"]
+        box.put("status2", query=True)  # queries among themselves: first come, first served
+        assert box.queries() == ["status", "status2"]
         box.put("mine")
         box.put("my-status", query=True)  # behind this thread's own command
         assert box.queries() == []

@@ -118,7 +118,7 @@ class Supervisor:
         with self._lock:
             return [r.report() for r in self._agents.values() if not r.terminated]
 
-    def _bus_sink(self, record: Running) -> Callable[[publisher.Item], None] | None:
+    def _bus_sink(self) -> Callable[[publisher.Item], None] | None:
         return self.bus.put if self.bus is not None else None
 
     def count(self, include_stuck: bool = True) -> int:
@@ -194,7 +194,7 @@ class Supervisor:
         def report(event: str, **fields: Any) -> None:
             self._relay(record, event, fields)
 
-        sink = self._bus_sink(record)
+        sink = self._bus_sink()
 
         def run() -> None:
             publisher.attach(agent, sink, self._worker_name, self.host, record.tag)
@@ -238,7 +238,7 @@ class Supervisor:
 
     def _watch_process(self, record: Running) -> None:
         seen_error = False
-        sink = self._bus_sink(record)
+        sink = self._bus_sink()
         try:
             while True:
                 message = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
