@@ -203,7 +203,7 @@ class EventSubscriber:
             self._ask(wanted["session"], wanted["first"], wanted["last"], wanted["tries"] + 1)
             return
         # nobody answers (the coordinator is gone): what we asked for is lost
-        self._lost(f"coordinator run {wanted['session']}", wanted["last"] - wanted["first"] + 1)
+        self._lost(wanted["session"], wanted["last"] - wanted["first"] + 1)
         self._next[wanted["session"]] = wanted["last"] + 1
         self._release_held()
 
@@ -214,22 +214,19 @@ class EventSubscriber:
             if len(frames) != 2:
                 raise protocol.ProtocolError("range reply of wrong shape")
             reply = protocol.decode_range_reply(frames[1])
-            if reply["refused"]:
-                covered, items = last, []
-            else:
-                covered, items = min(max(reply["covered"], first - 1), last), reply["items"]
-                past = [(s, protocol.decode_body(t, b)) for s, t, b in items if first <= s <= covered]
+            covered, past = last, []  # refused: all of it is lost
+            if not reply["refused"]:
+                covered = min(max(reply["covered"], first - 1), last)
+                past = [(s, protocol.decode_body(t, b)) for s, t, b in reply["items"] if first <= s <= covered]
         except protocol.ProtocolError:
             self.dropped += 1
             self._range = {**wanted, "deadline": 0.0}  # a bad answer is no answer: the timeout path decides
             self._sub.setsockopt(zmq.SUBSCRIBE, wanted["topic"])
             return
-        if reply["refused"]:
-            past = []
         expected = first
         for seq, fields in past:
             if seq > expected:
-                self._lost(f"coordinator run {session}", seq - expected)
+                self._lost(session, seq - expected)
             if seq >= expected:
                 self.recovered += 1
                 event = Event(fields)
@@ -237,7 +234,7 @@ class EventSubscriber:
                 self._pending.append(event)
                 expected = seq + 1
         if covered >= expected:
-            self._lost(f"coordinator run {session}", covered - expected + 1)
+            self._lost(session, covered - expected + 1)
         self._next[session] = covered + 1
         if covered < last:
             self._ask(session, covered + 1, last)  # the next slice
@@ -252,9 +249,10 @@ class EventSubscriber:
                 self._held.extend(held)
                 return
 
-    def _lost(self, source: str, lost: int) -> None:
+    def _lost(self, session: str, lost: int) -> None:
+        """``lost`` events of coordinator run ``session`` that history no longer held."""
         if lost > 0:
-            self._report_gap(source, lost)
+            self._report_gap(f"coordinator run {session}", lost)
 
     def _take_history(self, frames: list[bytes]) -> None:
         """Recent events, older than anything live: put them first, minus any already seen live."""

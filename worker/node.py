@@ -261,8 +261,7 @@ class Worker:
                 if message["type"] == "welcome":
                     self._recv_n = message["n"]
                     self._read_session = message["session"]
-                    self._deferred.clear()
-                    self._deferred_starts = 0
+                    self._drop_deferred()  # a new connection: what was queued on the old one is moot
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
@@ -448,12 +447,15 @@ class Worker:
             if message["type"] == "start":
                 self._deferred_starts -= 1
             if self._guarded(self._handle, message) == "reconnect":
-                self._deferred.clear()  # what the coordinator sent before it let us go is moot
-                self._deferred_starts = 0
+                self._drop_deferred()  # what the coordinator sent before it let us go is moot
                 return "reconnect"
             if time.monotonic() >= deadline:
                 break
         return None
+
+    def _drop_deferred(self) -> None:
+        self._deferred.clear()
+        self._deferred_starts = 0
 
     def _handle(self, message: dict[str, Any]) -> str | None:
         kind = message["type"]
