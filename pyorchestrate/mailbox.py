@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 from typing import Any
 
@@ -89,3 +90,72 @@ class Mailbox:
             self._closed = True
             self._push.close()
         self.wake_socket.close()
+
+
+class WakeQueue:
+    """A FIFO many threads put into and one thread drains, with no lock at all.
+
+    For the worker, where thousands of agent threads report: a :class:`Mailbox` serializes its
+    producers with a lock held across a ZeroMQ send, which releases the GIL, so a producer could
+    keep the lock for as long as it then waited to get the GIL back; with thousands of threads
+    queued for it the worker's loop sat 0.5-1.5 s on that lock per flush.  Here a producer
+    appends to a deque (atomic under the GIL) and wakes the owner through a pipe (a write is
+    thread-safe) only if nobody has since the owner's last drain.  :attr:`wake_socket` is the
+    pipe's read end: a file descriptor ``zmq.Poller`` polls like a socket.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._woken = False
+        self._closed = False
+        self.wake_socket = self._read
+
+    def put(self, item: Any) -> None:
+        """Queue ``item`` and wake the owner.  Safe from any thread; never blocks."""
+        self._items.append(item)
+        # unsynchronized on purpose: the owner clears the flag *before* it takes items, so an
+        # item appended after its last take always finds the flag clear and wakes it (at worst
+        # one wake too many, never one too few)
+        if not self._woken:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        if self._closed:
+            return
+        try:
+            os.write(self._write, b"\0")
+        except OSError:
+            pass  # the pipe is full (the owner is already due to wake) or closed at shutdown
+
+    def drain(self, limit: int | None = None) -> list[Any]:
+        """Take the queued items, at most ``limit`` (owner thread only); if some are left, the
+        wake stays set, so the owner's next poll comes back for them."""
+        self._woken = False
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        taken = []
+        items = self._items
+        while limit is None or len(taken) < limit:
+            try:
+                taken.append(items.popleft())
+            except IndexError:
+                break
+        if items:
+            self._wake()
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._write)
+            os.close(self._read)

@@ -33,9 +33,10 @@ from pyorchestrate import protocol, sockets
 from pyorchestrate.publisher import BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
-from pyorchestrate.mailbox import Mailbox
+from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 
+from . import crowd
 from .supervisor import Supervisor
 
 log = logging.getLogger("pyorchestrate.worker")
@@ -51,15 +52,6 @@ READ_SLICE = 2000
 WORK_SLICE = 0.05
 BUS_SLICE = 0.02
 _BEATS_PER_FRAME = 5000
-#: the GIL switch interval of a worker process running many agents.  With thousands of agent
-#: threads waking on their own timers, CPython's default (5 ms) makes every thread waiting for the
-#: GIL wake every 5 ms to demand it: the herd starved this loop for tens of seconds (10,000 idle
-#: agents on 2 workers: workers declared lost).  At 50 ms the same burst is READY in 4 s with none
-#: lost.  With few agents the default stays: a busy agent thread then hands the GIL back to this
-#: loop sooner (an agent publishing flat out: 82k events/s at 5 ms, 70k at 50 ms).
-SWITCH_INTERVAL = 0.05
-SWITCH_DEFAULT = 0.005
-MANY_AGENTS = 500
 
 
 def _from_another_coordinator(message: dict[str, Any], session: str) -> bool:
@@ -94,8 +86,8 @@ class Worker:
         self.host = socket.gethostname()
         self.dropped = DropCounter(log)
         self._ctx = zmq.Context()
-        self._outbox = Mailbox(self._ctx)
-        self._bus_signal = Mailbox(self._ctx)  # wakes the loop when agents' bus events wait
+        self._outbox = WakeQueue()  # agents' lifecycle reports (thousands of threads put, no lock)
+        self._bus_signal = WakeQueue()  # wakes the loop when agents' bus events wait
         self._bus_outbox = BusOutbox(wake=lambda: self._bus_signal.put(None))
         self._supervisor = Supervisor(self._queue_event, self.name, self._bus_outbox)
         self._dealer: zmq.Socket | None = None
@@ -110,6 +102,7 @@ class Worker:
         self._subscribed = False
         self._beating: dict[tuple[str, str, int], int] = {}  # copy whose STARTED went out -> round
         self._beat_round = 0
+        self._gc = crowd.FreezePolicy()  # thousands of agents: see crowd.py
         self._shutdown = threading.Event()
         self._session = ""
         self._coordinator_name = ""
@@ -369,7 +362,9 @@ class Worker:
                 self._flush_events()  # what happened goes before the count that reflects it
                 running = self._supervisor.count() + self._deferred_starts
                 self._send(self._frame("heartbeat", t=now, running=running))
-                interval = SWITCH_INTERVAL if running >= MANY_AGENTS else SWITCH_DEFAULT
+                # with few agents CPython's default hands the GIL back to this loop soonest; with
+                # thousands of threads it would feed the herd that starves it (crowd.py)
+                interval = crowd.switch_interval(threading.active_count(), self._limits.silence)
                 if sys.getswitchinterval() != interval:
                     sys.setswitchinterval(interval)
                 self._publish_agent_heartbeats()
@@ -387,7 +382,8 @@ class Worker:
                 self._bus_signal.drain()
             self._send_bus()
             self._supervisor.enforce_stop_timeouts()
-            self._supervisor.forget_finished()
+            self._gc.ended(self._supervisor.forget_finished())
+            crowd.apply(self._gc.decide(self._supervisor.size()))
             self._check_parent()
 
     def _read_control(self) -> str | None:
@@ -468,6 +464,7 @@ class Worker:
             if self.capacity and self._supervisor.count() >= self.capacity:
                 log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
                             message["agent"], self.capacity)
+            self._gc.started()
             self._supervisor.start(message["agent"], message["run"], message["epoch"], message["class_id"],
                                    message["class_blob"], message["config"], message["mode"],
                                    float(message["stop_timeout"]), message["hold"], message["keep"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
+import queue
 import socket
 import threading
 import time
@@ -101,6 +102,16 @@ class Supervisor:
         self._worker_name = worker_name
         self._lock = threading.Lock()
         self._agents: dict[Key, Running] = {}
+        # what the loop needs without walking every agent (thousands run at once): copies by
+        # agent name, copies that ended (appended by agent threads), copies asked to stop
+        self._by_name: dict[str, list[Key]] = {}
+        self._ended: collections.deque[Key] = collections.deque()
+        self._stopping: set[Key] = set()
+        # threads are started by a thread of their own: Thread.start() waits until the new
+        # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
+        # in one loop turn (the worker fell silent and was declared lost)
+        self._to_start: queue.SimpleQueue[threading.Thread | None] = queue.SimpleQueue()
+        self._starter: threading.Thread | None = None
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
@@ -128,6 +139,10 @@ class Supervisor:
             return sum(not r.terminated and (include_stuck or not (r.forced and r.mode == "thread"))
                        for r in self._agents.values())
 
+    def size(self) -> int:
+        """Copies tracked (running, or ended since the last ``forget_finished``): O(1)."""
+        return len(self._agents)
+
     # ------------------------------------------------------------------ start
 
     def _emit(self, record: Running, event: str, fields: dict[str, Any]) -> None:
@@ -142,6 +157,7 @@ class Supervisor:
             self._report(record.name, record.run, record.epoch, event, fields)
             # only now: a register composed meanwhile lists the copy or carries this report
             record.terminated = True
+            self._ended.append(record.key)
             return
         self._report(record.name, record.run, record.epoch, event, fields)
 
@@ -166,7 +182,7 @@ class Supervisor:
             self._fail_before_start(record, LookupError(f"class {class_id} was never sent to this worker"))
             return
         with self._lock:
-            others = [r for r in self._agents.values() if r.name == name and not r.terminated]
+            others = [r for r in map(self._agents.get, self._by_name.get(name, ())) if r is not None and not r.terminated]
         for previous in others:
             # the coordinator waits for an old copy to stop before it starts a new one; if one is
             # still here all the same, it gets its normal stop timeout, and both are tracked
@@ -176,6 +192,11 @@ class Supervisor:
             self._start_process(record, blob, config_blob, hold)
         else:
             self._start_thread(record, class_id, blob, config_blob, hold)
+
+    def _add(self, record: Running) -> None:
+        with self._lock:
+            self._agents[record.key] = record
+            self._by_name.setdefault(record.name, []).append(record.key)
 
     def _start_thread(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
@@ -209,9 +230,21 @@ class Supervisor:
         if hold:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
-        with self._lock:
-            self._agents[record.key] = record
-        record.thread.start()
+        self._add(record)
+        self._start_soon(record.thread)
+
+    def _start_soon(self, thread: threading.Thread) -> None:
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
+            self._starter.start()
+        self._to_start.put(thread)
+
+    def _start_threads(self) -> None:
+        while (thread := self._to_start.get()) is not None:
+            try:
+                thread.start()
+            except Exception:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
+                log.exception("could not start thread %s", thread.name)
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
@@ -230,11 +263,10 @@ class Supervisor:
             return
         child_conn.close()
         record.process, record.conn = process, parent_conn
-        with self._lock:
-            self._agents[record.key] = record
+        self._add(record)
         record.thread = threading.Thread(target=self._watch_process, args=(record,),
                                          name=f"watch-{name}", daemon=True)
-        record.thread.start()
+        self._start_soon(record.thread)
 
     def _watch_process(self, record: Running) -> None:
         seen_error = False
@@ -284,6 +316,7 @@ class Supervisor:
             record.stop_timeout = timeout
         if record.stop_requested_at is None:
             record.stop_requested_at = time.monotonic()
+            self._stopping.add(record.key)
         if record.mode == "thread":
             record.agent.stop()
         else:
@@ -321,9 +354,10 @@ class Supervisor:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
         now = time.monotonic()
         with self._lock:
-            records = list(self._agents.values())
+            records = [r for r in map(self._agents.get, list(self._stopping)) if r is not None]
         for record in records:
             if record.terminated or record.stop_requested_at is None:
+                self._stopping.discard(record.key)
                 continue
             overdue = now - record.stop_requested_at - record.stop_timeout
             if overdue < 0:
@@ -343,7 +377,20 @@ class Supervisor:
                 log.warning("%s", message)
                 self._emit(record, "AGENT_ERROR", {"error_message": message, "traceback": "", "stuck": True})
 
-    def forget_finished(self) -> None:
+    def forget_finished(self) -> int:
+        """Drop the copies that ended since the last call; return how many."""
+        forgotten = 0
         with self._lock:
-            for key in [k for k, r in self._agents.items() if r.terminated]:
-                del self._agents[key]
+            while self._ended:
+                key = self._ended.popleft()
+                record = self._agents.pop(key, None)
+                if record is None:
+                    continue
+                forgotten += 1
+                self._stopping.discard(key)
+                keys = self._by_name.get(key[0])
+                if keys is not None:
+                    keys.remove(key)
+                    if not keys:
+                        del self._by_name[key[0]]
+        return forgotten

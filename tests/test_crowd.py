@@ -1,0 +1,77 @@
+"""Pure tier: how a worker tunes its process for thousands of agent threads (worker/crowd.py),
+and the lock-free queue agent threads report through."""
+
+import threading
+
+from pyorchestrate.mailbox import WakeQueue
+from pyorchestrate_worker import crowd
+from pyorchestrate_worker.crowd import FreezePolicy, GcAction
+
+
+def test_switch_interval_grows_with_threads_and_is_capped_by_the_window():
+    assert crowd.switch_interval(10, 5.0) == crowd.SWITCH_DEFAULT
+    assert crowd.switch_interval(crowd.MANY_AGENTS - 1, 5.0) == crowd.SWITCH_DEFAULT
+    assert crowd.switch_interval(1_000, 5.0) == 1_000 * crowd.SWITCH_PER_THREAD
+    assert crowd.switch_interval(10_000, 5.0) == crowd.SWITCH_MAX
+    assert crowd.switch_interval(100_000, 5.0) == crowd.SWITCH_MAX
+    # a 0.5 s liveness window: a CPU-bound agent may keep the GIL at most 20 ms per hand-over
+    assert crowd.switch_interval(10_000, 0.5) == 0.5 / 25
+    assert crowd.switch_interval(10_000, 0.01) == crowd.SWITCH_DEFAULT
+
+
+def test_freeze_only_with_many_agents_and_after_starts():
+    policy = FreezePolicy()
+    policy.started(10)
+    assert policy.decide(10) is GcAction.NOTHING  # few agents: the collector is cheap
+    policy.started(600)
+    assert policy.decide(610) is GcAction.FREEZE
+    assert policy.decide(610) is GcAction.NOTHING  # nothing new since
+    policy.started(5)
+    assert policy.decide(615) is GcAction.FREEZE
+
+
+def test_frozen_agents_that_ended_are_reclaimed_once_per_that_many_endings():
+    policy = FreezePolicy()
+    policy.started(10_000)
+    assert policy.decide(10_000) is GcAction.FREEZE
+    policy.ended(9_999)  # fewer ended than run now: no pause yet
+    assert policy.decide(10_000) is GcAction.NOTHING
+    policy.ended(1)
+    assert policy.decide(10_000) is GcAction.REFRESH
+    assert policy.decide(10_000) is GcAction.NOTHING
+    policy.ended(10_000)
+    assert policy.decide(100) is GcAction.THAW  # few left: back to the collector's normal passes
+    assert not policy.frozen
+    assert policy.decide(100) is GcAction.NOTHING
+
+
+def test_wake_queue_keeps_every_item_in_order_per_producer_and_wakes_the_owner():
+    box = WakeQueue()
+    try:
+        import select
+
+        assert select.select([box.wake_socket], [], [], 0)[0] == []
+        per_thread, threads = 5_000, 8
+
+        def produce(t: int) -> None:
+            for i in range(per_thread):
+                box.put((t, i))
+
+        workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        got: list = []
+        while len(got) < per_thread * threads:
+            # the owner sleeps only while the wake fd says nothing is there
+            ready = select.select([box.wake_socket], [], [], 5)[0]
+            assert ready, f"no wake with {len(box)} queued and {len(got)} taken"
+            got += box.drain(limit=1000)
+        for w in workers:
+            w.join(5)
+        assert box.drain() == []
+        for t in range(threads):
+            assert [i for tt, i in got if tt == t] == list(range(per_thread))
+        assert select.select([box.wake_socket], [], [], 0)[0] == []
+    finally:
+        box.close()
+    box.put("after close")  # never raises (an agent may report while the worker shuts down)

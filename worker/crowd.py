@@ -1,0 +1,96 @@
+"""How a worker process stays responsive with thousands of agent threads: the GIL switch
+interval and the garbage collector, decided from counts (pure: no clock, no threads).
+
+Two effects starve the worker's loop (its heartbeats, its lease) when one process runs thousands
+of agent threads, and both were measured (10,000 ``wait_stop(1.0)`` agents per process, two such
+processes on 2 cores):
+
+* **The GIL herd.**  Every thread waiting for the GIL wakes once per switch interval to demand
+  it.  At CPython's 5 ms, 10,000 threads never even finished starting in 60 s; at a fixed 50 ms a
+  run still collapsed now and then.  The interval grows with the number of threads (20 µs each,
+  200 ms at 10,000), capped at 1/25 of the liveness window so a CPU-bound agent can delay the
+  loop by at most that much per hand-over.
+
+* **Full garbage collections.**  Each running agent keeps ~100 objects the collector tracks; a
+  full collection of a million of them holds the GIL for half a second or more, during which
+  thousands of agent timers fall due and queue for the GIL: the herd again, and the loop is
+  silent for 5-15 s (pure-thread model: worst heartbeat gap 15.2 s with those objects, 1.15 s
+  without, 1.15 s with them frozen).  So while many agents run, what exists after a burst of
+  starts is frozen (``gc.freeze()``: moved out of the collector's sight, O(1)).  Frozen objects
+  that become cyclic garbage are only reclaimed after an unfreeze, so once as many frozen agents
+  have ended as run now, the worker collects once and freezes again: one pause per that many
+  endings, and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+#: below this many running agents nothing is tuned (CPython's defaults serve best)
+MANY_AGENTS = 500
+SWITCH_DEFAULT = 0.005
+SWITCH_PER_THREAD = 20e-6
+SWITCH_MAX = 0.2
+
+
+def switch_interval(threads: int, window: float) -> float:
+    """The GIL switch interval for a process with ``threads`` threads whose loop must be heard
+    within ``window`` seconds."""
+    if threads < MANY_AGENTS:
+        return SWITCH_DEFAULT
+    cap = max(SWITCH_DEFAULT, min(SWITCH_MAX, window / 25))
+    return min(cap, max(SWITCH_DEFAULT, threads * SWITCH_PER_THREAD))
+
+
+class GcAction(Enum):
+    NOTHING = "nothing"
+    FREEZE = "freeze"  #: gc.freeze(): what exists now is out of the collector's sight
+    REFRESH = "refresh"  #: gc.unfreeze(); gc.collect(); gc.freeze(): reclaim what frozen agents left
+    THAW = "thaw"  #: gc.unfreeze(); gc.collect(): few agents left, the collector's passes are cheap again
+
+
+@dataclass
+class FreezePolicy:
+    """Counts agents started and ended; says when to freeze and when to reclaim."""
+
+    started_since_freeze: int = 0
+    ended_since_refresh: int = 0
+    frozen: bool = False
+
+    def started(self, n: int = 1) -> None:
+        self.started_since_freeze += n
+
+    def ended(self, n: int = 1) -> None:
+        self.ended_since_refresh += n
+
+    def decide(self, running: int) -> GcAction:
+        """Call once per loop turn with the number of agents running."""
+        if not self.frozen:
+            if running >= MANY_AGENTS and self.started_since_freeze:
+                self.frozen, self.started_since_freeze, self.ended_since_refresh = True, 0, 0
+                return GcAction.FREEZE
+            return GcAction.NOTHING
+        if self.ended_since_refresh >= max(MANY_AGENTS, running):
+            self.started_since_freeze = self.ended_since_refresh = 0
+            if running < MANY_AGENTS:
+                self.frozen = False
+                return GcAction.THAW
+            return GcAction.REFRESH
+        if self.started_since_freeze:
+            self.started_since_freeze = 0
+            return GcAction.FREEZE
+        return GcAction.NOTHING
+
+
+def apply(action: GcAction) -> None:
+    """Carry out ``action`` on this process's collector."""
+    import gc
+
+    if action is GcAction.FREEZE:
+        gc.freeze()
+    elif action in (GcAction.REFRESH, GcAction.THAW):
+        gc.unfreeze()
+        gc.collect()
+        if action is GcAction.REFRESH:
+            gc.freeze()
