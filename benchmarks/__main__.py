@@ -35,7 +35,7 @@ def _machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run(quick: bool, scale: float, soak: float = 0.0) -> dict:
+def run(quick: bool, scale: float, soak: float = 0.0, burst: int = 0) -> dict:
     def n(full: int, fast: int) -> int:
         return count(full, fast, quick, scale)
 
@@ -74,6 +74,8 @@ def run(quick: bool, scale: float, soak: float = 0.0) -> dict:
         done(f"S9.{workers}w", ours.s9_scale(workers, n(10_000, 1_000)))
     if soak:
         done("S10", ours.s10_soak(soak))
+    if burst:
+        done("S11", ours.s11_burst(burst))
     return results
 
 
@@ -145,13 +147,15 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--soak", type=float, default=0.0, metavar="S",
                         help="also run S10: S seconds of agents registered and finished at 500/s (e.g. 300)")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="also run S11: N long-lived agents registered at once on 2 workers (e.g. 20000)")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
                         help="give up on a peer after S seconds (default 600)")
     args = parser.parse_args()
     started = time.perf_counter()
-    scenarios = run(args.quick, args.scale, args.soak)
+    scenarios = run(args.quick, args.scale, args.soak, args.burst)
     report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}
     print(table(scenarios))
     if args.peers:

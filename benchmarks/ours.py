@@ -1,4 +1,4 @@
-"""Our scenarios (S1-S8), on 127.0.0.1: an in-process coordinator, worker processes, and a
+"""Our scenarios (S1-S11), on 127.0.0.1: an in-process coordinator, worker processes, and a
 subscriber process.  Every loop is bounded in count and time; every process is cleaned up."""
 
 from __future__ import annotations
@@ -281,6 +281,32 @@ def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
             "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
             "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),
             "lost_events": status["lost_events"], "dropped": status["dropped"]}
+
+
+def s11_burst(n: int, workers: int = 2, hold: float = 30.0) -> dict:
+    """n long-lived agents (``wait_stop(1.0)`` in a loop) registered in one burst on ``workers``:
+    time to all READY, then ``hold`` seconds running; WORKER_LOST and errors counted before the
+    cluster is stopped (the harness's short stop would add its own)."""
+    cluster = Cluster(workers)
+    try:
+        sampler = _Sampler(cluster.orch, every=1.0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            cluster.orch.register_agent(agents.Idle, f"b{i}")
+        registered = time.perf_counter() - t0
+        cluster.wait("AGENT_READY", n, timeout=600)
+        ready = time.perf_counter() - t0
+        time.sleep(hold)
+        sampler.stop()
+        counts = dict(cluster.counts)
+        status = cluster.orch.status()
+        running = sum(a["state"] in ("READY", "STARTED") for a in status["agents"].values())
+    finally:
+        cluster.close()
+    return {"seconds": round(ready, 2), "agents": n, "workers": workers, "register_s": round(registered, 2),
+            "ready": counts.get("AGENT_READY", 0), "running_after_hold": running, "hold_s": hold,
+            "worker_lost": counts.get("WORKER_LOST", 0), "errors": counts.get("AGENT_ERROR", 0),
+            "rss_mb": round(sampler.rss_peak, 1), "status_ms_max": round(max(sampler.status_ms, default=0.0), 1)}
 
 
 def _proc_counts(pid: int) -> dict:

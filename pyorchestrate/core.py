@@ -190,6 +190,11 @@ class ClusterCore(Registration, CommandHandlers):
         if running < 0 or running == len(worker.agents) + len(worker.stopping):
             worker.mismatches = 0
             return
+        if 0 <= message["read"] < worker.sent_n:
+            # starts or stops still on their way to it explain the difference (a burst of 10,000
+            # starts keeps some in flight for many heartbeats: each re-registration then cost a
+            # 10,000-entry register, and raced the starts' own reports)
+            return
         # a report or a start can be lost when a connection resets; reports in flight explain a
         # difference for a moment, never for three heartbeats: then registration sets it right
         worker.mismatches += 1
@@ -285,7 +290,8 @@ class ClusterCore(Registration, CommandHandlers):
         except ValueError:
             raise protocol.ProtocolError(f"unknown agent event {item['event']!r}") from None
         fields = {k: v for k, v in item["fields"].items() if isinstance(k, str)}
-        if record.state is S.DISCONNECTED and event is not E.AGENT_TERMINATED:
+        reconnected = record.state is S.DISCONNECTED and event is not E.AGENT_TERMINATED
+        if reconnected:
             # its worker is back and reports on it: the copy was kept running all along
             self._reconnect(record, worker, {"state": "READY" if event is E.AGENT_READY else "STARTED"},
                             "its worker is back")
@@ -298,10 +304,18 @@ class ClusterCore(Registration, CommandHandlers):
             self._run_over(record, ok, fields, now)
             return
         if event is E.AGENT_STARTED:
+            if record.state is not S.ASSIGNED and not reconnected:
+                # a registration listed the copy running before this report came: STARTED went
+                # out then ("recovered"); once per run, never twice
+                self.drop("duplicate_report", f"{record.name} {event.name}")
+                return
             if record.state is S.ASSIGNED:
                 self.states.move(record, S.STARTED)
             record.run_errored = False
         elif event is E.AGENT_READY:
+            if record.state is not S.STARTED and not reconnected:
+                self.drop("duplicate_report", f"{record.name} {event.name}")
+                return
             if record.state is S.STARTED:
                 self.states.move(record, S.READY)
             self._dirty = True  # dependents may start now

@@ -136,8 +136,9 @@ class WakeQueue:
         wake stays set, so the owner's next poll comes back for them."""
         self._woken = False
         try:
-            while os.read(self._read, 4096):
-                pass
+            # one read: a wake is one byte written only while the flag was clear, so few wait
+            # here; each read releases the GIL, which costs this loop a place in its queue
+            os.read(self._read, 65536)
         except (BlockingIOError, OSError):
             pass
         taken = []

@@ -341,7 +341,7 @@ class Sim:
                 self._flush(worker)
             if now >= worker.next_beat:
                 worker.next_beat = now + worker.limits.interval
-                self._send(worker, "heartbeat", t=now, running=len(worker.copies))
+                self._send(worker, "heartbeat", t=now, running=len(worker.copies), read=worker.recv_n)
         else:
             worker.pending.extend(worker.outbox)
             worker.outbox = []

@@ -327,3 +327,40 @@ def test_the_oldest_end_is_forgotten_first_even_after_an_agent_ran_again():
     h.report(w1, h.core.agents["a2"], "AGENT_STARTED", "AGENT_TERMINATED", ok=True)
     h.step()
     assert h.forgotten == ["a1"] and sorted(h.core.agents) == ["a0", "a2"]
+
+
+def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_asked():
+    h = Harness()
+    w1 = h.register("w1")
+    for i in range(5):
+        h.add(f"a{i}")
+    h.step()
+    sent = h.core.workers["w1"].sent_n
+    # a burst: the worker has read only the welcome so far, its count lags for many heartbeats
+    for _ in range(6):
+        frame = protocol.encode("heartbeat", t=h.now, running=0, read=1)
+        h.core.control(w1, protocol.decode(frame), h.now)
+        h.flush()
+    assert not h.to(w1, "reregister")
+    # with everything read and the count still wrong, a start or a report was really lost
+    for _ in range(3):
+        frame = protocol.encode("heartbeat", t=h.now, running=0, read=h.core.workers["w1"].sent_n)
+        h.core.control(w1, protocol.decode(frame), h.now)
+        h.flush()
+    assert sent >= 6 and len(h.to(w1, "reregister")) == 1
+
+
+def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_it_first():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    assert record.state is S.ASSIGNED
+    # it registers again (same connection, start read) listing the copy before its reports arrive
+    h.register("w1", identity=w1, agents=[{"agent": "a", "run": record.run, "epoch": record.epoch,
+                                           "state": "READY", "coordinator": "c", "definition": "d-a"}], seen=5)
+    assert record.state is S.READY
+    assert [p.fields.get("recovered") for p in h.events("AGENT_STARTED")] == [True]
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    assert len(h.events("AGENT_STARTED")) == 1 and len(h.events("AGENT_READY")) == 1
+    assert record.state is S.READY

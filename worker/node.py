@@ -361,7 +361,8 @@ class Worker:
             if now >= next_beat:
                 self._flush_events()  # what happened goes before the count that reflects it
                 running = self._supervisor.count() + self._deferred_starts
-                self._send(self._frame("heartbeat", t=now, running=running))
+                # read: frames sent to us after it (starts on their way) explain a difference
+                self._send(self._frame("heartbeat", t=now, running=running, read=self._recv_n))
                 # with few agents CPython's default hands the GIL back to this loop soonest; with
                 # thousands of threads it would feed the herd that starves it (crowd.py)
                 interval = crowd.switch_interval(threading.active_count(), self._limits.silence)
