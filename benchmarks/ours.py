@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -280,6 +281,7 @@ def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
             "executions_min": min(runs), "executions_max": max(runs), "errors": cluster.counts["AGENT_ERROR"],
             "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
             "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),
+            "status_ms_p50": round(statistics.median(sampler.status_ms), 1) if sampler.status_ms else 0.0,
             "lost_events": status["lost_events"], "dropped": status["dropped"]}
 
 

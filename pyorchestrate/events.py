@@ -8,6 +8,7 @@ import datetime
 import enum
 import inspect
 import logging
+import queue
 import threading
 import time
 from typing import Any, Callable
@@ -87,6 +88,8 @@ class EventDispatcher:
         self._queues: dict[str, collections.deque] = {}
         self._pending = 0
         self.failures = 0
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._router: threading.Thread | None = None
 
     def register(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
         if not isinstance(event, OrchestratorEvent):
@@ -103,9 +106,29 @@ class EventDispatcher:
         return bool(self._callbacks.get(event))
 
     def dispatch(self, event: OrchestratorEvent, fields: dict[str, Any]) -> None:
+        """Queue the callbacks of ``event``.  Never blocks: the coordinator's loop calls this, and
+        it must not wait on a lock a callback thread holds (a thread preempted while holding it
+        keeps it until it gets the GIL back, behind every other busy thread)."""
         callbacks = self._callbacks.get(event)
         if not callbacks:
             return
+        if self._router is None:
+            self._router = threading.Thread(target=self._route, name="pyorchestrate-callbacks", daemon=True)
+            self._router.start()
+        self._incoming.put((event, callbacks, fields))
+
+    def _route(self) -> None:
+        """Hands queued events to the pool, one runner per subject (its own thread)."""
+        while True:
+            item = self._incoming.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):  # wait_idle's marker: everything before it is counted
+                item.set()
+                continue
+            self._enqueue(*item)
+
+    def _enqueue(self, event: OrchestratorEvent, callbacks: list, fields: dict[str, Any]) -> None:
         subject = str(fields.get("agent_name") or fields.get("worker") or "")
         with self._lock:
             self._pending += 1
@@ -144,9 +167,17 @@ class EventDispatcher:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every dispatched callback has returned."""
+        if self._router is None:
+            return True  # nothing was ever dispatched
+        deadline = time.monotonic() + timeout
+        marker = threading.Event()
+        self._incoming.put(marker)
+        if not marker.wait(timeout):
+            return False
         with self._lock:
-            return self._lock.wait_for(lambda: self._pending == 0, timeout)
+            return self._lock.wait_for(lambda: self._pending == 0, max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 5.0) -> None:
         self.wait_idle(timeout)
+        self._incoming.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)

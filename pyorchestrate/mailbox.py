@@ -76,6 +76,14 @@ class Mailbox:
                 self._push.send(b"", zmq.NOBLOCK)
         return [item for _, item in taken]
 
+    def has_query(self) -> bool:
+        """Is a query waiting at the head?  Lock-free (owner thread only): cheap enough to ask
+        between any two messages of a long phase."""
+        try:
+            return self._items[0][0] is None
+        except IndexError:
+            return False
+
     def queries(self) -> list[Any]:
         """Take the queries waiting at the head (owner thread only): served between the phases
         of a loop turn, they wait for no slice of other work."""
