@@ -9,6 +9,7 @@ copy's events are dropped and counted), gap-detected and forwarded.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import random
 import threading
@@ -39,6 +40,8 @@ _COMMANDS_PER_TURN = 20
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _EVENTS = {e.value: e for e in OrchestratorEvent}
+#: the only topics a worker's bus frames may carry: what its agents publish and log
+_AGENT_BUS_TOPICS = ("AGENT_EVENT.", "AGENT_LOG.")
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
@@ -384,8 +387,10 @@ class Coordinator:
     def _on_bus(self, frames: list[bytes]) -> None:
         size = self.config.max_message_size
         if frames and frames[0] == protocol.BATCH_TOPIC:
-            worker, incarnation, wseq, items = protocol.decode_batch(frames, size)
-            self._note_worker_frame(worker, incarnation, wseq)
+            worker, token, wseq, items = protocol.decode_batch(frames, size)
+            if not self._from_worker(worker, token):
+                return
+            self._note_worker_frame(worker, token, wseq)
             last_key: tuple[str, str] | None = None
             accepted = False
             for publisher, run, topic, seq, body in items:
@@ -402,11 +407,24 @@ class Coordinator:
                 except protocol.ProtocolError as exc:  # one bad body spoils no other
                     self.dropped.drop("bad_frame", exc)
         elif frames and frames[0] == protocol.BEATS_TOPIC:
-            worker, incarnation, wseq, beats = protocol.decode_beats(frames, size)
-            self._note_worker_frame(worker, incarnation, wseq)
+            worker, token, wseq, beats = protocol.decode_beats(frames, size)
+            if not self._from_worker(worker, token):
+                return
+            self._note_worker_frame(worker, token, wseq)
             self._on_beats(worker, beats)
         else:
             raise protocol.ProtocolError("bus frame is neither a batch nor beats")
+
+    def _from_worker(self, worker: str, token: str) -> bool:
+        """Is this bus frame from the worker it names?  The bus input cannot tell who connected;
+        the token its welcome gave it (on its own control connection) can.  Nothing is kept for a
+        frame that fails: a flood of made-up publishers costs no memory."""
+        assert self.core is not None
+        record = self.core.workers.get(worker)
+        if record is None or not record.token or not hmac.compare_digest(token, record.token):
+            self.dropped.drop("bus_frame_not_from_worker", worker)
+            return False
+        return True
 
     def _note_worker_frame(self, worker: str, incarnation: str, wseq: int) -> None:
         """A gap in a worker's bus frame numbers: frames lost between it and us (what they held
@@ -449,6 +467,11 @@ class Coordinator:
     def _on_bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes) -> None:
         """Check one event's place in its publisher's sequence and forward it.  Its body is only
         parsed here if something here reads it (a log line, a callback): subscribers check it."""
+        if not topic.startswith(_AGENT_BUS_TOPICS):
+            # agents publish their own events and logs; lifecycle events come from the worker's
+            # control connection and nowhere else, so the bus cannot fire AGENT_TERMINATED
+            self.dropped.drop("bus_topic_not_allowed", topic[:64])
+            return
         last = self._bus_seqs.get(key)
         if last is not None and seq > last + 1:
             self._report_gap(key[0], seq - last - 1)

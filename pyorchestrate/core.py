@@ -238,16 +238,22 @@ class ClusterCore(Registration, CommandHandlers):
         fail."""
         self.actions.append(Send(identity, protocol.encode("reregister")))
         if message["type"] == "agent_events":
-            self.ends_from_anywhere(message["events"], now)
+            # from an older connection of the worker that ran it: an identity only it and we know
+            self.ends_from_anywhere(message["events"], now,
+                                    lambda w: identity == w.identity or identity in w.past_identities)
 
-    def ends_from_anywhere(self, items: list[dict[str, Any]], now: float) -> None:
-        """Take the ends of current runs among ``items`` (from a frame we otherwise refuse)."""
+    def ends_from_anywhere(self, items: list[dict[str, Any]], now: float,
+                           speaks_for: Callable[[WorkerRecord], bool]) -> None:
+        """Take the ends of current runs among ``items`` (from a frame we otherwise refuse: one
+        written on a connection that has since closed, say), if the frame ``speaks_for`` the very
+        worker that ran them.  Anyone else's is not an end (runs and incarnations are on the bus
+        for all to read)."""
         for item in items:
             record = self.agents.get(item["agent"])
             if (item["event"] == "AGENT_TERMINATED" and record is not None and record.state in LIVE
                     and (record.run, record.epoch) == (item["run"], item["epoch"])):
                 worker = self.workers.get(record.worker or "")
-                if worker is not None:
+                if worker is not None and speaks_for(worker):
                     self.agent_event(worker, item, now)
 
     def _worker_gone(self, worker: WorkerRecord, event: E, reason: str, now: float, *, certain: bool) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 4  # 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event
+PROTOCOL_VERSION = 5  # 5: a worker process's secret token (register, bus frames)
+# 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -81,6 +82,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "events": Optional(ListOf(AGENT_EVENT), []),
         "bus_seq": Optional(_INT, 0),
         "drained_by": Optional(_LIST, []),
+        # a secret the worker process made at start, never published: a register naming its
+        # incarnation must show it (the incarnation is on the bus), and so must its bus frames
+        "token": _STR,
         "t": Optional(_NUM, 0.0),  # the worker's clock when it sent this: echoed back (its lease)
         # the last coordinator frame number it handled on this connection: a start numbered
         # higher is still on its way, not lost
@@ -303,12 +307,13 @@ def parse_history_request(subscription: bytes) -> list[str] | None:
     return text.split("\n")[1:]
 
 
-def encode_batch(worker: str, incarnation: str, wseq: int, items: list) -> list[bytes]:
+def encode_batch(worker: str, token: str, wseq: int, items: list) -> list[bytes]:
     """The frames of one batch from a worker's bus outbox: ``items`` are ``(publisher,
     incarnation, topic, seq, body)`` of any of its agents' runs, each body already one event's
     msgpack fields, so the coordinator forwards it unchanged.  ``wseq`` numbers the worker's bus
-    frames (a lost frame is a gap there)."""
-    return [BATCH_TOPIC, msgpack.packb([worker, incarnation, wseq, items], use_bin_type=True)]
+    frames (a lost frame is a gap there).  ``token`` is the worker process's secret (sent in its
+    register): the bus input cannot tell who connected, and this shows the frame is its own."""
+    return [BATCH_TOPIC, msgpack.packb([worker, token, wseq, items], use_bin_type=True)]
 
 
 def _check_worker_frame(frames: list[bytes], topic: bytes, what: str, max_size: int) -> list:
@@ -317,12 +322,12 @@ def _check_worker_frame(frames: list[bytes], topic: bytes, what: str, max_size: 
     frame = _unpack(frames[1], max_size)
     if not (isinstance(frame, list) and len(frame) == 4 and isinstance(frame[0], str)
             and isinstance(frame[1], str) and type(frame[2]) is int and isinstance(frame[3], list)):
-        raise ProtocolError(f"{what} is not [worker, incarnation, wseq, items]")
+        raise ProtocolError(f"{what} is not [worker, token, wseq, items]")
     return frame
 
 
 def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, int, list]:
-    """Parse a batch (see :func:`encode_batch`): ``(worker, incarnation, wseq, items)``.  The
+    """Parse a batch (see :func:`encode_batch`): ``(worker, token, wseq, items)``.  The
     envelope is checked here, each body only where it is read (:func:`decode_body`); a malformed
     item makes the whole batch invalid."""
     batch = _check_worker_frame(frames, BATCH_TOPIC, "batch", max_size)
@@ -337,11 +342,11 @@ def decode_batch(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) 
 BEATS_TOPIC = b"_BEATS"
 
 
-def encode_beats(worker: str, incarnation: str, wseq: int, beats: list) -> list[bytes]:
+def encode_beats(worker: str, token: str, wseq: int, beats: list) -> list[bytes]:
     """One frame for every running agent of a worker, once per heartbeat interval: ``beats`` are
     ``(agent, run tag, last bus seq of that run)``.  The seqs let the coordinator notice a lost
     tail of an agent's stream without waiting for the agent to end."""
-    return [BEATS_TOPIC, msgpack.packb([worker, incarnation, wseq, beats], use_bin_type=True)]
+    return [BEATS_TOPIC, msgpack.packb([worker, token, wseq, beats], use_bin_type=True)]
 
 
 def decode_beats(frames: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[str, str, int, list]:

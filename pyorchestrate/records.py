@@ -91,5 +91,7 @@ class WorkerRecord:
     mismatches: int = 0  #: heartbeats in a row whose count of copies differed from ours
     conn: int = 0  #: which of its process's connections it speaks on
     sent_n: int = 0  #: frames sent on its connection (numbered)
+    token: str = ""  #: the secret its process made at start and showed in its register
+    past_identities: list[bytes] = field(default_factory=list)  #: its process's earlier connections
     recv_n: int = 0  #: the number of the last frame received from it
     sent_classes: set[str] = field(default_factory=set)

@@ -8,6 +8,7 @@ worker that is in neither has ended or never arrived (and which, the frame numbe
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -23,6 +24,16 @@ log = logging.getLogger("pyorchestrate.coordinator")
 S = AgentState
 
 
+def holds_token(worker: WorkerRecord, message: dict[str, Any]) -> bool:
+    """Does this register show the token the worker's own connection was given?"""
+    return bool(worker.token) and hmac.compare_digest(str(message.get("token", "")), worker.token)
+
+
+def _own_register(message: dict[str, Any]):
+    """Does a register come from the process of this worker record (its incarnation and token)?"""
+    return lambda worker: worker.incarnation == message["incarnation"] and holds_token(worker, message)
+
+
 class Registration:
     """Mixed into :class:`pyorchestrate.core.ClusterCore`."""
 
@@ -34,7 +45,7 @@ class Registration:
             # new connection and registers there
             self.actions.append(Send(identity, protocol.encode("refused", reason="connection closed", retry=True)))
             self.drop("register_on_closed_connection", name)
-            self.ends_from_anywhere(message["events"], now)
+            self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
         errors, warnings = compare(self.versions, message["versions"])
         if errors:
@@ -53,13 +64,22 @@ class Registration:
                       f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
             log.warning("worker %s: %s", name, reason)
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
-            self.ends_from_anywhere(message["events"], now)
+            self.ends_from_anywhere(message["events"], now, _own_register(message))
+            return
+        if existing is not None and existing.incarnation == message["incarnation"] and not holds_token(existing, message):
+            # its name and incarnation without the secret its process showed us: not that process
+            # (both are on the bus for anyone to read); the real one always shows the same secret
+            reason = (f"worker {name!r} (incarnation {message['incarnation']}) is registered with another token: "
+                      "another process is using this worker's name and incarnation")
+            log.warning("refused a register: %s", reason)
+            self.drop("register_without_token", name)
+            self.actions.append(Send(identity, protocol.encode("refused", reason=reason)))
             return
         same_process = existing is not None and existing.alive
         same_connection = same_process and existing.identity == identity
         if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
             self.drop("stale_register", name)  # from a connection it has since replaced
-            self.ends_from_anywhere(message["events"], now)
+            self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
         if existing is not None:
             self.by_identity.pop(existing.identity, None)
@@ -69,10 +89,14 @@ class Registration:
             pid=message["pid"], labels=dict(message["labels"]), capacity=message["capacity"],
             versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]),
             recv_n=message["n"], conn=message["conn"])
+        if existing is not None and existing.incarnation == worker.incarnation:
+            # its earlier connections: ends still arriving on one are its own (see stranger())
+            worker.past_identities = [*existing.past_identities, existing.identity][-16:]
         if same_process:
             worker.agents, worker.order = existing.agents, existing.order
             if same_connection:  # it answered "register again": what we sent it still arrives in order
                 worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
+        worker.token = message["token"]
         self.workers[name] = worker
         self.by_identity[identity] = name
         # what happened while it was away comes first, then the list of what runs there now: a

@@ -183,6 +183,19 @@ def start_daemon(cluster: "Cluster", *workers: tuple[str, ...], **settings: Any)
     return orch, events
 
 
+def probe_on_w1(cluster: "Cluster") -> tuple[Orchestrator, EventLog]:
+    """A started DAEMON orchestrator, worker w1, and a long-lived agent "probe" READY on it."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    from agents import Forever
+
+    orch.register_agent(Forever, "probe")
+    events.wait("AGENT_READY", "probe")
+    return orch, events
+
+
 @pytest.fixture
 def cluster(tmp_path: Path):
     c = Cluster(tmp_path)

@@ -47,11 +47,13 @@ class Harness:
         return [m for i, m in self.sent if i == identity and m["type"] == kind]
 
     def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
-                 conn=1, seen=0) -> bytes:
+                 conn=1, seen=0, token=None) -> bytes:
         identity = identity or name.encode()
+        if token is None:  # the worker process itself: its own secret
+            token = f"secret-{incarnation}"
         frame = protocol.encode("register", n=1, name=name, incarnation=incarnation, host="h", pid=1, labels={},
                                 capacity=0, versions={}, agents=list(agents), events=list(events), t=self.now,
-                                conn=conn, seen=seen)
+                                conn=conn, seen=seen, token=token)
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
         return identity
@@ -364,3 +366,29 @@ def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_
     h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
     assert len(h.events("AGENT_STARTED")) == 1 and len(h.events("AGENT_READY")) == 1
     assert record.state is S.READY
+
+
+
+def test_a_register_speaking_for_a_live_worker_from_another_connection_needs_its_token():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    token = h.core.workers["w1"].token
+    assert token == "secret-w-inc"
+    # impostors read the name, the incarnation and the run off the bus: they claim the worker runs
+    # nothing now, and carry a forged end of the agent's run
+    end = protocol.agent_event("a", record.run, record.epoch, "AGENT_TERMINATED", {"ok": False})
+    h.register("w1", identity=b"evil", token="", events=[end])
+    h.register("w1", identity=b"evil2", token="guess", events=[end])
+    h.register("w1", identity=b"evil3", incarnation="another", events=[end])
+    assert all(len(h.to(e, "refused")) == 1 and not h.to(e, "welcome") for e in (b"evil", b"evil2", b"evil3"))
+    assert record.state is S.READY and h.core.workers["w1"].identity == w1
+    assert not h.events("AGENT_TERMINATED") and not h.events("AGENT_ERROR")
+    # the worker itself, on a new connection, shows its token: taken back with its agent, same token
+    running = {"agent": "a", "run": record.run, "epoch": record.epoch, "state": "READY", "coordinator": "c",
+               "definition": "d-a"}
+    h.register("w1", identity=b"w1-new", conn=2, agents=[running])
+    assert h.core.workers["w1"].identity == b"w1-new" and h.core.workers["w1"].token == token
+    assert record.state is S.READY and not h.events("AGENT_TERMINATED")

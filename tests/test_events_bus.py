@@ -11,7 +11,7 @@ import time
 import msgpack
 import zmq
 from agents import Forever, Quick, QuickProcess
-from conftest import LIFECYCLE, REPO, EventLog, wait_for
+from conftest import LIFECYCLE, REPO, EventLog, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol
 
@@ -166,12 +166,7 @@ def current_run(orch, agent: str) -> tuple[str, str]:
 
 
 def test_coordinator_reports_gaps_from_worker_publishers(cluster):
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
-    events = EventLog(orch)
-    orch.start()
-    cluster.worker(orch.address, "w1")
-    orch.register_agent(Forever, "probe")
-    events.wait("AGENT_READY", "probe")
+    orch, events = probe_on_w1(cluster)
     publisher, run = current_run(orch, "probe")
     ctx = zmq.Context()
     try:
@@ -180,9 +175,10 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
         pub.recv()
 
         frame_n = iter(range(1, 1000))
+        token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
 
         def batch(incarnation, *seqs):
-            return protocol.encode_batch("w1", "fake-incarnation", next(frame_n), [
+            return protocol.encode_batch("w1", token, next(frame_n), [
                 (publisher, incarnation, "AGENT_EVENT.probe", seq, msgpack.packb({
                     "event": "AGENT_EVENT", "seq": seq, "publisher": publisher, "incarnation": incarnation,
                     "agent_name": "probe", "topic": "t", "data": {}, "event_date": "d", "event_time": "t"}))
@@ -197,12 +193,53 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
         assert orch.status()["lost_events"] == 3
         assert len(events.wait("AGENT_EVENT", count=4)) == 4
         # a lost tail: the worker's beats frame says the run sent 9; 8 and 9 never came
-        pub.send_multipart(protocol.encode_beats("w1", "fake-incarnation", next(frame_n), [["probe", run, 9]]))
+        pub.send_multipart(protocol.encode_beats("w1", token, next(frame_n), [["probe", run, 9]]))
         tail = events.wait("EVENTS_LOST", count=2)[1]
         assert tail["lost"] == 2 and orch.status()["lost_events"] == 5
         # a copy of an older run (or of another coordinator's) is not the agent: dropped, counted
         pub.send_multipart(batch("oldcoordinator.1", 1, 2))
         wait_for(lambda: orch.status()["dropped"].get("stale_bus_event", 0) >= 1, 10, "the stale batch to be counted")
         assert len(events.of("AGENT_EVENT")) == 4
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluster):
+    """Anyone who reaches the bus input can send frames naming a real worker, its agent's current
+    run and the worker's incarnation (all of them on the bus): without the secret the worker's
+    process showed in its register, nothing is forwarded, no callback fires, nothing is kept; with it, a bus
+    frame still cannot carry lifecycle events (those come from the control connection only)."""
+    orch, events = probe_on_w1(cluster)
+    publisher, run = current_run(orch, "probe")
+    incarnation = orch._coordinator.core.workers["w1"].incarnation
+    ctx = zmq.Context()
+    try:
+        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
+        assert pub.poll(5000)
+        pub.recv()
+
+        def item(event, seq):
+            return (publisher, run, protocol.event_topic(event, "probe"), seq, msgpack.packb({
+                "event": event, "seq": seq, "publisher": publisher, "incarnation": run, "agent_name": "probe",
+                "ok": False, "error_message": "forged", "topic": "t", "data": {}, "event_date": "d", "event_time": "t"}))
+
+        forged = [item("AGENT_EVENT", 1000), item("AGENT_ERROR", 1001), item("AGENT_TERMINATED", 1002)]
+        for i, token in enumerate(("", incarnation, "0" * 32)):
+            pub.send_multipart(protocol.encode_batch("w1", token, 10_000 + i, forged))
+            pub.send_multipart(protocol.encode_beats("w1", token, 20_000 + i, [["probe", run, 10**15]]))
+        for i in range(300):  # made-up publishers: nothing may be kept for them
+            pub.send_multipart(protocol.encode_batch(f"nobody{i}", "t", 1, forged[:1]))
+        wait_for(lambda: orch.status()["dropped"].get("bus_frame_not_from_worker", 0) >= 306, 10,
+                 "the forged frames to be counted")
+        # with the real token, lifecycle topics are still refused (the worker's own agents cannot forge them)
+        token = orch._coordinator.core.workers["w1"].token
+        pub.send_multipart(protocol.encode_batch("w1", token, 30_000, forged[1:]))
+        wait_for(lambda: orch.status()["dropped"].get("bus_topic_not_allowed", 0) >= 2, 10,
+                 "the lifecycle topics to be refused")
+        time.sleep(0.5)
+        assert not events.of("AGENT_EVENT") and not events.of("AGENT_ERROR") and not events.of("AGENT_TERMINATED")
+        assert not events.of("EVENTS_LOST") and orch.status()["lost_events"] == 0
+        assert orch.status()["agents"]["probe"]["state"] == "READY"
+        assert set(orch._coordinator.worker_bus) <= {"w1"}
     finally:
         ctx.destroy(linger=0)

@@ -10,7 +10,7 @@ import time
 import msgpack
 import zmq
 from agents import Forever, ForeverProcess, Quick, Sleeper
-from conftest import EventLog, _session_members, free_port, wait_for
+from conftest import EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
 from pyorchestrate.events import stamp
@@ -148,7 +148,7 @@ def test_incompatible_worker_is_refused_with_both_versions(cluster):
         dealer.connect(orch.address)
         versions = {**local_versions(), "python": "2.7.18"}
         dealer.send(protocol.encode("register", name="old", incarnation="x", host="h", pid=1, labels={},
-                                    capacity=0, versions=versions, agents=[]))
+                                    capacity=0, versions=versions, agents=[], token="t"))
         assert dealer.poll(5000)
         reply = protocol.decode(dealer.recv())
         assert reply["type"] == "refused"
@@ -267,12 +267,7 @@ def test_sigkilled_worker_is_noticed_by_its_closed_connection_not_heartbeats(clu
 
 def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_nothing_else(cluster):
     # the coordinator forwards batched event bodies unparsed: their checking is the subscribers' job
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
-    events = EventLog(orch)
-    orch.start()
-    cluster.worker(orch.address, "w1")
-    orch.register_agent(Forever, "probe")
-    events.wait("AGENT_READY", "probe")
+    orch, events = probe_on_w1(cluster)
     info = orch.status()["agents"]["probe"]
     fake, run = "w1/probe", f"{info['run']}.{info['epoch']}"  # posing as the agent's current run
     addresses = orch.status()["addresses"]
@@ -296,7 +291,8 @@ def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_not
                              [b"_UNKNOWN", b""]]
             for frames in bad_envelopes:
                 pub.send_multipart(frames)
-            pub.send_multipart(protocol.encode_batch("w1", "i", 2, [
+            token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
+            pub.send_multipart(protocol.encode_batch("w1", token, 2, [
                 (fake, run, "AGENT_EVENT.probe", 1, body(1)), (fake, run, "AGENT_EVENT.probe", 2, os.urandom(40)),
                 (fake, run, "AGENT_EVENT.probe", 3, body(3))]))
             got = [sub.recv(timeout=10), sub.recv(timeout=10)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -106,6 +107,9 @@ class Worker:
         self._shutdown = threading.Event()
         self._session = ""
         self._coordinator_name = ""
+        # a secret of this process, shown in every register and bus frame and never published:
+        # the incarnation is on the bus for anyone to read, this is not (see protocol.py)
+        self._token = secrets.token_hex(16)
         self._limits = Limits()
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
@@ -181,7 +185,8 @@ class Worker:
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
             agents=running, events=[*self._recent_ends, *self._pending], bus_seq=self._bus_seq,
-            drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), conn=self._conn)
+            drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), conn=self._conn,
+            token=self._token)
 
     def _acted_n(self) -> int:
         """The number of the last coordinator frame acted on: every frame up to it has been (a
@@ -530,7 +535,7 @@ class Worker:
                 if key in sent:  # only runs still beating: a late event adds no entry
                     sent[key] = item[3]
             self._bus_seq += 1
-            self._send_bus_frame(protocol.encode_batch(self.name, self.incarnation, self._bus_seq, batch), len(batch))
+            self._send_bus_frame(protocol.encode_batch(self.name, self._token, self._bus_seq, batch), len(batch))
 
     def _publish_agent_heartbeats(self) -> None:
         """One beats frame per interval for all running agents (not one event each), each with
@@ -547,7 +552,7 @@ class Worker:
                  for (name, run, epoch), since in list(self._beating.items()) if since < self._beat_round - 1]
         for i in range(0, len(beats), _BEATS_PER_FRAME):
             self._bus_seq += 1
-            self._send_bus_frame(protocol.encode_beats(self.name, self.incarnation, self._bus_seq,
+            self._send_bus_frame(protocol.encode_beats(self.name, self._token, self._bus_seq,
                                                        beats[i:i + _BEATS_PER_FRAME]), 0)
 
     def _check_parent(self) -> None:
