@@ -124,9 +124,9 @@ class WakeQueue:
     def put(self, item: Any) -> None:
         """Queue ``item`` and wake the owner.  Safe from any thread; never blocks."""
         self._items.append(item)
-        # unsynchronized on purpose: the owner clears the flag *before* it takes items, so an
-        # item appended after its last take always finds the flag clear and wakes it (at worst
-        # one wake too many, never one too few)
+        # unsynchronized on purpose: the owner empties the pipe, then clears the flag, then takes
+        # items, so an item appended after its last take finds the flag clear, or set by a wake
+        # whose byte is still in the pipe (at worst one wake too many, never one too few)
         if not self._woken:
             self._wake()
 
@@ -142,13 +142,15 @@ class WakeQueue:
     def drain(self, limit: int | None = None) -> list[Any]:
         """Take the queued items, at most ``limit`` (owner thread only); if some are left, the
         wake stays set, so the owner's next poll comes back for them."""
-        self._woken = False
         try:
             # one read: a wake is one byte written only while the flag was clear, so few wait
             # here; each read releases the GIL, which costs this loop a place in its queue
             os.read(self._read, 65536)
         except (BlockingIOError, OSError):
             pass
+        # only now: cleared before the read, a producer could set the flag and have its byte
+        # consumed by that read, leaving the flag set with no byte to wake us for the next item
+        self._woken = False
         taken = []
         items = self._items
         while limit is None or len(taken) < limit:
