@@ -25,7 +25,7 @@ S = AgentState
 
 
 def holds_token(worker: WorkerRecord, message: dict[str, Any]) -> bool:
-    """Does this register show the token the worker's own connection was given?"""
+    """Does this register show the secret this worker's process showed in its first register?"""
     return bool(worker.token) and hmac.compare_digest(str(message.get("token", "")), worker.token)
 
 

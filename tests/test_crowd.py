@@ -1,5 +1,5 @@
-"""Pure tier: how a worker tunes its process for thousands of agent threads (worker/crowd.py),
-and the lock-free queue agent threads report through."""
+"""How a worker copes with thousands of agent threads: its GIL and GC tuning (worker/crowd.py,
+pure), the lock-free queue agent threads report through, and thread starts off its loop."""
 
 import threading
 
@@ -98,3 +98,34 @@ def test_wake_queue_never_leaves_an_item_without_a_wake():
                 t.join(5)
         finally:
             box.close()
+
+
+def test_an_agent_whose_thread_cannot_start_is_reported_failed_not_running_for_ever(monkeypatch):
+    """Threads are started off the worker's loop; one that cannot start (the process hit its
+    thread limit) must still end its agent's run, or the worker would count it running for ever."""
+    import time
+
+    from agents import Quick
+    from pyorchestrate import shipping
+    from pyorchestrate_worker.supervisor import Supervisor
+
+    reports: list = []
+    supervisor = Supervisor(lambda *report: reports.append(report), "w1")
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("agent-"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    class_id, blob = shipping.pack_class(Quick, Quick.Config)
+    supervisor.start("q", "run1", 1, class_id, blob, shipping.pack_config(Quick.Config(), "q"), "thread")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(r[3] == "AGENT_TERMINATED" for r in reports):
+        time.sleep(0.01)
+    assert [r[3] for r in reports] == ["AGENT_STARTED", "AGENT_ERROR", "AGENT_TERMINATED"]
+    assert "can't start new thread" in reports[1][4]["error_message"] and reports[2][4]["ok"] is False
+    assert supervisor.count() == 0 and supervisor.forget_finished() == 1
+    supervisor.close()
+    assert not [t for t in threading.enumerate() if t.name == "thread-starter"]

@@ -585,6 +585,7 @@ class Worker:
         for sock in (self._dealer, self._pub):
             if sock is not None:
                 sock.close(linger=500)
+        self._supervisor.close()
         self._outbox.close()
         self._bus_signal.close()
         self._ctx.term()

@@ -110,7 +110,7 @@ class Supervisor:
         # threads are started by a thread of their own: Thread.start() waits until the new
         # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
         # in one loop turn (the worker fell silent and was declared lost)
-        self._to_start: queue.SimpleQueue[threading.Thread | None] = queue.SimpleQueue()
+        self._to_start: queue.SimpleQueue[tuple[threading.Thread, Running | None] | None] = queue.SimpleQueue()
         self._starter: threading.Thread | None = None
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
@@ -231,20 +231,34 @@ class Supervisor:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         self._add(record)
-        self._start_soon(record.thread)
+        self._start_soon(record.thread, record)
 
-    def _start_soon(self, thread: threading.Thread) -> None:
+    def _start_soon(self, thread: threading.Thread, agent: Running | None = None) -> None:
+        """Start ``thread`` on the starter thread; ``agent``: the thread agent it runs, reported
+        failed if its thread cannot start (it would otherwise count as running for ever)."""
         if self._starter is None:
             self._starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
             self._starter.start()
-        self._to_start.put(thread)
+        self._to_start.put((thread, agent))
+
+    def close(self) -> None:
+        """End the starter thread (threads still queued are not started)."""
+        if self._starter is not None:
+            self._to_start.put(None)
+            self._starter.join(5.0)
+            self._starter = None
 
     def _start_threads(self) -> None:
-        while (thread := self._to_start.get()) is not None:
+        while (item := self._to_start.get()) is not None:
+            thread, agent = item
             try:
                 thread.start()
-            except Exception:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
-                log.exception("could not start thread %s", thread.name)
+            except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
+                log.error("could not start thread %s: %s", thread.name, exc)
+                if agent is not None:
+                    self._emit(agent, "AGENT_STARTED", {})
+                    self._emit(agent, "AGENT_ERROR", _error_fields(exc, " (could not start its thread)"))
+                    self._relay(agent, "AGENT_TERMINATED", {**stamp(), "ok": False})
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
