@@ -417,11 +417,12 @@ class Coordinator:
 
     def _from_worker(self, worker: str, token: str) -> bool:
         """Is this bus frame from the worker it names?  The bus input cannot tell who connected;
-        the token its welcome gave it (on its own control connection) can.  Nothing is kept for a
-        frame that fails: a flood of made-up publishers costs no memory."""
+        the secret its process showed in its register (on its own control connection) can.
+        Nothing is kept for a frame that fails: a flood of made-up publishers costs no memory."""
         assert self.core is not None
         record = self.core.workers.get(worker)
-        if record is None or not record.token or not hmac.compare_digest(token, record.token):
+        # as bytes: compare_digest refuses str that is not ASCII (anyone can send that)
+        if record is None or not record.token or not hmac.compare_digest(token.encode(), record.token.encode()):
             self.dropped.drop("bus_frame_not_from_worker", worker)
             return False
         return True

@@ -26,7 +26,8 @@ S = AgentState
 
 def holds_token(worker: WorkerRecord, message: dict[str, Any]) -> bool:
     """Does this register show the secret this worker's process showed in its first register?"""
-    return bool(worker.token) and hmac.compare_digest(str(message.get("token", "")), worker.token)
+    # as bytes: compare_digest refuses str that is not ASCII (anyone can send that)
+    return bool(worker.token) and hmac.compare_digest(str(message.get("token", "")).encode(), worker.token.encode())
 
 
 def _own_register(message: dict[str, Any]):

@@ -382,8 +382,9 @@ def test_a_register_speaking_for_a_live_worker_from_another_connection_needs_its
     end = protocol.agent_event("a", record.run, record.epoch, "AGENT_TERMINATED", {"ok": False})
     h.register("w1", identity=b"evil", token="", events=[end])
     h.register("w1", identity=b"evil2", token="guess", events=[end])
+    h.register("w1", identity=b"evil4", token="sécret", events=[end])
     h.register("w1", identity=b"evil3", incarnation="another", events=[end])
-    assert all(len(h.to(e, "refused")) == 1 and not h.to(e, "welcome") for e in (b"evil", b"evil2", b"evil3"))
+    assert all(len(h.to(e, "refused")) == 1 and not h.to(e, "welcome") for e in (b"evil", b"evil2", b"evil3", b"evil4"))
     assert record.state is S.READY and h.core.workers["w1"].identity == w1
     assert not h.events("AGENT_TERMINATED") and not h.events("AGENT_ERROR")
     # the worker itself, on a new connection, shows its token: taken back with its agent, same token

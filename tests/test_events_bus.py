@@ -224,12 +224,12 @@ def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluste
                 "ok": False, "error_message": "forged", "topic": "t", "data": {}, "event_date": "d", "event_time": "t"}))
 
         forged = [item("AGENT_EVENT", 1000), item("AGENT_ERROR", 1001), item("AGENT_TERMINATED", 1002)]
-        for i, token in enumerate(("", incarnation, "0" * 32)):
+        for i, token in enumerate(("", incarnation, "0" * 32, "sécret")):
             pub.send_multipart(protocol.encode_batch("w1", token, 10_000 + i, forged))
             pub.send_multipart(protocol.encode_beats("w1", token, 20_000 + i, [["probe", run, 10**15]]))
         for i in range(300):  # made-up publishers: nothing may be kept for them
             pub.send_multipart(protocol.encode_batch(f"nobody{i}", "t", 1, forged[:1]))
-        wait_for(lambda: orch.status()["dropped"].get("bus_frame_not_from_worker", 0) >= 306, 10,
+        wait_for(lambda: orch.status()["dropped"].get("bus_frame_not_from_worker", 0) >= 308, 10,
                  "the forged frames to be counted")
         # with the real token, lifecycle topics are still refused (the worker's own agents cannot forge them)
         token = orch._coordinator.core.workers["w1"].token
@@ -241,5 +241,6 @@ def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluste
         assert not events.of("EVENTS_LOST") and orch.status()["lost_events"] == 0
         assert orch.status()["agents"]["probe"]["state"] == "READY"
         assert set(orch._coordinator.worker_bus) <= {"w1"}
+        assert "handler_error" not in orch.status()["dropped"]  # refused for what they are, not by accident
     finally:
         ctx.destroy(linger=0)
