@@ -167,14 +167,14 @@ class CommandHandlers:
     @handles(cmd.Snapshot)
     def snapshot(self, c: Any, now: float) -> dict[str, Any]:
         # one row per agent, tens of thousands of them, on the loop thread while status() waits:
-        # plain attribute reads and dict lookups only (Enum.value and properties cost 3x as much)
+        # a dict lookup, not Enum.value (a property) for each
         values = _STATE_VALUES
         return {
             "agents": {r.name: {
                 "name": r.name, "state": values[r.state], "worker": r.worker, "restarts": r.restarts,
                 "last_error": r.error, "failed": r.failed, "started_at": r.started_at, "epoch": r.epoch,
                 "run": r.run, "pending_reason": r.pending_reason, "restart": r.policy.mode,
-                "on_disconnect": (r.on_disconnect or ("keep" if r.policy.mode == "never" else "replace")),
+                "on_disconnect": "keep" if r.keeps_running else "replace",
                 "depends_on": r.depends_on[:]} for r in self.agents.values()},
             "workers": {w.name: {
                 "name": w.name, "host": w.host, "pid": w.pid, "labels": dict(w.labels), "capacity": w.capacity,

@@ -66,6 +66,20 @@ class Harness:
         self.flush()
         return record
 
+    def assigned(self, worker: str = "w1", agent: str = "a") -> tuple[bytes, AgentRecord]:
+        """A registered worker and an agent placed on it whose start it has not answered yet."""
+        identity = self.register(worker)
+        record = self.add(agent)
+        self.step()
+        assert record.state is S.ASSIGNED
+        return identity, record
+
+    @staticmethod
+    def running_report(record: AgentRecord, state: str = "READY") -> dict:
+        """How a registering worker lists a copy it runs."""
+        return {"agent": record.name, "run": record.run, "epoch": record.epoch, "state": state, "coordinator": "c",
+                "definition": record.definition}
+
     def step(self, seconds: float = 0.0) -> None:
         self.now += seconds
         self.core.tick(self.now)
@@ -77,8 +91,8 @@ class Harness:
         self.core.control(identity, protocol.decode(protocol.encode("agent_events", n=n, events=items)), self.now)
         self.flush()
 
-    def beat(self, identity: bytes, running: int = -1) -> None:
-        frame = protocol.encode("heartbeat", t=self.now, running=running)
+    def beat(self, identity: bytes, running: int = -1, read: int = -1) -> None:
+        frame = protocol.encode("heartbeat", t=self.now, running=running, read=read)
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
 
@@ -201,9 +215,7 @@ def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_ret
     while not h.events("WORKER_LOST"):
         h.step(0.25)
     assert record.state is S.DISCONNECTED and h.events("AGENT_DISCONNECTED")
-    report = {"agent": "svc", "run": record.run, "epoch": record.epoch, "state": "READY", "coordinator": "c",
-              "definition": record.definition}
-    h.register("w1", identity=b"w1-again", agents=[report], conn=2)
+    h.register("w1", identity=b"w1-again", agents=[h.running_report(record)], conn=2)
     assert record.state is S.READY and record.worker == "w1"
     assert [p.fields["reason"] for p in h.events("AGENT_ADOPTED")] == ["its worker is back"]
     assert not h.events("AGENT_TERMINATED")
@@ -228,10 +240,7 @@ def test_an_end_reported_with_the_registration_is_not_mistaken_for_a_lost_agent(
 
 def test_a_start_still_on_its_way_is_not_sent_again():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
-    assert record.state is S.ASSIGNED
+    w1, record = h.assigned()
     # it registers again on the same connection before it read the start (seen < the start's n)
     h.register("w1", identity=w1, seen=0, conn=1)
     h.step()
@@ -340,27 +349,19 @@ def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_as
     sent = h.core.workers["w1"].sent_n
     # a burst: the worker has read only the welcome so far, its count lags for many heartbeats
     for _ in range(6):
-        frame = protocol.encode("heartbeat", t=h.now, running=0, read=1)
-        h.core.control(w1, protocol.decode(frame), h.now)
-        h.flush()
+        h.beat(w1, running=0, read=1)
     assert not h.to(w1, "reregister")
     # with everything read and the count still wrong, a start or a report was really lost
     for _ in range(3):
-        frame = protocol.encode("heartbeat", t=h.now, running=0, read=h.core.workers["w1"].sent_n)
-        h.core.control(w1, protocol.decode(frame), h.now)
-        h.flush()
+        h.beat(w1, running=0, read=h.core.workers["w1"].sent_n)
     assert sent >= 6 and len(h.to(w1, "reregister")) == 1
 
 
 def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_it_first():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
-    assert record.state is S.ASSIGNED
+    w1, record = h.assigned()
     # it registers again (same connection, start read) listing the copy before its reports arrive
-    h.register("w1", identity=w1, agents=[{"agent": "a", "run": record.run, "epoch": record.epoch,
-                                           "state": "READY", "coordinator": "c", "definition": "d-a"}], seen=5)
+    h.register("w1", identity=w1, agents=[h.running_report(record)], seen=5)
     assert record.state is S.READY
     assert [p.fields.get("recovered") for p in h.events("AGENT_STARTED")] == [True]
     h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
@@ -388,8 +389,6 @@ def test_a_register_speaking_for_a_live_worker_from_another_connection_needs_its
     assert record.state is S.READY and h.core.workers["w1"].identity == w1
     assert not h.events("AGENT_TERMINATED") and not h.events("AGENT_ERROR")
     # the worker itself, on a new connection, shows its token: taken back with its agent, same token
-    running = {"agent": "a", "run": record.run, "epoch": record.epoch, "state": "READY", "coordinator": "c",
-               "definition": "d-a"}
-    h.register("w1", identity=b"w1-new", conn=2, agents=[running])
+    h.register("w1", identity=b"w1-new", conn=2, agents=[h.running_report(record)])
     assert h.core.workers["w1"].identity == b"w1-new" and h.core.workers["w1"].token == token
     assert record.state is S.READY and not h.events("AGENT_TERMINATED")

@@ -24,6 +24,7 @@ processes on 2 cores):
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from enum import Enum
 
@@ -85,8 +86,6 @@ class FreezePolicy:
 
 def apply(action: GcAction) -> None:
     """Carry out ``action`` on this process's collector."""
-    import gc
-
     if action is GcAction.FREEZE:
         gc.freeze()
     elif action in (GcAction.REFRESH, GcAction.THAW):
