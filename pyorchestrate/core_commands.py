@@ -11,10 +11,10 @@ from .commands import handles
 from .dependencies import check_graph
 from .events import OrchestratorEvent as E
 from .records import AgentRecord, WorkerRecord
+from .snapshots import capture_agents
 from .states import RUNNING, AgentState
 
 S = AgentState
-_STATE_VALUES = {state: state.value for state in AgentState}
 log = logging.getLogger("pyorchestrate.coordinator")
 
 
@@ -166,19 +166,13 @@ class CommandHandlers:
 
     @handles(cmd.Snapshot)
     def snapshot(self, c: Any, now: float) -> dict[str, Any]:
-        # one row per agent, tens of thousands of them, on the loop thread while status() waits:
-        # a dict lookup, not Enum.value (a property) for each
-        values = _STATE_VALUES
+        # tens of thousands of agents, on the loop thread while status() waits: only a capture here,
+        # the rows are built in the caller's thread (snapshots.expand)
         return {
-            "agents": {r.name: {
-                "name": r.name, "state": values[r.state], "worker": r.worker, "restarts": r.restarts,
-                "last_error": r.error, "failed": r.failed, "started_at": r.started_at, "epoch": r.epoch,
-                "run": r.run, "pending_reason": r.pending_reason, "restart": r.policy.mode,
-                "on_disconnect": "keep" if r.keeps_running else "replace",
-                "depends_on": r.depends_on[:]} for r in self.agents.values()},
+            "agent_rows": capture_agents(self.agents.values()),
             "workers": {w.name: {
                 "name": w.name, "host": w.host, "pid": w.pid, "labels": dict(w.labels), "capacity": w.capacity,
-                "alive": w.alive, "draining": w.draining, "agents": sorted(w.agents), "running": len(w.agents),
+                "alive": w.alive, "draining": w.draining, "agents": list(w.agents), "running": len(w.agents),
                 "since_heartbeat": round(now - w.last_seen, 3)} for w in self.workers.values()},
             "incarnation": self.incarnation,
             "forgotten_agents": self.forgotten,

@@ -15,7 +15,7 @@ import weakref
 from typing import Any, Callable
 
 from . import commands as cmd
-from . import plugins, shipping
+from . import plugins, shipping, snapshots
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
@@ -468,8 +468,8 @@ class Orchestrator:
             return {"agents": {n: {"name": n, "state": "REGISTERED"} for n in self._agents}, "workers": {},
                     "dropped": {}}
         if self._shut:
-            return self._coordinator.final_snapshot or {}
-        return self._call(cmd.Snapshot())
+            return snapshots.expand(self._coordinator.final_snapshot or {})
+        return snapshots.expand(self._call(cmd.Snapshot()))
 
     def _forget(self, name: str) -> None:
         """The core forgot a finished agent (finished_agents_max): its name may be used again."""

@@ -1,0 +1,54 @@
+"""The cluster snapshot behind ``Orchestrator.status()``, in two halves.
+
+The loop thread only *captures*: one tuple of attribute references per agent, taken with a C-level
+``attrgetter`` (about 0.4 µs an agent, a third of building its dict).  The caller's thread then
+*expands* the tuples into the documented plain-data rows.  With tens of thousands of agents this
+keeps the loop's share of a ``status()`` call small, so liveness and reports wait less behind it.
+
+The capture is consistent (taken in one pass of the loop, between messages): every captured value
+is either immutable or, like ``depends_on``, replaced rather than changed in place by the core.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any, Iterable
+
+from .states import AgentState
+
+_STATE_VALUES = {state: state.value for state in AgentState}
+
+_capture_agent = attrgetter("name", "state", "worker", "restarts", "error", "failed", "started_at", "epoch", "run",
+                            "pending_reason", "policy", "on_disconnect", "depends_on")
+
+
+def capture_agents(records: Iterable[Any]) -> list[tuple]:
+    """On the loop thread: one tuple per agent record, nothing copied or formatted."""
+    return list(map(_capture_agent, records))
+
+
+def expand_agents(rows: list[tuple]) -> dict[str, dict[str, Any]]:
+    """In the caller's thread: the captured tuples as ``status()["agents"]`` rows."""
+    values = _STATE_VALUES
+    out: dict[str, dict[str, Any]] = {}
+    for (name, state, worker, restarts, error, failed, started_at, epoch, run, pending_reason, policy,
+         on_disconnect, depends_on) in rows:
+        mode = policy.mode
+        keep = on_disconnect == "keep" if on_disconnect is not None else mode == "never"
+        out[name] = {"name": name, "state": values[state], "worker": worker, "restarts": restarts,
+                     "last_error": error, "failed": failed, "started_at": started_at, "epoch": epoch, "run": run,
+                     "pending_reason": pending_reason, "restart": mode,
+                     "on_disconnect": "keep" if keep else "replace", "depends_on": list(depends_on)}
+    return out
+
+
+def expand(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A captured snapshot (``agent_rows``) as the documented plain data (``agents``); a snapshot
+    already expanded is returned as it is."""
+    if "agent_rows" not in snapshot:
+        return snapshot
+    out = dict(snapshot)
+    out["agents"] = expand_agents(out.pop("agent_rows"))
+    for worker in out.get("workers", {}).values():
+        worker["agents"].sort()  # captured unsorted: sorting is the caller's work too
+    return out
