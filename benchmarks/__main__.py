@@ -12,6 +12,20 @@ import time
 from importlib import metadata
 
 from . import floor, ours
+
+
+def _keys() -> str:
+    """A fresh key directory for the CURVE runs (in a temporary directory, kept until exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from pyorchestrate.keys import KeyDir
+
+    path = tempfile.mkdtemp(prefix="pyorchestrate-bench-keys-")
+    atexit.register(shutil.rmtree, path, True)
+    KeyDir(os.path.join(path, "keys")).init()
+    return os.path.join(path, "keys")
 from .peers import run_peers
 from .stats import count
 
@@ -57,14 +71,24 @@ def run(quick: bool, scale: float, soak: float = 0.0, burst: int = 0) -> dict:
     for variant, value in ours.s2_launch(n(200, 30)).items():
         value["floor_ratio"] = round(value["median_us"] / results["floor.dispatch"]["median_us"], 2)
         done(f"S2.{variant}", value)
+    keys = _keys()  # the same runs with CurveZMQ on every connection (S2.curve, S3.curve, S5.curve)
+    for variant, value in ours.s2_launch(n(200, 30), keys=keys).items():
+        value["floor_ratio"] = round(value["median_us"] / results["floor.dispatch"]["median_us"], 2)
+        done(f"S2.curve.{variant}", value)
     s3 = ours.s3_throughput(n(2000, 300))
     s3["floor_ratio"] = round(s3["per_s"] / results["floor.dispatch_throughput"]["per_s"], 3)
     done("S3", s3)
+    s3 = ours.s3_throughput(n(2000, 300), keys=keys)
+    s3["floor_ratio"] = round(s3["per_s"] / results["floor.dispatch_throughput"]["per_s"], 3)
+    done("S3.curve", s3)
     for variant, value in ours.s4_long_lived(n(100, 20)).items():
         done(f"S4.{variant}", value)
     s5 = ours.s5_event_bus(n(100_000, 20_000))
     s5["floor_ratio"] = round(s5["per_s"] / results["floor.pubsub"]["per_s"], 3) if results["floor.pubsub"]["per_s"] else None
     done("S5", s5)
+    s5 = ours.s5_event_bus(n(100_000, 20_000), keys=keys)
+    s5["floor_ratio"] = round(s5["per_s"] / results["floor.pubsub"]["per_s"], 3) if results["floor.pubsub"]["per_s"] else None
+    done("S5.curve", s5)
     for variant, value in ours.s6_detection(quick).items():
         done(f"S6.{variant}", value)
     done("S7", ours.s7_idle(n(20, 5), 10.0 if not quick else 2.0))

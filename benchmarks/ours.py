@@ -24,8 +24,13 @@ TIMEOUT = 120.0
 class Cluster:
     """A DAEMON orchestrator plus worker processes, with event counters to wait on."""
 
-    def __init__(self, workers: int, worker_args: tuple[str, ...] = (), track: bool = True, **settings: Any) -> None:
+    def __init__(self, workers: int, worker_args: tuple[str, ...] = (), track: bool = True, keys: str | None = None,
+                 **settings: Any) -> None:
+        """``keys``: a key directory (CurveZMQ on every connection), as made by ``keys init``."""
         self.track = track
+        if keys:
+            settings["keys"] = keys
+            worker_args = (*worker_args, "--keys", keys)
         settings = {"address": "tcp://127.0.0.1:*", "run_mode": RunMode.DAEMON, "log_level": "WARNING",
                     "min_workers": workers, **settings}
         self.orch = Orchestrator("bench", config=Orchestrator.Config(**settings))
@@ -90,8 +95,8 @@ def s1_cold_start() -> dict:
     return {"seconds": round(seconds, 3)}
 
 
-def s2_launch(reps: int) -> dict[str, dict]:
-    cluster = Cluster(2)
+def s2_launch(reps: int, keys: str | None = None) -> dict[str, dict]:
+    cluster = Cluster(2, keys=keys)
     out = {}
     try:
         for variant, cls in (("thread", agents.Trivial), ("process", agents.TrivialProcess)):
@@ -109,8 +114,8 @@ def s2_launch(reps: int) -> dict[str, dict]:
     return out
 
 
-def s3_throughput(n: int) -> dict:
-    cluster = Cluster(2)
+def s3_throughput(n: int, keys: str | None = None) -> dict:
+    cluster = Cluster(2, keys=keys)
     try:
         cluster.orch.register_agent(agents.Trivial, "warm")
         cluster.wait("AGENT_TERMINATED", 1)
@@ -143,7 +148,7 @@ _SUBSCRIBER = """
 import sys, time
 from pyorchestrate import EventSubscriber
 n = int(sys.argv[2])
-with EventSubscriber(sys.argv[1], topics=["AGENT_EVENT.bench"]) as sub:
+with EventSubscriber(sys.argv[1], topics=["AGENT_EVENT.bench"], keys=sys.argv[3] or None) as sub:
     sub.wait_connected(10)
     print("ready", flush=True)
     got, first, last = 0, None, None
@@ -158,10 +163,10 @@ print(got, (last - first) if got > 1 else 0.0, flush=True)
 """
 
 
-def s5_event_bus(n: int) -> dict:
-    cluster = Cluster(1)
+def s5_event_bus(n: int, keys: str | None = None) -> dict:
+    cluster = Cluster(1, keys=keys)
     try:
-        sub = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, cluster.orch.events_address, str(n)],
+        sub = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, cluster.orch.events_address, str(n), keys or ""],
                                stdout=subprocess.PIPE, text=True)
         assert sub.stdout.readline().strip() == "ready"
         cluster.orch.register_agent(agents.Emitter, "emitter", agents.Emitter.Config(count=n))

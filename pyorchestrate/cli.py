@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from . import __version__
+from .keys import ROLES, KeyDir, KeysError
 from .sockets import AddressError, parse_tcp
 from .subscriber import Event, EventSubscriber
 
@@ -41,9 +42,13 @@ def _logs(args: argparse.Namespace) -> int:
         return 2
     topic = f"AGENT_LOG.{args.agent}" if args.agent else "AGENT_LOG."
     # without --follow: what the coordinator remembers, plus whatever arrives until a quiet second
-    with EventSubscriber(args.address, [topic], timeout=None if args.follow else 1.0, history=True) as subscriber:
+    subscriber = _subscriber(args, [topic], timeout=None if args.follow else 1.0, history=True)
+    if subscriber is None:
+        return 2
+    with subscriber:
         if not subscriber.wait_connected(timeout=5.0):
-            print(f"pyorchestrate logs: no coordinator answered at {args.address}", file=sys.stderr)
+            why = subscriber.handshake_failure() or "no coordinator answered"
+            print(f"pyorchestrate logs: {why} at {args.address}", file=sys.stderr)
             return 1
         try:
             for ev in subscriber:
@@ -60,9 +65,16 @@ def _events(args: argparse.Namespace) -> int:
         return 2
     topics = args.topic or [""]
     seen = 0
-    with EventSubscriber(args.address, topics, timeout=args.timeout, history=args.history) as subscriber:
+    subscriber = _subscriber(args, topics, timeout=args.timeout, history=args.history)
+    if subscriber is None:
+        return 2
+    with subscriber:
         if subscriber.wait_connected(timeout=min(args.timeout or 3.0, 3.0)):
             print(f"connected to {args.address}", file=sys.stderr, flush=True)
+        elif subscriber.handshake_failure():
+            # keys do not match: waiting would not help
+            print(f"pyorchestrate events: {subscriber.handshake_failure()}", file=sys.stderr, flush=True)
+            return 1
         else:
             print(f"no coordinator heartbeat from {args.address} yet; waiting", file=sys.stderr, flush=True)
         try:
@@ -81,6 +93,65 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subscriber(args: argparse.Namespace, topics: list[str], **options: Any) -> EventSubscriber | None:
+    try:
+        return EventSubscriber(args.address, topics, keys=args.keys, key_name=args.key_name, **options)
+    except KeysError as exc:
+        print(f"pyorchestrate {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _keydir(args: argparse.Namespace) -> KeyDir:
+    keydir = KeyDir.from_option(args.keys)
+    if keydir is None:
+        raise KeysError("which key directory? pass --keys DIR or set PYORCHESTRATE_KEYS")
+    return keydir
+
+
+def _keys(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "init":
+            keydir = KeyDir(args.dir)
+            made = keydir.init()
+            print(f"made {', '.join(made)} keys in {keydir.path}\n"
+                  f"try it on this host:  Orchestrator.Config(keys={str(keydir.path)!r}, ...)\n"
+                  f"                      pyorchestrate-worker --keys {keydir.path} --coordinator tcp://HOST:PORT\n"
+                  f"                      pyorchestrate events --keys {keydir.path} --address tcp://HOST:PORT+1\n"
+                  f"another host:         pyorchestrate keys export worker NAME OUTDIR --keys {keydir.path}")
+        elif args.action == "add":
+            path = _keydir(args).add(args.role, args.name)
+            print(f"{args.role} key {args.name!r} admitted; its secret is {path}\n"
+                  f"hand it to its host with: pyorchestrate keys export {args.role} {args.name} OUTDIR")
+        elif args.action == "list":
+            rows = _keydir(args).listing()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'NAME':<20} {'ROLE':<7} {'STATE':<8} {'SECRET HERE':<11} PUBLIC KEY")
+                for row in rows:
+                    print(f"{row['name']:<20} {row['role']:<7} {row['state']:<8} "
+                          f"{'yes' if row['secret_here'] else 'no':<11} {row['public_key']}")
+        elif args.action == "revoke":
+            role = _keydir(args).revoke(args.name)
+            print(f"{role} key {args.name!r} revoked: new connections with it are refused now"
+                  + (", and a worker connected with it is told to go" if role == "worker" else ""))
+        elif args.action == "export":
+            written = _keydir(args).export(args.role, args.name, args.out)
+            print("wrote " + ", ".join(str(p) for p in written) +
+                  f"\non that host: --keys {args.out} (copy the directory there; keep it mode 700)")
+    except KeysError as exc:
+        print(f"pyorchestrate keys {args.action}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="key directory (default: $PYORCHESTRATE_KEYS; none: no keys)")
+    p.add_argument("--key-name", metavar="NAME", default=None,
+                   help="which key in DIR, if it holds several of a role (default: $PYORCHESTRATE_KEY_NAME)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyorchestrate", description="Tools for pyorchestrate clusters.")
     p.add_argument("--version", action="version", version=f"pyorchestrate {__version__}")
@@ -97,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
                     help="exit after SECONDS without an event")
     ev.add_argument("--exit-on-shutdown", action="store_true", help="exit when the coordinator shuts down")
     ev.add_argument("--history", action="store_true", help="start with the recent events the coordinator remembers")
+    _key_options(ev)
     ev.set_defaults(func=_events)
     lg = sub.add_parser("logs", help="print agents' log lines", description="Print the log lines of one agent "
                         "(or all) on a cluster: the recent ones the coordinator remembers, then, with --follow, "
@@ -105,7 +177,31 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--address", required=True, metavar="tcp://HOST:PORT", help="the coordinator's events address")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     lg.add_argument("--json", action="store_true", help="one JSON object per line")
+    _key_options(lg)
     lg.set_defaults(func=_logs)
+    ks = sub.add_parser("keys", help="make, list, revoke and hand out CurveZMQ keys",
+                        description="Keys decide who may connect to a coordinator and as what: worker keys may "
+                                    "register and publish, reader keys may only subscribe, admin keys may act.")
+    kact = ks.add_subparsers(dest="action", required=True)
+    k = kact.add_parser("init", help="make DIR: the coordinator's key pair and a first worker, reader and admin key")
+    k.add_argument("dir", metavar="DIR")
+    k = kact.add_parser("add", help="make and admit a new client key (no coordinator restart)")
+    k.add_argument("role", choices=ROLES)
+    k.add_argument("name")
+    k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
+    k = kact.add_parser("list", help="every key: name, role, admitted or revoked")
+    k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
+    k.add_argument("--json", action="store_true")
+    k = kact.add_parser("revoke", help="refuse a key from now on (a connected worker is told to go)")
+    k.add_argument("name")
+    k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
+    k = kact.add_parser("export", help="write what one client host needs into OUT: the coordinator's public key "
+                                       "and that client's own key pair")
+    k.add_argument("role", choices=ROLES)
+    k.add_argument("name")
+    k.add_argument("out", metavar="OUT")
+    k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
+    ks.set_defaults(func=_keys)
     return p
 
 

@@ -15,14 +15,16 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable
 
 import msgpack
 import zmq
 
-from . import commands, history, protocol, runmarker, sockets
+from . import commands, curve, history, protocol, runmarker, sockets
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
+from .keys import KeyDir
 from .events import EventDispatcher, OrchestratorEvent, stamp
 from .limits import Limits, adopt_window
 from .mailbox import Mailbox
@@ -85,6 +87,11 @@ class Coordinator:
         self.core: ClusterCore | None = None
         self.ctx = zmq.Context()
         self.mailbox = Mailbox(self.ctx)
+        # keys (CurveZMQ + who may connect in which role); None: plain ZeroMQ, loopback only
+        self.keydir = KeyDir.from_option(config.keys)
+        self.gatekeeper: curve.Gatekeeper | None = None
+        self._key_of: dict[bytes, str] = {}  # worker connection -> the name of the key it showed
+        self.handshake_failures: Counter[str] = Counter()
         self.address = self.events_address = self.bus_address = ""
 
     @property
@@ -101,11 +108,12 @@ class Coordinator:
         """Bind the three sockets.  ``*``/``0`` ports are chosen by the OS."""
         cfg = self.config
         try:
-            sockets.check_bind_allowed(address, insecure=cfg.insecure)
+            keyed = self.keydir is not None
+            sockets.check_bind_allowed(address, insecure=cfg.insecure, keyed=keyed)
             port = sockets.parse_tcp(address)[1]
             if events_address is None:
                 events_address = sockets.with_port(address, int(port) + 1) if port.isdigit() else address
-            sockets.check_bind_allowed(events_address, insecure=cfg.insecure)
+            sockets.check_bind_allowed(events_address, insecure=cfg.insecure, keyed=keyed)
             ev_port = sockets.parse_tcp(events_address)[1]
             bus_in = sockets.with_port(address, int(ev_port) + 1) if ev_port.isdigit() else address
             size = cfg.max_message_size
@@ -115,11 +123,19 @@ class Coordinator:
             # events queued per subscriber before a slow one starts missing some (and recovering
             # them from history)
             self.xpub.setsockopt(zmq.SNDHWM, cfg.subscriber_hwm)
+            if self.keydir is not None:
+                pair = self.keydir.coordinator_pair()
+                self.gatekeeper = curve.Gatekeeper(self.ctx, self.keydir)
+                self.gatekeeper.start()
+                curve.serve(self.router, pair, "control")
+                curve.serve(self.xsub, pair, "bus")
+                curve.serve(self.xpub, pair, "events")
             self.address = sockets.bind(self.router, address)
             self.events_address = sockets.bind(self.xpub, events_address)
             self.bus_address = sockets.bind(self.xsub, bus_in)
             # a worker whose process dies closes its connection: the monitor tells us at once
-            self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # (and with keys, a handshake that failed is counted)
+            self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
         except Exception:
             self._close()  # nothing half-open is left behind
             raise
@@ -192,6 +208,8 @@ class Coordinator:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
                 if now >= next_tick:
+                    if self.keydir is not None:
+                        self._check_revocations(now)
                     core.tick(now, behind)
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
@@ -272,7 +290,7 @@ class Coordinator:
                 fd = frames[-1].get(zmq.SRCFD)
             except zmq.ZMQError:  # libzmq has no source fd for some frames (empty ones)
                 fd = -1
-            self._handle(self._on_control, [f.bytes for f in frames], fd)
+            self._handle(self._on_control, [f.bytes for f in frames], fd, frames[-1] if self.keydir else None)
             self._serve_queries_waiting()
         return True
 
@@ -292,6 +310,10 @@ class Coordinator:
         assert self.core is not None
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
+            if event["event"] & curve.HANDSHAKE_FAILED:
+                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the gatekeeper counted those
+                    self.handshake_failures[curve.server_side(event["event"], int(event["value"]))] += 1
+                continue
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             identity = self._fd_identity.pop(int(event["value"]), None)
@@ -352,7 +374,7 @@ class Coordinator:
             assert self.core is not None
             self.core.disconnected(identity, time.monotonic())
 
-    def _on_control(self, frames: list[bytes], fd: int = -1) -> None:
+    def _on_control(self, frames: list[bytes], fd: int = -1, keyed_frame: Any = None) -> None:
         assert self.core is not None
         core = self.core
         if len(frames) != 2:
@@ -363,6 +385,9 @@ class Coordinator:
         except protocol.ProtocolError:
             self._maybe_refuse_old_peer(identity, frame)
             raise
+        if keyed_frame is not None and message["type"] == "register" and not self._key_allows_worker(
+                identity, keyed_frame.get("User-Id")):
+            return
         core.control(identity, message, time.monotonic())
         if message["type"] == "register" or core.worker_of(identity) is not None:
             self._note_fd(identity, fd)
@@ -371,6 +396,41 @@ class Coordinator:
         """Remember which connection an identity speaks on (for closed-connection detection)."""
         if fd >= 0 and self._fd_identity.get(fd) != identity:
             self._fd_identity[fd] = identity
+
+    def _key_allows_worker(self, identity: bytes, user: str) -> bool:
+        """With keys: a register counts only on a connection made with an admitted worker key."""
+        assert self.keydir is not None
+        role, _, name = user.partition(":")
+        if role != "worker":
+            reason = (f"this connection's key ({role} key {name!r}) is not a worker key: a worker needs one "
+                      "(pyorchestrate keys add worker NAME)")
+            self.dropped.drop("register_without_worker_key", f"{role}:{name}")
+            self._send(identity, protocol.encode("refused", reason=reason))
+            return False
+        if ("worker", name) not in self.keydir.admitted().values():
+            self.dropped.drop("register_with_revoked_key", name)
+            self._send(identity, protocol.encode("refused", reason=f"worker key {name!r} was revoked", retry=True))
+            return False
+        self._key_of[identity] = name
+        return True
+
+    def _check_revocations(self, now: float) -> None:
+        """A worker whose key was revoked is told so and counted lost (its agents move once its
+        lease has run out: it may not stop them, and it is not trusted to say it did)."""
+        assert self.core is not None and self.keydir is not None
+        if not self._key_of:
+            return
+        admitted = {name for role, name in self.keydir.admitted().values() if role == "worker"}
+        for identity, name in list(self._key_of.items()):
+            if name in admitted:
+                if self.core.worker_of(identity) is None:
+                    del self._key_of[identity]  # that connection's worker is gone: nothing to revoke
+                continue
+            del self._key_of[identity]
+            worker = self.core.worker_of(identity)
+            self._send(identity, protocol.encode("refused", reason=f"worker key {name!r} was revoked", retry=True))
+            if worker is not None:
+                self.core.revoke(worker, f"worker {worker.name!r}: its key {name!r} was revoked", now)
 
     def _maybe_refuse_old_peer(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -607,7 +667,14 @@ class Coordinator:
         assert self.core is not None
         snap = core_snapshot or self.core.snapshot(None, time.monotonic())
         return {**snap, "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
-                "dropped": dict(self.dropped.counts), "lost_events": self.lost_events}
+                "dropped": dict(self.dropped.counts), "lost_events": self.lost_events,
+                "security": self._security_status()}
+
+    def _security_status(self) -> dict[str, Any]:
+        if self.gatekeeper is None:
+            return {"keys": None}
+        return {"keys": str(self.keydir.path) if self.keydir else None,
+                "refused": {**dict(self.gatekeeper.refused), **dict(self.handshake_failures)}}
 
     def _close(self) -> None:
         if getattr(self, "xpub", None) is not None and self.core is not None:
@@ -624,4 +691,7 @@ class Coordinator:
             if sock is not None:
                 sock.close(linger=sockets.LINGER_MS)
         self.mailbox.close()
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+            self.gatekeeper = None
         self.ctx.term()

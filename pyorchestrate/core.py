@@ -230,6 +230,11 @@ class ClusterCore(Registration, CommandHandlers):
     def goodbye(self, worker: WorkerRecord, now: float) -> None:
         self._worker_gone(worker, E.WORKER_LEFT, f"worker {worker.name!r} shut down", now, certain=True)
 
+    def revoke(self, worker: WorkerRecord, reason: str, now: float) -> None:
+        """Its key was revoked: it is no longer one of ours.  Its process may still run its agents
+        (and is not trusted to stop them), so they are replaced only once its lease has run out."""
+        self._worker_gone(worker, E.WORKER_LOST, reason, now, certain=False)
+
     def stranger(self, identity: bytes, message: dict[str, Any], now: float) -> None:
         """A message from a connection that is not a live worker's: we restarted, gave up on it
         (it was frozen), or it is an old connection of a worker that has moved on or died.  It must

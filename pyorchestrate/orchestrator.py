@@ -84,6 +84,10 @@ class Orchestrator:
         heartbeat_liveness: int = 5
         #: seconds ``stop()`` gives agents to finish before it gives up on them
         stop_timeout: float = 10.0
+        #: key directory (``pyorchestrate keys init DIR``): CurveZMQ on every port, only admitted
+        #: keys get in (worker, reader and admin roles).  None: ``$PYORCHESTRATE_KEYS`` if set, else
+        #: no keys (loopback only, unless ``insecure``)
+        keys: str | None = None
         #: allow binding a non-loopback address without keys (trusted networks only)
         insecure: bool = False
         #: largest frame accepted from the network, in bytes
@@ -387,7 +391,8 @@ class Orchestrator:
         if embedded and cfg.local_workers:
             # they share our terminal: their agents' log lines reach it once, through the bus and
             # our logging; the workers themselves only add warnings
-            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING")
+            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING",
+                              str(coordinator.keydir.path) if coordinator.keydir else None)
         elif not embedded:
             log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
                      coordinator.address)

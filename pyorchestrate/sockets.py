@@ -73,14 +73,15 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def check_bind_allowed(address: str, *, insecure: bool) -> None:
-    """Refuse to expose a code-executing port beyond loopback unless the user says so."""
+def check_bind_allowed(address: str, *, insecure: bool, keyed: bool = False) -> None:
+    """Refuse to expose a code-executing port beyond loopback without keys, unless the user says so."""
     host, _ = parse_tcp(address)
-    if not is_loopback(host) and not insecure:
+    if not is_loopback(host) and not insecure and not keyed:
         raise AddressError(
             f"refusing to bind {address}: workers run any code the coordinator sends, so anyone who "
-            "can reach this port can run code on your workers. Bind 127.0.0.1 for a single host, "
-            "or pass insecure=True (trusted network only) to bind a public address."
+            "can reach this port without keys could run code on your workers. Use keys "
+            "(`pyorchestrate keys init DIR`, then Config(keys=DIR) here and --keys DIR on workers), bind "
+            "127.0.0.1 for a single host, or pass insecure=True (trusted network only)."
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import zmq
 
-from . import protocol, sockets
+from . import curve, protocol, sockets
 
 _HEARTBEAT = "_HEARTBEAT"
 RANGE_TIMEOUT = 2.0  # seconds to wait for one slice of a range before asking again
@@ -60,8 +60,12 @@ class EventSubscriber:
     """
 
     def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None,
-                 history: bool = False, hwm: int = sockets.HWM) -> None:
+                 history: bool = False, hwm: int = sockets.HWM, keys: Any = None, key_name: str | None = None) -> None:
         sockets.parse_tcp(address)
+        # with keys: CurveZMQ, a reader key (or admin, or worker) from the directory ``keys`` (or
+        # $PYORCHESTRATE_KEYS); the coordinator must hold the secret of DIR/coordinator.key
+        self._keydir, self.key = curve.client_key(keys, ("reader", "admin", "worker"), key_name)
+        self._failure: str | None = None
         self.address = address
         self.timeout = timeout
         #: events reported lost (history no longer held them), and events recovered from history
@@ -93,7 +97,17 @@ class EventSubscriber:
             self._history_topic = protocol.history_request(uuid.uuid4().hex, list(topics)).encode()
             self._sub.setsockopt(zmq.SUBSCRIBE, self._history_topic)
             self._live_keys = set()
+        if self.key is not None:
+            curve.connect_as(self._sub, self.key)
+        self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir)
         self._sub.connect(address)
+
+    def handshake_failure(self) -> str | None:
+        """Why the coordinator and this subscriber could not agree on keys, if that happened
+        (unknown or revoked key, another coordinator, keys on one side only)."""
+        if self._watch is not None and not self._watch.succeeded:
+            self._failure = self._watch.failure() or self._failure
+        return self._failure
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the coordinator's heartbeat arrives: from then on nothing is missed."""
@@ -283,6 +297,7 @@ class EventSubscriber:
     def close(self) -> None:
         """Close the socket; safe to call twice."""
         if not self._sub.closed:
+            self._watch.close()
             self._sub.close(linger=0)
             self._ctx.term()
 

@@ -15,9 +15,10 @@ def test_benchmarks_quick_tiny_runs_and_writes_every_key(tmp_path):
     assert {"machine", "versions", "scenarios"} <= set(report)
     expected = {"floor.rtt", "floor.dispatch", "floor.dispatch_throughput", "floor.pubsub", "S1", "S2.thread",
                 "S2.process", "S3", "S4.thread", "S4.process", "S5", "S6.kill", "S6.hung.fast", "S6.process_agent",
-                "S7", "S8", "S5.lossless", "S9.2w"}
+                "S7", "S8", "S5.lossless", "S9.2w", "S2.curve.thread", "S2.curve.process", "S3.curve", "S5.curve"}
     assert expected <= set(report["scenarios"])
     assert report["scenarios"]["S5"]["lost"] == report["scenarios"]["floor.pubsub"]["lost"] == 0
+    assert report["scenarios"]["S5.curve"]["lost"] == 0  # every event through the encrypted bus
     assert report["scenarios"]["S5.lossless"]["silent"] == 0
     s9 = report["scenarios"]["S9.2w"]
     assert s9["executions_min"] == s9["executions_max"] == 1 and s9["worker_lost"] == 0

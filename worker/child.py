@@ -35,7 +35,8 @@ def _listen(conn: Any, agent: Any) -> None:
 
 
 def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
-         events_address: str | None = None, bus: list | None = None, hold: bool = False) -> None:
+         events_address: str | None = None, bus: list | None = None, hold: bool = False,
+         events_key: Any = None) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
     # the forkserver's children start with no logging set up; log like the worker does
     handler = logging.StreamHandler(sys.stderr)
@@ -67,6 +68,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         sys.exit(1)
     agent._report = report
     agent.events_address = events_address
+    agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
     threading.Thread(target=_listen, args=(conn, agent), daemon=True).start()

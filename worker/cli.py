@@ -8,6 +8,7 @@ import signal
 import sys
 
 from pyorchestrate import sockets
+from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
@@ -58,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
                    help="most agents this worker runs at once, reported at registration (0 = no limit)")
     p.add_argument("--orphan-timeout", type=float, default=ORPHAN_TIMEOUT, metavar="SECONDS",
                    help="stop this worker's agents after SECONDS without a coordinator (0 = never; default 60)")
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="key directory (pyorchestrate keys init/export): connect with CurveZMQ using this host's "
+                        "worker key, and only to the coordinator whose public key DIR holds (default: "
+                        "$PYORCHESTRATE_KEYS; none: no keys)")
+    p.add_argument("--key-name", metavar="NAME", default=None,
+                   help="which worker key in DIR, if it holds several (default: $PYORCHESTRATE_KEY_NAME)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator
     p.add_argument("--version", action="version",
@@ -75,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
-    worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
-                    parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout)
+    try:
+        worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
+                        parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout, keys=args.keys,
+                        key_name=args.key_name)
+    except KeysError as exc:
+        print(f"pyorchestrate-worker: {exc}", file=sys.stderr)
+        return 2
 
     def on_signal(signum, frame):
         worker.request_shutdown()

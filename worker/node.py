@@ -30,7 +30,7 @@ from typing import Any
 import tenacity
 import zmq
 
-from pyorchestrate import protocol, sockets
+from pyorchestrate import curve, protocol, sockets
 from pyorchestrate.publisher import BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
@@ -72,8 +72,14 @@ class Worker:
     """One ``pyorchestrate-worker`` process."""
 
     def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
-                 capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = ORPHAN_TIMEOUT) -> None:
+                 capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = ORPHAN_TIMEOUT,
+                 keys: Any = None, key_name: str | None = None) -> None:
         sockets.parse_tcp(coordinator)
+        # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
+        # the coordinator key (no code is run from whoever binds the address first)
+        self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
+        self._watch: curve.HandshakeWatch | None = None
+        self._told = ""  # the last handshake failure logged (each is said once)
         self.coordinator = coordinator
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = labels or {}
@@ -153,6 +159,10 @@ class Worker:
         the closed connection for a dead worker (and restart its agents elsewhere)."""
         if self._dealer is None:
             return
+        self._say_handshake_failure()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         try:
             self._dealer.send(self._frame("closing"), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -164,11 +174,23 @@ class Worker:
         self._close_dealer()
         dealer = sockets.make_socket(self._ctx, zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
+        if self._key is not None:
+            curve.connect_as(dealer, self._key)
+        self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir)
         dealer.connect(self.coordinator)
         self._dealer = dealer
         self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
         self._conn += 1
         return dealer
+
+    def _say_handshake_failure(self) -> None:
+        """Log why the coordinator and we could not agree on keys: once per reason (retries go on)."""
+        failure = self._watch.failure() if self._watch is not None else None
+        if failure and failure != self._told:
+            self._told = failure
+            log.error("%s; retrying", failure)
+        elif self._watch is not None and self._watch.succeeded:
+            self._told = ""
 
     def _frame(self, type_: str, **fields: Any) -> bytes:
         """One numbered frame for the current connection (a gap tells the coordinator frames were lost)."""
@@ -246,7 +268,11 @@ class Worker:
 
     def _register_once(self) -> None:
         dealer = self._new_dealer()
-        dealer.send(self._register_message())
+        try:
+            # never a blocking send: a DEALER whose handshake failed has no peer, and would wait for ever
+            dealer.send(self._register_message(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
         deadline = time.monotonic() + REGISTER_TIMEOUT
         while time.monotonic() < deadline and not self._shutdown.is_set():
             if dealer.poll(50):
@@ -292,6 +318,7 @@ class Worker:
             log.warning("version difference with the coordinator: %s", warning)
         events_port = message["events_port"]
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
+        self._supervisor.events_key = self._key
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
         if bus != self._bus_address:
             if self._pub is not None:
@@ -299,6 +326,8 @@ class Worker:
             # an XPUB rather than a PUB: it tells us when the coordinator's subscription has
             # arrived, so nothing is published into the void (and counted as lost) at connect
             self._pub = sockets.make_socket(self._ctx, zmq.XPUB)
+            if self._key is not None:
+                curve.connect_as(self._pub, self._key)
             self._pub.connect(bus)
             self._subscribed = False
             self._bus_address = bus
@@ -482,7 +511,7 @@ class Worker:
                                             message["payload"]):
                 self.dropped.drop("deliver_to_unknown_agent", message["agent"])
         elif kind == "reregister":
-            self._dealer.send(self._register_message())  # type: ignore[union-attr]
+            self._send(self._register_message())
             # on this same connection it arrives before anything sent after it: delivered
             del self._pending[:self._in_register]
             self._in_register = 0
@@ -582,6 +611,9 @@ class Worker:
             deadline = time.monotonic() + 1.0  # agents' last events, while the coordinator listens
             while len(self._bus_outbox) and self._bus_ready() and time.monotonic() < deadline:
                 self._send_bus()
+        if self._watch is not None:
+            self._watch.close()  # its monitor socket too, or the context would never end
+            self._watch = None
         for sock in (self._dealer, self._pub):
             if sock is not None:
                 sock.close(linger=500)

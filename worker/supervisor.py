@@ -115,6 +115,7 @@ class Supervisor:
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
+        self.events_key: Any = None  # the worker's key (ClientKey) when the coordinator uses keys
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
@@ -227,6 +228,7 @@ class Supervisor:
 
         agent._report = report
         agent.events_address = self.events_address
+        agent.events_key = self.events_key
         if hold:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
@@ -268,7 +270,7 @@ class Supervisor:
                                                                     self.events_address,
                                                                     [self._worker_name, self.host, record.tag]
                                                                     if self.bus is not None else None,
-                                                                    hold),
+                                                                    hold, self.events_key),
                                    name=f"agent-{name}", daemon=False)
         try:
             process.start()

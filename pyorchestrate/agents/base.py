@@ -89,6 +89,8 @@ class BaseAgent(abc.ABC):
             self.logger.setLevel(logging.INFO)
         #: the cluster's events address (set by the worker; None standalone)
         self.events_address: str | None = None
+        #: the key to subscribe with when the cluster uses keys (the worker's own; set by the worker)
+        self.events_key: Any = None
 
     # ---------------------------------------------------------------- hooks to override
 

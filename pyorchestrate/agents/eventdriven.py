@@ -31,7 +31,7 @@ class EventDrivenAgent(LoopingAgent):
             from ..subscriber import EventSubscriber
 
             topics = [t if "." in t else t + "." for t in self.config.subscribe]
-            subscriber = EventSubscriber(self.events_address, topics=topics)
+            subscriber = EventSubscriber(self.events_address, topics=topics, keys=self.events_key)
         limit, handled = self.config.limit, 0
         try:
             while not self.stopping and (limit < 0 or handled < limit):

@@ -100,7 +100,7 @@ class TriggeredAgent(OneShotAgent):
             from ..subscriber import EventSubscriber
 
             prefix = self.config.trigger if "." in self.config.trigger else self.config.trigger + "."
-            subscriber = EventSubscriber(self.events_address, topics=[prefix])
+            subscriber = EventSubscriber(self.events_address, topics=[prefix], keys=self.events_key)
         try:
             while not self.stopping:
                 delivery = self._next_delivery(_POLL)

@@ -1,0 +1,248 @@
+"""Keys: CurveZMQ on every port, roles, revocation, readable refusals (real processes, loopback).
+
+The key directory's file handling is tested without sockets first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import EventLog, wait_for
+from pyorchestrate import EventSubscriber, Orchestrator, RunMode, protocol
+from pyorchestrate.curve import connect_as
+from pyorchestrate.keys import ClientKey, KeyDir, KeysError
+
+
+@pytest.fixture
+def keydir(tmp_path):
+    keys = KeyDir(tmp_path / "keys")
+    keys.init()
+    return keys
+
+
+# ---------------------------------------------------------------------- the key directory (no sockets)
+
+def test_init_makes_one_key_of_each_role_and_secrets_only_the_owner_can_read(keydir, tmp_path):
+    rows = {row["name"]: row for row in keydir.listing()}
+    assert {name: row["role"] for name, row in rows.items()} == {"worker": "worker", "reader": "reader",
+                                                                  "admin": "admin"}
+    secrets = list(keydir.path.rglob("*.key_secret"))
+    assert len(secrets) == 4 and all(os.stat(p).st_mode & 0o077 == 0 for p in secrets)
+    with pytest.raises(KeysError, match="already holds"):
+        keydir.init()
+    assert keydir.client("worker").name == "worker"
+
+
+def test_a_secret_others_can_read_is_refused_with_chmod_600(keydir):
+    path = keydir.path / "own" / "worker" / "worker.key_secret"
+    os.chmod(path, 0o644)
+    with pytest.raises(KeysError, match=f"chmod 600 {path}"):
+        keydir.client("worker")
+
+
+def test_add_revoke_export_and_which_key_a_host_uses(keydir, tmp_path):
+    keydir.add("worker", "gpu1")
+    with pytest.raises(KeysError, match="several worker keys"):
+        keydir.client("worker")
+    assert keydir.client("worker", "gpu1").name == "gpu1"
+    with pytest.raises(KeysError, match="exists already"):
+        keydir.add("reader", "gpu1")
+    with pytest.raises(KeysError, match="role 'boss'"):
+        keydir.add("boss", "x")
+    admitted = keydir.admitted()
+    gpu1 = keydir.client("worker", "gpu1").public
+    assert admitted[gpu1] == ("worker", "gpu1")
+    out = tmp_path / "host2"
+    keydir.export("worker", "gpu1", out)
+    exported = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert exported == ["coordinator.key", "own/worker/gpu1.key_secret"]  # nothing more
+    assert KeyDir(out).client("worker").public == gpu1
+    assert keydir.revoke("gpu1") == "worker"
+    assert gpu1 not in keydir.admitted()  # re-read: the directory changed
+    assert [r["state"] for r in keydir.listing() if r["name"] == "gpu1"] == ["revoked"]
+    assert keydir.client("worker").name == "worker"  # the revoked secret is gone from here
+
+
+def test_the_keys_command_line(tmp_path):
+    def keys(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyorchestrate.cli", "keys", *args], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYORCHESTRATE_KEYS": str(tmp_path / "k")})
+
+    assert keys("init", str(tmp_path / "k")).returncode == 0
+    assert keys("add", "reader", "dash").returncode == 0
+    listed = keys("list")
+    assert listed.returncode == 0 and "dash" in listed.stdout and "reader" in listed.stdout
+    again = keys("init", str(tmp_path / "k"))
+    assert again.returncode == 2 and "already holds" in again.stderr
+    gone = keys("revoke", "nobody")
+    assert gone.returncode == 2 and "no admitted key named 'nobody'" in gone.stderr
+
+
+# ---------------------------------------------------------------------- real processes
+
+def _orchestrator(cluster, keydir: KeyDir, **settings) -> tuple[Orchestrator, EventLog]:
+    orch = cluster.orchestrator(keys=str(keydir.path), run_mode=RunMode.DAEMON, **settings)
+    events = EventLog(orch)
+    orch.start()
+    return orch, events
+
+
+def _status_ms(orch: Orchestrator) -> float:
+    t0 = time.perf_counter()
+    orch.status()
+    return (time.perf_counter() - t0) * 1000
+
+
+def test_workers_and_readers_with_keys_run_the_cluster_and_nobody_else_gets_in(cluster, keydir, tmp_path):
+    orch, events = _orchestrator(cluster, keydir)
+    cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
+    events.wait("WORKER_JOINED", "w1")
+    reader = EventSubscriber(orch.events_address, keys=keydir.path)
+    stranger = EventSubscriber(orch.events_address, keys=None)
+    try:
+        assert reader.wait_connected(10)
+        from agents import Quick
+
+        orch.register_agent(Quick, "q")
+        events.wait("AGENT_TERMINATED", "q")
+        seen = []
+        wait_for(lambda: seen.extend(reader.drain()) or any(e.event == "AGENT_LOG" for e in seen), 10,
+                 "the agent's log line through the keyed bus")
+        assert any(e.event == "AGENT_TERMINATED" and e.subject == "q" for e in seen)
+        # a subscriber without keys hears nothing and says why
+        assert not stranger.wait_connected(1.0)
+        assert "requires keys" in (stranger.handshake_failure() or "")
+        # a worker without keys never joins, says why, and keeps trying
+        cluster.worker(orch.address, "nokey")
+        wait_for(lambda: "requires keys" in cluster.log_of("nokey"), 15, "the keyless worker to say why")
+        assert cluster.workers["nokey"].poll() is None
+        wait_for(lambda: orch.status()["security"]["refused"].get("control: a client without keys", 0) >= 1, 10,
+                 "the refusal to be counted")
+        assert set(orch.status()["workers"]) == {"w1"}
+        assert cluster.log_of("nokey").count("requires keys") == 1  # said once, though it retries
+    finally:
+        reader.close()
+        stranger.close()
+
+
+def test_a_worker_facing_another_coordinator_runs_nothing_and_says_so(cluster, keydir, tmp_path):
+    """The impostor case: a process holding the address but not the coordinator's secret key gets
+    no handshake, so no register reaches it and no code comes from it."""
+    other = KeyDir(tmp_path / "other")
+    other.init()
+    impostor, _ = _orchestrator(cluster, other)
+    cluster.worker(impostor.address, "w1", "--keys", str(keydir.path))
+    wait_for(lambda: "does not hold the secret of the coordinator key" in cluster.log_of("w1"), 15,
+             "the worker to name the wrong coordinator")
+    assert impostor.status()["workers"] == {}
+    assert impostor.status()["security"]["refused"].get(
+        "control: a client holding another coordinator's public key", 0) >= 1
+
+
+def test_keys_of_the_wrong_role_or_unknown_are_refused_and_counted(cluster, keydir, tmp_path):
+    orch, events = _orchestrator(cluster, keydir)
+    ctx = zmq.Context()
+    try:
+        # a reader key may not use the control port (ZAP refuses it), nor publish on the bus
+        reader_key = keydir.client("reader")
+        dealer = ctx.socket(zmq.DEALER)
+        connect_as(dealer, reader_key)
+        dealer.connect(orch.address)
+        dealer.send(protocol.encode("register", n=1, name="evil", incarnation="x", host="h", pid=1, labels={},
+                                    capacity=0, versions={}, agents=[], events=[], bus_seq=0, drained_by=[],
+                                    t=0.0, seen=0, conn=1, token="t"))
+        pub = ctx.socket(zmq.PUB)
+        connect_as(pub, reader_key)
+        pub.connect(orch.status()["addresses"]["bus"])
+        # an admin key may use the control port, but it is no worker key
+        admin = ctx.socket(zmq.DEALER)
+        connect_as(admin, keydir.client("admin"))
+        admin.connect(orch.address)
+        admin.send(protocol.encode("register", n=1, name="evil2", incarnation="x", host="h", pid=1, labels={},
+                                   capacity=0, versions={}, agents=[], events=[], bus_seq=0, drained_by=[],
+                                   t=0.0, seen=0, conn=1, token="t"))
+        assert admin.poll(10_000)
+        reply = protocol.decode(admin.recv())
+        assert reply["type"] == "refused" and "not a worker key" in reply["reason"] and not reply["retry"]
+        # a key nobody admitted
+        stranger = KeyDir(tmp_path / "stranger")
+        stranger.init()
+        unknown = ctx.socket(zmq.SUB)
+        own = stranger.client("reader")
+        connect_as(unknown, ClientKey("reader", "x", own.public, own.secret, keydir.coordinator_public()))
+        unknown.setsockopt(zmq.SUBSCRIBE, b"")
+        unknown.connect(orch.events_address)
+        refused = lambda: orch.status()["security"]["refused"]  # noqa: E731
+        wait_for(lambda: refused().get("control: reader key 'reader' may not use the control port", 0) >= 1
+                 and refused().get("bus: reader key 'reader' may not use the bus port", 0) >= 1
+                 and refused().get("events: unknown or revoked key", 0) >= 1, 15, "the refusals to be counted")
+        assert not unknown.poll(500)
+        assert orch.status()["workers"] == {} and not events.of("WORKER_JOINED")
+        assert _status_ms(orch) < 100
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_revoked_worker_is_told_to_go_and_its_agents_move(cluster, keydir):
+    keydir.add("worker", "w2key")
+    orch, events = _orchestrator(cluster, keydir)
+    cluster.worker(orch.address, "w1", "--keys", str(keydir.path), "--key-name", "worker")
+    events.wait("WORKER_JOINED", "w1")
+    from agents import Forever
+
+    orch.register_agent(Forever, "probe", restart="always")
+    events.wait("AGENT_READY", "probe")
+    cluster.worker(orch.address, "w2", "--keys", str(keydir.path), "--key-name", "w2key")
+    events.wait("WORKER_JOINED", "w2")
+    subprocess.run([sys.executable, "-m", "pyorchestrate.cli", "keys", "revoke", "worker", "--keys",
+                    str(keydir.path)], check=True, capture_output=True, timeout=60)
+    lost = events.wait("WORKER_LOST", "w1", timeout=15)
+    assert "revoked" in lost[0]["reason"]
+    events.wait("AGENT_READY", "probe", count=2, timeout=30)
+    assert orch.status()["agents"]["probe"]["worker"] == "w2"
+    wait_for(lambda: "refused worker key 'worker'" in cluster.log_of("w1")
+             and "unknown there or was revoked" in cluster.log_of("w1"), 20,
+             "the revoked worker to say why it cannot get back in")
+    time.sleep(1.0)
+    assert orch.status()["workers"]["w1"]["alive"] is False
+    assert len(events.of("WORKER_JOINED", "w1")) == 1
+
+
+def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydir, tmp_path):
+    orch, _ = _orchestrator(cluster, keydir)
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pyorchestrate.cli", "events", "--address", orch.events_address, "--timeout", "3",
+         "--count", "1", *args], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYORCHESTRATE_KEYS"})
+    keyless = run()
+    assert keyless.returncode == 1 and "requires keys" in keyless.stderr
+    other = KeyDir(tmp_path / "other")
+    other.init()
+    wrong = run("--keys", str(other.path))
+    assert wrong.returncode == 1 and "does not hold the secret of the coordinator key" in wrong.stderr
+    good = run("--keys", str(keydir.path))
+    assert good.returncode == 0 and "connected to" in good.stderr
+
+
+def test_forged_bus_frames_from_keyless_hosts_never_arrive(cluster, keydir):
+    """Attack a3 with keys on: the bus input takes no frame from a connection without a worker key,
+    so none reaches even the token check."""
+    orch, events = _orchestrator(cluster, keydir)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.PUB)
+        pub.connect(orch.status()["addresses"]["bus"])
+        for i in range(100):
+            pub.send_multipart(protocol.encode_batch("w1", "", i, [("p", "r", b"AGENT_ERROR.x", 1, msgpack.packb({}))]))
+            time.sleep(0.005)
+        time.sleep(0.5)
+        assert "bus_frame_not_from_worker" not in orch.status()["dropped"]  # nothing got that far
+        assert not events.of("AGENT_ERROR") and _status_ms(orch) < 100
+    finally:
+        ctx.destroy(linger=0)
