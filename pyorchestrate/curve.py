@@ -139,25 +139,39 @@ def explain(event: int, value: int, address: str, key: ClientKey | None, keydir:
 
 
 class HandshakeWatch:
-    """Watches one client socket's handshakes (a socket monitor) and says what went wrong."""
+    """Watches one client socket's handshakes (a socket monitor) and says what went wrong.
 
-    def __init__(self, sock: zmq.Socket, address: str, key: ClientKey | None, keydir: KeyDir | None) -> None:
+    A handshake that fails without detail (the peer closed during it) is what a client holding
+    another coordinator's key sees, but also what any client sees once when the coordinator shuts
+    down mid-handshake: it is named only when it happens twice in a row (``streak``, which a
+    client that opens a new socket per attempt carries over), and never without keys."""
+
+    def __init__(self, sock: zmq.Socket, address: str, key: ClientKey | None, keydir: KeyDir | None,
+                 streak: list[int] | None = None) -> None:
         self.address, self.key, self.keydir = address, key, keydir
         self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock = sock
         self.succeeded = False
+        self.streak = streak if streak is not None else [0]
 
     def failure(self) -> str | None:
-        """The latest handshake failure since the last call (None if none, or one succeeded since)."""
+        """The latest handshake failure worth saying since the last call (None if none, or a
+        handshake succeeded since)."""
         from zmq.utils.monitor import recv_monitor_message
 
         found = None
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded, found = True, None
+            kind, value = event["event"], int(event["value"])
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.succeeded, found, self.streak[0] = True, None, 0
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.streak[0] += 1
+                if self.key is not None and self.streak[0] >= 2:
+                    found = explain(kind, value, self.address, self.key, self.keydir)
             else:
-                found = explain(event["event"], int(event["value"]), self.address, self.key, self.keydir)
+                self.streak[0] = 0
+                found = explain(kind, value, self.address, self.key, self.keydir)
         return found
 
     def close(self) -> None:

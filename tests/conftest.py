@@ -26,7 +26,11 @@ from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 REPO = Path(__file__).resolve().parent.parent
 LIFECYCLE = {"AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"}
-FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5, "worker_wait_timeout": 20.0}
+# quick heartbeats, but a 2 s silence window: a test that is not about detection must not see a
+# false death when CI loads the machine (one did at 0.5 s: a worker lost while pip ran beside the
+# suite).  Detection tests ask for DETECT and derive their waits from it.
+FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 20, "worker_wait_timeout": 20.0}
+DETECT = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5}  # a 0.5 s window
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.02) -> Any:

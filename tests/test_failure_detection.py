@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import pytest
 from agents import CpuBurner, Forever, GilHolder
-from conftest import EventLog, free_port, wait_for
+from conftest import DETECT, EventLog, free_port, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
 
@@ -47,7 +47,7 @@ def test_c_code_holding_the_gil_is_tolerated_by_a_generous_liveness(cluster):
 
 
 def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluster):
-    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)  # window 0.5 s
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)  # window 0.5 s
     events = EventLog(orch)
     orch.start()
     with EventSubscriber(orch.events_address, timeout=None) as bus:

@@ -10,7 +10,7 @@ import time
 import msgpack
 import zmq
 from agents import Forever, ForeverProcess, Quick, Sleeper
-from conftest import EventLog, _session_members, free_port, probe_on_w1, wait_for
+from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
 from pyorchestrate.events import stamp
@@ -18,7 +18,7 @@ from pyorchestrate.versions import local_versions
 
 
 def test_sigkilled_worker_is_lost_in_time_its_agents_fail_and_join_returns(cluster, tmp_path):
-    orch = cluster.orchestrator(min_workers=1)  # 0.1 s x 5 = 0.5 s
+    orch = cluster.orchestrator(min_workers=1, **DETECT)  # 0.1 s x 5 = 0.5 s
     events = EventLog(orch)
     orch.register_agent(Forever, "doomed-thread")
     orch.register_agent(ForeverProcess, "doomed-process", ForeverProcess.Config(pid_file=str(tmp_path / "pid")))

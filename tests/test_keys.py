@@ -246,3 +246,55 @@ def test_forged_bus_frames_from_keyless_hosts_never_arrive(cluster, keydir):
         assert not events.of("AGENT_ERROR") and _status_ms(orch) < 100
     finally:
         ctx.destroy(linger=0)
+
+
+def test_the_attacks_replayed_against_a_keyed_coordinator_change_nothing(cluster, keydir):
+    """a1 (a register naming a live worker), a2 (a fake worker taking agents), a3 (forged bus
+    frames) and a4 (history subscriptions) from hosts without a worker key, all at once and
+    repeated, while status() is timed: nothing changes, no callback fires, the loop stays responsive."""
+    orch, events = _orchestrator(cluster, keydir)
+    cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
+    events.wait("WORKER_JOINED", "w1")
+    from agents import Forever
+
+    orch.register_agent(Forever, "probe")
+    events.wait("AGENT_READY", "probe")
+    incarnation = orch._coordinator.core.workers["w1"].incarnation
+    before = orch.status()["agents"]["probe"]
+    assert before["state"] == "READY"
+    ctx = zmq.Context()
+    reader = keydir.client("reader")
+    timings: list[float] = []
+    try:
+        socks = []
+        for i in range(20):
+            keyless = ctx.socket(zmq.DEALER)  # a1 / a2: no key at all
+            keyless.connect(orch.address)
+            keyless.send(protocol.encode("register", n=1, name="w1" if i % 2 else f"evil{i}", incarnation=incarnation,
+                                         host="h", pid=1, labels={}, capacity=0, versions={}, agents=[], events=[],
+                                         bus_seq=0, drained_by=[], t=0.0, seen=0, conn=1, token="t"))
+            pub = ctx.socket(zmq.PUB)  # a3: a reader key may not publish either
+            connect_as(pub, reader)
+            pub.connect(orch.status()["addresses"]["bus"])
+            sub = ctx.socket(zmq.SUB)  # a4: a history request of 4 KB without a key
+            sub.setsockopt(zmq.SUBSCRIBE, protocol.history_request(f"n{i}", ["x" * 4000]).encode())
+            sub.connect(orch.events_address)
+            socks += [keyless, pub, sub]
+            timings.append(_status_ms(orch))
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            for sock in socks[1::3]:
+                sock.send_multipart(protocol.encode_batch("w1", "", 1, [("p", "r", b"AGENT_ERROR.probe", 1,
+                                                                          msgpack.packb({}))]))
+            timings.append(_status_ms(orch))
+            time.sleep(0.05)
+        assert all(not s.poll(0) for s in socks[::3])  # no welcome, no refusal: no handshake at all
+        status = orch.status()
+        assert set(status["workers"]) == {"w1"} and status["agents"]["probe"] == before
+        assert not events.of("AGENT_ERROR") and not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
+        refused = status["security"]["refused"]
+        assert refused.get("control: a client without keys", 0) >= 1
+        assert refused.get("bus: reader key 'reader' may not use the bus port", 0) >= 1
+        assert max(timings) < 100, f"status() round trips during the attack: max {max(timings):.1f} ms"
+    finally:
+        ctx.destroy(linger=0)

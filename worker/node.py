@@ -80,6 +80,7 @@ class Worker:
         self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
         self._watch: curve.HandshakeWatch | None = None
         self._told = ""  # the last handshake failure logged (each is said once)
+        self._streak = [0]  # handshakes in a row that failed without detail (across connections)
         self.coordinator = coordinator
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = labels or {}
@@ -176,7 +177,7 @@ class Worker:
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         if self._key is not None:
             curve.connect_as(dealer, self._key)
-        self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir)
+        self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir, self._streak)
         dealer.connect(self.coordinator)
         self._dealer = dealer
         self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
@@ -242,6 +243,9 @@ class Worker:
             pass  # shutdown requested while waiting
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        if self._told:  # the handshake failed, and we said why: "no coordinator" would mislead
+            log.debug("still refused at %s (attempt %d): %s", self.coordinator, state.attempt_number, self._told)
+            return
         level = logging.INFO if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0 else logging.DEBUG
         log.log(level, "no coordinator at %s yet (attempt %d); retrying", self.coordinator, state.attempt_number)
 
