@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -127,10 +126,4 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         time.sleep(1.0)
         assert len([e for e in of("WORKER_JOINED") if e["worker"] == victim]) == 1  # it did not get back in
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        net.close()
+        net.close(procs)

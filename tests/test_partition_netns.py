@@ -95,7 +95,14 @@ class Net:
     def cut(self, name: str, cut: bool) -> None:
         _run("bridge", "link", "set", "dev", self.hosts[name][1], "state", "0" if cut else "3")
 
-    def close(self) -> None:
+    def close(self, procs: list[subprocess.Popen] = ()) -> None:
+        """End ``procs`` (each in its own session: the whole group), then remove the namespaces."""
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
         for ns, _, _ in self.hosts.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
@@ -176,10 +183,4 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
             "the new copy's logs reach the bus"
         assert second["epoch"] > first["epoch"]
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        net.close()
+        net.close(procs)
