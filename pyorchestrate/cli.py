@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from . import __version__
@@ -78,7 +79,7 @@ def _events(args: argparse.Namespace) -> int:
         else:
             print(f"no coordinator heartbeat from {args.address} yet; waiting", file=sys.stderr, flush=True)
         try:
-            for ev in subscriber:
+            for ev in _until_idle(subscriber, args.timeout):
                 out: Any = json.dumps(ev, default=str, sort_keys=True) if args.json else format_event(ev)
                 print(out, flush=True)
                 seen += 1
@@ -90,7 +91,30 @@ def _events(args: argparse.Namespace) -> int:
             pass
         except BrokenPipeError:
             return 0
+        except _Refused as exc:
+            print(f"pyorchestrate events: {exc}", file=sys.stderr, flush=True)
+            return 1
     return 0
+
+
+class _Refused(Exception):
+    """The coordinator and this client do not agree on keys: waiting will not help."""
+
+
+def _until_idle(subscriber: EventSubscriber, timeout: float | None):
+    """Events until ``timeout`` seconds pass without one (None: for ever).  A coordinator that
+    appears later and refuses our keys ends it at once (raises :class:`_Refused`)."""
+    idle_since = time.monotonic()
+    while True:
+        ev = subscriber.recv(timeout=0.5)
+        if ev is not None:
+            idle_since = time.monotonic()
+            yield ev
+            continue
+        if not subscriber.connected and subscriber.handshake_failure():
+            raise _Refused(subscriber.handshake_failure())
+        if timeout is not None and time.monotonic() - idle_since >= timeout:
+            return
 
 
 def _subscriber(args: argparse.Namespace, topics: list[str], **options: Any) -> EventSubscriber | None:

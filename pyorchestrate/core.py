@@ -38,7 +38,7 @@ from .limits import Limits
 from .placement import PLACE_PER_PASS, Free, choose
 from .predecessor import Predecessor
 from .records import AgentRecord, WorkerRecord
-from .registration import Registration
+from .registration import Registration, holds_token
 from .states import LIVE, RUNNING, AgentState, StateIndex
 
 __all__ = ["Action", "AwaitBus", "ClusterCore", "Finished", "Forget", "Publish", "Send"]
@@ -157,6 +157,9 @@ class ClusterCore(Registration, CommandHandlers):
         if kind == "register":
             self.register(identity, message, now)
             return
+        if kind == "pulse":  # from the worker's pulse process, on a connection of its own
+            self.pulse(identity, message, now)
+            return
         if kind == "closing":  # its close that follows is no death: judge the worker by silence
             self._remember(self.closing_connections, identity)
             return
@@ -184,6 +187,7 @@ class ClusterCore(Registration, CommandHandlers):
 
     def heartbeat(self, worker: WorkerRecord, message: dict[str, Any], now: float) -> None:
         worker.last_seen = now
+        worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
         worker.disconnected_at = None
         running = message["running"]
@@ -229,6 +233,16 @@ class ClusterCore(Registration, CommandHandlers):
 
     def goodbye(self, worker: WorkerRecord, now: float) -> None:
         self._worker_gone(worker, E.WORKER_LEFT, f"worker {worker.name!r} shut down", now, certain=True)
+
+    def pulse(self, identity: bytes, message: dict[str, Any], now: float) -> None:
+        """The worker's process is alive and not stopped (its pulse says so, showing the worker's
+        secret).  Answered with an echo: the worker's lease runs on while only its pulse gets through."""
+        worker = self.workers.get(message["name"])
+        if worker is None or not worker.alive or not holds_token(worker, message):
+            self.drop("pulse_not_from_worker", message["name"])
+            return
+        worker.pulse_at = now
+        self.actions.append(Send(identity, protocol.encode("pulse_reply", echo=message["t"])))
 
     def revoke(self, worker: WorkerRecord, reason: str, now: float) -> None:
         """Its key was revoked: it is no longer one of ours.  Its process may still run its agents
@@ -282,7 +296,8 @@ class ClusterCore(Registration, CommandHandlers):
                 self._publish_agent(record, E.AGENT_DISCONNECTED, {"reason": reason})
                 continue
             # a replacement waits until the worker's lease has certainly run out
-            not_before = 0.0 if certain else self.limits.replace_after(worker.last_seen, record.stop_timeout)
+            # (its pulse renewed the lease too: count from the last sign of life)
+            not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
             self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
         self._dirty = True
@@ -388,9 +403,20 @@ class ClusterCore(Registration, CommandHandlers):
             if not behind and worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (its connection closed "
                                                          "and it did not come back)", now, certain=True)
-            elif not behind and now - worker.last_seen > limits.silence:
+            elif not behind and now - worker.last_sign > limits.silence:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (no heartbeat for "
                                                          f"{now - worker.last_seen:.1f} s)", now, certain=False)
+            elif not behind and now - worker.last_seen > limits.busy_cap:
+                self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (its process is alive "
+                                  f"but its loop has been silent for {now - worker.last_seen:.1f} s)", now,
+                                  certain=False)
+            elif now - worker.last_seen > limits.silence and not worker.busy_said:
+                # the GIL herd of thousands of agent threads, or C code holding the GIL: its loop
+                # cannot speak, its pulse process can.  Busy is not dead.
+                worker.busy_said = True
+                log.warning("worker %s: no heartbeat for %.1f s, but its process is alive and not stopped "
+                            "(its pulse): busy, not lost (for up to %.0f s)", worker.name,
+                            now - worker.last_seen, limits.busy_cap)
             elif now - worker.last_beat_sent >= limits.interval:
                 worker.last_beat_sent = now
                 self._send(worker, "heartbeat_reply", echo=worker.last_t)
@@ -446,7 +472,8 @@ class ClusterCore(Registration, CommandHandlers):
         limits = self.limits
         alive = [w for w in self.workers.values() if w.alive]
         soonest = now + (0.05 if any(w.disconnected_at is not None for w in alive) else limits.tick)
-        return min([soonest] + [w.last_seen + limits.silence + 0.001 for w in alive])
+        return min([soonest] + [min(w.last_sign + limits.silence, w.last_seen + limits.busy_cap) + 0.001
+                                for w in alive])
 
     # ================================================================== placement
 

@@ -30,6 +30,13 @@ class Limits:
         return self.silence
 
     @property
+    def busy_cap(self) -> float:
+        """A worker whose loop is silent but whose process answers (its pulse: alive, not stopped)
+        is busy, not lost, for up to this long; then it is lost anyway (a loop that never comes
+        back, say deadlocked, must not hold its agents for ever)."""
+        return 6 * self.silence
+
+    @property
     def reconnect_grace(self) -> float:
         """After a worker's connection closes: how long a live worker needs to reconnect and speak
         (ZeroMQ reconnects within 0.1 s; it speaks at its next heartbeat)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 5  # 5: a worker process's secret token (register, bus frames)
+PROTOCOL_VERSION = 6  # 5: a worker process's secret token (register, bus frames); 6: pulse
 # 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
@@ -103,6 +103,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "goodbye": {},
     # the worker closes this connection on purpose and opens another: its close is no death
     "closing": {},
+    # from the worker's pulse process (worker/pulse.py), on a connection of its own: the worker's
+    # process is alive and not stopped, though its loop may be starved of the GIL
+    "pulse": {"name": _STR, "token": _STR, "t": _NUM},
     # coordinator -> worker
     "welcome": {
         "coordinator": _STR,
@@ -133,6 +136,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "stop": {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM},
     "deliver": {"agent": _STR, "run": _STR, "epoch": _INT, "kind": _STR, "payload": object},
     "heartbeat_reply": {"echo": _NUM},
+    "pulse_reply": {"echo": _NUM},
     "release": {"drain": Optional(bool, False)},
 }
 

@@ -78,8 +78,10 @@ class WorkerRecord:
     capacity: int
     versions: dict[str, str]
     order: int
-    last_seen: float
+    last_seen: float  #: its last frame (its loop spoke)
     alive: bool = True
+    pulse_at: float = 0.0  #: its pulse process's last word (its process is alive and not stopped)
+    busy_said: bool = False  #: "silent but its pulse goes on" was logged for this silence
     draining: bool = False
     last_beat_sent: float = 0.0
     last_t: float = 0.0  #: the worker-clock stamp of its latest heartbeat (echoed back: its lease)
@@ -95,3 +97,8 @@ class WorkerRecord:
     past_identities: list[bytes] = field(default_factory=list)  #: its process's earlier connections
     recv_n: int = 0  #: the number of the last frame received from it
     sent_classes: set[str] = field(default_factory=set)
+
+    @property
+    def last_sign(self) -> float:
+        """When it last gave a sign of life: its loop's frames or its pulse."""
+        return max(self.last_seen, self.pulse_at)

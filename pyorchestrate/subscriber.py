@@ -102,6 +102,11 @@ class EventSubscriber:
         self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir)
         self._sub.connect(address)
 
+    @property
+    def connected(self) -> bool:
+        """Has the coordinator's heartbeat arrived (from then on nothing is missed)?"""
+        return self._connected
+
     def handshake_failure(self) -> str | None:
         """Why the coordinator and this subscriber could not agree on keys, if that happened
         (unknown or revoked key, another coordinator, keys on one side only)."""

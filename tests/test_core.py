@@ -392,3 +392,55 @@ def test_a_register_speaking_for_a_live_worker_from_another_connection_needs_its
     h.register("w1", identity=b"w1-new", conn=2, agents=[h.running_report(record)])
     assert h.core.workers["w1"].identity == b"w1-new" and h.core.workers["w1"].token == token
     assert record.state is S.READY and not h.events("AGENT_TERMINATED")
+
+
+# ---------------------------------------------------------------------------- the pulse
+
+
+def _pulse(h: Harness, name: str = "w1", token: str = "secret-w-inc") -> None:
+    frame = protocol.encode("pulse", name=name, token=token, t=h.now)
+    h.core.control(b"pulse-conn", protocol.decode(frame), h.now)
+    h.flush()
+
+
+def test_a_worker_whose_loop_is_silent_but_whose_pulse_goes_on_is_busy_until_the_cap():
+    """Its process is alive and not stopped (the pulse process says so, with the worker's secret):
+    not lost at the silence limit, lost at busy_cap; its agents' replacement waits for the lease
+    the pulse echoes renewed."""
+    h = Harness()
+    identity = h.register("w1")
+    record = h.add("a", restart="always")  # replaced when its worker is lost
+    h.step()
+    h.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+    limits = h.core.limits
+    silent_from = h.now
+    while h.now - silent_from < limits.busy_cap - limits.interval:
+        h.step(limits.interval / 2)
+        _pulse(h)
+        assert not h.events("WORKER_LOST"), f"lost after {h.now - silent_from:.1f} s of a pulse"
+    assert [m["echo"] for m in h.to(b"pulse-conn", "pulse_reply")][-1] == h.now
+    assert record.state is S.READY
+    while not h.events("WORKER_LOST") and h.now - silent_from < limits.busy_cap + 2 * limits.interval:
+        h.step(limits.interval / 2)
+        _pulse(h)
+    lost = h.events("WORKER_LOST")
+    assert lost and "its loop has been silent" in lost[0].fields["reason"]
+    assert record.state is not S.READY
+    # the replacement may start only when the lease its last pulse echo renewed has run out
+    assert record.restart_at >= limits.replace_after(h.now, record.stop_timeout) - limits.interval
+
+
+def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_nothing():
+    h = Harness()
+    dropped = []
+    h.core.drop = lambda kind, detail: dropped.append(kind)
+    identity, record = h.assigned()
+    h.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+    silent_from = h.now
+    while not h.events("WORKER_LOST"):
+        h.step(h.core.limits.interval / 2)
+        _pulse(h, token="guessed")
+        assert h.now - silent_from < h.core.limits.silence + 2 * h.core.limits.interval
+    assert "pulse_not_from_worker" in dropped and not h.to(b"pulse-conn", "pulse_reply")
+    _pulse(h)  # the right secret, too late: the worker is lost
+    assert not h.to(b"pulse-conn", "pulse_reply")

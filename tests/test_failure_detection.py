@@ -46,6 +46,54 @@ def test_c_code_holding_the_gil_is_tolerated_by_a_generous_liveness(cluster):
     assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True
 
 
+def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]:
+    """GilHolder (sorted() of 3 million floats: the GIL held about a second per call) on a worker
+    with a 0.5 s silence window: its loop cannot speak during each sort."""
+    orch = cluster.orchestrator(min_workers=1, **DETECT)
+    events = EventLog(orch)
+    orch.register_agent(GilHolder, "sorter")
+    orch.start()
+    cluster.worker(orch.address, f"busy-{pulse}", "--pulse", pulse)
+    assert orch.join(timeout=90)
+    held = [float(x) for x in re.findall(r"GIL held for ([\d.]+) s", cluster.log_of(f"busy-{pulse}"))]
+    window = DETECT["heartbeat_interval"] * DETECT["heartbeat_liveness"]
+    # held well past the window, or the test proves nothing (a faster machine: raise GilHolder's size)
+    assert len(held) == 2 and max(held) > 1.5 * window, held
+    return events, held
+
+
+def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(cluster, caplog):
+    events, _ = _sort_with_the_gil_held(cluster, "always")
+    assert not events.of("WORKER_LOST")
+    assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True
+    assert "busy, not lost" in caplog.text  # the pulse is what held it: the loop was silent
+
+
+def test_without_a_pulse_the_same_starved_loop_is_a_false_death(cluster):
+    """The control for the test above: same agent, same window, no pulse."""
+    events, _ = _sort_with_the_gil_held(cluster, "never")
+    assert events.of("WORKER_LOST")
+
+
+def test_a_stopped_worker_is_lost_in_time_even_with_a_pulse(cluster):
+    """SIGSTOP: the pulse sees the worker's state T and says nothing, so the window holds."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    frozen = cluster.worker(orch.address, "w1", "--pulse", "always")
+    events.wait("WORKER_JOINED", "w1")
+    wait_for(lambda: "pulse process" in cluster.log_of("w1"), 10, "the pulse to start")
+    time.sleep(0.5)
+    frozen.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        events.wait("WORKER_LOST", "w1", timeout=10)
+        window = DETECT["heartbeat_interval"] * DETECT["heartbeat_liveness"]
+        assert time.monotonic() - stopped_at < window + 2.0
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+
+
 def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluster):
     orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)  # window 0.5 s
     events = EventLog(orch)

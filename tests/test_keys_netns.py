@@ -83,6 +83,9 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         revoked = net.spawn("s3", _events_cli("--address", events_address, "--keys", str(tmp_path / "s3-keys"),
                                               "--timeout", "20"), tmp_path / "s3.log")
         procs += [keyless, revoked]
+        # the seed is over in seconds: the subscribers must be up and knocking before it starts
+        wait_for(lambda: all("waiting" in (tmp_path / f"{s}.log").read_text() for s in ("s2", "s3")), 60,
+                 "the keyless and the revoked subscriber to be waiting for the coordinator")
 
         # the seed example, unchanged: the key directory comes from the environment
         seed = subprocess.run(["ip", "netns", "exec", net.hosts["c"][0], sys.executable, "main.py", address],

@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
                         "$PYORCHESTRATE_KEYS; none: no keys)")
     p.add_argument("--key-name", metavar="NAME", default=None,
                    help="which worker key in DIR, if it holds several (default: $PYORCHESTRATE_KEY_NAME)")
+    p.add_argument("--pulse", choices=["auto", "always", "never"], default="auto",
+                   help="a small process that tells the coordinator this worker is alive when its own loop "
+                        "cannot (GIL starvation): auto = once it runs 500 agents; always = agents in C code that "
+                        "holds the GIL for seconds; never")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator
     p.add_argument("--version", action="version",
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
                         parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout, keys=args.keys,
-                        key_name=args.key_name)
+                        key_name=args.key_name, pulse=args.pulse)
     except KeysError as exc:
         print(f"pyorchestrate-worker: {exc}", file=sys.stderr)
         return 2

@@ -17,10 +17,12 @@ next registration, never dropped.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -37,12 +39,13 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_
 from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 
-from . import crowd
+from . import crowd, pulse
 from .supervisor import Supervisor
 
 log = logging.getLogger("pyorchestrate.worker")
 
 REGISTER_TIMEOUT = 2.0
+PULSE_MODES = ("auto", "always", "never")
 _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
@@ -73,8 +76,15 @@ class Worker:
 
     def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
                  capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = ORPHAN_TIMEOUT,
-                 keys: Any = None, key_name: str | None = None) -> None:
+                 keys: Any = None, key_name: str | None = None, pulse: str = "auto") -> None:
         sockets.parse_tcp(coordinator)
+        if pulse not in PULSE_MODES:
+            raise ValueError(f"pulse={pulse!r}: use one of {', '.join(PULSE_MODES)}")
+        # "auto": a pulse process once this worker runs MANY_AGENTS (the GIL herd); "always": from
+        # the first registration (agents in C code that holds the GIL); see pulse.py
+        self._pulse_mode = pulse
+        self._pulse: subprocess.Popen | None = None
+        self._keys_option, self._key_name = keys, key_name
         # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
         # the coordinator key (no code is run from whoever binds the address first)
         self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
@@ -323,6 +333,7 @@ class Worker:
         events_port = message["events_port"]
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         self._supervisor.events_key = self._key
+        self._maybe_pulse()
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
         if bus != self._bus_address:
             if self._pub is not None:
@@ -350,8 +361,56 @@ class Worker:
             self._lease_from = echo
             self._lease_expired = False
 
+    def _maybe_pulse(self) -> None:
+        """Start the pulse process when it is due (see pulse.py); once started it stays."""
+        if self._pulse is not None or self._pulse_mode == "never":
+            return
+        if self._pulse_mode == "auto" and self._supervisor.size() < crowd.MANY_AGENTS:
+            return
+        keys = str(self._keydir.path) if self._keydir is not None else None
+        config = {"coordinator": self.coordinator, "name": self.name, "token": self._token, "pid": os.getpid(),
+                  "interval": self._limits.interval, "keys": keys, "key_name": self._key.name if self._key else None}
+        try:
+            # a session of its own, so a scheduler group of its own (autogroup): in ours it would be one
+            # thread among our thousands, starved by the very herd it is there to outlast
+            self._pulse = subprocess.Popen([sys.executable, "-m", "pyorchestrate_worker.pulse"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, start_new_session=True)
+            self._pulse.stdin.write((json.dumps(config) + "\n").encode())  # type: ignore[union-attr]
+            self._pulse.stdin.flush()  # type: ignore[union-attr]
+            os.set_blocking(self._pulse.stdout.fileno(), False)  # type: ignore[union-attr]
+            log.info("pulse process %d started (%d agents): the coordinator hears this process is alive even "
+                     "when this loop cannot speak", self._pulse.pid, self._supervisor.size())
+        except OSError as exc:
+            log.warning("could not start the pulse process: %s", exc)
+            self._pulse_mode = "never"
+
+    def _pulse_echoes(self) -> None:
+        """The coordinator answered our pulse: the lease runs from the latest answered stamp."""
+        if self._pulse is None:
+            return
+        try:
+            data = os.read(self._pulse.stdout.fileno(), 64 * pulse.ECHO.size)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        whole = len(data) - len(data) % pulse.ECHO.size
+        if whole:
+            self._renew_lease(max(pulse.ECHO.unpack_from(data, i)[0] for i in range(0, whole, pulse.ECHO.size)))
+
+    def _stop_pulse(self) -> None:
+        if self._pulse is None:
+            return
+        self._pulse.stdin.close()  # type: ignore[union-attr]  # its cue to end
+        try:
+            self._pulse.wait(2)
+        except subprocess.TimeoutExpired:
+            self._pulse.kill()
+            self._pulse.wait(2)
+        self._pulse.stdout.close()  # type: ignore[union-attr]
+        self._pulse = None
+
     def _check_lease(self) -> bool:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
+        self._pulse_echoes()
         if time.monotonic() - self._lease_from <= self._limits.lease:
             return False
         if not self._lease_expired:
@@ -407,6 +466,7 @@ class Worker:
                 if sys.getswitchinterval() != interval:
                     sys.setswitchinterval(interval)
                 self._publish_agent_heartbeats()
+                self._maybe_pulse()
                 next_beat = now + self._limits.interval
             busy = bool(self._deferred) or bool(len(self._bus_outbox) and self._bus_ready())
             timeout_ms = 0 if busy else max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
@@ -622,6 +682,7 @@ class Worker:
             if sock is not None:
                 sock.close(linger=500)
         self._supervisor.close()
+        self._stop_pulse()
         self._outbox.close()
         self._bus_signal.close()
         self._ctx.term()

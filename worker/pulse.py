@@ -1,0 +1,97 @@
+"""A worker's pulse: a small process of its own that tells the coordinator "the worker's process is
+alive and not stopped", when the worker's loop cannot say it in time.
+
+Every Python thread needs the GIL, the worker's heartbeat included.  With thousands of agent
+threads (the GIL herd) or an agent in C code that holds the GIL for seconds, the loop can be silent
+past the liveness window while the process and its agents are perfectly alive: a false death, and
+the agents would be started a second time elsewhere.  This process has a GIL of its own.  Once per
+heartbeat interval it reads the worker's state from ``/proc`` and, unless the worker is stopped
+(SIGSTOP: state T) or gone, sends ``pulse`` (the worker's name and secret) on a connection of its
+own.  The coordinator then holds the worker busy, not lost (up to ``Limits.busy_cap``), and echoes
+the pulse; the echo goes to the worker through a pipe and renews its lease, so neither side acts on
+a silence the other does not see.  What a pulse cannot cross (a partition, a stopped or dead
+process) still ends in WORKER_LOST at the usual window.
+
+Started by the worker (``--pulse``), configured through its stdin (one JSON line: the secret is
+never in argv), it exits when the worker's pipe closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+
+import zmq
+
+from pyorchestrate import curve, protocol, sockets
+
+ECHO = struct.Struct("d")  # one echoed stamp (time.monotonic(), the same clock in every process)
+
+
+def worker_state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (R, S, D, T, Z, ...), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the name (field 2) is in parentheses and may hold spaces: the state follows the last ")"
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3].decode()
+
+
+def alive_and_running(state: str | None) -> bool:
+    """Would a pulse tell the truth?  Not for a stopped (T, t), dead (Z, X) or vanished process."""
+    return state is not None and state not in ("T", "t", "Z", "X", "x")
+
+
+def main() -> int:
+    config = json.loads(sys.stdin.readline())
+    parent, interval = int(config["pid"]), float(config["interval"])
+    _, key = curve.client_key(config.get("keys"), ("worker",), config.get("key_name"))
+    ctx = zmq.Context()
+    dealer = sockets.make_socket(ctx, zmq.DEALER, linger_ms=0)
+    if key is not None:
+        curve.connect_as(dealer, key)
+    dealer.connect(config["coordinator"])
+    out = sys.stdout.fileno()
+    os.set_blocking(out, False)  # a worker too busy to read loses echoes, never blocks us
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(sys.stdin.fileno(), zmq.POLLIN)  # closed (EOF) when the worker ends
+    try:
+        next_pulse = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_pulse:
+                if alive_and_running(worker_state(parent)):
+                    try:
+                        dealer.send(protocol.encode("pulse", name=config["name"], token=config["token"], t=now),
+                                    zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                elif worker_state(parent) is None:
+                    return 0
+                next_pulse = now + interval
+            for sock, _ in poller.poll(max(0, int((next_pulse - time.monotonic()) * 1000))):
+                if sock is dealer:
+                    try:
+                        reply = protocol.decode(dealer.recv())
+                    except protocol.ProtocolError:
+                        continue
+                    if reply["type"] == "pulse_reply":
+                        try:
+                            os.write(out, ECHO.pack(float(reply["echo"])))
+                        except (BlockingIOError, BrokenPipeError):
+                            pass
+                elif not sys.stdin.buffer.read1(1):
+                    return 0  # the worker closed our stdin: it is ending
+    finally:
+        dealer.close(0)
+        ctx.term()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
