@@ -131,7 +131,11 @@ def explain(event: int, value: int, address: str, key: ClientKey | None, keydir:
         if key is None:
             return f"{address} requires keys: pass --keys DIR (or set PYORCHESTRATE_KEYS)"
         return f"{address} does not use keys, but this client does: start the coordinator with keys, or drop --keys"
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and key is not None:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and key is None:
+        # a keyed coordinator often closes before our side reads its greeting (no mismatch seen)
+        return (f"{address} closes every handshake: it most likely requires keys: pass --keys DIR "
+                "(or set PYORCHESTRATE_KEYS)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         where = keydir.path / "coordinator.key" if keydir else "the key directory"
         return (f"the handshake with {address} failed: it does not hold the secret of the coordinator key in "
                 f"{where} (another coordinator, or the wrong key directory)")
@@ -144,7 +148,7 @@ class HandshakeWatch:
     A handshake that fails without detail (the peer closed during it) is what a client holding
     another coordinator's key sees, but also what any client sees once when the coordinator shuts
     down mid-handshake: it is named only when it happens twice in a row (``streak``, which a
-    client that opens a new socket per attempt carries over), and never without keys."""
+    client that opens a new socket per attempt carries over)."""
 
     def __init__(self, sock: zmq.Socket, address: str, key: ClientKey | None, keydir: KeyDir | None,
                  streak: list[int] | None = None) -> None:
@@ -167,7 +171,7 @@ class HandshakeWatch:
                 self.succeeded, found, self.streak[0] = True, None, 0
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.streak[0] += 1
-                if self.key is not None and self.streak[0] >= 2:
+                if self.streak[0] >= 2:
                     found = explain(kind, value, self.address, self.key, self.keydir)
             else:
                 self.streak[0] = 0

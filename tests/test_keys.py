@@ -117,7 +117,8 @@ def test_workers_and_readers_with_keys_run_the_cluster_and_nobody_else_gets_in(c
         assert any(e.event == "AGENT_TERMINATED" and e.subject == "q" for e in seen)
         # a subscriber without keys hears nothing and says why
         assert not stranger.wait_connected(1.0)
-        assert "requires keys" in (stranger.handshake_failure() or "")
+        wait_for(lambda: "requires keys" in (stranger.handshake_failure() or ""), 15, "the keyless subscriber to say why")
+        assert not stranger.connected
         # a worker without keys never joins, says why, and keeps trying
         cluster.worker(orch.address, "nokey")
         wait_for(lambda: "requires keys" in cluster.log_of("nokey"), 15, "the keyless worker to say why")
@@ -217,8 +218,9 @@ def test_a_revoked_worker_is_told_to_go_and_its_agents_move(cluster, keydir):
 def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydir, tmp_path):
     orch, _ = _orchestrator(cluster, keydir)
     run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "pyorchestrate.cli", "events", "--address", orch.events_address, "--timeout", "3",
-         "--count", "1", *args], capture_output=True, text=True, timeout=60,
+        # a refusal ends the command as soon as it is seen: the long idle timeout only bounds a broken run
+        [sys.executable, "-m", "pyorchestrate.cli", "events", "--address", orch.events_address, "--timeout", "30",
+         "--count", "1", *args], capture_output=True, text=True, timeout=90,
         env={k: v for k, v in os.environ.items() if k != "PYORCHESTRATE_KEYS"})
     keyless = run()
     assert keyless.returncode == 1 and "requires keys" in keyless.stderr
@@ -226,7 +228,7 @@ def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydi
     other.init()
     wrong = run("--keys", str(other.path))
     assert wrong.returncode == 1 and "does not hold the secret of the coordinator key" in wrong.stderr
-    good = run("--keys", str(keydir.path))
+    good = run("--keys", str(keydir.path), "--timeout", "3")  # no event comes: it waits 3 s, connected
     assert good.returncode == 0 and "connected to" in good.stderr
 
 

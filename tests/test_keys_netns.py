@@ -79,9 +79,10 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         reader = tmp_path / "s1.jsonl"
         procs.append(net.spawn("s1", _events_cli("--address", events_address, "--keys", str(tmp_path / "s1-keys"),
                                                   "--timeout", "90", "--exit-on-shutdown"), reader))
-        keyless = net.spawn("s2", _events_cli("--address", events_address, "--timeout", "20"), tmp_path / "s2.log")
+        # (a refusal ends them at once; the idle timeout only bounds a broken run)
+        keyless = net.spawn("s2", _events_cli("--address", events_address, "--timeout", "90"), tmp_path / "s2.log")
         revoked = net.spawn("s3", _events_cli("--address", events_address, "--keys", str(tmp_path / "s3-keys"),
-                                              "--timeout", "20"), tmp_path / "s3.log")
+                                              "--timeout", "90"), tmp_path / "s3.log")
         procs += [keyless, revoked]
         # the seed is over in seconds: the subscribers must be up and knocking before it starts
         wait_for(lambda: all("waiting" in (tmp_path / f"{s}.log").read_text() for s in ("s2", "s3")), 60,
@@ -102,11 +103,6 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
                 assert any(e["event"] == event and e.get("agent_name") == agent for e in seen), (event, agent)
         assert not [e for e in seen if e["event"] == "EVENTS_LOST"]
         assert {e.get("worker") for e in seen if e["event"] == "AGENT_STARTED"} == {"w1", "w2"}
-        # no key, or a revoked one: nothing seen, the reason said, a non-zero exit
-        assert keyless.wait(30) == 1 and revoked.wait(30) == 1
-        assert "requires keys" in (tmp_path / "s2.log").read_text()
-        assert "refused reader key 'gone'" in (tmp_path / "s3.log").read_text()
-        assert '"event"' not in (tmp_path / "s2.log").read_text() + (tmp_path / "s3.log").read_text()
 
         # the same workers serve a second script; revoke the key of the worker running its agent
         events = tmp_path / "events.jsonl"
@@ -118,6 +114,12 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
             return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
 
         first = wait_for(lambda: of("AGENT_READY"), 60, "db to be READY")[0]
+        # no key, or a revoked one: nothing seen, the reason said, a non-zero exit (from the seed's
+        # coordinator, or, on a loaded machine where the handshake came too late for it, this one)
+        assert keyless.wait(100) == 1 and revoked.wait(100) == 1
+        assert "requires keys" in (tmp_path / "s2.log").read_text()
+        assert "refused reader key 'gone'" in (tmp_path / "s3.log").read_text()
+        assert '"event"' not in (tmp_path / "s2.log").read_text() + (tmp_path / "s3.log").read_text()
         victim = first["worker"]
         other = {"w1": "w2", "w2": "w1"}[victim]
         keys.revoke(hosts[victim][1])
