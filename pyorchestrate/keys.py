@@ -236,6 +236,11 @@ class KeyDir:
         assert secret is not None
         return ClientKey(role, name, public, secret, self.coordinator_public())
 
+    def held(self, role: str) -> list[str]:
+        """Names of the ``role`` keys whose secrets this directory holds (sorted)."""
+        folder = self.path / "own" / role
+        return sorted(p.stem for p in folder.glob("*.key_secret")) if folder.is_dir() else []
+
     def client_any(self, roles: tuple[str, ...], name: str | None = None) -> ClientKey:
         """This host's key for the first of ``roles`` it holds one for (a subscriber takes a reader
         key, else an admin or a worker key: each may subscribe)."""

@@ -18,12 +18,13 @@ class LocalWorkers:
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, count: int, coordinator: str, prefix: str, log_level: str, keys: str | None = None) -> list[str]:
+    def start(self, count: int, coordinator: str, prefix: str, log_level: str, keys: list[str] = ()) -> list[str]:
+        """``keys``: the worker's key options (``--keys DIR --key-name NAME``), if the coordinator uses keys."""
         names = []
         for i in range(count):
             name = f"{prefix}-local-{i + 1}"
             cmd = [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", coordinator, "--name", name,
-                   "--parent-pid", str(os.getpid()), "--log-level", log_level, *(["--keys", keys] if keys else [])]
+                   "--parent-pid", str(os.getpid()), "--log-level", log_level, *keys]
             # a session of their own: a Ctrl-C at the terminal reaches the coordinator, which stops
             # them in order, rather than killing them under their agents
             self.processes.append(subprocess.Popen(cmd, start_new_session=True))

@@ -391,8 +391,13 @@ class Orchestrator:
         if embedded and cfg.local_workers:
             # they share our terminal: their agents' log lines reach it once, through the bus and
             # our logging; the workers themselves only add warnings
+            key_options: list[str] = []
+            if coordinator.keydir is not None:
+                # a worker key of the directory (its first, if it holds several): they run here, as we do
+                held = coordinator.keydir.held("worker")
+                key_options = ["--keys", str(coordinator.keydir.path), *(["--key-name", held[0]] if held else [])]
             self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING",
-                              str(coordinator.keydir.path) if coordinator.keydir else None)
+                              key_options)
         elif not embedded:
             log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
                      coordinator.address)

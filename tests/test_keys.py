@@ -300,3 +300,22 @@ def test_the_attacks_replayed_against_a_keyed_coordinator_change_nothing(cluster
         assert max(timings) < 100, f"status() round trips during the attack: max {max(timings):.1f} ms"
     finally:
         ctx.destroy(linger=0)
+
+
+def test_embedded_local_workers_use_the_keys_too(keydir):
+    """No address: the orchestrator starts its own workers, with a worker key of the directory
+    (the first, when it holds several)."""
+    keydir.add("worker", "another")
+    from agents import Quick
+
+    orch = Orchestrator("embedded", config=Orchestrator.Config(keys=str(keydir.path), local_workers=1,
+                                                               heartbeat_interval=0.1, heartbeat_liveness=20))
+    orch.register_agent(Quick, "q")
+    orch.start()
+    try:
+        assert orch.join(timeout=60)
+        status = orch.status()
+        assert status["agents"]["q"]["state"] == "TERMINATED" and not status["agents"]["q"]["failed"]
+        assert status["security"]["keys"] == str(keydir.path)
+    finally:
+        orch.stop(timeout=5)
