@@ -84,7 +84,6 @@ class Worker:
         # the first registration (agents in C code that holds the GIL); see pulse.py
         self._pulse_mode = pulse
         self._pulse: subprocess.Popen | None = None
-        self._keys_option, self._key_name = keys, key_name
         # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
         # the coordinator key (no code is run from whoever binds the address first)
         self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
@@ -399,7 +398,10 @@ class Worker:
     def _stop_pulse(self) -> None:
         if self._pulse is None:
             return
-        self._pulse.stdin.close()  # type: ignore[union-attr]  # its cue to end
+        try:
+            self._pulse.stdin.close()  # type: ignore[union-attr]  # its cue to end
+        except OSError:
+            pass  # it is gone already
         try:
             self._pulse.wait(2)
         except subprocess.TimeoutExpired:
