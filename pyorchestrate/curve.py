@@ -63,6 +63,36 @@ def connect_as(sock: zmq.Socket, key: ClientKey) -> None:
     sock.curve_secretkey = key.secret
 
 
+class LinkGate(ThreadAuthenticator):
+    """ZAP for an agent-link endpoint (ZmqPubSub/ZmqReqRep binding with keys): only holders of
+    the agent-link pair get in."""
+
+    def __init__(self, ctx: zmq.Context, public: bytes) -> None:
+        super().__init__(ctx, log=logging.getLogger("pyorchestrate.zap"))
+        self.public = public
+        self.refused = 0
+
+    def start(self) -> None:
+        super().start()
+        self.configure_curve_callback("links", self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.public:
+            return True
+        self.refused += 1
+        return False
+
+
+def link(sock: zmq.Socket, pair: tuple[bytes, bytes], *, server: bool) -> None:
+    """An agent-link socket: both ends hold the same pair; the binding end serves (before bind/connect)."""
+    if server:
+        sock.curve_server = True
+        sock.zap_domain = b"links"
+    else:
+        sock.curve_serverkey = pair[0]
+    sock.curve_publickey, sock.curve_secretkey = pair
+
+
 class Gatekeeper(ThreadAuthenticator):
     """Admits a connection if its key is admitted in a role that may use the port; counts and logs
     (at a rate limit) everything refused."""

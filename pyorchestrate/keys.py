@@ -9,6 +9,8 @@ one other host needs and nothing more::
     DIR/allowed/ROLE/NAME.key           public keys the coordinator admits, ROLE = worker|reader|admin
     DIR/revoked/ROLE/NAME.key           revoked ones (refused; kept so ``keys list`` shows them)
     DIR/own/ROLE/NAME.key_secret        client key pairs held on this host
+    DIR/links.key_secret                the agent-link pair: ZmqPubSub/ZmqReqRep between agents
+                                        (every worker host holds it; only its holders can connect)
 
 Files use ZeroMQ's certificate format (``zmq.auth.load_certificate`` reads them).  A secret key file
 that anyone but its owner may read is refused: a key others can copy authenticates them too.
@@ -128,7 +130,9 @@ class KeyDir:
         public, secret = zmq.curve_keypair()
         _write(self.path / "coordinator.key", public, None, "coordinator")
         _write(self.path / "coordinator.key_secret", public, secret, "coordinator")
-        made = ["coordinator"]
+        public, secret = zmq.curve_keypair()
+        _write(self.path / "links.key_secret", public, secret, "agent links")
+        made = ["coordinator", "agent-link"]
         for role in ROLES:
             self.add(role, role)
             made.append(f"{role} {role}")
@@ -163,7 +167,8 @@ class KeyDir:
         return role
 
     def export(self, role: str, name: str, out: str | os.PathLike) -> list[Path]:
-        """What one client host needs: the coordinator's public key and this client's own pair."""
+        """What one client host needs: the coordinator's public key and this client's own pair (and
+        for a worker, the agent-link pair its agents' plugins use)."""
         _check_role(role)
         source = self.path / "own" / role / f"{name}.key_secret"
         if not source.exists():
@@ -179,7 +184,14 @@ class KeyDir:
         with os.fdopen(fd, "wb") as f:
             f.write(source.read_bytes())
         os.chmod(target, 0o600)
-        return [out / "coordinator.key", target]
+        written = [out / "coordinator.key", target]
+        if role == "worker":
+            links = out / "links.key_secret"
+            fd = os.open(links, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._links_path().read_bytes())
+            written.append(links)
+        return written
 
     # ------------------------------------------------------------------ reading keys
 
@@ -202,6 +214,16 @@ class KeyDir:
                     rows.append({"name": path.stem, "role": role, "state": state, "public_key": public.decode(),
                                  "secret_here": (self.path / "own" / role / f"{path.stem}.key_secret").exists()})
         return rows
+
+    def _links_path(self) -> Path:
+        return _required(self.path / "links.key_secret", f"{self.path} holds no agent-link key (links.key_secret): "
+                         "`keys export worker` writes it for a worker host; `keys init` makes it")
+
+    def links(self) -> tuple[bytes, bytes]:
+        """The agent-link pair (z85): ZmqPubSub/ZmqReqRep endpoints between agents use it on both sides."""
+        public, secret = _load(self._links_path(), secret=True)
+        assert secret is not None
+        return public, secret
 
     def coordinator_public(self) -> bytes:
         path = self.path / "coordinator.key"
@@ -267,11 +289,15 @@ class KeyDir:
             return self._admitted
 
     def _need_coordinator(self) -> Path:
-        path = self.path / "coordinator.key_secret"
-        if not path.exists():
-            raise KeysError(f"{self.path} holds no coordinator key: run `pyorchestrate keys init {self.path}` "
-                            "(on the coordinator's host)")
-        return path
+        return _required(self.path / "coordinator.key_secret", f"{self.path} holds no coordinator key: run "
+                         f"`pyorchestrate keys init {self.path}` (on the coordinator's host)")
+
+
+def _required(path: Path, missing: str) -> Path:
+    """``path``, which must exist (else ``missing`` says what to do)."""
+    if not path.exists():
+        raise KeysError(missing)
+    return path
 
 
 def _mtime(path: Path) -> int:

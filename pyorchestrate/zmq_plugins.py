@@ -7,7 +7,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from . import protocol, sockets
+from . import curve, protocol, sockets
+from .keys import KeyDir
 from .plugins import PluginBase
 
 
@@ -16,16 +17,28 @@ def _pack(data: Any) -> bytes:
 
 
 class _ZmqPlugin(PluginBase):
-    def __init__(self, address: str, *, bind: bool) -> None:
+    def __init__(self, address: str, *, bind: bool, keys: str | None = None) -> None:
         sockets.parse_tcp(address)
         self.address = address
         self.bind = bind
+        #: a key directory holding the agent-link pair (None: $PYORCHESTRATE_KEYS, which a worker
+        #: started with --keys sets for its agents); with one, both ends speak CurveZMQ and only
+        #: holders of that pair can connect
+        self.keys = keys
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._gate: curve.LinkGate | None = None
 
     def _open(self, kind: int) -> zmq.Socket:
         self._ctx = zmq.Context()
         sock = sockets.make_socket(self._ctx, kind, linger_ms=0)
+        keydir = KeyDir.from_option(self.keys)
+        if keydir is not None:
+            pair = keydir.links()
+            if self.bind:
+                self._gate = curve.LinkGate(self._ctx, pair[0])
+                self._gate.start()
+            curve.link(sock, pair, server=self.bind)
         if self.bind:
             sockets.bind(sock, self.address)
         else:
@@ -36,13 +49,16 @@ class _ZmqPlugin(PluginBase):
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
 
     def __getstate__(self) -> dict[str, Any]:
         # a plugin travels to its worker before it opens anything
-        return {k: (None if k in ("_ctx", "_sock") else v) for k, v in self.__dict__.items()}
+        return {k: (None if k in ("_ctx", "_sock", "_gate") else v) for k, v in self.__dict__.items()}
 
 
 class ZmqPubSub(_ZmqPlugin):
@@ -50,10 +66,11 @@ class ZmqPubSub(_ZmqPlugin):
     ``role="sub"`` connects and :meth:`recv`s messages whose topic starts with one of ``topics``.
     PUB/SUB drops what a slow or late subscriber misses."""
 
-    def __init__(self, address: str, role: str = "pub", topics: list[str] | None = None, bind: bool | None = None) -> None:
+    def __init__(self, address: str, role: str = "pub", topics: list[str] | None = None, bind: bool | None = None,
+                 keys: str | None = None) -> None:
         if role not in ("pub", "sub"):
             raise ValueError(f"ZmqPubSub role={role!r}: use 'pub' or 'sub'")
-        super().__init__(address, bind=(role == "pub") if bind is None else bind)
+        super().__init__(address, bind=(role == "pub") if bind is None else bind, keys=keys)
         self.role = role
         self.topics = topics if topics is not None else [""]
 
@@ -86,10 +103,11 @@ class ZmqReqRep(_ZmqPlugin):
     ``role="req"`` connects and calls :meth:`request`, which raises TimeoutError after ``timeout``
     seconds and resets its socket, so one lost reply never wedges it."""
 
-    def __init__(self, address: str, role: str = "req", timeout: float = 5.0, bind: bool | None = None) -> None:
+    def __init__(self, address: str, role: str = "req", timeout: float = 5.0, bind: bool | None = None,
+                 keys: str | None = None) -> None:
         if role not in ("req", "rep"):
             raise ValueError(f"ZmqReqRep role={role!r}: use 'req' or 'rep'")
-        super().__init__(address, bind=(role == "rep") if bind is None else bind)
+        super().__init__(address, bind=(role == "rep") if bind is None else bind, keys=keys)
         self.role = role
         self.timeout = timeout
 

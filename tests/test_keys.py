@@ -32,8 +32,8 @@ def test_init_makes_one_key_of_each_role_and_secrets_only_the_owner_can_read(key
     rows = {row["name"]: row for row in keydir.listing()}
     assert {name: row["role"] for name, row in rows.items()} == {"worker": "worker", "reader": "reader",
                                                                   "admin": "admin"}
-    secrets = list(keydir.path.rglob("*.key_secret"))
-    assert len(secrets) == 4 and all(os.stat(p).st_mode & 0o077 == 0 for p in secrets)
+    secrets = list(keydir.path.rglob("*.key_secret"))  # coordinator, agent links, worker, reader, admin
+    assert len(secrets) == 5 and all(os.stat(p).st_mode & 0o077 == 0 for p in secrets)
     with pytest.raises(KeysError, match="already holds"):
         keydir.init()
     assert keydir.client("worker").name == "worker"
@@ -61,7 +61,7 @@ def test_add_revoke_export_and_which_key_a_host_uses(keydir, tmp_path):
     out = tmp_path / "host2"
     keydir.export("worker", "gpu1", out)
     exported = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert exported == ["coordinator.key", "own/worker/gpu1.key_secret"]  # nothing more
+    assert exported == ["coordinator.key", "links.key_secret", "own/worker/gpu1.key_secret"]  # nothing more
     assert KeyDir(out).client("worker").public == gpu1
     assert keydir.revoke("gpu1") == "worker"
     assert gpu1 not in keydir.admitted()  # re-read: the directory changed
@@ -319,3 +319,97 @@ def test_embedded_local_workers_use_the_keys_too(keydir):
         assert status["security"]["keys"] == str(keydir.path)
     finally:
         orch.stop(timeout=5)
+
+
+# ---------------------------------------------------------------------- agent links (plugins)
+
+def test_agent_links_with_keys_talk_only_to_holders_of_the_link_key(keydir, tmp_path):
+    """ZmqPubSub/ZmqReqRep given a key directory: both ends speak CurveZMQ with its agent-link
+    pair; a keyless client, or one holding another directory's link key, gets nothing."""
+    import pyorchestrate as po
+    from conftest import free_port
+
+    pub_address, rep_address = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    pub = po.ZmqPubSub(pub_address, role="pub", keys=str(keydir.path))
+    sub = po.ZmqPubSub(pub_address, role="sub", keys=str(keydir.path))
+    rep = po.ZmqReqRep(rep_address, role="rep", keys=str(keydir.path))
+    req = po.ZmqReqRep(rep_address, role="req", keys=str(keydir.path), timeout=10)
+    other = KeyDir(tmp_path / "other")
+    other.init()
+    outsider = po.ZmqReqRep(rep_address, role="req", keys=str(other.path), timeout=1.0)
+    ctx = zmq.Context()
+    plugins = (pub, sub, rep, req, outsider)
+    try:
+        for plugin in plugins:
+            plugin.initialize()
+        keyless = ctx.socket(zmq.SUB)
+        keyless.setsockopt(zmq.SUBSCRIBE, b"")
+        keyless.connect(pub_address)
+        got = None
+        deadline = time.monotonic() + 15
+        while got is None and time.monotonic() < deadline:  # PUB/SUB: repeat until the subscriber joined
+            pub.send("news", {"n": 1})
+            got = sub.recv(timeout=0.1)
+        assert got == ("news", {"n": 1})
+        assert not keyless.poll(200)  # the keyless subscriber heard nothing
+        import threading
+
+        def serve():
+            request = rep.recv(timeout=10)
+            rep.reply({"answer": request["q"] * 2})
+
+        server = threading.Thread(target=serve)
+        server.start()
+        assert req.request({"q": 21}) == {"answer": 42}
+        server.join(10)
+        with pytest.raises(TimeoutError):
+            outsider.request({"q": 1})  # another cluster's link key: no handshake, no answer
+        # one who knows the link's public key (it is no secret) but not its secret: refused by ZAP
+        knows = ctx.socket(zmq.REQ)
+        knows.curve_serverkey = keydir.links()[0]
+        knows.curve_publickey, knows.curve_secretkey = zmq.curve_keypair()
+        knows.connect(rep_address)
+        knows.send(msgpack.packb({"q": 1}))
+        assert not knows.poll(1000)
+        wait_for(lambda: rep._gate.refused >= 1, 10, "a key that is not the link key to be refused")
+    finally:
+        for plugin in plugins:
+            plugin.finalize()
+        ctx.destroy(linger=0)
+
+
+def test_agents_on_keyed_workers_link_with_keys_without_saying_so(cluster, keydir):
+    """The documented plugins, unchanged, between agents on two workers started with --keys: the
+    worker hands its key directory to its agents, so their links use the agent-link pair."""
+    from behaviours import Listener, Speaker
+    from conftest import free_port
+
+    import pyorchestrate as po
+
+    orch, events = _orchestrator(cluster, keydir, min_workers=2)
+    for name in ("w1", "w2"):
+        cluster.worker(orch.address, name, "--keys", str(keydir.path))
+    events.wait("WORKER_JOINED", "w2")
+    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+
+    class ListenerPlugins(po.Plugins):
+        feed = po.ZmqPubSub(pub, role="sub", topics=["news"], bind=False)
+        answers = po.ZmqReqRep(rep, role="rep")
+
+    out = cluster.tmp / "speaker"
+    orch.register_agent(Listener, "listener", Listener.Config(out=str(cluster.tmp / "listener")), worker="w2",
+                        custom_plugin=ListenerPlugins)
+    events.wait("AGENT_READY", "listener")
+    # while the listener waits: its reply socket takes no keyless client
+    ctx = zmq.Context()
+    try:
+        stranger = ctx.socket(zmq.REQ)
+        stranger.connect(rep)
+        stranger.send(msgpack.packb({"question": 1}))
+        assert not stranger.poll(1000)
+    finally:
+        ctx.destroy(linger=0)
+    orch.register_agent(Speaker, "speaker", Speaker.Config(out=str(out), pub=pub, rep=rep), worker="w1")
+    assert events.wait("AGENT_TERMINATED", "speaker", timeout=30)[0]["ok"] is True
+    assert events.wait("AGENT_TERMINATED", "listener", timeout=30)[0]["ok"] is True
+    assert out.read_text().split()[1:] == ["answer", "42", "1"]  # the answer, and the news was heard

@@ -36,6 +36,7 @@ from pyorchestrate import curve, protocol, sockets
 from pyorchestrate.publisher import BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
+from pyorchestrate.keys import ENV
 from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 
@@ -87,6 +88,10 @@ class Worker:
         # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
         # the coordinator key (no code is run from whoever binds the address first)
         self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
+        if self._keydir is not None:
+            # the one option names the key directory for our agents too (their ZmqPubSub/ZmqReqRep
+            # links and subscribers find it there, threads and child processes alike)
+            os.environ[ENV] = str(self._keydir.path)
         self._watch: curve.HandshakeWatch | None = None
         self._told = ""  # the last handshake failure logged (each is said once)
         self._streak = [0]  # handshakes in a row that failed without detail (across connections)
