@@ -66,7 +66,7 @@ def _events(args: argparse.Namespace) -> int:
         return 2
     topics = args.topic or [""]
     seen = 0
-    subscriber = _subscriber(args, topics, timeout=args.timeout, history=args.history)
+    subscriber = _subscriber(args, topics, history=args.history)  # _until_idle applies --timeout
     if subscriber is None:
         return 2
     with subscriber:

@@ -74,6 +74,14 @@ class Harness:
         assert record.state is S.ASSIGNED
         return identity, record
 
+    def ready(self, agent: str = "a", worker: str = "w1", **fields) -> tuple[bytes, AgentRecord]:
+        """A registered worker running an agent it reported STARTED and READY."""
+        identity = self.register(worker)
+        record = self.add(agent, **fields)
+        self.step()
+        self.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+        return identity, record
+
     @staticmethod
     def running_report(record: AgentRecord, state: str = "READY") -> dict:
         """How a registering worker lists a copy it runs."""
@@ -174,10 +182,7 @@ def test_a_stall_of_the_coordinator_itself_gives_every_worker_a_fresh_window():
 
 def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_timeout():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("db", restart="always", stop_timeout=2.0)
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, record = h.ready("db", restart="always", stop_timeout=2.0)
     last_heard = h.now
     w2 = h.register("w2", identity=b"w2")
     while not h.events("WORKER_LOST"):
@@ -195,10 +200,7 @@ def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_t
 
 def test_a_lost_workers_copy_is_no_longer_the_current_run_on_the_bus():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("db", restart="always")
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, record = h.ready("db", restart="always")
     assert h.core.bus_accepts("db", "w1", record.tag)
     while not h.events("WORKER_LOST"):
         h.step(0.25)
@@ -208,10 +210,7 @@ def test_a_lost_workers_copy_is_no_longer_the_current_run_on_the_bus():
 
 def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_returns():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("svc")  # restart="never": kept
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, record = h.ready("svc")  # restart="never": kept
     while not h.events("WORKER_LOST"):
         h.step(0.25)
     assert record.state is S.DISCONNECTED and h.events("AGENT_DISCONNECTED")
@@ -226,10 +225,7 @@ def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_ret
 
 def test_an_end_reported_with_the_registration_is_not_mistaken_for_a_lost_agent():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("once")
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, record = h.ready("once")
     # it re-registers on a new connection: the agent finished meanwhile, its end travels along
     end = protocol.agent_event("once", record.run, record.epoch, "AGENT_TERMINATED", {"ok": True})
     h.register("w1", identity=b"w1-new", events=[end], conn=2)
@@ -372,10 +368,7 @@ def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_
 
 def test_a_register_speaking_for_a_live_worker_from_another_connection_needs_its_token():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, record = h.ready("a")
     token = h.core.workers["w1"].token
     assert token == "secret-w-inc"
     # impostors read the name, the incarnation and the run off the bus: they claim the worker runs
@@ -408,10 +401,7 @@ def test_a_worker_whose_loop_is_silent_but_whose_pulse_goes_on_is_busy_until_the
     not lost at the silence limit, lost at busy_cap; its agents' replacement waits for the lease
     the pulse echoes renewed."""
     h = Harness()
-    identity = h.register("w1")
-    record = h.add("a", restart="always")  # replaced when its worker is lost
-    h.step()
-    h.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+    identity, record = h.ready("a", restart="always")  # replaced when its worker is lost
     limits = h.core.limits
     silent_from = h.now
     while h.now - silent_from < limits.busy_cap - limits.interval:
@@ -434,8 +424,7 @@ def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_noth
     h = Harness()
     dropped = []
     h.core.drop = lambda kind, detail: dropped.append(kind)
-    identity, record = h.assigned()
-    h.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+    identity, record = h.ready()
     silent_from = h.now
     while not h.events("WORKER_LOST"):
         h.step(h.core.limits.interval / 2)

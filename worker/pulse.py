@@ -66,14 +66,15 @@ def main() -> int:
         while True:
             now = time.monotonic()
             if now >= next_pulse:
-                if alive_and_running(worker_state(parent)):
+                state = worker_state(parent)
+                if state is None:
+                    return 0  # the worker is gone
+                if alive_and_running(state):
                     try:
                         dealer.send(protocol.encode("pulse", name=config["name"], token=config["token"], t=now),
                                     zmq.NOBLOCK)
                     except zmq.Again:
                         pass
-                elif worker_state(parent) is None:
-                    return 0
                 next_pulse = now + interval
             for sock, _ in poller.poll(max(0, int((next_pulse - time.monotonic()) * 1000))):
                 if sock is dealer:
