@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from . import __version__
+from . import __version__, cli_control
 from .keys import ROLES, KeyDir, KeysError
 from .sockets import AddressError, parse_tcp
 from .subscriber import Event, EventSubscriber
@@ -48,16 +48,26 @@ def _logs(args: argparse.Namespace) -> int:
         return 2
     with subscriber:
         if not subscriber.wait_connected(timeout=5.0):
-            why = subscriber.handshake_failure() or "no coordinator answered"
-            print(f"pyorchestrate logs: {why} at {args.address}", file=sys.stderr)
-            return 1
+            why = subscriber.handshake_failure()
+            if why:
+                print(f"pyorchestrate logs: {why}{_control_port_hint(args)}", file=sys.stderr)
+                return 1
+            print(f"pyorchestrate logs: no coordinator answered at {args.address} (is it running, and is this its "
+                  "events address?)", file=sys.stderr)
+            return 3
+        printed = 0
         try:
             for ev in subscriber:
                 if args.agent and ev.get("agent_name") != args.agent:
                     continue  # a prefix match on another agent (e.g. "api" vs "api2")
                 print(json.dumps(ev, default=str, sort_keys=True) if args.json else format_log(ev), flush=True)
+                printed += 1
         except (KeyboardInterrupt, BrokenPipeError):
-            pass
+            return 0
+        if args.agent and not printed and not args.follow:
+            print(f"pyorchestrate logs: no log lines of {args.agent!r} in the coordinator's history (is the name "
+                  "right? `pyorchestrate ps` lists the agents)", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -74,7 +84,8 @@ def _events(args: argparse.Namespace) -> int:
             print(f"connected to {args.address}", file=sys.stderr, flush=True)
         elif subscriber.handshake_failure():
             # keys do not match: waiting would not help
-            print(f"pyorchestrate events: {subscriber.handshake_failure()}", file=sys.stderr, flush=True)
+            print(f"pyorchestrate events: {subscriber.handshake_failure()}{_control_port_hint(args)}", file=sys.stderr,
+                  flush=True)
             return 1
         else:
             print(f"no coordinator heartbeat from {args.address} yet; waiting", file=sys.stderr, flush=True)
@@ -92,9 +103,26 @@ def _events(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             return 0
         except _Refused as exc:
-            print(f"pyorchestrate events: {exc}", file=sys.stderr, flush=True)
+            print(f"pyorchestrate events: {exc}{_control_port_hint(args)}", file=sys.stderr, flush=True)
             return 1
+        if not subscriber.connected and not seen:
+            print(f"pyorchestrate events: no coordinator answered at {args.address} within {args.timeout:g} s "
+                  f"(is it running, and is this its events address?)", file=sys.stderr, flush=True)
+            return 3
     return 0
+
+
+def _control_port_hint(args: argparse.Namespace) -> str:
+    """If ``args.address`` is a coordinator's control port, where its events port is (asked there)."""
+    from .client import ControlClient, ControlError
+
+    try:
+        with ControlClient(args.address, keys=args.keys, key_name=args.key_name, timeout=1.0,
+                           roles=("reader", "admin", "worker")) as client:
+            events = client.status()["addresses"]["events"]
+    except (ControlError, KeysError, KeyError, TypeError):
+        return ""
+    return f"\n{args.address} is the coordinator's control port; its events port is {events}"
 
 
 class _Refused(Exception):
@@ -226,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("out", metavar="OUT")
     k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
     ks.set_defaults(func=_keys)
+    cli_control.add_parsers(sub)
     return p
 
 

@@ -9,6 +9,7 @@ copy's events are dropped and counted), gap-detected and forwarded.
 
 from __future__ import annotations
 
+import collections
 import hmac
 import logging
 import random
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, curve, history, protocol, runmarker, sockets
+from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -82,6 +83,8 @@ class Coordinator:
         self._last_bus_beat = 0.0
         self._last_sweep = time.monotonic()
         self._fd_identity: dict[int, bytes] = {}
+        self.client_requests: Counter[str] = Counter()  # answered per op, and refused
+        self.loop_lags: collections.deque[float] = collections.deque(maxlen=20)  # the latest ticks'
         self.monitor: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
         self.core: ClusterCore | None = None
@@ -208,6 +211,8 @@ class Coordinator:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
                 if now >= next_tick:
+                    # how late the tick is: the loop's lag, for status and /metrics
+                    self.loop_lags.append(now - next_tick)
                     if self.keydir is not None:
                         self._check_revocations(now)
                     core.tick(now, behind)
@@ -385,12 +390,60 @@ class Coordinator:
         except protocol.ProtocolError:
             self._maybe_refuse_old_peer(identity, frame)
             raise
+        if message["type"] == "request":  # a client: pyorchestrate status/ps/stop..., the dashboard
+            role = keyed_frame.get("User-Id").partition(":")[0] if keyed_frame is not None else None
+            self._on_request(identity, message, role)
+            return
         if keyed_frame is not None and message["type"] == "register" and not self._key_allows_worker(
                 identity, keyed_frame.get("User-Id")):
             return
         core.control(identity, message, time.monotonic())
         if message["type"] == "register" or core.worker_of(identity) is not None:
             self._note_fd(identity, fd)
+
+    def _on_request(self, identity: bytes, message: dict[str, Any], role: str | None) -> None:
+        """Answer a client on the control port (queries: reader keys; actions: admin keys)."""
+        assert self.core is not None
+        op, rid = message["op"], message["id"]
+        try:
+            args = control.check(op, message["args"], role)
+            result = self._answer(op, args)
+        except (control.Refused, ValueError, KeyError) as exc:
+            self.client_requests["refused"] += 1
+            error = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            self._send_client(identity, protocol.encode("reply", id=rid, ok=False, error=str(error)))
+        else:
+            self.client_requests[op] += 1
+            self._send_client(identity, protocol.encode("reply", id=rid, ok=True, result=result))
+
+    def _answer(self, op: str, args: dict[str, Any]) -> Any:
+        assert self.core is not None
+        now = time.monotonic()
+        if control.OPS[op].role == "admin":
+            for command in control.command(op, args):
+                self.core.command(command, now)
+            self._carry_out()
+            return {"done": op, **args}
+        if op == "history":
+            return control.history(self._history.items(), args, protocol.decode_body)
+        snapshot = snapshots.expand(self._snapshot(self.core.command(commands.Snapshot(), now)))
+        if op == "agents":
+            return control.agents(snapshot, args, time.time())
+        if op == "workers":
+            return control.workers(snapshot)
+        return control.status(snapshot, self._status_extra())
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,
+                "uptime": round(time.time() - self._started_wall, 1), "events_published": self._seq,
+                "history_held": len(self._history), "client_requests": dict(self.client_requests), "loop_lag": round(max(self.loop_lags, default=0.0), 4)}
+
+    def _send_client(self, identity: bytes, frame: bytes) -> None:
+        """A reply to a client: one gone meanwhile is no worker lost (nothing else to do)."""
+        try:
+            self.router.send_multipart([identity, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.client_requests["reply_to_gone_client"] += 1
 
     def _note_fd(self, identity: bytes, fd: int) -> None:
         """Remember which connection an identity speaks on (for closed-connection detection)."""

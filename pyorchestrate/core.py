@@ -131,7 +131,8 @@ class ClusterCore(Registration, CommandHandlers):
         try:
             return self.agents[name]
         except KeyError:
-            known = ", ".join(sorted(self.agents)) or "none"
+            names = sorted(self.agents)
+            known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") or "none"
             raise ValueError(f"unknown agent {name!r} (registered: {known})") from None
 
     def worker_of(self, identity: bytes) -> WorkerRecord | None:

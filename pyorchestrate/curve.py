@@ -4,7 +4,9 @@ Clients know the coordinator's public key, so they never talk to an impostor (no
 whoever binds the address first).  The coordinator admits a client only if its public key is in
 the key directory's ``allowed/ROLE`` and the role may use that port (the ZAP domain of the socket):
 
-- ``control`` (workers register, admin clients act): worker and admin keys
+- ``control`` (workers register; clients query and act, see :mod:`pyorchestrate.control`): worker,
+  admin and reader keys (a register needs a worker key, an action an admin key: the coordinator
+  checks the role per message)
 - ``bus`` (workers publish their agents' events): worker keys
 - ``events`` (subscribers): reader, worker and admin keys
 
@@ -29,7 +31,7 @@ from .keys import ClientKey, KeyDir
 log = logging.getLogger("pyorchestrate.keys")
 
 DOMAINS: dict[str, tuple[str, ...]] = {
-    "control": ("worker", "admin"),
+    "control": ("worker", "admin", "reader"),
     "bus": ("worker",),
     "events": ("reader", "worker", "admin"),
 }
@@ -151,8 +153,12 @@ def server_side(event: int, value: int) -> str:
     return "control: a handshake that failed"
 
 
-def explain(event: int, value: int, address: str, key: ClientKey | None, keydir: KeyDir | None) -> str:
+def explain(event: int, value: int, address: str, key: ClientKey | None, keydir: KeyDir | None,
+            expect: str = "") -> str:
     """A client's failed handshake in words: what is wrong and what to do."""
+    if (event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_INVALID_METADATA
+            and expect):
+        return f"{address} is not a coordinator's {expect}: its socket cannot talk to ours (the wrong port?)"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (f"the coordinator at {address} refused {key.role} key {key.name!r}: it is unknown there or "
                 "was revoked (see `pyorchestrate keys list` on the coordinator's host)" if key else
@@ -181,12 +187,19 @@ class HandshakeWatch:
     client that opens a new socket per attempt carries over)."""
 
     def __init__(self, sock: zmq.Socket, address: str, key: ClientKey | None, keydir: KeyDir | None,
-                 streak: list[int] | None = None) -> None:
+                 streak: list[int] | None = None, expect: str = "") -> None:
         self.address, self.key, self.keydir = address, key, keydir
-        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        # ``expect``: the port the client means ("control port", "events port"): a peer that closes
+        # every connection before any handshake (a ZeroMQ socket of a type ours cannot talk to) is
+        # the wrong port of the coordinator, and is said so
+        self.expect = expect
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sock = sock
         self.succeeded = False
         self.streak = streak if streak is not None else [0]
+        self._this_connection_failed = False
+        self._unshaken = 0
 
     def failure(self) -> str | None:
         """The latest handshake failure worth saying since the last call (None if none, or a
@@ -197,15 +210,26 @@ class HandshakeWatch:
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             kind, value = event["event"], int(event["value"])
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded, found, self.streak[0] = True, None, 0
+            if kind == zmq.EVENT_CONNECTED:
+                self._this_connection_failed = False
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if not self.succeeded and not self._this_connection_failed:
+                    # libzmq does not reconnect after such a close: once is all we will see
+                    self._unshaken += 1
+                    if self.expect:
+                        found = (f"{self.address} closes every connection before a ZeroMQ handshake: it is not a "
+                                 f"coordinator's {self.expect} (the wrong port, or not pyorchestrate)")
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.succeeded, found, self.streak[0], self._unshaken = True, None, 0, 0
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._this_connection_failed = True
                 self.streak[0] += 1
                 if self.streak[0] >= 2:
                     found = explain(kind, value, self.address, self.key, self.keydir)
             else:
+                self._this_connection_failed = True
                 self.streak[0] = 0
-                found = explain(kind, value, self.address, self.key, self.keydir)
+                found = explain(kind, value, self.address, self.key, self.keydir, self.expect)
         return found
 
     def close(self) -> None:

@@ -67,6 +67,10 @@ class History:
         covered = out[-1][0] if limited else last
         return out, covered
 
+    def items(self) -> Iterator[tuple[int, str, bytes]]:
+        """Every event held, oldest first."""
+        return iter(self._items)
+
     def matching(self, prefixes: list[str]) -> Iterator[tuple[int, str, bytes]]:
         """Every event held whose topic starts with one of ``prefixes``, oldest first."""
         return (e for e in self._items if any(e[1].startswith(p) for p in prefixes))

@@ -14,7 +14,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 6  # 5: a worker process's secret token (register, bus frames); 6: pulse
+PROTOCOL_VERSION = 7  # 5: a worker process's secret token (register, bus frames); 6: pulse
+# 7: client requests on the control port (the CLI, the dashboard)
 # 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
@@ -138,6 +139,11 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "heartbeat_reply": {"echo": _NUM},
     "pulse_reply": {"echo": _NUM},
     "release": {"drain": Optional(bool, False)},
+    # client (pyorchestrate status/ps/stop/..., the dashboard) -> coordinator, on the control port;
+    # ``op`` is one of control.OPS, ``args`` are checked there
+    "request": {"id": _STR, "op": _STR, "args": Optional(_DICT, {})},
+    # coordinator -> client
+    "reply": {"id": _STR, "ok": bool, "result": Optional(object, None), "error": Optional(_STR, "")},
 }
 
 
@@ -195,6 +201,12 @@ def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, 
     _check(type_, schema, message)
     _check("envelope", ENVELOPE, message)
     return message
+
+
+def check_fields(what: str, schema: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Check ``fields`` against a schema like :data:`MESSAGES`' (filling in optional defaults);
+    raise :class:`ProtocolError` saying what is wrong."""
+    _check(what, schema, fields)
 
 
 def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:

@@ -99,7 +99,7 @@ class EventSubscriber:
             self._live_keys = set()
         if self.key is not None:
             curve.connect_as(self._sub, self.key)
-        self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir)
+        self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir, expect="events port")
         self._sub.connect(address)
 
     @property

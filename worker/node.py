@@ -191,7 +191,8 @@ class Worker:
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         if self._key is not None:
             curve.connect_as(dealer, self._key)
-        self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir, self._streak)
+        self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir, self._streak,
+                                           expect="control port")
         dealer.connect(self.coordinator)
         self._dealer = dealer
         self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1

@@ -1,0 +1,184 @@
+"""What clients may ask the coordinator on its control port (``pyorchestrate status/ps/...``, the
+dashboard), who may ask it, and the plain-data answers.  Pure logic: the coordinator's loop owns
+the socket and calls in here (the way :mod:`pyorchestrate.commands` serves the script's thread).
+
+Roles (with keys; the key a client connected with, see :mod:`pyorchestrate.curve`): a reader key
+may query, an admin key may also act.  Without keys the coordinator listens on loopback only (or
+was started ``insecure``), and any client there may do both: the zero-config laptop case.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from . import commands as cmd
+from . import protocol
+from .protocol import Optional
+
+_STR, _NUM, _INT = str, (int, float), int
+_OPT_STR = Optional((str, type(None)), None)
+
+
+@dataclass(frozen=True)
+class Op:
+    role: str  #: "reader": a query; "admin": an action
+    args: dict[str, Any]  #: protocol-style schema of the arguments
+    help: str
+
+
+OPS: dict[str, Op] = {
+    "status": Op("reader", {}, "cluster summary"),
+    "agents": Op("reader", {"state": _OPT_STR, "worker": _OPT_STR}, "agents (filters: state, worker)"),
+    "workers": Op("reader", {}, "workers"),
+    "history": Op("reader", {"agent": _OPT_STR, "since": Optional((int, float, type(None)), None),
+                             "limit": Optional(_INT, 1000)}, "events the coordinator still holds"),
+    "start": Op("admin", {"agent": _STR}, "start a terminated agent again"),
+    "stop": Op("admin", {"agent": _STR, "timeout": Optional(_NUM, 10.0)}, "stop an agent"),
+    "restart": Op("admin", {"agent": _STR, "timeout": Optional(_NUM, 10.0)}, "restart an agent"),
+    "drain": Op("admin", {"worker": _STR}, "move every agent off a worker, then release it"),
+    "shutdown": Op("admin", {"timeout": Optional(_NUM, 10.0)}, "stop every agent and end the run"),
+}
+
+#: seconds of client-given timeouts we accept (a typo of 1e9 must not park the cluster)
+MAX_TIMEOUT = 3600.0
+HISTORY_MAX = 10_000
+
+
+class Refused(Exception):
+    """A request this client may not make, or that makes no sense; the text goes back to it."""
+
+
+def check(op: str, args: dict[str, Any], role: str | None) -> dict[str, Any]:
+    """The request's arguments, checked and completed with defaults; raises :class:`Refused`.
+    ``role``: the client's key role, None without keys (everything allowed)."""
+    spec = OPS.get(op)
+    if spec is None:
+        raise Refused(f"unknown request {op!r} (known: {', '.join(OPS)})")
+    if role is not None and not _may(role, spec.role):
+        raise Refused(f"{op!r} needs an admin key; this client connected with a {role} key "
+                      "(pyorchestrate keys add admin NAME; keys export admin NAME DIR)")
+    args = dict(args)
+    unknown = sorted(set(args) - set(spec.args))
+    if unknown:
+        raise Refused(f"{op!r} takes no argument {unknown[0]!r} (it takes: {', '.join(spec.args) or 'none'})")
+    try:
+        protocol.check_fields(op, spec.args, args)
+    except protocol.ProtocolError as exc:
+        raise Refused(str(exc)) from None
+    if "timeout" in args and not 0 <= args["timeout"] <= MAX_TIMEOUT:
+        raise Refused(f"timeout must be between 0 and {MAX_TIMEOUT:.0f} seconds")
+    return args
+
+
+def _may(role: str, needed: str) -> bool:
+    return role == "admin" or (needed == "reader" and role == "reader")
+
+
+def command(op: str, args: dict[str, Any]) -> list[cmd.Command]:
+    """The core commands an admin request carries out (in order)."""
+    if op == "start":
+        return [cmd.StartAgent(args["agent"])]
+    if op == "stop":
+        return [cmd.StopAgent(args["agent"], float(args["timeout"]))]
+    if op == "restart":
+        return [cmd.RestartAgent(args["agent"], float(args["timeout"]))]
+    if op == "drain":
+        return [cmd.DrainWorker(args["worker"])]
+    if op == "shutdown":  # what Orchestrator.stop() asks: the script's join() returns
+        return [cmd.RequestStop(), cmd.StopAll(float(args["timeout"]))]
+    raise Refused(f"{op!r} is not an action")
+
+
+# ---------------------------------------------------------------- answers to queries
+
+
+def worker_state(worker: dict[str, Any]) -> str:
+    if worker.get("alive"):
+        return "draining" if worker.get("draining") else "alive"
+    return "gone"
+
+
+def agents(snapshot: dict[str, Any], args: dict[str, Any], now_wall: float) -> list[dict[str, Any]]:
+    """``ps``: one row per agent, sorted by name; ``uptime`` in seconds while it runs."""
+    rows = []
+    for row in snapshot["agents"].values():
+        if args.get("state") and row["state"] != args["state"].upper():
+            continue
+        if args.get("worker") and row["worker"] != args["worker"]:
+            continue
+        running = row["state"] in ("STARTED", "READY") and row.get("started_at")
+        rows.append({**row, "uptime": round(now_wall - row["started_at"], 1) if running else None})
+    rows.sort(key=lambda r: r["name"])
+    return rows
+
+
+def workers(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """``workers``: one row per worker the coordinator knows (alive, draining, or gone a while)."""
+    rows = []
+    for w in snapshot["workers"].values():
+        rows.append({"name": w["name"], "host": w["host"], "pid": w["pid"], "labels": w["labels"],
+                     "capacity": w["capacity"], "running": w["running"], "since_heartbeat": w["since_heartbeat"],
+                     "state": worker_state(w), "agents": sorted(w["agents"])})
+    rows.sort(key=lambda r: r["name"])
+    return rows
+
+
+def status(snapshot: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``status``: the cluster in one screen.  ``extra``: what the coordinator adds (name,
+    uptime, events published, loop lag)."""
+    by_state = Counter(row["state"] for row in snapshot["agents"].values())
+    by_worker_state = Counter(worker_state(w) for w in snapshot["workers"].values())
+    failed = sorted((row for row in snapshot["agents"].values() if row.get("last_error")),
+                    key=lambda r: r["name"])
+    return {**extra,
+            "agents": {"total": len(snapshot["agents"]), "by_state": dict(sorted(by_state.items())),
+                       "restarts": sum(row["restarts"] for row in snapshot["agents"].values()),
+                       "with_errors": [{"name": r["name"], "state": r["state"], "last_error": r["last_error"]}
+                                       for r in failed[:20]]},
+            "workers": {"total": len(snapshot["workers"]), "by_state": dict(sorted(by_worker_state.items()))},
+            "lost_events": snapshot.get("lost_events", 0), "dropped": snapshot.get("dropped", {}),
+            "security": snapshot.get("security", {}), "addresses": snapshot.get("addresses", {}),
+            "forgotten_agents": snapshot.get("forgotten_agents", 0)}
+
+
+def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
+            decode: Callable[[str, bytes], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history``: the latest ``limit`` events held, oldest first, of one agent (or worker)
+    and/or since a wall time; heartbeats left out (they say nothing a row of ``ps`` does not)."""
+    agent, since = args.get("agent"), args.get("since")
+    limit = max(0, min(int(args.get("limit", 1000)), HISTORY_MAX))
+    suffix = f".{agent}" if agent else None
+    picked: list[tuple[int, str, bytes]] = []
+    for item in items:
+        topic = item[1]
+        if topic.startswith("AGENT_HEARTBEAT") or topic.startswith("WORKER_HEARTBEAT"):
+            continue
+        if suffix is not None and not topic.endswith(suffix):
+            continue
+        picked.append(item)
+    rows = []
+    for seq, topic, body in reversed(picked):  # newest first until the limit, then put in order
+        if len(rows) >= limit:
+            break
+        try:
+            fields = decode(topic, body)
+        except protocol.ProtocolError:
+            continue
+        if since is not None and _event_wall(fields) < since:
+            break  # newest first: everything older follows
+        rows.append({"seq": seq, "event": topic.partition(".")[0], **fields})
+    rows.reverse()
+    return rows
+
+
+def _event_wall(fields: dict[str, Any]) -> float:
+    """An event's wall time (seconds since the epoch) from its local date and time fields."""
+    try:
+        whole, _, fraction = str(fields["event_time"]).partition(".")
+        stamp = time.mktime(time.strptime(f"{fields['event_date']} {whole}", "%Y-%m-%d %H:%M:%S"))
+        return stamp + float(f"0.{fraction or 0}")
+    except (KeyError, ValueError):
+        return float("inf")  # no usable time: keep it rather than lose it
