@@ -25,6 +25,7 @@ from .shipping import ShippingError
 from .states import AgentState
 from .sockets import AddressError
 from .subscriber import Event, EventSubscriber
+from .client import ControlClient, ControlError
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "RunMode",
     "OrchestratorEvent",
     "EventSubscriber",
+    "ControlClient",
+    "ControlError",
     "Event",
     "BaseConfig",
     "ValidationResult",

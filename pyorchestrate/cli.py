@@ -255,7 +255,45 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--keys", metavar="DIR", default=None, help="key directory (default: $PYORCHESTRATE_KEYS)")
     ks.set_defaults(func=_keys)
     cli_control.add_parsers(sub)
+    db = sub.add_parser("dashboard", help="serve a live web page of the cluster (needs pyorchestrate[dashboard])",
+                        description="A web dashboard in its own process: workers, agents, a live event and log "
+                                    "stream, start/stop/restart/drain buttons (admin key or no keys), /api/... JSON "
+                                    "and Prometheus /metrics.  Every page needs the token it prints.")
+    db.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                    help="the coordinator's control address (default: $PYORCHESTRATE_ADDRESS)")
+    db.add_argument("--listen", default="127.0.0.1:8265", metavar="HOST:PORT",
+                    help="where the page is served (default 127.0.0.1:8265; port 0: any free one)")
+    db.add_argument("--token", default=None, help="the sign-in token (default: $PYORCHESTRATE_DASHBOARD_TOKEN, "
+                                                  "else a random one, printed)")
+    db.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="how often the coordinator is asked")
+    _key_options(db)
+    db.set_defaults(func=_dashboard)
     return p
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from .client import ControlError, resolve_address
+
+    try:
+        address = resolve_address(args.address)
+        from . import dashboard
+        import starlette, uvicorn, prometheus_client  # noqa: F401  (said clearly here, not mid-start)
+    except ControlError as exc:
+        print(f"pyorchestrate dashboard: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"pyorchestrate dashboard: {exc.name} is missing: pip install 'pyorchestrate[dashboard]'",
+              file=sys.stderr)
+        return 2
+    try:
+        dashboard.serve(address, args.listen, token=args.token, keys=args.keys, key_name=args.key_name,
+                        interval=args.interval)
+    except (KeysError, OSError, ValueError) as exc:
+        print(f"pyorchestrate dashboard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,8 +58,9 @@ def check(op: str, args: dict[str, Any], role: str | None) -> dict[str, Any]:
     if spec is None:
         raise Refused(f"unknown request {op!r} (known: {', '.join(OPS)})")
     if role is not None and not _may(role, spec.role):
-        raise Refused(f"{op!r} needs an admin key; this client connected with a {role} key "
-                      "(pyorchestrate keys add admin NAME; keys export admin NAME DIR)")
+        needed = "an admin key" if spec.role == "admin" else "a reader or admin key"
+        raise Refused(f"{op!r} needs {needed}; this client connected with a {role} key "
+                      f"(pyorchestrate keys add {'admin' if spec.role == 'admin' else 'reader'} NAME, then keys export)")
     args = dict(args)
     unknown = sorted(set(args) - set(spec.args))
     if unknown:
