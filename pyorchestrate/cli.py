@@ -90,7 +90,11 @@ def _events(args: argparse.Namespace) -> int:
         else:
             print(f"no coordinator heartbeat from {args.address} yet; waiting", file=sys.stderr, flush=True)
         try:
-            for ev in _until_idle(subscriber, args.timeout):
+            # heartbeats (one per agent and worker a second) drown everything else: shown only
+            # when asked for by name (--topic AGENT_HEARTBEAT) or with --heartbeats
+            beats = args.heartbeats or any("HEARTBEAT" in t for t in topics)
+            shown = (lambda ev: True) if beats else (lambda ev: not ev.event.endswith("_HEARTBEAT"))
+            for ev in _until_idle(subscriber, args.timeout, shown):
                 out: Any = json.dumps(ev, default=str, sort_keys=True) if args.json else format_event(ev)
                 print(out, flush=True)
                 seen += 1
@@ -129,13 +133,14 @@ class _Refused(Exception):
     """The coordinator and this client do not agree on keys: waiting will not help."""
 
 
-def _until_idle(subscriber: EventSubscriber, timeout: float | None):
-    """Events until ``timeout`` seconds pass without one (None: for ever).  A coordinator that
-    appears later and refuses our keys ends it at once (raises :class:`_Refused`)."""
+def _until_idle(subscriber: EventSubscriber, timeout: float | None, shown: Any = None):
+    """Events (those ``shown`` keeps) until ``timeout`` seconds pass without one (None: for
+    ever).  A coordinator that appears later and refuses our keys ends it at once (raises
+    :class:`_Refused`)."""
     idle_since = time.monotonic()
     while True:
         ev = subscriber.recv(timeout=0.5)
-        if ev is not None:
+        if ev is not None and (shown is None or shown(ev)):
             idle_since = time.monotonic()
             yield ev
             continue
@@ -220,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
                     help="exit after SECONDS without an event")
     ev.add_argument("--exit-on-shutdown", action="store_true", help="exit when the coordinator shuts down")
     ev.add_argument("--history", action="store_true", help="start with the recent events the coordinator remembers")
+    ev.add_argument("--heartbeats", action="store_true",
+                    help="show AGENT_HEARTBEAT / WORKER_HEARTBEAT events too (shown anyway when a --topic names them)")
     _key_options(ev)
     ev.set_defaults(func=_events)
     lg = sub.add_parser("logs", help="print agents' log lines", description="Print the log lines of one agent "
@@ -233,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=_logs)
     ks = sub.add_parser("keys", help="make, list, revoke and hand out CurveZMQ keys",
                         description="Keys decide who may connect to a coordinator and as what: worker keys may "
-                                    "register and publish, reader keys may only subscribe, admin keys may act.")
+                                    "register and publish, reader keys may subscribe and query, admin keys may also act.")
     kact = ks.add_subparsers(dest="action", required=True)
     k = kact.add_parser("init", help="make DIR: the coordinator's key pair and a first worker, reader and admin key")
     k.add_argument("dir", metavar="DIR")

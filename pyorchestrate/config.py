@@ -50,6 +50,16 @@ class ConfigValidationError(ValueError):
         super().__init__(f"invalid configuration for {owner}:\n{lines}")
 
 
+def _library_names(cls: type) -> set[str]:
+    """The settings pyorchestrate's own classes in ``cls``'s ancestry define."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is not object and klass.__module__.startswith("pyorchestrate"):
+            names.update(k for k, v in vars(klass).items() if not k.startswith("_") and not callable(v)
+                         and not isinstance(v, (classmethod, staticmethod, property)))
+    return names
+
+
 class BaseConfig:
     """Base of every nested ``Config``.
 
@@ -95,6 +105,20 @@ class BaseConfig:
                 results.append(ValidationResult(
                     key, f"unknown setting; did you mean {close[0]!r}? (kept as a user-defined attribute)",
                     ValidationSeverity.WARNING))
+        # a user's Config subclass may add settings of its own; one whose name is a near miss of
+        # one of ours (execution_intervall) is a typo that would otherwise be silently ignored
+        ours = _library_names(type(self))
+        for klass in type(self).__mro__:
+            if klass is object or klass.__module__.startswith("pyorchestrate"):
+                continue
+            for key, value in vars(klass).items():
+                if key.startswith("_") or key in ours or callable(value) or key in vars(self):
+                    continue
+                close = difflib.get_close_matches(key, ours, n=1, cutoff=0.85)
+                if close:
+                    results.append(ValidationResult(
+                        key, f"{klass.__qualname__} defines {key!r}, not a setting of ours; did you mean "
+                             f"{close[0]!r}? (kept as a user-defined attribute)", ValidationSeverity.WARNING))
         return results
 
     def check(self, owner: str) -> list[ValidationResult]:

@@ -371,9 +371,11 @@ class Orchestrator:
         """Bind, start local workers if needed, and begin placing agents.  Returns at once."""
         if self._started:
             raise RuntimeError("this orchestrator was already started")
-        self.config.check(f"orchestrator {self.name!r}")
+        findings = self.config.check(f"orchestrator {self.name!r}")
         check_graph({n: r.depends_on for n, r in self._agents.items()})
         _default_logging(self.config.log_level)
+        for finding in findings:  # a typo (adress=...) must not go unsaid: the run would differ
+            log.warning("orchestrator %s config: %s", self.name, finding)
         cfg = self.config
         embedded = cfg.address is None
         min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)

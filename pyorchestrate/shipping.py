@@ -109,10 +109,32 @@ def pack_class(agent_class: type, config_class: type) -> tuple[str, bytes]:
     try:
         blob = _dumps((agent_class, config_class))
     except Exception as exc:
+        culprit = _unpicklable_attribute(agent_class, config_class)
+        hint = (f": {culprit[0]} attribute {culprit[1]!r} ({culprit[2]}) cannot be pickled. Set it on the instance "
+                "in setup() (or store something picklable, like a path or an address, and open the resource "
+                "there)" if culprit else "")
         raise ShippingError(
-            f"cannot send agent class {agent_class.__qualname__} to workers: {type(exc).__name__}: {exc}"
+            f"cannot send agent class {agent_class.__qualname__} to workers: {type(exc).__name__}: {exc}{hint}"
         ) from exc
     return hashlib.sha256(blob).hexdigest()[:24], blob
+
+
+def _unpicklable_attribute(*classes: type) -> tuple[str, str, str] | None:
+    """The first class attribute (of the given classes or their user-defined bases) that cannot
+    be pickled: ``(class name, attribute, type name)``."""
+    for cls in classes:
+        for klass in cls.__mro__:
+            if klass is object or klass.__module__.startswith("pyorchestrate"):
+                continue
+            for key, value in vars(klass).items():
+                if key.startswith("_") or isinstance(value, (type, staticmethod, classmethod, property)) \
+                        or inspect.isfunction(value):
+                    continue
+                try:
+                    _dumps(value)
+                except Exception:
+                    return klass.__qualname__, key, type(value).__name__
+    return None
 
 
 def class_fingerprint(*classes: type) -> str:

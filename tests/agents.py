@@ -185,3 +185,12 @@ class Burst(BaseThreadAgent):
         pad = "x" * self.config.pad
         for i in range(self.config.count):
             self.publish("burst", i=i, pad=pad)
+
+
+class LastWords(BaseProcessAgent):
+    """Logs, then leaves with os._exit(1): no TERMINATED of its own, no flush."""
+
+    def execute(self):
+        for i in range(5):
+            self.logger.info("last words %d", i)
+        os._exit(1)

@@ -165,3 +165,42 @@ def test_standalone_thread_agent_runs_its_hooks():
     agent.start()
     assert agent.join(5)
     assert calls == ["setup", "cycle", "cycle", "cycle", "close"]
+
+
+def test_typos_in_settings_are_said_not_silently_ignored(caplog):
+    from pyorchestrate import PeriodicThreadAgent
+
+    class Sampler(PeriodicThreadAgent):
+        class Config(PeriodicThreadAgent.Config):
+            execution_intervall = 0.1  # a near miss of one of ours
+            sensor = "t1"  # a setting of the user's own: fine
+
+        def runner(self):
+            pass
+
+    found = Sampler.Config().validate()
+    assert [(r.field, "did you mean 'execution_interval'?" in r.message) for r in found] == [("execution_intervall", True)]
+    orch = Orchestrator("typos", config=Orchestrator.Config(adress="tcp://127.0.0.1:1", min_worker=2, local_workers=0,
+                                                            min_workers=0, run_mode=RunMode.DAEMON))
+    with caplog.at_level("WARNING", logger="pyorchestrate"):
+        orch.start()
+        orch.stop()
+    said = caplog.text
+    assert "did you mean 'address'?" in said and "did you mean 'min_workers'?" in said
+
+
+def test_an_unpicklable_class_level_setting_is_named_with_the_fix():
+    import threading
+
+    from pyorchestrate import ShippingError
+
+    class Holder(BaseThreadAgent):
+        class Config(BaseThreadAgent.Config):
+            lock = threading.Lock()
+
+        def execute(self):
+            pass
+
+    with pytest.raises(ShippingError, match=r"Holder.Config attribute 'lock' \(lock\) cannot be pickled. Set it on "
+                                            r"the instance in setup\(\)"):
+        Orchestrator("unpicklable").register_agent(Holder, "h")

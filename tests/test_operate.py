@@ -285,3 +285,31 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         assert orch.status()["agents"]["sampler"]["state"] == "TERMINATED"
     finally:
         browser.quit()
+
+
+def test_a_process_agents_last_log_lines_before_os_exit_arrive(cluster):
+    orch, events = start_daemon(cluster, ("w1",))
+    from agents import LastWords
+
+    for i in range(3):
+        orch.register_agent(LastWords, f"lw{i}")
+    for i in range(3):
+        events.wait("AGENT_TERMINATED", f"lw{i}")
+        wait_for(lambda: [e["message"] for e in events.of("AGENT_LOG", f"lw{i}")]
+                 == [f"last words {n}" for n in range(5)], 10, f"the last words of lw{i}")
+    assert "exited with code 1" in events.of("AGENT_ERROR", "lw0")[0]["error_message"]
+
+
+def test_events_leave_heartbeats_out_unless_asked(cluster):
+    orch, events = start_daemon(cluster, ("w1",))
+    from agents import Forever
+
+    orch.register_agent(Forever, "ticker")
+    events.wait("AGENT_READY", "ticker")
+    quiet = cli("events", "--address", orch.events_address, "--topic", "AGENT_", "--json", "--timeout", "2.5",
+                "--history")
+    kinds = {json.loads(line)["event"] for line in quiet.stdout.splitlines()}
+    assert quiet.returncode == 0 and "AGENT_READY" in kinds and "AGENT_HEARTBEAT" not in kinds, kinds
+    beats = cli("events", "--address", orch.events_address, "--topic", "AGENT_HEARTBEAT", "--json", "--count", "2",
+                "--timeout", "10")
+    assert [json.loads(line)["event"] for line in beats.stdout.splitlines()] == ["AGENT_HEARTBEAT"] * 2

@@ -145,7 +145,7 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
             procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
                                           "--name", name], tmp_path / f"{name}.log"))
         procs.append(net.spawn("s", [sys.executable, "-m", "pyorchestrate.cli", "events", "--address",
-                                     f"tcp://{coordinator}:25601", "--json", "--timeout", "120"], bus))
+                                     f"tcp://{coordinator}:25601", "--json", "--heartbeats", "--timeout", "120"], bus))
 
         def of(event: str) -> list[dict]:
             return [e for e in map(json.loads, _lines(events)) if e["event"] == event]

@@ -123,3 +123,16 @@ def test_writing_agents_example_runs_every_behaviour():
     for agent in ("Hello", "Crunch", "Reminder", "WhenReady", "Deploy", "Flaky", "Counter", "Sampler", "Dashboard",
                   "Fetcher"):
         assert f"agent {agent} terminated" in err, agent
+
+
+def test_readme_scripts_run_as_written(tmp_path):
+    """Every Python block of the README that is a whole script (it has a __main__ guard) runs."""
+    import re
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if "__main__" in b]
+    assert blocks, "the README has no runnable script"
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"readme_{i}.py"
+        script.write_text(block)
+        done = run_script([str(script)], cwd=tmp_path, timeout=90)
+        assert done.returncode == 0, f"README script {i}:\n{block}\n{done.stderr[-2000:]}"

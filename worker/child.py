@@ -10,13 +10,14 @@ import logging
 import os
 import sys
 import threading
-import traceback
 from typing import Any
 
 import msgpack
 
 from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
+
+from .errors import error_fields
 
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
 
@@ -61,8 +62,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         agent = agent_class(name, config, plugin)
     except BaseException as exc:  # noqa: BLE001 - any failure to load must be reported
         report("AGENT_STARTED")
-        report("AGENT_ERROR", error_message=f"{type(exc).__name__}: {exc}",
-               traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        report("AGENT_ERROR", **error_fields(exc))
         report("AGENT_TERMINATED", ok=False)
         conn.close()
         sys.exit(1)

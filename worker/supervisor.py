@@ -14,7 +14,6 @@ import queue
 import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 
 from . import child
+from .errors import error_fields
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
 
@@ -40,15 +40,6 @@ def _stderr_level() -> int:
     """The level this worker prints at (its handlers' level), for its children to copy."""
     levels = [h.level for h in logging.getLogger().handlers if h.level]
     return min(levels) if levels else logging.INFO
-
-
-def _error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:
-    message = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ModuleNotFoundError):
-        message += (f"{hint} - module {exc.name!r} is not installed on this worker: install it there, or "
-                    "keep it next to the coordinator script so it is shipped with the agent")
-    return {"error_message": message,
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
 def _forget_logger(logger: logging.Logger) -> None:
@@ -164,7 +155,7 @@ class Supervisor:
 
     def _fail_before_start(self, record: Running, exc: BaseException, hint: str = "") -> None:
         self._emit(record, "AGENT_STARTED", {})
-        self._emit(record, "AGENT_ERROR", _error_fields(exc, hint))
+        self._emit(record, "AGENT_ERROR", error_fields(exc, hint))
         self._emit(record, "AGENT_TERMINATED", {"ok": False})
 
     def start(self, name: str, run: str, epoch: int, class_id: str, class_blob: bytes | None,
@@ -259,7 +250,7 @@ class Supervisor:
                 log.error("could not start thread %s: %s", thread.name, exc)
                 if agent is not None:
                     self._emit(agent, "AGENT_STARTED", {})
-                    self._emit(agent, "AGENT_ERROR", _error_fields(exc, " (could not start its thread)"))
+                    self._emit(agent, "AGENT_ERROR", error_fields(exc, " (could not start its thread)"))
                     self._relay(agent, "AGENT_TERMINATED", {**stamp(), "ok": False})
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
@@ -287,12 +278,15 @@ class Supervisor:
     def _watch_process(self, record: Running) -> None:
         seen_error = False
         sink = self._bus_sink()
+        last_bus: dict[str, Any] = {}  # the marker of the child's last bus event (see below)
         try:
             while True:
                 message = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
                 if message[0] == child.BUS:  # one bus event, numbered and packed by the child
                     if sink is not None:
-                        sink(tuple(message[1:]))
+                        item = tuple(message[1:])
+                        sink(item)
+                        last_bus = {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
                     continue
                 event, fields = message
                 if event == "AGENT_ERROR":
@@ -313,7 +307,9 @@ class Supervisor:
                 self._emit(record, "AGENT_ERROR", {
                     "error_message": f"process agent {record.name} {how} on worker {self._worker_name}",
                     "traceback": "", "exitcode": code})
-            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code})
+            # with the last bus seq the child sent: the coordinator waits for the events still on
+            # their way (log lines written just before an os._exit) instead of dropping them as stale
+            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus})
         record.conn.close()
 
     # ------------------------------------------------------------------ stop

@@ -172,9 +172,11 @@ class BaseAgent(abc.ABC):
         report("AGENT_STARTED")
         self.state_events.start_event.set()
         try:
-            for finding in self.config.check(f"agent {self.name!r}"):
-                level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
-                self.logger.log(level, "config: %s", finding)
+            findings = self.config.check(f"agent {self.name!r}")
+            if self._bus is None:  # on a worker, the coordinator said these at register_agent: once is enough
+                for finding in findings:
+                    level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
+                    self.logger.log(level, "config: %s", finding)
             self.plugin.initialize(self, self._plugin_failed)
             if self._wait_control(self.control_events.setup_event):
                 self.setup()

@@ -1,0 +1,87 @@
+"""The control port's rules and answers, without sockets (pyorchestrate.control)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from pyorchestrate import commands as cmd
+from pyorchestrate import control, protocol
+from pyorchestrate.control import Refused
+
+
+def test_roles_reader_may_query_admin_may_act_no_keys_may_both():
+    assert control.check("status", {}, "reader") == {}
+    assert control.check("agents", {}, "admin") == {"state": None, "worker": None}
+    assert control.check("stop", {"agent": "a"}, None) == {"agent": "a", "timeout": 10.0}
+    with pytest.raises(Refused, match="'stop' needs an admin key; this client connected with a reader key"):
+        control.check("stop", {"agent": "a"}, "reader")
+    with pytest.raises(Refused, match="needs a reader or admin key; this client connected with a worker key"):
+        control.check("status", {}, "worker")
+    with pytest.raises(Refused, match="needs an admin key"):
+        control.check("shutdown", {}, "worker")
+
+
+def test_arguments_are_checked_and_said_wrong():
+    with pytest.raises(Refused, match="unknown request 'reboot'"):
+        control.check("reboot", {}, None)
+    with pytest.raises(Refused, match="'stop' takes no argument 'force'"):
+        control.check("stop", {"agent": "a", "force": True}, None)
+    with pytest.raises(Refused, match="missing field 'agent'"):
+        control.check("stop", {}, None)
+    with pytest.raises(Refused, match="'agent' has type int"):
+        control.check("stop", {"agent": 5}, None)
+    with pytest.raises(Refused, match="timeout must be between 0 and 3600"):
+        control.check("restart", {"agent": "a", "timeout": 1e9}, None)
+
+
+def test_actions_become_core_commands():
+    assert control.command("stop", {"agent": "a", "timeout": 2.0}) == [cmd.StopAgent("a", 2.0)]
+    assert control.command("drain", {"worker": "w"}) == [cmd.DrainWorker("w")]
+    # like Orchestrator.stop(): the run ends (the script's join() returns) once all have stopped
+    assert control.command("shutdown", {"timeout": 1.0}) == [cmd.RequestStop(), cmd.StopAll(1.0)]
+
+
+def _snapshot():
+    row = dict(worker=None, restarts=0, last_error=None, started_at=None, pending_reason="")
+    return {"agents": {"b": {**row, "name": "b", "state": "READY", "worker": "w1", "started_at": 100.0, "restarts": 2},
+                       "a": {**row, "name": "a", "state": "TERMINATED", "worker": "w2", "last_error": "ValueError: x"},
+                       "c": {**row, "name": "c", "state": "PENDING"}},
+            "workers": {"w1": {"name": "w1", "host": "h", "pid": 1, "labels": {}, "capacity": 0, "alive": True,
+                               "draining": False, "agents": ["b"], "running": 1, "since_heartbeat": 0.2},
+                        "w2": {"name": "w2", "host": "h", "pid": 2, "labels": {}, "capacity": 3, "alive": False,
+                               "draining": False, "agents": [], "running": 0, "since_heartbeat": 9.0}},
+            "lost_events": 3, "dropped": {"bad_frame": 1}, "addresses": {}, "security": {}}
+
+
+def test_views_of_a_snapshot():
+    snap = _snapshot()
+    rows = control.agents(snap, {}, now_wall=130.0)
+    assert [r["name"] for r in rows] == ["a", "b", "c"] and rows[1]["uptime"] == 30.0 and rows[0]["uptime"] is None
+    assert [r["name"] for r in control.agents(snap, {"state": "ready"}, 0)] == ["b"]
+    assert [r["name"] for r in control.agents(snap, {"worker": "w2"}, 0)] == ["a"]
+    assert [(w["name"], w["state"]) for w in control.workers(snap)] == [("w1", "alive"), ("w2", "gone")]
+    s = control.status(snap, {"coordinator": "c"})
+    assert s["agents"]["by_state"] == {"PENDING": 1, "READY": 1, "TERMINATED": 1} and s["agents"]["restarts"] == 2
+    assert s["workers"]["by_state"] == {"alive": 1, "gone": 1} and s["lost_events"] == 3
+    assert s["agents"]["with_errors"] == [{"name": "a", "state": "TERMINATED", "last_error": "ValueError: x"}]
+
+
+def _event(seq, event, subject, time_):
+    topic = protocol.event_topic(event, subject)
+    body = msgpack.packb({"event": event, "seq": seq, "publisher": "p", "incarnation": "i", "event_date": "2026-11-30",
+                          "event_time": time_, "agent_name": subject})
+    return seq, topic, body
+
+
+def test_history_filters_by_agent_and_time_and_keeps_the_latest():
+    items = [_event(1, "AGENT_STARTED", "a", "10:00:00.000000"), _event(2, "AGENT_HEARTBEAT", "a", "10:00:01.0"),
+             _event(3, "AGENT_STARTED", "ab", "10:00:02.000000"), _event(4, "AGENT_READY", "a", "10:00:03.500000"),
+             _event(5, "AGENT_TERMINATED", "a", "10:00:05.000000")]
+    rows = control.history(items, {"agent": "a", "since": None, "limit": 1000}, protocol.decode_body)
+    assert [r["seq"] for r in rows] == [1, 4, 5]  # not "ab", no heartbeats, oldest first
+    latest = control.history(items, {"agent": "a", "since": None, "limit": 2}, protocol.decode_body)
+    assert [r["seq"] for r in latest] == [4, 5]
+    since = control._event_wall({"event_date": "2026-11-30", "event_time": "10:00:03.000000"})
+    assert [r["seq"] for r in control.history(items, {"agent": None, "since": since, "limit": 10},
+                                              protocol.decode_body)] == [4, 5]
