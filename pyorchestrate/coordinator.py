@@ -22,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets
+from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -30,6 +30,7 @@ from .events import EventDispatcher, OrchestratorEvent, stamp
 from .limits import Limits, adopt_window
 from .mailbox import Mailbox
 from .records import AgentRecord, WorkerRecord
+from .states import AgentState
 from .versions import local_versions
 
 log = logging.getLogger("pyorchestrate.coordinator")
@@ -75,6 +76,9 @@ class Coordinator:
         self._bus_seqs: dict[tuple[str, str], int] = {}
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
         self._bus_deadline: float | None = None
+        self._tail_hold = tailhold.TailHold()  # an agent's end waits for its last log lines
+        self._early_hold = tailhold.EarlyHold()  # and its first lines wait for its start
+        self._started_keys: list[tuple[str, str]] = []
         self._history = history.History(config.history_max_events, config.history_max_bytes)
         self._started_wall = time.time()
         self._stamp = protocol.stamp_encoder(self.session, self._started_wall)
@@ -216,6 +220,10 @@ class Coordinator:
                     if self.keydir is not None:
                         self._check_revocations(now)
                     core.tick(now, behind)
+                    if self._tail_hold:  # a tail that never came: the agent's end is said anyway
+                        self._release(self._tail_hold.expired(now))
+                    if self._early_hold:
+                        self._release_early(self._early_hold.expired(now))
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
                     next_tick = core.next_wake(now)
@@ -246,6 +254,8 @@ class Coordinator:
         assert self.core is not None
         try:
             if isinstance(command, commands.Close):
+                self._release_early(self._early_hold.everything())
+                self._release(self._tail_hold.everything())
                 self.final_snapshot = self._snapshot()
                 self._closing = True
             result = self.core.command(command, time.monotonic())
@@ -269,17 +279,24 @@ class Coordinator:
             if kind is Send:
                 self._send(action.identity, action.frame)
             elif kind is Publish:
-                self._publish(action.event, action.subject, action.fields, action.record)
+                if action.record is not None and self._tail_hold.holds(action.subject):
+                    self._tail_hold.add(action.subject, action)  # after the run's last bus events
+                else:
+                    self._publish(action.event, action.subject, action.fields, action.record)
             elif kind is AwaitBus:
                 key = (action.publisher, action.incarnation)
                 if action.seq > self._bus_seqs.get(key, 0):
                     self._awaited_bus[key] = action.seq
+                    self._tail_hold.start(action.publisher.partition("/")[2], key, time.monotonic())
                 else:
                     self._bus_seqs.pop(key, None)  # the run is over and all of it arrived
             elif kind is Forget:
                 self._on_forget(action.name)
             elif kind is Finished:
                 self._on_finished()
+        while self._started_keys:
+            key = self._started_keys.pop(0)
+            self._release_early([(key, item) for item in self._early_hold.started(key)])
 
     def _drain_control(self) -> bool:
         """Read a bounded slice of control frames; True if more are waiting (we are behind)."""
@@ -505,20 +522,21 @@ class Coordinator:
                 return
             self._note_worker_frame(worker, token, wseq)
             last_key: tuple[str, str] | None = None
-            accepted = False
+            accepted = early = False
+            now = time.monotonic()
             for publisher, run, topic, seq, body in items:
                 key = (publisher, run)
                 if key != last_key:  # a batch holds runs of events of one agent: judge once per run
                     last_key = key
                     accepted = publisher.partition("/")[0] == worker and (
                         key in self._awaited_bus or self._current_publisher(publisher, run))
+                    early = accepted and self._before_started(publisher)
                 if not accepted:
                     self.dropped.drop("stale_bus_event", publisher)
                     continue
-                try:
-                    self._on_bus_event(key, seq, topic, body)
-                except protocol.ProtocolError as exc:  # one bad body spoils no other
-                    self.dropped.drop("bad_frame", exc)
+                if early and self._early_hold.add(key, (seq, topic, body), now):
+                    continue  # before its STARTED: published right after it
+                self._bus_event(key, seq, topic, body)
         elif frames and frames[0] == protocol.BEATS_TOPIC:
             worker, token, wseq, beats = protocol.decode_beats(frames, size)
             if not self._from_worker(worker, token):
@@ -527,6 +545,22 @@ class Coordinator:
             self._on_beats(worker, beats)
         else:
             raise protocol.ProtocolError("bus frame is neither a batch nor beats")
+
+    def _bus_event(self, key: tuple[str, str], seq: int, topic: str, body: bytes) -> None:
+        try:
+            self._on_bus_event(key, seq, topic, body)
+        except protocol.ProtocolError as exc:  # one bad body spoils no other
+            self.dropped.drop("bad_frame", exc)
+
+    def _before_started(self, publisher: str) -> bool:
+        """Is this agent's current run sent but not yet reported STARTED?"""
+        assert self.core is not None
+        record = self.core.agents.get(publisher.partition("/")[2])
+        return record is not None and record.state is AgentState.ASSIGNED
+
+    def _release_early(self, held: list[tuple[tuple[str, str], tuple[int, str, bytes]]]) -> None:
+        for key, (seq, topic, body) in held:
+            self._bus_event(key, seq, topic, body)
 
     def _from_worker(self, worker: str, token: str) -> bool:
         """Is this bus frame from the worker it names?  The bus input cannot tell who connected;
@@ -589,15 +623,28 @@ class Coordinator:
         last = self._bus_seqs.get(key)
         if last is not None and seq > last + 1:
             self._report_gap(key[0], seq - last - 1)
+        tail = False
         if last is None or seq > last:
             self._bus_seqs[key] = seq
             awaited = self._awaited_bus.get(key)
             if awaited is not None and seq >= awaited:
                 del self._awaited_bus[key]
                 del self._bus_seqs[key]  # its run is over and everything it sent has arrived
+                tail = True
         elif seq <= last:
             self.dropped.drop("duplicate_bus_event", key[0])
             return
+        try:
+            self._forward_bus_event(topic, body)
+        finally:
+            if tail:
+                self._release(self._tail_hold.arrived(key))  # the agent's end, now after its last lines
+
+    def _release(self, held: list[Publish]) -> None:
+        for action in held:
+            self._publish(action.event, action.subject, action.fields, action.record)
+
+    def _forward_bus_event(self, topic: str, body: bytes) -> None:
         self._emit(topic, body)
         name = topic.partition(".")[0]
         event = _EVENTS.get(name)
@@ -693,10 +740,18 @@ class Coordinator:
         topic = protocol.event_topic(event.value, subject)
         self._emit(topic, msgpack.packb(fields, use_bin_type=True))
         self.dispatcher.dispatch(event, fields)
+        if event is OrchestratorEvent.AGENT_STARTED and record is not None and self._early_hold:
+            # released once the actions of this turn are done: a report often holds STARTED, READY
+            # and TERMINATED of a short run together, and its lines belong between READY and the end
+            self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
             self._on_agent_state(record.name, record.state.value, record.worker, record.epoch)
             where = f"on {record.worker}" if record.worker else "(not placed)"
-            if event is OrchestratorEvent.AGENT_ERROR:
+            if event is OrchestratorEvent.AGENT_ERROR and fields.get("recoverable"):
+                # the agent's own log line (on the bus, printed once) says it; the traceback is on
+                # the event (pyorchestrate history, the dashboard): no second copy here
+                log.debug("agent %s %s: recoverable %s", record.name, where, fields.get("error_message"))
+            elif event is OrchestratorEvent.AGENT_ERROR:
                 log.error("agent %s %s: %s%s", record.name, where, fields.get("error_message"),
                           ("\n" + fields["traceback"].rstrip()) if fields.get("traceback") else "")
             else:
@@ -714,6 +769,8 @@ class Coordinator:
             if now < self._bus_deadline:
                 return
             log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
+        self._release_early(self._early_hold.everything())
+        self._release(self._tail_hold.everything())
         self.core.finish()
 
     def _snapshot(self, core_snapshot: dict[str, Any] | None = None) -> dict[str, Any]:

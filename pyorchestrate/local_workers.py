@@ -24,7 +24,7 @@ class LocalWorkers:
         for i in range(count):
             name = f"{prefix}-local-{i + 1}"
             cmd = [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", coordinator, "--name", name,
-                   "--parent-pid", str(os.getpid()), "--log-level", log_level, *keys]
+                   "--parent-pid", str(os.getpid()), "--log-level", log_level, "--agent-logs", "bus", *keys]
             # a session of their own: a Ctrl-C at the terminal reaches the coordinator, which stops
             # them in order, rather than killing them under their agents
             self.processes.append(subprocess.Popen(cmd, start_new_session=True))

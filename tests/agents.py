@@ -194,3 +194,14 @@ class LastWords(BaseProcessAgent):
         for i in range(5):
             self.logger.info("last words %d", i)
         os._exit(1)
+
+
+class Talker(BaseThreadAgent):
+    """Logs ``lines`` lines and ends."""
+
+    class Config(BaseThreadAgent.Config):
+        lines = 5
+
+    def execute(self):
+        for i in range(self.config.lines):
+            self.logger.info("line %d", i)

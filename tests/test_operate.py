@@ -113,7 +113,9 @@ def test_cli_says_what_is_wrong(cluster):
     assert logs_unknown.returncode == 1 and "no log lines of 'nosuch'" in logs_unknown.stderr
     # a worker given the events port says so, and still ends on SIGTERM (cluster.close checks)
     cluster.worker(orch.events_address, "lost-soul")
-    wait_for(lambda: "not a coordinator's control port" in cluster.log_of("lost-soul"), 15, "the worker's complaint")
+    cluster.worker(orch.status()["addresses"]["bus"], "lost-bus")
+    for name in ("lost-soul", "lost-bus"):
+        wait_for(lambda: "not a coordinator's control port" in cluster.log_of(name), 15, f"{name}'s complaint")
 
 
 def test_roles_reader_queries_admin_acts(cluster, tmp_path):
@@ -250,6 +252,7 @@ def _browser():
 
 
 def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -259,7 +262,8 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         orch, events = start_daemon(cluster, ("w1", "--labels", "zone=a"), ("w2", "--labels", "zone=b"), min_workers=2)
         dash = dashboard_of(orch.address)
         browser.get(dash.url + "?token=s3cret")
-        wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+        # the page updates rows in place; an element read while its row is rebuilt is just read again
+        wait = WebDriverWait(browser, 30, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
         wait.until(EC.text_to_be_present_in_element((By.ID, "conn"), "live"))
         assert "token=" not in browser.current_url  # it became a cookie
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")) == 2)
@@ -268,7 +272,7 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
 
         orch.register_agent(Boom, "broken")
         orch.register_agent(Forever, "sampler")  # the agent appears on the page...
-        state = (By.CSS_SELECTOR, 'tr[data-agent="sampler"] td.state')
+        state = (By.CSS_SELECTOR, 'tr[data-agent="sampler"] .state')
         wait.until(EC.text_to_be_present_in_element(state, "READY"))  # ...and goes READY
         wait.until(lambda b: any("AGENT_READY" in e.text and "sampler" in e.text
                                  for e in b.find_elements(By.CSS_SELECTOR, "#events .ev")))
@@ -277,8 +281,7 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
 
-        button = (By.CSS_SELECTOR, 'button[data-agent="sampler"][data-op="stop"], '
-                                   'tr[data-agent="sampler"] button[data-op="stop"]')
+        button = (By.CSS_SELECTOR, 'tr[data-agent="sampler"] button[data-op="stop"]')
         wait.until(EC.element_to_be_clickable(button)).click()  # stopped by a click
         events.wait("AGENT_TERMINATED", "sampler")
         wait.until(EC.text_to_be_present_in_element(state, "TERMINATED"))
@@ -313,3 +316,42 @@ def test_events_leave_heartbeats_out_unless_asked(cluster):
     beats = cli("events", "--address", orch.events_address, "--topic", "AGENT_HEARTBEAT", "--json", "--count", "2",
                 "--timeout", "10")
     assert [json.loads(line)["event"] for line in beats.stdout.splitlines()] == ["AGENT_HEARTBEAT"] * 2
+
+
+def test_an_agents_log_lines_come_before_its_end(cluster):
+    """Lines travel on the bus, the end on the control connection: the end waits for the lines."""
+    orch, events = start_daemon(cluster, ("w1",), ("w2",), min_workers=2)
+    from agents import LastWords, Talker
+
+    names = [f"t{i}" for i in range(20)]
+    for name in names:
+        orch.register_agent(Talker, name)
+    orch.register_agent(LastWords, "lw")
+    for name in names + ["lw"]:
+        events.wait("AGENT_TERMINATED", name)
+    with events._lock:
+        seen = list(events.events)
+    for name in names + ["lw"]:
+        mine = [e["event"] for e in seen if e.get("agent_name") == name
+                and e["event"] in ("AGENT_STARTED", "AGENT_LOG", "AGENT_TERMINATED")]
+        lines = 5
+        assert mine == ["AGENT_STARTED"] + ["AGENT_LOG"] * lines + ["AGENT_TERMINATED"], (name, mine)
+
+
+def test_tail_hold_releases_in_order_on_arrival_or_after_the_wait():
+    from pyorchestrate.tailhold import TailHold
+
+    hold = TailHold(wait=2.0)
+    hold.start("a", ("w/a", "r1"), now=10.0)
+    assert hold.holds("a") and not hold.holds("b")
+    hold.add("a", "TERMINATED a")
+    hold.add("a", "STARTED a (restart)")
+    assert hold.expired(11.9) == []
+    assert hold.arrived(("w/a", "r1")) == ["TERMINATED a", "STARTED a (restart)"] and not hold.holds("a")
+    assert hold.arrived(("w/a", "r1")) == []  # once
+    hold.start("b", ("w/b", "r1"), now=20.0)
+    hold.add("b", "TERMINATED b")
+    assert hold.expired(22.0) == ["TERMINATED b"] and len(hold) == 0
+    hold.start("c", ("w/c", "r1"), now=0.0)
+    hold.add("c", "x")
+    assert hold.everything() == ["x"] and len(hold) == 0

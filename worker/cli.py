@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -69,11 +70,22 @@ def parser() -> argparse.ArgumentParser:
                    help="a small process that tells the coordinator this worker is alive when its own loop "
                         "cannot (GIL starvation): auto = once it runs 500 agents; always = agents in C code that "
                         "holds the GIL for seconds; never")
+    p.add_argument("--agent-logs", choices=["print", "bus"], default="print",
+                   help="print: agents' log lines go to this worker's stderr and the bus; bus: only to the bus "
+                        "(an embedded worker: its coordinator prints them, once)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded workers exit with their coordinator
     p.add_argument("--version", action="version",
                    version="pyorchestrate-worker " + " ".join(f"{k}={v}" for k, v in local_versions().items()))
     return p
+
+
+AGENT_LOGS_ENV = "PYORCHESTRATE_AGENT_LOGS"
+
+
+def agent_lines_elsewhere(record: logging.LogRecord) -> bool:
+    """A stderr filter: agents' records travel on the bus only (whoever prints those prints them)."""
+    return not record.name.startswith("pyorchestrate.agent.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setLevel(args.log_level)  # the level is the handler's: agents' INFO records still reach the bus
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]")))
+    if args.agent_logs == "bus":
+        handler.addFilter(agent_lines_elsewhere)
+        os.environ[AGENT_LOGS_ENV] = "bus"  # for process agents' own handlers (worker/child.py)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
