@@ -8,6 +8,7 @@ construction (unknown keywords become user-defined attributes), and validates it
 from __future__ import annotations
 
 import difflib
+import functools
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,30 @@ class ConfigValidationError(ValueError):
         super().__init__(f"invalid configuration for {owner}:\n{lines}")
 
 
-def _library_names(cls: type) -> set[str]:
-    """The settings pyorchestrate's own classes in ``cls``'s ancestry define."""
-    names: set[str] = set()
+@functools.lru_cache(maxsize=1024)
+def _class_typos(cls: type) -> tuple[ValidationResult, ...]:
+    """Settings a user's Config subclass defines whose names are near misses of ours
+    (``execution_intervall``): typos that would otherwise be silently ignored.  A class's
+    attributes are its own settings too (``sensor = "t1"``): only near misses are said.  Once per
+    class (cached: register_agent is on the launch path)."""
+    ours: set[str] = set()
     for klass in cls.__mro__:
         if klass is not object and klass.__module__.startswith("pyorchestrate"):
-            names.update(k for k, v in vars(klass).items() if not k.startswith("_") and not callable(v)
-                         and not isinstance(v, (classmethod, staticmethod, property)))
-    return names
+            ours.update(k for k, v in vars(klass).items() if not k.startswith("_") and not callable(v)
+                        and not isinstance(v, (classmethod, staticmethod, property)))
+    found = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("pyorchestrate"):
+            continue
+        for key, value in vars(klass).items():
+            if key.startswith("_") or key in ours or callable(value):
+                continue
+            close = difflib.get_close_matches(key, ours, n=1, cutoff=0.85)
+            if close:
+                found.append(ValidationResult(
+                    key, f"{klass.__qualname__} defines {key!r}, not a setting of ours; did you mean "
+                         f"{close[0]!r}? (kept as a user-defined attribute)", ValidationSeverity.WARNING))
+    return tuple(found)
 
 
 class BaseConfig:
@@ -105,20 +122,7 @@ class BaseConfig:
                 results.append(ValidationResult(
                     key, f"unknown setting; did you mean {close[0]!r}? (kept as a user-defined attribute)",
                     ValidationSeverity.WARNING))
-        # a user's Config subclass may add settings of its own; one whose name is a near miss of
-        # one of ours (execution_intervall) is a typo that would otherwise be silently ignored
-        ours = _library_names(type(self))
-        for klass in type(self).__mro__:
-            if klass is object or klass.__module__.startswith("pyorchestrate"):
-                continue
-            for key, value in vars(klass).items():
-                if key.startswith("_") or key in ours or callable(value) or key in vars(self):
-                    continue
-                close = difflib.get_close_matches(key, ours, n=1, cutoff=0.85)
-                if close:
-                    results.append(ValidationResult(
-                        key, f"{klass.__qualname__} defines {key!r}, not a setting of ours; did you mean "
-                             f"{close[0]!r}? (kept as a user-defined attribute)", ValidationSeverity.WARNING))
+        results.extend(r for r in _class_typos(type(self)) if r.field not in vars(self))
         return results
 
     def check(self, owner: str) -> list[ValidationResult]:
