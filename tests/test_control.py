@@ -85,3 +85,13 @@ def test_history_filters_by_agent_and_time_and_keeps_the_latest():
     since = control._event_wall({"event_date": "2026-11-30", "event_time": "10:00:03.000000"})
     assert [r["seq"] for r in control.history(items, {"agent": None, "since": since, "limit": 10},
                                               protocol.decode_body)] == [4, 5]
+
+
+def test_tables_without_rich_are_aligned_text(monkeypatch, capsys):
+    from pyorchestrate import tables
+
+    monkeypatch.setattr(tables, "rich", None)
+    tables.show(tables.build("agents", ["NAME", "STATE"], [["alpha", "READY"], ["b", None]]), "a line")
+    assert capsys.readouterr().out.splitlines() == ["agents", "NAME   STATE", "alpha  READY", "b", "a line"]
+    assert [tables.duration(s) for s in (None, 3.21, 245, 7380, 97200)] == ["-", "3.2s", "4m05s", "2h03m", "1d03h"]
+    assert tables.short("a\nb  c" + "x" * 100, 10) == "a b cxxxx…"  # one line, cut with an ellipsis

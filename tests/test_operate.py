@@ -65,7 +65,8 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     history = json.loads(cli("history", "--agent", "broken", "--json", env=env).stdout)
     assert [h["event"] for h in history if h["event"] != "AGENT_LOG"][:1] == ["AGENT_STARTED"]
     assert any(h["event"] == "AGENT_ERROR" for h in history)
-    assert cli("history", "--since", "3600", env=env).returncode == 0
+    recent = cli("history", "--since", "3600", env=env)
+    assert recent.returncode == 0 and "AGENT_ERROR" in recent.stdout and "broken" in recent.stdout
     top = cli("top", "--count", "2", "--interval", "0.1", env=env)
     assert top.returncode == 0 and top.stdout.count("coordinator test") == 2, top.stdout
 
@@ -74,10 +75,12 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     events.wait("AGENT_TERMINATED", "alpha")
     assert cli("start", "alpha", "--json", env=env).returncode == 0
     events.wait("AGENT_READY", "alpha", count=2)
-    assert cli("restart", "beta", env=env).returncode == 0
+    assert json.loads(cli("restart", "beta", "--json", env=env).stdout) == {"done": "restart", "agent": "beta",
+                                                                          "timeout": 10.0}
     events.wait("AGENT_READY", "beta", count=2)
     beta_worker = orch.status()["agents"]["beta"]["worker"]
-    assert cli("drain", beta_worker, env=env).returncode == 0
+    drain = cli("drain", beta_worker, env=env)
+    assert drain.returncode == 0 and f"{beta_worker}: draining" in drain.stdout
     wait_for(lambda: orch.status()["agents"]["beta"]["worker"] not in (beta_worker, None)
              and orch.status()["agents"]["beta"]["state"] == "READY", 20, "beta to move off the drained worker")
     assert {w["name"]: w["state"] for w in json.loads(cli("workers", "--json", env=env).stdout)}.get(
@@ -88,8 +91,8 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     bad_drain = cli("drain", "nosuch", env=env)
     assert bad_drain.returncode == 1 and "no live worker named 'nosuch'" in bad_drain.stderr
 
-    shutdown = cli("shutdown", env=env)
-    assert shutdown.returncode == 0
+    shutdown = cli("shutdown", "--json", env=env)
+    assert shutdown.returncode == 0 and json.loads(shutdown.stdout)["done"] == "shutdown"
     orch.join()  # the script's join() returns: the run ended
     assert not orch.status()["agents"] or all(a["state"] == "TERMINATED" for a in orch.status()["agents"].values())
 
