@@ -205,3 +205,13 @@ class Talker(BaseThreadAgent):
     def execute(self):
         for i in range(self.config.lines):
             self.logger.info("line %d", i)
+
+
+class NeedsModule:
+    """A config value whose unpickling imports a module no worker has (as a class from a package
+    installed only beside the coordinator would)."""
+
+    def __reduce__(self):
+        import importlib
+
+        return importlib.import_module, ("pyorchestrate_no_such_module",)

@@ -358,3 +358,14 @@ def test_tail_hold_releases_in_order_on_arrival_or_after_the_wait():
     hold.start("c", ("w/c", "r1"), now=0.0)
     hold.add("c", "x")
     assert hold.everything() == ["x"] and len(hold) == 0
+
+
+def test_a_module_missing_on_the_worker_is_named_with_the_fix_for_both_agent_kinds(cluster):
+    orch, events = start_daemon(cluster, ("w1",))
+    from agents import NeedsModule, Quick, QuickProcess
+
+    for name, cls in (("thread", Quick), ("process", QuickProcess)):
+        orch.register_agent(cls, name, cls.Config(extra=NeedsModule()))
+    for name in ("thread", "process"):
+        error = events.wait("AGENT_ERROR", name)[0]["error_message"]
+        assert "module 'pyorchestrate_no_such_module' is not installed on this worker: install it there" in error, error
