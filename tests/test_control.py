@@ -95,3 +95,18 @@ def test_tables_without_rich_are_aligned_text(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["agents", "NAME   STATE", "alpha  READY", "b", "a line"]
     assert [tables.duration(s) for s in (None, 3.21, 245, 7380, 97200)] == ["-", "3.2s", "4m05s", "2h03m", "1d03h"]
     assert tables.short("a\nb  c" + "x" * 100, 10) == "a b cxxxx…"  # one line, cut with an ellipsis
+
+
+def test_the_dashboard_shows_errors_first_when_agents_are_many():
+    from pyorchestrate.dashboard.feed import Feed
+
+    feed = Feed.__new__(Feed)  # its view only: no sockets, no threads
+    import threading
+
+    feed.lock, feed.tracebacks, feed.status, feed.workers, feed.error = threading.Lock(), {}, None, [], None
+    feed.updated, feed.can_act, feed.address = 0.0, True, "tcp://127.0.0.1:1"
+    feed.agents = [{"name": f"a{i:03d}", "last_error": "boom" if i in (7, 900) else None} for i in range(1000)]
+    state = feed.state(max_agents=10)
+    assert state["agents_total"] == 1000 and len(state["agents"]) == 10
+    names = [a["name"] for a in state["agents"]]
+    assert "a007" in names and "a900" in names and names == sorted(names)

@@ -19,6 +19,7 @@ log = logging.getLogger("pyorchestrate.dashboard")
 
 EVENTS_KEPT = 2000  # events the page can scroll back through
 TRACEBACKS_KEPT = 500
+AGENTS_SHOWN = 500  # rows of the agents table (errors first)
 
 
 class Feed:
@@ -141,8 +142,14 @@ class Feed:
         with self.lock:
             return [e for e in self.events if e["n"] > n]
 
-    def state(self) -> dict[str, Any]:
+    def state(self, max_agents: int = AGENTS_SHOWN) -> dict[str, Any]:
+        """What the page shows: agents with an error first, then by name, at most ``max_agents``
+        of them (a page of 10,000 rows twice a second helps nobody: ``pyorchestrate ps`` lists all)."""
         with self.lock:
-            agents = [{**a, "traceback": self.tracebacks.get(a["name"])} for a in self.agents]
-            return {"status": self.status, "workers": self.workers, "agents": agents, "error": self.error,
-                    "updated": self.updated, "can_act": self.can_act, "address": self.address}
+            rows = self.agents
+            if len(rows) > max_agents:
+                rows = sorted(rows, key=lambda a: (not a.get("last_error"), a["name"]))[:max_agents]
+                rows.sort(key=lambda a: a["name"])
+            agents = [{**a, "traceback": self.tracebacks.get(a["name"])} for a in rows]
+            return {"status": self.status, "workers": self.workers, "agents": agents, "agents_total": len(self.agents),
+                    "error": self.error, "updated": self.updated, "can_act": self.can_act, "address": self.address}
