@@ -95,9 +95,10 @@ class ControlClient:
         """The cluster summary: agents and workers by state, events, drops, loop lag."""
         return self.request("status")
 
-    def agents(self, state: str | None = None, worker: str | None = None) -> list[dict[str, Any]]:
-        """One row per agent (name, state, worker, restarts, uptime, last_error, ...)."""
-        return self.request("agents", state=state, worker=worker)
+    def agents(self, state: str | None = None, worker: str | None = None, limit: int = 0) -> list[dict[str, Any]]:
+        """One row per agent (name, state, worker, restarts, uptime, last_error, ...); with
+        ``limit``, at most so many (those with an error first)."""
+        return self.request("agents", state=state, worker=worker, limit=limit or None)
 
     def workers(self) -> list[dict[str, Any]]:
         """One row per worker (name, host, labels, capacity, running, since_heartbeat, state)."""

@@ -443,12 +443,12 @@ class Coordinator:
             return {"done": op, **args}
         if op == "history":
             return control.history(self._history.items(), args, protocol.decode_body)
-        snapshot = snapshots.expand(self._snapshot(self.core.command(commands.Snapshot(), now)))
+        snapshot = self._snapshot(self.core.command(commands.Snapshot(), now))  # captured, not expanded
         if op == "agents":
-            return control.agents(snapshot, args, time.time())
+            return control.agents(snapshots.expand_agents(control.pick(snapshot["agent_rows"], args)), time.time())
         if op == "workers":
             return control.workers(snapshot)
-        return control.status(snapshot, self._status_extra())
+        return control.status(snapshot["agent_rows"], snapshot, self._status_extra())
 
     def _status_extra(self) -> dict[str, Any]:
         return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,

@@ -12,7 +12,7 @@ from pyorchestrate.control import Refused
 
 def test_roles_reader_may_query_admin_may_act_no_keys_may_both():
     assert control.check("status", {}, "reader") == {}
-    assert control.check("agents", {}, "admin") == {"state": None, "worker": None}
+    assert control.check("agents", {}, "admin") == {"state": None, "worker": None, "limit": 0}
     assert control.check("stop", {"agent": "a"}, None) == {"agent": "a", "timeout": 10.0}
     with pytest.raises(Refused, match="'stop' needs an admin key; this client connected with a reader key"):
         control.check("stop", {"agent": "a"}, "reader")
@@ -42,26 +42,40 @@ def test_actions_become_core_commands():
     assert control.command("shutdown", {"timeout": 1.0}) == [cmd.RequestStop(), cmd.StopAll(1.0)]
 
 
-def _snapshot():
-    row = dict(worker=None, restarts=0, last_error=None, started_at=None, pending_reason="")
-    return {"agents": {"b": {**row, "name": "b", "state": "READY", "worker": "w1", "started_at": 100.0, "restarts": 2},
-                       "a": {**row, "name": "a", "state": "TERMINATED", "worker": "w2", "last_error": "ValueError: x"},
-                       "c": {**row, "name": "c", "state": "PENDING"}},
-            "workers": {"w1": {"name": "w1", "host": "h", "pid": 1, "labels": {}, "capacity": 0, "alive": True,
-                               "draining": False, "agents": ["b"], "running": 1, "since_heartbeat": 0.2},
-                        "w2": {"name": "w2", "host": "h", "pid": 2, "labels": {}, "capacity": 3, "alive": False,
-                               "draining": False, "agents": [], "running": 0, "since_heartbeat": 9.0}},
-            "lost_events": 3, "dropped": {"bad_frame": 1}, "addresses": {}, "security": {}}
+def _captured():
+    """Rows as the loop captures them (snapshots.capture_agents), and the rest of a snapshot."""
+    from types import SimpleNamespace
+
+    from pyorchestrate.restart import RestartPolicy
+    from pyorchestrate.snapshots import capture_agents
+    from pyorchestrate.states import AgentState as S
+
+    def record(name, state, worker=None, restarts=0, error=None, started_at=None):
+        return SimpleNamespace(name=name, state=state, worker=worker, restarts=restarts, error=error,
+                               failed=error is not None, started_at=started_at, epoch=1, run="r", pending_reason="",
+                               policy=RestartPolicy.build("never", 10, (0.5, 30.0)), on_disconnect=None, depends_on=[])
+
+    rows = capture_agents([record("b", S.READY, "w1", 2, started_at=100.0), record("a", S.TERMINATED, "w2", 0, "ValueError: x"),
+                           record("c", S.PENDING)])
+    snapshot = {"workers": {"w1": {"name": "w1", "host": "h", "pid": 1, "labels": {}, "capacity": 0, "alive": True,
+                                   "draining": False, "agents": ["b"], "running": 1, "since_heartbeat": 0.2},
+                            "w2": {"name": "w2", "host": "h", "pid": 2, "labels": {}, "capacity": 3, "alive": False,
+                                   "draining": False, "agents": [], "running": 0, "since_heartbeat": 9.0}},
+                "lost_events": 3, "dropped": {"bad_frame": 1}, "addresses": {}, "security": {}}
+    return rows, snapshot
 
 
 def test_views_of_a_snapshot():
-    snap = _snapshot()
-    rows = control.agents(snap, {}, now_wall=130.0)
-    assert [r["name"] for r in rows] == ["a", "b", "c"] and rows[1]["uptime"] == 30.0 and rows[0]["uptime"] is None
-    assert [r["name"] for r in control.agents(snap, {"state": "ready"}, 0)] == ["b"]
-    assert [r["name"] for r in control.agents(snap, {"worker": "w2"}, 0)] == ["a"]
+    from pyorchestrate.snapshots import expand_agents
+
+    rows, snap = _captured()
+    listed = control.agents(expand_agents(control.pick(rows, {})), now_wall=130.0)
+    assert [r["name"] for r in listed] == ["a", "b", "c"] and listed[1]["uptime"] == 30.0 and listed[0]["uptime"] is None
+    assert [r[0] for r in control.pick(rows, {"state": "ready"})] == ["b"]
+    assert [r[0] for r in control.pick(rows, {"worker": "w2"})] == ["a"]
+    assert [r[0] for r in control.pick(rows, {"limit": 2})] == ["a", "b"]  # errors first, then by name
     assert [(w["name"], w["state"]) for w in control.workers(snap)] == [("w1", "alive"), ("w2", "gone")]
-    s = control.status(snap, {"coordinator": "c"})
+    s = control.status(rows, snap, {"coordinator": "c"})
     assert s["agents"]["by_state"] == {"PENDING": 1, "READY": 1, "TERMINATED": 1} and s["agents"]["restarts"] == 2
     assert s["workers"]["by_state"] == {"alive": 1, "gone": 1} and s["lost_events"] == 3
     assert s["agents"]["with_errors"] == [{"name": "a", "state": "TERMINATED", "last_error": "ValueError: x"}]
@@ -95,18 +109,3 @@ def test_tables_without_rich_are_aligned_text(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["agents", "NAME   STATE", "alpha  READY", "b", "a line"]
     assert [tables.duration(s) for s in (None, 3.21, 245, 7380, 97200)] == ["-", "3.2s", "4m05s", "2h03m", "1d03h"]
     assert tables.short("a\nb  c" + "x" * 100, 10) == "a b cxxxx…"  # one line, cut with an ellipsis
-
-
-def test_the_dashboard_shows_errors_first_when_agents_are_many():
-    from pyorchestrate.dashboard.feed import Feed
-
-    feed = Feed.__new__(Feed)  # its view only: no sockets, no threads
-    import threading
-
-    feed.lock, feed.tracebacks, feed.status, feed.workers, feed.error = threading.Lock(), {}, None, [], None
-    feed.updated, feed.can_act, feed.address = 0.0, True, "tcp://127.0.0.1:1"
-    feed.agents = [{"name": f"a{i:03d}", "last_error": "boom" if i in (7, 900) else None} for i in range(1000)]
-    state = feed.state(max_agents=10)
-    assert state["agents_total"] == 1000 and len(state["agents"]) == 10
-    names = [a["name"] for a in state["agents"]]
-    assert "a007" in names and "a900" in names and names == sorted(names)

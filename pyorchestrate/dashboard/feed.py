@@ -73,7 +73,7 @@ class Feed:
         try:
             status = self._control.status()
             workers = self._control.workers()
-            agents = self._control.agents()
+            agents = self._control.agents(limit=AGENTS_SHOWN)  # the page's rows only: the loop stays lean
         except ControlError as exc:
             with self.lock:
                 self.error = str(exc)
@@ -142,14 +142,12 @@ class Feed:
         with self.lock:
             return [e for e in self.events if e["n"] > n]
 
-    def state(self, max_agents: int = AGENTS_SHOWN) -> dict[str, Any]:
-        """What the page shows: agents with an error first, then by name, at most ``max_agents``
-        of them (a page of 10,000 rows twice a second helps nobody: ``pyorchestrate ps`` lists all)."""
+    def state(self) -> dict[str, Any]:
+        """What the page shows: at most AGENTS_SHOWN agents, those with an error first (asked so of
+        the coordinator: a page of 10,000 rows twice a second helps nobody; ``pyorchestrate ps``
+        lists all)."""
         with self.lock:
-            rows = self.agents
-            if len(rows) > max_agents:
-                rows = sorted(rows, key=lambda a: (not a.get("last_error"), a["name"]))[:max_agents]
-                rows.sort(key=lambda a: a["name"])
-            agents = [{**a, "traceback": self.tracebacks.get(a["name"])} for a in rows]
-            return {"status": self.status, "workers": self.workers, "agents": agents, "agents_total": len(self.agents),
+            agents = [{**a, "traceback": self.tracebacks.get(a["name"])} for a in self.agents]
+            total = self.status["agents"]["total"] if self.status else len(agents)
+            return {"status": self.status, "workers": self.workers, "agents": agents, "agents_total": total,
                     "error": self.error, "updated": self.updated, "can_act": self.can_act, "address": self.address}
