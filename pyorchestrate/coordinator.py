@@ -429,6 +429,11 @@ class Coordinator:
             self.client_requests["refused"] += 1
             error = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             self._send_client(identity, protocol.encode("reply", id=rid, ok=False, error=str(error)))
+        except Exception as exc:  # a bug of ours: the client hears it at once, the loop goes on
+            log.exception("client request %r failed", op)
+            self.client_requests["failed"] += 1
+            self._send_client(identity, protocol.encode("reply", id=rid, ok=False,
+                                                        error=f"the coordinator failed: {type(exc).__name__}: {exc}"))
         else:
             self.client_requests[op] += 1
             self._send_client(identity, protocol.encode("reply", id=rid, ok=True, result=result))
@@ -453,7 +458,8 @@ class Coordinator:
     def _status_extra(self) -> dict[str, Any]:
         return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,
                 "uptime": round(time.time() - self._started_wall, 1), "events_published": self._seq,
-                "history_held": len(self._history), "client_requests": dict(self.client_requests), "loop_lag": round(max(self.loop_lags, default=0.0), 4)}
+                "history_held": len(self._history), "client_requests": dict(self.client_requests),
+                "loop_lag": round(max(self.loop_lags, default=0.0), 4)}
 
     def _send_client(self, identity: bytes, frame: bytes) -> None:
         """A reply to a client: one gone meanwhile is no worker lost (nothing else to do)."""
@@ -530,7 +536,7 @@ class Coordinator:
                     last_key = key
                     accepted = publisher.partition("/")[0] == worker and (
                         key in self._awaited_bus or self._current_publisher(publisher, run))
-                    early = accepted and self._before_started(publisher)
+                    early = accepted and self._before_started(publisher, run)
                 if not accepted:
                     self.dropped.drop("stale_bus_event", publisher)
                     continue
@@ -552,11 +558,12 @@ class Coordinator:
         except protocol.ProtocolError as exc:  # one bad body spoils no other
             self.dropped.drop("bad_frame", exc)
 
-    def _before_started(self, publisher: str) -> bool:
-        """Is this agent's current run sent but not yet reported STARTED?"""
+    def _before_started(self, publisher: str, run: str) -> bool:
+        """Is this the agent's current run, sent but not yet reported STARTED?  (The tail of its
+        previous run, arriving meanwhile, is not held: that run's end waits for it.)"""
         assert self.core is not None
         record = self.core.agents.get(publisher.partition("/")[2])
-        return record is not None and record.state is AgentState.ASSIGNED
+        return record is not None and record.state is AgentState.ASSIGNED and record.tag == run
 
     def _release_early(self, held: list[tuple[tuple[str, str], tuple[int, str, bytes]]]) -> None:
         for key, (seq, topic, body) in held:
