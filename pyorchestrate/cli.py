@@ -94,7 +94,10 @@ def _events(args: argparse.Namespace) -> int:
             # when asked for by name (--topic AGENT_HEARTBEAT) or with --heartbeats
             beats = args.heartbeats or any("HEARTBEAT" in t for t in topics)
             shown = (lambda ev: True) if beats else (lambda ev: not ev.event.endswith("_HEARTBEAT"))
-            for ev in _until_idle(subscriber, args.timeout, shown):
+            def connected() -> None:
+                print(f"connected to {args.address}", file=sys.stderr, flush=True)
+
+            for ev in _until_idle(subscriber, args.timeout, shown, None if subscriber.connected else connected):
                 out: Any = json.dumps(ev, default=str, sort_keys=True) if args.json else format_event(ev)
                 print(out, flush=True)
                 seen += 1
@@ -133,13 +136,16 @@ class _Refused(Exception):
     """The coordinator and this client do not agree on keys: waiting will not help."""
 
 
-def _until_idle(subscriber: EventSubscriber, timeout: float | None, shown: Any = None):
+def _until_idle(subscriber: EventSubscriber, timeout: float | None, shown: Any = None, on_connect: Any = None):
     """Events (those ``shown`` keeps) until ``timeout`` seconds pass without one (None: for
     ever).  A coordinator that appears later and refuses our keys ends it at once (raises
-    :class:`_Refused`)."""
+    :class:`_Refused`); one that appears later and accepts calls ``on_connect`` once."""
     idle_since = time.monotonic()
     while True:
         ev = subscriber.recv(timeout=0.5)
+        if on_connect is not None and subscriber.connected:
+            on_connect()
+            on_connect = None
         if ev is not None and (shown is None or shown(ev)):
             idle_since = time.monotonic()
             yield ev

@@ -26,12 +26,15 @@ def two(cluster):
 @pytest.mark.parametrize("mode", MODES)
 def test_publish_reaches_another_process_and_an_event_driven_agent_on_another_worker(two, tmp_path, mode):
     orch, events = two
-    cli_out = tmp_path / "cli.out"
-    with open(cli_out, "w") as out:
+    cli_out, cli_err = tmp_path / "cli.out", tmp_path / "cli.err"
+    with open(cli_out, "w") as out, open(cli_err, "w") as err:
         cli = subprocess.Popen([sys.executable, "-m", "pyorchestrate.cli", "events", "--address", orch.events_address,
                                 "--topic", "AGENT_EVENT.temperature", "--json", "--count", "5", "--timeout", "30"],
-                               stdout=out, stderr=subprocess.DEVNULL)
+                               stdout=out, stderr=err)
     try:
+        # a filtered subscriber cannot recover what it missed before its subscription was in place
+        # (on a loaded machine the CLI's start alone took longer than any fixed sleep)
+        wait_for(lambda: "connected to" in cli_err.read_text(), 30, "the CLI to subscribe")
         listener_out = tmp_path / "listener"
         cls = EVENTDRIVEN[mode]
         orch.register_agent(cls, "listener", cls.Config(out=str(listener_out), subscribe=["AGENT_EVENT.temperature"]),
