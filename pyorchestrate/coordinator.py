@@ -280,7 +280,9 @@ class Coordinator:
                 self._send(action.identity, action.frame)
             elif kind is Publish:
                 if action.record is not None and self._tail_hold.holds(action.subject):
-                    self._tail_hold.add(action.subject, action)  # after the run's last bus events
+                    # after the run's last bus events, but stamped now: its time is when it happened
+                    # (a restart's delay is measured from it), not when the tail let it out
+                    self._tail_hold.add(action.subject, action._replace(fields={**stamp(), **action.fields}))
                 else:
                     self._publish(action.event, action.subject, action.fields, action.record)
             elif kind is AwaitBus:
