@@ -57,13 +57,15 @@ def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]
     assert orch.join(timeout=90)
     held = [float(x) for x in re.findall(r"GIL held for ([\d.]+) s", cluster.log_of(f"busy-{pulse}"))]
     window = DETECT["heartbeat_interval"] * DETECT["heartbeat_liveness"]
-    # held well past the window, or the test proves nothing (a faster machine: raise GilHolder's size)
-    assert len(held) == 2 and max(held) > 1.5 * window, held
+    # held well past the window, or the test proves nothing (a faster machine: raise GilHolder's size);
+    # where the worker is lost, join() can return while its second sort still runs: one line is enough
+    assert held and max(held) > 1.5 * window, held
     return events, held
 
 
 def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(cluster, caplog):
-    events, _ = _sort_with_the_gil_held(cluster, "always")
+    events, held = _sort_with_the_gil_held(cluster, "always")
+    assert len(held) == 2, held  # both sorts ran on the worker that was busy, not lost
     assert not events.of("WORKER_LOST")
     assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True
     assert "busy, not lost" in caplog.text  # the pulse is what held it: the loop was silent
