@@ -295,8 +295,8 @@ def _dashboard(args: argparse.Namespace) -> int:
         print(f"pyorchestrate dashboard: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
-        print(f"pyorchestrate dashboard: {exc.name} is missing: pip install 'pyorchestrate[dashboard]'",
-              file=sys.stderr)
+        print(f"pyorchestrate dashboard: {exc.name} is missing: install the dashboard extra, "
+              "pip install 'pyorchestrate[dashboard]' (from a clone: pip install -e '.[dashboard]')", file=sys.stderr)
         return 2
     try:
         dashboard.serve(address, args.listen, token=args.token, keys=args.keys, key_name=args.key_name,
