@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from . import __version__, cli_control
+from .client import ControlClient, ControlError, resolve_address
 from .keys import ROLES, KeyDir, KeysError
 from .sockets import AddressError, parse_tcp
 from .subscriber import Event, EventSubscriber
@@ -121,8 +122,6 @@ def _events(args: argparse.Namespace) -> int:
 
 def _control_port_hint(args: argparse.Namespace) -> str:
     """If ``args.address`` is a coordinator's control port, where its events port is (asked there)."""
-    from .client import ControlClient, ControlError
-
     try:
         with ControlClient(args.address, keys=args.keys, key_name=args.key_name, timeout=1.0,
                            roles=("reader", "admin", "worker")) as client:
@@ -285,8 +284,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from .client import ControlError, resolve_address
-
     try:
         address = resolve_address(args.address)
         from . import dashboard

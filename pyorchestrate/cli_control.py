@@ -128,9 +128,9 @@ def _history(client: ControlClient, args: argparse.Namespace) -> None:
 def _action(op: str) -> Callable[[ControlClient, argparse.Namespace], None]:
     def act(client: ControlClient, args: argparse.Namespace) -> None:
         target = getattr(args, "agent", None) or getattr(args, "worker", None)
-        options = {"timeout": args.stop_timeout} if op in ("stop", "restart", "shutdown") else {}
-        result = client.request(op, **({"worker": target} if op == "drain" else {"agent": target} if target else {}),
-                                **options)
+        options = {k: getattr(args, a) for k, a in (("agent", "agent"), ("worker", "worker"), ("timeout", "stop_timeout"))
+                   if hasattr(args, a)}
+        result = client.request(op, **options)
         if args.json:
             _json(result)
         else:

@@ -199,7 +199,6 @@ class HandshakeWatch:
         self.succeeded = False
         self.streak = streak if streak is not None else [0]
         self._this_connection_failed = False
-        self._unshaken = 0
 
     def failure(self) -> str | None:
         """The latest handshake failure worth saying since the last call (None if none, or a
@@ -215,12 +214,11 @@ class HandshakeWatch:
             elif kind == zmq.EVENT_DISCONNECTED:
                 if not self.succeeded and not self._this_connection_failed:
                     # libzmq does not reconnect after such a close: once is all we will see
-                    self._unshaken += 1
                     if self.expect:
                         found = (f"{self.address} closes every connection before a ZeroMQ handshake: it is not a "
                                  f"coordinator's {self.expect} (the wrong port, or not pyorchestrate)")
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded, found, self.streak[0], self._unshaken = True, None, 0, 0
+                self.succeeded, found, self.streak[0] = True, None, 0
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._this_connection_failed = True
                 self.streak[0] += 1

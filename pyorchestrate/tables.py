@@ -10,6 +10,7 @@ from typing import Any, Iterable, TextIO
 try:  # optional: the [cli] extra
     import rich.console
     import rich.table
+    from rich.markup import escape
 except ImportError:  # pragma: no cover - exercised where rich is absent
     rich = None  # type: ignore[assignment]
 
@@ -51,18 +52,13 @@ def build(title: str, columns: list[str], rows: Iterable[list[Any]]) -> Any:
         for column in columns:
             table.add_column(column, no_wrap=column in ("NAME", "STATE"))
         for row in rows:
-            table.add_row(*[f"[{_STATE_STYLES[v]}]{v}[/]" if v in _STATE_STYLES else rich_escape(v) for v in row])
+            table.add_row(*[f"[{_STATE_STYLES[v]}]{v}[/]" if v in _STATE_STYLES else escape(v) for v in row])
         return table
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     lines = [title] if title else []
     lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     return lines
-
-
-def rich_escape(text: str) -> str:
-    from rich.markup import escape
-    return escape(text)
 
 
 def show(*tables: Any, out: TextIO | None = None) -> None:

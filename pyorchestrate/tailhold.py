@@ -1,4 +1,6 @@
-"""Holding an agent's lifecycle events until its run's last bus events are in.
+"""Keeping an agent's log lines between its STARTED and its end.  Holding its lifecycle events
+until its run's last bus events are in (:class:`TailHold`), and its first bus events until its
+STARTED is out (:class:`EarlyHold`).
 
 A worker reports an agent's AGENT_TERMINATED on its control connection and the agent's last log
 lines and events on the bus: two connections, so the report often arrives first, and subscribers

@@ -17,6 +17,7 @@ import msgpack
 from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
+from . import agent_logs
 from .errors import error_fields
 
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
@@ -43,8 +44,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(log_level)  # the level is the handler's: records still reach the bus
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s"))
-    if os.environ.get("PYORCHESTRATE_AGENT_LOGS") == "bus":  # an embedded worker's: its coordinator prints them
-        handler.addFilter(lambda record: not record.name.startswith("pyorchestrate.agent."))
+    agent_logs.follow_parent(handler)
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(min(log_level, logging.INFO))
     logging.getLogger("pyorchestrate.agent").setLevel(logging.INFO)  # INFO records reach the bus

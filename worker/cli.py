@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 
@@ -13,6 +12,7 @@ from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
+from . import agent_logs
 from .node import Worker
 
 
@@ -80,14 +80,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-AGENT_LOGS_ENV = "PYORCHESTRATE_AGENT_LOGS"
-
-
-def agent_lines_elsewhere(record: logging.LogRecord) -> bool:
-    """A stderr filter: agents' records travel on the bus only (whoever prints those prints them)."""
-    return not record.name.startswith("pyorchestrate.agent.")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     name = args.name
@@ -96,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)s [worker {name or ''}] %(name)s: %(message)s".replace("[worker ]", "[worker]")))
     if args.agent_logs == "bus":
-        handler.addFilter(agent_lines_elsewhere)
-        os.environ[AGENT_LOGS_ENV] = "bus"  # for process agents' own handlers (worker/child.py)
+        agent_logs.bus_only(handler)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
