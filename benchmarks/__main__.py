@@ -173,12 +173,23 @@ def main() -> int:
                         help="also run S10: S seconds of agents registered and finished at 500/s (e.g. 300)")
     parser.add_argument("--burst", type=int, default=0, metavar="N",
                         help="also run S11: N long-lived agents registered at once on 2 workers (e.g. 20000)")
+    parser.add_argument("--trace", action="store_true",
+                        help="only time each hop of S2's thread launches and print the table (see pyorchestrate/trace.py)")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
                         help="give up on a peer after S seconds (default 600)")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.trace:
+        rows = ours.s2_trace(count(300, 50, args.quick, args.scale))
+        print(f"{'hop':<22} {'median us':>10}  what")
+        for row in rows:
+            print(f"{row['hop']:<22} {row['median_us']:>10}  {row['what']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)
+        return 0
     scenarios = run(args.quick, args.scale, args.soak, args.burst)
     report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}
     print(table(scenarios))

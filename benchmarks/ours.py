@@ -114,6 +114,29 @@ def s2_launch(reps: int, keys: str | None = None) -> dict[str, dict]:
     return out
 
 
+def s2_trace(reps: int) -> list[dict]:
+    """S2's thread launches with every hop timestamped (pyorchestrate.trace): the median of each
+    hop, from register_agent to the waiting thread waking on AGENT_TERMINATED."""
+    import tempfile
+
+    from pyorchestrate import trace
+
+    directory = tempfile.mkdtemp(prefix="pyorchestrate-trace-")
+    trace.enable(directory)
+    cluster = Cluster(2)
+    try:
+        for i in range(reps + 10):
+            done = cluster.counts["AGENT_TERMINATED"]
+            name = f"trace{i}" if i >= 10 else f"warm{i}"  # warm-up: ships the class
+            cluster.orch.register_agent(agents.Trivial, name)
+            cluster.wait("AGENT_TERMINATED", done + 1)
+            trace.mark("woke", name)
+    finally:
+        cluster.close()  # the workers write their marks as they exit
+    marks = {k: v for k, v in trace.collect(directory).items() if k.startswith("trace")}
+    return trace.hop_table(marks)
+
+
 def s3_throughput(n: int, keys: str | None = None) -> dict:
     cluster = Cluster(2, keys=keys)
     try:

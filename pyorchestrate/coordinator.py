@@ -22,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold
+from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold, trace
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -252,6 +252,8 @@ class Coordinator:
 
     def _run_command(self, command: commands.Command, future: Any) -> None:
         assert self.core is not None
+        if trace.enabled and isinstance(command, commands.AddAgent):
+            trace.mark("loop", command.record.name)
         try:
             if isinstance(command, commands.Close):
                 self._release_early(self._early_hold.everything())
@@ -278,6 +280,8 @@ class Coordinator:
             kind = type(action)
             if kind is Send:
                 self._send(action.identity, action.frame)
+                if trace.enabled:
+                    trace.sent(action.frame)
             elif kind is Publish:
                 if action.record is not None and self._tail_hold.holds(action.subject):
                     # after the run's last bus events, but stamped now: its time is when it happened
@@ -409,6 +413,8 @@ class Coordinator:
         except protocol.ProtocolError:
             self._maybe_refuse_old_peer(identity, frame)
             raise
+        if trace.enabled and message["type"] == "agent_events":
+            trace.reported(message["events"])
         if message["type"] == "request":  # a client: pyorchestrate status/ps/stop..., the dashboard
             role = keyed_frame.get("User-Id").partition(":")[0] if keyed_frame is not None else None
             self._on_request(identity, message, role)
@@ -749,6 +755,8 @@ class Coordinator:
         topic = protocol.event_topic(event.value, subject)
         self._emit(topic, msgpack.packb(fields, use_bin_type=True))
         self.dispatcher.dispatch(event, fields)
+        if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
+            trace.mark("published", subject)
         if event is OrchestratorEvent.AGENT_STARTED and record is not None and self._early_hold:
             # released once the actions of this turn are done: a report often holds STARTED, READY
             # and TERMINATED of a short run together, and its lines belong between READY and the end

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from . import trace
+
 log = logging.getLogger("pyorchestrate.events")
 
 
@@ -152,6 +154,8 @@ class EventDispatcher:
                     del self._queues[subject]
                     return
                 event, callbacks, fields = queue.popleft()
+            if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
+                trace.mark("callback", str(fields.get("agent_name")))
             for callback, accepted in callbacks:
                 kwargs = fields if accepted is None else {k: v for k, v in fields.items() if k in accepted}
                 try:

@@ -15,7 +15,7 @@ import weakref
 from typing import Any, Callable
 
 from . import commands as cmd
-from . import plugins, shipping, snapshots
+from . import plugins, shipping, snapshots, trace
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity
@@ -227,6 +227,8 @@ class Orchestrator:
         is pickled here, so mistakes surface before anything is sent.  After :meth:`start` the
         agent is scheduled right away.  Returns the agent's name.
         """
+        if trace.enabled:
+            trace.mark("register", name or getattr(agent_class, "__name__", "?"))
         if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
             raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
                             "e.g. BaseThreadAgent or PeriodicProcessAgent")
@@ -285,6 +287,8 @@ class Orchestrator:
                     self._names.discard(name)
                 raise
             assert self._coordinator is not None
+            if trace.enabled:
+                trace.mark("queued", name)
             self._coordinator.mailbox.put((cmd.AddAgent(record), None))
         return name
 

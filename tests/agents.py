@@ -215,3 +215,48 @@ class NeedsModule:
         import importlib
 
         return importlib.import_module, ("pyorchestrate_no_such_module",)
+
+
+def _per_process(name, factory):
+    """One object per worker process, shared by every agent that runs there: this module reaches
+    workers by value (each agent gets its own copy of its globals), so it lives in a module of
+    its own in ``sys.modules``."""
+    import sys
+    import types
+
+    holder = sys.modules.setdefault("_pyorchestrate_test_shared", types.ModuleType("_pyorchestrate_test_shared"))
+    if not hasattr(holder, name):
+        setattr(holder, name, factory())
+    return getattr(holder, name)
+
+
+class Leaky(BaseThreadAgent):
+    """Writes what it sees of thread-local, decimal and contextvar state, then (if told) sets them:
+    the next agent on the same worker must see none of it."""
+
+    class Config(BaseThreadAgent.Config):
+        out = ""
+        touch_local = False  #: read and set a threading.local (its thread may not be reused)
+        set_context = False  #: set a contextvar and the decimal context
+        read_local = False
+
+    def execute(self):
+        import contextvars
+        import decimal
+        import json
+        import threading
+
+        local = _per_process("local", threading.local)
+        var = _per_process("var", lambda: contextvars.ContextVar("leaky"))
+        thread = threading.current_thread()
+        seen = {"var": var.get(None), "prec": decimal.getcontext().prec, "thread": thread.name,
+                "daemon": thread.daemon, "ident": threading.get_ident()}
+        if self.config.read_local or self.config.touch_local:
+            seen["local"] = getattr(local, "value", None)
+        if self.config.touch_local:
+            local.value = self.name
+        if self.config.set_context:
+            var.set(self.name)
+            decimal.getcontext().prec = 7
+        with open(self.config.out, "w") as f:
+            json.dump(seen, f)

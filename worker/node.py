@@ -32,7 +32,7 @@ from typing import Any
 import tenacity
 import zmq
 
-from pyorchestrate import curve, protocol, sockets
+from pyorchestrate import curve, protocol, sockets, trace
 from pyorchestrate.publisher import BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
@@ -539,6 +539,8 @@ class Worker:
             self._read_session = message["session"]
         elif kind == "start":
             self._deferred_starts += 1
+            if trace.enabled:
+                trace.mark("received", message["agent"])
         self._deferred.append(message)
         return None
 
@@ -712,6 +714,8 @@ class Worker:
                 self._recent_ends.append(item)
         for i in range(0, len(items), _EVENTS_PER_MESSAGE):
             self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
+        if trace.enabled:
+            trace.ended(items)
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:

@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 import msgpack
 
-from pyorchestrate import publisher, shipping
+from pyorchestrate import publisher, shipping, trace
 from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 
 from . import child
+from .agent_threads import AgentThreads
 from .errors import error_fields
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
@@ -103,6 +104,8 @@ class Supervisor:
         # in one loop turn (the worker fell silent and was declared lost)
         self._to_start: queue.SimpleQueue[tuple[threading.Thread, Running | None] | None] = queue.SimpleQueue()
         self._starter: threading.Thread | None = None
+        #: the threads thread agents run on (reused, isolated: see agent_threads.py)
+        self.threads = AgentThreads()
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
         self.events_address: str | None = None
@@ -146,6 +149,8 @@ class Supervisor:
         if event == "AGENT_READY":
             record.ready = True
         if event == "AGENT_TERMINATED":
+            if trace.enabled:
+                trace.mark("ended", record.name)
             self._report(record.name, record.run, record.epoch, event, fields)
             # only now: a register composed meanwhile lists the copy or carries this report
             record.terminated = True
@@ -210,6 +215,8 @@ class Supervisor:
         sink = self._bus_sink()
 
         def run() -> None:
+            if trace.enabled:
+                trace.mark("running", name)
             publisher.attach(agent, sink, self._worker_name, self.host, record.tag)
             try:
                 agent.run()
@@ -222,9 +229,12 @@ class Supervisor:
         agent.events_key = self.events_key
         if hold:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
-        record.thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         self._add(record)
-        self._start_soon(record.thread, record)
+        thread = self.threads.submit(run, f"agent-{name}")
+        if thread is not None:  # no idle thread: a new one
+            self._start_soon(thread, record)
+        if trace.enabled:
+            trace.mark("handed", name)
 
     def _start_soon(self, thread: threading.Thread, agent: Running | None = None) -> None:
         """Start ``thread`` on the starter thread; ``agent``: the thread agent it runs, reported
@@ -235,7 +245,8 @@ class Supervisor:
         self._to_start.put((thread, agent))
 
     def close(self) -> None:
-        """End the starter thread (threads still queued are not started)."""
+        """End the starter thread (threads still queued are not started) and idle agent threads."""
+        self.threads.close()
         if self._starter is not None:
             self._to_start.put(None)
             self._starter.join(5.0)
