@@ -52,6 +52,20 @@ class ConfigValidationError(ValueError):
 
 
 @functools.lru_cache(maxsize=1024)
+def _builtin_names(cls: type) -> frozenset[str]:
+    """What :meth:`BaseConfig.builtin_names` returns, walked once per class (every
+    register_agent validates: the walk was a quarter of registering an agent).  Settings added to
+    a class after its first use are not seen (define them in the class body)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        names.update(k for k, v in vars(klass).items() if not k.startswith("_") and not callable(v)
+                     and not isinstance(v, (classmethod, staticmethod, property)))
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1024)
 def _class_typos(cls: type) -> tuple[ValidationResult, ...]:
     """Settings a user's Config subclass defines whose names are near misses of ours
     (``execution_intervall``): typos that would otherwise be silently ignored.  A class's
@@ -94,13 +108,7 @@ class BaseConfig:
     @classmethod
     def builtin_names(cls) -> set[str]:
         """Every attribute name defined by the class and its ancestors."""
-        names: set[str] = set()
-        for klass in cls.__mro__:
-            if klass is object:
-                continue
-            names.update(k for k, v in vars(klass).items() if not k.startswith("_") and not callable(v)
-                         and not isinstance(v, (classmethod, staticmethod, property)))
-        return names
+        return set(_builtin_names(cls))
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting (defaults and overrides) as a plain dict."""
@@ -113,7 +121,7 @@ class BaseConfig:
     def validate(self) -> list[ValidationResult]:
         """Return the findings for this configuration.  Extend with ``super().validate()``."""
         results = []
-        known = type(self).builtin_names()
+        known = _builtin_names(type(self))
         for key in vars(self):
             if key in known:
                 continue

@@ -750,9 +750,10 @@ class Coordinator:
 
     def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any],
                  record: AgentRecord | None = None) -> None:
-        fields = {"event": event.value, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
+        name = event._value_  # the plain str: Enum.value is a descriptor call, three times per agent
+        fields = {"event": name, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
                   **stamp(), **fields}
-        topic = protocol.event_topic(event.value, subject)
+        topic = f"{name}.{subject}"  # protocol.event_topic, inlined
         self._emit(topic, msgpack.packb(fields, use_bin_type=True))
         self.dispatcher.dispatch(event, fields)
         if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
@@ -762,7 +763,9 @@ class Coordinator:
             # and TERMINATED of a short run together, and its lines belong between READY and the end
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
-            self._on_agent_state(record.name, record.state.value, record.worker, record.epoch)
+            self._on_agent_state(record.name, record.state._value_, record.worker, record.epoch)
+            if event is not OrchestratorEvent.AGENT_ERROR and not log.isEnabledFor(logging.INFO):
+                return
             where = f"on {record.worker}" if record.worker else "(not placed)"
             if event is OrchestratorEvent.AGENT_ERROR and fields.get("recoverable"):
                 # the agent's own log line (on the bus, printed once) says it; the traceback is on
@@ -772,7 +775,7 @@ class Coordinator:
                 log.error("agent %s %s: %s%s", record.name, where, fields.get("error_message"),
                           ("\n" + fields["traceback"].rstrip()) if fields.get("traceback") else "")
             else:
-                log.info("agent %s %s %s", record.name, event.value.removeprefix("AGENT_").lower(), where)
+                log.info("agent %s %s %s", record.name, name.removeprefix("AGENT_").lower(), where)
 
     # ================================================================== finishing
 

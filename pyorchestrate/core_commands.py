@@ -24,7 +24,7 @@ class CommandHandlers:
     @handles(cmd.AddAgent)
     def _add(self, c: cmd.AddAgent, now: float) -> None:
         record = c.record
-        if not c.graph_checked:
+        if record.depends_on and not c.graph_checked:
             # nothing can depend on a new agent yet, so it closes no cycle (unless it names itself):
             # checking its own dependencies is enough, and keeps adding O(1) however many agents run
             check_graph({record.name: record.depends_on, **{d: [] for d in record.depends_on if d in self.agents}})

@@ -14,11 +14,13 @@ class AgentStates:
     def __init__(self) -> None:
         self._states: dict[str, tuple[str, str | None, int]] = {}
         self._changed = threading.Condition()
+        self._waiting = 0  # threads in wait(): the loop notifies only when somebody listens
 
     def update(self, name: str, state: str, worker: str | None, epoch: int) -> None:
         with self._changed:
             self._states[name] = (state, worker, epoch)
-            self._changed.notify_all()
+            if self._waiting:
+                self._changed.notify_all()
 
     def forget(self, name: str) -> None:
         with self._changed:
@@ -30,7 +32,11 @@ class AgentStates:
 
     def wait(self, name: str, states: tuple[str, ...], timeout: float | None) -> bool:
         with self._changed:
-            return self._changed.wait_for(lambda: self._states.get(name, ("",))[0] in states, timeout)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: self._states.get(name, ("",))[0] in states, timeout)
+            finally:
+                self._waiting -= 1
 
 
 class AgentControl(Protocol):

@@ -281,7 +281,8 @@ class Orchestrator:
             # checked here, against the names registered so far, so adding needs no round trip
             # through the coordinator's loop (one would cost more than the rest of registering)
             try:
-                check_graph({name: depends_on, **{d: [] for d in depends_on if d in self._names and d != name}})
+                if depends_on:  # with none, nothing to check
+                    check_graph({name: depends_on, **{d: [] for d in depends_on if d in self._names and d != name}})
             except ValueError:
                 with self._lock:
                     self._names.discard(name)

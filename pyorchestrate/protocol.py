@@ -217,7 +217,14 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
                 message[name] = type(default)(default) if isinstance(default, (list, dict)) else default
                 continue
             raise ProtocolError(f"{what}: missing field {name!r}")
-        _check_value(f"{what}: field {name!r}", expected, message[name])
+        value = message[name]
+        if expected.__class__ is type or expected.__class__ is tuple:
+            # a plain type, the common case, checked inline: the error text is built only for an
+            # error (building it for every field was most of decoding a worker's report)
+            if not isinstance(value, expected) or (value.__class__ is bool and expected is not bool):
+                raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
+            continue
+        _check_value(f"{what}: field {name!r}", expected, value)
 
 
 def _check_value(what: str, expected: Any, value: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import pickle
 import site
 import sys
 import sysconfig
@@ -155,9 +156,31 @@ def class_fingerprint(*classes: type) -> str:
     return digest.hexdigest()
 
 
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """Builtin data only (exact types, shallow nesting): what plain pickle writes exactly as
+    cloudpickle would (same bytes), without cloudpickle's by-value bookkeeping."""
+    kind = value.__class__
+    if kind in _PLAIN:
+        return True
+    if depth >= 3:
+        return False
+    if kind is list or kind is tuple:
+        return all(_is_plain(v, depth + 1) for v in value)
+    if kind is dict:
+        return all(k.__class__ in _PLAIN and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def pack_config(config: Any, agent_name: str, plugin: Any = None) -> bytes:
     """Pickle a config's own values (and a custom plugin), naming what cannot be pickled."""
     values = config.overrides()
+    if plugin is None and _is_plain(values):
+        # most configs: a few numbers and strings.  cloudpickle's path (registering the user's
+        # modules by value, under a lock) cost half of registering an agent for the same bytes
+        return pickle.dumps({"config": values, "plugin": None}, protocol=5)
     if plugin is not None:
         try:
             _dumps(plugin)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import logging
 import queue
-import threading
 import traceback
 from typing import Any, Callable, ClassVar
 
@@ -75,13 +74,13 @@ class BaseAgent(abc.ABC):
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
         #: this agent's plugins (``self.plugin.<name>``): its class's ``Plugin``, or ``plugin``
         self.plugin = plugins.PluginSet(plugins.resolve(type(self).Plugin, plugin))
-        self.state_events = type(self).StateEvents(threading.Event)
-        self.control_events = type(self).ControlEvents(threading.Event)
+        self.state_events = type(self).StateEvents(signals.LazyEvent)
+        self.control_events = type(self).ControlEvents(signals.LazyEvent)
         # standalone, nobody else drives the agent: setup and execute proceed on their own
         self.control_events.setup_event.set()
         self.control_events.execute_event.set()
         self._report: Reporter = _log_reporter(self)
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # C, ~40 times cheaper to make than a Queue
         self._bus: Any = None  # a BusPublisher while running on a worker
         if self.logger.level == logging.NOTSET and AGENT_LOGGERS.level == logging.NOTSET:
             # INFO and up reach the bus, whatever stderr shows.  Workers set this once on the parent

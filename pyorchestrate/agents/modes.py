@@ -74,15 +74,16 @@ class ProcessMode:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         import logging
+        from . import signals
         from .base import _log_reporter
 
         import queue
 
         self.__dict__.update(state)
-        self._inbox = queue.Queue()
+        self._inbox = queue.SimpleQueue()
         self._bus = None
-        self.state_events = type(self).StateEvents(threading.Event)  # type: ignore[attr-defined]
-        self.control_events = type(self).ControlEvents(threading.Event)  # type: ignore[attr-defined]
+        self.state_events = type(self).StateEvents(signals.LazyEvent)  # type: ignore[attr-defined]
+        self.control_events = type(self).ControlEvents(signals.LazyEvent)  # type: ignore[attr-defined]
         self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")  # type: ignore[attr-defined]
         self._report = _log_reporter(self)  # type: ignore[arg-type]
 
