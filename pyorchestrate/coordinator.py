@@ -276,6 +276,14 @@ class Coordinator:
     def _carry_out(self) -> None:
         """Do what the core decided."""
         assert self.core is not None
+        self.dispatcher.hold()
+        try:
+            self._carry_out_actions()
+        finally:
+            self.dispatcher.release()
+
+    def _carry_out_actions(self) -> None:
+        assert self.core is not None
         for action in self.core.take():
             kind = type(action)
             if kind is Send:
@@ -299,6 +307,7 @@ class Coordinator:
             elif kind is Forget:
                 self._on_forget(action.name)
             elif kind is Finished:
+                self.dispatcher.flush()  # join() returns next and waits for these callbacks
                 self._on_finished()
         while self._started_keys:
             key = self._started_keys.pop(0)

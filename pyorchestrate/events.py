@@ -92,6 +92,8 @@ class EventDispatcher:
         self.failures = 0
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._router: threading.Thread | None = None
+        self._held: list | None = None  # events of the loop's current batch (see hold())
+        self._holding = 0
 
     def register(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
         if not isinstance(event, OrchestratorEvent):
@@ -114,10 +116,42 @@ class EventDispatcher:
         callbacks = self._callbacks.get(event)
         if not callbacks:
             return
+        if self._held is not None:
+            self._held.append((event, callbacks, fields))
+            return
+        self._hand_over((event, callbacks, fields))
+
+    def _hand_over(self, item: Any) -> None:
         if self._router is None:
             self._router = threading.Thread(target=self._route, name="pyorchestrate-callbacks", daemon=True)
             self._router.start()
-        self._incoming.put((event, callbacks, fields))
+        self._incoming.put(item)
+
+    def hold(self) -> None:
+        """Keep what is dispatched until :meth:`release` (calls nest), then hand it all over at once.
+
+        The loop holds while it carries out one batch of decisions: the router would otherwise
+        wake at the first event and take the GIL from the loop at each of its next sends (every
+        ZeroMQ send lets the GIL go), and one hand-over a batch costs one wake-up, not one an
+        event.  Only the thread that dispatches may call this."""
+        self._holding += 1
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        self._holding -= 1
+        if self._holding > 0:
+            return
+        held, self._held = self._held, None
+        if held:
+            self._hand_over(held)
+
+    def flush(self) -> None:
+        """Hand over what is held now (and go on holding): before anything that lets another
+        thread call :meth:`wait_idle`, which must count these."""
+        if self._held:
+            held, self._held = self._held, []
+            self._hand_over(held)
 
     def _route(self) -> None:
         """Hands queued events to the pool, one runner per subject (its own thread)."""
@@ -127,6 +161,10 @@ class EventDispatcher:
                 return
             if isinstance(item, threading.Event):  # wait_idle's marker: everything before it is counted
                 item.set()
+                continue
+            if isinstance(item, list):  # one batch of the loop's (see hold())
+                for one in item:
+                    self._enqueue(*one)
                 continue
             self._enqueue(*item)
 
