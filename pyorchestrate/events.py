@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import datetime
 import enum
 import inspect
@@ -76,22 +75,31 @@ def _accepted_kwargs(callback: Callable[..., Any]) -> set[str] | None:
 
 
 class EventDispatcher:
-    """Runs user callbacks on a bounded thread pool.
+    """Runs user callbacks on a bounded set of runner threads.
 
     Each callback receives only the keyword arguments its signature accepts; one that raises is
     logged and counted and never affects the others.  Callbacks for one subject (an agent or a
     worker) run one at a time, in event order; different subjects run in parallel.
+
+    One thread dispatches (the coordinator's loop) and it never waits on a lock: it puts events
+    (one batch of its decisions at a time, see :meth:`hold`) into a queue the runners take from.
+    A runner files a batch's events by subject under the dispatcher's lock, runs the first
+    subject it newly took itself (one hand-over from the loop to a callback, not two) and hands
+    the other newly taken subjects to idle runners.  A subject being run takes further events in
+    its own queue, in order.
     """
 
     def __init__(self, max_threads: int = 10) -> None:
         self._callbacks: dict[OrchestratorEvent, list[tuple[Callable[..., Any], set[str] | None]]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="pyorchestrate-callback")
+        self._max_threads = max(1, max_threads)
+        self._runners: list[threading.Thread] = []
         self._lock = threading.Condition()
-        self._queues: dict[str, collections.deque] = {}
-        self._pending = 0
+        self._queues: dict[str, collections.deque] = {}  # subjects a runner has taken -> their events
+        self._dispatched = 0  # written by the dispatching thread only
+        self._done = 0  # under _lock
         self.failures = 0
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
-        self._router: threading.Thread | None = None
+        self._closed = False
         self._held: list | None = None  # events of the loop's current batch (see hold())
         self._holding = 0
 
@@ -114,23 +122,26 @@ class EventDispatcher:
         it must not wait on a lock a callback thread holds (a thread preempted while holding it
         keeps it until it gets the GIL back, behind every other busy thread)."""
         callbacks = self._callbacks.get(event)
-        if not callbacks:
+        if not callbacks or self._closed:
             return
+        self._dispatched += 1
         if self._held is not None:
             self._held.append((event, callbacks, fields))
             return
-        self._hand_over((event, callbacks, fields))
+        self._hand_over([(event, callbacks, fields)])
 
-    def _hand_over(self, item: Any) -> None:
-        if self._router is None:
-            self._router = threading.Thread(target=self._route, name="pyorchestrate-callbacks", daemon=True)
-            self._router.start()
-        self._incoming.put(item)
+    def _hand_over(self, batch: list) -> None:
+        if not self._runners:
+            for i in range(self._max_threads):
+                runner = threading.Thread(target=self._run, name=f"pyorchestrate-callback_{i}", daemon=True)
+                runner.start()
+                self._runners.append(runner)
+        self._incoming.put(batch)
 
     def hold(self) -> None:
         """Keep what is dispatched until :meth:`release` (calls nest), then hand it all over at once.
 
-        The loop holds while it carries out one batch of decisions: the router would otherwise
+        The loop holds while it carries out one batch of decisions: a runner would otherwise
         wake at the first event and take the GIL from the loop at each of its next sends (every
         ZeroMQ send lets the GIL go), and one hand-over a batch costs one wake-up, not one an
         event.  Only the thread that dispatches may call this."""
@@ -153,36 +164,28 @@ class EventDispatcher:
             held, self._held = self._held, []
             self._hand_over(held)
 
-    def _route(self) -> None:
-        """Hands queued events to the pool, one runner per subject (its own thread)."""
+    def _run(self) -> None:
         while True:
             item = self._incoming.get()
             if item is None:
                 return
-            if isinstance(item, threading.Event):  # wait_idle's marker: everything before it is counted
-                item.set()
+            if type(item) is str:  # a subject another runner took for us
+                self._drain(item)
                 continue
-            if isinstance(item, list):  # one batch of the loop's (see hold())
-                for one in item:
-                    self._enqueue(*one)
-                continue
-            self._enqueue(*item)
-
-    def _enqueue(self, event: OrchestratorEvent, callbacks: list, fields: dict[str, Any]) -> None:
-        subject = str(fields.get("agent_name") or fields.get("worker") or "")
-        with self._lock:
-            self._pending += 1
-            queue = self._queues.get(subject)
-            if queue is not None:  # a runner is draining this subject: it will take this too
-                queue.append((event, callbacks, fields))
-                return
-            self._queues[subject] = collections.deque([(event, callbacks, fields)])
-        try:
-            self._pool.submit(self._drain, subject)
-        except RuntimeError:  # pool shut down: the orchestrator is gone
+            taken = []
             with self._lock:
-                self._pending -= len(self._queues.pop(subject, ()))
-                self._lock.notify_all()
+                for one in item:
+                    subject = str(one[2].get("agent_name") or one[2].get("worker") or "")
+                    pending = self._queues.get(subject)
+                    if pending is None:  # nobody runs this subject: we take it
+                        self._queues[subject] = collections.deque([one])
+                        taken.append(subject)
+                    else:  # its runner takes this too, after what it has
+                        pending.append(one)
+            for subject in taken[1:]:
+                self._incoming.put(subject)
+            if taken:
+                self._drain(taken[0])
 
     def _drain(self, subject: str) -> None:
         while True:
@@ -203,23 +206,18 @@ class EventDispatcher:
                     log.exception("callback %s for %s raised; other callbacks are unaffected",
                                   getattr(callback, "__qualname__", callback), event.name)
             with self._lock:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._lock.notify_all()
+                self._done += 1
+                self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every dispatched callback has returned."""
-        if self._router is None:
-            return True  # nothing was ever dispatched
-        deadline = time.monotonic() + timeout
-        marker = threading.Event()
-        self._incoming.put(marker)
-        if not marker.wait(timeout):
-            return False
+        """Wait until every callback dispatched so far has returned (from any thread but a
+        callback's own)."""
+        wanted = self._dispatched - len(self._held or ())  # what is held has not been handed over
         with self._lock:
-            return self._lock.wait_for(lambda: self._pending == 0, max(0.0, deadline - time.monotonic()))
+            return self._lock.wait_for(lambda: self._done >= wanted, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         self.wait_idle(timeout)
-        self._incoming.put(None)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        for _ in self._runners:
+            self._incoming.put(None)
