@@ -47,6 +47,7 @@ log = logging.getLogger("pyorchestrate.coordinator")
 
 S = AgentState
 _EVENT_BY_NAME: dict[str, E] = {e.value: e for e in E}
+_STARTS_PER_FRAME = 250  # agents in one starts frame (a frame stays small; the worker acts on it at once)
 _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
 
 
@@ -71,6 +72,7 @@ class ClusterCore(Registration, CommandHandlers):
         self.workers: dict[str, WorkerRecord] = {}
         self.by_identity: dict[bytes, str] = {}
         self.actions: list[Action] = []
+        self._starting: list[WorkerRecord] = []  # workers with starts not yet sent (see _assign)
         self.class_blobs_sent = 0
         self.forgotten = 0
         self.stop_requested = False  #: the script called stop()
@@ -97,13 +99,27 @@ class ClusterCore(Registration, CommandHandlers):
 
     def take(self) -> list[Action]:
         """The actions decided since the last call, in order."""
+        if self._starting:
+            for worker in self._starting:
+                self._send_starts(worker)
+            self._starting.clear()
         actions, self.actions = self.actions, []
         return actions
 
     def _send(self, worker: WorkerRecord, type_: str, **fields: Any) -> int:
+        if worker.starting:
+            self._send_starts(worker)  # decided before this frame: they go before it
         worker.sent_n += 1
         self.actions.append(Send(worker.identity, protocol.encode(type_, n=worker.sent_n, **fields)))
         return worker.sent_n
+
+    def _send_starts(self, worker: WorkerRecord) -> None:
+        starting, worker.starting = worker.starting, []
+        if not starting:
+            return
+        n = self._send(worker, "starts", agents=[item for _, item in starting])
+        for record, _ in starting:
+            record.start_n = n
 
     def received(self, worker: WorkerRecord, message: dict[str, Any]) -> bool:
         """Check a live worker's frame number: False (and a request to register again, on a new
@@ -561,10 +577,17 @@ class ClusterCore(Registration, CommandHandlers):
         first = record.class_id not in worker.sent_classes
         worker.sent_classes.add(record.class_id)
         self.class_blobs_sent += first
-        record.start_n = self._send(worker, "start", agent=record.name, run=record.run, epoch=record.epoch, class_id=record.class_id,
-                   class_blob=record.class_blob if first else None, config=record.config_blob, mode=record.mode,
-                   stop_timeout=record.stop_timeout, hold=bool(self.config.hold_after_ready),
-                   keep=record.keeps_running, definition=record.definition)
+        # sent with the other starts for this worker when this step's actions are taken (or
+        # before any other frame to it): the frame's number is the record's start_n then
+        worker.starting.append((record, {
+            "agent": record.name, "run": record.run, "epoch": record.epoch, "class_id": record.class_id,
+            "class_blob": record.class_blob if first else None, "config": record.config_blob, "mode": record.mode,
+            "stop_timeout": record.stop_timeout, "hold": bool(self.config.hold_after_ready),
+            "keep": record.keeps_running, "definition": record.definition}))
+        if len(worker.starting) == 1:
+            self._starting.append(worker)
+        elif len(worker.starting) >= _STARTS_PER_FRAME:
+            self._send_starts(worker)
 
     # ================================================================== the end of a run
 

@@ -97,6 +97,9 @@ class WorkerRecord:
     past_identities: list[bytes] = field(default_factory=list)  #: its process's earlier connections
     recv_n: int = 0  #: the number of the last frame received from it
     sent_classes: set[str] = field(default_factory=set)
+    #: starts decided for it and not yet sent: (record, item); they leave in one frame before any
+    #: other frame to it (see ClusterCore._send), so its frames keep the order they were decided in
+    starting: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def last_sign(self) -> float:

@@ -83,6 +83,8 @@ class Registration:
             self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
         if existing is not None:
+            if existing.starting:  # decided before this register: sent as they would have been
+                self._send_starts(existing)
             self.by_identity.pop(existing.identity, None)
         self._order += 1
         worker = WorkerRecord(

@@ -59,8 +59,8 @@ def sent(frame: bytes) -> None:
     """Mark a start frame the coordinator just sent (decoded here: only while tracing)."""
     t = time.perf_counter_ns()
     message = msgpack.unpackb(frame, raw=False)
-    if message.get("type") == "start":
-        _marks.append(("sent", message["agent"], t))
+    if message.get("type") == "starts":
+        _marks.extend(("sent", item["agent"], t) for item in message["agents"])
 
 
 def reported(events: list[dict]) -> None:

@@ -416,19 +416,9 @@ class Sim:
             if message["echo"] > worker.lease_from:
                 worker.lease_from = message["echo"]
                 worker.lease_expired = False
-        elif kind == "start":
-            if worker.lease_expired or not worker.registered:
-                return
-            spec = self.specs[message["agent"]]
-            copy = Copy(message["agent"], message["run"], message["epoch"], message["keep"], worker.coordinator,
-                        message["definition"], message["stop_timeout"], self.now + self.rng.uniform(0.0, 0.5),
-                        self.now + spec["duration"] * self.rng.uniform(0.5, 1.5) if spec["one_shot"] else None,
-                        not (spec["fail"] and self.rng.random() < 0.5))
-            worker.copies[copy.key] = copy
-            self.starts[copy.agent] = self.starts.get(copy.agent, 0) + 1
-            self._count_run(copy.agent, copy.run)
-            self.log.append(f"t={self.now:.2f} {worker.name} starts {copy.agent} epoch {copy.epoch} ({copy.run[-4:]})")
-            self._report(worker, copy, "AGENT_STARTED")
+        elif kind == "starts":
+            for item in message["agents"]:
+                self._start(worker, item)
         elif kind == "stop":
             copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
             if copy is not None:
@@ -448,6 +438,21 @@ class Sim:
 
     # ------------------------------------------------------------------ faults
 
+
+    def _start(self, worker: SimWorker, item: dict) -> None:
+        """One agent of a starts frame."""
+        if worker.lease_expired or not worker.registered:
+            return
+        spec = self.specs[item["agent"]]
+        copy = Copy(item["agent"], item["run"], item["epoch"], item["keep"], worker.coordinator,
+                    item["definition"], item["stop_timeout"], self.now + self.rng.uniform(0.0, 0.5),
+                    self.now + spec["duration"] * self.rng.uniform(0.5, 1.5) if spec["one_shot"] else None,
+                    not (spec["fail"] and self.rng.random() < 0.5))
+        worker.copies[copy.key] = copy
+        self.starts[copy.agent] = self.starts.get(copy.agent, 0) + 1
+        self._count_run(copy.agent, copy.run)
+        self.log.append(f"t={self.now:.2f} {worker.name} starts {copy.agent} epoch {copy.epoch} ({copy.run[-4:]})")
+        self._report(worker, copy, "AGENT_STARTED")
     def _fault(self) -> None:
         rng = self.rng
         if rng.random() > 0.01:

@@ -44,6 +44,10 @@ class Harness:
         return [p for p in self.published if p.event.value == event]
 
     def to(self, identity: bytes, kind: str) -> list[dict]:
+        """Messages of ``kind`` sent to ``identity``; ``"start"``: each agent of the starts frames."""
+        if kind == "start":
+            return [{**item, "n": m["n"]} for i, m in self.sent if i == identity and m["type"] == "starts"
+                    for item in m["agents"]]
         return [m for i, m in self.sent if i == identity and m["type"] == kind]
 
     def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
@@ -350,7 +354,8 @@ def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_as
     # with everything read and the count still wrong, a start or a report was really lost
     for _ in range(3):
         h.beat(w1, running=0, read=h.core.workers["w1"].sent_n)
-    assert sent >= 6 and len(h.to(w1, "reregister")) == 1
+    # welcome, the reply to its register's clock, then one starts frame with all five
+    assert sent == 3 and len(h.to(w1, "start")) == 5 and len(h.to(w1, "reregister")) == 1
 
 
 def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_it_first():

@@ -177,8 +177,8 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
         identity, frame = router.recv_multipart()
         register = protocol.decode(frame)
         assert register["type"] == "register"
-        for garbage in (os.urandom(100), msgpack.packb("hi"), msgpack.packb({"v": 5, "type": "start"}),
-                        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "start", "agent": 1}),
+        for garbage in (os.urandom(100), msgpack.packb("hi"), msgpack.packb({"v": 5, "type": "starts"}),
+                        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "starts", "agents": [{"agent": 1}]}),
                         # well-formed messages with wrong shapes inside (a worker once died of this one)
                         protocol.encode("welcome", coordinator="fake", session="s", heartbeat_interval=0.2,
                                         heartbeat_liveness=50, bus_port=bus_port, stop=[["q", 1]], warnings=[]),
@@ -188,9 +188,9 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
                                   heartbeat_liveness=50, bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
         router.send_multipart([identity, welcome])
         class_id, blob = shipping.pack_class(Quick, Quick.Config)
-        router.send_multipart([identity, protocol.encode(
-            "start", agent="q", run="s", epoch=1, class_id=class_id, class_blob=blob,
-            config=shipping.pack_config(Quick.Config(), "q"), mode="thread")])
+        router.send_multipart([identity, protocol.encode("starts", agents=[dict(
+            agent="q", run="s", epoch=1, class_id=class_id, class_blob=blob,
+            config=shipping.pack_config(Quick.Config(), "q"), mode="thread")])])
         seen = []
         deadline = time.monotonic() + 15
         while "AGENT_TERMINATED" not in seen and time.monotonic() < deadline:

@@ -537,10 +537,11 @@ class Worker:
             return None
         if kind == "welcome":
             self._read_session = message["session"]
-        elif kind == "start":
-            self._deferred_starts += 1
+        elif kind == "starts":
+            self._deferred_starts += len(message["agents"])
             if trace.enabled:
-                trace.mark("received", message["agent"])
+                for item in message["agents"]:
+                    trace.mark("received", item["agent"])
         self._deferred.append(message)
         return None
 
@@ -549,8 +550,8 @@ class Worker:
         deadline = time.monotonic() + WORK_SLICE
         while self._deferred:
             message = self._deferred.popleft()
-            if message["type"] == "start":
-                self._deferred_starts -= 1
+            if message["type"] == "starts":
+                self._deferred_starts -= len(message["agents"])
             if self._guarded(self._handle, message) == "reconnect":
                 self._drop_deferred()  # what the coordinator sent before it let us go is moot
                 return "reconnect"
@@ -564,20 +565,9 @@ class Worker:
 
     def _handle(self, message: dict[str, Any]) -> str | None:
         kind = message["type"]
-        if kind == "start":
-            if self._lease_expired:
-                # the coordinator sent this before it could know we lost touch; it will learn
-                # from our registration that the agent never started
-                self.dropped.drop("start_after_lease", message["agent"])
-                return None
-            if self.capacity and self._supervisor.count() >= self.capacity:
-                log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
-                            message["agent"], self.capacity)
-            self._gc.started()
-            self._supervisor.start(message["agent"], message["run"], message["epoch"], message["class_id"],
-                                   message["class_blob"], message["config"], message["mode"],
-                                   float(message["stop_timeout"]), message["hold"], message["keep"],
-                                   self._coordinator_name, message["definition"])
+        if kind == "starts":
+            for item in message["agents"]:
+                self._start(item)
         elif kind == "stop":
             self._supervisor.stop(message["agent"], message["run"], message["epoch"], float(message["timeout"]))
         elif kind == "deliver":
@@ -605,6 +595,24 @@ class Worker:
         else:
             self.dropped.drop("unexpected", kind)
         return None
+
+    def _start(self, item: dict[str, Any]) -> None:
+        if self._lease_expired:
+            # the coordinator sent this before it could know we lost touch; it will learn from
+            # our registration that the agent never started
+            self.dropped.drop("start_after_lease", item["agent"])
+            return
+        if self.capacity and self._supervisor.count() >= self.capacity:
+            log.warning("starting %s beyond capacity %d (the coordinator decides placement)",
+                        item["agent"], self.capacity)
+        self._gc.started()
+        try:
+            self._supervisor.start(item["agent"], item["run"], item["epoch"], item["class_id"], item["class_blob"],
+                                   item["config"], item["mode"], float(item["stop_timeout"]), item["hold"],
+                                   item["keep"], self._coordinator_name, item["definition"])
+        except Exception as exc:  # one start that fails oddly spoils none of the others in its frame
+            self.dropped.drop("handler_error", f"{type(exc).__name__}: {exc}")
+            log.debug("start failed", exc_info=True)
 
     def _bus_ready(self) -> bool:
         if self._pub is None:
