@@ -110,13 +110,20 @@ def test_agents_on_a_real_worker_see_nothing_of_the_agent_before(cluster, tmp_pa
 
     try:
         first = run("first")
-        setter = run("setter", set_context=True)
-        after = run("after")
-        # reused (the same thread ran all three) and yet nothing of the setter's context is seen
-        assert setter["ident"] == first["ident"] == after["ident"]
-        assert (after["var"], after["prec"]) == (None, 28)
-        assert [r["thread"] for r in (first, setter, after)] == ["agent-first", "agent-setter", "agent-after"]
-        assert all(r["daemon"] for r in (first, setter, after))
+        # a thread is reused once it is idle again, a moment after its agent's end was reported;
+        # on a loaded machine the next start can come first (then a new thread runs it), so try
+        # a few pairs: every one must be clean, and at least one must have shared a thread
+        pairs = []
+        for i in range(5):
+            setter, after = run(f"setter{i}", set_context=True), run(f"after{i}")
+            pairs.append((setter, after))
+            assert (after["var"], after["prec"]) == (None, 28), f"pair {i}: the setter's context leaked"
+            assert (setter["thread"], after["thread"]) == (f"agent-setter{i}", f"agent-after{i}")
+            assert setter["daemon"] and after["daemon"]
+            if setter["ident"] == after["ident"]:
+                break
+        assert any(s["ident"] == a["ident"] for s, a in pairs), "no agent ever ran on a reused thread"
+        assert first["thread"] == "agent-first" and first["daemon"]
         local_setter = run("local-setter", touch_local=True)
         assert local_setter["local"] is None
         reader = run("reader", read_local=True)
