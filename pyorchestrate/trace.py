@@ -69,7 +69,7 @@ def reported(events: list[dict]) -> None:
     _marks.extend(("reported", item["agent"], t) for item in events if item.get("event") == "AGENT_TERMINATED")
 
 
-def ended(events: list[dict]) -> None:
+def flushed(events: list[dict]) -> None:
     """Mark the ends among the reports a worker just sent."""
     reported_as = [("flushed", item["agent"]) for item in events if item.get("event") == "AGENT_TERMINATED"]
     t = time.perf_counter_ns()
