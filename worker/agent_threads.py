@@ -151,8 +151,10 @@ class AgentThreads:
         baseline = _snapshot() if self.reuse else []
         while job is not None:
             target, name = job
+            job = None
             thread.name = name
             contextvars.Context().run(target)
+            target = None  # the finished agent is not kept alive while this thread waits
             if not self.reuse or not self._clean(baseline):
                 return
             thread.name = "agent-idle"
