@@ -71,7 +71,10 @@ def test_max_workers_caps_running_agents_with_a_fifo_queue(cluster):
     cluster.worker(orch.address, "w2")
     assert orch.join(timeout=60)
     running, peak = 0, 0
-    for e in events.events:
+    # in the order the coordinator published them (seq): callbacks of different agents run in
+    # parallel, so the order they were recorded in is not the order things happened in (seen
+    # beside 4 CPU burners: job2's STARTED callback recorded before job0's TERMINATED one)
+    for e in sorted(events.events, key=lambda e: e["seq"]):
         if e["event"] == "AGENT_STARTED":
             running += 1
             peak = max(peak, running)
@@ -95,7 +98,10 @@ def test_dependencies_start_after_their_dependencies_are_ready(cluster):
     cluster.worker(orch.address, "w1")
     cluster.worker(orch.address, "w2")
     assert orch.join(timeout=60)
-    order = [(e["event"], e["agent_name"]) for e in events.events if e.get("agent_name")]
+    # lifecycle events in the order the coordinator published them (callbacks of different agents
+    # run in parallel: the order they were recorded in can differ)
+    lifecycle = [e for e in events.events if e["event"] in ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")]
+    order = [(e["event"], e["agent_name"]) for e in sorted(lifecycle, key=lambda e: e["seq"])]
     api_started = order.index(("AGENT_STARTED", "api"))
     assert order.index(("AGENT_READY", "db")) < api_started
     assert order.index(("AGENT_TERMINATED", "migrate")) < api_started  # a one-shot dependency finished
