@@ -209,7 +209,12 @@ class Coordinator:
                 if self.monitor in ready:
                     self._on_monitor()
                 if self.xsub in ready:
-                    self._drain(self.xsub, self._on_bus)
+                    # a slice of bus events is one hand-over of their callbacks (logs, events)
+                    self.dispatcher.hold()
+                    try:
+                        self._drain(self.xsub, self._on_bus)
+                    finally:
+                        self.dispatcher.release()
                     self._serve_queries()
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)

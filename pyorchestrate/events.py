@@ -83,7 +83,8 @@ class EventDispatcher:
 
     One thread dispatches (the coordinator's loop) and it never waits on a lock: it puts events
     (one batch of its decisions at a time, see :meth:`hold`) into a queue the runners take from.
-    A runner files a batch's events by subject under the dispatcher's lock, runs the first
+    A runner files a batch's events by subject under the dispatcher's lock (batches in the order
+    they were handed over, whichever runner took which), runs the first
     subject it newly took itself (one hand-over from the loop to a callback, not two) and hands
     the other newly taken subjects to idle runners.  A subject being run takes further events in
     its own queue, in order.
@@ -96,6 +97,8 @@ class EventDispatcher:
         self._lock = threading.Condition()
         self._queues: dict[str, collections.deque] = {}  # subjects a runner has taken -> their events
         self._dispatched = 0  # written by the dispatching thread only
+        self._handed = 0  # batches handed over (dispatching thread only): each carries its number
+        self._filed = 0  # batches filed by subject, under _lock: in the order they were handed over
         self._done = 0  # under _lock
         self.failures = 0
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
@@ -136,7 +139,8 @@ class EventDispatcher:
                 runner = threading.Thread(target=self._run, name=f"pyorchestrate-callback_{i}", daemon=True)
                 runner.start()
                 self._runners.append(runner)
-        self._incoming.put(batch)
+        self._handed += 1
+        self._incoming.put((self._handed, batch))
 
     def hold(self) -> None:
         """Keep what is dispatched until :meth:`release` (calls nest), then hand it all over at once.
@@ -172,9 +176,15 @@ class EventDispatcher:
             if type(item) is str:  # a subject another runner took for us
                 self._drain(item)
                 continue
+            number, batch = item
             taken = []
             with self._lock:
-                for one in item:
+                # runners take batches concurrently: each files its batch only after the one
+                # handed over before it, or two events of one subject could swap places
+                self._lock.wait_for(lambda: self._filed == number - 1)
+                self._filed = number
+                self._lock.notify_all()
+                for one in batch:
                     subject = str(one[2].get("agent_name") or one[2].get("worker") or "")
                     pending = self._queues.get(subject)
                     if pending is None:  # nobody runs this subject: we take it

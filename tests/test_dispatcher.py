@@ -29,3 +29,22 @@ def test_dispatcher_hands_over_a_held_batch_at_once_and_in_order():
         assert dispatcher.wait_idle(5.0) and seen[-1] == ("started", "c")
     finally:
         dispatcher.close()
+
+
+def test_callbacks_of_one_subject_run_in_order_however_many_runners_take_batches():
+    """Events dispatched one by one (the bus path) are taken by several runner threads at once:
+    they must still be filed, and run, in the order they were dispatched (20,000 log lines of one
+    agent once came out of order in CI)."""
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent
+
+    dispatcher = EventDispatcher(max_threads=10)
+    seen: list[int] = []
+    dispatcher.register(OrchestratorEvent.AGENT_LOG, lambda agent_name, n: seen.append(n))
+    try:
+        for n in range(20_000):
+            dispatcher.dispatch(OrchestratorEvent.AGENT_LOG, {"agent_name": "chatty", "n": n})
+        assert dispatcher.wait_idle(30.0)
+        assert len(seen) == 20_000
+        assert seen == sorted(seen), f"first out of order at {next(i for i, (a, b) in enumerate(zip(seen, seen[1:])) if a > b)}"
+    finally:
+        dispatcher.close()
