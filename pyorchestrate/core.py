@@ -118,8 +118,9 @@ class ClusterCore(Registration, CommandHandlers):
         if not starting:
             return
         n = self._send(worker, "starts", agents=[item for _, item in starting])
-        for record, _ in starting:
-            record.start_n = n
+        for record, item in starting:
+            if record.worker == worker.name and record.epoch == item["epoch"]:  # still this start's copy
+                record.start_n = n
 
     def received(self, worker: WorkerRecord, message: dict[str, Any]) -> bool:
         """Check a live worker's frame number: False (and a request to register again, on a new
