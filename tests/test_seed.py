@@ -70,7 +70,10 @@ def test_process_agent_defined_in_main(tmp_path):
         "            f.write(f'{os.getpid()} {__name__}')\n"
         "if __name__ == '__main__':\n"
         "    seen = []\n"
-        "    o = Orchestrator('main-test', heartbeat_interval=0.1)\n"
+        # default liveness: at 0.1 s (a 0.5 s window) the worker's first process agent start, which
+        # boots its forkserver on the loop, cost it its liveness beside 4 CPU burners, and the run
+        # was adopted (AGENT_ADOPTED) instead of reporting AGENT_STARTED
+        "    o = Orchestrator('main-test')\n"
         "    for e in (OrchestratorEvent.AGENT_STARTED, OrchestratorEvent.AGENT_READY,\n"
         "              OrchestratorEvent.AGENT_ERROR, OrchestratorEvent.AGENT_TERMINATED):\n"
         "        o.register_event(e, lambda event: seen.append(event))\n"
