@@ -280,7 +280,6 @@ class Coordinator:
 
     def _carry_out(self) -> None:
         """Do what the core decided."""
-        assert self.core is not None
         self.dispatcher.hold()
         try:
             self._carry_out_actions()
@@ -428,7 +427,7 @@ class Coordinator:
             self._maybe_refuse_old_peer(identity, frame)
             raise
         if trace.enabled and message["type"] == "agent_events":
-            trace.reported(message["events"])
+            trace.ends("reported", message["events"])
         if message["type"] == "request":  # a client: pyorchestrate status/ps/stop..., the dashboard
             role = keyed_frame.get("User-Id").partition(":")[0] if keyed_frame is not None else None
             self._on_request(identity, message, role)

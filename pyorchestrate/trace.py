@@ -63,17 +63,11 @@ def sent(frame: bytes) -> None:
         _marks.extend(("sent", item["agent"], t) for item in message["agents"])
 
 
-def reported(events: list[dict]) -> None:
-    """Mark the ends among a worker's decoded reports."""
+def ends(hop: str, events: list[dict]) -> None:
+    """Mark ``hop`` for the ends among agent reports (a worker's sent ones: ``flushed``; the
+    coordinator's decoded ones: ``reported``)."""
     t = time.perf_counter_ns()
-    _marks.extend(("reported", item["agent"], t) for item in events if item.get("event") == "AGENT_TERMINATED")
-
-
-def flushed(events: list[dict]) -> None:
-    """Mark the ends among the reports a worker just sent."""
-    reported_as = [("flushed", item["agent"]) for item in events if item.get("event") == "AGENT_TERMINATED"]
-    t = time.perf_counter_ns()
-    _marks.extend((hop, agent, t) for hop, agent in reported_as)
+    _marks.extend((hop, item["agent"], t) for item in events if item.get("event") == "AGENT_TERMINATED")
 
 
 def _write() -> None:
@@ -89,7 +83,7 @@ def collect(directory: str) -> dict[str, dict[str, int]]:
     """Every agent's marks, this process's and those the other processes wrote: agent -> hop -> ns
     (the first mark of a hop wins: a restart's second run is not mixed in)."""
     out: dict[str, dict[str, int]] = defaultdict(dict)
-    lines = [(hop, agent, t) for hop, agent, t in _marks]
+    lines = list(_marks)
     for entry in os.listdir(directory):
         if entry.endswith(".trace") and entry != f"{os.getpid()}.trace":
             with open(os.path.join(directory, entry)) as f:

@@ -34,11 +34,15 @@ def _run(pool: AgentThreads, job, name: str) -> None:
         finally:
             done.set()
 
+    retired = pool.retired
     thread = pool.submit(wrapped, name)
+    idle = pool.idle()  # without the idle thread this job claimed, if any
     if thread is not None:
         thread.start()
     assert done.wait(10), f"job {name} did not run"
-    wait_for(lambda: pool.idle() or pool.retired or not pool.reuse, 5, "the thread to go idle or retire")
+    # this job's thread, after the job: back among the idle ones, or retired
+    wait_for(lambda: not pool.reuse or pool.retired > retired or pool.idle() > idle, 5,
+             "the thread to go idle or retire")
 
 
 def test_pool_reuses_clean_threads_and_retires_ones_an_agent_changed():

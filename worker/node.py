@@ -723,7 +723,7 @@ class Worker:
         for i in range(0, len(items), _EVENTS_PER_MESSAGE):
             self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
         if trace.enabled:
-            trace.flushed(items)
+            trace.ends("flushed", items)
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
