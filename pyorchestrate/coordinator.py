@@ -46,6 +46,7 @@ _LAST = int(zmq.NOBLOCK)
 _EVENTS = {e.value: e for e in OrchestratorEvent}
 #: the only topics a worker's bus frames may carry: what its agents publish and log
 _AGENT_BUS_TOPICS = ("AGENT_EVENT.", "AGENT_LOG.")
+_HELLO = b"\x01" + protocol.HELLO_TOPIC.encode()  # a subscription to a hello request
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
@@ -378,9 +379,12 @@ class Coordinator:
         if now - self._last_bus_beat < self.config.heartbeat_interval:
             return
         self._last_bus_beat = now
+        self._emit("_HEARTBEAT", self._bus_heartbeat(), numbered=False)
+
+    def _bus_heartbeat(self) -> bytes:
         fields = {"event": "_HEARTBEAT", "seq": self._seq, "publisher": self.name,
                   "incarnation": self.session, **stamp()}
-        self._emit("_HEARTBEAT", msgpack.packb(fields, use_bin_type=True), numbered=False)
+        return msgpack.packb(fields, use_bin_type=True)
 
     def _sweep(self, now: float) -> None:
         """Free the bus sequence state of runs and workers that are over (it would grow forever
@@ -729,6 +733,14 @@ class Coordinator:
             return
         # a request is a subscription to a unique topic: the answer goes under it, so only the
         # asker hears it
+        if frame.startswith(_HELLO):
+            # answered like a heartbeat (our run and last seq), only sooner and to the asker only
+            try:
+                self.xpub.send_multipart([frame[1:], self._bus_heartbeat(), self._stamp(self._seq, False)],
+                                         zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the asker falls back on our heartbeat
+            return
         wanted = protocol.parse_range_request(frame[1:])
         if wanted is not None:
             self._serve_range(frame[1:], *wanted)

@@ -310,6 +310,7 @@ class ClusterCore(Registration, CommandHandlers):
             if record.state not in RUNNING:
                 continue
             if not certain and record.keeps_running and not record.stop_requested:
+                record.said_before = record.state
                 self.states.move(record, S.DISCONNECTED)
                 record.disconnected_at = now
                 self._publish_agent(record, E.AGENT_DISCONNECTED, {"reason": reason})
@@ -338,7 +339,7 @@ class ClusterCore(Registration, CommandHandlers):
         if reconnected:
             # its worker is back and reports on it: the copy was kept running all along
             self._reconnect(record, worker, {"state": "READY" if event is E.AGENT_READY else "STARTED"},
-                            "its worker is back")
+                            "its worker is back", reported=event)
         if event is E.AGENT_TERMINATED:
             marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
             if isinstance(marker[0], str) and isinstance(marker[1], str) and type(marker[2]) is int:

@@ -418,6 +418,14 @@ def decode_stamp(frame: bytes) -> tuple[str, int, bool, float]:
 
 
 RANGE_TOPIC = "_RANGE."
+HELLO_TOPIC = "_HELLO."
+
+
+def hello_request(nonce: str) -> str:
+    """The subscription that asks the coordinator to say it hears this subscriber: its answer
+    (a bus heartbeat under this unique topic) comes through the same connection after every
+    subscription made before it, so from then on nothing published under those is missed."""
+    return HELLO_TOPIC + nonce
 
 
 def range_request(nonce: str, session: str, first: int, last: int) -> str:

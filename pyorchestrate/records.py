@@ -50,6 +50,8 @@ class AgentRecord:
     then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
     start_n: int = 0  #: the number of the frame that carried its start (on its worker's connection)
     disconnected_at: float = 0.0  #: when it became DISCONNECTED
+    #: its state when it became DISCONNECTED: what of STARTED/READY was already said for its run
+    said_before: AgentState = AgentState.PENDING
     ended_at: float = 0.0  #: when it last became TERMINATED for good (for forgetting)
 
     @property

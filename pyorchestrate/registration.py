@@ -178,11 +178,26 @@ class Registration:
         stop.append({"agent": name, "run": run, "epoch": epoch, "timeout": timeout})
         return False
 
-    def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str) -> None:
-        """Take ``record``'s running copy on ``worker`` (as ``report`` describes it) as its current run."""
+    def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str,
+                   reported: E | None = None) -> None:
+        """Take ``record``'s running copy on ``worker`` (as ``report`` describes it) as its current
+        run.  ``reported``: the lifecycle event that brought it back (published by the caller)."""
+        said = record.said_before if record.state is S.DISCONNECTED else None
         self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
         worker.agents.add(record.name)
         self._publish_agent(record, E.AGENT_ADOPTED, {"reason": reason, "state": record.state.value})
+        if said is None:
+            return
+        # cut off before its STARTED (or READY) report came: said now, once, so every run's
+        # callbacks see STARTED before READY
+        missing = []
+        if said is S.ASSIGNED:
+            missing.append(E.AGENT_STARTED)
+        if said in (S.ASSIGNED, S.STARTED) and record.state is S.READY:
+            missing.append(E.AGENT_READY)
+        for event in missing:
+            if event is not reported:
+                self._publish_agent(record, event, {"recovered": True})
 
     def _not_reported(self, worker: WorkerRecord, record: AgentRecord, now: float) -> None:
         """A re-registering worker does not list an agent we had there, and its reports (which

@@ -25,6 +25,7 @@ import zmq
 from . import curve, protocol, sockets
 
 _HEARTBEAT = "_HEARTBEAT"
+_HELLO = protocol.HELLO_TOPIC.encode()
 RANGE_TIMEOUT = 2.0  # seconds to wait for one slice of a range before asking again
 RANGE_TRIES = 3  # asks per slice before its events are reported lost
 _CLOCK_SKEW = 1.0  # a run that started this long before us still counts as "after" (clocks differ)
@@ -97,6 +98,9 @@ class EventSubscriber:
             self._history_topic = protocol.history_request(uuid.uuid4().hex, list(topics)).encode()
             self._sub.setsockopt(zmq.SUBSCRIBE, self._history_topic)
             self._live_keys = set()
+        # last: its answer comes after every subscription above is in place (``connected``)
+        self._hello_topic: bytes | None = protocol.hello_request(uuid.uuid4().hex).encode()
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._hello_topic)
         if self.key is not None:
             curve.connect_as(self._sub, self.key)
         self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir, expect="events port")
@@ -104,7 +108,8 @@ class EventSubscriber:
 
     @property
     def connected(self) -> bool:
-        """Has the coordinator's heartbeat arrived (from then on nothing is missed)?"""
+        """Has the coordinator answered (its heartbeat, or its answer to the hello this
+        subscriber sends at once)?  From then on nothing is missed."""
         return self._connected
 
     def handshake_failure(self) -> str | None:
@@ -115,7 +120,9 @@ class EventSubscriber:
         return self._failure
 
     def wait_connected(self, timeout: float) -> bool:
-        """Wait until the coordinator's heartbeat arrives: from then on nothing is missed."""
+        """Wait until the coordinator answers (``connected``): from then on nothing is missed.
+        Usually milliseconds; a coordinator that does not answer hellos is heard at its next
+        heartbeat."""
         deadline = time.monotonic() + timeout
         while not self._connected:
             remaining = deadline - time.monotonic()
@@ -156,6 +163,11 @@ class EventSubscriber:
             if self._range is not None and head == self._range["topic"]:
                 self._take_range(frames)
             return True  # another subscriber's answer: not for us
+        if head.startswith(_HELLO):
+            if head == self._hello_topic:
+                self._hello_answered()
+                self._take_hello(frames)
+            return True
         if head.startswith(protocol.HISTORY_TOPIC.encode()):
             if head == self._history_topic:
                 self._take_history(frames)
@@ -166,7 +178,8 @@ class EventSubscriber:
         except protocol.ProtocolError:
             self.dropped += 1
             return True
-        self._connected = True
+        if not self._connected:
+            self._hello_answered()
         event = Event(fields)
         if stamp is None or not self._whole_stream:
             if fields["event"] != _HEARTBEAT:
@@ -176,6 +189,26 @@ class EventSubscriber:
             return True
         self._place(*stamp, event)
         return True
+
+    def _hello_answered(self) -> None:
+        self._connected = True
+        if self._hello_topic is not None:
+            self._sub.setsockopt(zmq.UNSUBSCRIBE, self._hello_topic)
+            self._hello_topic = None
+
+    def _take_hello(self, frames: list[bytes]) -> None:
+        """The answer is a heartbeat: the coordinator's run and last seq (what came before us
+        is recovered now, while history still holds it)."""
+        if not self._whole_stream:
+            return
+        try:
+            if len(frames) != 3:
+                raise protocol.ProtocolError("hello answer of wrong shape")
+            session, seq, _, started = protocol.decode_stamp(frames[2])
+        except protocol.ProtocolError:
+            self.dropped += 1
+            return
+        self._place(session, seq, False, started, Event({"event": _HEARTBEAT}))
 
     # ---------------------------------------------------------------- order and recovery
 

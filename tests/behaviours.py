@@ -100,7 +100,7 @@ class _Sensor:
 
     def execute(self):
         for i in range(self.config.count):
-            self.publish("temperature", celsius=20 + i, sensor=self.name)
+            self.publish(self.config.topic, celsius=20 + i, sensor=self.name)
         self.logger.info("published %d readings", self.config.count)
 
 
@@ -114,6 +114,7 @@ SENSOR = pair("Sensor", _Sensor, "OneShot")
 CHATTY = pair("Chatty", _Chatty, "OneShot")
 for cls in SENSOR.values():
     cls.Config.count = 5
+    cls.Config.topic = "temperature"
 for cls in CHATTY.values():
     cls.Config.lines = 20000
 

@@ -224,6 +224,28 @@ def test_a_kept_agent_survives_its_workers_silence_and_is_taken_back_when_it_ret
     assert not h.events("AGENT_TERMINATED")
 
 
+@pytest.mark.parametrize("how", ["listed", "reported"])
+def test_a_copy_cut_off_before_its_started_came_is_said_started_when_taken_back(how):
+    """ASSIGNED -> DISCONNECTED -> back: its STARTED and READY were never published (they went
+    with the old connection): they are, once, before it counts as READY; a late STARTED report
+    for the same run does not say it twice."""
+    h = Harness()
+    w1, record = h.assigned(agent="svc")  # restart="never": kept
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    assert record.state is S.DISCONNECTED and not h.events("AGENT_STARTED")
+    if how == "listed":  # its registration lists the copy running, READY
+        h.register("w1", identity=b"w1-again", agents=[h.running_report(record)], conn=2)
+    else:  # its READY report travels with the registration (its STARTED went with the old connection)
+        ready = protocol.agent_event("svc", record.run, record.epoch, "AGENT_READY", {})
+        h.register("w1", identity=b"w1-again", events=[ready], agents=[h.running_report(record)], conn=2)
+    assert record.state is S.READY
+    order = [p.event.value for p in h.published if p.event.value.startswith("AGENT_")]
+    assert order == ["AGENT_DISCONNECTED", "AGENT_ADOPTED", "AGENT_STARTED", "AGENT_READY"], order
+    h.report(b"w1-again", record, "AGENT_STARTED")
+    assert len(h.events("AGENT_STARTED")) == 1 and len(h.events("AGENT_READY")) == 1
+
+
 # ---------------------------------------------------------------------------- at most once, run identity
 
 

@@ -158,6 +158,12 @@ class BaseAgent(abc.ABC):
         except queue.Empty:
             return None
 
+    def _prepare(self) -> None:
+        """What a behaviour needs in place before READY (after the user's ``setup``)."""
+
+    def _release(self) -> None:
+        """Undo ``_prepare``: runs last, however the agent ended."""
+
     def _main(self) -> None:
         """What runs between READY and on_close; behaviours override this, users override execute."""
         self.execute()
@@ -179,6 +185,7 @@ class BaseAgent(abc.ABC):
             self.plugin.initialize(self, self._plugin_failed)
             if self._wait_control(self.control_events.setup_event):
                 self.setup()
+                self._prepare()
                 report("AGENT_READY")
                 self.state_events.ready_event.set()
                 if self._wait_control(self.control_events.execute_event):
@@ -193,6 +200,11 @@ class BaseAgent(abc.ABC):
                 except Exception as exc:
                     ok = False
                     self._report_error(exc)
+            try:
+                self._release()
+            except Exception as exc:
+                ok = False
+                self._report_error(exc)
             self.plugin.finalize(self._plugin_failed)
             # the coordinator holds its finish until it has seen our last bus event
             marker = self._bus.flush() if self._bus is not None else {}
