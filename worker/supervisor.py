@@ -274,19 +274,28 @@ class Supervisor:
                                                                     if self.bus is not None else None,
                                                                     hold, self.events_key),
                                    name=f"agent-{name}", daemon=False)
-        try:
-            process.start()
-        except Exception as exc:
-            self._fail_before_start(record, exc, " (could not start the process)")
-            return
-        child_conn.close()
         record.process, record.conn = process, parent_conn
         self._add(record)
-        record.thread = threading.Thread(target=self._watch_process, args=(record,),
+        # started by its watcher, not here: the first start boots the forkserver (a Python that
+        # imports pyorchestrate: seconds on a busy machine) and every start waits for the
+        # forkserver's answer; on this loop that silenced the worker (a false death beside 4
+        # CPU burners).  Until then a stop or a message waits in the pipe; is_alive() is False.
+        record.thread = threading.Thread(target=self._watch_process, args=(record, child_conn),
                                          name=f"watch-{name}", daemon=True)
         self._start_soon(record.thread)
 
-    def _watch_process(self, record: Running) -> None:
+    def _watch_process(self, record: Running, child_conn: Any) -> None:
+        try:
+            record.process.start()
+        except Exception as exc:
+            child_conn.close()
+            record.conn.close()
+            log.error("could not start process agent %s: %s", record.name, exc)
+            self._emit(record, "AGENT_STARTED", {})
+            self._emit(record, "AGENT_ERROR", error_fields(exc, " (could not start the process)"))
+            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False})
+            return
+        child_conn.close()
         seen_error = False
         sink = self._bus_sink()
         last_bus: dict[str, Any] = {}  # the marker of the child's last bus event (see below)

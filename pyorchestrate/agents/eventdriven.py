@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import abc
-import time
 from typing import Any
 
 from ..subscriber import Event
 from .looping import LoopingAgent
-
-SUBSCRIBE_WAIT = 10.0  #: seconds READY waits at most for the coordinator to confirm the subscription
 
 
 class EventDrivenAgent(LoopingAgent):
@@ -30,29 +27,10 @@ class EventDrivenAgent(LoopingAgent):
 
     def _prepare(self) -> None:
         # subscribed before READY: an agent that depends on this one (and starts once it is
-        # READY) publishes nothing this one misses.  The subscription was made after READY
-        # before, and the first event of such a publisher went missing (README's sensors script,
-        # about 1 run in 20 on a busy machine).
+        # READY) publishes nothing this one misses
         self._subscriber = None
-        if not (self.config.subscribe and self.events_address):
-            return
-        from ..subscriber import EventSubscriber
-
-        topics = [t if "." in t else t + "." for t in self.config.subscribe]
-        self._subscriber = EventSubscriber(self.events_address, topics=topics, keys=self.events_key)
-        deadline = time.monotonic() + SUBSCRIBE_WAIT
-        while not self.stopping and not self._subscriber.connected:
-            if time.monotonic() >= deadline:
-                self.logger.warning("the coordinator has not confirmed the subscription to %s after %.0f s; "
-                                    "going on (events published meanwhile may be missed)",
-                                    ", ".join(topics), SUBSCRIBE_WAIT)
-                return
-            self._subscriber.wait_connected(0.1)
-
-    def _release(self) -> None:
-        if getattr(self, "_subscriber", None) is not None:
-            self._subscriber.close()
-            self._subscriber = None
+        if self.config.subscribe and self.events_address:
+            self._subscriber = self._subscribe([t if "." in t else t + "." for t in self.config.subscribe])
 
     def _main(self) -> None:
         subscriber = getattr(self, "_subscriber", None)

@@ -67,7 +67,7 @@ class ProcessMode:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # process handles and events belong to the parent; the child gets its own
-        for key in ("_process", "_report", "logger", "_inbox", "_bus", "_bus_log_handler", "state_events",
+        for key in ("_process", "_report", "logger", "_inbox", "_bus", "_bus_log_handler", "_subscriber", "state_events",
                     "control_events"):
             state.pop(key, None)
         return state

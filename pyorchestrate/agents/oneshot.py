@@ -94,26 +94,24 @@ class TriggeredAgent(OneShotAgent):
     def execute(self, payload: Any) -> None:  # type: ignore[override]
         """The work, given what triggered it.  Required."""
 
-    def _main(self) -> None:
-        subscriber = None
+    def _prepare(self) -> None:
+        # subscribed before READY, like EventDriven: a trigger published right after it is not missed
+        self._subscriber = None
         if self.config.trigger and self.events_address:
-            from ..subscriber import EventSubscriber
-
             prefix = self.config.trigger if "." in self.config.trigger else self.config.trigger + "."
-            subscriber = EventSubscriber(self.events_address, topics=[prefix], keys=self.events_key)
-        try:
-            while not self.stopping:
-                delivery = self._next_delivery(_POLL)
-                if delivery is not None and delivery[0] == "trigger":
-                    self.execute(delivery[1])
-                    return
-                event = subscriber.recv(timeout=0) if subscriber is not None else None
-                if event is not None:
-                    self.execute(dict(event))
-                    return
-        finally:
-            if subscriber is not None:
-                subscriber.close()
+            self._subscriber = self._subscribe([prefix])
+
+    def _main(self) -> None:
+        subscriber = getattr(self, "_subscriber", None)
+        while not self.stopping:
+            delivery = self._next_delivery(_POLL)
+            if delivery is not None and delivery[0] == "trigger":
+                self.execute(delivery[1])
+                return
+            event = subscriber.recv(timeout=0) if subscriber is not None else None
+            if event is not None:
+                self.execute(dict(event))
+                return
 
 
 class RecoveryAgent(OneShotAgent):
