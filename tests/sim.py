@@ -132,6 +132,7 @@ class Sim:
         self.published: list[Publish] = []
         self.forgotten: set[str] = set()
         self.violations: list[str] = []
+        self._said: dict[tuple, list[str]] = {}  # (agent, run, epoch) -> STARTED/READY published for it
         self.specs: dict[str, dict[str, Any]] = {}
         self.dropped: list[str] = []
         self._dead: set[bytes] = set()  # connections closed because their process died
@@ -204,6 +205,8 @@ class Sim:
                                           "worker", action.identity, action.frame))
             elif isinstance(action, Publish):
                 self.published.append(action)
+                if action.event.value in ("AGENT_STARTED", "AGENT_READY", "AGENT_ADOPTED"):
+                    self._check_said(action)
                 if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
                     self._count_run(action.subject, self.core.incarnation)
                 self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
@@ -497,6 +500,24 @@ class Sim:
                 self._apply()
 
     # ------------------------------------------------------------------ invariants
+
+    def _check_said(self, action: Publish) -> None:
+        """Callbacks see each run's STARTED once, then its READY once (a previous coordinator's
+        run, adopted, said them under that coordinator)."""
+        run = action.record.run if action.record is not None else ""
+        said = self._said.setdefault((action.subject, run, action.fields.get("epoch")), [])
+        event = action.event.value.removeprefix("AGENT_")
+        if event == "ADOPTED":
+            if str(action.fields.get("reason", "")).startswith("still running"):
+                said.append("STARTED")
+            return
+        if event in said:
+            self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{action.fields.get('epoch')} "
+                                   f"said {event} twice")
+        elif event == "READY" and "STARTED" not in said:
+            self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{action.fields.get('epoch')} "
+                                   f"said READY before STARTED")
+        said.append(event)
 
     def live_copies(self, agent: str) -> list[tuple[str, Copy]]:
         """Copies that run now: not paused (a frozen process runs nothing), not zombies."""
