@@ -268,7 +268,11 @@ class Coordinator:
                 self._closing = True
             result = self.core.command(command, time.monotonic())
             if isinstance(command, commands.Snapshot):
-                result = self._snapshot(result)
+                # expanded here, not in the caller's thread: while the loop is busy the caller
+                # gets the GIL back only now and then, and each of the slices an expansion of
+                # 10,000 rows needs had to win it again (status() at the peak of S9, 100
+                # workers: expansion alone took up to 115-260 ms in the caller, 8 ms of work)
+                result = snapshots.expand(self._snapshot(result))
         except Exception as exc:
             if future is None:
                 log.exception("command %s failed", type(command).__name__)
@@ -623,9 +627,14 @@ class Coordinator:
         base = {"event": "AGENT_HEARTBEAT", "publisher": worker, "incarnation": self.session, "worker": worker,
                 **stamp()}
         stale = 0
+        agents = self.core.agents
         for agent, tag, seq in beats:
             if not self.core.bus_accepts(agent, worker, tag):
-                stale += 1  # counted once per frame: thousands of drops would each cost a log check
+                record = agents.get(agent)
+                if record is not None and record.tag != tag:
+                    stale += 1  # counted once per frame: thousands of drops would each cost a log check
+                # else: a run that ended (or was forgotten) since the worker wrote this frame; its
+                # end reached us first.  Not a drop: a burst of short agents made hundreds of these
                 continue
             key = (f"{worker}/{agent}", tag)
             last = self._bus_seqs.get(key)

@@ -1,9 +1,10 @@
 """The cluster snapshot behind ``Orchestrator.status()``, in two halves.
 
-The loop thread only *captures*: one tuple of attribute references per agent, taken with a C-level
-``attrgetter`` (about 0.4 µs an agent, a third of building its dict).  The caller's thread then
-*expands* the tuples into the documented plain-data rows.  With tens of thousands of agents this
-keeps the loop's share of a ``status()`` call small, so liveness and reports wait less behind it.
+The loop thread *captures*: one tuple of attribute references per agent, taken with a C-level
+``attrgetter`` (about 0.4 µs an agent, a third of building its dict).  Queries from the control
+channel expand only the rows they return.  ``Orchestrator.status()`` returns every row: the
+loop expands them too (the caller's thread, competing with a busy loop for the GIL, took many
+times the work's own time to do it).
 
 The capture is consistent (taken in one pass of the loop, between messages): every captured value
 is either immutable or, like ``depends_on``, replaced rather than changed in place by the core.
