@@ -267,6 +267,10 @@ def s8_scale(workers: int, per_worker: int) -> dict:
     return {"seconds": round(seconds, 3), "agents": n, "workers": workers, "rss_mb": rss}
 
 
+def _p95(values: list[float]) -> float:
+    return round(sorted(values)[int(len(values) * 0.95)], 1) if values else 0.0
+
+
 class _Sampler:
     """Samples the coordinator's RSS and ``status()`` latency on a thread until stopped."""
 
@@ -310,6 +314,7 @@ def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
             "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
             "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),
             "status_ms_p50": round(statistics.median(sampler.status_ms), 1) if sampler.status_ms else 0.0,
+            "status_ms_p95": _p95(sampler.status_ms),
             "lost_events": status["lost_events"], "dropped": status["dropped"]}
 
 
