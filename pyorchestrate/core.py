@@ -341,6 +341,9 @@ class ClusterCore(Registration, CommandHandlers):
             self._reconnect(record, worker, {"state": "READY" if event is E.AGENT_READY else "STARTED"},
                             "its worker is back", reported=event)
         if event is E.AGENT_TERMINATED:
+            if record.state is S.DISCONNECTED and record.said_before is S.ASSIGNED:
+                # it ran and ended while cut off, before its STARTED came: said now, before its end
+                self._publish_agent(record, E.AGENT_STARTED, {"recovered": True})
             marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
             if isinstance(marker[0], str) and isinstance(marker[1], str) and type(marker[2]) is int:
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))

@@ -246,6 +246,19 @@ def test_a_copy_cut_off_before_its_started_came_is_said_started_when_taken_back(
     assert len(h.events("AGENT_STARTED")) == 1 and len(h.events("AGENT_READY")) == 1
 
 
+def test_a_copy_cut_off_before_its_started_came_that_ended_meanwhile_is_said_started_then_terminated():
+    h = Harness()
+    w1, record = h.assigned(agent="svc")
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    end = protocol.agent_event("svc", record.run, record.epoch, "AGENT_TERMINATED", {"ok": True})
+    h.register("w1", identity=b"w1-again", events=[end], conn=2)
+    h.step(1.0)
+    assert record.state is S.TERMINATED and not record.failed
+    order = [p.event.value for p in h.published if p.event.value.startswith("AGENT_")]
+    assert order == ["AGENT_DISCONNECTED", "AGENT_STARTED", "AGENT_TERMINATED"], order
+
+
 # ---------------------------------------------------------------------------- at most once, run identity
 
 
