@@ -439,9 +439,6 @@ class Sim:
             worker.registered = False
             worker.next_register = self.now + 0.5
 
-    # ------------------------------------------------------------------ faults
-
-
     def _start(self, worker: SimWorker, item: dict) -> None:
         """One agent of a starts frame."""
         if worker.lease_expired or not worker.registered:
@@ -456,6 +453,9 @@ class Sim:
         self._count_run(copy.agent, copy.run)
         self.log.append(f"t={self.now:.2f} {worker.name} starts {copy.agent} epoch {copy.epoch} ({copy.run[-4:]})")
         self._report(worker, copy, "AGENT_STARTED")
+
+    # ------------------------------------------------------------------ faults
+
     def _fault(self) -> None:
         rng = self.rng
         if rng.random() > 0.01:

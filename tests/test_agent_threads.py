@@ -135,4 +135,3 @@ def test_agents_on_a_real_worker_see_nothing_of_the_agent_before(cluster, tmp_pa
         assert all(e["ok"] for e in events.of("AGENT_TERMINATED"))
     finally:
         orch.stop(timeout=5)
-

@@ -67,6 +67,7 @@ class BaseAgent(abc.ABC):
 
     #: "thread" or "process"; set by the Thread/Process variants
     execution_mode: ClassVar[str] = ""
+    _subscriber: Any = None  #: the bus subscription of a behaviour that follows events (see _subscribe)
 
     config: Config
 
@@ -165,19 +166,20 @@ class BaseAgent(abc.ABC):
 
     def _release(self) -> None:
         """Undo ``_prepare``: runs last, however the agent ended."""
-        subscriber = getattr(self, "_subscriber", None)
-        if subscriber is not None:
-            subscriber.close()
+        if self._subscriber is not None:
+            self._subscriber.close()
             self._subscriber = None
 
-    def _subscribe(self, topics: list[str]) -> Any:
-        """A bus subscriber for ``topics``, once the coordinator has confirmed it (up to
-        ``SUBSCRIBE_WAIT`` s).  Called before READY: the subscription used to be made after it,
-        and an agent started on this one's READY lost its first event (the README's sensors
-        script, about 1 run in 20 on a busy machine)."""
+    def _subscribe(self, topics: list[str]) -> None:
+        """Subscribe ``self._subscriber`` to ``topics`` (event names like ``AGENT_ERROR`` or
+        prefixes like ``AGENT_EVENT.temperature``) and wait until the coordinator has confirmed
+        it (up to ``SUBSCRIBE_WAIT`` s).  Called before READY: the subscription used to be made
+        after it, and an agent started on this one's READY lost its first event (the README's
+        sensors script, about 1 run in 20 on a busy machine)."""
         from ..subscriber import EventSubscriber
 
-        subscriber = EventSubscriber(self.events_address, topics=topics, keys=self.events_key)
+        topics = [t if "." in t else t + "." for t in topics]
+        self._subscriber = subscriber = EventSubscriber(self.events_address, topics=topics, keys=self.events_key)
         deadline = time.monotonic() + SUBSCRIBE_WAIT
         while not self.stopping and not subscriber.connected:
             if time.monotonic() >= deadline:
@@ -186,7 +188,6 @@ class BaseAgent(abc.ABC):
                                     ", ".join(topics), SUBSCRIBE_WAIT)
                 break
             subscriber.wait_connected(0.1)
-        return subscriber
 
     def _main(self) -> None:
         """What runs between READY and on_close; behaviours override this, users override execute."""

@@ -28,12 +28,11 @@ class EventDrivenAgent(LoopingAgent):
     def _prepare(self) -> None:
         # subscribed before READY: an agent that depends on this one (and starts once it is
         # READY) publishes nothing this one misses
-        self._subscriber = None
         if self.config.subscribe and self.events_address:
-            self._subscriber = self._subscribe([t if "." in t else t + "." for t in self.config.subscribe])
+            self._subscribe(self.config.subscribe)
 
     def _main(self) -> None:
-        subscriber = getattr(self, "_subscriber", None)
+        subscriber = self._subscriber
         limit, handled = self.config.limit, 0
         while not self.stopping and (limit < 0 or handled < limit):
             event = self._next_event(subscriber)

@@ -96,13 +96,11 @@ class TriggeredAgent(OneShotAgent):
 
     def _prepare(self) -> None:
         # subscribed before READY, like EventDriven: a trigger published right after it is not missed
-        self._subscriber = None
         if self.config.trigger and self.events_address:
-            prefix = self.config.trigger if "." in self.config.trigger else self.config.trigger + "."
-            self._subscriber = self._subscribe([prefix])
+            self._subscribe([self.config.trigger])
 
     def _main(self) -> None:
-        subscriber = getattr(self, "_subscriber", None)
+        subscriber = self._subscriber
         while not self.stopping:
             delivery = self._next_delivery(_POLL)
             if delivery is not None and delivery[0] == "trigger":
