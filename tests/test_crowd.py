@@ -19,6 +19,14 @@ def test_switch_interval_grows_with_threads_and_is_capped_by_the_window():
     assert crowd.switch_interval(10_000, 0.01) == crowd.SWITCH_DEFAULT
 
 
+def test_a_crowded_agent_host_takes_the_largest_interval_whatever_its_thread_count():
+    # the herd is summed over processes: five hosts at 40 ms wake five times as often as one
+    # process at 200 ms (a 20,000-agent burst tipped the machine over that way)
+    assert crowd.host_switch_interval(crowd.MANY_AGENTS - 1) == crowd.SWITCH_DEFAULT
+    assert crowd.host_switch_interval(crowd.MANY_AGENTS) == crowd.SWITCH_MAX
+    assert crowd.host_switch_interval(2_000) == crowd.SWITCH_MAX > crowd.switch_interval(2_000, 5.0)
+
+
 def test_freeze_only_with_many_agents_and_after_starts():
     policy = FreezePolicy()
     policy.started(10)

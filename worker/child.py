@@ -36,18 +36,22 @@ def _listen(conn: Any, agent: Any) -> None:
         agent.stop()  # the worker is gone: nobody is left to report to
 
 
-def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
-         events_address: str | None = None, bus: list | None = None, hold: bool = False,
-         events_key: Any = None) -> None:
-    """Run one process agent to completion, reporting through ``conn``."""
-    # the forkserver's children start with no logging set up; log like the worker does
+def setup_logging(label: str, log_level: int) -> None:
+    """The forkserver's children start with no logging set up: log like the worker does."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(log_level)  # the level is the handler's: records still reach the bus
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [agent {name} pid {os.getpid()}] %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{label} pid {os.getpid()}] %(name)s: %(message)s"))
     agent_logs.follow_parent(handler)
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(min(log_level, logging.INFO))
     logging.getLogger("pyorchestrate.agent").setLevel(logging.INFO)  # INFO records reach the bus
+
+
+def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
+         events_address: str | None = None, bus: list | None = None, hold: bool = False,
+         events_key: Any = None) -> None:
+    """Run one process agent to completion, reporting through ``conn``."""
+    setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
 
     def report(event: str, **fields: Any) -> None:

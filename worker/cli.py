@@ -13,7 +13,7 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
 from . import agent_logs
-from .node import Worker
+from .node import THREADS_PER_PROCESS, Worker
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -26,14 +26,22 @@ def _labels(text: str) -> dict[str, str]:
     return labels
 
 
-def _capacity(text: str) -> int:
+def _count(text: str, what: str = "count", zero: str = "0 = no limit") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"capacity {text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a whole number") from None
     if value < 0:
-        raise argparse.ArgumentTypeError("capacity must be >= 0 (0 = no limit)")
+        raise argparse.ArgumentTypeError(f"{what} must be >= 0 ({zero})")
     return value
+
+
+def _capacity(text: str) -> int:
+    return _count(text, "capacity")
+
+
+def _threads(text: str) -> int:
+    return _count(text, "threads per process", "0 = all in the worker's process")
 
 
 def _address(text: str) -> str:
@@ -70,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a small process that tells the coordinator this worker is alive when its own loop "
                         "cannot (GIL starvation): auto = once it runs 500 agents; always = agents in C code that "
                         "holds the GIL for seconds; never")
+    p.add_argument("--threads-per-process", type=_threads, default=THREADS_PER_PROCESS, metavar="N",
+                   help="thread agents run in this worker's process up to N at once; more run in agent host "
+                        "processes of up to N each, so no process holds more threads than CPython serves well "
+                        f"(default {THREADS_PER_PROCESS}; 0 = all in this process)")
     p.add_argument("--agent-logs", choices=["print", "bus"], default="print",
                    help="print: agents' log lines go to this worker's stderr and the bus; bus: only to the bus "
                         "(an embedded worker: its coordinator prints them, once)")
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
                         parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout, keys=args.keys,
-                        key_name=args.key_name, pulse=args.pulse)
+                        key_name=args.key_name, pulse=args.pulse, threads_per_process=args.threads_per_process)
     except KeysError as exc:
         print(f"pyorchestrate-worker: {exc}", file=sys.stderr)
         return 2

@@ -44,6 +44,18 @@ def switch_interval(threads: int, window: float) -> float:
     return min(cap, max(SWITCH_DEFAULT, threads * SWITCH_PER_THREAD))
 
 
+def host_switch_interval(threads: int) -> float:
+    """The GIL switch interval for an agent host (host.py) with ``threads`` threads.
+
+    A host has no heartbeat to keep, so nothing caps the interval by a liveness window; what
+    matters is the herd summed over every process of the machine: each thread waiting for the
+    GIL wakes once per interval, so splitting 10,000 threads into five processes at 40 ms each
+    made five times the wake-ups of one process at 200 ms, and a burst of 20,000 agents tipped the
+    whole machine over (load average 1,800, the coordinator's loop starved for 27 s).  Crowded
+    hosts take the largest interval a worker would."""
+    return SWITCH_DEFAULT if threads < MANY_AGENTS else SWITCH_MAX
+
+
 class GcAction(Enum):
     NOTHING = "nothing"
     FREEZE = "freeze"  #: gc.freeze(): what exists now is out of the collector's sight

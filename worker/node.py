@@ -68,6 +68,11 @@ class NoAnswer(Exception):
     """The coordinator did not answer a registration in time."""
 
 
+#: thread agents one process runs before the rest go to agent hosts (host.py): a fifth of where
+#: CPython's GIL herd tips over on this kind of machine (~10,000 threads; benchmarks/threads.py)
+THREADS_PER_PROCESS = 2000
+
+
 class Refused(Exception):
     """The coordinator refused this worker; retrying will not help."""
 
@@ -77,8 +82,11 @@ class Worker:
 
     def __init__(self, coordinator: str, name: str | None = None, labels: dict[str, str] | None = None,
                  capacity: int = 0, parent_pid: int | None = None, orphan_timeout: float = ORPHAN_TIMEOUT,
-                 keys: Any = None, key_name: str | None = None, pulse: str = "auto") -> None:
+                 keys: Any = None, key_name: str | None = None, pulse: str = "auto",
+                 threads_per_process: int = THREADS_PER_PROCESS) -> None:
         sockets.parse_tcp(coordinator)
+        if threads_per_process < 0:
+            raise ValueError(f"threads_per_process={threads_per_process}: use 0 (no agent hosts) or a positive count")
         if pulse not in PULSE_MODES:
             raise ValueError(f"pulse={pulse!r}: use one of {', '.join(PULSE_MODES)}")
         # "auto": a pulse process once this worker runs MANY_AGENTS (the GIL herd); "always": from
@@ -111,7 +119,7 @@ class Worker:
         self._outbox = WakeQueue()  # agents' lifecycle reports (thousands of threads put, no lock)
         self._bus_signal = WakeQueue()  # wakes the loop when agents' bus events wait
         self._bus_outbox = BusOutbox(wake=lambda: self._bus_signal.put(None))
-        self._supervisor = Supervisor(self._queue_event, self.name, self._bus_outbox)
+        self._supervisor = Supervisor(self._queue_event, self.name, self._bus_outbox, threads_per_process)
         self._dealer: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._bus_address = ""

@@ -8,6 +8,7 @@ death the moment it exits, without waiting for heartbeats.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import multiprocessing
 import queue
@@ -25,6 +26,7 @@ from pyorchestrate.events import stamp
 
 from . import child
 from .agent_threads import AgentThreads
+from .hosts import AgentHost
 from .errors import error_fields
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
@@ -69,6 +71,8 @@ class Running:
     stop_timeout: float = 10.0
     forced: bool = False  #: it ignored a stop past its timeout
     thread: threading.Thread | None = field(default=None, repr=False)
+    host: AgentHost | None = field(default=None, repr=False)  #: thread agents run by an agent host
+    slot: int = 0  #: its number in that host
 
     @property
     def key(self) -> Key:
@@ -87,8 +91,16 @@ class Running:
 class Supervisor:
     """Starts, stops and watches agents; every lifecycle event goes to ``report``."""
 
-    def __init__(self, report: Report, worker_name: str, bus: publisher.BusOutbox | None = None) -> None:
+    def __init__(self, report: Report, worker_name: str, bus: publisher.BusOutbox | None = None,
+                 threads_per_process: int = 0) -> None:
         self._report = report
+        #: most thread agents run in this process, then in agent hosts of as many each (0: no hosts;
+        #: see host.py)
+        self.threads_per_process = threads_per_process
+        self._local_threads = 0  # thread agents placed in this process and not yet forgotten
+        self._hosts: list[AgentHost] = []
+        self._slots = itertools.count(1)
+        self._host_numbers = itertools.count(1)
         #: where agents' bus events wait for the worker's loop (None: no bus)
         self.bus = bus
         self._worker_name = worker_name
@@ -112,7 +124,7 @@ class Supervisor:
         self.events_key: Any = None  # the worker's key (ClientKey) when the coordinator uses keys
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload(["pyorchestrate_worker.child"])
+        self._mp.set_forkserver_preload(["pyorchestrate_worker.child", "pyorchestrate_worker.host"])
         if AGENT_LOGGERS.level == logging.NOTSET:
             AGENT_LOGGERS.setLevel(logging.INFO)  # agents' INFO records reach the bus
 
@@ -202,12 +214,17 @@ class Supervisor:
                 self._classes[class_id] = shipping.unpack_class(blob)
             agent_class, config_class = self._classes[class_id]
             config, plugin = shipping.unpack_config(config_class, config_blob)
-            agent = agent_class(name, config, plugin)
+            hosted = bool(self.threads_per_process) and self._local_threads >= self.threads_per_process
+            agent = None if hosted else agent_class(name, config, plugin)
         except Exception as exc:
             self._fail_before_start(record, exc)
             return
+        record.stop_timeout = float(getattr(config, "stop_timeout", record.stop_timeout))
+        if hosted:
+            self._start_hosted(record, class_id, blob, config_blob, hold)
+            return
         record.agent = agent
-        record.stop_timeout = float(getattr(agent.config, "stop_timeout", record.stop_timeout))
+        self._local_threads += 1
 
         def report(event: str, **fields: Any) -> None:
             self._relay(record, event, fields)
@@ -236,6 +253,32 @@ class Supervisor:
         if trace.enabled:
             trace.mark("handed", name)
 
+    def _start_hosted(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
+        """Run a thread agent in an agent host with room (a new one if none has)."""
+        slot = next(self._slots)
+        host = next((h for h in self._hosts if not h.retired and h.count < self.threads_per_process
+                     and h.add(slot, record)), None)
+        if host is None:
+            host = AgentHost(self._mp, next(self._host_numbers), self._worker_name, self.host, self.events_address,
+                             self.events_key, self.bus is not None, _stderr_level())
+            host.add(slot, record)
+            self._hosts.append(host)
+            log.info("agent host %d: started for thread agents beyond %d in one process", host.number,
+                     self.threads_per_process)
+            # started by its reader, on the starter thread: booting the forkserver takes seconds
+            # on a busy machine, and this loop must stay responsive
+            self._start_soon(threading.Thread(target=host.serve, args=(self._relay, self._emit, self._bus_sink()),
+                                              name=f"host-{host.number}", daemon=True))
+        record.host, record.slot = host, slot
+        self._add(record)
+        host.send(["start", slot, class_id, None if class_id in host.classes else blob, config_blob, record.name,
+                   record.tag, hold])
+        host.classes.add(class_id)
+
+    def hosts(self) -> int:
+        """Agent hosts this worker runs now."""
+        return sum(not h.dead for h in self._hosts)
+
     def _start_soon(self, thread: threading.Thread, agent: Running | None = None) -> None:
         """Start ``thread`` on the starter thread; ``agent``: the thread agent it runs, reported
         failed if its thread cannot start (it would otherwise count as running for ever)."""
@@ -245,7 +288,10 @@ class Supervisor:
         self._to_start.put((thread, agent))
 
     def close(self) -> None:
-        """End the starter thread (threads still queued are not started) and idle agent threads."""
+        """End the starter thread (threads still queued are not started), idle agent threads and
+        agent hosts."""
+        for host in self._hosts:
+            host.retire()
         self.threads.close()
         if self._starter is not None:
             self._to_start.put(None)
@@ -349,7 +395,9 @@ class Supervisor:
         if record.stop_requested_at is None:
             record.stop_requested_at = time.monotonic()
             self._stopping.add(record.key)
-        if record.mode == "thread":
+        if record.host is not None:
+            record.host.send(["stop", record.slot])
+        elif record.mode == "thread":
             record.agent.stop()
         else:
             self._to_child(record, ["stop"])
@@ -360,7 +408,9 @@ class Supervisor:
             record = self._agents.get((name, run, epoch))
         if record is None or record.terminated:
             return False
-        if record.mode == "thread":
+        if record.host is not None:
+            record.host.send(["deliver", record.slot, kind, payload])
+        elif record.mode == "thread":
             record.agent.deliver(kind, payload)
         else:
             self._to_child(record, ["deliver", kind, payload])
@@ -419,10 +469,27 @@ class Supervisor:
                 if record is None:
                     continue
                 forgotten += 1
+                if record.host is not None:
+                    record.host.forget(record.slot)
+                elif record.mode == "thread" and record.agent is not None:
+                    self._local_threads -= 1
                 self._stopping.discard(key)
                 keys = self._by_name.get(key[0])
                 if keys is not None:
                     keys.remove(key)
                     if not keys:
                         del self._by_name[key[0]]
+        if self._hosts and forgotten:
+            self._retire_idle_hosts()
         return forgotten
+
+    def _retire_idle_hosts(self) -> None:
+        """Let hosts with no agents left exit (they cost a process each); a dead one is dropped
+        once its agents were forgotten."""
+        keep = []
+        for host in self._hosts:
+            if host.count == 0:
+                host.retire()
+            else:
+                keep.append(host)
+        self._hosts = keep

@@ -1,0 +1,179 @@
+"""Entry point of an agent host: a child process of the worker that runs many thread agents.
+
+Why: one CPython process serves a few thousand threads well and ~10,000 badly.  Every thread
+waiting for the GIL wakes each switch interval to demand it; at 10,000 threads a stall of a
+fraction of a second can tip the process into a convoy where its threads (the worker's loop
+among them) wait seconds for the GIL (``benchmarks/threads.py``: 2 of 3 runs of plain threads,
+no pyorchestrate).  So a worker keeps at most ``--threads-per-process`` thread agents in its own
+process and runs the rest in hosts like this one, each holding at most as many.  Its own loop (its
+heartbeats, its lease) then never shares a GIL with more than that many agent threads.
+
+The pipe to the worker carries msgpack lists:
+
+* worker → host: ``["start", slot, class_id, class_blob | None, config_blob, name, tag, hold]``
+  (the class is sent once per host), ``["stop", slot]``, ``["deliver", slot, kind, payload]``,
+  ``["exit"]`` (no agents left: end);
+* host → worker: ``[slot, event, fields]`` (a lifecycle report of one agent) and
+  ``[BUS, slot, *item]`` (one bus event, numbered by the agent's publisher).
+
+If the worker dies the pipe closes: every agent is asked to stop and the host exits once they
+ended (a thread that ignores the stop is abandoned after ``EXIT_GRACE`` seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+from pyorchestrate import publisher, shipping
+from pyorchestrate.events import stamp
+
+from . import crowd
+from .child import BUS, setup_logging
+from .errors import error_fields
+
+#: after the worker is gone, how long agents get to end before the host exits anyway
+EXIT_GRACE = 10.0
+#: within a burst of starts, the switch interval and the collector are tuned every so many agents
+TUNE_EVERY = 100
+
+
+class Host:
+    """The agents of one host process (runs in that process)."""
+
+    def __init__(self, conn: Any, worker: str, host: str, events_address: str | None, events_key: Any,
+                 bus: bool) -> None:
+        self._conn = conn
+        self._worker, self._host = worker, host
+        self._events_address, self._events_key, self._bus = events_address, events_key, bus
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.agents: dict[int, Any] = {}
+        self._threads: dict[int, threading.Thread] = {}
+        self._classes: dict[str, tuple[type, type]] = {}
+        self._gc = crowd.FreezePolicy()
+
+    def send(self, message: list) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send_bytes(msgpack.packb(message, use_bin_type=True, default=repr))
+            except (OSError, ValueError):
+                pass  # the worker is gone: the listener sees the pipe close and stops everything
+
+    def serve(self) -> None:
+        """Act on the worker's messages until it closes the pipe or says exit."""
+        try:
+            while True:
+                if not self._conn.poll(1.0):
+                    self._tune()
+                    continue
+                message = msgpack.unpackb(self._conn.recv_bytes(), raw=False)
+                kind = message[0]
+                if kind == "start":
+                    self._start(*message[1:])
+                elif kind == "stop":
+                    agent = self.agents.get(message[1])
+                    if agent is not None:
+                        agent.stop()
+                elif kind == "deliver":
+                    agent = self.agents.get(message[1])
+                    if agent is not None:
+                        agent.deliver(message[2], message[3])
+                elif kind == "exit":
+                    break
+                if kind == "start" and len(self.agents) % TUNE_EVERY == 0 or not self._conn.poll(0):
+                    self._tune()  # now and then within a burst of starts, and after it
+        except (EOFError, OSError):
+            pass
+        self._stop_all()
+
+    def _tune(self) -> None:
+        # the same two counters a crowded worker applies to itself (crowd.py)
+        interval = crowd.host_switch_interval(threading.active_count())
+        if sys.getswitchinterval() != interval:
+            sys.setswitchinterval(interval)
+        with self._lock:
+            action = self._gc.decide(len(self.agents))
+        crowd.apply(action)
+
+    def _start(self, slot: int, class_id: str, class_blob: bytes | None, config_blob: bytes, name: str, tag: str,
+               hold: bool) -> None:
+        def report(event: str, **fields: Any) -> None:
+            fields.update(stamp())
+            self.send([slot, event, fields])
+
+        try:
+            if class_blob is not None:
+                self._classes[class_id] = shipping.unpack_class(class_blob)
+            agent_class, config_class = self._classes[class_id]
+            config, plugin = shipping.unpack_config(config_class, config_blob)
+            agent = agent_class(name, config, plugin)
+        except BaseException as exc:  # noqa: BLE001 - any failure to load is this agent's, not the host's
+            report("AGENT_STARTED")
+            report("AGENT_ERROR", **error_fields(exc))
+            report("AGENT_TERMINATED", ok=False)
+            return
+        agent._report = report
+        agent.events_address = self._events_address
+        agent.events_key = self._events_key
+        if hold:
+            agent.control_events.execute_event.clear()  # until the coordinator says execute
+
+        def sink(item: Any) -> None:
+            self.send([BUS, slot, *item])
+
+        def run() -> None:
+            if self._bus:
+                publisher.attach(agent, sink, self._worker, self._host, tag)
+            try:
+                agent.run()
+            finally:
+                publisher.detach(agent)
+                with self._lock:
+                    self.agents.pop(slot, None)
+                    self._threads.pop(slot, None)
+                    self._gc.ended()
+
+        thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
+        with self._lock:
+            self.agents[slot] = agent
+            self._threads[slot] = thread
+            self._gc.started()
+        try:
+            thread.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
+            with self._lock:
+                self.agents.pop(slot, None)
+                self._threads.pop(slot, None)
+            report("AGENT_STARTED")
+            report("AGENT_ERROR", **error_fields(exc, " (could not start its thread)"))
+            report("AGENT_TERMINATED", ok=False)
+
+    def _stop_all(self) -> None:
+        with self._lock:
+            agents = list(self.agents.values())
+            threads = list(self._threads.values())
+        for agent in agents:
+            agent.stop()
+        deadline = time.monotonic() + EXIT_GRACE
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def main(conn: Any, worker: str, host: str, events_address: str | None, events_key: Any, bus: bool,
+         log_level: int = logging.INFO) -> None:
+    """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
+    setup_logging(f"agent host {worker}", log_level)
+    Host(conn, worker, host, events_address, events_key, bus).serve()
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: a stuck agent thread (or a non-daemon thread of user code) must
+    # not keep the host alive
+    os._exit(0)

@@ -1,0 +1,139 @@
+"""The worker's side of one agent host (see host.py): the pipe to it, which of the worker's thread
+agents it runs, and what to report for them if it dies.
+
+The loop only puts messages in an outbox (a writer thread sends them: a full pipe must never
+block the loop) and assigns slots; a reader thread starts the process, relays everything the host
+sends and, when the pipe closes, reports every agent still in it as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+import msgpack
+
+from pyorchestrate.events import stamp
+
+from . import host as host_process
+from .child import BUS
+
+log = logging.getLogger("pyorchestrate.worker.hosts")
+
+#: (record, event, fields): how the reader hands an agent's report to the supervisor
+Relay = Callable[[Any, str, dict], None]
+
+
+class AgentHost:
+    """One host process and the thread agents it runs (``slots``: slot number -> the worker's
+    record of that copy)."""
+
+    def __init__(self, mp: Any, number: int, worker: str, host: str, events_address: str | None,
+                 events_key: Any, bus: bool, log_level: int) -> None:
+        self.number = number
+        self.worker = worker
+        self.conn, self._child_conn = mp.Pipe()
+        self.process = mp.Process(target=host_process.main,
+                                  args=(self._child_conn, worker, host, events_address, events_key, bus, log_level),
+                                  name=f"agent-host-{number}", daemon=False)
+        self.lock = threading.Lock()
+        self.slots: dict[int, Any] = {}
+        self.classes: set[str] = set()  #: class ids already sent (a host caches what it unpacked)
+        self.count = 0  #: copies placed here and not yet forgotten by the loop
+        self.retired = False  #: the loop places nothing more here
+        self.dead = False  #: the pipe closed: the reader reported what was left
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def add(self, slot: int, record: Any) -> bool:
+        """Place a copy here (the loop); False if the host died meanwhile."""
+        with self.lock:
+            if self.dead:
+                return False
+            self.slots[slot] = record
+            self.count += 1
+            return True
+
+    def forget(self, slot: int) -> None:
+        with self.lock:
+            if self.slots.pop(slot, None) is not None:
+                self.count -= 1
+
+    def send(self, message: list) -> None:
+        self._outbox.put(msgpack.packb(message, use_bin_type=True))
+
+    def retire(self) -> None:
+        """No agents left (or the worker ends): tell the host to exit once the pipe is drained."""
+        if not self.retired:
+            self.retired = True
+            self.send(["exit"])
+            self._outbox.put(None)
+
+    def _write(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):
+                return  # the host is gone; the reader reports its agents
+
+    def serve(self, relay: Relay, emit: Relay, sink: Callable[[Any], None] | None) -> None:
+        """The reader thread: start the host, relay what it says, report its agents if it dies."""
+        try:
+            self.process.start()
+        except Exception as exc:  # noqa: BLE001 - reported for every agent placed here
+            self._child_conn.close()
+            self._gone(relay, emit, {}, set(), f"could not start its host process: {exc}", None, before_start=True)
+            self.conn.close()
+            return
+        self._child_conn.close()
+        writer = threading.Thread(target=self._write, name=f"host-{self.number}-writer", daemon=True)
+        writer.start()
+        failed: set[int] = set()  # slots that reported an error (a death adds none)
+        last_bus: dict[int, dict[str, Any]] = {}  # slot -> marker of its last bus event
+        try:
+            while True:
+                message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
+                if message[0] == BUS:
+                    slot, item = message[1], tuple(message[2:])
+                    if sink is not None:
+                        sink(item)
+                    last_bus[slot] = {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
+                    continue
+                slot, event, fields = message
+                record = self.slots.get(slot)
+                if record is None:
+                    continue
+                if event == "AGENT_ERROR":
+                    failed.add(slot)
+                elif event == "AGENT_TERMINATED":
+                    failed.discard(slot)
+                    last_bus.pop(slot, None)
+                relay(record, event, fields)
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            log.exception("bad message from agent host %s", self.number)
+        self.process.join(5.0)
+        code = self.process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        self._gone(relay, emit, last_bus, failed, f"its host process (pid {self.process.pid}) {how}", code)
+        self._outbox.put(None)
+        writer.join(5.0)
+        self.conn.close()
+
+    def _gone(self, relay: Relay, emit: Relay, last_bus: dict[int, dict], failed: set[int], how: str,
+              code: int | None, before_start: bool = False) -> None:
+        with self.lock:
+            self.dead = True
+            left = [(slot, record) for slot, record in self.slots.items() if not record.terminated]
+        if left and not self.retired:
+            log.error("agent host %s: %s with %d agents", self.number, how, len(left))
+        for slot, record in left:
+            if not record.terminated:
+                if before_start:
+                    emit(record, "AGENT_STARTED", {})
+                if slot not in failed:
+                    emit(record, "AGENT_ERROR", {"error_message": f"thread agent {record.name} ended: {how} on worker "
+                                                                  f"{self.worker}", "traceback": "", "exitcode": code})
+                relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus.get(slot, {})})
