@@ -22,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold, trace
+from . import collector, commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold, trace
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -89,6 +89,8 @@ class Coordinator:
         self._last_sweep = time.monotonic()
         self._fd_identity: dict[int, bytes] = {}
         self.client_requests: Counter[str] = Counter()  # answered per op, and refused
+        # thousands of agents: full collections frozen out of the loop's way (collector.py)
+        self.collector: collector.Collector | None = None
         self.loop_lags: collections.deque[float] = collections.deque(maxlen=20)  # the latest ticks'
         self.monitor: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -183,6 +185,7 @@ class Coordinator:
     def _run(self) -> None:
         assert self.core is not None
         core = self.core
+        self.collector = collector.Collector()
         poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
             poller.register(sock, zmq.POLLIN)
@@ -232,6 +235,8 @@ class Coordinator:
                         self._release_early(self._early_hold.expired(now))
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
+                    if self.collector is not None:
+                        self.collector.tick(len(core.agents))
                     next_tick = core.next_wake(now)
                 self._serve_queries()
                 core.place(now)
@@ -841,6 +846,9 @@ class Coordinator:
                 "refused": {**dict(self.gatekeeper.refused), **dict(self.handshake_failures)}}
 
     def _close(self) -> None:
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
         if getattr(self, "xpub", None) is not None and self.core is not None:
             self._last_bus_beat = 0.0
             self._publish_bus_heartbeat(time.monotonic())  # our last seq: a lost tail shows

@@ -24,9 +24,9 @@ processes on 2 cores):
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
-from enum import Enum
+
+from pyorchestrate.collector import GcAction, apply  # noqa: F401 - the worker's policy acts the same way
 
 #: below this many running agents nothing is tuned (CPython's defaults serve best)
 MANY_AGENTS = 500
@@ -54,13 +54,6 @@ def host_switch_interval(threads: int) -> float:
     whole machine over (load average 1,800, the coordinator's loop starved for 27 s).  Crowded
     hosts take the largest interval a worker would."""
     return SWITCH_DEFAULT if threads < MANY_AGENTS else SWITCH_MAX
-
-
-class GcAction(Enum):
-    NOTHING = "nothing"
-    FREEZE = "freeze"  #: gc.freeze(): what exists now is out of the collector's sight
-    REFRESH = "refresh"  #: gc.unfreeze(); gc.collect(); gc.freeze(): reclaim what frozen agents left
-    THAW = "thaw"  #: gc.unfreeze(); gc.collect(): few agents left, the collector's passes are cheap again
 
 
 @dataclass
@@ -94,14 +87,3 @@ class FreezePolicy:
             self.started_since_freeze = 0
             return GcAction.FREEZE
         return GcAction.NOTHING
-
-
-def apply(action: GcAction) -> None:
-    """Carry out ``action`` on this process's collector."""
-    if action is GcAction.FREEZE:
-        gc.freeze()
-    elif action in (GcAction.REFRESH, GcAction.THAW):
-        gc.unfreeze()
-        gc.collect()
-        if action is GcAction.REFRESH:
-            gc.freeze()

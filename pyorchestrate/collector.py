@@ -1,0 +1,120 @@
+"""Garbage collection in processes that hold thousands of agents: what to freeze, and when.
+
+CPython's full (generation 2) collection walks every tracked object of the process while holding
+the GIL.  In a coordinator with thousands of agent records (and their event history) it stops the
+loop: heartbeats, leases and ``status()`` wait.  Measured: up to 103 ms at the peak of S9 (10,000
+agents on 100 workers); 120-270 ms every few seconds with 20,000 agents running beside 4 CPU
+burners.  ``gc.freeze()`` moves every object the collector tracks into a permanent generation it
+never walks; objects freed by reference counting still go at once, only cyclic garbage that was
+frozen waits for an unfreeze.
+
+The coordinator's policy: once it holds ``MANY_AGENTS`` agents, collect once and freeze; then
+freeze again right after each full collection (what survived one is live, so nothing dead is
+frozen then; and each such pass walks only what came since the last freeze); once the frozen
+population has doubled since it was last reclaimed, unfreeze and collect once (one pause, the
+size of the ones avoided; doubling makes them rare), so cyclic garbage stays bounded.  Under half
+``MANY_AGENTS`` it unfreezes and collects once, and the collector works as usual again.
+The worker's policy, counted in agents started and ended, is in ``pyorchestrate_worker.crowd``.
+
+``gc.freeze`` is process-wide: in the script's process it also freezes the script's objects (the
+same rule holds for them: only what survived a full collection).  A script that freezes for itself
+should know the coordinator unfreezes when it reclaims.
+"""
+
+from __future__ import annotations
+
+import gc
+from enum import Enum
+from typing import Any
+
+#: from this many agent records on, the coordinator freezes after full collections
+MANY_AGENTS = 2_000
+#: the frozen population may grow to this multiple of what was left after the last reclaim
+REFRESH_GROWTH = 2.0
+#: ... and by at least this many objects (a small population is not worth a pause)
+REFRESH_MIN = 200_000
+
+
+class GcAction(Enum):
+    NOTHING = "nothing"
+    FREEZE = "freeze"  #: gc.freeze(): what exists now is out of the collector's sight
+    REFRESH = "refresh"  #: gc.unfreeze(); gc.collect(); gc.freeze(): reclaim frozen cyclic garbage
+    THAW = "thaw"  #: gc.unfreeze(); gc.collect(): few agents left, the collector's passes are cheap again
+
+
+def apply(action: GcAction) -> None:
+    """Carry out ``action`` on this process's collector."""
+    if action is GcAction.FREEZE:
+        gc.freeze()
+    elif action in (GcAction.REFRESH, GcAction.THAW):
+        gc.unfreeze()
+        gc.collect()
+        if action is GcAction.REFRESH:
+            gc.freeze()
+
+
+class AfterFullCollection:
+    """The coordinator's policy (pure: it is told the counts; see the module docstring)."""
+
+    def __init__(self, many: int = MANY_AGENTS) -> None:
+        self.many = many
+        self.active = False
+        self.full_done = False  #: a full collection finished since the last decision
+        self.base = 0  #: frozen objects after the last reclaim (or the first freeze)
+
+    def collected(self, generation: int) -> None:
+        """A collection of ``generation`` finished (called from ``gc.callbacks``)."""
+        if generation == 2:
+            self.full_done = True
+
+    def decide(self, agents: int, frozen: int) -> GcAction:
+        """Call now and then on the loop with the agent records held and ``gc.get_freeze_count()``."""
+        full_done, self.full_done = self.full_done, False
+        if not self.active:
+            if agents >= self.many:
+                # collect once now rather than wait for the first full pass: that one would walk
+                # everything the burst that brought us here left (121 ms in one S9 run)
+                self.active = True
+                return GcAction.REFRESH
+            return GcAction.NOTHING
+        if agents < self.many // 2:
+            self.active = False
+            return GcAction.THAW
+        if frozen > max(REFRESH_GROWTH * self.base, self.base + REFRESH_MIN):
+            return GcAction.REFRESH
+        return GcAction.FREEZE if full_done else GcAction.NOTHING
+
+    def applied(self, action: GcAction, frozen: int) -> None:
+        """After ``apply(action)``: ``frozen`` is ``gc.get_freeze_count()`` now."""
+        if action in (GcAction.REFRESH, GcAction.THAW):
+            self.full_done = False  # that full pass was ours, and its survivors are frozen already
+        if action is GcAction.REFRESH:
+            self.base = frozen
+        elif action is GcAction.THAW:
+            self.base = 0
+
+
+class Collector:
+    """The policy wired to this process's collector; ``close()`` undoes everything."""
+
+    def __init__(self, many: int = MANY_AGENTS) -> None:
+        self.policy = AfterFullCollection(many)
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            self.policy.collected(info["generation"])
+
+    def tick(self, agents: int) -> GcAction:
+        action = self.policy.decide(agents, gc.get_freeze_count())
+        if action is not GcAction.NOTHING:
+            apply(action)
+            self.policy.applied(action, gc.get_freeze_count())
+        return action
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        if self.policy.active:
+            self.policy.active = False
+            gc.unfreeze()  # the script's process goes on as it was; the next full pass sees all

@@ -1,0 +1,62 @@
+"""The coordinator's garbage-collection policy (pure), and its wiring to the real collector."""
+
+from __future__ import annotations
+
+import gc
+
+from pyorchestrate.collector import REFRESH_MIN, AfterFullCollection, Collector, GcAction
+
+
+def test_collects_and_freezes_once_many_agents_then_freezes_right_after_each_full_collection():
+    policy = AfterFullCollection(many=100)
+    assert policy.decide(50, 0) is GcAction.NOTHING
+    policy.collected(2)
+    assert policy.decide(50, 0) is GcAction.NOTHING  # few agents: the collector is cheap
+    assert policy.decide(150, 0) is GcAction.REFRESH  # many: one pass now, then frozen
+    policy.applied(GcAction.REFRESH, 1_000_000)
+    assert policy.decide(150, 1_000_000) is GcAction.NOTHING
+    policy.collected(0)
+    policy.collected(1)
+    assert policy.decide(150, 1_000_000) is GcAction.NOTHING  # young passes leave garbage behind
+    policy.collected(2)  # a full pass walks only what came since; its survivors join
+    assert policy.decide(150, 1_100_000) is GcAction.FREEZE
+    policy.applied(GcAction.FREEZE, 1_100_000)
+    assert policy.base == 1_000_000  # growth is measured from the last reclaim
+
+
+def test_reclaims_once_the_frozen_population_doubled_and_thaws_with_few_agents():
+    policy = AfterFullCollection(many=100)
+    assert policy.decide(150, 0) is GcAction.REFRESH
+    policy.applied(GcAction.REFRESH, 1_000_000)
+    assert policy.decide(150, 1_900_000) is GcAction.NOTHING
+    assert policy.decide(150, 2_000_001) is GcAction.REFRESH
+    policy.applied(GcAction.REFRESH, 1_200_000)  # what was cyclic garbage went
+    assert policy.decide(150, 2_000_000) is GcAction.NOTHING
+    # a small population is not worth a pause: at least REFRESH_MIN objects of growth
+    small = AfterFullCollection(many=100)
+    small.decide(150, 0)
+    small.applied(GcAction.REFRESH, 1_000)
+    assert small.decide(150, 2_500) is GcAction.NOTHING
+    assert small.decide(150, 1_000 + REFRESH_MIN + 1) is GcAction.REFRESH
+    # under half the threshold: unfreeze (and collect once), then nothing until many again
+    assert policy.decide(49, 2_000_000) is GcAction.THAW
+    policy.applied(GcAction.THAW, 0)
+    assert not policy.active and policy.base == 0
+    assert policy.decide(49, 0) is GcAction.NOTHING
+
+
+def test_the_collector_hears_real_full_collections_freezes_and_undoes_it_all_on_close():
+    assert gc.get_freeze_count() == 0
+    keep = [[i] for i in range(1000)]  # tracked objects that survive
+    collector = Collector(many=10)
+    try:
+        assert collector.tick(5) is GcAction.NOTHING
+        assert collector.tick(20) is GcAction.REFRESH
+        assert gc.get_freeze_count() >= len(keep)
+        assert collector.tick(20) is GcAction.NOTHING
+        gc.collect()  # a real full collection, heard through gc.callbacks
+        assert collector.tick(20) is GcAction.FREEZE
+    finally:
+        collector.close()
+    assert gc.get_freeze_count() == 0
+    assert collector._on_gc not in gc.callbacks
