@@ -256,6 +256,7 @@ class Supervisor:
     def _start_hosted(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
         """Run a thread agent in an agent host with room (a new one if none has)."""
         slot = next(self._slots)
+        # the first live host with room takes it (add() refuses if its reader just saw it die)
         host = next((h for h in self._hosts if not h.retired and h.count < self.threads_per_process
                      and h.add(slot, record)), None)
         if host is None:
@@ -274,10 +275,6 @@ class Supervisor:
         host.send(["start", slot, class_id, None if class_id in host.classes else blob, config_blob, record.name,
                    record.tag, hold])
         host.classes.add(class_id)
-
-    def hosts(self) -> int:
-        """Agent hosts this worker runs now."""
-        return sum(not h.dead for h in self._hosts)
 
     def _start_soon(self, thread: threading.Thread, agent: Running | None = None) -> None:
         """Start ``thread`` on the starter thread; ``agent``: the thread agent it runs, reported
