@@ -88,3 +88,21 @@ def test_a_dead_host_fails_its_own_agents_only_and_stops_reach_hosted_agents(clu
     assert not events.of("AGENT_ERROR", "a") and not events.of("AGENT_ERROR", "b")
     assert not events.of("WORKER_LOST")
     wait_for(lambda: not Path(f"/proc/{pids['b']}").exists(), 15, "b's host to exit once b ended")
+
+
+def test_sigterm_stops_hosted_agents_gracefully_and_leaves_no_host_behind(cluster):
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    worker = cluster.workers["w1"]
+    for name in ("a", "b", "c"):
+        orch.register_agent(Lingers, name)
+    events.wait("AGENT_READY", count=3, timeout=30)
+    wait_for(lambda: len(_pids(events)) == 3, 15, "every agent's pid")
+    hosts = {pid for pid in _pids(events).values() if pid != worker.pid}
+    assert len(hosts) == 2
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    for name in ("a", "b", "c"):
+        assert events.wait("AGENT_TERMINATED", name)[0]["ok"] is True
+    assert not events.of("AGENT_ERROR") and not events.of("WORKER_LOST")
+    for pid in hosts:  # the cluster fixture also checks the worker's session is empty
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, f"host {pid} to exit")
