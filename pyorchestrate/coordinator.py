@@ -236,7 +236,7 @@ class Coordinator:
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
                     if self.collector is not None:
-                        self.collector.tick(len(core.agents))
+                        self.collector.tick(len(core.agents), now)
                     next_tick = core.next_wake(now)
                 self._serve_queries()
                 core.place(now)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from pyorchestrate.collector import REFRESH_MIN, AfterFullCollection, Collector, GcAction
+from pyorchestrate.collector import COUNT_EVERY, REFRESH_MIN, AfterFullCollection, Collector, GcAction
 
 
 def _count(n):
@@ -17,45 +17,49 @@ def _never():
 
 def test_collects_and_freezes_once_many_agents_then_freezes_right_after_each_full_collection():
     policy = AfterFullCollection(many=100)
-    assert policy.decide(50, _never) is GcAction.NOTHING
+    assert policy.decide(50, _never, 0.0) is GcAction.NOTHING
     policy.collected(2)
-    assert policy.decide(50, _never) is GcAction.NOTHING  # few agents: the collector is cheap
-    assert policy.decide(150, _never) is GcAction.REFRESH  # many: one pass now, then frozen
+    assert policy.decide(50, _never, 0.0) is GcAction.NOTHING  # few agents: the collector is cheap
+    assert policy.decide(150, _never, 0.0) is GcAction.REFRESH  # many: one pass now, then frozen
     policy.applied(GcAction.REFRESH, _count(1_000_000))
-    assert policy.decide(150, _never) is GcAction.NOTHING  # no full pass since: nothing counted
+    assert policy.decide(150, _never, 1.0) is GcAction.NOTHING  # no full pass since: nothing counted
     policy.collected(0)
     policy.collected(1)
-    assert policy.decide(150, _never) is GcAction.NOTHING  # young passes leave garbage behind
+    assert policy.decide(150, _never, 2.0) is GcAction.NOTHING  # young passes leave garbage behind
     policy.collected(2)  # a full pass walks only what came since; its survivors join
-    assert policy.decide(150, _count(1_100_000)) is GcAction.FREEZE
+    assert policy.decide(150, _count(1_100_000), 3.0) is GcAction.FREEZE
     policy.applied(GcAction.FREEZE, _never)
     assert policy.base == 1_000_000  # growth is measured from the last reclaim
+    policy.collected(2)  # counted at most every COUNT_EVERY seconds: counting walks them all
+    assert policy.decide(150, _never, 4.0) is GcAction.FREEZE
 
 
 def test_reclaims_once_the_frozen_population_doubled_and_thaws_with_few_agents():
     policy = AfterFullCollection(many=100)
-    assert policy.decide(150, _never) is GcAction.REFRESH
+    assert policy.decide(150, _never, 0.0) is GcAction.REFRESH
     policy.applied(GcAction.REFRESH, _count(1_000_000))
     policy.collected(2)
-    assert policy.decide(150, _count(1_900_000)) is GcAction.FREEZE
+    assert policy.decide(150, _count(1_900_000), 1.0) is GcAction.FREEZE
     policy.collected(2)
-    assert policy.decide(150, _count(2_000_001)) is GcAction.REFRESH
+    assert policy.decide(150, _never, 2.0) is GcAction.FREEZE  # doubled, but not counted yet
+    policy.collected(2)
+    assert policy.decide(150, _count(2_000_001), 1.0 + COUNT_EVERY) is GcAction.REFRESH
     policy.collected(2)  # the reclaim's own pass: not a reason to freeze again
     policy.applied(GcAction.REFRESH, _count(1_200_000))  # what was cyclic garbage went
-    assert policy.decide(150, _never) is GcAction.NOTHING
+    assert policy.decide(150, _never, 2.0 + COUNT_EVERY) is GcAction.NOTHING
     # a small population is not worth a pause: at least REFRESH_MIN objects of growth
     small = AfterFullCollection(many=100)
-    small.decide(150, _never)
+    small.decide(150, _never, 0.0)
     small.applied(GcAction.REFRESH, _count(1_000))
     small.collected(2)
-    assert small.decide(150, _count(2_500)) is GcAction.FREEZE
+    assert small.decide(150, _count(2_500), 0.0) is GcAction.FREEZE
     small.collected(2)
-    assert small.decide(150, _count(1_000 + REFRESH_MIN + 1)) is GcAction.REFRESH
+    assert small.decide(150, _count(1_000 + REFRESH_MIN + 1), COUNT_EVERY) is GcAction.REFRESH
     # under half the threshold: unfreeze (and collect once), then nothing until many again
-    assert policy.decide(49, _never) is GcAction.THAW
+    assert policy.decide(49, _never, 100.0) is GcAction.THAW
     policy.applied(GcAction.THAW, _never)
     assert not policy.active and policy.base == 0
-    assert policy.decide(49, _never) is GcAction.NOTHING
+    assert policy.decide(49, _never, 101.0) is GcAction.NOTHING
 
 
 def test_the_collector_hears_real_full_collections_freezes_and_undoes_it_all_on_close():
@@ -63,12 +67,12 @@ def test_the_collector_hears_real_full_collections_freezes_and_undoes_it_all_on_
     keep = [[i] for i in range(1000)]  # tracked objects that survive
     collector = Collector(many=10)
     try:
-        assert collector.tick(5) is GcAction.NOTHING
-        assert collector.tick(20) is GcAction.REFRESH
+        assert collector.tick(5, 0.0) is GcAction.NOTHING
+        assert collector.tick(20, 0.0) is GcAction.REFRESH
         assert gc.get_freeze_count() >= len(keep)
-        assert collector.tick(20) is GcAction.NOTHING
+        assert collector.tick(20, 1.0) is GcAction.NOTHING
         gc.collect()  # a real full collection, heard through gc.callbacks
-        assert collector.tick(20) is GcAction.FREEZE
+        assert collector.tick(20, 2.0) is GcAction.FREEZE
     finally:
         collector.close()
     assert gc.get_freeze_count() == 0
