@@ -35,6 +35,16 @@ def _pids(events, pattern=r"pid=(\d+)"):
             for e in events.of("AGENT_LOG") if re.search(pattern, e["message"])}
 
 
+def _one_agent_per_process(cluster):
+    """Agents a, b, c READY on w1 at --threads-per-process 1: a in the worker, b and c in hosts."""
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    for name in ("a", "b", "c"):
+        orch.register_agent(Lingers, name)
+    events.wait("AGENT_READY", count=3, timeout=30)
+    wait_for(lambda: len(_pids(events)) == 3, 15, "every agent's pid")
+    return orch, events, cluster.workers["w1"], _pids(events)
+
+
 def test_thread_agents_beyond_the_limit_run_in_agent_hosts_and_get_what_is_sent_to_them(cluster):
     orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "2"))
     worker = cluster.workers["w1"]
@@ -69,13 +79,7 @@ def test_thread_agents_beyond_the_limit_run_in_agent_hosts_and_get_what_is_sent_
 
 
 def test_a_dead_host_fails_its_own_agents_only_and_stops_reach_hosted_agents(cluster):
-    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
-    worker = cluster.workers["w1"]
-    for name in ("a", "b", "c"):
-        orch.register_agent(Lingers, name)
-    events.wait("AGENT_READY", count=3, timeout=30)
-    wait_for(lambda: len(_pids(events)) == 3, 15, "every agent's pid")
-    pids = _pids(events)
+    orch, events, worker, pids = _one_agent_per_process(cluster)
     assert pids["a"] == worker.pid and len({pids["a"], pids["b"], pids["c"]}) == 3, pids
     os.kill(pids["c"], signal.SIGKILL)
     error = events.wait("AGENT_ERROR", "c", timeout=15)[0]
@@ -91,13 +95,8 @@ def test_a_dead_host_fails_its_own_agents_only_and_stops_reach_hosted_agents(clu
 
 
 def test_sigterm_stops_hosted_agents_gracefully_and_leaves_no_host_behind(cluster):
-    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
-    worker = cluster.workers["w1"]
-    for name in ("a", "b", "c"):
-        orch.register_agent(Lingers, name)
-    events.wait("AGENT_READY", count=3, timeout=30)
-    wait_for(lambda: len(_pids(events)) == 3, 15, "every agent's pid")
-    hosts = {pid for pid in _pids(events).values() if pid != worker.pid}
+    orch, events, worker, pids = _one_agent_per_process(cluster)
+    hosts = {pid for pid in pids.values() if pid != worker.pid}
     assert len(hosts) == 2
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0

@@ -23,6 +23,12 @@ from .errors import error_fields
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
 
 
+def bus_marker(item: Any) -> dict[str, Any]:
+    """What a TERMINATED report says of a child's last bus event (``item`` as the publisher numbered
+    it): the coordinator waits for the events still on their way instead of dropping them as stale."""
+    return {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
+
+
 def _listen(conn: Any, agent: Any) -> None:
     """Stop requests and deliveries from the worker."""
     try:

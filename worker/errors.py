@@ -14,3 +14,8 @@ def error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:
                     "keep it next to the coordinator script so it is shipped with the agent")
     return {"error_message": message,
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+def how_it_exited(code: int | None) -> str:
+    """A child process's exit code in words (a negative code is the signal that killed it)."""
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"

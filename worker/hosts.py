@@ -18,7 +18,8 @@ import msgpack
 from pyorchestrate.events import stamp
 
 from . import host as host_process
-from .child import BUS
+from .child import BUS, bus_marker
+from .errors import how_it_exited
 
 log = logging.getLogger("pyorchestrate.worker.hosts")
 
@@ -98,7 +99,7 @@ class AgentHost:
                     slot, item = message[1], tuple(message[2:])
                     if sink is not None:
                         sink(item)
-                    last_bus[slot] = {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
+                    last_bus[slot] = bus_marker(item)
                     continue
                 slot, event, fields = message
                 record = self.slots.get(slot)
@@ -116,8 +117,8 @@ class AgentHost:
             log.exception("bad message from agent host %s", self.number)
         self.process.join(5.0)
         code = self.process.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        self._gone(relay, emit, last_bus, failed, f"its host process (pid {self.process.pid}) {how}", code)
+        how = f"its host process (pid {self.process.pid}) {how_it_exited(code)}"
+        self._gone(relay, emit, last_bus, failed, how, code)
         self._outbox.put(None)
         writer.join(5.0)
         self.conn.close()

@@ -27,7 +27,7 @@ from pyorchestrate.events import stamp
 from . import child
 from .agent_threads import AgentThreads
 from .hosts import AgentHost
-from .errors import error_fields
+from .errors import error_fields, how_it_exited
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
 
@@ -349,7 +349,7 @@ class Supervisor:
                     if sink is not None:
                         item = tuple(message[1:])
                         sink(item)
-                        last_bus = {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
+                        last_bus = child.bus_marker(item)
                     continue
                 event, fields = message
                 if event == "AGENT_ERROR":
@@ -363,7 +363,7 @@ class Supervisor:
         code = record.process.exitcode
         if not record.terminated:
             # the child died without saying goodbye (SIGKILL, segfault, os._exit): report it now
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            how = how_it_exited(code)
             if record.forced:
                 how = f"ignored stop for {record.stop_timeout:.1f} s and was terminated ({how})"
             if not seen_error:
