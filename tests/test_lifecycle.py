@@ -6,7 +6,7 @@ import threading
 
 import pytest
 from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Sleeper
-from conftest import LIFECYCLE, EventLog, wait_for
+from conftest import LIFECYCLE, EventLog, free_port, wait_for
 
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
@@ -137,9 +137,11 @@ def test_context_manager_stops_running_agents(cluster):
 
 
 def test_a_worker_serves_one_coordinator_after_another(cluster):
-    first = cluster.orchestrator("first", min_workers=1)
+    # a port below the ephemeral range: the second binds port+1 and port+2 as well, which with an
+    # OS-chosen port could be taken meanwhile by a parallel test's OS-chosen socket (seen in CI)
+    port = free_port()
+    first = cluster.orchestrator("first", address=f"tcp://127.0.0.1:{port}", min_workers=1)
     first.start()
-    port = first.address.rpartition(":")[2]
     cluster.worker(first.address, "w1")
     first.register_agent(Quick, "q1")
     assert first.join(timeout=30)
