@@ -140,6 +140,8 @@ class ClusterCore(Registration, CommandHandlers):
         self.actions.append(Publish(event, subject, fields, record))
 
     def _publish_agent(self, record: AgentRecord, event: E, fields: dict[str, Any]) -> None:
+        if event is E.AGENT_READY:
+            record.ready_said = True
         worker = self.workers.get(record.worker or "")
         self._publish(event, record.name, {**fields, "agent_name": record.name, "worker": record.worker,
                                            "host": worker.host if worker else None, "epoch": record.epoch},
@@ -341,9 +343,7 @@ class ClusterCore(Registration, CommandHandlers):
             self._reconnect(record, worker, {"state": "READY" if event is E.AGENT_READY else "STARTED"},
                             "its worker is back", reported=event)
         if event is E.AGENT_TERMINATED:
-            if record.state is S.DISCONNECTED and record.said_before is S.ASSIGNED:
-                # it ran and ended while cut off, before its STARTED came: said now, before its end
-                self._publish_agent(record, E.AGENT_STARTED, {"recovered": True})
+            self._say_what_went_unsaid(record, fields.pop("reached", "STARTED"))
             marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
             if isinstance(marker[0], str) and isinstance(marker[1], str) and type(marker[2]) is int:
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))
@@ -374,6 +374,25 @@ class ClusterCore(Registration, CommandHandlers):
         else:
             raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
         self._publish_agent(record, event, fields)
+
+    def _say_what_went_unsaid(self, record: AgentRecord, reached: Any) -> None:
+        """A run's end came, but not (yet) its STARTED or READY: those went on a connection we do
+        not read any more (the worker registered again on a new one, or was cut off) and arrive late
+        or never.  Every run that ends has started, and its end says whether it got to READY
+        (``reached``): what was not said is said now, once, marked ``recovered``, before the end.
+        Seen beside 4 CPU burners: a worker that re-registered mid-run reported the ends of copies
+        whose STARTED and READY were still in its old connection (S9: 33-2,698 agents ended
+        without ever being said started)."""
+        state = record.said_before if record.state is S.DISCONNECTED else record.state
+        if state is S.ASSIGNED:
+            if record.state is S.ASSIGNED:
+                self.states.move(record, S.STARTED)
+            self._publish_agent(record, E.AGENT_STARTED, {"recovered": True})
+            state = S.STARTED
+        if reached == "READY" and not record.ready_said:
+            if record.state is S.STARTED:
+                self.states.move(record, S.READY)
+            self._publish_agent(record, E.AGENT_READY, {"recovered": True})
 
     def _stale_event(self, worker: WorkerRecord, item: dict[str, Any], now: float) -> None:
         """A report about a copy that is not the current run (replaced, or a previous coordinator's)."""
@@ -573,6 +592,7 @@ class ClusterCore(Registration, CommandHandlers):
     def _assign(self, record: AgentRecord, worker: WorkerRecord, now: float) -> None:
         record.epoch += 1
         record.run = self.incarnation
+        record.ready_said = False
         record.worker = worker.name
         if record.state is not S.ASSIGNED:
             self.states.move(record, S.ASSIGNED)

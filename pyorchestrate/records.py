@@ -52,6 +52,8 @@ class AgentRecord:
     disconnected_at: float = 0.0  #: when it became DISCONNECTED
     #: its state when it became DISCONNECTED: what of STARTED/READY was already said for its run
     said_before: AgentState = AgentState.PENDING
+    #: READY was said for the current run (here, or by the coordinator that started an adopted copy)
+    ready_said: bool = False
     ended_at: float = 0.0  #: when it last became TERMINATED for good (for forgetting)
 
     @property

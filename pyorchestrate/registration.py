@@ -184,6 +184,8 @@ class Registration:
         run.  ``reported``: the lifecycle event that brought it back (published by the caller)."""
         said = record.said_before if record.state is S.DISCONNECTED else None
         self.states.move(record, S.READY if report["state"] == "READY" else S.STARTED)
+        if record.state is S.READY:  # said before it was cut off, by the coordinator that started it, or just below
+            record.ready_said = True
         worker.agents.add(record.name)
         self._publish_agent(record, E.AGENT_ADOPTED, {"reason": reason, "state": record.state.value})
         if said is None:

@@ -126,6 +126,7 @@ class Sim:
         self.workers: dict[str, SimWorker] = {}
         self.starts: dict[str, int] = {}  # agent -> copies ever started
         self.ended: set[tuple[str, str, int]] = set()  # copies that ended and reported it
+        self.reached: dict[tuple[str, str, int], bool] = {}  # those copies: did they get to READY?
         #: (agent, coordinator incarnation) -> copies that coordinator started or adopted
         self.runs_of: dict[tuple[str, str], int] = {}
         self.max_live: dict[str, int] = {}
@@ -207,6 +208,9 @@ class Sim:
                 self.published.append(action)
                 if action.event.value in ("AGENT_STARTED", "AGENT_READY", "AGENT_ADOPTED"):
                     self._check_said(action)
+                elif (action.event.value == "AGENT_TERMINATED" and action.fields.get("ok") is True
+                      and "reason" not in action.fields):  # the core's own ends give a reason
+                    self._check_end_said(action)
                 if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
                     self._count_run(action.subject, self.core.incarnation)
                 self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
@@ -335,8 +339,9 @@ class Sim:
                 ok = True if ended else copy.ok
                 if not ok:
                     self._report(worker, copy, "AGENT_ERROR", {"error_message": "boom"})
-                self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok})
+                self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok, "reached": "READY" if copy.ready else "STARTED"})
                 self.ended.add(copy.key)
+                self.reached[copy.key] = copy.ready
                 del worker.copies[copy.key]
         self._check_lease(worker)
         if worker.registered:
@@ -510,6 +515,7 @@ class Sim:
         if event == "ADOPTED":
             if str(action.fields.get("reason", "")).startswith("still running"):
                 said.append("STARTED")
+                said.append("ADOPTED")  # its READY, if any, was said by the coordinator that started it
             return
         if event in said:
             self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{action.fields.get('epoch')} "
@@ -518,6 +524,20 @@ class Sim:
             self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{action.fields.get('epoch')} "
                                    f"said READY before STARTED")
         said.append(event)
+
+    def _check_end_said(self, action: Publish) -> None:
+        """A run that ended well on its worker (an end only its report can tell) was said STARTED
+        before its end, and READY if it got there: whichever connection those reports took."""
+        run = action.record.run if action.record is not None else ""
+        key = (action.subject, run, action.fields.get("epoch"))
+        if key not in self.ended:
+            return
+        said = self._said.get(key, [])
+        if "ADOPTED" in said:
+            return
+        wanted = ["STARTED", "READY"] if self.reached[key] else ["STARTED"]
+        if not set(wanted) <= set(said):  # the order and "once" are _check_said's
+            self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{key[2]} ended, said only {said}")
 
     def live_copies(self, agent: str) -> list[tuple[str, Copy]]:
         """Copies that run now: not paused (a frozen process runs nothing), not zombies."""

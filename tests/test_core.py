@@ -262,6 +262,31 @@ def test_a_copy_cut_off_before_its_started_came_that_ended_meanwhile_is_said_sta
 # ---------------------------------------------------------------------------- at most once, run identity
 
 
+@pytest.mark.parametrize("reached", ["READY", "STARTED"])
+def test_an_end_whose_started_went_on_an_old_connection_is_said_after_started(reached):
+    """The worker registered again on a new connection while its reports of a run (STARTED,
+    READY, TERMINATED) were still in the old one: the registration repeats the end, which says how
+    far the run got.  Callbacks still see STARTED (and READY, if it got there) before the end,
+    once: the old connection's reports arriving afterwards say nothing twice."""
+    h = Harness()
+    w1, record = h.assigned(agent="job")
+    run, epoch = record.run, record.epoch
+    end = protocol.agent_event("job", run, epoch, "AGENT_TERMINATED", {"ok": True, "reached": reached})
+    h.register("w1", identity=b"w1-again", events=[end], conn=2)
+    assert record.state is S.TERMINATED and not record.failed
+    said = [p for p in h.published if p.event.value.startswith("AGENT_")]
+    wanted = ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"] if reached == "READY" else \
+        ["AGENT_STARTED", "AGENT_TERMINATED"]
+    assert [p.event.value for p in said] == wanted
+    assert all(p.fields.get("recovered") for p in said[:-1]) and "reached" not in said[-1].fields
+    old = [protocol.agent_event("job", run, epoch, e, {"ok": True} if e == "AGENT_TERMINATED" else {})
+           for e in ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")]
+    h.core.control(w1, protocol.decode(protocol.encode("agent_events", n=5, events=old)), h.now)
+    h.flush()
+    assert [p.event.value for p in h.published if p.event.value.startswith("AGENT_")] == wanted
+    assert not h.to(b"w1-again", "start")  # ended: never started again
+
+
 def test_an_end_reported_with_the_registration_is_not_mistaken_for_a_lost_agent():
     h = Harness()
     w1, record = h.ready("once")

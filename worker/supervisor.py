@@ -163,6 +163,9 @@ class Supervisor:
         if event == "AGENT_TERMINATED":
             if trace.enabled:
                 trace.mark("ended", record.name)
+            # how far the run got: if its STARTED and READY went on a connection the coordinator
+            # no longer reads, this end (repeated in every registration) still tells them
+            fields["reached"] = "READY" if record.ready else "STARTED"
             self._report(record.name, record.run, record.epoch, event, fields)
             # only now: a register composed meanwhile lists the copy or carries this report
             record.terminated = True
