@@ -96,6 +96,8 @@ def run(quick: bool, scale: float, soak: float = 0.0, burst: int = 0) -> dict:
     done("S5.lossless", ours.s5_lossless(n(100_000, 20_000)))
     for workers in ((50, 100) if not quick else (n(10, 5),)):
         done(f"S9.{workers}w", ours.s9_scale(workers, n(10_000, 1_000)))
+    if not quick:  # as the README advises for many workers beside their coordinator: --nice 19
+        done("S9.100w.nice19", ours.s9_scale(100, 10_000, nice=19))
     if soak:
         done("S10", ours.s10_soak(soak))
     if burst:

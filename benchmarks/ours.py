@@ -294,9 +294,10 @@ class _Sampler:
         self._thread.join(10)
 
 
-def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
-    """n agents that each log 10 lines and publish 10 events, on ``workers`` with --capacity."""
-    cluster = Cluster(workers, worker_args=("--capacity", str(capacity)))
+def s9_scale(workers: int, n: int, capacity: int = 20, nice: int = 0) -> dict:
+    """n agents that each log 10 lines and publish 10 events, on ``workers`` with --capacity
+    (and ``--nice``: the priority they give up to the coordinator beside them)."""
+    cluster = Cluster(workers, worker_args=("--capacity", str(capacity), "--nice", str(nice)))
     try:
         sampler = _Sampler(cluster.orch)
         t0 = time.perf_counter()
@@ -309,7 +310,7 @@ def s9_scale(workers: int, n: int, capacity: int = 20) -> dict:
         status = cluster.orch.status()
     finally:
         cluster.close()
-    return {"seconds": round(seconds, 2), "agents": n, "workers": workers, "capacity": capacity,
+    return {"seconds": round(seconds, 2), "agents": n, "workers": workers, "capacity": capacity, "nice": nice,
             "executions_min": min(runs), "executions_max": max(runs), "errors": cluster.counts["AGENT_ERROR"],
             "worker_lost": cluster.counts["WORKER_LOST"], "rss_mb": round(sampler.rss_peak, 1),
             "status_ms_max": round(max(sampler.status_ms, default=0.0), 1),

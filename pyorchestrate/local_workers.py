@@ -18,13 +18,16 @@ class LocalWorkers:
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, count: int, coordinator: str, prefix: str, log_level: str, keys: list[str] = ()) -> list[str]:
-        """``keys``: the worker's key options (``--keys DIR --key-name NAME``), if the coordinator uses keys."""
+    def start(self, count: int, coordinator: str, prefix: str, log_level: str, keys: list[str] = (),
+              nice: int = 0) -> list[str]:
+        """``keys``: the worker's key options (``--keys DIR --key-name NAME``), if the coordinator uses keys;
+        ``nice``: the priority they give up (``pyorchestrate-worker --nice``)."""
         names = []
         for i in range(count):
             name = f"{prefix}-local-{i + 1}"
             cmd = [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", coordinator, "--name", name,
-                   "--parent-pid", str(os.getpid()), "--log-level", log_level, "--agent-logs", "bus", *keys]
+                   "--parent-pid", str(os.getpid()), "--log-level", log_level, "--agent-logs", "bus",
+                   "--nice", str(nice), *keys]
             # a session of their own: a Ctrl-C at the terminal reaches the coordinator, which stops
             # them in order, rather than killing them under their agents
             self.processes.append(subprocess.Popen(cmd, start_new_session=True))

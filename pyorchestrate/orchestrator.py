@@ -70,6 +70,9 @@ class Orchestrator:
         events_address: str | None = None
         #: worker processes started on loopback when ``address`` is None
         local_workers: int = 1
+        #: CPU priority the local workers (and their agents) give up, 0-19 (``pyorchestrate-worker
+        #: --nice``): with many of them beside this script, 19 keeps the coordinator served first
+        local_worker_nice: int = 0
         #: workers to wait for before placing agents (default: local_workers, or 1 with an address)
         min_workers: int | None = None
         #: seconds to wait for ``min_workers`` before failing the agents
@@ -134,6 +137,10 @@ class Orchestrator:
                     except AddressError as exc:
                         results.append(ValidationResult(name, str(exc)))
             _number(results, self, "local_workers", 0, whole=True)
+            if not isinstance(self.local_worker_nice, int) or isinstance(self.local_worker_nice, bool) \
+                    or not 0 <= self.local_worker_nice <= 19:
+                results.append(ValidationResult("local_worker_nice", "must be a whole number from 0 (normal "
+                                                f"priority) to 19 (lowest), got {self.local_worker_nice!r}"))
             _number(results, self, "min_workers", 0, whole=True, allow_none=True)
             _number(results, self, "max_workers", 1, whole=True, allow_none=True)
             _number(results, self, "worker_wait_timeout", 0)
@@ -404,7 +411,7 @@ class Orchestrator:
                 held = coordinator.keydir.held("worker")
                 key_options = ["--keys", str(coordinator.keydir.path), *(["--key-name", held[0]] if held else [])]
             self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING",
-                              key_options)
+                              key_options, nice=cfg.local_worker_nice)
         elif not embedded:
             log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
                      coordinator.address)

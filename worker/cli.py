@@ -12,7 +12,7 @@ from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs
+from . import agent_logs, priority
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -42,6 +42,14 @@ def _capacity(text: str) -> int:
 
 def _threads(text: str) -> int:
     return _count(text, "threads per process", "0 = all in the worker's process")
+
+
+def _nice(text: str) -> int:
+    try:
+        return priority.check(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if text.lstrip("-").isdigit() else
+                                         f"nice {text!r} is not a whole number from 0 to {priority.MAX_NICE}") from None
 
 
 def _address(text: str) -> str:
@@ -82,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
                    help="thread agents run in this worker's process up to N at once; more run in agent host "
                         "processes of up to N each, so no process holds more threads than CPython serves well "
                         f"(default {THREADS_PER_PROCESS}; 0 = all in this process)")
+    p.add_argument("--nice", type=_nice, default=0, metavar="N",
+                   help="lower this worker's CPU priority (and its agents') by N, 0-19, so a coordinator on the "
+                        "same machine is served first; a worker that leads its session (setsid) lowers the "
+                        "session's too (Linux autogroup). Many workers beside their coordinator: 19 (default 0)")
     p.add_argument("--agent-logs", choices=["print", "bus"], default="print",
                    help="print: agents' log lines go to this worker's stderr and the bus; bus: only to the bus "
                         "(an embedded worker: its coordinator prints them, once)")
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
+    for done in priority.lower(args.nice):  # first: whatever this worker starts inherits it
+        logging.getLogger("pyorchestrate.worker").info("priority lowered: %s", done)
     try:
         worker = Worker(args.coordinator, name=name, labels=args.labels, capacity=args.capacity,
                         parent_pid=args.parent_pid, orphan_timeout=args.orphan_timeout, keys=args.keys,
