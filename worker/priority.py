@@ -7,16 +7,17 @@ took up to 95-206 ms at the peak of S9, and so did the least any ``status()`` co
 (unpickling a ready-made 10,000-row answer in the caller: one C call, no loop involved: up to
 142-210 ms); a thread of the coordinator that only sleeps 50 ms woke up to 103-130 ms late.  What
 helps is the scheduler serving the coordinator first: with the workers at nice 19, S9's
-``status()`` maximum was 47-52 ms and S9 itself ran 25 % faster (figures: README, S9).
+``status()`` maximum was 47-74 ms and S9 itself ran 25 % faster (figures: README, S9).  The cost:
+the workers yield to all other load too (beside 4 CPU burners S9 was slower, and more workers'
+leases ran out), so it is for machines where the workers are the load, and off by default.
 
 How (Linux): ``os.nice(N)`` for this process and everything it starts later (agent threads,
 processes, hosts, the forkserver); and where the kernel groups processes by session for fairness
 (autogroup, ``/proc/self/autogroup``), a niced process only ranks lower *within its session*, so
 a worker that leads its own session (``setsid``, as local workers and most service managers start
 it) also sets its session's autogroup nice.  A worker that shares its session (started from a
-shell) leaves the session alone: it is the user's terminal's.  The pulse process (``--pulse``)
-starts in a session of its own, so with autogroup it keeps the normal priority: a niced worker
-that other load starves of CPU is held busy, not lost.
+shell) leaves the session alone: it is the user's terminal's.  The pulse process (``--pulse``),
+when it runs, starts in a session of its own, so with autogroup it keeps the normal priority.
 
 Only ever lowers the priority (raising it needs privileges, and is not ours to take).
 """
