@@ -105,6 +105,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
         # the last coordinator frame number it handled on this connection: a start numbered
         # higher is still on its way, not lost
         "seen": Optional(_INT, 0),
+        # the coordinator session whose welcome it had read when it wrote this (whose frames
+        # ``seen`` counts); None: not said (an older worker)
+        "seen_session": Optional(_STR, None),
         # which connection of this worker process it is (1, 2, ...): a register that arrives from
         # an older one after a newer one spoke is a stale snapshot and is ignored
         "conn": Optional(_INT, 0),

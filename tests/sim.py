@@ -388,7 +388,8 @@ class Sim:
         worker.in_register = len(worker.pending)
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
                    capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
-                   seen=worker.recv_n, conn=worker.conn, token=f"secret-{worker.incarnation}")
+                   seen=worker.recv_n, seen_session=worker.session or "", conn=worker.conn,
+                   token=f"secret-{worker.incarnation}")
 
     def _stop(self, copy: Copy, timeout: float) -> None:
         done = self.now + timeout * self.rng.uniform(0.3, 0.95)  # most of its timeout: slow stoppers

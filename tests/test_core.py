@@ -51,13 +51,14 @@ class Harness:
         return [m for i, m in self.sent if i == identity and m["type"] == kind]
 
     def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
-                 conn=1, seen=0, token=None) -> bytes:
+                 conn=1, seen=0, token=None, seen_session=None) -> bytes:
         identity = identity or name.encode()
         if token is None:  # the worker process itself: its own secret
             token = f"secret-{incarnation}"
         frame = protocol.encode("register", n=1, name=name, incarnation=incarnation, host="h", pid=1, labels={},
                                 capacity=0, versions={}, agents=list(agents), events=list(events), t=self.now,
-                                conn=conn, seen=seen, token=token)
+                                conn=conn, seen=seen, token=token,
+                                **({} if seen_session is None else {"seen_session": seen_session}))
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
         return identity
@@ -285,6 +286,27 @@ def test_an_end_whose_started_went_on_an_old_connection_is_said_after_started(re
     h.flush()
     assert [p.event.value for p in h.published if p.event.value.startswith("AGENT_")] == wanted
     assert not h.to(b"w1-again", "start")  # ended: never started again
+
+
+def test_a_register_written_before_our_welcome_does_not_make_us_start_an_agent_again():
+    """A worker asked to register again several times (its heartbeats reached a coordinator that
+    did not know it) answers each on the same connection.  We welcome the first and place an agent
+    on it; the next ones were written before it read our welcome: their ``seen`` counts the old
+    coordinator's frames, and they cannot list a copy our start made.  Taken at face value, the
+    start looked acted on and the copy gone, and we sent it again: two live copies (seed 2097 of the
+    simulation).  Now such a register is stale; one written after our welcome is read as before."""
+    h = Harness()
+    w1 = h.register("w1", seen=6, seen_session="old-coordinator")  # the first: it joins
+    record = h.add("job")
+    h.step()
+    assert record.state is S.ASSIGNED and len(h.to(w1, "start")) == 1
+    epoch = record.epoch
+    h.register("w1", seen=6, seen_session="old-coordinator")  # written before our welcome
+    h.step()
+    assert record.state is S.ASSIGNED and record.epoch == epoch and len(h.to(w1, "start")) == 1
+    h.register("w1", seen=1, seen_session="inc1")  # after our welcome (frame 1), before the start
+    h.step()
+    assert record.state is S.ASSIGNED and record.epoch == epoch and len(h.to(w1, "start")) == 1
 
 
 def test_an_end_reported_with_the_registration_is_not_mistaken_for_a_lost_agent():
