@@ -52,10 +52,13 @@ def test_stalled_subscriber_gets_every_event_or_the_exact_count_lost(cluster, hi
     numbers = [e.data["i"] for e in got if e.event == "AGENT_EVENT" and e.agent_name == "burst"]
     lost = sum(e.lost for e in got if e.event == "EVENTS_LOST")
     assert sub.lost == lost
-    # exact accounting over the coordinator's stream: every seq delivered once, in order, or counted
+    # exact accounting over the coordinator's stream from its seq 1 (a subscriber takes the whole
+    # run, what came before it included: recovered or counted lost): every seq delivered once, in
+    # order, or counted.  (Beside 4 CPU burners seq 1, published before we subscribed, was gone
+    # from a 2,000-event history by the time it was asked for, and rightly counted lost.)
     seqs = [e.coordinator_seq for e in got if e.coordinator_seq is not None]
     assert seqs == sorted(set(seqs)), "delivered out of order or twice"
-    assert len(seqs) + lost == seqs[-1] - seqs[0] + 1, (len(seqs), lost, seqs[0], seqs[-1])
+    assert len(seqs) + lost == seqs[-1], (len(seqs), lost, seqs[0], seqs[-1])
     assert numbers == sorted(set(numbers)) and numbers[-1] == N - 1  # the tail came back from history
     assert sub.recovered > 0, "the stall lost nothing: the test did not test recovery"
     if history >= N * 2:
