@@ -11,6 +11,16 @@ import time
 
 log = logging.getLogger("pyorchestrate.local_workers")
 
+MAX_NICE = 19  #: the lowest CPU priority a worker may take (``pyorchestrate-worker --nice``)
+
+
+def check_nice(nice: object) -> int:
+    """``nice`` as a whole number from 0 to 19, or ValueError saying what is wrong (the worker's
+    ``--nice`` and ``Config.local_worker_nice``)."""
+    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= MAX_NICE:
+        raise ValueError(f"nice must be a whole number from 0 (normal priority) to {MAX_NICE} (lowest), got {nice!r}")
+    return nice
+
 
 class LocalWorkers:
     """``count`` ``pyorchestrate-worker`` processes on loopback; they exit with their parent."""

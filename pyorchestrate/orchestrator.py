@@ -24,7 +24,7 @@ from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
-from .local_workers import LocalWorkers
+from .local_workers import LocalWorkers, check_nice
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
@@ -137,10 +137,10 @@ class Orchestrator:
                     except AddressError as exc:
                         results.append(ValidationResult(name, str(exc)))
             _number(results, self, "local_workers", 0, whole=True)
-            if not isinstance(self.local_worker_nice, int) or isinstance(self.local_worker_nice, bool) \
-                    or not 0 <= self.local_worker_nice <= 19:
-                results.append(ValidationResult("local_worker_nice", "must be a whole number from 0 (normal "
-                                                f"priority) to 19 (lowest), got {self.local_worker_nice!r}"))
+            try:
+                check_nice(self.local_worker_nice)
+            except ValueError as exc:
+                results.append(ValidationResult("local_worker_nice", str(exc)))
             _number(results, self, "min_workers", 0, whole=True, allow_none=True)
             _number(results, self, "max_workers", 1, whole=True, allow_none=True)
             _number(results, self, "worker_wait_timeout", 0)

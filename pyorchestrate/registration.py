@@ -78,16 +78,14 @@ class Registration:
             return
         same_process = existing is not None and existing.alive
         same_connection = same_process and existing.identity == identity
-        if same_connection and message["seen_session"] not in (None, self.incarnation):
-            # written before it read our welcome on this connection (it answered several
-            # "reregister"s at once, the first of which we have welcomed): it knows nothing of what
-            # we sent since, and its ``seen`` counts another numbering.  Taken at face value it
-            # made us send a start again while the first was running (seed 2097: two live copies)
+        # a stale snapshot: from a connection it has since replaced, or written on this one before
+        # it read our welcome (it answered several "reregister"s at once, and we welcomed the
+        # first): that one knows nothing of what we sent since, and its ``seen`` counts another
+        # numbering; taken at face value it made us start an agent again while the first copy ran
+        # (simulation seed 2097)
+        if ((existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn)
+                or (same_connection and message["seen_session"] not in (None, self.incarnation))):
             self.drop("stale_register", name)
-            self.ends_from_anywhere(message["events"], now, _own_register(message))
-            return
-        if existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn:
-            self.drop("stale_register", name)  # from a connection it has since replaced
             self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
         if existing is not None:

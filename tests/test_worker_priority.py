@@ -17,13 +17,16 @@ from conftest import live_children, start_daemon, wait_for
 from pyorchestrate import BaseProcessAgent, BaseThreadAgent, ConfigValidationError, Orchestrator, RunMode
 from pyorchestrate_worker import priority
 
+#: for a child to print its own session's autogroup nice ("None" where there is no autogroup)
+_OWN_AUTOGROUP = ("(open('/proc/self/autogroup').read().split()[-1] "
+                  "if __import__('os').path.exists('/proc/self/autogroup') else None)")
+
 
 @functools.lru_cache(maxsize=1)
 def _autogroup_settable() -> bool:
     """Can a session leader set its session's autogroup nice here (kernel with autogroup, and a
     /proc that lets it)?  Where not, only the process nice is checked."""
-    code = ("import os; from pyorchestrate_worker import priority; priority.lower(1); "
-            "print(priority.autogroup_nice(os.getpid()))")
+    code = f"from pyorchestrate_worker import priority; priority.lower(1); print({_OWN_AUTOGROUP})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          start_new_session=True).stdout.strip()
     return out == "1"
@@ -34,8 +37,21 @@ def _nice_of(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
 
 
-def _sid_of(pid: int) -> int:
-    return os.getsid(pid)
+def _autogroup_nice(pid: int) -> int | None:
+    """The autogroup nice of ``pid``'s session (None: no autogroup here, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().rsplit("nice", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_pulse(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pulse" in f.read()
+    except OSError:  # gone meanwhile
+        return False
 
 
 class SaysItsNiceT(BaseThreadAgent):
@@ -53,7 +69,7 @@ def test_a_niced_worker_runs_its_agents_niced_and_its_pulse_at_normal_priority(c
     worker = cluster.workers["w1"]
     assert _nice_of(worker.pid) == 7
     if _autogroup_settable():  # it leads its session (start_new_session): its session's group is niced too
-        assert priority.autogroup_nice(worker.pid) == 7
+        assert _autogroup_nice(worker.pid) == 7
     orch.register_agent(SaysItsNiceT, "t")
     orch.register_agent(SaysItsNiceP, "p")
     ended = events.wait("AGENT_TERMINATED", count=2, timeout=30)
@@ -64,12 +80,11 @@ def test_a_niced_worker_runs_its_agents_niced_and_its_pulse_at_normal_priority(c
 
     wait_for(lambda: len(said()) == 2, 15, "both agents' log lines")
     assert said() == {"t": 7, "p": 7}
-    pulses = wait_for(lambda: [p for p in live_children(worker.pid)
-                               if b"pulse" in open(f"/proc/{p}/cmdline", "rb").read()], 15, "the pulse process")
+    pulses = wait_for(lambda: [p for p in live_children(worker.pid) if _is_pulse(p)], 15, "the pulse process")
     pulse = pulses[0]
-    assert _sid_of(pulse) != _sid_of(worker.pid)  # a session (a scheduler group) of its own
+    assert os.getsid(pulse) != os.getsid(worker.pid)  # a session (a scheduler group) of its own
     if _autogroup_settable():
-        assert priority.autogroup_nice(pulse) == 0
+        assert _autogroup_nice(pulse) == 0
 
 
 @pytest.mark.parametrize("own_session", [True, False])
@@ -77,14 +92,14 @@ def test_lower_touches_the_session_only_if_the_worker_leads_it(own_session):
     """Started from a shell, a worker shares the shell's session: lowering the session's group
     would lower the user's terminal; only the process is niced then."""
     code = ("import os; from pyorchestrate_worker import priority; done = priority.lower(4); "
-            "print(os.getpriority(os.PRIO_PROCESS, 0), priority.autogroup_nice(os.getpid()), done)")
-    before = priority.autogroup_nice(os.getpid())
+            f"print(os.getpriority(os.PRIO_PROCESS, 0), {_OWN_AUTOGROUP}, done)")
+    before = _autogroup_nice(os.getpid())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          start_new_session=own_session, check=True).stdout.split(maxsplit=2)
     assert int(out[0]) == 4
     if _autogroup_settable():
         assert int(out[1]) == (4 if own_session else before)
-        assert priority.autogroup_nice(os.getpid()) == before  # ours is never touched
+        assert _autogroup_nice(os.getpid()) == before  # ours is never touched
 
 
 def test_local_workers_take_the_configured_nice():
@@ -95,7 +110,7 @@ def test_local_workers_take_the_configured_nice():
         (worker,) = workers.values()
         assert _nice_of(worker["pid"]) == 5
         if _autogroup_settable():
-            assert priority.autogroup_nice(worker["pid"]) == 5
+            assert _autogroup_nice(worker["pid"]) == 5
     finally:
         orch.stop(timeout=10)
 

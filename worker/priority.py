@@ -26,15 +26,9 @@ from __future__ import annotations
 
 import os
 
-MAX_NICE = 19
+from pyorchestrate.local_workers import MAX_NICE, check_nice as check  # noqa: F401 - one rule for both sides
+
 AUTOGROUP = "/proc/self/autogroup"
-
-
-def check(nice: object) -> int:
-    """``nice`` as a whole number from 0 to 19, or ValueError saying what is wrong."""
-    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= MAX_NICE:
-        raise ValueError(f"nice must be a whole number from 0 (normal priority) to {MAX_NICE} (lowest), got {nice!r}")
-    return nice
 
 
 def lower(nice: int) -> list[str]:
@@ -58,11 +52,3 @@ def lower(nice: int) -> list[str]:
             done.append(f"session autogroup nice not changed ({exc})")
     return done
 
-
-def autogroup_nice(pid: int) -> int | None:
-    """The autogroup nice of ``pid``'s session (None: no autogroup here, or no such process)."""
-    try:
-        with open(f"/proc/{pid}/autogroup") as f:
-            return int(f.read().rsplit("nice", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
