@@ -83,10 +83,14 @@ class EventDispatcher:
 
     One thread dispatches (the coordinator's loop) and it never waits on a lock: it puts events
     (one batch of its decisions at a time, see :meth:`hold`) into a queue the runners take from.
-    A runner files a batch's events by subject under the dispatcher's lock (batches in the order
-    they were handed over, whichever runner took which), runs the first
-    subject it newly took itself (one hand-over from the loop to a callback, not two) and hands
-    the other newly taken subjects to idle runners.  A subject being run takes further events in
+    One runner at a time (the *leader*, holding ``_take``) waits on that queue, so batches are
+    filed by subject in the order they were handed over; it files a batch's events under the
+    dispatcher's lock (a subject not being run goes on the *ready* list), runs the first ready
+    subject itself (one hand-over from the loop to a callback, not two) and lets the next runner
+    lead.  A runner that finishes a subject takes a ready one before it waits to lead, so a
+    batch of many subjects wakes at most one runner per runner, not one per subject (each wake
+    is a thread switch that also takes the GIL from the loop: S3 spent a sixth of the
+    coordinator's CPU on its callbacks that way).  A subject being run takes further events in
     its own queue, in order.
     """
 
@@ -94,12 +98,13 @@ class EventDispatcher:
         self._callbacks: dict[OrchestratorEvent, list[tuple[Callable[..., Any], set[str] | None]]] = {}
         self._max_threads = max(1, max_threads)
         self._runners: list[threading.Thread] = []
-        self._lock = threading.Condition()
-        self._queues: dict[str, collections.deque] = {}  # subjects a runner has taken -> their events
+        self._lock = threading.Condition(threading.Lock())
+        self._take = threading.Lock()  # held by the runner that waits on _incoming (the leader)
+        self._queues: dict[str, collections.deque] = {}  # subjects ready or being run -> their events
+        self._ready: collections.deque[str] = collections.deque()  # subjects no runner has taken yet
         self._dispatched = 0  # written by the dispatching thread only
-        self._handed = 0  # batches handed over (dispatching thread only): each carries its number
-        self._filed = 0  # batches filed by subject, under _lock: in the order they were handed over
         self._done = 0  # under _lock
+        self._waiting = 0  # wait_idle callers, under _lock: only they need a notify
         self.failures = 0
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -150,8 +155,7 @@ class EventDispatcher:
     def _hand_over(self, batch: list) -> None:
         # runners exist: only events with a callback are handed over, and registering one
         # started them
-        self._handed += 1
-        self._incoming.put((self._handed, batch))
+        self._incoming.put(batch)
 
     def hold(self) -> None:
         """Keep what is dispatched until :meth:`release` (calls nest), then hand it all over at once.
@@ -180,42 +184,43 @@ class EventDispatcher:
             self._hand_over(held)
 
     def _run(self) -> None:
+        lock, ready = self._lock, self._ready
         while True:
-            item = self._incoming.get()
-            if item is None:
-                return
-            if type(item) is str:  # a subject another runner took for us
-                self._drain(item)
-                continue
-            number, batch = item
-            taken = []
-            with self._lock:
-                # runners take batches concurrently: each files its batch only after the one
-                # handed over before it, or two events of one subject could swap places
-                self._lock.wait_for(lambda: self._filed == number - 1)
-                self._filed = number
-                self._lock.notify_all()
-                for one in batch:
-                    subject = str(one[2].get("agent_name") or one[2].get("worker") or "")
-                    pending = self._queues.get(subject)
-                    if pending is None:  # nobody runs this subject: we take it
-                        self._queues[subject] = collections.deque([one])
-                        taken.append(subject)
-                    else:  # its runner takes this too, after what it has
-                        pending.append(one)
-            for subject in taken[1:]:
-                self._incoming.put(subject)
-            if taken:
-                self._drain(taken[0])
+            with lock:
+                subject = ready.popleft() if ready else None
+            if subject is None:
+                with self._take:  # lead: wait for the next batch
+                    with lock:  # filed while we waited to lead?
+                        subject = ready.popleft() if ready else None
+                    if subject is None:
+                        batch = self._incoming.get()
+                        if batch is None:
+                            return
+                        with lock:
+                            self._file(batch)
+                            subject = ready.popleft() if ready else None
+            if subject is not None:
+                self._drain(subject)
+
+    def _file(self, batch: list) -> None:
+        """Under ``_lock``: each event to its subject's queue, in order."""
+        queues = self._queues
+        for one in batch:
+            fields = one[2]
+            subject = str(fields.get("agent_name") or fields.get("worker") or "")
+            pending = queues.get(subject)
+            if pending is None:  # nobody runs this subject: it waits for a runner
+                queues[subject] = collections.deque((one,))
+                self._ready.append(subject)
+            else:  # its runner takes this too, after what it has
+                pending.append(one)
 
     def _drain(self, subject: str) -> None:
+        lock = self._lock
+        with lock:
+            pending = self._queues[subject]
+            event, callbacks, fields = pending.popleft()
         while True:
-            with self._lock:
-                queue = self._queues[subject]
-                if not queue:
-                    del self._queues[subject]
-                    return
-                event, callbacks, fields = queue.popleft()
             if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
                 trace.mark("callback", str(fields.get("agent_name")))
             for callback, accepted in callbacks:
@@ -226,16 +231,25 @@ class EventDispatcher:
                     self.failures += 1
                     log.exception("callback %s for %s raised; other callbacks are unaffected",
                                   getattr(callback, "__qualname__", callback), event.name)
-            with self._lock:
+            with lock:  # one acquisition: this event done, and the next one taken
                 self._done += 1
-                self._lock.notify_all()
+                if self._waiting:
+                    lock.notify_all()
+                if not pending:
+                    del self._queues[subject]
+                    return
+                event, callbacks, fields = pending.popleft()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every callback dispatched so far has returned (from any thread but a
         callback's own)."""
         wanted = self._dispatched - len(self._held or ())  # what is held has not been handed over
         with self._lock:
-            return self._lock.wait_for(lambda: self._done >= wanted, timeout)
+            self._waiting += 1
+            try:
+                return self._lock.wait_for(lambda: self._done >= wanted, timeout)
+            finally:
+                self._waiting -= 1
 
     def close(self, timeout: float = 5.0) -> None:
         self.wait_idle(timeout)

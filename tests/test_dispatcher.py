@@ -48,3 +48,44 @@ def test_callbacks_of_one_subject_run_in_order_however_many_runners_take_batches
         assert seen == sorted(seen), f"first out of order at {next(i for i, (a, b) in enumerate(zip(seen, seen[1:])) if a > b)}"
     finally:
         dispatcher.close()
+
+
+def test_a_slow_callback_holds_up_only_its_own_subject():
+    """Runners drain subjects they find ready before waiting for the next batch: a callback that
+    blocks must still leave the other subjects of its batch (and later batches) to other runners,
+    and its own subject's later events wait for it, in order."""
+    import threading
+    import time
+
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent
+
+    dispatcher = EventDispatcher(max_threads=3)
+    release = threading.Event()
+    seen: list[tuple[str, int]] = []
+
+    def callback(agent_name, n):
+        if agent_name == "slow" and n == 0:
+            assert release.wait(30)
+        seen.append((agent_name, n))
+
+    dispatcher.register(OrchestratorEvent.AGENT_STARTED, callback)
+    try:
+        dispatcher.hold()  # one batch: the slow subject first, then 50 others, then slow's second event
+        dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": "slow", "n": 0})
+        for i in range(50):
+            dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": f"a{i}", "n": 0})
+        dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": "slow", "n": 1})
+        dispatcher.release()
+        for i in range(50):  # and 50 more batches of one
+            dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": f"b{i}", "n": 0})
+        deadline = time.monotonic() + 30
+        while len(seen) < 100 and time.monotonic() < deadline:  # everything else runs
+            time.sleep(0.01)
+        assert len(seen) == 100 and not any(name == "slow" for name, _ in seen)
+        assert not dispatcher.wait_idle(0.1)  # the slow one still blocks
+        release.set()
+        assert dispatcher.wait_idle(10.0)
+        assert seen[-2:] == [("slow", 0), ("slow", 1)]
+    finally:
+        release.set()
+        dispatcher.close()
