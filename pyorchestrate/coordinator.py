@@ -198,7 +198,7 @@ class Coordinator:
         try:
             while not self._closing:
                 now = time.monotonic()
-                ready = dict(poller.poll(max(0, int((next_tick - now) * 1000))))
+                ready = dict(poller.poll(sockets.wait_ms(next_tick - now)))
                 # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
                 # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
@@ -335,11 +335,14 @@ class Coordinator:
     def _drain_control(self) -> bool:
         """Read a bounded slice of control frames; True if more are waiting (we are behind)."""
         deadline = time.monotonic() + _DRAIN_SECONDS
-        for _ in range(_DRAIN_BATCH):
+        router = self.router
+        for i in range(_DRAIN_BATCH):
             if time.monotonic() >= deadline:
                 return True
+            if i and not sockets.readable(router):  # the poll said the first one is there
+                return False
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             try:
@@ -378,8 +381,10 @@ class Coordinator:
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         deadline = time.monotonic() + _DRAIN_SECONDS
-        for _ in range(_DRAIN_BATCH):
+        for i in range(_DRAIN_BATCH):
             if time.monotonic() >= deadline:
+                return
+            if i and not sockets.readable(sock):  # the poll said the first one is there
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)

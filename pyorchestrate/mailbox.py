@@ -15,6 +15,8 @@ from typing import Any
 
 import zmq
 
+from . import sockets
+
 _ids = itertools.count()
 
 
@@ -59,11 +61,9 @@ class Mailbox:
     def drain(self, limit: int | None = None) -> list[Any]:
         """Take the queued items, at most ``limit`` of them (owner thread only).  If some are
         left, the wake socket stays readable, so the owner's next poll comes back for them."""
-        while True:
-            try:
-                self.wake_socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        wake = self.wake_socket
+        while sockets.readable(wake):
+            wake.recv(zmq.NOBLOCK)
         with self._lock:
             count = len(self._items) if limit is None else min(limit, len(self._items))
             taken = [self._items.popleft() for _ in range(count)]

@@ -119,3 +119,20 @@ def connectable(endpoint: str) -> str:
     host_part = f"[{host}]" if ":" in host else host
     return f"tcp://{host_part}:{port}"
 
+
+
+def wait_ms(seconds: float) -> int:
+    """A poll timeout in whole milliseconds until a deadline ``seconds`` away, rounded *up*:
+    rounded down, the last millisecond before every deadline was polled with 0 again and again
+    (a busy loop: ~140 empty polls a second on an idle coordinator)."""
+    return max(0, -int(-seconds * 1000 // 1))
+
+
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Is a message waiting on ``sock``?  Asked before a non-blocking read instead of reading
+    until ``zmq.Again``: building that exception costs twice this question (6.5 vs 3.1 us here),
+    and every drain ended with one."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)

@@ -485,7 +485,7 @@ class Worker:
                 self._maybe_pulse()
                 next_beat = now + self._limits.interval
             busy = bool(self._deferred) or bool(len(self._bus_outbox) and self._bus_ready())
-            timeout_ms = 0 if busy else max(0, min(POLL_CAP_MS, int((next_beat - now) * 1000)))
+            timeout_ms = 0 if busy else min(POLL_CAP_MS, sockets.wait_ms(next_beat - now))
             ready = dict(poller.poll(timeout_ms))
             if self._dealer in ready and self._read_control() == "reconnect":
                 return
@@ -505,9 +505,12 @@ class Worker:
         """Read up to READ_SLICE frames: check their numbering, renew the lease from heartbeat
         replies at once, and queue the rest in order."""
         assert self._dealer is not None
-        for _ in range(READ_SLICE):
+        dealer = self._dealer
+        for i in range(READ_SLICE):
+            if i and not sockets.readable(dealer):  # the poll said the first one is there
+                return None
             try:
-                frame = self._dealer.recv(zmq.NOBLOCK)
+                frame = dealer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return None
             if self._guarded(self._receive, frame) == "reconnect":

@@ -76,7 +76,7 @@ def main() -> int:
                     except zmq.Again:
                         pass
                 next_pulse = now + interval
-            for sock, _ in poller.poll(max(0, int((next_pulse - time.monotonic()) * 1000))):
+            for sock, _ in poller.poll(sockets.wait_ms(next_pulse - time.monotonic())):
                 if sock is dealer:
                     try:
                         reply = protocol.decode(dealer.recv())
