@@ -522,6 +522,11 @@ class ClusterCore(Registration, CommandHandlers):
         if not self._dirty or self._stopping_deadline is not None:
             return
         self._dirty = False
+        if not (self.states.count(S.PENDING) or self.states.count(S.RESTARTING)):
+            # nothing waits: most passes after a report (READY and ends mark us dirty), and the
+            # whole pass cost 16 us a turn (S2: two turns a launch)
+            self._holding = False
+            return
         if not self._workers_ready:
             if sum(w.alive for w in self.workers.values()) < max(1, self.min_workers):
                 for record in self.states.of(S.PENDING):
