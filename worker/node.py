@@ -143,6 +143,7 @@ class Worker:
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
+        self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
         self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
@@ -497,9 +498,13 @@ class Worker:
                 self._bus_signal.drain()
             self._send_bus()
             self._supervisor.enforce_stop_timeouts()
-            self._gc.ended(self._supervisor.forget_finished())
+            ended = self._supervisor.forget_finished()
+            if ended:
+                self._gc.ended(ended)
             crowd.apply(self._gc.decide(self._supervisor.size()))
-            self._check_parent()
+            if now >= self._next_parent_check:  # a system call: once a poll cap, not every turn
+                self._next_parent_check = now + POLL_CAP_MS / 1000
+                self._check_parent()
 
     def _read_control(self) -> str | None:
         """Read up to READ_SLICE frames: check their numbering, renew the lease from heartbeat

@@ -434,6 +434,8 @@ class Supervisor:
 
     def enforce_stop_timeouts(self) -> None:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
+        if not self._stopping:  # read without the lock: a stop requested meanwhile is seen next turn
+            return
         now = time.monotonic()
         with self._lock:
             records = [r for r in map(self._agents.get, list(self._stopping)) if r is not None]
@@ -461,6 +463,8 @@ class Supervisor:
 
     def forget_finished(self) -> int:
         """Drop the copies that ended since the last call; return how many."""
+        if not self._ended:  # read without the lock: an end added meanwhile is taken next turn
+            return 0
         forgotten = 0
         with self._lock:
             while self._ended:
