@@ -83,15 +83,17 @@ class EventDispatcher:
 
     One thread dispatches (the coordinator's loop) and it never waits on a lock: it puts events
     (one batch of its decisions at a time, see :meth:`hold`) into a queue the runners take from.
-    One runner at a time (the *leader*, holding ``_take``) waits on that queue, so batches are
-    filed by subject in the order they were handed over; it files a batch's events under the
-    dispatcher's lock (a subject not being run goes on the *ready* list), runs the first ready
-    subject itself (one hand-over from the loop to a callback, not two) and lets the next runner
-    lead.  A runner that finishes a subject takes a ready one before it waits to lead, so a
-    batch of many subjects wakes at most one runner per runner, not one per subject (each wake
-    is a thread switch that also takes the GIL from the loop: S3 spent a sixth of the
-    coordinator's CPU on its callbacks that way).  A subject being run takes further events in
-    its own queue, in order.
+    One runner at a time (the *leader*) waits on that queue, so batches are filed by subject in
+    the order they were handed over; it files a batch's events under the dispatcher's lock (a
+    subject not being run goes on the *ready* list), gives up the lead and runs the first ready
+    subject itself (one hand-over from the loop to a callback, not two).  The other runners sleep
+    until woken: by a runner that left ready subjects behind, or by the loop when it hands over a
+    batch while nobody leads.  A runner that finishes a subject takes a ready one, or leads.  So
+    one batch costs one wake-up however many runners there are, a batch of many subjects wakes at
+    most one runner per runner, and a slow callback holds up only its own subject (each wake is
+    a thread switch that also takes the GIL from the loop: S3 spent a sixth of the coordinator's
+    CPU on its callbacks when every subject and every filed batch woke runners).  A subject
+    being run takes further events in its own queue, in order.
     """
 
     def __init__(self, max_threads: int = 10) -> None:
@@ -99,7 +101,9 @@ class EventDispatcher:
         self._max_threads = max(1, max_threads)
         self._runners: list[threading.Thread] = []
         self._lock = threading.Condition(threading.Lock())
-        self._take = threading.Lock()  # held by the runner that waits on _incoming (the leader)
+        self._leader = False  # a runner waits on _incoming (under _lock; the loop reads it bare)
+        self._sleeping = 0  # runners waiting on _wake (under _lock; the loop reads it bare)
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()  # a token wakes one sleeping runner
         self._queues: dict[str, collections.deque] = {}  # subjects ready or being run -> their events
         self._ready: collections.deque[str] = collections.deque()  # subjects no runner has taken yet
         self._dispatched = 0  # written by the dispatching thread only
@@ -156,6 +160,10 @@ class EventDispatcher:
         # runners exist: only events with a callback are handed over, and registering one
         # started them
         self._incoming.put(batch)
+        # read without the lock (the loop never waits on it): a leader that is giving up the lead
+        # just now looks at _incoming after it did, so one of us sees the other
+        if not self._leader and self._sleeping:
+            self._wake.put(True)
 
     def hold(self) -> None:
         """Keep what is dispatched until :meth:`release` (calls nest), then hand it all over at once.
@@ -186,19 +194,38 @@ class EventDispatcher:
     def _run(self) -> None:
         lock, ready = self._lock, self._ready
         while True:
+            subject, lead, wake = None, False, False
             with lock:
-                subject = ready.popleft() if ready else None
-            if subject is None:
-                with self._take:  # lead: wait for the next batch
-                    with lock:  # filed while we waited to lead?
-                        subject = ready.popleft() if ready else None
-                    if subject is None:
-                        batch = self._incoming.get()
-                        if batch is None:
-                            return
-                        with lock:
-                            self._file(batch)
-                            subject = ready.popleft() if ready else None
+                if ready:
+                    subject = ready.popleft()
+                    wake = bool(ready) and self._sleeping > 0  # more to run: one more runner
+                elif not self._leader:
+                    self._leader = lead = True
+                else:
+                    self._sleeping += 1
+            if wake:
+                self._wake.put(True)
+            if subject is not None:
+                self._drain(subject)
+                continue
+            if not lead:
+                token = self._wake.get()
+                with lock:
+                    self._sleeping -= 1
+                if token is None:
+                    return
+                continue
+            batch = self._incoming.get()
+            with lock:
+                self._leader = False
+                if batch is not None:
+                    self._file(batch)
+                    subject = ready.popleft() if ready else None
+                wake = (bool(ready) or not self._incoming.empty()) and self._sleeping > 0
+            if wake:
+                self._wake.put(True)
+            if batch is None:
+                return
             if subject is not None:
                 self._drain(subject)
 
@@ -254,5 +281,6 @@ class EventDispatcher:
     def close(self, timeout: float = 5.0) -> None:
         self.wait_idle(timeout)
         self._closed = True
-        for _ in self._runners:
+        for _ in self._runners:  # whether a runner leads or sleeps, a None ends it
             self._incoming.put(None)
+            self._wake.put(None)
