@@ -115,3 +115,30 @@ def test_subscriber_that_outlives_coordinator_scripts_sees_every_run_whole(clust
         mine = [e.event for e in got if e.get("agent_name") == f"agent{run}" and e.event in
                 ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")]
         assert mine == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], (run, mine)
+
+
+def test_events_published_while_nobody_listens_reach_a_later_subscriber_from_history(cluster):
+    """With no subscriber the coordinator keeps events in history only (nothing goes on the XPUB):
+    a subscriber that asks for history later gets the whole run from seq 1 in order, the events
+    from before it came recovered, nothing reported lost; and once it has left, the next one too."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    for name in ("before1", "before2"):
+        orch.register_agent(Quick, name)
+        events.wait("AGENT_TERMINATED", name)
+    for round_ in range(2):
+        with EventSubscriber(orch.events_address, history=True) as sub:
+            name = f"with{round_}"
+            orch.register_agent(Quick, name)
+            got = []
+            wait_for(lambda: got.extend(sub.drain()) or any(e.event == "AGENT_TERMINATED" and e.agent_name == name
+                                                            for e in got), 20, f"{name} at the subscriber")
+            seqs = [e.coordinator_seq for e in got if e.event != "AGENT_HEARTBEAT"]
+            assert seqs == list(range(1, len(seqs) + 1)), seqs
+            for agent in ("before1", "before2", name):
+                assert [e.event for e in got if e.get("agent_name") == agent and e.event in
+                        ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")] == \
+                    ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], agent
+            assert sub.recovered > 0 and sub.lost == 0
