@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import enum
+import functools
 import hashlib
 import inspect
 import logging
@@ -186,6 +187,7 @@ class Orchestrator:
         self._names: set[str] = set()
         self._lock = threading.Lock()
         self._classes: dict[tuple[type, type], tuple[str, bytes, str]] = {}  # -> id, pickle, fingerprint
+        self._agent_classes: set[type] = set()  # classes register_agent has checked
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
         self._finished = threading.Event()
         self._started = False
@@ -236,14 +238,18 @@ class Orchestrator:
         """
         if trace.enabled:
             trace.mark("register", name or getattr(agent_class, "__name__", "?"))
-        if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
-            raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
-                            "e.g. BaseThreadAgent or PeriodicProcessAgent")
-        if inspect.isabstract(agent_class):
-            missing = ", ".join(sorted(agent_class.__abstractmethods__))
-            raise TypeError(f"{agent_class.__qualname__} cannot run: implement {missing}()")
+        if agent_class not in self._agent_classes:  # checked once per class: S3 registers thousands
+            if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
+                raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
+                                "e.g. BaseThreadAgent or PeriodicProcessAgent")
+            if inspect.isabstract(agent_class):
+                missing = ", ".join(sorted(agent_class.__abstractmethods__))
+                raise TypeError(f"{agent_class.__qualname__} cannot run: implement {missing}()")
+            plugins.resolve(agent_class.Plugin, None)  # a class whose Plugin is broken fails here
+            self._agent_classes.add(agent_class)
         name = agent_class.__name__ if name is None else name
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        # split(): one C call, where a generator over the name's characters cost more than the rest
+        if not isinstance(name, str) or name.split() != [name]:
             raise ValueError(f"agent name {name!r} must be a non-empty string without spaces")
         config = custom_config if custom_config is not None else agent_class.Config()
         if not isinstance(config, BaseConfig):
@@ -255,10 +261,11 @@ class Orchestrator:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         depends_on = _names(depends_on, "depends_on")
-        policy = RestartPolicy.build(restart, max_restarts, restart_backoff)
+        policy = _restart_policy(restart, max_restarts, restart_backoff)
         if on_disconnect is not None and on_disconnect not in DISCONNECT_POLICIES:
             raise ValueError(f"on_disconnect={on_disconnect!r}: use 'replace' or 'keep' (or leave it out)")
-        plugins.resolve(agent_class.Plugin, custom_plugin)  # a wrong kind of plugin fails here
+        if custom_plugin is not None:
+            plugins.resolve(agent_class.Plugin, custom_plugin)  # a wrong kind of plugin fails here
         for finding in config.check(f"agent {name!r}"):
             log.warning("agent %s config: %s", name, finding)
         key = (agent_class, type(config))
@@ -509,6 +516,22 @@ def _log_plugin_failure(name: str, exc: BaseException) -> None:
 def _plain(payload: Any, what: str) -> Any:
     pack_plain(payload, f"{what}: payload {type(payload).__name__} cannot travel to an agent")
     return payload
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # typed: max_restarts=True is refused, 1 is not
+def _cached_policy(restart: Any, max_restarts: Any, backoff: tuple) -> RestartPolicy:
+    return RestartPolicy.build(restart, max_restarts, backoff)
+
+
+def _restart_policy(restart: Any, max_restarts: Any, backoff: Any) -> RestartPolicy:
+    """``RestartPolicy.build``, once per distinct arguments (a policy is immutable); a mistake
+    raises as it would (lru_cache keeps no exceptions)."""
+    try:
+        return _cached_policy(restart, max_restarts, backoff)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return RestartPolicy.build(restart, max_restarts, backoff)  # e.g. restart_backoff as a list
 
 
 def _names(value: Any, what: str) -> list[str]:
