@@ -11,7 +11,7 @@ import sys
 import time
 from importlib import metadata
 
-from . import floor, ours
+from . import floor, ours, prototype
 
 
 def _keys() -> str:
@@ -105,6 +105,22 @@ def run(quick: bool, scale: float, soak: float = 0.0, burst: int = 0) -> dict:
     return results
 
 
+def three_ways(quick: bool, scale: float) -> dict:
+    """S2 (thread) and S3 as the floor, the bare prototype and we do them, one after the other:
+    what the hand-offs alone cost here, and what our own work adds."""
+    reps, n = count(200, 30, quick, scale), count(2000, 300, quick, scale)
+    latency_, throughput = floor.dispatch(reps, n * 10)
+    proto2, proto3 = prototype.s2(reps), prototype.s3(n)
+    ours2, ours3 = ours.s2_launch(reps)["thread"], ours.s3_throughput(n)
+    return {
+        "floor": {"dispatch_us": latency_["median_us"], "per_s": throughput["per_s"]},
+        "prototype": {"S2_us": proto2["median_us"], "S2_floor_ratio": round(proto2["median_us"] / latency_["median_us"], 2),
+                      "S3_per_s": proto3["per_s"], "S3_floor_ratio": round(proto3["per_s"] / throughput["per_s"], 3)},
+        "ours": {"S2_us": ours2["median_us"], "S2_floor_ratio": round(ours2["median_us"] / latency_["median_us"], 2),
+                 "S3_per_s": ours3["per_s"], "S3_floor_ratio": round(ours3["per_s"] / throughput["per_s"], 3)},
+    }
+
+
 def table(scenarios: dict) -> str:
     rows = [f"{'scenario':<24} {'result':<40} floor ratio"]
     for key, value in scenarios.items():
@@ -177,6 +193,9 @@ def main() -> int:
                         help="also run S11: N long-lived agents registered at once on 2 workers (e.g. 20000)")
     parser.add_argument("--trace", action="store_true",
                         help="only time each hop of S2's thread launches and print the table (see pyorchestrate/trace.py)")
+    parser.add_argument("--prototype", type=int, default=0, metavar="ROUNDS",
+                        help="only S2 and S3 three ways per round, in the same run: the floor, the bare "
+                             "prototype (the same hand-offs, nothing else: benchmarks/prototype.py) and ours")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
@@ -191,6 +210,14 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)
+        return 0
+    if args.prototype:
+        rounds = [three_ways(args.quick, args.scale) for _ in range(args.prototype)]
+        for one in rounds:
+            print(json.dumps(one))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": _machine(), "versions": _versions(), "rounds": rounds}, f, indent=2)
         return 0
     scenarios = run(args.quick, args.scale, args.soak, args.burst)
     report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}
