@@ -339,7 +339,7 @@ class Coordinator:
         for i in range(_DRAIN_BATCH):
             if time.monotonic() >= deadline:
                 return True
-            if i and not sockets.readable(router):  # the poll said the first one is there
+            if i == 1 and not sockets.readable(router):  # see sockets.readable
                 return False
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -384,7 +384,7 @@ class Coordinator:
         for i in range(_DRAIN_BATCH):
             if time.monotonic() >= deadline:
                 return
-            if i and not sockets.readable(sock):  # the poll said the first one is there
+            if i == 1 and not sockets.readable(sock):  # see sockets.readable
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)

@@ -512,7 +512,7 @@ class Worker:
         assert self._dealer is not None
         dealer = self._dealer
         for i in range(READ_SLICE):
-            if i and not sockets.readable(dealer):  # the poll said the first one is there
+            if i == 1 and not sockets.readable(dealer):  # see sockets.readable
                 return None
             try:
                 frame = dealer.recv(zmq.NOBLOCK)
