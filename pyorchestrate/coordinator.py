@@ -211,12 +211,11 @@ class Coordinator:
                         self._carry_out()  # once a slice: the decisions of its commands, in order
                         if not taken:
                             break
-                if self.router in ready:
-                    # what waits goes out before the reports are read: the workers run it while this
-                    # loop takes in the last batch's reports (placed only at the end of a turn, S3
-                    # went stop-and-go: the loop waited on the workers 29 % of its time, and they on it)
-                    core.place(time.monotonic())
-                    self._carry_out()
+                # placed at the end of the turn only.  Tried: placing (and sending) also before the
+                # reports are read, so workers run the next batch meanwhile: S3 ~5 % faster (the
+                # loop waited in poll 18 % of the run instead of 29 %), but with two placement passes
+                # a turn, where no status() is served, status() at S9's peak reached 101-134 ms in 2
+                # of 7 runs (--nice 19; 42-59 ms in 4 without)
                 behind = self.router in ready and self._drain_control()
                 self._serve_queries()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
