@@ -63,7 +63,10 @@ class Mailbox:
         left, the wake socket stays readable, so the owner's next poll comes back for them."""
         wake = self.wake_socket
         while sockets.readable(wake):
-            wake.recv(zmq.NOBLOCK)
+            try:
+                wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
         with self._lock:
             count = len(self._items) if limit is None else min(limit, len(self._items))
             taken = [self._items.popleft() for _ in range(count)]

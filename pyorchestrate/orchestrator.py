@@ -238,7 +238,11 @@ class Orchestrator:
         """
         if trace.enabled:
             trace.mark("register", name or getattr(agent_class, "__name__", "?"))
-        if agent_class not in self._agent_classes:  # checked once per class: S3 registers thousands
+        try:
+            checked = agent_class in self._agent_classes  # checked once per class: S3 registers thousands
+        except TypeError:  # unhashable: certainly not an agent class, said below
+            checked = False
+        if not checked:
             if not (inspect.isclass(agent_class) and issubclass(agent_class, BaseAgent) and agent_class.execution_mode):
                 raise TypeError(f"{agent_class!r} is not an agent class: subclass one of pyorchestrate's agents, "
                                 "e.g. BaseThreadAgent or PeriodicProcessAgent")
