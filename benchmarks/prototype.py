@@ -134,6 +134,9 @@ class Prototype:
         self.workers: dict[bytes, int] = {}
         while len(self.workers) < workers:  # their hellos, before the loop owns the socket
             if not self.router.poll(30_000):
+                for proc in self.procs:  # nothing is left behind
+                    proc.kill()
+                    proc.join(10)
                 raise TimeoutError("prototype workers did not say hello")
             identity, _ = self.router.recv_multipart()
             self.workers[identity] = 0

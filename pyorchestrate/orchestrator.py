@@ -531,11 +531,10 @@ def _restart_policy(restart: Any, max_restarts: Any, backoff: Any) -> RestartPol
     """``RestartPolicy.build``, once per distinct arguments (a policy is immutable); a mistake
     raises as it would (lru_cache keeps no exceptions)."""
     try:
-        return _cached_policy(restart, max_restarts, backoff)
-    except TypeError as exc:
-        if "unhashable" not in str(exc):
-            raise
-        return RestartPolicy.build(restart, max_restarts, backoff)  # e.g. restart_backoff as a list
+        hash((restart, max_restarts, backoff))
+    except TypeError:  # e.g. restart_backoff as a list: built, not cached
+        return RestartPolicy.build(restart, max_restarts, backoff)
+    return _cached_policy(restart, max_restarts, backoff)
 
 
 def _names(value: Any, what: str) -> list[str]:
