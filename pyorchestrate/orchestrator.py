@@ -41,6 +41,13 @@ class RunMode(enum.Enum):
     DAEMON = "daemon"  #: only after :meth:`Orchestrator.stop`; agents may be added while running
 
 
+@functools.lru_cache(maxsize=1024)
+def _validated_by_us(config_class: type) -> bool:
+    """Are a Config class's checks all ours (so they read nothing but its settings)?  A user's own
+    validate() may look at anything (a file, the time): theirs runs for every agent."""
+    return config_class.check is BaseConfig.check and config_class.validate.__module__.startswith("pyorchestrate.")
+
+
 def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool = False, allow_none: bool = False) -> None:
     value = getattr(cfg, name)
     if value is None and allow_none:
@@ -188,6 +195,8 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._classes: dict[tuple[type, type], tuple[str, bytes, str]] = {}  # -> id, pickle, fingerprint
         self._agent_classes: set[type] = set()  # classes register_agent has checked
+        # (agent class, Config class) -> findings, config blob, definition of a default Config
+        self._defaults: dict[tuple[type, type], tuple[list[ValidationResult], bytes, str]] = {}
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
         self._finished = threading.Event()
         self._started = False
@@ -270,16 +279,28 @@ class Orchestrator:
             raise ValueError(f"on_disconnect={on_disconnect!r}: use 'replace' or 'keep' (or leave it out)")
         if custom_plugin is not None:
             plugins.resolve(agent_class.Plugin, custom_plugin)  # a wrong kind of plugin fails here
-        for finding in config.check(f"agent {name!r}"):
-            log.warning("agent %s config: %s", name, finding)
         key = (agent_class, type(config))
-        if key not in self._classes:
-            self._classes[key] = (*shipping.pack_class(agent_class, type(config)),
-                                  shipping.class_fingerprint(agent_class, type(config)))
-        class_id, class_blob, fingerprint = self._classes[key]
-        config_blob = shipping.pack_config(config, name, custom_plugin)
-        # what a restarted coordinator compares before adopting a running copy: class and config
-        definition = hashlib.blake2b(fingerprint.encode() + b"\0" + config_blob, digest_size=16).hexdigest()
+        # a Config with nothing set on the instance, checked only by our own validate(), gives the
+        # same findings and the same bytes every time: worked out once per class (S3 registers
+        # thousands of such agents; checking, pickling and hashing were half of registering one)
+        default = custom_plugin is None and not vars(config) and _validated_by_us(type(config))
+        known = self._defaults.get(key) if default else None
+        if known is None:
+            findings = config.check(f"agent {name!r}")
+            if key not in self._classes:
+                self._classes[key] = (*shipping.pack_class(agent_class, type(config)),
+                                      shipping.class_fingerprint(agent_class, type(config)))
+            fingerprint = self._classes[key][2]
+            config_blob = shipping.pack_config(config, name, custom_plugin)
+            # what a restarted coordinator compares before adopting a running copy: class and config
+            definition = hashlib.blake2b(fingerprint.encode() + b"\0" + config_blob, digest_size=16).hexdigest()
+            known = (findings, config_blob, definition)
+            if default:
+                self._defaults[key] = known
+        findings, config_blob, definition = known
+        for finding in findings:
+            log.warning("agent %s config: %s", name, finding)
+        class_id, class_blob, _ = self._classes[key]
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
                              class_blob=class_blob, config_blob=config_blob,
                              mode=agent_class.execution_mode, pin=worker, labels=labels,

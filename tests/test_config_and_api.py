@@ -204,3 +204,45 @@ def test_an_unpicklable_class_level_setting_is_named_with_the_fix():
     with pytest.raises(ShippingError, match=r"Holder.Config attribute 'lock' \(lock\) cannot be pickled. Set it on "
                                             r"the instance in setup\(\)"):
         Orchestrator("unpicklable").register_agent(Holder, "h")
+
+
+def test_default_configs_are_checked_once_per_class_and_a_users_own_validate_every_time(caplog):
+    """register_agent works out a default Config's findings and bytes once per class (S3 registers
+    thousands of agents); an instance with settings of its own, or a Config whose validate() is
+    the user's (it may read anything), is checked on every registration."""
+    from pyorchestrate import PeriodicThreadAgent
+
+    calls = []
+
+    class Counted(BaseThreadAgent):
+        class Config(BaseThreadAgent.Config):
+            def validate(self):
+                calls.append(1)
+                return super().validate()
+
+        def execute(self):
+            pass
+
+    class Sampler(PeriodicThreadAgent):
+        class Config(PeriodicThreadAgent.Config):
+            execution_intervall = 0.1  # a near miss: a warning for every agent, cached or not
+
+        def runner(self):
+            pass
+
+    orch = Orchestrator("cache")
+    for i in range(3):
+        orch.register_agent(Counted, f"c{i}")
+    assert len(calls) == 3
+    with caplog.at_level("WARNING", logger="pyorchestrate"):
+        orch.register_agent(Sampler, "s0")
+        orch.register_agent(Sampler, "s1")
+    assert [r.getMessage().split(" config:")[0] for r in caplog.records] == ["agent s0", "agent s1"]
+    orch.register_agent(Quick, "q0")
+    with pytest.raises(ConfigValidationError, match="stop_timeout"):
+        orch.register_agent(Quick, "q1", Quick.Config(stop_timeout=-1))  # an instance's own setting
+    records = orch._agents
+    orch.register_agent(Quick, "q2", Quick.Config(stop_timeout=3))
+    assert records["q0"].config_blob != records["q2"].config_blob  # its own settings travel
+    assert records["s0"].config_blob == records["s1"].config_blob
+    assert records["s0"].definition == records["s1"].definition
