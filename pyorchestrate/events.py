@@ -41,9 +41,6 @@ class OrchestratorEvent(str, enum.Enum):
         return self.value
 
 
-#: a dispatcher whose running callbacks finish nothing for this long wakes one more runner
-_STALL_SECONDS = 0.1
-_TIMED_OUT = object()
 _second: tuple[int, str, str] = (-1, "", "")  # the last second formatted: (epoch second, date, time)
 
 
@@ -82,21 +79,20 @@ class EventDispatcher:
 
     Each callback receives only the keyword arguments its signature accepts; one that raises is
     logged and counted and never affects the others.  Callbacks for one subject (an agent or a
-    worker) run one at a time, in event order; different subjects run in parallel when one blocks.
+    worker) run one at a time, in event order; different subjects run in parallel.
 
     One thread dispatches (the coordinator's loop) and it never waits on a lock: it puts events
     (one batch of its decisions at a time, see :meth:`hold`) into a queue the runners take from.
     One runner at a time (the *leader*) waits on that queue, so batches are filed by subject in
     the order they were handed over; it files a batch's events under the dispatcher's lock (a
-    subject not being run goes on the *ready* list).  If no runner is running callbacks, the
-    leader gives up the lead and runs the first ready subject itself (one hand-over from the loop
-    to a callback, not two), waking a sleeping runner to lead in its place if more waits; if one
-    is, the leader leads on and the running runner takes what was filed after what it has.  A runner that
-    finishes a subject takes a ready one, or leads, or sleeps.  So callbacks that return quickly
-    run on one runner at a time (Python callbacks share one GIL: more runners only fought over it
-    and this lock, five times the CPU), one batch costs at most one wake-up, and a second runner
-    joins only when the running ones finish nothing for ``_STALL_SECONDS`` - a callback that
-    blocks holds up its own subject only, and the others for at most that long.  A subject
+    subject not being run goes on the *ready* list), gives up the lead and runs the first ready
+    subject itself (one hand-over from the loop to a callback, not two).  The other runners sleep
+    until woken: by a runner that left ready subjects behind, or by the loop when it hands over a
+    batch while nobody leads.  A runner that finishes a subject takes a ready one, or leads.  So
+    one batch costs one wake-up however many runners there are, a batch of many subjects wakes at
+    most one runner per runner, and a slow callback holds up only its own subject (each wake is
+    a thread switch that also takes the GIL from the loop: S3 spent a sixth of the coordinator's
+    CPU on its callbacks when every subject and every filed batch woke runners).  A subject
     being run takes further events in its own queue, in order.
     """
 
@@ -110,7 +106,6 @@ class EventDispatcher:
         self._wake: queue.SimpleQueue = queue.SimpleQueue()  # a token wakes one sleeping runner
         self._queues: dict[str, collections.deque] = {}  # subjects ready or being run -> their events
         self._ready: collections.deque[str] = collections.deque()  # subjects no runner has taken yet
-        self._running = 0  # runners running a subject's callbacks (under _lock)
         self._dispatched = 0  # written by the dispatching thread only
         self._done = 0  # under _lock
         self._waiting = 0  # wait_idle callers, under _lock: only they need a notify
@@ -198,61 +193,42 @@ class EventDispatcher:
             self._hand_over(held)
 
     def _run(self) -> None:
-        lock = self._lock
+        lock, ready = self._lock, self._ready
         while True:
+            subject, lead, wake = None, False, False
             with lock:
-                lead = not self._leader
-                if lead:
-                    self._leader = True
+                if ready:
+                    subject = ready.popleft()
+                    wake = bool(ready) and self._sleeping > 0  # more to run: one more runner
+                elif not self._leader:
+                    self._leader = lead = True
                 else:
                     self._sleeping += 1
-            if lead:
-                if not self._lead():
+            if wake:
+                self._wake.put(True)
+            if subject is not None:
+                self._drain(subject)
+                continue
+            if not lead:
+                token = self._wake.get()
+                with lock:
+                    self._sleeping -= 1
+                if token is None:
                     return
                 continue
-            token = self._wake.get()  # woken to lead (see _hand_over and _lead)
+            batch = self._incoming.get()
             with lock:
-                self._sleeping -= 1
-            if token is None:
-                return
-
-    def _lead(self) -> bool:
-        """Wait for batches and file them until this runner is needed to run callbacks; False:
-        closing.
-
-        While another runner runs callbacks, the leader files and leads on: the running runner
-        takes what was filed after what it has (see _drain).  If the running runners finish
-        nothing for ``_STALL_SECONDS`` (a callback that blocks) while subjects wait, the leader
-        runs those itself and wakes a sleeper to lead.  Waking a runner per ready subject (as
-        before) cost five times the CPU for quick callbacks, ten runners fighting over the GIL
-        and this lock (30,000 agents' three events: 58-69 us an agent against 9.5-12 now)."""
-        lock, ready = self._lock, self._ready
-        done, since = self._done, time.monotonic()
-        while True:
-            # a deadline only while subjects wait: an idle dispatcher sleeps without one
-            timeout = max(0.0, since + _STALL_SECONDS - time.monotonic()) if ready else None
-            try:
-                batch = self._incoming.get(timeout=timeout)
-            except queue.Empty:
-                batch = _TIMED_OUT
-            with lock:
-                if batch is None:
-                    self._leader = False
-                    return False
-                if batch is not _TIMED_OUT:
-                    self._file(batch)
-                if self._done != done or not ready:  # progress (or nothing waits): lead on
-                    done, since = self._done, time.monotonic()
-                if not ready or (self._running and time.monotonic() - since < _STALL_SECONDS):
-                    continue  # the runners at work take what waits
                 self._leader = False
-                subject = ready.popleft()
-                self._running += 1
-                wake = self._sleeping > 0 and (bool(ready) or not self._incoming.empty())
+                if batch is not None:
+                    self._file(batch)
+                    subject = ready.popleft() if ready else None
+                wake = (bool(ready) or not self._incoming.empty()) and self._sleeping > 0
             if wake:
-                self._wake.put(True)  # it leads in this runner's place
-            self._drain(subject)
-            return True
+                self._wake.put(True)
+            if batch is None:
+                return
+            if subject is not None:
+                self._drain(subject)
 
     def _file(self, batch: list) -> None:
         """Under ``_lock``: each event to its subject's queue, in order."""
@@ -268,10 +244,7 @@ class EventDispatcher:
                 pending.append(one)
 
     def _drain(self, subject: str) -> None:
-        """Run ``subject``'s events, then the next ready subjects', until none is ready.  The next
-        is taken under the same lock as the end of the last: a runner never looks idle between
-        two (a leader filing meanwhile would run one itself, and wake a runner to lead)."""
-        lock, ready = self._lock, self._ready
+        lock = self._lock
         with lock:
             pending = self._queues[subject]
             event, callbacks, fields = pending.popleft()
@@ -293,11 +266,7 @@ class EventDispatcher:
                     lock.notify_all()
                 if not pending:
                     del self._queues[subject]
-                    if not ready:
-                        self._running -= 1
-                        return
-                    subject = ready.popleft()
-                    pending = self._queues[subject]
+                    return
                 event, callbacks, fields = pending.popleft()
 
     def wait_idle(self, timeout: float) -> bool:
