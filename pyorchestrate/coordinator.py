@@ -60,7 +60,7 @@ class Coordinator:
     """The coordinator's sockets and loop thread (used by :class:`Orchestrator`)."""
 
     def __init__(self, name: str, config: Any, dispatcher: EventDispatcher, on_finished: Callable[[], None],
-                 on_agent_state: Callable[[str, str, str | None, int], None],
+                 on_agent_states: Callable[[list[tuple[str, str, str | None, int]]], None],
                  on_forget: Callable[[str], None], min_workers: int) -> None:
         self.name = name
         self.config = config
@@ -70,7 +70,10 @@ class Coordinator:
         self.lost_events = 0
         self.min_workers = min_workers
         self._on_finished = on_finished
-        self._on_agent_state = on_agent_state
+        self._on_agent_states = on_agent_states
+        # agents whose state changed since the handles last heard (see _flush_states)
+        self._state_changes: dict[str, AgentRecord] = {}
+        self._batch_stamp: dict[str, str] | None = None  # the time of the batch being carried out
         self._on_forget = on_forget
         self._closing = False
         self._seq = 0
@@ -302,10 +305,24 @@ class Coordinator:
     def _carry_out(self) -> None:
         """Do what the core decided."""
         self.dispatcher.hold()
+        # the events of one batch of decisions carry one time: they were decided at one moment
+        # (stamped one by one, formatting the time was a tenth of publishing an event)
+        self._batch_stamp = stamp()
         try:
             self._carry_out_actions()
         finally:
+            self._batch_stamp = None
+            self._flush_states()  # before the callbacks: one reading a handle sees the new state
             self.dispatcher.release()
+
+    def _flush_states(self) -> None:
+        """Tell the handles (agent(name).state, wait_ready) the latest state of each agent that
+        changed: once per batch of decisions and under one lock, not once per event (a short
+        run changes state three times in one report)."""
+        if self._state_changes:
+            changed = self._state_changes
+            self._on_agent_states([(r.name, r.state._value_, r.worker, r.epoch) for r in changed.values()])
+            changed.clear()
 
     def _carry_out_actions(self) -> None:
         assert self.core is not None
@@ -319,7 +336,8 @@ class Coordinator:
                 if action.record is not None and self._tail_hold.holds(action.subject):
                     # after the run's last bus events, but stamped now: its time is when it happened
                     # (a restart's delay is measured from it), not when the tail let it out
-                    self._tail_hold.add(action.subject, action._replace(fields={**stamp(), **action.fields}))
+                    when = self._batch_stamp or stamp()
+                    self._tail_hold.add(action.subject, action._replace(fields={**when, **action.fields}))
                 else:
                     self._publish(action.event, action.subject, action.fields, action.record)
             elif kind is AwaitBus:
@@ -330,6 +348,7 @@ class Coordinator:
                 else:
                     self._bus_seqs.pop(key, None)  # the run is over and all of it arrived
             elif kind is Forget:
+                self._state_changes.pop(action.name, None)  # forgotten: nothing to tell
                 self._on_forget(action.name)
             elif kind is Finished:
                 self.dispatcher.flush()  # join() returns next and waits for these callbacks
@@ -705,6 +724,7 @@ class Coordinator:
     def _release(self, held: list[Publish]) -> None:
         for action in held:
             self._publish(action.event, action.subject, action.fields, action.record)
+        self._flush_states()
 
     def _forward_bus_event(self, topic: str, body: bytes) -> None:
         self._emit(topic, body)
@@ -811,7 +831,7 @@ class Coordinator:
                  record: AgentRecord | None = None) -> None:
         name = event._value_  # the plain str: Enum.value is a descriptor call, three times per agent
         fields = {"event": name, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
-                  **stamp(), **fields}
+                  **(self._batch_stamp or stamp()), **fields}
         topic = f"{name}.{subject}"  # protocol.event_topic, inlined
         self._emit(topic, self._pack(fields))
         self.dispatcher.dispatch(event, fields)
@@ -822,7 +842,7 @@ class Coordinator:
             # and TERMINATED of a short run together, and its lines belong between READY and the end
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
-            self._on_agent_state(record.name, record.state._value_, record.worker, record.epoch)
+            self._state_changes[record.name] = record  # told with the batch (see _flush_states)
             if event is not OrchestratorEvent.AGENT_ERROR and not log.isEnabledFor(logging.INFO):
                 return
             where = f"on {record.worker}" if record.worker else "(not placed)"

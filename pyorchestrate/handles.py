@@ -16,9 +16,13 @@ class AgentStates:
         self._changed = threading.Condition()
         self._waiting = 0  # threads in wait(): the loop notifies only when somebody listens
 
-    def update(self, name: str, state: str, worker: str | None, epoch: int) -> None:
+    def update_many(self, changes: list[tuple[str, str, str | None, int]]) -> None:
+        """Several agents' latest (state, worker, epoch) under one acquisition: the loop hands
+        over one batch of decisions at a time (three state changes an agent in a short run)."""
         with self._changed:
-            self._states[name] = (state, worker, epoch)
+            states = self._states
+            for name, state, worker, epoch in changes:
+                states[name] = (state, worker, epoch)
             if self._waiting:
                 self._changed.notify_all()
 

@@ -423,7 +423,7 @@ class Orchestrator:
         cfg = self.config
         embedded = cfg.address is None
         min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
-        coordinator = Coordinator(self.name, cfg, self._dispatcher, self._finished.set, self._states.update,
+        coordinator = Coordinator(self.name, cfg, self._dispatcher, self._finished.set, self._states.update_many,
                                   self._forget, min_workers)
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
         self._coordinator = coordinator
