@@ -30,7 +30,7 @@ from .events import EventDispatcher, OrchestratorEvent, stamp
 from .limits import Limits, adopt_window
 from .mailbox import Mailbox
 from .records import AgentRecord, WorkerRecord
-from .states import AgentState
+from .states import AgentState, plain_members
 from .versions import local_versions
 
 log = logging.getLogger("pyorchestrate.coordinator")
@@ -41,6 +41,7 @@ _DRAIN_BATCH = 1000
 #: so frames alone do not bound a turn (commands, like status(), wait for the turn to end)
 _DRAIN_SECONDS = 0.02
 _COMMANDS_PER_TURN = 20
+E = plain_members(OrchestratorEvent)  # E.AGENT_READY is OrchestratorEvent.AGENT_READY, read faster
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _EVENTS = {e.value: e for e in OrchestratorEvent}
@@ -663,7 +664,7 @@ class Coordinator:
         """A worker's running agents, each with the last seq its run sent before this frame: a
         seq beyond what arrived is a lost tail, reported now (not when the agent ends)."""
         assert self.core is not None
-        wanted = self.dispatcher.wants(OrchestratorEvent.AGENT_HEARTBEAT)
+        wanted = self.dispatcher.wants(E.AGENT_HEARTBEAT)
         base = {"event": "AGENT_HEARTBEAT", "publisher": worker, "incarnation": self.session, "worker": worker,
                 **stamp()}
         stale = 0
@@ -689,7 +690,7 @@ class Coordinator:
             self._emit(protocol.event_topic("AGENT_HEARTBEAT", agent), self._pack(fields),
                        numbered=False)
             if wanted:
-                self.dispatcher.dispatch(OrchestratorEvent.AGENT_HEARTBEAT, fields)
+                self.dispatcher.dispatch(E.AGENT_HEARTBEAT, fields)
         if stale:
             self.dropped.drop("stale_bus_event", f"{stale} heartbeat(s) of {worker}", count=stale)
 
@@ -730,10 +731,10 @@ class Coordinator:
         self._emit(topic, body)
         name = topic.partition(".")[0]
         event = _EVENTS.get(name)
-        if event is None or not (event is OrchestratorEvent.AGENT_LOG or self.dispatcher.wants(event)):
+        if event is None or not (event is E.AGENT_LOG or self.dispatcher.wants(event)):
             return
         fields = protocol.decode_body(topic, body, self.config.max_message_size)
-        if event is OrchestratorEvent.AGENT_LOG:
+        if event is E.AGENT_LOG:
             self._reemit_log(fields)
         if self.dispatcher.wants(event):
             self.dispatcher.dispatch(event, fields)
@@ -777,7 +778,7 @@ class Coordinator:
     def _report_gap(self, publisher: str, lost: int) -> None:
         self.lost_events += lost
         log.warning("%d event(s) from %s were lost on the bus (high-water mark reached?)", lost, publisher)
-        self._publish(OrchestratorEvent.EVENTS_LOST, publisher, {"lost": lost, "source": publisher})
+        self._publish(E.EVENTS_LOST, publisher, {"lost": lost, "source": publisher})
 
     def _on_subscription(self, frames: list[bytes]) -> None:
         frame = frames[0] if len(frames) == 1 else b""
@@ -835,22 +836,22 @@ class Coordinator:
         topic = f"{name}.{subject}"  # protocol.event_topic, inlined
         self._emit(topic, self._pack(fields))
         self.dispatcher.dispatch(event, fields)
-        if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
+        if trace.enabled and event is E.AGENT_TERMINATED:
             trace.mark("published", subject)
-        if event is OrchestratorEvent.AGENT_STARTED and record is not None and self._early_hold:
+        if event is E.AGENT_STARTED and record is not None and self._early_hold:
             # released once the actions of this turn are done: a report often holds STARTED, READY
             # and TERMINATED of a short run together, and its lines belong between READY and the end
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
             self._state_changes[record.name] = record  # told with the batch (see _flush_states)
-            if event is not OrchestratorEvent.AGENT_ERROR and not log.isEnabledFor(logging.INFO):
+            if event is not E.AGENT_ERROR and not log.isEnabledFor(logging.INFO):
                 return
             where = f"on {record.worker}" if record.worker else "(not placed)"
-            if event is OrchestratorEvent.AGENT_ERROR and fields.get("recoverable"):
+            if event is E.AGENT_ERROR and fields.get("recoverable"):
                 # the agent's own log line (on the bus, printed once) says it; the traceback is on
                 # the event (pyorchestrate history, the dashboard): no second copy here
                 log.debug("agent %s %s: recoverable %s", record.name, where, fields.get("error_message"))
-            elif event is OrchestratorEvent.AGENT_ERROR:
+            elif event is E.AGENT_ERROR:
                 log.error("agent %s %s: %s%s", record.name, where, fields.get("error_message"),
                           ("\n" + fields["traceback"].rstrip()) if fields.get("traceback") else "")
             else:

@@ -33,20 +33,21 @@ from . import commands as cmd
 from . import protocol
 from .actions import Action, AwaitBus, Finished, Forget, Publish, Send
 from .core_commands import CommandHandlers
-from .events import OrchestratorEvent as E
+from .events import OrchestratorEvent
 from .limits import Limits
 from .placement import PLACE_PER_PASS, Free, choose
 from .predecessor import Predecessor
 from .records import AgentRecord, WorkerRecord
 from .registration import Registration, holds_token
-from .states import LIVE, RUNNING, AgentState, StateIndex
+from .states import LIVE, RUNNING, AgentState, StateIndex, plain_members
 
 __all__ = ["Action", "AwaitBus", "ClusterCore", "Finished", "Forget", "Publish", "Send"]
 
 log = logging.getLogger("pyorchestrate.coordinator")
 
-S = AgentState
-_EVENT_BY_NAME: dict[str, E] = {e.value: e for e in E}
+S = plain_members(AgentState)  # S.READY is AgentState.READY, read faster (see plain_members)
+E = plain_members(OrchestratorEvent)
+_EVENT_BY_NAME: dict[str, OrchestratorEvent] = {e.value: e for e in OrchestratorEvent}
 _STARTS_PER_FRAME = 250  # agents in one starts frame (a frame stays small; the worker acts on it at once)
 _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
 
@@ -136,10 +137,11 @@ class ClusterCore(Registration, CommandHandlers):
         self._send(worker, "reregister")
         return False
 
-    def _publish(self, event: E, subject: str, fields: dict[str, Any], record: AgentRecord | None = None) -> None:
+    def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any],
+                 record: AgentRecord | None = None) -> None:
         self.actions.append(Publish(event, subject, fields, record))
 
-    def _publish_agent(self, record: AgentRecord, event: E, fields: dict[str, Any]) -> None:
+    def _publish_agent(self, record: AgentRecord, event: OrchestratorEvent, fields: dict[str, Any]) -> None:
         if event is E.AGENT_READY:
             record.ready_said = True
         worker = self.workers.get(record.worker or "")
@@ -296,7 +298,8 @@ class ClusterCore(Registration, CommandHandlers):
                 if worker is not None and speaks_for(worker):
                     self.agent_event(worker, item, now)
 
-    def _worker_gone(self, worker: WorkerRecord, event: E, reason: str, now: float, *, certain: bool) -> None:
+    def _worker_gone(self, worker: WorkerRecord, event: OrchestratorEvent, reason: str, now: float, *,
+                     certain: bool) -> None:
         """``certain``: its process is gone (goodbye, closed connection), so are its thread agents.
         Otherwise it is merely silent: it may be cut off and still running them."""
         worker.alive = False
@@ -562,7 +565,7 @@ class ClusterCore(Registration, CommandHandlers):
             if self.predecessor.waits_for(record.name):
                 record.pending_reason = f"waiting for the previous copy on {self.predecessor.waits_for(record.name)} to stop"
                 continue
-            verdict, detail = self._dependency_state(record)
+            verdict, detail = self._dependency_state(record) if record.depends_on else ("ok", "")
             if verdict == "failed":
                 self._fail_run(record, f"dependency {detail} failed", now, final=True)
                 continue

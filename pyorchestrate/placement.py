@@ -19,6 +19,12 @@ def has_room(worker: Any) -> bool:
     return not worker.capacity or len(worker.agents) < worker.capacity
 
 
+def _open(worker: Any) -> bool:
+    """``eligible(worker, None, {}) and has_room(worker)`` without building the arguments: the
+    heap below asks it three times per agent placed."""
+    return worker.alive and not worker.draining and (not worker.capacity or len(worker.agents) < worker.capacity)
+
+
 def choose(workers: Iterable[Any], pin: str | None, labels: dict[str, str]) -> tuple[Any | None, str]:
     """The least-loaded eligible worker with room, or None and the reason the agent waits."""
     matching = [w for w in workers if eligible(w, pin, labels)]
@@ -58,10 +64,10 @@ class Free:
         heap = self._heap
         while heap:
             load, order, worker = heap[0]
-            if load == len(worker.agents) and eligible(worker, None, {}) and has_room(worker):
+            if load == len(worker.agents) and _open(worker):
                 return
             heapq.heappop(heap)
-            if eligible(worker, None, {}) and has_room(worker) and load != len(worker.agents):
+            if _open(worker) and load != len(worker.agents):
                 heapq.heappush(heap, (len(worker.agents), order, worker))
 
     def __bool__(self) -> bool:
@@ -77,7 +83,7 @@ class Free:
 
     def update(self, worker: Any) -> None:
         """``worker`` was given an agent: back in the heap if it still has room."""
-        if eligible(worker, None, {}) and has_room(worker):
+        if _open(worker):
             heapq.heappush(self._heap, (len(worker.agents), worker.order, worker))
 
     def why_none(self) -> str:

@@ -14,14 +14,15 @@ from typing import Any
 
 from . import protocol
 from .actions import Send
-from .events import OrchestratorEvent as E
+from .events import OrchestratorEvent
 from .records import AgentRecord, WorkerRecord
-from .states import LIVE, RUNNING, AgentState
+from .states import LIVE, RUNNING, AgentState, plain_members
 from .versions import compare, table
 
 log = logging.getLogger("pyorchestrate.coordinator")
 
-S = AgentState
+S = plain_members(AgentState)  # S.READY is AgentState.READY, read faster (see plain_members)
+E = plain_members(OrchestratorEvent)
 
 
 def holds_token(worker: WorkerRecord, message: dict[str, Any]) -> bool:
@@ -185,7 +186,7 @@ class Registration:
         return False
 
     def _reconnect(self, record: AgentRecord, worker: WorkerRecord, report: dict[str, Any], reason: str,
-                   reported: E | None = None) -> None:
+                   reported: OrchestratorEvent | None = None) -> None:
         """Take ``record``'s running copy on ``worker`` (as ``report`` describes it) as its current
         run.  ``reported``: the lifecycle event that brought it back (published by the caller)."""
         said = record.said_before if record.state is S.DISCONNECTED else None

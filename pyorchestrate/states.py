@@ -30,6 +30,13 @@ class AgentState(str, enum.Enum):
 
 S = AgentState
 
+
+def plain_members(enum_class: type[enum.Enum]) -> type:
+    """A class holding ``enum_class``'s members as plain class attributes, for hot paths: in
+    Python 3.11 reading ``AgentState.READY`` is a descriptor call (~70 ns, against ~16 here), and
+    one short run's reports read a few dozen members.  The values are the members themselves."""
+    return type(f"{enum_class.__name__}Members", (), dict(enum_class.__members__))
+
 #: state -> the states it may move to
 TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     S.PENDING: frozenset({S.ASSIGNED, S.TERMINATED,
