@@ -35,10 +35,10 @@ def _run(pool: AgentThreads, job, name: str) -> None:
             done.set()
 
     retired = pool.retired
-    thread = pool.submit(wrapped, name)
+    needs_thread = pool.submit(wrapped, name, lambda exc: pytest.fail(f"no thread for {name}: {exc}"))
     idle = pool.idle()  # without the idle thread this job claimed, if any
-    if thread is not None:
-        thread.start()
+    if needs_thread:
+        pool.start_one()
     assert done.wait(10), f"job {name} did not run"
     # this job's thread, after the job: back among the idle ones, or retired
     wait_for(lambda: not pool.reuse or pool.retired > retired or pool.idle() > idle, 5,
@@ -88,6 +88,49 @@ def test_pool_without_reuse_starts_a_thread_per_agent():
     for i in range(3):
         _run(pool, lambda: None, f"agent-{i}")
     assert (pool.started, pool.reused) == (3, 0)
+
+
+def test_a_burst_of_short_jobs_runs_on_threads_that_come_free_not_a_new_thread_each():
+    """1,000 jobs queued at once: the first thread started takes the next waiting job when its
+    own ends, so most start_one calls find nothing left to start a thread for."""
+    pool = AgentThreads(idle_seconds=30)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def job(i: int):
+        def run() -> None:
+            with lock:
+                done.append(i)
+        return run
+
+    try:
+        needs = [pool.submit(job(i), f"agent-{i}", lambda exc: pytest.fail(str(exc))) for i in range(1000)]
+        assert all(needs)  # nobody idles yet: each asks for a thread
+        for _ in needs:  # as the worker's starter thread does, one after the other
+            pool.start_one()
+        wait_for(lambda: len(done) == 1000, 10, "every job to run")
+        assert sorted(done) == list(range(1000))
+        assert pool.started < 100, pool.started  # a new thread each before
+    finally:
+        pool.close()
+
+
+def test_a_job_that_gets_no_thread_is_failed(monkeypatch):
+    pool = AgentThreads(idle_seconds=30)
+    failed: list[str] = []
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(agent_threads.threading, "Thread", NoThreads)
+    try:
+        assert pool.submit(lambda: None, "agent-x", lambda exc: failed.append(str(exc)))
+        pool.start_one()
+        assert failed == ["can't start new thread"]
+    finally:
+        monkeypatch.undo()
+        pool.close()
 
 
 def test_an_idle_thread_leaves_after_its_idle_time():

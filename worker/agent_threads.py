@@ -102,12 +102,18 @@ def _same(before: list[tuple[object, object]], after: list[tuple[object, object]
     return len(before) == len(after) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(before, after))
 
 
-Job = tuple[Callable[[], None], str]
+#: what to run, the thread's name while it runs, and what to call if no thread could be started
+Job = tuple[Callable[[], None], str, Callable[[BaseException], None]]
 
 
 class AgentThreads:
-    """Runs each job on an idle pooled thread, or on a new one (started by a starter thread: see
-    ``Supervisor``).  ``reuse=False``: a new thread for every job (the old behaviour)."""
+    """Runs each job on an idle pooled thread, or on the first thread that needs one: a job no
+    idle thread takes waits in a queue, and a new thread is started for it (by a starter thread,
+    see ``Supervisor``: :meth:`start_one`) unless a thread whose agent ended takes it first.  A
+    burst of short agents thus runs on a few threads instead of one new thread each: S3 handed
+    1,000 agents a worker at once and each waited for a thread of its own to start (the last ran
+    400 ms after it was handed; most threads were started for agents that had long finished).
+    ``reuse=False``: a new thread for every job (the old behaviour)."""
 
     def __init__(self, reuse: bool = REUSE, idle_seconds: float = IDLE_SECONDS, max_idle: int = MAX_IDLE) -> None:
         self.reuse = reuse and REUSE
@@ -115,42 +121,61 @@ class AgentThreads:
         self.max_idle = max_idle
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # under _lock; never both above zero (a job is queued unclaimed only while nobody idles)
         self._idle = 0  # threads waiting on _jobs, not yet claimed by a submit
+        self._unclaimed = 0  # queued jobs no thread has claimed yet (each has a start_one coming)
         self._closed = False
         self.started = 0  #: threads started so far
         self.retired = 0  #: threads that exited after an agent that changed their thread state
         self.reused = 0  #: jobs run on a thread that had run an agent before
 
-    def submit(self, job: Callable[[], None], name: str) -> threading.Thread | None:
-        """Run ``job`` on a pooled thread; return a new thread the caller must start (None when
-        an idle thread took the job)."""
+    def submit(self, job: Callable[[], None], name: str, on_fail: Callable[[BaseException], None]) -> bool:
+        """Queue ``job``; True if no idle thread took it: then call :meth:`start_one` once, on a
+        thread that may wait (``Thread.start()`` waits until the new thread runs).  ``on_fail``
+        is called with the error if the job gets no thread (one could not be started)."""
         with self._lock:
             if self._idle and not self._closed:
                 self._idle -= 1
                 self.reused += 1
-                self._jobs.put((job, name))
-                return None
+                self._jobs.put((job, name, on_fail))
+                return False
+            self._unclaimed += 1
+            self._jobs.put((job, name, on_fail))
+        return True
+
+    def start_one(self) -> None:
+        """Start a thread for a queued job, unless a thread took every queued job meanwhile."""
+        with self._lock:
+            if not self._unclaimed or self._closed:
+                return
+            self._unclaimed -= 1
             self.started += 1
-        return threading.Thread(target=self._serve, args=((job, name),), name=name, daemon=True)
+        try:
+            threading.Thread(target=self._serve, name="agent-starting", daemon=True).start()
+        except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
+            job = self._jobs.get()  # the one claimed above: it gets no thread
+            assert job is not None
+            job[2](exc)
 
     def idle(self) -> int:
         with self._lock:
             return self._idle
 
     def close(self) -> None:
-        """Let idle threads exit now (threads running agents exit after them)."""
+        """Let idle threads exit now (threads running agents exit after them; jobs still queued
+        get no thread)."""
         with self._lock:
             self._closed = True
             waiting, self._idle = self._idle, 0
         for _ in range(waiting):
             self._jobs.put(None)
 
-    def _serve(self, first: Job) -> None:
+    def _serve(self) -> None:
         thread = threading.current_thread()
-        job: Job | None = first
         baseline = _snapshot() if self.reuse else []
+        job = self._jobs.get()  # claimed by start_one
         while job is not None:
-            target, name = job
+            target, name, _ = job
             job = None
             thread.name = name
             contextvars.Context().run(target)
@@ -170,9 +195,19 @@ class AgentThreads:
 
     def _next(self) -> Job | None:
         with self._lock:
-            if self._closed or self._idle >= self.max_idle:
+            if self._closed:
                 return None
-            self._idle += 1
+            if self._unclaimed:  # a job waits for a thread to be started: this one takes it
+                self._unclaimed -= 1
+                self.reused += 1
+                claimed = True
+            elif self._idle >= self.max_idle:
+                return None
+            else:
+                self._idle += 1
+                claimed = False
+        if claimed:
+            return self._jobs.get()
         try:
             return self._jobs.get(timeout=self.idle_seconds)
         except queue.Empty:

@@ -37,6 +37,7 @@ Report = Callable[[str, str, int, str, dict], None]
 Key = tuple[str, str, int]
 
 _CLASS_CACHE_SIZE = 256
+_STOP = object()  # tells the starter thread to end
 
 
 def _stderr_level() -> int:
@@ -114,7 +115,7 @@ class Supervisor:
         # threads are started by a thread of their own: Thread.start() waits until the new
         # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
         # in one loop turn (the worker fell silent and was declared lost)
-        self._to_start: queue.SimpleQueue[tuple[threading.Thread, Running | None] | None] = queue.SimpleQueue()
+        self._to_start: queue.SimpleQueue[threading.Thread | None | object] = queue.SimpleQueue()
         self._starter: threading.Thread | None = None
         #: the threads thread agents run on (reused, isolated: see agent_threads.py)
         self.threads = AgentThreads()
@@ -250,9 +251,8 @@ class Supervisor:
         if hold:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         self._add(record)
-        thread = self.threads.submit(run, f"agent-{name}")
-        if thread is not None:  # no idle thread: a new one
-            self._start_soon(thread, record)
+        if self.threads.submit(run, f"agent-{name}", lambda exc: self._no_thread(record, exc)):
+            self._start_soon(None)  # no idle thread: a new one, unless one comes free first
         if trace.enabled:
             trace.mark("handed", name)
 
@@ -279,13 +279,13 @@ class Supervisor:
                    record.tag, hold])
         host.classes.add(class_id)
 
-    def _start_soon(self, thread: threading.Thread, agent: Running | None = None) -> None:
-        """Start ``thread`` on the starter thread; ``agent``: the thread agent it runs, reported
-        failed if its thread cannot start (it would otherwise count as running for ever)."""
+    def _start_soon(self, thread: threading.Thread | None) -> None:
+        """Start ``thread`` on the starter thread (None: a thread for an agent waiting in the
+        pool, see AgentThreads.start_one)."""
         if self._starter is None:
             self._starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
             self._starter.start()
-        self._to_start.put((thread, agent))
+        self._to_start.put(thread)
 
     def close(self) -> None:
         """End the starter thread (threads still queued are not started), idle agent threads and
@@ -294,21 +294,27 @@ class Supervisor:
             host.retire()
         self.threads.close()
         if self._starter is not None:
-            self._to_start.put(None)
+            self._to_start.put(_STOP)
             self._starter.join(5.0)
             self._starter = None
 
     def _start_threads(self) -> None:
-        while (item := self._to_start.get()) is not None:
-            thread, agent = item
+        while (thread := self._to_start.get()) is not _STOP:
+            if thread is None:
+                self.threads.start_one()  # an agent it cannot start a thread for: _no_thread
+                continue
             try:
                 thread.start()
             except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
                 log.error("could not start thread %s: %s", thread.name, exc)
-                if agent is not None:
-                    self._emit(agent, "AGENT_STARTED", {})
-                    self._emit(agent, "AGENT_ERROR", error_fields(exc, " (could not start its thread)"))
-                    self._relay(agent, "AGENT_TERMINATED", {**stamp(), "ok": False})
+
+    def _no_thread(self, agent: Running, exc: BaseException) -> None:
+        """A thread agent no thread could be started for: failed (it would otherwise count as
+        running for ever)."""
+        log.error("could not start a thread for agent %s: %s", agent.name, exc)
+        self._emit(agent, "AGENT_STARTED", {})
+        self._emit(agent, "AGENT_ERROR", error_fields(exc, " (could not start its thread)"))
+        self._relay(agent, "AGENT_TERMINATED", {**stamp(), "ok": False})
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
