@@ -201,7 +201,7 @@ class Coordinator:
         try:
             while not self._closing:
                 now = time.monotonic()
-                ready = dict(poller.poll(sockets.wait_ms(next_tick - now)))
+                ready = dict(poller.poll(0 if core.more_to_place() else sockets.wait_ms(next_tick - now)))
                 # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
                 # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
