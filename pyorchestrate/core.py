@@ -49,7 +49,6 @@ S = plain_members(AgentState)  # S.READY is AgentState.READY, read faster (see p
 E = plain_members(OrchestratorEvent)
 _EVENT_BY_NAME: dict[str, OrchestratorEvent] = {e.value: e for e in OrchestratorEvent}
 _STARTS_PER_FRAME = 250  # agents in one starts frame (a frame stays small; the worker acts on it at once)
-_AHEAD_PASSES = 4  # placing goes on without waiting while fewer copies than this many passes run
 _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
 
 
@@ -520,16 +519,6 @@ class ClusterCore(Registration, CommandHandlers):
                                 for w in alive])
 
     # ================================================================== placement
-
-    def more_to_place(self) -> bool:
-        """Should the loop place again at once instead of waiting for news?  When the last pass
-        stopped at its cap with agents still waiting and fewer copies than a few passes are
-        running: waiting for the workers' reports then left both sides idle in turn (S3, 20,000
-        short agents: the loop sat in poll 210-440 ms of a 2 s run with thousands waiting).
-        With more running, placing goes on at one pass a turn (running far ahead of the
-        workers only brought their reports back in driblets, a turn each)."""
-        return (self._dirty and self._stopping_deadline is None
-                and self.states.count(S.ASSIGNED, S.STARTED, S.READY) < _AHEAD_PASSES * PLACE_PER_PASS)
 
     def place(self, now: float) -> None:
         """Place what can be placed (after each batch of stimuli; cheap when nothing changed)."""

@@ -521,28 +521,3 @@ def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_noth
     _pulse(h)  # the right secret, too late: the worker is lost
     assert not h.to(b"pulse-conn", "pulse_reply")
 
-
-def test_placing_goes_on_at_once_only_while_few_copies_run():
-    """A pass stops at PLACE_PER_PASS; while fewer than a few passes' worth of copies run, the
-    loop should place again without waiting for news (more_to_place), and not once that many
-    run, nor with nothing left, nor while stopping."""
-    from pyorchestrate.core import _AHEAD_PASSES
-    from pyorchestrate.placement import PLACE_PER_PASS
-
-    h = Harness()
-    h.register("w1")
-    total = (_AHEAD_PASSES + 2) * PLACE_PER_PASS
-    for i in range(total):
-        h.add(f"a{i}")
-    assert h.core.more_to_place()  # added: something to place
-    h.step()
-    assert len(h.core.states.of(S.ASSIGNED)) == PLACE_PER_PASS
-    assert h.core.more_to_place()  # capped with more waiting, few running
-    for _ in range(_AHEAD_PASSES - 1):
-        h.step()
-    assert len(h.core.states.of(S.ASSIGNED)) == _AHEAD_PASSES * PLACE_PER_PASS
-    assert not h.core.more_to_place()  # as many running as we run ahead: wait for reports
-    h.step()  # one pass a turn still goes on
-    assert len(h.core.states.of(S.ASSIGNED)) == (_AHEAD_PASSES + 1) * PLACE_PER_PASS
-    h.core.command(commands.StopAll(timeout=1.0), h.now)
-    assert not h.core.more_to_place()  # stopping: nothing is placed
