@@ -55,6 +55,15 @@ ENDINGS = {
 }
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the script's process, before it starts: SIGINT as a user's terminal gives it.  A suite
+    started as a background job of a shell (nohup ... &, a CI runner's wrapper) has SIGINT ignored,
+    every child inherits that, and Python then leaves it ignored: the Ctrl-C case below waited 30 s
+    for a script that never heard it (SigIgn of the script: SIGINT and SIGQUIT, as a shell sets them
+    for a job run with &)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Script:
     """One coordinator script run as its own process."""
 
@@ -66,7 +75,8 @@ class Script:
                                       workers=workers, versions=versions or {}, agents=agents,
                                       trace=str(tmp / "trace.txt"), ending=ENDINGS[ending]))
         self.log = open(tmp / f"coordinator-{tag}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_ctrl_c_as_at_a_terminal)
 
     def of(self, event: str) -> list[dict]:
         if not self.events.exists():
