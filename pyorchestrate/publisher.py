@@ -119,6 +119,9 @@ class AgentBus:
         return {"bus_publisher": self.publisher, "bus_incarnation": self.incarnation, "bus_seq": self._seq}
 
 
+_HANDLERS_LOCK = threading.Lock()  # agents' loggers' handler lists (see attach)
+
+
 class BusLogHandler:
     """Turns an agent's log records into AGENT_LOG events on its bus.
 
@@ -156,9 +159,11 @@ def attach(agent: Any, sink: Callable[[Item], None] | None, worker: str, host: s
     bus = AgentBus(sink, f"{worker}/{agent.name}", run, {"agent_name": agent.name, "worker": worker, "host": host})
     agent._bus = bus
     agent._bus_log_handler = BusLogHandler(bus, agent.name)
-    # the agent's own logger, changed only from its own thread: a new list instead of
-    # addHandler(), which takes logging's global lock (see BusLogHandler)
-    agent.logger.handlers = [*agent.logger.handlers, agent._bus_log_handler]
+    # a new list under a lock of our own, not addHandler(), which takes logging's global lock (see
+    # BusLogHandler); a lock still, as two copies of one agent (one stopping, one starting) share
+    # a logger and attach and detach from their own threads
+    with _HANDLERS_LOCK:
+        agent.logger.handlers = [*agent.logger.handlers, agent._bus_log_handler]
     return bus
 
 
@@ -166,7 +171,8 @@ def detach(agent: Any) -> None:
     """Undo :func:`attach` (nothing to wait for: the events are already handed off)."""
     handler = getattr(agent, "_bus_log_handler", None)
     if handler is not None:
-        agent.logger.handlers = [h for h in agent.logger.handlers if h is not handler]  # see attach
+        with _HANDLERS_LOCK:  # see attach
+            agent.logger.handlers = [h for h in agent.logger.handlers if h is not handler]
         agent._bus_log_handler = None
     agent._bus = None
 
