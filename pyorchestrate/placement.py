@@ -22,7 +22,7 @@ def has_room(worker: Any) -> bool:
 def _open(worker: Any) -> bool:
     """``eligible(worker, None, {}) and has_room(worker)`` without building the arguments: the
     heap below asks it three times per agent placed."""
-    return worker.alive and not worker.draining and (not worker.capacity or len(worker.agents) < worker.capacity)
+    return worker.alive and not worker.draining and has_room(worker)
 
 
 def choose(workers: Iterable[Any], pin: str | None, labels: dict[str, str]) -> tuple[Any | None, str]:

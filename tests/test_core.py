@@ -520,4 +520,3 @@ def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_noth
     assert "pulse_not_from_worker" in dropped and not h.to(b"pulse-conn", "pulse_reply")
     _pulse(h)  # the right secret, too late: the worker is lost
     assert not h.to(b"pulse-conn", "pulse_reply")
-

@@ -37,7 +37,6 @@ Report = Callable[[str, str, int, str, dict], None]
 Key = tuple[str, str, int]
 
 _CLASS_CACHE_SIZE = 256
-_STOP = object()  # tells the starter thread to end
 
 
 def _stderr_level() -> int:
@@ -115,7 +114,7 @@ class Supervisor:
         # threads are started by a thread of their own: Thread.start() waits until the new
         # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
         # in one loop turn (the worker fell silent and was declared lost)
-        self._to_start: queue.SimpleQueue[threading.Thread | None | object] = queue.SimpleQueue()
+        self._to_start: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()  # None: stop
         self._starter: threading.Thread | None = None
         #: the threads thread agents run on (reused, isolated: see agent_threads.py)
         self.threads = AgentThreads()
@@ -252,7 +251,7 @@ class Supervisor:
             agent.control_events.execute_event.clear()  # until the coordinator says execute
         self._add(record)
         if self.threads.submit(run, f"agent-{name}", lambda exc: self._no_thread(record, exc)):
-            self._start_soon(None)  # no idle thread: a new one, unless one comes free first
+            self._start_soon(self.threads.start_one)  # no idle thread: a new one, unless one comes free first
         if trace.enabled:
             trace.mark("handed", name)
 
@@ -272,20 +271,19 @@ class Supervisor:
             # started by its reader, on the starter thread: booting the forkserver takes seconds
             # on a busy machine, and this loop must stay responsive
             self._start_soon(threading.Thread(target=host.serve, args=(self._relay, self._emit, self._bus_sink()),
-                                              name=f"host-{host.number}", daemon=True))
+                                              name=f"host-{host.number}", daemon=True).start)
         record.host, record.slot = host, slot
         self._add(record)
         host.send(["start", slot, class_id, None if class_id in host.classes else blob, config_blob, record.name,
                    record.tag, hold])
         host.classes.add(class_id)
 
-    def _start_soon(self, thread: threading.Thread | None) -> None:
-        """Start ``thread`` on the starter thread (None: a thread for an agent waiting in the
-        pool, see AgentThreads.start_one)."""
+    def _start_soon(self, start: Callable[[], None]) -> None:
+        """Call ``start`` (a thread's ``start``, or the pool's ``start_one``) on the starter thread."""
         if self._starter is None:
             self._starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
             self._starter.start()
-        self._to_start.put(thread)
+        self._to_start.put(start)
 
     def close(self) -> None:
         """End the starter thread (threads still queued are not started), idle agent threads and
@@ -294,19 +292,17 @@ class Supervisor:
             host.retire()
         self.threads.close()
         if self._starter is not None:
-            self._to_start.put(_STOP)
+            self._to_start.put(None)
             self._starter.join(5.0)
             self._starter = None
 
     def _start_threads(self) -> None:
-        while (thread := self._to_start.get()) is not _STOP:
-            if thread is None:
-                self.threads.start_one()  # an agent it cannot start a thread for: _no_thread
-                continue
+        # the pool's start_one reports its own failure (the agent is failed: _no_thread)
+        while (start := self._to_start.get()) is not None:
             try:
-                thread.start()
+                start()
             except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
-                log.error("could not start thread %s: %s", thread.name, exc)
+                log.error("could not start thread %s: %s", getattr(start.__self__, "name", "?"), exc)
 
     def _no_thread(self, agent: Running, exc: BaseException) -> None:
         """A thread agent no thread could be started for: failed (it would otherwise count as
@@ -334,7 +330,7 @@ class Supervisor:
         # CPU burners).  Until then a stop or a message waits in the pipe; is_alive() is False.
         record.thread = threading.Thread(target=self._watch_process, args=(record, child_conn),
                                          name=f"watch-{name}", daemon=True)
-        self._start_soon(record.thread)
+        self._start_soon(record.thread.start)
 
     def _watch_process(self, record: Running, child_conn: Any) -> None:
         try:
