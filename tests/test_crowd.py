@@ -137,3 +137,64 @@ def test_an_agent_whose_thread_cannot_start_is_reported_failed_not_running_for_e
     assert supervisor.count() == 0 and supervisor.forget_finished() == 1
     supervisor.close()
     assert not [t for t in threading.enumerate() if t.name == "thread-starter"]
+
+
+def test_ended_agents_are_freed_by_reference_counting_not_left_to_the_cyclic_collector():
+    """A worker runs agents by the hundred thousand: each one left as cyclic garbage (it was: its
+    report closure held its record, which held it) fed the collector's full passes, ~15 µs of the
+    worker's CPU per agent in S3.  200 agents run, end and are forgotten: nothing of them is left
+    for the collector."""
+    import gc
+    import time
+
+    from agents import Quick
+    from pyorchestrate import publisher, shipping
+    from pyorchestrate_worker.supervisor import Supervisor
+
+    ended = threading.Semaphore(0)
+
+    def report(name, run, epoch, event, fields):
+        if event == "AGENT_TERMINATED":
+            ended.release()
+
+    supervisor = Supervisor(report, "w1", publisher.BusOutbox(wake=lambda: None))
+    class_id, blob = shipping.pack_class(Quick, Quick.Config)
+    config = shipping.pack_config(Quick.Config(), "q")
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(200):
+            supervisor.start(f"q{i}", "run1", 1, class_id, blob if i == 0 else None, config, "thread")
+        for _ in range(200):
+            assert ended.acquire(timeout=10)
+        deadline = time.monotonic() + 10  # the last threads finish their run() after the report
+        forgotten = 0
+        while forgotten < 200 and time.monotonic() < deadline:
+            forgotten += supervisor.forget_finished()
+            time.sleep(0.01)
+        assert forgotten == 200
+        time.sleep(0.2)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__name__ in ("Quick", "Running", "LazyEvent")]
+        assert left == [], f"{len(left)} objects of ended agents were cyclic garbage"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        supervisor.close()
+
+
+def test_settle_freezes_the_workers_own_objects_and_a_thaw_keeps_them_frozen():
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        crowd.settle()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000 and gc.get_threshold()[0] == crowd.YOUNG_THRESHOLD
+        crowd.apply(GcAction.THAW)  # what a worker does when its crowd of agents has gone
+        assert gc.get_freeze_count() >= frozen * 0.9
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -12,7 +12,7 @@ from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs, priority
+from . import agent_logs, crowd, priority
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -131,4 +131,5 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    crowd.settle()  # our own process: its code loaded, tune the collector (crowd.py)
     return worker.run()

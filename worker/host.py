@@ -170,6 +170,7 @@ def main(conn: Any, worker: str, host: str, events_address: str | None, events_k
          log_level: int = logging.INFO) -> None:
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
     setup_logging(f"agent host {worker}", log_level)
+    crowd.settle()  # a process of ours, like the worker's
     Host(conn, worker, host, events_address, events_key, bus).serve()
     conn.close()
     sys.stdout.flush()
