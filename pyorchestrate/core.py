@@ -98,6 +98,10 @@ class ClusterCore(Registration, CommandHandlers):
 
     # ================================================================== helpers
 
+    def has_actions(self) -> bool:
+        """Is anything decided and not yet taken?"""
+        return bool(self.actions or self._starting)
+
     def take(self) -> list[Action]:
         """The actions decided since the last call, in order."""
         if self._starting:
@@ -525,7 +529,7 @@ class ClusterCore(Registration, CommandHandlers):
         if not self._dirty or self._stopping_deadline is not None:
             return
         self._dirty = False
-        if not (self.states.count(S.PENDING) or self.states.count(S.RESTARTING)):
+        if not (self.states.size(S.PENDING) or self.states.size(S.RESTARTING)):
             # nothing waits: most passes after a report (READY and ends mark us dirty), and the
             # whole pass cost 16 us a turn (S2: two turns a launch)
             self._holding = False
@@ -691,10 +695,13 @@ class ClusterCore(Registration, CommandHandlers):
 
     def all_done(self) -> bool:
         """Has the run ended (every agent terminated, and the script waits or stopped)?"""
-        if self.finished or self.states.count(S.TERMINATED) != len(self.agents):
+        if self.finished:
             return False
+        # asked every loop turn: the flags first, the count only when the run may end
         batch_done = self.config.run_mode.name == "STOP_ON_EMPTY" and self.joined
-        return batch_done or self._stopping_deadline is not None or self.stop_requested
+        if not (batch_done or self._stopping_deadline is not None or self.stop_requested):
+            return False
+        return self.states.size(S.TERMINATED) == len(self.agents)
 
     def finish(self) -> None:
         if self.agents or self.forgotten:

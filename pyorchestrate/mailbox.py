@@ -90,6 +90,8 @@ class Mailbox:
     def queries(self) -> list[Any]:
         """Take the queries waiting at the head (owner thread only): served between the phases
         of a loop turn, they wait for no slice of other work."""
+        if not self.has_query():  # lock-free, as has_query: asked several times a turn, mostly for nothing
+            return []
         with self._lock:
             taken = []
             while self._items and self._items[0][0] is None:

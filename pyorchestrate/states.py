@@ -84,6 +84,10 @@ class StateIndex:
     def count(self, *states: AgentState) -> int:
         return sum(len(self._by_state[s]) for s in states)
 
+    def size(self, state: AgentState) -> int:
+        """``count(state)`` for one state, without the generator (asked every loop turn)."""
+        return len(self._by_state[state])
+
     def of(self, state: AgentState) -> list[Any]:
         """The agents in ``state`` now (a copy: the caller may change their states)."""
         return list(self._by_state[state].values())
