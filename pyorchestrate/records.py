@@ -11,7 +11,7 @@ from .states import AgentState
 DISCONNECT_POLICIES = ("replace", "keep")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class AgentRecord:
     """One registered agent.  ``state`` changes only through ``StateIndex.move``."""
 
@@ -69,7 +69,7 @@ class AgentRecord:
         return f"{self.run}.{self.epoch}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WorkerRecord:
     """One worker process, as known from its registration and heartbeats."""
 

@@ -53,7 +53,7 @@ def _forget_logger(logger: logging.Logger) -> None:
         registry.pop(logger.name, None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Running:
     name: str
     run: str  #: the coordinator incarnation that started it
