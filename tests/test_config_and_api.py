@@ -145,6 +145,29 @@ def test_protocol_round_trip_and_rejections():
                                                           "incarnation": "i", "event_date": "d", "event_time": "t"})])
 
 
+def test_a_workers_report_items_are_checked_one_by_one_quick_look_or_not():
+    """agent_events items of the exact types pass a quick look; anything else gets the full
+    check, which rejects what it always rejected (a bool for an int, a missing field, an item that
+    is not a map) and accepts what it always accepted (extra fields, a str subclass)."""
+
+    class Name(str):
+        pass
+
+    def events(*items):
+        return msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "agent_events", "n": 1, "events": list(items)},
+                             use_bin_type=True)
+
+    good = {"agent": "a", "run": "r", "epoch": 1, "event": "AGENT_READY", "fields": {}}
+    assert protocol.decode(events(good, {**good, "extra": [1]}))["events"][1]["extra"] == [1]
+    message = {"v": protocol.PROTOCOL_VERSION, "type": "agent_events", "n": 1,
+               "events": [good, {**good, "agent": Name("b")}]}
+    protocol.check_fields("agent_events", protocol.MESSAGES["agent_events"], message)  # as decode's second step
+    for bad, why in (({**good, "epoch": True}, "epoch"), ({k: v for k, v in good.items() if k != "run"}, "run"),
+                     ({**good, "fields": []}, "fields"), (["a", "r", 1], "not a map")):
+        with pytest.raises(protocol.ProtocolError, match=why):
+            protocol.decode(events(good, bad))
+
+
 def test_standalone_thread_agent_runs_its_hooks():
     calls = []
 
