@@ -47,6 +47,12 @@ class ListOf:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.schema = schema
+        #: the fields, if every one is required and of one plain type (AGENT_EVENT's are): items
+        #: of exactly those types pass a quick look (see _check_value)
+        self.exact: tuple[tuple[str, type], ...] | None = None
+        if isinstance(schema, dict) and schema:
+            fields = tuple((name, kind) for name, kind in schema.items() if kind.__class__ is type and kind is not object)
+            self.exact = fields if len(fields) == len(schema) else None
 
 
 class MapOf:
@@ -236,16 +242,6 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
 
 
 _MISSING = object()
-_EXACT: dict[int, tuple[tuple[str, type], ...] | None] = {}  # id(schema) -> its fields, if all plain types
-
-
-def _exact_fields(schema: dict[str, Any]) -> tuple[tuple[str, type], ...] | None:
-    """``schema``'s fields if every one is required and of one plain type (AGENT_EVENT's are)."""
-    key = id(schema)  # the schemas are this module's constants: never freed, never reused
-    if key not in _EXACT:
-        fields = tuple((name, kind) for name, kind in schema.items() if kind.__class__ is type and kind is not object)
-        _EXACT[key] = fields if len(fields) == len(schema) else None
-    return _EXACT[key]
 
 
 def _check_value(what: str, expected: Any, value: Any) -> None:
@@ -254,7 +250,7 @@ def _check_value(what: str, expected: Any, value: Any) -> None:
     if isinstance(expected, ListOf):
         if not isinstance(value, list):
             raise ProtocolError(f"{what} has type {type(value).__name__}, expected a list")
-        exact = _exact_fields(expected.schema)
+        exact = expected.exact
         for item in value:
             if exact is not None and item.__class__ is dict:
                 # what msgpack decodes is of the exact builtin types: a quick look accepts those
