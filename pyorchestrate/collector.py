@@ -47,18 +47,16 @@ class GcAction(Enum):
     NOTHING = "nothing"
     FREEZE = "freeze"  #: gc.freeze(): what exists now is out of the collector's sight
     REFRESH = "refresh"  #: gc.unfreeze(); gc.collect(); gc.freeze(): reclaim frozen cyclic garbage
-    THAW = "thaw"  #: gc.unfreeze(); gc.collect(): the collector's passes walk everything again
 
 
 def apply(action: GcAction) -> None:
     """Carry out ``action`` on this process's collector."""
     if action is GcAction.FREEZE:
         gc.freeze()
-    elif action in (GcAction.REFRESH, GcAction.THAW):
+    elif action is GcAction.REFRESH:
         gc.unfreeze()
         gc.collect()
-        if action is GcAction.REFRESH:
-            gc.freeze()
+        gc.freeze()
 
 
 class AfterFullCollection:
@@ -108,12 +106,9 @@ class AfterFullCollection:
 
     def applied(self, action: GcAction, frozen: Callable[[], int]) -> None:
         """After ``apply(action)``; ``frozen`` as for :meth:`decide`."""
-        if action in (GcAction.REFRESH, GcAction.THAW):
-            self.full_done = False  # that full pass was ours, and its survivors are frozen already
         if action is GcAction.REFRESH:
+            self.full_done = False  # that full pass was ours, and its survivors are frozen already
             self.base = frozen()
-        elif action is GcAction.THAW:
-            self.base = 0
 
 
 class Collector:

@@ -48,7 +48,7 @@ def test_frozen_agents_that_ended_are_reclaimed_once_per_that_many_endings():
     assert policy.decide(10_000) is GcAction.REFRESH
     assert policy.decide(10_000) is GcAction.NOTHING
     policy.ended(10_000)
-    assert policy.decide(100) is GcAction.THAW  # few left: back to the collector's normal passes
+    assert policy.decide(100) is GcAction.REFRESH  # few left: reclaimed once, then no more freezing
     assert not policy.frozen
     assert policy.decide(100) is GcAction.NOTHING
 
@@ -185,7 +185,7 @@ def test_ended_agents_are_freed_by_reference_counting_not_left_to_the_cyclic_col
         supervisor.close()
 
 
-def test_settle_freezes_the_workers_own_objects_and_a_thaw_keeps_them_frozen():
+def test_settle_freezes_the_workers_own_objects_and_the_crowds_last_reclaim_keeps_them_frozen():
     import gc
 
     before = gc.get_threshold()
@@ -193,7 +193,9 @@ def test_settle_freezes_the_workers_own_objects_and_a_thaw_keeps_them_frozen():
         crowd.settle()
         frozen = gc.get_freeze_count()
         assert frozen > 1000 and gc.get_threshold()[0] == crowd.YOUNG_THRESHOLD
-        crowd.apply(GcAction.THAW)  # what a worker does when its crowd of agents has gone
+        policy = FreezePolicy(frozen=True, ended_since_refresh=crowd.MANY_AGENTS)
+        crowd.apply(policy.decide(0))  # what a worker does when its crowd of agents has gone
+        assert not policy.frozen
         assert gc.get_freeze_count() >= frozen * 0.9
     finally:
         gc.unfreeze()

@@ -27,8 +27,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
-from pyorchestrate import collector
-from pyorchestrate.collector import GcAction
+from pyorchestrate.collector import GcAction, apply  # noqa: F401 - the worker's policy acts the same way
 
 #: below this many running agents nothing is tuned (CPython's defaults serve best)
 MANY_AGENTS = 500
@@ -77,13 +76,6 @@ def settle() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
 
 
-def apply(action: GcAction) -> None:
-    """Carry out a :class:`FreezePolicy` decision.  A thaw re-freezes after its collection: the
-    worker's own objects frozen by :func:`settle` stay out of the collector's way (what else is
-    alive then, fewer than ``MANY_AGENTS`` agents' worth, waits for the next reclaim)."""
-    collector.apply(GcAction.REFRESH if action is GcAction.THAW else action)
-
-
 @dataclass
 class FreezePolicy:
     """Counts agents started and ended; says when to freeze and when to reclaim."""
@@ -107,9 +99,10 @@ class FreezePolicy:
             return GcAction.NOTHING
         if self.ended_since_refresh >= max(MANY_AGENTS, running):
             self.started_since_freeze = self.ended_since_refresh = 0
-            if running < MANY_AGENTS:
-                self.frozen = False
-                return GcAction.THAW
+            # few left: reclaimed once more and not frozen again after starts; a reclaim freezes
+            # what is alive after its pass, so the objects settle() froze stay frozen (fewer than
+            # MANY_AGENTS agents' worth with them, until the next reclaim)
+            self.frozen = running >= MANY_AGENTS
             return GcAction.REFRESH
         if self.started_since_freeze:
             self.started_since_freeze = 0
