@@ -203,10 +203,15 @@ def main() -> int:
     args = parser.parse_args()
     started = time.perf_counter()
     if args.trace:
-        rows = ours.s2_trace(count(300, 50, args.quick, args.scale))
-        print(f"{'hop':<22} {'median us':>10}  what")
+        reps = count(300, 50, args.quick, args.scale)
+        rows = ours.s2_trace(reps)
+        # the bare prototype's same hops in the same run: what each hop costs with nothing of ours
+        proto = {row["hop"]: row for row in prototype.s2_trace(reps)}
+        print(f"{'hop':<22} {'ours us':>9} {'bare us':>9}  what")
         for row in rows:
-            print(f"{row['hop']:<22} {row['median_us']:>10}  {row['what']}")
+            bare = proto.get(row["hop"], {}).get("median_us", "")
+            row["prototype_us"] = bare
+            print(f"{row['hop']:<22} {row['median_us']:>9} {bare:>9}  {row['what']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)

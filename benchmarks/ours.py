@@ -37,6 +37,10 @@ class Cluster:
         self.counts: dict[str, int] = defaultdict(int)
         self.times: dict[tuple[str, str], float] = {}
         self.cond = threading.Condition()
+        # what wait() waits for: a callback wakes the waiting thread only when that is reached, as
+        # a user's script would (woken on every STARTED/READY/TERMINATED, the waiter took the GIL
+        # 3 times an agent from the loop and the callbacks it measures)
+        self._awaited: tuple[str, int] | None = None
         for event in (OrchestratorEvent.AGENT_STARTED, OrchestratorEvent.AGENT_READY, OrchestratorEvent.AGENT_TERMINATED, OrchestratorEvent.AGENT_ERROR,
                       OrchestratorEvent.WORKER_JOINED, OrchestratorEvent.WORKER_LOST):
             self.orch.register_event(event, self._record)
@@ -53,7 +57,9 @@ class Cluster:
                 self.times[(event, agent_name or worker or "")] = time.perf_counter()
                 if event == "AGENT_STARTED" and agent_name:
                     self.started[agent_name] += 1
-            self.cond.notify_all()
+            awaited = self._awaited
+            if awaited is not None and awaited[0] == event and self.counts[event] >= awaited[1]:
+                self.cond.notify_all()
 
     def add_workers(self, n: int) -> None:
         start = len(self.procs)
@@ -65,8 +71,12 @@ class Cluster:
 
     def wait(self, event: str, count: int, timeout: float = TIMEOUT) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.counts[event] >= count, timeout):
-                raise TimeoutError(f"{event}: {self.counts[event]} of {count} within {timeout} s")
+            self._awaited = (event, count)
+            try:
+                if not self.cond.wait_for(lambda: self.counts[event] >= count, timeout):
+                    raise TimeoutError(f"{event}: {self.counts[event]} of {count} within {timeout} s")
+            finally:
+                self._awaited = None
 
     def close(self) -> None:
         try:

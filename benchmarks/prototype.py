@@ -24,6 +24,8 @@ import cloudpickle
 import msgpack
 import zmq
 
+from pyorchestrate import trace
+
 from .stats import latency
 
 
@@ -60,10 +62,14 @@ def _worker(address: str, name: str) -> None:
         job = first
         while job is not None:
             agent_name, instance = job
+            if trace.enabled:
+                trace.mark("running", agent_name)
             report(agent_name, "AGENT_STARTED")
             report(agent_name, "AGENT_READY")
             instance.execute()
             report(agent_name, "AGENT_TERMINATED")
+            if trace.enabled:
+                trace.mark("ended", agent_name)
             with lock:
                 idle[0] += 1
             job = jobs.get()
@@ -79,8 +85,12 @@ def _worker(address: str, name: str) -> None:
                 if message["type"] == "quit":
                     dealer.close(0)
                     ctx.term()
+                    if trace.enabled:
+                        trace.write()  # a spawned process may end without atexit
                     return
                 for item in message["agents"]:
+                    if trace.enabled:
+                        trace.mark("received", item["agent"])
                     cls = classes.get(item["class_id"])
                     if cls is None:
                         cls = classes[item["class_id"]] = cloudpickle.loads(item["class_blob"])
@@ -93,6 +103,8 @@ def _worker(address: str, name: str) -> None:
                         jobs.put(job)
                     else:
                         threading.Thread(target=serve, args=(job,), daemon=True).start()
+                    if trace.enabled:
+                        trace.mark("handed", item["agent"])
         if wake_r in ready or outbox:
             try:
                 os.read(wake_r, 65536)
@@ -105,6 +117,8 @@ def _worker(address: str, name: str) -> None:
                 events.append({"agent": agent, "event": event})
             if events:
                 dealer.send(msgpack.packb({"type": "agent_events", "events": events}))
+                if trace.enabled:
+                    trace.ends("flushed", events)
 
 
 class Prototype:
@@ -148,11 +162,15 @@ class Prototype:
 
     # the user's side
     def launch(self, name: str) -> None:
+        if trace.enabled:
+            trace.mark("register", name)
         with self.mailbox_lock:
             was_empty = not self.mailbox
             self.mailbox.append(name)
             if was_empty:
                 self.wake_push.send(b"")
+        if trace.enabled:
+            trace.mark("queued", name)
 
     def wait(self, count: int, timeout: float = 120.0) -> None:
         with self.cond:
@@ -179,17 +197,28 @@ class Prototype:
                     self.mailbox.clear()
                 starts: dict[bytes, list] = collections.defaultdict(list)
                 for name in names:
+                    if trace.enabled:
+                        trace.mark("loop", name)
                     identity = min(self.workers, key=self.workers.__getitem__)
                     self.workers[identity] += 1
                     starts[identity].append({"agent": name, "class_id": "t", "class_blob": self.blob})
                 for identity, items in starts.items():
-                    self.router.send_multipart([identity, msgpack.packb({"type": "starts", "agents": items})])
+                    frame = msgpack.packb({"type": "starts", "agents": items})
+                    self.router.send_multipart([identity, frame])
+                    if trace.enabled:
+                        trace.sent(frame)
             if self.router in ready:
                 while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     identity, frame = self.router.recv_multipart()
-                    ended = [e["agent"] for e in msgpack.unpackb(frame)["events"] if e["event"] == "AGENT_TERMINATED"]
+                    events = msgpack.unpackb(frame)["events"]
+                    if trace.enabled:
+                        trace.ends("reported", events)
+                    ended = [e["agent"] for e in events if e["event"] == "AGENT_TERMINATED"]
                     self.workers[identity] -= len(ended)
                     if ended:
+                        if trace.enabled:
+                            for agent in ended:
+                                trace.mark("published", agent)
                         self.callbacks.put(ended)
 
     def _callbacks(self) -> None:
@@ -198,6 +227,8 @@ class Prototype:
             if batch is None:
                 return
             for agent in batch:
+                if trace.enabled:
+                    trace.mark("callback", agent)
                 self._on_terminated(agent)
 
     def close(self) -> None:
@@ -229,6 +260,26 @@ def s2(reps: int) -> dict:
     finally:
         proto.close()
     return latency(samples)
+
+
+def s2_trace(reps: int) -> list[dict]:
+    """S2 of the prototype with every hop timestamped as ours (pyorchestrate.trace), for the
+    per-hop table beside ours (``python -m benchmarks --trace``)."""
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="pyorchestrate-proto-trace-")
+    trace.enable(directory)
+    proto = Prototype()
+    try:
+        for i in range(reps + 10):
+            name = f"proto{i}" if i >= 10 else f"protowarm{i}"
+            proto.launch(name)
+            proto.wait(i + 1)
+            trace.mark("woke", name)
+    finally:
+        proto.close()  # the workers write their marks as they quit
+    marks = {k: v for k, v in trace.collect(directory).items() if k.startswith("proto") and not k.startswith("protowarm")}
+    return trace.hop_table(marks)
 
 
 def s3(n: int) -> dict:

@@ -70,13 +70,14 @@ def ends(hop: str, events: list[dict]) -> None:
     _marks.extend((hop, item["agent"], t) for item in events if item.get("event") == "AGENT_TERMINATED")
 
 
-def _write() -> None:
+def write() -> None:
+    """Write this process's marks now (also done at exit; a second write replaces the first)."""
     if enabled and _marks and _dir:
         with open(os.path.join(_dir, f"{os.getpid()}.trace"), "w") as f:
             f.writelines(f"{hop} {agent} {t}\n" for hop, agent, t in _marks)
 
 
-atexit.register(_write)
+atexit.register(write)
 
 
 def collect(directory: str) -> dict[str, dict[str, int]]:
