@@ -152,3 +152,11 @@ class BaseConfig:
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.overrides().items())
         return f"{type(self).__qualname__}({inner})"
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every agent registered and every agent run on a worker
+def checks_are_ours(config_class: type) -> bool:
+    """Are a Config class's checks all pyorchestrate's (so they read nothing but its settings, and
+    give the same answer wherever they run)?  A user's own validate() may look at anything (a
+    file, the time): theirs runs for every agent, on the coordinator and again where it runs."""
+    return config_class.check is BaseConfig.check and config_class.validate.__module__.startswith("pyorchestrate.")

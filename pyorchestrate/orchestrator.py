@@ -19,7 +19,7 @@ from . import commands as cmd
 from . import plugins, shipping, snapshots, trace
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
-from .config import BaseConfig, ValidationResult, ValidationSeverity
+from .config import BaseConfig, ValidationResult, ValidationSeverity, checks_are_ours
 from .coordinator import Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
 from .events import EventDispatcher, OrchestratorEvent
@@ -39,13 +39,6 @@ class RunMode(enum.Enum):
 
     STOP_ON_EMPTY = "stop_on_empty"  #: once every agent has terminated
     DAEMON = "daemon"  #: only after :meth:`Orchestrator.stop`; agents may be added while running
-
-
-@functools.lru_cache(maxsize=1024)
-def _validated_by_us(config_class: type) -> bool:
-    """Are a Config class's checks all ours (so they read nothing but its settings)?  A user's own
-    validate() may look at anything (a file, the time): theirs runs for every agent."""
-    return config_class.check is BaseConfig.check and config_class.validate.__module__.startswith("pyorchestrate.")
 
 
 def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool = False, allow_none: bool = False) -> None:
@@ -283,7 +276,7 @@ class Orchestrator:
         # a Config with nothing set on the instance, checked only by our own validate(), gives the
         # same findings and the same bytes every time: worked out once per class (S3 registers
         # thousands of such agents; checking, pickling and hashing were half of registering one)
-        default = custom_plugin is None and not vars(config) and _validated_by_us(type(config))
+        default = custom_plugin is None and not vars(config) and checks_are_ours(type(config))
         known = self._defaults.get(key) if default else None
         if known is None:
             findings = config.check(f"agent {name!r}")

@@ -88,7 +88,7 @@ class AgentBus:
         # the current run of an agent publishes, never a stale copy's events
         self.incarnation = incarnation
         self._sink = sink
-        self._base = base
+        self.base = base
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -98,7 +98,7 @@ class AgentBus:
         with self._lock:
             seq = self._seq + 1
             # packed here, once: the coordinator forwards the bytes as they are
-            body = msgpack.packb({**self._base, **fields, **stamp(), "event": event, "seq": seq,
+            body = msgpack.packb({**self.base, **fields, **stamp(), "event": event, "seq": seq,
                                   "publisher": self.publisher, "incarnation": self.incarnation},
                                  use_bin_type=True, default=repr)
             if len(body) > MAX_EVENT_BYTES:
@@ -119,20 +119,20 @@ class AgentBus:
         return {"bus_publisher": self.publisher, "bus_incarnation": self.incarnation, "bus_seq": self._seq}
 
 
-_HANDLERS_LOCK = threading.Lock()  # agents' loggers' handler lists (see attach)
+_HANDLERS_LOCK = threading.Lock()  # agents' loggers' handler lists (see hook_logger)
+_OPEN_LOCK = threading.Lock()  # an agent's bus is opened once, whichever of its threads is first
 
 
 class BusLogHandler:
-    """Turns an agent's log records into AGENT_LOG events on its bus.
+    """Turns an agent's log records into AGENT_LOG events on its bus (opened by the first).
 
     A handler as the logger calls one (``level``, ``handle(record)``), not a ``logging.Handler``:
     making one of those registers it in logging's module-wide handler list and makes it a lock,
     under logging's one global lock, and a worker makes one per agent run while its loop takes
     the same lock for the next agent's logger (S3: 14 us a wait for it on the worker's loop)."""
 
-    def __init__(self, bus: AgentBus, agent: str, level: int = logging.DEBUG) -> None:
+    def __init__(self, agent: Any, level: int = logging.DEBUG) -> None:
         self.level = level
-        self._bus = bus
         self._agent = agent
 
     def handle(self, record: logging.LogRecord) -> bool:
@@ -141,40 +141,76 @@ class BusLogHandler:
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            bus = open_bus(self._agent)
+            if bus is None:  # the run is over (detached): nothing to publish on
+                return
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
-            self._bus.publish("AGENT_LOG", self._agent, {
-                "agent_name": self._agent, "level": record.levelname, "levelno": record.levelno,
+            name = bus.base["agent_name"]
+            bus.publish("AGENT_LOG", name, {
+                "agent_name": name, "level": record.levelname, "levelno": record.levelno,
                 "logger": record.name, "message": message[:MAX_EVENT_BYTES // 2]})
         except Exception:
             logging.Handler.handleError(logging.Handler(), record)  # printed as logging does, once
 
 
-def attach(agent: Any, sink: Callable[[Item], None] | None, worker: str, host: str, run: str) -> AgentBus | None:
-    """Give a running agent its bus and send its log records there too.  ``run`` is the run's
-    tag (``incarnation.epoch``): the publisher's incarnation on the bus."""
+def attach(agent: Any, sink: Callable[[Item], None] | None, worker: str, host: str, run: str) -> None:
+    """Put a running agent on the bus: what it publishes and logs goes there.  ``run`` is the
+    run's tag (``incarnation.epoch``): the publisher's incarnation on the bus.
+
+    Lazily: the run's :class:`AgentBus` is made by the first event or log record, and its log
+    handler joins the agent's logger when the logger is made (``BaseAgent.logger``), so an agent
+    that never logs nor publishes (most short ones) costs neither a logger nor a bus (making the
+    logger takes logging's global lock, which the worker's loop takes too)."""
     if sink is None:
-        return None
-    bus = AgentBus(sink, f"{worker}/{agent.name}", run, {"agent_name": agent.name, "worker": worker, "host": host})
-    agent._bus = bus
-    agent._bus_log_handler = BusLogHandler(bus, agent.name)
+        return
+    agent._bus_args = (sink, f"{worker}/{agent.name}", run, {"agent_name": agent.name, "worker": worker, "host": host})
+    if agent.__dict__.get("_logger") is not None:  # made already (say, in the agent's __init__)
+        hook_logger(agent)
+
+
+def open_bus(agent: Any) -> AgentBus | None:
+    """The agent's bus for this run (made on first use), or None if it runs standalone."""
+    bus = agent._bus
+    if bus is None and agent._bus_args is not None:
+        with _OPEN_LOCK:  # two threads of one agent publishing at once make one bus, not two
+            bus = agent._bus
+            args = agent._bus_args
+            if bus is None and args is not None:
+                bus = agent._bus = AgentBus(*args)
+    return bus
+
+
+def hook_logger(agent: Any) -> None:
+    """Send the agent's log records to its bus too (its logger exists and it is attached)."""
+    if agent._bus_args is None or agent.__dict__.get("_bus_log_handler") is not None:
+        return
+    handler = agent._bus_log_handler = BusLogHandler(agent)
+    logger = agent.logger
     # a new list under a lock of our own, not addHandler(), which takes logging's global lock (see
     # BusLogHandler); a lock still, as two copies of one agent (one stopping, one starting) share
     # a logger and attach and detach from their own threads
     with _HANDLERS_LOCK:
-        agent.logger.handlers = [*agent.logger.handlers, agent._bus_log_handler]
-    return bus
+        logger.handlers = [*logger.handlers, handler]
 
 
 def detach(agent: Any) -> None:
-    """Undo :func:`attach` (nothing to wait for: the events are already handed off)."""
-    handler = getattr(agent, "_bus_log_handler", None)
-    if handler is not None:
-        with _HANDLERS_LOCK:  # see attach
-            agent.logger.handlers = [h for h in agent.logger.handlers if h is not handler]
-        agent._bus_log_handler = None
+    """Undo :func:`attach` (nothing to wait for: the events are already handed off), and drop the
+    run's logger from logging's registry, which would otherwise keep one per agent name the
+    process ever ran (agents with unique names grew it without bound)."""
+    handler = agent.__dict__.get("_bus_log_handler")
+    logger = agent.__dict__.get("_logger")
+    if handler is not None and logger is not None:
+        with _HANDLERS_LOCK:  # see hook_logger
+            logger.handlers = [h for h in logger.handlers if h is not handler]
+    agent._bus_log_handler = None
+    agent._bus_args = None
     agent._bus = None
+    if logger is not None:
+        registry = logging.Logger.manager.loggerDict
+        if registry.get(logger.name) is logger and not logger.handlers:
+            registry.pop(logger.name, None)
 
 
 def check_publishable(topic: str, data: dict[str, Any]) -> None:

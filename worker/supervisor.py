@@ -45,14 +45,6 @@ def _stderr_level() -> int:
     return min(levels) if levels else logging.INFO
 
 
-def _forget_logger(logger: logging.Logger) -> None:
-    """Drop a finished agent's logger from the logging registry, which otherwise keeps one per
-    agent name the worker ever ran (agents with unique names would grow it without bound)."""
-    registry = logging.Logger.manager.loggerDict
-    if registry.get(logger.name) is logger and not logger.handlers:
-        registry.pop(logger.name, None)
-
-
 @dataclass(slots=True)
 class Running:
     name: str
@@ -241,8 +233,7 @@ class Supervisor:
             try:
                 agent.run()
             finally:
-                publisher.detach(agent)
-                _forget_logger(agent.logger)
+                publisher.detach(agent)  # and its logger leaves logging's registry
 
         agent._report = report
         agent.events_address = self.events_address

@@ -13,14 +13,11 @@ import logging
 import queue
 import time
 import traceback
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-from ..config import BaseConfig, ValidationSeverity
+from ..config import BaseConfig, ValidationSeverity, checks_are_ours
 from .. import plugins
 from . import signals
-
-Reporter = Callable[..., None]
-
 
 class RecoverableException(Exception):
     """Raise from ``cycle()`` / ``runner()`` for a failure the loop should survive: it is logged
@@ -32,12 +29,6 @@ AGENT_LOGGERS = logging.getLogger("pyorchestrate.agent")
 SUCCESS = 25
 SUBSCRIBE_WAIT = 10.0  #: seconds READY waits at most for the coordinator to confirm a bus subscription
 logging.addLevelName(SUCCESS, "SUCCESS")
-
-
-def _log_reporter(agent: "BaseAgent") -> Reporter:
-    def report(event: str, **fields: Any) -> None:
-        agent.logger.debug("%s %s", event, fields or "")
-    return report
 
 
 class BaseAgent(abc.ABC):
@@ -68,13 +59,18 @@ class BaseAgent(abc.ABC):
     #: "thread" or "process"; set by the Thread/Process variants
     execution_mode: ClassVar[str] = ""
     _subscriber: Any = None  #: the bus subscription of a behaviour that follows events (see _subscribe)
+    # made on first use, per instance (see logger, publisher.attach): a trivial agent on a worker
+    # used to make a logger, a bus and a log handler it never used, ~a third of its start's cost
+    _logger: logging.Logger | None = None
+    _bus: Any = None  #: this run's publisher.AgentBus once something was published or logged
+    _bus_args: Any = None  #: how to make it, while running on a worker (publisher.attach)
+    _bus_log_handler: Any = None
 
     config: Config
 
     def __init__(self, name: str | None = None, config: BaseConfig | None = None, plugin: Any = None) -> None:
         self.name = name or type(self).__name__
         self.config = config if config is not None else type(self).Config()
-        self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
         #: this agent's plugins (``self.plugin.<name>``): its class's ``Plugin``, or ``plugin``
         self.plugin = plugins.PluginSet(plugins.resolve(type(self).Plugin, plugin))
         self.state_events = type(self).StateEvents(signals.LazyEvent)
@@ -82,17 +78,36 @@ class BaseAgent(abc.ABC):
         # standalone, nobody else drives the agent: setup and execute proceed on their own
         self.control_events.setup_event.set()
         self.control_events.execute_event.set()
-        self._report: Reporter = _log_reporter(self)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # C, ~40 times cheaper to make than a Queue
-        self._bus: Any = None  # a BusPublisher while running on a worker
-        if self.logger.level == logging.NOTSET and AGENT_LOGGERS.level == logging.NOTSET:
-            # INFO and up reach the bus, whatever stderr shows.  Workers set this once on the parent
-            # instead: every setLevel clears every logger's cache, O(loggers) per agent started
-            self.logger.setLevel(logging.INFO)
         #: the cluster's events address (set by the worker; None standalone)
         self.events_address: str | None = None
         #: the key to subscribe with when the cluster uses keys (the worker's own; set by the worker)
         self.events_key: Any = None
+
+    @property
+    def logger(self) -> logging.Logger:
+        """This agent's logger, ``pyorchestrate.agent.<name>`` (on a worker its records also go
+        on the bus as AGENT_LOG events).  Made when first used."""
+        logger = self._logger
+        if logger is None:
+            logger = self._logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")
+            if logger.level == logging.NOTSET and AGENT_LOGGERS.level == logging.NOTSET:
+                # INFO and up reach the bus, whatever stderr shows.  Workers set this once on the
+                # parent instead: every setLevel clears every logger's cache, O(loggers) per agent
+                logger.setLevel(logging.INFO)
+            if self._bus_args is not None:
+                from ..publisher import hook_logger
+
+                hook_logger(self)
+        return logger
+
+    @logger.setter
+    def logger(self, value: logging.Logger) -> None:
+        self._logger = value
+
+    def _report(self, event: str, **fields: Any) -> None:
+        """Where lifecycle events go: logged standalone; a worker replaces this per instance."""
+        self.logger.debug("%s %s", event, fields or "")
 
     # ---------------------------------------------------------------- hooks to override
 
@@ -134,11 +149,14 @@ class BaseAgent(abc.ABC):
         blocks for long: events are batched, and dropped (and counted) if nobody drains them."""
         from ..publisher import check_publishable
 
+        from ..publisher import open_bus
+
         check_publishable(topic, data)
-        if self._bus is None:
+        bus = open_bus(self)
+        if bus is None:
             self.logger.debug("publish %s %s (standalone: no bus)", topic, data)
             return
-        self._bus.publish("AGENT_EVENT", topic, {"agent_name": self.name, "topic": topic, "data": data})
+        bus.publish("AGENT_EVENT", topic, {"agent_name": self.name, "topic": topic, "data": data})
 
     def deliver(self, kind: str, payload: Any) -> None:
         """Hand the agent a message (``orchestrator.trigger`` / ``send`` / ``execute`` end here)."""
@@ -202,11 +220,14 @@ class BaseAgent(abc.ABC):
         report("AGENT_STARTED")
         self.state_events.start_event.set()
         try:
-            findings = self.config.check(f"agent {self.name!r}")
-            if self._bus is None:  # on a worker, the coordinator said these at register_agent: once is enough
-                for finding in findings:
-                    level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
-                    self.logger.log(level, "config: %s", finding)
+            if self._bus_args is None or not checks_are_ours(type(self.config)):
+                # on a worker, ours were checked by the coordinator at register_agent, on the same
+                # settings (it refuses what may not run): a user's validate() may read this host
+                findings = self.config.check(f"agent {self.name!r}")
+                if self._bus_args is None:  # on a worker, the coordinator said these: once is enough
+                    for finding in findings:
+                        level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
+                        self.logger.log(level, "config: %s", finding)
             self.plugin.initialize(self, self._plugin_failed)
             if self._wait_control(self.control_events.setup_event):
                 self.setup()

@@ -67,25 +67,21 @@ class ProcessMode:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # process handles and events belong to the parent; the child gets its own
-        for key in ("_process", "_report", "logger", "_inbox", "_bus", "_bus_log_handler", "_subscriber", "state_events",
-                    "control_events"):
+        for key in ("_process", "_report", "_logger", "_inbox", "_bus", "_bus_args", "_bus_log_handler", "_subscriber",
+                    "state_events", "control_events"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        import logging
         from . import signals
-        from .base import _log_reporter
 
         import queue
 
         self.__dict__.update(state)
         self._inbox = queue.SimpleQueue()
-        self._bus = None
+        # the logger, the bus and _report are the class's lazy defaults again (see BaseAgent.logger)
         self.state_events = type(self).StateEvents(signals.LazyEvent)  # type: ignore[attr-defined]
         self.control_events = type(self).ControlEvents(signals.LazyEvent)  # type: ignore[attr-defined]
-        self.logger = logging.getLogger(f"pyorchestrate.agent.{self.name}")  # type: ignore[attr-defined]
-        self._report = _log_reporter(self)  # type: ignore[arg-type]
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the agent's process to end; True if it has."""

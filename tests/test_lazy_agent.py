@@ -1,0 +1,107 @@
+"""A thread agent on a worker makes its logger and its bus only when it uses them (issue #13:
+"a trivial agent allocates a handful of objects"), and its log records and events reach the bus
+all the same, whenever the logger was made.  Run through a real Supervisor (agent threads, the
+bus outbox), without sockets."""
+
+import logging
+import threading
+
+import msgpack
+
+from pyorchestrate import BaseThreadAgent, publisher, shipping
+from pyorchestrate_worker.supervisor import Supervisor
+
+TIMEOUT = 10
+
+
+class Held(BaseThreadAgent):
+    """Waits in execute() until the test lets it go; logs or publishes only if told to.  (Files,
+    not Events: the class travels by value, as to any worker.)"""
+
+    class Config(BaseThreadAgent.Config):
+        directory = ""
+        log = False
+        publish_threads = 0
+        early_logger = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.early_logger:
+            self.logger.debug("made in __init__, before the worker attached the bus")
+
+    def execute(self):
+        import os
+        import time
+
+        made = [what for what, value in (("logger", self.__dict__.get("_logger")), ("bus", self._bus)) if value]
+        with open(os.path.join(self.config.directory, "inside.tmp"), "w") as f:
+            f.write(",".join(made))
+        os.replace(os.path.join(self.config.directory, "inside.tmp"), os.path.join(self.config.directory, "inside"))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(self.config.directory, "go")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.config.log:
+            self.logger.info("hello from %s", self.name)
+        if self.config.publish_threads:
+            threads = [threading.Thread(target=lambda: [self.publish("tick", i=i) for i in range(50)])
+                       for _ in range(self.config.publish_threads)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+
+
+def _run(directory, name, **settings):
+    """Run one Held agent on a real Supervisor: (what it had made by execute(), whether its logger
+    was registered then, its TERMINATED fields, the bus items)."""
+    import time
+
+    ended = threading.Event()
+    terminated = {}
+
+    def report(agent, run, epoch, event, fields):
+        if event == "AGENT_TERMINATED":
+            terminated.update(fields)
+            ended.set()
+
+    outbox = publisher.BusOutbox(wake=lambda: None)
+    supervisor = Supervisor(report, "w1", outbox)
+    class_id, blob = shipping.pack_class(Held, Held.Config)
+    config = Held.Config(directory=str(directory), **settings)
+    supervisor.start(name, "run1", 1, class_id, blob, shipping.pack_config(config, name), "thread")
+    inside = directory / "inside"
+    deadline = time.monotonic() + TIMEOUT
+    while not inside.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    made = inside.read_text()
+    registered = f"pyorchestrate.agent.{name}" in logging.Logger.manager.loggerDict
+    (directory / "go").touch()
+    assert ended.wait(TIMEOUT)
+    return made, registered, terminated, outbox.take()
+
+
+def test_an_agent_that_neither_logs_nor_publishes_makes_no_logger_and_no_bus(tmp_path):
+    made, registered, terminated, items = _run(tmp_path, "lazy-quiet")
+    assert made == ""
+    assert not registered
+    assert items == []
+    assert "bus_seq" not in terminated  # nothing published: the coordinator waits for nothing
+
+
+def test_log_records_reach_the_bus_whether_the_logger_was_made_before_or_during_the_run(tmp_path):
+    for name, early in (("lazy-late", False), ("lazy-early", True)):
+        (tmp_path / name).mkdir()
+        made, _, terminated, items = _run(tmp_path / name, name, log=True, early_logger=early)
+        assert made == ("logger" if early else ""), name
+        logs = [msgpack.unpackb(body) for _, _, topic, _, body in items if topic.startswith("AGENT_LOG.")]
+        assert [entry["message"] for entry in logs if entry["level"] == "INFO"] == [f"hello from {name}"], name
+        assert terminated["bus_seq"] == items[-1][3]
+        # the run's logger left logging's registry with the run (one per agent name would grow it)
+        assert f"pyorchestrate.agent.{name}" not in logging.Logger.manager.loggerDict, name
+
+
+def test_threads_of_one_agent_publishing_at_once_share_one_numbered_stream(tmp_path):
+    _, _, terminated, items = _run(tmp_path, "lazy-threads", publish_threads=4)
+    seqs = [seq for _, _, topic, seq, _ in items if topic == "AGENT_EVENT.tick"]
+    assert sorted(seqs) == list(range(1, 201))  # one bus: no seq twice, none missing
+    assert terminated["bus_seq"] == 200
