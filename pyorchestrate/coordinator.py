@@ -141,6 +141,10 @@ class Coordinator:
             # them from history)
             self.xpub.setsockopt(zmq.SNDHWM, cfg.subscriber_hwm)
             self._xpub_send = sockets.plain_send(self.xpub)  # three sends an event (see _emit)
+            # what the XPUB's subscribers want (it tells every subscription, and an unsubscription
+            # when a topic's last subscriber leaves): with none, events go to history only, where
+            # a subscriber that comes later recovers them as it recovers any it missed
+            self._subscribed: set[bytes] = set()
             if self.keydir is not None:
                 pair = self.keydir.coordinator_pair()
                 self.gatekeeper = curve.Gatekeeper(self.ctx, self.keydir)
@@ -754,10 +758,13 @@ class Coordinator:
         if numbered:
             self._seq += 1
             self._history.add(self._seq, topic, body)
-        # sent even while nobody subscribes (tried: history alone then; a late subscriber recovers
-        # from it anyway): that saved ~10 us of loop CPU an agent in S3, but every send lets the GIL
-        # go, and without them the loop held it so long that status() at S9's peak got slower
-        # (median 50-66 against 35-46 ms, interleaved runs at nice 0)
+        # not sent while nobody subscribes: three sends an event, each letting the GIL go, were
+        # 4-8 us of the loop's CPU an agent in S3 (20,000 agents, 2 interleaved pairs: 35.5-40
+        # against 39.5-48.5).  Tried once before and reverted for status() at S9's peak; measured
+        # again on today's loop (4 pairs, --nice 19): max 63-98 ms against 87-121, medians 37-42
+        # against 44-62; at nice 0 (3 pairs) max 154-203 against 154-205
+        if not self._subscribed:
+            return
         # three plain sends with int flags: send_multipart's per-frame flag arithmetic on enums
         # cost more than the sends themselves (measured: a third of the forwarding time)
         stamp = self._stamp(self._seq, numbered)
@@ -794,7 +801,9 @@ class Coordinator:
         if frame[:1] not in (b"\x00", b"\x01"):
             raise protocol.ProtocolError("subscriber sent something other than a subscription")
         if frame[:1] != b"\x01":
+            self._subscribed.discard(frame[1:])
             return
+        self._subscribed.add(frame[1:])
         # a request is a subscription to a unique topic: the answer goes under it, so only the
         # asker hears it
         if frame.startswith(_HELLO):
