@@ -187,7 +187,9 @@ class Orchestrator:
         self._names: set[str] = set()
         self._lock = threading.Lock()
         self._classes: dict[tuple[type, type], tuple[str, bytes, str]] = {}  # -> id, pickle, fingerprint
-        self._agent_classes: set[type] = set()  # classes register_agent has checked
+        # classes register_agent has checked -> one-shot? (issubclass on an ABC is a Python-level
+        # check: once per class, not once per agent)
+        self._agent_classes: dict[type, bool] = {}
         # (agent class, Config class) -> findings, config blob, definition of a default Config
         self._defaults: dict[tuple[type, type], tuple[list[ValidationResult], bytes, str]] = {}
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
@@ -241,7 +243,8 @@ class Orchestrator:
         if trace.enabled:
             trace.mark("register", name or getattr(agent_class, "__name__", "?"))
         try:
-            checked = agent_class in self._agent_classes  # checked once per class: S3 registers thousands
+            one_shot = self._agent_classes.get(agent_class)  # checked once per class: S3 registers thousands
+            checked = one_shot is not None
         except TypeError:  # unhashable: certainly not an agent class, said below
             checked = False
         if not checked:
@@ -252,7 +255,7 @@ class Orchestrator:
                 missing = ", ".join(sorted(agent_class.__abstractmethods__))
                 raise TypeError(f"{agent_class.__qualname__} cannot run: implement {missing}()")
             plugins.resolve(agent_class.Plugin, None)  # a class whose Plugin is broken fails here
-            self._agent_classes.add(agent_class)
+            one_shot = self._agent_classes[agent_class] = not issubclass(agent_class, LoopingAgent)
         name = agent_class.__name__ if name is None else name
         # split(): one C call, where a generator over the name's characters cost more than the rest
         if not isinstance(name, str) or name.split() != [name]:
@@ -263,8 +266,8 @@ class Orchestrator:
                             f"got {type(config).__name__}")
         if worker is not None and not isinstance(worker, str):
             raise TypeError(f"worker= must be a worker name, got {worker!r}")
-        labels = dict(labels or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        labels = dict(labels) if labels else {}
+        if labels and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         depends_on = _names(depends_on, "depends_on")
         policy = _restart_policy(restart, max_restarts, restart_backoff)
@@ -299,7 +302,7 @@ class Orchestrator:
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
                              depends_on=depends_on, policy=policy, on_disconnect=on_disconnect,
                              definition=definition, stop_timeout=float(getattr(config, "stop_timeout", 10.0)),
-                             one_shot=not issubclass(agent_class, LoopingAgent))
+                             one_shot=one_shot)
         with self._lock:
             if name in self._names:
                 raise ValueError(f"an agent named {name!r} is already registered; pick another name")
