@@ -336,14 +336,16 @@ class ClusterCore(Registration, CommandHandlers):
     def agent_event(self, worker: WorkerRecord, item: dict[str, Any], now: float) -> None:
         """One lifecycle event a worker reports for the copy named (agent, run, epoch)."""
         record = self.agents.get(item["agent"])
-        if (record is None or record.worker != worker.name or (record.run, record.epoch) != (item["run"], item["epoch"])
-                or record.state not in LIVE):
+        if (record is None or record.worker != worker.name or record.run != item["run"]
+                or record.epoch != item["epoch"] or record.state not in LIVE):
             self._stale_event(worker, item, now)
             return
         event = _EVENT_BY_NAME.get(item["event"])  # not E(...): the Enum's call is slow, three per agent
         if event is None:
             raise protocol.ProtocolError(f"unknown agent event {item['event']!r}")
-        fields = {k: v for k, v in item["fields"].items() if isinstance(k, str)}
+        fields = item["fields"]
+        # msgpack may give bytes keys too; most reports carry no fields at all (STARTED, READY)
+        fields = {k: v for k, v in fields.items() if isinstance(k, str)} if fields else {}
         reconnected = record.state is S.DISCONNECTED and event is not E.AGENT_TERMINATED
         if reconnected:
             # its worker is back and reports on it: the copy was kept running all along
@@ -505,7 +507,7 @@ class ClusterCore(Registration, CommandHandlers):
 
     def _forget(self, name: str) -> None:
         record = self.agents.get(name)
-        if record is None or record.state is not S.TERMINATED or self._depended[name]:
+        if record is None or record.state is not S.TERMINATED or self._depended.get(name):
             return  # started again, or something depends on it
         self.states.remove(record)
         del self.agents[name]
