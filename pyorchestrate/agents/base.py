@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from ..config import BaseConfig, ValidationSeverity, checks_are_ours
 from .. import plugins
+from ..publisher import check_publishable, hook_logger, open_bus
 from . import signals
 
 class RecoverableException(Exception):
@@ -96,8 +97,6 @@ class BaseAgent(abc.ABC):
                 # parent instead: every setLevel clears every logger's cache, O(loggers) per agent
                 logger.setLevel(logging.INFO)
             if self._bus_args is not None:
-                from ..publisher import hook_logger
-
                 hook_logger(self)
         return logger
 
@@ -147,10 +146,6 @@ class BaseAgent(abc.ABC):
         """Put an ``AGENT_EVENT`` on the cluster's bus, topic ``AGENT_EVENT.<topic>``, carrying
         ``data`` (msgpack-able values; anything else raises TypeError naming the field).  Never
         blocks for long: events are batched, and dropped (and counted) if nobody drains them."""
-        from ..publisher import check_publishable
-
-        from ..publisher import open_bus
-
         check_publishable(topic, data)
         bus = open_bus(self)
         if bus is None:
