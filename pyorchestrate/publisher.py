@@ -184,14 +184,15 @@ def open_bus(agent: Any) -> AgentBus | None:
 
 def hook_logger(agent: Any) -> None:
     """Send the agent's log records to its bus too (its logger exists and it is attached)."""
-    if agent._bus_args is None or agent.__dict__.get("_bus_log_handler") is not None:
-        return
-    handler = agent._bus_log_handler = BusLogHandler(agent)
     logger = agent.logger
     # a new list under a lock of our own, not addHandler(), which takes logging's global lock (see
     # BusLogHandler); a lock still, as two copies of one agent (one stopping, one starting) share
-    # a logger and attach and detach from their own threads
+    # a logger and attach and detach from their own threads, and two threads of one agent may
+    # make its logger at once (one handler, not two)
     with _HANDLERS_LOCK:
+        if agent._bus_args is None or agent.__dict__.get("_bus_log_handler") is not None:
+            return
+        handler = agent._bus_log_handler = BusLogHandler(agent)
         logger.handlers = [*logger.handlers, handler]
 
 
@@ -199,14 +200,15 @@ def detach(agent: Any) -> None:
     """Undo :func:`attach` (nothing to wait for: the events are already handed off), and drop the
     run's logger from logging's registry, which would otherwise keep one per agent name the
     process ever ran (agents with unique names grew it without bound)."""
-    handler = agent.__dict__.get("_bus_log_handler")
+    with _OPEN_LOCK:  # a thread of the agent's still publishing opens no bus after this
+        agent._bus_args = None
+        agent._bus = None
     logger = agent.__dict__.get("_logger")
-    if handler is not None and logger is not None:
-        with _HANDLERS_LOCK:  # see hook_logger
+    with _HANDLERS_LOCK:  # see hook_logger
+        handler = agent.__dict__.get("_bus_log_handler")
+        if handler is not None and logger is not None:
             logger.handlers = [h for h in logger.handlers if h is not handler]
-    agent._bus_log_handler = None
-    agent._bus_args = None
-    agent._bus = None
+        agent._bus_log_handler = None
     if logger is not None:
         registry = logging.Logger.manager.loggerDict
         if registry.get(logger.name) is logger and not logger.handlers:
