@@ -68,16 +68,19 @@ def _run(directory, name, **settings):
     supervisor = Supervisor(report, "w1", outbox)
     class_id, blob = shipping.pack_class(Held, Held.Config)
     config = Held.Config(directory=str(directory), **settings)
-    supervisor.start(name, "run1", 1, class_id, blob, shipping.pack_config(config, name), "thread")
-    inside = directory / "inside"
-    deadline = time.monotonic() + TIMEOUT
-    while not inside.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    made = inside.read_text()
-    registered = f"pyorchestrate.agent.{name}" in logging.Logger.manager.loggerDict
-    (directory / "go").touch()
-    assert ended.wait(TIMEOUT)
-    return made, registered, terminated, outbox.take()
+    try:
+        supervisor.start(name, "run1", 1, class_id, blob, shipping.pack_config(config, name), "thread")
+        inside = directory / "inside"
+        deadline = time.monotonic() + TIMEOUT
+        while not inside.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        made = inside.read_text()
+        registered = f"pyorchestrate.agent.{name}" in logging.Logger.manager.loggerDict
+        (directory / "go").touch()
+        assert ended.wait(TIMEOUT)
+        return made, registered, terminated, outbox.take()
+    finally:
+        supervisor.close()  # its idle agent thread and starter thread end with the test
 
 
 def test_an_agent_that_neither_logs_nor_publishes_makes_no_logger_and_no_bus(tmp_path):
