@@ -49,6 +49,7 @@ S = plain_members(AgentState)  # S.READY is AgentState.READY, read faster (see p
 E = plain_members(OrchestratorEvent)
 _EVENT_BY_NAME: dict[str, OrchestratorEvent] = {e.value: e for e in OrchestratorEvent}
 _STARTS_PER_FRAME = 250  # agents in one starts frame (a frame stays small; the worker acts on it at once)
+_RECOVERED = {"recovered": True}  # read only (_publish_agent copies what it is given)
 _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
 
 
@@ -352,7 +353,10 @@ class ClusterCore(Registration, CommandHandlers):
             self._reconnect(record, worker, {"state": "READY" if event is E.AGENT_READY else "STARTED"},
                             "its worker is back", reported=event)
         if event is E.AGENT_TERMINATED:
-            self._say_what_went_unsaid(record, fields.pop("reached", "STARTED"))
+            # folded: the worker put this short run's STARTED (and READY) into its end, as they
+            # went in one report (protocol 9): said now, in order, as reported and not recovered
+            folded = fields.pop("folded", False) is True
+            self._say_what_went_unsaid(record, fields.pop("reached", "STARTED"), {} if folded else _RECOVERED)
             marker = [fields.pop(k, None) for k in ("bus_publisher", "bus_incarnation", "bus_seq")]
             if isinstance(marker[0], str) and isinstance(marker[1], str) and type(marker[2]) is int:
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))
@@ -384,23 +388,24 @@ class ClusterCore(Registration, CommandHandlers):
             raise protocol.ProtocolError(f"agent event {event.name} is not a lifecycle event")
         self._publish_agent(record, event, fields)
 
-    def _say_what_went_unsaid(self, record: AgentRecord, reached: Any) -> None:
+    def _say_what_went_unsaid(self, record: AgentRecord, reached: Any, how: dict[str, Any]) -> None:
         """A run's end came, but not (yet) its STARTED or READY: those went on a connection we do
         not read any more (the worker registered again on a new one, or was cut off) and arrive late
         or never.  Every run that ends has started, and its end says whether it got to READY
         (``reached``): what was not said is said now, once, marked ``recovered``, before the end.
         Seen beside 4 CPU burners: a worker that re-registered mid-run reported the ends of copies
         whose STARTED and READY were still in its old connection (S9: in 8 of 18 runs, up to
-        hundreds of agents a run ended without ever being said started)."""
+        hundreds of agents a run ended without ever being said started).  ``how``: the fields they
+        carry (``recovered``, or none for a run whose end folds them in, see agent_event)."""
         state = record.said_before if record.state is S.DISCONNECTED else record.state
         if state is S.ASSIGNED:
             if record.state is S.ASSIGNED:
                 self.states.move(record, S.STARTED)
-            self._publish_agent(record, E.AGENT_STARTED, {"recovered": True})
+            self._publish_agent(record, E.AGENT_STARTED, how)
         if reached == "READY" and not record.ready_said:
             if record.state is S.STARTED:
                 self.states.move(record, S.READY)
-            self._publish_agent(record, E.AGENT_READY, {"recovered": True})
+            self._publish_agent(record, E.AGENT_READY, how)
 
     def _stale_event(self, worker: WorkerRecord, item: dict[str, Any], now: float) -> None:
         """A report about a copy that is not the current run (replaced, or a previous coordinator's)."""

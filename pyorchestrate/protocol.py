@@ -14,7 +14,9 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 8  # 5: a worker process's secret token (register, bus frames); 6: pulse
+PROTOCOL_VERSION = 9  # 5: a worker process's secret token (register, bus frames); 6: pulse
+# 9: a short run's STARTED and READY folded into its AGENT_TERMINATED ("folded": True) when all
+#    went in one report (worker/fold.py)
 # 8: starts (the agents placed on one worker in one pass, in one frame)
 # 7: client requests on the control port (the CLI, the dashboard)
 # 4: one bus outbox per worker (batches of many runs), beats frames, coordinator seq on every event

@@ -30,6 +30,7 @@ from pyorchestrate.orchestrator import RunMode
 from pyorchestrate.records import AgentRecord
 from pyorchestrate.restart import RestartPolicy
 from pyorchestrate.states import AgentState
+from pyorchestrate_worker.fold import fold
 
 REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
 STEP = 0.05  # simulated seconds per step
@@ -92,7 +93,7 @@ class SimWorker:
     lease_expired: bool = False
     limits: Limits = field(default_factory=Limits)
     copies: dict[tuple[str, str, int], Copy] = field(default_factory=dict)
-    outbox: list[dict[str, Any]] = field(default_factory=list)  # reports not yet sent
+    outbox: list[tuple[str, str, int, str, dict[str, Any]]] = field(default_factory=list)  # reports not yet sent
     pending: list[dict[str, Any]] = field(default_factory=list)  # kept while unregistered
     recent_ends: list[dict[str, Any]] = field(default_factory=list)
     coordinator: str = ""
@@ -165,6 +166,9 @@ class Sim:
         mode = rng.choice(["never", "on-failure", "always"])
         spec = {"mode": mode, "one_shot": rng.random() < 0.5, "stop_timeout": rng.choice([0.5, 2.0, 5.0]),
                 "fail": rng.random() < 0.3, "duration": rng.uniform(0.5, 20.0)}
+        # some one-shot runs end at once: their STARTED, READY and end go in one report, folded
+        # (protocol 9); decided from what was drawn, so every seed's other draws stay the same
+        spec["instant"] = spec["one_shot"] and spec["duration"] < 2.5
         self.specs[name] = spec
         self.core.command(commands.AddAgent(self._record(name)), self.now)
         self._apply()
@@ -325,7 +329,15 @@ class Sim:
         self._register(worker)
 
     def _report(self, worker: SimWorker, copy: Copy, event: str, fields: dict[str, Any] | None = None) -> None:
-        worker.outbox.append(protocol.agent_event(copy.agent, copy.run, copy.epoch, event, fields or {}))
+        worker.outbox.append((copy.agent, copy.run, copy.epoch, event, dict(fields or {})))
+
+    @staticmethod
+    def _take_outbox(worker: SimWorker) -> list[dict[str, Any]]:
+        """What its agents reported since the last take, as the worker's _keep_reports makes it
+        (a short run's reports folded into its end, protocol 9)."""
+        items = [protocol.agent_event(*report) for report in fold(worker.outbox)]
+        worker.outbox = []
+        return items
 
     def _worker_step(self, worker: SimWorker) -> None:
         now = self.now
@@ -351,8 +363,7 @@ class Sim:
                 worker.next_beat = now + worker.limits.interval
                 self._send(worker, "heartbeat", t=now, running=len(worker.copies), read=worker.recv_n)
         else:
-            worker.pending.extend(worker.outbox)
-            worker.outbox = []
+            worker.pending.extend(self._take_outbox(worker))
             if now - worker.lease_from > ORPHAN_TIMEOUT:  # --orphan-timeout: even kept copies stop
                 for copy in worker.copies.values():
                     self._stop(copy, copy.stop_timeout)
@@ -373,8 +384,8 @@ class Sim:
             worker.next_register = self.now
 
     def _flush(self, worker: SimWorker) -> None:
-        items = worker.pending + worker.outbox
-        worker.pending, worker.outbox = [], []
+        items = worker.pending + self._take_outbox(worker)
+        worker.pending = []
         for item in items:
             if item["event"] == "AGENT_TERMINATED":
                 worker.recent_ends = (worker.recent_ends + [item])[-50:]
@@ -383,8 +394,7 @@ class Sim:
     def _register(self, worker: SimWorker) -> None:
         running = [{"agent": c.agent, "run": c.run, "epoch": c.epoch, "state": "READY" if c.ready else "STARTED",
                     "coordinator": c.coordinator, "definition": c.definition} for c in worker.copies.values()]
-        worker.pending.extend(worker.outbox)
-        worker.outbox = []
+        worker.pending.extend(self._take_outbox(worker))
         worker.in_register = len(worker.pending)
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
                    capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
@@ -450,9 +460,12 @@ class Sim:
         if worker.lease_expired or not worker.registered:
             return
         spec = self.specs[item["agent"]]
+        ready_at = self.now + self.rng.uniform(0.0, 0.5)
+        ends_at = self.now + spec["duration"] * self.rng.uniform(0.5, 1.5) if spec["one_shot"] else None
+        if spec["instant"]:
+            ready_at = ends_at = self.now
         copy = Copy(item["agent"], item["run"], item["epoch"], item["keep"], worker.coordinator,
-                    item["definition"], item["stop_timeout"], self.now + self.rng.uniform(0.0, 0.5),
-                    self.now + spec["duration"] * self.rng.uniform(0.5, 1.5) if spec["one_shot"] else None,
+                    item["definition"], item["stop_timeout"], ready_at, ends_at,
                     not (spec["fail"] and self.rng.random() < 0.5))
         worker.copies[copy.key] = copy
         self.starts[copy.agent] = self.starts.get(copy.agent, 0) + 1

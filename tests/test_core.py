@@ -440,6 +440,23 @@ def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_as
     assert sent == 3 and len(h.to(w1, "start")) == 5 and len(h.to(w1, "reregister")) == 1
 
 
+@pytest.mark.parametrize("reached", ["READY", "STARTED"])
+def test_a_folded_end_says_its_run_started_as_reported_in_order(reached):
+    """A worker that had a short run's STARTED, READY and end in one report sends the end alone,
+    folded (protocol 9): the same events are published, in order, as reported (not recovered),
+    and the end's fields carry nothing of the folding."""
+    h = Harness()
+    w1, record = h.assigned(agent="job")
+    h.report(w1, record, "AGENT_TERMINATED", n=0, ok=True, reached=reached, folded=True)
+    said = [p for p in h.published if p.event.value.startswith("AGENT_")]
+    wanted = ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"] if reached == "READY" else \
+        ["AGENT_STARTED", "AGENT_TERMINATED"]
+    assert [p.event.value for p in said] == wanted
+    assert not any(p.fields.get("recovered") for p in said)
+    assert "folded" not in said[-1].fields and "reached" not in said[-1].fields and said[-1].fields["ok"] is True
+    assert record.state is S.TERMINATED and not record.failed
+
+
 def test_a_lifecycle_event_is_published_once_even_when_a_registration_recovered_it_first():
     h = Harness()
     w1, record = h.assigned()

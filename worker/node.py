@@ -41,6 +41,7 @@ from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 
 from . import crowd, pulse
+from .fold import fold
 from .supervisor import Supervisor
 
 log = logging.getLogger("pyorchestrate.worker")
@@ -244,7 +245,8 @@ class Worker:
     def _keep_reports(self) -> None:
         """Move what agents reported (the outbox) to the list of reports not yet delivered, in order:
         sent by the next flush, or with the next registration while there is no coordinator."""
-        for name, run, epoch, event, fields in self._outbox.drain():
+        # a short run's three reports as one item where they go together anyway (fold.py)
+        for name, run, epoch, event, fields in fold(self._outbox.drain()):
             self._pending.append(protocol.agent_event(name, run, epoch, event, fields))
         if len(self._pending) > _PENDING_MAX:
             excess = len(self._pending) - _PENDING_MAX
@@ -732,6 +734,8 @@ class Worker:
             if item["event"] == "AGENT_STARTED":
                 self._beating[copy] = self._beat_round
                 self._bus_sent.setdefault((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), 0)
+            elif item["event"] == "AGENT_TERMINATED" and item["fields"].get("folded") is True:
+                self._recent_ends.append(item)  # its STARTED never went out alone: nothing to forget
             elif item["event"] == "AGENT_TERMINATED":
                 self._beating.pop(copy, None)
                 self._bus_sent.pop((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), None)

@@ -1,0 +1,45 @@
+"""Folding a short run's reports into its end (worker/fold.py, protocol 9): pure, no sockets."""
+
+from pyorchestrate_worker.fold import fold
+
+S, R, T, E = "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", "AGENT_ERROR"
+
+
+def rep(agent: str, event: str, epoch: int = 1, **fields):
+    return (agent, "run1", epoch, event, fields)
+
+
+def events(reports):
+    return [(r[0], r[3], r[4].get("folded", False)) for r in reports]
+
+
+def test_runs_that_went_from_started_to_their_end_in_one_batch_are_their_end_alone():
+    # two runs interleaved, as pooled threads report them
+    out = fold([rep("a", S), rep("b", S), rep("a", R), rep("b", R),
+                rep("a", T, ok=True, reached="READY"), rep("b", T, ok=True, reached="READY")])
+    assert events(out) == [("a", T, True), ("b", T, True)]
+    assert out[0][4] == {"ok": True, "reached": "READY", "folded": True}
+
+
+def test_a_run_that_ended_before_ready_folds_its_started_only():
+    out = fold([rep("a", S), rep("a", T, ok=False, reached="STARTED")])
+    assert events(out) == [("a", T, True)]
+
+
+def test_everything_else_keeps_its_items_and_its_order():
+    batch = [
+        rep("err", S), rep("err", E, error_message="x"), rep("err", T, ok=False, reached="STARTED"),  # an error between
+        rep("pid", S, pid=7), rep("pid", R), rep("pid", T, reached="READY"),  # STARTED with fields
+        rep("late", T, reached="READY"),  # its STARTED went in an earlier batch
+        rep("odd", S), rep("odd", R), rep("odd", T, reached="STARTED"),  # an end that contradicts its reports
+        rep("open", S), rep("open", R),  # still running
+        rep("again", S, epoch=1), rep("again", S, epoch=2), rep("again", R, epoch=2),  # another run of it
+    ]
+    out = fold([(*r[:4], dict(r[4])) for r in batch])
+    assert out == batch
+
+
+def test_other_runs_reports_between_stay_in_place():
+    out = fold([rep("a", S), rep("b", S), rep("b", E, error_message="x"), rep("a", R),
+                rep("b", T, ok=False, reached="STARTED"), rep("a", T, reached="READY"), rep("c", S)])
+    assert events(out) == [("b", S, False), ("b", E, False), ("b", T, False), ("a", T, True), ("c", S, False)]
