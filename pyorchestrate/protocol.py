@@ -49,12 +49,27 @@ class ListOf:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.schema = schema
-        #: the fields, if every one is required and of one plain type (AGENT_EVENT's are): items
-        #: of exactly those types pass a quick look (see _check_value)
-        self.exact: tuple[tuple[str, type], ...] | None = None
+        #: the fields and the exact classes each may have, if every field is of plain types
+        #: (AGENT_EVENT's and START_ITEM's are): an item with all of them, each of one of those
+        #: exact classes, passes a quick look (see _check_value)
+        self.exact: tuple[tuple[str, frozenset[type]], ...] | None = None
         if isinstance(schema, dict) and schema:
-            fields = tuple((name, kind) for name, kind in schema.items() if kind.__class__ is type and kind is not object)
+            fields = tuple((name, classes) for name, kind in schema.items()
+                           if (classes := _exact_classes(kind)) is not None)
             self.exact = fields if len(fields) == len(schema) else None
+
+
+def _exact_classes(kind: Any) -> frozenset[type] | None:
+    """The classes a value of ``kind`` may have for the quick look: a plain type or a tuple of
+    them (an optional field's too: only a present one passes the quick look, so a missing one
+    still gets its default from the full check).  Exact classes: a bool is never taken for an
+    int there, as the full check never takes it for one."""
+    if isinstance(kind, Optional):
+        kind = kind.kind
+    kinds = kind if kind.__class__ is tuple else (kind,)
+    if all(k.__class__ is type and k is not object for k in kinds):
+        return frozenset(kinds)
+    return None
 
 
 class MapOf:
@@ -258,8 +273,8 @@ def _check_value(what: str, expected: Any, value: Any) -> None:
                 # what msgpack decodes is of the exact builtin types: a quick look accepts those
                 # (a third of decoding a worker's report); anything else, and every error, takes
                 # the full check below, which accepts exactly what it did before
-                for name, kind in exact:
-                    if item.get(name, _MISSING).__class__ is not kind:
+                for name, classes in exact:
+                    if item.get(name, _MISSING).__class__ not in classes:
                         break
                 else:
                     continue

@@ -168,6 +168,27 @@ def test_a_workers_report_items_are_checked_one_by_one_quick_look_or_not():
             protocol.decode(events(good, bad))
 
 
+def test_start_items_pass_the_quick_look_only_as_the_full_check_would():
+    """starts items (a field of two types, optional fields) take the quick look too: present
+    fields of the exact types pass; a missing optional field still gets its default, and a bool
+    where a number is meant, a str where bytes are, are still refused."""
+    item = {"agent": "a", "run": "r", "epoch": 1, "class_id": "c", "class_blob": None, "config": b"x",
+            "mode": "thread", "stop_timeout": 10, "hold": False, "keep": True, "definition": "d"}
+
+    def starts(*items):
+        return protocol.encode("starts", n=1, agents=list(items))
+
+    got = protocol.decode(starts(item, {**item, "class_blob": b"blob", "stop_timeout": 2.5}))["agents"]
+    assert got[0] == item and got[1]["class_blob"] == b"blob"
+    bare = {k: v for k, v in item.items() if k not in ("stop_timeout", "hold", "keep", "definition")}
+    assert protocol.decode(starts(bare))["agents"][0] == {**bare, "stop_timeout": 10.0, "hold": False,
+                                                         "keep": False, "definition": ""}
+    for bad, why in (({**item, "stop_timeout": True}, "stop_timeout"), ({**item, "config": "x"}, "config"),
+                     ({**item, "class_blob": 1}, "class_blob"), ({**item, "hold": 0}, "hold")):
+        with pytest.raises(protocol.ProtocolError, match=why):
+            protocol.decode(starts(item, bad))
+
+
 def test_standalone_thread_agent_runs_its_hooks():
     calls = []
 
