@@ -75,6 +75,7 @@ class Coordinator:
         # agents whose state changed since the handles last heard (see _flush_states)
         self._state_changes: dict[str, AgentRecord] = {}
         self._batch_stamp: dict[str, str] | None = None  # the time of the batch being carried out
+        self._batch_info = False  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
         self._on_forget = on_forget
         self._closing = False
         self._seq = 0
@@ -322,6 +323,7 @@ class Coordinator:
         # the events of one batch of decisions carry one time: they were decided at one moment
         # (stamped one by one, formatting the time was a tenth of publishing an event)
         self._batch_stamp = stamp()
+        self._batch_info = log.isEnabledFor(logging.INFO)
         try:
             self._carry_out_actions()
         finally:
@@ -862,7 +864,8 @@ class Coordinator:
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
             self._state_changes[record.name] = record  # told with the batch (see _flush_states)
-            if event is not E.AGENT_ERROR and not log.isEnabledFor(logging.INFO):
+            info = self._batch_info if self._batch_stamp is not None else log.isEnabledFor(logging.INFO)
+            if event is not E.AGENT_ERROR and not info:
                 return
             where = f"on {record.worker}" if record.worker else "(not placed)"
             if event is E.AGENT_ERROR and fields.get("recoverable"):
