@@ -55,8 +55,11 @@ class PluginSet:
     """An owner's own copies of its plugins, reachable as attributes (``self.plugin.feed``)."""
 
     def __init__(self, declared: dict[str, Any]) -> None:
-        self._plugins = {name: copy.copy(plugin) for name, plugin in declared.items()}
         self._initialized: list[str] = []
+        if not declared:  # most agents: nothing to copy (one PluginSet per agent start)
+            self._plugins: dict[str, Any] = {}
+            return
+        self._plugins = {name: copy.copy(plugin) for name, plugin in declared.items()}
         for name, plugin in self._plugins.items():
             setattr(self, name, plugin)
 

@@ -206,7 +206,20 @@ def unpack_class(blob: bytes) -> tuple[type, type]:
     return cloudpickle.loads(blob)
 
 
+#: config blobs that set nothing (no overrides, no custom plugin): most agents' (register_agent
+#: makes one such blob per class and sends it with each); a fresh default Config for those,
+#: without unpickling the blob again for every start.  Bounded: cleared when full.
+_DEFAULT_BLOBS: dict[bytes, None] = {}
+_DEFAULT_BLOBS_MAX = 1024
+
+
 def unpack_config(config_class: type, blob: bytes) -> tuple[Any, Any]:
     """``(config, custom plugin or None)`` from :func:`pack_config`'s blob."""
+    if blob in _DEFAULT_BLOBS:
+        return config_class(), None
     packed = cloudpickle.loads(blob)
+    if not packed["config"] and packed["plugin"] is None:
+        if len(_DEFAULT_BLOBS) >= _DEFAULT_BLOBS_MAX:
+            _DEFAULT_BLOBS.clear()
+        _DEFAULT_BLOBS[blob] = None
     return config_class(**packed["config"]), packed["plugin"]

@@ -290,3 +290,20 @@ def test_default_configs_are_checked_once_per_class_and_a_users_own_validate_eve
     assert records["q0"].config_blob != records["q2"].config_blob  # its own settings travel
     assert records["s0"].config_blob == records["s1"].config_blob
     assert records["s0"].definition == records["s1"].definition
+
+
+def test_a_config_blob_is_unpacked_into_a_fresh_config_every_time():
+    """A worker takes a blob that sets nothing for a default Config without unpickling it again
+    (shipping.unpack_config); every start still gets its own Config, and a blob that sets
+    something, or carries a plugin, is unpacked as it always was."""
+    from pyorchestrate import shipping
+
+    default = shipping.pack_config(Quick.Config(), "q")
+    first, plugin = shipping.unpack_config(Quick.Config, default)
+    second, _ = shipping.unpack_config(Quick.Config, default)
+    assert plugin is None and first is not second and vars(first) == vars(second) == {}
+    first.stop_timeout = 1.0  # one agent changing its config changes nobody else's
+    assert shipping.unpack_config(Quick.Config, default)[0].stop_timeout == Quick.Config.stop_timeout
+    overridden = shipping.pack_config(Quick.Config(stop_timeout=3.0), "q")
+    for _ in range(2):
+        assert shipping.unpack_config(Quick.Config, overridden)[0].stop_timeout == 3.0

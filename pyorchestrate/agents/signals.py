@@ -56,6 +56,10 @@ class EventSet:
 
     @classmethod
     def names(cls) -> list[str]:
+        return list(cls._own_names())
+
+    @classmethod
+    def _own_names(cls) -> list[str]:
         cached = cls.__dict__.get("_names")  # this class's own, not a parent's
         if cached is None:
             cached = []
@@ -64,11 +68,14 @@ class EventSet:
                     if key.endswith("_event") and key not in cached:
                         cached.append(key)
             cls._names = cached  # every agent start asks: walk the MRO once per class
-        return list(cached)
+        return cached
 
     def __init__(self, make: Callable[[], Any]) -> None:
-        for name in self.names():
-            setattr(self, name, make())
+        # into the instance's dict at once: two sets of three a start, a setattr and a copy of
+        # the names each were half of making them
+        attributes = self.__dict__
+        for name in self._own_names():
+            attributes[name] = make()
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.names()}
