@@ -345,8 +345,18 @@ class ClusterCore(Registration, CommandHandlers):
         if event is None:
             raise protocol.ProtocolError(f"unknown agent event {item['event']!r}")
         fields = item["fields"]
-        # msgpack may give bytes keys too; most reports carry no fields at all (STARTED, READY)
-        fields = {k: v for k, v in fields.items() if isinstance(k, str)} if fields else {}
+        # msgpack may give bytes keys too (dropped); most reports carry no fields at all (STARTED,
+        # READY), an end a few: copied at C speed when every key is a str (a comprehension is a
+        # function call of its own on 3.11, once per agent)
+        if not fields:
+            fields = {}
+        else:
+            for key in fields:
+                if key.__class__ is not str:
+                    fields = {k: v for k, v in fields.items() if isinstance(k, str)}
+                    break
+            else:
+                fields = dict(fields)
         reconnected = record.state is S.DISCONNECTED and event is not E.AGENT_TERMINATED
         if reconnected:
             # its worker is back and reports on it: the copy was kept running all along
