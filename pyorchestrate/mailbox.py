@@ -121,9 +121,10 @@ class WakeQueue:
     """A FIFO many threads put into and one thread drains, with no lock at all.
 
     For the worker, where thousands of agent threads report: a :class:`Mailbox` serializes its
-    producers with a lock held across a ZeroMQ send, which releases the GIL, so a producer could
-    keep the lock for as long as it then waited to get the GIL back; with thousands of threads
-    queued for it the worker's loop sat 0.5-1.5 s on that lock per flush.  Here a producer
+    producers with a lock (held across its wake's write, a system call that releases the GIL), so
+    a producer could keep the lock for as long as it then waited to get the GIL back; with
+    thousands of threads queued for it (then behind a ZeroMQ send) the worker's loop sat 0.5-1.5 s
+    on that lock per flush.  Here a producer
     appends to a deque (atomic under the GIL) and wakes the owner through a pipe (a write is
     thread-safe) only if nobody has since the owner's last drain.  :attr:`wake_socket` is the
     pipe's read end: a file descriptor ``zmq.Poller`` polls like a socket.
