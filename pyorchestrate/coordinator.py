@@ -104,7 +104,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self.core: ClusterCore | None = None
         self.ctx = zmq.Context()
-        self.mailbox = Mailbox(self.ctx)
+        self.mailbox = Mailbox()
         # keys (CurveZMQ + who may connect in which role); None: plain ZeroMQ, loopback only
         self.keydir = KeyDir.from_option(config.keys)
         self.gatekeeper: curve.Gatekeeper | None = None

@@ -12,8 +12,6 @@ import os
 import threading
 from typing import Any
 
-import zmq
-
 
 class Mailbox:
     """A FIFO of Python objects with a file descriptor that becomes readable when items arrive.
@@ -24,8 +22,7 @@ class Mailbox:
     few µs for a pipe's write and read.  A wake byte is written only when nobody has since the
     owner's last drain (the flag protocol of :class:`WakeQueue`)."""
 
-    def __init__(self, ctx: zmq.Context | None = None) -> None:
-        """``ctx``: unused (the wake is a pipe now); accepted for callers that pass one."""
+    def __init__(self) -> None:
         self._items: collections.deque[Any] = collections.deque()
         self._queued_by: collections.Counter[int] = collections.Counter()  # thread -> items still queued
         self._lock = threading.Lock()
@@ -72,7 +69,7 @@ class Mailbox:
             # the bytes first, then the flag: an item put after this read either finds the flag
             # still set and is taken below, or finds it clear and writes a byte of its own
             os.read(self._read, 65536)
-        except (BlockingIOError, OSError):
+        except OSError:  # nothing to read (BlockingIOError), or closed
             pass
         with self._lock:
             self._woken = False
@@ -124,10 +121,10 @@ class WakeQueue:
     producers with a lock (held across its wake's write, a system call that releases the GIL), so
     a producer could keep the lock for as long as it then waited to get the GIL back; with
     thousands of threads queued for it (then behind a ZeroMQ send) the worker's loop sat 0.5-1.5 s
-    on that lock per flush.  Here a producer
-    appends to a deque (atomic under the GIL) and wakes the owner through a pipe (a write is
-    thread-safe) only if nobody has since the owner's last drain.  :attr:`wake_socket` is the
-    pipe's read end: a file descriptor ``zmq.Poller`` polls like a socket.
+    on that lock per flush.  Here a producer appends to a deque (atomic under the GIL) and wakes
+    the owner through a pipe (a write is thread-safe) only if nobody has since the owner's last
+    drain.  :attr:`wake_socket` is the pipe's read end: a file descriptor ``zmq.Poller`` polls
+    like a socket.
     """
 
     def __init__(self) -> None:
@@ -164,7 +161,7 @@ class WakeQueue:
             # one read: a wake is one byte written only while the flag was clear, so few wait
             # here; each read releases the GIL, which costs this loop a place in its queue
             os.read(self._read, 65536)
-        except (BlockingIOError, OSError):
+        except OSError:  # nothing to read (BlockingIOError), or closed
             pass
         # only now: cleared before the read, a producer could set the flag and have its byte
         # consumed by that read, leaving the flag set with no byte to wake us for the next item

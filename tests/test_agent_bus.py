@@ -152,12 +152,9 @@ def test_an_oversized_event_raises_in_the_agent_and_numbers_nothing():
 def test_a_query_goes_ahead_of_other_threads_commands_but_never_its_own():
     import threading
 
-    import zmq
-
     from pyorchestrate.mailbox import Mailbox
 
-    ctx = zmq.Context()
-    box = Mailbox(ctx)
+    box = Mailbox()
     try:
         other = threading.Thread(target=lambda: [box.put(f"add{i}") for i in range(3)])
         other.start()
@@ -172,4 +169,3 @@ def test_a_query_goes_ahead_of_other_threads_commands_but_never_its_own():
         assert box.drain() == ["add2", "mine", "my-status"]
     finally:
         box.close()
-        ctx.term()
