@@ -383,7 +383,7 @@ class Coordinator:
             if i == 1 and not sockets.readable(router):  # see sockets.readable
                 return False
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sockets.recv_frames(router, zmq.NOBLOCK)
             except zmq.Again:
                 return False
             try:

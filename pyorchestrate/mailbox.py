@@ -88,10 +88,11 @@ class Mailbox:
     def has_query(self) -> bool:
         """Is a query waiting at the head?  Lock-free (owner thread only): cheap enough to ask
         between any two messages of a long phase."""
-        try:
-            return self._items[0][0] is None
-        except IndexError:
-            return False
+        # no try/except IndexError: the box is empty most of the times this is asked (eight a
+        # launch in S2), and a raised exception cost 0.45 against 0.06 us here.  Only the owner
+        # takes items out, so a box found not empty stays so until items[0] is read.
+        items = self._items
+        return bool(items) and items[0][0] is None
 
     def queries(self) -> list[Any]:
         """Take the queries waiting at the head (owner thread only): served between the phases
@@ -166,13 +167,12 @@ class WakeQueue:
         # only now: cleared before the read, a producer could set the flag and have its byte
         # consumed by that read, leaving the flag set with no byte to wake us for the next item
         self._woken = False
-        taken = []
+        # as many as are there now: only this thread takes items out, so each popleft finds one
+        # (popping until IndexError raised that exception once a drain: 0.4 us a launch in S2)
         items = self._items
-        while limit is None or len(taken) < limit:
-            try:
-                taken.append(items.popleft())
-            except IndexError:
-                break
+        count = len(items) if limit is None else min(limit, len(items))
+        popleft = items.popleft
+        taken = [popleft() for _ in range(count)]
         if items:
             self._wake()
         return taken
