@@ -34,6 +34,8 @@ def test_prototype_runs_s2_and_s3_three_ways(tmp_path):
     (one,) = json.loads(out.read_text())["rounds"]
     for side in ("prototype", "ours"):
         assert one[side]["S2_us"] > 0 and one[side]["S3_per_s"] > 0 and one[side]["S2_floor_ratio"] > 0, one
+        # the CPU of a launch's path, both processes (read from /proc: this suite runs on Linux)
+        assert one[side]["S2_coordinator_cpu_us"] > 0 and one[side]["S2_workers_cpu_us"] > 0, one
 
 
 def test_peer_table_compares_like_with_like_and_says_why_not():
