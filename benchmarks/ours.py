@@ -109,6 +109,8 @@ def s2_launch(reps: int, keys: str | None = None) -> dict[str, dict]:
     cluster = Cluster(2, keys=keys)
     out = {}
     try:
+        # the CPU of the coordinator's process and the workers' (a process agent's own process,
+        # a child of its worker, is not counted: S2.process's figures are what we add around it)
         workers = [proc.pid for proc in cluster.procs]
         for variant, cls in (("thread", agents.Trivial), ("process", agents.TrivialProcess)):
             samples = []
