@@ -13,6 +13,34 @@ import threading
 from typing import Any
 
 
+class _WakePipe:
+    """A non-blocking pipe whose read end (:attr:`fd`) a ``zmq.Poller`` polls like a socket: one
+    byte written wakes the owner.  The two queues below keep their own flag of whether a byte is
+    on its way (one write per batch, not one per item)."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write, False)
+
+    def ring(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except OSError:
+            pass  # the pipe is full (the owner is due to wake anyway) or closed at shutdown
+
+    def empty(self) -> None:
+        """Read what was written (owner only): one read, as writes are one per batch."""
+        try:
+            os.read(self.fd, 65536)
+        except OSError:  # nothing to read (BlockingIOError), or closed
+            pass
+
+    def close(self) -> None:
+        os.close(self._write)
+        os.close(self.fd)
+
+
 class Mailbox:
     """A FIFO of Python objects with a file descriptor that becomes readable when items arrive.
 
@@ -26,12 +54,10 @@ class Mailbox:
         self._items: collections.deque[Any] = collections.deque()
         self._queued_by: collections.Counter[int] = collections.Counter()  # thread -> items still queued
         self._lock = threading.Lock()
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
+        self._pipe = _WakePipe()
         self._woken = False  # a wake byte is in the pipe, or about to be (under _lock)
         self._closed = False
-        self.wake_socket = self._read
+        self.wake_socket = self._pipe.fd
 
     def put(self, item: Any, *, query: bool = False) -> None:
         """Queue ``item`` and wake the owner.  Safe from any thread.  A ``query`` (it reads, it
@@ -54,23 +80,14 @@ class Mailbox:
                 self._woken = True
                 # under the lock, as the close it must not race (a write after close could land
                 # in whatever reused the descriptor's number)
-                self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._write, b"\0")
-        except OSError:
-            pass  # the pipe is full (the owner is due to wake anyway) or closed at shutdown
+                self._pipe.ring()
 
     def drain(self, limit: int | None = None) -> list[Any]:
         """Take the queued items, at most ``limit`` of them (owner thread only).  If some are
         left, the wake stays set, so the owner's next poll comes back for them."""
-        try:
-            # the bytes first, then the flag: an item put after this read either finds the flag
-            # still set and is taken below, or finds it clear and writes a byte of its own
-            os.read(self._read, 65536)
-        except OSError:  # nothing to read (BlockingIOError), or closed
-            pass
+        # the bytes first, then the flag: an item put after this read either finds the flag
+        # still set and is taken below, or finds it clear and writes a byte of its own
+        self._pipe.empty()
         with self._lock:
             self._woken = False
             count = len(self._items) if limit is None else min(limit, len(self._items))
@@ -82,7 +99,7 @@ class Mailbox:
                         del self._queued_by[thread]
             if self._items and not self._closed:
                 self._woken = True
-                self._wake()
+                self._pipe.ring()
         return [item for _, item in taken]
 
     def has_query(self) -> bool:
@@ -111,8 +128,7 @@ class Mailbox:
                 return
             self._closed = True
             # every write is under the lock and checks _closed first: none comes after this
-            os.close(self._write)
-            os.close(self._read)
+            self._pipe.close()
 
 
 class WakeQueue:
@@ -130,12 +146,10 @@ class WakeQueue:
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] = collections.deque()
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
+        self._pipe = _WakePipe()
         self._woken = False
         self._closed = False
-        self.wake_socket = self._read
+        self.wake_socket = self._pipe.fd
 
     def put(self, item: Any) -> None:
         """Queue ``item`` and wake the owner.  Safe from any thread; never blocks."""
@@ -148,22 +162,15 @@ class WakeQueue:
 
     def _wake(self) -> None:
         self._woken = True
-        if self._closed:
-            return
-        try:
-            os.write(self._write, b"\0")
-        except OSError:
-            pass  # the pipe is full (the owner is already due to wake) or closed at shutdown
+        if not self._closed:
+            self._pipe.ring()
 
     def drain(self, limit: int | None = None) -> list[Any]:
         """Take the queued items, at most ``limit`` (owner thread only); if some are left, the
         wake stays set, so the owner's next poll comes back for them."""
-        try:
-            # one read: a wake is one byte written only while the flag was clear, so few wait
-            # here; each read releases the GIL, which costs this loop a place in its queue
-            os.read(self._read, 65536)
-        except OSError:  # nothing to read (BlockingIOError), or closed
-            pass
+        # one read: a wake is one byte written only while the flag was clear, so few wait here;
+        # each read releases the GIL, which costs this loop a place in its queue
+        self._pipe.empty()
         # only now: cleared before the read, a producer could set the flag and have its byte
         # consumed by that read, leaving the flag set with no byte to wake us for the next item
         self._woken = False
@@ -183,5 +190,4 @@ class WakeQueue:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._write)
-            os.close(self._read)
+            self._pipe.close()

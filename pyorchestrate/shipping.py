@@ -209,7 +209,7 @@ def unpack_class(blob: bytes) -> tuple[type, type]:
 #: config blobs that set nothing (no overrides, no custom plugin): most agents' (register_agent
 #: makes one such blob per class and sends it with each); a fresh default Config for those,
 #: without unpickling the blob again for every start.  Bounded: cleared when full.
-_DEFAULT_BLOBS: dict[bytes, None] = {}
+_DEFAULT_BLOBS: set[bytes] = set()
 _DEFAULT_BLOBS_MAX = 1024
 
 
@@ -221,5 +221,5 @@ def unpack_config(config_class: type, blob: bytes) -> tuple[Any, Any]:
     if not packed["config"] and packed["plugin"] is None:
         if len(_DEFAULT_BLOBS) >= _DEFAULT_BLOBS_MAX:
             _DEFAULT_BLOBS.clear()
-        _DEFAULT_BLOBS[blob] = None
+        _DEFAULT_BLOBS.add(blob)
     return config_class(**packed["config"]), packed["plugin"]
