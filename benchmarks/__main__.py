@@ -11,7 +11,7 @@ import sys
 import time
 from importlib import metadata
 
-from . import floor, ours, prototype
+from . import floor, lean, ours, prototype
 
 
 def _keys() -> str:
@@ -105,22 +105,20 @@ def run(quick: bool, scale: float, soak: float = 0.0, burst: int = 0) -> dict:
     return results
 
 
-def three_ways(quick: bool, scale: float) -> dict:
-    """S2 (thread) and S3 as the floor, the bare prototype and we do them, one after the other:
-    what the hand-offs alone cost here, and what our own work adds."""
+def four_ways(quick: bool, scale: float) -> dict:
+    """S2 (thread) and S3 as the floor, the bare prototype, the lean prototype and we do them, one
+    after the other: what the hand-offs alone cost here, what the least code keeping our
+    guarantees adds to them, and what ours adds."""
     reps, n = count(200, 30, quick, scale), count(2000, 300, quick, scale)
     latency_, throughput = floor.dispatch(reps, n * 10)
-    proto2, proto3 = prototype.s2(reps), prototype.s3(n)
-    ours2, ours3 = ours.s2_launch(reps)["thread"], ours.s3_throughput(n)
-    return {
-        "floor": {"dispatch_us": latency_["median_us"], "per_s": throughput["per_s"]},
-        "prototype": {"S2_us": proto2["median_us"], "S2_floor_ratio": round(proto2["median_us"] / latency_["median_us"], 2),
-                      **_s2_cpu(proto2),
-                      "S3_per_s": proto3["per_s"], "S3_floor_ratio": round(proto3["per_s"] / throughput["per_s"], 3)},
-        "ours": {"S2_us": ours2["median_us"], "S2_floor_ratio": round(ours2["median_us"] / latency_["median_us"], 2),
-                 **_s2_cpu(ours2),
-                 "S3_per_s": ours3["per_s"], "S3_floor_ratio": round(ours3["per_s"] / throughput["per_s"], 3)},
-    }
+    out = {"floor": {"dispatch_us": latency_["median_us"], "per_s": throughput["per_s"]}}
+    for side, s2, s3 in (("prototype", prototype.s2, prototype.s3), ("lean", lean.s2, lean.s3),
+                         ("ours", lambda r: ours.s2_launch(r)["thread"], ours.s3_throughput)):
+        two, three = s2(reps), s3(n)
+        out[side] = {"S2_us": two["median_us"], "S2_floor_ratio": round(two["median_us"] / latency_["median_us"], 2),
+                     **_s2_cpu(two),
+                     "S3_per_s": three["per_s"], "S3_floor_ratio": round(three["per_s"] / throughput["per_s"], 3)}
+    return out
 
 
 def _s2_cpu(s2: dict) -> dict:
@@ -202,8 +200,10 @@ def main() -> int:
     parser.add_argument("--trace", action="store_true",
                         help="only time each hop of S2's thread launches and print the table (see pyorchestrate/trace.py)")
     parser.add_argument("--prototype", type=int, default=0, metavar="ROUNDS",
-                        help="only S2 and S3 three ways per round, in the same run: the floor, the bare "
-                             "prototype (the same hand-offs, nothing else: benchmarks/prototype.py) and ours")
+                        help="only S2 and S3 four ways per round, in the same run: the floor, the bare "
+                             "prototype (the same hand-offs, nothing else: benchmarks/prototype.py), the lean "
+                             "prototype (those plus the least code keeping our guarantees: benchmarks/lean.py) "
+                             "and ours")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
@@ -213,19 +213,22 @@ def main() -> int:
     if args.trace:
         reps = count(300, 50, args.quick, args.scale)
         rows = ours.s2_trace(reps)
-        # the bare prototype's same hops in the same run: what each hop costs with nothing of ours
+        # the prototypes' same hops in the same run: what each hop costs with nothing of ours
+        # (bare) and with the least code that keeps our guarantees (lean)
         proto = {row["hop"]: row for row in prototype.s2_trace(reps)}
-        print(f"{'hop':<22} {'ours us':>9} {'bare us':>9}  what")
+        leaner = {row["hop"]: row for row in lean.s2_trace(reps)}
+        print(f"{'hop':<22} {'ours us':>9} {'lean us':>9} {'bare us':>9}  what")
         for row in rows:
             bare = proto.get(row["hop"], {}).get("median_us", "")
             row["prototype_us"] = bare
-            print(f"{row['hop']:<22} {row['median_us']:>9} {bare:>9}  {row['what']}")
+            row["lean_us"] = leaner.get(row["hop"], {}).get("median_us", "")
+            print(f"{row['hop']:<22} {row['median_us']:>9} {row['lean_us']:>9} {bare:>9}  {row['what']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)
         return 0
     if args.prototype:
-        rounds = [three_ways(args.quick, args.scale) for _ in range(args.prototype)]
+        rounds = [four_ways(args.quick, args.scale) for _ in range(args.prototype)]
         for one in rounds:
             print(json.dumps(one))
         if args.json:

@@ -16,7 +16,7 @@ from typing import Any
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 from . import agents
-from .stats import cpu_per_launch, cpu_seconds, latency, process_cpu, rss_mb, session_members
+from .stats import cpu_seconds, rss_mb, session_members, timed_launches
 
 TIMEOUT = 120.0
 
@@ -113,17 +113,13 @@ def s2_launch(reps: int, keys: str | None = None) -> dict[str, dict]:
         # a child of its worker, is not counted: S2.process's figures are what we add around it)
         workers = [proc.pid for proc in cluster.procs]
         for variant, cls in (("thread", agents.Trivial), ("process", agents.TrivialProcess)):
-            samples = []
-            for i in range(reps + 10):
-                if i == 10:
-                    cpu = process_cpu([os.getpid()]), process_cpu(workers)
+            def launch(i: int, cls: type = cls, variant: str = variant) -> None:
                 done = cluster.counts["AGENT_TERMINATED"]
-                t0 = time.perf_counter()
                 cluster.orch.register_agent(cls, f"{variant}{i}")
                 cluster.wait("AGENT_TERMINATED", done + 1)
-                if i >= 10:  # warm-up: the first launches ship the class and start the forkserver
-                    samples.append(time.perf_counter() - t0)
-            out[variant] = {**latency(samples), **cpu_per_launch(cpu, (process_cpu([os.getpid()]), process_cpu(workers)), reps)}
+
+            # after 10 unmeasured: the first launches ship the class and start the forkserver
+            out[variant] = timed_launches(launch, workers, reps)
     finally:
         cluster.close()
     return out

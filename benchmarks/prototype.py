@@ -26,7 +26,7 @@ import zmq
 
 from pyorchestrate import trace
 
-from .stats import cpu_per_launch, latency, process_cpu
+from .stats import timed_launches
 
 
 class Trivial:
@@ -249,21 +249,15 @@ class Prototype:
 def s2(reps: int) -> dict:
     """S2 with nothing of ours: launch one trivial agent, wait for its TERMINATED callback."""
     proto = Prototype()
+
+    def launch(i: int) -> None:
+        proto.launch(f"t{i}")
+        proto.wait(i + 1)
+
     try:
-        samples = []
-        workers = [proc.pid for proc in proto.procs]
-        for i in range(reps + 10):
-            if i == 10:
-                cpu = process_cpu([os.getpid()]), process_cpu(workers)
-            t0 = time.perf_counter()
-            proto.launch(f"t{i}")
-            proto.wait(i + 1)
-            if i >= 10:
-                samples.append(time.perf_counter() - t0)
-        spent = cpu_per_launch(cpu, (process_cpu([os.getpid()]), process_cpu(workers)), reps)
+        return timed_launches(launch, [proc.pid for proc in proto.procs], reps)
     finally:
         proto.close()
-    return {**latency(samples), **spent}
 
 
 def s2_trace(reps: int) -> list[dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
+from typing import Callable
 
 
 def count(full: int, fast: int, quick: bool, scale: float) -> int:
@@ -71,3 +73,18 @@ def session_members(sid: int) -> list[int]:
             if int(fields[3]) == sid and fields[0] != "Z":
                 members.append(int(entry))
     return members
+
+
+def timed_launches(launch: Callable[[int], None], workers: list[int], reps: int, warm: int = 10) -> dict[str, float]:
+    """S2's measure: ``launch(i)`` (launch one agent and wait for its end) ``warm`` times unmeasured
+    (the first launches ship the class), then ``reps`` times: latency, and the CPU per launch of
+    this process and of ``workers`` (pids)."""
+    samples = []
+    for i in range(reps + warm):
+        if i == warm:
+            cpu = process_cpu([os.getpid()]), process_cpu(workers)
+        t0 = time.perf_counter()
+        launch(i)
+        if i >= warm:
+            samples.append(time.perf_counter() - t0)
+    return {**latency(samples), **cpu_per_launch(cpu, (process_cpu([os.getpid()]), process_cpu(workers)), reps)}

@@ -323,9 +323,9 @@ class Orchestrator:
                     self._names.discard(name)
                 raise
             assert self._coordinator is not None
-            if trace.enabled:
-                trace.mark("queued", name)
             self._coordinator.mailbox.put((cmd.AddAgent(record), None))
+            if trace.enabled:  # in the mailbox, its owner woken: as the prototypes mark it
+                trace.mark("queued", name)
         return name
 
     def add_dependency(self, agent_name: str, deps: list[str]) -> None:

@@ -25,14 +25,15 @@ def test_benchmarks_quick_tiny_runs_and_writes_every_key(tmp_path):
     assert "floor ratio" in result.stdout
 
 
-def test_prototype_runs_s2_and_s3_three_ways(tmp_path):
-    """--prototype: the floor, the bare prototype (the same hand-offs, nothing else) and ours."""
+def test_prototype_runs_s2_and_s3_four_ways(tmp_path):
+    """--prototype: the floor, the bare prototype (the same hand-offs, nothing else), the lean one
+    (those plus the least code keeping our guarantees) and ours."""
     out = tmp_path / "proto.json"
     result = run_script(["-m", "benchmarks", "--prototype", "1", "--quick", "--scale", "0.2", "--json", str(out)],
                         cwd=REPO, timeout=240)
     assert result.returncode == 0, result.stderr
     (one,) = json.loads(out.read_text())["rounds"]
-    for side in ("prototype", "ours"):
+    for side in ("prototype", "lean", "ours"):
         assert one[side]["S2_us"] > 0 and one[side]["S3_per_s"] > 0 and one[side]["S2_floor_ratio"] > 0, one
         # the CPU of a launch's path, both processes (read from /proc: this suite runs on Linux)
         assert one[side]["S2_coordinator_cpu_us"] > 0 and one[side]["S2_workers_cpu_us"] > 0, one
