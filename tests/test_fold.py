@@ -43,3 +43,25 @@ def test_other_runs_reports_between_stay_in_place():
     out = fold([rep("a", S), rep("b", S), rep("b", E, error_message="x"), rep("a", R),
                 rep("b", T, ok=False, reached="STARTED"), rep("a", T, reached="READY"), rep("c", S)])
     assert events(out) == [("b", S, False), ("b", E, False), ("b", T, False), ("a", T, True), ("c", S, False)]
+
+
+def test_one_short_run_alone_folds_into_its_end():
+    out = fold([rep("a", S), rep("a", R), rep("a", T, ok=True, reached="READY")])
+    assert out == [("a", "run1", 1, T, {"ok": True, "reached": "READY", "folded": True})]
+
+
+def test_three_reports_fold_as_any_longer_batch_does():
+    # three reports take a shortcut: whatever they are, it must give what the general walk gives
+    # (forced here by a fourth report of another agent, which nothing folds)
+    import itertools
+
+    kinds = [(S, {}), (S, {"pid": 7}), (R, {}), (R, {"x": 1}), (E, {"error_message": "x"}),
+             (T, {"reached": "READY"}), (T, {"reached": "STARTED"}), (T, {})]
+    copies = [("a", 1), ("a", 2), ("b", 1)]
+    other = ("zz", "run1", 1, E, {"error_message": "y"})
+    for triple in itertools.product(kinds, repeat=3):  # every three reports, of every copies
+        for whose in itertools.product(copies, repeat=3):
+            batch = [(agent, "run1", epoch, event, fields) for (event, fields), (agent, epoch) in zip(triple, whose)]
+            walked = fold([(*r[:4], dict(r[4])) for r in batch] + [other])
+            assert walked[-1] == other
+            assert fold([(*r[:4], dict(r[4])) for r in batch]) == walked[:-1], batch
