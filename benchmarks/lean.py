@@ -23,9 +23,11 @@ adoption, logging)?  What it does on top of the bare prototype, per launch:
   epoch);
 * each of the three lifecycle events: the state moved by the table, a sequence number, the
   event's fields (event, agent, worker, host, date and time stamped once a batch, incarnation),
-  kept in a bounded history, published on the bus only if someone subscribes (nobody does in
-  S2, as in ours), and its callbacks handed to the callback thread in one batch, each callback
-  given the keyword arguments its signature takes;
+  kept in a bounded history (ours also puts it on the bus, but only while someone subscribes, and
+  nobody does in S2: this prototype has no bus), and its callbacks handed to the callback thread
+  in one batch, each callback given the keyword arguments its signature takes; at a run's end,
+  its last bus sequence number compared with what arrived of it (ours holds the end back until
+  the run's tail is in);
 * the harness: callbacks on STARTED, READY and TERMINATED doing what ``ours.Cluster._record``
   does, and the same wait (the bare prototype has one callback, on TERMINATED).
 
@@ -318,7 +320,8 @@ class Lean:
         self.epochs = itertools.count(1)
         self.seq = 0
         self.history: collections.deque = collections.deque(maxlen=10_000)
-        self.subscribers = 0  # nobody subscribes in S2 (ours publishes on the bus only if someone does)
+        self.bus_seen: dict[tuple[str, str, int], int] = {}  # a run -> its last bus event received (no bus here)
+        self.tails_awaited = 0
         self.states: dict[str, str] = {}  # what handles read, updated once a batch
         self.dropped = 0
         self.callbacks: dict[str, list[tuple[Callable, tuple[str, ...]]]] = {}
@@ -345,6 +348,7 @@ class Lean:
                 raise TimeoutError("lean prototype workers did not say hello")
             identity, frame = self.router.recv_multipart()
             hello = msgpack.unpackb(frame)
+            _check(hello, {**ENVELOPE, "host": str})
             self.workers[identity] = [0, hello["host"], 0, hello["n"], set()]
         self.closing = False
         self.loop = threading.Thread(target=self._loop, name="lean-loop", daemon=True)
@@ -464,7 +468,10 @@ class Lean:
                 self.dropped += 1  # not the current run of an agent of this worker's
                 continue
             fields = item["fields"]
-            said = (STARTED, READY, TERMINATED) if fields.get("folded") is True else (item["event"],)
+            if fields.get("folded") is True:  # the run's STARTED (and READY) went with its end
+                said = (STARTED, READY, TERMINATED) if fields.get("reached") == READY else (STARTED, TERMINATED)
+            else:
+                said = (item["event"],)
             for event in said:
                 state = TRANSITIONS.get((record.state, event))
                 if state is None:
@@ -474,15 +481,16 @@ class Lean:
                 self.seq += 1
                 published = {"event": event, "agent_name": record.name, "worker": identity.decode(),
                              "host": worker[1], "seq": self.seq, "incarnation": self.incarnation, **stamp}
+                # ours also puts it on the bus, only while someone subscribes: nobody does in S2
                 self.history.append(published)
-                if self.subscribers:
-                    self.router.send(msgpack.packb(published))  # (a bus socket in ours; never here)
                 if event in self.callbacks:
                     batch.append((event, published))
                 if event == TERMINATED:
                     worker[0] -= 1
-                    if fields.get("bus_seq", 0):  # its tail on the bus: none in S2
-                        pass
+                    # the run's tail: ours holds the end back until every bus event the run sent
+                    # has arrived; this prototype has no bus, so it only compares
+                    if fields.get("bus_seq", 0) > self.bus_seen.pop((record.name, record.run, record.epoch), 0):
+                        self.tails_awaited += 1
                     del self.records[record.name]
                     if trace.enabled:
                         trace.mark("published", record.name)
@@ -537,7 +545,7 @@ def s2(reps: int) -> dict:
 
     try:
         result = timed_launches(launch, [proc.pid for proc in lean.procs], reps)
-        assert lean.dropped == 0 and not lean.records, "the lean prototype dropped or lost a report"
+        assert lean.dropped == lean.tails_awaited == 0 and not lean.records, "the lean prototype dropped or lost a report"
         return result
     finally:
         lean.close()
