@@ -28,8 +28,8 @@ adoption, logging)?  What it does on top of the bare prototype, per launch:
   in one batch, each callback given the keyword arguments its signature takes; at a run's end,
   its last bus sequence number compared with what arrived of it (ours holds the end back until
   the run's tail is in);
-* the harness: callbacks on STARTED, READY and TERMINATED doing what ``ours.Cluster._record``
-  does, and the same wait (the bare prototype has one callback, on TERMINATED).
+* the harness: ours (``harness.Recorder``: callbacks on STARTED, READY and TERMINATED, and the
+  same wait) (the bare prototype has one callback, on TERMINATED).
 
 What it leaves out, each of which ours does on every launch: dependencies, restart policies,
 the concurrency cap, pins and labels, leases and adoption, worker liveness, the agent's own
@@ -65,6 +65,7 @@ import zmq
 
 from pyorchestrate import trace
 
+from .harness import Recorder
 from .stats import timed_launches
 
 VERSION = 1
@@ -299,7 +300,7 @@ def _stamp() -> dict[str, str]:
     return {"event_date": now.strftime("%Y-%m-%d"), "event_time": now.strftime("%H:%M:%S.%f")}
 
 
-class Lean:
+class Lean(Recorder):
     """The coordinator side: a loop thread, a mailbox, a callback thread; 2 worker processes."""
 
     def __init__(self, workers: int = 2) -> None:
@@ -326,12 +327,7 @@ class Lean:
         self.dropped = 0
         self.callbacks: dict[str, list[tuple[Callable, tuple[str, ...]]]] = {}
         self.handed: queue.SimpleQueue = queue.SimpleQueue()
-        # the harness, as ours.Cluster's
-        self.counts: dict[str, int] = collections.defaultdict(int)
-        self.times: dict[tuple[str, str], float] = {}
-        self.started: dict[str, int] = collections.defaultdict(int)
-        self.cond = threading.Condition()
-        self._awaited: tuple[str, int] | None = None
+        Recorder.__init__(self)  # the harness, ours.Cluster's
         for event in (STARTED, READY, TERMINATED, ERROR):
             self.register_event(event, self._record)
         mp = multiprocessing.get_context("spawn")
@@ -380,25 +376,6 @@ class Lean:
                 os.write(self.wake_w, b"\0")
         if trace.enabled:
             trace.mark("queued", name)
-
-    def _record(self, event: str, agent_name: str | None = None, worker: str | None = None) -> None:
-        with self.cond:  # ours.Cluster._record, line for line
-            self.counts[event] += 1
-            self.times[(event, agent_name or worker or "")] = time.perf_counter()
-            if event == STARTED and agent_name:
-                self.started[agent_name] += 1
-            awaited = self._awaited
-            if awaited is not None and awaited[0] == event and self.counts[event] >= awaited[1]:
-                self.cond.notify_all()
-
-    def wait(self, event: str, count: int, timeout: float = 120.0) -> None:
-        with self.cond:
-            self._awaited = (event, count)
-            try:
-                if not self.cond.wait_for(lambda: self.counts[event] >= count, timeout):
-                    raise TimeoutError(f"lean prototype: {self.counts[event]} of {count} {event}")
-            finally:
-                self._awaited = None
 
     # the coordinator's loop
     def _loop(self) -> None:

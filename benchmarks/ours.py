@@ -10,56 +10,35 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from typing import Any
 
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 from . import agents
+from .harness import TIMEOUT, Recorder
 from .stats import cpu_seconds, rss_mb, session_members, timed_launches
 
-TIMEOUT = 120.0
 
-
-class Cluster:
+class Cluster(Recorder):
     """A DAEMON orchestrator plus worker processes, with event counters to wait on."""
 
     def __init__(self, workers: int, worker_args: tuple[str, ...] = (), track: bool = True, keys: str | None = None,
                  **settings: Any) -> None:
         """``keys``: a key directory (CurveZMQ on every connection), as made by ``keys init``."""
-        self.track = track
+        super().__init__(track)
         if keys:
             settings["keys"] = keys
             worker_args = (*worker_args, "--keys", keys)
         settings = {"address": "tcp://127.0.0.1:*", "run_mode": RunMode.DAEMON, "log_level": "WARNING",
                     "min_workers": workers, **settings}
         self.orch = Orchestrator("bench", config=Orchestrator.Config(**settings))
-        self.counts: dict[str, int] = defaultdict(int)
-        self.times: dict[tuple[str, str], float] = {}
-        self.cond = threading.Condition()
-        # what wait() waits for: a callback wakes the waiting thread only when that is reached, as
-        # a user's script would (woken on every STARTED/READY/TERMINATED, the waiter took the GIL
-        # 3 times an agent from the loop and the callbacks it measures)
-        self._awaited: tuple[str, int] | None = None
         for event in (OrchestratorEvent.AGENT_STARTED, OrchestratorEvent.AGENT_READY, OrchestratorEvent.AGENT_TERMINATED, OrchestratorEvent.AGENT_ERROR,
                       OrchestratorEvent.WORKER_JOINED, OrchestratorEvent.WORKER_LOST):
             self.orch.register_event(event, self._record)
         self.orch.start()
         self.procs: list[subprocess.Popen] = []
         self.worker_args = worker_args
-        self.started: dict[str, int] = defaultdict(int)
         self.add_workers(workers)
-
-    def _record(self, event: str, agent_name: str | None = None, worker: str | None = None) -> None:
-        with self.cond:
-            self.counts[event] += 1
-            if self.track:  # per-agent records: off in the soak, where they would be the leak measured
-                self.times[(event, agent_name or worker or "")] = time.perf_counter()
-                if event == "AGENT_STARTED" and agent_name:
-                    self.started[agent_name] += 1
-            awaited = self._awaited
-            if awaited is not None and awaited[0] == event and self.counts[event] >= awaited[1]:
-                self.cond.notify_all()
 
     def add_workers(self, n: int) -> None:
         start = len(self.procs)
@@ -68,15 +47,6 @@ class Cluster:
                 [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", self.orch.address, "--name", f"b{i}",
                  "--log-level", "ERROR", *self.worker_args], start_new_session=True, stdout=subprocess.DEVNULL))
         self.wait("WORKER_JOINED", start + n)
-
-    def wait(self, event: str, count: int, timeout: float = TIMEOUT) -> None:
-        with self.cond:
-            self._awaited = (event, count)
-            try:
-                if not self.cond.wait_for(lambda: self.counts[event] >= count, timeout):
-                    raise TimeoutError(f"{event}: {self.counts[event]} of {count} within {timeout} s")
-            finally:
-                self._awaited = None
 
     def close(self) -> None:
         try:
