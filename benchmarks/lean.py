@@ -354,7 +354,7 @@ class Lean(Recorder):
 
     # the user's side
     def register_event(self, event: str, callback: Callable) -> None:
-        accepted = tuple(inspect.signature(callback).parameters)
+        accepted = frozenset(inspect.signature(callback).parameters)
         self.callbacks.setdefault(event, []).append((callback, accepted))
 
     def launch(self, name: str, cls: type = Trivial) -> None:
@@ -486,10 +486,8 @@ class Lean(Recorder):
                 if trace.enabled and event == TERMINATED:
                     trace.mark("callback", fields["agent_name"])
                 for callback, accepted in self.callbacks[event]:
-                    kwargs = {}
-                    for k in accepted:
-                        if k in fields:
-                            kwargs[k] = fields[k]
+                    names = fields.keys() & accepted  # as events.py picks them
+                    kwargs = dict(zip(names, map(fields.__getitem__, names)))
                     try:
                         callback(**kwargs)
                     except Exception:

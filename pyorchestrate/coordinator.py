@@ -74,8 +74,9 @@ class Coordinator:
         self._on_agent_states = on_agent_states
         # agents whose state changed since the handles last heard (see _flush_states)
         self._state_changes: dict[str, AgentRecord] = {}
-        self._batch_stamp: dict[str, str] | None = None  # the time of the batch being carried out
-        self._batch_info = False  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
+        self._in_batch = False  # a batch of the core's decisions is being carried out
+        self._batch_stamp: dict[str, str] | None = None  # the time of that batch (once it has an event)
+        self._batch_info: bool | None = None  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
         self._on_forget = on_forget
         self._closing = False
         self._seq = 0
@@ -203,6 +204,9 @@ class Coordinator:
         for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
             poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic()
+        # the mailbox's queue, looked at between the phases of a turn for a query waiting at its
+        # head (a call to has_query there, and one to queries, were ~35 lines a launch in S2)
+        queued = self.mailbox.items
         try:
             while not self._closing:
                 now = time.monotonic()
@@ -232,7 +236,8 @@ class Coordinator:
                 # a turn, where no status() is served, status() at S9's peak reached 101-134 ms in 2
                 # of 7 runs (--nice 19; 42-59 ms in 4 without)
                 behind = self.router in ready and self._drain_control()
-                self._serve_queries()
+                if queued and queued[0][0] is None:  # a query waits (as mailbox.has_query, inlined)
+                    self._serve_queries()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
                 if self.monitor in ready:
                     self._on_monitor()
@@ -243,7 +248,8 @@ class Coordinator:
                         self._drain(self.xsub, self._on_bus)
                     finally:
                         self.dispatcher.release()
-                    self._serve_queries()
+                    if queued and queued[0][0] is None:
+                        self._serve_queries()
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
@@ -262,12 +268,14 @@ class Coordinator:
                     if self.collector is not None:
                         self.collector.tick(len(core.agents), now)
                     next_tick = core.next_wake(now)
-                self._serve_queries()
+                if queued and queued[0][0] is None:
+                    self._serve_queries()
                 core.place(now)
                 core.release_drained(now)
                 self._check_finished(now)
                 self._carry_out()
-                self._serve_queries()
+                if queued and queued[0][0] is None:
+                    self._serve_queries()
         except Exception:
             log.exception("coordinator loop crashed; shutting down")
             core.start_error = "the coordinator loop crashed (see the log)"
@@ -321,15 +329,24 @@ class Coordinator:
             return
         self.dispatcher.hold()
         # the events of one batch of decisions carry one time: they were decided at one moment
-        # (stamped one by one, formatting the time was a tenth of publishing an event)
-        self._batch_stamp = stamp()
-        self._batch_info = log.isEnabledFor(logging.INFO)
+        # (stamped one by one, formatting the time was a tenth of publishing an event).  Stamped
+        # at its first event: a batch that only sends (a launch's start) needs no time at all
+        self._in_batch = True
         try:
             self._carry_out_actions()
         finally:
-            self._batch_stamp = None
+            self._in_batch = False
+            self._batch_stamp = self._batch_info = None
             self._flush_states()  # before the callbacks: one reading a handle sees the new state
             self.dispatcher.release()
+
+    def _stamp_batch(self) -> dict[str, str]:
+        """The time of an event: that of the batch being carried out (made at its first event),
+        or now, outside a batch."""
+        when = stamp()
+        if self._in_batch:
+            self._batch_stamp = when
+        return when
 
     def _flush_states(self) -> None:
         """Tell the handles (agent(name).state, wait_ready) the latest state of each agent that
@@ -352,7 +369,7 @@ class Coordinator:
                 if action.record is not None and self._tail_hold.holds(action.subject):
                     # after the run's last bus events, but stamped now: its time is when it happened
                     # (a restart's delay is measured from it), not when the tail let it out
-                    when = self._batch_stamp or stamp()
+                    when = self._batch_stamp or self._stamp_batch()
                     self._tail_hold.add(action.subject, action._replace(fields={**when, **action.fields}))
                 else:
                     self._publish(action.event, action.subject, action.fields, action.record)
@@ -852,7 +869,7 @@ class Coordinator:
                  record: AgentRecord | None = None) -> None:
         name = event._value_  # the plain str: Enum.value is a descriptor call, three times per agent
         fields = {"event": name, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
-                  **(self._batch_stamp or stamp()), **fields}
+                  **(self._batch_stamp or self._stamp_batch()), **fields}
         topic = f"{name}.{subject}"  # protocol.event_topic, inlined
         self._emit(topic, self._pack(fields))
         self.dispatcher.dispatch(event, fields)
@@ -864,7 +881,11 @@ class Coordinator:
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
             self._state_changes[record.name] = record  # told with the batch (see _flush_states)
-            info = self._batch_info if self._batch_stamp is not None else log.isEnabledFor(logging.INFO)
+            info = self._batch_info
+            if info is None:  # asked once a batch, not per event
+                info = log.isEnabledFor(logging.INFO)
+                if self._in_batch:
+                    self._batch_info = info
             if event is not E.AGENT_ERROR and not info:
                 return
             where = f"on {record.worker}" if record.worker else "(not placed)"

@@ -73,6 +73,7 @@ class ClusterCore(Registration, CommandHandlers):
         self.states = StateIndex()
         self.workers: dict[str, WorkerRecord] = {}
         self.by_identity: dict[bytes, str] = {}
+        self.draining_workers: set[str] = set()  #: names of workers asked to drain, until released
         self.actions: list[Action] = []
         self._starting: list[WorkerRecord] = []  # workers with starts not yet sent (see _assign)
         self.class_blobs_sent = 0

@@ -130,7 +130,7 @@ class EventDispatcher:
             raise TypeError(f"callback for {event.name} must be callable, got {callback!r}")
         self._start_runners()
         accepted = _accepted_kwargs(callback)
-        self._callbacks.setdefault(event, []).append((callback, None if accepted is None else tuple(accepted)))
+        self._callbacks.setdefault(event, []).append((callback, None if accepted is None else frozenset(accepted)))
 
     def _start_runners(self) -> None:
         # here, in the thread that registers a callback, and never in the coordinator's loop:
@@ -260,15 +260,14 @@ class EventDispatcher:
                 if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
                     trace.mark("callback", str(fields.get("agent_name")))
                 for callback, accepted in callbacks:
-                    # over the few names it takes, not the dozen fields: a third of the cost (a
-                    # loop, not a comprehension: on 3.11 that is a function call of its own)
+                    # the names it takes that the event has, picked at C speed (a Python loop over
+                    # them was a fifth of the lines this thread ran per launch; a comprehension is a
+                    # function call of its own on 3.11)
                     if accepted is None:
                         kwargs = fields
                     else:
-                        kwargs = {}
-                        for k in accepted:
-                            if k in fields:
-                                kwargs[k] = fields[k]
+                        names = fields.keys() & accepted
+                        kwargs = dict(zip(names, map(fields.__getitem__, names)))
                     try:
                         callback(**kwargs)
                     except Exception:

@@ -10,6 +10,7 @@ raise :class:`ProtocolError` for anything malformed; receive loops drop and coun
 
 from __future__ import annotations
 
+from operator import contains
 from typing import Any
 
 import msgpack
@@ -43,6 +44,9 @@ class Optional:
         self.default = default
 
 
+_MISSING = object()
+
+
 class ListOf:
     """A list whose every item is a map checked against ``schema`` (one bad item: the whole
     message is dropped; a peer that sends one bad item is not to be trusted with the rest)."""
@@ -57,6 +61,10 @@ class ListOf:
             fields = tuple((name, classes) for name, kind in schema.items()
                            if (classes := _exact_classes(kind)) is not None)
             self.exact = fields if len(fields) == len(schema) else None
+        # the same, as three tuples for a quick look at C speed (see _check_value)
+        self.names = tuple(name for name, _ in self.exact or ())
+        self.classes = tuple(classes for _, classes in self.exact or ())
+        self.missing = (_MISSING,) * len(self.names)
 
 
 def _exact_classes(kind: Any) -> frozenset[type] | None:
@@ -258,8 +266,6 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
         _check_value(f"{what}: field {name!r}", expected, value)
 
 
-_MISSING = object()
-
 
 def _check_value(what: str, expected: Any, value: Any) -> None:
     if isinstance(expected, Optional):
@@ -267,17 +273,16 @@ def _check_value(what: str, expected: Any, value: Any) -> None:
     if isinstance(expected, ListOf):
         if not isinstance(value, list):
             raise ProtocolError(f"{what} has type {type(value).__name__}, expected a list")
-        exact = expected.exact
+        exact, names, classes, missing = expected.exact, expected.names, expected.classes, expected.missing
         for item in value:
-            if exact is not None and item.__class__ is dict:
-                # what msgpack decodes is of the exact builtin types: a quick look accepts those
-                # (a third of decoding a worker's report); anything else, and every error, takes
-                # the full check below, which accepts exactly what it did before
-                for name, classes in exact:
-                    if item.get(name, _MISSING).__class__ not in classes:
-                        break
-                else:
-                    continue
+            # what msgpack decodes is of the exact builtin types: a quick look accepts those (a
+            # third of decoding a worker's report); anything else, and every error, takes the
+            # full check below, which accepts exactly what it did before.  The look is one
+            # expression of C calls: each field's class in its set (a Python loop over a start's
+            # eleven fields was 25 of the 430 lines a worker runs per launch)
+            if exact is not None and item.__class__ is dict and all(
+                    map(contains, classes, map(type, map(item.get, names, missing)))):
+                continue
             if not isinstance(item, dict):
                 raise ProtocolError(f"{what}: an item is not a map")
             _check(what + " item", expected.schema, item)

@@ -108,3 +108,72 @@ def test_threads_of_one_agent_publishing_at_once_share_one_numbered_stream(tmp_p
     seqs = [seq for _, _, topic, seq, _ in items if topic == "AGENT_EVENT.tick"]
     assert sorted(seqs) == list(range(1, 201))  # one bus: no seq twice, none missing
     assert terminated["bus_seq"] == 200
+
+
+def test_lazy_events_never_miss_a_set_whoever_comes_first():
+    """An agent's six events make a real Event only when somebody waits on one that is clear,
+    and take no lock on the way there (signals.LazyEvent).  Waiters and a setter racing, many
+    times over: every wait returns True once set; clear() clears for waiters to come; a wait
+    on a clear event times out False."""
+    import sys
+
+    from pyorchestrate.agents.signals import LazyEvent
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the races happen
+    try:
+        _race_lazy_events(LazyEvent)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_a_set_while_a_waiter_makes_its_event_is_not_missed(monkeypatch):
+    """The one interleaving the lock-free path must get right, made to happen: a waiter found
+    the event clear and is making its real Event when another thread sets it (and, seeing no
+    Event yet, sets only the flag).  The waiter must return True at once, not wait for ever."""
+    from pyorchestrate.agents import signals
+
+    event = signals.LazyEvent()
+    real = signals._make_event
+
+    def made_while_set():
+        setter = threading.Thread(target=event.set)
+        setter.start()
+        setter.join(TIMEOUT)
+        return real()
+
+    monkeypatch.setattr(signals, "_make_event", made_while_set)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(event.wait(2.0)))
+    waiter.start()
+    waiter.join(TIMEOUT)
+    assert waited == [True] and event.is_set()
+
+
+def _race_lazy_events(LazyEvent):
+    for round_ in range(300):
+        event = LazyEvent()
+        results = []
+        if round_ % 2:
+            event.clear()  # cleared, never set: as hold_after_ready does to execute_event
+        start = threading.Barrier(4)
+
+        def waiter():
+            start.wait(TIMEOUT)
+            results.append(event.wait(TIMEOUT))
+
+        waiters = [threading.Thread(target=waiter) for _ in range(3)]
+        for thread in waiters:
+            thread.start()
+        start.wait(TIMEOUT)
+        if round_ % 3:  # sometimes before the waiters make the Event, sometimes after
+            threading.Event().wait(0.0001 * (round_ % 5))
+        event.set()
+        for thread in waiters:
+            thread.join(TIMEOUT)
+        assert results == [True, True, True], f"round {round_}: {results}"
+        assert event.is_set()
+        event.clear()
+        assert not event.is_set() and event.wait(0.001) is False
+        event.set()
+        assert event.wait(0) is True

@@ -12,17 +12,25 @@ import threading
 from typing import Any, Callable
 
 
+#: guards the moments a LazyEvent's real Event is made, and any change of a LazyEvent that has
+#: one (rare: only events somebody waited on while they were clear have one)
+_WAITED_LOCK = threading.Lock()
+_make_event = threading.Event  # a name of its own: a test sets the event while one is being made
+
+
 class LazyEvent:
     """``threading.Event``'s interface, with the Event (a Condition and its lock: ~4 µs to
     create) made only when somebody waits while it is not set.  An agent has six of these and
-    most are only ever set or tested, never waited on: a trivial agent's start cost ~25 µs less."""
+    most are only ever set or tested, never waited on: a trivial agent's start cost ~25 µs less.
 
-    __slots__ = ("_flag", "_event", "_lock")
+    Making one runs no Python code (no ``__init__``: the class attributes are the defaults), nor
+    does setting or testing one nobody waited on: with a lock of its own and an ``__init__``,
+    the six of a trivial agent were ~50 of the ~430 lines its worker ran per launch.  Correct
+    without a lock on that path because a waiter publishes its Event before it reads the flag
+    again, and a setter writes the flag before it looks for an Event: one of them sees the other."""
 
-    def __init__(self) -> None:
-        self._flag = False
-        self._event: threading.Event | None = None
-        self._lock = threading.Lock()
+    _flag = False
+    _event: threading.Event | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -30,24 +38,29 @@ class LazyEvent:
     isSet = is_set
 
     def set(self) -> None:
-        with self._lock:
-            self._flag = True
-            if self._event is not None:
-                self._event.set()
+        self._flag = True
+        if self._event is not None:  # somebody waits, or waited: set it, unless cleared since
+            with _WAITED_LOCK:
+                if self._flag:
+                    self._event.set()
 
     def clear(self) -> None:
-        with self._lock:
+        with _WAITED_LOCK:
             self._flag = False
             if self._event is not None:
                 self._event.clear()
 
     def wait(self, timeout: float | None = None) -> bool:
-        with self._lock:
-            if self._flag:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
+        if self._flag:
+            return True
+        event = self._event
+        if event is None:
+            with _WAITED_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = _make_event()
+                if self._flag:  # set before it could see the Event: it did not set it
+                    return True
         return event.wait(timeout)
 
 
@@ -73,9 +86,8 @@ class EventSet:
     def __init__(self, make: Callable[[], Any]) -> None:
         # into the instance's dict at once: two sets of three a start, a setattr and a copy of
         # the names each were half of making them
-        attributes = self.__dict__
-        for name in self._own_names():
-            attributes[name] = make()
+        # (zip stops at the names' end: ``iter(make, None)`` calls make() once per name, at C speed)
+        self.__dict__.update(zip(self._own_names(), iter(make, None)))
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.names()}
