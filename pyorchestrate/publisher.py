@@ -204,6 +204,8 @@ def detach(agent: Any) -> None:
         agent._bus_args = None
         agent._bus = None
     logger = agent.__dict__.get("_logger")
+    if logger is None and agent.__dict__.get("_bus_log_handler") is None:
+        return  # it never logged (most short runs): no handler to take off, no logger to drop
     with _HANDLERS_LOCK:  # see hook_logger
         handler = agent.__dict__.get("_bus_log_handler")
         if handler is not None and logger is not None:

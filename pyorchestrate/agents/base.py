@@ -162,6 +162,8 @@ class BaseAgent(abc.ABC):
 
     def _wait_control(self, event: Any) -> bool:
         """Wait for a control event, giving up if stop is requested; True if it was set."""
+        if event.is_set() and not self.control_events.stop_event.is_set():
+            return True  # the usual case, twice a run: no wait, and no property calls to say so
         while not event.wait(0.05):
             if self.stopping:
                 return False
