@@ -266,7 +266,6 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
         _check_value(f"{what}: field {name!r}", expected, value)
 
 
-
 def _check_value(what: str, expected: Any, value: Any) -> None:
     if isinstance(expected, Optional):
         expected = expected.kind
