@@ -143,6 +143,16 @@ class Cluster:
         self.workers[name] = proc
         return proc
 
+    def _stacks_of(self, name: str, proc: subprocess.Popen) -> str:
+        """What a worker that will not exit is doing: SIGUSR1 makes it print every thread's stack
+        to its log (worker/cli.py); the log's last lines then say where each one is."""
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return "(gone)"
+        time.sleep(1.0)
+        return "\n".join(self.log_of(name).splitlines()[-80:])
+
     def log_of(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
@@ -163,7 +173,8 @@ class Cluster:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.leaks.append(f"worker {name} ignored SIGTERM for 20 s")
+                self.leaks.append(f"worker {name} ignored SIGTERM for 20 s; its threads and its log's end:\n"
+                                  + self._stacks_of(name, proc))
             # a graceful worker leaves nothing in its session (forkserver, process agents)
             try:
                 wait_for(lambda: not _session_members(proc.pid), 10, f"session of worker {name} to empty")

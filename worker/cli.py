@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -131,5 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGUSR1 prints every thread's stack to stderr, the worker going on: what a worker that seems
+    # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     crowd.settle()  # our own process: its code loaded, tune the collector (crowd.py)
     return worker.run()
