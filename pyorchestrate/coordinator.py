@@ -76,7 +76,7 @@ class Coordinator:
         self._state_changes: dict[str, AgentRecord] = {}
         self._in_batch = False  # a batch of the core's decisions is being carried out
         self._batch_stamp: dict[str, str] | None = None  # the time of that batch (once it has an event)
-        self._batch_info: bool | None = None  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
+        self._batch_info = False  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
         self._on_forget = on_forget
         self._closing = False
         self._seq = 0
@@ -204,9 +204,6 @@ class Coordinator:
         for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
             poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic()
-        # the mailbox's queue, looked at between the phases of a turn for a query waiting at its
-        # head (a call to has_query there, and one to queries, were ~35 lines a launch in S2)
-        queued = self.mailbox.items
         try:
             while not self._closing:
                 now = time.monotonic()
@@ -236,8 +233,7 @@ class Coordinator:
                 # a turn, where no status() is served, status() at S9's peak reached 101-134 ms in 2
                 # of 7 runs (--nice 19; 42-59 ms in 4 without)
                 behind = self.router in ready and self._drain_control()
-                if queued and queued[0][0] is None:  # a query waits (as mailbox.has_query, inlined)
-                    self._serve_queries()
+                self._serve_queries_waiting()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
                 if self.monitor in ready:
                     self._on_monitor()
@@ -248,8 +244,7 @@ class Coordinator:
                         self._drain(self.xsub, self._on_bus)
                     finally:
                         self.dispatcher.release()
-                    if queued and queued[0][0] is None:
-                        self._serve_queries()
+                    self._serve_queries_waiting()
                 if self.xpub in ready:
                     self._drain(self.xpub, self._on_subscription)
                 now = time.monotonic()
@@ -268,14 +263,12 @@ class Coordinator:
                     if self.collector is not None:
                         self.collector.tick(len(core.agents), now)
                     next_tick = core.next_wake(now)
-                if queued and queued[0][0] is None:
-                    self._serve_queries()
+                self._serve_queries_waiting()
                 core.place(now)
                 core.release_drained(now)
                 self._check_finished(now)
                 self._carry_out()
-                if queued and queued[0][0] is None:
-                    self._serve_queries()
+                self._serve_queries_waiting()
         except Exception:
             log.exception("coordinator loop crashed; shutting down")
             core.start_error = "the coordinator loop crashed (see the log)"
@@ -332,11 +325,12 @@ class Coordinator:
         # (stamped one by one, formatting the time was a tenth of publishing an event).  Stamped
         # at its first event: a batch that only sends (a launch's start) needs no time at all
         self._in_batch = True
+        self._batch_info = log.isEnabledFor(logging.INFO)
         try:
             self._carry_out_actions()
         finally:
             self._in_batch = False
-            self._batch_stamp = self._batch_info = None
+            self._batch_stamp = None
             self._flush_states()  # before the callbacks: one reading a handle sees the new state
             self.dispatcher.release()
 
@@ -881,11 +875,7 @@ class Coordinator:
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))
         if record is not None:
             self._state_changes[record.name] = record  # told with the batch (see _flush_states)
-            info = self._batch_info
-            if info is None:  # asked once a batch, not per event
-                info = log.isEnabledFor(logging.INFO)
-                if self._in_batch:
-                    self._batch_info = info
+            info = self._batch_info if self._in_batch else log.isEnabledFor(logging.INFO)
             if event is not E.AGENT_ERROR and not info:
                 return
             where = f"on {record.worker}" if record.worker else "(not placed)"

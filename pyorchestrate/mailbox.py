@@ -52,9 +52,6 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] = collections.deque()
-        #: the queue itself, for its owner to look at lock-free (see has_query): ``(None, item)``
-        #: at its head is a query
-        self.items = self._items
         self._queued_by: collections.Counter[int] = collections.Counter()  # thread -> items still queued
         self._lock = threading.Lock()
         self._pipe = _WakePipe()
