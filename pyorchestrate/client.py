@@ -66,13 +66,16 @@ class ControlClient:
         """Send one request and wait for its answer; raise :class:`ControlError` if refused,
         :class:`NoAnswer` if nothing answers within ``timeout``."""
         rid = uuid.uuid4().hex
-        self._sock.send(protocol.encode("request", id=rid, op=op,
-                                        args={k: v for k, v in args.items() if v is not None}))
         deadline = time.monotonic() + self.timeout
+        frame = protocol.encode("request", id=rid, op=op, args={k: v for k, v in args.items() if v is not None})
+        unsent = sockets.send_by(self._sock, frame, deadline, time.monotonic, self._watch.failure)
+        if unsent is not None:
+            raise NoAnswer(unsent or self._watch.last or f"could not even send to {self.address} within {self.timeout:g} s: no "
+                                     "connection to it was made (is it running, and is this its control address?)")
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                why = self._watch.failure()
+                why = self._watch.failure() or self._watch.last
                 raise NoAnswer(why or f"no coordinator answered at {self.address} within {self.timeout:g} s "
                                       "(is it running, and is this its control address, the one workers use?)")
             if not self._sock.poll(min(remaining, 0.2) * 1000):

@@ -199,6 +199,9 @@ class HandshakeWatch:
         self.succeeded = False
         self.streak = streak if streak is not None else [0]
         self._this_connection_failed = False
+        #: the latest failure said (None once a handshake succeeded): still the reason when the
+        #: connection it ended is not remade (libzmq gives up after a protocol error)
+        self.last: str | None = None
 
     def failure(self) -> str | None:
         """The latest handshake failure worth saying since the last call (None if none, or a
@@ -228,6 +231,8 @@ class HandshakeWatch:
                 self._this_connection_failed = True
                 self.streak[0] = 0
                 found = explain(kind, value, self.address, self.key, self.keydir, self.expect)
+        if found or self.succeeded:
+            self.last = found
         return found
 
     def close(self) -> None:

@@ -122,6 +122,32 @@ def connectable(endpoint: str) -> str:
 
 
 
+def send_by(sock: zmq.Socket, frame: bytes, deadline: float, clock: Callable[[], float],
+            stop: Callable[[], Any] = lambda: None) -> Any:
+    """Send ``frame`` on a connecting DEALER or REQ socket by ``deadline`` (on ``clock``); never block
+    past it.  Returns None once sent, else ``stop()``'s answer (truthy: give up at once) or False
+    at the deadline.
+
+    A plain ``send`` on such a socket blocks while it has no pipe to its peer, and libzmq takes
+    the pipe away for good when a handshake fails on a protocol error (a client without keys at a
+    keyed coordinator: mechanism mismatch) and does not reconnect. The failure lands between
+    ``connect`` and ``send`` on a busy machine, and the send then waited forever (seen in CI:
+    ``pyorchestrate status --timeout 3`` still hung after 60 s)."""
+    while True:
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+            return None
+        except zmq.Again:
+            pass
+        why = stop()
+        if why:
+            return why
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return False
+        sock.poll(wait_ms(min(remaining, 0.2)), zmq.POLLOUT)
+
+
 def wait_ms(seconds: float) -> int:
     """A poll timeout in whole milliseconds until a deadline ``seconds`` away, rounded *up*:
     rounded down, the last millisecond before every deadline was polled with 0 again and again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgpack
@@ -118,9 +119,11 @@ class ZmqReqRep(_ZmqPlugin):
     def request(self, data: Any, timeout: float | None = None) -> Any:
         """Send ``data``, wait for the reply."""
         assert self._sock is not None and self.role == "req", "request() needs an initialized role='req' plugin"
-        self._sock.send(_pack(data))
         wait = self.timeout if timeout is None else timeout
-        if not self._sock.poll(int(wait * 1000)):
+        deadline = time.monotonic() + wait
+        # bounded like the reply: a send can find no pipe (a handshake refused for good) and wait forever
+        unsent = sockets.send_by(self._sock, _pack(data), deadline, time.monotonic) is not None
+        if unsent or not self._sock.poll(sockets.wait_ms(deadline - time.monotonic())):
             self.finalize()  # a REQ socket that missed its reply can send nothing more: start over
             self.initialize()
             raise TimeoutError(f"no reply from {self.address} within {wait} s")

@@ -235,6 +235,38 @@ def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydi
     assert good.returncode == 0 and "connected to" in good.stderr
 
 
+def test_a_keyless_control_client_says_why_within_its_timeout_however_late_it_sends(cluster, keydir):
+    """A refused handshake takes the client's only pipe away for good, and a send then had nowhere
+    to go: it blocked forever (CI: ``pyorchestrate status --timeout 3`` still hung after 60 s,
+    when the refusal came between connecting and sending). Each request here sends after the
+    refusal: every one must end within its timeout, saying why."""
+    import threading
+
+    from pyorchestrate import ControlClient, ControlError
+
+    orch, _ = _orchestrator(cluster, keydir)
+    for attempt in range(3):
+        outcome: list = []
+
+        def ask(client=ControlClient(orch.address, keys=None, timeout=2.0)):
+            try:
+                time.sleep(0.5 * attempt)  # let the refusal land before the first send, or not
+                for _ in range(2):  # the second request always sends after the refusal
+                    try:
+                        client.status()
+                        outcome.append("answered")
+                    except ControlError as exc:
+                        outcome.append(str(exc))
+            finally:
+                client.close()
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(30)
+        assert not asker.is_alive(), f"a keyless request hung past its 2 s timeout (attempt {attempt}: {outcome})"
+        assert len(outcome) == 2 and all("requires keys" in text for text in outcome), outcome
+
+
 def test_forged_bus_frames_from_keyless_hosts_never_arrive(cluster, keydir):
     """Attack a3 with keys on: the bus input takes no frame from a connection without a worker key,
     so none reaches even the token check."""
@@ -326,7 +358,7 @@ def test_embedded_local_workers_use_the_keys_too(keydir):
 
 # ---------------------------------------------------------------------- agent links (plugins)
 
-def test_agent_links_with_keys_talk_only_to_holders_of_the_link_key(keydir, tmp_path):
+def test_agent_links_with_keys_talk_only_to_holders_of_the_link_key(keydir, tmp_path, monkeypatch):
     """ZmqPubSub/ZmqReqRep given a key directory: both ends speak CurveZMQ with its agent-link
     pair; a keyless client, or one holding another directory's link key, gets nothing."""
     import pyorchestrate as po
@@ -367,6 +399,27 @@ def test_agent_links_with_keys_talk_only_to_holders_of_the_link_key(keydir, tmp_
         server.join(10)
         with pytest.raises(TimeoutError):
             outsider.request({"q": 1})  # another cluster's link key: no handshake, no answer
+        # a keyless requester whose handshake was refused before it sent: libzmq dropped its only
+        # pipe for good, and the send used to block forever instead of timing out
+        monkeypatch.delenv("PYORCHESTRATE_KEYS", raising=False)
+        keyless_req = po.ZmqReqRep(rep_address, role="req", keys=None, timeout=0.5)
+        plugins += (keyless_req,)
+        keyless_req.initialize()
+
+        def refused_then_ask():
+            for _ in range(5):  # a request after a timeout makes its socket anew
+                for _ in range(3):  # let the refusal land, and the socket take in libzmq's word of it (a poll does)
+                    time.sleep(0.2)
+                    keyless_req._sock.poll(1)
+                with pytest.raises(TimeoutError):
+                    keyless_req.request({})
+                outcome.append("timed out")
+
+        outcome: list = []
+        asker = threading.Thread(target=refused_then_ask, daemon=True)
+        asker.start()
+        asker.join(30)
+        assert outcome == ["timed out"] * 5, f"a keyless request hung past its 0.5 s timeout ({outcome})"
         # one who knows the link's public key (it is no secret) but not its secret: refused by ZAP
         knows = ctx.socket(zmq.REQ)
         knows.curve_serverkey = keydir.links()[0]
