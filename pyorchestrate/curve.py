@@ -222,6 +222,7 @@ class HandshakeWatch:
                                  f"coordinator's {self.expect} (the wrong port, or not pyorchestrate)")
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.succeeded, found, self.streak[0] = True, None, 0
+                self.last = None
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._this_connection_failed = True
                 self.streak[0] += 1
@@ -231,7 +232,7 @@ class HandshakeWatch:
                 self._this_connection_failed = True
                 self.streak[0] = 0
                 found = explain(kind, value, self.address, self.key, self.keydir, self.expect)
-        if found or self.succeeded:
+        if found:
             self.last = found
         return found
 

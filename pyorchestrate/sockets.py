@@ -121,7 +121,6 @@ def connectable(endpoint: str) -> str:
     return f"tcp://{host_part}:{port}"
 
 
-
 def send_by(sock: zmq.Socket, frame: bytes, deadline: float, clock: Callable[[], float],
             stop: Callable[[], Any] = lambda: None) -> Any:
     """Send ``frame`` on a connecting DEALER or REQ socket by ``deadline`` (on ``clock``); never block
@@ -130,7 +129,7 @@ def send_by(sock: zmq.Socket, frame: bytes, deadline: float, clock: Callable[[],
 
     A plain ``send`` on such a socket blocks while it has no pipe to its peer, and libzmq takes
     the pipe away for good when a handshake fails on a protocol error (a client without keys at a
-    keyed coordinator: mechanism mismatch) and does not reconnect. The failure lands between
+    keyed coordinator: mechanism mismatch) and does not reconnect. The failure can land between
     ``connect`` and ``send`` on a busy machine, and the send then waited forever (seen in CI:
     ``pyorchestrate status --timeout 3`` still hung after 60 s)."""
     while True:
