@@ -245,22 +245,23 @@ def test_a_keyless_control_client_says_why_within_its_timeout_however_late_it_se
     from pyorchestrate import ControlClient, ControlError
 
     orch, _ = _orchestrator(cluster, keydir)
+
+    def ask(client: ControlClient, pause: float, outcome: list) -> None:
+        try:
+            time.sleep(pause)  # let the refusal land before the first send, or not
+            for _ in range(2):  # the second request always sends after the refusal
+                try:
+                    client.status()
+                    outcome.append("answered")
+                except ControlError as exc:
+                    outcome.append(str(exc))
+        finally:
+            client.close()
+
     for attempt in range(3):
         outcome: list = []
-
-        def ask(client=ControlClient(orch.address, keys=None, timeout=2.0)):
-            try:
-                time.sleep(0.5 * attempt)  # let the refusal land before the first send, or not
-                for _ in range(2):  # the second request always sends after the refusal
-                    try:
-                        client.status()
-                        outcome.append("answered")
-                    except ControlError as exc:
-                        outcome.append(str(exc))
-            finally:
-                client.close()
-
-        asker = threading.Thread(target=ask, daemon=True)
+        asker = threading.Thread(target=ask, args=(ControlClient(orch.address, keys=None, timeout=2.0), 0.5 * attempt,
+                                                   outcome), daemon=True)
         asker.start()
         asker.join(30)
         assert not asker.is_alive(), f"a keyless request hung past its 2 s timeout (attempt {attempt}: {outcome})"
