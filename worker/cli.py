@@ -13,7 +13,7 @@ from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs, crowd, priority
+from . import agent_logs, crowd, priority, stop_signals
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -127,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyorchestrate-worker: {exc}", file=sys.stderr)
         return 2
 
-    def on_signal(signum, frame):
-        worker.request_shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_signals.request_on_signals(worker.request_shutdown)  # never Event.set() in a handler: see there
     # SIGUSR1 prints every thread's stack to stderr, the worker going on: what a worker that seems
     # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)

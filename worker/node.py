@@ -157,7 +157,8 @@ class Worker:
     # ------------------------------------------------------------------ public
 
     def request_shutdown(self) -> None:
-        """Ask the worker to stop its agents and exit (safe from a signal handler)."""
+        """Ask the worker to stop its agents and exit (from any thread; not from a signal handler:
+        stop_signals.py says why)."""
         self._shutdown.set()
 
     def run(self) -> int:

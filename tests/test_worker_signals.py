@@ -1,0 +1,54 @@
+"""A worker stops on SIGTERM/SIGINT whatever its main thread is doing at that moment.
+
+The main thread of a worker waits on its shutdown event many times a second. A handler that set
+that event itself could land while the main thread held the event's lock, and wait for ever
+(stop_signals.py). These processes do nothing but take that lock, as often as they can, and each
+gets one signal: with a handler calling ``Event.set()`` 11 of 20 such processes hang.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+SPINNER = """
+import threading, sys
+from pyorchestrate_worker import stop_signals
+stopping = threading.Event()
+stop_signals.request_on_signals(stopping.set)
+print("ready", flush=True)
+while not stopping.wait(0):  # the event's lock held most of the time, as often as can be
+    pass
+print("stopped", flush=True)
+"""
+
+PROCESSES = 8  # at 11 hangs in 20, all 8 would pass by chance with the old handler once in 600 runs
+
+
+def test_each_stop_signal_is_honoured_whenever_it_lands():
+    procs = [subprocess.Popen([sys.executable, "-c", SPINNER], stdout=subprocess.PIPE, text=True)
+             for _ in range(PROCESSES)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"  # the handler is in place
+        time.sleep(0.2)  # well into the loop
+        for i, proc in enumerate(procs):
+            proc.send_signal(signal.SIGTERM if i % 2 == 0 else signal.SIGINT)
+        hung = []
+        deadline = time.monotonic() + 30  # each needs milliseconds; generous for a busy machine
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung.append(proc.pid)
+                continue
+            assert proc.returncode == 0 and out.strip() == "stopped", (proc.returncode, out)
+        assert not hung, f"{len(hung)} of {PROCESSES} processes never stopped after their signal"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+

@@ -1,0 +1,43 @@
+"""SIGTERM and SIGINT as a request to stop, asked from a thread of its own.
+
+A Python signal handler runs in the main thread between any two bytecodes, possibly while that
+thread holds the lock a ``threading.Event`` keeps for its bookkeeping (``Event.wait`` holds it on
+either side of the actual wait; the worker's main thread waits on its shutdown event many times a
+second). That lock is not reentrant, so a handler calling ``Event.set()`` at that moment waits for
+ever on its own thread: the worker ignores SIGTERM and never exits (CI saw a drained worker do
+exactly that). A plain script loops ``Event.wait(0)`` and hangs on 11 of 20 single SIGTERMs.
+
+So the handler takes no lock: it writes one byte to a pipe (``os.write`` on a non-blocking pipe
+waits for nothing), and a daemon thread that reads the pipe calls ``request``. That thread may
+wait for the main thread's lock for a moment, as any thread may.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+
+def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Call ``request()`` from a helper thread each time one of ``signals`` arrives.
+
+    Call it from the main thread (only it may set signal handlers). ``request`` must be safe to
+    call more than once (a second SIGTERM asks again)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def on_signal(signum: int, frame: object) -> None:
+        try:
+            os.write(write_end, bytes([signum]))
+        except BlockingIOError:
+            pass  # the pipe is full of earlier signals: the helper has a request to make already
+
+    def relay() -> None:
+        while os.read(read_end, 64):
+            request()
+
+    threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
+    for signum in signals:
+        signal.signal(signum, on_signal)
