@@ -694,8 +694,7 @@ class Worker:
 
     def _shut_down(self) -> None:
         count = self._supervisor.count()
-        if count:
-            log.info("stopping %d agent(s)", count)
+        log.info("worker %s shutting down: stopping %d agent(s)", self.name, count)
         self._supervisor.stop_all()
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):

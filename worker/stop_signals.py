@@ -4,8 +4,10 @@ A Python signal handler runs in the main thread between any two bytecodes, possi
 thread holds the lock a ``threading.Event`` keeps for its bookkeeping (``Event.wait`` holds it on
 either side of the actual wait; the worker's main thread waits on its shutdown event many times a
 second). That lock is not reentrant, so a handler calling ``Event.set()`` at that moment waits for
-ever on its own thread: the worker ignores SIGTERM and never exits (CI saw a drained worker do
-exactly that). A plain script loops ``Event.wait(0)`` and hangs on 11 of 20 single SIGTERMs.
+ever on its own thread: the worker ignores SIGTERM and never exits. A plain script that loops
+``Event.wait(0)`` hangs on 11 of 20 single SIGTERMs; a worker's main thread holds that lock far
+less of the time, so there it is rare (CI saw a drained worker ignore SIGTERM twice, without
+stacks to say whether this was why).
 
 So the handler takes no lock: it writes one byte to a pipe (``os.write`` on a non-blocking pipe
 waits for nothing), and a daemon thread that reads the pipe calls ``request``. That thread may
@@ -14,10 +16,13 @@ wait for the main thread's lock for a moment, as any thread may.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 from typing import Callable
+
+log = logging.getLogger("pyorchestrate.worker")
 
 
 def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
@@ -35,7 +40,9 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
             pass  # the pipe is full of earlier signals: the helper has a request to make already
 
     def relay() -> None:
-        while os.read(read_end, 64):
+        while received := os.read(read_end, 64):
+            # said, so that the log of a process that seems not to stop shows whether it was asked
+            log.info("%s received: stopping", ", ".join(signal.Signals(n).name for n in dict.fromkeys(received)))
             request()
 
     threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
