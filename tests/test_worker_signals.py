@@ -52,3 +52,28 @@ def test_each_stop_signal_is_honoured_whenever_it_lands():
                 proc.kill()
                 proc.wait(10)
 
+
+
+FORKER = """
+import os, signal, sys, threading, time
+from pyorchestrate_worker import stop_signals
+stopping = threading.Event()
+stop_signals.request_on_signals(stopping.set)
+ready_r, ready_w = os.pipe()
+child = os.fork()  # as an agent's multiprocessing.Pool would (fork is Linux's default)
+if child == 0:
+    os.write(ready_w, b"!")  # CPython drops a signal that lands before the child is set up
+    time.sleep(10)  # if the signal does not end it
+    os._exit(3)
+os.read(ready_r, 1)
+os.kill(child, signal.SIGTERM)
+_, status = os.waitpid(child, 0)
+time.sleep(0.5)  # time for a wrongly relayed request to arrive
+print(os.waitstatus_to_exitcode(status), stopping.is_set(), flush=True)
+"""
+
+
+def test_a_forked_child_dies_of_its_stop_signal_and_the_worker_is_not_asked_to_stop():
+    done = subprocess.run([sys.executable, "-c", FORKER], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(-signal.SIGTERM), "False"], done.stdout

@@ -33,7 +33,16 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
+    owner = os.getpid()
+
     def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # a child forked by an agent (multiprocessing's default start method on Linux) has
+            # this handler and our pipe but not the thread reading it: its stop signal would stop
+            # the worker. It gets the default instead, as if we had never set one
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         try:
             os.write(write_end, bytes([signum]))
         except BlockingIOError:
