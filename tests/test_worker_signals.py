@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SPINNER = """
 import threading, sys
 from pyorchestrate_worker import stop_signals
@@ -66,14 +68,19 @@ if child == 0:
     time.sleep(10)  # if the signal does not end it
     os._exit(3)
 os.read(ready_r, 1)
-os.kill(child, signal.SIGTERM)
+os.kill(child, int(sys.argv[1]))
 _, status = os.waitpid(child, 0)
 time.sleep(0.5)  # time for a wrongly relayed request to arrive
 print(os.waitstatus_to_exitcode(status), stopping.is_set(), flush=True)
 """
 
 
-def test_a_forked_child_dies_of_its_stop_signal_and_the_worker_is_not_asked_to_stop():
-    done = subprocess.run([sys.executable, "-c", FORKER], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_forked_child_dies_of_its_stop_signal_and_the_worker_is_not_asked_to_stop(signum):
+    """SIGTERM ends the child; SIGINT raises KeyboardInterrupt in it, which ends it by SIGINT."""
+    done = subprocess.run([sys.executable, "-c", FORKER, str(int(signum))], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(-signal.SIGTERM), "False"], done.stdout
+    assert done.stdout.split() == [str(-signum), "False"], (done.stdout, done.stderr)
+    if signum == signal.SIGINT:  # as in any Python: its finally blocks run
+        assert "KeyboardInterrupt" in done.stderr, done.stderr

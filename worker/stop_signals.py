@@ -39,7 +39,10 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
         if os.getpid() != owner:
             # a child forked by an agent (multiprocessing's default start method on Linux) has
             # this handler and our pipe but not the thread reading it: its stop signal would stop
-            # the worker. It gets the default instead, as if we had never set one
+            # the worker. It gets Python's default instead, as if we had never set one
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.default_int_handler)
+                signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
