@@ -1,5 +1,6 @@
 """python -m benchmarks [--quick] [--peers] [--scale X] [--soak S] [--json FILE]: our costs next to the raw-pyzmq
-floor and (``--peers``) to Ray, Dask and ipyparallel, in one run on this machine."""
+floor and (``--peers``) to Ray, Dask and ipyparallel, in one run on this machine.  ``--trace``,
+``--lines`` and ``--prototype N`` look inside one launch instead."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from importlib import metadata
 
-from . import floor, lean, ours, prototype
+from . import floor, lean, lines, ours, prototype
 
 
 def _keys() -> str:
@@ -199,6 +200,9 @@ def main() -> int:
                         help="also run S11: N long-lived agents registered at once on 2 workers (e.g. 20000)")
     parser.add_argument("--trace", action="store_true",
                         help="only time each hop of S2's thread launches and print the table (see pyorchestrate/trace.py)")
+    parser.add_argument("--lines", action="store_true",
+                        help="only count the Python lines one S2 thread launch runs, ours beside the lean prototype, "
+                             "per process and thread (benchmarks/lines.py)")
     parser.add_argument("--prototype", type=int, default=0, metavar="ROUNDS",
                         help="only S2 and S3 four ways per round, in the same run: the floor, the bare "
                              "prototype (the same hand-offs, nothing else: benchmarks/prototype.py), the lean "
@@ -226,6 +230,13 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)
+        return 0
+    if args.lines:
+        counted = lines.lines(count(300, 50, args.quick, args.scale))
+        print(lines.table(counted))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": _machine(), "versions": _versions(), "lines": counted}, f, indent=2)
         return 0
     if args.prototype:
         rounds = [four_ways(args.quick, args.scale) for _ in range(args.prototype)]

@@ -303,7 +303,8 @@ def _stamp() -> dict[str, str]:
 class Lean(Recorder):
     """The coordinator side: a loop thread, a mailbox, a callback thread; 2 worker processes."""
 
-    def __init__(self, workers: int = 2) -> None:
+    def __init__(self, workers: int = 2, worker_target: Callable[[str, str], None] | None = None) -> None:
+        """``worker_target``: what a worker process runs (``_worker``; lines.py counts in it)."""
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.SNDHWM, 0)
@@ -331,7 +332,7 @@ class Lean(Recorder):
         for event in (STARTED, READY, TERMINATED, ERROR):
             self.register_event(event, self._record)
         mp = multiprocessing.get_context("spawn")
-        self.procs = [mp.Process(target=_worker, args=(f"tcp://127.0.0.1:{port}", f"l{i}"), daemon=True)
+        self.procs = [mp.Process(target=worker_target or _worker, args=(f"tcp://127.0.0.1:{port}", f"l{i}"), daemon=True)
                       for i in range(workers)]
         for proc in self.procs:
             proc.start()

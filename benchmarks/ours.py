@@ -23,9 +23,12 @@ class Cluster(Recorder):
     """A DAEMON orchestrator plus worker processes, with event counters to wait on."""
 
     def __init__(self, workers: int, worker_args: tuple[str, ...] = (), track: bool = True, keys: str | None = None,
+                 worker_command: tuple[str, ...] = (sys.executable, "-m", "pyorchestrate_worker"),
                  **settings: Any) -> None:
-        """``keys``: a key directory (CurveZMQ on every connection), as made by ``keys init``."""
+        """``keys``: a key directory (CurveZMQ on every connection), as made by ``keys init``;
+        ``worker_command``: what starts a worker, before its arguments (lines.py counts in it)."""
         super().__init__(track)
+        self.worker_command = worker_command
         if keys:
             settings["keys"] = keys
             worker_args = (*worker_args, "--keys", keys)
@@ -44,7 +47,7 @@ class Cluster(Recorder):
         start = len(self.procs)
         for i in range(start, start + n):
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", self.orch.address, "--name", f"b{i}",
+                [*self.worker_command, "--coordinator", self.orch.address, "--name", f"b{i}",
                  "--log-level", "ERROR", *self.worker_args], start_new_session=True, stdout=subprocess.DEVNULL))
         self.wait("WORKER_JOINED", start + n)
 

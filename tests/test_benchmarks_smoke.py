@@ -39,6 +39,23 @@ def test_prototype_runs_s2_and_s3_four_ways(tmp_path):
         assert one[side]["S2_coordinator_cpu_us"] > 0 and one[side]["S2_workers_cpu_us"] > 0, one
 
 
+
+def test_lines_counts_a_launch_in_every_process_of_both_sides(tmp_path):
+    """--lines: the Python lines one S2 launch runs, ours and the lean prototype's, counted in the
+    coordinator's process and (toggled by SIGUSR2) in the workers."""
+    out = tmp_path / "lines.json"
+    result = run_script(["-m", "benchmarks", "--lines", "--quick", "--scale", "0.2", "--json", str(out)],
+                        cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.stderr
+    counted = json.loads(out.read_text())["lines"]
+    for side in ("ours", "lean"):
+        # the coordinator's loop, the workers' loops and the agents' threads all ran lines
+        assert sum(counted[side]["coordinator"].values()) > 50, counted[side]
+        assert counted[side]["workers"].get("agent", 0) > 5 and counted[side]["workers"].get("MainThread", 0) > 50
+    assert counted["ours"]["coordinator"]["pyorchestrate-coordinator"] > 50
+    assert any(name.startswith("supervisor.py:") for name in counted["ours"]["worker_functions"])
+    assert "Python lines a launch" in result.stdout
+
 def test_peer_table_compares_like_with_like_and_says_why_not():
     from benchmarks.__main__ import peer_table
 
