@@ -39,7 +39,6 @@ def test_prototype_runs_s2_and_s3_four_ways(tmp_path):
         assert one[side]["S2_coordinator_cpu_us"] > 0 and one[side]["S2_workers_cpu_us"] > 0, one
 
 
-
 def test_lines_counts_a_launch_in_every_process_of_both_sides(tmp_path):
     """--lines: the Python lines one S2 launch runs, ours and the lean prototype's, counted in the
     coordinator's process and (toggled by SIGUSR2) in the workers."""
