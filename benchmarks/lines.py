@@ -74,8 +74,12 @@ def worker_main() -> None:
     out = os.environ[ENV]
 
     def dump() -> None:
-        with open(os.path.join(out, f"{os.getpid()}.json"), "w") as f:
+        # written whole, then renamed: the benchmark may read while a lean worker writes its
+        # count the second time (at return and at exit), and must never see half a file
+        path = os.path.join(out, f"{os.getpid()}.json")
+        with open(path + ".part", "w") as f:
             json.dump({"by_thread": count.by_thread, "by_function": count.by_function}, f)
+        os.replace(path + ".part", path)
 
     import atexit
 
