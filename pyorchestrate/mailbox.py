@@ -52,6 +52,8 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] = collections.deque()
+        #: the queue itself, for an owner's inline :meth:`has_query` (read only, owner thread only)
+        self.items = self._items
         self._queued_by: collections.Counter[int] = collections.Counter()  # thread -> items still queued
         self._lock = threading.Lock()
         self._pipe = _WakePipe()

@@ -51,20 +51,25 @@ class Free:
 
     def __init__(self, workers: Iterable[Any]) -> None:
         self._any_alive = False
-        self._heap: list[tuple[int, int, Any]] = []
+        heap: list[tuple[int, int, Any]] = []
+        self._heap = heap
         for worker in workers:
-            if eligible(worker, None, {}):
+            # eligible(worker, None, {}) and has_room(worker), inline: a pass builds this for
+            # each batch of agents placed, in S2 for every agent (five calls a worker)
+            if worker.alive and not worker.draining:
                 self._any_alive = True
-                if has_room(worker):
-                    self._heap.append((len(worker.agents), worker.order, worker))
-        heapq.heapify(self._heap)
+                if not worker.capacity or len(worker.agents) < worker.capacity:
+                    heap.append((len(worker.agents), worker.order, worker))
+        heapq.heapify(heap)
 
     def _clean(self) -> None:
         # an entry is stale once its worker's load changed (an assignment elsewhere in the pass)
         heap = self._heap
         while heap:
             load, order, worker = heap[0]
-            if load == len(worker.agents) and _open(worker):
+            # _open(worker) inline for this, the usual case (an entry's load is current)
+            if load == len(worker.agents) and worker.alive and not worker.draining and (
+                    not worker.capacity or load < worker.capacity):
                 return
             heapq.heappop(heap)
             if _open(worker) and load != len(worker.agents):

@@ -141,6 +141,7 @@ class Worker:
         # the incarnation is on the bus for anyone to read, this is not (see protocol.py)
         self._token = secrets.token_hex(16)
         self._limits = Limits()
+        self._lease = self._limits.lease  # read every loop turn: a property chain, computed once
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
@@ -338,6 +339,7 @@ class Worker:
         self._session = message["session"]
         self._coordinator_name = message["coordinator"]
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
+        self._lease = self._limits.lease
         self._renew_lease(message["echo"])
         self._last_heard = time.monotonic()
         # the coordinator has what the register carried; what came after goes out next
@@ -430,8 +432,9 @@ class Worker:
 
     def _check_lease(self) -> bool:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
-        self._pulse_echoes()
-        if time.monotonic() - self._lease_from <= self._limits.lease:
+        if self._pulse is not None:
+            self._pulse_echoes()
+        if time.monotonic() - self._lease_from <= self._lease:
             return False
         if not self._lease_expired:
             self._lease_expired = True
@@ -493,18 +496,22 @@ class Worker:
             ready = dict(poller.poll(timeout_ms))
             if self._dealer in ready and self._read_control() == "reconnect":
                 return
-            if self._act_on_deferred() == "reconnect":
+            # the upkeep below looks before it calls: most turns have none of it to do, and the
+            # calls were a third of the lines this loop ran per launch in S2 (three turns a launch)
+            if self._deferred and self._act_on_deferred() == "reconnect":
                 return
             if self._outbox.wake_socket in ready:
                 self._flush_events()
             if self._bus_signal.wake_socket in ready:
                 self._bus_signal.drain()
-            self._send_bus()
-            self._supervisor.enforce_stop_timeouts()
-            ended = self._supervisor.forget_finished()
+            if len(self._bus_outbox):
+                self._send_bus()
+            ended = self._supervisor.upkeep()
             if ended:
                 self._gc.ended(ended)
-            crowd.apply(self._gc.decide(self._supervisor.size()))
+            if self._gc.frozen or self._supervisor.size() >= crowd.MANY_AGENTS:
+                # (not frozen and fewer: nothing to decide, FreezePolicy.decide says NOTHING)
+                crowd.apply(self._gc.decide(self._supervisor.size()))
             if now >= self._next_parent_check:  # a system call: once a poll cap, not every turn
                 self._next_parent_check = now + POLL_CAP_MS / 1000
                 self._check_parent()

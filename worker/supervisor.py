@@ -425,6 +425,14 @@ class Supervisor:
             self._request_stop(record, timeout)
         return len(records)
 
+    def upkeep(self) -> int:
+        """Once a loop turn: :meth:`enforce_stop_timeouts`, then :meth:`forget_finished` (its
+        count), with one look for the usual turn where neither has anything to do."""
+        if not self._stopping and not self._ended:  # read without the lock, as both do
+            return 0
+        self.enforce_stop_timeouts()
+        return self.forget_finished()
+
     def enforce_stop_timeouts(self) -> None:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
         if not self._stopping:  # read without the lock: a stop requested meanwhile is seen next turn
