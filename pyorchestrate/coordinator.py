@@ -366,7 +366,7 @@ class Coordinator:
                 if trace.enabled:
                     trace.sent(action.frame)
             elif kind is Publish:
-                if action.record is not None and self._tail_hold.holds(action.subject):
+                if action.record is not None and action.subject in self._tail_hold.subjects:
                     # after the run's last bus events, but stamped now: its time is when it happened
                     # (a restart's delay is measured from it), not when the tail let it out
                     when = self._batch_stamp or self._stamp_batch()
@@ -869,14 +869,14 @@ class Coordinator:
     def _publish(self, event: OrchestratorEvent, subject: str, fields: dict[str, Any],
                  record: AgentRecord | None = None) -> None:
         name = event._value_  # the plain str: Enum.value is a descriptor call, three times per agent
-        fields = {"event": name, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session,
-                  **(self._batch_stamp or self._stamp_batch()), **fields}
+        when = self._batch_stamp or self._stamp_batch()
+        fields = {"event": name, "seq": self._seq + 1, "publisher": self.name, "incarnation": self.session, **when, **fields}
         topic = f"{name}.{subject}"  # protocol.event_topic, inlined
         self._emit(topic, self._pack(fields))
         self.dispatcher.dispatch(event, fields)
         if trace.enabled and event is E.AGENT_TERMINATED:
             trace.mark("published", subject)
-        if event is E.AGENT_STARTED and record is not None and self._early_hold:
+        if event is E.AGENT_STARTED and record is not None and self._early_hold.runs:
             # released once the actions of this turn are done: a report often holds STARTED, READY
             # and TERMINATED of a short run together, and its lines belong between READY and the end
             self._started_keys.append((f"{record.worker}/{record.name}", record.tag))

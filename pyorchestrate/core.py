@@ -154,9 +154,10 @@ class ClusterCore(Registration, CommandHandlers):
         if event is E.AGENT_READY:
             record.ready_said = True
         worker = self.workers.get(record.worker or "")
-        self._publish(event, record.name, {**fields, "agent_name": record.name, "worker": record.worker,
-                                           "host": worker.host if worker else None, "epoch": record.epoch},
-                      record)
+        # self._publish(...), inline: three a launch
+        self.actions.append(Publish(event, record.name, {**fields, "agent_name": record.name, "worker": record.worker,
+                                                         "host": worker.host if worker else None, "epoch": record.epoch},
+                                    record))
 
     def _record(self, name: str) -> AgentRecord:
         try:

@@ -21,6 +21,9 @@ class TailHold:
         self.wait = wait
         self._by_subject: dict[str, tuple[Hashable, float, list[Any]]] = {}  # subject -> (key, deadline, held)
         self._subject_of: dict[Hashable, str] = {}
+        #: the subjects held, read only: ``subject in hold.subjects`` is :meth:`holds` without a
+        #: Python call (the loop asks for every lifecycle event it publishes)
+        self.subjects = self._by_subject
 
     def start(self, subject: str, key: Hashable, now: float) -> None:
         """Hold ``subject``'s events from now on, until ``key``'s tail arrives."""
@@ -74,6 +77,8 @@ class EarlyHold:
     def __init__(self, wait: float = WAIT, limit: int = 10_000) -> None:
         self.wait, self.limit = wait, limit
         self._runs: dict[Hashable, tuple[float, list[Any]]] = {}
+        #: the runs holding lines, read only (truth-tested without ``__len__``'s Python call)
+        self.runs = self._runs
 
     def add(self, key: Hashable, item: Any, now: float) -> bool:
         """Hold ``item`` of run ``key``; False if this run holds ``limit`` already (send it on)."""
