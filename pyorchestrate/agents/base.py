@@ -237,7 +237,8 @@ class BaseAgent(abc.ABC):
             ok = False
             self._report_error(exc)
         finally:
-            for hook in ((self.on_stop,) if self.stopping else ()) + (self.on_close,):
+            # self.stopping without its two property calls (every run passes here)
+            for hook in ((self.on_stop,) if self.control_events.stop_event.is_set() else ()) + (self.on_close,):
                 try:
                     hook()
                 except Exception as exc:
