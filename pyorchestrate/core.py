@@ -598,7 +598,8 @@ class ClusterCore(Registration, CommandHandlers):
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
                 continue
-            worker, why = free.take() if anywhere else choose(self.workers.values(), record.pin, record.labels)
+            # free.pop(): `not free` above has just looked at its top, and nothing since moved a load
+            worker, why = (free.pop(), "") if anywhere else choose(self.workers.values(), record.pin, record.labels)
             if worker is None:
                 record.pending_reason = why
                 continue

@@ -20,8 +20,8 @@ def has_room(worker: Any) -> bool:
 
 
 def _open(worker: Any) -> bool:
-    """``eligible(worker, None, {}) and has_room(worker)`` without building the arguments: the
-    heap below asks it three times per agent placed."""
+    """``eligible(worker, None, {}) and has_room(worker)`` without building the arguments (the
+    heap below asks it when an entry went stale or a worker was given an agent)."""
     return worker.alive and not worker.draining and has_room(worker)
 
 
@@ -79,12 +79,10 @@ class Free:
         self._clean()
         return bool(self._heap)
 
-    def take(self) -> tuple[Any | None, str]:
-        """The least-loaded worker with room (removed until :meth:`update`), or None and why."""
-        self._clean()
-        if not self._heap:
-            return None, self.why_none()
-        return heapq.heappop(self._heap)[2], ""
+    def pop(self) -> Any:
+        """The least-loaded worker with room, removed until :meth:`update`, when ``bool(self)``
+        has just said there is one (its top is then current: no second clean-up)."""
+        return heapq.heappop(self._heap)[2]
 
     def update(self, worker: Any) -> None:
         """``worker`` was given an agent: back in the heap if it still has room."""
