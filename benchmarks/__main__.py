@@ -122,6 +122,40 @@ def four_ways(quick: bool, scale: float) -> dict:
     return out
 
 
+#: issue #13's targets against the floor: S2 at most this many times its latency, S3 at least
+#: this share of its throughput
+S2_TARGET, S3_TARGET = 2.5, 0.25
+
+
+def prototype_table(rounds: list[dict]) -> str:
+    """What ``--prototype N``'s rounds say, side by side: each side's S2 and S3 against each
+    round's own floor (median and range), how many rounds met each target, and, from four rounds
+    on, S2's median in the rounds whose floor was faster than the rounds' median floor and in the
+    rest.  This VM's floor moves several-fold in a day (its thread wake-ups), and S2's ratio with
+    it: that last column shows how much."""
+    import statistics
+
+    floors = [r["floor"]["dispatch_us"] for r in rounds]
+    middle = statistics.median(floors)
+    split = len(rounds) >= 4
+    out = [f"{len(rounds)} round(s); the floor's dispatch {min(floors):.0f}-{max(floors):.0f} us (median {middle:.0f})",
+           (f"{'':10} {'S2 / floor':<22} {'S2 <= ' + str(S2_TARGET) + 'x':<12} {'S3 / floor':<22} "
+            f"{'S3 >= ' + format(S3_TARGET, '.0%'):<12}" + ("S2 median, faster / slower floors" if split else "")).rstrip()]
+    for side, label in (("prototype", "bare"), ("lean", "lean"), ("ours", "ours")):
+        s2 = [r[side]["S2_floor_ratio"] for r in rounds]
+        s3 = [r[side]["S3_floor_ratio"] for r in rounds]
+        row = (f"{label:10} {f'{statistics.median(s2):.2f}x ({min(s2):.2f}-{max(s2):.2f})':<22} "
+               f"{f'{sum(x <= S2_TARGET for x in s2)} of {len(s2)}':<12} "
+               f"{f'{statistics.median(s3):.1%} ({min(s3):.1%}-{max(s3):.1%})':<22} "
+               f"{f'{sum(x >= S3_TARGET for x in s3)} of {len(s3)}':<12}")
+        if split:
+            fast = [x for x, f in zip(s2, floors) if f <= middle]
+            slow = [x for x, f in zip(s2, floors) if f > middle] or fast
+            row += f"{statistics.median(fast):.2f}x / {statistics.median(slow):.2f}x"
+        out.append(row.rstrip())
+    return "\n".join(out)
+
+
 def _s2_cpu(s2: dict) -> dict:
     """S2's CPU per launch, beside its latency: one launch at a time, a launch's latency is
     about the CPU its hops use one after the other, so what our work adds shows here too."""
@@ -242,6 +276,8 @@ def main() -> int:
         rounds = [four_ways(args.quick, args.scale) for _ in range(args.prototype)]
         for one in rounds:
             print(json.dumps(one))
+        print()
+        print(prototype_table(rounds))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": _machine(), "versions": _versions(), "rounds": rounds}, f, indent=2)

@@ -37,6 +37,28 @@ def test_prototype_runs_s2_and_s3_four_ways(tmp_path):
         assert one[side]["S2_us"] > 0 and one[side]["S3_per_s"] > 0 and one[side]["S2_floor_ratio"] > 0, one
         # the CPU of a launch's path, both processes (read from /proc: this suite runs on Linux)
         assert one[side]["S2_coordinator_cpu_us"] > 0 and one[side]["S2_workers_cpu_us"] > 0, one
+    assert "1 round(s); the floor's dispatch" in result.stdout and "S2 <= 2.5x" in result.stdout
+
+
+def test_prototype_table_counts_the_rounds_that_met_each_target():
+    """The summary after --prototype's rounds, from made-up rounds (pure: no benchmark runs)."""
+    from benchmarks.__main__ import prototype_table
+
+    def side(s2: float, s3: float) -> dict:
+        return {"S2_floor_ratio": s2, "S3_floor_ratio": s3}
+
+    # floors 100, 110 (the faster half) and 300, 400; ours meets S2 only in the slow-floor rounds;
+    # the bare prototype's 2.5x meets the target (at most 2.5x)
+    rounds = [{"floor": {"dispatch_us": f}, "prototype": side(b, 1.0), "lean": side(l, 0.5), "ours": side(o, s3)}
+              for f, b, l, o, s3 in ((100, 2.6, 3.5, 5.0, 0.20), (110, 2.5, 3.3, 4.6, 0.22),
+                                     (300, 1.5, 2.1, 2.4, 0.26), (400, 1.3, 1.9, 2.2, 0.30))]
+    table = prototype_table(rounds).splitlines()
+    assert table[0] == "4 round(s); the floor's dispatch 100-400 us (median 205)"
+    ours = next(row for row in table if row.startswith("ours"))
+    assert ours.split()[1:] == ["3.50x", "(2.20-5.00)", "2", "of", "4", "24.0%", "(20.0%-30.0%)", "2", "of", "4",
+                                "4.80x", "/", "2.30x"]
+    bare = next(row for row in table if row.startswith("bare"))
+    assert bare.split()[3:6] == ["3", "of", "4"] and bare.endswith("2.55x / 1.40x")
 
 
 def test_lines_counts_a_launch_in_every_process_of_both_sides(tmp_path):
