@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from importlib import metadata
@@ -133,8 +134,6 @@ def prototype_table(rounds: list[dict]) -> str:
     on, S2's median in the rounds whose floor was faster than the rounds' median floor and in the
     rest.  This VM's floor moves several-fold in a day (its thread wake-ups), and S2's ratio with
     it: that last column shows how much."""
-    import statistics
-
     floors = [r["floor"]["dispatch_us"] for r in rounds]
     middle = statistics.median(floors)
     split = len(rounds) >= 4
