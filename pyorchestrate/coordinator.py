@@ -106,7 +106,6 @@ class Coordinator:
         self.core: ClusterCore | None = None
         self.ctx = zmq.Context()
         self.mailbox = Mailbox()
-        self._box = self.mailbox.items  # read-only, for _serve_queries_waiting
         # keys (CurveZMQ + who may connect in which role); None: plain ZeroMQ, loopback only
         self.keydir = KeyDir.from_option(config.keys)
         self.gatekeeper: curve.Gatekeeper | None = None
@@ -284,7 +283,7 @@ class Coordinator:
         # within a phase too: a slice is bounded in wall time, which a busy process stretches
         # (status() waited up to 131 ms for a phase to end with 100 workers and 10,000 agents).
         # Mailbox.has_query, inline: asked seven times a launch, nearly always for nothing
-        items = self._box
+        items = self.mailbox.items
         if items and items[0][0] is None:
             self._serve_queries()
 

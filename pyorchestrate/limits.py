@@ -8,6 +8,7 @@ long" means.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,15 @@ class Limits:
     interval: float = 1.0
     liveness: int = 5
 
-    @property
+    # silence and lease are read every loop turn on both sides: cached on the (frozen) instance,
+    # so after the first read they are plain attribute reads, not a chain of property calls
+    @cached_property
     def silence(self) -> float:
         """A worker silent this long is lost; a worker whose coordinator is silent this long
         re-registers and lets its lease run out (stops its agents with on_disconnect="replace")."""
         return self.interval * self.liveness
 
-    @property
+    @cached_property
     def lease(self) -> float:
         """How long a worker's agents may run after the last round trip with the coordinator that
         it can prove (the coordinator echoed a heartbeat the worker sent at time t: until t+lease)."""

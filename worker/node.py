@@ -141,7 +141,6 @@ class Worker:
         # the incarnation is on the bus for anyone to read, this is not (see protocol.py)
         self._token = secrets.token_hex(16)
         self._limits = Limits()
-        self._lease = self._limits.lease  # read every loop turn: a property chain, computed once
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
@@ -339,7 +338,6 @@ class Worker:
         self._session = message["session"]
         self._coordinator_name = message["coordinator"]
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
-        self._lease = self._limits.lease
         self._renew_lease(message["echo"])
         self._last_heard = time.monotonic()
         # the coordinator has what the register carried; what came after goes out next
@@ -434,7 +432,7 @@ class Worker:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
         if self._pulse is not None:
             self._pulse_echoes()
-        if time.monotonic() - self._lease_from <= self._lease:
+        if time.monotonic() - self._lease_from <= self._limits.lease:
             return False
         if not self._lease_expired:
             self._lease_expired = True
@@ -509,9 +507,10 @@ class Worker:
             ended = self._supervisor.upkeep()
             if ended:
                 self._gc.ended(ended)
-            if self._gc.frozen or self._supervisor.size() >= crowd.MANY_AGENTS:
+            running = self._supervisor.size()
+            if self._gc.frozen or running >= crowd.MANY_AGENTS:
                 # (not frozen and fewer: nothing to decide, FreezePolicy.decide says NOTHING)
-                crowd.apply(self._gc.decide(self._supervisor.size()))
+                crowd.apply(self._gc.decide(running))
             if now >= self._next_parent_check:  # a system call: once a poll cap, not every turn
                 self._next_parent_check = now + POLL_CAP_MS / 1000
                 self._check_parent()
