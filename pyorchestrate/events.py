@@ -130,7 +130,7 @@ class EventDispatcher:
             raise TypeError(f"callback for {event.name} must be callable, got {callback!r}")
         self._start_runners()
         accepted = _accepted_kwargs(callback)
-        self._callbacks.setdefault(event, []).append((callback, None if accepted is None else frozenset(accepted)))
+        self._callbacks.setdefault(event, []).append((callback, None if accepted is None else tuple(sorted(accepted))))
 
     def _start_runners(self) -> None:
         # here, in the thread that registers a callback, and never in the coordinator's loop:
@@ -260,14 +260,14 @@ class EventDispatcher:
                 if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
                     trace.mark("callback", str(fields.get("agent_name")))
                 for callback, accepted in callbacks:
-                    # the names it takes that the event has, picked at C speed (a Python loop over
-                    # them was a fifth of the lines this thread ran per launch; a comprehension is a
-                    # function call of its own on 3.11)
+                    # the names it takes that the event has.  A comprehension over the callback's
+                    # few names, not ``fields.keys() & accepted`` + ``dict(zip(...))``: that looked
+                    # cheaper in traced lines but walks all of the event's ~13 keys into a new set,
+                    # 1.5-1.9 against 0.7-1.1 us a call here (timeit, 1-6 names, CPython 3.11)
                     if accepted is None:
                         kwargs = fields
                     else:
-                        names = fields.keys() & accepted
-                        kwargs = dict(zip(names, map(fields.__getitem__, names)))
+                        kwargs = {name: fields[name] for name in accepted if name in fields}
                     try:
                         callback(**kwargs)
                     except Exception:

@@ -89,3 +89,29 @@ def test_a_slow_callback_holds_up_only_its_own_subject():
     finally:
         release.set()
         dispatcher.close()
+
+
+def test_a_callback_gets_only_the_fields_its_signature_names_and_its_defaults_for_the_rest():
+    """Each callback is called with the event's fields that it names (a field it names that the
+    event lacks keeps the callback's default); one taking ``**kwargs`` gets every field."""
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent
+
+    dispatcher = EventDispatcher(max_threads=2)
+    seen: list[tuple] = []
+    dispatcher.register(OrchestratorEvent.AGENT_READY, lambda agent_name, error_message="none": seen.append(
+        ("named", agent_name, error_message)))
+    dispatcher.register(OrchestratorEvent.AGENT_READY, lambda **fields: seen.append(("all", sorted(fields))))
+
+    def keyword_only(*, worker: str, epoch: int = -1) -> None:
+        seen.append(("keyword-only", worker, epoch))
+
+    dispatcher.register(OrchestratorEvent.AGENT_READY, keyword_only)
+    try:
+        dispatcher.dispatch(OrchestratorEvent.AGENT_READY, {"event": "AGENT_READY", "agent_name": "a", "worker": "w1",
+                                                            "host": "h", "seq": 3})
+        assert dispatcher.wait_idle(5.0)
+        assert seen == [("named", "a", "none"), ("all", ["agent_name", "event", "host", "seq", "worker"]),
+                        ("keyword-only", "w1", -1)]
+        assert dispatcher.failures == 0
+    finally:
+        dispatcher.close()
