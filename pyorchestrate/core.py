@@ -54,6 +54,11 @@ _CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (olde
 #: ``isinstance(key, str)`` as a C callable for ``map`` (what msgpack decodes as a map key is an
 #: exact str or bytes)
 _is_str = str.__instancecheck__
+#: the fields by which the coordinator names an event it publishes (what it is, its number on the
+#: bus, who published it): a worker's report carrying one would replace the coordinator's own in
+#: the event (``{"event": ..., **fields}``), so callbacks of AGENT_TERMINATED could be told
+#: ``event="AGENT_READY"``.  Dropped from reports, and counted
+_PUBLISHER_FIELDS = frozenset({"event", "seq", "publisher", "incarnation"})
 
 
 class ClusterCore(Registration, CommandHandlers):
@@ -359,6 +364,9 @@ class ClusterCore(Registration, CommandHandlers):
             fields = dict(fields)
         else:
             fields = {k: v for k, v in fields.items() if isinstance(k, str)}
+        if fields and not _PUBLISHER_FIELDS.isdisjoint(fields):
+            self.drop("publisher_field_in_report", f"{record.name} {event.name}: {sorted(_PUBLISHER_FIELDS & fields.keys())}")
+            fields = {k: v for k, v in fields.items() if k not in _PUBLISHER_FIELDS}
         reconnected = record.state is S.DISCONNECTED and event is not E.AGENT_TERMINATED
         if reconnected:
             # its worker is back and reports on it: the copy was kept running all along

@@ -537,3 +537,19 @@ def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_noth
     assert "pulse_not_from_worker" in dropped and not h.to(b"pulse-conn", "pulse_reply")
     _pulse(h)  # the right secret, too late: the worker is lost
     assert not h.to(b"pulse-conn", "pulse_reply")
+
+
+def test_a_report_cannot_rename_the_event_or_its_number_and_publisher():
+    """The coordinator names what it publishes (event, seq, publisher, incarnation): a worker's
+    report carrying those fields has them dropped and counted, the rest of it kept."""
+    h = Harness()
+    drops: list[str] = []
+    h.core.drop = lambda kind, detail: drops.append(kind)
+    w1, record = h.assigned(agent="job")
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    h.report(w1, record, "AGENT_TERMINATED", ok=True, event="AGENT_READY", seq=0, publisher="evil",
+             incarnation="x", exit_code=3)
+    end = h.events("AGENT_TERMINATED")[-1].fields
+    assert not {"event", "seq", "publisher", "incarnation"} & end.keys()
+    assert end["exit_code"] == 3 and end["agent_name"] == "job" and record.state is S.TERMINATED
+    assert drops == ["publisher_field_in_report"]
