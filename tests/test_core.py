@@ -553,3 +553,21 @@ def test_a_report_cannot_rename_the_event_or_its_number_and_publisher():
     assert not {"event", "seq", "publisher", "incarnation"} & end.keys()
     assert end["exit_code"] == 3 and end["agent_name"] == "job" and record.state is S.TERMINATED
     assert drops == ["publisher_field_in_report"]
+
+
+def test_a_worker_cannot_report_for_a_copy_another_worker_runs():
+    """Runs and epochs are on the bus for anyone to read: a report naming the right run and epoch
+    still counts only from the worker that copy runs on.  Another worker's STARTED, READY or end
+    for it changes nothing and publishes nothing."""
+    h = Harness()
+    w1, record = h.ready(agent="job", worker="w1")
+    w2 = h.register("w2")
+    published = len(h.published)
+    h.report(w2, record, "AGENT_TERMINATED", ok=False)
+    h.report(w2, record, "AGENT_ERROR", error_message="made up")
+    h.report(w2, record, "AGENT_STARTED", "AGENT_READY")
+    h.step()
+    assert record.state is S.READY and record.worker == "w1" and record.error is None
+    assert [p.event.value for p in h.published[published:] if p.subject == "job"] == []
+    h.report(w1, record, "AGENT_TERMINATED", ok=True)  # its own worker's end still counts
+    assert record.state is S.TERMINATED and h.events("AGENT_TERMINATED")[-1].fields["ok"] is True
