@@ -351,6 +351,30 @@ def test_reports_and_registrations_of_another_run_or_an_older_connection_are_ign
     assert record.state is S.READY and h.core.workers["w1"].identity == w1
 
 
+def test_a_stale_copy_being_stopped_counts_as_running_until_its_end_and_asks_no_reregistration():
+    """A copy of another run that a worker still runs is told to stop; until its end is reported
+    the worker's count of copies includes it, which is no reason to make it register again."""
+    h = Harness()
+    w1, record = h.ready(agent="a", worker="w1")
+    stale = protocol.agent_event("a", "previous-coordinator", 1, "AGENT_READY", {})
+    h.core.control(w1, protocol.decode(protocol.encode("agent_events", events=[stale])), h.now)
+    h.flush()
+    assert len(h.to(w1, "stop")) == 1
+    read = h.core.workers["w1"].sent_n
+    for _ in range(4):  # everything read, two copies running: ours and the one stopping
+        h.beat(w1, running=2, read=read)
+    assert not h.to(w1, "reregister")
+    ended = protocol.agent_event("a", "previous-coordinator", 1, "AGENT_TERMINATED", {"ok": True})
+    h.core.control(w1, protocol.decode(protocol.encode("agent_events", events=[ended])), h.now)
+    h.flush()
+    for _ in range(4):  # it has ended: one copy now, and two would be a real difference
+        h.beat(w1, running=1, read=read)
+    assert not h.to(w1, "reregister") and record.state is S.READY
+    for _ in range(3):
+        h.beat(w1, running=2, read=read)
+    assert len(h.to(w1, "reregister")) == 1
+
+
 def test_lost_frames_from_a_worker_make_it_register_again():
     h = Harness()
     w1 = h.register("w1")
