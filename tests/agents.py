@@ -267,3 +267,16 @@ class Leaky(BaseThreadAgent):
             decimal.getcontext().prec = 7
         with open(self.config.out, "w") as f:
             json.dump(seen, f)
+
+
+class GilHog(BaseThreadAgent):
+    """Holds the GIL for seconds in one C call (a huge power), starving its worker's loop: what a
+    busy extension module does to a worker."""
+
+    class Config(BaseThreadAgent.Config):
+        exponent = 12_000_000  # about 3.3 s here
+        first = 0.3  # seconds before it starts, so its worker's loop can report it running
+
+    def execute(self):
+        time.sleep(self.config.first)
+        3 ** self.config.exponent

@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import zmq
-from agents import Forever, ForeverProcess, Quick, Sleeper
+from agents import Forever, ForeverProcess, GilHog, Quick, Sleeper
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
@@ -307,3 +307,92 @@ def test_a_garbled_event_inside_a_batch_is_dropped_by_subscribers_and_spoils_not
     finally:
         ctx.destroy(linger=0)
         orch.stop(timeout=5)
+
+
+def test_a_start_read_after_the_lease_ran_out_is_not_acted_on(cluster):
+    """A worker's loop starved past its lease (here an agent holds the GIL for seconds) finds a
+    start its coordinator sent meanwhile: by then the coordinator may have taken the worker for
+    lost and started that agent elsewhere.  It must not start it, and registers again without it
+    (a fake coordinator: a raw ROUTER speaking our protocol by hand).  The loop checks its lease at
+    the top of each turn; the start came within one."""
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        bus = ctx.socket(zmq.XSUB)
+        bus_port = bus.bind_to_random_port("tcp://127.0.0.1")
+        cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
+        assert router.poll(15000)
+        identity, frame = router.recv_multipart()
+        register = protocol.decode(frame)
+        assert register["type"] == "register"
+        sent = [0]
+
+        def send(type_: str, **fields) -> None:
+            sent[0] += 1
+            router.send_multipart([identity, protocol.encode(type_, n=sent[0], **fields)])
+
+        def start(agent: str, cls: type) -> None:
+            class_id, blob = shipping.pack_class(cls, cls.Config)
+            send("starts", agents=[dict(agent=agent, run="s", epoch=1, class_id=class_id, class_blob=blob,
+                                        config=shipping.pack_config(cls.Config(), agent), mode="thread")])
+
+        # a lease of 2 s, renewed while its heartbeats are answered
+        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=10,
+             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        start("hog", GilHog)
+        reports: list[tuple[str, str]] = []
+        registers: list[dict] = []
+        answering, late_at = True, None
+        deadline = time.monotonic() + 30
+        while not registers and time.monotonic() < deadline:
+            if late_at is not None and time.monotonic() >= late_at:
+                late_at = -1.0
+                start("late", Quick)  # while the hog holds the GIL, after the lease ran out
+            if not router.poll(20):
+                continue
+            message = protocol.decode(router.recv_multipart()[-1])
+            if message["type"] == "heartbeat" and answering:
+                send("heartbeat_reply", echo=message["t"])
+            elif message["type"] == "agent_events":
+                reports.extend((item["agent"], item["event"]) for item in message["events"])
+                if answering and ("hog", "AGENT_STARTED") in reports:
+                    # silent from here on: its lease runs out 2 s after its last answered heartbeat,
+                    # while the hog (from 0.3 s on) holds the GIL for 3 s or more
+                    answering, late_at = False, time.monotonic() + 2.3
+            elif message["type"] == "register":
+                registers.append(message)
+        assert late_at == -1.0, f"the hog never started: {reports}"
+        assert registers, "the worker did not register again after its lease ran out"
+        assert [event for agent, event in reports if agent == "late"] == [], reports
+        assert [a["agent"] for a in registers[0]["agents"]] in ([], ["hog"])
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_worker_drops_a_start_it_acts_on_after_its_lease_ran_out():
+    """The window the test above cannot time from outside: the loop looked at its lease at the top
+    of its turn, was starved, and acts on a start read after the lease ran out.  ``_start`` reads
+    the clock itself (a real Worker object, not serving: no socket is open)."""
+    from pyorchestrate.limits import Limits
+    from pyorchestrate_worker.node import Worker
+
+    worker = Worker("tcp://127.0.0.1:9", name="w1")
+    try:
+        class_id, blob = shipping.pack_class(Quick, Quick.Config)
+        frame = protocol.encode("starts", agents=[dict(agent="late", run="s", epoch=1, class_id=class_id, class_blob=blob,
+                                                       config=shipping.pack_config(Quick.Config(), "late"), mode="thread")])
+        item = protocol.decode(frame)["agents"][0]
+        worker._limits = Limits(0.2, 5)
+        worker._lease_from = time.monotonic() - 1.5  # its last proven round trip: 1.5 s ago, lease 1 s
+        assert not worker._lease_expired  # the loop has not looked since
+        worker._start(item)
+        assert worker._supervisor.size() == 0 and worker.dropped.counts["start_after_lease"] == 1
+        worker._lease_from = time.monotonic()  # within its lease the same start runs
+        worker._start(item)
+        assert worker._supervisor.size() == 1
+    finally:
+        worker._supervisor.close()
+        worker._outbox.close()
+        worker._bus_signal.close()
+        worker._ctx.term()

@@ -622,7 +622,11 @@ class Worker:
         return None
 
     def _start(self, item: dict[str, Any]) -> None:
-        if self._lease_expired:
+        # the clock, not only the flag: the loop looks at its lease at the top of a turn, and a
+        # turn starved of the GIL or the CPU after that look (thousands of agent threads, a
+        # stopped process) can read this start long after the lease ran out, when the coordinator
+        # may have started the agent elsewhere (one clock read per start)
+        if self._lease_expired or time.monotonic() - self._lease_from > self._limits.lease:
             # the coordinator sent this before it could know we lost touch; it will learn from
             # our registration that the agent never started
             self.dropped.drop("start_after_lease", item["agent"])
