@@ -163,20 +163,27 @@ def test_incompatible_worker_is_refused_with_both_versions(cluster):
     assert "old" not in orch.status()["workers"]
 
 
+def _fake_coordinator(cluster, ctx: zmq.Context) -> tuple:
+    """A raw ROUTER (and bus XSUB) speaking our protocol by hand, and worker "w1" connected to it:
+    (worker process, router, bus port, the worker's identity, its register)."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    bus = ctx.socket(zmq.XSUB)
+    bus_port = bus.bind_to_random_port("tcp://127.0.0.1")
+    worker = cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
+    assert router.poll(15000), "the worker never registered"
+    identity, frame = router.recv_multipart()
+    register = protocol.decode(frame)
+    assert register["type"] == "register"
+    return worker, router, bus_port, identity, register
+
+
 def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster):
     """A fake coordinator (a raw ROUTER speaking our protocol by hand) sends the worker garbage,
     then real work."""
     ctx = zmq.Context()
     try:
-        router = ctx.socket(zmq.ROUTER)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
-        bus = ctx.socket(zmq.XSUB)
-        bus_port = bus.bind_to_random_port("tcp://127.0.0.1")
-        worker = cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
-        assert router.poll(15000)
-        identity, frame = router.recv_multipart()
-        register = protocol.decode(frame)
-        assert register["type"] == "register"
+        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
         for garbage in (os.urandom(100), msgpack.packb("hi"), msgpack.packb({"v": 5, "type": "starts"}),
                         msgpack.packb({"v": protocol.PROTOCOL_VERSION, "type": "starts", "agents": [{"agent": 1}]}),
                         # well-formed messages with wrong shapes inside (a worker once died of this one)
@@ -317,15 +324,7 @@ def test_a_start_read_after_the_lease_ran_out_is_not_acted_on(cluster):
     the top of each turn; the start came within one."""
     ctx = zmq.Context()
     try:
-        router = ctx.socket(zmq.ROUTER)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
-        bus = ctx.socket(zmq.XSUB)
-        bus_port = bus.bind_to_random_port("tcp://127.0.0.1")
-        cluster.worker(f"tcp://127.0.0.1:{port}", "w1")
-        assert router.poll(15000)
-        identity, frame = router.recv_multipart()
-        register = protocol.decode(frame)
-        assert register["type"] == "register"
+        _, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
         sent = [0]
 
         def send(type_: str, **fields) -> None:
