@@ -244,3 +244,32 @@ def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluste
         assert "handler_error" not in orch.status()["dropped"]  # refused for what they are, not by accident
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_worker_cannot_publish_for_an_agent_another_worker_runs(cluster):
+    """A worker's bus frames, even with its own secret, carry only its own agents' events: one
+    naming an agent of another worker (whose publisher and current run anyone on the bus can read)
+    is dropped and counted, and no callback fires."""
+    orch, events = probe_on_w1(cluster)
+    publisher, run = current_run(orch, "probe")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    token = orch._coordinator.core.workers["w2"].token
+    ctx = zmq.Context()
+    try:
+        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
+        assert pub.poll(5000)
+        pub.recv()
+        body = msgpack.packb({"event": "AGENT_EVENT", "seq": 1000, "publisher": publisher, "incarnation": run,
+                              "agent_name": "probe", "topic": "t", "data": {"forged": True},
+                              "event_date": "d", "event_time": "t"})
+        before = orch.status()["dropped"].get("stale_bus_event", 0)
+        pub.send_multipart(protocol.encode_batch("w2", token, 50_000, [
+            (publisher, run, protocol.event_topic("AGENT_EVENT", "t"), 1000, body)]))
+        wait_for(lambda: orch.status()["dropped"].get("stale_bus_event", 0) > before, 10,
+                 "the other worker's frame to be dropped")
+        time.sleep(0.3)
+        assert not [e for e in events.of("AGENT_EVENT") if e.get("data") == {"forged": True}]
+        assert not events.of("EVENTS_LOST") and orch.status()["lost_events"] == 0
+    finally:
+        ctx.destroy(linger=0)
