@@ -395,3 +395,41 @@ def test_a_worker_drops_a_start_it_acts_on_after_its_lease_ran_out():
         worker._outbox.close()
         worker._bus_signal.close()
         worker._ctx.term()
+
+
+def test_a_restarted_coordinator_welcoming_on_the_same_connection_costs_no_second_registration(cluster):
+    """A coordinator restarted at the same address asks the workers still connected to it to
+    register again, and welcomes them on the same connection, its frames numbered from 1 anew:
+    the worker must take that for the new coordinator's numbering, not for frames lost on the way
+    (which would make it register once more, on a new connection, with every copy it runs)."""
+    ctx = zmq.Context()
+    try:
+        _, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+        welcome = dict(coordinator="fake", heartbeat_interval=0.2, heartbeat_liveness=25, bus_port=bus_port,
+                       stop=[], warnings=[])
+        router.send_multipart([identity, protocol.encode("welcome", n=1, session="first", echo=register["t"], **welcome)])
+        sent, registers, beats = 1, [], 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(registers) < 1 or beats < 8):
+            if not router.poll(100):
+                continue
+            ident, frame = router.recv_multipart()
+            message = protocol.decode(frame)
+            if message["type"] == "heartbeat" and not registers:
+                sent += 1  # the first coordinator's replies: its numbering goes on
+                router.send_multipart([ident, protocol.encode("heartbeat_reply", n=sent, echo=message["t"])])
+                if sent == 5:  # it "restarts": unnumbered, as a stranger's heartbeat is answered
+                    router.send_multipart([ident, protocol.encode("reregister")])
+            elif message["type"] == "register":
+                registers.append((ident, message))
+                if len(registers) == 1:  # the new coordinator welcomes it where it asked: numbered from 1
+                    router.send_multipart([ident, protocol.encode("welcome", n=1, session="second", echo=message["t"],
+                                                                  **welcome)])
+            elif message["type"] == "heartbeat" and ident == identity:
+                beats += 1
+                router.send_multipart([ident, protocol.encode("heartbeat_reply", n=1 + beats, echo=message["t"])])
+        assert registers and registers[0][0] == identity, "it did not register again on the same connection"
+        assert len(registers) == 1, f"it registered {len(registers)} times (on {[r[0] for r in registers]})"
+        assert beats >= 8 and "were lost" not in cluster.log_of("w1")
+    finally:
+        ctx.destroy(linger=0)
