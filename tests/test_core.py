@@ -156,6 +156,24 @@ def test_restart_backoff_grows_within_bounds_and_replays_from_its_seed():
     for n, delay in enumerate(first, 1):
         base = min(4.0, 0.5 * 2 ** (n - 1))
         assert base <= delay <= min(4.0, base * 1.25)
+    # jittered below the cap (restarts of many agents that failed together spread out), capped at it
+    assert all(delay > min(4.0, 0.5 * 2 ** (n - 1)) for n, delay in enumerate(first[:3], 1)) and first[-1] == 4.0
+
+
+def test_a_draining_worker_gets_no_new_agent_even_when_it_is_the_least_loaded():
+    h = Harness()
+    h.register("w1")
+    h.register("w2")
+    stay = h.add("stay", pin="w1")  # restart="never": it stays on w1 while w1 drains
+    for i in range(2):
+        h.add(f"busy{i}", pin="w2")
+    h.step()
+    assert stay.worker == "w1" and len(h.core.workers["w2"].agents) == 2
+    h.core.command(commands.DrainWorker("w1"), h.now)
+    h.flush()
+    new = h.add("new")
+    h.step()
+    assert new.worker == "w2" and stay.worker == "w1" and h.core.workers["w1"].draining
 
 
 def test_dependency_cycles_and_missing_agents_are_named():
