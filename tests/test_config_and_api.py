@@ -140,6 +140,16 @@ def test_protocol_round_trip_and_rejections():
     for bad in rejected:
         with pytest.raises(protocol.ProtocolError):
             protocol.decode(bad, max_size=99 if bad == b"x" * 100 else protocol.DEFAULT_MAX_MESSAGE_SIZE)
+    # refused for the version and the size alone: frames that are otherwise valid (the ones above
+    # also fail their schema, so they passed with either check removed)
+    stop = {"type": "stop", "agent": "a", "run": "r", "epoch": 1, "timeout": 1.0}
+    assert protocol.decode(msgpack.packb({"v": protocol.PROTOCOL_VERSION, **stop}))["agent"] == "a"
+    with pytest.raises(protocol.ProtocolError, match="protocol version"):
+        protocol.decode(msgpack.packb({"v": protocol.PROTOCOL_VERSION + 1, **stop}))
+    valid = protocol.encode("stop", agent="a" * 200, run="r", epoch=1, timeout=1.0)
+    assert protocol.decode(valid, max_size=len(valid))["agent"] == "a" * 200
+    with pytest.raises(protocol.ProtocolError, match="exceeds the limit"):
+        protocol.decode(valid, max_size=len(valid) - 1)
     with pytest.raises(protocol.ProtocolError, match="topic"):
         protocol.decode_event([b"WRONG.x", msgpack.packb({"event": "AGENT_READY", "seq": 1, "publisher": "p",
                                                           "incarnation": "i", "event_date": "d", "event_time": "t"})])
