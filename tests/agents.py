@@ -66,6 +66,20 @@ class ForeverProcess(LoopingProcessAgent):
         self.wait_stop(0.02)
 
 
+class DeafProcess(ForeverProcess):
+    """Ignores SIGTERM and never returns from its cycle: only SIGKILL ends it."""
+
+    def setup(self):
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().setup()
+
+    def cycle(self):
+        while True:  # never back to the loop that would see the stop
+            time.sleep(0.05)
+
+
 class Sleeper(BaseThreadAgent):
     class Config(BaseThreadAgent.Config):
         seconds = 0.5

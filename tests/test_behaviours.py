@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
-from agents import Quick
+from agents import DeafProcess, Quick
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, ONESHOT, PERIODIC, POOL, RECOVERY, STUBBORN,
                         TRIGGERED)
 from conftest import start_daemon, wait_for
@@ -173,3 +174,25 @@ def test_agent_that_ignores_stop_is_reported(daemon, tmp_path, mode, expected):
         assert events.wait("AGENT_TERMINATED", "stubborn")[0]["ok"] is False
     else:
         assert error["stuck"] is True
+
+
+def test_a_process_agent_deaf_to_sigterm_is_killed(daemon, tmp_path):
+    """A process agent that ignores its stop and SIGTERM too is killed (SIGKILL) 2 s after the
+    terminate: its stop timeout is a promise, not a request."""
+    orch, events = daemon
+    pid_file = tmp_path / "pid"
+    orch.register_agent(DeafProcess, "deaf", DeafProcess.Config(pid_file=str(pid_file), stop_timeout=0.5))
+    events.wait("AGENT_READY", "deaf")
+    wait_for(pid_file.exists, 10, "the agent's pid")
+    pid = int(pid_file.read_text())
+    orch.stop_agent("deaf", timeout=0.5)
+    assert events.wait("AGENT_TERMINATED", "deaf", timeout=20)[0]["ok"] is False
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, 10, "the deaf process to be gone")
