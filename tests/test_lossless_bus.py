@@ -5,11 +5,15 @@ every run whole."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
 import pytest
+import zmq
 from agents import Burst, Quick
 from conftest import EventLog, free_port, wait_for
 
-from pyorchestrate import EventSubscriber, RunMode
+from pyorchestrate import EventSubscriber, RunMode, history, protocol
 
 N = 20_000
 PAD = 4000  # 80 MB in all: more than the pipes and TCP buffers (up to 32 MB here) hold while nobody reads
@@ -142,3 +146,43 @@ def test_events_published_while_nobody_listens_reach_a_later_subscriber_from_his
                         ("AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED")] == \
                     ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"], agent
             assert sub.recovered > 0 and sub.lost == 0
+
+
+def test_history_ranges_are_served_only_for_this_run_and_within_the_limit(cluster):
+    """A subscriber asks for events it missed by seq within one coordinator run: a range of
+    another run (its seqs name other events) or of absurd bounds is refused, saying why, and
+    a range of this run is answered with exactly those events."""
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Quick, "q")
+    events.wait("AGENT_TERMINATED", "q")
+    session = orch._coordinator.session
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(orch.status()["addresses"]["events"])
+
+        def ask(session: str, first: int, last: int) -> dict:
+            topic = protocol.range_request(uuid.uuid4().hex, session, first, last).encode()
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the subscription may land before the socket is connected
+                if sub.poll(200):
+                    got, body = sub.recv_multipart()[:2]
+                    if got == topic:
+                        return protocol.decode_range_reply(body)
+                else:
+                    sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                    sub.setsockopt(zmq.SUBSCRIBE, topic)
+            raise AssertionError(f"no answer to the range request {topic!r}")
+
+        assert "run is over" in ask("another-run", 1, 3)["refused"]
+        assert "over the limit" in ask(session, 1, history.MAX_RANGE + 1)["refused"]
+        assert ask(session, 3, 2)["refused"] and ask(session, 0, 2)["refused"]
+        reply = ask(session, 1, 3)
+        assert reply["refused"] == "" and [seq for seq, _, _ in reply["items"]] == [1, 2, 3]
+        assert orch.status()["dropped"].get("history_refused", 0) == 4
+    finally:
+        ctx.destroy(linger=0)
