@@ -29,6 +29,9 @@ _HELLO = protocol.HELLO_TOPIC.encode()
 RANGE_TIMEOUT = 2.0  # seconds to wait for one slice of a range before asking again
 RANGE_TRIES = 3  # asks per slice before its events are reported lost
 _CLOCK_SKEW = 1.0  # a run that started this long before us still counts as "after" (clocks differ)
+#: seconds live events wait for the history answer (it goes first) before they are handed out
+#: anyway: the coordinator answers at once, so only a coordinator that is gone takes this long
+HISTORY_WAIT = 5.0
 
 
 class Event(dict):
@@ -98,6 +101,7 @@ class EventSubscriber:
             self._history_topic = protocol.history_request(uuid.uuid4().hex, list(topics)).encode()
             self._sub.setsockopt(zmq.SUBSCRIBE, self._history_topic)
             self._live_keys = set()
+        self._history_deadline = time.monotonic() + HISTORY_WAIT
         # last: its answer comes after every subscription above is in place (``connected``)
         self._hello_topic: bytes | None = protocol.hello_request(uuid.uuid4().hex).encode()
         self._sub.setsockopt(zmq.SUBSCRIBE, self._hello_topic)
@@ -131,13 +135,26 @@ class EventSubscriber:
         return True
 
     def recv(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None after ``timeout`` seconds (None: wait forever)."""
+        """The next event, or None after ``timeout`` seconds (None: wait forever).  With
+        ``history=True`` and a topic filter, history comes first: live events wait for its answer
+        (for up to :data:`HISTORY_WAIT` seconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._pending:
+        while not self._ready():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._pending:  # held for the history answer: wake when they may go anyway
+                left = max(0.0, self._history_deadline - time.monotonic())
+                remaining = left if remaining is None else min(remaining, left)
             if not self._receive_one(remaining) and deadline is not None and time.monotonic() >= deadline:
                 return None
         return self._pending.popleft()
+
+    def _ready(self) -> bool:
+        """May the next event be handed out?  Not a live one while the history answer, which goes
+        before it, is on its way (a reader called fast enough got live events first, then
+        older ones from history)."""
+        if not self._pending:
+            return False
+        return self._history_topic is None or time.monotonic() >= self._history_deadline
 
     def drain(self) -> list[Event]:
         """Every event already waiting, without blocking."""

@@ -273,3 +273,55 @@ def test_a_worker_cannot_publish_for_an_agent_another_worker_runs(cluster):
         assert not events.of("EVENTS_LOST") and orch.status()["lost_events"] == 0
     finally:
         ctx.destroy(linger=0)
+
+
+def test_events_both_live_and_in_the_history_answer_are_delivered_once():
+    """A subscriber joining with history subscribes live first, then asks for history: what is
+    published in between comes live and in the answer.  It gets history first and each event
+    once (a fake coordinator: an XPUB played by hand)."""
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        with EventSubscriber(f"tcp://127.0.0.1:{port}", topics=["AGENT_READY."], history=True) as sub:
+            history_topic = None
+            deadline = time.monotonic() + 10
+            while history_topic is None and time.monotonic() < deadline:
+                if pub.poll(100):
+                    subscription = pub.recv()
+                    if protocol.parse_history_request(subscription[1:]) is not None:
+                        history_topic = subscription[1:]
+            assert history_topic is not None, "the subscriber never asked for history"
+            pub.send_multipart(_event(5, agent="a5"))  # live, after the live subscription took hold
+            items = [[frames[0].decode(), frames[1]] for frames in (_event(4, agent="a4"), _event(5, agent="a5"))]
+            pub.send_multipart([history_topic, msgpack.packb(items, use_bin_type=True)])
+            pub.send_multipart(_event(6, agent="a6"))
+            got = [ev.agent_name for ev in (sub.recv(5), sub.recv(5), sub.recv(5))]
+            assert got == ["a4", "a5", "a6"] and sub.recv(0.3) is None
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_live_events_wait_for_a_history_answer_that_never_comes_only_so_long(monkeypatch):
+    """A coordinator that never answers the history request (gone meanwhile) holds the live
+    events back for HISTORY_WAIT seconds, not for ever."""
+    from pyorchestrate import subscriber
+
+    monkeypatch.setattr(subscriber, "HISTORY_WAIT", 1.5)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        created = time.monotonic()
+        with EventSubscriber(f"tcp://127.0.0.1:{port}", topics=["AGENT_READY."], history=True) as sub:
+            wait_for(lambda: pub.poll(100) and protocol.parse_history_request(pub.recv()[1:]) is not None, 10,
+                     "the history request")
+            pub.send_multipart(_event(5, agent="a5"))
+            event = sub.recv(15)
+            waited = time.monotonic() - created
+            # held until HISTORY_WAIT after the subscriber was made (history goes first), then handed out
+            assert event is not None and event.agent_name == "a5" and 1.5 <= waited < 10, waited
+    finally:
+        ctx.destroy(linger=0)
