@@ -433,3 +433,45 @@ def test_a_restarted_coordinator_welcoming_on_the_same_connection_costs_no_secon
         assert beats >= 8 and "were lost" not in cluster.log_of("w1")
     finally:
         ctx.destroy(linger=0)
+
+
+def test_what_an_agent_reports_while_its_worker_has_no_coordinator_comes_with_the_next_register(cluster):
+    """An agent that ends while its worker has lost its coordinator (the lease ran out, no welcome
+    yet): its end is kept and carried by the worker's next register, so the coordinator that
+    welcomes it learns how the run ended instead of taking the copy for lost."""
+    ctx = zmq.Context()
+    try:
+        _, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+        sent = [0]
+
+        def send(ident: bytes, type_: str, **fields) -> None:
+            sent[0] += 1
+            router.send_multipart([ident, protocol.encode(type_, n=sent[0], **fields)])
+
+        # a lease of 0.6 s; the agent sleeps 2 s, so it ends long after the worker lost us
+        send(identity, "welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=3,
+             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        class_id, blob = shipping.pack_class(Sleeper, Sleeper.Config)
+        send(identity, "starts", agents=[dict(agent="nap", run="s", epoch=1, class_id=class_id, class_blob=blob,
+                                              config=shipping.pack_config(Sleeper.Config(seconds=2.0), "nap"),
+                                              mode="thread", keep=True)])
+        answering, carried = True, None
+        deadline = time.monotonic() + 30
+        while carried is None and time.monotonic() < deadline:
+            if not router.poll(100):
+                continue
+            ident, frame = router.recv_multipart()
+            message = protocol.decode(frame)
+            if message["type"] == "heartbeat" and answering:
+                send(ident, "heartbeat_reply", echo=message["t"])
+            elif message["type"] == "agent_events":
+                answering = False  # its STARTED came: silent from here on, and no welcome
+                assert "AGENT_TERMINATED" not in [item["event"] for item in message["events"]]
+            elif message["type"] == "register" and not answering:
+                ends = [item for item in message["events"] if item["agent"] == "nap" and item["event"] == "AGENT_TERMINATED"]
+                if ends:
+                    carried = ends[0]
+        assert carried is not None, "no register carried the end of the run that finished offline"
+        assert (carried["run"], carried["epoch"]) == ("s", 1)
+    finally:
+        ctx.destroy(linger=0)
