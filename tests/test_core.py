@@ -393,6 +393,23 @@ def test_a_stale_copy_being_stopped_counts_as_running_until_its_end_and_asks_no_
     assert len(h.to(w1, "reregister")) == 1
 
 
+def test_a_connection_the_worker_closes_on_purpose_is_no_death():
+    """A worker that says it is closing its connection (to register on a new one) is judged by
+    its silence, not by the close: a new register that takes longer than the reconnect grace
+    (a busy machine) must not make it lost."""
+    h = Harness()
+    w1 = h.register("w1")
+    h.core.control(w1, protocol.decode(protocol.encode("closing")), h.now)
+    h.core.disconnected(w1, h.now)  # the monitor saw the close
+    h.flush()
+    for _ in range(int((h.core.limits.reconnect_grace + 0.5) / 0.1)):  # past the grace, within its silence
+        h.step(0.1)
+    assert h.core.workers["w1"].alive and not h.events("WORKER_LOST")
+    for _ in range(int(h.core.limits.silence / 0.1)):  # and silence still counts: one that never comes back is lost
+        h.step(0.1)
+    assert not h.core.workers["w1"].alive and h.events("WORKER_LOST")
+
+
 def test_lost_frames_from_a_worker_make_it_register_again():
     h = Harness()
     w1 = h.register("w1")
