@@ -448,12 +448,13 @@ def test_what_an_agent_reports_while_its_worker_has_no_coordinator_comes_with_th
             sent[0] += 1
             router.send_multipart([ident, protocol.encode(type_, n=sent[0], **fields)])
 
-        # a lease of 0.6 s; the agent sleeps 2 s, so it ends long after the worker lost us
+        # a lease of 0.6 s; the agent sleeps 4 s, so it ends long after the worker lost us (even
+        # on a loaded machine, where the worker's loop may notice the lease late)
         send(identity, "welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=3,
              bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
         class_id, blob = shipping.pack_class(Sleeper, Sleeper.Config)
         send(identity, "starts", agents=[dict(agent="nap", run="s", epoch=1, class_id=class_id, class_blob=blob,
-                                              config=shipping.pack_config(Sleeper.Config(seconds=2.0), "nap"),
+                                              config=shipping.pack_config(Sleeper.Config(seconds=4.0), "nap"),
                                               mode="thread", keep=True)])
         answering, carried = True, None
         deadline = time.monotonic() + 30

@@ -183,6 +183,7 @@ def test_history_ranges_are_served_only_for_this_run_and_within_the_limit(cluste
         assert ask(session, 3, 2)["refused"] and ask(session, 0, 2)["refused"]
         reply = ask(session, 1, 3)
         assert reply["refused"] == "" and [seq for seq, _, _ in reply["items"]] == [1, 2, 3]
-        assert orch.status()["dropped"].get("history_refused", 0) == 4
+        # at least once each (a request not answered within 0.2 s, on a loaded machine, is made again)
+        assert orch.status()["dropped"].get("history_refused", 0) >= 4
     finally:
         ctx.destroy(linger=0)
