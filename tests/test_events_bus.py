@@ -92,11 +92,32 @@ def test_event_subscriber_filters_by_topic_and_times_out(cluster):
     sub.close()  # closing twice is fine
 
 
-def _publisher(ctx, address=None):
+def _bus_input(ctx, orch):
+    """An XPUB connected to ``orch``'s bus input, once the coordinator's XSUB has subscribed."""
     pub = ctx.socket(zmq.XPUB)
-    if address:
-        pub.connect(address)
+    pub.connect(orch.status()["addresses"]["bus"])
+    assert pub.poll(5000)
+    pub.recv()
     return pub
+
+
+def _fake_events_port(ctx):
+    """A coordinator's events port played by hand: an XPUB that sees every subscription, and its
+    address."""
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+    return pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def _history_request(pub) -> bytes:
+    """The topic a subscriber asked history under (its subscription, read from ``pub``)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if pub.poll(100):
+            subscription = pub.recv()
+            if protocol.parse_history_request(subscription[1:]) is not None:
+                return subscription[1:]
+    raise AssertionError("the subscriber never asked for history")
 
 
 def _event(seq, publisher="fake", event="AGENT_READY", agent="x", session="run1", numbered=True):
@@ -132,10 +153,8 @@ def _answer(pub, held, answers, until) -> int:
 def test_subscriber_recovers_gaps_from_history_and_reports_only_what_history_lacks():
     ctx = zmq.Context()
     try:
-        pub = ctx.socket(zmq.XPUB)
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
-        with EventSubscriber(f"tcp://127.0.0.1:{port}", timeout=2, history=False) as sub:
+        pub, address = _fake_events_port(ctx)
+        with EventSubscriber(address, timeout=2, history=False) as sub:
             assert pub.poll(5000)
             pub.recv()  # the subscription arrived
             # a run already under way when we joined: it is taken from the first event seen
@@ -170,9 +189,7 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
     publisher, run = current_run(orch, "probe")
     ctx = zmq.Context()
     try:
-        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
-        assert pub.poll(5000)
-        pub.recv()
+        pub = _bus_input(ctx, orch)
 
         frame_n = iter(range(1, 1000))
         token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
@@ -214,9 +231,7 @@ def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluste
     incarnation = orch._coordinator.core.workers["w1"].incarnation
     ctx = zmq.Context()
     try:
-        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
-        assert pub.poll(5000)
-        pub.recv()
+        pub = _bus_input(ctx, orch)
 
         def item(event, seq):
             return (publisher, run, protocol.event_topic(event, "probe"), seq, msgpack.packb({
@@ -257,9 +272,7 @@ def test_a_worker_cannot_publish_for_an_agent_another_worker_runs(cluster):
     token = orch._coordinator.core.workers["w2"].token
     ctx = zmq.Context()
     try:
-        pub = _publisher(ctx, orch.status()["addresses"]["bus"])
-        assert pub.poll(5000)
-        pub.recv()
+        pub = _bus_input(ctx, orch)
         body = msgpack.packb({"event": "AGENT_EVENT", "seq": 1000, "publisher": publisher, "incarnation": run,
                               "agent_name": "probe", "topic": "t", "data": {"forged": True},
                               "event_date": "d", "event_time": "t"})
@@ -281,18 +294,9 @@ def test_events_both_live_and_in_the_history_answer_are_delivered_once():
     once (a fake coordinator: an XPUB played by hand)."""
     ctx = zmq.Context()
     try:
-        pub = ctx.socket(zmq.XPUB)
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
-        with EventSubscriber(f"tcp://127.0.0.1:{port}", topics=["AGENT_READY."], history=True) as sub:
-            history_topic = None
-            deadline = time.monotonic() + 10
-            while history_topic is None and time.monotonic() < deadline:
-                if pub.poll(100):
-                    subscription = pub.recv()
-                    if protocol.parse_history_request(subscription[1:]) is not None:
-                        history_topic = subscription[1:]
-            assert history_topic is not None, "the subscriber never asked for history"
+        pub, address = _fake_events_port(ctx)
+        with EventSubscriber(address, topics=["AGENT_READY."], history=True) as sub:
+            history_topic = _history_request(pub)
             pub.send_multipart(_event(5, agent="a5"))  # live, after the live subscription took hold
             items = [[frames[0].decode(), frames[1]] for frames in (_event(4, agent="a4"), _event(5, agent="a5"))]
             pub.send_multipart([history_topic, msgpack.packb(items, use_bin_type=True)])
@@ -311,13 +315,10 @@ def test_live_events_wait_for_a_history_answer_that_never_comes_only_so_long(mon
     monkeypatch.setattr(subscriber, "HISTORY_WAIT", 1.5)
     ctx = zmq.Context()
     try:
-        pub = ctx.socket(zmq.XPUB)
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        pub, address = _fake_events_port(ctx)
         created = time.monotonic()
-        with EventSubscriber(f"tcp://127.0.0.1:{port}", topics=["AGENT_READY."], history=True) as sub:
-            wait_for(lambda: pub.poll(100) and protocol.parse_history_request(pub.recv()[1:]) is not None, 10,
-                     "the history request")
+        with EventSubscriber(address, topics=["AGENT_READY."], history=True) as sub:
+            _history_request(pub)
             pub.send_multipart(_event(5, agent="a5"))
             event = sub.recv(15)
             waited = time.monotonic() - created
