@@ -428,11 +428,15 @@ class Worker:
         self._pulse.stdout.close()  # type: ignore[union-attr]
         self._pulse = None
 
+    def _lease_over(self) -> bool:
+        """Has more than the lease passed since the last round trip we can prove?"""
+        return time.monotonic() - self._lease_from > self._limits.lease
+
     def _check_lease(self) -> bool:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
         if self._pulse is not None:
             self._pulse_echoes()
-        if time.monotonic() - self._lease_from <= self._limits.lease:
+        if not self._lease_over():
             return False
         if not self._lease_expired:
             self._lease_expired = True
@@ -626,7 +630,7 @@ class Worker:
         # turn starved of the GIL or the CPU after that look (thousands of agent threads, a
         # stopped process) can read this start long after the lease ran out, when the coordinator
         # may have started the agent elsewhere (one clock read per start)
-        if self._lease_expired or time.monotonic() - self._lease_from > self._limits.lease:
+        if self._lease_expired or self._lease_over():
             # the coordinator sent this before it could know we lost touch; it will learn from
             # our registration that the agent never started
             self.dropped.drop("start_after_lease", item["agent"])
