@@ -320,8 +320,9 @@ def test_a_start_read_after_the_lease_ran_out_is_not_acted_on(cluster):
     """A worker's loop starved past its lease (here an agent holds the GIL for seconds) finds a
     start its coordinator sent meanwhile: by then the coordinator may have taken the worker for
     lost and started that agent elsewhere.  It must not start it, and registers again without it
-    (a fake coordinator: a raw ROUTER speaking our protocol by hand).  The loop checks its lease at
-    the top of each turn; the start came within one."""
+    (a fake coordinator: a raw ROUTER speaking our protocol by hand).  Here the loop's look at its
+    lease at the top of the turn after the stall is what stops it; a start read within the turn
+    the stall held up is the next test's (that window cannot be timed from outside)."""
     ctx = zmq.Context()
     try:
         _, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
