@@ -340,7 +340,19 @@ class ClusterCore(Registration, CommandHandlers):
             not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
             self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
+        if self.predecessor.old_copies:
+            self.predecessor.worker_gone(worker.name, lambda name: now if certain else self._old_copy_gone(worker, name))
         self._dirty = True
+
+    def _old_copy_gone(self, worker: WorkerRecord, name: str) -> float:
+        """When an old copy of ``name`` that was told to stop on the silent ``worker`` has certainly
+        stopped: as its current run would be (its lease, its stop timeout).  Whether that stop
+        arrived before the silence is unknown, and an old copy kept while its worker has no
+        coordinator runs until the orphan timeout: so does the wait, if the agent keeps running."""
+        record = self.agents.get(name)
+        stop_timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
+        keeps = record.keeps_running if record is not None else True
+        return worker.last_sign + self.limits.unknown_copy_gone(keeps, stop_timeout)
 
     # ================================================================== agent reports
 
@@ -434,8 +446,8 @@ class ClusterCore(Registration, CommandHandlers):
             worker.stopping.discard((name, item["run"], item["epoch"]))
             if name in self.predecessor.foreign:
                 worker.agents.discard(name)
-            if self.predecessor.copy_ended(name, worker.name, item["run"], item["epoch"]):
-                self._dirty = True  # the old copy is gone: ours may start
+            self.predecessor.copy_ended(name, worker.name, item["run"], item["epoch"])
+            self._dirty = True  # ours may start, or waits for another copy: placement says which
             return
         if worker.alive and name not in self.predecessor.foreign:
             # an agent copy we no longer consider running there: make sure it stops
@@ -452,7 +464,7 @@ class ClusterCore(Registration, CommandHandlers):
             self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=timeout)
         worker.stopping.add((name, run, epoch))
         if record is not None:
-            self.predecessor.block(name, worker.name, run, epoch, now, timeout)
+            self.predecessor.block(name, worker.name, run, epoch)
         return timeout
 
     # ================================================================== time

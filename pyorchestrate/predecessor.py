@@ -5,14 +5,17 @@ left running on the workers.  Part of the pure core (no clock reads, no sockets)
 - A copy reported before this script registered its agent is held for a while ("foreign"); if
   the script does not register it, it is stopped.
 - A copy that is stopped (changed definition, or stale) blocks its agent until it has ended
-  ("old copy"), so two never run at once.
+  ("old copy"), so two never run at once.  While its worker is alive, only the copy's end (or a
+  register of that worker not listing it) ends the wait, however long the copy ignores its stop:
+  a thread stuck in its cycle cannot be killed.  Once its worker is lost, the wait ends when the
+  copy has certainly stopped (see :meth:`Predecessor.worker_gone`).
 - After a crash, agents wait before they start (the adoption window, and longer where a copy on a
   worker that never reports could still be running).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .limits import Limits
 from .records import AgentRecord
@@ -31,8 +34,9 @@ class Predecessor:
         self.found: set[str] = set()  #: agents of which a previous coordinator's copy was reported
         #: copies reported before the script registered their agent: name -> (worker, report, deadline)
         self.foreign: dict[str, tuple[str, dict[str, Any], float]] = {}
-        #: agents waiting until older copies have stopped: name -> {(worker, run, epoch): deadline}
-        self.old_copies: dict[str, dict[tuple[str, str, int], float]] = {}
+        #: agents waiting until older copies have stopped: name -> {(worker, run, epoch): deadline},
+        #: the deadline None while that worker is alive (it reports the copy's end)
+        self.old_copies: dict[str, dict[tuple[str, str, int], float | None]] = {}
 
     def hold_until(self, record: AgentRecord) -> float:
         """When ``record`` may start.  After a crash, a copy the predecessor left running is reported
@@ -49,10 +53,31 @@ class Predecessor:
     def hold_foreign(self, name: str, worker: str, report: dict[str, Any], now: float) -> None:
         self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)
 
-    def block(self, name: str, worker: str, run: str, epoch: int, now: float, stop_timeout: float) -> None:
-        """A copy of ``name`` that is not its current run is being stopped: no new copy starts
-        until it has reported its end, or its worker's lease and its stop timeout have run out."""
-        self.old_copies.setdefault(name, {})[(worker, run, epoch)] = self.limits.replace_after(now, stop_timeout)
+    def block(self, name: str, worker: str, run: str, epoch: int) -> None:
+        """A copy of ``name`` that is not its current run is being stopped on ``worker``, which is
+        alive: no new copy starts until that copy has reported its end.  Not after its stop
+        timeout: a thread agent stuck past it still runs (its worker says so, and cannot kill it),
+        and starting another then ran two at once."""
+        self.old_copies.setdefault(name, {})[(worker, run, epoch)] = None
+
+    def worker_gone(self, worker: str, deadline: Callable[[str], float]) -> None:
+        """``worker`` is lost or gone, so its old copies' ends may never be reported: each blocks its
+        agent until ``deadline(name)``, when it has certainly stopped (see ClusterCore._worker_gone)."""
+        for name, old in self.old_copies.items():
+            for copy, until in old.items():
+                if copy[0] == worker and until is None:
+                    old[copy] = deadline(name)
+
+    def worker_listed(self, worker: str, listed: set[tuple[str, str, int]]) -> None:
+        """``worker`` registered, listing every copy it runs (``(agent, run, epoch)``): its old
+        copies not listed have ended (their end reports lost with a connection, or its process
+        restarted); those listed were blocked again as the list was taken."""
+        for name in list(self.old_copies):
+            old = self.old_copies[name]
+            for copy in [c for c in old if c[0] == worker and (name, c[1], c[2]) not in listed]:
+                del old[copy]
+            if not old:
+                del self.old_copies[name]
 
     def waits_for(self, name: str) -> str | None:
         """A worker an older copy of ``name`` is stopping on, if one has not ended yet."""
@@ -80,7 +105,7 @@ class Predecessor:
             del self.foreign[name]
         over = False
         for name, old in list(self.old_copies.items()):
-            for copy in [c for c, deadline in old.items() if now > deadline]:
+            for copy in [c for c, deadline in old.items() if deadline is not None and now > deadline]:
                 del old[copy]
             if not old:
                 del self.old_copies[name]

@@ -118,6 +118,8 @@ class Registration:
         for report in message["agents"]:
             if self._take_report(worker, report, now, stop):
                 reported.add(report["agent"])
+        if self.predecessor.old_copies:
+            self.predecessor.worker_listed(name, {(r["agent"], r["run"], r["epoch"]) for r in message["agents"]})
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),

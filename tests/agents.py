@@ -141,12 +141,14 @@ class Traced(LoopingThreadAgent):
     class Config(LoopingThreadAgent.Config):
         trace = ""
         version = 1
+        deaf = 0.0  #: seconds it goes on after a stop request (a thread stuck in its cycle)
 
     def setup(self):
         append_line(self.config.trace, f"setup {self.name} {self.config.version}")
 
     def cycle(self):
-        self.wait_stop(0.05)
+        if self.wait_stop(0.05) and self.config.deaf:
+            time.sleep(self.config.deaf)  # threads cannot be killed: this copy runs on, stuck
 
     def on_close(self):
         append_line(self.config.trace, f"close {self.name}")

@@ -36,6 +36,7 @@ REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
 STEP = 0.05  # simulated seconds per step
 _ALIVE = ("heartbeat", "agent_events", "register")  # frames that show a worker is alive
 CORE_SLICE = 3  # control frames the coordinator reads per loop turn (kept tiny: backlogs build up)
+STUCK = 0.15  # of the stops a coordinator asks for: the copy is a thread stuck far past its timeout
 
 
 @dataclass
@@ -178,7 +179,8 @@ class Sim:
         return AgentRecord(name=name, agent_class=object, config=None, class_id="c", class_blob=b"",
                            config_blob=name.encode(), mode="thread",
                            policy=RestartPolicy(spec["mode"], max_restarts=-1, initial=0.5, maximum=4.0),
-                           one_shot=spec["one_shot"], definition=f"def-{name}", stop_timeout=spec["stop_timeout"])
+                           one_shot=spec["one_shot"], definition=f"def-{name}-{spec.get('version', 1)}",
+                           stop_timeout=spec["stop_timeout"])
 
     # ------------------------------------------------------------------ the network
 
@@ -401,8 +403,13 @@ class Sim:
                    seen=worker.recv_n, seen_session=worker.session or "", conn=worker.conn,
                    token=f"secret-{worker.incarnation}")
 
-    def _stop(self, copy: Copy, timeout: float) -> None:
+    def _stop(self, copy: Copy, timeout: float, told: bool = False) -> None:
+        """``told``: the coordinator asked (a stop frame, a welcome's stop list), so it was in touch."""
         done = self.now + timeout * self.rng.uniform(0.3, 0.95)  # most of its timeout: slow stoppers
+        if told and self.rng.random() < STUCK:
+            # a thread stuck in its cycle: it ends long after its timeout, and its worker, in
+            # touch, says it still runs; nothing may start another copy meanwhile
+            done = self.now + timeout * self.rng.uniform(2.0, 5.0)
         copy.stop_done = done if copy.stop_done is None else min(copy.stop_done, done)
 
     def _worker_receive(self, worker: SimWorker, frame: bytes) -> None:
@@ -430,7 +437,7 @@ class Sim:
             for item in message["stop"]:
                 copy = worker.copies.get((item["agent"], item["run"], item["epoch"]))
                 if copy is not None:
-                    self._stop(copy, item["timeout"])
+                    self._stop(copy, item["timeout"], told=True)
         elif kind == "heartbeat_reply":
             if message["echo"] > worker.lease_from:
                 worker.lease_from = message["echo"]
@@ -441,7 +448,7 @@ class Sim:
         elif kind == "stop":
             copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
             if copy is not None:
-                self._stop(copy, message["timeout"])
+                self._stop(copy, message["timeout"], told=True)
         elif kind == "refused":
             worker.registered = False
             self._reconnect(worker)
@@ -506,6 +513,8 @@ class Sim:
             self.heard.clear()
             self.core = self._new_core(adopt=adopt_window(self.limits))
             for name in self.specs:
+                if rng.random() < 0.2:  # the user changed it: its running copy is stopped, not adopted
+                    self.specs[name]["version"] = self.specs[name].get("version", 1) + 1
                 if name not in self.forgotten:
                     self.core.command(commands.AddAgent(self._record(name), graph_checked=True), self.now)
             self._restarted_at = self.now

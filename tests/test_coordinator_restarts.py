@@ -42,7 +42,7 @@ for event in OrchestratorEvent:
     o.register_event(event, record)
 versions = {versions!r}
 for i in range({agents}):
-    o.register_agent(Traced, f"agent{{i}}", Traced.Config(trace={trace!r}, version=versions.get(i, 1)))
+    o.register_agent(Traced, f"agent{{i}}", Traced.Config(trace={trace!r}, version=versions.get(i, 1), **{agent_config!r}))
 o.start()
 {ending}
 """
@@ -68,12 +68,14 @@ class Script:
     """One coordinator script run as its own process."""
 
     def __init__(self, tmp: Path, tag: str, address: str, *, name: str = "svc", agents: int = 3, workers: int = 1,
-                 versions: dict[int, int] | None = None, ending: str = "sleep") -> None:
+                 versions: dict[int, int] | None = None, ending: str = "sleep",
+                 agent_config: dict | None = None) -> None:
         self.events = tmp / f"events-{tag}.jsonl"
         path = tmp / f"coordinator-{tag}.py"
         path.write_text(SCRIPT.format(tests=TESTS, events=str(self.events), name=name, address=address,
                                       workers=workers, versions=versions or {}, agents=agents,
-                                      trace=str(tmp / "trace.txt"), ending=ENDINGS[ending]))
+                                      trace=str(tmp / "trace.txt"), ending=ENDINGS[ending],
+                                      agent_config=agent_config or {}))
         self.log = open(tmp / f"coordinator-{tag}.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=_ctrl_c_as_at_a_terminal)
@@ -159,6 +161,22 @@ def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_
     assert third.proc.wait(30) == 128 + signal.SIGTERM
     wait_for(lambda: len([line for line in trace(tmp_path) if line.startswith("close")]) == 21, 20,
              "every copy to close")
+
+
+def test_a_changed_agent_waits_for_its_old_copy_however_long_that_copy_ignores_its_stop(cluster, tmp_path, scripts):
+    """A restarted script changed an agent: its old copy is told to stop, and it is a thread stuck
+    in its cycle for 8 s, far past its 1 s stop timeout.  Its worker is alive and says the copy still
+    runs, so the new copy waits for the old one's end, however long: never two at once."""
+    scripts.workers("w1", "w2")
+    stuck = {"deaf": 8.0, "stop_timeout": 1.0}
+    first = scripts.run("first", agents=1, workers=2, agent_config=stuck)
+    wait_for(lambda: len(setups(tmp_path)) == 1, 30, "the agent to start")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    second = scripts.run("second", agents=1, workers=2, versions={0: 2}, agent_config=stuck)
+    wait_for(lambda: "setup agent0 2" in trace(tmp_path), 40, "the changed agent to start")
+    lines = trace(tmp_path)
+    assert lines.index("close agent0") < lines.index("setup agent0 2"), lines
 
 
 @pytest.mark.parametrize("ending", ["sigterm", "sigint", "exception"])

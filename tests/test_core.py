@@ -22,11 +22,11 @@ S = AgentState
 class Harness:
     """A core, a clock, and helpers that speak for workers."""
 
-    def __init__(self, **config) -> None:
+    def __init__(self, *, adopt_window: float = 0.0, strict_hold: bool = False, **config) -> None:
         self.now = 100.0
         self.config = SimConfig(**config)
         self.core = ClusterCore("c", "inc1", self.config, now=self.now, rng=random.Random(1), wall=lambda: self.now,
-                                drop=lambda kind, detail: None)
+                                drop=lambda kind, detail: None, adopt_window=adopt_window, strict_hold=strict_hold)
         self.sent: list[tuple[bytes, dict]] = []
         self.published: list[Publish] = []
         self.forgotten: list[str] = []
@@ -630,3 +630,184 @@ def test_a_worker_cannot_report_for_a_copy_another_worker_runs():
     assert [p.event.value for p in h.published[published:] if p.subject == "job"] == []
     h.report(w1, record, "AGENT_TERMINATED", ok=True)  # its own worker's end still counts
     assert record.state is S.TERMINATED and h.events("AGENT_TERMINATED")[-1].fields["ok"] is True
+
+
+# ---------------------------------------------------------------------------- a previous coordinator's copies
+
+
+def _predecessor_copy(agent: str, definition: str | None = None, run: str = "inc0", epoch: int = 1) -> dict:
+    """How a registering worker lists a copy the coordinator before us (same name, run ``inc0``) started."""
+    return {"agent": agent, "run": run, "epoch": epoch, "state": "READY", "coordinator": "c",
+            "definition": definition or f"d-{agent}"}
+
+
+def _ended(identity: bytes, h: Harness, copy: dict) -> None:
+    item = protocol.agent_event(copy["agent"], copy["run"], copy["epoch"], "AGENT_TERMINATED", {"ok": True})
+    h.core.control(identity, protocol.decode(protocol.encode("agent_events", events=[item])), h.now)
+    h.flush()
+
+
+def test_a_copy_reported_before_the_script_registers_its_agent_is_kept_running_and_adopted():
+    """Workers can report a previous coordinator's copies before the restarted script has
+    registered its agents (it registers them after start(), or slowly).  Such a copy is held,
+    running, for the adoption window and a heartbeat silence after it: registered within that, it
+    is adopted, neither stopped nor started again."""
+    h = Harness(adopt_window=2.0)
+    w1 = h.register("w1", agents=[_predecessor_copy("a")])
+    h.step(2.0 + h.core.limits.silence - 0.5)  # the window is over, the hold not yet
+    assert not h.to(w1, "stop")
+    record = h.add("a")
+    h.step()
+    assert record.state is S.READY and record.run == "inc0" and record.worker == "w1"
+    assert len(h.events("AGENT_ADOPTED")) == 1 and not h.to(w1, "start") and not h.to(w1, "stop")
+
+
+def test_a_copy_nobody_registers_is_stopped_once_its_hold_is_over():
+    h = Harness(adopt_window=2.0)
+    w1 = h.register("w1", agents=[_predecessor_copy("a")])
+    h.step(2.0 + h.core.limits.silence + 0.1)
+    assert [(m["agent"], m["run"]) for m in h.to(w1, "stop")] == [("a", "inc0")]
+
+
+def test_a_held_copy_that_ends_before_its_agent_is_registered_is_not_adopted():
+    """The held copy ended (a one-shot agent finishing, a crash): registering its agent then starts
+    it anew.  Adopting the report would take a copy that no longer runs for the running one, and
+    the agent would never run again."""
+    h = Harness(adopt_window=2.0)
+    copy = _predecessor_copy("a")
+    w1 = h.register("w1", agents=[copy])
+    _ended(w1, h, copy)
+    record = h.add("a")
+    h.step(2.1)  # past the window: it may start
+    assert not h.events("AGENT_ADOPTED")
+    assert record.state is S.ASSIGNED and record.run == "inc1" and len(h.to(w1, "start")) == 1
+
+
+def test_an_agent_starts_only_after_every_old_copy_being_stopped_has_ended():
+    """Two workers still run older copies of an agent (a changed definition: stopped, not
+    adopted).  Its new copy starts when both have ended, not when the first has: never two
+    live copies."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    old1, old2 = _predecessor_copy("a", "d-old", epoch=1), _predecessor_copy("a", "d-old", epoch=2)
+    w1 = h.register("w1", agents=[old1])
+    w2 = h.register("w2", agents=[old2])
+    assert [m["stop"] for _, m in h.sent if m["type"] == "welcome"] == [
+        [{"agent": "a", "run": "inc0", "epoch": 1, "timeout": 1.0}],
+        [{"agent": "a", "run": "inc0", "epoch": 2, "timeout": 1.0}]]
+    h.step(1.5)  # past the adoption window
+    assert record.state is S.PENDING and "previous copy" in record.pending_reason
+    _ended(w1, h, old1)
+    h.step()
+    assert record.state is S.PENDING and "previous copy on w2" in record.pending_reason
+    _ended(w2, h, old2)
+    h.step()
+    assert record.state is S.ASSIGNED and record.run == "inc1"
+
+
+def test_after_a_crash_an_agent_whose_old_copy_was_reported_waits_only_for_that_copy():
+    """After a crash (strict hold) an agent waits for copies on workers that never report, up to
+    their lease (or orphan timeout) and stop timeout.  One whose old copy a worker did report
+    needs no such wait: once that copy has ended it starts at the end of the adoption window."""
+    h = Harness(adopt_window=1.0, strict_hold=True)
+    waited, reported = h.add("waited"), h.add("reported")
+    old = _predecessor_copy("reported", "d-old")
+    w1 = h.register("w1", agents=[old])
+    _ended(w1, h, old)
+    h.step(1.5)
+    assert reported.state is S.ASSIGNED
+    assert waited.state is S.PENDING and "adoption window" in waited.pending_reason
+    gone = h.core.limits.unknown_copy_gone(waited.keeps_running, 1.0)  # from the coordinator's start, at 100
+    h.step(gone - 1.5 - 0.1)
+    assert waited.state is S.PENDING
+    h.step(0.2)
+    assert waited.state is S.ASSIGNED, waited.pending_reason
+
+
+def test_an_old_copy_that_ignores_its_stop_on_a_live_worker_blocks_its_agent_until_its_end():
+    """A thread stuck in its cycle cannot be killed: its worker, alive, says it still runs, and
+    no stop timeout makes it less alive.  Its agent waits for the end, however long."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    old = _predecessor_copy("a", "d-old")
+    w1 = h.register("w1", agents=[old])
+    for _ in range(60):  # 30 s, far past its 1 s stop timeout and any lease
+        h.beat(w1, running=1)
+        h.step(0.5)
+    assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
+    _ended(w1, h, old)
+    h.step()
+    assert record.state is S.ASSIGNED
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_old_copy_on_a_worker_that_goes_silent_blocks_until_it_has_certainly_stopped(keep):
+    """Its worker is lost: the copy's end may never be reported.  It has certainly stopped once
+    the worker's lease and the stop timeout are over (a kept agent: the orphan timeout), counted
+    from the worker's last sign of life."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a", on_disconnect="keep" if keep else "replace")
+    assert record.keeps_running is keep
+    old = _predecessor_copy("a", "d-old")
+    w1 = h.register("w1", agents=[old])
+    h.register("w2")
+    last_sign = h.now
+    w2 = b"w2"
+    gone = last_sign + h.core.limits.unknown_copy_gone(keep, 1.0)
+    while h.now < gone - 0.5:
+        h.beat(w2)
+        h.step(0.5)
+        assert record.state is S.PENDING, h.now - last_sign
+    assert not h.core.workers["w1"].alive
+    for _ in range(3):
+        h.beat(w2)
+        h.step(0.5)
+    assert record.state is S.ASSIGNED and record.worker == "w2"
+
+
+def test_an_old_copy_on_a_worker_whose_process_is_gone_blocks_no_more():
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    w1 = h.register("w1", agents=[_predecessor_copy("a", "d-old")])
+    w2 = h.register("w2")
+    h.step(1.5)
+    assert record.state is S.PENDING
+    h.core.control(w1, protocol.decode(protocol.encode("goodbye", n=0)), h.now)  # it shut down
+    h.flush()
+    h.beat(w2)
+    h.step(0.1)
+    assert record.state is S.ASSIGNED and record.worker == "w2"
+
+
+def test_an_old_copy_its_worker_no_longer_lists_when_it_registers_has_ended():
+    """Its end report was lost with a connection: the worker's next register lists every copy it
+    runs, and one not listed is over."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    w1 = h.register("w1", agents=[_predecessor_copy("a", "d-old")])
+    h.step(1.5)
+    h.register("w1", identity=w1, agents=[_predecessor_copy("a", "d-old")], conn=2)  # still runs
+    h.step()
+    assert record.state is S.PENDING
+    h.register("w1", identity=w1, agents=[], conn=3)
+    h.step()
+    assert record.state is S.ASSIGNED and not h.core.predecessor.old_copies  # nothing left behind
+
+
+def test_a_lost_worker_frees_only_its_own_old_copies():
+    """Old copies on two workers; the one whose worker is lost stops blocking once it has certainly
+    stopped, the one on the live worker (stuck) still blocks."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    old1, old2 = _predecessor_copy("a", "d-old", epoch=1), _predecessor_copy("a", "d-old", epoch=2)
+    w1 = h.register("w1", agents=[old1])
+    h.register("w2", agents=[old2])
+    gone = h.now + h.core.limits.unknown_copy_gone(record.keeps_running, 1.0)
+    while h.now < gone + 1.0:  # w2 is silent from the start
+        h.beat(w1, running=1)
+        h.step(0.5)
+    assert not h.core.workers["w2"].alive and record.state is S.PENDING
+    assert record.pending_reason == "waiting for the previous copy on w1 to stop"
+    _ended(w1, h, old1)
+    h.step()
+    assert record.state is S.ASSIGNED and record.worker == "w1"
