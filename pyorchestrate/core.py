@@ -346,13 +346,24 @@ class ClusterCore(Registration, CommandHandlers):
 
     def _old_copy_gone(self, worker: WorkerRecord, name: str) -> float:
         """When an old copy of ``name`` that was told to stop on the silent ``worker`` has certainly
-        stopped: as its current run would be (its lease, its stop timeout).  Whether that stop
-        arrived before the silence is unknown, and an old copy kept while its worker has no
-        coordinator runs until the orphan timeout: so does the wait, if the agent keeps running."""
+        stopped.  Whether that stop arrived before the silence is unknown: a copy the worker keeps
+        while it has no coordinator may run on, so the agent's own ``keeps_running`` decides (an
+        old copy's definition is not known here; a changed one may keep where the new does not)."""
         record = self.agents.get(name)
         stop_timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
-        keeps = record.keeps_running if record is not None else True
-        return worker.last_sign + self.limits.unknown_copy_gone(keeps, stop_timeout)
+        return self._copy_gone(worker, record.keeps_running if record is not None else True, stop_timeout)
+
+    def _copy_gone(self, worker: WorkerRecord, keeps: bool, stop_timeout: float) -> float:
+        """When a copy on the lost ``worker`` has certainly stopped.  Not kept: its worker stopped it
+        when its lease ran out (counted from its last sign of life), plus the stop timeout.  Kept:
+        at the worker's orphan timeout, counted from the last frame it may have had from us (we send
+        nothing once it is lost), plus the stop timeout; never, if it has none (then only its
+        return says)."""
+        if not keeps:
+            return self.limits.replace_after(worker.last_sign, stop_timeout)
+        if not worker.orphan_timeout:
+            return float("inf")
+        return worker.gone_at + worker.orphan_timeout + stop_timeout + self.limits.margin
 
     # ================================================================== agent reports
 
@@ -463,8 +474,8 @@ class ClusterCore(Registration, CommandHandlers):
         if send:
             self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=timeout)
         worker.stopping.add((name, run, epoch))
-        if record is not None:
-            self.predecessor.block(name, worker.name, run, epoch)
+        # blocked even with no agent of that name yet: the script may register it in a moment
+        self.predecessor.block(name, worker.name, run, epoch)
         return timeout
 
     # ================================================================== time
@@ -524,8 +535,15 @@ class ClusterCore(Registration, CommandHandlers):
         if limit is not None:
             for record in self.states.of(S.DISCONNECTED):
                 if now - record.disconnected_at > limit:
+                    worker, run, epoch = self.workers.get(record.worker or ""), record.run, record.epoch
                     self._fail_run(record, f"its worker {record.worker!r} has been unreachable for {limit} s "
                                            "(disconnect_timeout)", now)
+                    if worker is not None:
+                        # given up, not gone: the copy may run on there, cut off, until the worker's
+                        # orphan timeout.  A new copy (restart policy, restart_agent) waits until
+                        # it has certainly stopped, or the worker returns and says it has
+                        self.predecessor.block(record.name, worker.name, run, epoch,
+                                               self._copy_gone(worker, True, record.stop_timeout))
         unclaimed, waited_out = self.predecessor.expire(now)
         for worker_name, name, report in unclaimed:
             # a previous coordinator's agent this script did not register: stop it

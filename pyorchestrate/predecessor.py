@@ -4,11 +4,12 @@ left running on the workers.  Part of the pure core (no clock reads, no sockets)
 - A copy with the same definition as an agent this script registers is adopted (see core.py).
 - A copy reported before this script registered its agent is held for a while ("foreign"); if
   the script does not register it, it is stopped.
-- A copy that is stopped (changed definition, or stale) blocks its agent until it has ended
-  ("old copy"), so two never run at once.  While its worker is alive, only the copy's end (or a
-  register of that worker not listing it) ends the wait, however long the copy ignores its stop:
-  a thread stuck in its cycle cannot be killed.  Once its worker is lost, the wait ends when the
-  copy has certainly stopped (see :meth:`Predecessor.worker_gone`).
+- A copy that is stopped (changed definition, stale, or reported stopping), or given up while its
+  worker is cut off (disconnect_timeout), blocks its agent until it has ended ("old copy"), so two
+  never run at once.  While its worker is alive, only the copy's end (or a register of that worker
+  not listing it) ends the wait, however long the copy ignores its stop: a thread stuck in its
+  cycle cannot be killed.  Once its worker is lost, the wait ends when the copy has certainly
+  stopped (see :meth:`Predecessor.worker_gone`).
 - After a crash, agents wait before they start (the adoption window, and longer where a copy on a
   worker that never reports could still be running).
 """
@@ -40,9 +41,11 @@ class Predecessor:
 
     def hold_until(self, record: AgentRecord) -> float:
         """When ``record`` may start.  After a crash, a copy the predecessor left running is reported
-        within the window unless its worker is cut off.  Once one was reported it was adopted or is
-        stopped before ours starts (the predecessor ran one at a time); if none was, a cut-off copy
-        may still run until its lease (or, kept, the orphan timeout) and stop timeout have passed."""
+        within the window unless its worker is cut off.  Once one was reported running (``found``)
+        it was adopted or is stopped before ours starts (the predecessor ran one at a time, but for
+        copies it had replaced: their workers stopped them at their lease, and list them as
+        stopping, which is no proof, see registration.py); if none was, a cut-off copy may still run
+        until its lease (or, kept, the orphan timeout) and stop timeout have passed."""
         if self.window <= 0:
             return 0.0
         if not self.strict or record.name in self.found:
@@ -53,12 +56,14 @@ class Predecessor:
     def hold_foreign(self, name: str, worker: str, report: dict[str, Any], now: float) -> None:
         self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)
 
-    def block(self, name: str, worker: str, run: str, epoch: int) -> None:
-        """A copy of ``name`` that is not its current run is being stopped on ``worker``, which is
-        alive: no new copy starts until that copy has reported its end.  Not after its stop
-        timeout: a thread agent stuck past it still runs (its worker says so, and cannot kill it),
-        and starting another then ran two at once."""
-        self.old_copies.setdefault(name, {})[(worker, run, epoch)] = None
+    def block(self, name: str, worker: str, run: str, epoch: int, until: float | None = None) -> None:
+        """A copy of ``name`` that is not its current run may still run on ``worker``: no new copy
+        starts until that copy has reported its end (or ``worker`` registers without it), or, if
+        ``until`` is given (its worker is lost: see :meth:`worker_gone`), until then.  A live
+        worker's copy blocks with no deadline, not until its stop timeout: a thread agent stuck
+        past it still runs (its worker says so, and cannot kill it), and starting another then ran
+        two at once."""
+        self.old_copies.setdefault(name, {})[(worker, run, epoch)] = until
 
     def worker_gone(self, worker: str, deadline: Callable[[str], float]) -> None:
         """``worker`` is lost or gone, so its old copies' ends may never be reported: each blocks its

@@ -91,7 +91,10 @@ class MapOf:
 AGENT_EVENT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "event": _STR, "fields": _DICT}
 # One agent copy a worker runs (inside register): enough to fence it, reconnect it or adopt it.
 RUN_REPORT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "state": _STR,
-                              "coordinator": _STR, "definition": _STR}
+                              "coordinator": _STR, "definition": _STR,
+                              # asked to stop (its lease ran out, the orphan timeout, a coordinator's
+                              # stop) and ending: never adopted, and no sign it is its agent's only copy
+                              "stopping": Optional(bool, False)}
 # One agent a coordinator tells a worker to start (inside starts).
 START_ITEM: dict[str, Any] = {
     "agent": _STR,
@@ -139,6 +142,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
         # the coordinator session whose welcome it had read when it wrote this (whose frames
         # ``seen`` counts); None: not said (an older worker)
         "seen_session": Optional(_STR, None),
+        # its --orphan-timeout (0: it never stops the agents it keeps); None: not said (an older
+        # worker: the default is assumed).  How long a kept copy can outlive its worker's silence
+        "orphan_timeout": Optional(_NUM, None),
         # which connection of this worker process it is (1, 2, ...): a register that arrives from
         # an older one after a newer one spoke is a stale snapshot and is ignored
         "conn": Optional(_INT, 0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import ORPHAN_TIMEOUT
 from .restart import RestartPolicy
 from .states import AgentState
 
@@ -91,6 +92,8 @@ class WorkerRecord:
     last_t: float = 0.0  #: the worker-clock stamp of its latest heartbeat (echoed back: its lease)
     disconnected_at: float | None = None  #: when its connection closed, if it has
     gone_at: float = 0.0  #: when it was lost or left (records are forgotten some time after)
+    #: its --orphan-timeout: a copy it keeps runs at most this long without a coordinator (0: no limit)
+    orphan_timeout: float = ORPHAN_TIMEOUT
     agents: set[str] = field(default_factory=set)
     #: stale copies it was told to stop and that have not reported their end: (agent, run, epoch)
     stopping: set[tuple[str, str, int]] = field(default_factory=set)

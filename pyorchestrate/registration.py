@@ -107,6 +107,8 @@ class Registration:
             if same_connection:  # it answered "register again": what we sent it still arrives in order
                 worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
         worker.token = message["token"]
+        if message["orphan_timeout"] is not None:
+            worker.orphan_timeout = float(message["orphan_timeout"])
         self.workers[name] = worker
         self.by_identity[identity] = name
         # what happened while it was away comes first, then the list of what runs there now: a
@@ -151,7 +153,11 @@ class Registration:
         name, run, epoch = report["agent"], report["run"], report["epoch"]
         record = self.agents.get(name)
         from_predecessor = run != self.incarnation and report["coordinator"] == self.name
-        if from_predecessor:
+        # a copy stopping is ending, and may be one the previous coordinator had replaced already
+        # (its worker was frozen or cut off past its lease): not adopted, and not taken for the
+        # only copy there is (see Predecessor.hold_until); blocked until it has ended, below
+        adoptable = from_predecessor and not report["stopping"]
+        if adoptable:
             self.predecessor.found.add(name)
         if record is not None and record.worker == worker.name and (record.run, record.epoch) == (run, epoch):
             if record.state in RUNNING:
@@ -169,7 +175,7 @@ class Registration:
             if record.state is S.DISCONNECTED:
                 self._reconnect(record, worker, report, "its worker is back")
                 return True
-        elif from_predecessor and self.config.on_restart == "adopt":
+        elif adoptable and self.config.on_restart == "adopt":
             if record is None:
                 # the script may register it in a moment: hold it (running) for the adoption window
                 self.predecessor.hold_foreign(name, worker.name, report, now)

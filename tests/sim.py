@@ -116,7 +116,7 @@ class Sim:
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = 0.0
-        self.config = config or SimConfig()
+        self.config = config or SimConfig(disconnect_timeout=self.rng.choice([None, None, 2.0, 6.0]))
         self.limits = Limits(self.config.heartbeat_interval, self.config.heartbeat_liveness)
         self.faults = faults
         self.ids = itertools.count(1)
@@ -128,6 +128,8 @@ class Sim:
         self.workers: dict[str, SimWorker] = {}
         self.starts: dict[str, int] = {}  # agent -> copies ever started
         self.ended: set[tuple[str, str, int]] = set()  # copies that ended and reported it
+        self.ended_in: dict[tuple[str, str, int], str] = {}  # those copies: the worker process (incarnation)
+        self.ends_read: set[tuple[str, str, int]] = set()  # copies whose end report the core has read
         self.reached: dict[tuple[str, str, int], bool] = {}  # those copies: did they get to READY?
         #: (agent, coordinator incarnation) -> copies that coordinator started or adopted
         self.runs_of: dict[tuple[str, str], int] = {}
@@ -170,6 +172,9 @@ class Sim:
         # some one-shot runs end at once: their STARTED, READY and end go in one report, folded
         # (protocol 9); decided from what was drawn, so every seed's other draws stay the same
         spec["instant"] = spec["one_shot"] and spec["duration"] < 2.5
+        # where its default (keep only what never restarts) is overridden: a kept agent that
+        # restarts is replaced once given up (disconnect_timeout), while its cut-off copy runs on
+        spec["on_disconnect"] = rng.choice([None, None, "keep", "replace"])
         self.specs[name] = spec
         self.core.command(commands.AddAgent(self._record(name)), self.now)
         self._apply()
@@ -180,7 +185,7 @@ class Sim:
                            config_blob=name.encode(), mode="thread",
                            policy=RestartPolicy(spec["mode"], max_restarts=-1, initial=0.5, maximum=4.0),
                            one_shot=spec["one_shot"], definition=f"def-{name}-{spec.get('version', 1)}",
-                           stop_timeout=spec["stop_timeout"])
+                           stop_timeout=spec["stop_timeout"], on_disconnect=spec["on_disconnect"])
 
     # ------------------------------------------------------------------ the network
 
@@ -241,7 +246,11 @@ class Sim:
         worker's process, never if it still runs or ended and reported it (reports are complete)."""
         record = self.core.agents[agent]
         copy = (agent, record.run, record.epoch)
-        if copy in self.ended or any(copy in w.copies for w in self.workers.values()):
+        # an end its worker reported but the core never read, lost with that worker's process
+        # (SIGKILL), leaves nothing to account for it: the core cannot know, and says it failed
+        lost_with_process = copy not in self.ends_read and self.ended_in.get(copy) not in {
+            w.incarnation for w in self.workers.values()}
+        if (copy in self.ended and not lost_with_process) or any(copy in w.copies for w in self.workers.values()):
             self.violations.append(f"t={self.now:.2f}: false failure of {agent}: {reason}")
 
     def _check_loss(self, name: str) -> None:
@@ -299,6 +308,8 @@ class Sim:
 
     def _core_receive(self, identity: bytes, frame: bytes) -> None:
         message = protocol.decode(frame)
+        self.ends_read.update((e["agent"], e["run"], e["epoch"]) for e in message.get("events", ())
+                              if e["event"] == "AGENT_TERMINATED")
         self.core.control(identity, message, self.now)
         if message["type"] in _ALIVE:
             self.heard[identity] = self.now
@@ -355,6 +366,7 @@ class Sim:
                     self._report(worker, copy, "AGENT_ERROR", {"error_message": "boom"})
                 self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok, "reached": "READY" if copy.ready else "STARTED"})
                 self.ended.add(copy.key)
+                self.ended_in[copy.key] = worker.incarnation
                 self.reached[copy.key] = copy.ready
                 del worker.copies[copy.key]
         self._check_lease(worker)
@@ -395,7 +407,8 @@ class Sim:
 
     def _register(self, worker: SimWorker) -> None:
         running = [{"agent": c.agent, "run": c.run, "epoch": c.epoch, "state": "READY" if c.ready else "STARTED",
-                    "coordinator": c.coordinator, "definition": c.definition} for c in worker.copies.values()]
+                    "coordinator": c.coordinator, "definition": c.definition, "stopping": c.stop_done is not None}
+                   for c in worker.copies.values()]
         worker.pending.extend(self._take_outbox(worker))
         worker.in_register = len(worker.pending)
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},

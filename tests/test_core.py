@@ -51,14 +51,14 @@ class Harness:
         return [m for i, m in self.sent if i == identity and m["type"] == kind]
 
     def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
-                 conn=1, seen=0, token=None, seen_session=None) -> bytes:
+                 conn=1, seen=0, token=None, seen_session=None, **told) -> bytes:
         identity = identity or name.encode()
         if token is None:  # the worker process itself: its own secret
             token = f"secret-{incarnation}"
         frame = protocol.encode("register", n=1, name=name, incarnation=incarnation, host="h", pid=1, labels={},
                                 capacity=0, versions={}, agents=list(agents), events=list(events), t=self.now,
                                 conn=conn, seen=seen, token=token,
-                                **({} if seen_session is None else {"seen_session": seen_session}))
+                                **({} if seen_session is None else {"seen_session": seen_session}), **told)
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
         return identity
@@ -743,8 +743,10 @@ def test_an_old_copy_that_ignores_its_stop_on_a_live_worker_blocks_its_agent_unt
 @pytest.mark.parametrize("keep", [False, True])
 def test_an_old_copy_on_a_worker_that_goes_silent_blocks_until_it_has_certainly_stopped(keep):
     """Its worker is lost: the copy's end may never be reported.  It has certainly stopped once
-    the worker's lease and the stop timeout are over (a kept agent: the orphan timeout), counted
-    from the worker's last sign of life."""
+    the worker's lease and the stop timeout are over, counted from the worker's last sign of life;
+    if the agent keeps running (its old copy may too: whether the stop arrived is unknown), once
+    the worker's orphan timeout (60 s: not said otherwise) and the stop timeout are over, counted
+    from when it was lost (the last frame we may have sent it)."""
     h = Harness(adopt_window=1.0)
     record = h.add("a", on_disconnect="keep" if keep else "replace")
     assert record.keeps_running is keep
@@ -753,12 +755,14 @@ def test_an_old_copy_on_a_worker_that_goes_silent_blocks_until_it_has_certainly_
     h.register("w2")
     last_sign = h.now
     w2 = b"w2"
-    gone = last_sign + h.core.limits.unknown_copy_gone(keep, 1.0)
+    gone, lost = last_sign + h.core.limits.lease + 1.0 + h.core.limits.margin, False
     while h.now < gone - 0.5:
         h.beat(w2)
         h.step(0.5)
         assert record.state is S.PENDING, h.now - last_sign
-    assert not h.core.workers["w1"].alive
+        if keep and not lost and not h.core.workers["w1"].alive:
+            gone, lost = h.now + 60 + 1.0 + h.core.limits.margin, True  # lost at this step
+    assert "w1" not in h.core.workers or not h.core.workers["w1"].alive  # (forgotten after 60 s)
     for _ in range(3):
         h.beat(w2)
         h.step(0.5)
@@ -802,12 +806,106 @@ def test_a_lost_worker_frees_only_its_own_old_copies():
     old1, old2 = _predecessor_copy("a", "d-old", epoch=1), _predecessor_copy("a", "d-old", epoch=2)
     w1 = h.register("w1", agents=[old1])
     h.register("w2", agents=[old2])
-    gone = h.now + h.core.limits.unknown_copy_gone(record.keeps_running, 1.0)
+    gone = h.now + h.core.limits.silence + 60 + 1.0 + h.core.limits.margin  # a kept agent: see above
     while h.now < gone + 1.0:  # w2 is silent from the start
         h.beat(w1, running=1)
         h.step(0.5)
-    assert not h.core.workers["w2"].alive and record.state is S.PENDING
+    assert "w2" not in h.core.workers and record.state is S.PENDING  # lost, then forgotten
     assert record.pending_reason == "waiting for the previous copy on w1 to stop"
     _ended(w1, h, old1)
     h.step()
     assert record.state is S.ASSIGNED and record.worker == "w1"
+
+
+# ---------------------------------------------------------------------------- disconnect_timeout
+
+
+def _given_up(orphan_timeout: float | None) -> tuple[Harness, bytes, "AgentRecord", tuple[str, int]]:
+    """A kept agent that restarts, on w1 which goes silent; w2 alive.  disconnect_timeout 10 s."""
+    h = Harness(disconnect_timeout=10.0)
+    w1 = h.register("w1", **({} if orphan_timeout is None else {"orphan_timeout": orphan_timeout}))
+    record = h.add("a", restart="always", on_disconnect="keep")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    h.register("w2")
+    return h, w1, record, (record.run, record.epoch)
+
+
+def _run_until(h: Harness, record, first_run, seconds: float) -> float | None:
+    """Step (w2 beating) until ``record`` runs anew; seconds since w1's last sign, or None."""
+    start = h.core.workers["w1"].last_sign
+    while h.now - start < seconds:
+        h.beat(b"w2")
+        h.step(0.5)
+        if (record.run, record.epoch) != first_run and record.state is S.ASSIGNED:
+            return h.now - start
+    return None
+
+
+@pytest.mark.parametrize("orphan_timeout", [None, 20.0])
+def test_a_kept_agent_given_up_after_disconnect_timeout_starts_anew_only_once_its_copy_has_stopped(orphan_timeout):
+    """Given up is not gone: its worker, cut off, keeps the copy running until its orphan timeout
+    (60 s unless the worker said otherwise in its register).  The new copy waits until that, and
+    the stop timeout, are over, counted from when the worker was lost."""
+    h, w1, record, first = _given_up(orphan_timeout)
+    after = _run_until(h, record, first, 200)
+    lost = h.core.limits.silence
+    expected = lost + (orphan_timeout or 60.0) + 1.0 + h.core.limits.margin
+    assert record.state is S.ASSIGNED and record.worker == "w2"
+    assert expected <= after <= expected + 1.0, (after, expected)
+    assert h.events("AGENT_ERROR")[0].fields["error_message"].endswith("(disconnect_timeout)")
+
+
+def test_a_kept_agent_given_up_on_a_worker_without_orphan_timeout_waits_for_that_worker():
+    """``--orphan-timeout 0``: the worker keeps its agents for ever.  Only its return tells the
+    copy's fate: here it still runs it (stopped now, the new copy after its end)."""
+    h, w1, record, first = _given_up(0.0)
+    assert _run_until(h, record, first, 200) is None and record.state is S.PENDING
+    assert record.pending_reason == "waiting for the previous copy on w1 to stop"
+    stale = {**Harness.running_report(record), "run": first[0], "epoch": first[1]}
+    h.register("w1", identity=w1, agents=[stale], conn=2, orphan_timeout=0.0)
+    assert [(m["agent"], m["run"]) for m in h.to(w1, "welcome")[-1]["stop"]] == [("a", first[0])]
+    h.step()
+    assert record.state is S.PENDING
+    _ended(w1, h, {"agent": "a", "run": first[0], "epoch": first[1]})
+    h.step()
+    assert record.state is S.ASSIGNED and (record.run, record.epoch) != first
+
+
+def test_a_kept_agent_given_up_starts_anew_at_once_when_its_worker_returns_without_it():
+    h, w1, record, first = _given_up(0.0)
+    assert _run_until(h, record, first, 30) is None
+    h.register("w1", identity=w1, agents=[], conn=2, orphan_timeout=0.0)
+    h.step()
+    assert record.state is S.ASSIGNED and (record.run, record.epoch) != first
+
+
+def test_a_stopping_copy_of_the_previous_coordinator_is_not_adopted_and_proves_nothing():
+    """After a crash, a worker that was frozen past its lease lists the copy its lease stopped:
+    the previous coordinator may have replaced it on a worker that is cut off now (simulation
+    seed 859).  That copy is ending: it is not adopted, it blocks its agent until its end, and
+    the agent still waits out the hold for copies nobody reported (strict hold)."""
+    h = Harness(adopt_window=1.0, strict_hold=True)
+    record = h.add("a")
+    stopping = {**_predecessor_copy("a", epoch=2), "stopping": True}
+    w1 = h.register("w1", agents=[stopping])
+    assert not h.events("AGENT_ADOPTED") and "a" not in h.core.predecessor.found
+    assert [m["epoch"] for m in h.to(w1, "welcome")[-1]["stop"]] == [2]  # said again: harmless
+    _ended(w1, h, stopping)
+    h.step(1.5)
+    assert record.state is S.PENDING and "adoption window" in record.pending_reason
+    h.step(h.core.limits.unknown_copy_gone(record.keeps_running, 1.0))
+    assert record.state is S.ASSIGNED
+
+
+def test_a_stopping_copy_reported_before_its_agent_is_registered_blocks_it_all_the_same():
+    h = Harness(adopt_window=1.0)
+    stopping = {**_predecessor_copy("a"), "stopping": True}
+    w1 = h.register("w1", agents=[stopping])
+    h.step(5.0)
+    record = h.add("a")
+    h.step(0.5)
+    assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
+    _ended(w1, h, stopping)
+    h.step()
+    assert record.state is S.ASSIGNED and not h.events("AGENT_ADOPTED")

@@ -3,6 +3,8 @@ pure), the lock-free queue agent threads report through, and thread starts off i
 
 import threading
 
+from conftest import wait_for
+
 from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate_worker import crowd
 from pyorchestrate_worker.crowd import FreezePolicy, GcAction
@@ -200,3 +202,30 @@ def test_settle_freezes_the_workers_own_objects_and_the_crowds_last_reclaim_keep
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_copy_asked_to_stop_is_listed_as_stopping_until_it_has_ended(tmp_path):
+    """What a registering worker lists: a copy asked to stop (by its lease, the orphan timeout, a
+    coordinator) says so while it is ending, so no coordinator adopts it or takes it for its
+    agent's only copy."""
+    import time
+
+    from agents import Traced
+    from pyorchestrate import shipping
+    from pyorchestrate_worker.supervisor import Supervisor
+
+    reports: list = []
+    supervisor = Supervisor(lambda *report: reports.append(report), "w1")
+    class_id, blob = shipping.pack_class(Traced, Traced.Config)
+    config = Traced.Config(trace=str(tmp_path / "trace.txt"), deaf=1.0, stop_timeout=0.2)
+    supervisor.start("t", "run1", 1, class_id, blob, shipping.pack_config(config, "t"), "thread")
+    try:
+        wait_for(lambda: any(r[3] == "AGENT_READY" for r in reports), 10, "the agent to be READY")
+        assert [(r["agent"], r["stopping"]) for r in supervisor.running()] == [("t", False)]
+        assert supervisor.stop("t", "run1", 1)
+        time.sleep(0.3)  # past its stop timeout: deaf, it still runs
+        assert [(r["agent"], r["stopping"]) for r in supervisor.running()] == [("t", True)]
+        wait_for(lambda: any(r[3] == "AGENT_TERMINATED" for r in reports), 10, "the agent to end")
+        assert supervisor.running() == []
+    finally:
+        supervisor.close()

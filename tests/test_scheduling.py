@@ -248,7 +248,7 @@ def test_drain_moves_restartable_agents_then_releases_the_worker(cluster):
 
 
 def test_status_is_plain_data_with_the_documented_fields(cluster):
-    orch, events = daemon(cluster, [("w1", "--labels", "zone=a", "--capacity", "4")])
+    orch, events = daemon(cluster, [("w1", "--labels", "zone=a", "--capacity", "4", "--orphan-timeout", "45")])
     orch.register_agent(Forever, "svc")
     orch.register_agent(Quick, "waiting", worker="elsewhere")
     events.wait("AGENT_READY", "svc")
@@ -261,5 +261,6 @@ def test_status_is_plain_data_with_the_documented_fields(cluster):
     w1 = status["workers"]["w1"]
     for key in ("name", "host", "pid", "labels", "capacity", "agents", "since_heartbeat"):
         assert key in w1
+    assert w1["orphan_timeout"] == 45  # the worker's own, told in its register (the default is 60)
     assert w1["labels"] == {"zone": "a"} and w1["capacity"] == 4 and w1["agents"] == ["svc"]
     assert w1["pid"] == cluster.workers["w1"].pid and 0 <= w1["since_heartbeat"] < 1.0

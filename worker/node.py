@@ -235,7 +235,7 @@ class Worker:
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
             agents=running, events=[*self._recent_ends, *self._pending], bus_seq=self._bus_seq,
             drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), seen_session=self._read_session,
-            conn=self._conn, token=self._token)
+            conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout)
 
     def _acted_n(self) -> int:
         """The number of the last coordinator frame acted on: every frame up to it has been (a

@@ -77,7 +77,8 @@ class Running:
     def report(self) -> dict[str, Any]:
         """What the worker tells a coordinator it registers with about this copy."""
         return {"agent": self.name, "run": self.run, "epoch": self.epoch, "state": "READY" if self.ready else "STARTED",
-                "coordinator": self.coordinator, "definition": self.definition}
+                "coordinator": self.coordinator, "definition": self.definition,
+                "stopping": self.stop_requested_at is not None}
 
 
 class Supervisor:
