@@ -142,6 +142,35 @@ def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluste
     assert status["workers"]["w1"]["alive"] and status["workers"]["w1"]["agents"] == []
 
 
+def test_a_kept_agent_given_up_after_disconnect_timeout_is_not_started_beside_its_frozen_copy(cluster, tmp_path):
+    """A kept agent that restarts, on a worker SIGSTOPped past the window and disconnect_timeout:
+    given up, but its copy is only frozen, and runs on when the worker is SIGCONTed (its orphan
+    timeout is 30 s).  The new copy starts only after that copy has ended: its worker, back,
+    lists it, and it is stopped first.  (Before, the new copy started elsewhere at once, and the
+    thawed one ran beside it.)"""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, disconnect_timeout=1.0, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    frozen = cluster.worker(orch.address, "w1", "--orphan-timeout", "30")
+    events.wait("WORKER_JOINED", "w1")
+    trace = tmp_path / "trace.txt"
+    orch.register_agent(Forever, "kept", Forever.Config(trace=str(trace), stop_timeout=1.0), restart="always",
+                        on_disconnect="keep", restart_backoff=(0.1, 0.5))
+    events.wait("AGENT_READY", "kept")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        events.wait("AGENT_DISCONNECTED", "kept", timeout=10)
+        events.wait("AGENT_TERMINATED", "kept", timeout=10)  # given up
+        time.sleep(1.5)
+        assert orch.status()["agents"]["kept"]["pending_reason"] == "waiting for the previous copy on w1 to stop"
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    events.wait("AGENT_READY", "kept", count=2, timeout=20)
+    assert trace.read_text().split() == ["setup", "on_stop", "on_close", "setup"]
+
+
 def test_orphan_timeout_stops_agents_of_a_vanished_coordinator(cluster, tmp_path):
     port = free_port()
     trace = tmp_path / "trace.txt"
