@@ -325,7 +325,10 @@ class ClusterCore(Registration, CommandHandlers):
         for agent_name in sorted(worker.agents):
             record = self.agents.get(agent_name)
             if record is None:
-                self.predecessor.foreign.pop(agent_name, None)
+                foreign = self.predecessor.foreign.pop(agent_name, None)
+                if foreign is not None and not certain:  # a previous coordinator's copy, held: it may run on
+                    self.predecessor.block(agent_name, worker.name, foreign[1]["run"], foreign[1]["epoch"],
+                                           self._copy_gone(worker, True, float(self.config.stop_timeout)))
                 continue
             if record.state not in RUNNING:
                 continue
@@ -338,6 +341,8 @@ class ClusterCore(Registration, CommandHandlers):
             # a replacement waits until the worker's lease has certainly run out
             # (its pulse renewed the lease too: count from the last sign of life)
             not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
+            if not certain:  # and so does any other way to a new copy (restart_agent, start_agent)
+                self._fence_lost_copy(record, worker, record.keeps_running)
             self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
         if self.predecessor.old_copies:
@@ -352,6 +357,14 @@ class ClusterCore(Registration, CommandHandlers):
         record = self.agents.get(name)
         stop_timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
         return self._copy_gone(worker, record.keeps_running if record is not None else True, stop_timeout)
+
+    def _fence_lost_copy(self, record: AgentRecord, worker: WorkerRecord, keeps: bool) -> None:
+        """``record``'s current copy, on the lost ``worker``, is about to be no longer its run (failed,
+        given up, stopped), but may still run there, cut off: no new copy of the agent starts, by
+        any way (restart policy, restart_agent, start_agent), before it has certainly stopped or
+        the worker, back, lists it no more.  ``keeps``: it may be kept running there."""
+        self.predecessor.block(record.name, worker.name, record.run, record.epoch,
+                               self._copy_gone(worker, keeps, record.stop_timeout))
 
     def _copy_gone(self, worker: WorkerRecord, keeps: bool, stop_timeout: float) -> float:
         """When a copy on the lost ``worker`` has certainly stopped.  Not kept: its worker stopped it
@@ -535,15 +548,11 @@ class ClusterCore(Registration, CommandHandlers):
         if limit is not None:
             for record in self.states.of(S.DISCONNECTED):
                 if now - record.disconnected_at > limit:
-                    worker, run, epoch = self.workers.get(record.worker or ""), record.run, record.epoch
+                    worker = self.workers.get(record.worker or "")
+                    if worker is not None:  # given up, not gone: it runs on there until the orphan timeout
+                        self._fence_lost_copy(record, worker, True)
                     self._fail_run(record, f"its worker {record.worker!r} has been unreachable for {limit} s "
                                            "(disconnect_timeout)", now)
-                    if worker is not None:
-                        # given up, not gone: the copy may run on there, cut off, until the worker's
-                        # orphan timeout.  A new copy (restart policy, restart_agent) waits until
-                        # it has certainly stopped, or the worker returns and says it has
-                        self.predecessor.block(record.name, worker.name, run, epoch,
-                                               self._copy_gone(worker, True, record.stop_timeout))
         unclaimed, waited_out = self.predecessor.expire(now)
         for worker_name, name, report in unclaimed:
             # a previous coordinator's agent this script did not register: stop it

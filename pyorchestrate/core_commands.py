@@ -119,7 +119,11 @@ class CommandHandlers:
         elif record.state in RUNNING:
             self._send_stop(record, timeout)
         elif record.state is S.DISCONNECTED:
-            # its worker cannot hear us; when it comes back, the copy is stopped as stale
+            # its worker cannot hear us; when it comes back, the copy is stopped as stale.  Till
+            # then it runs on there: a start_agent later waits for it (see _fence_lost_copy)
+            worker = self.workers.get(record.worker or "")
+            if worker is not None:
+                self._fence_lost_copy(record, worker, True)
             self._fail_run(record, f"{reason} while its worker {record.worker!r} was unreachable", now, final=True)
 
     def _send_stop(self, record: AgentRecord, timeout: float) -> None:

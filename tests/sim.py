@@ -499,7 +499,8 @@ class Sim:
         rng = self.rng
         if rng.random() > 0.01:
             return
-        kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop"])
+        kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop",
+                           "restart", "start"])
         worker = self.workers[rng.choice(sorted(self.workers))]
         self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
         if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
@@ -538,6 +539,16 @@ class Sim:
             running = sorted(n for n, r in self.core.agents.items() if r.state.value != "TERMINATED")
             if running:
                 self.core.command(commands.StopAgent(rng.choice(running), 1.0), self.now)
+                self._apply()
+        elif kind in ("restart", "start"):  # restart_agent / start_agent: a user's new copy, any time
+            # (not of restart="never" agents: one start per coordinator is what _count_run checks)
+            wanted = "TERMINATED" if kind == "start" else None
+            names = sorted(n for n, r in self.core.agents.items() if self.specs[n]["mode"] != "never"
+                           and (wanted is None or r.state.value == wanted))
+            if names:
+                name = rng.choice(names)
+                self.core.command(commands.RestartAgent(name, 1.0) if kind == "restart" else commands.StartAgent(name),
+                                  self.now)
                 self._apply()
 
     # ------------------------------------------------------------------ invariants

@@ -909,3 +909,76 @@ def test_a_stopping_copy_reported_before_its_agent_is_registered_blocks_it_all_t
     _ended(w1, h, stopping)
     h.step()
     assert record.state is S.ASSIGNED and not h.events("AGENT_ADOPTED")
+
+
+# ---------------------------------------------------------------------------- user commands and lost copies
+
+
+def test_restart_agent_while_a_replacement_waits_for_the_lost_workers_lease_waits_too():
+    """Its worker went silent: the replacement waits until that worker's lease has run out and
+    the copy has had its stop timeout.  restart_agent meanwhile must not cut that wait short
+    (it did: a new copy 5.6 s after the last sign, where the wait ends at 7 s)."""
+    h = Harness()
+    w1, record = h.ready(agent="a", worker="w1", restart="on-failure", on_disconnect="replace")
+    w2 = h.register("w2")
+    last_sign = h.core.workers["w1"].last_sign
+    while h.core.workers["w1"].alive:
+        h.beat(w2)
+        h.step(0.5)
+    assert record.state is S.RESTARTING
+    h.core.command(commands.RestartAgent("a", 1.0), h.now)
+    h.flush()
+    wait_ends = last_sign + h.core.limits.lease + 1.0 + h.core.limits.margin
+    while h.now < wait_ends - 0.2:
+        h.beat(w2)
+        h.step(0.2)
+        assert record.state in (S.PENDING, S.RESTARTING), h.now - last_sign
+    for _ in range(3):
+        h.beat(w2)
+        h.step(0.2)
+    assert record.state is S.ASSIGNED and record.worker == "w2"
+
+
+def test_a_kept_agent_stopped_while_its_worker_is_cut_off_is_not_started_again_beside_its_copy():
+    """stop_agent of a DISCONNECTED agent ends its run at once (its worker cannot hear the stop);
+    the copy runs on there.  A start_agent then waits for it: until the worker's orphan timeout
+    is over, or the worker is back and the copy stopped."""
+    h = Harness()
+    w1, record = h.ready(agent="k", worker="w1", on_disconnect="keep")
+    first = (record.run, record.epoch)
+    w2 = h.register("w2")
+    while record.state is not S.DISCONNECTED:
+        h.beat(w2)
+        h.step(0.5)
+    h.core.command(commands.StopAgent("k", 1.0), h.now)
+    h.core.command(commands.StartAgent("k"), h.now)
+    h.flush()
+    for _ in range(20):
+        h.beat(w2)
+        h.step(0.5)
+    assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
+    stale = {**Harness.running_report(record), "run": first[0], "epoch": first[1]}
+    h.register("w1", identity=w1, agents=[stale], conn=2)  # back, still running it: stopped
+    assert [m["epoch"] for m in h.to(w1, "welcome")[-1]["stop"]] == [first[1]]
+    h.step()
+    assert record.state is S.PENDING
+    _ended(w1, h, {"agent": "k", "run": first[0], "epoch": first[1]})
+    h.step()
+    assert record.state is S.ASSIGNED
+
+
+def test_a_held_copy_whose_worker_is_lost_blocks_its_agent_registered_after():
+    """A previous coordinator's copy, held until the script registers its agent, on a worker that
+    goes silent: it may run on there (kept, until the orphan timeout).  Registering the agent then
+    does not start a second copy before that."""
+    h = Harness(adopt_window=1.0)
+    h.register("w1", agents=[_predecessor_copy("a")])
+    w2 = h.register("w2")
+    while h.core.workers["w1"].alive:
+        h.beat(w2)
+        h.step(0.5)
+    record = h.add("a")
+    for _ in range(20):
+        h.beat(w2)
+        h.step(0.5)
+    assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
