@@ -164,7 +164,9 @@ class CommandHandlers:
             if worker is None or not worker.alive or not worker.draining:  # gone, or back anew
                 self.draining_workers.discard(name)
                 continue
-            if not worker.agents:
+            # the stale copies it is stopping too: their ends are reported to us only while it is ours,
+            # and an agent waits for them (released with one, its agent waited for ever)
+            if not worker.agents and not worker.stopping:
                 self.draining_workers.discard(name)
                 self._send(worker, "release", drain=True)
                 worker.alive = False

@@ -106,6 +106,7 @@ class SimWorker:
     frozen_until: float = 0.0
     frozen_since: float = -1e9
     partitioned_until: float = 0.0
+    drained_by: list[str] = field(default_factory=list)  # coordinator sessions that drained it
 
 
 class Sim:
@@ -414,7 +415,7 @@ class Sim:
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
                    capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
                    seen=worker.recv_n, seen_session=worker.session or "", conn=worker.conn,
-                   token=f"secret-{worker.incarnation}")
+                   token=f"secret-{worker.incarnation}", drained_by=worker.drained_by)
 
     def _stop(self, copy: Copy, timeout: float, told: bool = False) -> None:
         """``told``: the coordinator asked (a stop frame, a welcome's stop list), so it was in touch."""
@@ -470,6 +471,8 @@ class Sim:
             del worker.pending[:worker.in_register]  # same connection: it arrives first
             worker.in_register = 0
         elif kind == "release":
+            if message["drain"]:  # that coordinator refuses it from now on (it waits for the next)
+                worker.drained_by.append(worker.session)
             for copy in worker.copies.values():
                 self._stop(copy, copy.stop_timeout)
             worker.registered = False
@@ -500,7 +503,7 @@ class Sim:
         if rng.random() > 0.01:
             return
         kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop",
-                           "restart", "start"])
+                           "restart", "start", "drain"])
         worker = self.workers[rng.choice(sorted(self.workers))]
         self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
         if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
@@ -539,6 +542,11 @@ class Sim:
             running = sorted(n for n, r in self.core.agents.items() if r.state.value != "TERMINATED")
             if running:
                 self.core.command(commands.StopAgent(rng.choice(running), 1.0), self.now)
+                self._apply()
+        elif kind == "drain":  # drain_worker: its agents that restart move off it, then it is released
+            alive = sorted(n for n, w in self.core.workers.items() if w.alive and not w.draining)
+            if len(alive) > 1:
+                self.core.command(commands.DrainWorker(rng.choice(alive)), self.now)
                 self._apply()
         elif kind in ("restart", "start"):  # restart_agent / start_agent: a user's new copy, any time
             # (not of restart="never" agents: one start per coordinator is what _count_run checks)
@@ -628,7 +636,9 @@ class Sim:
         record = self.core.agents[name]
         state = record.state.value
         live = self.live_copies(name)
-        if state in ("TERMINATED", "PENDING", "RESTARTING"):
+        if state == "PENDING":
+            return self._pending_for_a_reason(name)
+        if state in ("TERMINATED", "RESTARTING"):
             return f"{name} is {state} but runs on {[w for w, _ in live]}" if live and state == "TERMINATED" else ""
         worker = self.core.workers.get(record.worker or "")
         if worker is None or not worker.alive:
@@ -636,6 +646,24 @@ class Sim:
         if [(w, c.run, c.epoch) for w, c in live] != [(record.worker, record.run, record.epoch)]:
             return f"{name} is {state} on {record.worker} run {record.epoch}, but copies are {[(w, c.epoch) for w, c in live]}"
         return ""
+
+    def _pending_for_a_reason(self, name: str) -> str:
+        """After healing, an agent still waits only for what can still be: the hold after a
+        coordinator restart, or an older copy that still runs somewhere (or whose worker is lost
+        and whose time to certainly stop is not over).  Not for a copy whose end it will never hear."""
+        core = self.core
+        if core.predecessor.hold_until(core.agents[name]) > self.now:
+            return ""
+        old = core.predecessor.old_copies.get(name)
+        if not old:
+            return ""  # free to go: placed in the next pass (or no worker has room)
+        for (worker, run, epoch), until in old.items():
+            if until is not None and until > self.now:
+                return ""
+            sim_worker = self.workers.get(worker)
+            if until is None and sim_worker is not None and (name, run, epoch) in sim_worker.copies:
+                return ""
+        return f"{name} is PENDING for ever: it waits for old copies {old} that no longer run"
 
     def check_settled(self, seconds: float = 5.0) -> None:
         """After healing: every agent is terminated, or runs (exactly once) on a live worker, as

@@ -982,3 +982,25 @@ def test_a_held_copy_whose_worker_is_lost_blocks_its_agent_registered_after():
         h.beat(w2)
         h.step(0.5)
     assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
+
+
+def test_a_draining_worker_is_released_only_once_the_old_copies_it_stops_have_ended():
+    """Their ends reach us only while the worker is ours: released before, an agent waiting for
+    such a copy waited for ever."""
+    h = Harness(adopt_window=1.0)
+    record = h.add("a")
+    old = _predecessor_copy("a", "d-old")
+    w1 = h.register("w1", agents=[old])
+    w2 = h.register("w2")
+    h.core.command(commands.DrainWorker("w1"), h.now)
+    h.step(1.5)
+    h.core.release_drained(h.now)
+    h.flush()
+    assert not h.to(w1, "release") and record.state is S.PENDING
+    _ended(w1, h, old)
+    h.core.release_drained(h.now)
+    h.flush()
+    assert len(h.to(w1, "release")) == 1
+    h.beat(w2)
+    h.step()
+    assert record.state is S.ASSIGNED and record.worker == "w2"
