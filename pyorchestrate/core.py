@@ -671,6 +671,7 @@ class ClusterCore(Registration, CommandHandlers):
         record.epoch += 1
         record.run = self.incarnation
         record.ready_said = False
+        record.executed = False
         record.worker = worker.name
         if record.state is not S.ASSIGNED:
             self.states.move(record, S.ASSIGNED)

@@ -85,8 +85,11 @@ class CommandHandlers:
         for record in records:
             worker = self._live_worker(record)
             if worker is not None:
+                record.executed = True
                 self._send(worker, "deliver", agent=record.name, run=record.run, epoch=record.epoch,
                            kind="execute", payload=None)
+            elif record.state is S.DISCONNECTED:
+                record.executed = True  # said when its worker is back (see Registration.register)
             elif c.name is not None:
                 raise ValueError(f"agent {c.name!r} is not running (state {record.state.value})")
 

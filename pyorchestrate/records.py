@@ -49,6 +49,9 @@ class AgentRecord:
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR
     then: str | None = None  #: after this run: "move" (drain) or "restart" (restart_agent)
+    #: execute() was asked for its current run (hold_after_ready): said again whenever its worker
+    #: registers, since that one frame may have been lost with a reset connection
+    executed: bool = False
     start_n: int = 0  #: the number of the frame that carried its start (on its worker's connection)
     disconnected_at: float = 0.0  #: when it became DISCONNECTED
     #: its state when it became DISCONNECTED: what of STARTED/READY was already said for its run

@@ -126,6 +126,11 @@ class Registration:
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
                    bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings, echo=float(message["t"]))
+        for agent_name in sorted(reported):  # a release (execute) lost with a connection: said again
+            record = self.agents.get(agent_name)
+            if record is not None and record.executed and record.worker == name and record.state in RUNNING:
+                self._send(worker, "deliver", agent=agent_name, run=record.run, epoch=record.epoch, kind="execute",
+                           payload=None)
         seen = message["seen"] if same_connection else -1  # on a new connection nothing unseen arrives
         for agent_name in sorted(worker.agents - reported):
             record = self.agents.get(agent_name)
@@ -184,6 +189,7 @@ class Registration:
             if record.state is S.PENDING and record.definition == report["definition"] and not self.predecessor.waits_for(name):
                 # take over a copy a previous coordinator (same name, same definition) started
                 record.worker, record.run, record.epoch = worker.name, run, epoch
+                record.executed = False
                 record.started_at = self.wall()
                 self._reconnect(record, worker, report, "still running from a previous coordinator")
                 return True

@@ -1004,3 +1004,33 @@ def test_a_draining_worker_is_released_only_once_the_old_copies_it_stops_have_en
     h.beat(w2)
     h.step()
     assert record.state is S.ASSIGNED and record.worker == "w2"
+
+
+def test_execute_is_said_again_when_the_worker_registers_again():
+    """hold_after_ready: execute() releases a held agent with one frame.  A frame lost with a
+    reset connection makes its worker register again, and the agent would have waited for ever:
+    the register is answered with the release again (setting it twice does nothing more)."""
+    h = Harness(hold_after_ready=True)
+    w1, record = h.ready(agent="held", worker="w1")
+    h.core.command(commands.Execute("held"), h.now)
+    h.flush()
+    assert [m["kind"] for m in h.to(w1, "deliver")] == ["execute"]  # lost on the way, say
+    h.register("w1", identity=w1, agents=[Harness.running_report(record)], conn=2)
+    assert [m["kind"] for m in h.to(w1, "deliver")] == ["execute", "execute"]
+    h.report(w1, record, "AGENT_TERMINATED", ok=True)
+    h.register("w1", identity=w1, agents=[], conn=3)
+    assert len(h.to(w1, "deliver")) == 2  # its run is over: nothing to say
+
+
+def test_execute_while_its_worker_is_cut_off_is_said_when_the_worker_is_back():
+    h = Harness(hold_after_ready=True)
+    w1, record = h.ready(agent="held", worker="w1", on_disconnect="keep")
+    w2 = h.register("w2")
+    while record.state is not S.DISCONNECTED:
+        h.beat(w2)
+        h.step(0.5)
+    h.core.command(commands.Execute("held"), h.now)  # not refused: it runs, out of reach for now
+    h.flush()
+    assert not h.to(w1, "deliver")
+    h.register("w1", identity=w1, agents=[Harness.running_report(record)], conn=2)
+    assert record.state is S.READY and [m["kind"] for m in h.to(w1, "deliver")] == ["execute"]
