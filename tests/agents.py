@@ -80,6 +80,20 @@ class DeafProcess(ForeverProcess):
             time.sleep(0.05)
 
 
+class DeafThread(LoopingThreadAgent):
+    """A thread agent that never returns from its cycle; writes its process's pid to ``pid_file``
+    (the worker's, or an agent host's)."""
+
+    class Config(LoopingThreadAgent.Config):
+        pid_file = ""
+
+    setup = ForeverProcess.setup
+
+    def cycle(self):
+        while True:  # never back to the loop that would see the stop
+            time.sleep(0.05)
+
+
 class Sleeper(BaseThreadAgent):
     class Config(BaseThreadAgent.Config):
         seconds = 0.5

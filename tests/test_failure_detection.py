@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from agents import CpuBurner, Forever, GilHolder
+from agents import CpuBurner, DeafProcess, DeafThread, Forever, GilHolder
 from conftest import DETECT, EventLog, free_port, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
@@ -169,6 +169,48 @@ def test_a_kept_agent_given_up_after_disconnect_timeout_is_not_started_beside_it
         frozen.send_signal(signal.SIGCONT)
     events.wait("AGENT_READY", "kept", count=2, timeout=20)
     assert trace.read_text().split() == ["setup", "on_stop", "on_close", "setup"]
+
+
+@pytest.mark.parametrize("where", ["process agent", "agent host"])
+def test_a_sigkilled_worker_takes_its_child_processes_with_it(cluster, tmp_path, where):
+    """A worker whose process dies is replaced at once (its closed connection says so), so its
+    child processes (process agents, agent hosts running thread agents) must die with it: one that
+    only got asked to stop (its pipe closed) ran on beside its replacement for as long as its
+    agent's cycle ignored the stop (here: for ever)."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    doomed = cluster.worker(orch.address, "w1", *(["--threads-per-process", "1"] if where == "agent host" else []))
+    events.wait("WORKER_JOINED", "w1")
+    pid_file = tmp_path / "pid"
+    if where == "agent host":
+        orch.register_agent(Forever, "in-the-worker")  # the first thread agent runs in the worker itself
+        events.wait("AGENT_READY", "in-the-worker")
+    agent = DeafProcess if where == "process agent" else DeafThread
+    orch.register_agent(agent, "deaf", agent.Config(pid_file=str(pid_file)), restart="on-failure",
+                        restart_backoff=(0.1, 0.5))
+    events.wait("AGENT_READY", "deaf")
+    wait_for(pid_file.exists, 10, "the agent's pid")
+    pid = int(pid_file.read_text())
+    assert pid != doomed.pid
+    pid_file.unlink()
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    doomed.send_signal(signal.SIGKILL)
+    assert events.wait("AGENT_READY", "deaf", count=2, timeout=20)[-1]["worker"] == "w2"
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:
+        wait_for(gone, 5, "the first copy's process to die with its worker")
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)  # ours (started by our worker): not left behind
 
 
 def test_orphan_timeout_stops_agents_of_a_vanished_coordinator(cluster, tmp_path):

@@ -1,7 +1,7 @@
 """Entry point of a process agent's child process (started by the worker's forkserver).
 
 Lifecycle events go back to the worker over a pipe as msgpack; a stop request comes the other
-way.  If the worker dies, the pipe closes and the agent is asked to stop.
+way.  If the worker dies, the pipe closes and this process ends at once (see worker_gone).
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ from . import agent_logs
 from .errors import error_fields
 
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
+WORKER_GONE = 70  #: the exit status of a child process whose worker died (see worker_gone)
+
+
+def worker_gone() -> None:
+    """The worker's end of our pipe closed: it closes it only once we have exited, so it died.  Its
+    connection to the coordinator closed with it, which the coordinator takes for certain: the
+    worker's agents are gone and are started elsewhere at once.  So they must be gone: asked to
+    stop instead, an agent whose cycle never came back to its loop ran on beside its replacement
+    (and nobody is left to report to)."""
+    os._exit(WORKER_GONE)
 
 
 def bus_marker(item: Any) -> dict[str, Any]:
@@ -39,7 +49,7 @@ def _listen(conn: Any, agent: Any) -> None:
             elif message[0] == "deliver":
                 agent.deliver(message[1], message[2])
     except (EOFError, OSError):
-        agent.stop()  # the worker is gone: nobody is left to report to
+        worker_gone()
 
 
 def setup_logging(label: str, log_level: int) -> None:

@@ -35,7 +35,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
 from . import crowd
-from .child import BUS, setup_logging
+from .child import BUS, setup_logging, worker_gone
 from .errors import error_fields
 
 #: after the worker is gone, how long agents get to end before the host exits anyway
@@ -90,7 +90,7 @@ class Host:
                 if kind == "start" and len(self.agents) % TUNE_EVERY == 0 or not self._conn.poll(0):
                     self._tune()  # now and then within a burst of starts, and after it
         except (EOFError, OSError):
-            pass
+            worker_gone()  # not "exit": the worker died, and its thread agents here must too
         self._stop_all()
 
     def _tune(self) -> None:
