@@ -33,6 +33,15 @@ FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 20, "worker_wait_timeou
 DETECT = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5}  # a 0.5 s window
 
 
+def process_gone(pid: int) -> bool:
+    """Is there no process ``pid`` any more?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout

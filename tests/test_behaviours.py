@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 from agents import DeafProcess, Quick
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, ONESHOT, PERIODIC, POOL, RECOVERY, STUBBORN,
                         TRIGGERED)
-from conftest import start_daemon, wait_for
+from conftest import process_gone, start_daemon, wait_for
 
 MODES = ["thread", "process"]
 
@@ -187,12 +186,4 @@ def test_a_process_agent_deaf_to_sigterm_is_killed(daemon, tmp_path):
     pid = int(pid_file.read_text())
     orch.stop_agent("deaf", timeout=0.5)
     assert events.wait("AGENT_TERMINATED", "deaf", timeout=20)[0]["ok"] is False
-
-    def gone() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_for(gone, 10, "the deaf process to be gone")
+    wait_for(lambda: process_gone(pid), 10, "the deaf process to be gone")

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import pytest
 from agents import CpuBurner, DeafProcess, DeafThread, Forever, GilHolder
-from conftest import DETECT, EventLog, free_port, wait_for
+from conftest import DETECT, EventLog, free_port, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
 
@@ -198,18 +198,10 @@ def test_a_sigkilled_worker_takes_its_child_processes_with_it(cluster, tmp_path,
     events.wait("WORKER_JOINED", "w2")
     doomed.send_signal(signal.SIGKILL)
     assert events.wait("AGENT_READY", "deaf", count=2, timeout=20)[-1]["worker"] == "w2"
-
-    def gone() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
     try:
-        wait_for(gone, 5, "the first copy's process to die with its worker")
+        wait_for(lambda: process_gone(pid), 5, "the first copy's process to die with its worker")
     finally:
-        if not gone():
+        if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)  # ours (started by our worker): not left behind
 
 
