@@ -358,6 +358,31 @@ def test_tail_hold_releases_in_order_on_arrival_or_after_the_wait():
     hold.start("c", ("w/c", "r1"), now=0.0)
     hold.add("c", "x")
     assert hold.everything() == ["x"] and len(hold) == 0
+    # a second run's end while the first run's tail is still awaited: held behind it, freed with it
+    hold.start("d", ("w/d", "r1"), now=30.0)
+    hold.add("d", "TERMINATED d r1")
+    hold.start("d", ("w/d", "r2"), now=30.5)
+    hold.add("d", "TERMINATED d r2")
+    assert hold.arrived(("w/d", "r1")) == ["TERMINATED d r1", "TERMINATED d r2"] and len(hold) == 0
+
+
+def test_early_hold_keeps_a_runs_first_lines_until_its_started_is_out():
+    """Bus events of a run whose STARTED report has not come yet wait, in order, at most ``limit``
+    a run (beyond that they go on as they come) and at most ``wait`` seconds; released in order
+    when its STARTED is published, after the wait, or at the end; none is dropped."""
+    from pyorchestrate.tailhold import EarlyHold
+
+    hold = EarlyHold(wait=2.0, limit=3)
+    assert hold.add("r1", "line 1", now=10.0) and hold.add("r1", "line 2", now=10.5)
+    assert hold.add("r2", "other", now=11.0)
+    assert hold.expired(11.9) == []
+    assert hold.started("r1") == ["line 1", "line 2"] and hold.started("r1") == []  # once
+    assert hold.add("r3", "a", now=20.0) and hold.add("r3", "b", now=20.0) and hold.add("r3", "c", now=20.0)
+    assert not hold.add("r3", "d", now=20.0)  # the limit: the caller sends it on at once
+    assert hold.expired(12.9) == [] and hold.expired(13.0) == [("r2", "other")]
+    assert hold.expired(22.0) == [("r3", "a"), ("r3", "b"), ("r3", "c")] and len(hold) == 0
+    hold.add("r4", "last", now=30.0)
+    assert hold.everything() == [("r4", "last")] and len(hold) == 0
 
 
 def test_a_module_missing_on_the_worker_is_named_with_the_fix_for_both_agent_kinds(cluster):
