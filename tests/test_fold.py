@@ -30,6 +30,7 @@ def test_everything_else_keeps_its_items_and_its_order():
     batch = [
         rep("err", S), rep("err", E, error_message="x"), rep("err", T, ok=False, reached="STARTED"),  # an error between
         rep("pid", S, pid=7), rep("pid", R), rep("pid", T, reached="READY"),  # STARTED with fields
+        rep("said", S), rep("said", R, recovered=True), rep("said", T, reached="READY"),  # READY with fields
         rep("late", T, reached="READY"),  # its STARTED went in an earlier batch
         rep("odd", S), rep("odd", R), rep("odd", T, reached="STARTED"),  # an end that contradicts its reports
         rep("open", S), rep("open", R),  # still running
