@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from agents import CpuBurner, DeafProcess, DeafThread, Forever, GilHolder
+from agents import CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
 from conftest import DETECT, EventLog, free_port, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
@@ -203,6 +203,63 @@ def test_a_sigkilled_worker_takes_its_child_processes_with_it(cluster, tmp_path,
     finally:
         if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)  # ours (started by our worker): not left behind
+
+
+def _process_agent_on(cluster, tmp_path, agent, settings, *worker_args, before=None, **register):
+    """An orchestrator, w1 (``worker_args``) running ``agent`` (which writes its process's pid)
+    after ``before`` (a thread agent, run in w1 itself), then w2."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **settings)
+    events = EventLog(orch)
+    orch.start()
+    w1 = cluster.worker(orch.address, "w1", *worker_args)
+    events.wait("WORKER_JOINED", "w1")
+    if before is not None:
+        orch.register_agent(before, "before", restart="on-failure")
+        events.wait("AGENT_READY", "before")
+    pid_file = tmp_path / "pid"
+    orch.register_agent(agent, "p", agent.Config(pid_file=str(pid_file), stop_timeout=1.0), **register)
+    events.wait("AGENT_READY", "p")
+    wait_for(pid_file.exists, 10, "the agent's pid")
+    pid = int(pid_file.read_text())
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    return orch, events, w1, pid
+
+
+@pytest.mark.parametrize("agent, where", [(ForeverProcess, "process"), (DeafProcess, "process"), (DeafThread, "host")])
+def test_a_stopped_workers_child_processes_stop_their_agents_at_its_lease(cluster, tmp_path, agent, where):
+    """SIGSTOP of the worker's pid freezes its thread agents, not its child processes.  Told the
+    worker's lease, a child whose worker is stopped past it stops its agent (and ends itself if
+    the agent ignores that for its stop timeout), as the worker would have: before the coordinator
+    starts the replacement (lease + stop timeout + margin after the worker's last sign).  Before,
+    the first copy ran on beside its replacement until the worker was resumed.  An agent host
+    (--threads-per-process 1: the second thread agent goes to one) does the same for a thread
+    agent stuck in its cycle, and ends itself, since nothing kept runs there."""
+    hosted = ("--threads-per-process", "1") if where == "host" else ()
+    orch, events, w1, pid = _process_agent_on(cluster, tmp_path, agent, DETECT, *hosted,
+                                              before=Forever if hosted else None, restart="on-failure",
+                                              restart_backoff=(0.1, 0.5))
+    assert pid != w1.pid
+    w1.send_signal(signal.SIGSTOP)
+    try:
+        assert events.wait("AGENT_READY", "p", count=2, timeout=20)[-1]["worker"] == "w2"
+        assert process_gone(pid), "the first copy still runs beside its replacement"
+    finally:
+        w1.send_signal(signal.SIGCONT)
+        if not process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_stopped_for_less_than_its_lease_keeps_its_process_agents(cluster, tmp_path):
+    """No false stop: a worker SIGSTOPped for a quarter of its 2 s window is not lost, and its
+    process agent is left running."""
+    orch, events, w1, pid = _process_agent_on(cluster, tmp_path, ForeverProcess, {}, restart="on-failure")
+    w1.send_signal(signal.SIGSTOP)
+    time.sleep(0.5)
+    w1.send_signal(signal.SIGCONT)
+    time.sleep(1.0)
+    assert not process_gone(pid) and orch.status()["agents"]["p"]["state"] == "READY"
+    assert not events.of("AGENT_TERMINATED") and not events.of("WORKER_LOST")
 
 
 def test_orphan_timeout_stops_agents_of_a_vanished_coordinator(cluster, tmp_path):

@@ -19,6 +19,7 @@ from pyorchestrate.events import stamp
 
 from . import agent_logs
 from .errors import error_fields
+from .lease_guard import LeaseGuard
 
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
 WORKER_GONE = 70  #: the exit status of a child process whose worker died (see worker_gone)
@@ -39,8 +40,8 @@ def bus_marker(item: Any) -> dict[str, Any]:
     return {"bus_publisher": item[0], "bus_incarnation": item[1], "bus_seq": item[3]}
 
 
-def _listen(conn: Any, agent: Any) -> None:
-    """Stop requests and deliveries from the worker."""
+def _listen(conn: Any, agent: Any, guard: LeaseGuard) -> None:
+    """Stop requests, deliveries and the worker's lease from the worker."""
     try:
         while True:
             message = msgpack.unpackb(conn.recv_bytes(), raw=False)
@@ -48,6 +49,8 @@ def _listen(conn: Any, agent: Any) -> None:
                 agent.stop()
             elif message[0] == "deliver":
                 agent.deliver(message[1], message[2])
+            elif message[0] == "lease":
+                guard.renewed(message[1], message[2])
     except (EOFError, OSError):
         worker_gone()
 
@@ -65,7 +68,7 @@ def setup_logging(label: str, log_level: int) -> None:
 
 def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
          events_address: str | None = None, bus: list | None = None, hold: bool = False,
-         events_key: Any = None) -> None:
+         events_key: Any = None, worker_pid: int = 0) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
     setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
@@ -93,7 +96,8 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
-    threading.Thread(target=_listen, args=(conn, agent), daemon=True).start()
+    guard = LeaseGuard(worker_pid or os.getppid(), agent.stop)
+    threading.Thread(target=_listen, args=(conn, agent, guard), daemon=True).start()
     if bus:
         def sink(item: Any) -> None:
             # over the pipe the worker already reads: no socket of our own, nothing to wait

@@ -37,6 +37,7 @@ from pyorchestrate.events import stamp
 from . import crowd
 from .child import BUS, setup_logging, worker_gone
 from .errors import error_fields
+from .lease_guard import LeaseGuard
 
 #: after the worker is gone, how long agents get to end before the host exits anyway
 EXIT_GRACE = 10.0
@@ -48,7 +49,7 @@ class Host:
     """The agents of one host process (runs in that process)."""
 
     def __init__(self, conn: Any, worker: str, host: str, events_address: str | None, events_key: Any,
-                 bus: bool) -> None:
+                 bus: bool, worker_pid: int = 0) -> None:
         self._conn = conn
         self._worker, self._host = worker, host
         self._events_address, self._events_key, self._bus = events_address, events_key, bus
@@ -58,6 +59,19 @@ class Host:
         self._threads: dict[int, threading.Thread] = {}
         self._classes: dict[str, tuple[type, type]] = {}
         self._gc = crowd.FreezePolicy()
+        self._leased: set[int] = set()  # the slots the worker's lease covers (not kept), as last told
+        self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left)
+
+    def _stop_leased(self) -> None:
+        with self._lock:
+            agents = [a for slot, a in self.agents.items() if slot in self._leased]
+        for agent in agents:
+            agent.stop()
+
+    def _only_leased_left(self) -> bool:
+        """May this process end at its stopped worker's lease: does nothing kept run here?"""
+        with self._lock:
+            return set(self.agents) <= self._leased
 
     def send(self, message: list) -> None:
         with self._send_lock:
@@ -85,6 +99,9 @@ class Host:
                     agent = self.agents.get(message[1])
                     if agent is not None:
                         agent.deliver(message[2], message[3])
+                elif kind == "lease":  # [until, the slots it covers, their longest stop timeout]
+                    self._leased = set(message[2])
+                    self._guard.renewed(message[1], message[3])
                 elif kind == "exit":
                     break
                 if kind == "start" and len(self.agents) % TUNE_EVERY == 0 or not self._conn.poll(0):
@@ -167,11 +184,11 @@ class Host:
 
 
 def main(conn: Any, worker: str, host: str, events_address: str | None, events_key: Any, bus: bool,
-         log_level: int = logging.INFO) -> None:
+         log_level: int = logging.INFO, worker_pid: int = 0) -> None:
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
-    Host(conn, worker, host, events_address, events_key, bus).serve()
+    Host(conn, worker, host, events_address, events_key, bus, worker_pid or os.getppid()).serve()
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -9,6 +9,7 @@ sends and, when the pipe closes, reports every agent still in it as failed.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -37,7 +38,8 @@ class AgentHost:
         self.worker = worker
         self.conn, self._child_conn = mp.Pipe()
         self.process = mp.Process(target=host_process.main,
-                                  args=(self._child_conn, worker, host, events_address, events_key, bus, log_level),
+                                  args=(self._child_conn, worker, host, events_address, events_key, bus, log_level,
+                                        os.getpid()),
                                   name=f"agent-host-{number}", daemon=False)
         self.lock = threading.Lock()
         self.slots: dict[int, Any] = {}

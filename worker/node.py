@@ -492,6 +492,7 @@ class Worker:
                     sys.setswitchinterval(interval)
                 self._publish_agent_heartbeats()
                 self._maybe_pulse()
+                self._supervisor.renew_lease(self._lease_from + self._limits.lease)
                 next_beat = now + self._limits.interval
             busy = bool(self._deferred) or bool(len(self._bus_outbox) and self._bus_ready())
             timeout_ms = 0 if busy else min(POLL_CAP_MS, sockets.wait_ms(next_beat - now))

@@ -11,6 +11,7 @@ import collections
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import socket
 import threading
@@ -117,6 +118,7 @@ class Supervisor:
         self.events_key: Any = None  # the worker's key (ClientKey) when the coordinator uses keys
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
+        self._processes_started = False  #: a process agent was started (see renew_lease)
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child", "pyorchestrate_worker.host"])
         if AGENT_LOGGERS.level == logging.NOTSET:
             AGENT_LOGGERS.setLevel(logging.INFO)  # agents' INFO records reach the bus
@@ -254,6 +256,7 @@ class Supervisor:
         host = next((h for h in self._hosts if not h.retired and h.count < self.threads_per_process
                      and h.add(slot, record)), None)
         if host is None:
+            self._processes_started = True  # see renew_lease
             host = AgentHost(self._mp, next(self._host_numbers), self._worker_name, self.host, self.events_address,
                              self.events_key, self.bus is not None, _stderr_level())
             host.add(slot, record)
@@ -306,13 +309,14 @@ class Supervisor:
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
+        self._processes_started = True
         parent_conn, child_conn = self._mp.Pipe()
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
                                                                     _stderr_level(),
                                                                     self.events_address,
                                                                     [self._worker_name, self.host, record.tag]
                                                                     if self.bus is not None else None,
-                                                                    hold, self.events_key),
+                                                                    hold, self.events_key, os.getpid()),
                                    name=f"agent-{name}", daemon=False)
         record.process, record.conn = process, parent_conn
         self._add(record)
@@ -416,6 +420,25 @@ class Supervisor:
             record.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
         except (OSError, ValueError):
             pass  # the child is gone; its watcher reports that
+
+    def renew_lease(self, until: float) -> None:
+        """Tell the process agents and agent hosts that run agents this worker would stop when its
+        lease runs out (those that do not keep running) until when it holds: they are not frozen
+        with this process, and each stops those agents itself if this process is stopped past it
+        (see lease_guard.py).  A host is told which of its agents that covers."""
+        if not self._processes_started:  # every heartbeat: no walk over thousands of thread agents
+            return
+        with self._lock:
+            records = [r for r in self._agents.values() if not r.keep and not r.terminated
+                       and (r.mode == "process" or r.host is not None)]
+        hosted: dict[AgentHost, list[Running]] = {}
+        for record in records:
+            if record.host is None:
+                self._to_child(record, ["lease", until, record.stop_timeout])
+            else:
+                hosted.setdefault(record.host, []).append(record)
+        for host, mine in hosted.items():
+            host.send(["lease", until, [r.slot for r in mine], max(r.stop_timeout for r in mine)])
 
     def stop_all(self, timeout: float | None = None, *, keep: bool = False) -> int:
         """Ask every copy to stop (``keep=True``: all but those that keep running without a

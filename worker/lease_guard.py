@@ -1,0 +1,59 @@
+"""A child process's own end of its worker's lease.
+
+A worker that loses its coordinator stops, when its lease runs out, every agent the coordinator
+will replace elsewhere.  A worker that is stopped (SIGSTOP of its pid, a debugger) cannot: its
+thread agents are frozen with it, but its child processes are not, and a process agent ran on
+beside its replacement until the worker was resumed.  So the worker tells each such child its
+lease (``["lease", until, stop_timeout]`` on their pipe, every heartbeat), and the child, seeing its
+worker stopped (state T) past that lease, stops its agent, and ends itself if the agent is still
+running ``stop_timeout`` later: as the worker would have, on time.  A worker that is only busy or
+cut off is not stopped, acts itself, and the guard does nothing (busy is not dead).
+
+An agent host runs many thread agents, some kept (they run on without a coordinator): it is told
+which of its agents the lease covers, stops those, and ends itself only if nothing else runs there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from .pulse import worker_state
+
+LEASE_OVER = 71  #: the exit status of a child that ended itself at its stopped worker's lease
+POLL = 0.05  #: seconds between two looks at the worker (a lease is a second or more)
+
+
+class LeaseGuard:
+    """Watches ``worker_pid`` once told a lease; ``renewed`` is called from the pipe's reader.
+    ``stop`` stops what the lease covers; ``may_end``: whether this process may end itself once
+    that ignored the stop for its timeout (default: yes)."""
+
+    def __init__(self, worker_pid: int, stop: Callable[[], None], may_end: Callable[[], bool] = lambda: True) -> None:
+        self.worker_pid = worker_pid
+        self.stop = stop
+        self.may_end = may_end
+        self.until = float("inf")  # no lease told yet: nothing to hold the worker to
+        self.stop_timeout = 10.0
+        self._thread: threading.Thread | None = None
+
+    def renewed(self, until: float, stop_timeout: float) -> None:
+        self.until, self.stop_timeout = until, stop_timeout
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lease-guard", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        stop_by: float | None = None
+        while True:
+            time.sleep(POLL)
+            now = time.monotonic()
+            if stop_by is not None:
+                if now >= stop_by and self.may_end():
+                    os._exit(LEASE_OVER)  # it ignored the stop: as the worker would kill it
+                continue
+            if now > self.until and worker_state(self.worker_pid) in ("T", "t"):
+                self.stop()
+                stop_by = now + self.stop_timeout
