@@ -27,6 +27,14 @@ def test_it_stops_only_when_the_worker_is_stopped_past_its_lease_and_ends_only_i
         assert not stopped.is_set(), "stopped for less than its lease: nothing to do yet"
         wait_for(stopped.is_set, 5, "the stop at the lease")
         time.sleep(0.2 + 4 * POLL)  # past the stop timeout: may_end says no, so this process lives on
+        # the worker is back and holds a lease again (new agents may run here): stopped past
+        # that one too, the guard acts again
+        stopped.clear()
+        worker.send_signal(signal.SIGCONT)
+        guard.renewed(time.monotonic() + 0.3, stop_timeout=0.2)
+        time.sleep(0.2)
+        worker.send_signal(signal.SIGSTOP)
+        wait_for(stopped.is_set, 5, "the stop at the next lease")
     finally:
         worker.send_signal(signal.SIGCONT)
         worker.kill()

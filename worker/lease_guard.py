@@ -53,7 +53,9 @@ class LeaseGuard:
             if stop_by is not None:
                 if now >= stop_by and self.may_end():
                     os._exit(LEASE_OVER)  # it ignored the stop: as the worker would kill it
-                continue
+                if self.until < now:
+                    continue
+                stop_by = None  # a lease told since: the worker is back (a host's kept agents ran on)
             if now > self.until and worker_state(self.worker_pid) in ("T", "t"):
                 self.stop()
                 stop_by = now + self.stop_timeout
