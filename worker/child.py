@@ -96,7 +96,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
-    guard = LeaseGuard(worker_pid or os.getppid(), agent.stop)
+    guard = LeaseGuard(worker_pid, agent.stop)
     threading.Thread(target=_listen, args=(conn, agent, guard), daemon=True).start()
     if bus:
         def sink(item: Any) -> None:

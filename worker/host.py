@@ -16,8 +16,10 @@ The pipe to the worker carries msgpack lists:
 * host → worker: ``[slot, event, fields]`` (a lifecycle report of one agent) and
   ``[BUS, slot, *item]`` (one bus event, numbered by the agent's publisher).
 
-If the worker dies the pipe closes: every agent is asked to stop and the host exits once they
-ended (a thread that ignores the stop is abandoned after ``EXIT_GRACE`` seconds).
+When the worker is done with it ("exit"), every agent is asked to stop and the host exits once
+they ended (a thread that ignores the stop is abandoned after ``EXIT_GRACE`` seconds).  If the
+worker dies the pipe closes and the host exits at once (child.worker_gone); if the worker is
+stopped past its lease, the host stops the agents that lease covers (lease_guard.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .child import BUS, setup_logging, worker_gone
 from .errors import error_fields
 from .lease_guard import LeaseGuard
 
-#: after the worker is gone, how long agents get to end before the host exits anyway
+#: after the worker said "exit", how long agents get to end before the host exits anyway
 EXIT_GRACE = 10.0
 #: within a burst of starts, the switch interval and the collector are tuned every so many agents
 TUNE_EVERY = 100
@@ -188,7 +190,7 @@ def main(conn: Any, worker: str, host: str, events_address: str | None, events_k
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
-    Host(conn, worker, host, events_address, events_key, bus, worker_pid or os.getppid()).serve()
+    Host(conn, worker, host, events_address, events_key, bus, worker_pid).serve()
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -27,7 +27,8 @@ POLL = 0.05  #: seconds between two looks at the worker (a lease is a second or 
 
 
 class LeaseGuard:
-    """Watches ``worker_pid`` once told a lease; ``renewed`` is called from the pipe's reader.
+    """Watches ``worker_pid`` once told a lease (the worker's own pid: a child's parent is the
+    forkserver; 0, not known, is never stopped); ``renewed`` is called from the pipe's reader.
     ``stop`` stops what the lease covers; ``may_end``: whether this process may end itself once
     that ignored the stop for its timeout (default: yes)."""
 
