@@ -89,17 +89,16 @@ class Predecessor:
         old = self.old_copies.get(name)
         return next(iter(old))[0] if old else None
 
-    def copy_ended(self, name: str, worker: str, run: str, epoch: int) -> bool:
-        """A copy reported its end; True if its agent may start now."""
+    def copy_ended(self, name: str, worker: str, run: str, epoch: int) -> None:
+        """A copy reported its end: it holds nothing any more (placement says whether its agent
+        may start, or still waits for another copy)."""
         if name in self.foreign and (self.foreign[name][1]["run"], self.foreign[name][1]["epoch"]) == (run, epoch):
             del self.foreign[name]
         old = self.old_copies.get(name)
-        if old is None or old.pop((worker, run, epoch), None) is None:
-            return False
-        if old:
-            return False
-        del self.old_copies[name]
-        return True
+        if old is not None:
+            old.pop((worker, run, epoch), None)
+            if not old:
+                del self.old_copies[name]
 
     def expire(self, now: float) -> tuple[list[tuple[str, str, dict[str, Any]]], bool]:
         """Foreign copies not claimed in time (to be stopped: ``(worker, name, report)``), and
