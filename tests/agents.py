@@ -211,6 +211,38 @@ class CopyTracer(LoopingThreadAgent):
         append_line(self.config.trace, f"close {self.copy} {time.time():.3f}")
 
 
+class StuckTalker(CopyTracer):
+    """A copy that, asked to stop, never does: it goes on tracing and logging (so its worker has
+    bus output to send for as long as it runs)."""
+
+    def on_stop(self):
+        while True:
+            append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
+            self.logger.info("copy %s still here", self.copy)
+            time.sleep(0.01)
+
+
+class HelperThread(LoopingThreadAgent):
+    """Starts a non-daemon thread of its own that runs for ever (as some libraries do), tracing
+    "helper TIME" into ``trace``."""
+
+    class Config(LoopingThreadAgent.Config):
+        trace = ""
+
+    def setup(self):
+        import threading
+
+        def helper():
+            while True:
+                append_line(self.config.trace, f"helper {time.time():.3f}")
+                time.sleep(0.05)
+
+        threading.Thread(target=helper, name="helper", daemon=False).start()
+
+    def cycle(self):
+        self.wait_stop(0.05)
+
+
 class Burst(BaseThreadAgent):
     """Publishes ``count`` numbered events of ``pad`` bytes each as fast as it can."""
 

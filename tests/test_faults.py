@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import zmq
-from agents import Forever, ForeverProcess, GilHog, Quick, Sleeper
+from agents import Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
@@ -178,6 +178,24 @@ def _fake_coordinator(cluster, ctx: zmq.Context) -> tuple:
     return worker, router, bus_port, identity, register
 
 
+def _numbered(router: zmq.Socket, identity: bytes):
+    """send(type, **fields) to the worker at ``identity``, numbering the frames as a coordinator does."""
+    sent = [0]
+
+    def send(type_: str, **fields) -> None:
+        sent[0] += 1
+        router.send_multipart([identity, protocol.encode(type_, n=sent[0], **fields)])
+
+    return send
+
+
+def _start(send, agent: str, cls: type, config) -> None:
+    """Start ``agent`` (a thread agent of class ``cls``) as run "s", epoch 1."""
+    class_id, blob = shipping.pack_class(cls, cls.Config)
+    send("starts", agents=[dict(agent=agent, run="s", epoch=1, class_id=class_id, class_blob=blob,
+                                config=shipping.pack_config(config, agent), mode="thread")])
+
+
 def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster):
     """A fake coordinator (a raw ROUTER speaking our protocol by hand) sends the worker garbage,
     then real work."""
@@ -326,16 +344,10 @@ def test_a_start_read_after_the_lease_ran_out_is_not_acted_on(cluster):
     ctx = zmq.Context()
     try:
         _, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
-        sent = [0]
-
-        def send(type_: str, **fields) -> None:
-            sent[0] += 1
-            router.send_multipart([identity, protocol.encode(type_, n=sent[0], **fields)])
+        send = _numbered(router, identity)
 
         def start(agent: str, cls: type) -> None:
-            class_id, blob = shipping.pack_class(cls, cls.Config)
-            send("starts", agents=[dict(agent=agent, run="s", epoch=1, class_id=class_id, class_blob=blob,
-                                        config=shipping.pack_config(cls.Config(), agent), mode="thread")])
+            _start(send, agent, cls, cls.Config())
 
         # a lease of 2 s, renewed while its heartbeats are answered
         send("welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=10,
@@ -366,6 +378,47 @@ def test_a_start_read_after_the_lease_ran_out_is_not_acted_on(cluster):
         assert registers, "the worker did not register again after its lease ran out"
         assert [event for agent, event in reports if agent == "late"] == [], reports
         assert [a["agent"] for a in registers[0]["agents"]] in ([], ["hog"])
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _still_running(pid: int) -> bool:
+    """Is process ``pid`` running (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_says_goodbye_only_once_none_of_its_agents_runs(cluster):
+    """"goodbye" tells the coordinator the worker's agents are gone, and it replaces them at once.
+    A stopped worker (SIGTERM) whose thread agent ignores its stop runs it for as long as its
+    process lives: it must leave without a goodbye (it says "closing": judge it by its silence,
+    and so by its lease). Before, the goodbye came while its process, and so that agent, still ran."""
+    ctx = zmq.Context()
+    try:
+        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+        send = _numbered(router, identity)
+
+        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=50,
+             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        _start(send, "t", StuckTalker, StuckTalker.Config(trace=os.devnull, stop_timeout=0.3))  # never stops
+        last, alive = None, None
+        deadline = time.monotonic() + 30
+        while last is None and time.monotonic() < deadline:
+            if not router.poll(50):
+                continue
+            message = protocol.decode(router.recv_multipart()[-1])
+            if message["type"] == "heartbeat":
+                send("heartbeat_reply", echo=message["t"])
+            elif message["type"] == "agent_events" and any(i["event"] == "AGENT_READY" for i in message["events"]):
+                worker.send_signal(signal.SIGTERM)
+            elif message["type"] in ("goodbye", "closing"):
+                last, alive = message["type"], _still_running(worker.pid)
+        assert last is not None, "the worker never left"
+        assert last == "closing" or not alive, "goodbye while the stuck agent's process still ran"
+        assert worker.wait(15) == 0
     finally:
         ctx.destroy(linger=0)
 

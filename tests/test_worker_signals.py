@@ -16,6 +16,10 @@ import sys
 import time
 
 import pytest
+from agents import HelperThread, StuckTalker
+from conftest import DETECT, EventLog, wait_for
+
+from pyorchestrate import RunMode
 
 ROUNDS = 20  # at 11 hangs in 20, all 20 would pass with the old handler once in ~10^7 runs
 
@@ -83,3 +87,56 @@ def test_a_forked_child_dies_of_its_stop_signal_and_the_worker_is_not_asked_to_s
     assert done.stdout.split() == [str(-signum), "False"], (done.stdout, done.stderr)
     if signum == signal.SIGINT:  # as in any Python: its finally blocks run
         assert "KeyboardInterrupt" in done.stderr, done.stderr
+
+
+def _copies(trace) -> dict[str, list[tuple[str, float]]]:
+    """CopyTracer's trace: copy id -> [(what, time)], copies in the order they first wrote."""
+    copies: dict[str, list[tuple[str, float]]] = {}
+    for line in trace.read_text().splitlines():
+        what, copy, at = line.split()
+        copies.setdefault(copy, []).append((what, float(at)))
+    return copies
+
+
+def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(cluster, tmp_path):
+    """SIGTERM to a worker whose thread agent ignores its stop (it logs on, so the worker has bus
+    output to flush while it tears down). The worker says "goodbye" only if every agent stopped:
+    a goodbye makes the coordinator replace them at once, while a stuck thread runs until its
+    process ends. Here it leaves without one, and the replacement starts after its lease, once the
+    process is gone. (With a goodbye, the second copy started 50 ms after it, beside the first.)"""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)  # a 2 s window: it is heard to leave
+    events = EventLog(orch)
+    orch.start()
+    w1 = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    trace = tmp_path / "trace"
+    orch.register_agent(StuckTalker, "t", StuckTalker.Config(trace=str(trace), stop_timeout=0.5), restart="always",
+                        restart_backoff=(0.05, 0.1))
+    events.wait("AGENT_READY", "t")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    w1.send_signal(signal.SIGTERM)
+    assert events.wait("AGENT_READY", "t", count=2, timeout=20)[-1]["worker"] == "w2"
+    assert w1.wait(15) == 0
+    print([(e["event"], e.get("reason")) for e in events.events if e.get("worker") == "w1" and "LOG" not in e["event"] and "BEAT" not in e["event"]]); first, second = _copies(trace).values(); print(max(at for _, at in first), min(at for _, at in second))
+    assert max(at for _, at in first) < min(at for _, at in second), "the stuck copy ran beside its replacement"
+
+
+def test_a_worker_exits_on_sigterm_whatever_threads_its_agents_started(cluster, tmp_path):
+    """An agent that started a non-daemon thread of its own kept its worker alive for ever after
+    SIGTERM (the interpreter waits for such threads at exit), that thread still at work after the
+    coordinator was told the worker had left."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    w1 = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    trace = tmp_path / "trace"
+    orch.register_agent(HelperThread, "h", HelperThread.Config(trace=str(trace)))
+    wait_for(trace.exists, 20, "the agent's thread")
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(15) == 0
+    events.wait("WORKER_LEFT", "w1")
+    lines = trace.read_text().splitlines()
+    time.sleep(0.2)
+    assert trace.read_text().splitlines() == lines, "the agent's thread outlived its worker"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 import sys
 
@@ -133,3 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     crowd.settle()  # our own process: its code loaded, tune the collector (crowd.py)
     return worker.run()
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The command: ``main``, then the process ends without the interpreter's teardown, which
+    waits for every non-daemon thread. A thread an agent started (or a thread agent stuck past its
+    stop) would keep a stopped worker alive for ever, still doing that agent's work after the
+    coordinator has replaced it."""
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -717,9 +717,18 @@ class Worker:
             self._flush_events()
             time.sleep(0.02)
         self._flush_events()
+        stuck = self._supervisor.count()
         if self._dealer is not None:
+            # "goodbye" says this process's agents are gone, and the coordinator replaces them at
+            # once. A thread that ignored its stop runs on until this process ends (cli.entry:
+            # os._exit, after this teardown), so then say "closing": the coordinator judges this
+            # worker by its silence and replaces that agent only once the lease has certainly run
+            # out, long after this process is gone
+            if stuck:
+                log.warning("%d agent(s) did not stop: leaving without a goodbye, so that the coordinator "
+                            "replaces them only after this worker's lease", stuck)
             try:
-                self._dealer.send(self._frame("goodbye"), zmq.NOBLOCK)
+                self._dealer.send(self._frame("closing" if stuck else "goodbye"), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         if self._pub is not None:
