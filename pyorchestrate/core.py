@@ -200,6 +200,9 @@ class ClusterCore(Registration, CommandHandlers):
             return
         if kind == "closing":  # its close that follows is no death: judge the worker by silence
             self._remember(self.closing_connections, identity)
+            worker = self.worker_of(identity)
+            if worker is not None:  # nor one the monitor reported before this frame was read
+                worker.disconnected_at = None
             return
         worker = self.worker_of(identity)
         if worker is None:

@@ -323,16 +323,18 @@ class Sim:
         self.to_core(worker, protocol.encode(type_, n=worker.sent_n, **fields))
 
     def _close(self, worker: SimWorker, on_purpose: bool) -> None:
-        """Its connection closes; the coordinator's monitor sees that after the frames sent on it
-        (and not before a partition heals).  On purpose, the worker says "closing" first."""
+        """Its connection closes; the coordinator's monitor sees that (not before a partition
+        heals), maybe before it reads frames sent on it.  On purpose, the worker says "closing" first."""
         if not worker.identity:
             return
         if on_purpose:
             self._send(worker, "closing")
         if not on_purpose:
             self._dead.add(worker.identity)
-        heapq.heappush(self.net, (self._deliver_at("core", worker.identity, worker), next(self.ids), "close",
-                                  worker.identity, b""))
+        # the monitor's report of the close travels apart from the frames (another socket): it
+        # may be read before frames sent on that connection are (a busy loop reads a slice a turn)
+        at = max(self._deliver_at("monitor", worker.identity, worker), self.now + self.rng.uniform(0.0, 0.05))
+        heapq.heappush(self.net, (at, next(self.ids), "close", worker.identity, b""))
 
     def _reconnect(self, worker: SimWorker) -> None:
         """Close the connection and register on a new one (what was in flight on the old is lost)."""

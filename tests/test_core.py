@@ -410,6 +410,20 @@ def test_a_connection_the_worker_closes_on_purpose_is_no_death():
     assert not h.core.workers["w1"].alive and h.events("WORKER_LOST")
 
 
+def test_a_close_seen_before_the_closing_frame_is_read_is_no_death_either():
+    """The coordinator reads its connections and the monitor of their closes separately: with
+    frames queued (a busy loop reads a bounded slice a turn), the close of a connection can be seen
+    before the "closing" frame the worker sent on it first. Its worker is still judged by silence."""
+    h = Harness()
+    w1 = h.register("w1")
+    h.core.disconnected(w1, h.now)  # the monitor's report came first
+    h.core.control(w1, protocol.decode(protocol.encode("closing")), h.now)
+    h.flush()
+    for _ in range(int((h.core.limits.reconnect_grace + 0.5) / 0.1)):
+        h.step(0.1)
+    assert h.core.workers["w1"].alive and not h.events("WORKER_LOST")
+
+
 def test_lost_frames_from_a_worker_make_it_register_again():
     h = Harness()
     w1 = h.register("w1")
