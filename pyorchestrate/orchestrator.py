@@ -41,6 +41,12 @@ class RunMode(enum.Enum):
     DAEMON = "daemon"  #: only after :meth:`Orchestrator.stop`; agents may be added while running
 
 
+#: the smallest max_message_size accepted: a worker's frames (its reports, error text cut to size
+#: and batched, and its registration, ~150 bytes per agent it runs) must fit, or each one over it
+#: costs the worker its connection and what the frame carried
+MIN_MESSAGE_SIZE = 4 * 1024 * 1024
+
+
 def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool = False, allow_none: bool = False) -> None:
     value = getattr(cfg, name)
     if value is None and allow_none:
@@ -148,7 +154,7 @@ class Orchestrator:
             _number(results, self, "heartbeat_interval", 0.01)
             _number(results, self, "heartbeat_liveness", 2, whole=True)
             _number(results, self, "stop_timeout", 0)
-            _number(results, self, "max_message_size", 1024, whole=True)
+            _number(results, self, "max_message_size", MIN_MESSAGE_SIZE, whole=True)
             _number(results, self, "callback_threads", 1, whole=True)
             _number(results, self, "history_max_events", 0, whole=True)
             _number(results, self, "history_max_bytes", 0, whole=True)

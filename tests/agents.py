@@ -26,6 +26,21 @@ class BoomProcess(BaseProcessAgent):
         raise RuntimeError("process boom")
 
 
+class Shout(BaseThreadAgent):
+    """Fails with an error message of ``size`` characters (a payload in the exception's text)."""
+
+    class Config(BaseThreadAgent.Config):
+        size = 10_000_000
+
+    def execute(self):
+        raise ValueError("x" * self.config.size)
+
+
+class ShoutProcess(BaseProcessAgent):
+    Config = Shout.Config
+    execute = Shout.execute
+
+
 class Forever(LoopingThreadAgent):
     """Loops until stopped; records its hooks in a file so tests can see them."""
 

@@ -87,7 +87,7 @@ def _raw_tcp_garbage(address: str) -> None:
 
 
 def test_garbage_on_every_coordinator_port_is_dropped_and_counted(cluster):
-    orch = cluster.orchestrator(min_workers=1, max_message_size=64 * 1024)
+    orch = cluster.orchestrator(min_workers=1, max_message_size=4 * 1024 * 1024)
     orch.start()
     addresses = orch.status()["addresses"]
     ctx = zmq.Context()
@@ -110,7 +110,7 @@ def test_garbage_on_every_coordinator_port_is_dropped_and_counted(cluster):
         # oversized: libzmq drops the connection of whoever sends it
         big = ctx.socket(zmq.DEALER)
         big.connect(addresses["control"])
-        big.send(b"x" * (256 * 1024))
+        big.send(b"x" * (5 * 1024 * 1024))
         # bus input: garbage published into the XSUB (wait for its subscription first)
         pub = ctx.socket(zmq.XPUB)
         pub.connect(addresses["bus"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Sleeper
+from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Shout, ShoutProcess, Sleeper
 from conftest import LIFECYCLE, EventLog, free_port, wait_for
 
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
@@ -62,6 +62,52 @@ def test_erroring_agent_reports_error_then_terminated_and_others_run(cluster):
     assert not events.of("AGENT_ERROR", "fine")
     assert events.of("AGENT_TERMINATED", "fine")[0]["ok"] is True
     assert orch.status()["agents"]["boom"]["failed"] is True
+
+
+def test_an_error_too_long_for_a_frame_is_reported_cut_and_costs_no_connection(cluster):
+    """An exception whose text holds a 10 MB payload, under the smallest max_message_size (4 MiB):
+    its report used to exceed the coordinator's limit, which cost the worker its connection and the
+    AGENT_ERROR with it (lost, counted nowhere). Now the message and traceback are cut to size."""
+    orch = cluster.orchestrator(min_workers=1, max_message_size=4 * 1024 * 1024)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Shout, "shout")
+    orch.register_agent(ShoutProcess, "shout-process")
+    assert orch.join(timeout=30)
+    for agent in ("shout", "shout-process"):
+        error = events.of("AGENT_ERROR", agent)[0]
+        assert error["error_message"].startswith("ValueError: xxx") and error["error_message"].endswith("xxx")
+        assert "characters cut" in error["error_message"] and len(error["error_message"]) < 20_000
+        assert "Traceback (most recent call last)" in error["traceback"] and len(error["traceback"]) < 70_000
+    assert "registering again" not in cluster.log_of("w1")
+    assert not orch.status()["dropped"]
+
+
+def test_many_long_errors_at_once_are_sent_in_frames_of_bounded_size():
+    """A worker's reports of many failures, each with a long traceback, go in several frames (not
+    one over the coordinator's limit), all of them, in order (a real Worker object, not serving)."""
+    from pyorchestrate import protocol
+    from pyorchestrate_worker.node import Worker
+
+    worker = Worker("tcp://127.0.0.1:9", name="w1")
+    sent: list[list[dict]] = []
+    worker._send_events = sent.append
+    try:
+        for i in range(60):
+            worker._queue_event(f"a{i}", "run", 1, "AGENT_ERROR", {"error_message": "m" * 50_000,
+                                                                   "traceback": "t" * 200_000})
+        worker._queue_event("fine", "run", 1, "AGENT_STARTED", {})
+        worker._flush_events()
+        assert [item["agent"] for batch in sent for item in batch] == [f"a{i}" for i in range(60)] + ["fine"]
+        assert len(sent) > 1
+        for batch in sent:
+            assert len(protocol.encode("agent_events", events=batch)) < 4 * 1024 * 1024
+    finally:
+        worker._supervisor.close()
+        worker._outbox.close()
+        worker._bus_signal.close()
+        worker._ctx.term()
 
 
 def test_callbacks_get_only_accepted_kwargs_and_failures_are_isolated(cluster):

@@ -6,6 +6,31 @@ import traceback
 from typing import Any
 
 
+#: the most of an error's message and traceback a report carries (characters): a report travels in
+#: one control frame, and one over the coordinator's max_message_size costs the worker its
+#: connection and the report with it (an exception whose text held a 2 MB payload did)
+MAX_MESSAGE_CHARS = 16 * 1024
+MAX_TRACEBACK_CHARS = 64 * 1024
+
+
+def _cut(text: Any, most: int) -> Any:
+    """``text`` if short enough, else its head and tail around a note of what was cut."""
+    if not isinstance(text, str) or len(text) <= most:
+        return text
+    keep = most // 2
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters cut ...]\n{text[-keep:]}"
+
+
+def bounded(fields: dict[str, Any]) -> dict[str, Any]:
+    """An AGENT_ERROR's fields with its message and traceback cut to size (the same dict if they
+    fit)."""
+    message, text = fields.get("error_message"), fields.get("traceback")
+    if (not isinstance(message, str) or len(message) <= MAX_MESSAGE_CHARS) and (
+            not isinstance(text, str) or len(text) <= MAX_TRACEBACK_CHARS):
+        return fields
+    return {**fields, "error_message": _cut(message, MAX_MESSAGE_CHARS), "traceback": _cut(text, MAX_TRACEBACK_CHARS)}
+
+
 def error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:
     """``error_message`` and ``traceback``; a missing module says where to install it."""
     message = f"{type(exc).__name__}: {exc}"

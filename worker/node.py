@@ -41,6 +41,7 @@ from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 
 from . import crowd, pulse
+from .errors import bounded
 from .fold import fold
 from .supervisor import Supervisor
 
@@ -49,6 +50,9 @@ log = logging.getLogger("pyorchestrate.worker")
 REGISTER_TIMEOUT = 2.0
 PULSE_MODES = ("auto", "always", "never")
 _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
+# error text per message (characters, each at most 4 bytes): with errors.MAX_*_CHARS per report,
+# a frame stays under the smallest max_message_size a coordinator accepts (4 MiB)
+_ERROR_CHARS_PER_MESSAGE = 256 * 1024
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
@@ -76,6 +80,11 @@ THREADS_PER_PROCESS = 2000
 
 class Refused(Exception):
     """The coordinator refused this worker; retrying will not help."""
+
+
+def _error_chars(item: dict[str, Any]) -> int:
+    fields = item["fields"]
+    return len(str(fields.get("error_message", ""))) + len(str(fields.get("traceback", "")))
 
 
 class Worker:
@@ -450,6 +459,8 @@ class Worker:
     # ------------------------------------------------------------------ serving
 
     def _queue_event(self, name: str, run: str, epoch: int, event: str, fields: dict[str, Any]) -> None:
+        if event == "AGENT_ERROR":  # the only report with text of the agent's making
+            fields = bounded(fields)
         self._outbox.put((name, run, epoch, event, fields))
 
     def _send(self, frame: bytes) -> None:
@@ -753,9 +764,12 @@ class Worker:
         # receive at the coordinator, not three, for an agent that starts and finishes at once
         self._keep_reports()  # after what was kept while registering, in order
         items, self._pending = self._pending, []
+        errors = 0  # characters of error text in them
         for item in items:
             copy = (item["agent"], item["run"], item["epoch"])
-            if item["event"] == "AGENT_STARTED":
+            if item["event"] == "AGENT_ERROR":
+                errors += _error_chars(item)
+            elif item["event"] == "AGENT_STARTED":
                 self._beating[copy] = self._beat_round
                 self._bus_sent.setdefault((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), 0)
             elif item["event"] == "AGENT_TERMINATED" and item["fields"].get("folded") is True:
@@ -764,10 +778,29 @@ class Worker:
                 self._beating.pop(copy, None)
                 self._bus_sent.pop((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), None)
                 self._recent_ends.append(item)
-        for i in range(0, len(items), _EVENTS_PER_MESSAGE):
-            self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
+        if errors > _ERROR_CHARS_PER_MESSAGE:
+            self._send_events_cut(items)
+        else:
+            for i in range(0, len(items), _EVENTS_PER_MESSAGE):
+                self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
         if trace.enabled:
             trace.ends("flushed", items)
+
+    def _send_events_cut(self, items: list[dict[str, Any]]) -> None:
+        """Like the batches of _flush_events, but a batch also ends once its error text reaches
+        _ERROR_CHARS_PER_MESSAGE: many long tracebacks at once must not add up to a frame over the
+        coordinator's max_message_size (which would cost the connection and the reports in it)."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for item in items:
+            cost = _error_chars(item) if item["event"] == "AGENT_ERROR" else 0
+            if batch and (len(batch) >= _EVENTS_PER_MESSAGE or size + cost > _ERROR_CHARS_PER_MESSAGE):
+                self._send_events(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += cost
+        if batch:
+            self._send_events(batch)
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
