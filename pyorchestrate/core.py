@@ -513,7 +513,13 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             # behind, nobody is judged; but replies still go out: a coordinator that is merely busy
             # must not let its workers' leases run out (it would stop their agents: a false death)
-            if not behind and worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
+            if (not behind and worker.disconnected_at is not None and worker.pulse_at > worker.disconnected_at
+                    and now - worker.disconnected_at > limits.reconnect_grace):
+                # its pulse spoke after the close: its process is alive (a connection reset, its
+                # loop too busy to reconnect and speak in time), so no certain death; its silence
+                # judges it, and its lease guards a replacement
+                worker.disconnected_at = None
+            elif not behind and worker.disconnected_at is not None and now - worker.disconnected_at > limits.reconnect_grace:
                 self._worker_gone(worker, E.WORKER_LOST, f"worker {worker.name!r} was lost (its connection closed "
                                                          "and it did not come back)", now, certain=True)
             elif not behind and now - worker.last_sign > limits.silence:

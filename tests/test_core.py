@@ -597,6 +597,26 @@ def test_a_worker_whose_loop_is_silent_but_whose_pulse_goes_on_is_busy_until_the
     assert record.restart_at >= limits.replace_after(h.now, record.stop_timeout) - limits.interval
 
 
+def test_a_closed_connection_with_the_pulse_going_on_is_no_certain_death():
+    """A connection can close with its worker alive (a reset), and a busy worker may not reconnect
+    and speak within the reconnect grace. Its pulse after the close shows its process lives: it is
+    judged by its silence (busy while the pulse goes on), its agents kept, not replaced at once;
+    without a pulse the close is taken for its process's death."""
+    h = Harness()
+    identity, record = h.ready("a", restart="always")
+    h.core.disconnected(identity, h.now)
+    for _ in range(int((h.core.limits.reconnect_grace + 1.0) / 0.1)):
+        h.step(0.1)
+        _pulse(h)
+    assert not h.events("WORKER_LOST") and record.state is S.READY
+    h2 = Harness()
+    identity, record = h2.ready("a", restart="always")
+    h2.core.disconnected(identity, h2.now)
+    for _ in range(int((h2.core.limits.reconnect_grace + 0.2) / 0.1)):
+        h2.step(0.1)
+    assert h2.events("WORKER_LOST") and "connection closed" in h2.events("WORKER_LOST")[0].fields["reason"]
+
+
 def test_a_pulse_without_the_workers_secret_or_for_a_lost_worker_counts_for_nothing():
     h = Harness()
     dropped = []
