@@ -9,7 +9,10 @@ after a random delay; a partition holds them until it heals (TCP retransmits); a
 loses what was in flight on it (both ways) and the coordinator's monitor sees the connection
 close; a worker that re-registers opens a new connection, and whatever was addressed to the old
 one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
-connection resets, coordinator stalls and coordinator restarts (same name, new incarnation).
+connection resets, coordinator stalls and coordinator restarts (same name, new incarnation),
+workers stopped with SIGTERM (some copies stuck past their stop timeout) and started again, and
+the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
+capacity; some seeds cap the cluster (max_workers) or replace a previous coordinator's copies.
 
 Invariants checked after every step (``Sim.check``) are the product's promises; see
 tests/test_core_simulation.py.
@@ -73,6 +76,7 @@ class Copy:
     ok: bool
     ready: bool = False
     stop_done: float | None = None  #: a stop takes effect then
+    stop_by: float | None = None  #: a worker shutting down gives up on it then (its stop timeout)
     #: its worker was frozen (SIGSTOP) past its lease: it ran on after thawing until stopped.  No
     #: lease can prevent that (the worker cannot act while stopped); README says so.
     zombie: bool = False
@@ -107,6 +111,9 @@ class SimWorker:
     frozen_since: float = -1e9
     partitioned_until: float = 0.0
     drained_by: list[str] = field(default_factory=list)  # coordinator sessions that drained it
+    capacity: int = 0
+    exiting_at: float | None = None  # SIGTERM: its copies were told to stop; it leaves once they have
+    exit_at: float | None = None  # then its process ends
 
 
 class Sim:
@@ -117,7 +124,9 @@ class Sim:
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = 0.0
-        self.config = config or SimConfig(disconnect_timeout=self.rng.choice([None, None, 2.0, 6.0]))
+        self.config = config or SimConfig(disconnect_timeout=self.rng.choice([None, None, 2.0, 6.0]),
+                                          max_workers=self.rng.choice([None, None, None, 6]),
+                                          on_restart=self.rng.choice(["adopt", "adopt", "adopt", "replace"]))
         self.limits = Limits(self.config.heartbeat_interval, self.config.heartbeat_liveness)
         self.faults = faults
         self.ids = itertools.count(1)
@@ -152,9 +161,10 @@ class Sim:
 
     # ------------------------------------------------------------------ set-up
 
-    def _new_worker(self, name: str) -> None:
+    def _new_worker(self, name: str, capacity: int | None = None) -> None:
+        capacity = self.rng.choice([0, 0, 3, 6]) if capacity is None else capacity  # --capacity (0: no limit)
         self.workers[name] = SimWorker(name, f"inc{next(self.ids)}", next_register=self.now + self.rng.uniform(0, 1),
-                                       lease_from=self.now)
+                                       lease_from=self.now, capacity=capacity)
 
     def _new_core(self, adopt: float) -> ClusterCore:
         core = ClusterCore(self.coordinator_name, f"coord{next(self.ids)}", self.config, now=self.now,
@@ -176,6 +186,10 @@ class Sim:
         # where its default (keep only what never restarts) is overridden: a kept agent that
         # restarts is replaced once given up (disconnect_timeout), while its cut-off copy runs on
         spec["on_disconnect"] = rng.choice([None, None, "keep", "replace"])
+        # worker="w1" (that worker may be lost, or full, for a while), and depends_on an earlier agent
+        spec["pin"] = rng.choice(sorted(self.workers)) if rng.random() < 0.15 else None
+        earlier = sorted(self.specs)
+        spec["depends_on"] = [rng.choice(earlier)] if earlier and rng.random() < 0.2 else []
         self.specs[name] = spec
         self.core.command(commands.AddAgent(self._record(name)), self.now)
         self._apply()
@@ -186,7 +200,8 @@ class Sim:
                            config_blob=name.encode(), mode="thread",
                            policy=RestartPolicy(spec["mode"], max_restarts=-1, initial=0.5, maximum=4.0),
                            one_shot=spec["one_shot"], definition=f"def-{name}-{spec.get('version', 1)}",
-                           stop_timeout=spec["stop_timeout"], on_disconnect=spec["on_disconnect"])
+                           stop_timeout=spec["stop_timeout"], on_disconnect=spec["on_disconnect"],
+                           pin=spec["pin"], depends_on=list(spec["depends_on"]))
 
     # ------------------------------------------------------------------ the network
 
@@ -357,6 +372,28 @@ class Sim:
 
     def _worker_step(self, worker: SimWorker) -> None:
         now = self.now
+        self._end_copies(worker)
+        self._check_lease(worker)  # (an exiting worker stops its copies anyway; frozen past its lease, they were zombies)
+        if worker.exiting_at is not None:
+            self._exit_when_stopped(worker)
+            return
+        if worker.registered:
+            if worker.pending or worker.outbox:
+                self._flush(worker)
+            if now >= worker.next_beat:
+                worker.next_beat = now + worker.limits.interval
+                self._send(worker, "heartbeat", t=now, running=len(worker.copies), read=worker.recv_n)
+        else:
+            worker.pending.extend(self._take_outbox(worker))
+            if now - worker.lease_from > ORPHAN_TIMEOUT:  # --orphan-timeout: even kept copies stop
+                for copy in worker.copies.values():
+                    self._stop(copy, copy.stop_timeout)
+            if now >= worker.next_register:
+                worker.next_register = now + REGISTER_RETRY * self.rng.uniform(0.5, 1.5)
+                self._reconnect(worker)
+
+    def _end_copies(self, worker: SimWorker) -> None:
+        now = self.now
         for copy in list(worker.copies.values()):
             if not copy.ready and now >= copy.ready_at:
                 copy.ready = True
@@ -372,21 +409,38 @@ class Sim:
                 self.ended_in[copy.key] = worker.incarnation
                 self.reached[copy.key] = copy.ready
                 del worker.copies[copy.key]
-        self._check_lease(worker)
-        if worker.registered:
-            if worker.pending or worker.outbox:
-                self._flush(worker)
-            if now >= worker.next_beat:
-                worker.next_beat = now + worker.limits.interval
-                self._send(worker, "heartbeat", t=now, running=len(worker.copies), read=worker.recv_n)
-        else:
-            worker.pending.extend(self._take_outbox(worker))
-            if now - worker.lease_from > ORPHAN_TIMEOUT:  # --orphan-timeout: even kept copies stop
-                for copy in worker.copies.values():
-                    self._stop(copy, copy.stop_timeout)
-            if now >= worker.next_register:
-                worker.next_register = now + REGISTER_RETRY * self.rng.uniform(0.5, 1.5)
-                self._reconnect(worker)
+
+    def _shut_down(self, worker: SimWorker) -> None:
+        """SIGTERM: it stops every copy (each with its stop_timeout), and reads nothing more."""
+        worker.exiting_at = self.now
+        for copy in worker.copies.values():
+            self._stop(copy, copy.stop_timeout, told=True)  # some are stuck threads
+            copy.stop_by = self.now + copy.stop_timeout
+
+    def _exit_when_stopped(self, worker: SimWorker) -> None:
+        """Once each copy has ended or is past its stop timeout (a stuck thread, given up on), it
+        reports what ended and leaves: "goodbye" if nothing runs, else "closing" (worker/node.py);
+        its process ends, taking stuck copies with it, and is started again a little later."""
+        if worker.registered and (worker.pending or worker.outbox):
+            self._flush(worker)  # ends as they come, as its wait loop flushes them
+        if any(copy.stop_by is not None and self.now < copy.stop_by for copy in worker.copies.values()):
+            return
+        if worker.exit_at is None:
+            if worker.identity:
+                if worker.copies:
+                    self._send(worker, "closing")
+                elif worker.registered:
+                    self._send(worker, "goodbye")
+            # the rest of its teardown (the bus's last events, sockets' linger) before the process ends
+            worker.exit_at = self.now + self.rng.uniform(0.05, 1.0)
+        if self.now < worker.exit_at:
+            return
+        self.log.append(f"t={self.now:.2f} {worker.name} exits, {len(worker.copies)} stuck")
+        self._close(worker, on_purpose=False)  # its process is gone
+        self._new_worker(worker.name, worker.capacity)
+        replacement = self.workers[worker.name]
+        replacement.partitioned_until = worker.partitioned_until
+        replacement.next_register = self.now + self.rng.uniform(0.5, 3.0)
 
     def _check_lease(self, worker: SimWorker) -> None:
         """As the worker's loop does first thing each turn: past the lease, stop what is replaced."""
@@ -415,7 +469,7 @@ class Sim:
         worker.pending.extend(self._take_outbox(worker))
         worker.in_register = len(worker.pending)
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
-                   capacity=0, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
+                   capacity=worker.capacity, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
                    seen=worker.recv_n, seen_session=worker.session or "", conn=worker.conn,
                    token=f"secret-{worker.incarnation}", drained_by=worker.drained_by)
 
@@ -429,6 +483,8 @@ class Sim:
         copy.stop_done = done if copy.stop_done is None else min(copy.stop_done, done)
 
     def _worker_receive(self, worker: SimWorker, frame: bytes) -> None:
+        if worker.exiting_at is not None:
+            return  # shutting down: its loop has ended
         self._check_lease(worker)
         message = protocol.decode(frame)
         kind = message["type"]
@@ -482,7 +538,7 @@ class Sim:
 
     def _start(self, worker: SimWorker, item: dict) -> None:
         """One agent of a starts frame."""
-        if worker.lease_expired or not worker.registered:
+        if worker.lease_expired or not worker.registered or worker.exiting_at is not None:
             return
         spec = self.specs[item["agent"]]
         ready_at = self.now + self.rng.uniform(0.0, 0.5)
@@ -505,13 +561,16 @@ class Sim:
         if rng.random() > 0.01:
             return
         kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop",
-                           "restart", "start", "drain"])
+                           "restart", "start", "drain", "shutdown"])
         worker = self.workers[rng.choice(sorted(self.workers))]
         self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
         if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
             self._close(worker, on_purpose=False)
             self._new_worker(worker.name)  # restarted under the same name, a new process
             self.workers[worker.name].partitioned_until = worker.partitioned_until  # same host, same link
+        elif kind == "shutdown":  # SIGTERM (then started again)
+            if worker.exiting_at is None:
+                self._shut_down(worker)
         elif kind == "freeze":
             # only ever extended: frames held for the old end must not overtake newer ones
             if worker.frozen_until <= self.now:
