@@ -717,7 +717,7 @@ class Sim:
             return ""
         old = core.predecessor.old_copies.get(name)
         if not old:
-            return ""  # free to go: placed in the next pass (or no worker has room)
+            return self._unplaceable(name)
         for (worker, run, epoch), until in old.items():
             if until is not None and until > self.now:
                 return ""
@@ -725,6 +725,28 @@ class Sim:
             if until is None and sim_worker is not None and (name, run, epoch) in sim_worker.copies:
                 return ""
         return f"{name} is PENDING for ever: it waits for old copies {old} that no longer run"
+
+    def _unplaceable(self, name: str) -> str:
+        """'' if agent ``name`` (PENDING, waiting for no old copy) cannot be placed now, as the
+        README says it then waits: for a dependency, for its pinned worker (lost, or full), for a
+        worker with room, for a slot under max_workers.  Else why it should have been placed."""
+        core = self.core
+        record = core.agents[name]
+        for dep in record.depends_on:
+            other = core.agents.get(dep)
+            if other is None or not ((other.state.value == "READY" and not other.one_shot)
+                                     or (other.state.value == "TERMINATED" and not other.failed)):
+                return ""
+        alive = [w for w in core.workers.values() if w.alive and not w.draining]
+        if record.pin is not None:
+            alive = [w for w in alive if w.name == record.pin]
+        if not any(not w.capacity or len(w.agents) < w.capacity for w in alive):
+            return ""
+        cap = self.config.max_workers
+        if cap and sum(r.state.value in ("ASSIGNED", "STARTED", "READY", "DISCONNECTED")
+                       for r in core.agents.values()) >= cap:
+            return ""
+        return f"{name} is PENDING for no reason: {record.pending_reason!r}"
 
     def check_settled(self, seconds: float = 5.0) -> None:
         """After healing: every agent is terminated, or runs (exactly once) on a live worker, as
