@@ -196,6 +196,16 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol version."""
 
 
+def cut_text(text: Any, most: int) -> Any:
+    """``text`` if it is at most ``most`` characters, else its head and tail around a note of what
+    was cut: text of an agent's making (an error, a log line) must fit in a frame with room to
+    spare, since a frame over the receiver's max_message_size costs the connection."""
+    if not isinstance(text, str) or len(text) <= most:
+        return text
+    keep = most // 2
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters cut ...]\n{text[-keep:]}"
+
+
 def pack_plain(value: Any, what: str) -> bytes:
     """msgpack ``value`` (user data bound for the wire), or raise a TypeError that says what could
     not be sent (``what``) and what can."""

@@ -31,6 +31,9 @@ BATCH_BYTES = 1024 * 1024
 #: the largest event an agent may publish; a batch carries at least one, so every frame stays
 #: under the coordinator's default max_message_size (a bigger frame would cost the connection)
 MAX_EVENT_BYTES = protocol.DEFAULT_MAX_MESSAGE_SIZE // 4
+#: the most of a log line an AGENT_LOG carries (characters, at most 4 bytes each): it fits in a
+#: frame under the smallest max_message_size a coordinator accepts (4 MiB) with room to spare
+MAX_LOG_CHARS = 64 * 1024
 
 #: (publisher, incarnation, topic, seq, body): one event on its way to the coordinator
 Item = tuple[str, str, str, int, bytes]
@@ -150,7 +153,7 @@ class BusLogHandler:
             name = bus.base["agent_name"]
             bus.publish("AGENT_LOG", name, {
                 "agent_name": name, "level": record.levelname, "levelno": record.levelno,
-                "logger": record.name, "message": message[:MAX_EVENT_BYTES // 2]})
+                "logger": record.name, "message": protocol.cut_text(message, MAX_LOG_CHARS)})
         except Exception:
             logging.Handler.handleError(logging.Handler(), record)  # printed as logging does, once
 

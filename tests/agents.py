@@ -41,6 +41,15 @@ class ShoutProcess(BaseProcessAgent):
     execute = Shout.execute
 
 
+class FailsEveryCycle(LoopingThreadAgent):
+    """A cycle that fails, recoverably, every time: thousands of AGENT_ERRORs a second."""
+
+    def cycle(self):
+        from pyorchestrate.agents.base import RecoverableException
+
+        raise RecoverableException("again")
+
+
 class Forever(LoopingThreadAgent):
     """Loops until stopped; records its hooks in a file so tests can see them."""
 

@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import zmq
-from agents import Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
+from agents import FailsEveryCycle, Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
@@ -419,6 +419,38 @@ def test_a_worker_says_goodbye_only_once_none_of_its_agents_runs(cluster):
         assert last is not None, "the worker never left"
         assert last == "closing" or not alive, "goodbye while the stuck agent's process still ran"
         assert worker.wait(15) == 0
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
+    """A kept agent failing (recoverably) every cycle while its worker has no coordinator: each
+    registration carried every report since, 2.7 MB more a second (23,435 reports 3.4 s in),
+    until one would exceed the coordinator's max_message_size and the worker could never register
+    again. Now a copy's recoverable errors beyond the first 10 are dropped and counted."""
+    ctx = zmq.Context()
+    try:
+        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+        send = _numbered(router, identity)
+        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
+             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])  # never renewed: a 0.5 s lease
+        class_id, blob = shipping.pack_class(FailsEveryCycle, FailsEveryCycle.Config)
+        send("starts", agents=[dict(agent="f", run="s", epoch=1, class_id=class_id, class_blob=blob, keep=True,
+                                    config=shipping.pack_config(FailsEveryCycle.Config(), "f"), mode="thread")])
+        registers: list[tuple[int, dict]] = []
+        deadline = time.monotonic() + 30
+        while len(registers) < 2 and time.monotonic() < deadline:
+            if router.poll(100):
+                frame = router.recv_multipart()[-1]
+                message = protocol.decode(frame)
+                if message["type"] == "register":
+                    registers.append((len(frame), message))
+        assert len(registers) == 2, "the worker did not register again"
+        for size, message in registers:
+            assert [a["agent"] for a in message["agents"]] == ["f"]  # kept: it runs on
+            errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
+            assert len(errors) <= 10 and size < 100_000, (len(errors), size)
+        wait_for(lambda: "recoverable_error_while_offline" in cluster.log_of("w1"), 10, "the drops counted")
     finally:
         ctx.destroy(linger=0)
 

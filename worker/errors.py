@@ -5,20 +5,13 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
+from pyorchestrate.protocol import cut_text
 
 #: the most of an error's message and traceback a report carries (characters): a report travels in
 #: one control frame, and one over the coordinator's max_message_size costs the worker its
 #: connection and the report with it (an exception whose text held a 2 MB payload did)
 MAX_MESSAGE_CHARS = 16 * 1024
 MAX_TRACEBACK_CHARS = 64 * 1024
-
-
-def _cut(text: Any, most: int) -> Any:
-    """``text`` if short enough, else its head and tail around a note of what was cut."""
-    if not isinstance(text, str) or len(text) <= most:
-        return text
-    keep = most // 2
-    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters cut ...]\n{text[-keep:]}"
 
 
 def bounded(fields: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +21,7 @@ def bounded(fields: dict[str, Any]) -> dict[str, Any]:
     if (not isinstance(message, str) or len(message) <= MAX_MESSAGE_CHARS) and (
             not isinstance(text, str) or len(text) <= MAX_TRACEBACK_CHARS):
         return fields
-    return {**fields, "error_message": _cut(message, MAX_MESSAGE_CHARS), "traceback": _cut(text, MAX_TRACEBACK_CHARS)}
+    return {**fields, "error_message": cut_text(message, MAX_MESSAGE_CHARS), "traceback": cut_text(text, MAX_TRACEBACK_CHARS)}
 
 
 def error_fields(exc: BaseException, hint: str = "") -> dict[str, Any]:

@@ -53,6 +53,7 @@ _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 # error text per message (characters, each at most 4 bytes): with errors.MAX_*_CHARS per report,
 # a frame stays under the smallest max_message_size a coordinator accepts (4 MiB)
 _ERROR_CHARS_PER_MESSAGE = 256 * 1024
+_ERRORS_KEPT = 10  # recoverable errors of one copy kept while no coordinator listens (see _keep_reports)
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
@@ -155,6 +156,7 @@ class Worker:
         self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
+        self._errors_kept: dict[tuple[str, str, int], int] = {}  # recoverable errors of a copy among them
         self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
         self._sent_n = 0  # frames sent on the current connection
@@ -252,11 +254,22 @@ class Worker:
         the coordinator must not take the agent for gone)."""
         return self._deferred[0]["n"] - 1 if self._deferred else self._recv_n
 
-    def _keep_reports(self) -> None:
+    def _keep_reports(self, online: bool = False) -> None:
         """Move what agents reported (the outbox) to the list of reports not yet delivered, in order:
-        sent by the next flush, or with the next registration while there is no coordinator."""
+        sent by the next flush, or with the next registration while there is no coordinator.
+
+        Not ``online`` (they wait for a coordinator), a copy's recoverable errors beyond the first
+        _ERRORS_KEPT are dropped and counted: an agent failing a cycle at a time, thousands a
+        second, made registrations grow by 2.7 MB a second, until one no longer fit in the
+        coordinator's max_message_size and the worker could never register again."""
         # a short run's three reports as one item where they go together anyway (fold.py)
         for name, run, epoch, event, fields in fold(self._outbox.drain()):
+            if not online and event == "AGENT_ERROR" and fields.get("recoverable"):
+                kept = self._errors_kept.get((name, run, epoch), 0)
+                if kept >= _ERRORS_KEPT:
+                    self.dropped.drop("recoverable_error_while_offline", name)
+                    continue
+                self._errors_kept[(name, run, epoch)] = kept + 1
             self._pending.append(protocol.agent_event(name, run, epoch, event, fields))
         if len(self._pending) > _PENDING_MAX:
             excess = len(self._pending) - _PENDING_MAX
@@ -352,6 +365,7 @@ class Worker:
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
+        self._errors_kept.clear()  # the next time no coordinator listens, its copies start again at 0
         self._orphans_stopped = False
         self._last_refusal = ""
         for warning in message["warnings"]:
@@ -762,8 +776,9 @@ class Worker:
     def _flush_events(self) -> None:
         # everything queued since the last flush goes in one message: one send here and one
         # receive at the coordinator, not three, for an agent that starts and finishes at once
-        self._keep_reports()  # after what was kept while registering, in order
+        self._keep_reports(online=True)  # after what was kept while registering, in order
         items, self._pending = self._pending, []
+        self._errors_kept.clear()
         errors = 0  # characters of error text in them
         for item in items:
             copy = (item["agent"], item["run"], item["epoch"])
