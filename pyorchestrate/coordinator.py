@@ -68,6 +68,7 @@ class Coordinator:
         self.dispatcher = dispatcher
         self.session = uuid.uuid4().hex
         self.dropped = DropCounter(log)
+        dispatcher.on_drop = self.dropped.drop  # callbacks too far behind (events.DROPPABLE)
         self.lost_events = 0
         self.min_workers = min_workers
         self._on_finished = on_finished

@@ -74,6 +74,15 @@ def _accepted_kwargs(callback: Callable[..., Any]) -> set[str] | None:
     return names
 
 
+#: events that change no state (an agent's logs, its own events, its heartbeats): their callbacks are
+#: dropped, and counted, while more than MAX_BACKLOG events wait for callbacks. A callback slower
+#: than the events it gets otherwise grew the coordinator's memory without bound (2 ms a call and
+#: one chatty agent: 15 MB a second) and held each agent's lifecycle callbacks behind its backlog.
+#: Lifecycle and worker events are never dropped.
+DROPPABLE = frozenset({OrchestratorEvent.AGENT_LOG, OrchestratorEvent.AGENT_EVENT, OrchestratorEvent.AGENT_HEARTBEAT})
+MAX_BACKLOG = 10_000
+
+
 class EventDispatcher:
     """Runs user callbacks on a bounded set of runner threads.
 
@@ -118,6 +127,9 @@ class EventDispatcher:
         self._closed = False
         self._held: list | None = None  # events of the loop's current batch (see hold())
         self._holding = 0
+        self.max_backlog = MAX_BACKLOG
+        #: told of each callback dropped (kind, detail): the coordinator counts them with what it drops
+        self.on_drop: Callable[[str, str], None] = lambda kind, detail: None
 
     def register(self, event: OrchestratorEvent, callback: Callable[..., Any]) -> None:
         if not isinstance(event, OrchestratorEvent):
@@ -154,6 +166,11 @@ class EventDispatcher:
         keeps it until it gets the GIL back, behind every other busy thread)."""
         callbacks = self._callbacks.get(event)
         if not callbacks or self._closed:
+            return
+        # the backlog first: an enum member's hash is a Python call, and this runs for every event
+        if self._dispatched - self._done > self.max_backlog and event in DROPPABLE:  # _done read bare: an int
+            self.on_drop("callback_backlog", f"{event.name} callbacks: more than {self.max_backlog:,} events wait "
+                         "for callbacks (make them faster; lifecycle callbacks are never dropped)")
             return
         self._dispatched += 1
         if self._held is not None:

@@ -22,7 +22,7 @@ from .agents.looping import LoopingAgent
 from .config import BaseConfig, ValidationResult, ValidationSeverity, checks_are_ours
 from .coordinator import Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
-from .events import EventDispatcher, OrchestratorEvent
+from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
 from .local_workers import LocalWorkers, check_nice
@@ -104,6 +104,10 @@ class Orchestrator:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
         #: threads running event callbacks
         callback_threads: int = 10
+        #: events that may wait for callbacks; beyond, callbacks of AGENT_LOG, AGENT_EVENT and
+        #: AGENT_HEARTBEAT are dropped and counted (``status()["dropped"]["callback_backlog"]``),
+        #: lifecycle ones never
+        callback_backlog: int = 10_000
         #: hold every agent after READY until ``orchestrator.execute(name)`` (or ``execute()`` for all)
         hold_after_ready: bool = False
         #: recent bus events kept for subscribers that missed some (a gap, a late start, a
@@ -156,6 +160,7 @@ class Orchestrator:
             _number(results, self, "stop_timeout", 0)
             _number(results, self, "max_message_size", MIN_MESSAGE_SIZE, whole=True)
             _number(results, self, "callback_threads", 1, whole=True)
+            _number(results, self, "callback_backlog", 1, whole=True)
             _number(results, self, "history_max_events", 0, whole=True)
             _number(results, self, "history_max_bytes", 0, whole=True)
             _number(results, self, "subscriber_hwm", 1, whole=True)
@@ -199,6 +204,7 @@ class Orchestrator:
         # (agent class, Config class) -> findings, config blob, definition of a default Config
         self._defaults: dict[tuple[type, type], tuple[list[ValidationResult], bytes, str]] = {}
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
+        self._dispatcher.max_backlog = getattr(config, "callback_backlog", MAX_BACKLOG)
         self._finished = threading.Event()
         self._started = False
         self._shut = False

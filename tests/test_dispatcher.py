@@ -38,6 +38,7 @@ def test_callbacks_of_one_subject_run_in_order_however_many_runners_take_batches
     from pyorchestrate.events import EventDispatcher, OrchestratorEvent
 
     dispatcher = EventDispatcher(max_threads=10)
+    dispatcher.max_backlog = 10**9  # all of them, however far behind the runners are
     seen: list[int] = []
     dispatcher.register(OrchestratorEvent.AGENT_LOG, lambda agent_name, n: seen.append(n))
     try:
@@ -114,4 +115,40 @@ def test_a_callback_gets_only_the_fields_its_signature_names_and_its_defaults_fo
                         ("keyword-only", "w1", -1)]
         assert dispatcher.failures == 0
     finally:
+        dispatcher.close()
+
+
+def test_callbacks_too_far_behind_are_dropped_and_counted_but_never_lifecycle_ones():
+    """A callback slower than the events it gets: beyond max_backlog waiting events, callbacks of
+    logs, an agent's own events and heartbeats are dropped and counted (the coordinator's memory
+    grew 15 MB a second without bound, and each agent's lifecycle callbacks waited behind its
+    backlog); lifecycle ones always run, in order."""
+    import threading
+
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent as E
+
+    dispatcher = EventDispatcher(max_threads=2)
+    dispatcher.max_backlog = 100
+    drops: list[str] = []
+    dispatcher.on_drop = lambda kind, detail: drops.append(kind)
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def slow(event):
+        gate.wait(10)  # stuck until the test has dispatched everything
+        seen.append(event)
+
+    for event in (E.AGENT_LOG, E.AGENT_EVENT, E.AGENT_TERMINATED):
+        dispatcher.register(event, slow)
+    try:
+        for i in range(500):
+            dispatcher.dispatch(E.AGENT_LOG if i % 2 else E.AGENT_EVENT, {"agent_name": "a", "event": "x"})
+        for i in range(50):
+            dispatcher.dispatch(E.AGENT_TERMINATED, {"agent_name": "a", "event": "AGENT_TERMINATED"})
+        assert drops == ["callback_backlog"] * 399  # 101 went in before the backlog passed 100
+        gate.set()
+        assert dispatcher.wait_idle(10.0)
+        assert seen == ["x"] * 101 + ["AGENT_TERMINATED"] * 50
+    finally:
+        gate.set()
         dispatcher.close()

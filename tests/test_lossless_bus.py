@@ -41,7 +41,7 @@ def _read_until_quiet(sub: EventSubscriber, n: int) -> list:
 @pytest.mark.parametrize("history", [200_000, 2_000], ids=["history-holds-all", "history-too-short"])
 def test_stalled_subscriber_gets_every_event_or_the_exact_count_lost(cluster, history):
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON, subscriber_hwm=500, history_max_events=history,
-                                history_max_bytes=200 * 1024 * 1024)
+                                history_max_bytes=200 * 1024 * 1024, callback_backlog=10 * N)  # callbacks see all
     events = EventLog(orch)
     orch.start()
     cluster.worker(orch.address, "w1")
