@@ -331,7 +331,8 @@ class ClusterCore(Registration, CommandHandlers):
                 foreign = self.predecessor.foreign.pop(agent_name, None)
                 if foreign is not None and not certain:  # a previous coordinator's copy, held: it may run on
                     self.predecessor.block(agent_name, worker.name, foreign[1]["run"], foreign[1]["epoch"],
-                                           self._copy_gone(worker, True, float(self.config.stop_timeout)))
+                                           self._copy_gone(worker, True, float(self.config.stop_timeout)),
+                                           worker.incarnation)
                 continue
             if record.state not in RUNNING:
                 continue
@@ -358,8 +359,13 @@ class ClusterCore(Registration, CommandHandlers):
         while it has no coordinator may run on, so the agent's own ``keeps_running`` decides (an
         old copy's definition is not known here; a changed one may keep where the new does not)."""
         record = self.agents.get(name)
-        stop_timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
-        return self._copy_gone(worker, record.keeps_running if record is not None else True, stop_timeout)
+        return self._copy_gone(worker, record.keeps_running if record is not None else True,
+                               self._stop_timeout_of(name))
+
+    def _stop_timeout_of(self, name: str) -> float:
+        """Agent ``name``'s stop timeout (the configured default for one not registered)."""
+        record = self.agents.get(name)
+        return record.stop_timeout if record is not None else float(self.config.stop_timeout)
 
     def _fence_lost_copy(self, record: AgentRecord, worker: WorkerRecord, keeps: bool) -> None:
         """``record``'s current copy, on the lost ``worker``, is about to be no longer its run (failed,
@@ -367,7 +373,7 @@ class ClusterCore(Registration, CommandHandlers):
         any way (restart policy, restart_agent, start_agent), before it has certainly stopped or
         the worker, back, lists it no more.  ``keeps``: it may be kept running there."""
         self.predecessor.block(record.name, worker.name, record.run, record.epoch,
-                               self._copy_gone(worker, keeps, record.stop_timeout))
+                               self._copy_gone(worker, keeps, record.stop_timeout), worker.incarnation)
 
     def _copy_gone(self, worker: WorkerRecord, keeps: bool, stop_timeout: float) -> float:
         """When a copy on the lost ``worker`` has certainly stopped.  Not kept: its worker stopped it
@@ -485,13 +491,12 @@ class ClusterCore(Registration, CommandHandlers):
         """Stop a copy that is not its agent's current run (its normal stop timeout), and keep its
         agent from starting anew until that copy has ended (``send=False``: the stop travels in a
         welcome).  Returns the timeout."""
-        record = self.agents.get(name)
-        timeout = record.stop_timeout if record is not None else float(self.config.stop_timeout)
+        timeout = self._stop_timeout_of(name)
         if send:
             self._send(worker, "stop", agent=name, run=run, epoch=epoch, timeout=timeout)
         worker.stopping.add((name, run, epoch))
         # blocked even with no agent of that name yet: the script may register it in a moment
-        self.predecessor.block(name, worker.name, run, epoch)
+        self.predecessor.block(name, worker.name, run, epoch, process=worker.incarnation)
         return timeout
 
     # ================================================================== time

@@ -38,6 +38,9 @@ class Predecessor:
         #: agents waiting until older copies have stopped: name -> {(worker, run, epoch): deadline},
         #: the deadline None while that worker is alive (it reports the copy's end)
         self.old_copies: dict[str, dict[tuple[str, str, int], float | None]] = {}
+        #: (name, worker, run, epoch) -> the incarnation of the worker process running that old copy
+        #: (another process may take the worker's name, and it vouches only for its own copies)
+        self._process: dict[tuple[str, str, str, int], str] = {}
 
     def hold_until(self, record: AgentRecord) -> float:
         """When ``record`` may start.  After a crash, a copy the predecessor left running is reported
@@ -56,14 +59,16 @@ class Predecessor:
     def hold_foreign(self, name: str, worker: str, report: dict[str, Any], now: float) -> None:
         self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)
 
-    def block(self, name: str, worker: str, run: str, epoch: int, until: float | None = None) -> None:
+    def block(self, name: str, worker: str, run: str, epoch: int, until: float | None = None,
+              process: str = "") -> None:
         """A copy of ``name`` that is not its current run may still run on ``worker``: no new copy
         starts until that copy has reported its end (or ``worker`` registers without it), or, if
         ``until`` is given (its worker is lost: see :meth:`worker_gone`), until then.  A live
         worker's copy blocks with no deadline, not until its stop timeout: a thread agent stuck
         past it still runs (its worker says so, and cannot kill it), and starting another then ran
-        two at once."""
+        two at once.  ``process``: the incarnation of the worker process that runs it."""
         self.old_copies.setdefault(name, {})[(worker, run, epoch)] = until
+        self._process[(name, worker, run, epoch)] = process
 
     def worker_gone(self, worker: str, deadline: Callable[[str], float]) -> None:
         """``worker`` is lost or gone, so its old copies' ends may never be reported: each blocks its
@@ -73,14 +78,18 @@ class Predecessor:
                 if copy[0] == worker and until is None:
                     old[copy] = deadline(name)
 
-    def worker_listed(self, worker: str, listed: set[tuple[str, str, int]]) -> None:
-        """``worker`` registered, listing every copy it runs (``(agent, run, epoch)``): its old
-        copies not listed have ended (their end reports lost with a connection, or its process
-        restarted); those listed were blocked again as the list was taken."""
+    def worker_listed(self, worker: str, process: str, listed: set[tuple[str, str, int]]) -> None:
+        """``worker`` registered (its process's incarnation ``process``), listing every copy it runs
+        (``(agent, run, epoch)``): its old copies not listed have ended (their end reports lost with
+        a connection); those listed were blocked again as the list was taken.  It vouches only for
+        its own process's copies: another process that ran under that name (lost, maybe only cut
+        off, and a rescheduled container took the name) may still run its copies, which wait for
+        their deadline (seed 152 of the simulation: a new copy beside one kept there)."""
         for name in list(self.old_copies):
             old = self.old_copies[name]
-            for copy in [c for c in old if c[0] == worker and (name, c[1], c[2]) not in listed]:
-                del old[copy]
+            for copy in [c for c in old if c[0] == worker and (name, c[1], c[2]) not in listed
+                         and self._process.get((name, *c), process) == process]:
+                self._forget(name, old, copy)
             if not old:
                 del self.old_copies[name]
 
@@ -96,9 +105,14 @@ class Predecessor:
             del self.foreign[name]
         old = self.old_copies.get(name)
         if old is not None:
-            old.pop((worker, run, epoch), None)
+            if (worker, run, epoch) in old:
+                self._forget(name, old, (worker, run, epoch))
             if not old:
                 del self.old_copies[name]
+
+    def _forget(self, name: str, old: dict[tuple[str, str, int], float | None], copy: tuple[str, str, int]) -> None:
+        del old[copy]
+        self._process.pop((name, *copy), None)
 
     def expire(self, now: float) -> tuple[list[tuple[str, str, dict[str, Any]]], bool]:
         """Foreign copies not claimed in time (to be stopped: ``(worker, name, report)``), and
@@ -110,7 +124,7 @@ class Predecessor:
         over = False
         for name, old in list(self.old_copies.items()):
             for copy in [c for c, deadline in old.items() if deadline is not None and now > deadline]:
-                del old[copy]
+                self._forget(name, old, copy)
             if not old:
                 del self.old_copies[name]
                 over = True

@@ -174,7 +174,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "warnings": _LIST,
         "echo": Optional(_NUM, 0.0),
     },
-    "refused": {"reason": _STR, "retry": Optional(bool, False)},
+    # stop (optional both ways): copies the refused worker runs that no coordinator can manage now
+    "refused": {"reason": _STR, "retry": Optional(bool, False), "stop": Optional(ListOf(STOP_ITEM), [])},
     "reregister": {},
     # the agents placed on one worker in one pass, in one frame (one send and one decode, not
     # one per agent: a burst of 10,000 starts is 40 frames)

@@ -65,7 +65,12 @@ class Registration:
             reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid "
                       f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
             log.warning("worker %s: %s", name, reason)
-            self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True)))
+            # what it runs is no run of ours (the live one holds the name; a lost one's copies were
+            # given up or replaced, and wait until they have certainly stopped): stopped now, its
+            # ends told in its next register, not left running until its orphan timeout
+            stop = [{"agent": r["agent"], "run": r["run"], "epoch": r["epoch"],
+                     "timeout": self._stop_timeout_of(r["agent"])} for r in message["agents"]]
+            self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True, stop=stop)))
             self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
         if existing is not None and existing.incarnation == message["incarnation"] and not holds_token(existing, message):
@@ -121,7 +126,8 @@ class Registration:
             if self._take_report(worker, report, now, stop):
                 reported.add(report["agent"])
         if self.predecessor.old_copies:
-            self.predecessor.worker_listed(name, {(r["agent"], r["run"], r["epoch"]) for r in message["agents"]})
+            self.predecessor.worker_listed(name, message["incarnation"],
+                                           {(r["agent"], r["run"], r["epoch"]) for r in message["agents"]})
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
@@ -138,10 +144,21 @@ class Registration:
                 worker.agents.discard(agent_name)
             elif not (record.state is S.ASSIGNED and record.start_n > seen >= 0):
                 self._not_reported(worker, record, now)  # else its start is still on its way
-        # a copy we kept for it while it was silent, that it does not run any more, is gone
-        for record in self.states.of(S.DISCONNECTED):
-            if record.worker == name and record.name not in reported:
+        # a copy we kept for it while it was silent, that it does not run any more, is gone; unless
+        # another process registers under its name (a rescheduled container keeps it): that one
+        # cannot say what the lost one, maybe only cut off, still runs, so the copy blocks a new
+        # one until it has certainly stopped
+        same_incarnation = existing is not None and existing.incarnation == message["incarnation"]
+        for record in list(self.states.of(S.DISCONNECTED)):
+            if record.worker != name or record.name in reported:
+                continue
+            if same_incarnation or existing is None:
                 self._fail_run(record, f"worker {name!r} came back without agent {record.name!r}", now)
+            else:
+                self._fence_lost_copy(record, existing, keeps=True)
+                self._fail_run(record, f"another process registered as worker {name!r}: agent {record.name!r}, "
+                                       "kept on the lost one, is given up (it runs there until that one's orphan "
+                                       "timeout)", now)
         self._dirty = True
         if not same_process:
             log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,

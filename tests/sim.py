@@ -10,8 +10,8 @@ loses what was in flight on it (both ways) and the coordinator's monitor sees th
 close; a worker that re-registers opens a new connection, and whatever was addressed to the old
 one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
 connection resets, coordinator stalls and coordinator restarts (same name, new incarnation),
-workers stopped with SIGTERM (some copies stuck past their stop timeout) and started again, and
-the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
+workers stopped with SIGTERM (some copies stuck past their stop timeout) and started again,
+workers cut off and started again elsewhere under the same name, and the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
 capacity; some seeds cap the cluster (max_workers) or replace a previous coordinator's copies.
 
 Invariants checked after every step (``Sim.check``) are the product's promises; see
@@ -410,6 +410,14 @@ class Sim:
                 self.reached[copy.key] = copy.ready
                 del worker.copies[copy.key]
 
+    def _gone_for_good(self, worker: SimWorker) -> bool:
+        """A process that ended: one that its name had passed from (rescheduled elsewhere) is not
+        started again (True); the current one is, by the caller."""
+        if self.workers[worker.name] is worker:
+            return False
+        del self.workers[next(key for key, w in self.workers.items() if w is worker)]
+        return True
+
     def _shut_down(self, worker: SimWorker) -> None:
         """SIGTERM: it stops every copy (each with its stop_timeout), and reads nothing more."""
         worker.exiting_at = self.now
@@ -437,6 +445,8 @@ class Sim:
             return
         self.log.append(f"t={self.now:.2f} {worker.name} exits, {len(worker.copies)} stuck")
         self._close(worker, on_purpose=False)  # its process is gone
+        if self._gone_for_good(worker):
+            return
         self._new_worker(worker.name, worker.capacity)
         replacement = self.workers[worker.name]
         replacement.partitioned_until = worker.partitioned_until
@@ -521,9 +531,13 @@ class Sim:
             copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
             if copy is not None:
                 self._stop(copy, message["timeout"], told=True)
-        elif kind == "refused":
+        elif kind == "refused":  # it stops what it is told, and tries again after its back-off
+            for item in message["stop"]:
+                copy = worker.copies.get((item["agent"], item["run"], item["epoch"]))
+                if copy is not None:
+                    self._stop(copy, item["timeout"], told=True)
             worker.registered = False
-            self._reconnect(worker)
+            worker.next_register = self.now + REGISTER_RETRY * self.rng.uniform(0.5, 1.5)
         elif kind == "reregister":
             self._register(worker)
             del worker.pending[:worker.in_register]  # same connection: it arrives first
@@ -561,13 +575,23 @@ class Sim:
         if rng.random() > 0.01:
             return
         kind = rng.choice(["crash", "freeze", "partition", "reset", "stall", "restart_coordinator", "add", "stop",
-                           "restart", "start", "drain", "shutdown"])
+                           "restart", "start", "drain", "shutdown", "reschedule"])
         worker = self.workers[rng.choice(sorted(self.workers))]
         self.log.append(f"t={self.now:.2f} FAULT {kind} {worker.name}")
         if kind == "crash":  # SIGKILL: its copies die with it; the connection closes
             self._close(worker, on_purpose=False)
+            if self._gone_for_good(worker):
+                return
             self._new_worker(worker.name)  # restarted under the same name, a new process
             self.workers[worker.name].partitioned_until = worker.partitioned_until  # same host, same link
+        elif kind == "reschedule":
+            # its host is cut off, and its container is started again elsewhere under the same
+            # name (a new process): the old one runs on, cut off, and tries to come back later
+            if (worker.exiting_at is None and self.workers[worker.name] is worker
+                    and sum("@" in key for key in self.workers) < 3):
+                worker.partitioned_until = max(worker.partitioned_until, self.now + rng.uniform(5.0, 30.0))
+                self.workers[f"{worker.name}@{next(self.ids)}"] = worker
+                self._new_worker(worker.name, worker.capacity)
         elif kind == "shutdown":  # SIGTERM (then started again)
             if worker.exiting_at is None:
                 self._shut_down(worker)

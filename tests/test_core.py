@@ -1068,3 +1068,51 @@ def test_execute_while_its_worker_is_cut_off_is_said_when_the_worker_is_back():
     assert not h.to(w1, "deliver")
     h.register("w1", identity=w1, agents=[Harness.running_report(record)], conn=2)
     assert record.state is S.READY and [m["kind"] for m in h.to(w1, "deliver")] == ["execute"]
+
+
+@pytest.mark.parametrize("keep, restart", [(False, False), (False, True), (True, False)])
+def test_another_process_under_a_lost_workers_name_does_not_vouch_for_its_copies(keep, restart):
+    """w1 goes silent (cut off: its process may run on). Another process registers under the name
+    w1 (a rescheduled container keeps its name), listing nothing. It cannot say what the lost
+    process still runs: the agent starts anew only once that copy has certainly stopped (its
+    lease, or its orphan timeout for a kept agent), not at once; nor when restart_agent fenced
+    it while it waited."""
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a", restart="always", on_disconnect="keep" if keep else "replace")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    first = (record.run, record.epoch)
+    last_sign = h.core.workers["w1"].last_sign
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    if restart:  # restart_agent while the replacement waits: the lost copy is fenced
+        h.core.command(commands.RestartAgent("a", 1.0), h.now)
+        h.flush()
+    h.register("w1", identity=b"w1-elsewhere", incarnation="w-inc-2")  # the new process, on a new connection
+    certainly_stopped = last_sign + (
+        h.core.limits.silence + 60.0 if keep else h.core.limits.lease) + record.stop_timeout
+    while (record.run, record.epoch) == first or record.state is not S.ASSIGNED:
+        h.beat(b"w1-elsewhere")
+        h.step(0.25)
+        assert h.now < last_sign + 200
+    assert h.now >= certainly_stopped, f"started anew {h.now - last_sign:.2f} s after the lost process's last sign"
+
+
+def test_a_process_refused_because_its_workers_name_is_taken_is_told_to_stop_its_copies():
+    """A lost w1 cut off, another process registered as w1 meanwhile: the first, back, is refused
+    (the name is taken) and told to stop what it runs, which is no run of ours any more. Before,
+    it ran a kept copy on until its orphan timeout, a minute after it was back (simulation)."""
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a", restart="always", on_disconnect="keep")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    copy = Harness.running_report(record)
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    h.register("w1", identity=b"w1-elsewhere", incarnation="w-inc-2")
+    h.register("w1", identity=b"w1-back", incarnation="w-inc", conn=2, agents=[copy])
+    refused = h.to(b"w1-back", "refused")
+    assert refused and refused[0]["retry"]
+    assert [(s["agent"], s["run"], s["epoch"]) for s in refused[0]["stop"]] == [("a", copy["run"], copy["epoch"])]

@@ -189,11 +189,11 @@ def _numbered(router: zmq.Socket, identity: bytes):
     return send
 
 
-def _start(send, agent: str, cls: type, config) -> None:
-    """Start ``agent`` (a thread agent of class ``cls``) as run "s", epoch 1."""
+def _start(send, agent: str, cls: type, config, **item) -> None:
+    """Start ``agent`` (a thread agent of class ``cls``) as run "s", epoch 1 (``item``: more fields)."""
     class_id, blob = shipping.pack_class(cls, cls.Config)
     send("starts", agents=[dict(agent=agent, run="s", epoch=1, class_id=class_id, class_blob=blob,
-                                config=shipping.pack_config(config, agent), mode="thread")])
+                                config=shipping.pack_config(config, agent), mode="thread", **item)])
 
 
 def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster):
@@ -423,6 +423,17 @@ def test_a_worker_says_goodbye_only_once_none_of_its_agents_runs(cluster):
         ctx.destroy(linger=0)
 
 
+def _kept_past_its_lease(cluster, ctx: zmq.Context, agent: str, cls: type) -> tuple:
+    """A fake coordinator welcomes w1 with a 0.5 s lease it never renews, and starts ``agent``
+    (kept while w1 has no coordinator): (the worker process, the router)."""
+    worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+    send = _numbered(router, identity)
+    send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
+         bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+    _start(send, agent, cls, cls.Config(), keep=True)
+    return worker, router
+
+
 def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
     """A kept agent failing (recoverably) every cycle while its worker has no coordinator: each
     registration carried every report since, 2.7 MB more a second (23,435 reports 3.4 s in),
@@ -430,13 +441,7 @@ def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
     again. Now a copy's recoverable errors beyond the first 10 are dropped and counted."""
     ctx = zmq.Context()
     try:
-        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
-        send = _numbered(router, identity)
-        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
-             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])  # never renewed: a 0.5 s lease
-        class_id, blob = shipping.pack_class(FailsEveryCycle, FailsEveryCycle.Config)
-        send("starts", agents=[dict(agent="f", run="s", epoch=1, class_id=class_id, class_blob=blob, keep=True,
-                                    config=shipping.pack_config(FailsEveryCycle.Config(), "f"), mode="thread")])
+        worker, router = _kept_past_its_lease(cluster, ctx, "f", FailsEveryCycle)
         registers: list[tuple[int, dict]] = []
         deadline = time.monotonic() + 30
         while len(registers) < 2 and time.monotonic() < deadline:
@@ -451,6 +456,35 @@ def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
             errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
             assert len(errors) <= 10 and size < 100_000, (len(errors), size)
         wait_for(lambda: "recoverable_error_while_offline" in cluster.log_of("w1"), 10, "the drops counted")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_worker_refused_for_its_name_stops_the_copies_it_is_told_to(cluster):
+    """Refused because another process holds its name, a worker stops the copies the refusal lists
+    (its kept agent would otherwise run on until its orphan timeout, no coordinator managing it),
+    and tells their end in its next register (a fake coordinator)."""
+    ctx = zmq.Context()
+    try:
+        worker, router = _kept_past_its_lease(cluster, ctx, "k", Forever)
+        router_send = lambda ident, type_, **fields: router.send_multipart([ident, protocol.encode(type_, **fields)])
+        refused, ends = 0, []
+        deadline = time.monotonic() + 30
+        while not ends and time.monotonic() < deadline:
+            if not router.poll(100):
+                continue
+            ident, frame = router.recv_multipart()
+            message = protocol.decode(frame)
+            if message["type"] != "register":
+                continue
+            ends = [e for e in message["events"] if e["event"] == "AGENT_TERMINATED" and e["agent"] == "k"]
+            if not ends:
+                assert [a["agent"] for a in message["agents"]] == ["k"]  # kept: it runs on
+                refused += 1
+                router_send(ident, "refused", reason="a live worker named 'w1' is already registered", retry=True,
+                            stop=[{"agent": "k", "run": "s", "epoch": 1, "timeout": 1.0}])
+        assert refused and ends, "the refused worker never stopped its copy"
+        assert worker.poll() is None
     finally:
         ctx.destroy(linger=0)
 

@@ -342,6 +342,7 @@ class Worker:
                     self._on_welcome(message)
                     return
                 if message["type"] == "refused":
+                    self._stop_told(message["stop"])
                     if message["retry"]:
                         # temporary: drained from this coordinator, or our old self not yet declared lost
                         if message["reason"] != self._last_refusal:
@@ -386,13 +387,18 @@ class Worker:
             self._pub.connect(bus)
             self._subscribed = False
             self._bus_address = bus
-        for item in message["stop"]:
+        self._stop_told(message["stop"])
+        log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
+                 message["coordinator"], self.coordinator, self._limits.interval, self._limits.liveness)
+
+    def _stop_told(self, items: list[dict[str, Any]]) -> None:
+        """Stop the copies a coordinator says are not ours to run any more (in a welcome, or in a
+        refusal: another process holds this worker's name)."""
+        for item in items:
             log.info("coordinator says agent %s (run %s.%d) is not ours to run any more: stopping it",
                      item["agent"], item["run"], item["epoch"])
             self._beating.pop((item["agent"], item["run"], item["epoch"]), None)
             self._supervisor.stop(item["agent"], item["run"], item["epoch"], float(item["timeout"]))
-        log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
-                 message["coordinator"], self.coordinator, self._limits.interval, self._limits.liveness)
 
     def _renew_lease(self, echo: float) -> None:
         # the echo is a stamp of our own clock from before the coordinator answered: the lease
