@@ -5,6 +5,7 @@ The key directory's file handling is tested without sockets first."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +92,12 @@ def _orchestrator(cluster, keydir: KeyDir, **settings) -> tuple[Orchestrator, Ev
     events = EventLog(orch)
     orch.start()
     return orch, events
+
+
+#: a status() round trip slower than this means the attack held the coordinator's loop up. Not
+#: 100 ms: beside 4 CPU burners one round trip in 80 took 174 ms, the loop merely not scheduled
+#: (the others 0.2-6 ms); a loop an attack blocks is held up for far longer than this
+RESPONSIVE_MS = 1000
 
 
 def _status_ms(orch: Orchestrator) -> float:
@@ -188,7 +195,7 @@ def test_keys_of_the_wrong_role_or_unknown_are_refused_and_counted(cluster, keyd
                  and refused().get("events: unknown or revoked key", 0) >= 1, 15, "the refusals to be counted")
         assert not unknown.poll(500)
         assert orch.status()["workers"] == {} and not events.of("WORKER_JOINED")
-        assert _status_ms(orch) < 100
+        assert _status_ms(orch) < RESPONSIVE_MS
     finally:
         ctx.destroy(linger=0)
 
@@ -281,7 +288,7 @@ def test_forged_bus_frames_from_keyless_hosts_never_arrive(cluster, keydir):
             time.sleep(0.005)
         time.sleep(0.5)
         assert "bus_frame_not_from_worker" not in orch.status()["dropped"]  # nothing got that far
-        assert not events.of("AGENT_ERROR") and _status_ms(orch) < 100
+        assert not events.of("AGENT_ERROR") and _status_ms(orch) < RESPONSIVE_MS
     finally:
         ctx.destroy(linger=0)
 
@@ -333,7 +340,8 @@ def test_the_attacks_replayed_against_a_keyed_coordinator_change_nothing(cluster
         refused = status["security"]["refused"]
         assert refused.get("control: a client without keys", 0) >= 1
         assert refused.get("bus: reader key 'reader' may not use the bus port", 0) >= 1
-        assert max(timings) < 100, f"status() round trips during the attack: max {max(timings):.1f} ms"
+        assert max(timings) < RESPONSIVE_MS, f"status() round trips during the attack: max {max(timings):.1f} ms"
+        assert statistics.median(timings) < 50, f"status() round trips during the attack: median {statistics.median(timings):.1f} ms"
     finally:
         ctx.destroy(linger=0)
 
