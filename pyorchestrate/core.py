@@ -203,6 +203,7 @@ class ClusterCore(Registration, CommandHandlers):
             worker = self.worker_of(identity)
             if worker is not None:  # nor one the monitor reported before this frame was read
                 worker.disconnected_at = None
+                worker.exiting = worker.exiting or message["exiting"]
             return
         worker = self.worker_of(identity)
         if worker is None:
@@ -336,7 +337,7 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if record.state not in RUNNING:
                 continue
-            if not certain and record.keeps_running and not record.stop_requested:
+            if not certain and record.keeps_running and not record.stop_requested and not worker.exiting:
                 record.said_before = record.state
                 self.states.move(record, S.DISCONNECTED)
                 record.disconnected_at = now
@@ -346,7 +347,7 @@ class ClusterCore(Registration, CommandHandlers):
             # (its pulse renewed the lease too: count from the last sign of life)
             not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
             if not certain:  # and so does any other way to a new copy (restart_agent, start_agent)
-                self._fence_lost_copy(record, worker, record.keeps_running)
+                self._fence_lost_copy(record, worker, record.keeps_running and not worker.exiting)
             self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
         if self.predecessor.old_copies:
@@ -359,8 +360,8 @@ class ClusterCore(Registration, CommandHandlers):
         while it has no coordinator may run on, so the agent's own ``keeps_running`` decides (an
         old copy's definition is not known here; a changed one may keep where the new does not)."""
         record = self.agents.get(name)
-        return self._copy_gone(worker, record.keeps_running if record is not None else True,
-                               self._stop_timeout_of(name))
+        keeps = (record.keeps_running if record is not None else True) and not worker.exiting
+        return self._copy_gone(worker, keeps, self._stop_timeout_of(name))
 
     def _stop_timeout_of(self, name: str) -> float:
         """Agent ``name``'s stop timeout (the configured default for one not registered)."""

@@ -158,7 +158,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "agent_events": {"events": ListOf(AGENT_EVENT)},
     "goodbye": {},
     # the worker closes this connection on purpose and opens another: its close is no death
-    "closing": {},
+    # exiting (optional both ways): the worker shuts down, and copies that ignored their stop end
+    # with its process
+    "closing": {"exiting": Optional(bool, False)},
     # from the worker's pulse process (worker/pulse.py), on a connection of its own: the worker's
     # process is alive and not stopped, though its loop may be starved of the GIL
     "pulse": {"name": _STR, "token": _STR, "t": _NUM},

@@ -94,6 +94,9 @@ class WorkerRecord:
     last_beat_sent: float = 0.0
     last_t: float = 0.0  #: the worker-clock stamp of its latest heartbeat (echoed back: its lease)
     disconnected_at: float | None = None  #: when its connection closed, if it has
+    #: it said it is shutting down with copies that ignored their stop: they end with its process,
+    #: kept ones too, so they are replaced after its lease (not kept waiting for its return)
+    exiting: bool = False
     gone_at: float = 0.0  #: when it was lost or left (records are forgotten some time after)
     #: its --orphan-timeout: a copy it keeps runs at most this long without a coordinator (0: no limit)
     orphan_timeout: float = ORPHAN_TIMEOUT

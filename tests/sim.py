@@ -436,7 +436,7 @@ class Sim:
         if worker.exit_at is None:
             if worker.identity:
                 if worker.copies:
-                    self._send(worker, "closing")
+                    self._send(worker, "closing", exiting=True)
                 elif worker.registered:
                     self._send(worker, "goodbye")
             # the rest of its teardown (the bus's last events, sockets' linger) before the process ends

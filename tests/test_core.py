@@ -1116,3 +1116,28 @@ def test_a_process_refused_because_its_workers_name_is_taken_is_told_to_stop_its
     refused = h.to(b"w1-back", "refused")
     assert refused and refused[0]["retry"]
     assert [(s["agent"], s["run"], s["epoch"]) for s in refused[0]["stop"]] == [("a", copy["run"], copy["epoch"])]
+
+
+def test_a_kept_agent_on_a_worker_that_leaves_while_a_copy_ignores_its_stop_is_replaced_after_the_lease():
+    """A worker shutting down with a copy that ignored its stop says "closing" (exiting), not
+    goodbye: its copies end with its process, which may never come back. A kept agent there is
+    replaced once the lease has run out, like one that is not kept; before, it was kept waiting
+    (DISCONNECTED) for a return that may never come."""
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a", restart="always", on_disconnect="keep")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    first = (record.run, record.epoch)
+    h.register("w2")
+    h.core.control(w1, protocol.decode(protocol.encode("closing", exiting=True)), h.now)
+    h.core.disconnected(w1, h.now)
+    h.flush()
+    last_sign = h.core.workers["w1"].last_sign
+    while (record.run, record.epoch) == first or record.state is not S.ASSIGNED:
+        assert record.state is not S.DISCONNECTED, "kept waiting for a worker that left"
+        h.beat(b"w2")
+        h.step(0.25)
+        assert h.now < last_sign + 60
+    assert record.worker == "w2"
+    assert h.now >= h.core.limits.replace_after(last_sign, record.stop_timeout)

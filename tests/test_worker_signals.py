@@ -98,12 +98,14 @@ def _copies(trace) -> dict[str, list[tuple[str, float]]]:
     return copies
 
 
-def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(cluster, tmp_path):
+@pytest.mark.parametrize("on_disconnect", [None, "keep"])
+def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(cluster, tmp_path, on_disconnect):
     """SIGTERM to a worker whose thread agent ignores its stop (it logs on, so the worker has bus
     output to flush while it tears down). The worker says "goodbye" only if every agent stopped:
     a goodbye makes the coordinator replace them at once, while a stuck thread runs until its
     process ends. Here it leaves without one, and the replacement starts after its lease, once the
-    process is gone. (With a goodbye, the second copy started 50 ms after it, beside the first.)"""
+    process is gone. (With a goodbye, the second copy started 50 ms after it, beside the first.)
+    It says it is exiting, so a kept agent is replaced too, not kept waiting for its return."""
     orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)  # a 2 s window: it is heard to leave
     events = EventLog(orch)
     orch.start()
@@ -111,7 +113,7 @@ def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(
     events.wait("WORKER_JOINED", "w1")
     trace = tmp_path / "trace"
     orch.register_agent(StuckTalker, "t", StuckTalker.Config(trace=str(trace), stop_timeout=0.5), restart="always",
-                        restart_backoff=(0.05, 0.1))
+                        restart_backoff=(0.05, 0.1), on_disconnect=on_disconnect)
     events.wait("AGENT_READY", "t")
     cluster.worker(orch.address, "w2")
     events.wait("WORKER_JOINED", "w2")

@@ -754,12 +754,13 @@ class Worker:
             # once. A thread that ignored its stop runs on until this process ends (cli.entry:
             # os._exit, after this teardown), so then say "closing": the coordinator judges this
             # worker by its silence and replaces that agent only once the lease has certainly run
-            # out, long after this process is gone
+            # out, long after this process is gone. "exiting": kept agents too (they end with it,
+            # and must not wait for a return that may never come)
             if stuck:
                 log.warning("%d agent(s) did not stop: leaving without a goodbye, so that the coordinator "
                             "replaces them only after this worker's lease", stuck)
             try:
-                self._dealer.send(self._frame("closing" if stuck else "goodbye"), zmq.NOBLOCK)
+                self._dealer.send(self._frame("closing", exiting=True) if stuck else self._frame("goodbye"), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         if self._pub is not None:
