@@ -66,8 +66,9 @@ class Registration:
                       f"{existing.pid}); give each worker a unique --name (retrying until the old one is gone)")
             log.warning("worker %s: %s", name, reason)
             # what it runs is no run of ours (the live one holds the name; a lost one's copies were
-            # given up or replaced, and wait until they have certainly stopped): stopped now, its
-            # ends told in its next register, not left running until its orphan timeout
+            # given up or replaced, and block their agents until they have certainly stopped):
+            # stopped now, not left running until its orphan timeout (its word that they ended is
+            # not taken, so their agents still wait for that deadline)
             stop = [{"agent": r["agent"], "run": r["run"], "epoch": r["epoch"],
                      "timeout": self._stop_timeout_of(r["agent"])} for r in message["agents"]]
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True, stop=stop)))
