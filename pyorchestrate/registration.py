@@ -153,7 +153,14 @@ class Registration:
         for record in list(self.states.of(S.DISCONNECTED)):
             if record.worker != name or record.name in reported:
                 continue
-            if same_incarnation or existing is None:
+            if (same_incarnation and record.said_before is S.ASSIGNED
+                    and not (existing.identity == identity and record.start_n > message["seen"])):
+                # its start never arrived (lost with a connection): it never ran there, so sending
+                # it again cannot make it run twice. Failing it, as before, meant a restart="never"
+                # agent never ran at all (a register delivered late at start-up, its welcome lost)
+                log.info("agent %s: its start never reached worker %s; sent again", record.name, name)
+                self._assign(record, worker, now)
+            elif same_incarnation or existing is None:
                 self._fail_run(record, f"worker {name!r} came back without agent {record.name!r}", now)
             else:
                 self._fence_lost_copy(record, existing, keeps=True)

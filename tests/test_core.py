@@ -1141,3 +1141,22 @@ def test_a_kept_agent_on_a_worker_that_leaves_while_a_copy_ignores_its_stop_is_r
         assert h.now < last_sign + 60
     assert record.worker == "w2"
     assert h.now >= h.core.limits.replace_after(last_sign, record.stop_timeout)
+
+
+def test_a_kept_agent_whose_start_never_arrived_is_started_when_its_worker_comes_back():
+    """A start lost with a connection (the worker's first register was delivered late, after it
+    had given up on that connection), the worker then silent past the window: the agent, kept on
+    disconnect (restart="never" is), was DISCONNECTED before it ever STARTED. The worker, back on a
+    new connection, does not list it: it never ran, so it is started now; before, it was failed
+    ("came back without"), and a restart="never" agent never ran at all (seen beside 4 CPU burners)."""
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")  # restart="never": kept on disconnect
+    h.step()
+    assert record.state is S.ASSIGNED and h.to(w1, "starts")
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+    assert record.state is S.DISCONNECTED
+    h.register("w1", identity=b"w1-new", conn=2)
+    assert record.state is S.ASSIGNED and record.epoch == 2 and h.to(b"w1-new", "starts")
+    assert not h.events("AGENT_ERROR") and not h.events("AGENT_TERMINATED")
