@@ -347,7 +347,7 @@ class ClusterCore(Registration, CommandHandlers):
             # (its pulse renewed the lease too: count from the last sign of life)
             not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
             if not certain:  # and so does any other way to a new copy (restart_agent, start_agent)
-                self._fence_lost_copy(record, worker, record.keeps_running and not worker.exiting)
+                self._fence_lost_copy(record, worker, record.keeps_running)
             self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
         if self.predecessor.old_copies:
@@ -360,8 +360,8 @@ class ClusterCore(Registration, CommandHandlers):
         while it has no coordinator may run on, so the agent's own ``keeps_running`` decides (an
         old copy's definition is not known here; a changed one may keep where the new does not)."""
         record = self.agents.get(name)
-        keeps = (record.keeps_running if record is not None else True) and not worker.exiting
-        return self._copy_gone(worker, keeps, self._stop_timeout_of(name))
+        return self._copy_gone(worker, record.keeps_running if record is not None else True,
+                               self._stop_timeout_of(name))
 
     def _stop_timeout_of(self, name: str) -> float:
         """Agent ``name``'s stop timeout (the configured default for one not registered)."""
@@ -381,8 +381,8 @@ class ClusterCore(Registration, CommandHandlers):
         when its lease ran out (counted from its last sign of life), plus the stop timeout.  Kept:
         at the worker's orphan timeout, counted from the last frame it may have had from us (we send
         nothing once it is lost), plus the stop timeout; never, if it has none (then only its
-        return says)."""
-        if not keeps:
+        return says).  A worker that left exiting takes kept copies with its process: not kept."""
+        if not keeps or worker.exiting:
             return self.limits.replace_after(worker.last_sign, stop_timeout)
         if not worker.orphan_timeout:
             return float("inf")
