@@ -232,6 +232,10 @@ class ClusterCore(Registration, CommandHandlers):
         worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
         worker.disconnected_at = None
+        if message["leaving"] and not worker.draining:
+            # it shuts down and is stopping its copies (their ends say so): nothing new goes there
+            worker.draining = True
+            log.info("worker %s is shutting down: placing nothing more on it", worker.name)
         running = message["running"]
         if running < 0 or running == len(worker.agents) + len(worker.stopping):
             worker.mismatches = 0
@@ -428,6 +432,14 @@ class ClusterCore(Registration, CommandHandlers):
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))
             ok = fields.pop("ok", True) is True and not record.run_errored
             record.run_errored = False
+            if fields.pop("worker_leaving", False) is True and not record.stop_requested and record.then is None:
+                # its worker shut down (SIGTERM) and stopped it: not an end of the agent's own, so
+                # not one for its restart policy (restart="on-failure" took it for done, "always"
+                # counted a restart). Started again elsewhere at once, as after a drain; a
+                # restart="never" agent ends here, as after any end
+                fields.setdefault("reason", f"stopped by the shutdown of worker {worker.name!r}")
+                if record.policy.mode != "never":
+                    record.then = "move"
             self._run_over(record, ok, fields, now)
             return
         if event is E.AGENT_STARTED:

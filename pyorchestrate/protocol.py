@@ -152,7 +152,10 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # running: how many copies the worker runs (-1: not said); a persistent difference from what
     # the coordinator believes makes it ask for a full registration (lost messages are repaired)
     # read: the number of the last coordinator frame the worker had read (-1: not said)
-    "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1), "read": Optional(_INT, -1)},
+    # leaving (optional both ways): it shuts down and stops its copies (their ends say
+    # worker_leaving): place nothing new on it
+    "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1), "read": Optional(_INT, -1),
+                  "leaving": Optional(bool, False)},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},

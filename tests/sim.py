@@ -10,7 +10,8 @@ loses what was in flight on it (both ways) and the coordinator's monitor sees th
 close; a worker that re-registers opens a new connection, and whatever was addressed to the old
 one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
 connection resets, coordinator stalls and coordinator restarts (same name, new incarnation),
-workers stopped with SIGTERM (some copies stuck past their stop timeout) and started again,
+workers stopped with SIGTERM (saying they leave, beating on while their copies stop, some stuck past
+their stop timeout) and started again,
 workers cut off and started again elsewhere under the same name, and the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
 capacity; some seeds cap the cluster (max_workers) or replace a previous coordinator's copies.
 
@@ -77,6 +78,7 @@ class Copy:
     ready: bool = False
     stop_done: float | None = None  #: a stop takes effect then
     stop_by: float | None = None  #: a worker shutting down gives up on it then (its stop timeout)
+    leaving: bool = False  #: its worker's shutdown asked it to stop: its end says so (worker_leaving)
     #: its worker was frozen (SIGSTOP) past its lease: it ran on after thawing until stopped.  No
     #: lease can prevent that (the worker cannot act while stopped); README says so.
     zombie: bool = False
@@ -404,7 +406,10 @@ class Sim:
                 ok = True if ended else copy.ok
                 if not ok:
                     self._report(worker, copy, "AGENT_ERROR", {"error_message": "boom"})
-                self._report(worker, copy, "AGENT_TERMINATED", {"ok": ok, "reached": "READY" if copy.ready else "STARTED"})
+                fields = {"ok": ok, "reached": "READY" if copy.ready else "STARTED"}
+                if copy.leaving:
+                    fields["worker_leaving"] = True
+                self._report(worker, copy, "AGENT_TERMINATED", fields)
                 self.ended.add(copy.key)
                 self.ended_in[copy.key] = worker.incarnation
                 self.reached[copy.key] = copy.ready
@@ -419,11 +424,21 @@ class Sim:
         return True
 
     def _shut_down(self, worker: SimWorker) -> None:
-        """SIGTERM: it stops every copy (each with its stop_timeout), and reads nothing more."""
+        """SIGTERM: it stops every copy (each with its stop_timeout), and reads nothing more; it
+        says it leaves (what ended before goes first), and beats on while they stop."""
         worker.exiting_at = self.now
+        self._beat_leaving(worker)
         for copy in worker.copies.values():
             self._stop(copy, copy.stop_timeout, told=True)  # some are stuck threads
             copy.stop_by = self.now + copy.stop_timeout
+            copy.leaving = True
+
+    def _beat_leaving(self, worker: SimWorker) -> None:
+        if worker.registered and worker.identity:
+            if worker.pending or worker.outbox:
+                self._flush(worker)
+            worker.next_beat = self.now + worker.limits.interval
+            self._send(worker, "heartbeat", t=self.now, running=len(worker.copies), read=worker.recv_n, leaving=True)
 
     def _exit_when_stopped(self, worker: SimWorker) -> None:
         """Once each copy has ended or is past its stop timeout (a stuck thread, given up on), it
@@ -431,6 +446,8 @@ class Sim:
         its process ends, taking stuck copies with it, and is started again a little later."""
         if worker.registered and (worker.pending or worker.outbox):
             self._flush(worker)  # ends as they come, as its wait loop flushes them
+        if worker.exit_at is None and self.now >= worker.next_beat:
+            self._beat_leaving(worker)
         if any(copy.stop_by is not None and self.now < copy.stop_by for copy in worker.copies.values()):
             return
         if worker.exit_at is None:

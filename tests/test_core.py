@@ -104,8 +104,8 @@ class Harness:
         self.core.control(identity, protocol.decode(protocol.encode("agent_events", n=n, events=items)), self.now)
         self.flush()
 
-    def beat(self, identity: bytes, running: int = -1, read: int = -1) -> None:
-        frame = protocol.encode("heartbeat", t=self.now, running=running, read=read)
+    def beat(self, identity: bytes, running: int = -1, read: int = -1, **told) -> None:
+        frame = protocol.encode("heartbeat", t=self.now, running=running, read=read, **told)
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
 
@@ -174,6 +174,38 @@ def test_a_draining_worker_gets_no_new_agent_even_when_it_is_the_least_loaded():
     new = h.add("new")
     h.step()
     assert new.worker == "w2" and stay.worker == "w1" and h.core.workers["w1"].draining
+
+
+@pytest.mark.parametrize("restart", ["on-failure", "always", "never"])
+def test_a_worker_shutting_down_gets_nothing_new_and_the_agents_it_stops_move(restart):
+    """A worker that shuts down (SIGTERM) says so in its heartbeats and stops its copies, whose ends
+    say why. Such an end is not the agent's own: restart="on-failure" took it for done, "always"
+    counted a restart and waited its back-off. They move at once, as after a drain, to a worker that
+    is not leaving; a restart="never" agent ends; an agent we had asked to stop stays stopped."""
+    h = Harness()
+    w1, record = h.ready("svc", restart=restart)
+    asked = h.add("asked", restart="always", pin="w1")
+    h.step()
+    h.report(w1, asked, "AGENT_STARTED", "AGENT_READY")
+    h.register("w2", identity=b"w2")
+    h.beat(w1, leaving=True)
+    assert h.core.workers["w1"].draining
+    new = h.add("new")
+    h.step()
+    assert new.worker == "w2", "placed on a worker that is shutting down"
+    h.core.command(commands.StopAgent("asked", 1.0), h.now)
+    h.flush()
+    h.report(w1, record, "AGENT_TERMINATED", worker_leaving=True, reached="READY")
+    h.report(w1, asked, "AGENT_TERMINATED", worker_leaving=True, reached="READY")
+    h.step()
+    (end,) = [p for p in h.events("AGENT_TERMINATED") if p.subject == "svc"]
+    assert end.fields["reason"] == "stopped by the shutdown of worker 'w1'" and "worker_leaving" not in end.fields
+    assert asked.state is S.TERMINATED
+    if restart == "never":
+        assert record.state is S.TERMINATED and end.fields["final"]
+    else:
+        assert record.state is S.ASSIGNED and record.worker == "w2" and record.restarts == 0
+    assert not h.events("WORKER_LOST") and not h.events("AGENT_ERROR")
 
 
 def test_dependency_cycles_and_missing_agents_are_named():

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from agents import HelperThread, StuckTalker
+from agents import CopyTracer, HelperThread, StuckTalker
 from conftest import DETECT, EventLog, wait_for
 
 from pyorchestrate import RunMode
@@ -98,6 +98,16 @@ def _copies(trace) -> dict[str, list[tuple[str, float]]]:
     return copies
 
 
+def _with_worker(cluster, **settings):
+    """A started orchestrator, its events, and worker "w1" joined."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **settings)
+    events = EventLog(orch)
+    orch.start()
+    w1 = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    return orch, events, w1
+
+
 @pytest.mark.parametrize("on_disconnect", [None, "keep"])
 def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(cluster, tmp_path, on_disconnect):
     """SIGTERM to a worker whose thread agent ignores its stop (it logs on, so the worker has bus
@@ -106,11 +116,7 @@ def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(
     process ends. Here it leaves without one, and the replacement starts after its lease, once the
     process is gone. (With a goodbye, the second copy started 50 ms after it, beside the first.)
     It says it is exiting, so a kept agent is replaced too, not kept waiting for its return."""
-    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)  # a 2 s window: it is heard to leave
-    events = EventLog(orch)
-    orch.start()
-    w1 = cluster.worker(orch.address, "w1")
-    events.wait("WORKER_JOINED", "w1")
+    orch, events, w1 = _with_worker(cluster)  # a 2 s window: it is heard to leave
     trace = tmp_path / "trace"
     orch.register_agent(StuckTalker, "t", StuckTalker.Config(trace=str(trace), stop_timeout=0.5), restart="always",
                         restart_backoff=(0.05, 0.1), on_disconnect=on_disconnect)
@@ -120,7 +126,7 @@ def test_a_worker_stopped_while_an_agent_ignores_its_stop_leaves_no_second_copy(
     w1.send_signal(signal.SIGTERM)
     assert events.wait("AGENT_READY", "t", count=2, timeout=20)[-1]["worker"] == "w2"
     assert w1.wait(15) == 0
-    print([(e["event"], e.get("reason")) for e in events.events if e.get("worker") == "w1" and "LOG" not in e["event"] and "BEAT" not in e["event"]]); first, second = _copies(trace).values(); print(max(at for _, at in first), min(at for _, at in second))
+    first, second = _copies(trace).values()
     assert max(at for _, at in first) < min(at for _, at in second), "the stuck copy ran beside its replacement"
 
 
@@ -128,11 +134,7 @@ def test_a_worker_exits_on_sigterm_whatever_threads_its_agents_started(cluster, 
     """An agent that started a non-daemon thread of its own kept its worker alive for ever after
     SIGTERM (the interpreter waits for such threads at exit), that thread still at work after the
     coordinator was told the worker had left."""
-    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
-    events = EventLog(orch)
-    orch.start()
-    w1 = cluster.worker(orch.address, "w1")
-    events.wait("WORKER_JOINED", "w1")
+    orch, events, w1 = _with_worker(cluster, **DETECT)
     trace = tmp_path / "trace"
     orch.register_agent(HelperThread, "h", HelperThread.Config(trace=str(trace)))
     wait_for(trace.exists, 20, "the agent's thread")
@@ -142,3 +144,40 @@ def test_a_worker_exits_on_sigterm_whatever_threads_its_agents_started(cluster, 
     lines = trace.read_text().splitlines()
     time.sleep(0.2)
     assert trace.read_text().splitlines() == lines, "the agent's thread outlived its worker"
+
+
+@pytest.mark.parametrize("restart", ["on-failure", "never"])
+def test_a_worker_stopping_slow_agents_leaves_not_lost_and_they_move(cluster, tmp_path, restart):
+    """SIGTERM to a worker whose agent takes 3 s to stop (within its stop_timeout), with a 0.5 s
+    window. The worker, silent while it waited, was declared lost after 0.5 s: WORKER_LOST, the
+    agent's end taken for a failure of a worker that was only stopping it as asked. And an end its
+    worker's shutdown caused was taken for the agent's own: restart="on-failure" took it for done,
+    so a worker's SIGTERM (a host's maintenance) ended the agent for good. Now the worker beats on
+    while it stops them, and the agent moves to another worker as after a drain (not counted as a
+    restart), once its copy has ended. A restart="never" agent ends, saying why."""
+    orch, events, w1 = _with_worker(cluster, **DETECT)
+    trace = tmp_path / "trace"
+    orch.register_agent(CopyTracer, "t", CopyTracer.Config(trace=str(trace), linger=3.0, stop_timeout=20),
+                        restart=restart)
+    events.wait("AGENT_READY", "t")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    signalled = time.time()
+    w1.send_signal(signal.SIGTERM)
+    ended = events.wait("AGENT_TERMINATED", "t")[0]
+    assert ended["reason"] == "stopped by the shutdown of worker 'w1'"
+    events.wait("WORKER_LEFT", "w1", timeout=20)
+    assert w1.wait(15) == 0
+    if restart == "never":
+        time.sleep(1.0)  # time for a wrong restart
+        assert len(events.of("AGENT_STARTED", "t")) == 1
+        assert orch.status()["agents"]["t"]["state"] == "TERMINATED"
+    else:
+        assert events.wait("AGENT_READY", "t", count=2, timeout=20)[-1]["worker"] == "w2"
+        assert orch.status()["agents"]["t"]["restarts"] == 0
+        first, second = _copies(trace).values()
+        assert max(at for _, at in first) < min(at for _, at in second), "the stopping copy ran beside the new one"
+    first = next(iter(_copies(trace).values()))
+    assert [at for what, at in first if what == "close"][0] - signalled > 2.5  # it took longer than the window
+    assert not events.of("WORKER_LOST"), "a worker stopping its agents as asked was declared lost"
+    assert not events.of("AGENT_ERROR")

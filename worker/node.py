@@ -483,6 +483,12 @@ class Worker:
             fields = bounded(fields)
         self._outbox.put((name, run, epoch, event, fields))
 
+    def _beat(self, leaving: bool = False) -> None:
+        running = self._supervisor.count() + self._deferred_starts
+        # read: frames sent to us after it (starts on their way) explain a difference
+        fields = {"leaving": True} if leaving else {}
+        self._send(self._frame("heartbeat", t=time.monotonic(), running=running, read=self._recv_n, **fields))
+
     def _send(self, frame: bytes) -> None:
         assert self._dealer is not None
         try:
@@ -513,9 +519,7 @@ class Worker:
                 return
             if now >= next_beat:
                 self._flush_events()  # what happened goes before the count that reflects it
-                running = self._supervisor.count() + self._deferred_starts
-                # read: frames sent to us after it (starts on their way) explain a difference
-                self._send(self._frame("heartbeat", t=now, running=running, read=self._recv_n))
+                self._beat()
                 # with few agents CPython's default hands the GIL back to this loop soonest; with
                 # thousands of threads it would feed the herd that starves it (crowd.py)
                 interval = crowd.switch_interval(threading.active_count(), self._limits.silence)
@@ -741,11 +745,23 @@ class Worker:
     def _shut_down(self) -> None:
         count = self._supervisor.count()
         log.info("worker %s shutting down: stopping %d agent(s)", self.name, count)
-        self._supervisor.stop_all()
+        # while its agents stop (up to their stop timeouts), the worker goes on beating, saying it
+        # leaves: silent, it was declared lost (WORKER_LOST, its agents' ends taken for failures)
+        # after one window, though it was only stopping them as asked; and the coordinator places
+        # nothing new on it meanwhile. Replies are not read: nothing more is started here
+        beating = self._dealer is not None
+        if beating:
+            self._flush_events()  # what ended on its own goes before the word that this worker leaves
+            self._beat(leaving=True)
+        next_beat = time.monotonic() + self._limits.interval
+        self._supervisor.stop_all(leaving=True)
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
             self._flush_events()
+            if beating and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._limits.interval
+                self._beat(leaving=True)
             time.sleep(0.02)
         self._flush_events()
         stuck = self._supervisor.count()

@@ -63,6 +63,9 @@ class Running:
     stop_requested_at: float | None = None
     stop_timeout: float = 10.0
     forced: bool = False  #: it ignored a stop past its timeout
+    #: its worker's shutdown asked it to stop (before it ended): its end says so, and the
+    #: coordinator starts it again elsewhere, as after a drain, rather than taking the end for its own
+    leaving: bool = False
     thread: threading.Thread | None = field(default=None, repr=False)
     host: AgentHost | None = field(default=None, repr=False)  #: thread agents run by an agent host
     slot: int = 0  #: its number in that host
@@ -161,6 +164,8 @@ class Supervisor:
             # how far the run got: if its STARTED and READY went on a connection the coordinator
             # no longer reads, this end (repeated in every registration) still tells them
             fields["reached"] = "READY" if record.ready else "STARTED"
+            if record.leaving:
+                fields["worker_leaving"] = True
             self._report(record.name, record.run, record.epoch, event, fields)
             # only now: a register composed meanwhile lists the copy or carries this report
             record.terminated = True
@@ -440,12 +445,14 @@ class Supervisor:
         for host, mine in hosted.items():
             host.send(["lease", until, [r.slot for r in mine], max(r.stop_timeout for r in mine)])
 
-    def stop_all(self, timeout: float | None = None, *, keep: bool = False) -> int:
+    def stop_all(self, timeout: float | None = None, *, keep: bool = False, leaving: bool = False) -> int:
         """Ask every copy to stop (``keep=True``: all but those that keep running without a
-        coordinator); return how many were asked."""
+        coordinator; ``leaving``: because this worker shuts down, which their ends will say);
+        return how many were asked."""
         with self._lock:
             records = [r for r in self._agents.values() if not r.terminated and not (keep and r.keep)]
         for record in records:
+            record.leaving = record.leaving or leaving
             self._request_stop(record, timeout)
         return len(records)
 
