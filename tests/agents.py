@@ -90,6 +90,19 @@ class ForeverProcess(LoopingProcessAgent):
         self.wait_stop(0.02)
 
 
+class ForeverTracedProcess(LoopingProcessAgent):
+    """:class:`Forever` in a child process: its hooks in ``trace``."""
+
+    class Config(LoopingProcessAgent.Config):
+        trace = ""
+
+    _note = Forever._note
+    setup = Forever.setup
+    cycle = Forever.cycle
+    on_stop = Forever.on_stop
+    on_close = Forever.on_close
+
+
 class DeafProcess(ForeverProcess):
     """Ignores SIGTERM and never returns from its cycle: only SIGKILL ends it."""
 

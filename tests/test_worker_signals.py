@@ -9,6 +9,7 @@ hang such a process.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import time
 
 import pytest
-from agents import CopyTracer, HelperThread, StuckTalker
+from agents import CopyTracer, Forever, ForeverTracedProcess, HelperThread, StuckTalker
 from conftest import DETECT, EventLog, wait_for
 
 from pyorchestrate import RunMode
@@ -98,12 +99,12 @@ def _copies(trace) -> dict[str, list[tuple[str, float]]]:
     return copies
 
 
-def _with_worker(cluster, **settings):
-    """A started orchestrator, its events, and worker "w1" joined."""
+def _with_worker(cluster, *args, **settings):
+    """A started orchestrator, its events, and worker "w1" (command-line ``args``) joined."""
     orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **settings)
     events = EventLog(orch)
     orch.start()
-    w1 = cluster.worker(orch.address, "w1")
+    w1 = cluster.worker(orch.address, "w1", *args)
     events.wait("WORKER_JOINED", "w1")
     return orch, events, w1
 
@@ -180,4 +181,25 @@ def test_a_worker_stopping_slow_agents_leaves_not_lost_and_they_move(cluster, tm
     first = next(iter(_copies(trace).values()))
     assert [at for what, at in first if what == "close"][0] - signalled > 2.5  # it took longer than the window
     assert not events.of("WORKER_LOST"), "a worker stopping its agents as asked was declared lost"
+    assert not events.of("AGENT_ERROR")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_workers_whole_group_stops_its_agents_gracefully(cluster, tmp_path, signum):
+    """Ctrl-C at a worker's terminal sends SIGINT to its whole process group (so does ``kill --
+    -PGID`` its signal). It reached the processes that run agents too: a process agent died of a
+    KeyboardInterrupt (of exit code 255 with SIGTERM), and so did agent hosts with their thread
+    agents: AGENT_ERROR, no on_stop, while the worker was stopping them in order. Now only the
+    worker acts on it: every agent (in the worker's process, in an agent host, in a process of
+    its own) runs on_stop and on_close, and none fails."""
+    orch, events, w1 = _with_worker(cluster, "--threads-per-process", "1", **DETECT)
+    agents = {"t0": Forever, "t1": Forever, "p": ForeverTracedProcess}  # t1 in an agent host
+    for name, cls in agents.items():
+        orch.register_agent(cls, name, cls.Config(trace=str(tmp_path / name)))
+        events.wait("AGENT_READY", name)
+    os.killpg(w1.pid, signum)  # the worker leads its group (Cluster.worker: a session of its own)
+    assert w1.wait(20) == 0
+    events.wait("WORKER_LEFT", "w1")
+    for name in agents:
+        assert (tmp_path / name).read_text().split() == ["setup", "on_stop", "on_close"], name
     assert not events.of("AGENT_ERROR")

@@ -34,6 +34,22 @@ def worker_gone() -> None:
     os._exit(WORKER_GONE)
 
 
+def leave_the_worker_group() -> None:
+    """Take this process (a process agent's, or an agent host) out of its worker's process group
+    into one of its own.  A signal to that group (Ctrl-C at the worker's terminal sends SIGINT to
+    the whole foreground group; ``kill -- -PGID``) is for the worker, which stops its agents in
+    order.  Reaching these processes too, it killed their agents mid-cycle while the worker was
+    stopping them: KeyboardInterrupt, or exit code 255, an AGENT_ERROR, no ``on_stop``.  They
+    still end with their worker: through the pipe (see :func:`worker_gone`).  The same session,
+    not a new one (as the pulse has): whoever looks for what a worker left behind finds it there.
+    (A systemd unit must not signal the whole cgroup either: ``KillMode=mixed``, as
+    deploy/systemd's unit has.)"""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session's leader: not a child of the worker's forkserver
+        pass
+
+
 def bus_marker(item: Any) -> dict[str, Any]:
     """What a TERMINATED report says of a child's last bus event (``item`` as the publisher numbered
     it): the coordinator waits for the events still on their way instead of dropping them as stale."""
@@ -70,6 +86,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
          events_address: str | None = None, bus: list | None = None, hold: bool = False,
          events_key: Any = None, worker_pid: int = 0) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
+    leave_the_worker_group()
     setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
 
