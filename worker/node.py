@@ -49,6 +49,9 @@ log = logging.getLogger("pyorchestrate.worker")
 
 REGISTER_TIMEOUT = 2.0
 PULSE_MODES = ("auto", "always", "never")
+#: after the longest stop timeout of its agents, how long a shutting-down worker waits for a process
+#: that would not die (killed 2 s past its timeout) before it leaves anyway
+SHUTDOWN_MARGIN = 5.0
 _EVENTS_PER_MESSAGE = 500  # keeps one message well under any max_message_size
 # error text per message (characters, each at most 4 bytes): with errors.MAX_*_CHARS per report,
 # a frame stays under the smallest max_message_size a coordinator accepts (4 MiB)
@@ -755,7 +758,10 @@ class Worker:
             self._beat(leaving=True)
         next_beat = time.monotonic() + self._limits.interval
         self._supervisor.stop_all(leaving=True)
-        deadline = time.monotonic() + 15.0
+        # each copy has its own stop timeout (a thread past it is given up on, a process killed
+        # 2 s after); the margin only bounds a process that will not die. A fixed 15 s cut off
+        # agents that were given longer: this process ended under them, mid-stop
+        deadline = time.monotonic() + self._supervisor.longest_stop_timeout() + SHUTDOWN_MARGIN
         while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
             self._flush_events()

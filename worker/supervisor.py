@@ -144,6 +144,11 @@ class Supervisor:
             return sum(not r.terminated and (include_stuck or not (r.forced and r.mode == "thread"))
                        for r in self._agents.values())
 
+    def longest_stop_timeout(self) -> float:
+        """The longest stop timeout among the copies still running (0 if none)."""
+        with self._lock:
+            return max((r.stop_timeout for r in self._agents.values() if not r.terminated), default=0.0)
+
     def size(self) -> int:
         """Copies tracked (running, or ended since the last ``forget_finished``): O(1)."""
         return len(self._agents)
