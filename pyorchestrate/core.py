@@ -440,6 +440,10 @@ class ClusterCore(Registration, CommandHandlers):
                 fields.setdefault("reason", f"stopped by the shutdown of worker {worker.name!r}")
                 if record.policy.mode != "never":
                     record.then = "move"
+            if fields.pop("not_run", False) is not True and record.then == "move" and record.one_shot:
+                # a one-shot agent whose work had begun when the stop came (its execute() need not
+                # look at it): its end is its own, done or failed. Moved, it ran a second time
+                record.then = None
             self._run_over(record, ok, fields, now)
             return
         if event is E.AGENT_STARTED:

@@ -3,7 +3,8 @@
 import os
 import time
 
-from pyorchestrate import BaseProcessAgent, BaseThreadAgent, LoopingProcessAgent, LoopingThreadAgent
+from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, LoopingProcessAgent,
+                           LoopingThreadAgent)
 
 
 class Quick(BaseThreadAgent):
@@ -246,6 +247,30 @@ class CopyTracer(LoopingThreadAgent):
 
     def on_close(self):
         append_line(self.config.trace, f"close {self.copy} {time.time():.3f}")
+
+
+class SlowJob(BaseThreadAgent):
+    """A one-shot job of ``seconds`` that does not look at stop requests (as most execute()s do
+    not): "begin" and "done" into ``trace``."""
+
+    class Config(BaseThreadAgent.Config):
+        trace = ""
+        seconds = 2.0
+
+    def execute(self):
+        append_line(self.config.trace, "begin")
+        time.sleep(self.config.seconds)
+        append_line(self.config.trace, "done")
+
+
+class LateJob(DeferredThreadAgent):
+    """A one-shot job due ``delay`` seconds after READY: "done" into ``trace``."""
+
+    class Config(DeferredThreadAgent.Config):
+        trace = ""
+
+    def execute(self):
+        append_line(self.config.trace, "done")
 
 
 class StuckTalker(CopyTracer):

@@ -409,6 +409,8 @@ class Sim:
                 fields = {"ok": ok, "reached": "READY" if copy.ready else "STARTED"}
                 if copy.leaving:
                     fields["worker_leaving"] = True
+                if ended and not copy.ready and self.specs[copy.agent]["one_shot"]:
+                    fields["not_run"] = True  # stopped before its work began (see BaseAgent._not_run)
                 self._report(worker, copy, "AGENT_TERMINATED", fields)
                 self.ended.add(copy.key)
                 self.ended_in[copy.key] = worker.incarnation

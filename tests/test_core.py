@@ -183,8 +183,8 @@ def test_a_worker_shutting_down_gets_nothing_new_and_the_agents_it_stops_move(re
     counted a restart and waited its back-off. They move at once, as after a drain, to a worker that
     is not leaving; a restart="never" agent ends; an agent we had asked to stop stays stopped."""
     h = Harness()
-    w1, record = h.ready("svc", restart=restart)
-    asked = h.add("asked", restart="always", pin="w1")
+    w1, record = h.ready("svc", restart=restart, one_shot=False)
+    asked = h.add("asked", restart="always", pin="w1", one_shot=False)
     h.step()
     h.report(w1, asked, "AGENT_STARTED", "AGENT_READY")
     h.register("w2", identity=b"w2")
@@ -206,6 +206,32 @@ def test_a_worker_shutting_down_gets_nothing_new_and_the_agents_it_stops_move(re
     else:
         assert record.state is S.ASSIGNED and record.worker == "w2" and record.restarts == 0
     assert not h.events("WORKER_LOST") and not h.events("AGENT_ERROR")
+
+
+@pytest.mark.parametrize("how", ["drained", "leaving"])
+@pytest.mark.parametrize("not_run", [False, True])
+def test_a_one_shot_agent_moved_off_a_worker_runs_again_only_if_its_work_had_not_begun(how, not_run):
+    """A drain, or its worker's shutdown, stops a one-shot agent so that it moves. Its execute()
+    need not look at the stop: one whose work had begun finished it, and moved it ran a second
+    time. Its end is its own (done, for restart="on-failure"). One stopped before its work began
+    (a Deferred agent before its time, say: its end says not_run) is started elsewhere."""
+    h = Harness()
+    w1, record = h.ready("job", restart="on-failure")
+    h.register("w2", identity=b"w2")
+    if how == "drained":
+        h.core.command(commands.DrainWorker("w1"), h.now)
+        h.flush()
+        assert [m["agent"] for m in h.to(w1, "stop")] == ["job"]
+    else:
+        h.beat(w1, leaving=True)
+    h.report(w1, record, "AGENT_TERMINATED", reached="READY",
+             **({"worker_leaving": True} if how == "leaving" else {}), **({"not_run": True} if not_run else {}))
+    h.step()
+    if not_run:
+        assert record.state is S.ASSIGNED and record.worker == "w2" and record.restarts == 0
+    else:
+        assert record.state is S.TERMINATED and not record.failed
+    assert [p.fields.get("not_run") for p in h.events("AGENT_TERMINATED")] == [None]
 
 
 def test_dependency_cycles_and_missing_agents_are_named():

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from agents import CopyTracer, Forever, ForeverTracedProcess, HelperThread, StuckTalker
+from agents import CopyTracer, Forever, ForeverTracedProcess, HelperThread, LateJob, SlowJob, StuckTalker
 from conftest import DETECT, EventLog, wait_for
 
 from pyorchestrate import RunMode
@@ -206,4 +206,29 @@ def test_a_signal_to_the_workers_whole_group_stops_its_agents_gracefully(cluster
     events.wait("WORKER_LEFT", "w1")
     for name in agents:
         assert (tmp_path / name).read_text().split() == ["setup", "on_stop", "on_close"], name
+    assert not events.of("AGENT_ERROR")
+
+
+def test_one_shot_jobs_on_a_stopped_worker_run_once_each(cluster, tmp_path):
+    """SIGTERM to a worker running two one-shot jobs, restart="on-failure". One is mid-work and
+    does not look at the stop (as most execute()s do not): it finishes, and its end is its own.
+    Moved like a long-running agent, it ran a second time elsewhere. The other, a Deferred job not
+    yet due, never began: it moves and runs on the other worker (taken for done, it never ran)."""
+    orch, events, w1 = _with_worker(cluster, **DETECT)
+    slow, late = tmp_path / "slow", tmp_path / "late"
+    orch.register_agent(SlowJob, "slow", SlowJob.Config(trace=str(slow), seconds=2.0), restart="on-failure")
+    orch.register_agent(LateJob, "late", LateJob.Config(trace=str(late), delay=3.0), restart="on-failure")
+    events.wait("AGENT_READY", "late")
+    wait_for(slow.exists, 20, "the slow job's work to begin")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(20) == 0
+    ended = events.wait("AGENT_TERMINATED", "late", count=2, timeout=20)
+    assert [e["worker"] for e in events.of("AGENT_STARTED", "late")] == ["w1", "w2"]
+    assert ended[-1]["ok"] and late.read_text().split() == ["done"]
+    time.sleep(1.0)  # time for a wrong second run
+    assert [e["worker"] for e in events.of("AGENT_STARTED", "slow")] == ["w1"]
+    assert slow.read_text().split() == ["begin", "done"]
+    assert orch.status()["agents"]["slow"]["state"] == "TERMINATED"
     assert not events.of("AGENT_ERROR")

@@ -66,6 +66,10 @@ class BaseAgent(abc.ABC):
     _bus: Any = None  #: this run's publisher.AgentBus once something was published or logged
     _bus_args: Any = None  #: how to make it, while running on a worker (publisher.attach)
     _bus_log_handler: Any = None
+    #: stopped before its work began (before setup or execute, a Deferred agent before its time,
+    #: ...): its end says so, and a one-shot agent moved off a worker (drained, or shutting down)
+    #: then runs elsewhere; one whose work began is taken as done or failed, never run twice
+    _not_run: bool = False
 
     config: Config
 
@@ -233,6 +237,10 @@ class BaseAgent(abc.ABC):
                 self.state_events.ready_event.set()
                 if self._wait_control(self.control_events.execute_event):
                     self._main()
+                else:
+                    self._not_run = True
+            else:
+                self._not_run = True
         except BaseException as exc:  # noqa: BLE001 - an agent's failure must be reported, whatever it is
             ok = False
             self._report_error(exc)
@@ -252,6 +260,8 @@ class BaseAgent(abc.ABC):
             self.plugin.finalize(self._plugin_failed)
             # the coordinator holds its finish until it has seen our last bus event
             marker = self._bus.flush() if self._bus is not None else {}
+            if self._not_run:
+                marker["not_run"] = True
             report("AGENT_TERMINATED", ok=ok, **marker)
             self.state_events.close_event.set()
         return ok

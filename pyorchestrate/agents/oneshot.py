@@ -46,6 +46,7 @@ class DeferredAgent(OneShotAgent):
             wait = self.config.delay
         if wait > 0 and self.wait_stop(wait):
             self.logger.info("stopped before its start time: not run")
+            self._not_run = True
             return
         self.execute()
 
@@ -77,6 +78,7 @@ class ConditionalAgent(OneShotAgent):
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"condition not met within {self.config.timeout} s")
             if self.wait_stop(self.config.poll_interval):
+                self._not_run = True
                 return
         self.execute()
 
@@ -110,6 +112,7 @@ class TriggeredAgent(OneShotAgent):
             if event is not None:
                 self.execute(dict(event))
                 return
+        self._not_run = True  # stopped before a trigger came
 
 
 class RecoveryAgent(OneShotAgent):
