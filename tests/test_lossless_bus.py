@@ -46,7 +46,10 @@ def test_stalled_subscriber_gets_every_event_or_the_exact_count_lost(cluster, hi
     orch.start()
     cluster.worker(orch.address, "w1")
     events.wait("WORKER_JOINED")
-    with EventSubscriber(orch.events_address, hwm=500) as sub:
+    # history=True: the whole run, from seq 1. Without it, a subscriber takes a run that began over
+    # 1 s before it from then on (by design): beside 4 CPU burners the worker's joining took that
+    # long, and WORKER_JOINED, seq 1, was rightly neither delivered nor counted
+    with EventSubscriber(orch.events_address, hwm=500, history=True) as sub:
         assert sub.wait_connected(10)
         orch.register_agent(Burst, "burst", Burst.Config(count=N, pad=PAD))
         # all of it forwarded by the coordinator while we slept (its callbacks see each event)
