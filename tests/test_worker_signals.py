@@ -232,3 +232,23 @@ def test_one_shot_jobs_on_a_stopped_worker_run_once_each(cluster, tmp_path):
     assert slow.read_text().split() == ["begin", "done"]
     assert orch.status()["agents"]["slow"]["state"] == "TERMINATED"
     assert not events.of("AGENT_ERROR")
+
+
+BROKEN = """
+import threading, time
+from pyorchestrate_worker import cli, node
+def broken(self):
+    raise RuntimeError("a bug of ours")
+node.Worker._register_with_retries = broken  # an error of ours out of Worker.run
+threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()  # as an agent's own thread
+cli.entry(["--coordinator", "tcp://127.0.0.1:1", "--name", "w1"])
+"""
+
+
+def test_a_worker_whose_loop_fails_exits_saying_why_whatever_threads_run():
+    """An error of ours escaping the worker's loop ended in the interpreter's teardown, which
+    waits for every non-daemon thread: a thread an agent started kept the broken worker alive
+    for ever. It is logged, and the process exits 1."""
+    proc = subprocess.run([sys.executable, "-c", BROKEN], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "worker failed" in proc.stderr and "RuntimeError: a bug of ours" in proc.stderr

@@ -140,8 +140,19 @@ def entry(argv: list[str] | None = None) -> None:
     """The command: ``main``, then the process ends without the interpreter's teardown, which
     waits for every non-daemon thread. A thread an agent started (or a thread agent stuck past its
     stop) would keep a stopped worker alive for ever, still doing that agent's work after the
-    coordinator has replaced it."""
-    code = main(argv)
+    coordinator has replaced it. So is an error of ours that escapes ``main``: logged, exit 1
+    (it ended in that teardown, and a non-daemon thread kept the broken worker alive for ever)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors and --help, as sys.exit would
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:  # before the stop signals were ours
+        code = 130
+    except BaseException:  # noqa: BLE001 - whatever it is, the process must end
+        logging.getLogger("pyorchestrate.worker").critical("worker failed", exc_info=True)
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
