@@ -154,6 +154,11 @@ class BaseConfig:
         return f"{type(self).__qualname__}({inner})"
 
 
+def config_missing(wanted: type, config: BaseConfig) -> list[str]:
+    """The settings of Config class ``wanted`` that ``config`` (of another class) has not."""
+    return sorted(_builtin_names(wanted) - _builtin_names(type(config)) - set(vars(config)))
+
+
 @functools.lru_cache(maxsize=1024)  # asked for every agent registered and every agent run on a worker
 def checks_are_ours(config_class: type) -> bool:
     """Are a Config class's checks all pyorchestrate's (so they read nothing but its settings, and

@@ -13,13 +13,14 @@ import signal
 import sys
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from . import commands as cmd
 from . import plugins, shipping, snapshots, trace
 from .agents.base import BaseAgent
 from .agents.looping import LoopingAgent
-from .config import BaseConfig, ValidationResult, ValidationSeverity, checks_are_ours
+from .config import BaseConfig, ValidationResult, ValidationSeverity, checks_are_ours, config_missing
 from .coordinator import Coordinator, WorkerWaitTimeout
 from .dependencies import check_graph
 from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
@@ -270,14 +271,25 @@ class Orchestrator:
             one_shot = self._agent_classes[agent_class] = not issubclass(agent_class, LoopingAgent)
         name = agent_class.__name__ if name is None else name
         # split(): one C call, where a generator over the name's characters cost more than the rest
-        if not isinstance(name, str) or name.split() != [name]:
-            raise ValueError(f"agent name {name!r} must be a non-empty string without spaces")
+        if not isinstance(name, str) or name.split() != [name] or not name.isprintable():
+            raise ValueError(f"agent name {name!r} must be a non-empty string of printable characters "
+                             "without spaces")
         config = custom_config if custom_config is not None else agent_class.Config()
         if not isinstance(config, BaseConfig):
             raise TypeError(f"custom_config for {name!r} must be a Config instance (e.g. {agent_class.__name__}.Config(...)), "
                             f"got {type(config).__name__}")
-        if worker is not None and not isinstance(worker, str):
+        if not isinstance(config, agent_class.Config):
+            # another agent's Config: accepted, the agent failed on its worker reading a setting
+            # the config did not have (AttributeError), unless it has them all (duck-typed)
+            missing = config_missing(agent_class.Config, config)
+            if missing:
+                raise TypeError(f"custom_config for {name!r} is a {type(config).__qualname__}, without "
+                                f"{agent_class.__name__}.Config's {', '.join(missing)}: pass "
+                                f"{agent_class.__name__}.Config(...)")
+        if worker is not None and (not isinstance(worker, str) or not worker):
             raise TypeError(f"worker= must be a worker name, got {worker!r}")
+        if labels and not isinstance(labels, Mapping):  # dict("gpu") said "sequence element #0 has length 1"
+            raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         labels = dict(labels) if labels else {}
         if labels and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")

@@ -113,6 +113,25 @@ def test_register_agent_mistakes():
         orch.register_agent(Looper, "l", Looper.Config(limit="many"))
     with pytest.raises(RuntimeError, match="start"):
         orch.join()
+    # each of these was accepted, and the agent waited or failed later, somewhere else
+    with pytest.raises(ValueError, match="printable characters"):
+        orch.register_agent(Quick, "a\x00b")  # a control character: in every log line and topic
+    with pytest.raises(TypeError, match="labels= must map strings to strings"):
+        orch.register_agent(Quick, "gpu", labels="gpu")  # was: "dictionary update sequence element #0"
+    with pytest.raises(TypeError, match="worker= must be a worker name"):
+        orch.register_agent(Quick, "pinned", worker="")  # waited for ever for worker '' to join
+
+    class Sized(LoopingThreadAgent):
+        class Config(LoopingThreadAgent.Config):
+            size = 3
+
+        def cycle(self):
+            pass
+
+    # another agent's Config, without this one's settings: AttributeError on the worker
+    with pytest.raises(TypeError, match="is a LoopingAgent.Config, without Sized.Config's size: pass Sized.Config"):
+        orch.register_agent(Sized, "s", Looper.Config())
+    orch.register_agent(Sized, "s", Looper.Config(size=4))  # has them all: duck-typed, taken
 
 
 def test_protocol_round_trip_and_rejections():
