@@ -374,13 +374,17 @@ class Orchestrator:
         """Start a terminated agent again (its restart count starts over)."""
         self._call(cmd.StartAgent(name))
 
+    def _stop_timeout(self, timeout: Any) -> float:
+        """``timeout`` (None: Config.stop_timeout) as seconds, or a clear error."""
+        return _seconds(self.config.stop_timeout if timeout is None else timeout, "timeout")
+
     def stop_agent(self, name: str, timeout: float | None = None) -> None:
         """Stop one agent; it is not restarted, whatever its policy."""
-        self._call(cmd.StopAgent(name, float(self.config.stop_timeout if timeout is None else timeout)))
+        self._call(cmd.StopAgent(name, self._stop_timeout(timeout)))
 
     def restart_agent(self, name: str, timeout: float | None = None) -> None:
         """Stop an agent and start it again (not counted against ``max_restarts``)."""
-        self._call(cmd.RestartAgent(name, float(self.config.stop_timeout if timeout is None else timeout)))
+        self._call(cmd.RestartAgent(name, self._stop_timeout(timeout)))
 
     def agent(self, name: str) -> AgentHandle:
         """A handle on a registered agent: ``state``, ``worker``, ``wait_ready(timeout)``,
@@ -496,7 +500,7 @@ class Orchestrator:
         if not self._started or self._coordinator is None:
             return
         if not self._finished.is_set():
-            timeout = self.config.stop_timeout if timeout is None else timeout
+            timeout = self._stop_timeout(timeout)
             self._coordinator.mailbox.put((cmd.RequestStop(), None))
             self._coordinator.mailbox.put((cmd.StopAll(float(timeout)), None))
             limits = Limits(self.config.heartbeat_interval, self.config.heartbeat_liveness)
@@ -576,6 +580,14 @@ def _restart_policy(restart: Any, max_restarts: Any, backoff: Any) -> RestartPol
     except TypeError:  # e.g. restart_backoff as a list: built, not cached
         return RestartPolicy.build(restart, max_restarts, backoff)
     return _cached_policy(restart, max_restarts, backoff)
+
+
+def _seconds(value: Any, what: str) -> float:
+    """A number of seconds >= 0, or a clear error (a timeout of -1 stopped at once: a process
+    agent terminated, a thread agent said stuck; "5" said "could not convert string to float")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{what}={value!r}: use a number of seconds >= 0")
+    return float(value)
 
 
 def _names(value: Any, what: str) -> list[str]:

@@ -132,6 +132,12 @@ def test_register_agent_mistakes():
     with pytest.raises(TypeError, match="is a LoopingAgent.Config, without Sized.Config's size: pass Sized.Config"):
         orch.register_agent(Sized, "s", Looper.Config())
     orch.register_agent(Sized, "s", Looper.Config(size=4))  # has them all: duck-typed, taken
+    # a timeout of -1 stopped at once (a process agent terminated, a thread agent said stuck)
+    for bad in (-1, "5", float("nan"), True):
+        with pytest.raises(ValueError, match="use a number of seconds >= 0"):
+            orch.stop_agent("q", timeout=bad)
+        with pytest.raises(ValueError, match="use a number of seconds >= 0"):
+            orch.restart_agent("q", timeout=bad)
 
 
 def test_protocol_round_trip_and_rejections():
