@@ -53,7 +53,8 @@ def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool =
     if value is None and allow_none:
         return
     kinds = (int,) if whole else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool) or value < minimum:
+    # not >=: NaN compares false both ways, and a NaN heartbeat_interval was taken
+    if not isinstance(value, kinds) or isinstance(value, bool) or not value >= minimum:
         kind = "a whole number" if whole else "a number"
         results.append(ValidationResult(name, f"must be {kind} >= {minimum}, got {value!r}"))
 

@@ -70,6 +70,23 @@ def test_invalid_orchestrator_config_raises_at_start_with_every_finding():
     assert "heartbeat_interval" in text and "heartbeat_liveness" in text and "tcp://HOST:PORT" in text
 
 
+def test_a_nan_setting_is_refused_like_any_bad_number():
+    """NaN compares false both ways, so `value < 0` let it through: a NaN heartbeat_interval or
+    stop_timeout was taken (a NaN stop timeout is over at once: the agent terminated at its stop)."""
+    from pyorchestrate import ConditionalThreadAgent, DeferredThreadAgent, PeriodicThreadAgent
+
+    nan = float("nan")
+    for config, field in [(Orchestrator.Config(heartbeat_interval=nan), "heartbeat_interval"),
+                          (Orchestrator.Config(stop_timeout=nan), "stop_timeout"),
+                          (LoopingThreadAgent.Config(stop_timeout=nan), "stop_timeout"),
+                          (PeriodicThreadAgent.Config(execution_interval=nan), "execution_interval"),
+                          (DeferredThreadAgent.Config(delay=nan), "delay"),
+                          (ConditionalThreadAgent.Config(poll_interval=nan), "poll_interval"),
+                          (ConditionalThreadAgent.Config(timeout=nan), "timeout")]:
+        with pytest.raises(ConfigValidationError, match=field):
+            config.check("x")
+
+
 def test_custom_validate_hook():
     class Strict(Orchestrator.Config):
         def validate(self):

@@ -49,7 +49,7 @@ class BaseAgent(abc.ABC):
         def validate(self):
             results = super().validate()
             from ..config import ValidationResult
-            if not isinstance(self.stop_timeout, (int, float)) or self.stop_timeout < 0:
+            if not isinstance(self.stop_timeout, (int, float)) or not self.stop_timeout >= 0:  # (NaN too)
                 results.append(ValidationResult("stop_timeout", "must be a number of seconds >= 0"))
             return results
 

@@ -60,7 +60,7 @@ class PeriodicAgent(LoopingAgent):
         def validate(self):
             results = super().validate()
             interval = self.execution_interval
-            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval < 0:
+            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval >= 0:
                 results.append(ValidationResult("execution_interval", "must be a number of seconds >= 0"))
             return results
 

@@ -31,7 +31,7 @@ class DeferredAgent(OneShotAgent):
 
         def validate(self):
             results = super().validate()
-            if not isinstance(self.delay, (int, float)) or isinstance(self.delay, bool) or self.delay < 0:
+            if not isinstance(self.delay, (int, float)) or isinstance(self.delay, bool) or not self.delay >= 0:
                 results.append(ValidationResult("delay", "must be a number of seconds >= 0"))
             if self.start_at is not None and not isinstance(self.start_at, datetime.datetime):
                 results.append(ValidationResult("start_at", "must be a datetime.datetime or None"))
@@ -62,9 +62,9 @@ class ConditionalAgent(OneShotAgent):
 
         def validate(self):
             results = super().validate()
-            if not isinstance(self.poll_interval, (int, float)) or self.poll_interval <= 0:
+            if not isinstance(self.poll_interval, (int, float)) or not self.poll_interval > 0:
                 results.append(ValidationResult("poll_interval", "must be a number of seconds > 0"))
-            if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout < 0):
+            if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or not self.timeout >= 0):
                 results.append(ValidationResult("timeout", "must be None or a number of seconds >= 0"))
             return results
 
