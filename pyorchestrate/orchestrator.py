@@ -48,13 +48,17 @@ class RunMode(enum.Enum):
 MIN_MESSAGE_SIZE = 4 * 1024 * 1024
 
 
+_INF = float("inf")
+
+
 def _number(results: list, cfg: Any, name: str, minimum: float, *, whole: bool = False, allow_none: bool = False) -> None:
     value = getattr(cfg, name)
     if value is None and allow_none:
         return
     kinds = (int,) if whole else (int, float)
-    # not >=: NaN compares false both ways, and a NaN heartbeat_interval was taken
-    if not isinstance(value, kinds) or isinstance(value, bool) or not value >= minimum:
+    # not >=: NaN compares false both ways, and a NaN heartbeat_interval was taken; nor infinity,
+    # which the protocol does not carry (None says "never" where that is meant)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not minimum <= value < _INF:
         kind = "a whole number" if whole else "a number"
         results.append(ValidationResult(name, f"must be {kind} >= {minimum}, got {value!r}"))
 
@@ -586,7 +590,7 @@ def _restart_policy(restart: Any, max_restarts: Any, backoff: Any) -> RestartPol
 def _seconds(value: Any, what: str) -> float:
     """A number of seconds >= 0, or a clear error (a timeout of -1 stopped at once: a process
     agent terminated, a thread agent said stuck; "5" said "could not convert string to float")."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < _INF:
         raise ValueError(f"{what}={value!r}: use a number of seconds >= 0")
     return float(value)
 

@@ -287,6 +287,10 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
             # error (building it for every field was most of decoding a worker's report)
             if not isinstance(value, expected) or (value.__class__ is bool and expected is not bool):
                 raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
+            if value.__class__ is float and value - value != 0:
+                # NaN or infinity: every comparison with a deadline built from it goes one way
+                # (a NaN orphan_timeout made a lost worker's kept copy count as stopped at once)
+                raise ProtocolError(f"{what}: field {name!r} is not a finite number")
             continue
         _check_value(f"{what}: field {name!r}", expected, value)
 
@@ -320,6 +324,8 @@ def _check_value(what: str, expected: Any, value: Any) -> None:
     # bool is an int subclass; never accept it where a number is meant
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ProtocolError(f"{what} has type {type(value).__name__}")
+    if value.__class__ is float and value - value != 0:  # NaN or infinity (see _check)
+        raise ProtocolError(f"{what} is not a finite number")
 
 
 def agent_event(agent: str, run: str, epoch: int, event: str, fields: dict[str, Any]) -> dict[str, Any]:

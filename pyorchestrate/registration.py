@@ -113,7 +113,7 @@ class Registration:
             if same_connection:  # it answered "register again": what we sent it still arrives in order
                 worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
         worker.token = message["token"]
-        if message["orphan_timeout"] is not None:
+        if message["orphan_timeout"] is not None and message["orphan_timeout"] >= 0:  # (negative: the default)
             worker.orphan_timeout = float(message["orphan_timeout"])
         self.workers[name] = worker
         self.by_identity[identity] = name

@@ -82,7 +82,10 @@ def test_a_nan_setting_is_refused_like_any_bad_number():
                           (PeriodicThreadAgent.Config(execution_interval=nan), "execution_interval"),
                           (DeferredThreadAgent.Config(delay=nan), "delay"),
                           (ConditionalThreadAgent.Config(poll_interval=nan), "poll_interval"),
-                          (ConditionalThreadAgent.Config(timeout=nan), "timeout")]:
+                          (ConditionalThreadAgent.Config(timeout=nan), "timeout"),
+                          # nor infinity where it goes on the wire (a frame with it is dropped)
+                          (LoopingThreadAgent.Config(stop_timeout=float("inf")), "stop_timeout"),
+                          (Orchestrator.Config(stop_timeout=float("inf")), "stop_timeout")]:
         with pytest.raises(ConfigValidationError, match=field):
             config.check("x")
 
@@ -150,11 +153,48 @@ def test_register_agent_mistakes():
         orch.register_agent(Sized, "s", Looper.Config())
     orch.register_agent(Sized, "s", Looper.Config(size=4))  # has them all: duck-typed, taken
     # a timeout of -1 stopped at once (a process agent terminated, a thread agent said stuck)
-    for bad in (-1, "5", float("nan"), True):
+    for bad in (-1, "5", float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="use a number of seconds >= 0"):
             orch.stop_agent("q", timeout=bad)
         with pytest.raises(ValueError, match="use a number of seconds >= 0"):
             orch.restart_agent("q", timeout=bad)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--name", ""], "a name is printable characters without spaces"),  # took HOSTNAME-PID, silently
+    (["--name", "a b"], "a name is printable characters without spaces"),
+    (["--orphan-timeout", "-5"], "use a number of seconds >= 0"),  # stopped kept agents at once
+    (["--orphan-timeout", "nan"], "use a number of seconds >= 0"),
+    (["--orphan-timeout", "soon"], "is not a number of seconds"),
+])
+def test_worker_command_line_mistakes_are_named(capsys, args, said):
+    from pyorchestrate_worker import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.parser().parse_args(["--coordinator", "tcp://127.0.0.1:5555", *args])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_worker_connects_to_a_port_not_any_port(capsys):
+    from pyorchestrate_worker import cli
+
+    for port in ("0", "*"):  # it retried connecting to port 0 for ever
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["--coordinator", f"tcp://127.0.0.1:{port}"])
+        assert "a worker connects to the port its coordinator listens on" in capsys.readouterr().err
+
+
+def test_a_number_from_the_network_must_be_finite():
+    """NaN compares false both ways: a NaN orphan_timeout in a register made deadlines built from
+    it count as passed at once. Dropped as a bad frame, like any malformed field."""
+    register = dict(n=1, name="w", incarnation="i", host="h", pid=1, labels={}, capacity=0, versions={},
+                    agents=[], events=[], t=1.0, token="x")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(protocol.ProtocolError, match="not a finite number"):
+            protocol.decode(protocol.encode("register", **register, orphan_timeout=bad))
+        with pytest.raises(protocol.ProtocolError, match="not a finite number"):
+            protocol.decode(protocol.encode("heartbeat", t=bad))
+    assert protocol.decode(protocol.encode("register", **register, orphan_timeout=5.0))["orphan_timeout"] == 5.0
 
 
 def test_protocol_round_trip_and_rejections():

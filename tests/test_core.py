@@ -934,15 +934,16 @@ def _run_until(h: Harness, record, first_run, seconds: float) -> float | None:
     return None
 
 
-@pytest.mark.parametrize("orphan_timeout", [None, 20.0])
+@pytest.mark.parametrize("orphan_timeout", [None, 20.0, -5.0])
 def test_a_kept_agent_given_up_after_disconnect_timeout_starts_anew_only_once_its_copy_has_stopped(orphan_timeout):
     """Given up is not gone: its worker, cut off, keeps the copy running until its orphan timeout
     (60 s unless the worker said otherwise in its register).  The new copy waits until that, and
-    the stop timeout, are over, counted from when the worker was lost."""
+    the stop timeout, are over, counted from when the worker was lost.  A negative one means
+    nothing: the default (it made the new copy start before the lost one could have stopped)."""
     h, w1, record, first = _given_up(orphan_timeout)
     after = _run_until(h, record, first, 200)
     lost = h.core.limits.silence
-    expected = lost + (orphan_timeout or 60.0) + 1.0 + h.core.limits.margin
+    expected = lost + (orphan_timeout if orphan_timeout and orphan_timeout > 0 else 60.0) + 1.0 + h.core.limits.margin
     assert record.state is S.ASSIGNED and record.worker == "w2"
     assert expected <= after <= expected + 1.0, (after, expected)
     assert h.events("AGENT_ERROR")[0].fields["error_message"].endswith("(disconnect_timeout)")

@@ -56,9 +56,28 @@ def _nice(text: str) -> int:
 
 def _address(text: str) -> str:
     try:
-        sockets.parse_tcp(text)
+        _, port = sockets.parse_tcp(text)
     except sockets.AddressError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if port in ("*", "0"):  # it retried connecting to port 0 for ever
+        raise argparse.ArgumentTypeError(f"{text!r}: a worker connects to the port its coordinator listens on; "
+                                         "give that number")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):  # -5 stopped kept agents the moment a coordinator went away
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds >= 0 (0 = never)")
+    return value
+
+
+def _name(text: str) -> str:
+    if text.split() != [text] or not text.isprintable():  # '' took HOSTNAME-PID, silently
+        raise argparse.ArgumentTypeError(f"{text!r}: a name is printable characters without spaces")
     return text
 
 
@@ -71,12 +90,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--coordinator", required=True, type=_address, metavar="tcp://HOST:PORT",
                    help="the coordinator's control address (Orchestrator.Config.address)")
-    p.add_argument("--name", help="this worker's name, unique in the cluster (default: HOSTNAME-PID)")
+    p.add_argument("--name", type=_name, help="this worker's name, unique in the cluster (default: HOSTNAME-PID)")
     p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...",
                    help="labels reported at registration, e.g. gpu=1,zone=a")
     p.add_argument("--capacity", type=_capacity, default=0, metavar="N",
                    help="most agents this worker runs at once, reported at registration (0 = no limit)")
-    p.add_argument("--orphan-timeout", type=float, default=ORPHAN_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--orphan-timeout", type=_seconds, default=ORPHAN_TIMEOUT, metavar="SECONDS",
                    help="stop this worker's agents after SECONDS without a coordinator (0 = never; default 60)")
     p.add_argument("--keys", metavar="DIR", default=None,
                    help="key directory (pyorchestrate keys init/export): connect with CurveZMQ using this host's "

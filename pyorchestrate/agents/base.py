@@ -49,7 +49,7 @@ class BaseAgent(abc.ABC):
         def validate(self):
             results = super().validate()
             from ..config import ValidationResult
-            if not isinstance(self.stop_timeout, (int, float)) or not self.stop_timeout >= 0:  # (NaN too)
+            if not isinstance(self.stop_timeout, (int, float)) or not 0 <= self.stop_timeout < float("inf"):  # NaN too
                 results.append(ValidationResult("stop_timeout", "must be a number of seconds >= 0"))
             return results
 
