@@ -273,6 +273,22 @@ class LateJob(DeferredThreadAgent):
         append_line(self.config.trace, "done")
 
 
+class SlowGoodbye(LoopingThreadAgent):
+    """Logs "stopping N" ``lines`` times over ``seconds`` in on_stop (a flush, say)."""
+
+    class Config(LoopingThreadAgent.Config):
+        lines = 30
+        seconds = 3.0
+
+    def cycle(self):
+        self.wait_stop(0.05)
+
+    def on_stop(self):
+        for i in range(self.config.lines):
+            self.logger.info("stopping %d", i)
+            time.sleep(self.config.seconds / self.config.lines)
+
+
 class StuckTalker(CopyTracer):
     """A copy that, asked to stop, never does: it goes on tracing and logging (so its worker has
     bus output to send for as long as it runs)."""

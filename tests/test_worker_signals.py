@@ -17,10 +17,11 @@ import sys
 import time
 
 import pytest
-from agents import CopyTracer, Forever, ForeverTracedProcess, HelperThread, LateJob, SlowJob, StuckTalker
+from agents import (CopyTracer, Forever, ForeverTracedProcess, HelperThread, LateJob, SlowGoodbye, SlowJob,
+                    StuckTalker)
 from conftest import DETECT, EventLog, wait_for
 
-from pyorchestrate import RunMode
+from pyorchestrate import OrchestratorEvent, RunMode
 
 ROUNDS = 20  # at 11 hangs in 20, all 20 would pass with the old handler once in ~10^7 runs
 
@@ -252,3 +253,23 @@ def test_a_worker_whose_loop_fails_exits_saying_why_whatever_threads_run():
     proc = subprocess.run([sys.executable, "-c", BROKEN], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "worker failed" in proc.stderr and "RuntimeError: a bug of ours" in proc.stderr
+
+
+def test_what_agents_log_while_their_worker_stops_them_arrives_as_it_comes(cluster):
+    """A worker waiting for its agents to stop sent nothing of their bus output until the wait was
+    over: 30 lines logged over 3 s of an on_stop all arrived at once, at its end (and a long,
+    chatty stop filled the outbox). Now they go as they come."""
+    orch, events, w1 = _with_worker(cluster, **DETECT)
+    seen = []
+    orch.register_event(OrchestratorEvent.AGENT_LOG,
+                        lambda **f: seen.append(time.monotonic()) if "stopping" in str(f.get("message")) else None)
+    orch.register_event(OrchestratorEvent.AGENT_TERMINATED, lambda **f: seen.append(("end", time.monotonic())))
+    orch.register_agent(SlowGoodbye, "g", SlowGoodbye.Config(lines=30, seconds=3.0, stop_timeout=20))
+    events.wait("AGENT_READY", "g")
+    w1.send_signal(signal.SIGTERM)
+    events.wait("WORKER_LEFT", "w1", timeout=30)
+    assert w1.wait(20) == 0
+    lines = [t for t in seen if not isinstance(t, tuple)]
+    (end,) = [x[1] for x in seen if isinstance(x, tuple)]
+    assert len(lines) == 30 and orch.status()["lost_events"] == 0
+    assert lines[0] < end - 1.0, "the first line came only with the end"

@@ -765,6 +765,8 @@ class Worker:
         while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
             self._flush_events()
+            if self._pub is not None and len(self._bus_outbox) and self._bus_ready():
+                self._send_bus()  # what they log as they stop, as it comes (it all waited till the end)
             if beating and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self._limits.interval
                 self._beat(leaving=True)
