@@ -212,7 +212,7 @@ class ClusterCore(Registration, CommandHandlers):
             elif kind != "goodbye":
                 self.drop("unexpected", kind)
             return
-        self.received(worker, message)  # a gap: it registers again; this frame still counts
+        complete = self.received(worker, message)  # a gap: it registers again; this frame still counts
         if kind == "heartbeat":
             self.heartbeat(worker, message, now)
         elif kind == "agent_events":
@@ -223,7 +223,7 @@ class ClusterCore(Registration, CommandHandlers):
                 except protocol.ProtocolError as exc:  # one bad item spoils no other
                     self.drop("bad_frame", exc)
         elif kind == "goodbye":
-            self.goodbye(worker, now)
+            self.goodbye(worker, now, complete)
         else:
             self.drop("unexpected", kind)
 
@@ -277,7 +277,19 @@ class ClusterCore(Registration, CommandHandlers):
         if len(connections) > _CLOSED_REMEMBERED:
             connections.popitem(last=False)
 
-    def goodbye(self, worker: WorkerRecord, now: float) -> None:
+    def goodbye(self, worker: WorkerRecord, now: float, complete: bool = True) -> None:
+        """It shut down, every copy it ran stopped and reported.  ``complete``: every frame it sent
+        before this one arrived, so a copy still ASSIGNED never started there (its start came while
+        it was shutting down, unread): placed again, whatever its policy, as it cannot run twice.
+        It was failed as if it had run there: a restart="never" agent never ran at all."""
+        if complete:
+            worker.starting = []  # decided, not yet sent: they never will be
+            for name in sorted(worker.agents):
+                record = self.agents.get(name)
+                if record is not None and record.state is S.ASSIGNED and record.worker == worker.name:
+                    worker.agents.discard(name)
+                    self.states.move(record, S.PENDING)
+                    log.info("agent %s: worker %s shut down before starting it; placed again", name, worker.name)
         self._worker_gone(worker, E.WORKER_LEFT, f"worker {worker.name!r} shut down", now, certain=True)
 
     def pulse(self, identity: bytes, message: dict[str, Any], now: float) -> None:

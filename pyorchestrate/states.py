@@ -42,7 +42,8 @@ TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     S.PENDING: frozenset({S.ASSIGNED, S.TERMINATED,
                           S.STARTED, S.READY}),  # the last two: adopted from a previous coordinator
     S.RESTARTING: frozenset({S.PENDING, S.TERMINATED}),
-    S.ASSIGNED: frozenset({S.STARTED, S.TERMINATED, S.DISCONNECTED}),
+    # PENDING: its worker said goodbye without ever starting it (placed again: it never ran)
+    S.ASSIGNED: frozenset({S.STARTED, S.TERMINATED, S.DISCONNECTED, S.PENDING}),
     S.STARTED: frozenset({S.READY, S.TERMINATED, S.DISCONNECTED}),
     S.READY: frozenset({S.TERMINATED, S.DISCONNECTED}),
     S.DISCONNECTED: frozenset({S.ASSIGNED, S.STARTED, S.READY, S.TERMINATED}),  # back to what the worker reports

@@ -234,6 +234,28 @@ def test_a_one_shot_agent_moved_off_a_worker_runs_again_only_if_its_work_had_not
     assert [p.fields.get("not_run") for p in h.events("AGENT_TERMINATED")] == [None]
 
 
+@pytest.mark.parametrize("gap", [False, True])
+def test_an_agent_whose_start_a_worker_shutting_down_never_read_is_placed_again(gap):
+    """A start sent as a worker began to shut down goes unread. Its goodbye came after every
+    report of what it did run: an agent still ASSIGNED never started there. It was failed as if it
+    had run ("agent 'a' was running there"): a restart="never" agent never ran at all. Only when
+    frames from it were lost on the way (a gap before the goodbye) can a STARTED have gone missing:
+    then it is failed as before."""
+    h = Harness()
+    w1, record = h.assigned("w1", "a")  # restart="never"
+    h.register("w2", identity=b"w2")
+    n = h.core.workers["w1"].recv_n + (2 if gap else 1)
+    h.core.control(w1, protocol.decode(protocol.encode("goodbye", n=n)), h.now)
+    h.flush()
+    h.step()
+    if gap:
+        assert record.state is S.TERMINATED and record.failed
+    else:
+        assert record.state is S.ASSIGNED and record.worker == "w2" and record.epoch == 2
+        assert not h.events("AGENT_ERROR") and not h.events("AGENT_TERMINATED")
+    assert [p.subject for p in h.events("WORKER_LEFT")] == ["w1"]
+
+
 def test_dependency_cycles_and_missing_agents_are_named():
     with pytest.raises(ValueError, match="a -> b -> a"):
         check_graph({"a": ["b"], "b": ["a"]})
