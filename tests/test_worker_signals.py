@@ -217,15 +217,17 @@ def test_one_shot_jobs_on_a_stopped_worker_run_once_each(cluster, tmp_path):
     yet due, never began: it moves and runs on the other worker (taken for done, it never ran)."""
     orch, events, w1 = _with_worker(cluster, **DETECT)
     slow, late = tmp_path / "slow", tmp_path / "late"
-    orch.register_agent(SlowJob, "slow", SlowJob.Config(trace=str(slow), seconds=2.0), restart="on-failure")
-    orch.register_agent(LateJob, "late", LateJob.Config(trace=str(late), delay=3.0), restart="on-failure")
+    # long enough that both are still at it when w2 has joined, beside 4 CPU burners too
+    orch.register_agent(SlowJob, "slow", SlowJob.Config(trace=str(slow), seconds=5.0), restart="on-failure")
+    orch.register_agent(LateJob, "late", LateJob.Config(trace=str(late), delay=8.0), restart="on-failure")
     events.wait("AGENT_READY", "late")
     wait_for(slow.exists, 20, "the slow job's work to begin")
     cluster.worker(orch.address, "w2")
     events.wait("WORKER_JOINED", "w2")
+    assert "done" not in slow.read_text() and not late.exists(), "too slow a machine: nothing would be cut short"
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(20) == 0
-    ended = events.wait("AGENT_TERMINATED", "late", count=2, timeout=20)
+    ended = events.wait("AGENT_TERMINATED", "late", count=2, timeout=40)
     assert [e["worker"] for e in events.of("AGENT_STARTED", "late")] == ["w1", "w2"]
     assert ended[-1]["ok"] and late.read_text().split() == ["done"]
     time.sleep(1.0)  # time for a wrong second run
