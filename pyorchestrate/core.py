@@ -232,9 +232,9 @@ class ClusterCore(Registration, CommandHandlers):
         worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
         worker.disconnected_at = None
-        if message["leaving"] and not worker.draining:
+        if message["leaving"] and not worker.leaving:
             # it shuts down and is stopping its copies (their ends say so): nothing new goes there
-            worker.draining = True
+            worker.draining = worker.leaving = True
             log.info("worker %s is shutting down: placing nothing more on it", worker.name)
         running = message["running"]
         if running < 0 or running == len(worker.agents) + len(worker.stopping):

@@ -77,6 +77,13 @@ class CommandHandlers:
         worker = self._live_worker(record)
         if worker is None:
             raise ValueError(f"agent {c.name!r} is not running (state {record.state.value}); nothing to deliver to")
+        if worker.leaving or record.then is not None or record.stop_requested:
+            # its copy is stopping and reads no more: what was sent to it was lost, unsaid (a
+            # Triggered agent moved off a worker that shut down waited on for a trigger it was sent)
+            why = (f"its worker {worker.name!r} is shutting down" if worker.leaving else
+                   "it is moving to another worker" if record.then == "move" else
+                   "it is restarting" if record.then == "restart" else "it was asked to stop")
+            raise ValueError(f"agent {c.name!r} is stopping ({why}): nothing delivered; send it again once it runs")
         self._send(worker, "deliver", agent=c.name, run=record.run, epoch=record.epoch, kind=c.kind, payload=c.payload)
 
     @handles(cmd.Execute)

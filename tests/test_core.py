@@ -256,6 +256,30 @@ def test_an_agent_whose_start_a_worker_shutting_down_never_read_is_placed_again(
     assert [p.subject for p in h.events("WORKER_LEFT")] == ["w1"]
 
 
+@pytest.mark.parametrize("how", ["leaving", "drained", "restarting", "stopped"])
+def test_nothing_is_delivered_to_a_copy_that_is_stopping(how):
+    """A trigger or message sent to a copy that is stopping is never read: it was lost, unsaid (a
+    Triggered agent moved off a worker shutting down waited on elsewhere for a trigger it had been
+    sent). Now the caller is told, and can send it again once the agent runs."""
+    h = Harness()
+    w1, record = h.ready("t", restart="on-failure", one_shot=False)
+    h.core.command(commands.Deliver("t", "trigger", 1), h.now)  # running: delivered
+    h.flush()
+    assert [m["kind"] for m in h.to(w1, "deliver")] == ["trigger"]
+    if how == "leaving":
+        h.beat(w1, leaving=True)
+    elif how == "drained":
+        h.core.command(commands.DrainWorker("w1"), h.now)
+    elif how == "restarting":
+        h.core.command(commands.RestartAgent("t", 1.0), h.now)
+    else:
+        h.core.command(commands.StopAgent("t", 1.0), h.now)
+    h.flush()
+    with pytest.raises(ValueError, match="is stopping .*nothing delivered; send it again once it runs"):
+        h.core.command(commands.Deliver("t", "trigger", 2), h.now)
+    assert len(h.to(w1, "deliver")) == 1
+
+
 def test_dependency_cycles_and_missing_agents_are_named():
     with pytest.raises(ValueError, match="a -> b -> a"):
         check_graph({"a": ["b"], "b": ["a"]})
