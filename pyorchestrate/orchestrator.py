@@ -471,7 +471,9 @@ class Orchestrator:
                 # a worker key of the directory (its first, if it holds several): they run here, as we do
                 held = coordinator.keydir.held("worker")
                 key_options = ["--keys", str(coordinator.keydir.path), *(["--key-name", held[0]] if held else [])]
-            self._local.start(cfg.local_workers, coordinator.address, self.name.replace(" ", "_"), "WARNING",
+            # a worker's name is printable characters without spaces (pyorchestrate-worker --name)
+            prefix = "".join(c if c.isprintable() and not c.isspace() else "_" for c in self.name)
+            self._local.start(cfg.local_workers, coordinator.address, prefix, "WARNING",
                               key_options, nice=cfg.local_worker_nice)
         elif not embedded:
             log.info("waiting for %d worker(s): pyorchestrate-worker --coordinator %s", coordinator.min_workers,
