@@ -330,7 +330,7 @@ class Orchestrator:
                              class_blob=class_blob, config_blob=config_blob,
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
                              depends_on=depends_on, policy=policy, on_disconnect=on_disconnect,
-                             definition=definition, stop_timeout=float(getattr(config, "stop_timeout", 10.0)),
+                             definition=definition, stop_timeout=_wire_seconds(getattr(config, "stop_timeout", 10.0)),
                              one_shot=one_shot)
         with self._lock:
             if name in self._names:
@@ -380,8 +380,9 @@ class Orchestrator:
         self._call(cmd.StartAgent(name))
 
     def _stop_timeout(self, timeout: Any) -> float:
-        """``timeout`` (None: Config.stop_timeout) as seconds, or a clear error."""
-        return _seconds(self.config.stop_timeout if timeout is None else timeout, "timeout")
+        """``timeout`` (None: Config.stop_timeout) as seconds, or a clear error (the Config's was
+        checked at start; a policy that ignores errors let a bad one by, and stop() must not fail)."""
+        return _wire_seconds(self.config.stop_timeout) if timeout is None else _seconds(timeout, "timeout")
 
     def stop_agent(self, name: str, timeout: float | None = None) -> None:
         """Stop one agent; it is not restarted, whatever its policy."""
@@ -595,6 +596,17 @@ def _seconds(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < _INF:
         raise ValueError(f"{what}={value!r}: use a number of seconds >= 0")
     return float(value)
+
+
+def _wire_seconds(value: Any) -> float:
+    """An agent's stop timeout as it travels: validation refuses NaN and infinity, but a Config
+    whose policy ignores errors lets them by, and the protocol drops a frame carrying one (a stop
+    with it would never arrive). Infinity: 10**9 s; NaN, negative or not a number: the default 10 s."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 10.0
+    return min(value, 1e9) if value >= 0 else 10.0
 
 
 def _names(value: Any, what: str) -> list[str]:

@@ -90,6 +90,27 @@ def test_a_nan_setting_is_refused_like_any_bad_number():
             config.check("x")
 
 
+def test_a_stop_timeout_that_validation_let_by_still_travels():
+    """A Config whose policy ignores errors lets an infinite or NaN stop_timeout by; the protocol
+    drops a frame carrying one, so a stop with it would never arrive. It travels as 10**9 s (or,
+    NaN, the default 10 s)."""
+    from pyorchestrate.config import ValidationPolicy
+
+    class Lax(LoopingThreadAgent):
+        class Config(LoopingThreadAgent.Config):
+            validation_policy = ValidationPolicy(ignore_errors=True)
+
+        def cycle(self):
+            pass
+
+    orch = Orchestrator("lax")
+    for given, travels in ((float("inf"), 1e9), (float("nan"), 10.0), (3, 3.0)):
+        name = orch.register_agent(Lax, f"lax{travels}", Lax.Config(stop_timeout=given))
+        stop_timeout = orch._agents[name].stop_timeout
+        assert stop_timeout == travels
+        protocol.decode(protocol.encode("stop", n=1, agent=name, run="r", epoch=1, timeout=stop_timeout))
+
+
 def test_custom_validate_hook():
     class Strict(Orchestrator.Config):
         def validate(self):

@@ -90,7 +90,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--coordinator", required=True, type=_address, metavar="tcp://HOST:PORT",
                    help="the coordinator's control address (Orchestrator.Config.address)")
-    p.add_argument("--name", type=_name, help="this worker's name, unique in the cluster (default: HOSTNAME-PID)")
+    p.add_argument("--name", type=_name,
+                   help="this worker's name, unique in the cluster: printable characters without spaces "
+                        "(default: HOSTNAME-PID)")
     p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...",
                    help="labels reported at registration, e.g. gpu=1,zone=a")
     p.add_argument("--capacity", type=_capacity, default=0, metavar="N",
