@@ -27,7 +27,7 @@ from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
 from .local_workers import LocalWorkers, check_nice
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, pack_plain
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, is_name, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
@@ -275,8 +275,7 @@ class Orchestrator:
             plugins.resolve(agent_class.Plugin, None)  # a class whose Plugin is broken fails here
             one_shot = self._agent_classes[agent_class] = not issubclass(agent_class, LoopingAgent)
         name = agent_class.__name__ if name is None else name
-        # split(): one C call, where a generator over the name's characters cost more than the rest
-        if not isinstance(name, str) or name.split() != [name] or not name.isprintable():
+        if not isinstance(name, str) or not is_name(name):
             raise ValueError(f"agent name {name!r} must be a non-empty string of printable characters "
                              "without spaces")
         config = custom_config if custom_config is not None else agent_class.Config()
@@ -472,8 +471,7 @@ class Orchestrator:
                 # a worker key of the directory (its first, if it holds several): they run here, as we do
                 held = coordinator.keydir.held("worker")
                 key_options = ["--keys", str(coordinator.keydir.path), *(["--key-name", held[0]] if held else [])]
-            # a worker's name is printable characters without spaces (pyorchestrate-worker --name)
-            prefix = "".join(c if c.isprintable() and not c.isspace() else "_" for c in self.name)
+            prefix = "".join(c if is_name(c) else "_" for c in self.name)  # (pyorchestrate-worker --name)
             self._local.start(cfg.local_workers, coordinator.address, prefix, "WARNING",
                               key_options, nice=cfg.local_worker_nice)
         elif not embedded:

@@ -346,6 +346,13 @@ EVENT_FIELDS: dict[str, Any] = {
 }
 
 
+def is_name(text: str) -> bool:
+    """Is ``text`` a name an agent or a worker may have: printable characters without spaces?
+    (Names are in every event's topic and every log line.)  split(): one C call, where a
+    generator over the characters cost more than the rest of registering an agent."""
+    return text.split() == [text] and text.isprintable()
+
+
 def event_topic(event: str, subject: str) -> str:
     """The bus topic of an event about ``subject`` (an agent or worker name)."""
     return f"{event}.{subject}"

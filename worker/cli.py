@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pyorchestrate import sockets
+from pyorchestrate import protocol, sockets
 from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
@@ -76,7 +76,7 @@ def _seconds(text: str) -> float:
 
 
 def _name(text: str) -> str:
-    if text.split() != [text] or not text.isprintable():  # '' took HOSTNAME-PID, silently
+    if not protocol.is_name(text):  # '' took HOSTNAME-PID, silently
         raise argparse.ArgumentTypeError(f"{text!r}: a name is printable characters without spaces")
     return text
 
