@@ -95,3 +95,21 @@ def test_peer_table_compares_like_with_like_and_says_why_not():
     assert rows["S6.hung.default"][2:5] == ["none", "in", "90"]
     assert rows["S7"][:2] == ["30", "MB"] and "2.0x" in rows["S7"]  # S7's headline is memory
     assert "ray S2.thread: a task" in peer_table(ours, peers)
+
+
+def test_trace_times_every_hop_of_a_launch_in_every_process(tmp_path):
+    """--trace: each hop of S2's launches, the workers' hops too (a worker ends through os._exit,
+    which skips atexit: its marks are written before it, or the worker's six hops go missing)."""
+    out = tmp_path / "trace.json"
+    result = run_script(["-m", "benchmarks", "--trace", "--quick", "--scale", "0.2", "--json", str(out)],
+                        cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.stderr
+    rows = {row["hop"]: row for row in json.loads(out.read_text())["trace"]}
+    hops = ["register", "queued", "loop", "sent", "received", "handed", "running", "ended", "flushed", "reported",
+            "published", "callback", "woke"]
+    expected = [f"{a} -> {b}" for a, b in zip(hops, hops[1:])] + ["register -> woke"]
+    assert list(rows) == expected, list(rows)
+    for row in rows.values():
+        assert row["n"] >= 5 and row["median_us"] >= 0, row
+        # the prototypes time the same hops in the same run
+        assert row["lean_us"] != "" and row["prototype_us"] != "", row

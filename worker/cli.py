@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pyorchestrate import protocol, sockets
+from pyorchestrate import protocol, sockets, trace
 from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
@@ -174,6 +174,7 @@ def entry(argv: list[str] | None = None) -> None:
     except BaseException:  # noqa: BLE001 - whatever it is, the process must end
         logging.getLogger("pyorchestrate.worker").critical("worker failed", exc_info=True)
         code = 1
+    trace.write()  # what atexit would have done (os._exit skips it): --trace's worker hops
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
