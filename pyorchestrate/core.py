@@ -130,6 +130,7 @@ class ClusterCore(Registration, CommandHandlers):
 
     def _send_starts(self, worker: WorkerRecord) -> None:
         starting, worker.starting = worker.starting, []
+        worker.starting_bytes = 0
         if not starting:
             return
         n = self._send(worker, "starts", agents=[item for _, item in starting])
@@ -283,7 +284,7 @@ class ClusterCore(Registration, CommandHandlers):
         it was shutting down, unread): placed again, whatever its policy, as it cannot run twice.
         It was failed as if it had run there: a restart="never" agent never ran at all."""
         if complete:
-            worker.starting = []  # decided, not yet sent: they never will be
+            worker.starting, worker.starting_bytes = [], 0  # decided, not yet sent: they never will be
             for name in sorted(worker.agents):
                 record = self.agents.get(name)
                 if record is not None and record.state is S.ASSIGNED and record.worker == worker.name:
@@ -722,6 +723,10 @@ class ClusterCore(Registration, CommandHandlers):
         record.started_at = self.wall()
         worker.agents.add(record.name)
         first = record.class_id not in worker.sent_classes
+        size = len(record.config_blob) + (len(record.class_blob) if first else 0)
+        if worker.starting and worker.starting_bytes + size > protocol.STARTS_FRAME_BYTES:
+            self._send_starts(worker)  # a frame over the worker's limit would cost its connection
+        worker.starting_bytes += size
         worker.sent_classes.add(record.class_id)
         self.class_blobs_sent += first
         # sent with the other starts for this worker when this step's actions are taken (or

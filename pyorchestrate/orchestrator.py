@@ -27,7 +27,7 @@ from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
 from .local_workers import LocalWorkers, check_nice
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, is_name, pack_plain
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
@@ -255,7 +255,8 @@ class Orchestrator:
         returns, never started a second time.
 
         The config is validated here (an ERROR raises :class:`ConfigValidationError`) and the class
-        is pickled here, so mistakes surface before anything is sent.  After :meth:`start` the
+        is pickled here, so mistakes surface before anything is sent (class and config together
+        over ``protocol.MAX_AGENT_BYTES``, 32 MiB, raise ``ValueError``).  After :meth:`start` the
         agent is scheduled right away.  Returns the agent's name.
         """
         if trace.enabled:
@@ -325,6 +326,11 @@ class Orchestrator:
         for finding in findings:
             log.warning("agent %s config: %s", name, finding)
         class_id, class_blob, _ = self._classes[key]
+        if len(class_blob) + len(config_blob) > MAX_AGENT_BYTES:
+            raise ValueError(
+                f"agent {name!r}: its class and config pickle to {_mib(len(class_blob) + len(config_blob))}, over the "
+                f"{_mib(MAX_AGENT_BYTES)} an agent's start may take on the wire; pass bulky data another way "
+                f"(a file, a URL, a database) and let the agent load it")
         record = AgentRecord(name=name, agent_class=agent_class, config=config, class_id=class_id,
                              class_blob=class_blob, config_blob=config_blob,
                              mode=agent_class.execution_mode, pin=worker, labels=labels,
@@ -406,12 +412,12 @@ class Orchestrator:
 
     def trigger(self, name: str, payload: Any = None) -> None:
         """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
-        msgpack-able (numbers, strings, bytes, lists, dicts)."""
+        msgpack-able (numbers, strings, bytes, lists, dicts), at most 32 MiB packed."""
         self._call(cmd.Deliver(name, "trigger", _plain(payload, "trigger")))
 
     def send(self, name: str, payload: Any) -> None:
         """Send a message to an EventDriven agent: its ``on_event`` gets an event ``"MESSAGE"``
-        with this ``payload`` (msgpack-able)."""
+        with this ``payload`` (msgpack-able, at most 32 MiB packed)."""
         self._call(cmd.Deliver(name, "message", _plain(payload, "send")))
 
     def drain_worker(self, name: str) -> None:
@@ -569,8 +575,15 @@ def _log_plugin_failure(name: str, exc: BaseException) -> None:
 
 
 def _plain(payload: Any, what: str) -> Any:
-    pack_plain(payload, f"{what}: payload {type(payload).__name__} cannot travel to an agent")
+    packed = pack_plain(payload, f"{what}: payload {type(payload).__name__} cannot travel to an agent")
+    if len(packed) > MAX_AGENT_BYTES:  # sent on, it cost the worker its connection: a false death
+        raise ValueError(f"{what}: the payload packs to {_mib(len(packed))}, over the {_mib(MAX_AGENT_BYTES)} one "
+                         f"payload may take on the wire; send a reference to it (a file, a URL) instead")
     return payload
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @functools.lru_cache(maxsize=64, typed=True)  # typed: max_restarts=True is refused, 1 is not

@@ -24,6 +24,15 @@ PROTOCOL_VERSION = 9  # 5: a worker process's secret token (register, bus frames
 
 # Frames larger than this are refused by libzmq itself (ZMQ_MAXMSGSIZE); see sockets.py.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+#: the most bytes one agent's start (its pickled class, sent to a worker the first time, and its
+#: config) or one payload for it (trigger, send) may take.  A worker's socket takes frames up to
+#: DEFAULT_MAX_MESSAGE_SIZE, and one over it costs the worker its connection and everything on it:
+#: 100 agents with a 1 MB config each, placed together, made one 100 MB starts frame, and the worker
+#: was lost with all 100 agents, none of which had run
+MAX_AGENT_BYTES = DEFAULT_MAX_MESSAGE_SIZE // 2
+#: starts for one worker go in a frame of their own once the next would take them past this, so a
+#: starts frame stays under max(STARTS_FRAME_BYTES, MAX_AGENT_BYTES) plus its fields
+STARTS_FRAME_BYTES = DEFAULT_MAX_MESSAGE_SIZE // 4
 
 # Field name -> accepted Python type(s), per message type.  Extra fields are allowed (newer peers
 # may add some); missing or mistyped required ones are a ProtocolError.
@@ -287,8 +296,8 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
             # error (building it for every field was most of decoding a worker's report)
             if not isinstance(value, expected) or (value.__class__ is bool and expected is not bool):
                 raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
-            if value.__class__ is float and value - value != 0:
-                # NaN or infinity: every comparison with a deadline built from it goes one way
+            if value.__class__ is float and value - value != 0 and expected is not object:
+                # NaN or infinity (a setting or a time; ``object`` is user data, a payload: any float): every comparison with a deadline built from it goes one way
                 # (a NaN orphan_timeout made a lost worker's kept copy count as stopped at once)
                 raise ProtocolError(f"{what}: field {name!r} is not a finite number")
             continue
@@ -324,7 +333,7 @@ def _check_value(what: str, expected: Any, value: Any) -> None:
     # bool is an int subclass; never accept it where a number is meant
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ProtocolError(f"{what} has type {type(value).__name__}")
-    if value.__class__ is float and value - value != 0:  # NaN or infinity (see _check)
+    if value.__class__ is float and value - value != 0 and expected is not object:  # NaN or infinity (see _check)
         raise ProtocolError(f"{what} is not a finite number")
 
 

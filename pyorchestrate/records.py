@@ -114,6 +114,7 @@ class WorkerRecord:
     #: starts decided for it and not yet sent: (record, item); they leave in one frame before any
     #: other frame to it (see ClusterCore._send), so its frames keep the order they were decided in
     starting: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    starting_bytes: int = 0  #: the blobs in ``starting`` (see protocol.STARTS_FRAME_BYTES)
 
     @property
     def last_sign(self) -> float:

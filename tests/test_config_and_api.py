@@ -218,6 +218,29 @@ def test_a_number_from_the_network_must_be_finite():
     assert protocol.decode(protocol.encode("register", **register, orphan_timeout=5.0))["orphan_timeout"] == 5.0
 
 
+def test_a_payload_is_user_data_any_float_travels():
+    """The finite-number rule is for settings and times: a payload of NaN is the user's to send (a
+    worker dropped the frame, took it for lost, and registered again)."""
+    frame = protocol.encode("deliver", n=1, agent="a", run="r", epoch=1, kind="message", payload=float("nan"))
+    assert protocol.decode(frame)["payload"] != protocol.decode(frame)["payload"]  # NaN, delivered
+    assert protocol.decode(protocol.encode("reply", id="1", ok=True, result=float("inf")))["result"] == float("inf")
+
+
+def test_what_would_not_fit_in_a_workers_frame_is_refused_when_given():
+    """An agent's start or a payload over the worker's frame limit cost the worker its connection
+    (a false death, every agent on it failed): refused where the user hands it over."""
+    orch = Orchestrator("big", config=Orchestrator.Config(run_mode=RunMode.DAEMON))
+    too_big = bytes(protocol.MAX_AGENT_BYTES + 1)
+    with pytest.raises(ValueError, match="its class and config pickle to 32.0 MiB.*pass bulky data another way"):
+        orch.register_agent(Quick, "heavy", Quick.Config(blob=too_big))
+    assert "heavy" not in orch.status()["agents"]
+    orch.register_agent(Quick, "heavy")  # nothing of the refused one is left behind
+    orch.register_agent(Quick, "fits", Quick.Config(blob=bytes(2**20)))
+    for call in (orch.send, orch.trigger):
+        with pytest.raises(ValueError, match="the payload packs to 32.0 MiB.*send a reference to it"):
+            call("fits", too_big)
+
+
 def test_protocol_round_trip_and_rejections():
     frame = protocol.encode("stop", agent="a", run="r", epoch=3, timeout=1.5)
     assert protocol.decode(frame)["epoch"] == 3

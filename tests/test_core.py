@@ -64,8 +64,9 @@ class Harness:
         return identity
 
     def add(self, name: str, restart: str = "never", **fields) -> AgentRecord:
-        record = AgentRecord(name=name, agent_class=object, config=None, class_id="c", class_blob=b"",
-                             config_blob=b"", mode="thread", policy=RestartPolicy(restart, -1, 0.5, 4.0),
+        record = AgentRecord(name=name, agent_class=object, config=None, class_id="c",
+                             class_blob=fields.pop("class_blob", b""), config_blob=fields.pop("config_blob", b""),
+                             mode="thread", policy=RestartPolicy(restart, -1, 0.5, 4.0),
                              definition=f"d-{name}", stop_timeout=fields.pop("stop_timeout", 1.0), **fields)
         self.core.command(commands.AddAgent(record), self.now)
         self.flush()
@@ -615,6 +616,30 @@ def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_as
         h.beat(w1, running=0, read=h.core.workers["w1"].sent_n)
     # welcome, the reply to its register's clock, then one starts frame with all five
     assert sent == 3 and len(h.to(w1, "start")) == 5 and len(h.to(w1, "reregister")) == 1
+
+
+def test_starts_frames_stay_under_the_workers_frame_limit_whatever_the_configs_weigh():
+    """Agents placed together travel in one starts frame, but a frame over the worker's limit
+    costs its connection: 30 agents of 3 MiB made one 90 MiB frame and the worker was lost with
+    all of them.  The frames split by bytes, keep their order, and carry the class once."""
+    h = Harness()
+    w1 = h.register("w1")
+    h.sent.clear()
+    for i in range(30):
+        h.add(f"a{i:02}", class_blob=bytes(2**20) if i == 0 else b"", config_blob=bytes(3 * 2**20))
+    h.now += 0.1
+    h.core.tick(h.now)
+    h.core.place(h.now)
+    frames = [a.frame for a in h.core.take() if isinstance(a, Send) and a.identity == w1]
+    starts = [m for m in map(protocol.decode, frames) if m["type"] == "starts"]
+    assert len(starts) > 1
+    # each under the worker's limit with room to spare, and the agents in the order decided
+    assert max(map(len, frames)) <= protocol.STARTS_FRAME_BYTES + 64 * 1024 < protocol.DEFAULT_MAX_MESSAGE_SIZE
+    items = [item for m in starts for item in m["agents"]]
+    assert [item["agent"] for item in items] == [f"a{i:02}" for i in range(30)]
+    assert [m["n"] for m in starts] == list(range(starts[0]["n"], starts[0]["n"] + len(starts)))
+    assert [len(item["class_blob"] or b"") for item in items] == [2**20] + [0] * 29
+    assert all(len(item["config"]) == 3 * 2**20 for item in items)
 
 
 @pytest.mark.parametrize("reached", ["READY", "STARTED"])

@@ -10,6 +10,8 @@ import pytest
 from agents import Boom, Forever, Quick, Sleeper
 from conftest import EventLog, start_daemon, wait_for
 
+from pyorchestrate import RunMode
+
 
 def daemon(cluster, workers=(), **settings):
     return start_daemon(cluster, *workers, **settings)
@@ -34,6 +36,22 @@ def test_pinning_labels_and_spreading(cluster):
     workers = orch.status()["workers"]
     wait_for(lambda: all(len(w["agents"]) == 3 for w in orch.status()["workers"].values()), 10, "3 agents each")
     assert sorted(workers) == ["w1", "w2"]
+
+
+def test_agents_with_bulky_configs_placed_together_all_run(cluster):
+    """100 agents of 1 MB each, placed in one pass, made one 100 MB starts frame, over the worker's
+    64 MiB limit: the worker was lost and all 100 failed, none of them having run."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    for i in range(100):
+        orch.register_agent(Quick, f"bulky{i}", Quick.Config(blob=bytes(2**20)))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    events.wait("AGENT_TERMINATED", count=100, timeout=90)
+    assert not events.of("WORKER_LOST") and not events.of("AGENT_ERROR")
+    agents = orch.status()["agents"]
+    assert len(agents) == 100 and not any(a["failed"] for a in agents.values())
+    assert len(events.of("AGENT_STARTED")) == 100
 
 
 def test_pending_agents_wait_with_a_reason_and_start_when_a_worker_joins(cluster):
