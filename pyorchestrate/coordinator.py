@@ -47,6 +47,9 @@ _LAST = int(zmq.NOBLOCK)
 _EVENTS = {e.value: e for e in OrchestratorEvent}
 #: the only topics a worker's bus frames may carry: what its agents publish and log
 _AGENT_BUS_TOPICS = ("AGENT_EVENT.", "AGENT_LOG.")
+#: seconds after a run's end before what it said it sent and never came is counted lost (its end
+#: is published after tailhold.WAIT, and a tail on its way is still forwarded until this)
+TAIL_GIVE_UP = 30.0
 _HELLO = b"\x01" + protocol.HELLO_TOPIC.encode()  # a subscription to a hello request
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
 
@@ -86,6 +89,8 @@ class Coordinator:
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._bus_seqs: dict[tuple[str, str], int] = {}
         self._awaited_bus: dict[tuple[str, str], int] = {}  # publisher -> last seq it announced
+        #: (when to give up, publisher) in the order awaited: a tail that never comes is counted lost
+        self._awaited_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
         self._bus_deadline: float | None = None
         self._tail_hold = tailhold.TailHold()  # an agent's end waits for its last log lines
         self._early_hold = tailhold.EarlyHold()  # and its first lines wait for its start
@@ -260,6 +265,8 @@ class Coordinator:
                     core.tick(now, behind)
                     if self._tail_hold:  # a tail that never came: the agent's end is said anyway
                         self._release(self._tail_hold.expired(now))
+                    if self._awaited_order and self._awaited_order[0][0] <= now:
+                        self._give_up_tails(now)
                     if self._early_hold:
                         self._release_early(self._early_hold.expired(now))
                     self._publish_bus_heartbeat(now)
@@ -377,6 +384,7 @@ class Coordinator:
                 key = (action.publisher, action.incarnation)
                 if action.seq > self._bus_seqs.get(key, 0):
                     self._awaited_bus[key] = action.seq
+                    self._awaited_order.append((time.monotonic() + TAIL_GIVE_UP, key))
                     self._tail_hold.start(action.publisher.partition("/")[2], key, time.monotonic())
                 else:
                     self._bus_seqs.pop(key, None)  # the run is over and all of it arrived
@@ -712,8 +720,13 @@ class Coordinator:
                 continue
             key = (f"{worker}/{agent}", tag)
             last = self._bus_seqs.get(key)
-            if last is None:  # first word of this run here (it may be adopted): nothing to compare
-                if seq:
+            if last is None:  # first word of this run here
+                if seq and key not in self._early_hold.runs:
+                    # (held: its events come out after its STARTED; marked here, they were all
+                    # dropped as duplicates then.)  None arrived: lost, if this coordinator started
+                    # the run (it numbers from 1; an adopted run sent its head to a predecessor)
+                    if tag.partition(".")[0] == self.session:
+                        self._report_gap(key[0], seq)
                     self._bus_seqs[key] = seq
             elif seq > last:
                 self._report_gap(key[0], seq - last)
@@ -738,6 +751,11 @@ class Coordinator:
         last = self._bus_seqs.get(key)
         if last is not None and seq > last + 1:
             self._report_gap(key[0], seq - last - 1)
+        elif last is None and seq > 1 and key[1].partition(".")[0] == self.session:
+            # the first of a run this coordinator started (it numbers from 1): those before it never
+            # came (a run adopted from a predecessor sent its head there).  Uncounted, three 5 MB
+            # events that cost a worker its bus connection were lost without a word
+            self._report_gap(key[0], seq - 1)
         tail = False
         if last is None or seq > last:
             self._bus_seqs[key] = seq
@@ -754,6 +772,19 @@ class Coordinator:
         finally:
             if tail:
                 self._release(self._tail_hold.arrived(key))  # the agent's end, now after its last lines
+
+    def _give_up_tails(self, now: float | None) -> None:
+        """Count as lost what ended runs said they sent and never arrived: those awaited since
+        TAIL_GIVE_UP before ``now``, or all (``None``: finishing).  Their stragglers are then
+        dropped as stale (a run over); the entries were kept for ever."""
+        while self._awaited_order and (now is None or self._awaited_order[0][0] <= now):
+            _, key = self._awaited_order.popleft()
+            awaited = self._awaited_bus.pop(key, None)
+            if awaited is None:
+                continue  # its tail arrived
+            last = self._bus_seqs.pop(key, 0)
+            if awaited > last:
+                self._report_gap(key[0], awaited - last)
 
     def _release(self, held: list[Publish]) -> None:
         for action in held:
@@ -813,7 +844,8 @@ class Coordinator:
 
     def _report_gap(self, publisher: str, lost: int) -> None:
         self.lost_events += lost
-        log.warning("%d event(s) from %s were lost on the bus (high-water mark reached?)", lost, publisher)
+        log.warning("%d event(s) from %s were lost on the bus (a full queue, a connection lost, an event over "
+                    "the size limit: its worker's log says which)", lost, publisher)
         self._publish(E.EVENTS_LOST, publisher, {"lost": lost, "source": publisher})
 
     def _on_subscription(self, frames: list[bytes]) -> None:
@@ -908,6 +940,7 @@ class Coordinator:
             if now < self._bus_deadline:
                 return
             log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
+            self._give_up_tails(None)
         self._release_early(self._early_hold.everything())
         self._release(self._tail_hold.everything())
         self.core.finish()

@@ -187,6 +187,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "stop": ListOf(STOP_ITEM),
         "warnings": _LIST,
         "echo": Optional(_NUM, 0.0),
+        # what its sockets take (optional both ways): the worker keeps each bus event to a quarter
+        "max_message_size": Optional(_INT, DEFAULT_MAX_MESSAGE_SIZE),
     },
     # stop (optional both ways): copies the refused worker runs that no coordinator can manage now
     "refused": {"reason": _STR, "retry": Optional(bool, False), "stop": Optional(ListOf(STOP_ITEM), [])},

@@ -420,3 +420,22 @@ class GilHog(BaseThreadAgent):
     def execute(self):
         time.sleep(self.config.first)
         3 ** self.config.exponent
+
+
+class BigEvents(BaseThreadAgent):
+    """Publishes ``before`` small events, ``big`` events of ``size`` bytes, then ``after`` small ones."""
+
+    class Config(BaseThreadAgent.Config):
+        size = 5_000_000
+        before = 0
+        big = 3
+        after = 1
+
+    def execute(self):
+        c = self.config
+        for i in range(c.before):
+            self.publish("small", i=i)
+        for i in range(c.big):
+            self.publish("big", i=i, data="x" * c.size)
+        for i in range(c.after):
+            self.publish("small", i=c.before + c.big + i)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -10,8 +12,8 @@ import time
 
 import msgpack
 import zmq
-from agents import Forever, Quick, QuickProcess
-from conftest import LIFECYCLE, REPO, EventLog, probe_on_w1, wait_for
+from agents import BigEvents, Forever, Quick, QuickProcess
+from conftest import LIFECYCLE, REPO, EventLog, probe_on_w1, start_daemon, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol
 
@@ -217,6 +219,94 @@ def test_coordinator_reports_gaps_from_worker_publishers(cluster):
         pub.send_multipart(batch("oldcoordinator.1", 1, 2))
         wait_for(lambda: orch.status()["dropped"].get("stale_bus_event", 0) >= 1, 10, "the stale batch to be counted")
         assert len(events.of("AGENT_EVENT")) == 4
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_an_event_over_the_coordinators_limit_is_counted_lost_not_lost_unsaid(cluster):
+    """max_message_size=4 MiB: 5 MB events pass the publisher's own check (16 MiB) but made a bus
+    frame the coordinator's socket refused, costing the bus connection; and as they were the run's
+    first, no gap was ever seen.  They were lost without a word.  The worker now drops an event
+    over a quarter of the coordinator's limit (saying so), and the coordinator counts a run that
+    begins past seq 1 as a gap."""
+    orch, events = start_daemon(cluster, ("w1",), max_message_size=4 * 2**20)
+    orch.register_agent(BigEvents, "big")
+    lost = events.wait("EVENTS_LOST")[0]
+    assert lost["lost"] == 3 and lost["source"] == "w1/big"
+    events.wait("AGENT_TERMINATED", "big")
+    assert [(e["topic"], e["data"]["i"]) for e in events.of("AGENT_EVENT", "big")] == [("small", 3)]
+    assert orch.status()["lost_events"] == 3
+    assert "over the coordinator's limit of 1048576 per event" in cluster.log_of("w1")
+    # an event under the limit travels (a quarter of 4 MiB), with others of the same run
+    orch.register_agent(BigEvents, "fits", BigEvents.Config(size=900_000, before=1))
+    events.wait("AGENT_TERMINATED", "fits")
+    wait_for(lambda: len(events.of("AGENT_EVENT", "fits")) == 5, 10, "all five events of 'fits'")
+    assert orch.status()["lost_events"] == 3
+
+
+def test_a_tail_that_never_comes_is_counted_lost(cluster, monkeypatch):
+    """An ended run's last events that never arrive (here: dropped as too large) were awaited for
+    ever, uncounted; the end is said after tailhold.WAIT and the tail counted lost after
+    TAIL_GIVE_UP."""
+    from pyorchestrate import coordinator
+
+    monkeypatch.setattr(coordinator, "TAIL_GIVE_UP", 3.0)
+    orch, events = start_daemon(cluster, ("w1",), max_message_size=4 * 2**20)
+    orch.register_agent(BigEvents, "tail", BigEvents.Config(before=2, big=2, after=0))
+    events.wait("AGENT_TERMINATED", "tail")
+    lost = events.wait("EVENTS_LOST", timeout=20)[0]
+    assert lost["lost"] == 2 and lost["source"] == "w1/tail" and orch.status()["lost_events"] == 2
+    assert len(events.of("AGENT_EVENT", "tail")) == 2
+    assert not orch._coordinator._awaited_bus  # nothing kept for it
+
+
+def test_a_run_whose_beats_say_it_sent_what_never_came_counts_it_lost(cluster):
+    """The first word of a run this coordinator started is a beats frame saying it sent 4 events:
+    none came, so 4 were lost (it was taken as the starting point, for runs adopted from a
+    predecessor, whose head went there)."""
+    orch, events = probe_on_w1(cluster)  # Forever publishes nothing
+    publisher, run = current_run(orch, "probe")
+    ctx = zmq.Context()
+    try:
+        pub = _bus_input(ctx, orch)
+        token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
+        pub.send_multipart(protocol.encode_beats("w1", token, 10_000, [["probe", run, 4]]))
+        lost = events.wait("EVENTS_LOST")[0]
+        assert lost["lost"] == 4 and lost["source"] == publisher and orch.status()["lost_events"] == 4
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_events_held_for_a_runs_start_survive_a_heartbeat_read_first(cluster):
+    """A run's events that come before its STARTED wait for it (EarlyHold).  A beats frame read
+    meanwhile (the control connection behind, under load) marked the run's seq as arrived, so when
+    the STARTED came, the held events were all dropped as duplicates: lost, and not counted."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_liveness=100)
+    events = EventLog(orch)
+    orch.start()
+    w1 = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    ctx = zmq.Context()
+    try:
+        pub = _bus_input(ctx, orch)
+        os.kill(w1.pid, signal.SIGSTOP)  # it reads nothing: the start stays unanswered
+        try:
+            orch.register_agent(Forever, "late")
+            wait_for(lambda: orch.status()["agents"]["late"]["state"] == "ASSIGNED", 10, "late to be sent to w1")
+            publisher, run = current_run(orch, "late")
+            token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
+            items = [(publisher, run, "AGENT_EVENT.late", seq, msgpack.packb({
+                "event": "AGENT_EVENT", "seq": seq, "publisher": publisher, "incarnation": run, "agent_name": "late",
+                "topic": "t", "data": {}, "event_date": "d", "event_time": "t"})) for seq in (1, 2)]
+            pub.send_multipart(protocol.encode_batch("w1", token, 10_000, items))
+            pub.send_multipart(protocol.encode_beats("w1", token, 10_001, [["late", run, 2]]))
+            time.sleep(0.5)
+            assert not events.of("AGENT_EVENT", "late")  # held: the run has not started
+        finally:
+            os.kill(w1.pid, signal.SIGCONT)
+        events.wait("AGENT_STARTED", "late")
+        wait_for(lambda: len(events.of("AGENT_EVENT", "late")) == 2, 10, "the two held events")
+        assert orch.status()["lost_events"] == 0 and "duplicate_bus_event" not in orch.status()["dropped"]
     finally:
         ctx.destroy(linger=0)
 

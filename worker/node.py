@@ -33,7 +33,7 @@ import tenacity
 import zmq
 
 from pyorchestrate import curve, protocol, sockets, trace
-from pyorchestrate.publisher import BusOutbox
+from pyorchestrate.publisher import MAX_EVENT_BYTES, BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
 from pyorchestrate.keys import ENV
@@ -138,6 +138,9 @@ class Worker:
         self._pub: zmq.Socket | None = None
         self._bus_address = ""
         self._bus_seq = 0  # numbers this worker's bus frames (batches and beats)
+        # the largest bus event sent on (the coordinator's max_message_size / 4, from its welcome):
+        # a frame over its limit cost the bus connection, and with it every event on the way
+        self._bus_event_max = MAX_EVENT_BYTES
         self._bus_sent: dict[tuple[str, str], int] = {}  # (publisher, run tag) -> last seq sent
         # control frames read but not yet acted on, in order (heartbeat replies are taken at once)
         self._deferred: collections.deque[dict[str, Any]] = collections.deque()
@@ -374,6 +377,7 @@ class Worker:
         self._last_refusal = ""
         for warning in message["warnings"]:
             log.warning("version difference with the coordinator: %s", warning)
+        self._bus_event_max = min(MAX_EVENT_BYTES, max(message["max_message_size"], 0) // 4)
         events_port = message["events_port"]
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         self._supervisor.events_key = self._key
@@ -717,8 +721,26 @@ class Worker:
                 key = (item[0], item[1])
                 if key in sent:  # only runs still beating: a late event adds no entry
                     sent[key] = item[3]
+            if any(len(item[4]) > self._bus_event_max for item in batch):
+                batch = self._too_large_dropped(batch)  # counted "sent" above: beats show the gap
+                if not batch:
+                    continue
             self._bus_seq += 1
             self._send_bus_frame(protocol.encode_batch(self.name, self._token, self._bus_seq, batch), len(batch))
+
+    def _too_large_dropped(self, batch: list[Any]) -> list[Any]:
+        """``batch`` without its events over the coordinator's limit, each dropped and counted
+        here and, as a gap in its run's numbers, by the coordinator (EVENTS_LOST)."""
+        kept = []
+        for item in batch:
+            if len(item[4]) > self._bus_event_max:
+                log.warning("%s: an event of %d bytes (seq %d) is over the coordinator's limit of %d per event "
+                            "(a quarter of its max_message_size): dropped; publish a reference instead",
+                            item[0], len(item[4]), item[3], self._bus_event_max)
+                self.dropped.drop("bus_event_too_large", item[0])
+            else:
+                kept.append(item)
+        return kept
 
     def _publish_agent_heartbeats(self) -> None:
         """One beats frame per interval for all running agents (not one event each), each with
