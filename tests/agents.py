@@ -439,3 +439,20 @@ class BigEvents(BaseThreadAgent):
             self.publish("big", i=i, data="x" * c.size)
         for i in range(c.after):
             self.publish("small", i=c.before + c.big + i)
+
+
+class FailsLoudly(LoopingThreadAgent):
+    """Fails, recoverably, every cycle with a long message and a deep traceback (~16 + 64 KB)."""
+
+    def cycle(self):
+        from pyorchestrate.agents.base import RecoverableException
+
+        def deep(n):
+            if n == 0:
+                raise RecoverableException("y" * 20_000)
+            return deep(n - 1)
+
+        try:
+            deep(400)
+        finally:
+            self.wait_stop(0.01)

@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import zmq
-from agents import FailsEveryCycle, Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
+from agents import FailsEveryCycle, FailsLoudly, Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
@@ -456,6 +456,41 @@ def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
             errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
             assert len(errors) <= 10 and size < 100_000, (len(errors), size)
         wait_for(lambda: "recoverable_error_while_offline" in cluster.log_of("w1"), 10, "the drops counted")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_register_fits_in_a_frame_however_long_the_errors_kept_meanwhile(cluster):
+    """30 kept agents failing with long tracebacks while no coordinator listens: 10 errors each
+    kept, each up to 80 KB, made a register of 24 MB, over the smallest max_message_size (4 MiB):
+    refused at every try, the worker could never register again.  Its error text is now cut to a
+    budget; every error is still told."""
+    ctx = zmq.Context()
+    try:
+        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+        send = _numbered(router, identity)
+        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
+             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        class_id, blob = shipping.pack_class(FailsLoudly, FailsLoudly.Config)
+        config = shipping.pack_config(FailsLoudly.Config(), "f")
+        send("starts", agents=[dict(agent=f"f{i}", run="s", epoch=1, class_id=class_id, class_blob=blob,
+                                    config=config, mode="thread", keep=True) for i in range(30)])
+        registers: list[tuple[int, dict]] = []
+        deadline = time.monotonic() + 60
+        while len(registers) < 2 and time.monotonic() < deadline:
+            if router.poll(100):
+                frame = router.recv_multipart()[-1]
+                message = protocol.decode(frame)
+                if message["type"] == "register" and len(message["agents"]) == 30:
+                    errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
+                    if len(errors) >= 200:  # most copies have failed 10 times by now
+                        registers.append((len(frame), message))
+        assert len(registers) == 2, "the worker did not register again with its errors"
+        for size, message in registers:
+            assert size < 2 * 2**20, size  # well under the smallest max_message_size
+            errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
+            assert all("RecoverableException: yyy" in e["fields"]["error_message"] for e in errors)
+            assert all("characters cut" in e["fields"]["traceback"] for e in errors)
     finally:
         ctx.destroy(linger=0)
 

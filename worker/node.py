@@ -91,6 +91,25 @@ def _error_chars(item: dict[str, Any]) -> int:
     return len(str(fields.get("error_message", ""))) + len(str(fields.get("traceback", "")))
 
 
+def _errors_cut_to_fit(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` for a register, their error text cut so that all of it stays within
+    _ERROR_CHARS_PER_MESSAGE.  A register goes in one frame (the coordinator needs the list of
+    copies and their reports together), and 30 agents failing with long tracebacks while no
+    coordinator listened (10 errors each kept) made one of 24 MB: over a max_message_size, and the
+    worker, refused at every try, could never register again.  The errors themselves all stay."""
+    errors = [i for i, item in enumerate(items) if item["event"] == "AGENT_ERROR"]
+    if sum(_error_chars(items[i]) for i in errors) <= _ERROR_CHARS_PER_MESSAGE:
+        return items
+    share = max(64, _ERROR_CHARS_PER_MESSAGE // len(errors))  # each error's part of the budget
+    out = list(items)
+    for i in errors:
+        fields = out[i]["fields"]
+        cut = {"error_message": protocol.cut_text(fields.get("error_message", ""), share // 4),
+               "traceback": protocol.cut_text(fields.get("traceback", ""), share - share // 4)}
+        out[i] = {**out[i], "fields": {**fields, **cut}}
+    return out
+
+
 class Worker:
     """One ``pyorchestrate-worker`` process."""
 
@@ -250,7 +269,7 @@ class Worker:
         return self._frame(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
-            agents=running, events=[*self._recent_ends, *self._pending], bus_seq=self._bus_seq,
+            agents=running, events=[*self._recent_ends, *_errors_cut_to_fit(self._pending)], bus_seq=self._bus_seq,
             drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), seen_session=self._read_session,
             conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout)
 
