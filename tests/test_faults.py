@@ -189,6 +189,16 @@ def _numbered(router: zmq.Socket, identity: bytes):
     return send
 
 
+def _welcomed(cluster, ctx: zmq.Context, interval: float, liveness: int) -> tuple:
+    """Worker "w1" welcomed by a fake coordinator (heartbeat ``interval`` x ``liveness``), which
+    renews its lease only if the test answers: (worker process, router, send)."""
+    worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
+    send = _numbered(router, identity)
+    send("welcome", coordinator="fake", session="s", heartbeat_interval=interval, heartbeat_liveness=liveness,
+         bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+    return worker, router, send
+
+
 def _start(send, agent: str, cls: type, config, **item) -> None:
     """Start ``agent`` (a thread agent of class ``cls``) as run "s", epoch 1 (``item``: more fields)."""
     class_id, blob = shipping.pack_class(cls, cls.Config)
@@ -398,11 +408,7 @@ def test_a_worker_says_goodbye_only_once_none_of_its_agents_runs(cluster):
     and so by its lease). Before, the goodbye came while its process, and so that agent, still ran."""
     ctx = zmq.Context()
     try:
-        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
-        send = _numbered(router, identity)
-
-        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.2, heartbeat_liveness=50,
-             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        worker, router, send = _welcomed(cluster, ctx, 0.2, 50)
         _start(send, "t", StuckTalker, StuckTalker.Config(trace=os.devnull, stop_timeout=0.3))  # never stops
         last, alive = None, None
         deadline = time.monotonic() + 30
@@ -426,10 +432,7 @@ def test_a_worker_says_goodbye_only_once_none_of_its_agents_runs(cluster):
 def _kept_past_its_lease(cluster, ctx: zmq.Context, agent: str, cls: type) -> tuple:
     """A fake coordinator welcomes w1 with a 0.5 s lease it never renews, and starts ``agent``
     (kept while w1 has no coordinator): (the worker process, the router)."""
-    worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
-    send = _numbered(router, identity)
-    send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
-         bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+    worker, router, send = _welcomed(cluster, ctx, 0.1, 5)
     _start(send, agent, cls, cls.Config(), keep=True)
     return worker, router
 
@@ -467,10 +470,7 @@ def test_a_register_fits_in_a_frame_however_long_the_errors_kept_meanwhile(clust
     budget; every error is still told."""
     ctx = zmq.Context()
     try:
-        worker, router, bus_port, identity, register = _fake_coordinator(cluster, ctx)
-        send = _numbered(router, identity)
-        send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
-             bus_port=bus_port, stop=[], warnings=[], echo=register["t"])
+        worker, router, send = _welcomed(cluster, ctx, 0.1, 5)
         class_id, blob = shipping.pack_class(FailsLoudly, FailsLoudly.Config)
         config = shipping.pack_config(FailsLoudly.Config(), "f")
         send("starts", agents=[dict(agent=f"f{i}", run="s", epoch=1, class_id=class_id, class_blob=blob,
