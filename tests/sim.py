@@ -59,6 +59,7 @@ class SimConfig:
     disconnect_timeout: float | None = None
     finished_agents_max: int = 40
     worker_retention: float = 60.0
+    max_message_size: int = 64 * 1024 * 1024
 
 
 @dataclass
