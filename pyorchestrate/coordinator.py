@@ -872,7 +872,7 @@ class Coordinator:
             return
         prefixes = protocol.parse_history_request(frame[1:])
         if prefixes is not None:
-            items = [[t, b] for _, t, b in self._history.matching(prefixes)][-history.SLICE_ITEMS:]
+            items = self._history.recent(prefixes)
             self.xpub.send_multipart([frame[1:], msgpack.packb(items, use_bin_type=True)], zmq.NOBLOCK)
 
     def _serve_range(self, topic: bytes, session: str, first: int, last: int) -> None:

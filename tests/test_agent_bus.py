@@ -136,6 +136,44 @@ def test_late_subscriber_gets_recent_history(two):
         assert not [ev for ev in plain if ev.agent_name == "early"], "without history= nothing old comes"
 
 
+class LongLines(BaseThreadAgent):
+    def execute(self):
+        for i in range(1100):
+            self.logger.info("%d %s", i, "z" * 64_000)
+
+
+def test_a_late_subscriber_gets_the_recent_history_that_fits_its_socket(cluster):
+    """1,100 log lines of 64 KB: the answer to a history request was one 70 MB frame, over a
+    subscriber's 64 MiB limit.  Its connection went, it asked again on reconnecting, was sent the
+    same frame (the coordinator's loop stalled 1.9 s), and never got a line.  The answer now holds
+    the newest lines that fit in 16 MiB, in order."""
+    orch, events = start_daemon(cluster, ("w1",), history_max_bytes=256 * 2**20)
+    logs: list[str] = []
+    orch.register_event("AGENT_LOG", lambda message, **_: logs.append(message))
+    orch.register_agent(LongLines, "long")
+    events.wait("AGENT_TERMINATED", "long", timeout=60)
+    wait_for(lambda: len(logs) == 1100, 30, "every line in the coordinator's history")
+    with EventSubscriber(orch.events_address, topics=["AGENT_LOG.long"], timeout=3.0, history=True) as late:
+        got = [int(ev.message.split()[0]) for ev in late]
+    assert 100 < len(got) < 1100, len(got)  # as many as fit
+    assert got == list(range(1100 - len(got), 1100))  # the newest, in order
+    assert orch.status()["lost_events"] == 0
+
+
+def test_recent_history_is_bounded_by_items_and_bytes_newest_first():
+    from pyorchestrate.history import History
+
+    h = History(100, 10**9)
+    for seq in range(1, 11):
+        h.add(seq, "AGENT_LOG.a" if seq % 2 else "AGENT_LOG.b", bytes(seq * 10))
+    assert [len(b) for _, b in h.recent(["AGENT_LOG.a"])] == [10, 30, 50, 70, 90]
+    assert [len(b) for _, b in h.recent(["AGENT_LOG.a"], max_items=2)] == [70, 90]
+    assert [len(b) for _, b in h.recent(["AGENT_LOG.a"], max_bytes=170)] == [70, 90]
+    assert [len(b) for _, b in h.recent(["AGENT_LOG.a"], max_bytes=5)] == [90]  # at least one
+    assert [t for t, _ in h.recent(["AGENT_LOG."], max_items=3)] == ["AGENT_LOG.b", "AGENT_LOG.a", "AGENT_LOG.b"]
+    assert h.recent(["AGENT_EVENT."]) == []
+
+
 def test_an_oversized_event_raises_in_the_agent_and_numbers_nothing():
     from pyorchestrate.publisher import MAX_EVENT_BYTES, AgentBus
 
