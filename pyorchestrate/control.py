@@ -46,6 +46,10 @@ OPS: dict[str, Op] = {
 #: seconds of client-given timeouts we accept (a typo of 1e9 must not park the cluster)
 MAX_TIMEOUT = 3600.0
 HISTORY_MAX = 10_000
+#: the most bytes of events one ``history`` reply carries (at least one): 1,100 log lines of 64 KB
+#: made a reply over the client's 64 MiB limit, which cost it the connection, and it said that no
+#: coordinator answered
+HISTORY_BYTES = 16 * 1024 * 1024
 
 
 class Refused(Exception):
@@ -162,8 +166,9 @@ def status(rows: list[tuple], snapshot: dict[str, Any], extra: dict[str, Any]) -
 
 def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
             decode: Callable[[str, bytes], dict[str, Any]]) -> list[dict[str, Any]]:
-    """``history``: the latest ``limit`` events held, oldest first, of one agent (or worker)
-    and/or since a wall time; heartbeats left out (they say nothing a row of ``ps`` does not)."""
+    """``history``: the latest ``limit`` events held (as many as fit in HISTORY_BYTES), oldest
+    first, of one agent (or worker) and/or since a wall time; heartbeats left out (they say nothing
+    a row of ``ps`` does not)."""
     agent, since = args.get("agent"), args.get("since")
     limit = max(0, min(int(args.get("limit", 1000)), HISTORY_MAX))
     suffix = f".{agent}" if agent else None
@@ -176,9 +181,11 @@ def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
             continue
         picked.append(item)
     rows = []
+    size = 0
     for seq, topic, body in reversed(picked):  # newest first until the limit, then put in order
-        if len(rows) >= limit:
+        if len(rows) >= limit or (rows and size + len(body) > HISTORY_BYTES):
             break
+        size += len(body)
         try:
             fields = decode(topic, body)
         except protocol.ProtocolError:

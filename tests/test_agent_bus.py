@@ -13,7 +13,7 @@ from agents import Quick
 from behaviours import CHATTY, EVENTDRIVEN, SENSOR
 from conftest import start_daemon, wait_for
 
-from pyorchestrate import BaseThreadAgent, EventSubscriber
+from pyorchestrate import BaseThreadAgent, ControlClient, EventSubscriber
 
 MODES = ["thread", "process"]
 
@@ -158,6 +158,11 @@ def test_a_late_subscriber_gets_the_recent_history_that_fits_its_socket(cluster)
     assert 100 < len(got) < 1100, len(got)  # as many as fit
     assert got == list(range(1100 - len(got), 1100))  # the newest, in order
     assert orch.status()["lost_events"] == 0
+    # the same for `pyorchestrate history`: its reply was as large, and the client waited in vain
+    with ControlClient(orch.address, timeout=10.0) as client:
+        rows = [int(row["message"].split()[0]) for row in client.history(agent="long", limit=1100)
+                if row["event"] == "AGENT_LOG"]
+    assert 100 < len(rows) < 1100 and rows == list(range(1100 - len(rows), 1100)), len(rows)
 
 
 def test_recent_history_is_bounded_by_items_and_bytes_newest_first():
