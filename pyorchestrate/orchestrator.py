@@ -27,7 +27,7 @@ from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
 from .local_workers import LocalWorkers, check_nice
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, pack_plain
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, is_worker_name, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
@@ -477,7 +477,7 @@ class Orchestrator:
                 # a worker key of the directory (its first, if it holds several): they run here, as we do
                 held = coordinator.keydir.held("worker")
                 key_options = ["--keys", str(coordinator.keydir.path), *(["--key-name", held[0]] if held else [])]
-            prefix = "".join(c if is_name(c) else "_" for c in self.name)  # (pyorchestrate-worker --name)
+            prefix = "".join(c if is_worker_name(c) else "_" for c in self.name)  # (pyorchestrate-worker --name)
             self._local.start(cfg.local_workers, coordinator.address, prefix, "WARNING",
                               key_options, nice=cfg.local_worker_nice)
         elif not embedded:

@@ -364,6 +364,13 @@ def is_name(text: str) -> bool:
     return text.split() == [text] and text.isprintable()
 
 
+def is_worker_name(text: str) -> bool:
+    """Is ``text`` a name a worker may have: a name without "/"?  Its agents publish on the bus as
+    "<worker>/<agent>" (an agent's name may hold "/"): all the logs and events of the agents of a
+    worker named "rack1/w1" were dropped as another worker's."""
+    return is_name(text) and "/" not in text
+
+
 def event_topic(event: str, subject: str) -> str:
     """The bus topic of an event about ``subject`` (an agent or worker name)."""
     return f"{event}.{subject}"

@@ -49,6 +49,11 @@ class Registration:
             self.drop("register_on_closed_connection", name)
             self.ends_from_anywhere(message["events"], now, _own_register(message))
             return
+        if not protocol.is_worker_name(name):  # a worker of ours refuses such a --name itself
+            reason = f"{name!r} is not a worker's name: printable characters without spaces or '/'"
+            log.error("refused a worker: %s", reason)
+            self.actions.append(Send(identity, protocol.encode("refused", reason=reason)))
+            return
         errors, warnings = compare(self.versions, message["versions"])
         if errors:
             reason = "incompatible versions (" + "; ".join(errors) + "):\n" + table(self.versions, message["versions"])

@@ -182,8 +182,10 @@ def test_register_agent_mistakes():
 
 
 @pytest.mark.parametrize("args, said", [
-    (["--name", ""], "a name is printable characters without spaces"),  # took HOSTNAME-PID, silently
-    (["--name", "a b"], "a name is printable characters without spaces"),
+    (["--name", ""], "a worker's name is printable characters without spaces or '/'"),  # took HOSTNAME-PID
+    (["--name", "a b"], "a worker's name is printable characters without spaces or '/'"),
+    # its agents' logs and events were all dropped as another worker's (publisher "rack1/w1/agent")
+    (["--name", "rack1/w1"], "on the bus, '/' separates it from its agents' names"),
     (["--orphan-timeout", "-5"], "use a number of seconds >= 0"),  # stopped kept agents at once
     (["--orphan-timeout", "nan"], "use a number of seconds >= 0"),
     (["--orphan-timeout", "soon"], "is not a number of seconds"),

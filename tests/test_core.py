@@ -1229,6 +1229,20 @@ def test_another_process_under_a_lost_workers_name_does_not_vouch_for_its_copies
     assert h.now >= certainly_stopped, f"started anew {h.now - last_sign:.2f} s after the lost process's last sign"
 
 
+def test_a_register_under_a_name_no_worker_may_have_is_refused_saying_why():
+    """Agents publish as "<worker>/<agent>": a worker named "rack1/w1" had every log line and event
+    of its agents dropped as another worker's.  pyorchestrate-worker refuses such a --name; a
+    register with one (a worker built by hand, an older version) is refused, never retried."""
+    h = Harness()
+    for i, name in enumerate(("rack1/w1", "a b", "", "x\ty")):
+        identity = h.register(name, identity=f"bad{i}".encode())
+        (refused,) = h.to(identity, "refused")
+        assert "is not a worker's name" in refused["reason"] and refused["retry"] is False
+    assert not h.core.workers and not h.to(b"bad0", "welcome")
+    h.register("rack1-w1")
+    assert list(h.core.workers) == ["rack1-w1"]
+
+
 def test_a_process_refused_because_its_workers_name_is_taken_is_told_to_stop_its_copies():
     """A lost w1 cut off, another process registered as w1 meanwhile: the first, back, is refused
     (the name is taken) and told to stop what it runs, which is no run of ours any more. Before,

@@ -308,10 +308,10 @@ def test_console_scripts_are_installed():
 
 def test_an_orchestrator_named_with_whitespace_still_gets_its_local_workers():
     """Its local workers are named after it, and a worker's name is printable characters without
-    spaces (pyorchestrate-worker refuses others): a tab in the name left it with no worker."""
-    orch = Orchestrator("my\tcluster x", config=Orchestrator.Config(worker_wait_timeout=30))
+    spaces or "/" (pyorchestrate-worker refuses others): a tab in the name left it with no worker."""
+    orch = Orchestrator("my\tcluster x/y", config=Orchestrator.Config(worker_wait_timeout=30))
     orch.register_agent(Quick, "q")
     orch.start()
     orch.join()
     status = orch.status()
-    assert status["agents"]["q"]["state"] == "TERMINATED" and list(status["workers"]) == ["my_cluster_x-local-1"]
+    assert status["agents"]["q"]["state"] == "TERMINATED" and list(status["workers"]) == ["my_cluster_x_y-local-1"]

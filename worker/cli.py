@@ -76,8 +76,9 @@ def _seconds(text: str) -> float:
 
 
 def _name(text: str) -> str:
-    if not protocol.is_name(text):  # '' took HOSTNAME-PID, silently
-        raise argparse.ArgumentTypeError(f"{text!r}: a name is printable characters without spaces")
+    if not protocol.is_worker_name(text):  # '' took HOSTNAME-PID, silently
+        raise argparse.ArgumentTypeError(f"{text!r}: a worker's name is printable characters without spaces or '/' "
+                                         "(on the bus, '/' separates it from its agents' names)")
     return text
 
 
@@ -91,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, type=_address, metavar="tcp://HOST:PORT",
                    help="the coordinator's control address (Orchestrator.Config.address)")
     p.add_argument("--name", type=_name,
-                   help="this worker's name, unique in the cluster: printable characters without spaces "
+                   help="this worker's name, unique in the cluster: printable characters without spaces or '/' "
                         "(default: HOSTNAME-PID)")
     p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...",
                    help="labels reported at registration, e.g. gpu=1,zone=a")
