@@ -171,13 +171,14 @@ def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
     a row of ``ps`` does not)."""
     agent, since = args.get("agent"), args.get("since")
     limit = max(0, min(int(args.get("limit", 1000)), HISTORY_MAX))
-    suffix = f".{agent}" if agent else None
     picked: list[tuple[int, str, bytes]] = []
     for item in items:
-        topic = item[1]
-        if topic.startswith("AGENT_HEARTBEAT") or topic.startswith("WORKER_HEARTBEAT"):
+        event, _, subject = item[1].partition(".")
+        if event in ("AGENT_HEARTBEAT", "WORKER_HEARTBEAT"):
             continue
-        if suffix is not None and not topic.endswith(suffix):
+        # the subject whole (agent "b" is not "a.b"), and an agent's own events whatever their
+        # topic: AGENT_EVENT.<topic> names the topic it published, not the agent (seen decoded)
+        if agent and subject != agent and event != "AGENT_EVENT":
             continue
         picked.append(item)
     rows = []
@@ -185,13 +186,15 @@ def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
     for seq, topic, body in reversed(picked):  # newest first until the limit, then put in order
         if len(rows) >= limit or (rows and size + len(body) > HISTORY_BYTES):
             break
-        size += len(body)
         try:
             fields = decode(topic, body)
         except protocol.ProtocolError:
             continue
+        if agent and topic.startswith("AGENT_EVENT.") and fields.get("agent_name") != agent:
+            continue
         if since is not None and _event_wall(fields) < since:
             break  # newest first: everything older follows
+        size += len(body)
         rows.append({"seq": seq, "event": topic.partition(".")[0], **fields})
     rows.reverse()
     return rows

@@ -88,16 +88,25 @@ def _event(seq, event, subject, time_):
     return seq, topic, body
 
 
+def _published(seq, agent, topic):
+    """An AGENT_EVENT: its bus topic names what ``agent`` published about, not the agent."""
+    seq, _, body = _event(seq, "AGENT_EVENT", agent, "10:00:04.000000")
+    return seq, protocol.event_topic("AGENT_EVENT", topic), body
+
+
 def test_history_filters_by_agent_and_time_and_keeps_the_latest():
     items = [_event(1, "AGENT_STARTED", "a", "10:00:00.000000"), _event(2, "AGENT_HEARTBEAT", "a", "10:00:01.0"),
              _event(3, "AGENT_STARTED", "ab", "10:00:02.000000"), _event(4, "AGENT_READY", "a", "10:00:03.500000"),
-             _event(5, "AGENT_TERMINATED", "a", "10:00:05.000000")]
+             _event(5, "AGENT_TERMINATED", "a", "10:00:05.000000"), _event(6, "AGENT_STARTED", "x.a", "10:00:06.0"),
+             _published(7, "a", "temperature"), _published(8, "x", "a")]
     rows = control.history(items, {"agent": "a", "since": None, "limit": 1000}, protocol.decode_body)
-    assert [r["seq"] for r in rows] == [1, 4, 5]  # not "ab", no heartbeats, oldest first
+    # not "ab" or "x.a", no heartbeats, its own events whatever their topic (not another's
+    # about "a"), oldest first; `history --agent a` showed 6 and 8, and not 7
+    assert [r["seq"] for r in rows] == [1, 4, 5, 7]
     latest = control.history(items, {"agent": "a", "since": None, "limit": 2}, protocol.decode_body)
-    assert [r["seq"] for r in latest] == [4, 5]
+    assert [r["seq"] for r in latest] == [5, 7]
     since = control._event_wall({"event_date": "2026-11-30", "event_time": "10:00:03.000000"})
-    assert [r["seq"] for r in control.history(items, {"agent": None, "since": since, "limit": 10},
+    assert [r["seq"] for r in control.history(items[:5], {"agent": None, "since": since, "limit": 10},
                                               protocol.decode_body)] == [4, 5]
 
 
