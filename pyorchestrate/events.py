@@ -122,6 +122,10 @@ class EventDispatcher:
         self._dispatched = 0  # written by the dispatching thread only
         self._done = 0  # under _lock
         self._waiting = 0  # wait_idle callers, under _lock: only they need a notify
+        # in a runner: the events of the batch it is running (not done until it returns), which
+        # wait_idle called from one of their callbacks must not wait for (stop() in a callback
+        # waited 15 s for itself, the script's join() long returned: plugins never finalized)
+        self._running = threading.local()
         self.failures = 0
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -272,7 +276,9 @@ class EventDispatcher:
             # acquisition of the lock for them all, not one each
             taken = list(pending)
             pending.clear()
+        running = self._running
         while True:
+            running.count = len(taken)
             for event, callbacks, fields in taken:
                 if trace.enabled and event is OrchestratorEvent.AGENT_TERMINATED:
                     trace.mark("callback", str(fields.get("agent_name")))
@@ -292,6 +298,7 @@ class EventDispatcher:
                         log.exception("callback %s for %s raised; other callbacks are unaffected",
                                       getattr(callback, "__qualname__", callback), event.name)
             with lock:  # one acquisition: these events done, and what came meanwhile taken
+                running.count = 0
                 self._done += len(taken)
                 if self._waiting:
                     self._idle.notify_all()
@@ -302,9 +309,10 @@ class EventDispatcher:
                 pending.clear()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every callback dispatched so far has returned (from any thread but a
-        callback's own)."""
-        wanted = self._dispatched - len(self._held or ())  # what is held has not been handed over
+        """Wait until every callback dispatched so far has returned; called from a callback, all
+        but those of the batch its thread is running."""
+        # what is held has not been handed over
+        wanted = self._dispatched - len(self._held or ()) - getattr(self._running, "count", 0)
         with self._lock:
             self._waiting += 1
             try:

@@ -508,7 +508,8 @@ class Orchestrator:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop every agent (each finishes its current iteration), then shut down."""
+        """Stop every agent (each finishes its current iteration), then shut down.  May be called
+        from a callback (it waits for the other callbacks, not for its own)."""
         if not self._started or self._coordinator is None:
             return
         if not self._finished.is_set():

@@ -152,3 +152,36 @@ def test_callbacks_too_far_behind_are_dropped_and_counted_but_never_lifecycle_on
     finally:
         gate.set()
         dispatcher.close()
+
+
+def test_wait_idle_from_a_callback_waits_for_the_others_not_for_itself():
+    """Orchestrator.stop() in a callback (on ALL_AGENTS_TERMINATED, say) waits for the callbacks to
+    be idle: it waited for its own, 15 s of timeouts, while the script's join() had long returned
+    (and the script, exiting, cut it short: the orchestrator's plugins were never finalized)."""
+    import threading
+    import time
+
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent
+
+    dispatcher = EventDispatcher(max_threads=2)
+    other_done = threading.Event()
+    results: list[tuple[bool, bool]] = []
+
+    def slow(agent_name):
+        time.sleep(0.5)
+        other_done.set()
+
+    def waits(agent_name):
+        results.append((dispatcher.wait_idle(5.0), other_done.is_set()))
+
+    dispatcher.register(OrchestratorEvent.AGENT_STARTED, slow)
+    dispatcher.register(OrchestratorEvent.AGENT_TERMINATED, waits)
+    try:
+        dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": "other"})
+        time.sleep(0.1)  # its runner has it
+        dispatcher.dispatch(OrchestratorEvent.AGENT_TERMINATED, {"agent_name": "me"})
+        assert dispatcher.wait_idle(10.0)
+        # idle once the other subject's callback returned, without timing out on its own
+        assert results == [(True, True)]
+    finally:
+        dispatcher.close()
