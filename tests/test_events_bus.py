@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import msgpack
 import zmq
-from agents import BigEvents, Forever, Quick, QuickProcess
+from agents import BigEvents, Forever, Quick, QuickProcess, Talker
 from conftest import LIFECYCLE, REPO, EventLog, probe_on_w1, start_daemon, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol
@@ -275,6 +276,47 @@ def test_a_run_whose_beats_say_it_sent_what_never_came_counts_it_lost(cluster):
         assert lost["lost"] == 4 and lost["source"] == publisher and orch.status()["lost_events"] == 4
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_tail_still_on_its_way_is_not_given_up(cluster, monkeypatch):
+    """An agent that logs 100,000 lines at once ends long before its worker's outbox has drained
+    (200,000 lines arrived 26 s after the end on a busy VM): while its worker's events keep
+    coming, its tail is awaited, not counted lost and dropped."""
+    from pyorchestrate import coordinator
+
+    monkeypatch.setattr(coordinator, "TAIL_GIVE_UP", 0.2)
+    orch, events = start_daemon(cluster, ("w1",), callback_backlog=200_000)
+    lines = []
+    orch.register_event("AGENT_LOG", lambda message: lines.append(message))
+    orch.register_agent(Talker, "chatty", Talker.Config(lines=100_000))
+    wait_for(lambda: len(lines) == 100_000, 90, "every line")  # (how long after its end varies)
+    assert lines[-1] == "line 99999" and orch.status()["lost_events"] == 0
+    assert "stale_bus_event" not in orch.status()["dropped"]
+
+
+def test_a_late_tail_is_given_up_only_once_its_worker_has_gone_quiet():
+    """The rule itself, on the coordinator's bookkeeping alone: due (TAIL_GIVE_UP after the end),
+    a tail waits on while its worker sent events within TAIL_QUIET, then counts as lost what was
+    announced and never came; one that arrived is forgotten."""
+    from types import SimpleNamespace
+
+    from pyorchestrate import coordinator
+
+    gaps = []
+    late, done = ("w1/late", "r.1"), ("w1/done", "r.1")
+    book = SimpleNamespace(
+        _awaited_order=collections.deque([(10.0, late), (10.0, done)]), _awaited_bus={late: 9},
+        _bus_seqs={late: 4}, _last_batch={"w1": 8.0}, _report_gap=lambda publisher, n: gaps.append((publisher, n)))
+    give_up = coordinator.Coordinator._give_up_tails
+    give_up(book, 9.0)
+    assert not gaps and len(book._awaited_order) == 2  # not due
+    give_up(book, 10.0)  # due, but w1 sent events 2 s ago: waits TAIL_QUIET more
+    assert not gaps and list(book._awaited_order) == [(10.0 + coordinator.TAIL_QUIET, late)]
+    book._last_batch["w1"] = 12.0
+    give_up(book, 15.0)  # still sending
+    assert not gaps and book._awaited_order[0][1] == late
+    give_up(book, 20.0 + coordinator.TAIL_QUIET)  # quiet: 5..9 never came
+    assert gaps == [("w1/late", 5)] and not book._awaited_bus and late not in book._bus_seqs
 
 
 def test_events_held_for_a_runs_start_survive_a_heartbeat_read_first(cluster):
