@@ -456,3 +456,21 @@ class FailsLoudly(LoopingThreadAgent):
             deep(400)
         finally:
             self.wait_stop(0.01)
+
+
+class CopyTracerProcess(LoopingProcessAgent):
+    """:class:`CopyTracer` in a child process, which writes its pid to ``pid_file``."""
+
+    class Config(LoopingProcessAgent.Config):
+        trace = ""
+        linger = 0.0
+        pid_file = ""
+
+    def setup(self):
+        CopyTracer.setup(self)
+        if self.config.pid_file:
+            append_line(self.config.pid_file, str(os.getpid()))
+
+    cycle = CopyTracer.cycle
+    on_stop = CopyTracer.on_stop
+    on_close = CopyTracer.on_close

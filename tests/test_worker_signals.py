@@ -17,9 +17,9 @@ import sys
 import time
 
 import pytest
-from agents import (CopyTracer, Forever, ForeverTracedProcess, HelperThread, LateJob, SlowGoodbye, SlowJob,
-                    StuckTalker)
-from conftest import DETECT, EventLog, wait_for
+from agents import (CopyTracer, CopyTracerProcess, Forever, ForeverTracedProcess, HelperThread, LateJob, SlowGoodbye,
+                    SlowJob, StuckTalker)
+from conftest import DETECT, EventLog, process_gone, wait_for
 
 from pyorchestrate import OrchestratorEvent, RunMode
 
@@ -187,6 +187,36 @@ def test_a_worker_stopping_slow_agents_leaves_not_lost_and_they_move(cluster, tm
     assert [at for what, at in first if what == "close"][0] - signalled > linger - 0.5  # it was given its time
     assert not events.of("WORKER_LOST"), "a worker stopping its agents as asked was declared lost"
     assert not events.of("AGENT_ERROR")
+
+
+def test_a_second_ctrl_c_ends_the_worker_at_once_and_its_agents_start_elsewhere(cluster, tmp_path):
+    """Ctrl-C asks a worker to stop its agents in order, for as long as their stop timeouts allow
+    (here an on_stop of 60 s). A second Ctrl-C, from an operator who will not wait, asked the same
+    again. It now ends the worker at once (exit 130): its process agents end with it (their pipe
+    closes), and the coordinator, its connection closed, starts the agent elsewhere, never beside
+    its first copy."""
+    orch, events, w1 = _with_worker(cluster, **DETECT)
+    trace, pid_file = tmp_path / "trace", tmp_path / "pid"
+    orch.register_agent(CopyTracer, "t", CopyTracer.Config(trace=str(trace), linger=60, stop_timeout=90),
+                        restart="on-failure", restart_backoff=(0.05, 0.1))
+    orch.register_agent(CopyTracerProcess, "p", CopyTracerProcess.Config(trace=str(tmp_path / "p"), linger=60,
+                                                                        stop_timeout=90, pid_file=str(pid_file)))
+    events.wait("AGENT_READY", "t")
+    events.wait("AGENT_READY", "p")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    w1.send_signal(signal.SIGINT)
+    wait_for(lambda: "Ctrl-C again: exit at once" in cluster.log_of("w1"), 10, "the first Ctrl-C to be heard")
+    time.sleep(0.5)  # well into the 60 s stop
+    w1.send_signal(signal.SIGINT)
+    assert w1.wait(10) == 130
+    assert "SIGINT again: exiting now, not waiting for 2 agent(s) to stop" in cluster.log_of("w1")
+    wait_for(lambda: process_gone(int(pid_file.read_text())), 10, "the process agent to end with its worker")
+    assert not [what for what, _ in _copies(tmp_path / "p").popitem()[1] if what == "close"]  # mid-stop
+    assert events.wait("AGENT_READY", "t", count=2, timeout=20)[-1]["worker"] == "w2"
+    first, second = _copies(trace).values()
+    assert max(at for _, at in first) < min(at for _, at in second), "the first copy ran beside the second"
+    assert not [what for what, _ in first if what == "close"]  # cut short: that is what it asked for
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

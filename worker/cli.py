@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyorchestrate-worker: {exc}", file=sys.stderr)
         return 2
 
-    stop_signals.request_on_signals(worker.request_shutdown)  # never Event.set() in a handler: see there
+    # never Event.set() in a handler: see there
+    stop_signals.request_on_signals(worker.request_shutdown, force=worker.exit_now)
     # SIGUSR1 prints every thread's stack to stderr, the worker going on: what a worker that seems
     # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)

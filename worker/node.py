@@ -197,6 +197,16 @@ class Worker:
         stop_signals.py says why)."""
         self._shutdown.set()
 
+    def exit_now(self) -> None:
+        """End the process at once, its agents not stopped (a second Ctrl-C).  Safe: its thread
+        agents end with it, its process agents and agent hosts at once when their pipe closes
+        (child.worker_gone), and the coordinator, its connection closed, knows they are gone and
+        starts elsewhere what it must.  Only the agents' on_stop/on_close do not run."""
+        log.warning("SIGINT again: exiting now, not waiting for %d agent(s) to stop", self._supervisor.count())
+        trace.write()
+        logging.shutdown()
+        os._exit(130)
+
     def run(self) -> int:
         """Serve coordinators until shutdown; return the process exit code."""
         log.info("worker %s (pid %d) serving coordinator %s", self.name, os.getpid(), self.coordinator)

@@ -25,11 +25,15 @@ from typing import Callable
 log = logging.getLogger("pyorchestrate.worker")
 
 
-def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Call ``request()`` from a helper thread each time one of ``signals`` arrives.
+def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                       force: Callable[[], None] | None = None) -> None:
+    """Call ``request()`` from a helper thread each time one of ``signals`` arrives; ``force()``
+    instead from the second SIGINT on (Ctrl-C twice: an operator who will not wait for the agents'
+    stop timeouts, as with Celery's cold shutdown).  A second SIGTERM asks again: systemd, docker
+    and our tests repeat it, and mean "stop".
 
     Call it from the main thread (only it may set signal handlers). ``request`` must be safe to
-    call more than once (a second SIGTERM asks again)."""
+    call more than once."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
@@ -52,9 +56,15 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
             pass  # the pipe is full of earlier signals: the helper has a request to make already
 
     def relay() -> None:
+        interrupts = 0
         while received := os.read(read_end, 64):
+            interrupts += received.count(signal.SIGINT)
+            if force is not None and interrupts >= 2:
+                force()
+                continue
             # said, so that the log of a process that seems not to stop shows whether it was asked
-            log.info("%s received: stopping", ", ".join(signal.Signals(n).name for n in dict.fromkeys(received)))
+            log.info("%s received: stopping%s", ", ".join(signal.Signals(n).name for n in dict.fromkeys(received)),
+                     " (Ctrl-C again: exit at once)" if force is not None and interrupts else "")
             request()
 
     threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
