@@ -30,6 +30,15 @@ _LOGIN = """<!doctype html><meta charset="utf-8"><title>pyorchestrate — sign i
 ACTIONS = {"agents": ("start", "stop", "restart"), "workers": ("drain",)}
 
 
+def _whole(text: str) -> int | None:
+    """A query parameter as a whole number >= 0, or None (it was a 500 error: a user's typo)."""
+    return int(text) if text.isdigit() else None
+
+
+def _bad(what: str) -> JSONResponse:
+    return JSONResponse({"error": what}, status_code=400)
+
+
 def create_app(feed: Feed, token: str, stream_interval: float = 0.5) -> Starlette:
     reg = metrics.registry(feed)
 
@@ -69,15 +78,20 @@ def create_app(feed: Feed, token: str, stream_interval: float = 0.5) -> Starlett
     async def events(request: Request) -> Response:
         if not authed(request):
             return refuse()
-        return JSONResponse(feed.events_after(int(request.query_params.get("after", 0) or 0)))
+        after = _whole(request.query_params.get("after") or "0")
+        if after is None:
+            return _bad("after= must be a whole number (the n of the last event seen)")
+        return JSONResponse(feed.events_after(after))
 
     async def history(request: Request) -> Response:
         if not authed(request):
             return refuse()
         q = request.query_params
+        limit = _whole(q.get("limit") or "200")
+        if limit is None:
+            return _bad("limit= must be a whole number")
         try:
-            rows = await asyncio.to_thread(feed.act_query, "history", agent=q.get("agent") or None,
-                                           limit=int(q.get("limit", 200)))
+            rows = await asyncio.to_thread(feed.act_query, "history", agent=q.get("agent") or None, limit=limit)
         except (ControlError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=502)
         return JSONResponse(rows)
@@ -86,7 +100,9 @@ def create_app(feed: Feed, token: str, stream_interval: float = 0.5) -> Starlett
         """Server-sent events: ``state`` every ``stream_interval`` s, and each bus event once."""
         if not authed(request):
             return refuse()
-        after = int(request.headers.get("last-event-id") or request.query_params.get("after", 0) or 0)
+        after = _whole(request.headers.get("last-event-id") or request.query_params.get("after") or "0")
+        if after is None:
+            return _bad("after= (or Last-Event-ID) must be a whole number (the n of the last event seen)")
 
         async def produce():
             nonlocal after
