@@ -299,8 +299,9 @@ def _check(what: str, schema: dict[str, Any], message: dict[str, Any]) -> None:
             if not isinstance(value, expected) or (value.__class__ is bool and expected is not bool):
                 raise ProtocolError(f"{what}: field {name!r} has type {type(value).__name__}")
             if value.__class__ is float and value - value != 0 and expected is not object:
-                # NaN or infinity (a setting or a time; ``object`` is user data, a payload: any float): every comparison with a deadline built from it goes one way
-                # (a NaN orphan_timeout made a lost worker's kept copy count as stopped at once)
+                # NaN or infinity in a setting or a time: every comparison with a deadline built
+                # from it goes one way (a NaN orphan_timeout made a lost worker's kept copy count
+                # as stopped at once).  ``object`` is user data (a payload): any float goes
                 raise ProtocolError(f"{what}: field {name!r} is not a finite number")
             continue
         _check_value(f"{what}: field {name!r}", expected, value)

@@ -137,8 +137,8 @@ class Registration:
         self._send(worker, "welcome", coordinator=self.name, session=self.incarnation,
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
-                   bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings, echo=float(message["t"]),
-                   max_message_size=int(self.config.max_message_size))
+                   bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings,
+                   echo=float(message["t"]), max_message_size=int(self.config.max_message_size))
         for agent_name in sorted(reported):  # a release (execute) lost with a connection: said again
             record = self.agents.get(agent_name)
             if record is not None and record.executed and record.worker == name and record.state in RUNNING:

@@ -7,7 +7,8 @@ lines and events on the bus: two connections, so the report often arrives first,
 (and callbacks) saw log lines *after* the agent's end.  The report carries the run's last bus seq;
 until that seq has arrived (or ``wait`` seconds have passed: a tail lost on the way is counted
 lost by the coordinator, coordinator.TAIL_GIVE_UP after the end), the events about that agent are
-held here, in order, and then published.  Pure bookkeeping: the coordinator's loop owns the sockets and the clock."""
+held here, in order, and then published.  Pure bookkeeping: the coordinator's loop owns the
+sockets and the clock."""
 
 from __future__ import annotations
 

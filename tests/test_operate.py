@@ -237,7 +237,7 @@ def test_dashboard_api_and_metrics(cluster, dashboard_of):
         assert history[-1]["event"] == "AGENT_TERMINATED"
         # a typo in a query is the asker's mistake, said as such (it was a 500, and 502 for limit=)
         for path, params in (("/api/events", {"after": "x"}), ("/api/history", {"limit": "-1"}),
-                             ("/api/stream", {"after": "1.5"})):
+                             ("/api/events", {"after": "²"}), ("/api/stream", {"after": "1.5"})):
             bad = http.get(path, params=params, headers=auth)
             assert bad.status_code == 400 and "must be a whole number" in bad.json()["error"], (path, bad.text)
 

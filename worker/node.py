@@ -406,7 +406,8 @@ class Worker:
         self._last_refusal = ""
         for warning in message["warnings"]:
             log.warning("version difference with the coordinator: %s", warning)
-        self._bus_event_max = min(MAX_EVENT_BYTES, max(message["max_message_size"], 0) // 4)
+        # (at least a quarter of the smallest max_message_size a coordinator may have, 4 MiB)
+        self._bus_event_max = min(MAX_EVENT_BYTES, max(message["max_message_size"] // 4, 2**20))
         events_port = message["events_port"]
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         self._supervisor.events_key = self._key

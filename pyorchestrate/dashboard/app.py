@@ -32,7 +32,7 @@ ACTIONS = {"agents": ("start", "stop", "restart"), "workers": ("drain",)}
 
 def _whole(text: str) -> int | None:
     """A query parameter as a whole number >= 0, or None (it was a 500 error: a user's typo)."""
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isdecimal() else None  # (isdigit() passes "²", which int() refuses)
 
 
 def _bad(what: str) -> JSONResponse:
