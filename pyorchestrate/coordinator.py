@@ -655,8 +655,12 @@ class Coordinator:
                 if not accepted:
                     self.dropped.drop("stale_bus_event", publisher)
                     continue
-                if early and self._early_hold.add(key, (seq, topic, body), now):
-                    continue  # before its STARTED: published right after it
+                if early:
+                    if self._early_hold.add(key, (seq, topic, body), now):
+                        continue  # before its STARTED: published right after it
+                    # the hold is full: what it has goes first, so nothing overtakes it (this
+                    # event went on alone, and those held were then dropped as duplicates)
+                    self._release_early([(key, item) for item in self._early_hold.started(key)])
                 self._bus_event(key, seq, topic, body)
         elif frames and frames[0] == protocol.BEATS_TOPIC:
             worker, token, wseq, beats = protocol.decode_beats(frames, size)
@@ -724,11 +728,13 @@ class Coordinator:
                 continue
             key = (f"{worker}/{agent}", tag)
             last = self._bus_seqs.get(key)
-            if last is None:  # first word of this run here
-                if seq and key not in self._early_hold.runs:
-                    # (held: its events come out after its STARTED; marked here, they were all
-                    # dropped as duplicates then.)  None arrived: lost, if this coordinator started
-                    # the run (it numbers from 1; an adopted run sent its head to a predecessor)
+            if key in self._early_hold.runs:
+                pass  # events of it wait for its STARTED, judged as they come out (marked arrived
+                # here, they were all dropped as duplicates then)
+            elif last is None:  # first word of this run here
+                if seq:
+                    # none arrived: lost, if this coordinator started the run (it numbers from 1;
+                    # an adopted run sent its head to a predecessor)
                     if tag.partition(".")[0] == self.session:
                         self._report_gap(key[0], seq)
                     self._bus_seqs[key] = seq

@@ -73,7 +73,8 @@ class EarlyHold:
     STARTED report (an agent that logs at once, or ends at once: STARTED, READY and TERMINATED
     travel together).  Bus events of a run still ASSIGNED wait here until its STARTED is published
     (or ``wait`` seconds: a report lost on the way is repaired by re-registration; the lines are
-    not held hostage to it), at most ``limit`` per run (beyond that they go on as they come)."""
+    not held hostage to it), at most ``limit`` per run (beyond that the coordinator lets out what
+    is held, in order, and the rest goes on as it comes)."""
 
     def __init__(self, wait: float = WAIT, limit: int = 10_000) -> None:
         self.wait, self.limit = wait, limit

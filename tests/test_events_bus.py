@@ -12,6 +12,7 @@ import threading
 import time
 
 import msgpack
+import pytest
 import zmq
 from agents import BigEvents, Forever, Quick, QuickProcess, Talker
 from conftest import LIFECYCLE, REPO, EventLog, probe_on_w1, start_daemon, wait_for
@@ -319,11 +320,14 @@ def test_a_late_tail_is_given_up_only_once_its_worker_has_gone_quiet():
     assert gaps == [("w1/late", 5)] and not book._awaited_bus and late not in book._bus_seqs
 
 
-def test_events_held_for_a_runs_start_survive_a_heartbeat_read_first(cluster):
+@pytest.mark.parametrize("overflow", [False, True])
+def test_events_held_for_a_runs_start_survive_a_heartbeat_read_first(cluster, overflow):
     """A run's events that come before its STARTED wait for it (EarlyHold).  A beats frame read
     meanwhile (the control connection behind, under load) marked the run's seq as arrived, so when
-    the STARTED came, the held events were all dropped as duplicates: lost, and not counted."""
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_liveness=100)
+    the STARTED came, the held events were all dropped as duplicates: lost, and not counted.
+    ``overflow``: more than the hold keeps (10,000): the first event past it went on alone, and
+    those held were dropped as duplicates in the same way."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_liveness=100, callback_backlog=50_000)
     events = EventLog(orch)
     orch.start()
     w1 = cluster.worker(orch.address, "w1")
@@ -337,17 +341,21 @@ def test_events_held_for_a_runs_start_survive_a_heartbeat_read_first(cluster):
             wait_for(lambda: orch.status()["agents"]["late"]["state"] == "ASSIGNED", 10, "late to be sent to w1")
             publisher, run = current_run(orch, "late")
             token = orch._coordinator.core.workers["w1"].token  # posing as the worker itself (white box)
+            sent = 10_050 if overflow else 2
             items = [(publisher, run, "AGENT_EVENT.late", seq, msgpack.packb({
                 "event": "AGENT_EVENT", "seq": seq, "publisher": publisher, "incarnation": run, "agent_name": "late",
-                "topic": "t", "data": {}, "event_date": "d", "event_time": "t"})) for seq in (1, 2)]
-            pub.send_multipart(protocol.encode_batch("w1", token, 10_000, items))
-            pub.send_multipart(protocol.encode_beats("w1", token, 10_001, [["late", run, 2]]))
+                "topic": "t", "data": {}, "event_date": "d", "event_time": "t"})) for seq in range(1, sent + 1)]
+            for n, i in enumerate(range(0, sent, 500)):
+                pub.send_multipart(protocol.encode_batch("w1", token, 10_000 + n, items[i:i + 500]))
+            pub.send_multipart(protocol.encode_beats("w1", token, 20_000, [["late", run, sent]]))
             time.sleep(0.5)
-            assert not events.of("AGENT_EVENT", "late")  # held: the run has not started
+            if not overflow:
+                assert not events.of("AGENT_EVENT", "late")  # held: the run has not started
         finally:
             os.kill(w1.pid, signal.SIGCONT)
         events.wait("AGENT_STARTED", "late")
-        wait_for(lambda: len(events.of("AGENT_EVENT", "late")) == 2, 10, "the two held events")
+        wait_for(lambda: len(events.of("AGENT_EVENT", "late")) == sent, 20, f"the {sent} held events")
+        assert [e["seq"] for e in events.of("AGENT_EVENT", "late")] == list(range(1, sent + 1))  # in order
         assert orch.status()["lost_events"] == 0 and "duplicate_bus_event" not in orch.status()["dropped"]
     finally:
         ctx.destroy(linger=0)
