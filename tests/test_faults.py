@@ -199,6 +199,19 @@ def _welcomed(cluster, ctx: zmq.Context, interval: float, liveness: int) -> tupl
     return worker, router, send
 
 
+def _registers(router: zmq.Socket, seconds: float, wanted=lambda message: True) -> list[tuple[int, dict]]:
+    """The next two registers the worker sends (``wanted`` ones), as (frame size, message)."""
+    registers: list[tuple[int, dict]] = []
+    deadline = time.monotonic() + seconds
+    while len(registers) < 2 and time.monotonic() < deadline:
+        if router.poll(100):
+            frame = router.recv_multipart()[-1]
+            message = protocol.decode(frame)
+            if message["type"] == "register" and wanted(message):
+                registers.append((len(frame), message))
+    return registers
+
+
 def _start(send, agent: str, cls: type, config, **item) -> None:
     """Start ``agent`` (a thread agent of class ``cls``) as run "s", epoch 1 (``item``: more fields)."""
     class_id, blob = shipping.pack_class(cls, cls.Config)
@@ -445,14 +458,7 @@ def test_reports_kept_while_no_coordinator_listens_stay_bounded(cluster):
     ctx = zmq.Context()
     try:
         worker, router = _kept_past_its_lease(cluster, ctx, "f", FailsEveryCycle)
-        registers: list[tuple[int, dict]] = []
-        deadline = time.monotonic() + 30
-        while len(registers) < 2 and time.monotonic() < deadline:
-            if router.poll(100):
-                frame = router.recv_multipart()[-1]
-                message = protocol.decode(frame)
-                if message["type"] == "register":
-                    registers.append((len(frame), message))
+        registers = _registers(router, 30)
         assert len(registers) == 2, "the worker did not register again"
         for size, message in registers:
             assert [a["agent"] for a in message["agents"]] == ["f"]  # kept: it runs on
@@ -475,16 +481,9 @@ def test_a_register_fits_in_a_frame_however_long_the_errors_kept_meanwhile(clust
         config = shipping.pack_config(FailsLoudly.Config(), "f")
         send("starts", agents=[dict(agent=f"f{i}", run="s", epoch=1, class_id=class_id, class_blob=blob,
                                     config=config, mode="thread", keep=True) for i in range(30)])
-        registers: list[tuple[int, dict]] = []
-        deadline = time.monotonic() + 60
-        while len(registers) < 2 and time.monotonic() < deadline:
-            if router.poll(100):
-                frame = router.recv_multipart()[-1]
-                message = protocol.decode(frame)
-                if message["type"] == "register" and len(message["agents"]) == 30:
-                    errors = [e for e in message["events"] if e["event"] == "AGENT_ERROR"]
-                    if len(errors) >= 200:  # most copies have failed 10 times by now
-                        registers.append((len(frame), message))
+        # with all 30 copies, most of which have failed 10 times by now
+        registers = _registers(router, 60, lambda message: len(message["agents"]) == 30 and sum(
+            e["event"] == "AGENT_ERROR" for e in message["events"]) >= 200)
         assert len(registers) == 2, "the worker did not register again with its errors"
         for size, message in registers:
             assert size < 2 * 2**20, size  # well under the smallest max_message_size
