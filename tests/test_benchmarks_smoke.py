@@ -110,6 +110,8 @@ def test_trace_times_every_hop_of_a_launch_in_every_process(tmp_path):
     expected = [f"{a} -> {b}" for a, b in zip(hops, hops[1:])] + ["register -> woke"]
     assert list(rows) == expected, list(rows)
     for row in rows.values():
-        assert row["n"] >= 5 and row["median_us"] >= 0, row
+        # a number, not necessarily >= 0: each side marks a hand-off once its send returned, and on
+        # a busy machine the receiver often marks first (CI: flushed -> reported, -362 us)
+        assert row["n"] >= 5 and isinstance(row["median_us"], float), row
         # the prototypes time the same hops in the same run
         assert row["lean_us"] != "" and row["prototype_us"] != "", row
