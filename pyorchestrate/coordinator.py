@@ -22,7 +22,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import collector, commands, control, curve, history, protocol, runmarker, snapshots, sockets, tailhold, trace
+from . import (collector, commands, control, curve, fd_limit, history, protocol, runmarker, snapshots, sockets, tailhold,
+               trace)
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -136,6 +137,9 @@ class Coordinator:
     def bind(self, address: str, events_address: str | None) -> None:
         """Bind the three sockets.  ``*``/``0`` ports are chosen by the OS."""
         cfg = self.config
+        # each connection costs a descriptor, a stranger's too: at the soft limit no worker,
+        # subscriber or command gets in, and libzmq's listener spins (fd_limit.py)
+        fd_limit.raise_open_files_limit(f"coordinator {self.name}")
         try:
             keyed = self.keydir is not None
             sockets.check_bind_allowed(address, insecure=cfg.insecure, keyed=keyed)

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pyorchestrate import protocol, sockets, trace
+from pyorchestrate import fd_limit, protocol, sockets, trace
 from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.versions import local_versions
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
+    # a process agent takes about four descriptors, a connection one (fd_limit.py)
+    fd_limit.raise_open_files_limit(f"worker {name or ''}".strip())
     for done in priority.lower(args.nice):  # first: whatever this worker starts inherits it
         logging.getLogger("pyorchestrate.worker").info("priority lowered: %s", done)
     try:
