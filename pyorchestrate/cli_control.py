@@ -53,11 +53,22 @@ def _json(value: Any) -> None:
 # ---------------------------------------------------------------- views (shared with top)
 
 
+def _open_files(files: dict[str, int] | None) -> str:
+    """`  files 35 of 1024`, and a warning past 80 % of the limit (at it, nothing else connects)."""
+    if not files:
+        return ""
+    text = f"  files {files['open']} of {files['limit'] if files['limit'] >= 0 else 'unlimited'}"
+    if files["limit"] > 0 and files["open"] >= 0.8 * files["limit"]:
+        text += " (near its open-files limit: new connections will be refused; see README, Security)"
+    return text
+
+
 def status_view(s: dict[str, Any]) -> list[Any]:
     agents, workers = s["agents"], s["workers"]
     lines = [
         f"coordinator {s['coordinator']}  up {tables.duration(s['uptime'])}  control {s['addresses'].get('control')}"
-        f"  events {s['addresses'].get('events')}  keys {'on' if s['security'].get('keys') else 'off'}",
+        f"  events {s['addresses'].get('events')}  keys {'on' if s['security'].get('keys') else 'off'}"
+        + _open_files(s.get("open_files")),
         f"agents   {agents['total']:>6}  " + "  ".join(f"{k.lower()} {v}" for k, v in agents["by_state"].items())
         + f"  restarts {agents['restarts']}",
         f"workers  {workers['total']:>6}  " + "  ".join(f"{k} {v}" for k, v in workers["by_state"].items()),

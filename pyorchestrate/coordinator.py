@@ -578,7 +578,7 @@ class Coordinator:
         return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,
                 "uptime": round(time.time() - self._started_wall, 1), "events_published": self._seq,
                 "history_held": len(self._history), "client_requests": dict(self.client_requests),
-                "loop_lag": round(max(self.loop_lags, default=0.0), 4)}
+                "loop_lag": round(max(self.loop_lags, default=0.0), 4), "open_files": fd_limit.open_files()}
 
     def _send_client(self, identity: bytes, frame: bytes) -> None:
         """A reply to a client: one gone meanwhile is no worker lost (nothing else to do)."""

@@ -18,6 +18,7 @@ systemd's ``LimitNOFILE``).
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("pyorchestrate.fd_limit")
 
@@ -47,3 +48,16 @@ def raise_open_files_limit(who: str) -> tuple[int, int] | None:
         return soft, target
     log.debug("%s: open files limit stays at %s (hard %s)", who, soft, hard)
     return None
+
+
+def open_files() -> dict[str, int] | None:
+    """This process's open descriptors and its soft limit (``status()["open_files"]``), or None
+    where the system does not tell (no ``/proc/self/fd``): near the limit, no one else gets in."""
+    try:
+        import resource
+
+        count = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself held
+    except (ImportError, OSError):
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return {"open": count, "limit": -1 if soft == resource.RLIM_INFINITY else soft}

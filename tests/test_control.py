@@ -118,3 +118,13 @@ def test_tables_without_rich_are_aligned_text(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["agents", "NAME   STATE", "alpha  READY", "b", "a line"]
     assert [tables.duration(s) for s in (None, 3.21, 245, 7380, 97200)] == ["-", "3.2s", "4m05s", "2h03m", "1d03h"]
     assert tables.short("a\nb  c" + "x" * 100, 10) == "a b cxxxx…"  # one line, cut with an ellipsis
+
+
+def test_status_says_when_the_coordinator_nears_its_open_files_limit() -> None:
+    from pyorchestrate.cli_control import _open_files
+
+    assert _open_files(None) == ""  # a system that does not tell
+    assert _open_files({"open": 35, "limit": 1024}) == "  files 35 of 1024"
+    assert _open_files({"open": 35, "limit": -1}) == "  files 35 of unlimited"
+    near = _open_files({"open": 900, "limit": 1024})
+    assert near.startswith("  files 900 of 1024") and "new connections will be refused" in near

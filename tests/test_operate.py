@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -49,8 +51,11 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     assert s["agents"]["by_state"] == {"READY": 2, "TERMINATED": 1} and s["workers"]["by_state"] == {"alive": 2}
     assert s["agents"]["with_errors"][0]["name"] == "broken" and "boom from agent" in s["agents"]["with_errors"][0]["last_error"]
     assert s["addresses"]["events"] == orch.events_address
+    # this test process's descriptors (the coordinator runs in it) and its raised soft limit
+    assert 0 < s["open_files"]["open"] < s["open_files"]["limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     table = cli("status", env=env)
     assert table.returncode == 0 and "ready 2" in table.stdout and "broken" in table.stdout
+    assert re.search(r"  files \d+ of \d+\n", table.stdout), table.stdout
 
     rows = json.loads(cli("ps", "--json", env=env).stdout)
     assert [(r["name"], r["state"]) for r in rows] == [("alpha", "READY"), ("beta", "READY"), ("broken", "TERMINATED")]
@@ -226,6 +231,8 @@ def test_dashboard_api_and_metrics(cluster, dashboard_of):
         for name in ("pyorchestrate_up", "pyorchestrate_agent_restarts", "pyorchestrate_events_published",
                      "pyorchestrate_events_lost", "pyorchestrate_loop_lag_seconds"):
             assert name in families, name
+        assert 0 < families["pyorchestrate_open_files"].samples[0].value \
+            < families["pyorchestrate_open_files_limit"].samples[0].value
 
         # an action needs the token in X-Token too (a cookie alone could come from another site)
         assert http.post("/api/agents/alpha/stop", headers=auth).status_code == 403

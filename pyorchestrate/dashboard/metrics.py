@@ -53,10 +53,14 @@ class ClusterCollector:
         for reason, count in sorted(status["dropped"].items()):
             dropped.add_metric([reason], count)
         yield dropped
-        lag = GaugeMetricFamily("pyorchestrate_loop_lag_seconds", "how late the coordinator loop's latest ticks "
-                                "ran (max of the last 20)")
-        lag.add_metric([], status["loop_lag"])
-        yield lag
+        yield GaugeMetricFamily("pyorchestrate_loop_lag_seconds", "how late the coordinator loop's latest ticks "
+                                "ran (max of the last 20)", value=status["loop_lag"])
+        files = status.get("open_files")
+        if files:  # a coordinator at its limit accepts no connection at all (README, Security)
+            yield GaugeMetricFamily("pyorchestrate_open_files", "file descriptors the coordinator's process holds",
+                                    value=files["open"])
+            yield GaugeMetricFamily("pyorchestrate_open_files_limit", "its soft open-files limit (-1: none)",
+                                    value=files["limit"])
         age = GaugeMetricFamily("pyorchestrate_worker_heartbeat_age_seconds", "seconds since each live worker's "
                                 "last heartbeat", labels=["worker", "host"])
         for w in state["workers"]:
