@@ -474,3 +474,35 @@ class CopyTracerProcess(LoopingProcessAgent):
     cycle = CopyTracer.cycle
     on_stop = CopyTracer.on_stop
     on_close = CopyTracer.on_close
+
+
+class Spawner(LoopingProcessAgent):
+    """Starts two processes it never ends, both in its process group, and writes their pids to
+    ``pid_file`` (one per line): a ``Popen`` never waited for, and a ``sh -c "... &"`` whose
+    shell exits (its job then has no parent of ours).  With ``stubborn`` they ignore SIGTERM; with
+    ``deaf`` the agent ignores its stop."""
+
+    class Config(LoopingProcessAgent.Config):
+        pid_file = ""
+        stubborn = False
+        deaf = False
+
+    def setup(self):
+        import shlex
+        import subprocess
+        import sys
+
+        code = ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if self.config.stubborn else "") \
+            + "import time; time.sleep(600)"
+        popen = subprocess.Popen([sys.executable, "-c", code])
+        job = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} > /dev/null 2>&1 & echo $!",
+                             shell=True, capture_output=True, text=True, check=True)  # noqa: S602 - our own command
+        with open(self.config.pid_file + ".tmp", "w") as f:
+            f.write(f"{popen.pid}\n{job.stdout.strip()}\n{os.getpid()}\n")
+        os.replace(self.config.pid_file + ".tmp", self.config.pid_file)
+
+    def cycle(self):
+        if self.config.deaf:
+            time.sleep(0.05)  # never looks at its stop
+        else:
+            self.wait_stop(0.02)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -25,16 +27,113 @@ BUS = "_BUS"  # a pipe message that is a bus event, not a report
 WORKER_GONE = 70  #: the exit status of a child process whose worker died (see worker_gone)
 
 
+#: seconds the processes an agent left behind get, after a SIGTERM, before a SIGKILL
+STRAY_GRACE = 1.0
+
+_own_group = False  # this process leads a process group of its own (see leave_the_worker_group)
+_worker_pid = 0  # the worker this process runs agents for (see end_strays)
+
+
 def worker_gone() -> None:
     """The worker's end of our pipe closed: it closes it only once we have exited, so it died.  Its
     connection to the coordinator closed with it, which the coordinator takes for certain: the
     worker's agents are gone and are started elsewhere at once.  So they must be gone: asked to
     stop instead, an agent whose cycle never came back to its loop ran on beside its replacement
-    (and nobody is left to report to)."""
+    (and nobody is left to report to).  So must any process they started that is still in our
+    group (``subprocess.Popen`` without a session of its own, and what that started): SIGKILL to
+    the whole group, this process with it."""
+    if _own_group:
+        try:
+            os.killpg(os.getpid(), signal.SIGKILL)
+        except OSError:
+            pass
     os._exit(WORKER_GONE)
 
 
-def leave_the_worker_group() -> None:
+def end_strays(grace: float = STRAY_GRACE) -> int:
+    """End every other process of our group: what the agent started and left running (a
+    ``Popen`` never waited for, ``sh -c "job &"``), before its TERMINATED is told.  That report
+    lets the coordinator start the agent again elsewhere, and a child doing its work must not run
+    on beside the new copy.  SIGTERM, then SIGKILL after ``grace`` seconds for those still there.
+    Returns how many groups were signalled (0: nothing was left, the common case, two syscalls).
+
+    To signal the group and not ourselves, we first step into our parent's group (the worker's
+    forkserver's, in the worker's group): the group we leave lives on while anything is in it,
+    and SIGTERM/SIGINT sent to the worker's group meanwhile are ignored (the agent is done)."""
+    if not _own_group:
+        return 0  # our group is not ours (a session leader): nothing of it is ours to signal
+    group = os.getpid()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # the worker's group: our parent, its forkserver, may be gone (a SIGTERM to the worker's
+        # group ends it), and an orphan's parent is init, whose group 0 would mean our own
+        os.setpgid(0, os.getpgid(_worker_pid or os.getppid()))
+    except OSError:
+        return 0  # the worker is gone or in another session: nowhere to step to
+    if os.getpgrp() == group:
+        return 0
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        return 0
+    if not wait_group_gone(group, grace):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_group_gone(group, STRAY_GRACE)  # a SIGKILLed process still runs until it is scheduled
+    return 1
+
+
+def wait_group_gone(group: int, timeout: float, reap: bool = True) -> bool:
+    """Wait up to ``timeout`` seconds until no process of ``group`` runs; True if none does.
+    ``reap``: reap our own ended children meanwhile (never in the worker: it would take their
+    exit status from the forkserver's and the pulse's owners)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if reap:
+            _reap()  # a stray that was our own child stays in the group, a zombie, until reaped
+        if not _group_alive(group):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _group_alive(group: int) -> bool:
+    """Is a process of ``group`` still running?  Zombies are not: an orphan's zombie stays in the
+    group until its new parent reaps it, and a container's PID 1 may never do so."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:  # no /proc: the group's existence is all we can know
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _reap() -> None:
+    """Reap our children that have ended (the agent is done: no Popen of it waits for them now)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def leave_the_worker_group(worker_pid: int = 0) -> None:
     """Take this process (a process agent's, or an agent host) out of its worker's process group
     into one of its own.  A signal to that group (Ctrl-C at the worker's terminal sends SIGINT to
     the whole foreground group; ``kill -- -PGID``) is for the worker, which stops its agents in
@@ -43,11 +142,14 @@ def leave_the_worker_group() -> None:
     still end with their worker: through the pipe (see :func:`worker_gone`).  The same session,
     not a new one (as the pulse has): whoever looks for what a worker left behind finds it there.
     (A systemd unit must not signal the whole cgroup either: ``KillMode=mixed``, as
-    deploy/systemd's unit has.)"""
+    deploy/systemd's unit has.)  The group is also what the agent's own processes are ended by
+    (:func:`end_strays`, and the worker's forced stop)."""
+    global _own_group, _worker_pid
     try:
         os.setpgid(0, 0)
     except OSError:  # a session's leader: not a child of the worker's forkserver
-        pass
+        return
+    _own_group, _worker_pid = True, worker_pid
 
 
 def bus_marker(item: Any) -> dict[str, Any]:
@@ -86,11 +188,13 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
          events_address: str | None = None, bus: list | None = None, hold: bool = False,
          events_key: Any = None, worker_pid: int = 0) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
-    leave_the_worker_group()
+    leave_the_worker_group(worker_pid)
     setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
 
     def report(event: str, **fields: Any) -> None:
+        if event == "AGENT_TERMINATED":
+            end_strays()  # before the end is told: see there
         fields.update(stamp())
         with lock:
             try:

@@ -37,7 +37,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
 from . import crowd
-from .child import BUS, leave_the_worker_group, setup_logging, worker_gone
+from .child import BUS, end_strays, leave_the_worker_group, setup_logging, worker_gone
 from .errors import error_fields
 from .lease_guard import LeaseGuard
 
@@ -188,10 +188,11 @@ class Host:
 def main(conn: Any, worker: str, host: str, events_address: str | None, events_key: Any, bus: bool,
          log_level: int = logging.INFO, worker_pid: int = 0) -> None:
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
-    leave_the_worker_group()
+    leave_the_worker_group(worker_pid)
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
     Host(conn, worker, host, events_address, events_key, bus, worker_pid).serve()
+    end_strays()  # what its agents started and left running goes with it
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -373,7 +374,10 @@ class Supervisor:
         record.process.join(5.0)
         code = record.process.exitcode
         if not record.terminated:
-            # the child died without saying goodbye (SIGKILL, segfault, os._exit): report it now
+            # the child died without saying goodbye (SIGKILL, segfault, os._exit): report it now,
+            # once what it started in its group is gone too (it could not end them itself:
+            # child.end_strays), or they would run on beside the copy the coordinator starts next
+            _kill_strays(record.process.pid)
             how = how_it_exited(code)
             if record.forced:
                 how = f"ignored stop for {record.stop_timeout:.1f} s and was terminated ({how})"
@@ -487,9 +491,9 @@ class Supervisor:
                 record.forced = True
                 if overdue < 2.0:
                     log.warning("process agent %s ignored stop for %.1f s: terminating it", record.name, record.stop_timeout)
-                    record.process.terminate()
+                    _signal_process_group(record.process, signal.SIGTERM)
                 else:
-                    record.process.kill()
+                    _signal_process_group(record.process, signal.SIGKILL)
             elif record.mode == "thread" and not record.forced:
                 record.forced = True  # threads cannot be killed: say so once
                 message = (f"thread agent {record.name} has not stopped {record.stop_timeout:.1f} s after the "
@@ -538,3 +542,33 @@ class Supervisor:
             else:
                 keep.append(host)
         self._hosts = keep
+
+
+def _signal_process_group(process: Any, sig: int) -> None:
+    """Signal a process agent's process and every process of its group (it leads one:
+    child.leave_the_worker_group), so that what it started ends with it; just the process if
+    it does not lead one."""
+    pid = process.pid
+    try:
+        if pid and os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    except OSError:  # gone meanwhile: its group, if it had one, is what _kill_strays ends
+        pass
+    (process.terminate if sig == signal.SIGTERM else process.kill)()
+
+
+def _kill_strays(pid: int | None) -> None:
+    """SIGKILL what is left of the group a process agent's process (``pid``, ended) led.  A group
+    lives on, under its leader's number, while any process is in it, and that number is not
+    given to another process meanwhile; once the group is empty the call finds none (a new
+    process would need that very number, after the whole range of pids went round, and to lead
+    a group of its own, within these moments)."""
+    if not pid:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # none left (ESRCH), the usual case
+        return
+    log.warning("process agent with pid %d ended and left processes running in its group: killed them", pid)
+    child.wait_group_gone(pid, child.STRAY_GRACE, reap=False)  # a SIGKILLed process runs until scheduled

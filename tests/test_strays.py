@@ -1,0 +1,98 @@
+"""What a process agent starts and leaves running ends with it, before its end is told (the
+coordinator may start the agent again elsewhere on that word): real workers, real agents that
+leave a ``Popen`` and a shell's background job behind (worker/child.py, ``end_strays``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from agents import Spawner
+from conftest import start_daemon, wait_for
+
+from pyorchestrate import OrchestratorEvent
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` a process that still runs (a zombie does not: it waits only to be reaped)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture
+def strays():
+    """The pids of the strays of a test; any still running at its end is killed (a failing test
+    must not leave them: they are nobody's children)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _spawned(cluster, tmp_path: Path, strays: list[int], **config) -> tuple:
+    """A DAEMON orchestrator, worker w1, and a READY Spawner "s" whose two strays run (their pids
+    added to ``strays``); with the strays' state recorded as each AGENT_TERMINATED callback runs."""
+    orch, events = start_daemon(cluster, ("w1",))
+    at_end: list[list[bool]] = []
+    lock = threading.Lock()
+
+    def on_end(agent_name: str) -> None:
+        with lock:
+            at_end.append([_running(pid) for pid in strays])
+
+    orch.register_event(OrchestratorEvent.AGENT_TERMINATED, on_end)
+    pid_file = tmp_path / "spawner.pids"
+    orch.register_agent(Spawner, "s", Spawner.Config(pid_file=str(pid_file), **config))
+    events.wait("AGENT_READY", "s", timeout=30)
+    wait_for(pid_file.exists, 10, "the spawner's pids")
+    popen, job, agent = (int(line) for line in pid_file.read_text().split())
+    with lock:
+        strays.extend((popen, job))
+    assert _running(popen) and _running(job) and _running(agent)
+    assert os.getpgid(popen) == os.getpgid(job) == agent  # in the agent's group, not the worker's
+    return orch, events, at_end
+
+
+def test_a_stopped_process_agent_ends_what_it_started_before_its_end_is_told(cluster, tmp_path, strays) -> None:
+    # the break: both processes ran on after the agent's AGENT_TERMINATED (the coordinator's
+    # word that it may start the agent again elsewhere), for ever
+    orch, events, at_end = _spawned(cluster, tmp_path, strays)
+    orch.stop_agent("s")
+    events.wait("AGENT_TERMINATED", "s", timeout=30)
+    wait_for(lambda: at_end, 10, "the TERMINATED callback")
+    assert at_end == [[False, False]]
+    assert events.of("AGENT_ERROR", "s") == []
+
+
+def test_strays_that_ignore_sigterm_are_killed_before_the_end_is_told(cluster, tmp_path, strays) -> None:
+    orch, events, at_end = _spawned(cluster, tmp_path, strays, stubborn=True)
+    orch.stop_agent("s")
+    events.wait("AGENT_TERMINATED", "s", timeout=30)
+    wait_for(lambda: at_end, 10, "the TERMINATED callback")
+    assert at_end == [[False, False]]
+
+
+def test_an_agent_killed_for_ignoring_its_stop_takes_its_strays_with_it(cluster, tmp_path, strays) -> None:
+    # the worker terminates a process agent past its stop timeout: its SIGTERM and SIGKILL
+    # went to the agent's process alone, and what it started ran on
+    orch, events, at_end = _spawned(cluster, tmp_path, strays, deaf=True, stubborn=True)
+    orch.stop_agent("s", timeout=0.5)
+    events.wait("AGENT_TERMINATED", "s", timeout=30)
+    wait_for(lambda: at_end, 10, "the TERMINATED callback")
+    assert at_end == [[False, False]]
+
+
+def test_strays_end_with_a_worker_that_dies(cluster, tmp_path, strays) -> None:
+    # the worker is SIGKILLed: its agent's process ends at once (child.worker_gone), as the
+    # coordinator, seeing the connection close, starts the agent elsewhere; its strays ran on
+    orch, events, _ = _spawned(cluster, tmp_path, strays)
+    os.kill(cluster.workers["w1"].pid, signal.SIGKILL)
+    events.wait("WORKER_LOST", "w1", timeout=30)
+    wait_for(lambda: not any(map(_running, strays)), 10, "the strays to end")
