@@ -506,3 +506,33 @@ class Spawner(LoopingProcessAgent):
             time.sleep(0.05)  # never looks at its stop
         else:
             self.wait_stop(0.02)
+
+
+class Forker(LoopingProcessAgent):
+    """Forks a helper that sleeps (it holds the agent's end of its worker's pipe, as any forked
+    child does) and writes ``<helper pid>\\n<own pid>`` to ``pid_file``."""
+
+    class Config(LoopingProcessAgent.Config):
+        pid_file = ""
+
+    def setup(self):
+        helper = os.fork()
+        if helper == 0:
+            time.sleep(600)
+            os._exit(0)
+        with open(self.config.pid_file + ".tmp", "w") as f:
+            f.write(f"{helper}\n{os.getpid()}\n")
+        os.replace(self.config.pid_file + ".tmp", self.config.pid_file)
+
+    def cycle(self):
+        self.wait_stop(0.02)
+
+
+class ForkerThread(LoopingThreadAgent):
+    """:class:`Forker` as a thread agent (run it in an agent host: ``--threads-per-process``)."""
+
+    Config = Forker.Config
+    setup = Forker.setup
+
+    def cycle(self):
+        self.wait_stop(0.02)

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from agents import Spawner
+from agents import Forever, Forker, ForkerThread, Spawner
 from conftest import start_daemon, wait_for
 
 from pyorchestrate import OrchestratorEvent
@@ -96,3 +96,28 @@ def test_strays_end_with_a_worker_that_dies(cluster, tmp_path, strays) -> None:
     os.kill(cluster.workers["w1"].pid, signal.SIGKILL)
     events.wait("WORKER_LOST", "w1", timeout=30)
     wait_for(lambda: not any(map(_running, strays)), 10, "the strays to end")
+
+
+@pytest.mark.parametrize("where", ["process", "host"])
+def test_an_agent_process_that_dies_beside_a_forked_helper_is_reported_at_once(cluster, tmp_path, strays, where):
+    # the break: the helper holds the agent's end of the worker's pipe, so the pipe never closed
+    # when the agent's process (a process agent's, or the agent host of a thread agent) was
+    # SIGKILLed (the OOM killer's way): the worker never reported it, and the coordinator
+    # counted it running for as long as the helper lived
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    if where == "host":  # the first thread agent runs in the worker, the next in an agent host
+        orch.register_agent(Forever, "filler")
+        events.wait("AGENT_READY", "filler", timeout=30)
+    pid_file = tmp_path / "forker.pids"
+    cls = Forker if where == "process" else ForkerThread
+    orch.register_agent(cls, "f", cls.Config(pid_file=str(pid_file)))
+    events.wait("AGENT_READY", "f", timeout=30)
+    wait_for(pid_file.exists, 10, "the forker's pids")
+    helper, agent = (int(line) for line in pid_file.read_text().split())
+    strays.append(helper)
+    assert _running(helper)
+    os.kill(agent, signal.SIGKILL)
+    ended = events.wait("AGENT_TERMINATED", "f", timeout=15)
+    assert not ended[0]["ok"] and "killed by signal 9" in events.of("AGENT_ERROR", "f")[0]["error_message"]
+    assert not _running(helper)  # in the agent's group: killed before the end was told
+    assert not events.of("AGENT_TERMINATED", "filler")  # the worker and its own agents live on

@@ -19,6 +19,7 @@ import msgpack
 from pyorchestrate.events import stamp
 
 from . import host as host_process
+from . import watch
 from .child import BUS, bus_marker
 from .errors import how_it_exited
 
@@ -96,6 +97,8 @@ class AgentHost:
         last_bus: dict[int, dict[str, Any]] = {}  # slot -> marker of its last bus event
         try:
             while True:
+                if not watch.readable_while_alive(self.conn, self.process):
+                    break  # it ended, and all it wrote before has been read
                 message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
                 if message[0] == BUS:
                     slot, item = message[1], tuple(message[2:])
@@ -119,6 +122,7 @@ class AgentHost:
             log.exception("bad message from agent host %s", self.number)
         self.process.join(5.0)
         code = self.process.exitcode
+        watch.kill_group_left_by(self.process.pid)  # what its agents started, before they are reported
         how = f"its host process (pid {self.process.pid}) {how_it_exited(code)}"
         self._gone(relay, emit, last_bus, failed, how, code)
         self._outbox.put(None)

@@ -26,7 +26,7 @@ from pyorchestrate import publisher, shipping, trace
 from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 
-from . import child
+from . import child, watch
 from .agent_threads import AgentThreads
 from .hosts import AgentHost
 from .errors import error_fields, how_it_exited
@@ -356,6 +356,8 @@ class Supervisor:
         last_bus: dict[str, Any] = {}  # the marker of the child's last bus event (see below)
         try:
             while True:
+                if not watch.readable_while_alive(record.conn, record.process):
+                    break  # its process ended, and all it wrote before has been read
                 message = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
                 if message[0] == child.BUS:  # one bus event, numbered and packed by the child
                     if sink is not None:
@@ -377,7 +379,7 @@ class Supervisor:
             # the child died without saying goodbye (SIGKILL, segfault, os._exit): report it now,
             # once what it started in its group is gone too (it could not end them itself:
             # child.end_strays), or they would run on beside the copy the coordinator starts next
-            _kill_strays(record.process.pid)
+            watch.kill_group_left_by(record.process.pid)
             how = how_it_exited(code)
             if record.forced:
                 how = f"ignored stop for {record.stop_timeout:.1f} s and was terminated ({how})"
@@ -553,22 +555,6 @@ def _signal_process_group(process: Any, sig: int) -> None:
         if pid and os.getpgid(pid) == pid:
             os.killpg(pid, sig)
             return
-    except OSError:  # gone meanwhile: its group, if it had one, is what _kill_strays ends
+    except OSError:  # gone meanwhile: its group, if it had one, is what watch.kill_group_left_by ends
         pass
     (process.terminate if sig == signal.SIGTERM else process.kill)()
-
-
-def _kill_strays(pid: int | None) -> None:
-    """SIGKILL what is left of the group a process agent's process (``pid``, ended) led.  A group
-    lives on, under its leader's number, while any process is in it, and that number is not
-    given to another process meanwhile; once the group is empty the call finds none (a new
-    process would need that very number, after the whole range of pids went round, and to lead
-    a group of its own, within these moments)."""
-    if not pid:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:  # none left (ESRCH), the usual case
-        return
-    log.warning("process agent with pid %d ended and left processes running in its group: killed them", pid)
-    child.wait_group_gone(pid, child.STRAY_GRACE, reap=False)  # a SIGKILLed process runs until scheduled

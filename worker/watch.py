@@ -1,0 +1,73 @@
+"""Watching a process the worker runs agents in (a process agent's, an agent host): when it has
+ended, and what it leaves behind in its process group.
+
+Its pipe alone does not say when it ended: any process it forks (``os.fork``, a fork-started
+``multiprocessing`` child) holds its end of the pipe too, and while one of those lives the pipe
+never closes.  A process agent SIGKILLed beside its forked helpers was never reported, and counted
+as running for ever.  The process's sentinel (the forkserver's word that it reaped it) says it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import signal
+from typing import Any
+
+from . import child
+
+log = logging.getLogger("pyorchestrate.worker.supervisor")
+
+
+def readable_while_alive(conn: Any, process: Any) -> bool:
+    """Wait until ``conn`` (the process's pipe) has something to read (True), or ``process`` has
+    ended and its pipe holds nothing more (False)."""
+    watched = [conn, process.sentinel]
+    while True:
+        ready = multiprocessing.connection.wait(watched)
+        if conn in ready:
+            return True
+        # the sentinel: the forkserver has reaped the process and says how it ended, or the
+        # forkserver itself is gone (a SIGTERM to the worker's group ends it), and its word with
+        # it (exit code 255): then only the process's own number tells whether it still runs
+        watched.remove(process.sentinel)
+        if process.exitcode is not None and not still_running(process.pid):
+            return bool(conn.poll(0))  # what it wrote before it ended, then nothing more
+
+
+def still_running(pid: int | None) -> bool:
+    """Does process ``pid`` run (a zombie does not)?  Where /proc cannot tell, a signal 0 does."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def kill_group_left_by(pid: int | None) -> None:
+    """SIGKILL what is left of the group the process ``pid`` (ended without saying so: it could
+    not end them itself, see child.end_strays) led, before its end is reported: they must not run
+    on beside the copy the coordinator starts next.  A group lives on, under its leader's number,
+    while any process is in it, and that number is not given to another process meanwhile; once
+    the group is empty the call finds none (a new process would need that very number, after the
+    whole range of pids went round, and to lead a group of its own, within these moments)."""
+    if not pid:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # none left (ESRCH), the usual case
+        return
+    log.warning("process %d ended and left processes running in its group: killed them", pid)
+    child.wait_group_gone(pid, child.STRAY_GRACE, reap=False)  # a SIGKILLed process runs until scheduled
