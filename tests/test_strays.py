@@ -121,3 +121,30 @@ def test_an_agent_process_that_dies_beside_a_forked_helper_is_reported_at_once(c
     assert not ended[0]["ok"] and "killed by signal 9" in events.of("AGENT_ERROR", "f")[0]["error_message"]
     assert not _running(helper)  # in the agent's group: killed before the end was told
     assert not events.of("AGENT_TERMINATED", "filler")  # the worker and its own agents live on
+
+
+def test_a_stopped_workers_agent_that_ignores_its_lease_takes_its_strays_with_it(cluster, tmp_path, strays):
+    # the worker is SIGSTOPped past its lease: its process agent, deaf to the stop its lease
+    # guard asks for, ends itself at its stop timeout (lease_guard.py), as the worker would have
+    # killed it; its strays ran on beside the copy the coordinator started elsewhere
+    orch, events = start_daemon(cluster, ("w1",), heartbeat_interval=0.1, heartbeat_liveness=5)
+    pid_file = tmp_path / "spawner.pids"
+    orch.register_agent(Spawner, "s", Spawner.Config(pid_file=str(pid_file), deaf=True, stubborn=True,
+                                                     stop_timeout=1.0), restart="on-failure",
+                        restart_backoff=(0.1, 0.5))
+    events.wait("AGENT_READY", "s", timeout=30)
+    wait_for(pid_file.exists, 10, "the spawner's pids")
+    popen, job, agent = (int(line) for line in pid_file.read_text().split())
+    strays.extend((popen, job, agent))
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+    w1 = cluster.workers["w1"]
+    w1.send_signal(signal.SIGSTOP)
+    try:
+        replaced = events.wait("AGENT_READY", "s", count=2, timeout=30)[-1]
+        assert replaced["worker"] == "w2"
+        assert [_running(pid) for pid in (popen, job, agent)] == [False, False, False]
+    finally:
+        w1.send_signal(signal.SIGCONT)
+    wait_for(lambda: pid_file.read_text().split()[2] != str(agent), 10, "the second copy's pids")
+    strays.extend(int(pid) for pid in pid_file.read_text().split())

@@ -40,14 +40,20 @@ def worker_gone() -> None:
     worker's agents are gone and are started elsewhere at once.  So they must be gone: asked to
     stop instead, an agent whose cycle never came back to its loop ran on beside its replacement
     (and nobody is left to report to).  So must any process they started that is still in our
-    group (``subprocess.Popen`` without a session of its own, and what that started): SIGKILL to
-    the whole group, this process with it."""
+    group (``subprocess.Popen`` without a session of its own, and what that started)."""
+    end_with_group(WORKER_GONE)
+
+
+def end_with_group(code: int) -> None:
+    """End this process at once, and every process of its group with it (SIGKILL to the group),
+    where no one else can be trusted to (a dead worker; a stopped one whose lease ran out); else,
+    or if that fails, exit with ``code``."""
     if _own_group:
         try:
             os.killpg(os.getpid(), signal.SIGKILL)
         except OSError:
             pass
-    os._exit(WORKER_GONE)
+    os._exit(code)
 
 
 def end_strays(grace: float = STRAY_GRACE) -> int:
@@ -217,7 +223,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
-    guard = LeaseGuard(worker_pid, agent.stop)
+    guard = LeaseGuard(worker_pid, agent.stop, end=end_with_group)
     threading.Thread(target=_listen, args=(conn, agent, guard), daemon=True).start()
     if bus:
         def sink(item: Any) -> None:

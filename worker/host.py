@@ -37,7 +37,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 
 from . import crowd
-from .child import BUS, end_strays, leave_the_worker_group, setup_logging, worker_gone
+from .child import BUS, end_strays, end_with_group, leave_the_worker_group, setup_logging, worker_gone
 from .errors import error_fields
 from .lease_guard import LeaseGuard
 
@@ -62,7 +62,7 @@ class Host:
         self._classes: dict[str, tuple[type, type]] = {}
         self._gc = crowd.FreezePolicy()
         self._leased: set[int] = set()  # the slots the worker's lease covers (not kept), as last told
-        self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left)
+        self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left, end=end_with_group)
 
     def _stop_leased(self) -> None:
         with self._lock:

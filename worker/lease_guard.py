@@ -32,10 +32,13 @@ class LeaseGuard:
     ``stop`` stops what the lease covers; ``may_end``: whether this process may end itself once
     that ignored the stop for its timeout (default: yes)."""
 
-    def __init__(self, worker_pid: int, stop: Callable[[], None], may_end: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, worker_pid: int, stop: Callable[[], None], may_end: Callable[[], bool] = lambda: True,
+                 end: Callable[[int], None] = os._exit) -> None:
+        """``end``: how this process ends itself (with what it started: child.end_with_group)."""
         self.worker_pid = worker_pid
         self.stop = stop
         self.may_end = may_end
+        self.end = end
         self.until = float("inf")  # no lease told yet: nothing to hold the worker to
         self.stop_timeout = 10.0
         self._thread: threading.Thread | None = None
@@ -53,7 +56,7 @@ class LeaseGuard:
             now = time.monotonic()
             if stop_by is not None:
                 if now >= stop_by and self.may_end():
-                    os._exit(LEASE_OVER)  # it ignored the stop: as the worker would kill it
+                    self.end(LEASE_OVER)  # it ignored the stop: as the worker would kill it
                 if self.until < now:
                     continue
                 stop_by = None  # a lease told since: the worker is back (a host's kept agents ran on)
