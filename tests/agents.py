@@ -465,11 +465,16 @@ class CopyTracerProcess(LoopingProcessAgent):
         trace = ""
         linger = 0.0
         pid_file = ""
+        deaf_to_sigterm = False  #: ignores SIGTERM (a worker's terminate after its stop timeout)
 
     def setup(self):
         CopyTracer.setup(self)
         if self.config.pid_file:
             append_line(self.config.pid_file, str(os.getpid()))
+        if self.config.deaf_to_sigterm:
+            import signal
+
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     cycle = CopyTracer.cycle
     on_stop = CopyTracer.on_stop

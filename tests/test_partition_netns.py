@@ -32,7 +32,7 @@ WINDOW = 1.0  # heartbeat 0.2 s x 5
 SCRIPT = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
-from agents import CopyTracer
+from agents import CopyTracer, CopyTracerProcess
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 out = open({events!r}, "a")
@@ -47,7 +47,7 @@ o = Orchestrator("partitioned", address={address!r}, insecure=True, run_mode=Run
                  heartbeat_interval=0.2, heartbeat_liveness=5)
 for event in OrchestratorEvent:
     o.register_event(event, record)
-o.register_agent(CopyTracer, "db", CopyTracer.Config(trace={trace!r}, stop_timeout=1.0, linger=0.8),
+o.register_agent({agent}, "db", {agent}.Config(trace={trace!r}, stop_timeout=1.0, {config}),
                  restart="always", restart_backoff=(0.2, 1.0))
 o.start()
 while True:
@@ -125,8 +125,16 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+#: the agent: a thread agent that stops slowly, within its stop timeout; a process agent that
+#: ignores both its stop and SIGTERM (its worker terminates it, then kills it: the kill was 2 s
+#: past its stop timeout, its replacement started 0.2 s past it, and they overlapped)
+AGENTS = {"thread": ("CopyTracer", "linger=0.8"),
+          "process": ("CopyTracerProcess", "linger=10.0, deaf_to_sigterm=True")}
+
+
 @pytest.mark.timeout(180)
-def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path):
+@pytest.mark.parametrize("kind", sorted(AGENTS))
+def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path, kind):
     reason = _namespaces_work()
     if reason:
         pytest.skip(reason)
@@ -139,7 +147,9 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
             net.host(name)
         address = f"tcp://{coordinator}:25600"
         script = tmp_path / "coordinator.py"
-        script.write_text(SCRIPT.format(tests=TESTS, events=str(events), address=address, trace=str(trace)))
+        agent, config = AGENTS[kind]
+        script.write_text(SCRIPT.format(tests=TESTS, events=str(events), address=address, trace=str(trace),
+                                        agent=agent, config=config))
         procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
         for name in ("w1", "w2"):
             procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,

@@ -32,6 +32,15 @@ STRAY_GRACE = 1.0
 
 _own_group = False  # this process leads a process group of its own (see leave_the_worker_group)
 _worker_pid = 0  # the worker this process runs agents for (see end_strays)
+_stop_by: float | None = None  # when the agent, asked to stop, must be gone (monotonic; see stopping)
+
+
+def stopping(seconds_left: float | None) -> None:
+    """The agent is asked to stop, and must be gone, with what it started, ``seconds_left`` from
+    now (its stop timeout, less what has passed since the stop: a lease's counts from its end)."""
+    global _stop_by
+    if seconds_left is not None and _stop_by is None:
+        _stop_by = time.monotonic() + seconds_left
 
 
 def worker_gone() -> None:
@@ -84,6 +93,8 @@ def end_strays(grace: float = STRAY_GRACE) -> int:
         os.killpg(group, signal.SIGTERM)
     except ProcessLookupError:
         return 0
+    if _stop_by is not None:  # stopped: within what is left of its stop timeout
+        grace = max(0.0, min(grace, _stop_by - time.monotonic()))
     if not wait_group_gone(group, grace):
         try:
             os.killpg(group, signal.SIGKILL)
@@ -170,6 +181,7 @@ def _listen(conn: Any, agent: Any, guard: LeaseGuard) -> None:
         while True:
             message = msgpack.unpackb(conn.recv_bytes(), raw=False)
             if message[0] == "stop":
+                stopping(message[1] if len(message) > 1 else None)
                 agent.stop()
             elif message[0] == "deliver":
                 agent.deliver(message[1], message[2])
@@ -223,7 +235,11 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
-    guard = LeaseGuard(worker_pid, agent.stop, end=end_with_group)
+    def stop_at_lease() -> None:
+        stopping(guard.stop_timeout)
+        agent.stop()
+
+    guard = LeaseGuard(worker_pid, stop_at_lease, end=end_with_group)
     threading.Thread(target=_listen, args=(conn, agent, guard), daemon=True).start()
     if bus:
         def sink(item: Any) -> None:

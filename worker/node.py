@@ -506,7 +506,7 @@ class Worker:
             return False
         if not self._lease_expired:
             self._lease_expired = True
-            stopped = self._supervisor.stop_all(keep=True)
+            stopped = self._supervisor.stop_all(keep=True, lease_end=self._lease_from + self._limits.lease)
             if stopped:
                 log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "
                             "will be replaced elsewhere; agents with on_disconnect='keep' keep running",

@@ -64,6 +64,10 @@ class Running:
     stop_requested_at: float | None = None
     stop_timeout: float = 10.0
     forced: bool = False  #: it ignored a stop past its timeout
+    #: stopped because the lease ran out: the coordinator starts its replacement elsewhere at the
+    #: end of its stop timeout (and a margin), so a process agent is killed at that end, not
+    #: terminated first and killed 2 s later (they overlapped)
+    deadline: bool = False
     #: its worker's shutdown asked it to stop (before it ended): its end says so, and the
     #: coordinator starts it again elsewhere, as after a drain, rather than taking the end for its own
     leaving: bool = False
@@ -414,7 +418,10 @@ class Supervisor:
         elif record.mode == "thread":
             record.agent.stop()
         else:
-            self._to_child(record, ["stop"])
+            # with the seconds it has left: what it started and leaves running must be gone by
+            # then too (child.end_strays)
+            left = record.stop_timeout - (time.monotonic() - record.stop_requested_at)
+            self._to_child(record, ["stop", max(0.0, left)])
 
     def deliver(self, name: str, run: str, epoch: int, kind: str, payload: Any) -> bool:
         """Hand a message to a running copy; False if it is not running here."""
@@ -456,14 +463,21 @@ class Supervisor:
         for host, mine in hosted.items():
             host.send(["lease", until, [r.slot for r in mine], max(r.stop_timeout for r in mine)])
 
-    def stop_all(self, timeout: float | None = None, *, keep: bool = False, leaving: bool = False) -> int:
+    def stop_all(self, timeout: float | None = None, *, keep: bool = False, leaving: bool = False,
+                 lease_end: float | None = None) -> int:
         """Ask every copy to stop (``keep=True``: all but those that keep running without a
-        coordinator; ``leaving``: because this worker shuts down, which their ends will say);
-        return how many were asked."""
+        coordinator; ``leaving``: because this worker shuts down, which their ends will say;
+        ``lease_end``: because the lease ran out then (monotonic), which their stop timeouts
+        count from, the coordinator's replacement waiting for no word of theirs); return how many
+        were asked."""
         with self._lock:
             records = [r for r in self._agents.values() if not r.terminated and not (keep and r.keep)]
         for record in records:
             record.leaving = record.leaving or leaving
+            if lease_end is not None and record.stop_requested_at is None:
+                record.deadline = True
+                record.stop_requested_at = min(lease_end, time.monotonic())
+                self._stopping.add(record.key)
             self._request_stop(record, timeout)
         return len(records)
 
@@ -491,7 +505,7 @@ class Supervisor:
                 continue
             if record.mode == "process" and record.process.is_alive():
                 record.forced = True
-                if overdue < 2.0:
+                if overdue < 2.0 and not record.deadline:
                     log.warning("process agent %s ignored stop for %.1f s: terminating it", record.name, record.stop_timeout)
                     _signal_process_group(record.process, signal.SIGTERM)
                 else:
