@@ -69,12 +69,13 @@ def end_strays(grace: float = STRAY_GRACE) -> int:
     """End every other process of our group: what the agent started and left running (a
     ``Popen`` never waited for, ``sh -c "job &"``), before its TERMINATED is told.  That report
     lets the coordinator start the agent again elsewhere, and a child doing its work must not run
-    on beside the new copy.  SIGTERM, then SIGKILL after ``grace`` seconds for those still there.
-    Returns how many groups were signalled (0: nothing was left, the common case, two syscalls).
+    on beside the new copy.  SIGTERM, then SIGKILL after ``grace`` seconds (no more than what is
+    left of a stopped agent's stop timeout) for those still there.  Returns how many groups were
+    signalled (0: nothing was left, the common case: six system calls, no wait).
 
-    To signal the group and not ourselves, we first step into our parent's group (the worker's
-    forkserver's, in the worker's group): the group we leave lives on while anything is in it,
-    and SIGTERM/SIGINT sent to the worker's group meanwhile are ignored (the agent is done)."""
+    To signal the group and not ourselves, we first step into the worker's group: the group we
+    leave lives on while anything is in it, and SIGTERM/SIGINT sent to the worker's group
+    meanwhile are ignored (the agent is done)."""
     if not _own_group:
         return 0  # our group is not ours (a session leader): nothing of it is ours to signal
     group = os.getpid()
@@ -235,6 +236,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
+
     def stop_at_lease() -> None:
         stopping(guard.stop_timeout)
         agent.stop()
