@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from agents import Forever, Forker, ForkerThread, Spawner
+from agents import Forever, ForeverProcess, Forker, ForkerThread, Spawner
 from conftest import start_daemon, wait_for
 
 from pyorchestrate import OrchestratorEvent
@@ -148,3 +148,23 @@ def test_a_stopped_workers_agent_that_ignores_its_lease_takes_its_strays_with_it
         w1.send_signal(signal.SIGCONT)
     wait_for(lambda: pid_file.read_text().split()[2] != str(agent), 10, "the second copy's pids")
     strays.extend(int(pid) for pid in pid_file.read_text().split())
+
+
+def test_process_agents_end_with_their_worker_even_if_a_fork_of_it_lives(cluster, tmp_path, strays) -> None:
+    # the break: a thread agent forks a helper, which is a copy of the worker holding the worker's
+    # end of every process agent's pipe; the worker is SIGKILLed, the coordinator (its connection
+    # closed) starts the agents elsewhere, and the process agent, its pipe never closed, ran on
+    orch, events = start_daemon(cluster, ("w1",))
+    forker_pids, process_pid = tmp_path / "forker.pids", tmp_path / "p.pid"
+    orch.register_agent(ForeverProcess, "p", ForeverProcess.Config(pid_file=str(process_pid)))
+    events.wait("AGENT_READY", "p", timeout=30)
+    orch.register_agent(ForkerThread, "f", ForkerThread.Config(pid_file=str(forker_pids)))
+    events.wait("AGENT_READY", "f", timeout=30)
+    wait_for(lambda: forker_pids.exists() and process_pid.exists(), 10, "the pids")
+    helper, worker = (int(line) for line in forker_pids.read_text().split())
+    agent = int(process_pid.read_text())
+    strays.extend((helper, agent))
+    assert worker == cluster.workers["w1"].pid and _running(helper) and _running(agent)
+    os.kill(worker, signal.SIGKILL)
+    events.wait("WORKER_LOST", "w1", timeout=30)
+    wait_for(lambda: not _running(agent), 10, "the process agent to end with its worker")

@@ -8,6 +8,7 @@ death the moment it exits, without waiting for heartbeats.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -17,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -130,6 +132,22 @@ class Supervisor:
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child", "pyorchestrate_worker.host"])
         if AGENT_LOGGERS.level == logging.NOTSET:
             AGENT_LOGGERS.setLevel(logging.INFO)  # agents' INFO records reach the bus
+        # a weak reference: a hook cannot be unregistered, and a process may make several of us
+        os.register_at_fork(after_in_child=functools.partial(_forked, weakref.ref(self)))
+
+    def forked(self) -> None:
+        """In a copy of the worker that an agent forked (``os.fork``, a fork-started
+        ``multiprocessing`` child): close the worker's ends of its children's pipes.  The copy
+        inherits them, and while it held them a process agent or agent host never saw its worker
+        die (its pipe never closed): it ran on beside the copy the coordinator started elsewhere.
+        Runs with only the forking thread alive: no lock is taken (its holder may be gone)."""
+        conns = [r.conn for r in list(self._agents.values()) if r.conn is not None]
+        conns += [h.conn for h in self._hosts]
+        for conn in conns:
+            try:
+                conn.close()  # this copy's object: nothing is sent, the worker's own is untouched
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ queries
 
@@ -572,3 +590,11 @@ def _signal_process_group(process: Any, sig: int) -> None:
     except OSError:  # gone meanwhile: its group, if it had one, is what watch.kill_group_left_by ends
         pass
     (process.terminate if sig == signal.SIGTERM else process.kill)()
+
+
+def _forked(supervisor: weakref.ref) -> None:
+    """os.register_at_fork's hook (a weak reference: a hook cannot be unregistered, and a
+    process may make several supervisors)."""
+    alive = supervisor()
+    if alive is not None:
+        alive.forked()
