@@ -36,9 +36,11 @@ def raise_open_files_limit(who: str) -> tuple[int, int] | None:
     except ImportError:  # not a POSIX system: nothing to raise
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None  # nothing is higher
     tries = _TRIES_BELOW_UNLIMITED if hard == resource.RLIM_INFINITY else (hard, 10_240)
     for target in tries:
-        if soft != resource.RLIM_INFINITY and soft >= target:
+        if soft >= target:
             return None  # already as high
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -98,3 +98,21 @@ def test_a_worker_runs_more_process_agents_than_its_soft_limit_allows(cluster, t
     time.sleep(0.5)  # an error just after a READY
     assert events.of("AGENT_ERROR") == []
     assert len(events.of("AGENT_READY")) == n
+
+
+def test_the_raise_never_lowers_and_says_what_it_did() -> None:
+    # in a child process: the limit is process-wide
+    code = """
+import resource
+from pyorchestrate import fd_limit
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+assert fd_limit.raise_open_files_limit("test") == (128, hard if hard != resource.RLIM_INFINITY else 1 << 20)
+assert fd_limit.raise_open_files_limit("test") is None  # already at the top: nothing to do
+assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+files = fd_limit.open_files()
+assert files is not None and 0 < files["open"] < files["limit"]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
