@@ -53,8 +53,9 @@ def raise_open_files_limit(who: str) -> tuple[int, int] | None:
 
 
 def open_files() -> dict[str, int] | None:
-    """This process's open descriptors and its soft limit (``status()["open_files"]``), or None
-    where the system does not tell (no ``/proc/self/fd``): near the limit, no one else gets in."""
+    """This process's open descriptors and its soft limit (``ControlClient.status()["open_files"]``,
+    ``pyorchestrate status``), or None where the system does not tell (no ``/proc/self/fd``):
+    near the limit, no one else gets in."""
     try:
         import resource
 
