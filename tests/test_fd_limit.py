@@ -5,6 +5,7 @@ stranger holding idle TCP connections, real process agents."""
 from __future__ import annotations
 
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def test_a_strangers_idle_connections_do_not_lock_commands_out(tmp_path: Path) -
     stranger: list[socket.socket] = []
     try:
         assert proc.stdout is not None and proc.stdin is not None
+        assert select.select([proc.stdout], [], [], 60)[0], "the coordinator did not start within 60 s"
         address, events_address, soft = proc.stdout.readline().split()
         assert int(soft) > SOFT
         for _ in range(150):

@@ -14,15 +14,12 @@ from agents import Forever, ForeverProcess, Forker, ForkerThread, Spawner
 from conftest import start_daemon, wait_for
 
 from pyorchestrate import OrchestratorEvent
+from pyorchestrate_worker.pulse import worker_state
 
 
 def _running(pid: int) -> bool:
     """Is ``pid`` a process that still runs (a zombie does not: it waits only to be reaped)?"""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
+    return worker_state(pid) not in (None, "Z", "X")
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pyorchestrate.events import stamp
 from . import agent_logs
 from .errors import error_fields
 from .lease_guard import LeaseGuard
+from .pulse import process_stat
 
 BUS = "_BUS"  # a pipe message that is a bus event, not a report
 WORKER_GONE = 70  #: the exit status of a child process whose worker died (see worker_gone)
@@ -128,18 +129,11 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:  # no /proc: the group's existence is all we can know
         return True
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    # (a pid whose stat is gone ended meanwhile)
+    return any(stat[1] == group and stat[0] not in ("Z", "X") for stat in map(process_stat, pids) if stat)
 
 
 def _reap() -> None:

@@ -95,9 +95,10 @@ class AgentHost:
         writer.start()
         failed: set[int] = set()  # slots that reported an error (a death adds none)
         last_bus: dict[int, dict[str, Any]] = {}  # slot -> marker of its last bus event
+        watched = watch.ChildWatch(self.conn, self.process)
         try:
             while True:
-                if not watch.readable_while_alive(self.conn, self.process):
+                if not watched.readable():
                     break  # it ended, and all it wrote before has been read
                 message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
                 if message[0] == BUS:

@@ -31,15 +31,23 @@ from pyorchestrate import curve, protocol, sockets
 ECHO = struct.Struct("d")  # one echoed stamp (time.monotonic(), the same clock in every process)
 
 
-def worker_state(pid: int) -> str | None:
-    """The process state letter of ``pid`` (R, S, D, T, Z, ...), None if it is gone."""
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """The state letter (R, S, D, T, Z, ...) and process group of ``pid``, None if it is gone
+    (or there is no /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # the name (field 2) is in parentheses and may hold spaces: the state follows the last ")"
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3].decode()
+    # the name (field 2) is in parentheses and may hold spaces: state, ppid, pgrp follow the last ")"
+    fields = stat[stat.rindex(b")") + 2:].split(maxsplit=3)
+    return fields[0].decode(), int(fields[2])
+
+
+def worker_state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (R, S, D, T, Z, ...), None if it is gone."""
+    stat = process_stat(pid)
+    return None if stat is None else stat[0]
 
 
 def alive_and_running(state: str | None) -> bool:

@@ -376,9 +376,10 @@ class Supervisor:
         seen_error = False
         sink = self._bus_sink()
         last_bus: dict[str, Any] = {}  # the marker of the child's last bus event (see below)
+        watched = watch.ChildWatch(record.conn, record.process)
         try:
             while True:
-                if not watch.readable_while_alive(record.conn, record.process):
+                if not watched.readable():
                     break  # its process ended, and all it wrote before has been read
                 message = msgpack.unpackb(record.conn.recv_bytes(), raw=False)
                 if message[0] == child.BUS:  # one bus event, numbered and packed by the child

