@@ -29,13 +29,16 @@ from .drops import DropCounter
 from .keys import KeyDir
 from .events import EventDispatcher, OrchestratorEvent, stamp
 from .limits import Limits, adopt_window
+from .log_thread import LOG_THREAD, deferrable, defer_in_this_thread
 from .mailbox import Mailbox
 from .records import AgentRecord, WorkerRecord
 from .states import AgentState, plain_members
 from .versions import local_versions
 
-log = logging.getLogger("pyorchestrate.coordinator")
-_AGENT_LOG = logging.getLogger("pyorchestrate.agent")
+# deferrable: this loop never waits on a log stream (log_thread.py); core.py, core_commands.py and
+# registration.py log on this same logger object
+log = deferrable(logging.getLogger("pyorchestrate.coordinator"))
+_AGENT_LOG = deferrable(logging.getLogger("pyorchestrate.agent"))
 
 _DRAIN_BATCH = 1000
 #: the most one loop turn spends on one socket's frames: a bus batch can hold thousands of events,
@@ -204,6 +207,7 @@ class Coordinator:
         for record in records:  # those registered before start
             core.command(commands.AddAgent(record, graph_checked=True), now)
         self.core = core
+        LOG_THREAD.start()  # here, not in the loop: Thread.start() waits until the thread runs
         self._thread = threading.Thread(target=self._run, name="pyorchestrate-coordinator", daemon=True)
         self._thread.start()
 
@@ -216,6 +220,9 @@ class Coordinator:
     def _run(self) -> None:
         assert self.core is not None
         core = self.core
+        # a stream that takes no data (a paused terminal, a full pipe) must not stop this loop: its
+        # workers' leases would run out (log_thread.py)
+        defer_in_this_thread()
         self.collector = collector.Collector()
         poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub, self.mailbox.wake_socket, self.monitor):
@@ -966,8 +973,14 @@ class Coordinator:
         assert self.core is not None
         snap = core_snapshot or self.core.snapshot(None, time.monotonic())
         return {**snap, "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
-                "dropped": dict(self.dropped.counts), "lost_events": self.lost_events,
+                "dropped": self._drop_counts(), "lost_events": self.lost_events,
                 "security": self._security_status()}
+
+    def _drop_counts(self) -> dict[str, int]:
+        counts = dict(self.dropped.counts)
+        if LOG_THREAD.dropped:  # lines this loop logged that its log stream took too long to take
+            counts["log_record_unwritten"] = LOG_THREAD.dropped
+        return counts
 
     def _security_status(self) -> dict[str, Any]:
         if self.gatekeeper is None:

@@ -27,6 +27,7 @@ from .events import MAX_BACKLOG, EventDispatcher, OrchestratorEvent
 from .handles import AgentHandle, AgentStates
 from .limits import Limits
 from .local_workers import LocalWorkers, check_nice
+from .log_thread import LOG_THREAD
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, is_worker_name, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
@@ -531,6 +532,7 @@ class Orchestrator:
         self._dispatcher.wait_idle(10.0)
         self._coordinator.mailbox.put((cmd.Close(), None))
         self._coordinator.join_thread(10.0)
+        LOG_THREAD.flush(1.0)  # the loop's last lines are written when stop() returns (if the stream takes them)
         self._local.stop()
         self.plugin.finalize(_log_plugin_failure)
         self._dispatcher.close()

@@ -541,3 +541,19 @@ class ForkerThread(LoopingThreadAgent):
 
     def cycle(self):
         self.wait_stop(0.02)
+
+
+class Chatty(LoopingThreadAgent):
+    """Logs a long INFO line every 5 ms: fills a log stream nobody reads within a second."""
+
+    def cycle(self):
+        self.logger.info("chatter %s", "x" * 400)
+        self.wait_stop(0.005)
+
+
+class QuietTracer(CopyTracer):
+    """:class:`CopyTracer` that never logs: it goes on working while its worker's stderr is full."""
+
+    def cycle(self):
+        append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
+        self.wait_stop(0.05)

@@ -18,6 +18,7 @@ import msgpack
 
 from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
+from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 
 from . import agent_logs
 from .errors import error_fields
@@ -192,7 +193,7 @@ def setup_logging(label: str, log_level: int) -> None:
     handler.setLevel(log_level)  # the level is the handler's: records still reach the bus
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{label} pid {os.getpid()}] %(name)s: %(message)s"))
     agent_logs.follow_parent(handler)
-    logging.getLogger().addHandler(handler)
+    logging.getLogger().addHandler(QueuedHandler(handler))  # as the worker's: never waits on stderr
     logging.getLogger().setLevel(min(log_level, logging.INFO))
     logging.getLogger("pyorchestrate.agent").setLevel(logging.INFO)  # INFO records reach the bus
 
@@ -253,6 +254,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         publisher.detach(agent)
     conn.close()
     sys.stdout.flush()
-    sys.stderr.flush()
+    if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
+        sys.stderr.flush()
     # skip interpreter teardown: a stray non-daemon thread of user code must not keep us alive
     os._exit(0 if ok else 1)

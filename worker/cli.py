@@ -12,6 +12,7 @@ import sys
 from pyorchestrate import fd_limit, protocol, sockets, trace
 from pyorchestrate.keys import KeysError
 from pyorchestrate.limits import ORPHAN_TIMEOUT
+from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 from pyorchestrate.versions import local_versions
 
 from . import agent_logs, crowd, priority, stop_signals
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.agent_logs == "bus":
         agent_logs.bus_only(handler)
     root = logging.getLogger()
-    root.addHandler(handler)
+    # written by a thread of its own: a stderr that takes no data must not stop this worker's loop
+    # (its coordinator would take it for lost while its agents ran on) nor its agents
+    root.addHandler(QueuedHandler(handler))
     root.setLevel(min(logging.getLevelName(args.log_level), logging.INFO))
     # a process agent takes about four descriptors, a connection one (fd_limit.py)
     fd_limit.raise_open_files_limit(f"worker {name or ''}".strip())
@@ -179,7 +182,8 @@ def entry(argv: list[str] | None = None) -> None:
         logging.getLogger("pyorchestrate.worker").critical("worker failed", exc_info=True)
         code = 1
     trace.write()  # what atexit would have done (os._exit skips it): --trace's worker hops
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)

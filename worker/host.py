@@ -35,6 +35,7 @@ import msgpack
 
 from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
+from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
 from . import crowd
 from .child import BUS, end_strays, end_with_group, leave_the_worker_group, setup_logging, worker_gone
@@ -195,7 +196,8 @@ def main(conn: Any, worker: str, host: str, events_address: str | None, events_k
     end_strays()  # what its agents started and left running goes with it
     conn.close()
     sys.stdout.flush()
-    sys.stderr.flush()
+    if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
+        sys.stderr.flush()
     # skip interpreter teardown: a stuck agent thread (or a non-daemon thread of user code) must
     # not keep the host alive
     os._exit(0)
