@@ -3,8 +3,8 @@
 import os
 import time
 
-from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, LoopingProcessAgent,
-                           LoopingThreadAgent)
+from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, EventDrivenThreadAgent,
+                           LoopingProcessAgent, LoopingThreadAgent)
 
 
 class Quick(BaseThreadAgent):
@@ -557,3 +557,21 @@ class QuietTracer(CopyTracer):
     def cycle(self):
         append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
         self.wait_stop(0.05)
+
+
+class SlowToMake(EventDrivenThreadAgent):
+    """Its ``__init__`` takes ``Config.seconds`` (as a big import or a connection made there would);
+    each message it is sent (``orchestrator.send``) becomes a line "message PAYLOAD" in ``trace``."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        seconds = 3.0
+        trace = ""
+
+    def __init__(self, name=None, config=None, plugin=None):
+        append_line(config.trace, f"making {name}")
+        time.sleep(config.seconds)
+        super().__init__(name, config, plugin)
+        append_line(config.trace, f"made {name}")
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"message {event.payload}")

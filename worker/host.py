@@ -40,6 +40,7 @@ from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 from . import crowd
 from .child import BUS, end_strays, end_with_group, leave_the_worker_group, setup_logging, worker_gone
 from .errors import error_fields
+from .handoff import Handoff
 from .lease_guard import LeaseGuard
 
 #: after the worker said "exit", how long agents get to end before the host exits anyway
@@ -58,9 +59,11 @@ class Host:
         self._events_address, self._events_key, self._bus = events_address, events_key, bus
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self.agents: dict[int, Any] = {}
+        self.agents: dict[int, Handoff] = {}  # by slot: each agent's way in, made or being made
         self._threads: dict[int, threading.Thread] = {}
         self._classes: dict[str, tuple[type, type]] = {}
+        self._blobs: dict[str, bytes] = {}  # class blobs by id, unpickled by the first agent that needs one
+        self._unpacking = threading.Lock()  # taken by agent threads only: an import may take seconds
         self._gc = crowd.FreezePolicy()
         self._leased: set[int] = set()  # the slots the worker's lease covers (not kept), as last told
         self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left, end=end_with_group)
@@ -69,7 +72,7 @@ class Host:
         with self._lock:
             agents = [a for slot, a in self.agents.items() if slot in self._leased]
         for agent in agents:
-            agent.stop()
+            agent.give("stop")
 
     def _only_leased_left(self) -> bool:
         """May this process end at its stopped worker's lease: does nothing kept run here?"""
@@ -97,11 +100,11 @@ class Host:
                 elif kind == "stop":
                     agent = self.agents.get(message[1])
                     if agent is not None:
-                        agent.stop()
+                        agent.give("stop")
                 elif kind == "deliver":
                     agent = self.agents.get(message[1])
                     if agent is not None:
-                        agent.deliver(message[2], message[3])
+                        agent.give(message[2], message[3])
                 elif kind == "lease":  # [until, the slots it covers, their longest stop timeout]
                     self._leased = set(message[2])
                     self._guard.renewed(message[1], message[3])
@@ -128,41 +131,54 @@ class Host:
             fields.update(stamp())
             self.send([slot, event, fields])
 
-        try:
-            if class_blob is not None:
-                self._classes[class_id] = shipping.unpack_class(class_blob)
-            agent_class, config_class = self._classes[class_id]
-            config, plugin = shipping.unpack_config(config_class, config_blob)
-            agent = agent_class(name, config, plugin)
-        except BaseException as exc:  # noqa: BLE001 - any failure to load is this agent's, not the host's
-            report("AGENT_STARTED")
-            report("AGENT_ERROR", **error_fields(exc))
-            report("AGENT_TERMINATED", ok=False)
-            return
-        agent._report = report
-        agent.events_address = self._events_address
-        agent.events_key = self._events_key
-        if hold:
-            agent.control_events.execute_event.clear()  # until the coordinator says execute
+        if class_blob is not None:
+            self._blobs[class_id] = class_blob
+        blob = self._blobs.get(class_id)
+        handoff = Handoff()
 
         def sink(item: Any) -> None:
             self.send([BUS, slot, *item])
 
         def run() -> None:
+            # made here, in its own thread, not in serve(): an import or a slow __init__ must not
+            # hold up the worker's messages to the other agents of this host (handoff.py)
+            try:
+                classes = self._classes.get(class_id)
+                if classes is None:
+                    with self._unpacking:  # two agents of a class not loaded yet import it once
+                        classes = self._classes.get(class_id)
+                        if classes is None:
+                            if blob is None:
+                                raise LookupError(f"class {class_id} was never sent to this agent host")
+                            classes = self._classes[class_id] = shipping.unpack_class(blob)
+                            self._blobs.pop(class_id, None)
+                agent_class, config_class = classes
+                config, plugin = shipping.unpack_config(config_class, config_blob)
+                agent = agent_class(name, config, plugin)
+                agent._report = report
+                agent.events_address = self._events_address
+                agent.events_key = self._events_key
+                if hold:
+                    agent.control_events.execute_event.clear()  # until the coordinator says execute
+            except BaseException as exc:  # noqa: BLE001 - any failure to load is this agent's, not the host's
+                handoff.failed()
+                self._forget(slot)
+                report("AGENT_STARTED")
+                report("AGENT_ERROR", **error_fields(exc))
+                report("AGENT_TERMINATED", ok=False)
+                return
+            handoff.made(agent)
             if self._bus:
                 publisher.attach(agent, sink, self._worker, self._host, tag)
             try:
                 agent.run()
             finally:
                 publisher.detach(agent)
-                with self._lock:
-                    self.agents.pop(slot, None)
-                    self._threads.pop(slot, None)
-                    self._gc.ended()
+                self._forget(slot)
 
         thread = threading.Thread(target=run, name=f"agent-{name}", daemon=True)
         with self._lock:
-            self.agents[slot] = agent
+            self.agents[slot] = handoff
             self._threads[slot] = thread
             self._gc.started()
         try:
@@ -175,12 +191,18 @@ class Host:
             report("AGENT_ERROR", **error_fields(exc, " (could not start its thread)"))
             report("AGENT_TERMINATED", ok=False)
 
+    def _forget(self, slot: int) -> None:
+        with self._lock:
+            self.agents.pop(slot, None)
+            self._threads.pop(slot, None)
+            self._gc.ended()
+
     def _stop_all(self) -> None:
         with self._lock:
             agents = list(self.agents.values())
             threads = list(self._threads.values())
         for agent in agents:
-            agent.stop()
+            agent.give("stop")
         deadline = time.monotonic() + EXIT_GRACE
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))

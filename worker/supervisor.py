@@ -30,6 +30,7 @@ from pyorchestrate.events import stamp
 
 from . import child, watch
 from .agent_threads import AgentThreads
+from .handoff import Handoff
 from .hosts import AgentHost
 from .errors import error_fields, how_it_exited
 
@@ -59,7 +60,6 @@ class Running:
     coordinator: str = ""  #: the name of the coordinator that started it
     definition: str = ""
     ready: bool = False
-    agent: Any = None  # thread agents
     process: Any = None  # process agents
     conn: Any = None
     terminated: bool = False
@@ -76,6 +76,9 @@ class Running:
     thread: threading.Thread | None = field(default=None, repr=False)
     host: AgentHost | None = field(default=None, repr=False)  #: thread agents run by an agent host
     slot: int = 0  #: its number in that host
+    local: bool = False  #: a thread agent run in this process (counted in _local_threads)
+    #: the way in to a thread agent of this process, which its own thread makes (handoff.py)
+    handoff: Handoff | None = field(default=None, repr=False)
 
     @property
     def key(self) -> Key:
@@ -124,6 +127,7 @@ class Supervisor:
         self.threads = AgentThreads()
         self._blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._classes: dict[str, tuple[type, type]] = {}
+        self._unpacking = threading.Lock()  # taken by agent threads only: an import may take seconds
         self.events_address: str | None = None
         self.events_key: Any = None  # the worker's key (ClientKey) when the coordinator uses keys
         self.host = socket.gethostname()
@@ -239,30 +243,29 @@ class Supervisor:
             self._by_name.setdefault(record.name, []).append(record.key)
 
     def _start_thread(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
+        """Hand a thread agent to a thread, which makes it and runs it.  Nothing of the user's runs
+        here, on the worker's loop: unpickling a class imports its modules (seconds for a big
+        library), and an agent's ``__init__`` may connect somewhere or sleep.  Made here, a 3 s
+        ``__init__`` silenced the worker: its coordinator took it for lost, and the agents running
+        there were stopped at its lease and started again (elsewhere, with a longer wait: beside
+        the copies still running)."""
         name = record.name
-        try:
-            if class_id not in self._classes:
-                self._classes[class_id] = shipping.unpack_class(blob)
-            agent_class, config_class = self._classes[class_id]
-            config, plugin = shipping.unpack_config(config_class, config_blob)
-            hosted = bool(self.threads_per_process) and self._local_threads >= self.threads_per_process
-            agent = None if hosted else agent_class(name, config, plugin)
-        except Exception as exc:
-            self._fail_before_start(record, exc)
-            return
-        record.stop_timeout = float(getattr(config, "stop_timeout", record.stop_timeout))
-        if hosted:
+        if self.threads_per_process and self._local_threads >= self.threads_per_process:
             self._start_hosted(record, class_id, blob, config_blob, hold)
             return
-        record.agent = agent
+        record.local = True
+        record.handoff = Handoff()
         self._local_threads += 1
+        sink = self._bus_sink()
 
         def report(event: str, **fields: Any) -> None:
             self._relay(record, event, fields)
 
-        sink = self._bus_sink()
-
         def run() -> None:
+            agent = self._make(record, class_id, blob, config_blob, hold)
+            if agent is None:
+                return
+            agent._report = report
             if trace.enabled:
                 trace.mark("running", name)
             publisher.attach(agent, sink, self._worker_name, self.host, record.tag)
@@ -271,16 +274,37 @@ class Supervisor:
             finally:
                 publisher.detach(agent)  # and its logger leaves logging's registry
 
-        agent._report = report
-        agent.events_address = self.events_address
-        agent.events_key = self.events_key
-        if hold:
-            agent.control_events.execute_event.clear()  # until the coordinator says execute
         self._add(record)
         if self.threads.submit(run, f"agent-{name}", lambda exc: self._no_thread(record, exc)):
             self._start_soon(self.threads.start_one)  # no idle thread: a new one, unless one comes free first
         if trace.enabled:
             trace.mark("handed", name)
+
+    def _make(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> Any:
+        """In the agent's thread: the agent, made from what the coordinator sent, or None if that
+        failed (reported as the agent's STARTED, ERROR and TERMINATED).  ``record.handoff`` holds
+        what the loop hands it meanwhile."""
+        try:
+            classes = self._classes.get(class_id)
+            if classes is None:
+                # one at a time: two agents of a class that is not loaded yet import its modules once
+                with self._unpacking:
+                    classes = self._classes.get(class_id)
+                    if classes is None:
+                        classes = self._classes[class_id] = shipping.unpack_class(blob)
+            agent_class, config_class = classes
+            config, plugin = shipping.unpack_config(config_class, config_blob)
+            agent = agent_class(record.name, config, plugin)
+            agent.events_address = self.events_address
+            agent.events_key = self.events_key
+            if hold:
+                agent.control_events.execute_event.clear()  # until the coordinator says execute
+        except Exception as exc:
+            record.handoff.failed()
+            self._end_unstarted(record, exc)
+            return None
+        record.handoff.made(agent)
+        return agent
 
     def _start_hosted(self, record: Running, class_id: str, blob: bytes, config_blob: bytes, hold: bool) -> None:
         """Run a thread agent in an agent host with room (a new one if none has)."""
@@ -336,9 +360,13 @@ class Supervisor:
         """A thread agent no thread could be started for: failed (it would otherwise count as
         running for ever)."""
         log.error("could not start a thread for agent %s: %s", agent.name, exc)
-        self._emit(agent, "AGENT_STARTED", {})
-        self._emit(agent, "AGENT_ERROR", error_fields(exc, " (could not start its thread)"))
-        self._relay(agent, "AGENT_TERMINATED", {**stamp(), "ok": False})
+        self._end_unstarted(agent, exc, " (could not start its thread)")
+
+    def _end_unstarted(self, record: Running, exc: BaseException, hint: str = "") -> None:
+        """A tracked copy that could not run: its STARTED, ERROR and TERMINATED (which ends it here)."""
+        self._emit(record, "AGENT_STARTED", {})
+        self._emit(record, "AGENT_ERROR", error_fields(exc, hint))
+        self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False})
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name
@@ -435,7 +463,7 @@ class Supervisor:
         if record.host is not None:
             record.host.send(["stop", record.slot])
         elif record.mode == "thread":
-            record.agent.stop()
+            record.handoff.give("stop")
         else:
             # with the seconds it has left: what it started and leaves running must be gone by
             # then too (child.end_strays)
@@ -451,7 +479,7 @@ class Supervisor:
         if record.host is not None:
             record.host.send(["deliver", record.slot, kind, payload])
         elif record.mode == "thread":
-            record.agent.deliver(kind, payload)
+            record.handoff.give(kind, payload)
         else:
             self._to_child(record, ["deliver", kind, payload])
         return True
@@ -551,12 +579,12 @@ class Supervisor:
                 forgotten += 1
                 if record.host is not None:
                     record.host.forget(record.slot)
-                elif record.mode == "thread" and record.agent is not None:
+                elif record.local:
                     self._local_threads -= 1
                 # the agent reports through a closure holding this record: a cycle, which left
                 # each ended agent (~28 objects) to the cyclic collector, whose full passes then
                 # cost the worker ~15 µs per agent in S3
-                record.agent = None
+                record.handoff = None
                 self._stopping.discard(key)
                 keys = self._by_name.get(key[0])
                 if keys is not None:
