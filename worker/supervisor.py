@@ -30,6 +30,7 @@ from pyorchestrate.events import stamp
 
 from . import child, watch
 from .agent_threads import AgentThreads
+from .child_link import ChildLink
 from .handoff import Handoff
 from .hosts import AgentHost
 from .errors import error_fields, how_it_exited
@@ -62,6 +63,7 @@ class Running:
     ready: bool = False
     process: Any = None  # process agents
     conn: Any = None
+    link: ChildLink | None = field(default=None, repr=False)  #: how the loop sends on ``conn`` (child_link.py)
     terminated: bool = False
     stop_requested_at: float | None = None
     stop_timeout: float = 10.0
@@ -379,7 +381,7 @@ class Supervisor:
                                                                     if self.bus is not None else None,
                                                                     hold, self.events_key, os.getpid()),
                                    name=f"agent-{name}", daemon=False)
-        record.process, record.conn = process, parent_conn
+        record.process, record.conn, record.link = process, parent_conn, ChildLink(parent_conn)
         self._add(record)
         # started by its watcher, not here: the first start boots the forkserver (a Python that
         # imports pyorchestrate: seconds on a busy machine) and every start waits for the
@@ -486,10 +488,8 @@ class Supervisor:
 
     @staticmethod
     def _to_child(record: Running, message: list) -> None:
-        try:
-            record.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-        except (OSError, ValueError):
-            pass  # the child is gone; its watcher reports that
+        # never waits: a child that does not read (stopped) must not stop this loop (child_link.py)
+        record.link.send(message)
 
     def renew_lease(self, until: float) -> None:
         """Tell the process agents and agent hosts that run agents this worker would stop when its

@@ -1,0 +1,91 @@
+"""The worker's sending end of a process agent's pipe: a send never makes the worker's loop wait.
+
+The loop tells each process agent its lease every heartbeat, and passes it stops and messages.  A
+process that does not read its pipe (stopped by SIGSTOP, a debugger, or SIGTTIN for reading a
+terminal from the background) lets the pipe fill: ~290 lease messages here, 29 s at a 0.1 s
+heartbeat (5 minutes at the default 1 s).  The next send then waited, with the loop, for as long as
+the process stayed stopped: the worker fell silent, was taken for lost, and every agent it ran was
+started elsewhere while still running here.
+
+So a message goes straight into the pipe only while the pipe has room for it (``poll`` says
+writable, and a message that small is then taken whole); otherwise it waits in a backlog that a
+writer thread of its own (started then, ended once the backlog is empty) sends in order.  In the
+backlog only the newest lease is kept: a lease replaces the one before it.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import threading
+from typing import Any
+
+import msgpack
+
+#: bytes a message may have to go straight into a writable pipe (a Unix socket that polls writable
+#: has three quarters of its buffer free: ~150 KiB by default); longer ones go through the writer
+DIRECT_MAX = 16 * 1024
+
+
+class ChildLink:
+    """Sends ``[kind, ...]`` messages on ``conn`` (a ``multiprocessing`` connection) in order,
+    never waiting for the other end to read."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        # (kind, data) waiting for the writer; None while nothing waits (and no writer runs). The
+        # writer removes a message only once sent: a backlog is never empty while a send is under way
+        self._backlog: collections.deque[tuple[str, bytes]] | None = None
+        self._poll: select.poll | None = None
+        self.writers = 0  #: writer threads started so far (the pipe was full, or a message long)
+
+    def send(self, message: list) -> None:
+        data = msgpack.packb(message, use_bin_type=True)
+        kind = message[0]
+        with self._lock:
+            if self._backlog is None and len(data) <= DIRECT_MAX and self._writable():
+                try:
+                    self.conn.send_bytes(data)
+                except (OSError, ValueError):
+                    pass  # the child is gone; its watcher reports that
+                return
+            if self._backlog is None:
+                self._backlog = collections.deque()
+                self.writers += 1
+                threading.Thread(target=self._write, name="child-writer", daemon=True).start()
+            elif kind == "lease":
+                # the newest lease says all the older ones did.  In place (the writer holds this
+                # deque), and never the first, which may be being sent
+                backlog = self._backlog
+                rest = [item for item in list(backlog)[1:] if item[0] != "lease"]
+                while len(backlog) > 1:
+                    backlog.pop()
+                backlog.extend(rest)
+            self._backlog.append((kind, data))
+
+    def _writable(self) -> bool:
+        if self._poll is None:
+            self._poll = select.poll()
+            try:
+                self._poll.register(self.conn.fileno(), select.POLLOUT)
+            except (OSError, ValueError):  # closed: the send below fails as it would have
+                return True
+        return bool(self._poll.poll(0))
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                backlog = self._backlog
+                if not backlog:
+                    self._backlog = None  # what comes next goes straight in again
+                    return
+                data = backlog[0][1]
+            try:
+                self.conn.send_bytes(data)  # may wait: this thread, not the loop
+            except (OSError, ValueError):
+                with self._lock:
+                    self._backlog = None  # the child is gone; its watcher reports that
+                return
+            with self._lock:
+                backlog.popleft()
