@@ -297,6 +297,14 @@ class EventDispatcher:
                         self.failures += 1
                         log.exception("callback %s for %s raised; other callbacks are unaffected",
                                       getattr(callback, "__qualname__", callback), event.name)
+                    except SystemExit as exc:
+                        # sys.exit() here would end this runner only, holding its subject: the
+                        # agent's later callbacks never ran.  In a thread it ends nothing else
+                        self.failures += 1
+                        log.error("callback %s for %s called sys.exit(%r): callbacks run in threads of their "
+                                  "own, where that ends nothing; to end the script, call orchestrator.stop() "
+                                  "and exit from its main thread", getattr(callback, "__qualname__", callback),
+                                  event.name, exc.code)
             with lock:  # one acquisition: these events done, and what came meanwhile taken
                 running.count = 0
                 self._done += len(taken)

@@ -185,3 +185,28 @@ def test_wait_idle_from_a_callback_waits_for_the_others_not_for_itself():
         assert results == [(True, True)]
     finally:
         dispatcher.close()
+
+
+def test_a_callback_that_calls_sys_exit_costs_its_subject_no_later_callback():
+    """``sys.exit()`` in a callback raises SystemExit in a runner thread: it was not caught there,
+    the runner died holding its subject, and that agent's later callbacks never ran (wait_idle, and
+    so stop(), waited out their timeouts for them).  It is logged and counted like any error."""
+    from pyorchestrate.events import EventDispatcher, OrchestratorEvent
+
+    dispatcher = EventDispatcher(max_threads=1)  # one runner: its death would stop every callback
+    seen: list[str] = []
+
+    def on_started(agent_name):
+        seen.append(f"started {agent_name}")
+        raise SystemExit(1)
+
+    dispatcher.register(OrchestratorEvent.AGENT_STARTED, on_started)
+    dispatcher.register(OrchestratorEvent.AGENT_TERMINATED, lambda agent_name: seen.append(f"ended {agent_name}"))
+    try:
+        for name in ("a", "b"):
+            dispatcher.dispatch(OrchestratorEvent.AGENT_STARTED, {"agent_name": name})
+        dispatcher.dispatch(OrchestratorEvent.AGENT_TERMINATED, {"agent_name": "a"})
+        assert dispatcher.wait_idle(10.0), seen
+        assert seen == ["started a", "started b", "ended a"] and dispatcher.failures == 2
+    finally:
+        dispatcher.close(timeout=1.0)
