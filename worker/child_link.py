@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import select
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -31,14 +31,18 @@ class ChildLink:
     """Sends ``[kind, ...]`` messages on ``conn`` (a ``multiprocessing`` connection) in order,
     never waiting for the other end to read."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, start: Callable[[threading.Thread], None] = threading.Thread.start) -> None:
+        """``start``: how a writer thread is started (the worker hands it to its starter thread:
+        ``Thread.start()`` waits until the thread runs, seconds in a worker crowded with threads)."""
         self.conn = conn
+        self._start = start
         self._lock = threading.Lock()
         # (kind, data) waiting for the writer; None while nothing waits (and no writer runs). The
         # writer removes a message only once sent: a backlog is never empty while a send is under way
         self._backlog: collections.deque[tuple[str, bytes]] | None = None
         self._poll: select.poll | None = None
         self.writers = 0  #: writer threads started so far (the pipe was full, or a message long)
+        self.lost = 0  #: messages dropped because no writer thread could be started
 
     def send(self, message: list) -> None:
         data = msgpack.packb(message, use_bin_type=True)
@@ -51,9 +55,13 @@ class ChildLink:
                     pass  # the child is gone; its watcher reports that
                 return
             if self._backlog is None:
-                self._backlog = collections.deque()
+                try:
+                    self._start(threading.Thread(target=self._write, name="child-writer", daemon=True))
+                except RuntimeError:  # no thread to be had (a pids limit): this message is lost, not the loop
+                    self.lost += 1
+                    return
+                self._backlog = collections.deque()  # before the writer looks: it waits for our lock
                 self.writers += 1
-                threading.Thread(target=self._write, name="child-writer", daemon=True).start()
             elif kind == "lease":
                 # the newest lease says all the older ones did.  In place (the writer holds this
                 # deque), and never the first, which may be being sent

@@ -381,7 +381,8 @@ class Supervisor:
                                                                     if self.bus is not None else None,
                                                                     hold, self.events_key, os.getpid()),
                                    name=f"agent-{name}", daemon=False)
-        record.process, record.conn, record.link = process, parent_conn, ChildLink(parent_conn)
+        record.process, record.conn = process, parent_conn
+        record.link = ChildLink(parent_conn, start=lambda thread: self._start_soon(thread.start))
         self._add(record)
         # started by its watcher, not here: the first start boots the forkserver (a Python that
         # imports pyorchestrate: seconds on a busy machine) and every start waits for the
