@@ -18,7 +18,9 @@ user's among them, log as before), and a worker process's stderr handler writes 
 (:class:`QueuedHandler`: no thread of a worker, agents included, waits on stderr).  The queue is
 bounded: beyond ``LIMIT`` records waiting, records are dropped and counted, and the log says how
 many, in the place where they are missing (an agent's lines still travel on the bus: only their
-printed copy is lost).  A record's message is formatted when it is logged, not when it is written.
+printed copy is lost).  That is for a stream that takes nothing: while it takes data, a full queue
+makes the logging thread wait for room, as its own write would have (a burst is slowed, not cut).
+A record's message is formatted when it is logged, not when it is written.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Callable
 
 #: records waiting to be written, at most; later ones are dropped (and counted) until there is room
 LIMIT = 10_000
 #: seconds the process's exit waits for the records still queued (a blocked stream never empties)
 EXIT_WAIT = 2.0
+#: a full queue waits for room while a record was written within this many seconds; after that
+#: the stream counts as stuck and records are dropped at once.  Well under any lease (0.5 s in
+#: the tests' tightest settings): a loop waits this long once a stall, not once a record
+STALL = 0.1
 
 Handle = Callable[[logging.LogRecord], object]
 
@@ -52,6 +59,7 @@ class LogThread:
         self.dropped = 0  #: records dropped so far (the queue was full: the stream took nothing)
         self._said = 0  # of those, how many the log already says were dropped
         self._gap_queued = False  # a notice of dropped records waits in the queue (one at a time)
+        self._progress = time.monotonic()  # when a record was last handled (the stream moves)
 
     def start(self) -> None:
         """Start the thread now (``Thread.start`` waits for it to run: better in a thread that may
@@ -64,9 +72,10 @@ class LogThread:
                     self._thread = thread
 
     def submit(self, handle: Handle, record: logging.LogRecord) -> None:
-        """Queue ``handle(record)``; never waits on the stream (drops and counts the record when
-        ``limit`` records wait already)."""
-        if self._queue.qsize() >= self.limit:
+        """Queue ``handle(record)``.  With ``limit`` records waiting, wait for room while the
+        stream takes data, as a write of one's own would; once it has taken nothing for ``STALL``
+        seconds, drop the record and count it instead."""
+        if self._queue.qsize() >= self.limit and not self._room():
             with self._drop_lock:
                 self.dropped += 1
                 if not self._gap_queued:  # where the loss begins, the log will say how much it was
@@ -77,6 +86,15 @@ class LogThread:
         self._queue.put((handle, record))
         if self._thread is None:
             self.start()
+
+    def _room(self) -> bool:
+        # a burst of the coordinator's lines to a file outran this thread (9,521 of 26,000 dropped
+        # while the loop held the GIL): a stream that moves slows the logger down instead
+        while self._queue.qsize() >= self.limit:
+            if time.monotonic() - self._progress > STALL:
+                return False
+            time.sleep(0.0005)  # lets this thread have the GIL
+        return True
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until what was queued before this call is handled; False if the
@@ -102,6 +120,7 @@ class LogThread:
                 handle(record)
             except Exception:  # noqa: BLE001 - handlers report their own errors (handleError); this thread must live
                 pass
+            self._progress = time.monotonic()
 
     def _forked(self) -> None:
         # a fork of this process has none of our threads: it starts its own on its first record
