@@ -9,11 +9,14 @@ lines that waited come."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,71 +161,71 @@ def test_a_worker_whose_stderr_takes_nothing_is_not_lost_and_its_agents_run_once
         os.close(read)
 
 
+class Written(logging.Handler):
+    """Keeps each record's message, after ``pause()`` (a stream that takes its time, or none)."""
+
+    def __init__(self, pause) -> None:
+        super().__init__()
+        self.pause = pause
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.pause()
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def logger_through(target: logging.Handler, writer):
+    """A logger of its own whose records ``writer`` (a LogThread) hands to ``target``."""
+    from pyorchestrate.log_thread import QueuedHandler
+
+    logger = logging.getLogger(f"pyorchestrate.test.{writer.name}")
+    logger.propagate = False
+    handler = QueuedHandler(target, writer)
+    logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_records_beyond_the_limit_are_dropped_counted_and_said_once_the_stream_moves():
     """The log thread's queue is bounded: a stream that takes nothing costs records, not memory
     without bound, and never the logging thread's time; the count is said where they are missing."""
-    import logging
-    import threading
-
-    from pyorchestrate.log_thread import LogThread, QueuedHandler
+    from pyorchestrate.log_thread import LogThread
 
     moving = threading.Event()
-    written: list[str] = []
-
-    class Stuck(logging.Handler):
-        def emit(self, record):
-            moving.wait(30)
-            written.append(record.getMessage())
-
-    writer = LogThread("test-log", limit=5)
-    logger = logging.getLogger("pyorchestrate.test.blocked")
-    logger.propagate = False
-    handler = QueuedHandler(Stuck(), writer)
-    logger.addHandler(handler)
-    try:
+    writer = LogThread("test-log-stuck", limit=5)
+    target = Written(lambda: moving.wait(30))
+    with logger_through(target, writer) as logger:
         started = time.monotonic()
         items = ["a", "b"]
         for i in range(20):
             logger.warning("line %d of %s", i, items)
         items.append("changed later")  # the message is made when logged, not when written
-        assert time.monotonic() - started < 1.0  # nobody waited on the stream
+        assert time.monotonic() - started < 1.0  # nobody waited on the stream (but STALL, once)
         assert writer.dropped in (14, 15)  # 5 queued, the first perhaps taken by the thread already
         moving.set()
         assert writer.flush(10)
         kept = 20 - writer.dropped
-        assert written[:kept] == [f"line {i} of ['a', 'b']" for i in range(kept)]
-        assert written[kept:] == [f"{writer.dropped} log record(s) dropped: the log stream took no data for a while "
-                                  "(a paused terminal, a pipe nobody reads); agents' lines also went on the bus"]
+        assert target.lines[:kept] == [f"line {i} of ['a', 'b']" for i in range(kept)]
+        assert target.lines[kept:] == [
+            f"{writer.dropped} log record(s) dropped: the log stream took no data for a while (a paused terminal, "
+            "a pipe nobody reads); agents' lines also went on the bus"]
         logger.warning("after")
-        assert writer.flush(10) and written[-1] == "after" and writer.dropped in (14, 15)
-    finally:
-        logger.removeHandler(handler)
+        assert writer.flush(10) and target.lines[-1] == "after" and writer.dropped in (14, 15)
 
 
 def test_a_slow_stream_that_moves_slows_the_logger_down_and_loses_nothing():
     """A full queue waits for room while the stream takes data (a burst of the coordinator's lines
     to a file lost 9,521 of 26,000 to drops before): only a stream that took nothing for
     log_thread.STALL seconds costs records."""
-    import logging
-
-    from pyorchestrate.log_thread import LogThread, QueuedHandler
-
-    written: list[str] = []
-
-    class Slow(logging.Handler):
-        def emit(self, record):
-            time.sleep(0.002)
-            written.append(record.getMessage())
+    from pyorchestrate.log_thread import LogThread
 
     writer = LogThread("test-log-slow", limit=5)
-    logger = logging.getLogger("pyorchestrate.test.slow")
-    logger.propagate = False
-    handler = QueuedHandler(Slow(), writer)
-    logger.addHandler(handler)
-    try:
+    target = Written(lambda: time.sleep(0.002))
+    with logger_through(target, writer) as logger:
         for i in range(100):
             logger.warning("line %d", i)
         assert writer.flush(10)
-        assert written == [f"line {i}" for i in range(100)] and writer.dropped == 0
-    finally:
-        logger.removeHandler(handler)
+        assert target.lines == [f"line {i}" for i in range(100)] and writer.dropped == 0
