@@ -37,9 +37,9 @@ from typing import Callable
 LIMIT = 10_000
 #: seconds the process's exit waits for the records still queued (a blocked stream never empties)
 EXIT_WAIT = 2.0
-#: a full queue waits for room while a record was written within this many seconds; after that
-#: the stream counts as stuck and records are dropped at once.  Well under any lease (0.5 s in
-#: the tests' tightest settings): a loop waits this long once a stall, not once a record
+#: a full queue waits for room while the stream takes a record at least this often; after that
+#: it counts as stuck and records are dropped at once, until it takes one.  Well under any lease
+#: (0.5 s in the tests' tightest settings): a loop waits this long once a stall, not once a record
 STALL = 0.1
 
 Handle = Callable[[logging.LogRecord], object]
@@ -59,7 +59,8 @@ class LogThread:
         self.dropped = 0  #: records dropped so far (the queue was full: the stream took nothing)
         self._said = 0  # of those, how many the log already says were dropped
         self._gap_queued = False  # a notice of dropped records waits in the queue (one at a time)
-        self._progress = time.monotonic()  # when a record was last handled (the stream moves)
+        self._handled = 0  # records handled so far (the stream moves while it grows)
+        self._stuck_at = -1  # _handled when the stream was last found stuck (-1: never)
 
     def start(self) -> None:
         """Start the thread now (``Thread.start`` waits for it to run: better in a thread that may
@@ -89,9 +90,17 @@ class LogThread:
 
     def _room(self) -> bool:
         # a burst of the coordinator's lines to a file outran this thread (9,521 of 26,000 dropped
-        # while the loop held the GIL): a stream that moves slows the logger down instead
+        # while the loop held the GIL): a stream that moves slows the logger down instead.  Judged
+        # by records handled during this wait (an idle spell before a burst says nothing), and a
+        # stream found stuck stays stuck until it takes a record: one wait a stall, not one a record
+        seen, since = self._handled, time.monotonic()
+        if seen == self._stuck_at:
+            return False
         while self._queue.qsize() >= self.limit:
-            if time.monotonic() - self._progress > STALL:
+            if self._handled != seen:
+                seen, since = self._handled, time.monotonic()
+            elif time.monotonic() - since > STALL:
+                self._stuck_at = seen
                 return False
             time.sleep(0.0005)  # lets this thread have the GIL
         return True
@@ -120,7 +129,7 @@ class LogThread:
                 handle(record)
             except Exception:  # noqa: BLE001 - handlers report their own errors (handleError); this thread must live
                 pass
-            self._progress = time.monotonic()
+            self._handled += 1
 
     def _forked(self) -> None:
         # a fork of this process has none of our threads: it starts its own on its first record

@@ -184,9 +184,7 @@ class Host:
         try:
             thread.start()
         except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
-            with self._lock:
-                self.agents.pop(slot, None)
-                self._threads.pop(slot, None)
+            self._forget(slot)  # the collector's count too (it was left counted before)
             report("AGENT_STARTED")
             report("AGENT_ERROR", **error_fields(exc, " (could not start its thread)"))
             report("AGENT_TERMINATED", ok=False)
