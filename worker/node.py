@@ -43,6 +43,7 @@ from pyorchestrate.versions import local_versions
 from . import crowd, pulse
 from .errors import bounded
 from .fold import fold
+from .reexec import exec_again
 from .supervisor import Supervisor
 
 log = logging.getLogger("pyorchestrate.worker")
@@ -178,6 +179,7 @@ class Worker:
         self._limits = Limits()
         self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
+        self._stuck_said = False  # said once that stuck threads outlive the lease beside kept agents
         self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
@@ -352,7 +354,34 @@ class Worker:
             self._supervisor.stop_all()
         self._supervisor.enforce_stop_timeouts()
         self._supervisor.forget_finished()
+        if self._lease_expired:
+            self._end_threads_past_lease()
         self._check_parent()
+
+    def _end_threads_past_lease(self) -> None:
+        """A thread agent the lease stopped that is still running at the end of its stop timeout
+        would run beside its replacement, due elsewhere now (a partition, a coordinator gone):
+        threads cannot be killed, so this process starts again in its own place (exec), which ends
+        them, and its process agents and agent hosts with it (their pipes close: a stuck thread in
+        a host ends too).  Not while an
+        agent that keeps running without a coordinator (on_disconnect="keep") runs here: ending it
+        would break that promise instead, so that case is only said."""
+        if self._shutdown.is_set():
+            return  # this process is ending anyway (and takes its threads with it)
+        stuck = self._supervisor.threads_past(self._lease_from + self._limits.lease, time.monotonic())
+        if not stuck or self._stuck_said:
+            return
+        if self._supervisor.keeps_any():
+            self._stuck_said = True
+            log.error("thread agent(s) %s ignored their stop past the lease and their stop timeout: they run on "
+                      "beside their replacements, and this worker cannot end them without ending agents that "
+                      "keep running (on_disconnect='keep') too; use process agents for code that may not return",
+                      ", ".join(stuck))
+            return
+        log.error("thread agent(s) %s ignored their stop past the lease and their stop timeout, and their "
+                  "replacements are due elsewhere: threads cannot be killed, so this worker starts again "
+                  "(exec) to end them", ", ".join(stuck))
+        exec_again()
 
     def _register_once(self) -> None:
         dealer = self._new_dealer()
@@ -443,6 +472,7 @@ class Worker:
         if echo > self._lease_from:
             self._lease_from = echo
             self._lease_expired = False
+            self._stuck_said = False
 
     def _maybe_pulse(self) -> None:
         """Start the pulse process when it is due (see pulse.py); once started it stays."""

@@ -173,6 +173,19 @@ class Supervisor:
             return sum(not r.terminated and (include_stuck or not (r.forced and r.mode == "thread"))
                        for r in self._agents.values())
 
+    def threads_past(self, lease_end: float, now: float) -> list[str]:
+        """Thread agents (here or in an agent host) that the lease covers (not kept) and that still
+        run past ``lease_end`` + their stop timeout: when their replacements are due elsewhere.
+        (Process agents are killed then: ``enforce_stop_timeouts``.)"""
+        with self._lock:
+            return [r.name for r in self._agents.values()
+                    if r.mode == "thread" and not r.keep and not r.terminated and now >= lease_end + r.stop_timeout]
+
+    def keeps_any(self) -> bool:
+        """Does a copy that keeps running without a coordinator run here (in any of our processes)?"""
+        with self._lock:
+            return any(r.keep and not r.terminated for r in self._agents.values())
+
     def longest_stop_timeout(self) -> float:
         """The longest stop timeout among the copies still running (0 if none)."""
         with self._lock:

@@ -1,0 +1,100 @@
+"""A thread agent that ignores its stop past the lease's end and its stop timeout ends all the same
+(worker/reexec.py): its worker starts again in its own place, since no thread can be killed.
+
+Its coordinator here is a real script, SIGSTOPped: to the worker that is a coordinator gone silent,
+as in a partition.  The lease runs out 0.5 s later, the worker stops the agent, and the agent
+lingers in ``on_stop`` for 30 s.  Its replacement is due elsewhere at lease + ``stop_timeout`` +
+0.2 s: the copy must be gone by then.  Before, it wrote its "alive" lines for the whole 30 s."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import free_port, wait_for
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from agents import CopyTracer, Traced
+from pyorchestrate import Orchestrator, RunMode
+
+o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_workers=1, heartbeat_interval=0.1,
+                 heartbeat_liveness=5)
+o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0),
+                 restart="always", worker="w1")
+{kept}
+o.start()
+time.sleep(120)
+"""
+
+
+def run_script(tmp_path, kept: bool) -> tuple[subprocess.Popen, str]:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    path = tmp_path / "coordinator.py"
+    kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
+                 if kept else "")
+    path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line))
+    log = open(tmp_path / "coordinator.log", "w")
+    return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
+
+
+def alive_times(tmp_path, copy: str) -> list[float]:
+    lines = (tmp_path / "trace.txt").read_text().splitlines()
+    return [float(line.split()[2]) for line in lines if line.startswith(f"alive {copy} ")]
+
+
+def first_copy(tmp_path) -> str:
+    path = tmp_path / "trace.txt"
+    starts = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("start")] if path.exists() else []
+    return starts[0] if starts else ""
+
+
+def test_a_thread_agent_stuck_past_the_lease_ends_with_its_worker_starting_again(cluster, tmp_path):
+    script, address = run_script(tmp_path, kept=False)
+    try:
+        worker = cluster.worker(address, "w1")
+        copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
+        wait_for(lambda: len(alive_times(tmp_path, copy)) >= 3, 30, "the copy at work")
+        script.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        try:
+            time.sleep(6.0)
+            last = max(alive_times(tmp_path, copy))
+            # lease 0.5 s + stop_timeout 1 s, with room for a busy machine: not the 30 s it lingers
+            assert last < stopped_at + 4.0, (last - stopped_at, cluster.log_of("w1")[-2000:])
+            assert "this worker starts again (exec)" in cluster.log_of("w1")
+            assert worker.poll() is None  # the same process, started again in its own place
+        finally:
+            script.send_signal(signal.SIGCONT)
+        # the new worker registers with the resumed coordinator, which starts the agent again on it
+        wait_for(lambda: len([1 for line in (tmp_path / "trace.txt").read_text().splitlines()
+                              if line.startswith("start")]) >= 2, 60, "the agent started again")
+    finally:
+        script.kill()
+        script.wait(10)
+
+
+def test_a_worker_that_also_runs_a_kept_agent_says_so_and_keeps_running(cluster, tmp_path):
+    """Starting again would end the kept agent too (on_disconnect="keep", restart="never"): the
+    worker says why it cannot, and the kept agent runs on."""
+    script, address = run_script(tmp_path, kept=True)
+    try:
+        worker = cluster.worker(address, "w1")
+        copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
+        wait_for(lambda: (tmp_path / "kept.txt").exists() and len(alive_times(tmp_path, copy)) >= 3, 30, "both at work")
+        script.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "keep running (on_disconnect='keep') too" in cluster.log_of("w1"), 15, "the worker saying so")
+            assert "this worker starts again" not in cluster.log_of("w1") and worker.poll() is None
+            assert "close kept" not in (tmp_path / "kept.txt").read_text()
+        finally:
+            script.send_signal(signal.SIGCONT)
+    finally:
+        script.kill()
+        script.wait(10)
