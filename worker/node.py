@@ -363,9 +363,9 @@ class Worker:
         would run beside its replacement, due elsewhere now (a partition, a coordinator gone):
         threads cannot be killed, so this process starts again in its own place (exec), which ends
         them, and its process agents and agent hosts with it (their pipes close: a stuck thread in
-        a host ends too).  Not while an
-        agent that keeps running without a coordinator (on_disconnect="keep") runs here: ending it
-        would break that promise instead, so that case is only said."""
+        a host ends too).  Not while an agent that keeps running without a coordinator
+        (on_disconnect="keep") runs here: ending it would break that promise instead, so that case
+        is only said."""
         if self._shutdown.is_set():
             return  # this process is ending anyway (and takes its threads with it)
         stuck = self._supervisor.threads_past(self._lease_from + self._limits.lease, time.monotonic())
