@@ -206,6 +206,22 @@ def unpack_class(blob: bytes) -> tuple[type, type]:
     return cloudpickle.loads(blob)
 
 
+def cached_class(cache: dict[str, tuple[type, type]], lock: threading.Lock, class_id: str,
+                 blob: bytes | None) -> tuple[type, type]:
+    """``class_id``'s (agent class, config class) from ``cache``, unpickled from ``blob`` by the
+    first caller.  Under ``lock``, which only agents' threads take: unpickling imports the class's
+    modules (seconds for a big library), and two agents of a class not loaded yet import it once."""
+    classes = cache.get(class_id)
+    if classes is None:
+        with lock:
+            classes = cache.get(class_id)
+            if classes is None:
+                if blob is None:
+                    raise LookupError(f"class {class_id} was never sent here")
+                classes = cache[class_id] = unpack_class(blob)
+    return classes
+
+
 #: config blobs that set nothing (no overrides, no custom plugin): most agents' (register_agent
 #: makes one such blob per class and sends it with each); a fresh default Config for those,
 #: without unpickling the blob again for every start.  Bounded: cleared when full.

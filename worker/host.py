@@ -143,16 +143,8 @@ class Host:
             # made here, in its own thread, not in serve(): an import or a slow __init__ must not
             # hold up the worker's messages to the other agents of this host (handoff.py)
             try:
-                classes = self._classes.get(class_id)
-                if classes is None:
-                    with self._unpacking:  # two agents of a class not loaded yet import it once
-                        classes = self._classes.get(class_id)
-                        if classes is None:
-                            if blob is None:
-                                raise LookupError(f"class {class_id} was never sent to this agent host")
-                            classes = self._classes[class_id] = shipping.unpack_class(blob)
-                            self._blobs.pop(class_id, None)
-                agent_class, config_class = classes
+                agent_class, config_class = shipping.cached_class(self._classes, self._unpacking, class_id, blob)
+                self._blobs.pop(class_id, None)  # unpickled: the class is kept, its blob need not be
                 config, plugin = shipping.unpack_config(config_class, config_blob)
                 agent = agent_class(name, config, plugin)
                 agent._report = report

@@ -300,14 +300,7 @@ class Supervisor:
         failed (reported as the agent's STARTED, ERROR and TERMINATED).  ``record.handoff`` holds
         what the loop hands it meanwhile."""
         try:
-            classes = self._classes.get(class_id)
-            if classes is None:
-                # one at a time: two agents of a class that is not loaded yet import its modules once
-                with self._unpacking:
-                    classes = self._classes.get(class_id)
-                    if classes is None:
-                        classes = self._classes[class_id] = shipping.unpack_class(blob)
-            agent_class, config_class = classes
+            agent_class, config_class = shipping.cached_class(self._classes, self._unpacking, class_id, blob)
             config, plugin = shipping.unpack_config(config_class, config_blob)
             agent = agent_class(record.name, config, plugin)
             agent.events_address = self.events_address
