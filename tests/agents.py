@@ -227,11 +227,14 @@ class CopyTracer(LoopingThreadAgent):
     class Config(LoopingThreadAgent.Config):
         trace = ""
         linger = 0.0  #: seconds it keeps working after a stop request (a slow stopper)
+        chdir = ""  #: a directory it makes the process's working directory (as some jobs do)
 
     def setup(self):
         import uuid
 
         self.copy = uuid.uuid4().hex[:8]
+        if self.config.chdir:
+            os.chdir(self.config.chdir)
         append_line(self.config.trace, f"start {self.copy} {time.time():.3f}")
 
     def cycle(self):

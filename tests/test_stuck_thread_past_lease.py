@@ -16,6 +16,8 @@ import time
 
 from conftest import free_port, wait_for
 
+from pyorchestrate.keys import KeyDir
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = """
@@ -25,8 +27,9 @@ from agents import CopyTracer, Traced
 from pyorchestrate import Orchestrator, RunMode
 
 o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_workers=1, heartbeat_interval=0.1,
-                 heartbeat_liveness=5)
-o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0),
+                 heartbeat_liveness=5, keys={keys!r})
+o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0,
+                                                        chdir={chdir!r}),
                  restart="always", worker="w1")
 {kept}
 o.start()
@@ -34,12 +37,13 @@ time.sleep(120)
 """
 
 
-def run_script(tmp_path, kept: bool) -> tuple[subprocess.Popen, str]:
+def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "") -> tuple[subprocess.Popen, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     path = tmp_path / "coordinator.py"
     kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
                  if kept else "")
-    path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line))
+    path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line,
+                                keys=keys, chdir=chdir))
     log = open(tmp_path / "coordinator.log", "w")
     return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
 
@@ -57,8 +61,24 @@ def first_copy(tmp_path) -> str:
 
 def test_a_thread_agent_stuck_past_the_lease_ends_with_its_worker_starting_again(cluster, tmp_path):
     script, address = run_script(tmp_path, kept=False)
+    the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address)
+
+
+def test_the_worker_starts_again_where_it_started_whatever_directory_an_agent_moved_it_to(cluster, tmp_path):
+    """An agent made another directory the process's working directory (as data jobs do). The
+    worker was started with ``--keys ../keys``, a path relative to where it was started: started
+    again from the agent's directory, it found no keys and ended, its agents never back."""
+    KeyDir(tmp_path / "keys").init()
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    script, address = run_script(tmp_path, kept=False, keys=str(tmp_path / "keys"), chdir=str(elsewhere))
+    the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, "--keys", "../keys")
+
+
+def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
+                                             *worker_args: str) -> None:
     try:
-        worker = cluster.worker(address, "w1")
+        worker = cluster.worker(address, "w1", *worker_args)
         copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
         wait_for(lambda: len(alive_times(tmp_path, copy)) >= 3, 30, "the copy at work")
         script.send_signal(signal.SIGSTOP)

@@ -7,6 +7,13 @@ every thread, keeps the pid (so whatever started the worker still knows it), the
 environment, and the new worker registers as a new incarnation.  The pipes to its process agents,
 agent hosts, pulse and forkserver are not inherited (Python opens them close-on-exec): those see
 their worker gone and end, with what they started.
+
+"The same command" means the same arguments *from the same directory, with the same environment*:
+the working directory and ``os.environ`` are the process's, and a thread agent may have changed
+them (``os.chdir`` into a job's folder is common).  A worker started with ``--keys ../keys`` and
+started again from an agent's directory found no keys and ended, its agents never back.  Both are
+taken when this module is first imported, which the worker's command does before it runs anything
+of an agent's.
 """
 
 from __future__ import annotations
@@ -16,10 +23,19 @@ import sys
 
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
+_START_DIR = os.getcwd()
+_START_ENV = dict(os.environ)
+
 
 def exec_again() -> None:
-    """Replace this process with a fresh run of the command that started it; never returns."""
+    """Replace this process with a fresh run of the command that started it, from the directory
+    and with the environment it started with; never returns."""
     if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
         sys.stdout.flush()
         sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.chdir(_START_DIR)
+    except OSError as exc:  # removed since: relative paths in the command cannot mean what they did
+        print(f"pyorchestrate-worker: cannot return to {_START_DIR} ({exc.strerror}) before starting again; "
+              f"starting again from {os.getcwd()}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], _START_ENV)
