@@ -102,7 +102,11 @@ class KeyDir:
     keys take effect without a restart); :meth:`admitted` caches by the directories' mtimes."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).expanduser()
+        # absolute now: it is read again for as long as the process runs, and the working directory
+        # is the process's, which a script or a thread agent may change (``os.chdir``).  A relative
+        # ``keys="keys"`` then named a directory without keys: the coordinator took its workers'
+        # keys for revoked and let them go, and a worker's pulse and agents got a path to nowhere
+        self.path = Path(path).expanduser().absolute()
         self._lock = threading.Lock()
         self._stamp: tuple = ()
         self._admitted: dict[bytes, tuple[str, str]] = {}

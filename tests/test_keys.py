@@ -225,6 +225,32 @@ def test_a_revoked_worker_is_told_to_go_and_its_agents_move(cluster, keydir):
     assert len(events.of("WORKER_JOINED", "w1")) == 1
 
 
+def test_a_relative_key_directory_means_the_one_it_named_whatever_directory_the_script_moves_to(
+        cluster, keydir, tmp_path, monkeypatch):
+    """``keys="keys"``, then the script (or a thread agent, on a worker) changes the process's
+    working directory: the key directory, read again for as long as the process runs, was looked
+    for in the new one.  The coordinator found no keys there, took its worker's key for revoked
+    and let it go (WORKER_LOST, its agent stopped)."""
+    monkeypatch.chdir(tmp_path)  # restored after the test
+    orch = cluster.orchestrator(keys="keys", run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
+    events.wait("WORKER_JOINED", "w1")
+    from agents import Forever, Quick
+
+    orch.register_agent(Forever, "long")
+    events.wait("AGENT_READY", "long")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    orch.register_agent(Quick, "after")  # its worker must still be admitted for it to run
+    events.wait("AGENT_TERMINATED", "after", timeout=30)
+    time.sleep(1.0)  # a few ticks of the loop, each reading the key directory
+    assert events.of("WORKER_LOST") == [], events.of("WORKER_LOST")
+    assert orch.status()["agents"]["long"]["state"] == "READY"
+
+
 def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydir, tmp_path):
     orch, _ = _orchestrator(cluster, keydir)
     run = lambda *args: subprocess.run(  # noqa: E731
