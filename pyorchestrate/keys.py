@@ -22,6 +22,7 @@ subscribe to events; an *admin* key is for clients that act on the cluster (the 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import shutil
 import stat
@@ -31,6 +32,11 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+
+from .log_thread import deferrable
+
+#: its own logger, deferrable: the coordinator's loop reads the directory (see admitted)
+log = deferrable(logging.getLogger("pyorchestrate.keys"))
 
 ROLES = ("worker", "reader", "admin")
 ENV = "PYORCHESTRATE_KEYS"
@@ -277,14 +283,28 @@ class KeyDir:
         return self.client(roles[0], name)  # raises, saying what to do
 
     def admitted(self) -> dict[bytes, tuple[str, str]]:
-        """Public key (z85) -> (role, name) of every admitted key, re-read when the directory changed."""
+        """Public key (z85) -> (role, name) of every admitted key, re-read when the directory changed.
+
+        A role's folder that cannot be listed (gone, unreadable) keeps the keys it admitted when it
+        last could be: a revocation removes a key's file (``keys revoke``), and a folder that is
+        away for a moment (a deploy replacing the directory, a restore, a network filesystem's
+        hiccup) revoked every key of that role, and the coordinator told all its workers to go."""
         stamp = tuple(_mtime(self.path / "allowed" / role) for role in ROLES)
         with self._lock:
             if stamp != self._stamp:
                 admitted = {}
                 for role in ROLES:
                     folder = self.path / "allowed" / role
-                    for path in folder.glob("*.key") if folder.is_dir() else ():
+                    paths = _key_files(folder)
+                    if paths is None:
+                        kept = {key: held for key, held in self._admitted.items() if held[0] == role}
+                        admitted.update(kept)
+                        if kept:
+                            log.error("key directory: %s cannot be read; the %d %s key(s) it held stay admitted "
+                                      "until it can (to revoke a key, remove its file: `pyorchestrate keys revoke`)",
+                                      folder, len(kept), role)
+                        continue
+                    for path in paths:
                         try:
                             admitted[_load(path, secret=False)[0]] = (role, path.stem)
                         except KeysError:
@@ -304,8 +324,20 @@ def _required(path: Path, missing: str) -> Path:
     return path
 
 
+def _key_files(folder: Path) -> list[Path] | None:
+    """The ``*.key`` files in ``folder``; None if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return [folder / entry.name for entry in entries if entry.name.endswith(".key")]
+    except OSError:
+        return None
+
+
 def _mtime(path: Path) -> int:
+    """When ``path`` last changed; 0 if it is gone, -1 if it cannot be looked at (a change too)."""
     try:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
         return 0
+    except OSError:
+        return -1

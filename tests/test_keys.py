@@ -70,6 +70,23 @@ def test_add_revoke_export_and_which_key_a_host_uses(keydir, tmp_path):
     assert keydir.client("worker").name == "worker"  # the revoked secret is gone from here
 
 
+def test_a_folder_that_cannot_be_read_keeps_its_keys_and_a_removed_file_still_revokes(keydir, caplog):
+    keydir.add("worker", "gpu1")
+    gpu1 = keydir.client("worker", "gpu1").public
+    folder = keydir.path / "allowed" / "worker"
+    assert keydir.admitted()[gpu1] == ("worker", "gpu1")
+    folder.rename(folder.with_name("away"))  # a deploy replacing the directory, a restore, ...
+    assert keydir.admitted()[gpu1] == ("worker", "gpu1")
+    assert "cannot be read" in caplog.text and "2 worker key(s)" in caplog.text
+    folder.with_name("away").rename(folder)
+    assert keydir.revoke("gpu1") == "worker"
+    assert gpu1 not in keydir.admitted()
+    assert ("worker", "worker") in keydir.admitted().values()
+    # a fresh look at a directory without the folder admits nobody of that role (nothing to keep)
+    folder.rename(folder.with_name("away"))
+    assert "worker" not in {role for role, _ in KeyDir(keydir.path).admitted().values()}
+
+
 def test_the_keys_command_line(tmp_path):
     def keys(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pyorchestrate.cli", "keys", *args], capture_output=True,
@@ -249,6 +266,25 @@ def test_a_relative_key_directory_means_the_one_it_named_whatever_directory_the_
     time.sleep(1.0)  # a few ticks of the loop, each reading the key directory
     assert events.of("WORKER_LOST") == [], events.of("WORKER_LOST")
     assert orch.status()["agents"]["long"]["state"] == "READY"
+
+
+def test_a_key_folder_away_for_a_moment_revokes_nobody(cluster, keydir):
+    """The coordinator re-reads its key directory every turn; a worker folder renamed away and
+    back (as a deploy replacing it does) took every worker key for revoked: WORKER_LOST."""
+    orch, events = _orchestrator(cluster, keydir)
+    cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
+    events.wait("WORKER_JOINED", "w1")
+    from agents import Forever
+
+    orch.register_agent(Forever, "long")
+    events.wait("AGENT_READY", "long")
+    folder = keydir.path / "allowed" / "worker"
+    folder.rename(folder.with_name("away"))
+    time.sleep(1.0)  # many turns of the loop
+    folder.with_name("away").rename(folder)
+    time.sleep(1.0)
+    assert events.of("WORKER_LOST") == [], events.of("WORKER_LOST")
+    assert orch.status()["agents"]["long"]["restarts"] == 0
 
 
 def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydir, tmp_path):
