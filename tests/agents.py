@@ -233,7 +233,7 @@ class CopyTracer(LoopingThreadAgent):
         import uuid
 
         self.copy = uuid.uuid4().hex[:8]
-        if self.config.chdir:
+        if getattr(self.config, "chdir", ""):  # CopyTracerProcess shares this setup, not the setting
             os.chdir(self.config.chdir)
         append_line(self.config.trace, f"start {self.copy} {time.time():.3f}")
 
@@ -578,3 +578,4 @@ class SlowToMake(EventDrivenThreadAgent):
 
     def on_event(self, event):
         append_line(self.config.trace, f"message {event.payload}")
+
