@@ -22,8 +22,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import (collector, commands, control, curve, fd_limit, history, protocol, runmarker, snapshots, sockets, tailhold,
-               trace)
+from . import (collector, commands, control, curve, fd_limit, fork_guard, history, protocol, runmarker, snapshots,
+               sockets, tailhold, trace)
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .keys import KeyDir
@@ -120,6 +120,7 @@ class Coordinator:
         self.core: ClusterCore | None = None
         self.ctx = zmq.Context()
         self.mailbox = Mailbox()
+        self._ports: list[int] = []  #: the ports bound (fork_guard)
         # keys (CurveZMQ + who may connect in which role); None: plain ZeroMQ, loopback only
         self.keydir = KeyDir.from_option(config.keys)
         self.gatekeeper: curve.Gatekeeper | None = None
@@ -180,6 +181,9 @@ class Coordinator:
             # a worker whose process dies closes its connection: the monitor tells us at once
             # (and with keys, a handshake that failed is counted)
             self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
+            # a fork of this process (the script's own) must not keep them open: see fork_guard.py
+            self._ports = [sockets.port_of(a) for a in (self.address, self.events_address, self.bus_address)]
+            fork_guard.hold(self._ports)
         except Exception:
             self._close()  # nothing half-open is left behind
             raise
@@ -1005,6 +1009,8 @@ class Coordinator:
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=sockets.LINGER_MS)
+        fork_guard.release(self._ports)
+        self._ports = []
         self.mailbox.close()
         if self.gatekeeper is not None:
             self.gatekeeper.stop()

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,18 @@ from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
 
 log = logging.getLogger("pyorchestrate.orchestrator")
+
+#: this process's pid, kept current across forks (``os.getpid`` is a system call: register_agent
+#: would pay one per agent to tell a fork of the script from the script)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class RunMode(enum.Enum):
@@ -215,6 +228,7 @@ class Orchestrator:
         self._finished = threading.Event()
         self._started = False
         self._shut = False
+        self._pid = 0  #: the process that started it (a fork of it cannot drive it: _in_a_fork)
         self._coordinator: Coordinator | None = None
         self._local = LocalWorkers()
         self._states = AgentStates()
@@ -348,6 +362,8 @@ class Orchestrator:
             if not started:
                 self._agents[name] = record
         if started:
+            if self._pid != _pid:
+                self._refuse_in_a_fork("register_agent")
             # checked here, against the names registered so far, so adding needs no round trip
             # through the coordinator's loop (one would cost more than the rest of registering)
             try:
@@ -426,10 +442,22 @@ class Orchestrator:
         others finish, then release it (WORKER_LEFT)."""
         self._call(cmd.DrainWorker(name))
 
+    def _in_a_fork(self) -> bool:
+        """Is this a fork of the process that started it (``os.fork``, a ``fork`` multiprocessing
+        child)?  A fork has none of its threads: nothing it asks would ever be done."""
+        return self._pid != _pid and self._started
+
+    def _refuse_in_a_fork(self, what: str) -> None:
+        raise RuntimeError(f"{what}: orchestrator {self.name!r} runs in process {self._pid}; this process ({_pid}) "
+                           "is a fork of it, which cannot drive it (it has none of its threads). From here, use "
+                           "pyorchestrate.ControlClient on its address, or an Orchestrator of this process's own")
+
     def _call(self, command: cmd.Command, timeout: float = 30.0) -> Any:
         """Run a command on the coordinator's loop and return its result (or raise its error)."""
         if self._coordinator is None:
             raise RuntimeError(f"{type(command).__name__}: call start() first")
+        if self._in_a_fork():
+            self._refuse_in_a_fork(type(command).__name__)
         if self._shut:
             raise RuntimeError("this orchestrator has shut down")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -462,6 +490,7 @@ class Orchestrator:
         coordinator = Coordinator(self.name, cfg, self._dispatcher, self._finished.set, self._states.update_many,
                                   self._forget, min_workers)
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
+        self._pid = _pid  # before the coordinator is there to be used (register_agent checks it)
         self._coordinator = coordinator
         self._started = True
         self.plugin.initialize(self, _log_plugin_failure)
@@ -512,6 +541,12 @@ class Orchestrator:
         """Stop every agent (each finishes its current iteration), then shut down.  May be called
         from a callback (it waits for the other callbacks, not for its own)."""
         if not self._started or self._coordinator is None:
+            return
+        if self._in_a_fork():
+            # it would wait for a loop that is not in this process: a fork that exited waited 22 s
+            # in its atexit hook, saying it was stopping the script's agents
+            log.warning("orchestrator %s: stop() in process %d, a fork of the process running it (%d), does "
+                        "nothing: only that process can stop it", self.name, _pid, self._pid)
             return
         if not self._finished.is_set():
             timeout = self._stop_timeout(timeout)
@@ -660,6 +695,8 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def _stop_all_running() -> None:
     for orchestrator in list(_running):
+        if orchestrator._in_a_fork():
+            continue  # a fork of the script is exiting, not the script
         if orchestrator._started and not orchestrator._shut:
             log.warning("orchestrator %s: the script is exiting without stop(); stopping its agents", orchestrator.name)
             try:

@@ -52,6 +52,9 @@ ENDINGS = {
     "sigterm": "while True:\n    time.sleep(0.1)",
     "sigint": "while True:\n    time.sleep(0.1)",  # Ctrl-C outside join()
     "exception": "time.sleep(1.0)\nraise RuntimeError('the script failed after start()')",
+    # a child of the script's own, forked (as multiprocessing does by default before Python 3.14)
+    "fork": "import multiprocessing\nchild = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,))\n"
+            "child.start()\nopen('forked.pid', 'w').write(str(child.pid))\ntime.sleep(120)",
 }
 
 
@@ -161,6 +164,68 @@ def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_
     assert third.proc.wait(30) == 128 + signal.SIGTERM
     wait_for(lambda: len([line for line in trace(tmp_path) if line.startswith("close")]) == 21, 20,
              "every copy to close")
+
+
+def test_a_coordinator_started_again_binds_and_adopts_though_a_fork_of_the_crashed_one_lives(cluster, tmp_path,
+                                                                                            scripts):
+    """The crashed script's forked child held a copy of the coordinator's listening sockets: the
+    script started again could not bind its address ("Address already in use") while the child
+    lived, and its workers' leases ran out."""
+    scripts.workers("w1")
+    first = scripts.run("first", agents=3, ending="fork")
+    forked = tmp_path / "forked.pid"
+    wait_for(lambda: len(setups(tmp_path)) == 3 and forked.exists() and forked.read_text(), 30, "3 agents and the fork")
+    child = int(forked.read_text())
+    try:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = scripts.run("second", agents=3)
+        wait_for(lambda: len(second.of("AGENT_ADOPTED")) == 3 or second.proc.poll() is not None, 30,
+                 "3 agents to be adopted")
+        assert second.proc.poll() is None, (tmp_path / "coordinator-second.log").read_text()[-1500:]
+        assert len(setups(tmp_path)) == 3 and not [line for line in trace(tmp_path) if line.startswith("close")]
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+FORK_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from agents import Quick
+from pyorchestrate import Orchestrator, RunMode
+
+o = Orchestrator("forks", address={address!r}, run_mode=RunMode.DAEMON, min_workers=0)
+o.start()
+pid = os.fork()
+if pid == 0:
+    try:
+        o.register_agent(Quick, "from-the-fork")
+        print("registered in the fork", flush=True)
+    except RuntimeError as exc:
+        print("refused in the fork:", exc, flush=True)
+    sys.exit(0)  # the fork's exit runs the script's atexit hooks too
+started = time.monotonic()
+os.waitpid(pid, 0)
+print(f"the fork exited after {{time.monotonic() - started:.2f}} s", flush=True)
+o.stop()
+"""
+
+
+def test_a_fork_of_the_script_cannot_drive_its_orchestrator_and_exits_at_once(tmp_path):
+    """A fork has none of the coordinator's threads: what it asked was never done (a register
+    went into a mailbox nobody reads), and its exit waited 22 s for a loop that was not there."""
+    path = tmp_path / "forks.py"
+    path.write_text(FORK_SCRIPT.format(tests=TESTS, address=f"tcp://127.0.0.1:{free_port()}"))
+    done = subprocess.run([sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "refused in the fork: register_agent: orchestrator 'forks' runs in process" in out, out
+    took = float(out.split("the fork exited after ")[1].split()[0])
+    assert took < 5.0, out  # no wait: 22 s before
+    assert "stopping its agents" not in out, out
 
 
 def test_a_changed_agent_waits_for_its_old_copy_however_long_that_copy_ignores_its_stop(cluster, tmp_path, scripts):
