@@ -190,6 +190,7 @@ class Coordinator:
         self.xsub.send(b"\x01")  # hear everything workers publish
         # a fixed port may be one workers of a previous coordinator still know
         self._fixed_port = sockets.parse_tcp(address)[1].isdigit()
+        self._marker = runmarker.marker(self.name, self.address)
 
     def start(self, records: list[AgentRecord], embedded: bool) -> None:
         cfg = self.config
@@ -197,13 +198,13 @@ class Coordinator:
         window = cfg.adopt_window
         if window is None:
             # only where workers may still run agents of a coordinator of our name that crashed
-            crashed = self._fixed_port and not embedded and runmarker.crashed_before(self.name, self.address)
+            crashed = self._fixed_port and not embedded and runmarker.crashed_before(self._marker)
             window = adopt_window(Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness)) if crashed else 0.0
             if crashed:
                 log.warning("the previous coordinator %r on %s did not end cleanly: waiting for its workers to "
                             "report what it left running (adoption window)", self.name, self.address)
         if self._fixed_port:
-            runmarker.mark(self.name, self.address, "running")
+            runmarker.mark(self._marker, "running")
         core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
                            drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
                            strict_hold=cfg.adopt_window is None, versions=local_versions(),
@@ -1000,7 +1001,7 @@ class Coordinator:
             self._last_bus_beat = 0.0
             self._publish_bus_heartbeat(time.monotonic())  # our last seq: a lost tail shows
         if self._closing and getattr(self, "_fixed_port", False):
-            runmarker.mark(self.name, self.address, "clean")  # the workers were released
+            runmarker.mark(self._marker, "clean")  # the workers were released
         if self.monitor is not None:
             self.router.disable_monitor()
             self.monitor.close(linger=0)

@@ -17,23 +17,26 @@ import tempfile
 from pathlib import Path
 
 
-def _path(name: str, address: str) -> Path:
+def marker(name: str, address: str) -> Path:
+    """Where the marker of coordinator ``name`` on ``address`` is: an absolute path, taken once at
+    start (a relative ``$PYORCHESTRATE_STATE_DIR`` would otherwise follow the script's ``os.chdir``,
+    and the ``clean`` written at the end land where the next start does not look)."""
     base = os.environ.get("PYORCHESTRATE_STATE_DIR") or os.path.join(tempfile.gettempdir(), f"pyorchestrate-{os.getuid()}")
     digest = hashlib.blake2b(f"{name}\0{address}".encode(), digest_size=10).hexdigest()
-    return Path(base) / f"{digest}.run"
+    return (Path(base) / f"{digest}.run").absolute()
 
 
-def crashed_before(name: str, address: str) -> bool:
-    """Did a coordinator ``name`` on ``address`` start here and never end cleanly?"""
+def crashed_before(path: Path) -> bool:
+    """Did the coordinator whose :func:`marker` is ``path`` start here and never end cleanly?"""
     try:
-        return _path(name, address).read_text() == "running"
+        return path.read_text() == "running"
     except OSError:
         return False
 
 
-def mark(name: str, address: str, state: str) -> None:
-    """Record ``running`` or ``clean`` (best effort: an unwritable directory only loses the hint)."""
-    path = _path(name, address)
+def mark(path: Path, state: str) -> None:
+    """Record ``running`` or ``clean`` at :func:`marker` ``path`` (best effort: an unwritable
+    directory only loses the hint)."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -228,6 +228,32 @@ def test_a_fork_of_the_script_cannot_drive_its_orchestrator_and_exits_at_once(tm
     assert "stopping its agents" not in out, out
 
 
+MOVING_SCRIPT = """
+import os, time
+from pyorchestrate import Orchestrator, RunMode
+
+o = Orchestrator("mover", address={address!r}, run_mode=RunMode.DAEMON, min_workers=0)
+o.start()
+os.makedirs("elsewhere", exist_ok=True)
+os.chdir("elsewhere")  # the script's own business
+o.stop()
+"""
+
+
+def test_a_clean_end_is_known_to_the_next_start_though_the_script_changed_directory(tmp_path):
+    """With a relative ``$PYORCHESTRATE_STATE_DIR``, the ``clean`` marker written at the end went
+    into the directory the script had moved to: the next start took the clean end for a crash and
+    held every agent for the adoption window."""
+    path = tmp_path / "mover.py"
+    path.write_text(MOVING_SCRIPT.format(address=f"tcp://127.0.0.1:{free_port()}"))
+    env = {**os.environ, "PYORCHESTRATE_STATE_DIR": "state"}
+    runs = [subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "did not end cleanly" not in runs[1].stderr, runs[1].stderr
+
+
 def test_a_changed_agent_waits_for_its_old_copy_however_long_that_copy_ignores_its_stop(cluster, tmp_path, scripts):
     """A restarted script changed an agent: its old copy is told to stop, and it is a thread stuck
     in its cycle for 8 s, far past its 1 s stop timeout.  Its worker is alive and says the copy still
