@@ -27,8 +27,11 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from .keys import ClientKey, KeyDir
+from .log_thread import deferrable, defer_in_this_thread
 
-log = logging.getLogger("pyorchestrate.keys")
+log = deferrable(logging.getLogger("pyorchestrate.keys"))
+#: what pyzmq's authenticator logs (its thread's own lines), deferrable as ours
+_ZAP_LOG = deferrable(logging.getLogger("pyorchestrate.zap"))
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "control": ("worker", "admin", "reader"),
@@ -70,7 +73,7 @@ class LinkGate(ThreadAuthenticator):
     the agent-link pair get in."""
 
     def __init__(self, ctx: zmq.Context, public: bytes) -> None:
-        super().__init__(ctx, log=logging.getLogger("pyorchestrate.zap"))
+        super().__init__(ctx, log=_ZAP_LOG)
         self.public = public
         self.refused = 0
 
@@ -100,7 +103,7 @@ class Gatekeeper(ThreadAuthenticator):
     (at a rate limit) everything refused."""
 
     def __init__(self, ctx: zmq.Context, keydir: KeyDir, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(ctx, log=logging.getLogger("pyorchestrate.zap"))
+        super().__init__(ctx, log=_ZAP_LOG)
         self.keydir = keydir
         self.clock = clock
         self.refused: Counter[str] = Counter()  # "domain: reason" -> count (read by status())
@@ -122,6 +125,9 @@ class Gatekeeper(ThreadAuthenticator):
 
     def callback(self, domain: str, key: bytes) -> bool:
         """pyzmq's credentials callback (ZAP thread): ``key`` is the client's public key, z85."""
+        # every handshake waits for this thread: it must never wait on a log stream (with stderr
+        # full, its first refusal held it in that line, and no worker got in after it)
+        defer_in_this_thread()
         reason = self.decide(domain, self.keydir.admitted().get(key))
         if reason is None:
             return True

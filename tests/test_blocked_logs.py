@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DETECT, wait_for
+from conftest import DETECT, free_port, wait_for
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 def writing_to_a_full_pipe(pid: int) -> bool:
@@ -229,3 +229,62 @@ def test_a_slow_stream_that_moves_slows_the_logger_down_and_loses_nothing():
             logger.warning("line %d", i)
         assert writer.flush(10)
         assert target.lines == [f"line {i}" for i in range(100)] and writer.dropped == 0
+
+
+KEYED_SCRIPT = """
+import json, sys, time
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+
+out = open({events!r}, "a")
+
+def record(**fields):
+    out.write(json.dumps({{"event": fields["event"], "worker": fields.get("worker")}}) + "\\n")
+    out.flush()
+
+o = Orchestrator("gate", address={address!r}, keys={keys!r}, run_mode=RunMode.DAEMON, min_workers=0)
+o.register_event(OrchestratorEvent.WORKER_JOINED, record)
+o.start()
+record(event="started")
+sys.stderr.write("x" * 200_000)  # nobody reads the pipe: this thread waits here, and the pipe is full
+sys.stderr.flush()
+"""
+
+
+def test_a_keyed_coordinator_whose_stderr_takes_nothing_still_lets_its_workers_in(cluster, tmp_path):
+    """The gatekeeper (ZAP) thread says what it refused: with the pipe full, its first refusal
+    (a stranger's key) held it in that line, and every handshake after it waited for ever; a
+    worker holding an admitted key never got in."""
+    import zmq
+
+    from pyorchestrate.keys import KeyDir
+
+    keys = KeyDir(tmp_path / "keys")
+    keys.init()
+    events = tmp_path / "events.jsonl"
+    address = f"tcp://127.0.0.1:{free_port()}"
+    script = tmp_path / "coordinator.py"
+    script.write_text(KEYED_SCRIPT.format(events=str(events), address=address, keys=str(keys.path)))
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=write)
+    os.close(write)
+    ctx = zmq.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    try:
+        said = lambda: [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []  # noqa: E731
+        wait_for(lambda: said(), 60, "the coordinator to start")
+        wait_for(lambda: writing_to_a_full_pipe(proc.pid), 30, "a write to the full stderr pipe")
+        stranger.curve_serverkey = keys.coordinator_pair()[0]
+        stranger.curve_publickey, stranger.curve_secretkey = zmq.curve_keypair()
+        stranger.connect(address)
+        stranger.send(b"let me in", zmq.NOBLOCK)
+        time.sleep(1.0)  # refused, and said so (or waiting to say so)
+        cluster.worker(address, "w1", "--keys", str(keys.path))
+        wait_for(lambda: any(e["event"] == "WORKER_JOINED" for e in said()), 20, "the admitted worker to join")
+        assert writing_to_a_full_pipe(proc.pid), "its stderr took data meanwhile: the test proves nothing"
+    finally:
+        stranger.close(linger=0)
+        ctx.term()
+        proc.kill()
+        proc.wait(10)
+        read_all(read, 0.2)
+        os.close(read)
