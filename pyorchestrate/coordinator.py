@@ -26,6 +26,7 @@ from . import (collector, commands, control, curve, fd_limit, fork_guard, histor
                sockets, tailhold, trace)
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
+from .key_watch import KeyWatch
 from .keys import KeyDir
 from .events import EventDispatcher, OrchestratorEvent, stamp
 from .limits import Limits, adopt_window
@@ -38,6 +39,7 @@ from .versions import local_versions
 # deferrable: this loop never waits on a log stream (log_thread.py); core.py, core_commands.py and
 # registration.py log on this same logger object
 log = deferrable(logging.getLogger("pyorchestrate.coordinator"))
+KEY_DIR_STUCK = 5.0  #: seconds the key directory may take to answer before the log says so
 _AGENT_LOG = deferrable(logging.getLogger("pyorchestrate.agent"))
 
 _DRAIN_BATCH = 1000
@@ -124,6 +126,8 @@ class Coordinator:
         # keys (CurveZMQ + who may connect in which role); None: plain ZeroMQ, loopback only
         self.keydir = KeyDir.from_option(config.keys)
         self.gatekeeper: curve.Gatekeeper | None = None
+        self.key_watch: KeyWatch | None = None
+        self._key_dir_stuck_said = False
         self._key_of: dict[bytes, str] = {}  # worker connection -> the name of the key it showed
         self.handshake_failures: Counter[str] = Counter()
         self.address = self.events_address = self.bus_address = ""
@@ -170,6 +174,10 @@ class Coordinator:
             self._subscribed: set[bytes] = set()
             if self.keydir is not None:
                 pair = self.keydir.coordinator_pair()
+                # the directory is read by a thread of its own: the loop and the gatekeeper never
+                # wait on its file system (key_watch.py)
+                self.key_watch = KeyWatch(self.keydir)
+                self.key_watch.start()
                 self.gatekeeper = curve.Gatekeeper(self.ctx, self.keydir)
                 self.gatekeeper.start()
                 curve.serve(self.router, pair, "control")
@@ -614,7 +622,7 @@ class Coordinator:
             self.dropped.drop("register_without_worker_key", f"{role}:{name}")
             self._send(identity, protocol.encode("refused", reason=reason))
             return False
-        if ("worker", name) not in self.keydir.admitted().values():
+        if ("worker", name) not in self.keydir.latest().values():
             self.dropped.drop("register_with_revoked_key", name)
             self._send(identity, protocol.encode("refused", reason=f"worker key {name!r} was revoked", retry=True))
             return False
@@ -624,10 +632,19 @@ class Coordinator:
     def _check_revocations(self, now: float) -> None:
         """A worker whose key was revoked is told so and counted lost (its agents move once its
         lease has run out: it may not stop them, and it is not trusted to say it did)."""
-        assert self.core is not None and self.keydir is not None
+        assert self.core is not None and self.keydir is not None and self.key_watch is not None
+        stuck = self.key_watch.stuck_for(now)
+        if (stuck >= KEY_DIR_STUCK) != self._key_dir_stuck_said:
+            self._key_dir_stuck_said = not self._key_dir_stuck_said
+            if self._key_dir_stuck_said:
+                log.error("key directory %s has not answered for %.0f s (a file system that hangs?): the keys of its "
+                          "last answer stay in force, and revocations and new keys wait for the next",
+                          self.keydir.path, stuck)
+            else:
+                log.warning("key directory %s answers again", self.keydir.path)
         if not self._key_of:
             return
-        admitted = {name for role, name in self.keydir.admitted().values() if role == "worker"}
+        admitted = {name for role, name in self.keydir.latest().values() if role == "worker"}
         for identity, name in list(self._key_of.items()):
             if name in admitted:
                 if self.core.worker_of(identity) is None:
@@ -1016,4 +1033,7 @@ class Coordinator:
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None
+        if self.key_watch is not None:
+            self.key_watch.stop()
+            self.key_watch = None
         self.ctx.term()

@@ -128,7 +128,7 @@ class Gatekeeper(ThreadAuthenticator):
         # every handshake waits for this thread: it must never wait on a log stream (with stderr
         # full, its first refusal held it in that line, and no worker got in after it)
         defer_in_this_thread()
-        reason = self.decide(domain, self.keydir.admitted().get(key))
+        reason = self.decide(domain, self.keydir.latest().get(key))  # read by the coordinator's KeyWatch
         if reason is None:
             return True
         what = f"{domain}: {reason}"
@@ -143,7 +143,7 @@ class Gatekeeper(ThreadAuthenticator):
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         """The User-Id each admitted connection's frames carry: ``role:name``."""
-        role_name = self.keydir.admitted().get(z85.encode(client_public_key))
+        role_name = self.keydir.latest().get(z85.encode(client_public_key))
         return "{}:{}".format(*role_name) if role_name else ""
 
 

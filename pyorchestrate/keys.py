@@ -312,6 +312,11 @@ class KeyDir:
                 self._admitted, self._stamp = admitted, stamp
             return self._admitted
 
+    def latest(self) -> dict[bytes, tuple[str, str]]:
+        """What :meth:`admitted` found last, without looking at the directory (no file system
+        work, no lock: for a thread that must not wait on a file system, see key_watch.py)."""
+        return self._admitted
+
     def _need_coordinator(self) -> Path:
         return _required(self.path / "coordinator.key_secret", f"{self.path} holds no coordinator key: run "
                          f"`pyorchestrate keys init {self.path}` (on the coordinator's host)")

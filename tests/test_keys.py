@@ -5,6 +5,7 @@ The key directory's file handling is tested without sockets first."""
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -285,6 +286,43 @@ def test_a_key_folder_away_for_a_moment_revokes_nobody(cluster, keydir):
     time.sleep(1.0)
     assert events.of("WORKER_LOST") == [], events.of("WORKER_LOST")
     assert orch.status()["agents"]["long"]["restarts"] == 0
+
+
+def test_a_key_directory_on_a_file_system_that_stops_answering_stops_no_agent_and_no_handshake(cluster, keydir):
+    """The coordinator read its key directory in its loop every tick, and in the gatekeeper at
+    every handshake. On a file system that stops answering (a hard-mounted NFS server gone away;
+    here a FUSE mount whose server stops answering) the ``stat`` waits, uninterruptibly: the loop
+    stopped answering heartbeats, the worker's lease ran out and it stopped its agent, and no
+    subscriber got in."""
+    import hung_fs
+
+    why = hung_fs.available()
+    if why:
+        pytest.skip(why)
+    mount = keydir.path / "allowed" / "admin"  # the folder of admin keys, on the file system that will hang
+    server = subprocess.Popen([sys.executable, hung_fs.__file__, str(mount)], stdout=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "mounted":  # type: ignore[union-attr]
+            pytest.skip(f"this machine cannot mount a FUSE file system (exit {server.wait(10)})")
+        orch, events = _orchestrator(cluster, keydir, heartbeat_interval=0.1, heartbeat_liveness=5)
+        cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
+        from agents import Forever
+
+        orch.register_agent(Forever, "long", restart="always")
+        events.wait("AGENT_READY", "long")
+        server.send_signal(signal.SIGUSR1)  # from now on it answers nothing
+        time.sleep(3.0)  # six liveness windows
+        reader = EventSubscriber(orch.events_address, keys=keydir.path)
+        try:
+            assert reader.wait_connected(10), "a handshake waited on the key directory"
+        finally:
+            reader.close()
+        assert "lease ran out" not in cluster.log_of("w1"), cluster.log_of("w1")[-2000:]
+        assert events.of("WORKER_LOST") == [] and len(events.of("AGENT_READY", "long")) == 1
+    finally:
+        server.kill()  # its connection aborts: whatever waits on the mount gets an error and goes on
+        server.wait(10)
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
 def test_the_events_command_exits_non_zero_naming_the_key_problem(cluster, keydir, tmp_path):
