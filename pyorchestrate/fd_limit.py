@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 
-log = logging.getLogger("pyorchestrate.fd_limit")
+from .log_thread import deferrable
+
+log = deferrable(logging.getLogger("pyorchestrate.fd_limit"))
 
 #: what an unlimited hard limit becomes: Linux refuses a soft limit above ``fs.nr_open``
 #: (1,048,576 by default) and macOS one above ``kern.maxfilesperproc``

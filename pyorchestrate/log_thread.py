@@ -105,6 +105,10 @@ class LogThread:
             time.sleep(0.0005)  # lets this thread have the GIL
         return True
 
+    def is_current(self) -> bool:
+        """Is the calling thread this log thread?"""
+        return self._thread is threading.current_thread()
+
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until what was queued before this call is handled; False if the
         stream still took nothing by then."""
@@ -208,7 +212,10 @@ class QueuedHandler(logging.Handler):
         # no lock of our own: submit never waits, and emit has no state to guard
         if record.levelno < self.target.level or not self.target.filter(record):
             return False
-        self.writer.submit(self.target.handle, record)
+        if self.writer.is_current():  # a deferred record handled on the log thread: write it now
+            self.target.handle(record)
+        else:
+            self.writer.submit(self.target.handle, record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -579,3 +579,20 @@ class SlowToMake(EventDrivenThreadAgent):
     def on_event(self, event):
         append_line(self.config.trace, f"message {event.payload}")
 
+
+
+class RootLogShipper(LoopingThreadAgent):
+    """Ships every log record of its process to a log collector over HTTP, as agents configure
+    logging in ``setup()``: a handler on the *root* logger, which the worker's own records reach too.
+    ``logging.handlers.HTTPHandler`` waits for the collector's answer, without a timeout."""
+
+    class Config(LoopingThreadAgent.Config):
+        collector = ""  #: host:port
+
+    def setup(self):
+        import logging.handlers
+
+        logging.getLogger().addHandler(logging.handlers.HTTPHandler(self.config.collector, "/log", method="POST"))
+
+    def cycle(self):
+        self.wait_stop(0.2)

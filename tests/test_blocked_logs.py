@@ -161,6 +161,39 @@ def test_a_worker_whose_stderr_takes_nothing_is_not_lost_and_its_agents_run_once
         os.close(read)
 
 
+def test_a_worker_whose_agent_ships_the_root_log_to_a_collector_that_hangs_is_not_lost(cluster, tmp_path):
+    """An agent added a handler to the root logger (an HTTP log shipper, as agents that configure
+    logging in setup() do) whose collector accepts and never answers. The worker's own records
+    reach the root too: its loop's next line (here: it starts an agent host) waited in that
+    handler for ever, and the coordinator took the worker for lost while its agents ran on."""
+    import socket
+
+    from agents import Chatty, QuietTracer, RootLogShipper
+
+    collector = socket.socket()
+    collector.bind(("127.0.0.1", 0))
+    collector.listen(64)  # connections complete in the backlog; nothing is ever read or answered
+    trace = tmp_path / "trace.txt"
+    orch = cluster.orchestrator(min_workers=2, **DETECT)
+    orch.start()
+    try:
+        cluster.worker(orch.address, "w1", "--threads-per-process", "2")
+        cluster.worker(orch.address, "w2")
+        orch.register_agent(QuietTracer, "victim", QuietTracer.Config(trace=str(trace)), worker="w1", restart="always")
+        orch.register_agent(RootLogShipper, "shipper",
+                            RootLogShipper.Config(collector="127.0.0.1:%d" % collector.getsockname()[1]), worker="w1")
+        assert orch.agent("victim").wait_ready(30) and orch.agent("shipper").wait_ready(30)
+        # a third thread agent goes to an agent host, which the worker's loop says it starts
+        orch.register_agent(Chatty, "third", worker="w1")
+        time.sleep(3.0)  # six liveness windows
+        status = orch.status()
+        assert status["workers"]["w1"]["alive"], status["workers"]["w1"]
+        assert status["agents"]["victim"]["worker"] == "w1" and status["agents"]["third"]["worker"] == "w1", status
+        assert list(copies(trace).values()) == [["start"]], copies(trace)
+    finally:
+        collector.close()
+
+
 class Written(logging.Handler):
     """Keeps each record's message, after ``pause()`` (a stream that takes its time, or none)."""
 

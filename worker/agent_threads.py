@@ -31,7 +31,9 @@ import sys
 import threading
 from typing import Callable
 
-log = logging.getLogger("pyorchestrate.worker.threads")
+from pyorchestrate.log_thread import deferrable
+
+log = deferrable(logging.getLogger("pyorchestrate.worker.threads"))
 
 #: an idle thread waits this long for the next agent, then exits
 IDLE_SECONDS = 10.0

@@ -17,13 +17,14 @@ from typing import Any, Callable
 import msgpack
 
 from pyorchestrate.events import stamp
+from pyorchestrate.log_thread import deferrable
 
 from . import host as host_process
 from . import watch
 from .child import BUS, bus_marker
 from .errors import how_it_exited
 
-log = logging.getLogger("pyorchestrate.worker.hosts")
+log = deferrable(logging.getLogger("pyorchestrate.worker.hosts"))
 
 #: (record, event, fields): how the reader hands an agent's report to the supervisor
 Relay = Callable[[Any, str, dict], None]

@@ -39,6 +39,7 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_
 from pyorchestrate.keys import ENV
 from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
+from pyorchestrate.log_thread import defer_in_this_thread, deferrable
 
 from . import crowd, pulse
 from .errors import bounded
@@ -46,7 +47,7 @@ from .fold import fold
 from .reexec import exec_again
 from .supervisor import Supervisor
 
-log = logging.getLogger("pyorchestrate.worker")
+log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
 REGISTER_TIMEOUT = 2.0
 PULSE_MODES = ("auto", "always", "never")
@@ -211,6 +212,10 @@ class Worker:
 
     def run(self) -> int:
         """Serve coordinators until shutdown; return the process exit code."""
+        # our records logged here are handled on the log thread: whatever handlers the root logger
+        # has by then, an agent's among them (an HTTP log shipper whose collector hangs held this
+        # loop in its first line after: the coordinator took the worker for lost)
+        defer_in_this_thread()
         log.info("worker %s (pid %d) serving coordinator %s", self.name, os.getpid(), self.coordinator)
         try:
             while not self._shutdown.is_set():

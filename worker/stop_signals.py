@@ -22,7 +22,9 @@ import signal
 import threading
 from typing import Callable
 
-log = logging.getLogger("pyorchestrate.worker")
+from pyorchestrate.log_thread import deferrable
+
+log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
 
 def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),

@@ -27,6 +27,7 @@ import msgpack
 from pyorchestrate import publisher, shipping, trace
 from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
+from pyorchestrate.log_thread import deferrable
 
 from . import child, watch
 from .agent_threads import AgentThreads
@@ -35,7 +36,7 @@ from .handoff import Handoff
 from .hosts import AgentHost
 from .errors import error_fields, how_it_exited
 
-log = logging.getLogger("pyorchestrate.worker.supervisor")
+log = deferrable(logging.getLogger("pyorchestrate.worker.supervisor"))
 
 # agent name, run, epoch, event name, fields
 Report = Callable[[str, str, int, str, dict], None]

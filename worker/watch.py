@@ -18,7 +18,9 @@ from typing import Any
 from . import child
 from .pulse import worker_state
 
-log = logging.getLogger("pyorchestrate.worker.supervisor")
+from pyorchestrate.log_thread import deferrable
+
+log = deferrable(logging.getLogger("pyorchestrate.worker.supervisor"))
 
 
 class ChildWatch:
