@@ -238,7 +238,8 @@ def test_an_event_over_the_coordinators_limit_is_counted_lost_not_lost_unsaid(cl
     events.wait("AGENT_TERMINATED", "big")
     assert [(e["topic"], e["data"]["i"]) for e in events.of("AGENT_EVENT", "big")] == [("small", 3)]
     assert orch.status()["lost_events"] == 3
-    assert "over the coordinator's limit of 1048576 per event" in cluster.log_of("w1")
+    # printed by the worker's log thread: it may follow the agent's end by a moment
+    wait_for(lambda: "over the coordinator's limit of 1048576 per event" in cluster.log_of("w1"), 10, "the worker to say so")
     # an event under the limit travels (a quarter of 4 MiB), with others of the same run
     orch.register_agent(BigEvents, "fits", BigEvents.Config(size=900_000, before=1))
     events.wait("AGENT_TERMINATED", "fits")

@@ -301,7 +301,7 @@ def test_orphan_timeout_stops_agents_of_a_vanished_coordinator(cluster, tmp_path
     took = time.monotonic() - killed
     assert 1.3 <= took < 5.0, took  # timed from the last word heard, up to one heartbeat before the kill
     assert trace.read_text().split() == ["setup", "on_stop", "on_close"]
-    assert "orphan timeout" in cluster.log_of("w1")
+    wait_for(lambda: "orphan timeout" in cluster.log_of("w1"), 10, "the worker to say so")  # its log thread
     assert cluster.workers["w1"].poll() is None, "the worker itself keeps waiting for a coordinator"
     successor = cluster.orchestrator("successor", address=f"tcp://127.0.0.1:{port}", run_mode=RunMode.DAEMON)
     events = EventLog(successor)

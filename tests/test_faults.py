@@ -253,7 +253,7 @@ def test_worker_survives_garbage_from_its_coordinator_and_keeps_serving(cluster)
                         seen.append(item["event"])
         assert seen == ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED"]
         assert worker.poll() is None
-        assert "dropped a bad_frame frame" in cluster.log_of("w1")
+        wait_for(lambda: "dropped a bad_frame frame" in cluster.log_of("w1"), 10, "the worker to say so")  # its log thread
     finally:
         ctx.destroy(linger=0)
 

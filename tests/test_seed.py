@@ -43,8 +43,10 @@ def test_seed_across_two_workers_started_first_from_another_directory(cluster, t
     first = run_script(["main.py", address], cwd=SEED, timeout=60)
     assert first.returncode == 0, first.stderr
     assert sorted(placements(first.stderr).values()) == ["w1", "w2"], "two agents spread over two workers"
-    logs = cluster.log_of("w1") + cluster.log_of("w2")
-    assert "published 5 readings" in logs and logs.count("processing a batch") == 3
+    # the workers print their agents' lines from their log threads: they may come a moment later
+    wait_for(lambda: "published 5 readings" in cluster.log_of("w1") + cluster.log_of("w2")
+             and (cluster.log_of("w1") + cluster.log_of("w2")).count("processing a batch") == 3, 10,
+             "the agents' lines in the workers' logs")
 
     # the same workers serve the next script
     second = run_script(["main.py", address], cwd=SEED, timeout=60)
