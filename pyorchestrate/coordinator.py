@@ -39,8 +39,9 @@ from .versions import local_versions
 # deferrable: this loop never waits on a log stream (log_thread.py); core.py, core_commands.py and
 # registration.py log on this same logger object
 log = deferrable(logging.getLogger("pyorchestrate.coordinator"))
-KEY_DIR_STUCK = 5.0  #: seconds the key directory may take to answer before the log says so
 _AGENT_LOG = deferrable(logging.getLogger("pyorchestrate.agent"))
+
+KEY_DIR_STUCK = 5.0  #: seconds the key directory may take to answer before the log says so
 
 _DRAIN_BATCH = 1000
 #: the most one loop turn spends on one socket's frames: a bus batch can hold thousands of events,

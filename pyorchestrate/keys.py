@@ -35,7 +35,7 @@ import zmq.auth
 
 from .log_thread import deferrable
 
-#: its own logger, deferrable: the coordinator's loop reads the directory (see admitted)
+#: deferrable: the coordinator's gatekeeper thread logs on it too (curve.py), and must not wait on a stream
 log = deferrable(logging.getLogger("pyorchestrate.keys"))
 
 ROLES = ("worker", "reader", "admin")

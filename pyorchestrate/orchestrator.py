@@ -522,6 +522,8 @@ class Orchestrator:
         """
         if not self._started:
             raise RuntimeError("call start() before join()")
+        if self._in_a_fork():
+            self._refuse_in_a_fork("join")  # it would wait for ever: nothing here ends the run
         if self._coordinator is not None and not self._finished.is_set():
             self._coordinator.mailbox.put((cmd.Join(), None))
         try:

@@ -206,6 +206,10 @@ if pid == 0:
         print("registered in the fork", flush=True)
     except RuntimeError as exc:
         print("refused in the fork:", exc, flush=True)
+    try:
+        o.join(timeout=5)
+    except RuntimeError:
+        print("join refused in the fork", flush=True)
     sys.exit(0)  # the fork's exit runs the script's atexit hooks too
 started = time.monotonic()
 os.waitpid(pid, 0)
@@ -223,6 +227,7 @@ def test_a_fork_of_the_script_cannot_drive_its_orchestrator_and_exits_at_once(tm
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "refused in the fork: register_agent: orchestrator 'forks' runs in process" in out, out
+    assert "join refused in the fork" in out, out
     took = float(out.split("the fork exited after ")[1].split()[0])
     assert took < 5.0, out  # no wait: 22 s before
     assert "stopping its agents" not in out, out
