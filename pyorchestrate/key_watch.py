@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from .keys import KeyDir
+from .log_thread import defer_in_this_thread
 
 INTERVAL = 0.25  #: seconds between two reads (how long a revocation or a new key may wait)
 
@@ -61,5 +62,6 @@ class KeyWatch:
             self.reading_since = None
 
     def _run(self) -> None:
+        defer_in_this_thread()  # what it logs (a folder it cannot read) waits on no stream or handler
         while not self._stop.wait(self.interval):
             self._read()
