@@ -4,6 +4,11 @@ it answers; after SIGUSR1 it answers nothing, so whoever looks at it (``stat``) 
 killed.  Needs root and ``/dev/fuse`` (see :func:`available`).
 
     python hung_fs.py MOUNTPOINT        # prints "mounted" once it serves
+
+Bounded: it exits (which aborts the mount: whoever waits on it gets an error) once it has answered
+nothing for ``HANG_MAX`` seconds, or once the process that started it is gone, so a test that dies
+midway leaves nothing that hangs whatever touches the path later (pytest's removal of old
+temporary directories among them).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 import signal
 import struct
 import sys
+import threading
+import time
 
 FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_OPENDIR, FUSE_READDIR, FUSE_RELEASEDIR = 1, 2, 3, 27, 28, 29
 FUSE_INIT, FUSE_BATCH_FORGET, FUSE_DESTROY = 26, 42, 38
@@ -21,6 +28,7 @@ OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 # fuse_attr_out: attr_valid, attr_valid_nsec, dummy, then fuse_attr
 ATTR_OUT = struct.Struct("<QII" + "QQQQQQIIIIIIIIII")
 ENOENT, ENOSYS = 2, 38
+HANG_MAX = 60.0  #: seconds it answers nothing at most, then exits
 
 
 def available() -> str:
@@ -50,8 +58,16 @@ def serve(mountpoint: str) -> None:
     options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
     if libc.mount(b"hungfs", mountpoint.encode(), b"fuse", 0x2 | 0x4, options) != 0:  # MS_NOSUID | MS_NODEV
         raise OSError(ctypes.get_errno(), f"mount {mountpoint}: {os.strerror(ctypes.get_errno())}")
-    hung = []
-    signal.signal(signal.SIGUSR1, lambda *_: hung.append(True))
+    hung: list[float] = []
+    signal.signal(signal.SIGUSR1, lambda *_: hung.append(time.monotonic()))
+    parent = os.getppid()
+
+    def bounded() -> None:
+        while os.getppid() == parent and not (hung and time.monotonic() - hung[0] > HANG_MAX):
+            time.sleep(0.2)
+        os._exit(0)  # the kernel aborts the mount's connection: its waiters get ENOTCONN
+
+    threading.Thread(target=bounded, daemon=True).start()
     print("mounted", flush=True)
     while True:
         try:
