@@ -596,3 +596,11 @@ class RootLogShipper(LoopingThreadAgent):
 
     def cycle(self):
         self.wait_stop(0.2)
+
+
+class Asker(BaseThreadAgent):
+    """Reads a line from the terminal (``input()``, as a ``breakpoint()`` left in or a library
+    asking for a password would)."""
+
+    def execute(self):
+        input("continue? ")

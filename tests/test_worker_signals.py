@@ -305,3 +305,50 @@ def test_what_agents_log_while_their_worker_stops_them_arrives_as_it_comes(clust
     (end,) = [x[1] for x in seen if isinstance(x, tuple)]
     assert len(lines) == 30 and orch.status()["lost_events"] == 0
     assert lines[0] < end - 1.0, "the first line came only with the end"
+
+
+def test_an_agent_reading_the_terminal_of_a_background_worker_fails_alone(cluster, tmp_path):
+    """A worker started as a background job of a shell (``pyorchestrate-worker ... &``), its stdin
+    the terminal: an agent that read it (``input()``, a ``breakpoint()`` left in) got the whole
+    worker stopped by SIGTTIN (state T): lost, and every agent of it with it. Here a real terminal
+    (a pty), a shell with job control, the worker in the background."""
+    import fcntl
+    import pty
+    import termios
+
+    from agents import Asker
+
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    pid_file, log = tmp_path / "w1.pid", tmp_path / "w1.log"
+    master, slave = pty.openpty()
+
+    def a_terminal_of_its_own() -> None:  # the shell's session, whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    job = (f"set -m; {sys.executable} -m pyorchestrate_worker --coordinator {orch.address} --name w1 "
+           f"> {log} 2>&1 & echo $! > {pid_file}; sleep 60")
+    shell = subprocess.Popen(["bash", "-c", job], cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave,
+                             preexec_fn=a_terminal_of_its_own)
+    os.close(slave)
+    pid = 0
+    try:
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        pid = int(pid_file.read_text())
+        orch.register_agent(Forever, "bystander", worker="w1")
+        events.wait("AGENT_READY", "bystander")
+        orch.register_agent(Asker, "asker", worker="w1")
+        error = events.wait("AGENT_ERROR", "asker", timeout=15)[0]
+        assert "Input/output error" in error["error_message"], error
+        time.sleep(1.0)  # two liveness windows
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T", "the worker was stopped"
+        assert not events.of("WORKER_LOST") and orch.status()["agents"]["bystander"]["state"] == "READY"
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        shell.kill()
+        shell.wait(10)
+        os.close(master)

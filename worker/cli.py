@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # never Event.set() in a handler: see there
     stop_signals.request_on_signals(worker.request_shutdown, force=worker.exit_now)
+    # started as a background job of a shell, the whole worker was stopped (SIGTTIN) the moment one
+    # agent read the terminal (input(), a breakpoint() left in, a library asking for a password):
+    # its coordinator took it for lost and every agent of it moved.  Ignored, such a read fails
+    # (EIO) in that agent alone; in the foreground, reading the terminal works as before
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # writing to it with `stty tostop` set, likewise
     # SIGUSR1 prints every thread's stack to stderr, the worker going on: what a worker that seems
     # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
