@@ -630,19 +630,25 @@ class Coordinator:
         self._key_of[identity] = name
         return True
 
+    def _say_whether_the_key_dir_answers(self, now: float) -> None:
+        """Once when the key directory has kept its reader waiting for KEY_DIR_STUCK s, once when it answers."""
+        assert self.keydir is not None and self.key_watch is not None
+        stuck = self.key_watch.stuck_for(now)
+        if (stuck >= KEY_DIR_STUCK) == self._key_dir_stuck_said:
+            return
+        self._key_dir_stuck_said = not self._key_dir_stuck_said
+        if self._key_dir_stuck_said:
+            log.error("key directory %s has not answered for %.0f s (a file system that hangs?): the keys of its "
+                      "last answer stay in force, and revocations and new keys wait for the next",
+                      self.keydir.path, stuck)
+        else:
+            log.warning("key directory %s answers again", self.keydir.path)
+
     def _check_revocations(self, now: float) -> None:
         """A worker whose key was revoked is told so and counted lost (its agents move once its
         lease has run out: it may not stop them, and it is not trusted to say it did)."""
-        assert self.core is not None and self.keydir is not None and self.key_watch is not None
-        stuck = self.key_watch.stuck_for(now)
-        if (stuck >= KEY_DIR_STUCK) != self._key_dir_stuck_said:
-            self._key_dir_stuck_said = not self._key_dir_stuck_said
-            if self._key_dir_stuck_said:
-                log.error("key directory %s has not answered for %.0f s (a file system that hangs?): the keys of its "
-                          "last answer stay in force, and revocations and new keys wait for the next",
-                          self.keydir.path, stuck)
-            else:
-                log.warning("key directory %s answers again", self.keydir.path)
+        assert self.core is not None and self.keydir is not None
+        self._say_whether_the_key_dir_answers(now)
         if not self._key_of:
             return
         admitted = {name for role, name in self.keydir.latest().values() if role == "worker"}

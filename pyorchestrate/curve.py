@@ -26,10 +26,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .keys import ClientKey, KeyDir
+from .keys import ClientKey, KeyDir, log
 from .log_thread import deferrable, defer_in_this_thread
 
-log = deferrable(logging.getLogger("pyorchestrate.keys"))
 #: what pyzmq's authenticator logs (its thread's own lines), deferrable as ours
 _ZAP_LOG = deferrable(logging.getLogger("pyorchestrate.zap"))
 

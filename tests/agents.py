@@ -233,7 +233,7 @@ class CopyTracer(LoopingThreadAgent):
         import uuid
 
         self.copy = uuid.uuid4().hex[:8]
-        if getattr(self.config, "chdir", ""):  # CopyTracerProcess shares this setup, not the setting
+        if self.config.chdir:
             os.chdir(self.config.chdir)
         append_line(self.config.trace, f"start {self.copy} {time.time():.3f}")
 
@@ -469,6 +469,7 @@ class CopyTracerProcess(LoopingProcessAgent):
         linger = 0.0
         pid_file = ""
         deaf_to_sigterm = False  #: ignores SIGTERM (a worker's terminate after its stop timeout)
+        chdir = ""  #: as CopyTracer's (it runs CopyTracer.setup)
 
     def setup(self):
         CopyTracer.setup(self)

@@ -5,6 +5,7 @@ The key directory's file handling is tested without sockets first."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -302,7 +303,8 @@ def test_a_key_directory_on_a_file_system_that_stops_answering_stops_no_agent_an
     mount = keydir.path / "allowed" / "admin"  # the folder of admin keys, on the file system that will hang
     server = subprocess.Popen([sys.executable, hung_fs.__file__, str(mount)], stdout=subprocess.PIPE, text=True)
     try:
-        if server.stdout.readline().strip() != "mounted":  # type: ignore[union-attr]
+        ready, _, _ = select.select([server.stdout], [], [], 30)  # a bounded wait for its first line
+        if not ready or server.stdout.readline().strip() != "mounted":  # type: ignore[union-attr]
             pytest.skip(f"this machine cannot mount a FUSE file system (exit {server.wait(10)})")
         orch, events = _orchestrator(cluster, keydir, heartbeat_interval=0.1, heartbeat_liveness=5)
         cluster.worker(orch.address, "w1", "--keys", str(keydir.path))
