@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import os
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ import zmq
 
 from . import (collector, commands, control, curve, fd_limit, fork_guard, history, protocol, runmarker, snapshots,
                sockets, tailhold, trace)
+from .coordinator_pulse import PulseLink
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
 from .key_watch import KeyWatch
@@ -132,6 +134,7 @@ class Coordinator:
         self._key_of: dict[bytes, str] = {}  # worker connection -> the name of the key it showed
         self.handshake_failures: Counter[str] = Counter()
         self.address = self.events_address = self.bus_address = ""
+        self.pulse: PulseLink | None = None  # the process that vouches while this loop is stalled
 
     @property
     def start_error(self) -> str | None:
@@ -193,6 +196,7 @@ class Coordinator:
             # a fork of this process (the script's own) must not keep them open: see fork_guard.py
             self._ports = [sockets.port_of(a) for a in (self.address, self.events_address, self.bus_address)]
             fork_guard.hold(self._ports)
+            self._start_pulse(address, keyed)
         except Exception:
             self._close()  # nothing half-open is left behind
             raise
@@ -200,6 +204,23 @@ class Coordinator:
         # a fixed port may be one workers of a previous coordinator still know
         self._fixed_port = sockets.parse_tcp(address)[1].isdigit()
         self._marker = runmarker.marker(self.name, self.address)
+
+    def _start_pulse(self, address: str, keyed: bool) -> None:
+        """Start the coordinator's pulse (coordinator_pulse.py): the port after the bus port, or
+        one the OS picks if the address's port is.  Without it workers' leases run out while a
+        call of the script holds the GIL, as before: said, not fatal."""
+        cfg = self.config
+        if not cfg.coordinator_pulse or not hasattr(os, "memfd_create"):
+            return
+        fixed = sockets.parse_tcp(address)[1].isdigit()
+        at = sockets.with_port(address, sockets.port_of(self.bus_address) + 1 if fixed else 0)
+        try:
+            self.pulse = PulseLink(at, Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness).stall,
+                                   str(self.keydir.path) if keyed and self.keydir is not None else None, self.session)
+        except OSError as exc:
+            log.warning("could not start the coordinator's pulse on %s (%s): a call of this script that holds the "
+                        "GIL past its workers' lease will stop their agents; set coordinator_pulse=False to "
+                        "silence this", at, exc)
 
     def start(self, records: list[AgentRecord], embedded: bool) -> None:
         cfg = self.config
@@ -217,7 +238,10 @@ class Coordinator:
         core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
                            drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
                            strict_hold=cfg.adopt_window is None, versions=local_versions(),
-                           bus_port=sockets.port_of(self.bus_address), events_port=sockets.port_of(self.events_address))
+                           bus_port=sockets.port_of(self.bus_address), events_port=sockets.port_of(self.events_address),
+                           pulse_port=self.pulse.port if self.pulse is not None else 0)
+        if self.pulse is not None:
+            self.pulse.tick(now)  # the core's first tick-time, and nothing vouched before it (the loop is not running)
         for record in records:  # those registered before start
             core.command(commands.AddAgent(record, graph_checked=True), now)
         self.core = core
@@ -291,7 +315,8 @@ class Coordinator:
                     self.loop_lags.append(now - next_tick)
                     if self.keydir is not None:
                         self._check_revocations(now)
-                    core.tick(now, behind)
+                    # the tick first goes to the pulse, then what it vouched comes back (coordinator_pulse.py)
+                    core.tick(now, behind, self.pulse.tick(now) if self.pulse is not None else 0.0)
                     if self._tail_hold:  # a tail that never came: the agent's end is said anyway
                         self._release(self._tail_hold.expired(now))
                     if self._awaited_order and self._awaited_order[0][0] <= now:
@@ -1036,6 +1061,9 @@ class Coordinator:
                 sock.close(linger=sockets.LINGER_MS)
         fork_guard.release(self._ports)
         self._ports = []
+        if self.pulse is not None:
+            self.pulse.close()
+            self.pulse = None
         self.mailbox.close()
         if self.gatekeeper is not None:
             self.gatekeeper.stop()

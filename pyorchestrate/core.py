@@ -67,7 +67,8 @@ class ClusterCore(Registration, CommandHandlers):
     def __init__(self, name: str, incarnation: str, config: Any, *, now: float, rng: random.Random,
                  wall: Callable[[], float], drop: Callable[[str, Any], None], min_workers: int = 1,
                  adopt_window: float = 0.0, strict_hold: bool = False,
-                 versions: dict[str, str] | None = None, bus_port: int = 0, events_port: int | None = None) -> None:
+                 versions: dict[str, str] | None = None, bus_port: int = 0, events_port: int | None = None,
+                 pulse_port: int = 0) -> None:
         self.name = name
         self.incarnation = incarnation
         self.config = config
@@ -99,6 +100,7 @@ class ClusterCore(Registration, CommandHandlers):
         self._holding = adopt_window > 0  # some pending agent waits out the adoption window
         self.bus_port = bus_port  #: told to workers in their welcome
         self.events_port = events_port
+        self.pulse_port = pulse_port  #: the coordinator's pulse process (coordinator_pulse.py), 0: none
         self.start_error: str | None = None  #: too few workers joined in time
         #: agents finished for good, in the order of their latest end (oldest first)
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -531,17 +533,25 @@ class ClusterCore(Registration, CommandHandlers):
 
     # ================================================================== time
 
-    def tick(self, now: float, behind: bool = False) -> None:
+    def tick(self, now: float, behind: bool = False, vouched: float = 0.0) -> None:
         """Judge liveness, send heartbeats, start what is due.  Call at :meth:`next_wake`.
         ``behind``: frames are still waiting to be read (the last read stopped at its batch limit):
-        we are not done listening, so nobody is judged silent (or gone) until we have caught up."""
+        we are not done listening, so nobody is judged silent (or gone) until we have caught up.
+        ``vouched``: the latest moment our pulse process may have told a worker that this loop was
+        stalled (coordinator_pulse.py; 0.0: none since the last tick)."""
         limits = self.limits
-        if now - self._last_tick > limits.stall:
-            # we were not listening (GC, SIGSTOP, a burst): the queue has been read by now, and
-            # nobody's silence during our stall counts against them
-            log.warning("coordinator loop stalled for %.1f s: every worker gets a fresh window", now - self._last_tick)
+        # a vouch counts if it came more than a stall after our last tick: its worker's lease runs
+        # from then, so the fresh window below must too (it may be a moment after ``now``: the
+        # pulse wrote it between our reading the clock and our reading the pipe)
+        fresh = max(now if now - self._last_tick > limits.stall else 0.0,
+                    vouched if vouched - self._last_tick > limits.stall else 0.0)
+        if fresh:
+            # we were not listening (GC, SIGSTOP, a burst, a call of the script that held the GIL):
+            # the queue has been read by now, and nobody's silence during our stall counts against them
+            log.warning("coordinator loop stalled for %.1f s: every worker gets a fresh window",
+                        fresh - self._last_tick)
             for worker in self.workers.values():
-                worker.last_seen = max(worker.last_seen, now)
+                worker.last_seen = max(worker.last_seen, fresh)
         self._last_tick = now
         for worker in list(self.workers.values()):
             if not worker.alive:

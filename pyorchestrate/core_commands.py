@@ -180,6 +180,7 @@ class CommandHandlers:
                 self.draining_workers.discard(name)
                 self._send(worker, "release", drain=True)
                 worker.alive = False
+                worker.released = True
                 worker.gone_at = now
                 self._publish(E.WORKER_LEFT, worker.name, {"worker": worker.name, "host": worker.host,
                                                            "reason": "drained", "agents": []})

@@ -35,6 +35,7 @@ _ZAP_LOG = deferrable(logging.getLogger("pyorchestrate.zap"))
 DOMAINS: dict[str, tuple[str, ...]] = {
     "control": ("worker", "admin", "reader"),
     "bus": ("worker",),
+    "pulse": ("worker",),  # the coordinator's pulse process (coordinator_pulse.py)
     "events": ("reader", "worker", "admin"),
 }
 _LOG_EVERY = 10.0  # seconds between log lines about refused keys (each counted anyway)

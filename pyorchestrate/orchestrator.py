@@ -120,6 +120,11 @@ class Orchestrator:
         keys: str | None = None
         #: allow binding a non-loopback address without keys (trusted networks only)
         insecure: bool = False
+        #: start a small process beside this script that vouches for it while its coordinator loop
+        #: is stalled (a call of the script that holds the GIL for seconds), so its workers' leases
+        #: do not run out and stop their agents.  It listens on the port after the bus port (one
+        #: the OS picks if ``address``'s port is); without it such a stall stops agents, as before
+        coordinator_pulse: bool = True
         #: largest frame accepted from the network, in bytes
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
         #: threads running event callbacks

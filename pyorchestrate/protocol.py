@@ -176,6 +176,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # from the worker's pulse process (worker/pulse.py), on a connection of its own: the worker's
     # process is alive and not stopped, though its loop may be starved of the GIL
     "pulse": {"name": _STR, "token": _STR, "t": _NUM},
+    # to the coordinator's pulse process (coordinator_pulse.py), on its own port: the loop's echoes
+    # are late; is it stalled?  (``t``: the worker's clock, echoed back)
+    "coordinator_pulse": {"t": _NUM},
     # coordinator -> worker
     "welcome": {
         "coordinator": _STR,
@@ -189,6 +192,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
         "echo": Optional(_NUM, 0.0),
         # what its sockets take (optional both ways): the worker keeps each bus event to a quarter
         "max_message_size": Optional(_INT, DEFAULT_MAX_MESSAGE_SIZE),
+        # the port of the coordinator's pulse process (optional both ways; 0: none)
+        "pulse_port": Optional(_INT, 0),
     },
     # stop (optional both ways): copies the refused worker runs that no coordinator can manage now
     "refused": {"reason": _STR, "retry": Optional(bool, False), "stop": Optional(ListOf(STOP_ITEM), [])},
@@ -200,6 +205,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "deliver": {"agent": _STR, "run": _STR, "epoch": _INT, "kind": _STR, "payload": object},
     "heartbeat_reply": {"echo": _NUM},
     "pulse_reply": {"echo": _NUM},
+    # the coordinator's loop is stalled, its process alive and not stopped (coordinator_pulse.py);
+    # session: the coordinator's, as in its welcome (a worker takes only its own coordinator's word)
+    "coordinator_pulse_reply": {"echo": _NUM, "session": _STR},
     "release": {"drain": Optional(bool, False)},
     # client (pyorchestrate status/ps/stop/..., the dashboard) -> coordinator, on the control port;
     # ``op`` is one of control.OPS, ``args`` are checked there

@@ -91,6 +91,7 @@ class WorkerRecord:
     pulse_at: float = 0.0  #: its pulse process's last word (its process is alive and not stopped)
     busy_said: bool = False  #: "silent but its pulse goes on" was logged for this silence
     draining: bool = False
+    released: bool = False  #: drained and released: its process waits for another coordinator
     leaving: bool = False  #: it shuts down (SIGTERM), stopping its copies: said in its heartbeats
     last_beat_sent: float = 0.0
     last_t: float = 0.0  #: the worker-clock stamp of its latest heartbeat (echoed back: its lease)

@@ -60,11 +60,14 @@ class Registration:
             log.error("refused worker %s: %s", name, reason)
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason)))
             return
-        if self.incarnation in message["drained_by"]:
-            # drained from this coordinator: it waits for the next one
+        existing = self.workers.get(name)
+        if self.incarnation in message["drained_by"] or (existing is not None and existing.released
+                                                         and existing.incarnation == message["incarnation"]):
+            # drained from this coordinator: it waits for the next one.  (Or written before it read
+            # our release: it answered "register again"s to heartbeats we read late.  Taken, that
+            # made it ours again while it waited elsewhere, and lost 5 s later: simulation seed 392)
             self.actions.append(Send(identity, protocol.encode("refused", reason="drained", retry=True)))
             return
-        existing = self.workers.get(name)
         if existing is not None and existing.alive and existing.incarnation != message["incarnation"]:
             # maybe a restarted worker whose old self is not declared lost yet: let it retry
             reason = (f"a live worker named {name!r} is already registered (host {existing.host}, pid "
@@ -138,7 +141,8 @@ class Registration:
                    heartbeat_interval=float(self.config.heartbeat_interval),
                    heartbeat_liveness=int(self.config.heartbeat_liveness),
                    bus_port=self.bus_port, events_port=self.events_port, stop=stop, warnings=warnings,
-                   echo=float(message["t"]), max_message_size=int(self.config.max_message_size))
+                   echo=float(message["t"]), max_message_size=int(self.config.max_message_size),
+                   pulse_port=self.pulse_port)
         for agent_name in sorted(reported):  # a release (execute) lost with a connection: said again
             record = self.agents.get(agent_name)
             if record is not None and record.executed and record.worker == name and record.state in RUNNING:

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyorchestrate import commands, protocol
+from pyorchestrate.coordinator_pulse import AHEAD, stalled
 from pyorchestrate.core import ClusterCore, Forget, Publish, Send
 from pyorchestrate.limits import ORPHAN_TIMEOUT, Limits, adopt_window
 from pyorchestrate.orchestrator import RunMode
 from pyorchestrate.records import AgentRecord
 from pyorchestrate.restart import RestartPolicy
 from pyorchestrate.states import AgentState
+from pyorchestrate_worker.coordinator_vouch import should_ask, takes
 from pyorchestrate_worker.fold import fold
 
 REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
@@ -99,6 +101,7 @@ class SimWorker:
     next_beat: float = 0.0
     lease_from: float = 0.0
     lease_expired: bool = False
+    next_ask: float = 0.0  # the coordinator's pulse is asked no sooner
     limits: Limits = field(default_factory=Limits)
     copies: dict[tuple[str, str, int], Copy] = field(default_factory=dict)
     outbox: list[tuple[str, str, int, str, dict[str, Any]]] = field(default_factory=list)  # reports not yet sent
@@ -135,6 +138,12 @@ class Sim:
         self.ids = itertools.count(1)
         self.coordinator_name = "sim"
         self.core_stalled_until = 0.0
+        # the coordinator's pulse (coordinator_pulse.py): it answers only while the core's loop is
+        # stalled and its process is alive (a call holding the GIL, not SIGSTOP); what it vouched
+        # reaches the core's next tick, as its pipe does
+        self.core_stall_alive = False
+        self.core_last_tick = 0.0
+        self.pulse_vouched = 0.0
         self.net: list[tuple[float, int, str, bytes, bytes]] = []  # (at, n, "core"/"worker", identity, frame)
         self.last_delivery: dict[tuple[str, bytes], float] = {}
         self.heard: dict[bytes, float] = {}  # connection -> when the core last read a frame from it
@@ -298,6 +307,9 @@ class Sim:
             if self.net[0][2] != "worker" and self.core_stalled_until <= self.now and to_core >= CORE_SLICE:
                 break  # the real loop reads a bounded slice per turn, then judges liveness
             _, n, direction, identity, frame = heapq.heappop(self.net)
+            if direction == "pulse":  # the pulse is a process of its own: the core's stall does not hold it
+                self._pulse_receive(identity, frame)
+                continue
             if direction in ("core", "close"):
                 if self.core_stalled_until > self.now:  # it reads them after the stall, in order
                     heapq.heappush(self.net, (self.core_stalled_until, n, direction, identity, frame))
@@ -316,7 +328,8 @@ class Sim:
                     heapq.heappush(self.net, (worker.frozen_until, n, direction, identity, frame))
         if self.core_stalled_until <= self.now:
             behind = bool(self.net) and self.net[0][0] <= self.now and self.net[0][2] != "worker"
-            self.core.tick(self.now, behind)
+            self.core.tick(self.now, behind, self.pulse_vouched)
+            self.pulse_vouched, self.core_last_tick = 0.0, self.now
             self.core.place(self.now)
             self.core.release_drained(self.now)
             self._apply()
@@ -324,6 +337,19 @@ class Sim:
             if worker.frozen_until <= self.now:
                 self._worker_step(worker)
         self.check()
+
+    def _pulse_receive(self, identity: bytes, frame: bytes) -> None:
+        """The coordinator's pulse answers a worker's ask if the core's loop is stalled and its
+        process alive; the answer goes back on the ask's own connection."""
+        message = protocol.decode(frame)
+        if not (self.core_stalled_until > self.now and self.core_stall_alive
+                and stalled(self.now, self.core_last_tick, self.limits.stall)):
+            return
+        self.pulse_vouched = max(self.pulse_vouched, self.now + AHEAD)
+        worker = self._worker_by_identity(identity)
+        heapq.heappush(self.net, (self._deliver_at("vouch", identity, worker), next(self.ids), "vouch", identity,
+                                  protocol.encode("coordinator_pulse_reply", echo=message["t"],
+                                                  session=self.core.incarnation)))
 
     def _core_receive(self, identity: bytes, frame: bytes) -> None:
         message = protocol.decode(frame)
@@ -380,6 +406,12 @@ class Sim:
         if worker.exiting_at is not None:
             self._exit_when_stopped(worker)
             return
+        # the echoes are late: ask the pulse (at most every quarter interval, registered or not, as
+        # CoordinatorVouch does from the worker's lease check)
+        if worker.session and now >= worker.next_ask and should_ask(now, worker.lease_from, worker.limits):
+            worker.next_ask = now + worker.limits.interval / 4
+            heapq.heappush(self.net, (self._deliver_at("pulse", worker.identity, worker), next(self.ids),
+                                      "pulse", worker.identity, protocol.encode("coordinator_pulse", t=now)))
         if worker.registered:
             if worker.pending or worker.outbox:
                 self._flush(worker)
@@ -518,6 +550,12 @@ class Sim:
         self._check_lease(worker)
         message = protocol.decode(frame)
         kind = message["type"]
+        if kind == "coordinator_pulse_reply":  # on a connection of its own: not numbered
+            if message["session"] == worker.session and takes(message["echo"], self.now, worker.limits):
+                if message["echo"] > worker.lease_from:
+                    worker.lease_from = message["echo"]
+                    worker.lease_expired = False
+            return
         if kind == "welcome" and message["session"] != worker.session:
             worker.recv_n = message["n"] - 1  # a new coordinator on this connection numbers from 1
         if message["n"]:
@@ -629,11 +667,14 @@ class Sim:
             heapq.heapify(self.net)
         elif kind == "stall":
             self.core_stalled_until = max(self.core_stalled_until, self.now + rng.uniform(1.0, 3 * self.limits.silence))
+            self.core_stall_alive = rng.random() < 0.5  # a call holding the GIL (its pulse answers), or SIGSTOP
         elif kind == "restart_coordinator":  # SIGKILL and start the same script again
-            self.net = [m for m in self.net if m[2] == "worker"]  # what was queued for the old one is gone
+            # what was queued for the old one (and its pulse) is gone; what its pulse said is on its way
+            self.net = [m for m in self.net if m[2] in ("worker", "vouch")]
             heapq.heapify(self.net)
             self.heard.clear()
             self.core = self._new_core(adopt=adopt_window(self.limits))
+            self.pulse_vouched, self.core_last_tick = 0.0, self.now  # the new script's own pulse
             for name in self.specs:
                 if rng.random() < 0.2:  # the user changed it: its running copy is stopped, not adopted
                     self.specs[name]["version"] = self.specs[name].get("version", 1) + 1

@@ -177,6 +177,24 @@ def test_a_draining_worker_gets_no_new_agent_even_when_it_is_the_least_loaded():
     assert new.worker == "w2" and stay.worker == "w1" and h.core.workers["w1"].draining
 
 
+def test_a_released_worker_is_not_taken_back_by_a_register_it_wrote_before_reading_its_release():
+    """Heartbeats read late (after a stall of ours) each got "register again"; the worker answered
+    them before it read our release.  Those registers must not make it ours again: it waits for
+    another coordinator, and was declared lost 5 s later (simulation seed 392)."""
+    h = Harness()
+    identity = h.register("w1")
+    h.core.command(commands.DrainWorker("w1"), h.now)
+    h.flush()
+    h.core.release_drained(h.now)
+    h.flush()
+    assert h.to(identity, "release") and not h.core.workers["w1"].alive
+    h.register("w1", seen_session="inc1")  # written before the release was read: no drained_by
+    assert h.to(identity, "refused")[-1]["reason"] == "drained" and not h.core.workers["w1"].alive
+    assert not h.events("WORKER_JOINED")[1:]  # (its first join only)
+    h.register("w1", incarnation="w-new")  # the same name, a process started anew: welcome
+    assert h.core.workers["w1"].alive
+
+
 @pytest.mark.parametrize("restart", ["on-failure", "always", "never"])
 def test_a_worker_shutting_down_gets_nothing_new_and_the_agents_it_stops_move(restart):
     """A worker that shuts down (SIGTERM) says so in its heartbeats and stops its copies, whose ends

@@ -46,7 +46,10 @@ def test_the_manifests_wire_the_keys_and_every_port():
     assert "tcp://pyorchestrate-coordinator:5555" in worker["containers"][0]["args"]
     assert "-m 600" in worker["initContainers"][0]["command"][-1]  # the worker refuses looser secrets
     ports = {p["name"]: p["port"] for p in docs["pyorchestrate-coordinator/Service"]["spec"]["ports"]}
-    assert ports == {"control": 5555, "events": 5556, "bus": 5557}  # bus = events + 1, as the coordinator binds
+    # bus = events + 1 and pulse = bus + 1, as the coordinator binds
+    assert ports == {"control": 5555, "events": 5556, "bus": 5557, "pulse": 5558}
+    container = docs["pyorchestrate-coordinator/Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")

@@ -42,6 +42,7 @@ from pyorchestrate.versions import local_versions
 from pyorchestrate.log_thread import defer_in_this_thread, deferrable
 
 from . import crowd, pulse
+from .coordinator_vouch import CoordinatorVouch
 from .errors import bounded
 from .fold import fold
 from .reexec import exec_again
@@ -151,6 +152,8 @@ class Worker:
         self.host = socket.gethostname()
         self.dropped = DropCounter(log)
         self._ctx = zmq.Context()
+        # asks the coordinator's pulse process whether its loop is stalled, when its echoes are late
+        self._vouch = CoordinatorVouch(self._ctx, self._key)
         self._outbox = WakeQueue()  # agents' lifecycle reports (thousands of threads put, no lock)
         self._bus_signal = WakeQueue()  # wakes the loop when agents' bus events wait
         self._bus_outbox = BusOutbox(wake=lambda: self._bus_signal.put(None))
@@ -446,6 +449,8 @@ class Worker:
         self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
         self._supervisor.events_key = self._key
         self._maybe_pulse()
+        pulse_port = message["pulse_port"]
+        self._vouch.aim(sockets.with_port(self.coordinator, pulse_port) if pulse_port else None)
         bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
         if bus != self._bus_address:
             if self._pub is not None:
@@ -537,6 +542,11 @@ class Worker:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
         if self._pulse is not None:
             self._pulse_echoes()
+        now = time.monotonic()
+        vouched = self._vouch.vouched(now, self._limits, self._session)
+        if vouched is not None:
+            self._renew_lease(vouched)  # the coordinator's loop is stalled: see coordinator_vouch.py
+        self._vouch.ask(now, self._lease_from, self._limits)
         if not self._lease_over():
             return False
         if not self._lease_expired:
@@ -886,6 +896,7 @@ class Worker:
                 sock.close(linger=500)
         self._supervisor.close()
         self._stop_pulse()
+        self._vouch.close()
         self._outbox.close()
         self._bus_signal.close()
         self._ctx.term()
