@@ -194,3 +194,87 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
         assert second["epoch"] > first["epoch"]
     finally:
         net.close(procs)
+
+
+STALL_SCRIPT = """
+import ctypes, json, os, sys, time
+sys.path.insert(0, {tests!r})
+from agents import CopyTracer
+from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+
+out = open({events!r}, "a", buffering=1)
+say = lambda **f: print(json.dumps({{k: f.get(k) for k in ("event", "agent_name", "worker")}}), file=out)
+o = Orchestrator("stalled", address={address!r}, insecure=True, run_mode=RunMode.DAEMON, min_workers=2,
+                 heartbeat_interval=0.2, heartbeat_liveness=5)
+for event in OrchestratorEvent:
+    if event.value not in ("AGENT_LOG", "AGENT_HEARTBEAT"):
+        o.register_event(event, say)
+for name, worker in (("a", "w1"), ("b", "w2")):
+    o.register_agent(CopyTracer, name, CopyTracer.Config(trace=os.path.join({traces!r}, name), stop_timeout=1.0,
+                                                         linger=0.3), worker=worker, restart="always",
+                     restart_backoff=(0.2, 1.0))
+o.start()
+while not os.path.exists({trigger!r}):
+    time.sleep(0.05)
+ctypes.PyDLL(None).sleep(3)  # one call of the script that holds the GIL: 3 times the lease
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _spans(path: Path) -> list[tuple[float, float, str]]:
+    copies: dict[str, list[float]] = {}
+    for line in _lines(path):
+        _, copy, at = line.split()
+        copies.setdefault(copy, []).append(float(at))
+    return sorted((min(ts), max(ts), copy) for copy, ts in copies.items())
+
+
+@pytest.mark.timeout(180)
+def test_a_stalled_script_keeps_the_reachable_worker_and_the_cut_off_one_still_stops_in_time(tmp_path):
+    """The coordinator's script holds the GIL for 3 s while w1 is cut off.  w2 reaches the pulse
+    across the bridge: its agent runs on, one copy.  w1 cannot: its lease runs out, its copy
+    stops, and the next copy starts only after (never two at once)."""
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    net = Net()
+    procs: list[subprocess.Popen] = []
+    events, traces, trigger = tmp_path / "events.jsonl", tmp_path / "traces", tmp_path / "hold"
+    traces.mkdir()
+    try:
+        coordinator = net.host("c")
+        for name in ("w1", "w2"):
+            net.host(name)
+        address = f"tcp://{coordinator}:25610"
+        script = tmp_path / "coordinator.py"
+        script.write_text(STALL_SCRIPT.format(tests=TESTS, events=str(events), address=address, traces=str(traces),
+                                              trigger=str(trigger)))
+        procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
+        for name in ("w1", "w2"):
+            procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
+                                          "--name", name], tmp_path / f"{name}.log"))
+
+        def of(event: str) -> list[dict]:
+            return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
+
+        wait_for(lambda: len(of("AGENT_READY")) == 2, 60, "a and b to be READY")
+        time.sleep(0.5)
+        net.cut("w1", True)
+        trigger.touch()
+        time.sleep(3.5)
+        net.cut("w1", False)
+        wait_for(lambda: len([e for e in of("AGENT_READY") if e["agent_name"] == "a"]) == 2, 30,
+                 "a's next copy to be READY")
+        time.sleep(2.0)
+
+        b, a = _spans(traces / "b"), _spans(traces / "a")
+        assert len(b) == 1, f"b, on the reachable worker, ran {len(b)} copies: {b}"
+        assert len(a) == 2 and a[0][1] < a[1][0], f"a's copies: {a}"
+        # (w1 itself may come back before it is declared lost: the stall gave every worker a fresh window)
+        assert "w2" not in [e["worker"] for e in of("WORKER_LOST")]
+        assert "lease ran out" in (tmp_path / "w1.log").read_text()
+        assert "lease ran out" not in (tmp_path / "w2.log").read_text()
+        assert "coordinator loop stalled" in (tmp_path / "coordinator.log").read_text()
+    finally:
+        net.close(procs)
