@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import wait_for
@@ -67,6 +68,7 @@ class Net:
         self.bridge = f"pob{tag}"
         self.subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
         self.hosts: dict[str, tuple[str, str, str]] = {}  # name -> (namespace, host-side veth, address)
+        self.procs: list[subprocess.Popen] = []  # what spawn() started: ended in close()
         # a run that was killed mid-way may have left these names behind: ours to remove
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
         _run("ip", "link", "add", self.bridge, "type", "bridge")
@@ -89,15 +91,18 @@ class Net:
 
     def spawn(self, name: str, args: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:
-            return subprocess.Popen(["ip", "netns", "exec", self.hosts[name][0], *args], stdout=out,
+            proc = subprocess.Popen(["ip", "netns", "exec", self.hosts[name][0], *args], stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
     def cut(self, name: str, cut: bool) -> None:
         _run("bridge", "link", "set", "dev", self.hosts[name][1], "state", "0" if cut else "3")
 
-    def close(self, procs: list[subprocess.Popen] = ()) -> None:
-        """End ``procs`` (each in its own session: the whole group), then remove the namespaces."""
-        for proc in procs:
+    def close(self) -> None:
+        """End what spawn() started (each in its own session: the whole group), then remove the
+        namespaces."""
+        for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -125,6 +130,48 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _spans(path: Path) -> list[tuple[float, float, str]]:
+    """Each copy's first and last line in a CopyTracer trace, in order of start."""
+    copies: dict[str, list[float]] = {}
+    for line in _lines(path):
+        _, copy, at = line.split()
+        copies.setdefault(copy, []).append(float(at))
+    return sorted((min(ts), max(ts), copy) for copy, ts in copies.items())
+
+
+def _cluster(net: Net, tmp_path: Path, script: Callable[[str], str], port: int, *more_hosts: str) -> str:
+    """Hosts c (the coordinator, running ``script(its address)``), w1 and w2 (a worker each) and
+    ``more_hosts``; returns the coordinator's host address."""
+    coordinator = net.host("c")
+    for name in ("w1", "w2", *more_hosts):
+        net.host(name)
+    address = f"tcp://{coordinator}:{port}"
+    path = tmp_path / "coordinator.py"
+    path.write_text(script(address))
+    net.spawn("c", [sys.executable, str(path)], tmp_path / "coordinator.log")
+    for name in ("w1", "w2"):
+        net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address, "--name", name],
+                  tmp_path / f"{name}.log")
+    return coordinator
+
+
+def _of(events: Path, event: str) -> list[dict]:
+    return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
+
+
+@pytest.fixture
+def net():
+    """A bridge for the test's namespaces (skips without root or iproute2), removed after it."""
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    made = Net()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 #: the agent: a thread agent that stops slowly, within its stop timeout; a process agent that
 #: ignores both its stop and SIGTERM (its worker terminates it, then kills it: the kill was 2 s
 #: past its stop timeout, its replacement started 0.2 s past it, and they overlapped)
@@ -134,66 +181,45 @@ AGENTS = {"thread": ("CopyTracer", "linger=0.8"),
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind", sorted(AGENTS))
-def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path, kind):
-    reason = _namespaces_work()
-    if reason:
-        pytest.skip(reason)
-    net = Net()
-    procs: list[subprocess.Popen] = []
+def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path, kind, net):
     trace, events, bus = tmp_path / "copies.txt", tmp_path / "events.jsonl", tmp_path / "bus.jsonl"
-    try:
-        coordinator = net.host("c")
-        for name in ("w1", "w2", "s"):
-            net.host(name)
-        address = f"tcp://{coordinator}:25600"
-        script = tmp_path / "coordinator.py"
-        agent, config = AGENTS[kind]
-        script.write_text(SCRIPT.format(tests=TESTS, events=str(events), address=address, trace=str(trace),
-                                        agent=agent, config=config))
-        procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
-        for name in ("w1", "w2"):
-            procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
-                                          "--name", name], tmp_path / f"{name}.log"))
-        procs.append(net.spawn("s", [sys.executable, "-m", "pyorchestrate.cli", "events", "--address",
-                                     f"tcp://{coordinator}:25601", "--json", "--heartbeats", "--timeout", "120"], bus))
+    agent, config = AGENTS[kind]
+    coordinator = _cluster(net, tmp_path, lambda address: SCRIPT.format(
+        tests=TESTS, events=str(events), address=address, trace=str(trace), agent=agent, config=config), 25600, "s")
+    net.spawn("s", [sys.executable, "-m", "pyorchestrate.cli", "events", "--address",
+                    f"tcp://{coordinator}:25601", "--json", "--heartbeats", "--timeout", "120"], bus)
 
-        def of(event: str) -> list[dict]:
-            return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
+    def of(event: str) -> list[dict]:
+        return _of(events, event)
 
-        first = wait_for(lambda: of("AGENT_READY"), 60, "db to be READY")[0]
-        victim, other = first["worker"], {"w1": "w2", "w2": "w1"}[first["worker"]]
-        time.sleep(1.0)  # the subscriber hears the steady state
-        net.cut(victim, True)
-        time.sleep(3 * WINDOW)
-        net.cut(victim, False)
-        second = wait_for(lambda: [e for e in of("AGENT_READY") if e["worker"] == other], 30,
-                          f"db to be READY on {other}")[0]
-        time.sleep(3.0)  # the healed worker comes back; anything stale would arrive now
+    first = wait_for(lambda: of("AGENT_READY"), 60, "db to be READY")[0]
+    victim, other = first["worker"], {"w1": "w2", "w2": "w1"}[first["worker"]]
+    time.sleep(1.0)  # the subscriber hears the steady state
+    net.cut(victim, True)
+    time.sleep(3 * WINDOW)
+    net.cut(victim, False)
+    second = wait_for(lambda: [e for e in of("AGENT_READY") if e["worker"] == other], 30,
+                      f"db to be READY on {other}")[0]
+    time.sleep(3.0)  # the healed worker comes back; anything stale would arrive now
 
-        # what the copies did: never two alive at once
-        copies: dict[str, list[float]] = {}
-        for line in _lines(trace):
-            what, copy, at = line.split()
-            copies.setdefault(copy, []).append(float(at))
-        spans = sorted((min(ts), max(ts), copy) for copy, ts in copies.items())
-        assert len(spans) == 2, spans
-        assert spans[0][1] < spans[1][0], f"two copies alive at once: {spans}"
-        lost = of("WORKER_LOST")
-        assert [e["worker"] for e in lost] == [victim]
+    # what the copies did: never two alive at once
+    spans = _spans(trace)
+    assert len(spans) == 2, spans
+    assert spans[0][1] < spans[1][0], f"two copies alive at once: {spans}"
+    lost = of("WORKER_LOST")
+    assert [e["worker"] for e in lost] == [victim]
 
-        # what the bus carried: nothing from the cut-off copy once its worker was declared lost
-        # (what it sent while cut off arrives at the heal, and is dropped)
-        seen = [json.loads(line) for line in _lines(bus) if line.startswith("{")]
-        gone = next(i for i, e in enumerate(seen) if e.get("event") == "WORKER_LOST")
-        ready = next(i for i, e in enumerate(seen) if e.get("event") == "AGENT_READY" and e.get("worker") == other)
-        stale = [e for e in seen[gone:] if e.get("agent_name") == "db" and e.get("worker") == victim
-                 and e.get("event") in ("AGENT_LOG", "AGENT_HEARTBEAT", "AGENT_EVENT")]
-        assert not stale, stale[:3]
-        assert any(e.get("event") == "AGENT_LOG" and e.get("worker") == other for e in seen[ready:]), \
-            "the new copy's logs reach the bus"
-        assert second["epoch"] > first["epoch"]
-    finally:
-        net.close(procs)
+    # what the bus carried: nothing from the cut-off copy once its worker was declared lost
+    # (what it sent while cut off arrives at the heal, and is dropped)
+    seen = [json.loads(line) for line in _lines(bus) if line.startswith("{")]
+    gone = next(i for i, e in enumerate(seen) if e.get("event") == "WORKER_LOST")
+    ready = next(i for i, e in enumerate(seen) if e.get("event") == "AGENT_READY" and e.get("worker") == other)
+    stale = [e for e in seen[gone:] if e.get("agent_name") == "db" and e.get("worker") == victim
+             and e.get("event") in ("AGENT_LOG", "AGENT_HEARTBEAT", "AGENT_EVENT")]
+    assert not stale, stale[:3]
+    assert any(e.get("event") == "AGENT_LOG" and e.get("worker") == other for e in seen[ready:]), \
+        "the new copy's logs reach the bus"
+    assert second["epoch"] > first["epoch"]
 
 
 STALL_SCRIPT = """
@@ -222,59 +248,34 @@ while True:
 """
 
 
-def _spans(path: Path) -> list[tuple[float, float, str]]:
-    copies: dict[str, list[float]] = {}
-    for line in _lines(path):
-        _, copy, at = line.split()
-        copies.setdefault(copy, []).append(float(at))
-    return sorted((min(ts), max(ts), copy) for copy, ts in copies.items())
-
-
 @pytest.mark.timeout(180)
-def test_a_stalled_script_keeps_the_reachable_worker_and_the_cut_off_one_still_stops_in_time(tmp_path):
+def test_a_stalled_script_keeps_the_reachable_worker_and_the_cut_off_one_still_stops_in_time(tmp_path, net):
     """The coordinator's script holds the GIL for 3 s while w1 is cut off.  w2 reaches the pulse
     across the bridge: its agent runs on, one copy.  w1 cannot: its lease runs out, its copy
     stops, and the next copy starts only after (never two at once)."""
-    reason = _namespaces_work()
-    if reason:
-        pytest.skip(reason)
-    net = Net()
-    procs: list[subprocess.Popen] = []
     events, traces, trigger = tmp_path / "events.jsonl", tmp_path / "traces", tmp_path / "hold"
     traces.mkdir()
-    try:
-        coordinator = net.host("c")
-        for name in ("w1", "w2"):
-            net.host(name)
-        address = f"tcp://{coordinator}:25610"
-        script = tmp_path / "coordinator.py"
-        script.write_text(STALL_SCRIPT.format(tests=TESTS, events=str(events), address=address, traces=str(traces),
-                                              trigger=str(trigger)))
-        procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
-        for name in ("w1", "w2"):
-            procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
-                                          "--name", name], tmp_path / f"{name}.log"))
+    _cluster(net, tmp_path, lambda address: STALL_SCRIPT.format(
+        tests=TESTS, events=str(events), address=address, traces=str(traces), trigger=str(trigger)), 25610)
 
-        def of(event: str) -> list[dict]:
-            return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
+    def of(event: str) -> list[dict]:
+        return _of(events, event)
 
-        wait_for(lambda: len(of("AGENT_READY")) == 2, 60, "a and b to be READY")
-        time.sleep(0.5)
-        net.cut("w1", True)
-        trigger.touch()
-        time.sleep(3.5)
-        net.cut("w1", False)
-        wait_for(lambda: len([e for e in of("AGENT_READY") if e["agent_name"] == "a"]) == 2, 30,
-                 "a's next copy to be READY")
-        time.sleep(2.0)
+    wait_for(lambda: len(of("AGENT_READY")) == 2, 60, "a and b to be READY")
+    time.sleep(0.5)
+    net.cut("w1", True)
+    trigger.touch()
+    time.sleep(3.5)
+    net.cut("w1", False)
+    wait_for(lambda: len([e for e in of("AGENT_READY") if e["agent_name"] == "a"]) == 2, 30,
+             "a's next copy to be READY")
+    time.sleep(2.0)
 
-        b, a = _spans(traces / "b"), _spans(traces / "a")
-        assert len(b) == 1, f"b, on the reachable worker, ran {len(b)} copies: {b}"
-        assert len(a) == 2 and a[0][1] < a[1][0], f"a's copies: {a}"
-        # (w1 itself may come back before it is declared lost: the stall gave every worker a fresh window)
-        assert "w2" not in [e["worker"] for e in of("WORKER_LOST")]
-        assert "lease ran out" in (tmp_path / "w1.log").read_text()
-        assert "lease ran out" not in (tmp_path / "w2.log").read_text()
-        assert "coordinator loop stalled" in (tmp_path / "coordinator.log").read_text()
-    finally:
-        net.close(procs)
+    b, a = _spans(traces / "b"), _spans(traces / "a")
+    assert len(b) == 1, f"b, on the reachable worker, ran {len(b)} copies: {b}"
+    assert len(a) == 2 and a[0][1] < a[1][0], f"a's copies: {a}"
+    # (w1 itself may come back before it is declared lost: the stall gave every worker a fresh window)
+    assert "w2" not in [e["worker"] for e in of("WORKER_LOST")]
+    assert "lease ran out" in (tmp_path / "w1.log").read_text()
+    assert "lease ran out" not in (tmp_path / "w2.log").read_text()
+    assert "coordinator loop stalled" in (tmp_path / "coordinator.log").read_text()
