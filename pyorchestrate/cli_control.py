@@ -63,12 +63,21 @@ def _open_files(files: dict[str, int] | None) -> str:
     return text
 
 
+def _pulse(s: dict[str, Any]) -> str:
+    """`  pulse on`: the process that vouches for the coordinator while its script holds the GIL."""
+    if not s["addresses"].get("pulse"):
+        return "  pulse off"
+    if s.get("pulse_running"):
+        return "  pulse on"
+    return "  pulse ENDED (a call of the script that holds the GIL past the lease stops agents)"
+
+
 def status_view(s: dict[str, Any]) -> list[Any]:
     agents, workers = s["agents"], s["workers"]
     lines = [
         f"coordinator {s['coordinator']}  up {tables.duration(s['uptime'])}  control {s['addresses'].get('control')}"
         f"  events {s['addresses'].get('events')}  keys {'on' if s['security'].get('keys') else 'off'}"
-        + _open_files(s.get("open_files")),
+        + _pulse(s) + _open_files(s.get("open_files")),
         f"agents   {agents['total']:>6}  " + "  ".join(f"{k.lower()} {v}" for k, v in agents["by_state"].items())
         + f"  restarts {agents['restarts']}",
         f"workers  {workers['total']:>6}  " + "  ".join(f"{k} {v}" for k, v in workers["by_state"].items()),

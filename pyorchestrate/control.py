@@ -161,6 +161,7 @@ def status(rows: list[tuple], snapshot: dict[str, Any], extra: dict[str, Any]) -
             "workers": {"total": len(snapshot["workers"]), "by_state": dict(sorted(by_worker_state.items()))},
             "lost_events": snapshot.get("lost_events", 0), "dropped": snapshot.get("dropped", {}),
             "security": snapshot.get("security", {}), "addresses": snapshot.get("addresses", {}),
+            "pulse_running": snapshot.get("pulse_running", False),
             "forgotten_agents": snapshot.get("forgotten_agents", 0)}
 
 

@@ -135,6 +135,7 @@ class Coordinator:
         self.handshake_failures: Counter[str] = Counter()
         self.address = self.events_address = self.bus_address = ""
         self.pulse: PulseLink | None = None  # the process that vouches while this loop is stalled
+        self._pulse_gone_said = False
 
     @property
     def start_error(self) -> str | None:
@@ -317,6 +318,11 @@ class Coordinator:
                         self._check_revocations(now)
                     # the tick first goes to the pulse, then what it vouched comes back (coordinator_pulse.py)
                     core.tick(now, behind, self.pulse.tick(now) if self.pulse is not None else 0.0)
+                    if self.pulse is not None and not self._pulse_gone_said and not self.pulse.running():
+                        self._pulse_gone_said = True
+                        log.error("the coordinator's pulse process ended (exit %s): from now on a call of this "
+                                  "script that holds the GIL past its workers' lease stops their agents",
+                                  self.pulse.process.returncode)
                     if self._tail_hold:  # a tail that never came: the agent's end is said anyway
                         self._release(self._tail_hold.expired(now))
                     if self._awaited_order and self._awaited_order[0][0] <= now:
@@ -1026,7 +1032,10 @@ class Coordinator:
     def _snapshot(self, core_snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
         assert self.core is not None
         snap = core_snapshot or self.core.snapshot(None, time.monotonic())
-        return {**snap, "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address},
+        pulse = sockets.with_port(self.address, self.pulse.port) if self.pulse is not None else None
+        return {**snap, "addresses": {"control": self.address, "events": self.events_address, "bus": self.bus_address,
+                                      "pulse": pulse},
+                "pulse_running": self.pulse is not None and self.pulse.running(),
                 "dropped": self._drop_counts(), "lost_events": self.lost_events,
                 "security": self._security_status()}
 

@@ -121,6 +121,11 @@ class PulseLink:
             latest = max([latest] + [STAMP.unpack_from(data, i)[0] for i in range(0, whole, STAMP.size)])
         return latest
 
+    def running(self) -> bool:
+        """Is the process still there (status() says so: without it, a stall of the script's stops
+        agents)?"""
+        return self.process.poll() is None
+
     def close(self) -> None:
         try:
             if self.process.stdin is not None:

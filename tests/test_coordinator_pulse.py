@@ -213,3 +213,25 @@ def test_the_pulse_port_admits_workers_keys_only(tmp_path):
     finally:
         ctx.destroy(0)
         orch.stop()
+
+
+def test_status_says_where_the_pulse_listens_and_whether_it_runs(tmp_path, caplog):
+    from pyorchestrate import Orchestrator, RunMode
+
+    orch = Orchestrator("seen", local_workers=0, min_workers=0, run_mode=RunMode.DAEMON)
+    orch.start()
+    try:
+        status = orch.status()
+        pulse = orch._coordinator.pulse
+        assert status["addresses"]["pulse"] == f"tcp://127.0.0.1:{pulse.port}" and status["pulse_running"]
+        os.kill(pulse.process.pid, signal.SIGKILL)
+        wait_for(lambda: not orch.status()["pulse_running"], 10, "status to say the pulse is gone")
+        wait_for(lambda: "pulse process ended" in caplog.text, 10, "the coordinator to say so")
+    finally:
+        orch.stop()
+    off = Orchestrator("off", local_workers=0, min_workers=0, run_mode=RunMode.DAEMON, coordinator_pulse=False)
+    off.start()
+    try:
+        assert off.status()["addresses"]["pulse"] is None and not off.status()["pulse_running"]
+    finally:
+        off.stop()

@@ -56,6 +56,7 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     table = cli("status", env=env)
     assert table.returncode == 0 and "ready 2" in table.stdout and "broken" in table.stdout
     assert re.search(r"  files \d+ of \d+\n", table.stdout), table.stdout
+    assert s["pulse_running"] and "  pulse on  " in table.stdout
 
     rows = json.loads(cli("ps", "--json", env=env).stdout)
     assert [(r["name"], r["state"]) for r in rows] == [("alpha", "READY"), ("beta", "READY"), ("broken", "TERMINATED")]
