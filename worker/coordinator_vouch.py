@@ -44,6 +44,9 @@ class CoordinatorVouch:
         self._sock: zmq.Socket | None = None
         self._address: str | None = None
         self._next_ask = 0.0
+        #: the latest ask whose answer may still come in time (0.0: none): answers are read only
+        #: then, so a worker whose coordinator answers its heartbeats pays a comparison a turn
+        self.asked_at = 0.0
 
     def aim(self, address: str | None) -> None:
         """Ask the pulse at ``address`` from now on (None: this coordinator has none)."""
@@ -64,6 +67,7 @@ class CoordinatorVouch:
         lease of two intervals running out before the ask)."""
         if self._sock is not None and now >= self._next_ask and should_ask(now, lease_from, limits):
             self._next_ask = now + limits.interval / 4
+            self.asked_at = now
             try:
                 self._sock.send(protocol.encode("coordinator_pulse", t=now), zmq.NOBLOCK)
             except zmq.Again:
@@ -73,6 +77,8 @@ class CoordinatorVouch:
         """The latest stamp of ours the pulse of the coordinator ``session`` (whose welcome we
         read) answered in time, if any (answers read here)."""
         latest = None
+        if now - self.asked_at >= limits.stall:
+            self.asked_at = 0.0  # whatever answers now comes too late to count
         while self._sock is not None:
             try:
                 frame = self._sock.recv(zmq.NOBLOCK)

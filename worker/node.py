@@ -543,11 +543,14 @@ class Worker:
         if self._pulse is not None:
             self._pulse_echoes()
         now = time.monotonic()
-        vouched = self._vouch.vouched(now, self._limits, self._session)
-        if vouched is not None:
-            self._renew_lease(vouched)  # the coordinator's loop is stalled: see coordinator_vouch.py
-        self._vouch.ask(now, self._lease_from, self._limits)
-        if not self._lease_over():
+        if self._vouch.asked_at:  # (the launch path runs this every turn: one attribute unless asking)
+            vouched = self._vouch.vouched(now, self._limits, self._session)
+            if vouched is not None:
+                self._renew_lease(vouched)  # the coordinator's loop is stalled: see coordinator_vouch.py
+        elapsed = now - self._lease_from
+        if elapsed <= self._limits.lease:
+            if elapsed > self._limits.interval:  # the loop's echoes may be late: ask its pulse (if due)
+                self._vouch.ask(now, self._lease_from, self._limits)
             return False
         if not self._lease_expired:
             self._lease_expired = True
