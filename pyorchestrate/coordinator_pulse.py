@@ -61,7 +61,12 @@ PARENT_CHECK = 0.05
 BIND_RETRY = 1.0
 
 
-_MAIN = "from pyorchestrate.coordinator_pulse import main; raise SystemExit(main())"
+# Ctrl-C at the script's terminal reaches its whole process group, this process too: it is ignored
+# here (first thing, before the imports), and the process ends when the script closes its stdin or
+# is gone.  It stays in the script's group, so that whoever ends the group (a shell, a supervisor,
+# a test) ends it too
+_MAIN = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+         "from pyorchestrate.coordinator_pulse import main; raise SystemExit(main())")
 
 
 def stalled(now: float, last_tick: float, stall: float) -> bool:
@@ -91,8 +96,7 @@ class PulseLink:
         try:
             # (-c, not -m: the package imports this module, and runpy warns about running it again)
             self.process = subprocess.Popen([sys.executable, "-c", _MAIN],
-                                            stdin=subprocess.PIPE, pass_fds=(self._fd, vouch_w, listener.fileno()),
-                                            start_new_session=True)  # a Ctrl-C to the script's group is not for it
+                                            stdin=subprocess.PIPE, pass_fds=(self._fd, vouch_w, listener.fileno()))
             assert self.process.stdin is not None
             self.process.stdin.write((json.dumps(config) + "\n").encode())
             self.process.stdin.flush()

@@ -66,24 +66,21 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         keys.export(role, name, tmp_path / f"{host}-keys")
     keys.revoke("gone")
     net = Net()
-    procs: list[subprocess.Popen] = []
     try:
         coordinator = net.host("c")
         for name in ("w1", "w2", "s1", "s2", "s3"):
             net.host(name)
         address, events_address = f"tcp://{coordinator}:25600", f"tcp://{coordinator}:25601"
         for name in ("w1", "w2"):
-            procs.append(net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address,
-                                          "--name", name, "--keys", str(tmp_path / f"{name}-keys")],
-                                   tmp_path / f"{name}.log"))
+            net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address, "--name", name,
+                             "--keys", str(tmp_path / f"{name}-keys")], tmp_path / f"{name}.log")
         reader = tmp_path / "s1.jsonl"
-        procs.append(net.spawn("s1", _events_cli("--address", events_address, "--keys", str(tmp_path / "s1-keys"),
-                                                  "--timeout", "90", "--exit-on-shutdown"), reader))
+        net.spawn("s1", _events_cli("--address", events_address, "--keys", str(tmp_path / "s1-keys"),
+                                    "--timeout", "90", "--exit-on-shutdown"), reader)
         # (a refusal ends them at once; the idle timeout only bounds a broken run)
         keyless = net.spawn("s2", _events_cli("--address", events_address, "--timeout", "90"), tmp_path / "s2.log")
         revoked = net.spawn("s3", _events_cli("--address", events_address, "--keys", str(tmp_path / "s3-keys"),
                                               "--timeout", "90"), tmp_path / "s3.log")
-        procs += [keyless, revoked]
         # the seed is over in seconds: the subscribers must be up and knocking before it starts
         wait_for(lambda: all("waiting" in (tmp_path / f"{s}.log").read_text() for s in ("s2", "s3")), 60,
                  "the keyless and the revoked subscriber to be waiting for the coordinator")
@@ -108,7 +105,7 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         events = tmp_path / "events.jsonl"
         script = tmp_path / "daemon.py"
         script.write_text(DAEMON.format(tests=TESTS, events=str(events), address=address, keys=str(keys.path)))
-        procs.append(net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log"))
+        net.spawn("c", [sys.executable, str(script)], tmp_path / "coordinator.log")
 
         def of(event: str) -> list[dict]:
             return [e for e in map(json.loads, _lines(events)) if e["event"] == event]
@@ -131,4 +128,4 @@ def test_keys_across_namespaces_seed_readers_and_a_revoked_worker(tmp_path):
         time.sleep(1.0)
         assert len([e for e in of("WORKER_JOINED") if e["worker"] == victim]) == 1  # it did not get back in
     finally:
-        net.close(procs)
+        net.close()  # (ends what it spawned)
