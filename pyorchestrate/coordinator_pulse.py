@@ -43,6 +43,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import zmq
 
@@ -163,11 +164,13 @@ def _listen(address: str) -> socket.socket:
             time.sleep(PARENT_CHECK)
 
 
-def _gatekeeper(ctx: zmq.Context, keys: str | None, sock: zmq.Socket) -> object | None:
+def _gatekeeper(ctx: zmq.Context, keys: str | None, sock: zmq.Socket) -> Callable[[], None]:
     """With keys: a CURVE server that admits workers' keys only (its own gatekeeper and key
-    reader: nobody without a worker's key gets an answer)."""
+    reader: nobody without a worker's key gets an answer).  Returns what stops them, to be called
+    before the context ends (the gatekeeper's socket is in it: ``term`` waited for ever, and its
+    thread spun on the terminated context, at two thirds of a CPU)."""
     if keys is None:
-        return None
+        return lambda: None
     from . import curve
     from .key_watch import KeyWatch
     from .keys import KeyDir
@@ -177,7 +180,11 @@ def _gatekeeper(ctx: zmq.Context, keys: str | None, sock: zmq.Socket) -> object 
     gate = curve.Gatekeeper(ctx, keydir)
     gate.start()
     curve.serve(sock, keydir.coordinator_pair(), "pulse")
-    return gate
+
+    def stop() -> None:
+        gate.stop()
+        watch.stop()
+    return stop
 
 
 def main() -> int:
@@ -188,7 +195,7 @@ def main() -> int:
     os.set_blocking(vouch, False)  # a loop that never reads its pipe gets no more vouches, never blocks us
     ctx = zmq.Context()
     router = sockets.make_socket(ctx, zmq.ROUTER, linger_ms=0, max_message_size=4096)
-    gate = _gatekeeper(ctx, config.get("keys"), router)  # noqa: F841  (its thread answers the handshakes)
+    stop_gatekeeper = _gatekeeper(ctx, config.get("keys"), router)
     router.setsockopt(zmq.USE_FD, int(config["listen_fd"]))  # the coordinator bound it (PulseLink)
     router.bind(config["address"])
     poller = zmq.Poller()
@@ -224,6 +231,7 @@ def main() -> int:
                 return 0  # the coordinator is gone (we were handed to another parent; no pid reuse fools this)
     finally:
         router.close(0)
+        stop_gatekeeper()
         ctx.term()
 
 

@@ -213,6 +213,43 @@ def test_the_pulse_port_admits_workers_keys_only(tmp_path):
     finally:
         ctx.destroy(0)
         orch.stop()
+    # it ended by itself when stop() closed its stdin (its gatekeeper too), not killed 2 s later
+    assert pulse.process.returncode == 0
+
+
+KILLED = """
+import os, sys, time
+from pyorchestrate import Orchestrator, RunMode
+o = Orchestrator("killed", keys={keys!r}, local_workers=0, min_workers=0, run_mode=RunMode.DAEMON)
+o.start()
+print(o._coordinator.pulse.process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keys"])
+def test_the_pulse_ends_soon_after_its_coordinator_is_killed(tmp_path, keyed):
+    """SIGKILL gives the script no word to say: its pulse sees it is gone, and ends (with keys, its
+    gatekeeper thread once spun on the ended context, for ever)."""
+    keys = None
+    if keyed:
+        KeyDir(tmp_path / "keys").init()
+        keys = str(tmp_path / "keys")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(keys=keys))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        pid = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)  # the script only: its pulse is left to notice
+        proc.wait(10)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                 10, "the pulse to end")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_status_says_where_the_pulse_listens_and_whether_it_runs(tmp_path, caplog):
