@@ -244,7 +244,7 @@ def _answer(frames: list[bytes], now: float, last_tick: float, stall: float, par
     try:
         message = protocol.decode(frames[1])
     except protocol.ProtocolError:
-        return None
+        return None  # (no answer; nothing here to count it in: a stranger's garbage, or a newer peer's)
     if (message["type"] != "coordinator_pulse" or os.getppid() != parent
             or not alive_and_running(worker_state(parent))):
         return None

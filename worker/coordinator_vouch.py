@@ -17,7 +17,7 @@ Owned by the worker's loop thread.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -38,9 +38,11 @@ def takes(echo: float, now: float, limits: Limits) -> bool:
 class CoordinatorVouch:
     """A DEALER to the coordinator's pulse process, aimed anew at each welcome."""
 
-    def __init__(self, ctx: zmq.Context, key: Any) -> None:
+    def __init__(self, ctx: zmq.Context, key: Any, drop: Callable[[str, Any], None]) -> None:
+        """``drop``: counts a frame that is no valid answer (the worker's DropCounter)."""
         self._ctx = ctx
         self._key = key
+        self._drop = drop
         self._sock: zmq.Socket | None = None
         self._address: str | None = None
         self._next_ask = 0.0
@@ -63,8 +65,8 @@ class CoordinatorVouch:
 
     def ask(self, now: float, lease_from: float, limits: Limits) -> None:
         """Ask if the loop's echoes are late and our lease still runs, at most every quarter interval
-        (called every turn of the worker's loop: not only at heartbeats, whose cadence left a
-        lease of two intervals running out before the ask)."""
+        (called every turn of the worker's loop: at heartbeats only, every other one asked, and a
+        short lease ran out between two asks)."""
         if self._sock is not None and now >= self._next_ask and should_ask(now, lease_from, limits):
             self._next_ask = now + limits.interval / 4
             self.asked_at = now
@@ -86,7 +88,8 @@ class CoordinatorVouch:
                 break
             try:
                 message = protocol.decode(frame)
-            except protocol.ProtocolError:
+            except protocol.ProtocolError as exc:
+                self._drop("bad_frame", exc)
                 continue
             if (message["type"] == "coordinator_pulse_reply" and message["session"] == session
                     and takes(message["echo"], now, limits)):

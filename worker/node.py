@@ -153,7 +153,7 @@ class Worker:
         self.dropped = DropCounter(log)
         self._ctx = zmq.Context()
         # asks the coordinator's pulse process whether its loop is stalled, when its echoes are late
-        self._vouch = CoordinatorVouch(self._ctx, self._key)
+        self._vouch = CoordinatorVouch(self._ctx, self._key, self.dropped.drop)
         self._outbox = WakeQueue()  # agents' lifecycle reports (thousands of threads put, no lock)
         self._bus_signal = WakeQueue()  # wakes the loop when agents' bus events wait
         self._bus_outbox = BusOutbox(wake=lambda: self._bus_signal.put(None))
