@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-from pathlib import Path
 
-from conftest import start_daemon, wait_for
+from conftest import process_gone, start_daemon, wait_for
 
 from pyorchestrate import LoopingThreadAgent, TriggeredThreadAgent
 
@@ -74,7 +73,7 @@ def test_thread_agents_beyond_the_limit_run_in_agent_hosts_and_get_what_is_sent_
     # hosts with no agents left exit (and are reaped by the worker)
     for pid in by_pid:
         if pid != worker.pid:
-            wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, f"idle host {pid} to exit")
+            wait_for(lambda: process_gone(pid), 15, f"idle host {pid} to exit")
     assert orch.status()["lost_events"] == 0
 
 
@@ -91,7 +90,7 @@ def test_a_dead_host_fails_its_own_agents_only_and_stops_reach_hosted_agents(clu
     assert events.wait("AGENT_TERMINATED", "a", timeout=15)[0]["ok"] is True
     assert not events.of("AGENT_ERROR", "a") and not events.of("AGENT_ERROR", "b")
     assert not events.of("WORKER_LOST")
-    wait_for(lambda: not Path(f"/proc/{pids['b']}").exists(), 15, "b's host to exit once b ended")
+    wait_for(lambda: process_gone(pids["b"]), 15, "b's host to exit once b ended")
 
 
 def test_sigterm_stops_hosted_agents_gracefully_and_leaves_no_host_behind(cluster):
@@ -104,4 +103,4 @@ def test_sigterm_stops_hosted_agents_gracefully_and_leaves_no_host_behind(cluste
         assert events.wait("AGENT_TERMINATED", name)[0]["ok"] is True
     assert not events.of("AGENT_ERROR") and not events.of("WORKER_LOST")
     for pid in hosts:  # the cluster fixture also checks the worker's session is empty
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, f"host {pid} to exit")
+        wait_for(lambda: process_gone(pid), 15, f"host {pid} to exit")

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import process_gone, wait_for
 
 from pyorchestrate.core import ClusterCore
 from pyorchestrate.keys import KeyDir
@@ -243,8 +243,7 @@ def test_the_pulse_ends_soon_after_its_coordinator_is_killed(tmp_path, keyed):
         pid = int(proc.stdout.readline())
         proc.send_signal(signal.SIGKILL)  # the script only: its pulse is left to notice
         proc.wait(10)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
-                 10, "the pulse to end")
+        wait_for(lambda: process_gone(pid), 10, "the pulse to end")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

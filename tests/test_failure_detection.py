@@ -108,7 +108,7 @@ def test_a_stopped_worker_is_lost_in_time_even_with_a_pulse(cluster):
     pulse_pid = int(re.search(r"pulse process (\d+) started", cluster.log_of("w1")).group(1))
     frozen.send_signal(signal.SIGTERM)
     assert frozen.wait(30) == 0
-    wait_for(lambda: not os.path.exists(f"/proc/{pulse_pid}"), 10, "the pulse process to end with its worker")
+    wait_for(lambda: process_gone(pulse_pid), 10, "the pulse process to end with its worker")
 
 
 def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluster):
