@@ -197,27 +197,26 @@ class Coordinator:
             # a fork of this process (the script's own) must not keep them open: see fork_guard.py
             self._ports = [sockets.port_of(a) for a in (self.address, self.events_address, self.bus_address)]
             fork_guard.hold(self._ports)
-            self._start_pulse(address, keyed)
+            self._start_pulse(address, fixed=port.isdigit())
         except Exception:
             self._close()  # nothing half-open is left behind
             raise
         self.xsub.send(b"\x01")  # hear everything workers publish
         # a fixed port may be one workers of a previous coordinator still know
-        self._fixed_port = sockets.parse_tcp(address)[1].isdigit()
+        self._fixed_port = port.isdigit()
         self._marker = runmarker.marker(self.name, self.address)
 
-    def _start_pulse(self, address: str, keyed: bool) -> None:
+    def _start_pulse(self, address: str, fixed: bool) -> None:
         """Start the coordinator's pulse (coordinator_pulse.py): the port after the bus port, or
         one the OS picks if the address's port is.  Without it workers' leases run out while a
         call of the script holds the GIL, as before: said, not fatal."""
         cfg = self.config
         if not cfg.coordinator_pulse or not hasattr(os, "memfd_create"):
             return
-        fixed = sockets.parse_tcp(address)[1].isdigit()
         at = sockets.with_port(address, sockets.port_of(self.bus_address) + 1 if fixed else 0)
         try:
             self.pulse = PulseLink(at, Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness).stall,
-                                   str(self.keydir.path) if keyed and self.keydir is not None else None, self.session)
+                                   str(self.keydir.path) if self.keydir is not None else None, self.session)
         except OSError as exc:
             log.warning("could not start the coordinator's pulse on %s (%s): a call of this script that holds the "
                         "GIL past its workers' lease will stop their agents; set coordinator_pulse=False to "

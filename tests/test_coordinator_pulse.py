@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def _core(now: float) -> ClusterCore:
     from pyorchestrate import Orchestrator
 
     config = Orchestrator.Config(heartbeat_interval=0.2, heartbeat_liveness=5)
-    return ClusterCore("c", "s", config, now=now, rng=__import__("random").Random(1), wall=lambda: 0.0,
+    return ClusterCore("c", "s", config, now=now, rng=random.Random(1), wall=lambda: 0.0,
                        drop=lambda *a: None)
 
 
