@@ -46,11 +46,15 @@ from .coordinator_vouch import CoordinatorVouch
 from .errors import bounded
 from .fold import fold
 from .reexec import exec_again
+from .resolver import Resolver
 from .supervisor import Supervisor
 
 log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
 REGISTER_TIMEOUT = 2.0
+# how long a registration waits for a fresh lookup of the coordinator's host name when it has an
+# earlier answer (resolver.py): DNS answers in milliseconds when it answers at all
+RESOLVE_WAIT = 0.25
 PULSE_MODES = ("auto", "always", "never")
 #: after the longest stop timeout of its agents, how long a shutting-down worker waits for a process
 #: that would not die (killed 2 s past its timeout) before it leaves anyway
@@ -129,6 +133,7 @@ class Worker:
         # the first registration (agents in C code that holds the GIL); see pulse.py
         self._pulse_mode = pulse
         self._pulse: subprocess.Popen | None = None
+        self._pulse_to = ""  # the address it pulses to
         # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
         # the coordinator key (no code is run from whoever binds the address first)
         self._keydir, self._key = curve.client_key(keys, ("worker",), key_name)
@@ -140,6 +145,10 @@ class Worker:
         self._told = ""  # the last handshake failure logged (each is said once)
         self._streak = [0]  # handshakes in a row that failed without detail (across connections)
         self.coordinator = coordinator
+        # every socket of ours connects to what this looked up, never to the name (resolver.py)
+        self._resolver = Resolver(coordinator)
+        self._connect_to = ""  # the address of the current control connection
+        self._resolve_told = ""  # the last word said about a lookup (each is said once)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = labels or {}
         self.capacity = capacity
@@ -252,7 +261,7 @@ class Worker:
         self._dealer.close(linger=200)
         self._dealer = None
 
-    def _new_dealer(self) -> zmq.Socket:
+    def _new_dealer(self, address: str) -> zmq.Socket:
         self._close_dealer()
         dealer = sockets.make_socket(self._ctx, zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
@@ -260,7 +269,8 @@ class Worker:
             curve.connect_as(dealer, self._key)
         self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir, self._streak,
                                            expect="control port")
-        dealer.connect(self.coordinator)
+        dealer.connect(address)
+        self._connect_to = address
         self._dealer = dealer
         self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
         self._conn += 1
@@ -391,8 +401,34 @@ class Worker:
                   "(exec) to end them", ", ".join(stuck))
         exec_again()
 
+    def _resolve(self) -> str | None:
+        """The address to connect to now: a fresh lookup of the coordinator's host if it comes in
+        time (RESOLVE_WAIT, or REGISTER_TIMEOUT with no earlier answer), else the last answer."""
+        earlier = self._resolver.address()
+        ticket = self._resolver.refresh()
+        deadline = time.monotonic() + (RESOLVE_WAIT if earlier else REGISTER_TIMEOUT)
+        while not self._resolver.wait(ticket, 0.05) and time.monotonic() < deadline and not self._shutdown.is_set():
+            self._pump_outbox_offline()
+        address = self._resolver.address()
+        if self._resolver.answered(ticket) and not self._resolver.error:
+            said = ""
+            if earlier and address != earlier:
+                log.warning("coordinator %s is now at %s (was %s)", self.coordinator, address, earlier)
+        elif address is None:
+            said = f"cannot look up the coordinator's host {self.coordinator}: {self._resolver.error or 'no answer'}"
+        else:
+            said = (f"looking up the coordinator's host {self.coordinator}: {self._resolver.error or 'no answer yet'}; "
+                    f"connecting to its last address, {address}")
+        if said and said != self._resolve_told:
+            log.warning("%s", said)
+        self._resolve_told = said
+        return address
+
     def _register_once(self) -> None:
-        dealer = self._new_dealer()
+        address = self._resolve()
+        if address is None:
+            raise NoAnswer()
+        dealer = self._new_dealer(address)
         try:
             # never a blocking send: a DEALER whose handshake failed has no peer, and would wait for ever
             dealer.send(self._register_message(), zmq.NOBLOCK)
@@ -446,12 +482,14 @@ class Worker:
         # (at least a quarter of the smallest max_message_size a coordinator may have, 4 MiB)
         self._bus_event_max = min(MAX_EVENT_BYTES, max(message["max_message_size"] // 4, 2**20))
         events_port = message["events_port"]
-        self._supervisor.events_address = sockets.with_port(self.coordinator, events_port) if events_port else None
+        self._supervisor.events_address = sockets.with_port(self._connect_to, events_port) if events_port else None
         self._supervisor.events_key = self._key
+        if self._pulse is not None and self._pulse_to != self._connect_to:
+            self._stop_pulse()  # it would pulse where the coordinator was
         self._maybe_pulse()
         pulse_port = message["pulse_port"]
-        self._vouch.aim(sockets.with_port(self.coordinator, pulse_port) if pulse_port else None)
-        bus = sockets.with_port(self.coordinator, int(message["bus_port"]))
+        self._vouch.aim(sockets.with_port(self._connect_to, pulse_port) if pulse_port else None)
+        bus = sockets.with_port(self._connect_to, int(message["bus_port"]))
         if bus != self._bus_address:
             if self._pub is not None:
                 self._pub.close(0)
@@ -464,8 +502,9 @@ class Worker:
             self._subscribed = False
             self._bus_address = bus
         self._stop_told(message["stop"])
+        at = self.coordinator if self._connect_to == self.coordinator else f"{self.coordinator} ({self._connect_to})"
         log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
-                 message["coordinator"], self.coordinator, self._limits.interval, self._limits.liveness)
+                 message["coordinator"], at, self._limits.interval, self._limits.liveness)
 
     def _stop_told(self, items: list[dict[str, Any]]) -> None:
         """Stop the copies a coordinator says are not ours to run any more (in a welcome, or in a
@@ -491,7 +530,8 @@ class Worker:
         if self._pulse_mode == "auto" and self._supervisor.size() < crowd.MANY_AGENTS:
             return
         keys = str(self._keydir.path) if self._keydir is not None else None
-        config = {"coordinator": self.coordinator, "name": self.name, "token": self._token, "pid": os.getpid(),
+        self._pulse_to = self._connect_to
+        config = {"coordinator": self._connect_to, "name": self.name, "token": self._token, "pid": os.getpid(),
                   "interval": self._limits.interval, "keys": keys, "key_name": self._key.name if self._key else None}
         try:
             # a session of its own, so a scheduler group of its own (autogroup): in ours it would be one
@@ -900,6 +940,7 @@ class Worker:
         self._supervisor.close()
         self._stop_pulse()
         self._vouch.close()
+        self._resolver.close()
         self._outbox.close()
         self._bus_signal.close()
         self._ctx.term()
