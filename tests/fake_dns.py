@@ -1,8 +1,9 @@
-"""A DNS server for the multi-host tests: answers A queries for the names it is given, and goes
+"""A DNS server for the multi-host tests: answers A queries for the names in the file ``names``
+beside ``--ready`` (``NAME=IPV4`` lines, read at every query, so a test can move a name), and goes
 silent (a resolver then waits for its timeout, as with a DNS server down or unreachable) while a
-file named ``silent`` exists beside ``--ready``.
+file named ``silent`` exists there.
 
-    python fake_dns.py --bind 10.1.2.3 --ready DIR/ready coord.test=10.1.2.4 ...
+    python fake_dns.py --bind 10.1.2.3 --ready DIR/ready
 
 Queries for other names get NXDOMAIN, AAAA queries an empty answer.  Every query is logged (one
 line each, ``<time> <name> <type> answered|silent``) to stdout.  Stdlib only: the wire format of
@@ -51,10 +52,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bind", required=True)
     parser.add_argument("--ready", required=True, help="a file written once listening")
-    parser.add_argument("names", nargs="+", help="NAME=IPV4")
     args = parser.parse_args()
-    names = dict(item.lower().split("=", 1) for item in args.names)
     silent = os.path.join(os.path.dirname(args.ready), "silent")
+    names_file = os.path.join(os.path.dirname(args.ready), "names")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((args.bind, 53))
     with open(args.ready, "w") as f:
@@ -68,6 +68,8 @@ def main() -> int:
         quiet = os.path.exists(silent)
         print(f"{time.time():.3f} {name} {qtype} {'silent' if quiet else 'answered'}", flush=True)
         if not quiet:
+            with open(names_file) as f:
+                names = dict(line.strip().lower().split("=", 1) for line in f if "=" in line)
             sock.sendto(answer(packet, names), peer)
 
 

@@ -70,25 +70,30 @@ class Named:
     (host w1) that knows it only by that name."""
 
     def __init__(self, net: Net, tmp_path: Path, port: int) -> None:
-        self.net, self.tmp_path = net, tmp_path
+        self.net, self.tmp_path, self.port = net, tmp_path, port
         self.events, self.trace = tmp_path / "events.jsonl", tmp_path / "copies.txt"
         ready = tmp_path / "dns" / "ready"
         ready.parent.mkdir()
-        self.silent = ready.parent / "silent"
+        self.silent, self.names = ready.parent / "silent", ready.parent / "names"
         coordinator, _, dns = net.host("c"), net.host("w1"), net.host("d")
-        self.script = tmp_path / "coordinator.py"
-        self.script.write_text(SCRIPT.format(tests=TESTS, events=str(self.events), trace=str(self.trace),
-                                             address=f"tcp://{coordinator}:{port}"))
-        net.spawn("d", [sys.executable, os.path.join(TESTS, "fake_dns.py"), "--bind", dns, "--ready", str(ready),
-                        f"{NAME}={coordinator}"], tmp_path / "dns.log")
+        self.name(coordinator)
+        net.spawn("d", [sys.executable, os.path.join(TESTS, "fake_dns.py"), "--bind", dns, "--ready", str(ready)],
+                  tmp_path / "dns.log")
         wait_for(ready.exists, 30, "the DNS server to listen")
         _resolv_conf(net, "w1", dns)
-        self.coordinator = self.start_coordinator()
+        self.coordinator = self.start_coordinator("c")
         net.spawn("w1", [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", f"tcp://{NAME}:{port}",
                          "--name", "w1"], tmp_path / "w1.log")
 
-    def start_coordinator(self):
-        return self.net.spawn("c", [sys.executable, str(self.script)], self.tmp_path / "coordinator.log")
+    def name(self, address: str) -> None:
+        """What DNS answers for NAME from now on."""
+        self.names.write_text(f"{NAME}={address}\n")
+
+    def start_coordinator(self, host: str):
+        script = self.tmp_path / f"coordinator-{host}.py"
+        script.write_text(SCRIPT.format(tests=TESTS, events=str(self.events), trace=str(self.trace),
+                                        address=f"tcp://{self.net.hosts[host][2]}:{self.port}"))
+        return self.net.spawn(host, [sys.executable, str(script)], self.tmp_path / f"coordinator-{host}.log")
 
     def of(self, event: str) -> list[dict]:
         return _of(self.events, event)
@@ -131,10 +136,27 @@ def test_a_coordinator_restarted_during_a_dns_outage_is_found_at_its_last_addres
     os.killpg(named.coordinator.pid, signal.SIGKILL)
     named.coordinator.wait(10)
     time.sleep(1.0)
-    named.start_coordinator()
+    named.start_coordinator("c")
     wait_for(lambda: named.worker_log().count("registered with coordinator") == 2, 30,
              "the worker to register with the restarted coordinator")
     wait_for(lambda: len(named.of("AGENT_READY")) == 2, 30, "a to be READY again")
     log = named.worker_log()
     assert "connecting to its last address" in log, log[-3000:]
     assert " silent" in (tmp_path / "dns.log").read_text(), "the worker asked DNS while it was silent"
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_follows_its_coordinator_to_the_address_dns_names_next(tmp_path, dns_net):
+    """The coordinator ends on one host and starts on another, and DNS names the new one: the
+    worker registers there (it looks the name up again before each registration)."""
+    named = Named(dns_net, tmp_path, 25640)
+    moved = dns_net.host("c2")
+    wait_for(lambda: named.of("AGENT_READY"), 60, "a to be READY")
+    os.killpg(named.coordinator.pid, signal.SIGKILL)
+    named.coordinator.wait(10)
+    named.name(moved)
+    named.start_coordinator("c2")
+    wait_for(lambda: f"(tcp://{moved}:25640)" in named.worker_log(), 30,
+             "the worker to register with the coordinator at its new address")
+    wait_for(lambda: len(named.of("AGENT_READY")) == 2, 30, "a to be READY again")
+    assert f"is now at tcp://{moved}:25640" in named.worker_log()
