@@ -225,19 +225,30 @@ class Coordinator:
     def start(self, records: list[AgentRecord], embedded: bool) -> None:
         cfg = self.config
         now = time.monotonic()
-        window = cfg.adopt_window
+        window, strict, crash_window = cfg.adopt_window, False, 0.0
         if window is None:
+            window = 0.0
             # only where workers may still run agents of a coordinator of our name that crashed
-            crashed = self._fixed_port and not embedded and runmarker.crashed_before(self._marker)
-            window = adopt_window(Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness)) if crashed else 0.0
-            if crashed:
-                log.warning("the previous coordinator %r on %s did not end cleanly: waiting for its workers to "
-                            "report what it left running (adoption window)", self.name, self.address)
+            if self._fixed_port and not embedded:
+                # the window opened later if a worker's register shows a crash (predecessor.py)
+                crash_window = adopt_window(Limits(cfg.heartbeat_interval, cfg.heartbeat_liveness))
+                before = runmarker.previous(self._marker)
+                if before == "running":
+                    window, strict = crash_window, True
+                    log.warning("the previous coordinator %r on %s did not end cleanly: waiting for its workers to "
+                                "report what it left running (adoption window)", self.name, self.address)
+                elif before is None:
+                    # no word either way: connected workers say within the window whether the
+                    # coordinator they served crashed (then agents wait as after a crash)
+                    window = crash_window
+                    log.info("no run marker of coordinator %r on %s here (%s): waiting %.1f s for workers to say "
+                             "whether a predecessor left agents running", self.name, self.address, self._marker.parent,
+                             window)
         if self._fixed_port:
             runmarker.mark(self._marker, "running")
         core = ClusterCore(self.name, self.session, cfg, now=now, rng=random.Random(), wall=time.time,
                            drop=self.dropped.drop, min_workers=self.min_workers, adopt_window=window,
-                           strict_hold=cfg.adopt_window is None, versions=local_versions(),
+                           strict_hold=strict, crash_window=crash_window, versions=local_versions(),
                            bus_port=sockets.port_of(self.bus_address), events_port=sockets.port_of(self.events_address),
                            pulse_port=self.pulse.port if self.pulse is not None else 0)
         if self.pulse is not None:

@@ -66,7 +66,7 @@ class ClusterCore(Registration, CommandHandlers):
 
     def __init__(self, name: str, incarnation: str, config: Any, *, now: float, rng: random.Random,
                  wall: Callable[[], float], drop: Callable[[str, Any], None], min_workers: int = 1,
-                 adopt_window: float = 0.0, strict_hold: bool = False,
+                 adopt_window: float = 0.0, strict_hold: bool = False, crash_window: float = 0.0,
                  versions: dict[str, str] | None = None, bus_port: int = 0, events_port: int | None = None,
                  pulse_port: int = 0) -> None:
         self.name = name
@@ -96,7 +96,7 @@ class ClusterCore(Registration, CommandHandlers):
         self._wait_deadline = now + config.worker_wait_timeout
         self._stopping_deadline: float | None = None
         self._last_tick = now
-        self.predecessor = Predecessor(self.limits, now, adopt_window, strict_hold)
+        self.predecessor = Predecessor(self.limits, now, adopt_window, strict_hold, crash_window)
         self._holding = adopt_window > 0  # some pending agent waits out the adoption window
         self.bus_port = bus_port  #: told to workers in their welcome
         self.events_port = events_port
@@ -552,6 +552,7 @@ class ClusterCore(Registration, CommandHandlers):
                         fresh - self._last_tick)
             for worker in self.workers.values():
                 worker.last_seen = max(worker.last_seen, fresh)
+            self.predecessor.stalled(self._last_tick, fresh)
         self._last_tick = now
         for worker in list(self.workers.values()):
             if not worker.alive:
@@ -680,7 +681,9 @@ class ClusterCore(Registration, CommandHandlers):
             if anywhere and not free:
                 record.pending_reason = free.why_none()
                 continue
-            held = self.predecessor.hold_until(record) - now
+            # (measured from the last moment we surely listened: placed right after a stall, before
+            # the tick that notices it, the adoption window would count the stall)
+            held = self.predecessor.hold_until(record) - min(now, self._last_tick + self.limits.stall)
             if held > 0:
                 self._holding = True
                 record.pending_reason = (f"waiting {held:.1f} s for workers to report (or stop) copies a previous "

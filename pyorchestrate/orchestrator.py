@@ -149,8 +149,10 @@ class Orchestrator:
         #: config are identical, or "replace" them (stopped before the new copy starts)
         on_restart: str = "adopt"
         #: seconds to wait for workers to report agents a previous coordinator started, before
-        #: placing anything; None = automatic (0 for OS-chosen ports and embedded workers, which
-        #: no previous coordinator can have used; a few seconds otherwise)
+        #: placing anything; None = automatic: 0 for OS-chosen ports and embedded workers (no
+        #: previous coordinator can have used them) and after a clean end here; after a crash (the
+        #: run marker here says so, or a worker does) a few seconds, longer for agents of which no
+        #: copy was reported; a few seconds, not knowing, when there is no run marker here
         adopt_window: float | None = None
         #: seconds an agent with on_disconnect="keep" may stay unreachable (its worker silent)
         #: before it is given up (reported failed, or replaced if it restarts); None = never

@@ -25,11 +25,14 @@ from .records import AgentRecord
 class Predecessor:
     """The adoption window and the previous coordinator's copies."""
 
-    def __init__(self, limits: Limits, now: float, window: float, strict: bool) -> None:
+    def __init__(self, limits: Limits, now: float, window: float, strict: bool, crash_window: float = 0.0) -> None:
         self.limits = limits
         self.started = now
         self.window = window
         self.until = now + window
+        #: the window opened (and made strict) if a worker shows that our predecessor crashed (0:
+        #: not looked for, the user set the window)
+        self.crash_window = crash_window
         #: after a crash: also wait until copies on workers that never report have stopped
         self.strict = strict
         self.found: set[str] = set()  #: agents of which a previous coordinator's copy was reported
@@ -53,8 +56,32 @@ class Predecessor:
             return 0.0
         if not self.strict or record.name in self.found:
             return self.until
-        return self.started + max(self.window, self.limits.unknown_copy_gone(record.keeps_running,
-                                                                             record.stop_timeout))
+        return max(self.until, self.started + self.limits.unknown_copy_gone(record.keeps_running, record.stop_timeout))
+
+    def stalled(self, since: float, until: float) -> None:
+        """Our loop did not listen from ``since`` to ``until`` (a stall): the window is for hearing
+        workers, so what was left of it runs after the stall.  (A copy's own lease runs on its
+        worker's clock: the strict wait is not moved.)  Without this a stall ate the window, and
+        the first register read after it, from a worker with nothing to say, started agents whose
+        copies the next register in the queue reported: simulation seed 1720."""
+        if self.window > 0 and since < self.until:
+            self.until += until - since
+
+    def crash_reported(self) -> bool:
+        """A registering worker shows that a coordinator of our name left it without saying it
+        finished: it still runs that one's copies, or says so.  So that one crashed (as far as
+        this worker knows), though no run marker here said so: the marker lives on the
+        coordinator's host, and is lost with a restarted container, a systemd service's private
+        /tmp, or a start on another host; without the window a copy on a worker that registered a
+        moment later was started a second time.  Wait as after a crash (strict), counted from our
+        start.  True if this made the wait a crash's."""
+        if self.strict or self.crash_window <= 0:
+            return False
+        self.strict = True
+        if self.window <= 0:
+            self.window = self.crash_window
+            self.until = self.started + self.window
+        return True
 
     def hold_foreign(self, name: str, worker: str, report: dict[str, Any], now: float) -> None:
         self.foreign[name] = (worker, report, max(now, self.until) + self.limits.silence)

@@ -157,6 +157,12 @@ MESSAGES: dict[str, dict[str, Any]] = {
         # which connection of this worker process it is (1, 2, ...): a register that arrives from
         # an older one after a newer one spoke is a stale snapshot and is ignored
         "conn": Optional(_INT, 0),
+        # the coordinator (name and session) this worker served last, unless that one said it
+        # finished (a drain does not say so): a coordinator of that name started anew learns here
+        # that its predecessor may have crashed, where no run marker told it (predecessor.py).
+        # "" both: it finished, or none yet (and an older worker)
+        "left_by": Optional(_STR, ""),
+        "left_session": Optional(_STR, ""),
     },
     # running: how many copies the worker runs (-1: not said); a persistent difference from what
     # the coordinator believes makes it ask for a full registration (lost messages are repaired)

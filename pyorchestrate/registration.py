@@ -125,6 +125,10 @@ class Registration:
             worker.orphan_timeout = float(message["orphan_timeout"])
         self.workers[name] = worker
         self.by_identity[identity] = name
+        if self.predecessor.crash_window and self._left_by_predecessor(message) and self.predecessor.crash_reported():
+            log.warning("worker %s says the previous coordinator %r left it without saying it finished (a crash): "
+                        "waiting for its workers to report what it left running (adoption window)", name, self.name)
+            self._holding = self._dirty = True
         # what happened while it was away comes first, then the list of what runs there now: a
         # worker lists copies only after queueing their last reports, so together they are complete
         for item in message["events"]:
@@ -185,6 +189,14 @@ class Registration:
             self._publish(E.WORKER_JOINED, name, {
                 "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
                 "capacity": worker.capacity, "rejoined": existing is not None})
+
+    def _left_by_predecessor(self, message: dict[str, Any]) -> bool:
+        """Does a register show that a coordinator of our name left this worker without saying it
+        finished: it says so, or it runs a copy of that one's that is not stopping (a clean end
+        stops them)?"""
+        return ((message["left_by"] == self.name and message["left_session"] not in ("", self.incarnation))
+                or any(r["run"] != self.incarnation and r["coordinator"] == self.name and not r["stopping"]
+                       for r in message["agents"]))
 
     def _take_report(self, worker: WorkerRecord, report: dict[str, Any], now: float,
                      stop: list[dict[str, Any]]) -> bool:

@@ -26,12 +26,15 @@ def marker(name: str, address: str) -> Path:
     return (Path(base) / f"{digest}.run").absolute()
 
 
-def crashed_before(path: Path) -> bool:
-    """Did the coordinator whose :func:`marker` is ``path`` start here and never end cleanly?"""
+def previous(path: Path) -> str | None:
+    """How the coordinator whose :func:`marker` is ``path`` ended here: ``"running"`` (it never
+    ended cleanly: it crashed), ``"clean"``, or None: no marker (the first start here, or one whose
+    state directory was not kept: a restarted container, a systemd service's private /tmp)."""
     try:
-        return path.read_text() == "running"
+        state = path.read_text()
     except OSError:
-        return False
+        return None
+    return state if state in ("running", "clean") else None
 
 
 def mark(path: Path, state: str) -> None:

@@ -117,6 +117,7 @@ class SimWorker:
     frozen_since: float = -1e9
     partitioned_until: float = 0.0
     drained_by: list[str] = field(default_factory=list)  # coordinator sessions that drained it
+    left_by: tuple[str, str] = ("", "")  # the coordinator (name, session) it served last, until it finished
     capacity: int = 0
     exiting_at: float | None = None  # SIGTERM: its copies were told to stop; it leaves once they have
     exit_at: float | None = None  # then its process ends
@@ -178,11 +179,11 @@ class Sim:
         self.workers[name] = SimWorker(name, f"inc{next(self.ids)}", next_register=self.now + self.rng.uniform(0, 1),
                                        lease_from=self.now, capacity=capacity)
 
-    def _new_core(self, adopt: float) -> ClusterCore:
+    def _new_core(self, adopt: float, strict: bool = True) -> ClusterCore:
         core = ClusterCore(self.coordinator_name, f"coord{next(self.ids)}", self.config, now=self.now,
                            rng=random.Random(self.rng.random()), wall=lambda: self.now,
                            drop=lambda kind, detail: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
-                           strict_hold=True,
+                           strict_hold=strict, crash_window=adopt_window(self.limits),
                            versions={})
         self.core_at = self.now
         return core
@@ -533,7 +534,8 @@ class Sim:
         self._send(worker, "register", name=worker.name, incarnation=worker.incarnation, host="h", pid=1, labels={},
                    capacity=worker.capacity, versions={}, agents=running, events=worker.recent_ends + worker.pending, t=self.now,
                    seen=worker.recv_n, seen_session=worker.session or "", conn=worker.conn,
-                   token=f"secret-{worker.incarnation}", drained_by=worker.drained_by)
+                   token=f"secret-{worker.incarnation}", drained_by=worker.drained_by,
+                   left_by=worker.left_by[0], left_session=worker.left_by[1])
 
     def _stop(self, copy: Copy, timeout: float, told: bool = False) -> None:
         """``told``: the coordinator asked (a stop frame, a welcome's stop list), so it was in touch."""
@@ -568,6 +570,7 @@ class Sim:
             worker.registered = True
             worker.session = message["session"]
             worker.coordinator = message["coordinator"]
+            worker.left_by = (worker.coordinator, worker.session)
             worker.limits = Limits(message["heartbeat_interval"], message["heartbeat_liveness"])
             worker.lease_from = max(worker.lease_from, message["echo"])
             worker.lease_expired = False
@@ -603,6 +606,8 @@ class Sim:
         elif kind == "release":
             if message["drain"]:  # that coordinator refuses it from now on (it waits for the next)
                 worker.drained_by.append(worker.session)
+            else:
+                worker.left_by = ("", "")
             for copy in worker.copies.values():
                 self._stop(copy, copy.stop_timeout)
             worker.registered = False
@@ -673,7 +678,16 @@ class Sim:
             self.net = [m for m in self.net if m[2] in ("worker", "vouch")]
             heapq.heapify(self.net)
             self.heard.clear()
-            self.core = self._new_core(adopt=adopt_window(self.limits))
+            # half the time its run marker is lost (a fresh container): it waits the window, not
+            # knowing, and only the workers' word makes the wait a crash's.  That holds where every
+            # worker process knows the crashed coordinator: one started since (a restart, a
+            # reschedule) has nothing to say, and a copy cut off elsewhere could then run twice (the
+            # README's stated limit), so the marker is lost only where none is new
+            knowing = all(w.left_by[0] == self.coordinator_name for w in self.workers.values()
+                          if w.exiting_at is None)
+            marker = not knowing or rng.random() < 0.5
+            self.log.append(f"t={self.now:.2f} run marker {'found' if marker else 'lost'}")
+            self.core = self._new_core(adopt=adopt_window(self.limits), strict=marker)
             self.pulse_vouched, self.core_last_tick = 0.0, self.now  # the new script's own pulse
             for name in self.specs:
                 if rng.random() < 0.2:  # the user changed it: its running copy is stopped, not adopted

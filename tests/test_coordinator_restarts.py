@@ -51,7 +51,9 @@ ENDINGS = {
     "sleep": "time.sleep(120)",
     "sigterm": "while True:\n    time.sleep(0.1)",
     "sigint": "while True:\n    time.sleep(0.1)",  # Ctrl-C outside join()
-    "exception": "time.sleep(1.0)\nraise RuntimeError('the script failed after start()')",
+    # once its 3 agents run (a first start on a fixed port waits the adoption window first)
+    "exception": "while not (os.path.exists('trace.txt') and open('trace.txt').read().count('setup') >= 3):\n"
+                 "    time.sleep(0.05)\nraise RuntimeError('the script failed after start()')",
     # a child of the script's own, forked (as multiprocessing does by default before Python 3.14)
     "fork": "import multiprocessing\nchild = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,))\n"
             "child.start()\nopen('forked.pid', 'w').write(str(child.pid))\ntime.sleep(120)",
@@ -164,6 +166,34 @@ def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_
     assert third.proc.wait(30) == 128 + signal.SIGTERM
     wait_for(lambda: len([line for line in trace(tmp_path) if line.startswith("close")]) == 21, 20,
              "every copy to close")
+
+
+def test_a_sigkilled_coordinator_started_again_without_its_run_marker_still_runs_no_agent_twice(
+        cluster, tmp_path, scripts, monkeypatch):
+    """The run marker lives on the coordinator's host, and is lost where the restarted script
+    gets a fresh file system: a container restarted by Kubernetes, a systemd service's private
+    /tmp.  The restarted script waits for one worker only: before, it started the agents that
+    worker did not run at once, and the other worker's copies of them, reported a moment later,
+    ran beside them (10 of 20 agents twice; w2 is held back here, so that it registers second).
+    The workers' word that the coordinator they served never released them now opens the
+    adoption window."""
+    scripts.workers("w1", "w2")
+    first = scripts.run("first", agents=20, workers=2)
+    wait_for(lambda: len(setups(tmp_path)) == 20, 30, "20 agents to start")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    monkeypatch.setenv("PYORCHESTRATE_STATE_DIR", str(tmp_path / "fresh-state"))  # the marker is lost
+    w2 = scripts.cluster.workers["w2"]
+    os.kill(w2.pid, signal.SIGSTOP)  # w2 registers only once w1 has (the order was a race)
+    second = scripts.run("second", agents=20, workers=1)
+    wait_for(lambda: [e for e in second.of("WORKER_JOINED") if e["worker"] == "w1"], 30, "w1 to join")
+    time.sleep(0.5)
+    os.kill(w2.pid, signal.SIGCONT)
+    wait_for(lambda: len(second.of("AGENT_ADOPTED")) == 20, 30, "20 agents to be adopted")
+    time.sleep(1.0)  # anything that would start or stop a copy has had time to
+    assert not second.of("AGENT_STARTED") and not second.of("AGENT_TERMINATED")
+    assert len(setups(tmp_path)) == 20 and not [line for line in trace(tmp_path) if line.startswith("close")]
+    assert "left it without saying it finished" in Path(second.log.name).read_text()
 
 
 def test_a_coordinator_started_again_binds_and_adopts_though_a_fork_of_the_crashed_one_lives(cluster, tmp_path,

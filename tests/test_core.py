@@ -22,11 +22,13 @@ S = AgentState
 class Harness:
     """A core, a clock, and helpers that speak for workers."""
 
-    def __init__(self, *, adopt_window: float = 0.0, strict_hold: bool = False, **config) -> None:
+    def __init__(self, *, adopt_window: float = 0.0, strict_hold: bool = False, crash_window: float = 0.0,
+                 **config) -> None:
         self.now = 100.0
         self.config = SimConfig(**config)
         self.core = ClusterCore("c", "inc1", self.config, now=self.now, rng=random.Random(1), wall=lambda: self.now,
-                                drop=lambda kind, detail: None, adopt_window=adopt_window, strict_hold=strict_hold)
+                                drop=lambda kind, detail: None, adopt_window=adopt_window, strict_hold=strict_hold,
+                                crash_window=crash_window)
         self.sent: list[tuple[bytes, dict]] = []
         self.published: list[Publish] = []
         self.forgotten: list[str] = []
@@ -99,6 +101,16 @@ class Harness:
         self.core.tick(self.now)
         self.core.place(self.now)
         self.flush()
+
+    def listen(self, seconds: float) -> None:
+        """Let ``seconds`` pass while we listen and every live worker beats: ticks a quarter second
+        apart (one long :meth:`step` is a stall of ours, which the adoption window does not count)."""
+        end = self.now + seconds
+        while self.now < end - 1e-9:
+            for worker in list(self.core.workers.values()):
+                if worker.alive:
+                    self.beat(worker.identity)
+            self.step(min(0.25, end - self.now))
 
     def report(self, identity: bytes, record: AgentRecord, *events: str, n: int = 0, **fields) -> None:
         items = [protocol.agent_event(record.name, record.run, record.epoch, e, dict(fields)) for e in events]
@@ -859,7 +871,7 @@ def test_a_held_copy_that_ends_before_its_agent_is_registered_is_not_adopted():
     w1 = h.register("w1", agents=[copy])
     _ended(w1, h, copy)
     record = h.add("a")
-    h.step(2.1)  # past the window: it may start
+    h.listen(2.1)  # past the window: it may start
     assert not h.events("AGENT_ADOPTED")
     assert record.state is S.ASSIGNED and record.run == "inc1" and len(h.to(w1, "start")) == 1
 
@@ -876,7 +888,7 @@ def test_an_agent_starts_only_after_every_old_copy_being_stopped_has_ended():
     assert [m["stop"] for _, m in h.sent if m["type"] == "welcome"] == [
         [{"agent": "a", "run": "inc0", "epoch": 1, "timeout": 1.0}],
         [{"agent": "a", "run": "inc0", "epoch": 2, "timeout": 1.0}]]
-    h.step(1.5)  # past the adoption window
+    h.listen(1.5)  # past the adoption window
     assert record.state is S.PENDING and "previous copy" in record.pending_reason
     _ended(w1, h, old1)
     h.step()
@@ -884,6 +896,92 @@ def test_an_agent_starts_only_after_every_old_copy_being_stopped_has_ended():
     _ended(w2, h, old2)
     h.step()
     assert record.state is S.ASSIGNED and record.run == "inc1"
+
+
+def _restarted(marker: str, **told) -> tuple[Harness, AgentRecord, AgentRecord, bytes]:
+    """A coordinator (automatic window) started where the run marker says ``marker`` ("clean", or
+    "none": not there); agents a and b registered; w1 registers, saying ``told``."""
+    h = Harness(adopt_window=2.0 if marker == "none" else 0.0, strict_hold=False, crash_window=2.0)
+    a, b = h.add("a"), h.add("b")
+    w1 = h.register("w1", **told)
+    h.step()
+    return h, a, b, w1
+
+
+@pytest.mark.parametrize("marker", ["clean", "none"])
+def test_a_worker_the_predecessor_left_makes_the_wait_a_crashs_before_anything_starts(marker):
+    """The marker says the last run here ended cleanly (it ran elsewhere since), or there is none
+    (a restarted container, a service's private /tmp); the first worker to register says the
+    coordinator of our name it served never said it finished.  Nothing starts; w2, registering a
+    moment later with a's copy, has it adopted: one copy, not two.  b, of which no copy was
+    reported, waits as after a crash: until a cut-off copy would have stopped."""
+    h, a, b, w1 = _restarted(marker, left_by="c", left_session="inc0")
+    assert a.state is S.PENDING and b.state is S.PENDING and "adoption window" in a.pending_reason
+    assert not h.to(w1, "start")
+    w2 = h.register("w2", agents=[_predecessor_copy("a")])
+    h.step(0.5)
+    assert a.state is S.READY and a.run == "inc0" and a.worker == "w2" and not h.to(w2, "start")
+    h.listen(2.0)  # the window is over
+    assert b.state is S.PENDING
+    h.listen(h.core.limits.unknown_copy_gone(b.keeps_running, b.stop_timeout))
+    assert b.state is S.ASSIGNED and len(h.to(w1, "start") + h.to(w2, "start")) == 1, b.pending_reason
+
+
+def test_a_running_copy_of_the_predecessors_is_word_of_a_crash_though_its_worker_says_nothing_else():
+    """An older worker does not say who left it; a copy of our predecessor's that is not
+    stopping shows the same: a clean end stops them all."""
+    h, a, b, w1 = _restarted("clean", agents=[_predecessor_copy("a")])
+    assert a.state is S.READY and b.state is S.PENDING and "adoption window" in b.pending_reason
+
+
+def test_without_a_marker_agents_wait_the_window_for_workers_to_speak_and_no_longer_if_none_says_crash():
+    """No marker and a first worker with nothing to say (a fresh process): a connected worker that
+    served a crashed predecessor registers within the window, so agents wait for it; once the
+    window is over with no such word, they start (not the crash's long wait)."""
+    h, a, b, w1 = _restarted("none")
+    assert a.state is S.PENDING and "adoption window" in a.pending_reason
+    h.listen(1.9)
+    assert a.state is S.PENDING
+    h.step(0.2)
+    assert a.state is S.ASSIGNED and b.state is S.ASSIGNED
+
+
+@pytest.mark.parametrize("told", [
+    {},  # a fresh worker, or one its coordinator told it finished
+    {"left_by": "other", "left_session": "inc0"},  # left by a coordinator of another name
+    {"left_by": "c", "left_session": "inc1"},  # by ourselves (it lost us and came back)
+    {"agents": [{**_predecessor_copy("a"), "stopping": True}]},  # stopping: a clean end's, maybe
+])
+def test_no_wait_after_a_clean_end_without_word_of_a_crash(told):
+    h, a, b, _ = _restarted("clean", **told)
+    assert b.state is S.ASSIGNED
+
+
+def test_a_stall_of_ours_does_not_eat_the_adoption_window():
+    """The window is for hearing workers: a stall of ours during it (a call of the script that
+    holds the GIL) must not end it.  It did: the first register read after the stall, from a
+    worker with nothing to say, started agents whose copies the next register in the queue
+    reported (simulation seed 1720)."""
+    h = Harness(adopt_window=2.0, strict_hold=False, crash_window=2.0)  # no run marker
+    a = h.add("a")
+    h.now += 5.0  # no tick: we were not listening
+    h.register("w1")  # a fresh worker, read first after the stall, placed before the tick
+    h.core.place(h.now)
+    h.flush()
+    assert a.state is S.PENDING
+    h.step()  # the tick that notices the stall
+    assert a.state is S.PENDING and "adoption window" in a.pending_reason
+    w2 = h.register("w2", agents=[_predecessor_copy("a")])
+    h.step()
+    assert a.state is S.READY and a.worker == "w2" and not h.to(w2, "start")
+
+
+def test_a_window_set_by_the_user_is_not_opened_by_a_workers_word():
+    h = Harness(adopt_window=0.0, strict_hold=False)  # Config(adopt_window=0): no crash_window
+    b = h.add("b")
+    h.register("w1", left_by="c", left_session="inc0")
+    h.step()
+    assert b.state is S.ASSIGNED
 
 
 def test_after_a_crash_an_agent_whose_old_copy_was_reported_waits_only_for_that_copy():
@@ -895,11 +993,11 @@ def test_after_a_crash_an_agent_whose_old_copy_was_reported_waits_only_for_that_
     old = _predecessor_copy("reported", "d-old")
     w1 = h.register("w1", agents=[old])
     _ended(w1, h, old)
-    h.step(1.5)
+    h.listen(1.5)
     assert reported.state is S.ASSIGNED
     assert waited.state is S.PENDING and "adoption window" in waited.pending_reason
     gone = h.core.limits.unknown_copy_gone(waited.keeps_running, 1.0)  # from the coordinator's start, at 100
-    h.step(gone - 1.5 - 0.1)
+    h.listen(gone - 1.5 - 0.1)
     assert waited.state is S.PENDING
     h.step(0.2)
     assert waited.state is S.ASSIGNED, waited.pending_reason
@@ -955,7 +1053,7 @@ def test_an_old_copy_on_a_worker_whose_process_is_gone_blocks_no_more():
     record = h.add("a")
     w1 = h.register("w1", agents=[_predecessor_copy("a", "d-old")])
     w2 = h.register("w2")
-    h.step(1.5)
+    h.listen(1.5)
     assert record.state is S.PENDING
     h.core.control(w1, protocol.decode(protocol.encode("goodbye", n=0)), h.now)  # it shut down
     h.flush()
@@ -970,7 +1068,7 @@ def test_an_old_copy_its_worker_no_longer_lists_when_it_registers_has_ended():
     h = Harness(adopt_window=1.0)
     record = h.add("a")
     w1 = h.register("w1", agents=[_predecessor_copy("a", "d-old")])
-    h.step(1.5)
+    h.listen(1.5)
     h.register("w1", identity=w1, agents=[_predecessor_copy("a", "d-old")], conn=2)  # still runs
     h.step()
     assert record.state is S.PENDING
@@ -1074,9 +1172,9 @@ def test_a_stopping_copy_of_the_previous_coordinator_is_not_adopted_and_proves_n
     assert not h.events("AGENT_ADOPTED") and "a" not in h.core.predecessor.found
     assert [m["epoch"] for m in h.to(w1, "welcome")[-1]["stop"]] == [2]  # said again: harmless
     _ended(w1, h, stopping)
-    h.step(1.5)
+    h.listen(1.5)
     assert record.state is S.PENDING and "adoption window" in record.pending_reason
-    h.step(h.core.limits.unknown_copy_gone(record.keeps_running, 1.0))
+    h.listen(h.core.limits.unknown_copy_gone(record.keeps_running, 1.0))
     assert record.state is S.ASSIGNED
 
 
@@ -1084,7 +1182,7 @@ def test_a_stopping_copy_reported_before_its_agent_is_registered_blocks_it_all_t
     h = Harness(adopt_window=1.0)
     stopping = {**_predecessor_copy("a"), "stopping": True}
     w1 = h.register("w1", agents=[stopping])
-    h.step(5.0)
+    h.listen(5.0)
     record = h.add("a")
     h.step(0.5)
     assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
@@ -1175,7 +1273,7 @@ def test_a_draining_worker_is_released_only_once_the_old_copies_it_stops_have_en
     w1 = h.register("w1", agents=[old])
     w2 = h.register("w2")
     h.core.command(commands.DrainWorker("w1"), h.now)
-    h.step(1.5)
+    h.listen(1.5)
     h.core.release_drained(h.now)
     h.flush()
     assert not h.to(w1, "release") and record.state is S.PENDING

@@ -48,8 +48,20 @@ def test_the_manifests_wire_the_keys_and_every_port():
     ports = {p["name"]: p["port"] for p in docs["pyorchestrate-coordinator/Service"]["spec"]["ports"]}
     # bus = events + 1 and pulse = bus + 1, as the coordinator binds
     assert ports == {"control": 5555, "events": 5556, "bus": 5557, "pulse": 5558}
-    container = docs["pyorchestrate-coordinator/Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    coordinator = docs["pyorchestrate-coordinator/Deployment"]["spec"]["template"]["spec"]
+    container = coordinator["containers"][0]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
+    # the run marker in a volume (it outlives a restarted container), not the container's /tmp
+    state = {e["name"]: e["value"] for e in container["env"]}["PYORCHESTRATE_STATE_DIR"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == state)
+    assert "emptyDir" in next(v for v in coordinator["volumes"] if v["name"] == mount["name"])
+
+
+def test_the_coordinator_service_keeps_its_run_marker_across_restarts():
+    """PrivateTmp gives each start a new /tmp: the marker must be in the service's state directory."""
+    unit = (DEPLOY / "systemd" / "pyorchestrate-coordinator.service").read_text()
+    assert "PrivateTmp=yes" in unit and "StateDirectory=pyorchestrate-coordinator" in unit
+    assert "Environment=PYORCHESTRATE_STATE_DIR=%S/pyorchestrate-coordinator" in unit
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")

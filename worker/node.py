@@ -156,6 +156,9 @@ class Worker:
         self.orphan_timeout = orphan_timeout
         self._orphans_stopped = False
         self._drained_by: list[str] = []  # sessions that released us after a drain
+        # the coordinator (name, session) whose welcome we read last, until it says it finished:
+        # told in every register, so a coordinator of that name started anew knows it crashed
+        self._left_by = ("", "")
         self._last_refusal = ""
         self.incarnation = uuid.uuid4().hex
         self.host = socket.gethostname()
@@ -301,7 +304,8 @@ class Worker:
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
             agents=running, events=[*self._recent_ends, *_errors_cut_to_fit(self._pending)], bus_seq=self._bus_seq,
             drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), seen_session=self._read_session,
-            conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout)
+            conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout,
+            left_by=self._left_by[0], left_session=self._left_by[1])
 
     def _acted_n(self) -> int:
         """The number of the last coordinator frame acted on: every frame up to it has been (a
@@ -468,6 +472,7 @@ class Worker:
     def _on_welcome(self, message: dict[str, Any]) -> None:
         self._session = message["session"]
         self._coordinator_name = message["coordinator"]
+        self._left_by = (self._coordinator_name, self._session)
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
         self._renew_lease(message["echo"])
         self._last_heard = time.monotonic()
@@ -776,6 +781,7 @@ class Worker:
                 self._drained_by = (self._drained_by + [self._session])[-16:]
                 log.info("drained by coordinator %s; waiting for the next coordinator", self._session)
             else:
+                self._left_by = ("", "")  # it ended cleanly (drained, we cannot know how it ends)
                 log.info("coordinator %s finished; stopping its agents and waiting for the next one", self._session)
             self._supervisor.stop_all()
             return "reconnect"
