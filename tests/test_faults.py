@@ -15,6 +15,7 @@ from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1,
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.versions import local_versions
+from pyorchestrate_worker import clock
 
 
 def test_sigkilled_worker_is_lost_in_time_its_agents_fail_and_join_returns(cluster, tmp_path):
@@ -537,11 +538,11 @@ def test_a_worker_drops_a_start_it_acts_on_after_its_lease_ran_out():
                                                        config=shipping.pack_config(Quick.Config(), "late"), mode="thread")])
         item = protocol.decode(frame)["agents"][0]
         worker._limits = Limits(0.2, 5)
-        worker._lease_from = time.monotonic() - 1.5  # its last proven round trip: 1.5 s ago, lease 1 s
+        worker._lease_from = clock.now() - 1.5  # its last proven round trip: 1.5 s ago, lease 1 s
         assert not worker._lease_expired  # the loop has not looked since
         worker._start(item)
         assert worker._supervisor.size() == 0 and worker.dropped.counts["start_after_lease"] == 1
-        worker._lease_from = time.monotonic()  # within its lease the same start runs
+        worker._lease_from = clock.now()  # within its lease the same start runs
         worker._start(item)
         assert worker._supervisor.size() == 1
     finally:

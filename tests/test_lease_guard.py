@@ -10,6 +10,7 @@ import time
 
 from conftest import wait_for
 
+from pyorchestrate_worker import clock
 from pyorchestrate_worker.lease_guard import POLL, LeaseGuard
 
 
@@ -18,11 +19,11 @@ def test_it_stops_only_when_the_worker_is_stopped_past_its_lease_and_ends_only_i
     stopped = threading.Event()
     guard = LeaseGuard(worker.pid, stopped.set, may_end=lambda: False)  # kept agents run here
     try:
-        guard.renewed(time.monotonic() - 1.0, stop_timeout=0.2)  # its lease is over, but it runs
+        guard.renewed(clock.now() - 1.0, stop_timeout=0.2)  # its lease is over, but it runs
         time.sleep(10 * POLL)
         assert not stopped.is_set(), "a worker that runs (busy, cut off) acts itself"
         worker.send_signal(signal.SIGSTOP)
-        guard.renewed(time.monotonic() + 0.5, stop_timeout=0.2)  # stopped, within its lease
+        guard.renewed(clock.now() + 0.5, stop_timeout=0.2)  # stopped, within its lease
         time.sleep(0.3)
         assert not stopped.is_set(), "stopped for less than its lease: nothing to do yet"
         wait_for(stopped.is_set, 5, "the stop at the lease")
@@ -31,7 +32,7 @@ def test_it_stops_only_when_the_worker_is_stopped_past_its_lease_and_ends_only_i
         # that one too, the guard acts again
         stopped.clear()
         worker.send_signal(signal.SIGCONT)
-        guard.renewed(time.monotonic() + 0.3, stop_timeout=0.2)
+        guard.renewed(clock.now() + 0.3, stop_timeout=0.2)
         time.sleep(0.2)
         worker.send_signal(signal.SIGSTOP)
         wait_for(stopped.is_set, 5, "the stop at the next lease")

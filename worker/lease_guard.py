@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from . import clock
 from .pulse import worker_state
 
 LEASE_OVER = 71  #: the exit status of a child that ended itself at its stopped worker's lease
@@ -53,7 +54,7 @@ class LeaseGuard:
         stop_by: float | None = None
         while True:
             time.sleep(POLL)
-            now = time.monotonic()
+            now = clock.now()
             if stop_by is not None:
                 if now >= stop_by and self.may_end():
                     self.end(LEASE_OVER)  # it ignored the stop: as the worker would kill it

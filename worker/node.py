@@ -41,7 +41,7 @@ from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 from pyorchestrate.log_thread import defer_in_this_thread, deferrable
 
-from . import crowd, pulse
+from . import clock, crowd, pulse
 from .coordinator_vouch import CoordinatorVouch
 from .errors import bounded
 from .fold import fold
@@ -193,10 +193,10 @@ class Worker:
         # the incarnation is on the bus for anyone to read, this is not (see protocol.py)
         self._token = secrets.token_hex(16)
         self._limits = Limits()
-        self._lease_from = time.monotonic()  # latest own heartbeat stamp the coordinator echoed
+        self._lease_from = clock.now()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._stuck_said = False  # said once that stuck threads outlive the lease beside kept agents
-        self._last_heard = time.monotonic()  # the last frame from a coordinator (the orphan timeout)
+        self._last_heard = clock.now()  # the last frame from a coordinator (the orphan timeout)
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
         self._errors_kept: dict[tuple[str, str, int], int] = {}  # recoverable errors of a copy among them
@@ -303,7 +303,7 @@ class Worker:
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
             agents=running, events=[*self._recent_ends, *_errors_cut_to_fit(self._pending)], bus_seq=self._bus_seq,
-            drained_by=self._drained_by, t=time.monotonic(), seen=self._acted_n(), seen_session=self._read_session,
+            drained_by=self._drained_by, t=clock.now(), seen=self._acted_n(), seen_session=self._read_session,
             conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout,
             left_by=self._left_by[0], left_session=self._left_by[1])
 
@@ -358,10 +358,10 @@ class Worker:
         log.log(level, "no coordinator at %s yet (attempt %d); retrying", self.coordinator, state.attempt_number)
 
     def _sleep_interruptibly(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._shutdown.is_set() and time.monotonic() < deadline:
+        deadline = clock.now() + seconds
+        while not self._shutdown.is_set() and clock.now() < deadline:
             self._pump_outbox_offline()
-            self._shutdown.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._shutdown.wait(min(0.05, max(0.0, deadline - clock.now())))
 
     def _pump_outbox_offline(self) -> None:
         # while no coordinator listens: keep what agents report (the next coordinator gets it),
@@ -369,7 +369,7 @@ class Worker:
         self._keep_reports()
         self._check_lease()
         if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
-                and time.monotonic() - self._last_heard > self.orphan_timeout):
+                and clock.now() - self._last_heard > self.orphan_timeout):
             self._orphans_stopped = True
             log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
                         self.orphan_timeout, self._supervisor.count())
@@ -390,7 +390,7 @@ class Worker:
         is only said."""
         if self._shutdown.is_set():
             return  # this process is ending anyway (and takes its threads with it)
-        stuck = self._supervisor.threads_past(self._lease_from + self._limits.lease, time.monotonic())
+        stuck = self._supervisor.threads_past(self._lease_from + self._limits.lease, clock.now())
         if not stuck or self._stuck_said:
             return
         if self._supervisor.keeps_any():
@@ -410,8 +410,8 @@ class Worker:
         time (RESOLVE_WAIT, or REGISTER_TIMEOUT with no earlier answer), else the last answer."""
         earlier = self._resolver.address()
         ticket = self._resolver.refresh()
-        deadline = time.monotonic() + (RESOLVE_WAIT if earlier else REGISTER_TIMEOUT)
-        while not self._resolver.wait(ticket, 0.05) and time.monotonic() < deadline and not self._shutdown.is_set():
+        deadline = clock.now() + (RESOLVE_WAIT if earlier else REGISTER_TIMEOUT)
+        while not self._resolver.wait(ticket, 0.05) and clock.now() < deadline and not self._shutdown.is_set():
             self._pump_outbox_offline()
         address = self._resolver.address()
         if self._resolver.answered(ticket) and not self._resolver.error:
@@ -438,8 +438,8 @@ class Worker:
             dealer.send(self._register_message(), zmq.NOBLOCK)
         except zmq.Again:
             pass
-        deadline = time.monotonic() + REGISTER_TIMEOUT
-        while time.monotonic() < deadline and not self._shutdown.is_set():
+        deadline = clock.now() + REGISTER_TIMEOUT
+        while clock.now() < deadline and not self._shutdown.is_set():
             if dealer.poll(50):
                 frame = dealer.recv()
                 try:
@@ -475,7 +475,7 @@ class Worker:
         self._left_by = (self._coordinator_name, self._session)
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
         self._renew_lease(message["echo"])
-        self._last_heard = time.monotonic()
+        self._last_heard = clock.now()
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
@@ -581,13 +581,13 @@ class Worker:
 
     def _lease_over(self) -> bool:
         """Has more than the lease passed since the last round trip we can prove?"""
-        return time.monotonic() - self._lease_from > self._limits.lease
+        return clock.now() - self._lease_from > self._limits.lease
 
     def _check_lease(self) -> bool:
         """Has the lease run out?  The first time, stop every agent that will be replaced."""
         if self._pulse is not None:
             self._pulse_echoes()
-        now = time.monotonic()
+        now = clock.now()
         if self._vouch.asked_at:  # (the launch path runs this every turn: one attribute unless asking)
             vouched = self._vouch.vouched(now, self._limits, self._session)
             if vouched is not None:
@@ -603,7 +603,7 @@ class Worker:
             if stopped:
                 log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "
                             "will be replaced elsewhere; agents with on_disconnect='keep' keep running",
-                            self.coordinator, time.monotonic() - self._lease_from, stopped)
+                            self.coordinator, clock.now() - self._lease_from, stopped)
         return True
 
     # ------------------------------------------------------------------ serving
@@ -617,7 +617,7 @@ class Worker:
         running = self._supervisor.count() + self._deferred_starts
         # read: frames sent to us after it (starts on their way) explain a difference
         fields = {"leaving": True} if leaving else {}
-        self._send(self._frame("heartbeat", t=time.monotonic(), running=running, read=self._recv_n, **fields))
+        self._send(self._frame("heartbeat", t=clock.now(), running=running, read=self._recv_n, **fields))
 
     def _send(self, frame: bytes) -> None:
         assert self._dealer is not None
@@ -638,9 +638,9 @@ class Worker:
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._outbox.wake_socket, zmq.POLLIN)
         poller.register(self._bus_signal.wake_socket, zmq.POLLIN)
-        next_beat = time.monotonic()
+        next_beat = clock.now()
         while not self._shutdown.is_set():
-            now = time.monotonic()
+            now = clock.now()
             # the lease first: a worker resumed after SIGSTOP must not vouch for agents the
             # coordinator may have restarted elsewhere meanwhile; it registers again instead
             if self._check_lease():
@@ -715,7 +715,7 @@ class Worker:
         except protocol.ProtocolError as exc:
             self.dropped.drop("bad_frame", exc)
             return None
-        self._last_heard = time.monotonic()
+        self._last_heard = clock.now()
         n = message["n"]
         if _from_another_coordinator(message, self._read_session):
             self._recv_n = n - 1  # a new coordinator on the same connection numbers from 1
@@ -742,7 +742,7 @@ class Worker:
 
     def _act_on_deferred(self) -> str | None:
         """Act on queued control messages, in order, for at most WORK_SLICE seconds."""
-        deadline = time.monotonic() + WORK_SLICE
+        deadline = clock.now() + WORK_SLICE
         while self._deferred:
             message = self._deferred.popleft()
             if message["type"] == "starts":
@@ -750,7 +750,7 @@ class Worker:
             if self._guarded(self._handle, message) == "reconnect":
                 self._drop_deferred()  # what the coordinator sent before it let us go is moot
                 return "reconnect"
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 break
         return None
 
@@ -837,9 +837,9 @@ class Worker:
         """Send agents' waiting bus events in batches, for at most BUS_SLICE seconds."""
         if not len(self._bus_outbox) or not self._bus_ready():
             return
-        deadline = time.monotonic() + BUS_SLICE
+        deadline = clock.now() + BUS_SLICE
         sent = self._bus_sent
-        while len(self._bus_outbox) and time.monotonic() < deadline:
+        while len(self._bus_outbox) and clock.now() < deadline:
             batch = self._bus_outbox.take()
             for item in batch:
                 key = (item[0], item[1])
@@ -902,19 +902,19 @@ class Worker:
         if beating:
             self._flush_events()  # what ended on its own goes before the word that this worker leaves
             self._beat(leaving=True)
-        next_beat = time.monotonic() + self._limits.interval
+        next_beat = clock.now() + self._limits.interval
         self._supervisor.stop_all(leaving=True)
         # each copy has its own stop timeout (a thread past it is given up on, a process killed
         # 2 s after); the margin only bounds a process that will not die. A fixed 15 s cut off
         # agents that were given longer: this process ended under them, mid-stop
-        deadline = time.monotonic() + self._supervisor.longest_stop_timeout() + SHUTDOWN_MARGIN
-        while time.monotonic() < deadline and self._supervisor.count(include_stuck=False):
+        deadline = clock.now() + self._supervisor.longest_stop_timeout() + SHUTDOWN_MARGIN
+        while clock.now() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
             self._flush_events()
             if self._pub is not None and len(self._bus_outbox) and self._bus_ready():
                 self._send_bus()  # what they log as they stop, as it comes (it all waited till the end)
-            if beating and time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + self._limits.interval
+            if beating and clock.now() >= next_beat:
+                next_beat = clock.now() + self._limits.interval
                 self._beat(leaving=True)
             time.sleep(0.02)
         self._flush_events()
@@ -934,8 +934,8 @@ class Worker:
             except zmq.ZMQError:
                 pass
         if self._pub is not None:
-            deadline = time.monotonic() + 1.0  # agents' last events, while the coordinator listens
-            while len(self._bus_outbox) and self._bus_ready() and time.monotonic() < deadline:
+            deadline = clock.now() + 1.0  # agents' last events, while the coordinator listens
+            while len(self._bus_outbox) and self._bus_ready() and clock.now() < deadline:
                 self._send_bus()
         if self._watch is not None:
             self._watch.close()  # its monitor socket too, or the context would never end

@@ -22,14 +22,15 @@ import json
 import os
 import struct
 import sys
-import time
 
 import zmq
 
 from pyorchestrate import curve, protocol, sockets
+
+from . import clock
 from pyorchestrate.proc_state import alive_and_running, process_stat, worker_state  # noqa: F401  (imported from here)
 
-ECHO = struct.Struct("d")  # one echoed stamp (time.monotonic(), the same clock in every process)
+ECHO = struct.Struct("d")  # one echoed stamp (clock.now(): the worker's lease clock, see clock.py)
 
 
 def main() -> int:
@@ -47,9 +48,9 @@ def main() -> int:
     poller.register(dealer, zmq.POLLIN)
     poller.register(sys.stdin.fileno(), zmq.POLLIN)  # closed (EOF) when the worker ends
     try:
-        next_pulse = time.monotonic()
+        next_pulse = clock.now()
         while True:
-            now = time.monotonic()
+            now = clock.now()
             if now >= next_pulse:
                 state = worker_state(parent)
                 if state is None:
@@ -61,7 +62,7 @@ def main() -> int:
                     except zmq.Again:
                         pass
                 next_pulse = now + interval
-            for sock, _ in poller.poll(sockets.wait_ms(next_pulse - time.monotonic())):
+            for sock, _ in poller.poll(sockets.wait_ms(next_pulse - clock.now())):
                 if sock is dealer:
                     try:
                         reply = protocol.decode(dealer.recv())

@@ -17,7 +17,6 @@ import queue
 import signal
 import socket
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
 
-from . import child, watch
+from . import child, clock, watch
 from .agent_threads import AgentThreads
 from .child_link import ChildLink
 from .handoff import Handoff
@@ -468,7 +467,7 @@ class Supervisor:
         if timeout is not None:
             record.stop_timeout = timeout
         if record.stop_requested_at is None:
-            record.stop_requested_at = time.monotonic()
+            record.stop_requested_at = clock.now()
             self._stopping.add(record.key)
         if record.host is not None:
             record.host.send(["stop", record.slot])
@@ -477,7 +476,7 @@ class Supervisor:
         else:
             # with the seconds it has left: what it started and leaves running must be gone by
             # then too (child.end_strays)
-            left = record.stop_timeout - (time.monotonic() - record.stop_requested_at)
+            left = record.stop_timeout - (clock.now() - record.stop_requested_at)
             self._to_child(record, ["stop", max(0.0, left)])
 
     def deliver(self, name: str, run: str, epoch: int, kind: str, payload: Any) -> bool:
@@ -522,7 +521,7 @@ class Supervisor:
                  lease_end: float | None = None) -> int:
         """Ask every copy to stop (``keep=True``: all but those that keep running without a
         coordinator; ``leaving``: because this worker shuts down, which their ends will say;
-        ``lease_end``: because the lease ran out then (monotonic), which their stop timeouts
+        ``lease_end``: because the lease ran out then (clock.now()), which their stop timeouts
         count from, the coordinator's replacement waiting for no word of theirs); return how many
         were asked."""
         with self._lock:
@@ -531,7 +530,7 @@ class Supervisor:
             record.leaving = record.leaving or leaving
             if lease_end is not None and record.stop_requested_at is None:
                 record.deadline = True
-                record.stop_requested_at = min(lease_end, time.monotonic())
+                record.stop_requested_at = min(lease_end, clock.now())
                 self._stopping.add(record.key)
             self._request_stop(record, timeout)
         return len(records)
@@ -548,7 +547,7 @@ class Supervisor:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
         if not self._stopping:  # read without the lock: a stop requested meanwhile is seen next turn
             return
-        now = time.monotonic()
+        now = clock.now()
         with self._lock:
             records = [r for r in map(self._agents.get, list(self._stopping)) if r is not None]
         for record in records:
