@@ -148,7 +148,7 @@ class Worker:
         # every socket of ours connects to what this looked up, never to the name (resolver.py)
         self._resolver = Resolver(coordinator)
         self._connect_to = ""  # the address of the current control connection
-        self._resolve_told = ""  # the last word said about a lookup (each is said once)
+        self._resolve_told = ""  # what was last said of lookups: "", "stale" or "none" (see _resolve)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = labels or {}
         self.capacity = capacity
@@ -414,18 +414,22 @@ class Worker:
         while not self._resolver.wait(ticket, 0.05) and clock.now() < deadline and not self._shutdown.is_set():
             self._pump_outbox_offline()
         address = self._resolver.address()
+        why = self._resolver.error or "no answer yet"
+        # said once per outage (its reason changes between a late lookup and a failed one)
         if self._resolver.answered(ticket) and not self._resolver.error:
-            said = ""
+            state = ""
             if earlier and address != earlier:
                 log.warning("coordinator %s is now at %s (was %s)", self.coordinator, address, earlier)
         elif address is None:
-            said = f"cannot look up the coordinator's host {self.coordinator}: {self._resolver.error or 'no answer'}"
+            state = "none"
+            if state != self._resolve_told:
+                log.warning("cannot look up the coordinator's host %s: %s; retrying", self.coordinator, why)
         else:
-            said = (f"looking up the coordinator's host {self.coordinator}: {self._resolver.error or 'no answer yet'}; "
-                    f"connecting to its last address, {address}")
-        if said and said != self._resolve_told:
-            log.warning("%s", said)
-        self._resolve_told = said
+            state = "stale"
+            if state != self._resolve_told:
+                log.warning("looking up the coordinator's host %s: %s; connecting to its last address, %s, until "
+                            "a lookup answers", self.coordinator, why, address)
+        self._resolve_told = state
         return address
 
     def _register_once(self) -> None:

@@ -46,7 +46,6 @@ class Resolver:
     An address given as an IP literal is its own answer (no thread, no lookup)."""
 
     def __init__(self, address: str, lookup: Callable[[str], str] = lookup_ipv4) -> None:
-        self.given = address
         self._host, self._port = sockets.parse_tcp(address)
         self._lookup = lookup
         self._cond = threading.Condition()
