@@ -42,7 +42,8 @@ for event in OrchestratorEvent:
     o.register_event(event, record)
 versions = {versions!r}
 for i in range({agents}):
-    o.register_agent(Traced, f"agent{{i}}", Traced.Config(trace={trace!r}, version=versions.get(i, 1), **{agent_config!r}))
+    o.register_agent(Traced, f"agent{{i}}", Traced.Config(trace={trace!r}, version=versions.get(i, 1), **{agent_config!r}),
+                     worker={pin!r})
 o.start()
 {ending}
 """
@@ -74,13 +75,13 @@ class Script:
 
     def __init__(self, tmp: Path, tag: str, address: str, *, name: str = "svc", agents: int = 3, workers: int = 1,
                  versions: dict[int, int] | None = None, ending: str = "sleep",
-                 agent_config: dict | None = None) -> None:
+                 agent_config: dict | None = None, pin: str | None = None) -> None:
         self.events = tmp / f"events-{tag}.jsonl"
         path = tmp / f"coordinator-{tag}.py"
         path.write_text(SCRIPT.format(tests=TESTS, events=str(self.events), name=name, address=address,
                                       workers=workers, versions=versions or {}, agents=agents,
                                       trace=str(tmp / "trace.txt"), ending=ENDINGS[ending],
-                                      agent_config=agent_config or {}))
+                                      agent_config=agent_config or {}, pin=pin))
         self.log = open(tmp / f"coordinator-{tag}.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(path)], cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=_ctrl_c_as_at_a_terminal)
@@ -194,6 +195,31 @@ def test_a_sigkilled_coordinator_started_again_without_its_run_marker_still_runs
     assert not second.of("AGENT_STARTED") and not second.of("AGENT_TERMINATED")
     assert len(setups(tmp_path)) == 20 and not [line for line in trace(tmp_path) if line.startswith("close")]
     assert "left it without saying it finished" in Path(second.log.name).read_text()
+
+
+def test_a_worker_that_ran_nothing_still_tells_a_coordinator_without_its_marker_that_the_last_one_crashed(
+        cluster, tmp_path, scripts, monkeypatch):
+    """The crashed script ran its agents on w2 only (pinned there).  Started again without its
+    marker and without the pins, it hears w1 first, which runs nothing of it but was left by it
+    without a word that it finished: it waits as after a crash.  w2 comes back after the window a
+    coordinator without a marker waits anyway (held 4.5 s by SIGSTOP), and its copies are adopted;
+    without w1's word they were started on w1 when that window ended, and ran twice."""
+    scripts.workers("w1", "w2")
+    first = scripts.run("first", agents=3, workers=2, pin="w2")
+    wait_for(lambda: len(setups(tmp_path)) == 3, 30, "3 agents to start on w2")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    monkeypatch.setenv("PYORCHESTRATE_STATE_DIR", str(tmp_path / "fresh-state"))  # the marker is lost
+    w2 = scripts.cluster.workers["w2"]
+    os.kill(w2.pid, signal.SIGSTOP)
+    second = scripts.run("second", agents=3, workers=1)
+    wait_for(lambda: [e for e in second.of("WORKER_JOINED") if e["worker"] == "w1"], 30, "w1 to join")
+    time.sleep(4.5)  # past the adoption window of a start without a marker (2.7 s here)
+    os.kill(w2.pid, signal.SIGCONT)
+    wait_for(lambda: len(second.of("AGENT_ADOPTED")) == 3, 30, "3 agents to be adopted")
+    time.sleep(1.0)
+    assert not second.of("AGENT_STARTED") and len(setups(tmp_path)) == 3, trace(tmp_path)
+    assert "worker w1 says the previous coordinator" in Path(second.log.name).read_text()
 
 
 def test_a_coordinator_started_again_binds_and_adopts_though_a_fork_of_the_crashed_one_lives(cluster, tmp_path,
