@@ -547,6 +547,43 @@ class ForkerThread(LoopingThreadAgent):
         self.wait_stop(0.02)
 
 
+class SpawnerThread(LoopingThreadAgent):
+    """A thread agent that leaves processes running in its worker's process group: a ``Popen``
+    never waited for, a ``sh -c "... &"`` job whose shell exits, and (``fork``) a forked copy of
+    the worker that sleeps.  Each copy appends one line of their pids to ``pid_file``; with ``deaf``
+    it ignores its stop, as a cycle stuck in ``subprocess.run`` does; with ``detached`` a fourth,
+    started with a session of its own (``start_new_session=True``), ends the line."""
+
+    class Config(LoopingThreadAgent.Config):
+        pid_file = ""
+        fork = False
+        deaf = False
+        detached = False
+
+    def setup(self):
+        import subprocess
+
+        pids = [subprocess.Popen(["sleep", "600"]).pid]
+        job = subprocess.run("sleep 600 > /dev/null 2>&1 & echo $!", shell=True, capture_output=True,  # noqa: S602
+                             text=True, check=True)
+        pids.append(int(job.stdout))
+        if self.config.fork:
+            helper = os.fork()
+            if helper == 0:
+                time.sleep(600)
+                os._exit(0)
+            pids.append(helper)
+        if self.config.detached:
+            pids.append(subprocess.Popen(["sleep", "600"], start_new_session=True).pid)
+        append_line(self.config.pid_file, " ".join(map(str, pids)))
+
+    def cycle(self):
+        if self.config.deaf:
+            time.sleep(0.05)  # never looks at its stop
+        else:
+            self.wait_stop(0.02)
+
+
 class Chatty(LoopingThreadAgent):
     """Logs a long INFO line every 5 ms: fills a log stream nobody reads within a second."""
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from agents import Forever, ForeverProcess, Forker, ForkerThread, Spawner
-from conftest import start_daemon, wait_for
+from agents import Forever, ForeverProcess, Forker, ForkerThread, Spawner, SpawnerThread
+from conftest import live_children, start_daemon, wait_for
 
 from pyorchestrate import OrchestratorEvent
 from pyorchestrate_worker.pulse import worker_state
@@ -165,3 +168,88 @@ def test_process_agents_end_with_their_worker_even_if_a_fork_of_it_lives(cluster
     os.kill(worker, signal.SIGKILL)
     events.wait("WORKER_LOST", "w1", timeout=30)
     wait_for(lambda: not _running(agent), 10, "the process agent to end with its worker")
+
+
+# ------------------------------------------------------------------ a thread agent's processes
+# They are in the worker's process group (worker/group_guard.py), and end with the worker.
+
+
+def _thread_spawner(cluster, tmp_path: Path, strays: list[int], workers: tuple, **config) -> tuple:
+    """A DAEMON orchestrator with ``workers``, and a READY SpawnerThread "s" (restarted always);
+    its copy's pids (added to ``strays``) and the name of its worker."""
+    orch, events = start_daemon(cluster, *workers)
+    pid_file = tmp_path / "spawner.pids"
+    orch.register_agent(SpawnerThread, "s", SpawnerThread.Config(pid_file=str(pid_file), **config), restart="always",
+                        restart_backoff=(0.1, 0.5))
+    worker = events.wait("AGENT_READY", "s", timeout=30)[0]["worker"]
+    wait_for(pid_file.exists, 10, "the spawner's pids")
+    pids = [int(p) for p in pid_file.read_text().split()]
+    strays.extend(pids)
+    assert all(map(_running, pids))
+    return orch, events, pids, worker
+
+
+def test_a_thread_agents_processes_die_with_its_worker_and_only_the_new_copys_run(cluster, tmp_path, strays):
+    # the break: the worker is SIGKILLed (the OOM killer's way); the coordinator, seeing the
+    # connection close, starts the agent on w2 at once, and the first copy's processes (in the
+    # dead worker's group: a Popen, a shell's job, a forked copy of the worker) ran on beside the
+    # second copy's, for ever
+    orch, events, first, host = _thread_spawner(cluster, tmp_path, strays, (("w1",), ("w2",)), fork=True,
+                                                detached=True)
+    worker = cluster.workers[host]
+    assert [os.getpgid(pid) for pid in first[:3]] == [worker.pid] * 3
+    worker.kill()
+    wait_for(lambda: not any(map(_running, first[:3])), 10, "the dead worker's thread agent's processes to end")
+    assert _running(first[3])  # it left the group (a session of its own): not followed, on purpose
+    events.wait("AGENT_READY", "s", timeout=30, count=2)
+    wait_for(lambda: len((tmp_path / "spawner.pids").read_text().splitlines()) == 2, 10, "the second copy's pids")
+    second = [int(p) for p in (tmp_path / "spawner.pids").read_text().splitlines()[1].split()]
+    strays.extend(second)
+    assert all(map(_running, second)) and not any(map(_running, first[:3]))
+
+
+def test_a_stopping_workers_thread_agent_processes_end_with_it(cluster, tmp_path, strays):
+    # SIGTERM: the worker stops its agents and exits; what they left running ran on
+    orch, events, pids, host = _thread_spawner(cluster, tmp_path, strays, (("w1",),))
+    worker = cluster.workers[host]
+    worker.terminate()
+    assert worker.wait(30) == 0
+    assert not any(map(_running, pids))
+    assert "2 process(es) that thread agents started still run as this worker stops" in cluster.log_of(host)
+
+
+def test_a_worker_that_does_not_lead_its_group_leaves_the_group_alone(cluster, tmp_path, strays):
+    # its group is its starter's: a shell here, beside whose other job (a sleep) the worker runs.
+    # Killing "the worker's group" would kill them
+    orch, events = start_daemon(cluster)
+    worker = [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", orch.address, "--name", "w1"]
+    log = open(tmp_path / "w1.log", "ab")
+    shell = subprocess.Popen(["sh", "-c", 'sleep 600 & echo $! > sibling; "$@"; wait', "sh", *worker], cwd=tmp_path,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        sibling = int((tmp_path / "sibling").read_text())
+        strays.append(sibling)
+        pid_file = tmp_path / "spawner.pids"
+        orch.register_agent(SpawnerThread, "s", SpawnerThread.Config(pid_file=str(pid_file)))
+        events.wait("AGENT_READY", "s", timeout=30)
+        wait_for(pid_file.exists, 10, "the spawner's pids")
+        pids = [int(p) for p in pid_file.read_text().split()]
+        strays.extend(pids)
+        worker_pid = events.of("WORKER_JOINED", "w1")[0].get("pid") or _child_of(shell.pid)
+        assert os.getpgid(worker_pid) == shell.pid != worker_pid
+        os.kill(worker_pid, signal.SIGKILL)
+        events.wait("WORKER_LOST", "w1", timeout=30)
+        time.sleep(0.5)  # what a guard would have done by now
+        assert _running(sibling) and _running(shell.pid) and all(map(_running, pids))
+        assert "does not lead its process group" in (tmp_path / "w1.log").read_text()
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(10)
+
+
+def _child_of(pid: int) -> int:
+    children = live_children(pid)
+    assert len(children) == 1, children
+    return children[0]

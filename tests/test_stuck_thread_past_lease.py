@@ -17,13 +17,14 @@ import time
 from conftest import free_port, wait_for
 
 from pyorchestrate.keys import KeyDir
+from pyorchestrate_worker.pulse import worker_state
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from agents import CopyTracer, Traced
+from agents import CopyTracer, SpawnerThread, Traced
 from pyorchestrate import Orchestrator, RunMode
 
 o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_workers=1, heartbeat_interval=0.1,
@@ -31,19 +32,23 @@ o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_work
 o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0,
                                                         chdir={chdir!r}),
                  restart="always", worker="w1")
+if {spawner!r}:
+    o.register_agent(SpawnerThread, "spawner", SpawnerThread.Config(pid_file={spawner!r}, deaf=True, stop_timeout=1.0),
+                     restart="always", worker="w1")
 {kept}
 o.start()
 time.sleep(120)
 """
 
 
-def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "") -> tuple[subprocess.Popen, str]:
+def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "",
+               spawner: str = "") -> tuple[subprocess.Popen, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     path = tmp_path / "coordinator.py"
     kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
                  if kept else "")
     path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line,
-                                keys=keys, chdir=chdir))
+                                keys=keys, chdir=chdir, spawner=spawner))
     log = open(tmp_path / "coordinator.log", "w")
     return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
 
@@ -75,12 +80,33 @@ def test_the_worker_starts_again_where_it_started_whatever_directory_an_agent_mo
     the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, "--keys", "../keys")
 
 
+def test_what_a_stuck_thread_agent_started_ends_as_its_worker_starts_again(cluster, tmp_path):
+    """The exec ends threads, not processes: those a thread agent started (in the worker's process
+    group) ran on beside the copies started elsewhere (worker/group_guard.py).  Here a second
+    thread agent ignores its stop too, having left a ``Popen`` and a shell's job running."""
+    pid_file = tmp_path / "spawner.pids"
+    script, address = run_script(tmp_path, kept=False, spawner=str(pid_file))
+    pids: list[int] = []
+    try:
+        the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, spawned=pids)
+        assert "2 process(es) that thread agents started still run as this worker starts again" in cluster.log_of("w1")
+    finally:
+        for pid in pids:
+            if worker_state(pid) not in (None, "Z", "X"):
+                os.kill(pid, signal.SIGKILL)
+
+
 def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
-                                             *worker_args: str) -> None:
+                                             *worker_args: str, spawned: list[int] | None = None) -> None:
     try:
         worker = cluster.worker(address, "w1", *worker_args)
         copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
         wait_for(lambda: len(alive_times(tmp_path, copy)) >= 3, 30, "the copy at work")
+        if spawned is not None:
+            pid_file = tmp_path / "spawner.pids"
+            wait_for(pid_file.exists, 30, "the spawner's pids")
+            spawned += [int(p) for p in pid_file.read_text().split()]
+            assert [worker_state(pid) not in (None, "Z", "X") for pid in spawned] == [True, True]
         script.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         try:
@@ -90,6 +116,8 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             assert last < stopped_at + 4.0, (last - stopped_at, cluster.log_of("w1")[-2000:])
             assert "this worker starts again (exec)" in cluster.log_of("w1")
             assert worker.poll() is None  # the same process, started again in its own place
+            if spawned is not None:  # gone before the exec: before the copies elsewhere were due
+                assert [worker_state(pid) in (None, "Z", "X") for pid in spawned] == [True, True]
         finally:
             script.send_signal(signal.SIGCONT)
         # the new worker registers with the resumed coordinator, which starts the agent again on it

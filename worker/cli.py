@@ -15,7 +15,7 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs, crowd, priority, stop_signals
+from . import agent_logs, crowd, group_guard, priority, stop_signals
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     crowd.settle()  # our own process: its code loaded, tune the collector (crowd.py)
+    group_guard.start()  # what thread agents start ends with this process (group_guard.py)
     return worker.run()
 
 
@@ -187,6 +188,8 @@ def entry(argv: list[str] | None = None) -> None:
     except BaseException:  # noqa: BLE001 - whatever it is, the process must end
         logging.getLogger("pyorchestrate.worker").critical("worker failed", exc_info=True)
         code = 1
+    # its agents have stopped (or are given up on): what thread agents started goes with them
+    group_guard.end_members(1.0, "stops")
     trace.write()  # what atexit would have done (os._exit skips it): --trace's worker hops
     if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
         logging.shutdown()

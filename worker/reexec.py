@@ -23,13 +23,17 @@ import sys
 
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
+from . import group_guard
+
 _START_DIR = os.getcwd()
 _START_ENV = dict(os.environ)
 
 
 def exec_again() -> None:
     """Replace this process with a fresh run of the command that started it, from the directory
-    and with the environment it started with; never returns."""
+    and with the environment it started with; never returns.  What thread agents started ends
+    first: an exec ends threads, not processes (group_guard.py)."""
+    group_guard.before_exec()
     if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
         sys.stdout.flush()
         sys.stderr.flush()
