@@ -29,11 +29,13 @@ from pyorchestrate import Orchestrator, RunMode
 
 o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_workers=1, heartbeat_interval=0.1,
                  heartbeat_liveness=5, keys={keys!r})
-o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0,
-                                                        chdir={chdir!r}),
-                 restart="always", worker="w1")
+if {stuck!r}:
+    o.register_agent(CopyTracer, "stuck", CopyTracer.Config(trace={trace!r}, linger=30.0, stop_timeout=1.0,
+                                                            chdir={chdir!r}),
+                     restart="always", worker="w1")
 if {spawner!r}:
-    o.register_agent(SpawnerThread, "spawner", SpawnerThread.Config(pid_file={spawner!r}, deaf=True, stop_timeout=1.0),
+    o.register_agent(SpawnerThread, "spawner", SpawnerThread.Config(pid_file={spawner!r}, deaf={stuck!r},
+                                                                    stop_timeout=1.0),
                      restart="always", worker="w1")
 {kept}
 o.start()
@@ -42,13 +44,13 @@ time.sleep(120)
 
 
 def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "",
-               spawner: str = "") -> tuple[subprocess.Popen, str]:
+               spawner: str = "", stuck: bool = True) -> tuple[subprocess.Popen, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     path = tmp_path / "coordinator.py"
     kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
                  if kept else "")
     path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line,
-                                keys=keys, chdir=chdir, spawner=spawner))
+                                keys=keys, chdir=chdir, spawner=spawner, stuck=stuck))
     log = open(tmp_path / "coordinator.log", "w")
     return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
 
@@ -92,8 +94,43 @@ def test_what_a_stuck_thread_agent_started_ends_as_its_worker_starts_again(clust
         assert "2 process(es) that thread agents started still run as this worker starts again" in cluster.log_of("w1")
     finally:
         for pid in pids:
-            if worker_state(pid) not in (None, "Z", "X"):
+            if _runs(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_what_thread_agents_left_running_ends_once_the_lease_ran_out_and_none_runs(cluster, tmp_path):
+    """A thread agent stopped at the lease's end stops as asked, but leaves a ``Popen`` and a
+    shell's job running, which ran on beside the copy started elsewhere.  No thread agent runs in
+    the worker after it: they end, and the worker carries on without an exec."""
+    pid_file = tmp_path / "spawner.pids"
+    script, address = run_script(tmp_path, kept=False, spawner=str(pid_file), stuck=False)
+    pids: list[int] = []
+    try:
+        worker = cluster.worker(address, "w1")
+        wait_for(pid_file.exists, 60, "the spawner's pids")
+        pids += [int(p) for p in pid_file.read_text().split()]
+        assert all(_runs(pid) for pid in pids)
+        script.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            wait_for(lambda: not any(map(_runs, pids)), 30, "what the thread agent left running to end")
+            # lease 0.5 s + stop_timeout 1 s, with room for a busy machine; before: never
+            assert time.monotonic() - stopped_at < 4.0
+            log = cluster.log_of("w1")
+            assert "2 process(es) that thread agents started still run as this worker lost its lease" in log
+            assert "starts again" not in log and worker.poll() is None
+        finally:
+            script.send_signal(signal.SIGCONT)
+    finally:
+        script.kill()
+        script.wait(10)
+        for pid in pids:
+            if _runs(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _runs(pid: int) -> bool:
+    return worker_state(pid) not in (None, "Z", "X")
 
 
 def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
@@ -106,7 +143,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             pid_file = tmp_path / "spawner.pids"
             wait_for(pid_file.exists, 30, "the spawner's pids")
             spawned += [int(p) for p in pid_file.read_text().split()]
-            assert [worker_state(pid) not in (None, "Z", "X") for pid in spawned] == [True, True]
+            assert [_runs(pid) for pid in spawned] == [True, True]
         script.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         try:
@@ -117,7 +154,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             assert "this worker starts again (exec)" in cluster.log_of("w1")
             assert worker.poll() is None  # the same process, started again in its own place
             if spawned is not None:  # gone before the exec: before the copies elsewhere were due
-                assert [worker_state(pid) in (None, "Z", "X") for pid in spawned] == [True, True]
+                assert [_runs(pid) for pid in spawned] == [False, False]
         finally:
             script.send_signal(signal.SIGCONT)
         # the new worker registers with the resumed coordinator, which starts the agent again on it

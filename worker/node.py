@@ -41,7 +41,7 @@ from pyorchestrate.mailbox import WakeQueue
 from pyorchestrate.versions import local_versions
 from pyorchestrate.log_thread import defer_in_this_thread, deferrable
 
-from . import clock, crowd, pulse
+from . import clock, crowd, group_guard, pulse
 from .coordinator_vouch import CoordinatorVouch
 from .errors import bounded
 from .fold import fold
@@ -196,6 +196,8 @@ class Worker:
         self._lease_from = clock.now()  # latest own heartbeat stamp the coordinator echoed
         self._lease_expired = False
         self._stuck_said = False  # said once that stuck threads outlive the lease beside kept agents
+        #: once the lease ran out: when what thread agents started must be gone (None: ended, or no lease ran out)
+        self._strays_due: float | None = None
         self._last_heard = clock.now()  # the last frame from a coordinator (the orphan timeout)
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
@@ -378,6 +380,7 @@ class Worker:
         self._supervisor.forget_finished()
         if self._lease_expired:
             self._end_threads_past_lease()
+            self._end_strays_past_lease()
         self._check_parent()
 
     def _end_threads_past_lease(self) -> None:
@@ -404,6 +407,21 @@ class Worker:
                   "replacements are due elsewhere: threads cannot be killed, so this worker starts again "
                   "(exec) to end them", ", ".join(stuck))
         exec_again()
+
+    def _end_strays_past_lease(self) -> None:
+        """The lease ran out and no thread agent runs in this process any more: what thread agents
+        started and left running (in our process group) belongs to no agent that runs, and would
+        run beside the replacements due elsewhere.  It ends, once per lease run out: SIGTERM, and
+        SIGKILL when the first of those agents' replacements is due (one second at most), in a
+        thread of its own, as this loop goes on registering (group_guard.py).  While a thread agent
+        runs here (one that keeps running without a coordinator, or one stuck, which the exec of
+        _end_threads_past_lease ends), nothing can tell its processes from the others'."""
+        if self._strays_due is None or self._supervisor.local_threads_due(0.0) is not None:  # (one runs)
+            return
+        grace = min(1.0, max(0.0, self._strays_due - clock.now()))
+        self._strays_due = None
+        threading.Thread(target=group_guard.end_members, args=(grace, "lost its lease"), name="strays",
+                         daemon=True).start()
 
     def _resolve(self) -> str | None:
         """The address to connect to now: a fresh lookup of the coordinator's host if it comes in
@@ -531,6 +549,7 @@ class Worker:
             self._lease_from = echo
             self._lease_expired = False
             self._stuck_said = False
+            self._strays_due = None  # the lease runs again: what runs here is its agents' again
 
     def _maybe_pulse(self) -> None:
         """Start the pulse process when it is due (see pulse.py); once started it stays."""
@@ -603,6 +622,9 @@ class Worker:
             return False
         if not self._lease_expired:
             self._lease_expired = True
+            lease_end = self._lease_from + self._limits.lease
+            due = self._supervisor.local_threads_due(lease_end)
+            self._strays_due = lease_end if due is None else due
             stopped = self._supervisor.stop_all(keep=True, lease_end=self._lease_from + self._limits.lease)
             if stopped:
                 log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "

@@ -181,6 +181,14 @@ class Supervisor:
             return [r.name for r in self._agents.values()
                     if r.mode == "thread" and not r.keep and not r.terminated and now >= lease_end + r.stop_timeout]
 
+    def local_threads_due(self, lease_end: float) -> float | None:
+        """When the first replacement of a thread agent running in this process (not in an agent
+        host) is due elsewhere if the lease ended at ``lease_end`` (its end plus the agent's stop
+        timeout); None if none runs here."""
+        with self._lock:
+            return min((lease_end + r.stop_timeout for r in self._agents.values()
+                        if r.local and not r.terminated), default=None)
+
     def keeps_any(self) -> bool:
         """Does a copy that keeps running without a coordinator run here (in any of our processes)?"""
         with self._lock:
