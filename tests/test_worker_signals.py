@@ -352,3 +352,72 @@ def test_an_agent_reading_the_terminal_of_a_background_worker_fails_alone(cluste
         shell.kill()
         shell.wait(10)
         os.close(master)
+
+
+def _worker_writing_to(orch, stderr: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pyorchestrate_worker", "--coordinator", orch.address, "--name",
+                             "w1"], stdout=stderr, stderr=stderr, start_new_session=True)
+
+
+@pytest.mark.parametrize("stderr", ["pipe", "socket"])
+def test_sigusr1_prints_every_threads_stack_and_the_worker_goes_on(cluster, stderr):
+    """A pipe is opened again (worker/stack_dump.py), a socket (journald's) is carried by a cat."""
+    import socket
+
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    events = EventLog(orch)
+    orch.start()
+    ours, theirs = os.pipe() if stderr == "pipe" else (s.detach() for s in socket.socketpair())
+    worker = _worker_writing_to(orch, theirs)
+    os.close(theirs)
+    out = b""
+    try:
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        os.kill(worker.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while b"_serve" not in out and time.monotonic() < deadline:  # the loop's frame, among all threads'
+            if select.select([ours], [], [], 1.0)[0]:
+                out += os.read(ours, 1 << 16)
+        assert b"_serve" in out and b"Thread 0x" in out, out[-2000:]
+        time.sleep(0.5)
+        assert worker.poll() is None and not events.of("WORKER_LOST")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        os.close(ours)
+
+
+def test_sigusr1_with_a_stderr_nobody_reads_is_no_false_death(cluster):
+    """The stacks went to stderr with blocking writes from the signal handler: with a pipe nobody
+    read (a hung log shipper, a paused pager), the worker's loop waited in that write, and its
+    coordinator took it for lost 0.8 s later.  Now the dump is cut short instead."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.2, heartbeat_liveness=5)
+    events = EventLog(orch)
+    orch.start()
+    ours, theirs = os.pipe()
+    worker = _worker_writing_to(orch, theirs)
+    os.close(theirs)
+    try:
+        orch.register_agent(Forever, "f")
+        events.wait("AGENT_READY", "f", timeout=30)
+        filler = os.open(f"/proc/self/fd/{ours}", os.O_WRONLY | os.O_NONBLOCK)  # the same pipe, ours
+        try:
+            while True:
+                os.write(filler, b"x" * 4096)
+        except BlockingIOError:
+            pass  # full: whatever the worker writes to stderr now waits
+        finally:
+            os.close(filler)
+        os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(4.0)  # 4 times the 1 s a silent worker is given
+        assert not events.of("WORKER_LOST") and worker.poll() is None
+    finally:
+        os.set_blocking(ours, False)
+        try:
+            while os.read(ours, 1 << 16):  # its stderr flows again: the worker may stop
+                pass
+        except BlockingIOError:
+            pass
+        worker.terminate()
+        worker.wait(30)
+        os.close(ours)

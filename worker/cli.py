@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs, crowd, group_guard, priority, stop_signals
+from . import agent_logs, crowd, group_guard, priority, stack_dump, stop_signals
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # writing to it with `stty tostop` set, likewise
     # SIGUSR1 prints every thread's stack to stderr, the worker going on: what a worker that seems
     # stuck is doing, without stopping it (the test suite asks a worker that ignored SIGTERM)
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    stack_dump.register()
     crowd.settle()  # our own process: its code loaded, tune the collector (crowd.py)
     group_guard.start()  # what thread agents start ends with this process (group_guard.py)
     return worker.run()
