@@ -12,9 +12,12 @@ a hint kept on this host: a coordinator restarted on another host does not see i
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("pyorchestrate.coordinator")
 
 
 def marker(name: str, address: str) -> Path:
@@ -39,11 +42,21 @@ def previous(path: Path) -> str | None:
 
 def mark(path: Path, state: str) -> None:
     """Record ``running`` or ``clean`` at :func:`marker` ``path`` (best effort: an unwritable
-    directory only loses the hint)."""
+    directory only loses the hint).  A ``running`` that cannot be written (a full disk) removes
+    the marker instead: the ``clean`` of the last run, left there, would tell the next start after
+    a crash that there was none, and it would not wait for what this run leaves running (no
+    marker makes it wait the window).  Removing a file needs no room."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(state)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as exc:
+        if state != "running":
+            return
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            log.warning("could not record that coordinator runs in %s (%s), nor remove what the last one left "
+                        "there: after a crash, the next start may not wait for the agents this one leaves running",
+                        path, exc)
