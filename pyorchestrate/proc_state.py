@@ -7,6 +7,12 @@ from __future__ import annotations
 def process_stat(pid: int) -> tuple[str, int] | None:
     """The state letter (R, S, D, T, Z, ...) and process group of ``pid``, None if it is gone
     (or there is no /proc)."""
+    ids = process_ids(pid)
+    return None if ids is None else (ids[0], ids[2])
+
+
+def process_ids(pid: int) -> tuple[str, int, int] | None:
+    """The state letter, parent and process group of ``pid``, None if it is gone (or no /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -14,7 +20,7 @@ def process_stat(pid: int) -> tuple[str, int] | None:
         return None
     # the name (field 2) is in parentheses and may hold spaces: state, ppid, pgrp follow the last ")"
     fields = stat[stat.rindex(b")") + 2:].split(maxsplit=3)
-    return fields[0].decode(), int(fields[2])
+    return fields[0].decode(), int(fields[1]), int(fields[2])
 
 
 def worker_state(pid: int) -> str | None:

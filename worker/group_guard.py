@@ -34,7 +34,7 @@ import subprocess
 import time
 
 from pyorchestrate.log_thread import deferrable
-from pyorchestrate.proc_state import process_stat
+from pyorchestrate.proc_state import process_ids
 
 log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
@@ -86,16 +86,17 @@ def _helpers_of_ours() -> set[int]:
             if pid}
 
 
-def members() -> list[int]:
-    """The other running processes of our group (a zombie does not run), but for our own helpers."""
+def members() -> dict[int, int]:
+    """The other running processes of our group (a zombie does not run), but for our own helpers:
+    pid -> parent pid."""
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return []
+        return {}
     ours = _helpers_of_ours()
-    return [pid for pid in pids if pid != me and pid not in ours and (stat := process_stat(pid)) and stat[1] == me
-            and stat[0] not in ("Z", "X")]
+    return {pid: ids[1] for pid in pids if pid != me and pid not in ours and (ids := process_ids(pid))
+            and ids[2] == me and ids[0] not in ("Z", "X")}
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -106,12 +107,28 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
-def _until_none(timeout: float, sig: int | None = None) -> list[int]:
-    """Wait up to ``timeout`` for our group to be ours alone (``sig`` sent to each process found
-    meanwhile: one may fork as we look); what still runs."""
+def _of(targets: set[int] | None) -> list[int]:
+    """What of our group runs: all of it (``targets`` None), or ``targets`` and their descendants
+    (added to ``targets`` as they are found: one may fork as we look)."""
+    now = members()
+    if targets is None:
+        return list(now)
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in now.items():
+            if pid not in targets and parent in targets:
+                targets.add(pid)
+                grew = True
+    return [pid for pid in now if pid in targets]
+
+
+def _until_none(targets: set[int] | None, timeout: float, sig: int | None = None) -> list[int]:
+    """Wait up to ``timeout`` for none of ``targets`` (see :func:`_of`) to run, sending ``sig`` to
+    each found meanwhile; what still runs."""
     deadline = time.monotonic() + timeout
     while True:
-        left = members()
+        left = _of(targets)
         if not left or time.monotonic() >= deadline:
             return left
         if sig is not None:
@@ -119,23 +136,26 @@ def _until_none(timeout: float, sig: int | None = None) -> list[int]:
         time.sleep(0.01)
 
 
-def end_members(grace: float, why: str) -> int:
+def end_members(grace: float, why: str, everything: bool = True) -> int:
     """End the other processes of our group (only with the guard: we lead it): SIGTERM and up to
-    ``grace`` seconds, then SIGKILL (at once if ``grace`` is 0).  Returns how many there were."""
+    ``grace`` seconds, then SIGKILL (at once if ``grace`` is 0).  ``everything=False``: only those
+    running now and what they start meanwhile, not what an agent started after this call (one
+    started as this worker serves again).  Returns how many were found at first."""
     if _pipe is None:
         return 0
-    found = members()
+    found = list(members())
     if not found:
         return 0
+    targets = None if everything else set(found)
     log.warning("%d process(es) that thread agents started still run as this worker %s: ending them (%s)",
                 len(found), why, ", ".join(map(str, found[:10])))
     if grace > 0:
         _signal(found, signal.SIGTERM)
-        left = _until_none(grace)
+        left = _until_none(targets, grace)
     else:
         left = found
     _signal(left, signal.SIGKILL)
-    _until_none(_KILL_WAIT, signal.SIGKILL)
+    _until_none(targets, _KILL_WAIT, signal.SIGKILL)
     for pid in found:  # our own children among them: not left as zombies to the next image
         try:
             os.waitpid(pid, os.WNOHANG)

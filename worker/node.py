@@ -420,8 +420,12 @@ class Worker:
             return
         grace = min(1.0, max(0.0, self._strays_due - clock.now()))
         self._strays_due = None
-        threading.Thread(target=group_guard.end_members, args=(grace, "lost its lease"), name="strays",
-                         daemon=True).start()
+        # only what runs now: an agent started meanwhile (this worker registered again) keeps its own
+        args = (grace, "lost its lease", False)
+        try:
+            threading.Thread(target=group_guard.end_members, args=args, name="strays", daemon=True).start()
+        except RuntimeError:  # no thread to be had (a pids limit): here, then; no coordinator waits on us
+            group_guard.end_members(*args)
 
     def _resolve(self) -> str | None:
         """The address to connect to now: a fresh lookup of the coordinator's host if it comes in
