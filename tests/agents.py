@@ -547,14 +547,15 @@ class ForkerThread(LoopingThreadAgent):
         self.wait_stop(0.02)
 
 
-class SpawnerThread(LoopingThreadAgent):
+class SpawnerThread(CopyTracer):
     """A thread agent that leaves processes running in its worker's process group: a ``Popen``
     never waited for, a ``sh -c "... &"`` job whose shell exits, and (``fork``) a forked copy of
     the worker that sleeps.  Each copy appends one line of their pids to ``pid_file``; with ``deaf``
     it ignores its stop, as a cycle stuck in ``subprocess.run`` does; with ``detached`` a fourth,
-    started with a session of its own (``start_new_session=True``), ends the line."""
+    started with a session of its own (``start_new_session=True``), ends the line.  With ``trace``,
+    it traces its copies as :class:`CopyTracer` does."""
 
-    class Config(LoopingThreadAgent.Config):
+    class Config(CopyTracer.Config):
         pid_file = ""
         fork = False
         deaf = False
@@ -563,6 +564,8 @@ class SpawnerThread(LoopingThreadAgent):
     def setup(self):
         import subprocess
 
+        if self.config.trace:
+            CopyTracer.setup(self)
         pids = [subprocess.Popen(["sleep", "600"]).pid]
         job = subprocess.run("sleep 600 > /dev/null 2>&1 & echo $!", shell=True, capture_output=True,  # noqa: S602
                              text=True, check=True)
@@ -580,8 +583,18 @@ class SpawnerThread(LoopingThreadAgent):
     def cycle(self):
         if self.config.deaf:
             time.sleep(0.05)  # never looks at its stop
+        elif self.config.trace:
+            CopyTracer.cycle(self)
         else:
             self.wait_stop(0.02)
+
+    def on_stop(self):
+        if self.config.trace:
+            CopyTracer.on_stop(self)
+
+    def on_close(self):
+        if self.config.trace:
+            CopyTracer.on_close(self)
 
 
 class Chatty(LoopingThreadAgent):

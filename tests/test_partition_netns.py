@@ -33,7 +33,7 @@ WINDOW = 1.0  # heartbeat 0.2 s x 5
 SCRIPT = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
-from agents import CopyTracer, CopyTracerProcess
+from agents import CopyTracer, CopyTracerProcess, SpawnerThread
 from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
 
 out = open({events!r}, "a")
@@ -176,7 +176,9 @@ def net():
 #: ignores both its stop and SIGTERM (its worker terminates it, then kills it: the kill was 2 s
 #: past its stop timeout, its replacement started 0.2 s past it, and they overlapped)
 AGENTS = {"thread": ("CopyTracer", "linger=0.8"),
-          "process": ("CopyTracerProcess", "linger=10.0, deaf_to_sigterm=True")}
+          "process": ("CopyTracerProcess", "linger=10.0, deaf_to_sigterm=True"),
+          # and processes it started and never ends (worker/group_guard.py): they ran on for ever
+          "thread-processes": ("SpawnerThread", "linger=0.8, pid_file={pids!r}")}
 
 
 @pytest.mark.timeout(180)
@@ -184,6 +186,8 @@ AGENTS = {"thread": ("CopyTracer", "linger=0.8"),
 def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_path, kind, net):
     trace, events, bus = tmp_path / "copies.txt", tmp_path / "events.jsonl", tmp_path / "bus.jsonl"
     agent, config = AGENTS[kind]
+    pids = tmp_path / "pids"
+    config = config.format(pids=str(pids))
     coordinator = _cluster(net, tmp_path, lambda address: SCRIPT.format(
         tests=TESTS, events=str(events), address=address, trace=str(trace), agent=agent, config=config), 25600, "s")
     net.spawn("s", [sys.executable, "-m", "pyorchestrate.cli", "events", "--address",
@@ -195,6 +199,7 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
     first = wait_for(lambda: of("AGENT_READY"), 60, "db to be READY")[0]
     victim, other = first["worker"], {"w1": "w2", "w2": "w1"}[first["worker"]]
     time.sleep(1.0)  # the subscriber hears the steady state
+    ended = _watch_ended([int(p) for p in _lines(pids)[0].split()] if kind == "thread-processes" else [])
     net.cut(victim, True)
     time.sleep(3 * WINDOW)
     net.cut(victim, False)
@@ -220,6 +225,35 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
     assert any(e.get("event") == "AGENT_LOG" and e.get("worker") == other for e in seen[ready:]), \
         "the new copy's logs reach the bus"
     assert second["epoch"] > first["epoch"]
+    if kind == "thread-processes":  # gone before the second copy started; the second copy's run
+        assert ended and ended[0] < spans[1][0], (ended, spans)
+        assert len(_lines(pids)) == 2 and all(_runs(int(p)) for p in _lines(pids)[1].split())
+
+
+def _runs(pid: int) -> bool:
+    from pyorchestrate.proc_state import worker_state
+
+    return worker_state(pid) not in (None, "Z", "X")
+
+
+def _watch_ended(pids: list[int]) -> list[float]:
+    """When none of ``pids`` ran any more (time.time(), as the copies' traces), filled in by a
+    thread that looks every 20 ms for up to 60 s."""
+    import threading
+
+    ended: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not any(map(_runs, pids)):
+                ended.append(time.time())
+                return
+            time.sleep(0.02)
+
+    if pids:
+        threading.Thread(target=watch, daemon=True).start()
+    return ended
 
 
 STALL_SCRIPT = """
