@@ -78,15 +78,18 @@ class Net:
         index = len(self.hosts) + 1
         ns, veth = f"po{self.bridge[3:]}{name}", f"{self.bridge}{name}"
         address = f"{self.subnet}.{index}"
+        # a namespace lives on while a process is in it, and so does its veth pair (a name taken
+        # by a run before): deleting the veth's host end deletes the pair at once
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=20)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         _run("ip", "netns", "add", ns)
+        self.hosts[name] = (ns, veth, address)  # close() removes it, also if what follows fails
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _run("ip", "link", "set", veth, "master", self.bridge)
         _run("ip", "link", "set", veth, "up")
         for cmd in (["ip", "addr", "add", f"{address}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
                     ["ip", "link", "set", "lo", "up"]):
             _run("ip", "netns", "exec", ns, *cmd)
-        self.hosts[name] = (ns, veth, address)
         return address
 
     def spawn(self, name: str, args: list[str], log: Path) -> subprocess.Popen:
@@ -100,15 +103,23 @@ class Net:
         _run("bridge", "link", "set", "dev", self.hosts[name][1], "state", "0" if cut else "3")
 
     def close(self) -> None:
-        """End what spawn() started (each in its own session: the whole group), then remove the
-        namespaces."""
+        """End what spawn() started (each in its own session: the whole group), and whatever else
+        still runs in the namespaces (a worker's guard, a process agent: sessions or groups of their
+        own, that end by themselves a moment later), then remove the namespaces and their veths."""
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait(10)
-        for ns, _, _ in self.hosts.values():
+        for ns, veth, _ in self.hosts.values():
+            listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=20)
+            for pid in map(int, listed.stdout.split()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=20)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
 
