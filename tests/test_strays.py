@@ -239,11 +239,12 @@ def test_a_worker_that_does_not_lead_its_group_leaves_the_group_alone(cluster, t
         strays.extend(pids)
         worker_pid = events.of("WORKER_JOINED", "w1")[0]["pid"]
         assert os.getpgid(worker_pid) == shell.pid != worker_pid
+        wait_for(lambda: "does not lead its process group" in (tmp_path / "w1.log").read_text(), 10,
+                 "the worker saying why it ends nothing")
         os.kill(worker_pid, signal.SIGKILL)
         events.wait("WORKER_LOST", "w1", timeout=30)
         time.sleep(0.5)  # what a guard would have done by now
         assert _running(sibling) and _running(shell.pid) and all(map(_running, pids))
-        assert "does not lead its process group" in (tmp_path / "w1.log").read_text()
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait(10)
