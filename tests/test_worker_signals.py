@@ -361,7 +361,7 @@ def _worker_writing_to(orch, stderr: int) -> subprocess.Popen:
 
 @pytest.mark.parametrize("stderr", ["pipe", "socket"])
 def test_sigusr1_prints_every_threads_stack_and_the_worker_goes_on(cluster, stderr):
-    """A pipe is opened again (worker/stack_dump.py), a socket (journald's) is carried by a cat."""
+    """A pipe is opened again (worker/stack_dump.py); a socket (journald's) is written as before."""
     import socket
 
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
