@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import wait_for
+from conftest import process_gone, wait_for
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WINDOW = 1.0  # heartbeat 0.2 s x 5
@@ -238,13 +238,7 @@ def test_a_cut_off_worker_never_leaves_two_live_copies_nor_a_stale_event(tmp_pat
     assert second["epoch"] > first["epoch"]
     if kind == "thread-processes":  # gone before the second copy started; the second copy's run
         assert ended and ended[0] < spans[1][0], (ended, spans)
-        assert len(_lines(pids)) == 2 and all(_runs(int(p)) for p in _lines(pids)[1].split())
-
-
-def _runs(pid: int) -> bool:
-    from pyorchestrate.proc_state import worker_state
-
-    return worker_state(pid) not in (None, "Z", "X")
+        assert len(_lines(pids)) == 2 and all(not process_gone(int(p)) for p in _lines(pids)[1].split())
 
 
 def _watch_ended(pids: list[int]) -> list[float]:
@@ -257,7 +251,7 @@ def _watch_ended(pids: list[int]) -> list[float]:
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not any(map(_runs, pids)):
+            if all(map(process_gone, pids)):
                 ended.append(time.time())
                 return
             time.sleep(0.02)

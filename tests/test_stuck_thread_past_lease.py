@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 
-from conftest import free_port, wait_for
+from conftest import free_port, process_gone, wait_for
 
 from pyorchestrate.keys import KeyDir
-from pyorchestrate_worker.pulse import worker_state
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,7 +93,7 @@ def test_what_a_stuck_thread_agent_started_ends_as_its_worker_starts_again(clust
         assert "2 process(es) that thread agents started still run as this worker starts again" in cluster.log_of("w1")
     finally:
         for pid in pids:
-            if _runs(pid):
+            if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -109,11 +108,11 @@ def test_what_thread_agents_left_running_ends_once_the_lease_ran_out_and_none_ru
         worker = cluster.worker(address, "w1")
         wait_for(pid_file.exists, 60, "the spawner's pids")
         pids += [int(p) for p in pid_file.read_text().split()]
-        assert all(_runs(pid) for pid in pids)
+        assert all(not process_gone(pid) for pid in pids)
         script.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
-            wait_for(lambda: not any(map(_runs, pids)), 30, "what the thread agent left running to end")
+            wait_for(lambda: all(map(process_gone, pids)), 30, "what the thread agent left running to end")
             # lease 0.5 s + stop_timeout 1 s, with room for a busy machine; before: never
             assert time.monotonic() - stopped_at < 4.0
             # said before they were signalled, but written by the worker's log thread: maybe later
@@ -126,12 +125,8 @@ def test_what_thread_agents_left_running_ends_once_the_lease_ran_out_and_none_ru
         script.kill()
         script.wait(10)
         for pid in pids:
-            if _runs(pid):
+            if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _runs(pid: int) -> bool:
-    return worker_state(pid) not in (None, "Z", "X")
 
 
 def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
@@ -144,7 +139,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             pid_file = tmp_path / "spawner.pids"
             wait_for(pid_file.exists, 30, "the spawner's pids")
             spawned += [int(p) for p in pid_file.read_text().split()]
-            assert [_runs(pid) for pid in spawned] == [True, True]
+            assert [not process_gone(pid) for pid in spawned] == [True, True]
         script.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         try:
@@ -155,7 +150,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             assert "this worker starts again (exec)" in cluster.log_of("w1")
             assert worker.poll() is None  # the same process, started again in its own place
             if spawned is not None:  # gone before the exec: before the copies elsewhere were due
-                assert [_runs(pid) for pid in spawned] == [False, False]
+                assert [not process_gone(pid) for pid in spawned] == [False, False]
         finally:
             script.send_signal(signal.SIGCONT)
         # the new worker registers with the resumed coordinator, which starts the agent again on it

@@ -12,8 +12,9 @@ So the stacks go to stderr opened again (``/proc/self/fd/2``: a new open file of
 terminal or file, so that ``O_NONBLOCK`` is ours alone, and the other writers to stderr still
 wait as they did), where a full pipe cuts the dump short instead.  A socket (journald's) cannot be
 opened again: there the stacks are written as before, and a reader that stalls can still hold the
-worker.  (A ``cat`` carrying a pipe of ours to it was tried: once in a clean-clone CI run its
-stacks never arrived, for a reason not found, so it was not kept.)
+worker.  (A ``cat`` carrying a pipe of ours to it was tried and not kept: in two clean-clone CI
+runs a socket's stacks never arrived, through the ``cat`` and written directly alike, for a reason
+not found.)
 """
 
 from __future__ import annotations
