@@ -20,7 +20,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 
-from . import agent_logs
+from . import agent_logs, stack_dump
 from .errors import error_fields
 from .lease_guard import LeaseGuard
 from .pulse import process_stat
@@ -203,6 +203,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
          events_key: Any = None, worker_pid: int = 0) -> None:
     """Run one process agent to completion, reporting through ``conn``."""
     leave_the_worker_group(worker_pid)
+    stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
 

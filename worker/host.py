@@ -37,7 +37,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
-from . import crowd
+from . import crowd, stack_dump
 from .child import BUS, end_strays, end_with_group, leave_the_worker_group, setup_logging, worker_gone
 from .errors import error_fields
 from .handoff import Handoff
@@ -202,6 +202,7 @@ def main(conn: Any, worker: str, host: str, events_address: str | None, events_k
          log_level: int = logging.INFO, worker_pid: int = 0) -> None:
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
     leave_the_worker_group(worker_pid)
+    stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
     Host(conn, worker, host, events_address, events_key, bus, worker_pid).serve()

@@ -20,7 +20,7 @@ from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
 
 from . import host as host_process
-from . import watch
+from . import stack_dump, watch
 from .child import BUS, bus_marker
 from .errors import how_it_exited
 
@@ -85,6 +85,7 @@ class AgentHost:
     def serve(self, relay: Relay, emit: Relay, sink: Callable[[Any], None] | None) -> None:
         """The reader thread: start the host, relay what it says, report its agents if it dies."""
         try:
+            stack_dump.start_forkserver()  # deaf to SIGUSR1, and its children until they listen
             self.process.start()
         except Exception as exc:  # noqa: BLE001 - reported for every agent placed here
             self._child_conn.close()

@@ -15,6 +15,14 @@ opened again: there the stacks are written as before, and a reader that stalls c
 worker.  (A ``cat`` carrying a pipe of ours to it was tried and not kept: in two clean-clone CI
 runs a socket's stacks never arrived, through the ``cat`` and written directly alike, for a reason
 not found.)
+
+The same signal reaches every process of a worker when it is sent to all of them, as ``systemctl
+kill -s USR1 UNIT`` does by default (the whole cgroup).  A process agent, an agent host and
+multiprocessing's forkserver and resource tracker died of it (SIGUSR1's default action): the
+diagnosis ended agents, as failures.  So agent hosts and process agents print their own stacks too
+(:func:`register`), and the forkserver and resource tracker are started with SIGUSR1 blocked
+(:func:`start_forkserver`), which the children forked from the forkserver inherit until they
+register.
 """
 
 from __future__ import annotations
@@ -45,3 +53,20 @@ def register() -> None:
         log.debug("stderr cannot be opened again: SIGUSR1's stacks are written to it, waiting if it is full")
         fd = 2
     faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True, chain=False)
+    # blocked since the fork, in a child of the forkserver (see start_forkserver): from here on
+    # a SIGUSR1 prints stacks, and the processes this one starts get it unblocked, as is usual
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+def start_forkserver() -> None:
+    """Start multiprocessing's forkserver (and resource tracker) unless they run, with SIGUSR1
+    blocked: a blocked signal stays blocked through fork and exec, so it stays pending in them for
+    good instead of ending them, and in the children forked from the forkserver until they call
+    :func:`register`.  Only the calling thread blocks it, for as long as this takes."""
+    from multiprocessing import forkserver
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

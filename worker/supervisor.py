@@ -28,7 +28,7 @@ from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
 
-from . import child, clock, watch
+from . import child, clock, stack_dump, watch
 from .agent_threads import AgentThreads
 from .child_link import ChildLink
 from .handoff import Handoff
@@ -408,6 +408,7 @@ class Supervisor:
 
     def _watch_process(self, record: Running, child_conn: Any) -> None:
         try:
+            stack_dump.start_forkserver()  # deaf to SIGUSR1, and its children until they listen
             record.process.start()
         except Exception as exc:
             child_conn.close()
