@@ -655,3 +655,22 @@ class Asker(BaseThreadAgent):
 
     def execute(self):
         input("continue? ")
+
+
+class OrphanMaker(LoopingThreadAgent):
+    """Each cycle, a shell's background job that ends at once: an orphan handed to whoever reaps
+    for the worker (its PID namespace's init: in a container without ``--init``, the worker)."""
+
+    class Config(LoopingThreadAgent.Config):
+        jobs = 20
+
+    def setup(self):
+        self.made = 0
+
+    def cycle(self):
+        import subprocess
+
+        if self.made < self.config.jobs:
+            subprocess.run("true &", shell=True, check=True)  # noqa: S602 - the shell exits before its job
+            self.made += 1
+        self.wait_stop(0.02)
