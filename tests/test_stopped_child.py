@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import msgpack
@@ -73,5 +74,35 @@ def test_a_link_to_a_child_that_reads_nothing_never_waits_and_keeps_order():
     tail = [m[0] for m in got if m[0] != "lease"]
     assert tail == ["deliver", "stop"], tail
     assert got.index(["stop", 1.0]) < len(got) - 1  # the stop before the last lease, as sent
+    ours.close()
+    theirs.close()
+
+
+def test_a_writer_thread_that_cannot_start_loses_counted_messages_and_the_next_send_tries_again():
+    """At a pids limit the writer thread cannot be started: on the starter thread later (the
+    backlog waited for ever, unsent), or at once, from within ``send`` (the supervisor's fallback
+    when not even its starter thread can start: it reported the failure under the link's lock)."""
+    from pyorchestrate_worker.child_link import DIRECT_MAX, ChildLink
+
+    ours, theirs = multiprocessing.Pipe()
+    big = ["deliver", "x" * (DIRECT_MAX + 1)]  # too long to go straight in: always the writer's
+    no_thread = RuntimeError("can't start new thread")
+    link = ChildLink(ours, start=lambda thread: link.writer_failed(no_thread))
+    sender = threading.Thread(target=link.send, args=(big,), daemon=True)
+    sender.start()
+    sender.join(5)
+    assert not sender.is_alive(), "send waited for its own lock"
+    assert (link.lost, link.writers) == (1, 0)
+
+    later: list[threading.Thread] = []
+    link = ChildLink(ours, start=later.append)  # queued for a starter that fails afterwards
+    link.send(big)
+    link.send(big)
+    assert len(later) == 1 and link.lost == 0
+    link.writer_failed(no_thread)
+    assert link.lost == 2
+    link._start = threading.Thread.start  # threads can be had again
+    link.send(big)
+    assert theirs.poll(5) and msgpack.unpackb(theirs.recv_bytes()) == big
     ours.close()
     theirs.close()

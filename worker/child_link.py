@@ -36,7 +36,8 @@ class ChildLink:
         ``Thread.start()`` waits until the thread runs, seconds in a worker crowded with threads)."""
         self.conn = conn
         self._start = start
-        self._lock = threading.Lock()
+        # reentrant: a writer that cannot be started may be reported (writer_failed) from within send
+        self._lock = threading.RLock()
         # (kind, data) waiting for the writer; None while nothing waits (and no writer runs). The
         # writer removes a message only once sent: a backlog is never empty while a send is under way
         self._backlog: collections.deque[tuple[str, bytes]] | None = None
@@ -55,12 +56,14 @@ class ChildLink:
                     pass  # the child is gone; its watcher reports that
                 return
             if self._backlog is None:
+                self._backlog = collections.deque()  # before the writer looks: it waits for our lock
                 try:
                     self._start(threading.Thread(target=self._write, name="child-writer", daemon=True))
                 except RuntimeError:  # no thread to be had (a pids limit): this message is lost, not the loop
+                    self._backlog = None
+                if self._backlog is None:  # (or its start failed at once: writer_failed has run)
                     self.lost += 1
                     return
-                self._backlog = collections.deque()  # before the writer looks: it waits for our lock
                 self.writers += 1
             elif kind == "lease":
                 # the newest lease says all the older ones did.  In place (the writer holds this
@@ -71,6 +74,13 @@ class ChildLink:
                     backlog.pop()
                 backlog.extend(rest)
             self._backlog.append((kind, data))
+
+    def writer_failed(self, exc: BaseException) -> None:
+        """The writer thread could not be started (a pids limit): what waited for it is lost,
+        counted, and the next message tries again (else the backlog grew for ever, unsent)."""
+        with self._lock:
+            self.lost += len(self._backlog or ())
+            self._backlog = None
 
     def _writable(self) -> bool:
         if self._poll is None:

@@ -88,13 +88,15 @@ class AgentHost:
             stack_dump.start_forkserver()  # deaf to SIGUSR1, and its children until they listen
             self.process.start()
         except Exception as exc:  # noqa: BLE001 - reported for every agent placed here
-            self._child_conn.close()
-            self._gone(relay, emit, {}, set(), f"could not start its host process: {exc}", None, before_start=True)
-            self.conn.close()
+            self.unstarted(relay, emit, exc, "its host process")
             return
         self._child_conn.close()
         writer = threading.Thread(target=self._write, name=f"host-{self.number}-writer", daemon=True)
-        writer.start()
+        try:
+            writer.start()
+        except RuntimeError as exc:  # no thread to be had (a pids limit): a host nobody writes to is no use
+            log.error("agent host %s: could not start its writer thread (%s): ending it", self.number, exc)
+            self.process.kill()  # its agents are reported below, as for any host that died
         failed: set[int] = set()  # slots that reported an error (a death adds none)
         last_bus: dict[int, dict[str, Any]] = {}  # slot -> marker of its last bus event
         watched = watch.ChildWatch(self.conn, self.process)
@@ -130,6 +132,12 @@ class AgentHost:
         self._gone(relay, emit, last_bus, failed, how, code)
         self._outbox.put(None)
         writer.join(5.0)
+        self.conn.close()
+
+    def unstarted(self, relay: Relay, emit: Relay, exc: BaseException, what: str = "the thread that reads it") -> None:
+        """The host could not be started (``what`` could not): its agents are reported failed."""
+        self._child_conn.close()
+        self._gone(relay, emit, {}, set(), f"could not start {what}: {exc}", None, before_start=True)
         self.conn.close()
 
     def _gone(self, relay: Relay, emit: Relay, last_bus: dict[int, dict], failed: set[int], how: str,

@@ -123,7 +123,8 @@ class Supervisor:
         # threads are started by a thread of their own: Thread.start() waits until the new
         # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
         # in one loop turn (the worker fell silent and was declared lost)
-        self._to_start: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()  # None: stop
+        self._to_start: queue.SimpleQueue[tuple[Callable[[], None], Callable[[BaseException], None] | None] | None] = \
+            queue.SimpleQueue()  # (start, failed); None: stop
         self._starter: threading.Thread | None = None
         #: the threads thread agents run on (reused, isolated: see agent_threads.py)
         self.threads = AgentThreads()
@@ -339,19 +340,42 @@ class Supervisor:
             # started by its reader, on the starter thread: booting the forkserver takes seconds
             # on a busy machine, and this loop must stay responsive
             self._start_soon(threading.Thread(target=host.serve, args=(self._relay, self._emit, self._bus_sink()),
-                                              name=f"host-{host.number}", daemon=True).start)
+                                              name=f"host-{host.number}", daemon=True).start,
+                             functools.partial(host.unstarted, self._relay, self._emit))
         record.host, record.slot = host, slot
         self._add(record)
         host.send(["start", slot, class_id, None if class_id in host.classes else blob, config_blob, record.name,
                    record.tag, hold])
         host.classes.add(class_id)
 
-    def _start_soon(self, start: Callable[[], None]) -> None:
-        """Call ``start`` (a thread's ``start``, or the pool's ``start_one``) on the starter thread."""
+    def _start_soon(self, start: Callable[[], None],
+                    failed: Callable[[BaseException], None] | None = None) -> None:
+        """Call ``start`` (a thread's ``start``, or the pool's ``start_one``) on the starter thread;
+        ``failed`` with the error if it raises (no thread to be had: a pids limit), so that what the
+        thread was for is reported as failed instead of waiting for ever."""
         if self._starter is None:
-            self._starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
-            self._starter.start()
-        self._to_start.put(start)
+            starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
+            try:
+                starter.start()
+            except RuntimeError as exc:
+                # not even this thread (a pids limit): ``start`` is tried here, where it fails as
+                # fast and is reported; the next start asks for a starter again.  (Kept though not
+                # started, the starter stood for one that never read its queue: every agent
+                # started after it waited for ever, in ASSIGNED.)
+                log.error("could not start the thread-starter thread: %s", exc)
+                self._start_now(start, failed)
+                return
+            self._starter = starter
+        self._to_start.put((start, failed))
+
+    @staticmethod
+    def _start_now(start: Callable[[], None], failed: Callable[[BaseException], None] | None) -> None:
+        try:
+            start()
+        except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
+            log.error("could not start thread %s: %s", getattr(getattr(start, "__self__", None), "name", "?"), exc)
+            if failed is not None:
+                failed(exc)
 
     def close(self) -> None:
         """End the starter thread (threads still queued are not started), idle agent threads and
@@ -366,11 +390,8 @@ class Supervisor:
 
     def _start_threads(self) -> None:
         # the pool's start_one reports its own failure (the agent is failed: _no_thread)
-        while (start := self._to_start.get()) is not None:
-            try:
-                start()
-            except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
-                log.error("could not start thread %s: %s", getattr(start.__self__, "name", "?"), exc)
+        while (item := self._to_start.get()) is not None:
+            self._start_now(*item)
 
     def _no_thread(self, agent: Running, exc: BaseException) -> None:
         """A thread agent no thread could be started for: failed (it would otherwise count as
@@ -396,7 +417,8 @@ class Supervisor:
                                                                     hold, self.events_key, os.getpid()),
                                    name=f"agent-{name}", daemon=False)
         record.process, record.conn = process, parent_conn
-        record.link = ChildLink(parent_conn, start=lambda thread: self._start_soon(thread.start))
+        record.link = ChildLink(parent_conn, start=lambda thread: self._start_soon(thread.start,
+                                                                                  record.link.writer_failed))
         self._add(record)
         # started by its watcher, not here: the first start boots the forkserver (a Python that
         # imports pyorchestrate: seconds on a busy machine) and every start waits for the
@@ -404,19 +426,22 @@ class Supervisor:
         # CPU burners).  Until then a stop or a message waits in the pipe; is_alive() is False.
         record.thread = threading.Thread(target=self._watch_process, args=(record, child_conn),
                                          name=f"watch-{name}", daemon=True)
-        self._start_soon(record.thread.start)
+        self._start_soon(record.thread.start,
+                         functools.partial(self._unstarted_process, record, child_conn, " (could not start the "
+                                           "thread that starts and watches its process)"))
+
+    def _unstarted_process(self, record: Running, child_conn: Any, hint: str, exc: BaseException) -> None:
+        child_conn.close()
+        record.conn.close()
+        log.error("could not start process agent %s: %s", record.name, exc)
+        self._end_unstarted(record, exc, hint)
 
     def _watch_process(self, record: Running, child_conn: Any) -> None:
         try:
             stack_dump.start_forkserver()  # deaf to SIGUSR1, and its children until they listen
             record.process.start()
         except Exception as exc:
-            child_conn.close()
-            record.conn.close()
-            log.error("could not start process agent %s: %s", record.name, exc)
-            self._emit(record, "AGENT_STARTED", {})
-            self._emit(record, "AGENT_ERROR", error_fields(exc, " (could not start the process)"))
-            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False})
+            self._unstarted_process(record, child_conn, " (could not start the process)", exc)
             return
         child_conn.close()
         seen_error = False
