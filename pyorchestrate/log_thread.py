@@ -83,10 +83,17 @@ class LogThread:
                     self._gap_queued = True
                     self._queue.put((handle, None))
             return
+        if self._thread is None:
+            try:
+                self.start()
+            except RuntimeError:
+                # no thread to be had (a pids limit): written here, waiting on the stream as
+                # logging's own handlers do.  Raised, it reached whoever logged: in a process
+                # agent, the thread that reads its worker's pipe (no stop reached the agent)
+                handle(record)
+                return
         _freeze(record)
         self._queue.put((handle, record))
-        if self._thread is None:
-            self.start()
 
     def _room(self) -> bool:
         # a burst of the coordinator's lines to a file outran this thread (9,521 of 26,000 dropped

@@ -674,3 +674,30 @@ class OrphanMaker(LoopingThreadAgent):
             subprocess.run("true &", shell=True, check=True)  # noqa: S602 - the shell exits before its job
             self.made += 1
         self.wait_stop(0.02)
+
+
+class PidsFiller(LoopingProcessAgent):
+    """Forks sleeping helpers until no more process (or thread) can be had (at most ``most``),
+    before its worker tells it its first lease; writes ``<own pid> <helpers>`` to ``pid_file``."""
+
+    class Config(LoopingProcessAgent.Config):
+        pid_file = ""
+        most = 200
+
+    def setup(self):
+        made = 0
+        while made < self.config.most:
+            try:
+                helper = os.fork()
+            except OSError:  # EAGAIN: the pids limit
+                break
+            if helper == 0:
+                time.sleep(600)
+                os._exit(0)
+            made += 1
+        with open(self.config.pid_file + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {made}\n")
+        os.replace(self.config.pid_file + ".tmp", self.config.pid_file)
+
+    def cycle(self):
+        self.wait_stop(0.05)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from agents import Forever, ForeverProcess
-from conftest import start_daemon, wait_for
+from agents import Forever, ForeverProcess, PidsFiller
+from conftest import process_gone, start_daemon, wait_for
 
 PIDS = "/sys/fs/cgroup/pids"
 
@@ -41,11 +43,32 @@ def _settled(orch, names) -> bool:
     return all(agents[n]["state"] in ("READY", "TERMINATED") for n in names)
 
 
-def test_agents_that_get_no_thread_fail_and_none_waits_for_ever(cluster):
+@pytest.fixture
+def pids_group():
+    """A pids cgroup of the test's own; at the end, whatever is still in it is killed (what the
+    test's worker started there) and the group removed."""
+    group = f"{PIDS}/pyorchestrate-test-{os.getpid()}-{time.monotonic_ns()}"
+    os.mkdir(group)
+    yield group
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"{group}/cgroup.procs") as f:
+            left = [int(p) for p in f.read().split()]
+        if not left:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    os.rmdir(group)
+
+
+def test_agents_that_get_no_thread_fail_and_none_waits_for_ever(cluster, pids_group):
+    group = pids_group
     orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
     worker = events.of("WORKER_JOINED")[0]["pid"]
-    group = f"{PIDS}/pyorchestrate-test-{worker}"
-    os.mkdir(group)
     try:
         _write(f"{group}/cgroup.procs", str(worker))  # the worker, all its threads; what it starts follows
         with open(f"{group}/pids.current") as f:
@@ -70,16 +93,67 @@ def test_agents_that_get_no_thread_fail_and_none_waits_for_ever(cluster):
     finally:
         cluster.workers["w1"].kill()
         cluster.workers["w1"].wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with open(f"{group}/cgroup.procs") as f:
-                left = [int(p) for p in f.read().split()]
-            if not left:
-                break
-            for pid in left:  # ours: what the worker started in the group (a host, the forkserver)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        os.rmdir(group)
+
+
+def test_a_process_agent_whose_lease_guard_gets_no_thread_still_ends_with_its_worker(cluster, pids_group, tmp_path):
+    """The agent's own helpers fill the pids limit; its worker dies: the agent and its helpers end
+    with it.  (Here its first lease usually arrives before the helpers fill the limit, so this does
+    not catch the break the next test does: a lease guard that got no thread ended the thread that
+    reads the worker's pipe, and the agent ran on after its worker died.)"""
+    orch, events = start_daemon(cluster, ("w1",))
+    worker = events.of("WORKER_JOINED")[0]["pid"]
+    _write(f"{pids_group}/cgroup.procs", str(worker))
+    with open(f"{pids_group}/pids.current") as f:
+        _write(f"{pids_group}/pids.max", str(int(f.read()) + 40))  # the forkserver, the agent, some helpers
+    pid_file = tmp_path / "filler"
+    orch.register_agent(PidsFiller, "f", PidsFiller.Config(pid_file=str(pid_file)))
+    events.wait("AGENT_READY", "f", timeout=30)
+    agent, helpers = (int(n) for n in pid_file.read_text().split())
+    assert 0 < helpers < PidsFiller.Config.most  # it reached the limit
+    time.sleep(1.0)  # leases told meanwhile (every 0.1 s)
+    _write(f"{pids_group}/pids.max", "max")  # the worker must be free to do what it does at its end
+    cluster.workers["w1"].kill()
+    cluster.workers["w1"].wait(10)
+    wait_for(lambda: process_gone(agent), 10, "the agent to end with its worker")
+
+
+_LISTENER = """
+import logging, multiprocessing, os, sys, threading, time
+import msgpack
+group = sys.argv[1]
+with open(f"{group}/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
+with open(f"{group}/pids.current") as f:
+    current = f.read().strip()
+with open(f"{group}/pids.max", "w") as f:
+    f.write(current)  # from here on, no thread can be started
+from pyorchestrate_worker import child
+from pyorchestrate_worker.lease_guard import LeaseGuard
+child.setup_logging("agent probe", logging.INFO)  # its log thread cannot start either
+try:
+    threading.Thread(target=lambda: None).start()
+except RuntimeError:
+    pass
+else:
+    sys.exit("a thread could be started: the limit is not in force")
+class Agent:
+    def stop(self):
+        print("stopped", flush=True)
+ours, theirs = multiprocessing.Pipe()
+ours.send_bytes(msgpack.packb(["lease", time.monotonic() + 60, 1.0]))
+ours.send_bytes(msgpack.packb(["stop"]))
+ours.close()
+child._listen(theirs, Agent(), LeaseGuard(0, lambda: None))  # at the pipe's end: worker_gone() exits
+"""
+
+
+def test_a_lease_guard_that_gets_no_thread_leaves_the_pipe_read(pids_group):
+    """A process agent's pipe reader, told its first lease when no thread can be had: the stop
+    after it still reaches the agent, and the worker's end still ends the process.  Before, the
+    guard's thread start raised, and so did the warning about it (the log thread could not start):
+    either ended the reader, and the agent ran on after its worker died."""
+    done = subprocess.run([sys.executable, "-c", _LISTENER, pids_group], capture_output=True, text=True, timeout=60)
+    from pyorchestrate_worker.child import WORKER_GONE
+
+    assert done.stdout == "stopped\n" and done.returncode == WORKER_GONE, (done.returncode, done.stdout, done.stderr)
+    assert "could not start the thread that holds this process to its worker's lease" in done.stderr, done.stderr

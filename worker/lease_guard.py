@@ -15,13 +15,18 @@ which of its agents the lease covers, stops those, and ends itself only if nothi
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from typing import Callable
 
+from pyorchestrate.log_thread import deferrable
+
 from . import clock
 from .pulse import worker_state
+
+log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
 LEASE_OVER = 71  #: the exit status of a child that ended itself at its stopped worker's lease
 POLL = 0.05  #: seconds between two looks at the worker (a lease is a second or more)
@@ -47,8 +52,18 @@ class LeaseGuard:
     def renewed(self, until: float, stop_timeout: float) -> None:
         self.until, self.stop_timeout = until, stop_timeout
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lease-guard", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="lease-guard", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                # no thread to be had (a pids limit, the agent's own processes filling it): tried
+                # again at the next lease.  Raised, it ended the thread that reads the worker's
+                # pipe: no stop reached the agent, nor the worker's death (it ran on, beside its
+                # replacement)
+                log.warning("could not start the thread that holds this process to its worker's lease (%s): "
+                            "trying again at the next lease", exc)
+                return
+            self._thread = thread
 
     def _run(self) -> None:
         stop_by: float | None = None
