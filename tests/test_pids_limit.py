@@ -157,3 +157,33 @@ def test_a_lease_guard_that_gets_no_thread_leaves_the_pipe_read(pids_group):
 
     assert done.stdout == "stopped\n" and done.returncode == WORKER_GONE, (done.returncode, done.stdout, done.stderr)
     assert "could not start the thread that holds this process to its worker's lease" in done.stderr, done.stderr
+
+
+_LOOKUP = """
+import os, sys, threading
+group = sys.argv[1]
+with open(f"{group}/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
+with open(f"{group}/pids.current") as f:
+    current = f.read().strip()
+with open(f"{group}/pids.max", "w") as f:
+    f.write(current)
+from pyorchestrate_worker.resolver import Resolver
+resolver = Resolver("tcp://localhost:5555")
+ticket = resolver.refresh()  # its thread cannot start
+print(resolver.answered(ticket), resolver.address(), resolver.error, flush=True)
+with open(f"{group}/pids.max", "w") as f:
+    f.write("max")
+ticket = resolver.refresh()
+print(resolver.wait(ticket, 30), resolver.address(), flush=True)
+"""
+
+
+def test_a_lookup_whose_thread_cannot_start_fails_and_the_next_one_runs(pids_group):
+    """The worker's resolver (a host name as --coordinator): before, its thread was kept though not
+    started, and raised, the error ended the worker's loop; kept, no lookup would ever have run."""
+    done = subprocess.run([sys.executable, "-c", _LOOKUP, pids_group], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("True None could not start the lookup thread"), first
+    assert second == "True tcp://127.0.0.1:5555", second

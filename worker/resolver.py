@@ -69,8 +69,16 @@ class Resolver:
                 return self._done
             self._asked += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pyorchestrate-resolver", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="pyorchestrate-resolver", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:
+                    # no thread to be had (a pids limit): this lookup failed, the next asks again.
+                    # (Kept unstarted, it stood for a thread that never looked anything up, and
+                    # raised, it ended the worker's loop)
+                    self.error, self._done = f"could not start the lookup thread: {exc}", self._asked
+                    return self._asked
+                self._thread = thread
             self._cond.notify_all()
             return self._asked
 
