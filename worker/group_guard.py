@@ -42,7 +42,8 @@ log = deferrable(logging.getLogger("pyorchestrate.worker"))
 #: in a job the shell leaves behind, so that it is nobody's child to reap; no "bye": the group dies.
 #: SIGUSR1 ignored: sent to every process of the worker for its stacks (``systemctl kill``), it
 #: ended the guard, and with it the worker's guarantee
-_GUARD = "trap '' USR1; " + 'exec 3<&0; (IFS= read -r word <&3; [ "$word" = bye ] || kill -s KILL -- "-$1") >/dev/null 2>&1 &'
+_GUARD = ("trap '' USR1; "
+          'exec 3<&0; (IFS= read -r word <&3; [ "$word" = bye ] || kill -s KILL -- "-$1") >/dev/null 2>&1 &')
 #: how long a SIGKILLed process may take to be gone (it runs until it is scheduled)
 _KILL_WAIT = 1.0
 

@@ -91,12 +91,14 @@ class AgentHost:
             self.unstarted(relay, emit, exc, "its host process")
             return
         self._child_conn.close()
-        writer = threading.Thread(target=self._write, name=f"host-{self.number}-writer", daemon=True)
+        writer: threading.Thread | None = threading.Thread(target=self._write, name=f"host-{self.number}-writer",
+                                                           daemon=True)
         try:
-            writer.start()
+            writer.start()  # type: ignore[union-attr]
         except RuntimeError as exc:  # no thread to be had (a pids limit): a host nobody writes to is no use
             log.error("agent host %s: could not start its writer thread (%s): ending it", self.number, exc)
             self.process.kill()  # its agents are reported below, as for any host that died
+            writer = None
         failed: set[int] = set()  # slots that reported an error (a death adds none)
         last_bus: dict[int, dict[str, Any]] = {}  # slot -> marker of its last bus event
         watched = watch.ChildWatch(self.conn, self.process)
@@ -131,7 +133,8 @@ class AgentHost:
         how = f"its host process (pid {self.process.pid}) {how_it_exited(code)}"
         self._gone(relay, emit, last_bus, failed, how, code)
         self._outbox.put(None)
-        writer.join(5.0)
+        if writer is not None:
+            writer.join(5.0)
         self.conn.close()
 
     def unstarted(self, relay: Relay, emit: Relay, exc: BaseException, what: str = "the thread that reads it") -> None:
