@@ -14,7 +14,7 @@ from pyorchestrate.limits import ORPHAN_TIMEOUT
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 from pyorchestrate.versions import local_versions
 
-from . import agent_logs, crowd, group_guard, init, priority, stack_dump, stop_signals
+from . import agent_logs, crowd, group_guard, init, priority, stack_dump, std_fds, stop_signals
 from .node import THREADS_PER_PROCESS, Worker
 
 
@@ -176,6 +176,7 @@ def entry(argv: list[str] | None = None) -> None:
     stop) would keep a stopped worker alive for ever, still doing that agent's work after the
     coordinator has replaced it. So is an error of ours that escapes ``main``: logged, exit 1
     (it ended in that teardown, and a non-daemon thread kept the broken worker alive for ever)."""
+    std_fds.ensure_open()  # first: what is opened next must not take 0, 1 or 2 (std_fds.py)
     init.reap_if_init()  # PID 1 (a container's only process) reaps; the worker runs in a child
     try:
         code = main(argv)
