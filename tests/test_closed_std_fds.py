@@ -26,10 +26,12 @@ def test_a_worker_with_its_standard_descriptors_closed_runs_and_stops_cleanly(cl
     try:
         events.wait("WORKER_JOINED", "w1", timeout=30)
         orch.register_agent(Forever, "t")
-        orch.register_agent(ForeverProcess, "p")
+        orch.register_agent(ForeverProcess, "p", ForeverProcess.Config(pid_file=str(cluster.tmp / "p.pid")))
         events.wait("AGENT_READY", "t", timeout=30)
         events.wait("AGENT_READY", "p", timeout=30)
-        assert [os.readlink(f"/proc/{worker.pid}/fd/{fd}") for fd in (0, 1, 2)] == [os.devnull] * 3
+        agent = int((cluster.tmp / "p.pid").read_text())
+        for pid in (worker.pid, agent):  # and so the forkserver's between them: its children's streams
+            assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == [os.devnull] * 3, pid
         os.kill(worker.pid, signal.SIGUSR1)  # its stacks go to /dev/null, and nothing else happens
         time.sleep(1.0)
         assert worker.poll() is None and not events.of("WORKER_LEFT") and not events.of("AGENT_TERMINATED")

@@ -30,6 +30,9 @@ def ensure_open() -> list[int]:
             if got != fd:  # not reached: kept open all the same, it is ours from now on
                 os.dup2(got, fd)
                 os.close(got)
+            # inherited, as a standard descriptor is: closed at exec (os.open's default), it left
+            # the forkserver the same holes, and its children a ``sys.stdout`` of None
+            os.set_inheritable(fd, True)
             opened.append(fd)
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
