@@ -46,8 +46,14 @@ def test_a_worker_as_pid_1_reaps_its_agents_orphans_and_takes_its_signals(cluste
         orch.register_agent(OrphanMaker, "o", worker="w1")
         events.wait("AGENT_READY", "o", timeout=30)
         time.sleep(3)
-        zombies = [p for p, state, parent, _ in _processes() if parent == init and state == "Z"]
-        assert zombies == [], zombies
+
+        def zombies() -> set[int]:
+            return {p for p, state, parent, _ in _processes() if parent == init and state == "Z"}
+
+        # one that just ended may not be reaped yet on a busy machine; none may stay (before, all 20 did)
+        first = zombies()
+        time.sleep(1.0)
+        assert first & zombies() == set()
         # what is sent to PID 1 is the worker's: SIGUSR1 its stacks, SIGTERM its graceful stop
         os.kill(init, signal.SIGUSR1)
         wait_for(lambda: " in _serve" in (tmp_path / "w1.log").read_text(errors="replace"), 10, "the stacks")
