@@ -20,7 +20,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD, QueuedHandler
 
-from . import agent_logs, stack_dump
+from . import agent_logs, stack_dump, stop_signals
 from .errors import error_fields
 from .lease_guard import LeaseGuard
 from .pulse import process_stat
@@ -154,8 +154,9 @@ def leave_the_worker_group(worker_pid: int = 0) -> None:
     stopping them: KeyboardInterrupt, or exit code 255, an AGENT_ERROR, no ``on_stop``.  They
     still end with their worker: through the pipe (see :func:`worker_gone`).  The same session,
     not a new one (as the pulse has): whoever looks for what a worker left behind finds it there.
-    (A systemd unit must not signal the whole cgroup either: ``KillMode=mixed``, as
-    deploy/systemd's unit has.)  The group is also what the agent's own processes are ended by
+    (A systemd unit that signals the whole cgroup, its default ``KillMode=control-group``, reaches
+    them directly: they take SIGTERM and SIGINT as a stop, see :func:`main`; ``KillMode=mixed``,
+    as deploy/systemd's unit has, leaves the order to the worker.)  The group is also what the agent's own processes are ended by
     (:func:`end_strays`, and the worker's forced stop)."""
     global _own_group, _worker_pid
     try:
@@ -206,6 +207,19 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent {name}", log_level)
     lock = threading.Lock()
+    # SIGTERM or SIGINT sent to this process itself (systemd's default KillMode=control-group
+    # signals every process of the unit; an operator's kill): a stop, as its worker's would be.
+    # Before, it ended the agent mid-cycle, an AGENT_ERROR without on_stop.  Listened to from here:
+    # one that arrives while the agent is made (unpickling imports the user's code) stops it once made
+    made: list[Any] = []
+    stop_asked = threading.Event()
+
+    def stop_signalled() -> None:
+        stop_asked.set()
+        if made:
+            made[0].stop()
+
+    stop_signals.request_on_signals(stop_signalled)
 
     def report(event: str, **fields: Any) -> None:
         if event == "AGENT_TERMINATED":
@@ -232,6 +246,9 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     agent.events_key = events_key
     if hold:
         agent.control_events.execute_event.clear()  # until the coordinator says execute
+    made.append(agent)
+    if stop_asked.is_set():  # signalled while it was being made (see stop_signalled)
+        agent.stop()
 
     def stop_at_lease() -> None:
         stopping(guard.stop_timeout)

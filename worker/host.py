@@ -37,7 +37,7 @@ from pyorchestrate import publisher, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
-from . import crowd, stack_dump
+from . import crowd, stack_dump, stop_signals
 from .child import BUS, end_strays, end_with_group, leave_the_worker_group, setup_logging, worker_gone
 from .errors import error_fields
 from .handoff import Handoff
@@ -71,6 +71,13 @@ class Host:
     def _stop_leased(self) -> None:
         with self._lock:
             agents = [a for slot, a in self.agents.items() if slot in self._leased]
+        for agent in agents:
+            agent.give("stop")
+
+    def stop_agents(self) -> None:
+        """Ask every agent here to stop."""
+        with self._lock:
+            agents = list(self.agents.values())
         for agent in agents:
             agent.give("stop")
 
@@ -205,7 +212,11 @@ def main(conn: Any, worker: str, host: str, events_address: str | None, events_k
     stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
-    Host(conn, worker, host, events_address, events_key, bus, worker_pid).serve()
+    serving = Host(conn, worker, host, events_address, events_key, bus, worker_pid)
+    # SIGTERM or SIGINT sent to this process itself (systemd's default KillMode=control-group): its
+    # agents stop, as their worker would stop them (before, they died with it, as failures)
+    stop_signals.request_on_signals(serving.stop_agents)
+    serving.serve()
     end_strays()  # what its agents started and left running goes with it
     conn.close()
     sys.stdout.flush()

@@ -1,7 +1,12 @@
-"""SIGUSR1 to every process of a worker (``systemctl kill -s USR1 UNIT`` signals the whole cgroup by
-default): each of the worker, its agent hosts and process agents prints its stacks, and nothing
-else changes (worker/stack_dump.py).  Before, a process agent, an agent host, the forkserver, the
-resource tracker and the worker's guard died of it, the agents as failures."""
+"""Signals sent to every process of a worker, as ``systemctl kill -s SIG UNIT`` and systemd's default
+``KillMode=control-group`` stop do (the whole cgroup), act as they do on the worker alone.
+
+- SIGUSR1: each of the worker, its agent hosts and process agents prints its stacks, and nothing
+  else changes (worker/stack_dump.py).  Before, a process agent, an agent host, the forkserver, the
+  resource tracker and the worker's guard died of it, the agents as failures.
+- SIGTERM: every agent stops gracefully, as with the worker's stop alone.  Before, the process agent
+  and the agent host died of it (AGENT_ERROR, "exited with code 255"), without ``on_stop``.
+"""
 
 from __future__ import annotations
 
@@ -73,3 +78,22 @@ def test_sigusr1_to_all_of_a_workers_processes_ends_no_agent(cluster, tmp_path):
         [e for e in events.events if e["event"] in ("AGENT_ERROR", "AGENT_TERMINATED", "WORKER_LOST")]
     orch.register_agent(ForeverProcess, "p2")  # the forkserver still serves
     events.wait("AGENT_READY", "p2", timeout=30)
+
+
+def test_sigterm_to_all_of_a_workers_processes_stops_every_agent_gracefully(cluster):
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    worker = events.of("WORKER_JOINED")[0]["pid"]
+    orch.register_agent(ForeverProcess, "p")
+    orch.register_agent(Forever, "t1")
+    orch.register_agent(Forever, "t2")  # beyond --threads-per-process 1: in an agent host
+    for name in ("p", "t1", "t2"):
+        events.wait("AGENT_READY", name, timeout=30)
+    everyone = [worker, *_descendants(worker)]
+    assert len(everyone) == 5, everyone  # with the forkserver and the resource tracker
+    for pid in everyone:
+        os.kill(pid, signal.SIGTERM)
+    assert cluster.workers["w1"].wait(30) == 0
+    for name in ("p", "t1", "t2"):
+        events.wait("AGENT_TERMINATED", name, timeout=10)
+    ends = {e["agent_name"]: e["ok"] for e in events.of("AGENT_TERMINATED")}
+    assert ends == {"p": True, "t1": True, "t2": True} and not events.of("AGENT_ERROR"), events.events
