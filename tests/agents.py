@@ -701,3 +701,11 @@ class PidsFiller(LoopingProcessAgent):
 
     def cycle(self):
         self.wait_stop(0.05)
+
+
+class StuckProcess(ForeverProcess):
+    """Never returns from its cycle (its stop is never seen), and leaves SIGTERM as we set it."""
+
+    def cycle(self):
+        while True:
+            time.sleep(0.05)

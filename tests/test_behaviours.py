@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
-from agents import DeafProcess, Quick
+from agents import DeafProcess, Quick, StuckProcess
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, ONESHOT, PERIODIC, POOL, RECOVERY, STUBBORN,
                         TRIGGERED)
 from conftest import process_gone, start_daemon, wait_for
@@ -173,6 +174,18 @@ def test_agent_that_ignores_stop_is_reported(daemon, tmp_path, mode, expected):
         assert events.wait("AGENT_TERMINATED", "stubborn")[0]["ok"] is False
     else:
         assert error["stuck"] is True
+
+
+def test_a_process_agent_stuck_past_its_stop_timeout_ends_at_the_sigterm(daemon):
+    """The worker's SIGTERM past the stop timeout ends it at once, as SIGTERM's default did, though
+    a process agent takes a SIGTERM of its own as a stop (worker/child.py): the stop was asked
+    already.  Without that, it ran on until the SIGKILL 2 s later."""
+    orch, events = daemon
+    orch.register_agent(StuckProcess, "stuck", StuckProcess.Config(stop_timeout=0.5))
+    events.wait("AGENT_READY", "stuck")
+    orch.stop_agent("stuck", timeout=0.5)
+    error = events.wait("AGENT_ERROR", "stuck", timeout=20)[0]["error_message"]
+    assert f"exited with code {128 + signal.SIGTERM}" in error, error
 
 
 def test_a_process_agent_deaf_to_sigterm_is_killed(daemon, tmp_path):

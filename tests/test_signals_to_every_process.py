@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from agents import Forever, ForeverProcess
+from agents import DeafThread, Forever, ForeverProcess
 from conftest import _processes, live_children, process_gone, start_daemon, wait_for
 
 
@@ -97,3 +97,22 @@ def test_sigterm_to_all_of_a_workers_processes_stops_every_agent_gracefully(clus
         events.wait("AGENT_TERMINATED", name, timeout=10)
     ends = {e["agent_name"]: e["ok"] for e in events.of("AGENT_TERMINATED")}
     assert ends == {"p": True, "t1": True, "t2": True} and not events.of("AGENT_ERROR"), events.events
+
+
+def test_an_agent_host_signalled_twice_ends_with_its_stuck_agent(cluster, tmp_path):
+    """The first SIGTERM asks its agents to stop; a thread stuck in its cycle never sees that, and
+    the second ends the host, as SIGTERM's default did at the first."""
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    orch.register_agent(Forever, "t1")
+    events.wait("AGENT_READY", "t1", timeout=30)
+    pid_file = tmp_path / "host.pid"
+    orch.register_agent(DeafThread, "stuck", DeafThread.Config(pid_file=str(pid_file)))  # in an agent host
+    events.wait("AGENT_READY", "stuck", timeout=30)
+    host = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10, "the host's pid"))
+    os.kill(host, signal.SIGTERM)
+    time.sleep(1.0)
+    assert not process_gone(host) and not events.of("AGENT_TERMINATED")
+    os.kill(host, signal.SIGTERM)
+    error = events.wait("AGENT_ERROR", "stuck", timeout=20)[0]["error_message"]
+    assert f"exited with code {128 + signal.SIGTERM}" in error, error
+    assert orch.status()["agents"]["t1"]["state"] == "READY"

@@ -215,6 +215,10 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     stop_asked = threading.Event()
 
     def stop_signalled() -> None:
+        if stop_asked.is_set() or _stop_by is not None:
+            # asked to stop before: by its worker, whose SIGTERM past the stop timeout means "now"
+            # (as the default action made it, two seconds before the SIGKILL), or by an earlier one
+            os._exit(128 + signal.SIGTERM)
         stop_asked.set()
         if made:
             made[0].stop()

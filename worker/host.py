@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -67,6 +68,7 @@ class Host:
         self._gc = crowd.FreezePolicy()
         self._leased: set[int] = set()  # the slots the worker's lease covers (not kept), as last told
         self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left, end=end_with_group)
+        self._stop_signalled = False
 
     def _stop_leased(self) -> None:
         with self._lock:
@@ -75,7 +77,11 @@ class Host:
             agent.give("stop")
 
     def stop_agents(self) -> None:
-        """Ask every agent here to stop."""
+        """Ask every agent here to stop (SIGTERM or SIGINT to this process); asked again, end now,
+        as their default action did (a thread stuck in its cycle cannot be stopped otherwise)."""
+        if self._stop_signalled:
+            os._exit(128 + signal.SIGTERM)
+        self._stop_signalled = True
         with self._lock:
             agents = list(self.agents.values())
         for agent in agents:
