@@ -137,6 +137,10 @@ except RuntimeError:
     pass
 else:
     sys.exit("a thread could be started: the limit is not in force")
+from pyorchestrate_worker import stop_signals
+import signal
+stop_signals.request_on_signals(lambda: None)  # what a process agent asks first: its relay cannot start
+print("default", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
 class Agent:
     def stop(self):
         print("stopped", flush=True)
@@ -150,13 +154,15 @@ child._listen(theirs, Agent(), LeaseGuard(0, lambda: None))  # at the pipe's end
 
 def test_a_lease_guard_that_gets_no_thread_leaves_the_pipe_read(pids_group):
     """A process agent's pipe reader, told its first lease when no thread can be had: the stop
-    after it still reaches the agent, and the worker's end still ends the process.  Before, the
+    after it still reaches the agent, and the worker's end still ends the process.  (And the
+    relay for its own SIGTERM, which cannot start either, leaves SIGTERM its default.)  Before, the
     guard's thread start raised, and so did the warning about it (the log thread could not start):
     either ended the reader, and the agent ran on after its worker died."""
     done = subprocess.run([sys.executable, "-c", _LISTENER, pids_group], capture_output=True, text=True, timeout=60)
     from pyorchestrate_worker.child import WORKER_GONE
 
-    assert done.stdout == "stopped\n" and done.returncode == WORKER_GONE, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == "default True\nstopped\n" and done.returncode == WORKER_GONE, \
+        (done.returncode, done.stdout, done.stderr)
     assert "could not start the thread that holds this process to its worker's lease" in done.stderr, done.stderr
 
 

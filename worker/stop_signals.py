@@ -69,6 +69,11 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
                      " (Ctrl-C again: exit at once)" if force is not None and interrupts else "")
             request()
 
-    threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
+    try:
+        threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
+    except RuntimeError as exc:  # no thread to be had (a pids limit): better their default than no answer
+        log.warning("could not start the thread that acts on %s (%s): they keep their default action",
+                    ", ".join(signal.Signals(n).name for n in signals), exc)
+        return
     for signum in signals:
         signal.signal(signum, on_signal)
