@@ -37,9 +37,9 @@ def test_pid_1_ends_with_the_workers_exit_status(end, code):
 def test_a_worker_as_pid_1_reaps_its_agents_orphans_and_takes_its_signals(cluster, tmp_path):
     orch, events = start_daemon(cluster)
     log = open(tmp_path / "w1.log", "ab")
-    unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "pyorchestrate_worker",
-                                "--coordinator", orch.address, "--name", "w1"], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, cwd=tmp_path)
+    unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+                                "pyorchestrate_worker", "--coordinator", orch.address, "--name", "w1"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         events.wait("WORKER_JOINED", "w1", timeout=30)
         init = wait_for(lambda: live_children(unshare.pid), 10, "PID 1")[0]

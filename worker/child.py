@@ -156,8 +156,8 @@ def leave_the_worker_group(worker_pid: int = 0) -> None:
     not a new one (as the pulse has): whoever looks for what a worker left behind finds it there.
     (A systemd unit that signals the whole cgroup, its default ``KillMode=control-group``, reaches
     them directly: they take SIGTERM and SIGINT as a stop, see :func:`main`; ``KillMode=mixed``,
-    as deploy/systemd's unit has, leaves the order to the worker.)  The group is also what the agent's own processes are ended by
-    (:func:`end_strays`, and the worker's forced stop)."""
+    as deploy/systemd's unit has, leaves the order to the worker.)  The group is also what the
+    agent's own processes are ended by (:func:`end_strays`, and the worker's forced stop)."""
     global _own_group, _worker_pid
     try:
         os.setpgid(0, 0)
