@@ -118,25 +118,38 @@ def test_a_process_agent_whose_lease_guard_gets_no_thread_still_ends_with_its_wo
     wait_for(lambda: process_gone(agent), 10, "the agent to end with its worker")
 
 
-_LISTENER = """
-import logging, multiprocessing, os, sys, threading, time
-import msgpack
+#: the start of a script run by :func:`_at_the_limit`: it enters the cgroup given as its argument
+#: and sets the limit to what it holds, so that from there on no thread can be started
+_AT_THE_LIMIT = """
+import os, sys, threading
 group = sys.argv[1]
 with open(f"{group}/cgroup.procs", "w") as f:
     f.write(str(os.getpid()))
 with open(f"{group}/pids.current") as f:
     current = f.read().strip()
 with open(f"{group}/pids.max", "w") as f:
-    f.write(current)  # from here on, no thread can be started
-from pyorchestrate_worker import child
-from pyorchestrate_worker.lease_guard import LeaseGuard
-child.setup_logging("agent probe", logging.INFO)  # its log thread cannot start either
+    f.write(current)
 try:
     threading.Thread(target=lambda: None).start()
 except RuntimeError:
     pass
 else:
     sys.exit("a thread could be started: the limit is not in force")
+"""
+
+
+def _at_the_limit(script: str, group: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new Python, after :data:`_AT_THE_LIMIT`, in ``group``."""
+    return subprocess.run([sys.executable, "-c", _AT_THE_LIMIT + script, group], capture_output=True, text=True,
+                          timeout=60)
+
+
+_LISTENER = """
+import logging, multiprocessing, time
+import msgpack
+from pyorchestrate_worker import child
+from pyorchestrate_worker.lease_guard import LeaseGuard
+child.setup_logging("agent probe", logging.INFO)  # its log thread cannot start either
 from pyorchestrate_worker import stop_signals
 import signal
 stop_signals.request_on_signals(lambda: None)  # what a process agent asks first: its relay cannot start
@@ -158,7 +171,7 @@ def test_a_lease_guard_that_gets_no_thread_leaves_the_pipe_read(pids_group):
     relay for its own SIGTERM, which cannot start either, leaves SIGTERM its default.)  Before, the
     guard's thread start raised, and so did the warning about it (the log thread could not start):
     either ended the reader, and the agent ran on after its worker died."""
-    done = subprocess.run([sys.executable, "-c", _LISTENER, pids_group], capture_output=True, text=True, timeout=60)
+    done = _at_the_limit(_LISTENER, pids_group)
     from pyorchestrate_worker.child import WORKER_GONE
 
     assert done.stdout == "default True\nstopped\n" and done.returncode == WORKER_GONE, \
@@ -167,14 +180,6 @@ def test_a_lease_guard_that_gets_no_thread_leaves_the_pipe_read(pids_group):
 
 
 _LOOKUP = """
-import os, sys, threading
-group = sys.argv[1]
-with open(f"{group}/cgroup.procs", "w") as f:
-    f.write(str(os.getpid()))
-with open(f"{group}/pids.current") as f:
-    current = f.read().strip()
-with open(f"{group}/pids.max", "w") as f:
-    f.write(current)
 from pyorchestrate_worker.resolver import Resolver
 resolver = Resolver("tcp://localhost:5555")
 ticket = resolver.refresh()  # its thread cannot start
@@ -189,7 +194,7 @@ print(resolver.wait(ticket, 30), resolver.address(), flush=True)
 def test_a_lookup_whose_thread_cannot_start_fails_and_the_next_one_runs(pids_group):
     """The worker's resolver (a host name as --coordinator): before, its thread was kept though not
     started, and raised, the error ended the worker's loop; kept, no lookup would ever have run."""
-    done = subprocess.run([sys.executable, "-c", _LOOKUP, pids_group], capture_output=True, text=True, timeout=60)
+    done = _at_the_limit(_LOOKUP, pids_group)
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.splitlines()
     assert first.startswith("True None could not start the lookup thread"), first

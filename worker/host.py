@@ -70,11 +70,14 @@ class Host:
         self._guard = LeaseGuard(worker_pid, self._stop_leased, self._only_leased_left, end=end_with_group)
         self._stop_signalled = False
 
-    def _stop_leased(self) -> None:
+    def _stop(self, leased_only: bool) -> None:
         with self._lock:
-            agents = [a for slot, a in self.agents.items() if slot in self._leased]
+            agents = [a for slot, a in self.agents.items() if not leased_only or slot in self._leased]
         for agent in agents:
             agent.give("stop")
+
+    def _stop_leased(self) -> None:
+        self._stop(leased_only=True)
 
     def stop_agents(self) -> None:
         """Ask every agent here to stop (SIGTERM or SIGINT to this process); asked again, end now,
@@ -82,10 +85,7 @@ class Host:
         if self._stop_signalled:
             os._exit(128 + signal.SIGTERM)
         self._stop_signalled = True
-        with self._lock:
-            agents = list(self.agents.values())
-        for agent in agents:
-            agent.give("stop")
+        self._stop(leased_only=False)
 
     def _only_leased_left(self) -> bool:
         """May this process end at its stopped worker's lease: does nothing kept run here?"""
