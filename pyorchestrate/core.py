@@ -362,12 +362,14 @@ class ClusterCore(Registration, CommandHandlers):
                 record.disconnected_at = now
                 self._publish_agent(record, E.AGENT_DISCONNECTED, {"reason": reason})
                 continue
-            # a replacement waits until the worker's lease has certainly run out
-            # (its pulse renewed the lease too: count from the last sign of life)
-            not_before = 0.0 if certain else self.limits.replace_after(worker.last_sign, record.stop_timeout)
-            if not certain:  # and so does any other way to a new copy (restart_agent, start_agent)
+            if not certain:
+                # no new copy, by any way (its restart, restart_agent, start_agent), until this one
+                # has certainly stopped: at its worker's lease (its pulse renewed the lease too:
+                # counted from the last sign of life) and stop timeout, or sooner if the worker
+                # comes back and lists it no more (a short stall). A restart's own delay stays
+                # the policy's: it waited out the lease even when the worker was back at once
                 self._fence_lost_copy(record, worker, record.keeps_running)
-            self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now, not_before=not_before)
+            self._fail_run(record, f"{reason}; agent {agent_name!r} was running there", now)
         worker.agents = {n for n in worker.agents if n in self.agents and self.agents[n].state is S.DISCONNECTED}
         if self.predecessor.old_copies:
             self.predecessor.worker_gone(worker.name, lambda name: now if certain else self._old_copy_gone(worker, name))
@@ -756,15 +758,14 @@ class ClusterCore(Registration, CommandHandlers):
 
     # ================================================================== the end of a run
 
-    def _fail_run(self, record: AgentRecord, reason: str, now: float, *, final: bool = False,
-                  not_before: float = 0.0) -> None:
+    def _fail_run(self, record: AgentRecord, reason: str, now: float, *, final: bool = False) -> None:
         """End the current run (or the wait for one) as failed, with an AGENT_ERROR first."""
         record.error = reason
         self._publish_agent(record, E.AGENT_ERROR, {"error_message": reason, "traceback": ""})
-        self._run_over(record, ok=False, fields={"reason": reason}, now=now, final=final, not_before=not_before)
+        self._run_over(record, ok=False, fields={"reason": reason}, now=now, final=final)
 
     def _run_over(self, record: AgentRecord, ok: bool, fields: dict[str, Any], now: float, *,
-                  final: bool = False, not_before: float = 0.0) -> None:
+                  final: bool = False) -> None:
         """Publish AGENT_TERMINATED for the run that ended and decide what happens next."""
         worker = self.workers.get(record.worker or "")
         if worker is not None:
@@ -784,13 +785,10 @@ class ClusterCore(Registration, CommandHandlers):
         self._publish_agent(record, E.AGENT_TERMINATED, {**fields, "ok": ok, "final": nxt == "final"})
         self._dirty = True
         if nxt == "again":
-            if not_before > now:
-                self._schedule_restart(record, now, not_before - now, "waiting for its worker's lease to run out")
-            else:
-                self.states.move(record, S.PENDING)
+            self.states.move(record, S.PENDING)
         elif nxt == "restart":
             record.restarts += 1
-            delay = max(policy.delay(record.restarts, self.rng), not_before - now)
+            delay = policy.delay(record.restarts, self.rng)
             reason = record.error if not ok else "finished (restart=always)"
             self._schedule_restart(record, now, delay, reason or "failed", attempt=record.restarts)
         elif nxt == "give_up":

@@ -338,22 +338,46 @@ def test_a_stall_of_the_coordinator_itself_gives_every_worker_a_fresh_window():
     assert [p.subject for p in h.events("WORKER_LOST")] == ["w1"]
 
 
-def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_timeout():
+def _w1_silent_until_lost(stop_timeout: float) -> tuple[Harness, bytes, AgentRecord, float]:
+    """Agent "db" (restart="always") READY on w1, which falls silent while w2 beats, until w1 is
+    lost: the harness, w2, the record and when w1 was last heard."""
     h = Harness()
-    w1, record = h.ready("db", restart="always", stop_timeout=2.0)
+    w1, record = h.ready("db", restart="always", stop_timeout=stop_timeout)
     last_heard = h.now
     w2 = h.register("w2", identity=b"w2")
     while not h.events("WORKER_LOST"):
         h.step(0.25)
         h.beat(w2)
+    return h, w2, record, last_heard
+
+
+def test_a_silent_worker_agents_are_replaced_only_after_its_lease_and_the_stop_timeout():
+    h, w2, record, last_heard = _w1_silent_until_lost(stop_timeout=2.0)
     assert record.state is S.RESTARTING
     limits = h.core.limits
-    assert record.restart_at >= last_heard + limits.lease + 2.0
     while record.state is not S.ASSIGNED:
         h.step(0.25)
         h.beat(w2)
+        if record.state is S.PENDING:  # its restart's backoff is over, the old copy's wait is not
+            assert record.pending_reason == "waiting for the previous copy on w1 to stop"
         assert h.now < last_heard + 30
     assert h.now >= last_heard + limits.lease + 2.0 and record.worker == "w2"
+
+
+def test_a_silent_worker_back_without_its_copy_lets_the_replacement_start_at_once():
+    # a worker stalled past its window (SIGSTOP, a VM's pause) stopped the copy when its lease ran
+    # out; once it registers again without it, nothing is left to wait for: the replacement waited
+    # out the lease and the stop timeout all the same (10 s by default), with no copy running
+    h, w2, record, last_heard = _w1_silent_until_lost(stop_timeout=10.0)
+    while record.state is S.RESTARTING:  # the policy's backoff
+        h.step(0.25)
+        h.beat(w2)
+    assert record.state is S.PENDING and record.pending_reason == "waiting for the previous copy on w1 to stop"
+    h.register("w1", identity=b"w1-again", agents=[], conn=2)
+    h.beat(w2)
+    h.step(0.25)
+    assert record.state is S.ASSIGNED
+    assert h.now < last_heard + h.core.limits.lease + 10.0
 
 
 def test_a_lost_workers_copy_is_no_longer_the_current_run_on_the_bus():
@@ -753,7 +777,8 @@ def test_a_worker_whose_loop_is_silent_but_whose_pulse_goes_on_is_busy_until_the
     assert lost and "its loop has been silent" in lost[0].fields["reason"]
     assert record.state is not S.READY
     # the replacement may start only when the lease its last pulse echo renewed has run out
-    assert record.restart_at >= limits.replace_after(h.now, record.stop_timeout) - limits.interval
+    [until] = h.core.predecessor.old_copies["a"].values()
+    assert until >= limits.replace_after(h.now, record.stop_timeout) - limits.interval
 
 
 def test_a_closed_connection_with_the_pulse_going_on_is_no_certain_death():

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from agents import CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
+from agents import CopyTracer, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
 from conftest import DETECT, EventLog, free_port, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
@@ -150,6 +150,52 @@ def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluste
     status = orch.status()
     assert status["agents"]["singleton"]["worker"] == "w2"
     assert status["workers"]["w1"]["alive"] and status["workers"]["w1"]["agents"] == []
+
+
+def _copies(trace) -> list[tuple[float, float]]:
+    """Each copy a CopyTracer trace shows: (its first line's time, its last line's), by start."""
+    spans: dict[str, list[float]] = {}
+    for line in trace.read_text().splitlines():
+        _, copy, when = line.split()
+        span = spans.setdefault(copy, [float(when), float(when)])
+        span[0], span[1] = min(span[0], float(when)), max(span[1], float(when))
+    return sorted(tuple(span) for span in spans.values())
+
+
+def test_a_stalled_worker_back_without_its_copy_lets_the_replacement_start_at_once(cluster, tmp_path):
+    """A worker stalled past its window (SIGSTOP to its process group: a paused VM) is lost and its
+    agent is to be replaced, once the copy there has certainly stopped.  Back, the worker stops the
+    copy (its lease ran out) and registers again without it: the replacement starts then, not
+    after the lease plus the agent's stop timeout (30 s here) counted from the silence, with no
+    copy running meanwhile (it did, and by default that was 15 s without the agent).  The old copy
+    never runs beside the new one."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)  # window 0.5 s
+    events = EventLog(orch)
+    orch.start()
+    frozen = cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1")
+    trace = tmp_path / "copies.txt"
+    orch.register_agent(CopyTracer, "singleton", CopyTracer.Config(trace=str(trace), stop_timeout=30.0),
+                        restart="always", restart_backoff=(0.1, 0.5))
+    events.wait("AGENT_READY", "singleton")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+
+    os.killpg(frozen.pid, signal.SIGSTOP)
+    try:
+        events.wait("WORKER_LOST", "w1", timeout=10)
+        time.sleep(0.5)  # stalled well past its lease
+    finally:
+        os.killpg(frozen.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    events.wait("AGENT_READY", "singleton", count=2, timeout=60)
+    took = time.monotonic() - resumed
+    events.wait("WORKER_JOINED", "w1", count=2)
+    assert took < 15, f"the replacement waited {took:.1f} s after its old worker was back without the copy"
+    time.sleep(0.5)  # the new copy's lines, and any late one of the old
+    (old_first, old_last), (new_first, new_last) = _copies(trace)
+    assert old_last < new_first, "the old copy ran on after its replacement started"
+    assert new_last > new_first
 
 
 def test_a_kept_agent_given_up_after_disconnect_timeout_is_not_started_beside_its_frozen_copy(cluster, tmp_path):
