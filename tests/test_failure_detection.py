@@ -13,8 +13,8 @@ import time
 from collections import defaultdict
 
 import pytest
-from agents import CopyTracer, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
-from conftest import DETECT, EventLog, free_port, process_gone, wait_for
+from agents import CopyTracer, CopyTracerProcess, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
+from conftest import DETECT, EventLog, _session_members, free_port, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
 
@@ -152,11 +152,14 @@ def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluste
     assert status["workers"]["w1"]["alive"] and status["workers"]["w1"]["agents"] == []
 
 
-def _copies(trace) -> list[tuple[float, float]]:
-    """Each copy a CopyTracer trace shows: (its first line's time, its last line's), by start."""
+def _copies(trace, work_only: bool = False) -> list[tuple[float, float]]:
+    """Each copy a CopyTracer trace shows: (its first line's time, its last line's), by start;
+    ``work_only``: its start and its cycles, not its close."""
     spans: dict[str, list[float]] = {}
     for line in trace.read_text().splitlines():
-        _, copy, when = line.split()
+        kind, copy, when = line.split()
+        if work_only and kind == "close":
+            continue
         span = spans.setdefault(copy, [float(when), float(when)])
         span[0], span[1] = min(span[0], float(when)), max(span[1], float(when))
     return sorted(tuple(span) for span in spans.values())
@@ -196,6 +199,51 @@ def test_a_stalled_worker_back_without_its_copy_lets_the_replacement_start_at_on
     (old_first, old_last), (new_first, new_last) = _copies(trace)
     assert old_last < new_first, "the old copy ran on after its replacement started"
     assert new_last > new_first
+
+
+def test_a_worker_frozen_whole_past_the_stop_timeout_begins_no_cycle_once_thawed(cluster, tmp_path):
+    """Every process of a worker's session frozen (SIGSTOP to each: a paused VM) past its lease and
+    its agents' stop timeout: they are replaced elsewhere meanwhile, as they must be.  Thawed,
+    each of its copies wakes with the lease over and whatever stops it (the worker's loop, its
+    pipe) due too, in no set order: before this fix the copy's thread often woke first and ran
+    another cycle beside its replacement (a thread agent of the worker's own every time, 20 times
+    in 20; one in an agent host and a process agent in about half the freezes).  Now none begins
+    one: a thread agent in the worker, one in an agent host, a process agent.  (Their on_close
+    runs when they thaw: cleanup, not work.)"""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)  # window 0.5 s
+    events = EventLog(orch)
+    orch.start()
+    frozen = cluster.worker(orch.address, "w1", "--threads-per-process", "1")  # a second thread agent: hosted
+    events.wait("WORKER_JOINED", "w1")
+    traces = {name: tmp_path / f"{name}.txt" for name in ("local", "hosted", "process")}
+    for name, cls in (("local", CopyTracer), ("hosted", CopyTracer), ("process", CopyTracerProcess)):
+        orch.register_agent(cls, name, cls.Config(trace=str(traces[name]), stop_timeout=0.3), restart="always",
+                            restart_backoff=(0.1, 0.5))
+        events.wait("AGENT_READY", name)
+    assert "agent host" in cluster.log_of("w1")
+    cluster.worker(orch.address, "w2")
+    events.wait("WORKER_JOINED", "w2")
+
+    members = _session_members(frozen.pid)
+    assert len(members) >= 3  # the worker, its agent host, the process agent (and the forkserver)
+    for pid in members:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for name in traces:  # replaced on w2 while w1 is frozen
+            assert events.wait("AGENT_READY", name, count=2, timeout=30)[-1]["worker"] == "w2"
+        time.sleep(0.3)
+    finally:
+        for pid in reversed(members):  # the agents' processes first: the worker's stops come last
+            os.kill(pid, signal.SIGCONT)
+    events.wait("WORKER_JOINED", "w1", count=2)
+    time.sleep(1.0)  # any late cycle of the old copies is written by now
+    late = {}
+    for name, trace in traces.items():
+        (old_first, old_last), (new_first, new_last) = _copies(trace, work_only=True)
+        assert new_last > new_first
+        if old_last >= new_first:
+            late[name] = round(old_last - new_first, 3)
+    assert not late, f"old copies ran a cycle this many seconds after their replacements began: {late}"
 
 
 def test_a_kept_agent_given_up_after_disconnect_timeout_is_not_started_beside_its_frozen_copy(cluster, tmp_path):

@@ -259,6 +259,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         agent.stop()
 
     guard = LeaseGuard(worker_pid, stop_at_lease, end=end_with_group)
+    agent._lease = guard  # told a lease only if it covers the agent (not kept)
     threading.Thread(target=_listen, args=(conn, agent, guard), daemon=True).start()
     if bus:
         def sink(item: Any) -> None:

@@ -50,6 +50,18 @@ EXIT_GRACE = 10.0
 TUNE_EVERY = 100
 
 
+class _SlotLease:
+    """The worker's lease as the agent in ``slot`` sees it (``BaseAgent._lease``): it holds that
+    agent only while the lease covers its slot, as last told (a kept agent's never is)."""
+
+    def __init__(self, host: "Host", slot: int) -> None:
+        self.host, self.slot = host, slot
+
+    def hold(self, stop: threading.Event) -> None:
+        if self.slot in self.host._leased:
+            self.host._guard.hold(stop)
+
+
 class Host:
     """The agents of one host process (runs in that process)."""
 
@@ -161,6 +173,7 @@ class Host:
                 config, plugin = shipping.unpack_config(config_class, config_blob)
                 agent = agent_class(name, config, plugin)
                 agent._report = report
+                agent._lease = _SlotLease(self, slot)
                 agent.events_address = self._events_address
                 agent.events_key = self._events_key
                 if hold:

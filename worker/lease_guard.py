@@ -32,7 +32,28 @@ LEASE_OVER = 71  #: the exit status of a child that ended itself at its stopped 
 POLL = 0.05  #: seconds between two looks at the worker (a lease is a second or more)
 
 
-class LeaseGuard:
+class Lease:
+    """Until when a worker's lease holds (``clock.now()`` seconds) as last told, for the threads of
+    the agents it covers to look at before each iteration (``BaseAgent._may_go_on``).
+
+    Those agents are stopped when the lease runs out, by whoever watches it (the worker's loop, a
+    guard).  A process frozen past the lease (SIGSTOP of its group, a paused VM) wakes with both
+    that watcher and the agents' threads due, in no set order: a looping agent's thread woke first
+    and ran a whole cycle more, seconds after its replacement had started elsewhere (every thread
+    agent of a worker frozen for 3 s, 20 times in 20).  So a thread that finds the lease over
+    begins nothing until it is renewed (the watcher had echoes it had not read yet: busy is not
+    dead) or the agent is stopped."""
+
+    def __init__(self) -> None:
+        self.until = float("inf")  # no lease told yet: nothing to hold to
+
+    def hold(self, stop: threading.Event) -> None:
+        """Return once the lease holds or ``stop`` is set."""
+        while clock.now() > self.until and not stop.wait(POLL):
+            pass
+
+
+class LeaseGuard(Lease):
     """Watches ``worker_pid`` once told a lease (the worker's own pid: a child's parent is the
     forkserver; 0, not known, is never stopped); ``renewed`` is called from the pipe's reader.
     ``stop`` stops what the lease covers; ``may_end``: whether this process may end itself once
@@ -45,7 +66,7 @@ class LeaseGuard:
         self.stop = stop
         self.may_end = may_end
         self.end = end
-        self.until = float("inf")  # no lease told yet: nothing to hold the worker to
+        super().__init__()
         self.stop_timeout = 10.0
         self._thread: threading.Thread | None = None
 

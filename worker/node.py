@@ -194,6 +194,7 @@ class Worker:
         self._token = secrets.token_hex(16)
         self._limits = Limits()
         self._lease_from = clock.now()  # latest own heartbeat stamp the coordinator echoed
+        self._supervisor.lease.until = self._lease_from + self._limits.lease
         self._lease_expired = False
         self._stuck_said = False  # said once that stuck threads outlive the lease beside kept agents
         #: once the lease ran out: when what thread agents started must be gone (None: ended, or no lease ran out)
@@ -554,6 +555,7 @@ class Worker:
             self._lease_expired = False
             self._stuck_said = False
             self._strays_due = None  # the lease runs again: what runs here is its agents' again
+        self._supervisor.lease.until = self._lease_from + self._limits.lease  # for its agents' threads
 
     def _maybe_pulse(self) -> None:
         """Start the pulse process when it is due (see pulse.py); once started it stays."""

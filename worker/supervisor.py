@@ -33,6 +33,7 @@ from .agent_threads import AgentThreads
 from .child_link import ChildLink
 from .handoff import Handoff
 from .hosts import AgentHost
+from .lease_guard import Lease
 from .errors import error_fields, how_it_exited
 
 log = deferrable(logging.getLogger("pyorchestrate.worker.supervisor"))
@@ -136,6 +137,9 @@ class Supervisor:
         self.host = socket.gethostname()
         self._mp = multiprocessing.get_context("forkserver")
         self._processes_started = False  #: a process agent was started (see renew_lease)
+        #: the worker's lease as its loop last renewed it, which holds its thread agents that do
+        #: not keep running (lease_guard.Lease; the loop sets ``until``)
+        self.lease = Lease()
         self._mp.set_forkserver_preload(["pyorchestrate_worker.child", "pyorchestrate_worker.host"])
         if AGENT_LOGGERS.level == logging.NOTSET:
             AGENT_LOGGERS.setLevel(logging.INFO)  # agents' INFO records reach the bus
@@ -290,6 +294,8 @@ class Supervisor:
             if agent is None:
                 return
             agent._report = report
+            if not record.keep:
+                agent._lease = self.lease
             if trace.enabled:
                 trace.mark("running", name)
             publisher.attach(agent, sink, self._worker_name, self.host, record.tag)

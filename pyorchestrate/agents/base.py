@@ -70,6 +70,9 @@ class BaseAgent(abc.ABC):
     #: ...): its end says so, and a one-shot agent moved off a worker (drained, or shutting down)
     #: then runs elsewhere; one whose work began is taken as done or failed, never run twice
     _not_run: bool = False
+    #: on a worker, the lease of a copy its coordinator replaces elsewhere when the lease runs out
+    #: (``pyorchestrate_worker.lease_guard.Lease``); None standalone and for kept copies
+    _lease: Any = None
 
     config: Config
 
@@ -141,6 +144,14 @@ class BaseAgent(abc.ABC):
     def stopping(self) -> bool:
         """True once a stop was requested."""
         return self._stop_event.is_set()
+
+    def _may_go_on(self) -> bool:
+        """Before each iteration of a loop: False once stopped.  Under a lease that has run out
+        as last told (a frozen process woke up), it first waits until that lease is renewed or
+        the agent is stopped: a stopped copy's replacement may be running elsewhere by then."""
+        if self._lease is not None:
+            self._lease.hold(self._stop_event)
+        return not self._stop_event.is_set()
 
     def wait_stop(self, timeout: float | None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on stop; True if stop was requested."""

@@ -34,7 +34,7 @@ class EventDrivenAgent(LoopingAgent):
     def _main(self) -> None:
         subscriber = self._subscriber
         limit, handled = self.config.limit, 0
-        while not self.stopping and (limit < 0 or handled < limit):
+        while self._may_go_on() and (limit < 0 or handled < limit):
             event = self._next_event(subscriber)
             if event is not None:
                 self._guarded(lambda: self.on_event(event))

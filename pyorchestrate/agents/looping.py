@@ -34,7 +34,7 @@ class LoopingAgent(BaseAgent):
         """The loop: ``cycle()`` until stopped or ``limit`` cycles (do not override; write ``cycle``)."""
         limit = self.config.limit
         done = 0
-        while not self.stopping and (limit < 0 or done < limit):
+        while self._may_go_on() and (limit < 0 or done < limit):
             self._guarded(self.cycle)
             done += 1
         self.cycles_done = done
@@ -78,7 +78,7 @@ class PeriodicAgent(LoopingAgent):
         limit = self.config.limit
         due = time.monotonic()
         done = 0
-        while not self.stopping and (limit < 0 or done < limit):
+        while self._may_go_on() and (limit < 0 or done < limit):
             self._guarded(self.cycle)
             done += 1
             if limit >= 0 and done >= limit:

@@ -44,7 +44,8 @@ class DeferredAgent(OneShotAgent):
             wait = (start_at - now).total_seconds()
         else:
             wait = self.config.delay
-        if wait > 0 and self.wait_stop(wait):
+        # (its lease may have run out while it waited, in a process frozen since: see _may_go_on)
+        if (wait > 0 and self.wait_stop(wait)) or not self._may_go_on():
             self.logger.info("stopped before its start time: not run")
             self._not_run = True
             return
@@ -80,6 +81,9 @@ class ConditionalAgent(OneShotAgent):
             if self.wait_stop(self.config.poll_interval):
                 self._not_run = True
                 return
+        if not self._may_go_on():  # its lease ran out while it polled (a frozen process), and it was stopped
+            self._not_run = True
+            return
         self.execute()
 
 
@@ -103,7 +107,7 @@ class TriggeredAgent(OneShotAgent):
 
     def _main(self) -> None:
         subscriber = self._subscriber
-        while not self.stopping:
+        while self._may_go_on():
             delivery = self._next_delivery(_POLL)
             if delivery is not None and delivery[0] == "trigger":
                 self.execute(delivery[1])
@@ -143,6 +147,20 @@ class RecoveryAgent(OneShotAgent):
             exc = state.outcome.exception()
             self._report_error(exc, attempt=state.attempt_number, recoverable=True)
 
+        last: Exception | None = None
+
+        def attempt() -> None:
+            nonlocal last
+            if last is not None and not self._may_go_on():
+                # stopped while it waited to try again (tenacity tries once more after its sleep):
+                # no further try, and the last one's failure is the run's
+                raise last
+            try:
+                self.execute()
+            except Exception as exc:
+                last = exc
+                raise
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.config.max_retries + 1) | tenacity.stop_any(lambda s: self.stopping),
             wait=tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=jitter),
@@ -151,4 +169,4 @@ class RecoveryAgent(OneShotAgent):
             sleep=lambda seconds: self.wait_stop(seconds),
             reraise=True,
         )
-        retrying(self.execute)
+        retrying(attempt)

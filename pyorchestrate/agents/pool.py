@@ -46,11 +46,14 @@ class PoolAgent(PeriodicAgent):
         interval, limit = self.config.execution_interval, self.config.limit
         due, done = time.monotonic(), 0
         with concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix=f"pool-{self.name}") as pool:
-            while not self.stopping and (limit < 0 or done < limit):
+            while self._may_go_on() and (limit < 0 or done < limit):
                 while not slots.acquire(timeout=0.05):
                     if self.stopping:
                         break
                 else:
+                    if not self._may_go_on():  # a slot came free past the lease, and it was stopped
+                        slots.release()
+                        break
                     pool.submit(one_run)
                     done += 1
                     if limit >= 0 and done >= limit:
