@@ -6,7 +6,8 @@ be; three workers, one of them running thread agents beyond the first in an agen
 faults, one after the other at random (seeded): a worker frozen whole (SIGSTOP to every process
 of its session: a paused VM), a worker SIGKILLed (its process only: its agents' processes must
 end by themselves) or SIGTERMed and started again, the coordinator SIGKILLed and started again,
-the coordinator SIGSTOPped.  Every copy of every agent writes its start and each cycle to a file
+the coordinator SIGSTOPped (its process, or with its pulse: every worker's lease then runs out).
+Every copy of every agent writes its start and each cycle to a file
 of its agent's (CopyTracer), so the test sees every copy that ever ran, wherever it ran.
 
 Then, once the faults stop: every agent with a restart policy runs exactly one copy again; no
@@ -141,17 +142,18 @@ def test_mixed_faults_never_leave_two_working_copies_and_every_agent_runs_once_a
                  and set(RESTARTED) <= set(_live(ledger)), 60, "every agent running before the faults")
         for _ in range(STEPS):
             target = rng.choice(["w1", "w2", "w3", "coordinator"])
-            fault = rng.choice(["freeze", "kill", "term"] if target != "coordinator" else ["freeze", "kill"])
+            faults = ["freeze", "freeze whole", "kill"] if target == "coordinator" else ["freeze", "kill", "term"]
+            fault = rng.choice(faults)
             seconds = round(rng.uniform(0.3, 3.0), 2)
             journal.append(f"{target} {fault} {seconds}")
             proc = coordinator.proc if target == "coordinator" else cluster.workers[target]
             assert proc is not None
-            if fault == "freeze":
-                if target == "coordinator":
-                    os.kill(proc.pid, signal.SIGSTOP)  # its pulse, a process of its own, goes on
+            if fault.startswith("freeze"):
+                if fault == "freeze":  # the coordinator's process: its pulse, a process of its own, goes on
+                    os.kill(proc.pid, signal.SIGSTOP)
                     time.sleep(seconds)
                     os.kill(proc.pid, signal.SIGCONT)
-                else:
+                else:  # a worker, or the coordinator with its pulse: its whole session
                     frozen = _signal_session(proc.pid, signal.SIGSTOP)
                     time.sleep(seconds)
                     for pid in reversed(frozen):  # the agents' processes first: their stops come last
