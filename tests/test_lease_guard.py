@@ -53,8 +53,10 @@ class _Cycles(LoopingThreadAgent):
 
 
 def test_a_looping_agent_begins_no_cycle_past_its_lease_until_it_is_renewed_or_the_agent_stopped():
-    """The agent's side (BaseAgent._may_go_on): past the lease as last told, no cycle begins; a
-    renewal lets the cycles go on, a stop ends the agent without one more."""
+    """The agent's side (BaseAgent._may_go_on): past the lease as last told and the agent's stop
+    timeout (when its replacement may start), no cycle begins; a renewal lets the cycles go on, a
+    stop ends the agent without one more.  Within the stop timeout they go on (a busy worker passes
+    renewals on late: no pause for that)."""
     lease = Lease()
     agent = _Cycles("a")
     agent._lease = lease
@@ -62,14 +64,17 @@ def test_a_looping_agent_begins_no_cycle_past_its_lease_until_it_is_renewed_or_t
     thread.start()
     try:
         wait_for(lambda: getattr(agent, "cycles", 0) >= 3, 5, "cycles under no lease told")
-        lease.until = clock.now() - 1.0  # over: as a process thawed after its lease sees it
+        lease.until = clock.now() - 100.0  # over: as a process thawed after its lease sees it
         time.sleep(0.1)
         held = agent.cycles
         time.sleep(0.3)
         assert agent.cycles == held, "cycles went on past the lease"
         lease.until = clock.now() + 60.0  # renewed: the worker's loop had an echo it had not read
         wait_for(lambda: agent.cycles > held + 3, 5, "cycles once the lease is renewed")
-        lease.until = clock.now() - 1.0
+        lease.until = clock.now() - 1.0  # over, but not its stop timeout (10 s): no replacement yet
+        held = agent.cycles
+        wait_for(lambda: agent.cycles > held + 3, 5, "cycles within the stop timeout after the lease")
+        lease.until = clock.now() - 100.0
         time.sleep(0.1)
         held = agent.cycles
         agent.stop()  # what the worker does once it sees the lease over
@@ -99,7 +104,7 @@ def test_periodic_pool_triggered_and_deferred_agents_hold_at_a_lease_that_is_ove
             ran.append("deferred")
 
     over = Lease()
-    over.until = clock.now() - 1.0
+    over.until = clock.now() - 100.0
     agents = [Periodic("p", Periodic.Config(execution_interval=0.01)), Pool("q", Pool.Config(execution_interval=0.01)),
               Deferred("d", Deferred.Config(delay=0.01))]
     threads = []
@@ -135,7 +140,7 @@ def test_a_recovery_agent_tries_no_more_past_its_lease_and_fails_with_its_last_t
     thread.start()
     try:
         wait_for(lambda: len(tries) >= 2, 5, "two tries under the lease")
-        lease.until = clock.now() - 1.0
+        lease.until = clock.now() - 100.0
         time.sleep(0.1)
         held = len(tries)
         time.sleep(0.3)

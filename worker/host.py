@@ -57,9 +57,9 @@ class _SlotLease:
     def __init__(self, host: "Host", slot: int) -> None:
         self.host, self.slot = host, slot
 
-    def hold(self, stop: threading.Event) -> None:
+    def hold(self, stop: threading.Event, stop_timeout: float) -> None:
         if self.slot in self.host._leased:
-            self.host._guard.hold(stop)
+            self.host._guard.hold(stop, stop_timeout)
 
 
 class Host:

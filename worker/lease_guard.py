@@ -37,19 +37,22 @@ class Lease:
     the agents it covers to look at before each iteration (``BaseAgent._may_go_on``).
 
     Those agents are stopped when the lease runs out, by whoever watches it (the worker's loop, a
-    guard).  A process frozen past the lease (SIGSTOP of its group, a paused VM) wakes with both
-    that watcher and the agents' threads due, in no set order: a looping agent's thread woke first
-    and ran a whole cycle more, seconds after its replacement had started elsewhere (every thread
-    agent of a worker frozen for 3 s, 20 times in 20).  So a thread that finds the lease over
-    begins nothing until it is renewed (the watcher had echoes it had not read yet: busy is not
-    dead) or the agent is stopped."""
+    guard), and the coordinator replaces them once the lease and their stop timeout have passed.
+    A process frozen past that (SIGSTOP of its group, a paused VM) wakes with both the watcher and
+    the agents' threads due, in no set order: a looping agent's thread woke first and ran a whole
+    cycle more, seconds after its replacement had started elsewhere (every thread agent of a
+    worker frozen for 3 s, 20 times in 20).  So a thread that finds the lease and its stop timeout
+    over begins nothing until the lease is renewed (the watcher had echoes it had not read or
+    passed on yet: busy is not dead) or the agent is stopped.  Not at the lease's end itself: a
+    worker's loop that is only busy passes renewals to its process agents late, and they would
+    pause for nothing."""
 
     def __init__(self) -> None:
         self.until = float("inf")  # no lease told yet: nothing to hold to
 
-    def hold(self, stop: threading.Event) -> None:
-        """Return once the lease holds or ``stop`` is set."""
-        while clock.now() > self.until and not stop.wait(POLL):
+    def hold(self, stop: threading.Event, stop_timeout: float) -> None:
+        """Return once the lease plus ``stop_timeout`` holds, or ``stop`` is set."""
+        while clock.now() > self.until + stop_timeout and not stop.wait(POLL):
             pass
 
 

@@ -146,11 +146,13 @@ class BaseAgent(abc.ABC):
         return self._stop_event.is_set()
 
     def _may_go_on(self) -> bool:
-        """Before each iteration of a loop: False once stopped.  Under a lease that has run out
-        as last told (a frozen process woke up), it first waits until that lease is renewed or
-        the agent is stopped: a stopped copy's replacement may be running elsewhere by then."""
+        """Before each iteration of a loop: False once stopped.  Under a lease that has run out,
+        with the stop timeout after it, as last told (a frozen process woke up), it first waits
+        until that lease is renewed or the agent is stopped: the copy's replacement may be running
+        elsewhere by then."""
         if self._lease is not None:
-            self._lease.hold(self._stop_event)
+            # the stop timeout as the coordinator counts it for the replacement (orchestrator.py)
+            self._lease.hold(self._stop_event, float(getattr(self.config, "stop_timeout", 10.0)))
         return not self._stop_event.is_set()
 
     def wait_stop(self, timeout: float | None) -> bool:
