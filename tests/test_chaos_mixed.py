@@ -106,7 +106,7 @@ class Coordinator:
     def end(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
+            _signal_session(self.proc.pid, signal.SIGCONT)  # its pulse too, if it was frozen with it
             self.proc.terminate()
             try:
                 self.proc.wait(20)

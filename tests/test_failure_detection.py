@@ -59,9 +59,17 @@ def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]
     with a 0.5 s silence window: its loop cannot speak during each sort."""
     orch = cluster.orchestrator(min_workers=1, **DETECT)
     events = EventLog(orch)
-    orch.register_agent(GilHolder, "sorter")
     orch.start()
-    cluster.worker(orch.address, f"busy-{pulse}", "--pulse", pulse)
+    name = f"busy-{pulse}"
+    cluster.worker(orch.address, name, "--pulse", pulse)
+    events.wait("WORKER_JOINED", name)
+    if pulse != "never":
+        # its pulse process has spoken before the loop is starved: it starts at the worker's first
+        # heartbeat, and beside 4 CPU burners and the suite it once had not yet when the first
+        # sort began (lost at 0.5 s, "busy, not lost" at 0.6 s)
+        core = orch._coordinator.core  # type: ignore[union-attr]
+        wait_for(lambda: core.workers[name].pulse_at > 0, 30, "the worker's pulse to speak")
+    orch.register_agent(GilHolder, "sorter")
     assert orch.join(timeout=90)
     held = wait_for(lambda: _held(cluster, f"busy-{pulse}", 1), 10, "a sort's line in the worker's log")
     if pulse != "never":  # where the worker is not lost, join() returns after the second sort
@@ -234,7 +242,10 @@ def test_a_worker_frozen_whole_past_the_stop_timeout_begins_no_cycle_once_thawed
         time.sleep(0.3)
     finally:
         for pid in reversed(members):  # the agents' processes first: the worker's stops come last
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     events.wait("WORKER_JOINED", "w1", count=2)
     time.sleep(1.0)  # any late cycle of the old copies is written by now
     late = {}
