@@ -65,7 +65,7 @@ def test_a_looping_agent_begins_no_cycle_past_its_lease_until_it_is_renewed_or_t
     try:
         wait_for(lambda: getattr(agent, "cycles", 0) >= 3, 5, "cycles under no lease told")
         lease.until = clock.now() - 100.0  # over: as a process thawed after its lease sees it
-        time.sleep(0.1)
+        time.sleep(0.3)  # a cycle that had begun ends
         held = agent.cycles
         time.sleep(0.3)
         assert agent.cycles == held, "cycles went on past the lease"
@@ -87,7 +87,7 @@ def test_a_looping_agent_begins_no_cycle_past_its_lease_until_it_is_renewed_or_t
 
 def test_periodic_pool_triggered_and_deferred_agents_hold_at_a_lease_that_is_over():
     """Every loop of a behaviour looks at the lease before it begins more work."""
-    from pyorchestrate.agents import DeferredThreadAgent, PeriodicThreadAgent, PoolThreadAgent
+    from pyorchestrate.agents import DeferredThreadAgent, PeriodicThreadAgent, PoolThreadAgent, TriggeredThreadAgent
 
     ran = []
 
@@ -103,15 +103,20 @@ def test_periodic_pool_triggered_and_deferred_agents_hold_at_a_lease_that_is_ove
         def execute(self):
             ran.append("deferred")
 
+    class Triggered(TriggeredThreadAgent):
+        def execute(self, payload):
+            ran.append("triggered")
+
     over = Lease()
     over.until = clock.now() - 100.0
     agents = [Periodic("p", Periodic.Config(execution_interval=0.01)), Pool("q", Pool.Config(execution_interval=0.01)),
-              Deferred("d", Deferred.Config(delay=0.01))]
+              Deferred("d", Deferred.Config(delay=0.01)), Triggered("t")]
     threads = []
     for agent in agents:
         agent._lease = over
         threads.append(threading.Thread(target=agent.run))
         threads[-1].start()
+    agents[3].deliver("trigger", {"n": 1})  # delivered while its lease is over: not acted on
     time.sleep(0.3)
     assert ran == []
     for agent in agents:
@@ -119,7 +124,7 @@ def test_periodic_pool_triggered_and_deferred_agents_hold_at_a_lease_that_is_ove
     for thread in threads:
         thread.join(5)
         assert not thread.is_alive()
-    assert ran == [] and agents[2]._not_run
+    assert ran == [] and agents[2]._not_run and agents[3]._not_run
 
 
 def test_a_recovery_agent_tries_no_more_past_its_lease_and_fails_with_its_last_try():
