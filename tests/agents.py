@@ -2,6 +2,8 @@
 
 import os
 import time
+from pathlib import Path
+from typing import Any
 
 from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, EventDrivenThreadAgent,
                            LoopingProcessAgent, LoopingThreadAgent)
@@ -250,6 +252,24 @@ class CopyTracer(LoopingThreadAgent):
 
     def on_close(self):
         append_line(self.config.trace, f"close {self.copy} {time.time():.3f}")
+
+
+def copy_spans(path: Any, work_only: bool = True) -> dict[str, list]:
+    """What a CopyTracer trace at ``path`` shows of each copy: ``[first, last, closed]``, the
+    times of its first and last line (``work_only``: its start and cycles, not its close, which is
+    cleanup) and whether it closed."""
+    spans: dict[str, list] = {}
+    for line in Path(path).read_text().splitlines():
+        kind, copy, when = line.split()
+        span = spans.setdefault(copy, [None, None, False])
+        if kind == "close":
+            span[2] = True
+            if work_only:
+                continue
+        t = float(when)
+        span[0] = t if span[0] is None else min(span[0], t)
+        span[1] = t if span[1] is None else max(span[1], t)
+    return {copy: span for copy, span in spans.items() if span[0] is not None}
 
 
 class SlowJob(BaseThreadAgent):

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from agents import copy_spans
 from conftest import _session_members, free_port, wait_for
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -56,23 +57,12 @@ time.sleep(600)
 RESTARTED = ("t0", "t1", "t2", "p0")  # k0 (restart="never") ends for good with its worker
 
 
-def _copies(path: Path) -> dict[str, list[float]]:
-    """Each copy's first and last line of work (start, alive; not close) in an agent's file."""
-    spans: dict[str, list[float]] = {}
-    for line in path.read_text().splitlines():
-        kind, copy, when = line.split()
-        if kind != "close":
-            span = spans.setdefault(copy, [float(when), float(when)])
-            span[0], span[1] = min(span[0], float(when)), max(span[1], float(when))
-    return spans
-
-
 def _overlaps(ledger: Path) -> list[str]:
     found = []
     for path in sorted(ledger.iterdir()):
-        spans = sorted(_copies(path).items(), key=lambda item: item[1][0])
-        for i, (a, (a_first, a_last)) in enumerate(spans):
-            for b, (b_first, _) in spans[i + 1:]:
+        spans = sorted(copy_spans(path).items(), key=lambda item: item[1][0])
+        for i, (a, (a_first, a_last, _)) in enumerate(spans):
+            for b, (b_first, _, _) in spans[i + 1:]:
                 if a_last >= b_first:
                     found.append(f"{path.name}: copy {a} worked until {a_last - b_first:.3f} s after copy {b} began")
     return found
@@ -83,8 +73,7 @@ def _live(ledger: Path, within: float = 0.5) -> dict[str, list[str]]:
     not close."""
     now, live = time.time(), {}
     for path in ledger.iterdir():
-        closed = {line.split()[1] for line in path.read_text().splitlines() if line.startswith("close ")}
-        live[path.name] = [c for c, (_, last) in _copies(path).items() if c not in closed and now - last < within]
+        live[path.name] = [c for c, (_, last, closed) in copy_spans(path).items() if not closed and now - last < within]
     return live
 
 

@@ -13,7 +13,8 @@ import time
 from collections import defaultdict
 
 import pytest
-from agents import CopyTracer, CopyTracerProcess, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess, GilHolder
+from agents import (CopyTracer, CopyTracerProcess, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess,
+                    GilHolder, copy_spans)
 from conftest import DETECT, EventLog, _session_members, free_port, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
@@ -161,16 +162,8 @@ def test_sigstopped_worker_is_lost_then_rejoins_without_a_duplicate_agent(cluste
 
 
 def _copies(trace, work_only: bool = False) -> list[tuple[float, float]]:
-    """Each copy a CopyTracer trace shows: (its first line's time, its last line's), by start;
-    ``work_only``: its start and its cycles, not its close."""
-    spans: dict[str, list[float]] = {}
-    for line in trace.read_text().splitlines():
-        kind, copy, when = line.split()
-        if work_only and kind == "close":
-            continue
-        span = spans.setdefault(copy, [float(when), float(when)])
-        span[0], span[1] = min(span[0], float(when)), max(span[1], float(when))
-    return sorted(tuple(span) for span in spans.values())
+    """Each copy a CopyTracer trace shows: (its first line's time, its last line's), by start."""
+    return sorted((first, last) for first, last, _ in copy_spans(trace, work_only).values())
 
 
 def test_a_stalled_worker_back_without_its_copy_lets_the_replacement_start_at_once(cluster, tmp_path):
