@@ -23,8 +23,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from . import (collector, commands, control, curve, fd_limit, fork_guard, history, protocol, runmarker, snapshots,
-               sockets, tailhold, trace)
+from . import (collector, commands, control, curve, fd_limit, fork_guard, history, prejoin, protocol, runmarker,
+               snapshots, sockets, tailhold, trace)
 from .coordinator_pulse import PulseLink
 from .core import AwaitBus, ClusterCore, Finished, Forget, Publish, Send
 from .drops import DropCounter
@@ -107,6 +107,9 @@ class Coordinator:
         self._bus_deadline: float | None = None
         self._tail_hold = tailhold.TailHold()  # an agent's end waits for its last log lines
         self._early_hold = tailhold.EarlyHold()  # and its first lines wait for its start
+        # bus frames of a worker not registered yet: a restarted coordinator hears its predecessor's
+        # workers' buses before their registers (prejoin.py); they re-register within a window
+        self._prejoin = prejoin.PreJoinHold(2 * config.heartbeat_interval * config.heartbeat_liveness + 2.0)
         self._started_keys: list[tuple[str, str]] = []
         self._history = history.History(config.history_max_events, config.history_max_bytes)
         self._started_wall = time.time()
@@ -306,6 +309,8 @@ class Coordinator:
                 # a turn, where no status() is served, status() at S9's peak reached 101-134 ms in 2
                 # of 7 runs (--nice 19; 42-59 ms in 4 without)
                 behind = self.router in ready and self._drain_control()
+                if self._prejoin:
+                    self._replay_prejoin()  # before the bus is read: their frames came first
                 self._serve_queries_waiting()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
                 if self.monitor in ready:
@@ -339,6 +344,9 @@ class Coordinator:
                         self._give_up_tails(now)
                     if self._early_hold:
                         self._release_early(self._early_hold.expired(now))
+                    if self._prejoin:
+                        for worker, frames in self._prejoin.expired(now):
+                            self.dropped.drop("bus_frame_not_from_worker", worker, count=frames)
                     self._publish_bus_heartbeat(now)
                     self._sweep(now)
                     if self.collector is not None:
@@ -720,7 +728,7 @@ class Coordinator:
         size = self.config.max_message_size
         if frames and frames[0] == protocol.BATCH_TOPIC:
             worker, token, wseq, items = protocol.decode_batch(frames, size)
-            if not self._from_worker(worker, token):
+            if not self._from_worker(worker, token, frames):
                 return
             self._note_worker_frame(worker, token, wseq)
             now = self._last_batch[worker] = time.monotonic()
@@ -745,7 +753,7 @@ class Coordinator:
                 self._bus_event(key, seq, topic, body)
         elif frames and frames[0] == protocol.BEATS_TOPIC:
             worker, token, wseq, beats = protocol.decode_beats(frames, size)
-            if not self._from_worker(worker, token):
+            if not self._from_worker(worker, token, frames):
                 return
             self._note_worker_frame(worker, token, wseq)
             self._on_beats(worker, beats)
@@ -758,6 +766,19 @@ class Coordinator:
         except protocol.ProtocolError as exc:  # one bad body spoils no other
             self.dropped.drop("bad_frame", exc)
 
+    def _replay_prejoin(self) -> None:
+        """The bus frames that came before their worker's register, now that it has registered:
+        judged as if they came now (its token, its runs), in the order they came."""
+        assert self.core is not None
+        for worker in self._prejoin.names():
+            if worker in self.core.workers:
+                self.dispatcher.hold()
+                try:
+                    for frames in self._prejoin.take(worker):
+                        self._handle(self._on_bus, frames)
+                finally:
+                    self.dispatcher.release()
+
     def _before_started(self, publisher: str, run: str) -> bool:
         """Is this the agent's current run, sent but not yet reported STARTED?  (The tail of its
         previous run, arriving meanwhile, is not held: that run's end waits for it.)"""
@@ -769,12 +790,16 @@ class Coordinator:
         for key, (seq, topic, body) in held:
             self._bus_event(key, seq, topic, body)
 
-    def _from_worker(self, worker: str, token: str) -> bool:
+    def _from_worker(self, worker: str, token: str, frames: list[bytes]) -> bool:
         """Is this bus frame from the worker it names?  The bus input cannot tell who connected;
-        the secret its process showed in its register (on its own control connection) can.
-        Nothing is kept for a frame that fails: a flood of made-up publishers costs no memory."""
+        the secret its process showed in its register (on its own control connection) can.  A
+        frame naming a worker not registered yet waits for its register, within bounds
+        (prejoin.py); nothing else is kept for a frame that fails: a flood of made-up publishers
+        costs no more than those bounds."""
         assert self.core is not None
         record = self.core.workers.get(worker)
+        if record is None and self._prejoin.add(worker, frames, time.monotonic()):
+            return False
         # as bytes: compare_digest refuses str that is not ASCII (anyone can send that)
         if record is None or not record.token or not hmac.compare_digest(token.encode(), record.token.encode()):
             self.dropped.drop("bus_frame_not_from_worker", worker)

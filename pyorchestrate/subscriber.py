@@ -32,6 +32,10 @@ _CLOCK_SKEW = 1.0  # a run that started this long before us still counts as "aft
 #: seconds live events wait for the history answer (it goes first) before they are handed out
 #: anyway: the coordinator answers at once, so only a coordinator that is gone takes this long
 HISTORY_WAIT = 5.0
+#: events an agent copy numbers itself (its bus events), checked across coordinator runs
+_COPY_EVENTS = frozenset({"AGENT_EVENT", "AGENT_LOG"})
+#: agent copies whose numbers are followed at most (one entry each, dropped at its end)
+MAX_COPIES = 100_000
 
 
 class Event(dict):
@@ -82,6 +86,9 @@ class EventSubscriber:
         self._created = time.time()
         self._want_history = history
         self._next: dict[str, int] = {}  # coordinator run -> the seq expected next
+        #: an agent copy's bus publisher ("worker/agent") -> (its run, the coordinator run that
+        #: delivered its last event, that event's seq in the copy's own numbering): see _deliver
+        self._copies: dict[str, tuple[str, str, int]] = {}
         self._pending: collections.deque[Event] = collections.deque()
         # while a range is being recovered: what arrives live waits here, in order
         self._held: collections.deque[tuple[str, int, bool, float, Event]] = collections.deque()
@@ -252,7 +259,7 @@ class EventSubscriber:
             self._next[session] = seq + 1
             event.coordinator_seq = seq
         if event.get("event") != _HEARTBEAT:
-            self._pending.append(event)
+            self._deliver(session, event)
 
     def _ask(self, session: str, first: int, last: int, tries: int = 1) -> None:
         topic = protocol.range_request(uuid.uuid4().hex, session, first, last).encode()
@@ -300,7 +307,7 @@ class EventSubscriber:
                 self.recovered += 1
                 event = Event(fields)
                 event.coordinator_seq = seq
-                self._pending.append(event)
+                self._deliver(session, event)
                 expected = seq + 1
         if covered >= expected:
             self._lost(session, covered - expected + 1)
@@ -317,6 +324,37 @@ class EventSubscriber:
             if self._range is not None:  # another gap among them: hold the rest again
                 self._held.extend(held)
                 return
+
+    def _deliver(self, session: str, event: Event) -> None:
+        """Hand out one event of the whole stream, in order, after counting what its agent copy
+        sent that no coordinator run delivered.
+
+        Within one coordinator run, a gap in a copy's own numbers is the coordinator's to count
+        (it publishes EVENTS_LOST).  Across runs nobody else can: a coordinator started again
+        adopts the copy, and what it sent meanwhile (bus frames that reached the new coordinator
+        before its worker registered, or were in flight when the old one was killed) or what the
+        old one published and never announced (its send queue at a SIGKILL) was seen by neither
+        coordinator as lost.  This subscriber saw both runs, so it knows: the copy's next event
+        in the new run has a number past the last one delivered in the old."""
+        publisher = event.get("publisher")
+        if isinstance(publisher, str) and "/" in publisher and event.get("event") in _COPY_EVENTS:
+            run, seq = event.get("incarnation"), event.get("seq")
+            if isinstance(run, str) and isinstance(seq, int):
+                known = self._copies.get(publisher)
+                if known is not None and known[0] == run:
+                    if known[1] != session and seq > known[2] + 1:
+                        self._report_gap(publisher, seq - known[2] - 1)
+                    if seq > known[2]:
+                        self._copies[publisher] = (run, session, seq)
+                else:
+                    self._copies.pop(publisher, None)  # its previous run, if any: this one goes last
+                    if len(self._copies) >= MAX_COPIES:  # ends not seen (lost, or before we came): oldest out
+                        del self._copies[next(iter(self._copies))]
+                    self._copies[publisher] = (run, session, seq)
+        elif event.get("event") == "AGENT_TERMINATED":
+            # its run's tail came before its end (the coordinator holds the end for it): done
+            self._copies.pop(f"{event.get('worker')}/{event.get('agent_name')}", None)
+        self._pending.append(event)
 
     def _lost(self, session: str, lost: int) -> None:
         """``lost`` events of coordinator run ``session`` that history no longer held."""

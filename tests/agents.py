@@ -357,6 +357,21 @@ class Burst(BaseThreadAgent):
             self.publish("burst", i=i, pad=pad)
 
 
+class Ticker(BaseThreadAgent):
+    """Publishes numbered events (``i`` from 0) at ``rate`` a second until stopped."""
+
+    class Config(BaseThreadAgent.Config):
+        rate = 1000
+
+    def execute(self):
+        period, i = 1.0 / self.config.rate, 0
+        due = time.monotonic()
+        while not self.wait_stop(max(0.0, due - time.monotonic())):
+            self.publish("tick", i=i)
+            i += 1
+            due += period
+
+
 class LastWords(BaseProcessAgent):
     """Logs, then leaves with os._exit(1): no TERMINATED of its own, no flush."""
 

@@ -383,10 +383,12 @@ def test_the_bus_input_takes_nothing_that_does_not_show_the_workers_token(cluste
         for i, token in enumerate(("", incarnation, "0" * 32, "sécret")):
             pub.send_multipart(protocol.encode_batch("w1", token, 10_000 + i, forged))
             pub.send_multipart(protocol.encode_beats("w1", token, 20_000 + i, [["probe", run, 10**15]]))
-        for i in range(300):  # made-up publishers: nothing may be kept for them
+        for i in range(300):  # made-up publishers: kept only until no register of theirs can come
             pub.send_multipart(protocol.encode_batch(f"nobody{i}", "t", 1, forged[:1]))
-        wait_for(lambda: orch.status()["dropped"].get("bus_frame_not_from_worker", 0) >= 308, 10,
+        # (two liveness windows and 2 s: a restarted coordinator's workers register within that, prejoin.py)
+        wait_for(lambda: orch.status()["dropped"].get("bus_frame_not_from_worker", 0) >= 308, 20,
                  "the forged frames to be counted")
+        assert not orch._coordinator._prejoin and orch._coordinator._prejoin.size == 0
         # with the real token, lifecycle topics are still refused (the worker's own agents cannot forge them)
         token = orch._coordinator.core.workers["w1"].token
         pub.send_multipart(protocol.encode_batch("w1", token, 30_000, forged[1:]))

@@ -390,6 +390,7 @@ def test_forged_bus_frames_from_keyless_hosts_never_arrive(cluster, keydir):
             time.sleep(0.005)
         time.sleep(0.5)
         assert "bus_frame_not_from_worker" not in orch.status()["dropped"]  # nothing got that far
+        assert not orch._coordinator._prejoin  # nor is held for a register (prejoin.py)
         assert not events.of("AGENT_ERROR") and _status_ms(orch) < RESPONSIVE_MS
     finally:
         ctx.destroy(linger=0)
