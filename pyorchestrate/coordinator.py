@@ -309,10 +309,12 @@ class Coordinator:
                 # a turn, where no status() is served, status() at S9's peak reached 101-134 ms in 2
                 # of 7 runs (--nice 19; 42-59 ms in 4 without)
                 behind = self.router in ready and self._drain_control()
-                if self._prejoin:
-                    self._replay_prejoin()  # before the bus is read: their frames came first
                 self._serve_queries_waiting()
                 self._carry_out()  # a run's end announces its last bus events before the bus is read
+                if self._prejoin:
+                    # after what the registers decided (an agent adopted goes before its events),
+                    # before the bus is read (these frames came first)
+                    self._replay_prejoin()
                 if self.monitor in ready:
                     self._on_monitor()
                 if self.xsub in ready:

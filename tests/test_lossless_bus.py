@@ -273,3 +273,6 @@ def test_a_subscriber_that_outlives_a_killed_coordinator_gets_every_event_of_an_
     assert missing < rate // 2, missing
     logs = "".join(p.read_text() for p in tmp_path.glob("coordinator*.log"))
     assert "bus_frame_not_from_worker" not in logs
+    # the new run says the agent is adopted before it forwards what the agent sent meanwhile
+    second = [e.event for e in got[before:] if e.event in ("AGENT_ADOPTED", "AGENT_EVENT")]
+    assert second[0] == "AGENT_ADOPTED", second[:3]
