@@ -77,6 +77,20 @@ def _live(ledger: Path, within: float = 0.5) -> dict[str, list[str]]:
     return live
 
 
+def settle_and_check(ledger: Path, restarted: tuple[str, ...], timeout: float, run: str) -> None:
+    """Once the faults stop: each agent of ``restarted`` runs one copy again within ``timeout``,
+    and no two copies of any agent ever worked at once."""
+
+    def settled() -> bool:
+        live = _live(ledger)
+        return all(len(live.get(name, [])) == 1 for name in restarted)
+
+    wait_for(settled, timeout, f"one running copy of each agent again ({run})")
+    time.sleep(1.0)  # a late line of an old copy shows now
+    overlaps = _overlaps(ledger)
+    assert not overlaps, f"{run}: {overlaps}"
+
+
 class Coordinator:
     """The coordinator script as a process of its own, started again after each kill."""
 
@@ -161,14 +175,7 @@ def test_mixed_faults_never_leave_two_working_copies_and_every_agent_runs_once_a
                     cluster.worker(address, target, *extra[target])
             time.sleep(rng.uniform(0.2, 1.5))
 
-        def settled() -> bool:
-            live = _live(ledger)
-            return all(len(live.get(name, [])) == 1 for name in RESTARTED)
-
-        wait_for(settled, 60, f"one running copy of each agent again (seed {seed}: {journal})")
-        time.sleep(1.0)  # a late line of an old copy shows now
-        overlaps = _overlaps(ledger)
-        assert not overlaps, f"seed {seed}, faults {journal}: {overlaps}"
+        settle_and_check(ledger, RESTARTED, 60, f"seed {seed}, faults {journal}")
         wait_for(lambda: not any(_session_members(sid) for sid in killed_sessions), 10,
                  f"nothing left of the killed workers (seed {seed}: {journal})")
         print(f"chaos: seed {seed}, {len(journal)} faults: {journal}")

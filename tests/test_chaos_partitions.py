@@ -24,8 +24,8 @@ import time
 import pytest
 from agents import copy_spans
 from conftest import wait_for
-from test_chaos_mixed import _live, _overlaps
-from test_partition_netns import Net, _namespaces_work
+from test_chaos_mixed import _live, settle_and_check
+from test_partition_netns import net  # noqa: F401 (the fixture: a bridge for the namespaces, removed after)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 STEPS = int(os.environ.get("PYORCHESTRATE_CHAOS_STEPS", "8"))
@@ -50,18 +50,6 @@ o.start()
 time.sleep(900)
 """
 RESTARTED = ("t0", "t1", "t2", "t3", "p0", "p1")
-
-
-@pytest.fixture
-def net():
-    reason = _namespaces_work()
-    if reason:
-        pytest.skip(reason)
-    made = Net()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.mark.timeout(300)
@@ -115,14 +103,7 @@ def test_seeded_partitions_never_leave_two_working_copies_and_every_agent_runs_o
                 set_cut(names, False)
             time.sleep(rng.uniform(0.2, 1.5))
 
-        def settled() -> bool:
-            live = _live(ledger)
-            return all(len(live.get(name, [])) == 1 for name in RESTARTED)
-
-        wait_for(settled, 90, f"one running copy of each agent again (seed {seed}: {journal})")
-        time.sleep(1.0)  # a late line of an old copy shows now
-        overlaps = _overlaps(ledger)
-        assert not overlaps, f"seed {seed}, faults {journal}: {overlaps}"
+        settle_and_check(ledger, RESTARTED, 90, f"seed {seed}, faults {journal}")
         copies = {p.name: len(copy_spans(p)) for p in ledger.iterdir()}
         print(f"partitions: seed {seed}, {len(journal)} faults: {journal}; copies {copies}")
     finally:
