@@ -5,8 +5,9 @@ A coordinator and three workers, each in its own network namespace on one bridge
 test_partition_netns.py).  The faults, one after the other at random (seeded): a worker's link cut
 for 0.3-4 s (the liveness window is 1 s: short cuts are missed heartbeats, long ones a worker lost
 and its copies replaced), two workers' links cut at once, the coordinator's link cut (every
-worker cut off from it at once: their leases run out together), and a link that flaps (cut and
-healed five times in 2 s).  Every copy of every agent writes its start and each cycle to a file of
+worker cut off from it at once: their leases run out together), a link that flaps (cut and
+healed five times in 2 s), and the coordinator SIGKILLed and started again while a worker is cut
+off (the new one must not start what that worker may still run).  Every copy of every agent writes its start and each cycle to a file of
 its agent's (CopyTracer) in a directory all namespaces share, on one host clock.
 
 Then, once the links are healed: every agent with a restart policy runs exactly one copy again,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 
@@ -64,7 +66,7 @@ def test_seeded_partitions_never_leave_two_working_copies_and_every_agent_runs_o
     address = f"tcp://{coordinator}:25620"
     path = tmp_path / "coordinator.py"
     path.write_text(SCRIPT.format(tests=TESTS, address=address, ledger=str(ledger)))
-    net.spawn("c", [sys.executable, str(path)], tmp_path / "coordinator.log")
+    coordinator_proc = net.spawn("c", [sys.executable, str(path)], tmp_path / "coordinator.log")
     for name in WORKERS:
         net.spawn(name, [sys.executable, "-m", "pyorchestrate_worker", "--coordinator", address, "--name", name],
                   tmp_path / f"{name}.log")
@@ -80,9 +82,9 @@ def test_seeded_partitions_never_leave_two_working_copies_and_every_agent_runs_o
         wait_for(lambda: all(len(_live(ledger).get(name, [])) == 1 for name in RESTARTED), 90,
                  "every agent running before the faults")
         for _ in range(STEPS):
-            fault = rng.choice(["worker", "worker", "two workers", "coordinator", "flap"])
+            fault = rng.choice(["worker", "worker", "two workers", "coordinator", "flap", "restart"])
             seconds = round(rng.uniform(0.3, 4.0), 2)
-            if fault == "worker":
+            if fault in ("worker", "restart"):
                 names = [rng.choice(WORKERS)]
             elif fault == "two workers":
                 names = rng.sample(WORKERS, 2)
@@ -97,6 +99,15 @@ def test_seeded_partitions_never_leave_two_working_copies_and_every_agent_runs_o
                     time.sleep(rng.uniform(0.1, 0.3))
                     set_cut(names, False)
                     time.sleep(rng.uniform(0.05, 0.2))
+            elif fault == "restart":  # the coordinator SIGKILLed and started again while a worker is cut off
+                set_cut(names, True)
+                time.sleep(rng.uniform(0.0, 1.0))
+                os.killpg(coordinator_proc.pid, signal.SIGKILL)
+                coordinator_proc.wait(10)
+                coordinator_proc = net.spawn("c", [sys.executable, str(path)],
+                                             tmp_path / f"coordinator-{len(journal)}.log")
+                time.sleep(seconds)
+                set_cut(names, False)
             else:
                 set_cut(names, True)
                 time.sleep(seconds)
