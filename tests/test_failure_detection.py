@@ -64,12 +64,9 @@ def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]
     name = f"busy-{pulse}"
     cluster.worker(orch.address, name, "--pulse", pulse)
     events.wait("WORKER_JOINED", name)
-    if pulse != "never":
-        # its pulse process has spoken before the loop is starved: it starts at the worker's first
-        # heartbeat, and beside 4 CPU burners and the suite it once had not yet when the first
-        # sort began (lost at 0.5 s, "busy, not lost" at 0.6 s)
-        core = orch._coordinator.core  # type: ignore[union-attr]
-        wait_for(lambda: core.workers[name].pulse_at > 0, 30, "the worker's pulse to speak")
+    # at once: a --pulse always worker registers once its pulse has booted (beside 4 CPU burners and
+    # the suite, a pulse started at the welcome had not yet spoken when the first sort began: lost
+    # at 0.5 s, "busy, not lost" at 0.6 s; see the next test)
     orch.register_agent(GilHolder, "sorter")
     assert orch.join(timeout=90)
     held = wait_for(lambda: _held(cluster, f"busy-{pulse}", 1), 10, "a sort's line in the worker's log")
@@ -88,6 +85,28 @@ def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(clus
     assert not events.of("WORKER_LOST")
     assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True
     assert "busy, not lost" in caplog.text  # the pulse is what held it: the loop was silent
+
+
+def test_a_pulse_always_worker_registers_once_its_pulse_has_booted(cluster, tmp_path, monkeypatch):
+    """The pulse process takes a while to boot (Python and its imports: 0.25-1 s here; made 1.5 s
+    by a sitecustomize that only the pulse process sleeps in).  Started at the welcome, it left the
+    worker covered by the window alone meanwhile; booted first, it speaks as the worker joins."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys, time\nif 'pyorchestrate_worker.pulse' in sys.orig_argv:\n    time.sleep(1.5)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON, **DETECT)
+    events = EventLog(orch)
+    orch.start()
+    started = time.monotonic()
+    cluster.worker(orch.address, "w1", "--pulse", "always")
+    events.wait("WORKER_JOINED", "w1")
+    joined = time.monotonic()
+    core = orch._coordinator.core  # type: ignore[union-attr]
+    wait_for(lambda: core.workers["w1"].pulse_at > 0, 30, "the worker's pulse to speak")
+    assert time.monotonic() - joined < 1.0, "the worker joined long before its pulse could speak"
+    assert joined - started > 1.5, "the sitecustomize did not slow the pulse: the test proves nothing"
 
 
 def test_without_a_pulse_the_same_starved_loop_is_a_false_death(cluster):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import subprocess
 import sys
@@ -56,6 +57,7 @@ REGISTER_TIMEOUT = 2.0
 # earlier answer (resolver.py): DNS answers in milliseconds when it answers at all
 RESOLVE_WAIT = 0.25
 PULSE_MODES = ("auto", "always", "never")
+PULSE_BOOT_WAIT = 10.0  #: seconds a --pulse always worker waits for its pulse to boot before it first registers
 #: after the longest stop timeout of its agents, how long a shutting-down worker waits for a process
 #: that would not die (killed 2 s past its timeout) before it leaves anyway
 SHUTDOWN_MARGIN = 5.0
@@ -133,6 +135,9 @@ class Worker:
         # the first registration (agents in C code that holds the GIL); see pulse.py
         self._pulse_mode = pulse
         self._pulse: subprocess.Popen | None = None
+        #: "always": a pulse process started with this worker, booted (Python and its imports, 0.1-1
+        #: s) while it waits for its configuration; at the first welcome it only needs that line
+        self._pulse_spare: subprocess.Popen | None = None
         self._pulse_to = ""  # the address it pulses to
         # with keys: every connection is CurveZMQ with this worker's key, and only to the holder of
         # the coordinator key (no code is run from whoever binds the address first)
@@ -235,6 +240,14 @@ class Worker:
         # loop in its first line after: the coordinator took the worker for lost)
         defer_in_this_thread()
         log.info("worker %s (pid %d) serving coordinator %s", self.name, os.getpid(), self.coordinator)
+        if self._pulse_mode == "always":
+            # booted before the first registration: started at the welcome, the pulse took 0.25-1 s
+            # to boot (Python and its imports), and meanwhile only the window covered this worker:
+            # an agent holding the GIL from its start could make a false death (a short window, a
+            # loaded machine).  The join waits for that boot instead
+            self._pulse_spare = self._spawn_pulse()
+            if self._pulse_spare is not None:
+                self._await_boot(self._pulse_spare, PULSE_BOOT_WAIT)
         try:
             while not self._shutdown.is_set():
                 try:
@@ -567,19 +580,57 @@ class Worker:
         self._pulse_to = self._connect_to
         config = {"coordinator": self._connect_to, "name": self.name, "token": self._token, "pid": os.getpid(),
                   "interval": self._limits.interval, "keys": keys, "key_name": self._key.name if self._key else None}
+        proc, self._pulse_spare = self._pulse_spare or self._spawn_pulse(), None
+        if proc is None:
+            return
+        try:
+            proc.stdin.write((json.dumps(config) + "\n").encode())  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError as exc:  # it died meanwhile
+            log.warning("could not start the pulse process: %s", exc)
+            self._end_pulse(proc)
+            self._pulse_mode = "never"
+            return
+        self._pulse = proc
+        log.info("pulse process %d started (%d agents): the coordinator hears this process is alive even "
+                 "when this loop cannot speak", proc.pid, self._supervisor.size())
+
+    def _spawn_pulse(self) -> subprocess.Popen | None:
+        """A pulse process, waiting for its configuration on its stdin (None: none could start)."""
         try:
             # a session of its own, so a scheduler group of its own (autogroup): in ours it would be one
             # thread among our thousands, starved by the very herd it is there to outlast
-            self._pulse = subprocess.Popen([sys.executable, "-m", "pyorchestrate_worker.pulse"], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, start_new_session=True)
-            self._pulse.stdin.write((json.dumps(config) + "\n").encode())  # type: ignore[union-attr]
-            self._pulse.stdin.flush()  # type: ignore[union-attr]
-            os.set_blocking(self._pulse.stdout.fileno(), False)  # type: ignore[union-attr]
-            log.info("pulse process %d started (%d agents): the coordinator hears this process is alive even "
-                     "when this loop cannot speak", self._pulse.pid, self._supervisor.size())
+            proc = subprocess.Popen([sys.executable, "-m", "pyorchestrate_worker.pulse"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             log.warning("could not start the pulse process: %s", exc)
             self._pulse_mode = "never"
+            return None
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        return proc
+
+    def _await_boot(self, proc: subprocess.Popen, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a pulse process to say it is booted (its first stamp,
+        which renews nothing: read here and dropped).  Past that, register anyway: a pulse late to
+        boot covers this worker later, as it did before."""
+        out = proc.stdout.fileno()  # type: ignore[union-attr]
+        deadline = clock.now() + timeout
+        got = b""
+        while len(got) < pulse.ECHO.size and not self._shutdown.is_set():
+            left = deadline - clock.now()
+            if left <= 0 or not select.select([out], [], [], min(left, 0.1))[0]:
+                if left <= 0:
+                    log.warning("the pulse process %d did not boot within %.0f s: registering without it",
+                                proc.pid, timeout)
+                    return
+                continue
+            try:
+                chunk = os.read(out, pulse.ECHO.size - len(got))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return  # it died: _maybe_pulse finds out and says so
+            got += chunk
 
     def _pulse_echoes(self) -> None:
         """The coordinator answered our pulse: the lease runs from the latest answered stamp."""
@@ -594,19 +645,23 @@ class Worker:
             self._renew_lease(max(pulse.ECHO.unpack_from(data, i)[0] for i in range(0, whole, pulse.ECHO.size)))
 
     def _stop_pulse(self) -> None:
-        if self._pulse is None:
-            return
+        for proc in (self._pulse, self._pulse_spare):
+            if proc is not None:
+                self._end_pulse(proc)
+        self._pulse = self._pulse_spare = None
+
+    @staticmethod
+    def _end_pulse(proc: subprocess.Popen) -> None:
         try:
-            self._pulse.stdin.close()  # type: ignore[union-attr]  # its cue to end
+            proc.stdin.close()  # type: ignore[union-attr]  # its cue to end
         except OSError:
             pass  # it is gone already
         try:
-            self._pulse.wait(2)
+            proc.wait(2)
         except subprocess.TimeoutExpired:
-            self._pulse.kill()
-            self._pulse.wait(2)
-        self._pulse.stdout.close()  # type: ignore[union-attr]
-        self._pulse = None
+            proc.kill()
+            proc.wait(2)
+        proc.stdout.close()  # type: ignore[union-attr]
 
     def _lease_over(self) -> bool:
         """Has more than the lease passed since the last round trip we can prove?"""

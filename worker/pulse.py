@@ -33,8 +33,18 @@ from pyorchestrate.proc_state import alive_and_running, process_stat, worker_sta
 ECHO = struct.Struct("d")  # one echoed stamp (clock.now(): the worker's lease clock, see clock.py)
 
 
+#: written once booted, before the configuration is read: a stamp no lease counts from
+BOOTED = ECHO.pack(0.0)
+
+
 def main() -> int:
-    config = json.loads(sys.stdin.readline())
+    # started ahead of the worker's first registration, it says when it is booted and waits here
+    # (see node.py, _pulse_spare)
+    os.write(sys.stdout.fileno(), BOOTED)
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the worker ended before it needed us
+    config = json.loads(line)
     parent, interval = int(config["pid"]), float(config["interval"])
     _, key = curve.client_key(config.get("keys"), ("worker",), config.get("key_name"))
     ctx = zmq.Context()
