@@ -254,7 +254,8 @@ def test_a_subscriber_that_outlives_a_killed_coordinator_gets_every_event_of_an_
             wait_for(lambda: got.extend(sub.drain()) or any(e.event == "AGENT_ADOPTED" for e in got[before:]), 60,
                      "the agent adopted by the new coordinator")
             mark = ticks()[-1].data["i"]
-            wait_for(lambda: got.extend(sub.drain()) or ticks()[-1].data["i"] >= mark + rate, 30, "events after the adoption")
+            wait_for(lambda: got.extend(sub.drain()) or ticks()[-1].data["i"] >= mark + rate, 30,
+                     "events after the adoption")
             lost_events = [e for e in got if e.event == "EVENTS_LOST"]
             lost = sub.lost
     finally:
@@ -269,8 +270,9 @@ def test_a_subscriber_that_outlives_a_killed_coordinator_gets_every_event_of_an_
     assert lost == missing, f"{missing} event(s) missing, {lost} counted lost: {lost_events}"
     assert all(e.source == "w1/ticker" for e in lost_events), lost_events
     # what the agent sent while no coordinator listened was not lost (without the hold: 635 and
-    # 660 with no wait before the new start, in 2 runs of 3; 1,541-1,587 in 4 of 4 with it)
-    assert missing < rate // 2, missing
+    # 660 with no wait before the new start, in 2 runs of 3; 1,541-1,587 in 4 of 4 with it; with
+    # it 4-5: under a second's worth leaves room for a loaded machine's larger buffers at the kill)
+    assert missing < rate, missing
     logs = "".join(p.read_text() for p in tmp_path.glob("coordinator*.log"))
     assert "bus_frame_not_from_worker" not in logs
     # the new run says the agent is adopted before it forwards what the agent sent meanwhile
