@@ -11,9 +11,10 @@ off (the new one must not start what that worker may still run).  Every copy of 
 writes its start and each cycle to a file of its agent's (CopyTracer) in a directory all
 namespaces share, on one host clock.
 
-Seeds 1-14 (10-12 faults) pass.  It fails (seeds 1 and 2) only with all three of the worker's own
+Seeds 1-14 (10-12 faults) pass.  It fails (seeds 1 and 2) with all three of the worker's own
 defences off: the stop at the lease, each loop's hold past the lease and stop timeout, and the
-exec that ends thread agents stuck past them.
+exec that ends thread agents stuck past them.  With the stop at the lease off it passed, and with
+the hold off too (the exec ended what they left).
 
 Then, once the links are healed: every agent with a restart policy runs exactly one copy again,
 and no two copies of one agent ever worked at the same time.  ``PYORCHESTRATE_CHAOS_SEED`` and
