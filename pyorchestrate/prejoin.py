@@ -32,9 +32,6 @@ class PreJoinHold:
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def __contains__(self, worker: str) -> bool:
-        return worker in self._held
-
     def names(self) -> list[str]:
         return list(self._held)
 

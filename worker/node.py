@@ -618,12 +618,12 @@ class Worker:
         got = b""
         while len(got) < pulse.ECHO.size and not self._shutdown.is_set():
             left = deadline - clock.now()
-            if left <= 0 or not select.select([out], [], [], min(left, 0.1))[0]:
-                if left <= 0:
-                    log.warning("the pulse process %d did not boot within %.0f s: registering without it",
-                                proc.pid, timeout)
-                    return
-                continue
+            if left <= 0:
+                log.warning("the pulse process %d did not boot within %.0f s: registering without it",
+                            proc.pid, timeout)
+                return
+            if not select.select([out], [], [], min(left, 0.1))[0]:
+                continue  # (a short wait: a SIGTERM meanwhile is seen at once)
             try:
                 chunk = os.read(out, pulse.ECHO.size - len(got))
             except BlockingIOError:
