@@ -286,7 +286,7 @@ class Coordinator:
                 # Tried: polling with 0 while a capped placement pass left agents waiting and fewer
                 # than 4 passes of copies ran (S3 1-17 % faster): status() at S9's peak (--nice 19)
                 # got slower, max 76-100 against 43-91 ms and medians 42-63 against 33-51 in 3 pairs
-                ready = dict(poller.poll(sockets.wait_ms(next_tick - now)))
+                ready = dict(poller.poll(sockets.wait_ms(min(next_tick, core.next_restart) - now)))
                 # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
                 # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
@@ -355,6 +355,7 @@ class Coordinator:
                         self.collector.tick(len(core.agents), now)
                     next_tick = core.next_wake(now)
                 self._serve_queries_waiting()
+                core.restarts_due(now)
                 core.place(now)
                 core.release_drained(now)
                 self._check_finished(now)

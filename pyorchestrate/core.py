@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 from typing import Any, Callable
 
@@ -92,6 +93,10 @@ class ClusterCore(Registration, CommandHandlers):
         self.finished = False
         self._order = 0
         self._dirty = True  # something changed that placement should look at
+        #: the earliest ``restart_at`` of the agents RESTARTING (inf: none; sooner than any of them
+        #: once one of them left that state another way): the loop wakes for it, not at its next
+        #: tick, which came up to a quarter of a heartbeat interval after the backoff said
+        self.next_restart = math.inf
         self._workers_ready = False
         self._wait_deadline = now + config.worker_wait_timeout
         self._stopping_deadline: float | None = None
@@ -635,6 +640,13 @@ class ClusterCore(Registration, CommandHandlers):
         self.forgotten += 1
         self.actions.append(Forget(name))
 
+    def restarts_due(self, now: float) -> None:
+        """Placement looks at the agents RESTARTING once the earliest is due (:attr:`next_restart`).
+        Taken once: placement works out the next (it may not run now, while the cluster stops)."""
+        if now >= self.next_restart:
+            self.next_restart = math.inf
+            self._dirty = True
+
     def next_wake(self, now: float) -> float:
         """When :meth:`tick` should run next: the regular beat, sooner while a closed connection
         waits out its grace, and no later than the moment the quietest worker's silence limit runs
@@ -663,9 +675,13 @@ class ClusterCore(Registration, CommandHandlers):
                     record.pending_reason = f"waiting for min_workers={self.min_workers} worker(s) to join"
                 return
             self._workers_ready = True
+        soonest = math.inf
         for record in self.states.of(S.RESTARTING):
             if now >= record.restart_at:
                 self.states.move(record, S.PENDING)
+            elif record.restart_at < soonest:
+                soonest = record.restart_at
+        self.next_restart = soonest
         self._holding = False
         cap = self.config.max_workers
         running = self.states.count(*LIVE) if cap else 0  # only a cap needs the count
@@ -806,6 +822,8 @@ class ClusterCore(Registration, CommandHandlers):
                           attempt: int | None = None) -> None:
         self.states.move(record, S.RESTARTING)
         record.restart_at = now + delay
+        if record.restart_at < self.next_restart:
+            self.next_restart = record.restart_at
         record.pending_reason = f"restarting in {delay:.2f} s"
         self._publish_agent(record, E.AGENT_RESTARTING, {
             "attempt": attempt if attempt is not None else record.restarts, "delay": round(delay, 3), "reason": reason})

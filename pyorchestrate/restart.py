@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -45,5 +46,11 @@ class RestartPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds before restart number ``attempt`` (1-based)."""
-        base = min(self.maximum, self.initial * 2 ** (attempt - 1))
+        # never ``initial * 2 ** (attempt - 1)``: past 2**1023 that int-to-float product raises
+        # OverflowError, which ended an unlimited restarter's restarts for good, silently, at its
+        # 1,025th (after 8.5 hours of a crash loop at the default backoff's 30 s)
+        try:
+            base = min(self.maximum, math.ldexp(self.initial, min(attempt - 1, 4096)))
+        except OverflowError:  # doubled past any float: far past maximum
+            base = self.maximum
         return min(self.maximum, base * (1.0 + 0.25 * rng.random()))

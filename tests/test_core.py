@@ -173,6 +173,56 @@ def test_restart_backoff_grows_within_bounds_and_replays_from_its_seed():
     assert all(delay > min(4.0, 0.5 * 2 ** (n - 1)) for n, delay in enumerate(first[:3], 1)) and first[-1] == 4.0
 
 
+def test_restart_backoff_stays_at_its_maximum_for_ever_however_many_restarts():
+    """``initial * 2 ** (attempt - 1)`` raised OverflowError from the 1,025th restart on."""
+    for initial, maximum in ((0.5, 4.0), (1e-300, 30.0), (1e300, 1e308)):
+        policy = RestartPolicy("always", -1, initial, maximum)
+        assert [policy.delay(n, random.Random(3)) for n in (1025, 4097, 10**9)] == [maximum] * 3
+    smallest = RestartPolicy("always", -1, 5e-324, 1.0)  # doubles 1,074 times before it reaches 1.0
+    assert smallest.delay(1025, random.Random(3)) < 1e-15
+    assert [smallest.delay(n, random.Random(3)) for n in (1076, 4097, 10**9)] == [1.0] * 3
+
+
+def test_an_unlimited_restarter_restarts_past_its_thousandth_restart():
+    """A crash-looping ``restart="always", max_restarts=-1`` agent stopped being restarted at its
+    1,025th restart: the backoff raised, the loop counted a handler error, and the agent stayed
+    TERMINATED (``final`` false) with no error said, for good."""
+    h = Harness()
+    identity = h.register("w1")
+    record = h.add("a", restart="always")
+    for attempt in range(1, 1031):
+        h.step(4.0 * 1.25)  # the policy's maximum delay, jitter included
+        assert record.state is S.ASSIGNED, (attempt, record.state)
+        h.report(identity, record, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+        assert record.state is S.RESTARTING and record.restarts == attempt
+        h.published.clear()
+        h.sent.clear()
+
+
+def test_a_restart_is_placed_once_its_backoff_ends_without_waiting_for_a_tick():
+    h = Harness()
+    identity = h.register("w1")
+    a, b = h.add("a", restart="always"), h.add("b", restart="always")
+    h.step()
+    h.report(identity, a, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    h.now += 0.1
+    h.report(identity, b, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    assert a.state is b.state is S.RESTARTING and h.core.next_restart == a.restart_at < b.restart_at
+    h.core.restarts_due(a.restart_at - 0.001)  # not yet: nothing changes
+    assert h.core.next_restart == a.restart_at
+    h.now = a.restart_at
+    h.core.restarts_due(h.now)  # what the loop calls after each turn, tick or not
+    h.core.place(h.now)
+    h.flush()
+    assert a.state is S.ASSIGNED and b.state is S.RESTARTING and h.core.next_restart == b.restart_at
+    h.core.command(commands.StopAgent("b", 1.0), h.now)  # leaves RESTARTING another way
+    h.flush()
+    h.now = b.restart_at
+    h.core.restarts_due(h.now)  # a wake for nothing, once: then none is due
+    h.core.place(h.now)
+    assert h.core.next_restart == float("inf")
+
+
 def test_a_draining_worker_gets_no_new_agent_even_when_it_is_the_least_loaded():
     h = Harness()
     h.register("w1")
