@@ -491,6 +491,7 @@ class Supervisor:
             # their way (log lines written just before an os._exit) instead of dropping them as stale
             self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus})
         record.conn.close()
+        watch.release(record.process)
 
     # ------------------------------------------------------------------ stop
 
