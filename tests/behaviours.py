@@ -232,3 +232,23 @@ class _Metronome:
 
 
 METRONOME = pair("Metronome", _Metronome, "Periodic")
+
+
+class _Stalling:
+    """Notes each run's start; the third run takes ``Config.stall`` seconds (a long run, or a
+    stalled machine)."""
+
+    runs = 0
+
+    def runner(self):
+        self.note("tick")
+        self.runs += 1
+        if self.runs == 3:
+            time.sleep(self.config.stall)
+
+
+STALLING = {"Periodic": pair("StallingPeriodic", _Stalling, "Periodic"),
+            "Pool": pair("StallingPool", _Stalling, "Pool")}
+for family in STALLING.values():
+    for cls in family.values():
+        cls.Config.stall = 0.5

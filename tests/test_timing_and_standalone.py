@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
-from behaviours import CONDITIONAL, DEFERRED, EVENTDRIVEN, METRONOME, ONESHOT, PERIODIC, POOL, RECOVERY, TRIGGERED
+from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, METRONOME, ONESHOT, PERIODIC, POOL, RECOVERY, STALLING,
+                        TRIGGERED)
 from conftest import start_daemon
+
+from pyorchestrate.agents.looping import catch_up
 
 
 def ticks(path):
@@ -45,6 +47,33 @@ def test_delay_compensation_keeps_20_cycles_on_schedule_and_plain_intervals_drif
     # and the interval itself is kept: starts are at least one interval apart, on average not much more
     gaps = [b - a for a, b in zip(runs[False], runs[False][1:])]
     assert min(gaps) > -0.005 and sum(gaps) / len(gaps) < 0.05
+
+
+def test_catch_up_moves_a_late_run_to_the_latest_slot_due_and_no_further():
+    assert catch_up(1.0, 1.0, 0.5) == 1.0  # early: the slot it waits for
+    assert catch_up(1.0, 1.0, 1.9) == 1.0  # late, but no later slot has come: it is this one's run
+    assert catch_up(1.0, 1.0, 2.0) == 2.0 and catch_up(1.0, 1.0, 3.5) == 3.0  # slots 1 (and 2) skipped
+    assert catch_up(1.0, 0.0, 50.0) == 1.0  # no interval: nothing to skip
+
+
+@pytest.mark.parametrize("family", ["Periodic", "Pool"])
+def test_delay_compensation_skips_the_runs_a_stall_missed_instead_of_running_them_at_once(tmp_path, family):
+    """A run (or a stall of the machine) 10 intervals long made the next 10 runs start back to
+    back, within a few ms, to catch up; now the latest missed one runs, late, and the schedule
+    goes on from it."""
+    interval, out = 0.05, tmp_path / "out"
+    cls = STALLING[family]["thread"]
+    agent = cls(config=cls.Config(out=str(out), execution_interval=interval, limit=14, delay_compensation=True,
+                                  **({"pool_size": 1} if family == "Pool" else {})))
+    agent.start()
+    assert agent.join(30)
+    starts = ticks(out)
+    assert len(starts) == 14 and starts[3] - starts[2] >= 0.5
+    after = [t - starts[3] for t in starts[3:]]
+    # the late run, then the schedule: at most the one late run and two slots in 0.1 s
+    assert sum(t < 2 * interval for t in after) <= 3, after
+    # the 9 slots the long run covered are skipped, not run: the 14 runs span 22 intervals, not 13
+    assert starts[-1] - starts[0] > 20 * interval, starts
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

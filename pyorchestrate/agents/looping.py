@@ -46,6 +46,17 @@ class LoopingAgent(BaseAgent):
             self._report_error(exc, recoverable=True)
 
 
+def catch_up(due: float, interval: float, now: float) -> float:
+    """The slot of a fixed schedule that a run starting at ``now`` fills: the one ``due``, or,
+    when later slots have come meanwhile too (a run that took long, a process stopped or
+    starved), the latest of them: the ones between are skipped, and the schedule goes on from
+    it.  Before, every missed slot ran, back to back: a stall of a minute made a 1 s
+    PeriodicAgent run 60 times at once."""
+    if interval > 0 and now - due >= interval:
+        due += (now - due) // interval * interval
+    return due
+
+
 class PeriodicAgent(LoopingAgent):
     """Calls :meth:`runner` every ``Config.execution_interval`` seconds (``limit`` times, -1 =
     forever).  The wait between runs ends early when the agent is stopped."""
@@ -54,7 +65,8 @@ class PeriodicAgent(LoopingAgent):
         #: seconds between the starts of two runs
         execution_interval: float = 1.0
         #: keep a fixed schedule (the next run is due ``interval`` after the previous one was due,
-        #: not after it finished)
+        #: not after it finished); runs missed meanwhile (a long run, a stall) are skipped: the
+        #: latest of them runs once, late, not each of them back to back
         delay_compensation: bool = False
 
         def validate(self):
@@ -84,8 +96,9 @@ class PeriodicAgent(LoopingAgent):
             if limit >= 0 and done >= limit:
                 break
             if self.config.delay_compensation:
-                due += interval
-                delay = due - time.monotonic()
+                now = time.monotonic()
+                due = catch_up(due + interval, interval, now)
+                delay = due - now
             else:
                 delay = interval
             if delay > 0:

@@ -8,7 +8,7 @@ import time
 
 from ..config import ValidationResult
 from .base import RecoverableException
-from .looping import PeriodicAgent
+from .looping import PeriodicAgent, catch_up
 
 
 class PoolAgent(PeriodicAgent):
@@ -54,6 +54,9 @@ class PoolAgent(PeriodicAgent):
                     if not self._may_go_on():  # a slot came free past the lease, and it was stopped
                         slots.release()
                         break
+                    if self.config.delay_compensation:
+                        # every slot busy for long: the slots missed meanwhile are skipped
+                        due = catch_up(due, interval, time.monotonic())
                     pool.submit(one_run)
                     done += 1
                     if limit >= 0 and done >= limit:
