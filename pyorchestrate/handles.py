@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+from .timeouts import until_done_if_past_max
+
 _READY_OR_LATER = ("READY", "TERMINATED")
 
 
@@ -38,7 +40,8 @@ class AgentStates:
         with self._changed:
             self._waiting += 1
             try:
-                return self._changed.wait_for(lambda: self._states.get(name, ("",))[0] in states, timeout)
+                return self._changed.wait_for(lambda: self._states.get(name, ("",))[0] in states,
+                                              until_done_if_past_max(timeout))
             finally:
                 self._waiting -= 1
 

@@ -33,6 +33,7 @@ from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, is_wor
 from .records import DISCONNECT_POLICIES, AgentRecord
 from .restart import RestartPolicy
 from .sockets import AddressError, parse_tcp
+from .timeouts import until_done_if_past_max
 
 log = logging.getLogger("pyorchestrate.orchestrator")
 
@@ -534,7 +535,7 @@ class Orchestrator:
         if self._coordinator is not None and not self._finished.is_set():
             self._coordinator.mailbox.put((cmd.Join(), None))
         try:
-            if not self._finished.wait(timeout):
+            if not self._finished.wait(until_done_if_past_max(timeout)):
                 return False
         except KeyboardInterrupt:
             log.warning("interrupted: stopping agents")

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import zmq
 
 from . import curve, protocol, sockets
+from .timeouts import until_done_if_past_max
 
 _HEARTBEAT = "_HEARTBEAT"
 _HELLO = protocol.HELLO_TOPIC.encode()
@@ -130,14 +131,15 @@ class EventSubscriber:
             self._failure = self._watch.failure() or self._failure
         return self._failure
 
-    def wait_connected(self, timeout: float) -> bool:
+    def wait_connected(self, timeout: float | None) -> bool:
         """Wait until the coordinator answers (``connected``): from then on nothing is missed.
         Usually milliseconds; a coordinator that does not answer hellos is heard at its next
         heartbeat."""
-        deadline = time.monotonic() + timeout
+        timeout = until_done_if_past_max(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._connected:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._receive_one(remaining):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if (remaining is not None and remaining <= 0) or not self._receive_one(remaining):
                 return self._connected
         return True
 
@@ -145,6 +147,7 @@ class EventSubscriber:
         """The next event, or None after ``timeout`` seconds (None: wait forever).  With
         ``history=True`` and a topic filter, history comes first: live events wait for its answer
         (for up to :data:`HISTORY_WAIT` seconds)."""
+        timeout = until_done_if_past_max(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

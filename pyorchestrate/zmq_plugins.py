@@ -11,6 +11,13 @@ import zmq
 from . import curve, protocol, sockets
 from .keys import KeyDir
 from .plugins import PluginBase
+from .timeouts import until_done_if_past_max
+
+
+def _poll(sock: zmq.Socket, timeout: float | None) -> int:
+    """Wait up to ``timeout`` seconds (None, or any length past threading's: until) for input."""
+    timeout = until_done_if_past_max(timeout)
+    return sock.poll(None if timeout is None else int(timeout * 1000))
 
 
 def _pack(data: Any) -> bytes:
@@ -93,7 +100,7 @@ class ZmqPubSub(_ZmqPlugin):
     def recv(self, timeout: float | None = None) -> tuple[str, Any] | None:
         """The next ``(topic, data)``, or None after ``timeout`` seconds."""
         assert self._sock is not None, "plugin not initialized"
-        if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+        if not _poll(self._sock, timeout):
             return None
         topic, body = self._sock.recv_multipart()
         return topic.decode(errors="replace"), msgpack.unpackb(body, raw=False)
@@ -132,7 +139,7 @@ class ZmqReqRep(_ZmqPlugin):
     def recv(self, timeout: float | None = None) -> Any:
         """The next request (then call :meth:`reply`), or None after ``timeout`` seconds."""
         assert self._sock is not None and self.role == "rep", "recv() needs an initialized role='rep' plugin"
-        if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+        if not _poll(self._sock, timeout):
             return None
         return msgpack.unpackb(self._sock.recv(), raw=False)
 

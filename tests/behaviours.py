@@ -234,6 +234,17 @@ class _Metronome:
 METRONOME = pair("Metronome", _Metronome, "Periodic")
 
 
+class _WaitsForever:
+    """Waits for its stop with ``wait_stop(float("inf"))``, noting before and after."""
+
+    def cycle(self):
+        self.note("waiting")
+        self.note("stopped" if self.wait_stop(float("inf")) else "woke")
+
+
+WAITS_FOREVER = pair("WaitsForever", _WaitsForever, "Looping")
+
+
 class _Stalling:
     """Notes each run's start; the third run takes ``Config.stall`` seconds (a long run, or a
     stalled machine)."""

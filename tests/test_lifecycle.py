@@ -8,7 +8,7 @@ import pytest
 from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Shout, ShoutProcess, Sleeper
 from conftest import LIFECYCLE, EventLog, free_port, wait_for
 
-from pyorchestrate import Orchestrator, OrchestratorEvent, RunMode
+from pyorchestrate import EventSubscriber, Orchestrator, OrchestratorEvent, RunMode
 
 
 def two_workers(cluster, **settings):
@@ -169,6 +169,22 @@ def test_daemon_mode_starts_agents_registered_after_start_and_stop_ends_it(clust
         assert events.of("AGENT_TERMINATED", agent)[0]["ok"] is True
     assert trace.read_text().split() == ["setup", "on_stop", "on_close"]
     assert events.of("ALL_AGENTS_TERMINATED")
+
+
+def test_waits_take_an_infinite_timeout_as_until_it_happens(cluster):
+    """``join(timeout=float("inf"))`` raised OverflowError ("timestamp out of range for platform
+    time_t"), as did a handle's ``wait_ready`` and an EventSubscriber's ``recv`` and
+    ``wait_connected`` (cannot convert float infinity to integer)."""
+    inf = float("inf")
+    orch = cluster.orchestrator(min_workers=1)
+    orch.register_agent(Sleeper, "sleeper", Sleeper.Config(seconds=0.5))
+    orch.start()
+    with EventSubscriber(orch.events_address, ["AGENT_READY"]) as sub:
+        assert sub.wait_connected(inf)
+        cluster.worker(orch.address, "w1")
+        assert orch.agent("sleeper").wait_ready(inf)
+        assert sub.recv(inf).agent_name == "sleeper"
+    assert orch.join(timeout=inf) and orch.agent("sleeper").wait_closed(inf)
 
 
 def test_context_manager_stops_running_agents(cluster):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, METRONOME, ONESHOT, PERIODIC, POOL, RECOVERY, STALLING,
-                        TRIGGERED)
+                        TRIGGERED, WAITS_FOREVER)
 from conftest import start_daemon
 
 from pyorchestrate.agents.looping import catch_up
@@ -47,6 +49,28 @@ def test_delay_compensation_keeps_20_cycles_on_schedule_and_plain_intervals_drif
     # and the interval itself is kept: starts are at least one interval apart, on average not much more
     gaps = [b - a for a, b in zip(runs[False], runs[False][1:])]
     assert min(gaps) > -0.005 and sum(gaps) / len(gaps) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_waits_of_any_length_wait_until_the_stop(tmp_path, mode):
+    """``wait_stop(float("inf"))``, or a 1e10 s ``execution_interval``, ended the agent at once
+    with OverflowError ("timestamp out of range for platform time_t"; a process agent's
+    process-shared event: OSError for inf) instead of waiting for the stop."""
+    words = {}
+    agents = {}
+    for kind, cls, settings in (("inf", WAITS_FOREVER[mode], {}),
+                                ("1e10", METRONOME[mode], {"execution_interval": 1e10})):
+        out = tmp_path / kind
+        agents[kind] = cls(config=cls.Config(out=str(out), **settings))
+        agents[kind].start()
+        words[kind] = out
+    time.sleep(1.0)
+    for kind, agent in agents.items():
+        assert agent.is_alive(), f"{kind}: {words[kind].read_text() if words[kind].exists() else 'no run'}"
+        agent.stop()
+        assert agent.join(20), kind
+    assert [line.split()[1] for line in words["inf"].read_text().splitlines()] == ["waiting", "stopped"]
+    assert [line.split()[1] for line in words["1e10"].read_text().splitlines()] == ["tick"]
 
 
 def test_catch_up_moves_a_late_run_to_the_latest_slot_due_and_no_further():

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from ..config import BaseConfig, ValidationSeverity, checks_are_ours
 from .. import plugins
 from ..publisher import check_publishable, hook_logger, open_bus
+from ..timeouts import until_done_if_past_max
 from . import signals
 
 class RecoverableException(Exception):
@@ -156,8 +157,9 @@ class BaseAgent(abc.ABC):
         return not self._stop_event.is_set()
 
     def wait_stop(self, timeout: float | None) -> bool:
-        """Sleep up to ``timeout`` seconds, waking early on stop; True if stop was requested."""
-        return self._stop_event.wait(timeout)
+        """Sleep up to ``timeout`` seconds (None or ``float("inf")``: until stopped), waking early
+        on stop; True if stop was requested."""
+        return self._stop_event.wait(until_done_if_past_max(timeout))
 
     def publish(self, topic: str, **data: Any) -> None:
         """Put an ``AGENT_EVENT`` on the cluster's bus, topic ``AGENT_EVENT.<topic>``, carrying

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from ..timeouts import until_done_if_past_max
+
 
 #: guards the moments a LazyEvent's real Event is made, and any change of a LazyEvent that has
 #: one (rare: only events somebody waited on while they were clear have one)
@@ -61,7 +63,7 @@ class LazyEvent:
                     event = self._event = _make_event()
                 if self._flag:  # set before it could see the Event: it did not set it
                     return True
-        return event.wait(timeout)
+        return event.wait(until_done_if_past_max(timeout))
 
 
 class EventSet:
