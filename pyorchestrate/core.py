@@ -752,6 +752,7 @@ class ClusterCore(Registration, CommandHandlers):
             self.states.move(record, S.ASSIGNED)
         record.pending_reason = ""
         record.started_at = self.wall()
+        record.run_since = now
         worker.agents.add(record.name)
         first = record.class_id not in worker.sent_classes
         size = len(record.config_blob) + (len(record.class_blob) if first else 0)
@@ -794,7 +795,9 @@ class ClusterCore(Registration, CommandHandlers):
         elif then in ("move", "restart"):
             nxt = "again"
         elif policy.wants_restart(failed=not ok):
-            nxt = "give_up" if policy.exhausted(record.restarts) else "restart"
+            if policy.forgives(now - record.run_since):
+                record.streak = 0
+            nxt = "give_up" if policy.exhausted(record.streak) else "restart"
         else:
             nxt = "final"
         self.states.move(record, S.TERMINATED)
@@ -804,12 +807,13 @@ class ClusterCore(Registration, CommandHandlers):
             self.states.move(record, S.PENDING)
         elif nxt == "restart":
             record.restarts += 1
-            delay = policy.delay(record.restarts, self.rng)
+            record.streak += 1
+            delay = policy.delay(record.streak, self.rng)
             reason = record.error if not ok else "finished (restart=always)"
-            self._schedule_restart(record, now, delay, reason or "failed", attempt=record.restarts)
+            self._schedule_restart(record, now, delay, reason or "failed", attempt=record.streak)
         elif nxt == "give_up":
             record.failed = True
-            message = f"gave up after {record.restarts} restart(s); last run: {record.error or 'finished'}"
+            message = f"gave up after {record.streak} restart(s) in a row; last run: {record.error or 'finished'}"
             record.error = message
             self._publish_agent(record, E.AGENT_ERROR, {"error_message": message, "traceback": ""})
             self._publish_agent(record, E.AGENT_TERMINATED, {"ok": False, "final": True})

@@ -62,7 +62,7 @@ class CommandHandlers:
         if record.state is not S.TERMINATED:
             raise ValueError(f"agent {c.name!r} is {record.state.value}, not terminated; use restart_agent to restart it")
         record.stop_requested = False
-        record.restarts = 0
+        record.restarts = record.streak = 0
         record.error = None
         self.states.move(record, S.PENDING)
         self._dirty = True

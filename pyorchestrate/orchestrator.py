@@ -31,7 +31,7 @@ from .local_workers import LocalWorkers, check_nice
 from .log_thread import LOG_THREAD
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_AGENT_BYTES, is_name, is_worker_name, pack_plain
 from .records import DISCONNECT_POLICIES, AgentRecord
-from .restart import RestartPolicy
+from .restart import RESET_AFTER, RestartPolicy
 from .sockets import AddressError, parse_tcp
 from .timeouts import until_done_if_past_max
 
@@ -256,6 +256,7 @@ class Orchestrator:
         restart: str = "never",
         max_restarts: int = 10,
         restart_backoff: tuple[float, float] = (0.5, 30.0),
+        restart_reset: float | None = RESET_AFTER,
         custom_plugin: Any = None,
         on_disconnect: str | None = None,
     ) -> str:
@@ -266,9 +267,10 @@ class Orchestrator:
         ``depends_on`` names agents that must be READY first (Looping/Periodic agents) or have
         finished without error (one-shot agents, e.g. a migration).
         ``restart`` is "never", "on-failure" (errors, crashed processes, lost workers) or "always",
-        at most ``max_restarts`` times (-1: no limit), waiting ``restart_backoff`` = (initial, max)
-        seconds, doubling with jitter.  ``custom_plugin`` (a ``Plugin`` class) replaces the
-        agent's default plugins.
+        at most ``max_restarts`` times in a row (-1: no limit), waiting ``restart_backoff`` =
+        (initial, max) seconds, doubling with jitter; a run that lasts ``restart_reset`` seconds
+        (default 600) starts both over (None: they count over the agent's life).
+        ``custom_plugin`` (a ``Plugin`` class) replaces the agent's default plugins.
 
         ``on_disconnect`` says what happens when the agent's worker falls silent (a partition, a
         hung host): "replace" (the default when ``restart`` is not "never") - the worker stops the
@@ -322,7 +324,7 @@ class Orchestrator:
         if labels and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError(f"labels= must map strings to strings (as given to --labels), got {labels!r}")
         depends_on = _names(depends_on, "depends_on")
-        policy = _restart_policy(restart, max_restarts, restart_backoff)
+        policy = _restart_policy(restart, max_restarts, restart_backoff, restart_reset)
         if on_disconnect is not None and on_disconnect not in DISCONNECT_POLICIES:
             raise ValueError(f"on_disconnect={on_disconnect!r}: use 'replace' or 'keep' (or leave it out)")
         if custom_plugin is not None:
@@ -635,18 +637,18 @@ def _mib(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=64, typed=True)  # typed: max_restarts=True is refused, 1 is not
-def _cached_policy(restart: Any, max_restarts: Any, backoff: tuple) -> RestartPolicy:
-    return RestartPolicy.build(restart, max_restarts, backoff)
+def _cached_policy(restart: Any, max_restarts: Any, backoff: tuple, reset: Any) -> RestartPolicy:
+    return RestartPolicy.build(restart, max_restarts, backoff, reset)
 
 
-def _restart_policy(restart: Any, max_restarts: Any, backoff: Any) -> RestartPolicy:
+def _restart_policy(restart: Any, max_restarts: Any, backoff: Any, reset: Any) -> RestartPolicy:
     """``RestartPolicy.build``, once per distinct arguments (a policy is immutable); a mistake
     raises as it would (lru_cache keeps no exceptions)."""
     try:
-        hash((restart, max_restarts, backoff))
+        hash((restart, max_restarts, backoff, reset))
     except TypeError:  # e.g. restart_backoff as a list: built, not cached
-        return RestartPolicy.build(restart, max_restarts, backoff)
-    return _cached_policy(restart, max_restarts, backoff)
+        return RestartPolicy.build(restart, max_restarts, backoff, reset)
+    return _cached_policy(restart, max_restarts, backoff, reset)
 
 
 def _seconds(value: Any, what: str) -> float:

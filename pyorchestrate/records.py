@@ -43,7 +43,11 @@ class AgentRecord:
     error: str | None = None
     failed: bool = False
     started_at: float | None = None
-    restarts: int = 0
+    restarts: int = 0  #: over its life (status, metrics)
+    #: restarts since the last run that lasted its policy's ``reset_after``: what max_restarts
+    #: and the backoff count
+    streak: int = 0
+    run_since: float = 0.0  #: when its current run was placed or adopted (coordinator clock)
     pending_reason: str = ""
     restart_at: float = 0.0  #: RESTARTING until then (coordinator clock)
     stop_requested: bool = False  #: stopped on purpose: never restarted

@@ -238,6 +238,7 @@ class Registration:
                 record.worker, record.run, record.epoch = worker.name, run, epoch
                 record.executed = False
                 record.started_at = self.wall()
+                record.run_since = now  # (how long it ran before is not known here: counted from now)
                 self._reconnect(record, worker, report, "still running from a previous coordinator")
                 return True
         # an older copy (a previous coordinator's with another definition, a stale one of ours):

@@ -24,6 +24,17 @@ class Boom(BaseThreadAgent):
         raise ValueError("boom from agent")
 
 
+class BoomLater(BaseThreadAgent):
+    """Fails after ``seconds`` of work."""
+
+    class Config(BaseThreadAgent.Config):
+        seconds = 1.0
+
+    def execute(self):
+        time.sleep(self.config.seconds)
+        raise ValueError("boom, later")
+
+
 class BoomProcess(BaseProcessAgent):
     def execute(self):
         raise RuntimeError("process boom")

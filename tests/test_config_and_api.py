@@ -154,6 +154,9 @@ def test_register_agent_mistakes():
         orch.register_agent(Looper, "l", Looper.Config(limit="many"))
     with pytest.raises(RuntimeError, match="start"):
         orch.join()
+    for reset in (0, -1, float("inf"), "600", True):
+        with pytest.raises(ValueError, match="restart_reset=.*number of seconds > 0, or None"):
+            orch.register_agent(Quick, "r", restart="on-failure", restart_reset=reset)
     # each of these was accepted, and the agent waited or failed later, somewhere else
     with pytest.raises(ValueError, match="printable characters"):
         orch.register_agent(Quick, "a\x00b")  # a control character: in every log line and topic

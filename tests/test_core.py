@@ -68,7 +68,7 @@ class Harness:
     def add(self, name: str, restart: str = "never", **fields) -> AgentRecord:
         record = AgentRecord(name=name, agent_class=object, config=None, class_id="c",
                              class_blob=fields.pop("class_blob", b""), config_blob=fields.pop("config_blob", b""),
-                             mode="thread", policy=RestartPolicy(restart, -1, 0.5, 4.0),
+                             mode="thread", policy=fields.pop("policy", RestartPolicy(restart, -1, 0.5, 4.0)),
                              definition=f"d-{name}", stop_timeout=fields.pop("stop_timeout", 1.0), **fields)
         self.core.command(commands.AddAgent(record), self.now)
         self.flush()
@@ -197,6 +197,30 @@ def test_an_unlimited_restarter_restarts_past_its_thousandth_restart():
         assert record.state is S.RESTARTING and record.restarts == attempt
         h.published.clear()
         h.sent.clear()
+
+
+def test_restarts_in_a_row_and_their_backoff_start_over_after_a_run_of_restart_reset_seconds():
+    h = Harness()
+    identity = h.register("w1")
+    record = h.add("a", policy=RestartPolicy("on-failure", 2, 0.5, 4.0, reset_after=60.0))
+
+    def fail_after(seconds: float) -> dict:
+        h.step(5.0)  # past any delay of the policy
+        assert record.state is S.ASSIGNED
+        h.report(identity, record, "AGENT_STARTED", "AGENT_READY")
+        h.step(seconds)
+        h.report(identity, record, "AGENT_ERROR", error_message="x", traceback="")
+        h.report(identity, record, "AGENT_TERMINATED", ok=False)
+        return h.events("AGENT_RESTARTING")[-1].fields if record.state is S.RESTARTING else {}
+
+    assert fail_after(1.0)["attempt"] == 1
+    assert fail_after(1.0)["attempt"] == 2
+    assert fail_after(61.0)["attempt"] == 1  # a healthy run: forgiven, the first delay again
+    assert fail_after(1.0)["attempt"] == 2 and fail_after(1.0) == {}  # two in a row: given up
+    assert "gave up after 2 restart(s) in a row" in record.error and record.restarts == 4
+    h.core.command(commands.StartAgent("a"), h.now)  # started by hand: counted from 0
+    h.flush()
+    assert record.streak == record.restarts == 0 and fail_after(1.0)["attempt"] == 1
 
 
 def test_a_restart_is_placed_once_its_backoff_ends_without_waiting_for_a_tick():

@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from agents import Boom, Forever, Quick, QuickProcess, Sleeper
+from agents import Boom, BoomLater, Forever, Quick, QuickProcess, Sleeper
 from conftest import EventLog, start_daemon, wait_for
 
 from pyorchestrate import RunMode
@@ -213,6 +213,30 @@ def test_always_restarts_clean_runs_and_never_does_not(cluster):
     assert len(events.of("AGENT_STARTED", "again")) == 3
     assert len(events.of("AGENT_STARTED", "clean")) == 1 and not events.of("AGENT_RESTARTING", "clean")
     assert len(events.of("AGENT_STARTED", "once")) == 1 and not events.of("AGENT_RESTARTING", "once")
+
+
+def test_a_run_that_lasted_restart_reset_seconds_starts_the_count_of_restarts_over(cluster):
+    """max_restarts counted over the agent's life: a long-lived agent that failed now and then
+    (a network outage a month) was given up for good at its 11th failure, and waited the longest
+    backoff after each from its 7th on."""
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    config = BoomLater.Config(seconds=0.6)
+    orch.register_agent(BoomLater, "forgiven", config, restart="on-failure", max_restarts=2,
+                        restart_backoff=(0.05, 10.0), restart_reset=0.5)
+    orch.register_agent(BoomLater, "counted", config, restart="on-failure", max_restarts=2,
+                        restart_backoff=(0.05, 10.0), restart_reset=None)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    events.wait("AGENT_STARTED", "forgiven", count=5, timeout=60)
+    # every run lasted past restart_reset: each restart is the first in a row, after the first delay
+    assert [r["attempt"] for r in events.of("AGENT_RESTARTING", "forgiven")][:4] == [1, 1, 1, 1]
+    assert all(r["delay"] <= 0.0625 for r in events.of("AGENT_RESTARTING", "forgiven"))
+    assert orch.status()["agents"]["forgiven"]["restarts"] >= 4  # (over its life, as before)
+    orch.stop_agent("forgiven")
+    assert orch.join(timeout=60)
+    assert [r["attempt"] for r in events.of("AGENT_RESTARTING", "counted")] == [1, 2]
+    assert "gave up after 2 restart(s) in a row" in events.of("AGENT_ERROR", "counted")[-1]["error_message"]
 
 
 def test_a_restart_starts_when_its_backoff_ends_not_at_the_coordinators_next_tick(cluster):
