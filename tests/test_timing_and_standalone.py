@@ -7,7 +7,7 @@ import time
 import pytest
 from behaviours import (CONDITIONAL, DEFERRED, EVENTDRIVEN, METRONOME, ONESHOT, PERIODIC, POOL, RECOVERY, STALLING,
                         TRIGGERED, WAITS_FOREVER)
-from conftest import start_daemon
+from conftest import start_daemon, wait_for
 
 from pyorchestrate.agents.looping import catch_up
 
@@ -64,9 +64,12 @@ def test_waits_of_any_length_wait_until_the_stop(tmp_path, mode):
         agents[kind] = cls(config=cls.Config(out=str(out), **settings))
         agents[kind].start()
         words[kind] = out
-    time.sleep(1.0)
+    # its first cycle begun (a process agent starts in seconds on a busy machine), then a moment
+    # for the wait that raised at once to end the agent
+    wait_for(lambda: all(out.exists() for out in words.values()), 60, "each agent's first cycle")
+    time.sleep(0.5)
     for kind, agent in agents.items():
-        assert agent.is_alive(), f"{kind}: {words[kind].read_text() if words[kind].exists() else 'no run'}"
+        assert agent.is_alive(), f"{kind}: {words[kind].read_text()}"
         agent.stop()
         assert agent.join(20), kind
     assert [line.split()[1] for line in words["inf"].read_text().splitlines()] == ["waiting", "stopped"]
