@@ -225,8 +225,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--topic", action="append", metavar="PREFIX",
                     help="only events whose topic (EVENT.<agent or worker>) starts with PREFIX; repeatable")
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
-    ev.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
-    ev.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    ev.add_argument("--count", type=cli_control.count(0), default=0, metavar="N", help="exit after N events")
+    ev.add_argument("--timeout", type=cli_control.seconds(0, inclusive=False, forever=True), default=None,
+                    metavar="SECONDS",
                     help="exit after SECONDS without an event")
     ev.add_argument("--exit-on-shutdown", action="store_true", help="exit when the coordinator shuts down")
     ev.add_argument("--history", action="store_true", help="start with the recent events the coordinator remembers")
@@ -277,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
                     help="where the page is served (default 127.0.0.1:8265; port 0: any free one)")
     db.add_argument("--token", default=None, help="the sign-in token (default: $PYORCHESTRATE_DASHBOARD_TOKEN, "
                                                   "else a random one, printed)")
-    db.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="how often the coordinator is asked")
+    db.add_argument("--interval", type=cli_control.seconds(0, inclusive=False), default=1.0, metavar="SECONDS",
+                    help="how often the coordinator is asked")
     _key_options(db)
     db.set_defaults(func=_dashboard)
     return p

@@ -20,6 +20,46 @@ from .keys import KeysError
 OK, REFUSED, USAGE, NO_ANSWER = 0, 1, 2, 3
 
 
+# ---------------------------------------------------------------- argument types
+# argparse turns the ValueError of a type into "argument --timeout: invalid ... value" and exit 2:
+# before, --timeout nan ended in a traceback, --timeout -1 or 0 said no coordinator answered
+# "within -1 s", --limit -1 and --since -5 printed nothing, and a mistyped --state an empty table
+
+
+def seconds(minimum: float = 0.0, *, inclusive: bool = True, forever: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of seconds, at least ``minimum`` (or above it), inf if ``forever``."""
+    def parse(text: str) -> float:
+        value = float(text)  # "abc": argparse says "invalid parse value"
+        if value != value or (value == float("inf") and not forever):
+            raise ValueError(text)
+        if value < minimum or (value == minimum and not inclusive):
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"seconds ({'>=' if inclusive else '>'} {minimum:g}{', or inf' if forever else ''})"
+    return parse
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"whole number (>= {minimum})"
+    return parse
+
+
+def agent_state(text: str) -> str:
+    """An argparse type: an agent state, in any case."""
+    from .states import AgentState
+
+    names = [s.value for s in AgentState]
+    if text.upper() not in names:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}: use one of {', '.join(names)}")
+    return text.upper()
+
+
 def _client(args: argparse.Namespace) -> ControlClient:
     roles = ("admin",) if args.command in ("start", "stop", "restart", "drain", "shutdown") else ("reader", "admin")
     return ControlClient(args.address, keys=args.keys, key_name=args.key_name, timeout=args.timeout, roles=roles)
@@ -194,7 +234,7 @@ def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
                    help=f"the coordinator's control address, the one workers use (default: ${ADDRESS_ENV})")
     if json_flag:
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds(0, inclusive=False, forever=True), default=5.0, metavar="SECONDS",
                    help="give up when the coordinator has not answered in SECONDS (exit 3)")
     p.add_argument("--keys", metavar="DIR", default=None,
                    help="key directory (default: $PYORCHESTRATE_KEYS); queries need a reader or admin key, "
@@ -211,7 +251,7 @@ def add_parsers(sub: Any) -> None:
     _common(p)
     p.set_defaults(func=wrap(_status))
     p = sub.add_parser("ps", aliases=["agents"], help="agents: name, state, worker, restarts, uptime, last error")
-    p.add_argument("--state", default=None, help="only agents in this state (e.g. READY, TERMINATED)")
+    p.add_argument("--state", type=agent_state, default=None, help="only agents in this state (e.g. READY, TERMINATED)")
     p.add_argument("--worker", default=None, help="only agents on this worker")
     _common(p)
     p.set_defaults(func=wrap(_ps))
@@ -223,7 +263,7 @@ def add_parsers(sub: Any) -> None:
         p = sub.add_parser(op, help=f"{what} (admin key)")
         p.add_argument("agent")
         if op != "start":
-            p.add_argument("--stop-timeout", type=float, default=None, metavar="SECONDS",
+            p.add_argument("--stop-timeout", type=seconds(0), default=None, metavar="SECONDS",
                            help="how long the agent has to stop (default 10)")
         _common(p)
         p.set_defaults(func=wrap(_action(op)))
@@ -232,19 +272,19 @@ def add_parsers(sub: Any) -> None:
     _common(p)
     p.set_defaults(func=wrap(_action("drain")))
     p = sub.add_parser("shutdown", help="stop every agent and end the coordinator's run (admin key)")
-    p.add_argument("--stop-timeout", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--stop-timeout", type=seconds(0), default=None, metavar="SECONDS")
     _common(p)
     p.set_defaults(func=wrap(_action("shutdown")))
     p = sub.add_parser("history", help="recent events the coordinator still holds")
     p.add_argument("--agent", default=None, help="only this agent's (or worker's) events")
-    p.add_argument("--since", type=float, default=None, metavar="T",
+    p.add_argument("--since", type=seconds(0), default=None, metavar="T",
                    help="only events of the last T seconds (or since the Unix time T)")
-    p.add_argument("--limit", type=int, default=1000, help="at most this many (the latest)")
+    p.add_argument("--limit", type=count(1), default=1000, help="at most this many (the latest)")
     _common(p)
     p.set_defaults(func=wrap(_history))
     p = sub.add_parser("top", help="a live view of status, workers and agents")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS")
-    p.add_argument("--rows", type=int, default=40, help="agents shown")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N refreshes (0: until Ctrl-C)")
+    p.add_argument("--interval", type=seconds(0, inclusive=False), default=2.0, metavar="SECONDS")
+    p.add_argument("--rows", type=count(1), default=40, help="agents shown")
+    p.add_argument("--count", type=count(0), default=0, metavar="N", help="exit after N refreshes (0: until Ctrl-C)")
     _common(p, json_flag=False)
     p.set_defaults(func=wrap(_top))

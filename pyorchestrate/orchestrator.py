@@ -198,6 +198,15 @@ class Orchestrator:
             _number(results, self, "worker_retention", 0)
             if self.on_restart not in ("adopt", "replace"):
                 results.append(ValidationResult("on_restart", f"must be 'adopt' or 'replace', got {self.on_restart!r}"))
+            if self.address is not None:
+                # set on the instance, and ignored: a script that asked for local workers beside an
+                # address waited (30 s) for workers nobody started, and only said how many it waited for
+                for name in ("local_workers", "local_worker_nice"):
+                    if name in vars(self):
+                        results.append(ValidationResult(
+                            name, f"is ignored with an address: this script starts no workers then; start them "
+                                  f"with pyorchestrate-worker --coordinator {self.address} (or leave address unset "
+                                  "for local ones)", ValidationSeverity.WARNING))
             if self.address is None and self.local_workers == 0 and (self.min_workers or 0) > 0:
                 results.append(ValidationResult(
                     "local_workers", "is 0 and no address is set: no worker could ever join; set address or local_workers"))

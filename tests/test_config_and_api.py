@@ -70,6 +70,17 @@ def test_invalid_orchestrator_config_raises_at_start_with_every_finding():
     assert "heartbeat_interval" in text and "heartbeat_liveness" in text and "tcp://HOST:PORT" in text
 
 
+def test_local_workers_set_beside_an_address_are_said_to_be_ignored():
+    """They were ignored without a word: the script waited for workers nobody started."""
+    address = "tcp://127.0.0.1:5555"
+    said = Orchestrator.Config(address=address, local_workers=2, local_worker_nice=19).check("x")
+    assert sorted(r.field for r in said) == ["local_worker_nice", "local_workers"]
+    assert all(r.severity is ValidationSeverity.WARNING and f"pyorchestrate-worker --coordinator {address}" in r.message
+               for r in said)
+    assert not Orchestrator.Config(address=address).check("x")  # the defaults, not asked for
+    assert not Orchestrator.Config(local_workers=2).check("x")
+
+
 def test_a_nan_setting_is_refused_like_any_bad_number():
     """NaN compares false both ways, so `value < 0` let it through: a NaN heartbeat_interval or
     stop_timeout was taken (a NaN stop timeout is over at once: the agent terminated at its stop)."""

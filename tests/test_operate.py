@@ -120,6 +120,16 @@ def test_cli_says_what_is_wrong(cluster):
     assert events_nothing.returncode == 3 and "no coordinator answered" in events_nothing.stderr
     logs_unknown = cli("logs", "nosuch", "--address", orch.events_address)
     assert logs_unknown.returncode == 1 and "no log lines of 'nosuch'" in logs_unknown.stderr
+    # before: a traceback (nan), "no coordinator answered within -1 s", nothing printed and exit 0
+    for args, says in ((("status", "--timeout", "nan"), "argument --timeout: invalid seconds (> 0, or inf) value"),
+                       (("status", "--timeout", "-1"), "argument --timeout"),
+                       (("stop", "x", "--stop-timeout", "inf"), "argument --stop-timeout: invalid seconds (>= 0)"),
+                       (("history", "--since", "-5"), "argument --since"),
+                       (("history", "--limit", "-1"), "argument --limit: invalid whole number (>= 1) value"),
+                       (("ps", "--state", "RUNING"), "unknown state 'RUNING': use one of PENDING, RESTARTING")):
+        mistake = cli(*args, "--address", orch.address)
+        assert mistake.returncode == 2 and says in mistake.stderr, (args, mistake.stderr)
+    assert cli("ps", "--state", "ready", "--address", orch.address).returncode == 0  # any case
     # a worker given the events port says so, and still ends on SIGTERM (cluster.close checks)
     cluster.worker(orch.events_address, "lost-soul")
     cluster.worker(orch.status()["addresses"]["bus"], "lost-bus")
