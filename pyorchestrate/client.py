@@ -53,6 +53,10 @@ class ControlClient:
     def __init__(self, address: str | None = None, *, keys: Any = None, key_name: str | None = None,
                  timeout: float = 5.0, roles: tuple[str, ...] = ("admin", "reader")) -> None:
         self.address = resolve_address(address)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
+            # (nan raised "cannot convert float NaN to integer" at the first request; 0 and -1 said
+            # no coordinator answered "within -1 s")
+            raise ValueError(f"timeout={timeout!r}: use a number of seconds > 0 (inf: wait for ever)")
         self.timeout = timeout
         self._keydir, self.key = curve.client_key(keys, roles, key_name)
         self._ctx = zmq.Context()

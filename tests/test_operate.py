@@ -130,6 +130,9 @@ def test_cli_says_what_is_wrong(cluster):
         mistake = cli(*args, "--address", orch.address)
         assert mistake.returncode == 2 and says in mistake.stderr, (args, mistake.stderr)
     assert cli("ps", "--state", "ready", "--address", orch.address).returncode == 0  # any case
+    for timeout in (float("nan"), 0, -1):  # the same from Python
+        with pytest.raises(ValueError, match=r"timeout=.*: use a number of seconds > 0 \(inf: wait for ever\)"):
+            ControlClient(orch.address, timeout=timeout)
     # a worker given the events port says so, and still ends on SIGTERM (cluster.close checks)
     cluster.worker(orch.events_address, "lost-soul")
     cluster.worker(orch.status()["addresses"]["bus"], "lost-bus")
