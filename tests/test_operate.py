@@ -126,7 +126,10 @@ def test_cli_says_what_is_wrong(cluster):
                        (("stop", "x", "--stop-timeout", "inf"), "argument --stop-timeout: invalid seconds (>= 0)"),
                        (("history", "--since", "-5"), "argument --since"),
                        (("history", "--limit", "-1"), "argument --limit: invalid whole number (>= 1) value"),
-                       (("ps", "--state", "RUNING"), "unknown state 'RUNING': use one of PENDING, RESTARTING")):
+                       (("ps", "--state", "RUNING"), "unknown state 'RUNING': use one of PENDING, RESTARTING"),
+                       # (a ValueError's words, and an OverflowError traceback, exit 1)
+                       (("dashboard", "--listen", "nonsense"), "--listen 'nonsense': use HOST:PORT with a port"),
+                       (("dashboard", "--listen", "127.0.0.1:99999"), "a port from 0 to 65535")):
         mistake = cli(*args, "--address", orch.address)
         assert mistake.returncode == 2 and says in mistake.stderr, (args, mistake.stderr)
     assert cli("ps", "--state", "ready", "--address", orch.address).returncode == 0  # any case

@@ -19,11 +19,23 @@ TOKEN_ENV = "PYORCHESTRATE_DASHBOARD_TOKEN"
 def _listen_socket(listen: str) -> socket.socket:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
+    # said as what to write (it said "invalid literal for int() with base 10", or ended in an
+    # OverflowError traceback for a port past 65535)
+    if not (port or "0").isdigit() or not 0 <= int(port or 0) <= 65535:
+        raise ValueError(f"--listen {listen!r}: use HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:8265 "
+                         "(port 0: any free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port or 0)))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port or 0)))
+        sock.listen(128)
+    except OSError as exc:  # a host that is not this machine's, a port taken or privileged
+        sock.close()
+        raise ValueError(f"--listen {listen!r}: cannot listen there: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
 
