@@ -790,12 +790,13 @@ class ClusterCore(Registration, CommandHandlers):
         record.failed = not ok
         then, record.then = record.then, None
         policy = record.policy
+        run_since, record.run_since = record.run_since, 0.0  # (0: no run; each run forgiven once)
         if final or record.stop_requested:
             nxt = "final"
         elif then in ("move", "restart"):
             nxt = "again"
         elif policy.wants_restart(failed=not ok):
-            if policy.forgives(now - record.run_since):
+            if run_since and policy.forgives(now - run_since):
                 record.streak = 0
             nxt = "give_up" if policy.exhausted(record.streak) else "restart"
         else:
