@@ -29,7 +29,7 @@ OK, REFUSED, USAGE, NO_ANSWER = 0, 1, 2, 3
 def seconds(minimum: float = 0.0, *, inclusive: bool = True, forever: bool = False) -> Callable[[str], float]:
     """An argparse type: a number of seconds, at least ``minimum`` (or above it), inf if ``forever``."""
     def parse(text: str) -> float:
-        value = float(text)  # "abc": argparse says "invalid parse value"
+        value = float(text)  # "abc" too: argparse names the type, from __name__ below
         if value != value or (value == float("inf") and not forever):
             raise ValueError(text)
         if value < minimum or (value == minimum and not inclusive):
