@@ -811,7 +811,7 @@ class ClusterCore(Registration, CommandHandlers):
             record.streak += 1
             delay = policy.delay(record.streak, self.rng)
             reason = record.error if not ok else "finished (restart=always)"
-            self._schedule_restart(record, now, delay, reason or "failed", attempt=record.streak)
+            self._schedule_restart(record, now, delay, reason or "failed")
         elif nxt == "give_up":
             record.failed = True
             message = f"gave up after {record.streak} restart(s) in a row; last run: {record.error or 'finished'}"
@@ -823,15 +823,14 @@ class ClusterCore(Registration, CommandHandlers):
             self._ended[record.name] = None
             self._ended.move_to_end(record.name)  # ended again (started anew meanwhile): it is the newest
 
-    def _schedule_restart(self, record: AgentRecord, now: float, delay: float, reason: str,
-                          attempt: int | None = None) -> None:
+    def _schedule_restart(self, record: AgentRecord, now: float, delay: float, reason: str) -> None:
         self.states.move(record, S.RESTARTING)
         record.restart_at = now + delay
         if record.restart_at < self.next_restart:
             self.next_restart = record.restart_at
         record.pending_reason = f"restarting in {delay:.2f} s"
         self._publish_agent(record, E.AGENT_RESTARTING, {
-            "attempt": attempt if attempt is not None else record.restarts, "delay": round(delay, 3), "reason": reason})
+            "attempt": record.streak, "delay": round(delay, 3), "reason": reason})  # its number in the row
 
     def _give_up_waiting(self, now: float) -> None:
         alive = sum(w.alive for w in self.workers.values())

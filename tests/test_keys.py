@@ -505,7 +505,7 @@ def test_agent_links_with_keys_talk_only_to_holders_of_the_link_key(keydir, tmp_
             request = rep.recv(timeout=float("inf"))  # until it comes (before: OverflowError)
             rep.reply({"answer": request["q"] * 2})
 
-        server = threading.Thread(target=serve)
+        server = threading.Thread(target=serve, daemon=True)  # (its wait has no end: never held at exit)
         server.start()
         assert req.request({"q": 21}) == {"answer": 42}
         server.join(10)
