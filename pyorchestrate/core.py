@@ -60,6 +60,9 @@ _is_str = str.__instancecheck__
 #: the event (``{"event": ..., **fields}``), so callbacks of AGENT_TERMINATED could be told
 #: ``event="AGENT_READY"``.  Dropped from reports, and counted
 _PUBLISHER_FIELDS = frozenset({"event", "seq", "publisher", "incarnation"})
+#: a run's end's counts of messages sent to it that it never handled (agents/inbox.py), and the
+#: reason each is counted under in ``dropped``
+_MESSAGES_LOST = (("messages_dropped", "agent_inbox_full"), ("messages_unhandled", "agent_ended_with_messages"))
 
 
 class ClusterCore(Registration, CommandHandlers):
@@ -454,6 +457,13 @@ class ClusterCore(Registration, CommandHandlers):
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))
             ok = fields.pop("ok", True) is True and not record.run_errored
             record.run_errored = False
+            for key, reason in _MESSAGES_LOST:
+                count = fields.get(key)
+                if count is not None:  # (stays in the published end, for whoever follows the agent)
+                    if type(count) is int and count > 0:
+                        self.drop(reason, f"{record.name}: {count} messages", count=count)
+                    else:
+                        del fields[key]
             if fields.pop("worker_leaving", False) is True and not record.stop_requested and record.then is None:
                 # its worker shut down (SIGTERM) and stopped it: not an end of the agent's own, so
                 # not one for its restart policy (restart="on-failure" took it for done, "always"

@@ -448,12 +448,15 @@ class Orchestrator:
 
     def trigger(self, name: str, payload: Any = None) -> None:
         """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
-        msgpack-able (numbers, strings, bytes, lists, dicts), at most 32 MiB packed."""
+        msgpack-able (numbers, strings, bytes, lists, dicts), at most 32 MiB packed.  Like
+        :meth:`send`, it waits in the agent's inbox (bounded by ``Config.inbox_max``)."""
         self._call(cmd.Deliver(name, "trigger", _plain(payload, "trigger")))
 
     def send(self, name: str, payload: Any) -> None:
         """Send a message to an EventDriven agent: its ``on_event`` gets an event ``"MESSAGE"``
-        with this ``payload`` (msgpack-able, at most 32 MiB packed)."""
+        with this ``payload`` (msgpack-able, at most 32 MiB packed).  Returns once it is on its
+        way; it waits in the agent's inbox, where past the agent's ``Config.inbox_max`` messages
+        (default 10,000) the newest are dropped and counted (``status()["dropped"]``)."""
         self._call(cmd.Deliver(name, "message", _plain(payload, "send")))
 
     def drain_worker(self, name: str) -> None:

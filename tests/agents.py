@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, EventDrivenThreadAgent,
-                           LoopingProcessAgent, LoopingThreadAgent)
+from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, EventDrivenProcessAgent,
+                           EventDrivenThreadAgent, LoopingProcessAgent, LoopingThreadAgent)
 
 
 class Quick(BaseThreadAgent):
@@ -676,6 +676,27 @@ class SlowToMake(EventDrivenThreadAgent):
     def on_event(self, event):
         append_line(self.config.trace, f"message {event.payload}")
 
+
+
+class FirstOnly(EventDrivenThreadAgent):
+    """Takes the first message it is sent, writes "took PAYLOAD" in ``trace``, and handles it until
+    stopped: whatever is sent after waits in its inbox."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        trace = ""
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"took {event.payload}")
+        self.wait_stop(None)
+
+
+class FirstOnlyProcess(EventDrivenProcessAgent):
+    """:class:`FirstOnly` in a process of its own."""
+
+    class Config(EventDrivenProcessAgent.Config):
+        trace = ""
+
+    on_event = FirstOnly.on_event
 
 
 class RootLogShipper(LoopingThreadAgent):

@@ -27,7 +27,7 @@ class Harness:
         self.now = 100.0
         self.config = SimConfig(**config)
         self.core = ClusterCore("c", "inc1", self.config, now=self.now, rng=random.Random(1), wall=lambda: self.now,
-                                drop=lambda kind, detail: None, adopt_window=adopt_window, strict_hold=strict_hold,
+                                drop=lambda kind, detail, count=1: None, adopt_window=adopt_window, strict_hold=strict_hold,
                                 crash_window=crash_window)
         self.sent: list[tuple[bytes, dict]] = []
         self.published: list[Publish] = []
@@ -904,6 +904,25 @@ def test_a_report_cannot_rename_the_event_or_its_number_and_publisher():
     assert not {"event", "seq", "publisher", "incarnation"} & end.keys()
     assert end["exit_code"] == 3 and end["agent_name"] == "job" and record.state is S.TERMINATED
     assert drops == ["publisher_field_in_report"]
+
+
+def test_an_end_counts_the_messages_its_run_never_handled_and_keeps_them_in_the_event():
+    """A run's end says how many messages its full inbox refused and how many it left waiting
+    (agents/inbox.py): each is counted in ``dropped`` and stays in the published end; a count
+    that is not a positive int is not believed (dropped from the end, nothing counted)."""
+    h = Harness()
+    drops: list[tuple[str, int]] = []
+    h.core.drop = lambda kind, detail, count=1: drops.append((kind, count))
+    for name, fields in (("job", {"messages_dropped": 79, "messages_unhandled": 20}),
+                         ("liar", {"messages_dropped": "79", "messages_unhandled": -3}),
+                         ("zero", {"messages_dropped": 0, "messages_unhandled": True})):
+        w1, record = h.ready(agent=name, worker="w1")
+        h.report(w1, record, "AGENT_TERMINATED", ok=True, **fields)
+        end = h.events("AGENT_TERMINATED")[-1].fields
+        assert end["agent_name"] == name and record.state is S.TERMINATED
+        kept = {k: v for k, v in fields.items() if type(v) is int and v > 0}
+        assert {k: end[k] for k in fields if k in end} == kept, end
+    assert drops == [("agent_inbox_full", 79), ("agent_ended_with_messages", 20)]
 
 
 def test_a_worker_cannot_report_for_a_copy_another_worker_runs():

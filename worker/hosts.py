@@ -22,6 +22,7 @@ from pyorchestrate.log_thread import deferrable
 from . import host as host_process
 from . import stack_dump, watch
 from .child import BUS, bus_marker
+from .child_link import BACKLOG_DELIVERIES_MAX
 from .errors import how_it_exited
 
 log = deferrable(logging.getLogger("pyorchestrate.worker.hosts"))
@@ -49,7 +50,11 @@ class AgentHost:
         self.count = 0  #: copies placed here and not yet forgotten by the loop
         self.retired = False  #: the loop places nothing more here
         self.dead = False  #: the pipe closed: the reader reported what was left
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        # (bytes, data): bytes counted as a delivery's (0: anything else); None: the writer ends
+        self._outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._delivery_bytes = 0  # of the deliveries in the outbox (the loop adds, the writer takes off)
+        self._bytes_lock = threading.Lock()
+        self.refused = 0  #: deliveries refused because the outbox held its bound of them
 
     def add(self, slot: int, record: Any) -> bool:
         """Place a copy here (the loop); False if the host died meanwhile."""
@@ -65,8 +70,20 @@ class AgentHost:
             if self.slots.pop(slot, None) is not None:
                 self.count -= 1
 
-    def send(self, message: list) -> None:
-        self._outbox.put(msgpack.packb(message, use_bin_type=True))
+    def send(self, message: list) -> bool:
+        """Queue ``message`` for the host; False if it is a delivery refused because the outbox
+        holds its bound of them (a stopped host: see child_link.BACKLOG_DELIVERIES_MAX)."""
+        data = msgpack.packb(message, use_bin_type=True)
+        counted = 0
+        if message[0] == "deliver":
+            counted = len(data)
+            with self._bytes_lock:
+                if self._delivery_bytes and self._delivery_bytes + counted > BACKLOG_DELIVERIES_MAX:
+                    self.refused += 1
+                    return False
+                self._delivery_bytes += counted
+        self._outbox.put((counted, data))
+        return True
 
     def retire(self) -> None:
         """No agents left (or the worker ends): tell the host to exit once the pipe is drained."""
@@ -76,11 +93,15 @@ class AgentHost:
             self._outbox.put(None)
 
     def _write(self) -> None:
-        while (data := self._outbox.get()) is not None:
+        while (item := self._outbox.get()) is not None:
+            counted, data = item
             try:
                 self.conn.send_bytes(data)
             except (OSError, ValueError):
                 return  # the host is gone; the reader reports its agents
+            if counted:
+                with self._bytes_lock:
+                    self._delivery_bytes -= counted
 
     def serve(self, relay: Relay, emit: Relay, sink: Callable[[Any], None] | None) -> None:
         """The reader thread: start the host, relay what it says, report its agents if it dies."""

@@ -853,9 +853,10 @@ class Worker:
         elif kind == "stop":
             self._supervisor.stop(message["agent"], message["run"], message["epoch"], float(message["timeout"]))
         elif kind == "deliver":
-            if not self._supervisor.deliver(message["agent"], message["run"], message["epoch"], message["kind"],
-                                            message["payload"]):
-                self.dropped.drop("deliver_to_unknown_agent", message["agent"])
+            dropped = self._supervisor.deliver(message["agent"], message["run"], message["epoch"], message["kind"],
+                                               message["payload"])
+            if dropped is not None:
+                self.dropped.drop(dropped, message["agent"])
         elif kind == "reregister":
             self._send(self._register_message())
             # on this same connection it arrives before anything sent after it: delivered

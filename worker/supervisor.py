@@ -520,24 +520,25 @@ class Supervisor:
             left = record.stop_timeout - (clock.now() - record.stop_requested_at)
             self._to_child(record, ["stop", max(0.0, left)])
 
-    def deliver(self, name: str, run: str, epoch: int, kind: str, payload: Any) -> bool:
-        """Hand a message to a running copy; False if it is not running here."""
+    def deliver(self, name: str, run: str, epoch: int, kind: str, payload: Any) -> str | None:
+        """Hand a message to a running copy; None if handed, else why it was dropped."""
         with self._lock:
             record = self._agents.get((name, run, epoch))
         if record is None or record.terminated:
-            return False
+            return "deliver_to_unknown_agent"
         if record.host is not None:
-            record.host.send(["deliver", record.slot, kind, payload])
+            handed = record.host.send(["deliver", record.slot, kind, payload])
         elif record.mode == "thread":
-            record.handoff.give(kind, payload)
+            record.handoff.give(kind, payload)  # (the agent's inbox counts what it refuses)
+            handed = True
         else:
-            self._to_child(record, ["deliver", kind, payload])
-        return True
+            handed = self._to_child(record, ["deliver", kind, payload])
+        return None if handed else "deliver_backlog_full"
 
     @staticmethod
-    def _to_child(record: Running, message: list) -> None:
+    def _to_child(record: Running, message: list) -> bool:
         # never waits: a child that does not read (stopped) must not stop this loop (child_link.py)
-        record.link.send(message)
+        return record.link.send(message)
 
     def renew_lease(self, until: float) -> None:
         """Tell the process agents and agent hosts that run agents this worker would stop when its

@@ -74,11 +74,10 @@ class ProcessMode:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from . import signals
-
-        import queue
+        from .inbox import Inbox
 
         self.__dict__.update(state)
-        self._inbox = queue.SimpleQueue()
+        self._inbox = Inbox()
         # the logger, the bus and _report are the class's lazy defaults again (see BaseAgent.logger)
         self.state_events = type(self).StateEvents(signals.LazyEvent)  # type: ignore[attr-defined]
         self.control_events = type(self).ControlEvents(signals.LazyEvent)  # type: ignore[attr-defined]

@@ -1,0 +1,61 @@
+"""An agent's inbox: what ``orchestrator.send`` and ``trigger`` handed it, waiting to be taken.
+
+Bounded (the agent's ``Config.inbox_max``).  Unbounded, a script that sends faster than its agent
+handles grew the worker's memory without end: 4 KiB messages to an agent taking 5 ms each grew its
+worker by 25 MB a second (57,000 messages waiting after 10 s), on its way to the out-of-memory
+killer and every agent of that worker with it.  Past the bound a message is dropped, never the
+process: counted (its run's end says how many, and the coordinator counts them in ``dropped``) and
+said as a WARNING on the agent's log at most every :data:`SAY_EVERY` seconds.  The newest is the
+one dropped, as a ZeroMQ socket at its high-water mark does: what the agent handles stays in the
+order it was sent, with nothing missing before the first drop.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, Callable
+
+INBOX_MAX = 10_000  #: the default bound, in messages
+SAY_EVERY = 5.0  #: seconds between two warnings of one run about its full inbox
+
+
+class Inbox:
+    """One run's messages, ``(kind, payload)``, first in first out.  One thread puts (the worker's
+    loop, or a process agent's reader), any thread takes."""
+
+    __slots__ = ("_queue", "dropped", "_said", "_clock")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # C, ~40 times cheaper to make than a Queue
+        self.dropped = 0  #: messages refused because the inbox was full
+        self._said: float | None = None  # when the last warning went (None: never)
+        self._clock = clock
+
+    def put(self, item: tuple[str, Any], limit: int) -> bool:
+        """Queue ``item`` unless ``limit`` (> 0) messages wait already; False: it was dropped
+        (counted).  ``limit`` < 0: no bound."""
+        if 0 < limit <= self._queue.qsize():
+            self.dropped += 1
+            return False
+        self._queue.put(item)
+        return True
+
+    def due_to_say(self) -> bool:
+        """Is a warning about drops due (the first drop, then one per :data:`SAY_EVERY` s)?"""
+        now = self._clock()
+        if self._said is not None and now - self._said < SAY_EVERY:
+            return False
+        self._said = now
+        return True
+
+    def get(self, timeout: float) -> tuple[str, Any] | None:
+        """The oldest message, or None after ``timeout`` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def waiting(self) -> int:
+        """How many messages wait to be taken."""
+        return self._queue.qsize()

@@ -1,0 +1,119 @@
+"""An agent's inbox is bounded (``Config.inbox_max``): a script that sends faster than its agent
+handles loses the excess, counted, instead of growing the worker without end (agents/inbox.py);
+and the worker's own queues towards a process that does not read (a stopped process agent or
+agent host) hold a bounded amount of deliveries (worker/child_link.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import msgpack
+import pytest
+from conftest import start_daemon, wait_for
+
+from pyorchestrate import BaseThreadAgent, ConfigValidationError
+from pyorchestrate.agents.inbox import SAY_EVERY, Inbox
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_full_inbox_refuses_the_newest_and_counts_it():
+    inbox = Inbox(clock=_Clock())
+    assert [inbox.put(("message", i), 3) for i in range(5)] == [True, True, True, False, False]
+    assert (inbox.waiting(), inbox.dropped) == (3, 2)
+    assert inbox.get(0) == ("message", 0)  # room for one more, taken in the order sent
+    assert inbox.put(("message", 5), 3) and not inbox.put(("message", 6), 3)
+    assert [inbox.get(0)[1] for _ in range(3)] == [1, 2, 5] and inbox.get(0) is None
+    assert inbox.dropped == 3
+    unbounded = Inbox()
+    assert all(unbounded.put(("trigger", i), -1) for i in range(50_000)) and unbounded.dropped == 0
+
+
+def test_drops_are_said_at_the_first_then_once_per_interval():
+    clock = _Clock()
+    inbox = Inbox(clock=clock)
+    assert inbox.due_to_say() and not inbox.due_to_say()
+    clock.now += SAY_EVERY - 0.01
+    assert not inbox.due_to_say()
+    clock.now += 0.01
+    assert inbox.due_to_say() and not inbox.due_to_say()
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "10", None, float("inf")])
+def test_a_bad_inbox_max_is_refused_naming_it(value):
+    with pytest.raises(ConfigValidationError, match="inbox_max"):
+        BaseThreadAgent.Config(inbox_max=value).check("agent 'a'")
+    BaseThreadAgent.Config(inbox_max=-1).check("agent 'a'")
+    BaseThreadAgent.Config(inbox_max=1).check("agent 'a'")
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_messages_past_the_inbox_bound_are_dropped_and_every_one_is_counted(cluster, tmp_path, mode):
+    """100 messages to an agent stuck on the first: 20 wait (its bound), the rest are dropped. At
+    its stop, what it took, what waited and what was dropped add up to what was sent, in its end
+    and in the coordinator's counts; an unbounded one keeps all 99."""
+    from agents import FirstOnly, FirstOnlyProcess
+
+    cls = FirstOnly if mode == "thread" else FirstOnlyProcess
+    orch, events = start_daemon(cluster, ("w1",))
+    traces = {name: tmp_path / name for name in ("bounded", "unbounded")}
+    orch.register_agent(cls, "bounded", cls.Config(trace=str(traces["bounded"]), inbox_max=20))
+    orch.register_agent(cls, "unbounded", cls.Config(trace=str(traces["unbounded"]), inbox_max=-1))
+    for name in traces:
+        events.wait("AGENT_READY", name)
+        for i in range(100):
+            orch.send(name, i)
+        wait_for(lambda: traces[name].exists(), 30, f"{name} took a message")
+        orch.stop_agent(name)
+    ends = {name: events.wait("AGENT_TERMINATED", name)[0] for name in traces}
+    for name, end in ends.items():
+        took = traces[name].read_text().split()
+        assert took == ["took", "0"], took  # the first message sent, and no other
+    bounded, unbounded = ends["bounded"], ends["unbounded"]
+    assert bounded["messages_unhandled"] == 20 and bounded["messages_dropped"] == 79, bounded
+    assert unbounded["messages_unhandled"] == 99 and "messages_dropped" not in unbounded, unbounded
+    assert orch.status()["dropped"] == {"agent_inbox_full": 79, "agent_ended_with_messages": 20 + 99}
+
+
+def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):
+    from pyorchestrate_worker import child_link
+
+    monkeypatch.setattr(child_link, "BACKLOG_DELIVERIES_MAX", 1024 * 1024)
+    ours, theirs = multiprocessing.Pipe()
+    link = child_link.ChildLink(ours)
+    for i in range(3000):  # fill the pipe: the writer waits on it, and what follows in the backlog
+        assert link.send(["lease", float(i), 5.0])
+    message = ["deliver", "message", "x" * 100_000]
+    handed = [link.send(message) for _ in range(30)]
+    assert handed == [True] * 10 + [False] * 20 and link.refused == 20  # 10 x ~100 kB fill 1 MiB
+    assert link.send(["stop", 1.0]) and link.send(["lease", 9999.0, 5.0])
+    got = []
+    while not got or got[-1] != ["lease", 9999.0, 5.0]:
+        assert theirs.poll(10), [m[0] for m in got[-5:]]
+        got.append(msgpack.unpackb(theirs.recv_bytes(), raw=False))
+    assert [m[0] for m in got if m[0] != "lease"] == ["deliver"] * 10 + ["stop"]
+    # read, the backlog has room again
+    wait_for(lambda: link.send(message), 10, "a delivery taken once the backlog was read")
+    ours.close()
+    theirs.close()
+
+
+def test_a_stopped_agent_hosts_outbox_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):
+    from pyorchestrate_worker import hosts
+
+    monkeypatch.setattr(hosts, "BACKLOG_DELIVERIES_MAX", 1024 * 1024)
+    host = hosts.AgentHost(multiprocessing.get_context("spawn"), 1, "w1", "vm", None, None, False, 20)
+    try:
+        message = ["deliver", 1, "message", "x" * 100_000]
+        handed = [host.send(message) for _ in range(30)]  # no writer yet: a host that reads nothing
+        assert handed == [True] * 10 + [False] * 20 and host.refused == 20
+        assert host.send(["stop", 1]) and host.send(["exit"])
+    finally:
+        host.conn.close()
+        host._child_conn.close()
