@@ -91,18 +91,21 @@ def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_
 
     monkeypatch.setattr(child_link, "BACKLOG_DELIVERIES_MAX", 1024 * 1024)
     ours, theirs = multiprocessing.Pipe()
-    link = child_link.ChildLink(ours)
-    for i in range(3000):  # fill the pipe: the writer waits on it, and what follows in the backlog
-        assert link.send(["lease", float(i), 5.0])
-    message = ["deliver", "message", "x" * 100_000]
+    writers: list = []
+    # its writer is held back (started below), as one waiting on a pipe its child does not read: a
+    # running writer could take deliveries out of the backlog while the test puts them in
+    link = child_link.ChildLink(ours, start=writers.append)
+    message = ["deliver", "message", "x" * 100_000]  # longer than DIRECT_MAX: always the backlog's
     handed = [link.send(message) for _ in range(30)]
     assert handed == [True] * 10 + [False] * 20 and link.refused == 20  # 10 x ~100 kB fill 1 MiB
     assert link.send(["stop", 1.0]) and link.send(["lease", 9999.0, 5.0])
+    assert len(writers) == 1
+    writers[0].start()
     got = []
     while not got or got[-1] != ["lease", 9999.0, 5.0]:
         assert theirs.poll(10), [m[0] for m in got[-5:]]
         got.append(msgpack.unpackb(theirs.recv_bytes(), raw=False))
-    assert [m[0] for m in got if m[0] != "lease"] == ["deliver"] * 10 + ["stop"]
+    assert [m[0] for m in got] == ["deliver"] * 10 + ["stop", "lease"]
     # read, the backlog has room again
     wait_for(lambda: link.send(message), 10, "a delivery taken once the backlog was read")
     ours.close()

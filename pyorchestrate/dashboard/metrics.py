@@ -48,7 +48,8 @@ class ClusterCollector:
         lost = CounterMetricFamily("pyorchestrate_events_lost", "bus events known lost before the coordinator")
         lost.add_metric([], status["lost_events"])
         yield lost
-        dropped = CounterMetricFamily("pyorchestrate_dropped_messages", "network input dropped, by reason",
+        dropped = CounterMetricFamily("pyorchestrate_dropped_messages",
+                                      "network input dropped, and messages agents never handled, by reason",
                                       labels=["reason"])
         for reason, count in sorted(status["dropped"].items()):
             dropped.add_metric([reason], count)
