@@ -382,6 +382,8 @@ class Coordinator:
 
     def _run_command(self, command: commands.Command, future: Any, carry_out: bool = True) -> None:
         assert self.core is not None
+        if future is not None and not future.set_running_or_notify_cancel():
+            return  # its caller gave up waiting and withdrew it (Orchestrator._call): not done
         if trace.enabled and isinstance(command, commands.AddAgent):
             trace.mark("loop", command.record.name)
         try:

@@ -678,6 +678,16 @@ class SlowToMake(EventDrivenThreadAgent):
 
 
 
+class Inboxed(EventDrivenThreadAgent):
+    """Each message it is sent (``orchestrator.send``) becomes a line "message PAYLOAD" in ``trace``."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        trace = ""
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"message {event.payload}")
+
+
 class FirstOnly(EventDrivenThreadAgent):
     """Takes the first message it is sent, writes "took PAYLOAD" in ``trace``, and handles it until
     stopped: whatever is sent after waits in its inbox."""
