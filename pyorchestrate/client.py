@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from . import curve, protocol, sockets
+from .control import OPS
 
 #: where the CLI and the dashboard find the coordinator when no --address is given
 ADDRESS_ENV = "PYORCHESTRATE_ADDRESS"
@@ -42,6 +43,12 @@ def resolve_address(address: str | None) -> str:
     except sockets.AddressError as exc:
         raise ControlError(str(exc)) from None
     return address
+
+
+#: what a request that went out unanswered may have done: an action may have been taken, and
+#: asked again it is taken again (a second restart, say); a query did nothing
+_MAYBE_DONE = {op: f"; the {op} request went out and may have been carried out: look (pyorchestrate ps) "
+                   "before asking again" for op, spec in OPS.items() if spec.role == "admin"}
 
 
 class ControlClient:
@@ -80,8 +87,9 @@ class ControlClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 why = self._watch.failure() or self._watch.last
-                raise NoAnswer(why or f"no coordinator answered at {self.address} within {self.timeout:g} s "
-                                      "(is it running, and is this its control address, the one workers use?)")
+                raise NoAnswer((why or f"no coordinator answered at {self.address} within {self.timeout:g} s "
+                                       "(is it running, and is this its control address, the one workers use?)")
+                               + _MAYBE_DONE.get(op, ""))
             if not self._sock.poll(min(remaining, 0.2) * 1000):
                 why = self._watch.failure()
                 if why:

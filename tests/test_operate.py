@@ -423,3 +423,28 @@ def test_a_module_missing_on_the_worker_is_named_with_the_fix_for_both_agent_kin
     for name in ("thread", "process"):
         error = events.wait("AGENT_ERROR", name)[0]["error_message"]
         assert "module 'pyorchestrate_no_such_module' is not installed on this worker: install it there" in error, error
+
+
+def test_an_action_left_unanswered_says_it_may_have_been_done_and_a_query_does_not():
+    """A control port that reads requests and never answers (a coordinator stalled after taking
+    one): a stop that went out may have been carried out, and asked again is carried out again
+    (a restart twice), so its error says to look first; a status did nothing, and says nothing of
+    the kind."""
+    import zmq
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    try:
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        with ControlClient(f"tcp://127.0.0.1:{port}", timeout=1.0) as client:
+            for call, maybe in ((lambda: client.restart("sampler"), True), (client.status, False)):
+                with pytest.raises(ControlError) as caught:
+                    call()
+                text = str(caught.value)
+                assert "no coordinator answered" in text, text
+                assert ("may have been carried out: look (pyorchestrate ps) before asking again" in text) is maybe, text
+                assert silent.poll(5000), "the request never reached the silent port"
+                silent.recv_multipart()
+    finally:
+        silent.close(linger=0)
+        ctx.term()
