@@ -461,7 +461,7 @@ class ClusterCore(Registration, CommandHandlers):
                 count = fields.get(key)
                 if count is not None:  # (stays in the published end, for whoever follows the agent)
                     if type(count) is int and count > 0:
-                        self.drop(reason, f"{record.name}: {count} messages", count=count)
+                        self.drop(reason, f"sent to {record.name}", count=count, what="message")
                     else:
                         del fields[key]
             if fields.pop("worker_leaving", False) is True and not record.stop_requested and record.then is None:

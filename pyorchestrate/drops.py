@@ -17,9 +17,14 @@ class DropCounter:
         self._interval = interval
         self._last_log = -interval
 
-    def drop(self, kind: str, detail: Any = "", count: int = 1) -> None:
+    def drop(self, kind: str, detail: Any = "", count: int = 1, what: str = "frame") -> None:
+        """Count ``count`` of ``kind`` (``what``: the thing dropped, as the log says it)."""
         self.counts[kind] += count
         now = time.monotonic()
         if now - self._last_log >= self._interval:
             self._last_log = now
-            self._log.warning("dropped a %s frame (%s); dropped so far: %s", kind, detail, dict(self.counts))
+            if count == 1:
+                self._log.warning("dropped a %s %s (%s); dropped so far: %s", kind, what, detail, dict(self.counts))
+            else:
+                self._log.warning("dropped %d %s %ss (%s); dropped so far: %s", count, kind, what, detail,
+                                  dict(self.counts))

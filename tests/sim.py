@@ -182,7 +182,7 @@ class Sim:
     def _new_core(self, adopt: float, strict: bool = True) -> ClusterCore:
         core = ClusterCore(self.coordinator_name, f"coord{next(self.ids)}", self.config, now=self.now,
                            rng=random.Random(self.rng.random()), wall=lambda: self.now,
-                           drop=lambda kind, detail, count=1: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
+                           drop=lambda kind, detail, **_: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
                            strict_hold=strict, crash_window=adopt_window(self.limits),
                            versions={})
         self.core_at = self.now

@@ -27,7 +27,7 @@ class Harness:
         self.now = 100.0
         self.config = SimConfig(**config)
         self.core = ClusterCore("c", "inc1", self.config, now=self.now, rng=random.Random(1), wall=lambda: self.now,
-                                drop=lambda kind, detail, count=1: None, adopt_window=adopt_window, strict_hold=strict_hold,
+                                drop=lambda kind, detail, **_: None, adopt_window=adopt_window, strict_hold=strict_hold,
                                 crash_window=crash_window)
         self.sent: list[tuple[bytes, dict]] = []
         self.published: list[Publish] = []
@@ -912,7 +912,7 @@ def test_an_end_counts_the_messages_its_run_never_handled_and_keeps_them_in_the_
     that is not a positive int is not believed (dropped from the end, nothing counted)."""
     h = Harness()
     drops: list[tuple[str, int]] = []
-    h.core.drop = lambda kind, detail, count=1: drops.append((kind, count))
+    h.core.drop = lambda kind, detail, count=1, what="frame": drops.append((kind, count, what))
     for name, fields in (("job", {"messages_dropped": 79, "messages_unhandled": 20}),
                          ("liar", {"messages_dropped": "79", "messages_unhandled": -3}),
                          ("zero", {"messages_dropped": 0, "messages_unhandled": True})):
@@ -922,7 +922,7 @@ def test_an_end_counts_the_messages_its_run_never_handled_and_keeps_them_in_the_
         assert end["agent_name"] == name and record.state is S.TERMINATED
         kept = {k: v for k, v in fields.items() if type(v) is int and v > 0}
         assert {k: end[k] for k in fields if k in end} == kept, end
-    assert drops == [("agent_inbox_full", 79), ("agent_ended_with_messages", 20)]
+    assert drops == [("agent_inbox_full", 79, "message"), ("agent_ended_with_messages", 20, "message")]
 
 
 def test_a_worker_cannot_report_for_a_copy_another_worker_runs():
