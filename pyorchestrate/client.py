@@ -71,7 +71,7 @@ class ControlClient:
         if self.key is not None:
             curve.connect_as(self._sock, self.key)
         self._watch = curve.HandshakeWatch(self._sock, self.address, self.key, self._keydir, expect="control port")
-        self._sock.connect(self.address)
+        sockets.connect(self._sock, self.address)
 
     def request(self, op: str, **args: Any) -> Any:
         """Send one request and wait for its answer; raise :class:`ControlError` if refused,

@@ -86,9 +86,32 @@ def check_bind_allowed(address: str, *, insecure: bool, keyed: bool = False) -> 
         )
 
 
+def is_ipv6(address: str) -> bool:
+    """Does ``tcp://HOST:PORT`` name an IPv6 address (``tcp://[::1]:5555``)?"""
+    host = address[len("tcp://"):].rpartition(":")[0] if isinstance(address, str) else ""
+    return ":" in host
+
+
+def use_family(sock: zmq.Socket, address: str) -> None:
+    """Let ``sock`` speak IPv6 if ``address`` is an IPv6 literal.  libzmq's sockets are IPv4 only
+    unless told (they refused ``tcp://[::1]:5555`` with "No such device"); turning IPv6 on for
+    every socket would make a name like ``localhost`` resolve to ``::1`` first, where a coordinator
+    bound to 127.0.0.1 does not listen.  So only a literal IPv6 address turns it on: host names
+    stay IPv4, as before."""
+    if is_ipv6(address):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
+def connect(sock: zmq.Socket, address: str) -> None:
+    """Connect ``sock`` to ``address`` (IPv4, or IPv6 if the address is an IPv6 literal)."""
+    use_family(sock, address)
+    sock.connect(address)
+
+
 def bind(sock: zmq.Socket, address: str) -> str:
     """Bind ``address`` (port ``*``/``0`` = OS-chosen) and return the address actually bound."""
     host, port = parse_tcp(address)
+    use_family(sock, address)
     host_part = f"[{host}]" if ":" in host else host
     if port in ("*", "0"):
         sock.bind(f"tcp://{host_part}:*")

@@ -116,7 +116,7 @@ class EventSubscriber:
         if self.key is not None:
             curve.connect_as(self._sub, self.key)
         self._watch = curve.HandshakeWatch(self._sub, address, self.key, self._keydir, expect="events port")
-        self._sub.connect(address)
+        sockets.connect(self._sub, address)
 
     @property
     def connected(self) -> bool:

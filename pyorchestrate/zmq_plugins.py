@@ -50,7 +50,7 @@ class _ZmqPlugin(PluginBase):
         if self.bind:
             sockets.bind(sock, self.address)
         else:
-            sock.connect(self.address)
+            sockets.connect(sock, self.address)
         return sock
 
     def finalize(self) -> None:

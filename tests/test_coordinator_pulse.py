@@ -37,11 +37,12 @@ out = open({events!r}, "a", buffering=1)
 LIFECYCLE = [e for e in OrchestratorEvent if e.value not in ("AGENT_HEARTBEAT", "AGENT_LOG")]
 say = lambda event, agent=None: print(json.dumps({{"event": event, "agent": agent}}), file=out)
 o = Orchestrator("pulsed", run_mode=RunMode.DAEMON, heartbeat_interval=0.2, heartbeat_liveness=5,
-                 coordinator_pulse={pulse!r}, keys={keys!r})
+                 coordinator_pulse={pulse!r}, keys={keys!r}, address={address!r})
 for event in LIFECYCLE:
     o.register_event(event, lambda **f: say(f["event"], f.get("agent_name")))
 o.register_agent(Traced, "steady", Traced.Config(trace={trace!r}), restart="always", restart_backoff=(0.1, 0.5))
 o.start()
+{worker}
 while not open({events!r}).read().count("AGENT_READY"):
     time.sleep(0.05)
 time.sleep(0.5)
@@ -49,6 +50,7 @@ time.sleep(0.5)
 time.sleep(2.0)  # a lease that ran out during the hold: its agent's stop and restart come now
 say("DONE")
 o.stop()
+{worker_end}
 """
 
 HOLDS = {
@@ -59,15 +61,24 @@ HOLDS = {
 }
 
 
-def _run(tmp_path, hold: str, pulse: bool, keyed: bool = False) -> tuple[list[dict], list[str]]:
+# a worker of its own, for a coordinator on an address (embedded workers use 127.0.0.1)
+WORKER = """import subprocess
+worker = subprocess.Popen([sys.executable, "-m", "pyorchestrate_worker", "--coordinator", o.address, "--name", "w1"]
+                          + (["--keys", {keys!r}] if {keys!r} else []))"""
+WORKER_END = "worker.terminate(); worker.wait(20)"
+
+
+def _run(tmp_path, hold: str, pulse: bool, keyed: bool = False, address: str | None = None
+         ) -> tuple[list[dict], list[str]]:
     events, trace = tmp_path / "events.jsonl", tmp_path / "trace.txt"
     script = tmp_path / "script.py"
     keys = None
     if keyed:
         KeyDir(tmp_path / "keys").init()
         keys = str(tmp_path / "keys")
+    worker, worker_end = (WORKER.format(keys=keys), WORKER_END) if address else ("", "")
     script.write_text(SCRIPT.format(tests=TESTS, events=str(events), trace=str(trace), pulse=pulse, hold=HOLDS[hold],
-                                    keys=keys))
+                                    keys=keys, address=address, worker=worker, worker_end=worker_end))
     events.touch()
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True)
@@ -92,13 +103,14 @@ def _before_done(events: list[dict]) -> list[str]:
     return names[:names.index("DONE")]
 
 
-@pytest.mark.parametrize("pulse, keyed", [(True, False), (True, True), (False, False)],
-                         ids=["pulse", "pulse-keys", "no-pulse"])
-def test_a_script_holding_the_gil_past_the_lease_stops_no_agent_with_its_pulse(tmp_path, pulse, keyed):
+@pytest.mark.parametrize("pulse, keyed, address", [(True, False, None), (True, True, None), (False, False, None),
+                                                   (True, True, "tcp://[::1]:*")],
+                         ids=["pulse", "pulse-keys", "no-pulse", "pulse-keys-ipv6"])
+def test_a_script_holding_the_gil_past_the_lease_stops_no_agent_with_its_pulse(tmp_path, pulse, keyed, address):
     """With the pulse: one copy from start to stop(), nothing lost, disconnected or restarted; with
-    keys too (the pulse's port admits workers' keys only).  Without it (the control): the worker's
-    lease runs out and the agent runs a second time, so this test can tell the two apart."""
-    events, trace = _run(tmp_path, "gil", pulse, keyed)
+    keys too (the pulse's port admits workers' keys only), and on IPv6.  Without it (the control):
+    the worker's lease runs out and the agent runs a second time, so this test can tell the two apart."""
+    events, trace = _run(tmp_path, "gil", pulse, keyed, address)
     before = _before_done(events)
     stderr = (tmp_path / "stderr.txt").read_text()
     setups = [line for line in trace if line.startswith("setup")]

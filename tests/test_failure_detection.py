@@ -55,10 +55,10 @@ def _held(cluster, worker: str, count: int) -> list[float] | None:
     return held if len(held) >= count else None
 
 
-def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]:
+def _sort_with_the_gil_held(cluster, pulse: str, address: str = "tcp://127.0.0.1:*") -> tuple[EventLog, list[float]]:
     """GilHolder (sorted() of 3 million floats: the GIL held about a second per call) on a worker
     with a 0.5 s silence window: its loop cannot speak during each sort."""
-    orch = cluster.orchestrator(min_workers=1, **DETECT)
+    orch = cluster.orchestrator(min_workers=1, address=address, **DETECT)
     events = EventLog(orch)
     orch.start()
     name = f"busy-{pulse}"
@@ -79,8 +79,9 @@ def _sort_with_the_gil_held(cluster, pulse: str) -> tuple[EventLog, list[float]]
     return events, held
 
 
-def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(cluster, caplog):
-    events, held = _sort_with_the_gil_held(cluster, "always")
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://[::1]:*"], ids=["ipv4", "ipv6"])
+def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(cluster, caplog, address):
+    events, held = _sort_with_the_gil_held(cluster, "always", address)
     assert len(held) == 2, held  # both sorts ran on the worker that was busy, not lost
     assert not events.of("WORKER_LOST")
     assert events.of("AGENT_TERMINATED", "sorter")[0]["ok"] is True

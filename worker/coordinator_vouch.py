@@ -61,7 +61,7 @@ class CoordinatorVouch:
             self._sock.setsockopt(zmq.SNDHWM, 4)  # a pulse that does not read gets a few asks, not a backlog
             if self._key is not None:
                 curve.connect_as(self._sock, self._key)
-            self._sock.connect(address)
+            sockets.connect(self._sock, address)
 
     def ask(self, now: float, lease_from: float, limits: Limits) -> None:
         """Ask if the loop's echoes are late and our lease still runs, at most every quarter interval

@@ -288,7 +288,7 @@ class Worker:
             curve.connect_as(dealer, self._key)
         self._watch = curve.HandshakeWatch(dealer, self.coordinator, self._key, self._keydir, self._streak,
                                            expect="control port")
-        dealer.connect(address)
+        sockets.connect(dealer, address)
         self._connect_to = address
         self._dealer = dealer
         self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
@@ -543,7 +543,7 @@ class Worker:
             self._pub = sockets.make_socket(self._ctx, zmq.XPUB)
             if self._key is not None:
                 curve.connect_as(self._pub, self._key)
-            self._pub.connect(bus)
+            sockets.connect(self._pub, bus)
             self._subscribed = False
             self._bus_address = bus
         self._stop_told(message["stop"])

@@ -51,7 +51,7 @@ def main() -> int:
     dealer = sockets.make_socket(ctx, zmq.DEALER, linger_ms=0)
     if key is not None:
         curve.connect_as(dealer, key)
-    dealer.connect(config["coordinator"])
+    sockets.connect(dealer, config["coordinator"])
     out = sys.stdout.fileno()
     os.set_blocking(out, False)  # a worker too busy to read loses echoes, never blocks us
     poller = zmq.Poller()
