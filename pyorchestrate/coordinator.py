@@ -113,6 +113,7 @@ class Coordinator:
         self._started_keys: list[tuple[str, str]] = []
         self._history = history.History(config.history_max_events, config.history_max_bytes)
         self._started_wall = time.time()
+        self._started = time.monotonic()  # uptime: a step of the wall clock does not change it
         self._stamp = protocol.stamp_encoder(self.session, self._started_wall)
         self.worker_bus: dict[str, tuple[str, int]] = {}  # worker -> (incarnation, last bus frame number)
         self.final_snapshot: dict[str, Any] | None = None
@@ -651,7 +652,7 @@ class Coordinator:
 
     def _status_extra(self) -> dict[str, Any]:
         return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,
-                "uptime": round(time.time() - self._started_wall, 1), "events_published": self._seq,
+                "uptime": round(time.monotonic() - self._started, 1), "events_published": self._seq,
                 "history_held": len(self._history), "client_requests": dict(self.client_requests),
                 "loop_lag": round(max(self.loop_lags, default=0.0), 4), "open_files": fd_limit.open_files()}
 
