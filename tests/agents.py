@@ -678,6 +678,26 @@ class SlowToMake(EventDrivenThreadAgent):
 
 
 
+class MadeOnCue(EventDrivenThreadAgent):
+    """Its ``__init__`` waits (at most 120 s) for the file ``cue`` to exist, as one that connects
+    somewhere would wait for the other end; each message it is sent becomes a line "message
+    PAYLOAD" in ``trace``."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        cue = ""
+        trace = ""
+
+    def __init__(self, name=None, config=None, plugin=None):
+        append_line(config.trace, f"making {name}")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(config.cue) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        super().__init__(name, config, plugin)
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"message {event.payload}")
+
+
 class Inboxed(EventDrivenThreadAgent):
     """Each message it is sent (``orchestrator.send``) becomes a line "message PAYLOAD" in ``trace``."""
 

@@ -104,3 +104,53 @@ def test_a_handoff_keeps_what_comes_before_the_agent_and_hands_it_over_in_order(
     failed.failed()
     failed.give("stop")
     assert failed.agent is None
+
+
+def test_a_handoff_keeps_at_most_its_bound_before_the_agent_and_counts_the_rest_as_the_agents_drops(monkeypatch):
+    """An ``__init__`` that never returns beside a script that keeps sending grew the worker without
+    end: now the first EARLY_MAX messages wait, the rest are dropped and counted in the agent's
+    inbox once it is made (a real agent, unbounded inbox: only the handoff's bound drops)."""
+    from agents import Inboxed
+    from pyorchestrate_worker import handoff as handoff_module
+
+    monkeypatch.setattr(handoff_module, "EARLY_MAX", 5)
+    handoff = handoff_module.Handoff()
+    for i in range(8):
+        handoff.give("message", i)
+    handoff.give("execute")  # a flag, never refused
+    handoff.give("stop")
+    assert handoff.dropped == 3
+    agent = Inboxed("inboxed", Inboxed.Config(inbox_max=-1))
+    handoff.made(agent)
+    assert [agent._next_delivery(0)[1] for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert agent._next_delivery(0) is None
+    assert agent._inbox.dropped == 3 and agent.control_events.execute_event.is_set() and agent.stopping
+
+
+def test_messages_sent_to_an_agent_that_is_never_made_wait_up_to_a_bound_and_the_rest_are_counted(cluster, tmp_path):
+    """A thread agent whose ``__init__`` waits (for a connection, say) is sent 10,050 messages: 10,000
+    wait for it (before, all of them, without end), 50 are dropped; once made it handles the 10,000
+    (its own inbox is unbounded), and its end and the coordinator's counts say 50 dropped."""
+    from agents import MadeOnCue
+    from conftest import start_daemon
+
+    orch, events = start_daemon(cluster, ("w1",))
+    trace, cue = tmp_path / "trace", tmp_path / "cue"
+    orch.register_agent(MadeOnCue, "slow", MadeOnCue.Config(trace=str(trace), cue=str(cue), inbox_max=-1))
+    wait_for(lambda: lines(trace) == ["making slow"], 30, "its __init__ to start")
+    for i in range(10_050):
+        orch.send("slow", i)
+    # the worker reads the coordinator's frames in order: once an agent started after them has
+    # ended, it has handed every message to the handoff (the agent is still being made)
+    from agents import Quick
+
+    orch.register_agent(Quick, "after", worker="w1")
+    events.wait("AGENT_TERMINATED", "after", timeout=60)
+    assert lines(trace) == ["making slow"]
+    cue.touch()
+    wait_for(lambda: len(lines(trace)) >= 10_001, 60, "the messages kept for it to be handled")
+    orch.stop_agent("slow")
+    end = events.wait("AGENT_TERMINATED", "slow")[0]
+    assert lines(trace)[1:] == [f"message {i}" for i in range(10_000)]
+    assert end["messages_dropped"] == 50 and "messages_unhandled" not in end, end
+    assert orch.status()["dropped"] == {"agent_inbox_full": 50}

@@ -185,6 +185,12 @@ class BaseAgent(abc.ABC):
         elif not self._inbox.put((kind, payload), getattr(self.config, "inbox_max", INBOX_MAX)):
             self._inbox_full(kind)
 
+    def _refused_early(self, count: int) -> None:
+        """``count`` messages were refused for the agent before it was made (worker/handoff.py):
+        counted and said as its inbox's own drops."""
+        self._inbox.dropped += count
+        self._inbox_full("message")
+
     def _inbox_full(self, kind: str) -> None:
         inbox = self._inbox
         if inbox.due_to_say():
