@@ -77,7 +77,8 @@ class Coordinator:
 
     def __init__(self, name: str, config: Any, dispatcher: EventDispatcher, on_finished: Callable[[], None],
                  on_agent_states: Callable[[list[tuple[str, str, str | None, int]]], None],
-                 on_forget: Callable[[str], None], min_workers: int) -> None:
+                 on_forget: Callable[[str], None], min_workers: int,
+                 may_finish: Callable[[], bool] = lambda: True) -> None:
         self.name = name
         self.config = config
         self.dispatcher = dispatcher
@@ -94,6 +95,7 @@ class Coordinator:
         self._batch_stamp: dict[str, str] | None = None  # the time of that batch (once it has an event)
         self._batch_info = False  # log.isEnabledFor(INFO) for that batch (asked once, not per event)
         self._on_forget = on_forget
+        self._may_finish = may_finish  # no registration waits, and none is taken from now on
         self._closing = False
         self._seq = 0
         # one packer for the events the loop publishes (the loop's thread only): msgpack.packb makes
@@ -1066,6 +1068,8 @@ class Coordinator:
                 return
             log.warning("gave up waiting for the last bus events of %d agent(s)", len(self._awaited_bus))
             self._give_up_tails(None)
+        if not self._may_finish():
+            return  # an agent registered just now: the loop takes it next, and the run goes on
         self._release_early(self._early_hold.everything())
         self._release(self._tail_hold.everything())
         self.core.finish()

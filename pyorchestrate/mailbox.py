@@ -104,6 +104,11 @@ class Mailbox:
                 self._pipe.ring()
         return [item for _, item in taken]
 
+    def holds(self, predicate: Any) -> bool:
+        """Does an item waiting (not yet drained) satisfy ``predicate``?  Safe from any thread."""
+        with self._lock:
+            return any(predicate(item) for _, item in self._items)
+
     def has_query(self) -> bool:
         """Is a query waiting at the head?  Lock-free (owner thread only): cheap enough to ask
         between any two messages of a long phase."""

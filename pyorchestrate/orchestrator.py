@@ -246,6 +246,10 @@ class Orchestrator:
         self._dispatcher = EventDispatcher(getattr(config, "callback_threads", 10))
         self._dispatcher.max_backlog = getattr(config, "callback_backlog", MAX_BACKLOG)
         self._finished = threading.Event()
+        # set (under _lock) by the coordinator's loop as it ends the run, once no registration
+        # waits in its mailbox: from then on register_agent raises (see _close_adds)
+        self._adds_closed = False
+        self._stop_asked = False  # stop() was called (so the run did not end by itself)
         self._started = False
         self._shut = False
         self._pid = 0  #: the process that started it (a fork of it cannot drive it: _in_a_fork)
@@ -377,8 +381,8 @@ class Orchestrator:
         with self._lock:
             if name in self._names:
                 raise ValueError(f"an agent named {name!r} is already registered; pick another name")
-            if self._finished.is_set():
-                raise RuntimeError("this orchestrator has finished; create a new one")
+            if self._finished.is_set() or self._adds_closed:
+                raise RuntimeError(self._ended_message())
             self._names.add(name)
             started = self._coordinator is not None
             if not started:
@@ -396,10 +400,34 @@ class Orchestrator:
                     self._names.discard(name)
                 raise
             assert self._coordinator is not None
-            self._coordinator.mailbox.put((cmd.AddAgent(record), None))
+            with self._lock:
+                # (the run may have ended since the check above: put after that, it was never
+                # taken, and register_agent returned for an agent that never ran)
+                if self._adds_closed:
+                    self._names.discard(name)
+                    raise RuntimeError(self._ended_message())
+                self._coordinator.mailbox.put((cmd.AddAgent(record), None))
             if trace.enabled:  # in the mailbox, its owner woken: as the prototypes mark it
                 trace.mark("queued", name)
         return name
+
+    def _ended_message(self) -> str:
+        if self.config.run_mode is RunMode.STOP_ON_EMPTY and not self._stop_asked:
+            return ("this orchestrator's run has ended: every agent had terminated (RunMode.STOP_ON_EMPTY). "
+                    "Create a new orchestrator, or use RunMode.DAEMON to add agents as others end "
+                    "(from a callback, say) and call stop() when done")
+        return "this orchestrator has finished; create a new one"
+
+    def _close_adds(self) -> bool:
+        """From the coordinator's loop, as it is about to end the run: False if a registration
+        waits in its mailbox (the run goes on: the loop takes it next); else no registration is
+        taken from now on, and True."""
+        assert self._coordinator is not None
+        with self._lock:
+            if self._coordinator.mailbox.holds(lambda item: isinstance(item[0], cmd.AddAgent)):
+                return False
+            self._adds_closed = True
+            return True
 
     def add_dependency(self, agent_name: str, deps: list[str]) -> None:
         """``agent_name`` starts only after every agent in ``deps`` is READY (or finished cleanly).
@@ -526,7 +554,7 @@ class Orchestrator:
         embedded = cfg.address is None
         min_workers = cfg.min_workers if cfg.min_workers is not None else (cfg.local_workers if embedded else 1)
         coordinator = Coordinator(self.name, cfg, self._dispatcher, self._finished.set, self._states.update_many,
-                                  self._forget, min_workers)
+                                  self._forget, min_workers, self._close_adds)
         coordinator.bind(cfg.address or "tcp://127.0.0.1:*", cfg.events_address)
         self._pid = _pid  # before the coordinator is there to be used (register_agent checks it)
         self._coordinator = coordinator
@@ -588,6 +616,7 @@ class Orchestrator:
             log.warning("orchestrator %s: stop() in process %d, a fork of the process running it (%d), does "
                         "nothing: only that process can stop it", self.name, _pid, self._pid)
             return
+        self._stop_asked = True
         if not self._finished.is_set():
             timeout = self._stop_timeout(timeout)
             self._coordinator.mailbox.put((cmd.RequestStop(), None))

@@ -331,3 +331,104 @@ def test_an_orchestrator_named_with_whitespace_still_gets_its_local_workers():
     orch.join()
     status = orch.status()
     assert status["agents"]["q"]["state"] == "TERMINATED" and list(status["workers"]) == ["my_cluster_x_y-local-1"]
+
+
+def _first_until_told(cluster, tmp_path):
+    """A STOP_ON_EMPTY run whose one agent, "first", is READY and ends once ``first.go`` exists."""
+    from behaviours import CONDITIONAL
+
+    orch = cluster.orchestrator(min_workers=1)
+    events = EventLog(orch)
+    cls = CONDITIONAL["thread"]
+    orch.register_agent(cls, "first", cls.Config(out=str(tmp_path / "first"), poll_interval=0.02))
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    events.wait("AGENT_READY", "first")
+    return orch, events
+
+
+def test_a_registration_that_meets_the_runs_end_raises_and_is_never_taken_silently(cluster, tmp_path, monkeypatch):
+    """STOP_ON_EMPTY: the run ends once every agent has terminated.  A register_agent from another
+    thread (or a callback) at that moment either runs its agent or raises; it returned normally,
+    and its agent never ran, when the run ended between its check and its hand-over to the loop
+    (2 of 5 tries of a thread registering every 0.5 ms as the run ended).  Here that moment is
+    held open: the registration waits inside its dependency check while the run ends."""
+    import pyorchestrate.orchestrator as orchestrator_module
+
+    inside, go_on = threading.Event(), threading.Event()
+    real_check = orchestrator_module.check_graph
+
+    def held_check(graph):
+        if threading.current_thread().name == "late":
+            inside.set()
+            go_on.wait(60)
+        return real_check(graph)
+
+    monkeypatch.setattr(orchestrator_module, "check_graph", held_check)
+    orch, events = _first_until_told(cluster, tmp_path)
+    outcome: list = []
+
+    def late():
+        try:
+            outcome.append(orch.register_agent(Quick, "late", depends_on=["first"]))
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=late, name="late")
+    thread.start()
+    assert inside.wait(30)
+    (tmp_path / "first.go").touch()  # first's condition: it runs and ends, and so does the run
+    assert orch.join(timeout=60)
+    go_on.set()
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert "run has ended" in str(outcome[0]) and "RunMode.DAEMON" in str(outcome[0])
+    assert not events.of("AGENT_STARTED", "late")
+    # and from a callback of the last agent's end: the same error, said the same way
+    said: list = []
+    orch2 = cluster.orchestrator(min_workers=1)
+
+    def chain(agent_name):
+        try:
+            orch2.register_agent(Quick, f"after-{agent_name}")
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    orch2.register_event(OrchestratorEvent.AGENT_TERMINATED, chain)
+    orch2.register_agent(Quick, "only")
+    orch2.start()
+    cluster.worker(orch2.address, "w2")
+    assert orch2.join(timeout=60)
+    assert len(said) == 1 and "run has ended" in said[0], said
+
+
+def test_a_registration_handed_over_as_the_run_ends_keeps_the_run_going_and_its_agent_runs(cluster, tmp_path,
+                                                                                            monkeypatch):
+    """The other side of that moment: a registration handed to the loop after the loop last read
+    its mailbox, as it finds every agent terminated.  The loop ended the run and never took it
+    (register_agent had returned); now it takes it, and the run goes on until that agent ends.
+    Here the loop is held at that point until the registration is in its mailbox."""
+    from pyorchestrate.coordinator import Coordinator
+
+    at_end, registered = threading.Event(), threading.Event()
+    real_check = Coordinator._check_finished
+
+    def held_check(self, now):
+        if self.core.all_done() and not at_end.is_set():
+            at_end.set()
+            registered.wait(60)
+        return real_check(self, now)
+
+    monkeypatch.setattr(Coordinator, "_check_finished", held_check)
+    orch, events = _first_until_told(cluster, tmp_path)
+    joined = []
+    joiner = threading.Thread(target=lambda: joined.append(orch.join(timeout=60)))
+    joiner.start()
+    (tmp_path / "first.go").touch()
+    assert at_end.wait(30)  # every agent terminated, the script in join(): the loop is about to end the run
+    assert orch.register_agent(Quick, "late") == "late"
+    registered.set()
+    joiner.join(60)
+    assert joined == [True]
+    assert [e["ok"] for e in events.of("AGENT_TERMINATED", "late")] == [True]
+    assert len(events.of("ALL_AGENTS_TERMINATED")) == 1
