@@ -1118,7 +1118,11 @@ class Coordinator:
         if self.pulse is not None:
             self.pulse.close()
             self.pulse = None
-        self.mailbox.close()
+        for _command, future in self.mailbox.close():
+            # a call put in after the loop's last turn: its caller is told now (it waited the
+            # whole call timeout, 30 s, then heard the loop "was stopped, or is overloaded")
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("this orchestrator has shut down"))
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None

@@ -61,15 +61,15 @@ class Mailbox:
         self._closed = False
         self.wake_socket = self._pipe.fd
 
-    def put(self, item: Any, *, query: bool = False) -> None:
-        """Queue ``item`` and wake the owner.  Safe from any thread.  A ``query`` (it reads, it
-        changes nothing) goes ahead of what other threads queued, never ahead of what this
-        thread queued: a status() call is not held up by another thread's 10,000 registrations,
-        yet always sees the caller's own."""
+    def put(self, item: Any, *, query: bool = False) -> bool:
+        """Queue ``item`` and wake the owner; False if the box is closed (nothing was queued).
+        Safe from any thread.  A ``query`` (it reads, it changes nothing) goes ahead of what
+        other threads queued, never ahead of what this thread queued: a status() call is not
+        held up by another thread's 10,000 registrations, yet always sees the caller's own."""
         thread = threading.get_ident()
         with self._lock:
             if self._closed:
-                return
+                return False
             if query and not self._queued_by[thread]:
                 ahead = 0  # behind the queries already waiting at the head (first come, first served)
                 while ahead < len(self._items) and self._items[ahead][0] is None:
@@ -83,6 +83,7 @@ class Mailbox:
                 # under the lock, as the close it must not race (a write after close could land
                 # in whatever reused the descriptor's number)
                 self._pipe.ring()
+        return True
 
     def drain(self, limit: int | None = None) -> list[Any]:
         """Take the queued items, at most ``limit`` of them (owner thread only).  If some are
@@ -129,13 +130,18 @@ class Mailbox:
                 taken.append(self._items.popleft()[1])
             return taken
 
-    def close(self) -> None:
+    def close(self) -> list[Any]:
+        """No more items (put returns False from now on); returns those never drained."""
         with self._lock:
             if self._closed:
-                return
+                return []
             self._closed = True
             # every write is under the lock and checks _closed first: none comes after this
             self._pipe.close()
+            left = [item for _, item in self._items]
+            self._items.clear()
+            self._queued_by.clear()
+            return left
 
 
 class WakeQueue:

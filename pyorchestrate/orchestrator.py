@@ -403,7 +403,7 @@ class Orchestrator:
             with self._lock:
                 # (the run may have ended since the check above: put after that, it was never
                 # taken, and register_agent returned for an agent that never ran)
-                if self._adds_closed:
+                if self._adds_closed or self._finished.is_set():
                     self._names.discard(name)
                     raise RuntimeError(self._ended_message())
                 self._coordinator.mailbox.put((cmd.AddAgent(record), None))
@@ -517,7 +517,9 @@ class Orchestrator:
         if self._shut:
             raise RuntimeError("this orchestrator has shut down")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._coordinator.mailbox.put((command, future), query=isinstance(command, cmd.Snapshot))
+        if not self._coordinator.mailbox.put((command, future), query=isinstance(command, cmd.Snapshot)):
+            # shut down since the check above: nothing would ever take it
+            raise RuntimeError("this orchestrator has shut down")
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:

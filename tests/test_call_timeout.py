@@ -66,3 +66,39 @@ def test_other_calls_time_out_the_same_way(cluster, call, monkeypatch):
         if call == "stop_agent":  # taken at once: done
             events.wait("AGENT_TERMINATED", name)
     pytest.fail("20 calls were all taken at once")
+
+
+def test_a_call_that_meets_the_shutdown_is_told_at_once_not_after_the_call_timeout(cluster, monkeypatch):
+    """A call put in as the coordinator shut down was never taken: its caller waited the whole
+    call timeout (30 s) and then heard the loop "was stopped, or is overloaded".  Two moments:
+    the call comes after the loop's last turn (held here: put as the loop closes), or after the
+    mailbox closed (the caller passed the shut-down check just before)."""
+    import concurrent.futures
+
+    from pyorchestrate import commands
+    from pyorchestrate.coordinator import Coordinator
+
+    monkeypatch.setattr(orchestrator_module, "CALL_TIMEOUT", 5.0)
+    late: list = []
+    real_close = Coordinator._close
+
+    def close_with_a_late_call(self):
+        if self.core is not None and not late:
+            late.append(concurrent.futures.Future())
+            self.mailbox.put((commands.Snapshot(), late[0]), query=True)
+        real_close(self)
+
+    monkeypatch.setattr(Coordinator, "_close", close_with_a_late_call)
+    orch, events = start_daemon(cluster, ("w1",))
+    orch.stop()
+    assert len(late) == 1
+    with pytest.raises(RuntimeError, match="shut down"):
+        late[0].result(timeout=1)
+    orch._shut = False  # as for a caller that checked just before the shutdown
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="shut down"):
+            orch.send("anyone", 1)
+    finally:
+        orch._shut = True
+    assert time.monotonic() - started < 1.0
