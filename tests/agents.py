@@ -729,6 +729,18 @@ class FirstOnlyProcess(EventDrivenProcessAgent):
     on_event = FirstOnly.on_event
 
 
+class FirstOnlyDeafProcess(EventDrivenProcessAgent):
+    """:class:`FirstOnlyProcess` that ignores its stop: its process is killed at its stop timeout."""
+
+    class Config(EventDrivenProcessAgent.Config):
+        trace = ""
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"took {event.payload}")
+        while True:
+            time.sleep(0.05)
+
+
 class RootLogShipper(LoopingThreadAgent):
     """Ships every log record of its process to a log collector over HTTP, as agents configure
     logging in ``setup()``: a handler on the *root* logger, which the worker's own records reach too.

@@ -35,6 +35,19 @@ def test_a_full_inbox_refuses_the_newest_and_counts_it():
     assert all(unbounded.put(("trigger", i), -1) for i in range(50_000)) and unbounded.dropped == 0
 
 
+def test_a_tallied_inbox_keeps_what_it_took_and_dropped_in_its_tally():
+    """(A process agent's tally is memory shared with its worker: read there if it is killed.)"""
+    inbox = Inbox(clock=_Clock())
+    inbox.tally = multiprocessing.get_context("forkserver").RawArray("q", 2)
+    for i in range(5):
+        inbox.put(("message", i), 3)
+    inbox.get(0)
+    inbox.get(0)
+    inbox.get(0)
+    assert inbox.get(0) is None  # (nothing taken: not counted)
+    assert list(inbox.tally) == [3, 2]
+
+
 def test_drops_are_said_at_the_first_then_once_per_interval():
     clock = _Clock()
     inbox = Inbox(clock=clock)
@@ -84,6 +97,30 @@ def test_messages_past_the_inbox_bound_are_dropped_and_every_one_is_counted(clus
     assert waited in (19, 20) and 1 + waited + dropped == 100, bounded
     assert unbounded["messages_unhandled"] == 99 and "messages_dropped" not in unbounded, unbounded
     assert orch.status()["dropped"] == {"agent_inbox_full": dropped, "agent_ended_with_messages": waited + 99}
+
+
+def test_what_a_killed_process_agent_was_sent_and_never_handled_is_counted(cluster, tmp_path):
+    """A process agent killed at its stop timeout (as by the out-of-memory killer, or a segfault)
+    reports no end of its own, and the messages in its inbox and its pipe were lost uncounted.
+    Its inbox keeps its counts in memory shared with the worker, which says them in the end it
+    reports for it: what it took, what waited and what was dropped add up to what was sent."""
+    from agents import FirstOnlyDeafProcess
+
+    orch, events = start_daemon(cluster, ("w1",))
+    trace = tmp_path / "trace"
+    orch.register_agent(FirstOnlyDeafProcess, "deaf", FirstOnlyDeafProcess.Config(trace=str(trace), inbox_max=20,
+                                                                                    stop_timeout=0.5))
+    events.wait("AGENT_READY", "deaf")
+    for i in range(100):
+        orch.send("deaf", i)
+    wait_for(lambda: trace.exists(), 30, "deaf took a message")
+    orch.stop_agent("deaf")
+    end = events.wait("AGENT_TERMINATED", "deaf", timeout=30)[0]
+    assert end["ok"] is False and "terminated" in events.of("AGENT_ERROR", "deaf")[-1]["error_message"], end
+    assert trace.read_text().split() == ["took", "0"]
+    waited, dropped = end.get("messages_unhandled", 0), end.get("messages_dropped", 0)
+    assert waited in (19, 20) and 1 + waited + dropped == 100, end
+    assert orch.status()["dropped"] == {"agent_inbox_full": dropped, "agent_ended_with_messages": waited}
 
 
 def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):

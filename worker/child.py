@@ -201,8 +201,9 @@ def setup_logging(label: str, log_level: int) -> None:
 
 def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level: int = logging.INFO,
          events_address: str | None = None, bus: list | None = None, hold: bool = False,
-         events_key: Any = None, worker_pid: int = 0) -> None:
-    """Run one process agent to completion, reporting through ``conn``."""
+         events_key: Any = None, worker_pid: int = 0, tally: Any = None) -> None:
+    """Run one process agent to completion, reporting through ``conn``; ``tally``: where its
+    inbox keeps what it took and dropped, for the worker to read if this process is killed."""
     leave_the_worker_group(worker_pid)
     stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent {name}", log_level)
@@ -246,6 +247,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
         conn.close()
         sys.exit(1)
     agent._report = report
+    agent._inbox.tally = tally
     agent.events_address = events_address
     agent.events_key = events_key
     if hold:

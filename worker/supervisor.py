@@ -65,6 +65,7 @@ class Running:
     process: Any = None  # process agents
     conn: Any = None
     link: ChildLink | None = field(default=None, repr=False)  #: how the loop sends on ``conn`` (child_link.py)
+    tally: Any = field(default=None, repr=False)  #: its inbox's (taken, dropped), shared with its process
     terminated: bool = False
     stop_requested_at: float | None = None
     stop_timeout: float = 10.0
@@ -96,6 +97,17 @@ class Running:
         return {"agent": self.name, "run": self.run, "epoch": self.epoch, "state": "READY" if self.ready else "STARTED",
                 "coordinator": self.coordinator, "definition": self.definition,
                 "stopping": self.stop_requested_at is not None}
+
+
+def _messages_lost(record: Running) -> dict[str, int]:
+    """What a process agent that ended without a word of its own had been sent and never handled:
+    those handed to it (in the pipe, or still in the link's backlog) that its inbox neither took nor
+    dropped, and those it dropped (its end would have said both)."""
+    if record.tally is None or record.link is None:
+        return {}
+    taken, dropped = record.tally[0], record.tally[1]
+    fields = {"messages_unhandled": record.link.handed - taken - dropped, "messages_dropped": dropped}
+    return {key: count for key, count in fields.items() if count > 0}
 
 
 class Supervisor:
@@ -415,12 +427,14 @@ class Supervisor:
         name = record.name
         self._processes_started = True
         parent_conn, child_conn = self._mp.Pipe()
+        # what its inbox took and dropped, in shared memory: read here if the process is killed
+        record.tally = self._mp.RawArray("q", 2)
         process = self._mp.Process(target=child.main, args=(blob, config_blob, name, child_conn,
                                                                     _stderr_level(),
                                                                     self.events_address,
                                                                     [self._worker_name, self.host, record.tag]
                                                                     if self.bus is not None else None,
-                                                                    hold, self.events_key, os.getpid()),
+                                                                    hold, self.events_key, os.getpid(), record.tally),
                                    name=f"agent-{name}", daemon=False)
         record.process, record.conn = process, parent_conn
         record.link = ChildLink(parent_conn, start=lambda thread: self._start_soon(thread.start,
@@ -489,7 +503,8 @@ class Supervisor:
                     "traceback": "", "exitcode": code})
             # with the last bus seq the child sent: the coordinator waits for the events still on
             # their way (log lines written just before an os._exit) instead of dropping them as stale
-            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus})
+            self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus,
+                                                     **_messages_lost(record)})
         record.conn.close()
         watch.release(record.process)
 

@@ -8,6 +8,11 @@ process: counted (its run's end says how many, and the coordinator counts them i
 said as a WARNING on the agent's log at most every :data:`SAY_EVERY` seconds.  The newest is the
 one dropped, as a ZeroMQ socket at its high-water mark does: what the agent handles stays in the
 order it was sent, with nothing missing before the first drop.
+
+A process agent's inbox also keeps its counts where its worker can read them after the process is
+gone (:attr:`Inbox.tally`, memory shared with the worker): a process killed (at its stop timeout,
+by the out-of-memory killer, a segfault) reports no end of its own, and what it had been handed
+but had not taken was lost uncounted.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ class Inbox:
     """One run's messages, ``(kind, payload)``, first in first out.  One thread puts (the worker's
     loop, or a process agent's reader), any thread takes."""
 
-    __slots__ = ("_queue", "dropped", "_said", "_clock")
+    __slots__ = ("_queue", "dropped", "_said", "_clock", "tally")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # C, ~40 times cheaper to make than a Queue
         self.dropped = 0  #: messages refused because the inbox was full
         self._said: float | None = None  # when the last warning went (None: never)
         self._clock = clock
+        #: (taken, dropped) kept in memory shared with the worker, or None (set in a process agent)
+        self.tally: Any = None
 
     def put(self, item: tuple[str, Any], limit: int) -> bool:
         """Queue ``item`` unless ``limit`` (> 0) messages wait already; False: it was dropped
         (counted).  ``limit`` < 0: no bound."""
         if 0 < limit <= self._queue.qsize():
             self.dropped += 1
+            if self.tally is not None:
+                self.tally[1] = self.dropped
             return False
         self._queue.put(item)
         return True
@@ -52,9 +61,12 @@ class Inbox:
     def get(self, timeout: float) -> tuple[str, Any] | None:
         """The oldest message, or None after ``timeout`` seconds."""
         try:
-            return self._queue.get(timeout=timeout)
+            item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        if self.tally is not None:
+            self.tally[0] += 1  # (this thread alone writes it: the putter writes the other slot)
+        return item
 
     def waiting(self) -> int:
         """How many messages wait to be taken."""
