@@ -6,7 +6,11 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI (the test extra installs it there)
+    import tomli as tomllib
 
 import pytest
 import yaml
