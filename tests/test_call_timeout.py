@@ -91,6 +91,7 @@ def test_a_call_that_meets_the_shutdown_is_told_at_once_not_after_the_call_timeo
     monkeypatch.setattr(Coordinator, "_close", close_with_a_late_call)
     orch, events = start_daemon(cluster, ("w1",))
     orch.stop()
+    orch._coordinator.join_thread(60)  # (stop() waits 10 s for the loop's end: a loaded machine may take longer)
     assert len(late) == 1
     with pytest.raises(RuntimeError, match="shut down"):
         late[0].result(timeout=1)
