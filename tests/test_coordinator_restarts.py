@@ -111,9 +111,9 @@ class Scripts:
     """Coordinator scripts on one fixed address (a restarted script comes back to it), and the
     workers that serve them; every script is ended after the test."""
 
-    def __init__(self, cluster, tmp: Path) -> None:
+    def __init__(self, cluster, tmp: Path, host: str = "127.0.0.1") -> None:
         self.cluster, self.tmp = cluster, tmp
-        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.address = f"tcp://{host}:{free_port()}"
         self.started: list[Script] = []
 
     def workers(self, *names: str) -> None:
@@ -127,13 +127,14 @@ class Scripts:
 
 
 @pytest.fixture
-def scripts(cluster, tmp_path):
-    made = Scripts(cluster, tmp_path)
+def scripts(cluster, tmp_path, request):
+    made = Scripts(cluster, tmp_path, getattr(request, "param", "127.0.0.1"))  # (a host: indirect parametrize)
     yield made
     for script in made.started:
         script.end()
 
 
+@pytest.mark.parametrize("scripts", ["127.0.0.1", "[::1]"], indirect=True, ids=["ipv4", "ipv6"])
 def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_changed_one(cluster, tmp_path, scripts):
     scripts.workers("w1", "w2")
     first = scripts.run("first", agents=20, workers=2)
