@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 
 class _WakePipe:
@@ -105,7 +105,7 @@ class Mailbox:
                 self._pipe.ring()
         return [item for _, item in taken]
 
-    def holds(self, predicate: Any) -> bool:
+    def holds(self, predicate: Callable[[Any], bool]) -> bool:
         """Does an item waiting (not yet drained) satisfy ``predicate``?  Safe from any thread."""
         with self._lock:
             return any(predicate(item) for _, item in self._items)

@@ -30,6 +30,19 @@ LIFECYCLE = {"AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", "AGENT_TERMINATED"}
 # false death when CI loads the machine (one did at 0.5 s: a worker lost while pip ran beside the
 # suite).  Detection tests ask for DETECT and derive their waits from it.
 FAST = {"heartbeat_interval": 0.1, "heartbeat_liveness": 20, "worker_wait_timeout": 20.0}
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+#: for tests (or parameters) on tcp://[::1]: a machine or container may have no IPv6 at all
+needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 DETECT = {"heartbeat_interval": 0.1, "heartbeat_liveness": 5}  # a 0.5 s window
 
 

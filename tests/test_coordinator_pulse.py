@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import process_gone, wait_for
+from conftest import needs_ipv6, process_gone, wait_for
 
 from pyorchestrate.core import ClusterCore
 from pyorchestrate.keys import KeyDir
@@ -104,7 +104,7 @@ def _before_done(events: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("pulse, keyed, address", [(True, False, None), (True, True, None), (False, False, None),
-                                                   (True, True, "tcp://[::1]:*")],
+                                                   pytest.param(True, True, "tcp://[::1]:*", marks=needs_ipv6)],
                          ids=["pulse", "pulse-keys", "no-pulse", "pulse-keys-ipv6"])
 def test_a_script_holding_the_gil_past_the_lease_stops_no_agent_with_its_pulse(tmp_path, pulse, keyed, address):
     """With the pulse: one copy from start to stop(), nothing lost, disconnected or restarted; with

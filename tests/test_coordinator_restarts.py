@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, needs_ipv6, wait_for
 
 from pyorchestrate import RunMode
 
@@ -134,7 +134,8 @@ def scripts(cluster, tmp_path, request):
         script.end()
 
 
-@pytest.mark.parametrize("scripts", ["127.0.0.1", "[::1]"], indirect=True, ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("scripts", ["127.0.0.1", pytest.param("[::1]", marks=needs_ipv6)], indirect=True,
+                         ids=["ipv4", "ipv6"])
 def test_a_sigkilled_coordinator_started_again_adopts_its_agents_and_replaces_a_changed_one(cluster, tmp_path, scripts):
     scripts.workers("w1", "w2")
     first = scripts.run("first", agents=20, workers=2)

@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 from agents import (CopyTracer, CopyTracerProcess, CpuBurner, DeafProcess, DeafThread, Forever, ForeverProcess,
                     GilHolder, copy_spans)
-from conftest import DETECT, EventLog, _session_members, free_port, process_gone, wait_for
+from conftest import DETECT, EventLog, _session_members, free_port, needs_ipv6, process_gone, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode
 
@@ -79,7 +79,8 @@ def _sort_with_the_gil_held(cluster, pulse: str, address: str = "tcp://127.0.0.1
     return events, held
 
 
-@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://[::1]:*"], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", pytest.param("tcp://[::1]:*", marks=needs_ipv6)],
+                         ids=["ipv4", "ipv6"])
 def test_a_loop_starved_of_the_gil_is_busy_not_lost_while_its_pulse_goes_on(cluster, caplog, address):
     events, held = _sort_with_the_gil_held(cluster, "always", address)
     assert len(held) == 2, held  # both sorts ran on the worker that was busy, not lost

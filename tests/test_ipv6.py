@@ -7,37 +7,14 @@ libzmq's sockets are IPv4 only unless told; before, binding ``tcp://[::1]:*`` ra
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import pytest
 import zmq
 from behaviours import EVENTDRIVEN, SENSOR, Listener, Speaker
-from conftest import free_port, start_daemon, wait_for
+from conftest import free_port, needs_ipv6, run_script, start_daemon, wait_for
 
 import pyorchestrate as po
 from pyorchestrate import sockets
 from pyorchestrate.keys import KeyDir
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        import socket
-
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyorchestrate", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ})
 
 
 def test_only_an_ipv6_literal_turns_ipv6_on():
@@ -99,7 +76,7 @@ def test_a_cluster_on_ipv6_runs_agents_their_bus_their_links_and_the_cli(cluster
         reader.close()
     with po.ControlClient(orch.address) as client:
         assert set(client.status()["workers"]["by_state"]) == {"alive"}
-    ps = _cli("ps", "--json", "--address", orch.address)
+    ps = run_script(["-m", "pyorchestrate", "ps", "--json", "--address", orch.address], tmp_path)
     assert ps.returncode == 0, ps.stderr
     assert {row["name"]: row["state"] for row in json.loads(ps.stdout)}["quick"] == "TERMINATED"
     status = orch.status()
