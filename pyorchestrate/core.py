@@ -457,6 +457,7 @@ class ClusterCore(Registration, CommandHandlers):
                 self.actions.append(AwaitBus(marker[0], marker[1], marker[2]))
             ok = fields.pop("ok", True) is True and not record.run_errored
             record.run_errored = False
+            self._count_lost_messages(record, fields)
             for key, reason in _MESSAGES_LOST:
                 count = fields.get(key)
                 if count is not None:  # (stays in the published end, for whoever follows the agent)
@@ -740,6 +741,26 @@ class ClusterCore(Registration, CommandHandlers):
             assigned += 1
             running += 1
 
+    def _count_lost_messages(self, record: AgentRecord, fields: dict[str, Any]) -> None:
+        """What this coordinator sent to a run that ended and that its end says it neither took nor
+        dropped was lost: counted as unhandled, beyond what the end says waited in its inbox.  The
+        run cannot see those: still in a process agent's pipe or the worker's backlog to it, on
+        the wire, or reaching its worker after its end (the worker drops them).  Exact for a run
+        this coordinator started; for an adopted one, whose predecessor sent it messages too, at
+        least those of ours that were lost.  Only for an end that says what it took (an agent
+        host that died takes that with it).  The count taken stays in the published end if not 0."""
+        taken = fields.pop("messages_taken", None)
+        if type(taken) is not int or taken < 0:
+            return
+        if taken:
+            fields["messages_taken"] = taken
+        if not record.sent:
+            return
+        dropped, waited = fields.get("messages_dropped"), fields.get("messages_unhandled")
+        lost = record.sent - taken - (dropped if type(dropped) is int and dropped > 0 else 0)
+        if lost > (waited if type(waited) is int and waited > 0 else 0):
+            fields["messages_unhandled"] = lost
+
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:
         # a long-running dependency (Looping/Periodic) must be READY; a one-shot one (a migration,
         # say) must have finished without error
@@ -757,6 +778,7 @@ class ClusterCore(Registration, CommandHandlers):
         record.run = self.incarnation
         record.ready_said = False
         record.executed = False
+        record.sent = 0
         record.worker = worker.name
         if record.state is not S.ASSIGNED:
             self.states.move(record, S.ASSIGNED)

@@ -84,6 +84,7 @@ class CommandHandlers:
                    "it is moving to another worker" if record.then == "move" else
                    "it is restarting" if record.then == "restart" else "it was asked to stop")
             raise ValueError(f"agent {c.name!r} is stopping ({why}): nothing delivered; send it again once it runs")
+        record.sent += c.kind != "execute"  # (what goes to its inbox: see Core._count_lost_messages)
         self._send(worker, "deliver", agent=c.name, run=record.run, epoch=record.epoch, kind=c.kind, payload=c.payload)
 
     @handles(cmd.Execute)

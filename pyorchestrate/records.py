@@ -63,6 +63,9 @@ class AgentRecord:
     #: READY was said for the current run (here, or by the coordinator that started an adopted copy)
     ready_said: bool = False
     ended_at: float = 0.0  #: when it last became TERMINATED for good (for forgetting)
+    #: messages (send, trigger) this coordinator delivered to its current run: what its end does not
+    #: say it took or dropped was lost, wherever (see Core._count_lost_messages)
+    sent: int = 0
 
     @property
     def keeps_running(self) -> bool:

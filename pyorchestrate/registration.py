@@ -237,6 +237,7 @@ class Registration:
                 # take over a copy a previous coordinator (same name, same definition) started
                 record.worker, record.run, record.epoch = worker.name, run, epoch
                 record.executed = False
+                record.sent = 0  # (what its predecessor sent it is not known)
                 record.started_at = self.wall()
                 record.run_since = now  # (how long it ran before is not known here: counted from now)
                 self._reconnect(record, worker, report, "still running from a previous coordinator")

@@ -741,6 +741,34 @@ class FirstOnlyDeafProcess(EventDrivenProcessAgent):
             time.sleep(0.05)
 
 
+class EndsAfter(EventDrivenThreadAgent):
+    """Handles ``count`` messages, writes how many it handled in ``trace``, and ends (stops itself)
+    while more may be on their way."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        trace = ""
+        count = 100
+
+    def setup(self):
+        self.handled = 0
+
+    def on_event(self, event):
+        self.handled += 1
+        if self.handled == self.config.count:
+            Path(self.config.trace).write_text(str(self.handled))
+            self.stop()
+
+
+class EndsAfterProcess(EventDrivenProcessAgent):
+    """:class:`EndsAfter` in a process of its own."""
+
+    class Config(EventDrivenProcessAgent.Config):
+        trace = ""
+        count = 100
+
+    setup, on_event = EndsAfter.setup, EndsAfter.on_event
+
+
 class RootLogShipper(LoopingThreadAgent):
     """Ships every log record of its process to a log collector over HTTP, as agents configure
     logging in ``setup()``: a handler on the *root* logger, which the worker's own records reach too.

@@ -925,6 +925,45 @@ def test_an_end_counts_the_messages_its_run_never_handled_and_keeps_them_in_the_
     assert drops == [("agent_inbox_full", 79, "message"), ("agent_ended_with_messages", 20, "message")]
 
 
+def test_what_a_run_was_sent_and_neither_took_nor_dropped_is_counted_as_lost_wherever_it_was():
+    """A run's end counts what waited in its inbox; messages still in a process agent's pipe, on
+    the wire, or reaching its worker after the end went uncounted.  The coordinator knows what it
+    sent the run (messages and triggers, not execute): what the end does not say it took or
+    dropped is counted as unhandled.  An end that cannot say what it took (an agent host that
+    died) keeps its own counts, and each run counts what was sent to it alone."""
+    h = Harness()
+    drops: list[tuple[str, int]] = []
+    h.core.drop = lambda kind, detail, count=1, what="frame": drops.append((kind, count))
+    cases = (("pipe", {"messages_taken": 6, "messages_dropped": 1, "messages_unhandled": 1}, 3),  # 10 - 6 - 1
+             ("inbox", {"messages_taken": 2, "messages_unhandled": 8}, 8),  # its own count is all of them
+             ("host_died", {"messages_unhandled": 1}, 1),
+             ("liar", {"messages_taken": "2"}, None),
+             ("took_all", {"messages_taken": 10}, None))
+    for name, fields, unhandled in cases:
+        w1, record = h.ready(agent=name, worker="w1")
+        for i in range(10):
+            h.core.command(commands.Deliver(name, ("message", "trigger")[i % 2], i), h.now)
+        h.core.command(commands.Execute(name), h.now)
+        h.flush()
+        h.report(w1, record, "AGENT_TERMINATED", ok=True, **fields)
+        end = h.events("AGENT_TERMINATED")[-1].fields
+        assert end["agent_name"] == name and end.get("messages_unhandled") == unhandled, end
+        assert end.get("messages_taken") == (fields["messages_taken"] if name in ("pipe", "inbox", "took_all")
+                                             else None), end
+    assert drops == [("agent_inbox_full", 1), ("agent_ended_with_messages", 3), ("agent_ended_with_messages", 8),
+                     ("agent_ended_with_messages", 1)]
+    # started again: its new run was sent 2, took 2, and nothing of the run before counts
+    record = h.core.agents["took_all"]
+    h.core.command(commands.StartAgent("took_all"), h.now)
+    h.step()
+    w1 = h.core.workers["w1"].identity
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    for i in range(2):
+        h.core.command(commands.Deliver("took_all", "message", i), h.now)
+    h.report(w1, record, "AGENT_TERMINATED", ok=True, messages_taken=2)
+    assert "messages_unhandled" not in h.events("AGENT_TERMINATED")[-1].fields and len(drops) == 4
+
+
 def test_a_worker_cannot_report_for_a_copy_another_worker_runs():
     """Runs and epochs are on the bus for anyone to read: a report naming the right run and epoch
     still counts only from the worker that copy runs on.  Another worker's STARTED, READY or end

@@ -243,7 +243,7 @@ def main(class_blob: bytes, config_blob: bytes, name: str, conn: Any, log_level:
     except BaseException as exc:  # noqa: BLE001 - any failure to load must be reported
         report("AGENT_STARTED")
         report("AGENT_ERROR", **error_fields(exc))
-        report("AGENT_TERMINATED", ok=False)
+        report("AGENT_TERMINATED", ok=False, messages_taken=0)  # (see BaseAgent.run's end)
         conn.close()
         sys.exit(1)
     agent._report = report

@@ -183,7 +183,7 @@ class Host:
                 self._forget(slot)
                 report("AGENT_STARTED")
                 report("AGENT_ERROR", **error_fields(exc))
-                report("AGENT_TERMINATED", ok=False)
+                report("AGENT_TERMINATED", ok=False, messages_taken=0)
                 return
             handoff.made(agent)
             if self._bus:
@@ -205,7 +205,7 @@ class Host:
             self._forget(slot)  # the collector's count too (it was left counted before)
             report("AGENT_STARTED")
             report("AGENT_ERROR", **error_fields(exc, " (could not start its thread)"))
-            report("AGENT_TERMINATED", ok=False)
+            report("AGENT_TERMINATED", ok=False, messages_taken=0)
 
     def _forget(self, slot: int) -> None:
         with self._lock:

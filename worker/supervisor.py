@@ -109,7 +109,7 @@ def _messages_lost(record: Running) -> dict[str, int]:
         return {}
     taken, dropped = record.tally[0], record.tally[1]
     fields = {"messages_unhandled": record.link.handed - taken - dropped, "messages_dropped": dropped}
-    return {key: count for key, count in fields.items() if count > 0}
+    return {"messages_taken": taken, **{key: count for key, count in fields.items() if count > 0}}
 
 
 class Supervisor:
@@ -253,7 +253,7 @@ class Supervisor:
     def _fail_before_start(self, record: Running, exc: BaseException, hint: str = "") -> None:
         self._emit(record, "AGENT_STARTED", {})
         self._emit(record, "AGENT_ERROR", error_fields(exc, hint))
-        self._emit(record, "AGENT_TERMINATED", {"ok": False})
+        self._emit(record, "AGENT_TERMINATED", {"ok": False, "messages_taken": 0})  # (see BaseAgent.run's end)
 
     def start(self, name: str, run: str, epoch: int, class_id: str, class_blob: bytes | None,
               config_blob: bytes, mode: str, stop_timeout: float = 10.0, hold: bool = False, keep: bool = False,
@@ -426,7 +426,7 @@ class Supervisor:
         """A tracked copy that could not run: its STARTED, ERROR and TERMINATED (which ends it here)."""
         self._emit(record, "AGENT_STARTED", {})
         self._emit(record, "AGENT_ERROR", error_fields(exc, hint))
-        self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False})
+        self._relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "messages_taken": 0})
 
     def _start_process(self, record: Running, blob: bytes, config_blob: bytes, hold: bool) -> None:
         name = record.name

@@ -293,7 +293,10 @@ class BaseAgent(abc.ABC):
             marker = self._bus.flush() if self._bus is not None else {}
             if self._not_run:
                 marker["not_run"] = True
-            # sent to it and never handled: counted by the coordinator (its dropped messages)
+            # sent to it and never handled: counted by the coordinator (its dropped messages); what
+            # it took is said even if none, as the coordinator counts what it sent and never
+            # reached the inbox (still in a pipe, or arriving after this end) from it
+            marker["messages_taken"] = self._inbox.taken
             if self._inbox.dropped:
                 marker["messages_dropped"] = self._inbox.dropped
             left = self._inbox.waiting()

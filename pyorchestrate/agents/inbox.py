@@ -29,11 +29,14 @@ class Inbox:
     """One run's messages, ``(kind, payload)``, first in first out.  One thread puts (the worker's
     loop, or a process agent's reader), any thread takes."""
 
-    __slots__ = ("_queue", "dropped", "_said", "_clock", "tally")
+    __slots__ = ("_queue", "dropped", "taken", "_said", "_clock", "tally")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # C, ~40 times cheaper to make than a Queue
         self.dropped = 0  #: messages refused because the inbox was full
+        #: messages taken (to be handled): its run's end says it, and the coordinator, which knows
+        #: how many it sent, counts the rest as lost wherever they were (inbox, pipe, wire)
+        self.taken = 0
         self._said: float | None = None  # when the last warning went (None: never)
         self._clock = clock
         #: (taken, dropped) kept in memory shared with the worker, or None (set in a process agent)
@@ -64,8 +67,9 @@ class Inbox:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        self.taken += 1
         if self.tally is not None:
-            self.tally[0] += 1  # (this thread alone writes it: the putter writes the other slot)
+            self.tally[0] = self.taken  # (this thread alone writes it: the putter writes the other slot)
         return item
 
     def waiting(self) -> int:
