@@ -123,7 +123,8 @@ def status_view(s: dict[str, Any]) -> list[Any]:
         f"workers  {workers['total']:>6}  " + "  ".join(f"{k} {v}" for k, v in workers["by_state"].items()),
         f"events   {s['events_published']:>6}  lost {s['lost_events']}  held {s['history_held']}"
         f"  loop lag {s['loop_lag'] * 1000:.1f} ms"
-        + (f"  dropped {sum(s['dropped'].values())}" if s["dropped"] else ""),
+        + (f"  dropped {sum(s['dropped'].values())}" if s["dropped"] else "")
+        + (f"  dropped on workers {sum(workers['dropped'].values())}" if workers.get("dropped") else ""),
     ]
     if agents["with_errors"]:
         lines.append(tables.build("last errors", ["NAME", "STATE", "ERROR"],
@@ -139,9 +140,10 @@ def agents_table(rows: list[dict[str, Any]], title: str = "") -> Any:
 
 
 def workers_table(rows: list[dict[str, Any]], title: str = "") -> Any:
-    return tables.build(title, ["NAME", "HOST", "PID", "STATE", "RUNNING", "CAPACITY", "HEARTBEAT", "LABELS"],
+    return tables.build(title, ["NAME", "HOST", "PID", "STATE", "RUNNING", "CAPACITY", "HEARTBEAT", "DROPPED",
+                               "LABELS"],
                         [[r["name"], r["host"], r["pid"], r["state"], r["running"], r["capacity"] or "-",
-                          f"{r['since_heartbeat']:.1f}s ago",
+                          f"{r['since_heartbeat']:.1f}s ago", sum(r.get("dropped", {}).values()),
                           ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"] for r in rows])
 
 

@@ -123,7 +123,7 @@ def workers(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
     for w in snapshot["workers"].values():
         rows.append({"name": w["name"], "host": w["host"], "pid": w["pid"], "labels": w["labels"],
                      "capacity": w["capacity"], "running": w["running"], "since_heartbeat": w["since_heartbeat"],
-                     "state": worker_state(w), "agents": sorted(w["agents"])})
+                     "state": worker_state(w), "agents": sorted(w["agents"]), "dropped": w.get("dropped", {})})
     rows.sort(key=lambda r: r["name"])
     return rows
 
@@ -152,13 +152,17 @@ def status(rows: list[tuple], snapshot: dict[str, Any], extra: dict[str, Any]) -
     the snapshot.  ``extra``: what the coordinator adds (name, uptime, events published, loop lag)."""
     by_state = Counter(r[STATE].value for r in rows)
     by_worker_state = Counter(worker_state(w) for w in snapshot["workers"].values())
+    on_workers: Counter[str] = Counter()
+    for w in snapshot["workers"].values():
+        on_workers.update(w.get("dropped", {}))
     failed = sorted((r for r in rows if r[ERROR]), key=lambda r: r[NAME])
     return {**extra,
             "agents": {"total": len(rows), "by_state": dict(sorted(by_state.items())),
                        "restarts": sum(r[RESTARTS] for r in rows),
                        "with_errors": [{"name": r[NAME], "state": r[STATE].value, "last_error": r[ERROR]}
                                        for r in failed[:20]]},
-            "workers": {"total": len(snapshot["workers"]), "by_state": dict(sorted(by_worker_state.items()))},
+            "workers": {"total": len(snapshot["workers"]), "by_state": dict(sorted(by_worker_state.items())),
+                        "dropped": dict(sorted(on_workers.items()))},
             "lost_events": snapshot.get("lost_events", 0), "dropped": snapshot.get("dropped", {}),
             "security": snapshot.get("security", {}), "addresses": snapshot.get("addresses", {}),
             "pulse_running": snapshot.get("pulse_running", False),

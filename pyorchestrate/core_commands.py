@@ -203,7 +203,8 @@ class CommandHandlers:
             "workers": {w.name: {
                 "name": w.name, "host": w.host, "pid": w.pid, "labels": dict(w.labels), "capacity": w.capacity,
                 "alive": w.alive, "draining": w.draining, "agents": list(w.agents), "running": len(w.agents),
-                "since_heartbeat": round(now - w.last_seen, 3), "orphan_timeout": w.orphan_timeout}
+                "since_heartbeat": round(now - w.last_seen, 3), "orphan_timeout": w.orphan_timeout,
+                "dropped": dict(w.dropped)}
                 for w in self.workers.values()},
             "incarnation": self.incarnation,
             "forgotten_agents": self.forgotten,

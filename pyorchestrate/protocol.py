@@ -169,8 +169,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # read: the number of the last coordinator frame the worker had read (-1: not said)
     # leaving (optional both ways): it shuts down and stops its copies (their ends say
     # worker_leaving): place nothing new on it
+    # dropped (optional both ways): what the worker dropped so far, by reason (its log says it too)
     "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1), "read": Optional(_INT, -1),
-                  "leaving": Optional(bool, False)},
+                  "leaving": Optional(bool, False), "dropped": Optional(MapOf(_INT), {})},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},

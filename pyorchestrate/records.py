@@ -110,6 +110,8 @@ class WorkerRecord:
     #: its --orphan-timeout: a copy it keeps runs at most this long without a coordinator (0: no limit)
     orphan_timeout: float = ORPHAN_TIMEOUT
     agents: set[str] = field(default_factory=set)
+    #: what it dropped, by reason, as its latest heartbeat said (see Core.heartbeat)
+    dropped: dict[str, int] = field(default_factory=dict)
     #: stale copies it was told to stop and that have not reported their end: (agent, run, epoch)
     stopping: set[tuple[str, str, int]] = field(default_factory=set)
     mismatches: int = 0  #: heartbeats in a row whose count of copies differed from ours

@@ -58,9 +58,11 @@ def _captured():
     rows = capture_agents([record("b", S.READY, "w1", 2, started_at=100.0), record("a", S.TERMINATED, "w2", 0, "ValueError: x"),
                            record("c", S.PENDING)])
     snapshot = {"workers": {"w1": {"name": "w1", "host": "h", "pid": 1, "labels": {}, "capacity": 0, "alive": True,
-                                   "draining": False, "agents": ["b"], "running": 1, "since_heartbeat": 0.2},
+                                   "draining": False, "agents": ["b"], "running": 1, "since_heartbeat": 0.2,
+                                   "dropped": {"deliver_to_unknown_agent": 4, "bad_frame": 1}},
                             "w2": {"name": "w2", "host": "h", "pid": 2, "labels": {}, "capacity": 3, "alive": False,
-                                   "draining": False, "agents": [], "running": 0, "since_heartbeat": 9.0}},
+                                   "draining": False, "agents": [], "running": 0, "since_heartbeat": 9.0,
+                                   "dropped": {"bad_frame": 2}}},
                 "lost_events": 3, "dropped": {"bad_frame": 1}, "addresses": {}, "security": {}}
     return rows, snapshot
 
@@ -79,6 +81,10 @@ def test_views_of_a_snapshot():
     assert s["agents"]["by_state"] == {"PENDING": 1, "READY": 1, "TERMINATED": 1} and s["agents"]["restarts"] == 2
     assert s["workers"]["by_state"] == {"alive": 1, "gone": 1} and s["lost_events"] == 3
     assert s["agents"]["with_errors"] == [{"name": "a", "state": "TERMINATED", "last_error": "ValueError: x"}]
+    # what workers dropped (their heartbeats say it): per worker, and in all beside the coordinator's own
+    assert [w["dropped"] for w in control.workers(snap)] == [{"deliver_to_unknown_agent": 4, "bad_frame": 1},
+                                                              {"bad_frame": 2}]
+    assert s["dropped"] == {"bad_frame": 1} and s["workers"]["dropped"] == {"bad_frame": 3, "deliver_to_unknown_agent": 4}
 
 
 def _event(seq, event, subject, time_):

@@ -401,6 +401,26 @@ def test_every_command_has_a_handler():
 # ---------------------------------------------------------------------------- liveness
 
 
+def test_what_a_worker_dropped_is_kept_as_its_heartbeats_say_within_bounds():
+    """A worker counts what it drops (deliveries to copies that ended, reports while it had no
+    coordinator, bad frames); its heartbeats carry the counts so far, which status() shows.
+    Counts that are not a map of str to int are a bad frame; odd entries are left out."""
+    from pyorchestrate.core import WORKER_DROP_REASONS_MAX
+
+    h = Harness()
+    w1 = h.register("w1")
+    assert h.core.snapshot(None, h.now)["workers"]["w1"]["dropped"] == {}
+    h.beat(w1, dropped={"deliver_to_unknown_agent": 3})
+    h.beat(w1)  # (a heartbeat without: nothing new dropped since the start, the counts stay)
+    h.beat(w1, dropped={"deliver_to_unknown_agent": 5, "bad_frame": 1, "x" * 65: 1, "negative": -1})
+    assert h.core.snapshot(None, h.now)["workers"]["w1"]["dropped"] == {"bad_frame": 1, "deliver_to_unknown_agent": 5}
+    h.beat(w1, dropped={f"r{i:03}": i for i in range(1000)})
+    assert len(h.core.workers["w1"].dropped) == WORKER_DROP_REASONS_MAX
+    for bad in ({"a": "1"}, {"a": 1.5}, {"a": True}, [1]):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode(protocol.encode("heartbeat", t=h.now, dropped=bad))
+
+
 def test_a_stall_of_the_coordinator_itself_gives_every_worker_a_fresh_window():
     h = Harness()
     w = h.register("w1")

@@ -6,6 +6,8 @@ agent host) hold a bounded amount of deliveries (worker/child_link.py)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 
 import msgpack
 import pytest
@@ -151,6 +153,34 @@ def test_messages_that_reach_an_agent_after_its_end_are_counted(cluster, tmp_pat
     assert trace.read_text() == "200" and sent > 200 and end["messages_taken"] == 200, end
     assert 200 + end.get("messages_unhandled", 0) + end.get("messages_dropped", 0) == sent, (sent, end)
     assert orch.status()["dropped"] == {"agent_ended_with_messages": sent - 200}
+
+
+def test_what_a_worker_drops_is_in_the_coordinators_status_and_in_the_runs_end(cluster, tmp_path):
+    """A process agent that reads nothing (SIGSTOPped) is sent 24 messages of 1 MiB: its worker
+    holds 16 MiB of them for it and drops the rest (``deliver_backlog_full``), which only the
+    worker's log said.  Its heartbeats carry what it dropped: ``status()`` shows it for that
+    worker, and the run's end counts every message it never took among its unhandled."""
+    from agents import ForeverProcess
+
+    orch, events = start_daemon(cluster, ("w1",))
+    pid_file = tmp_path / "pid"
+    orch.register_agent(ForeverProcess, "p", ForeverProcess.Config(pid_file=str(pid_file), inbox_max=-1))
+    events.wait("AGENT_READY", "p")
+    wait_for(pid_file.exists, 30, "the agent's pid")
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(24):
+            orch.send("p", "x" * (1 << 20))
+        wait_for(lambda: orch.status()["workers"]["w1"]["dropped"].get("deliver_backlog_full"), 30,
+                 "the worker's drops in the coordinator's status")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    orch.stop_agent("p")
+    end = events.wait("AGENT_TERMINATED", "p")[0]
+    refused = orch.status()["workers"]["w1"]["dropped"]["deliver_backlog_full"]
+    assert 0 < refused < 24
+    assert end["messages_unhandled"] == 24 and orch.status()["dropped"] == {"agent_ended_with_messages": 24}, end
 
 
 def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):

@@ -65,8 +65,9 @@ def test_cli_reads_and_acts_on_a_running_cluster(cluster):
     assert ps.returncode == 0 and "alpha" in ps.stdout and "broken" not in ps.stdout
     workers = json.loads(cli("workers", "--json", env=env).stdout)
     assert [(w["name"], w["state"]) for w in workers] == [("w1", "alive"), ("w2", "alive")]
-    assert all(w["since_heartbeat"] < 5 for w in workers)
-    assert "w1" in cli("workers", env=env).stdout
+    assert all(w["since_heartbeat"] < 5 and w["dropped"] == {} for w in workers)
+    table = cli("workers", env=env).stdout
+    assert "w1" in table and "DROPPED" in table
 
     history = json.loads(cli("history", "--agent", "broken", "--json", env=env).stdout)
     assert [h["event"] for h in history if h["event"] != "AGENT_LOG"][:1] == ["AGENT_STARTED"]
@@ -246,7 +247,7 @@ def test_dashboard_api_and_metrics(cluster, dashboard_of):
         ages = {s.labels["worker"]: s.value for s in families["pyorchestrate_worker_heartbeat_age_seconds"].samples}
         assert set(ages) == {"w1", "w2"} and all(v < 5 for v in ages.values())
         for name in ("pyorchestrate_up", "pyorchestrate_agent_restarts", "pyorchestrate_events_published",
-                     "pyorchestrate_events_lost", "pyorchestrate_loop_lag_seconds"):
+                     "pyorchestrate_events_lost", "pyorchestrate_loop_lag_seconds", "pyorchestrate_worker_dropped"):
             assert name in families, name
         assert 0 < families["pyorchestrate_open_files"].samples[0].value \
             < families["pyorchestrate_open_files_limit"].samples[0].value

@@ -703,7 +703,9 @@ class Worker:
     def _beat(self, leaving: bool = False) -> None:
         running = self._supervisor.count() + self._deferred_starts
         # read: frames sent to us after it (starts on their way) explain a difference
-        fields = {"leaving": True} if leaving else {}
+        fields: dict[str, Any] = {"leaving": True} if leaving else {}
+        if self.dropped.counts:  # (all so far, every time: a lost heartbeat loses nothing)
+            fields["dropped"] = dict(self.dropped.counts)
         self._send(self._frame("heartbeat", t=clock.now(), running=running, read=self._recv_n, **fields))
 
     def _send(self, frame: bytes) -> None:

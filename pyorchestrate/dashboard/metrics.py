@@ -74,6 +74,13 @@ class ClusterCollector:
             if w["state"] != "gone":
                 running.add_metric([w["name"]], w["running"])
         yield running
+        dropped_on = CounterMetricFamily("pyorchestrate_worker_dropped", "what each worker dropped (network "
+                                         "input, deliveries to agents that had ended, reports while it had no "
+                                         "coordinator), by reason", labels=["worker", "reason"])
+        for w in state["workers"]:
+            for reason, count in sorted(w.get("dropped", {}).items()):
+                dropped_on.add_metric([w["name"], reason], count)
+        yield dropped_on
 
 
 def registry(feed: Feed) -> CollectorRegistry:
