@@ -709,13 +709,17 @@ class Inboxed(EventDrivenThreadAgent):
 
 
 class FirstOnly(EventDrivenThreadAgent):
-    """Takes the first message it is sent, writes "took PAYLOAD" in ``trace``, and handles it until
-    stopped: whatever is sent after waits in its inbox."""
+    """Takes the first message it is sent, writes "took PAYLOAD" in ``trace`` (after its process's
+    pid in ``pid_file``, if given), and handles it until stopped: whatever is sent after waits in
+    its inbox."""
 
     class Config(EventDrivenThreadAgent.Config):
         trace = ""
+        pid_file = ""
 
     def on_event(self, event):
+        if self.config.pid_file:
+            Path(self.config.pid_file).write_text(str(os.getpid()))
         append_line(self.config.trace, f"took {event.payload}")
         self.wait_stop(None)
 

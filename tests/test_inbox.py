@@ -155,6 +155,44 @@ def test_messages_that_reach_an_agent_after_its_end_are_counted(cluster, tmp_pat
     assert orch.status()["dropped"] == {"agent_ended_with_messages": sent - 200}
 
 
+def test_what_a_thread_agent_in_an_agent_host_that_died_had_been_sent_is_counted(cluster, tmp_path):
+    """An agent host killed (as by the out-of-memory killer, or a segfault) reports nothing for its
+    agents: the worker reports their ends, and what they had been sent and never taken was lost
+    uncounted.  Each one's inbox counts in memory its host shares with the worker: its end says
+    what it took and dropped, and the coordinator counts the rest, wherever it was."""
+    from agents import FirstOnly
+
+    orch, events = start_daemon(cluster, ("w1", "--threads-per-process", "1"))
+    orch.register_agent(FirstOnly, "first", FirstOnly.Config(trace=str(tmp_path / "first")))
+    events.wait("AGENT_READY", "first")  # the worker's own place for a thread agent: the next are hosted
+    traces = {name: tmp_path / name for name in ("ended", "hosted")}
+    pid_file = tmp_path / "pid"
+    # one ends first, so that "hosted" counts in a place of the tally used before (zeroed at its start)
+    orch.register_agent(FirstOnly, "ended", FirstOnly.Config(trace=str(traces["ended"]), inbox_max=5))
+    events.wait("AGENT_READY", "ended")
+    for i in range(10):
+        orch.send("ended", i)
+    wait_for(traces["ended"].exists, 30, "ended took a message")
+    orch.stop_agent("ended")
+    assert events.wait("AGENT_TERMINATED", "ended")[0]["messages_taken"] == 1
+    orch.register_agent(FirstOnly, "hosted", FirstOnly.Config(trace=str(traces["hosted"]), pid_file=str(pid_file),
+                                                              inbox_max=20))
+    events.wait("AGENT_READY", "hosted")
+    for i in range(50):
+        orch.send("hosted", i)
+    wait_for(traces["hosted"].exists, 30, "hosted took a message")
+    assert "agent host 1: started" in cluster.log_of("w1")
+    before = orch.status()["dropped"]
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    end = events.wait("AGENT_TERMINATED", "hosted")[0]
+    assert end["ok"] is False and end["messages_taken"] == 1, end
+    dropped = end.get("messages_dropped", 0)
+    assert end["messages_unhandled"] + dropped == 49 and dropped <= 30, end  # (20 waited at most)
+    after = orch.status()["dropped"]
+    assert after.get("agent_inbox_full", 0) - before.get("agent_inbox_full", 0) == dropped
+    assert after["agent_ended_with_messages"] - before["agent_ended_with_messages"] == end["messages_unhandled"]
+
+
 def test_what_a_worker_drops_is_in_the_coordinators_status_and_in_the_runs_end(cluster, tmp_path):
     """A process agent that reads nothing (SIGSTOPped) is sent 24 messages of 1 MiB: its worker
     holds 16 MiB of them for it and drops the rest (``deliver_backlog_full``), which only the
@@ -207,6 +245,26 @@ def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_
     wait_for(lambda: link.send(message), 10, "a delivery taken once the backlog was read")
     ours.close()
     theirs.close()
+
+
+def test_an_agent_hosts_tally_gives_each_live_agent_a_place_of_its_own_and_takes_it_back_at_its_end():
+    from pyorchestrate.agents.inbox import TallyPlace
+    from pyorchestrate_worker import hosts
+
+    host = hosts.AgentHost(multiprocessing.get_context("forkserver"), 1, "w1", "vm", None, None, False, 20, capacity=2)
+    try:
+        assert host.add(7, object()) and host.add(8, object()) and host.add(9, object())
+        assert host.place == {7: 0, 8: 1}  # a third at once has none (never, as the worker keeps 2 at most)
+        first = TallyPlace(host.tally, host.place[7])
+        first[0], first[1] = 3, 4  # as its inbox writes them, in the host
+        assert host._counts(7) == {"messages_taken": 3, "messages_dropped": 4} and host._counts(9) == {}
+        host.forget(7)
+        assert host.add(10, object()) and host.place[10] == 0
+        again = TallyPlace(host.tally, host.place[10])  # zeroed as its agent starts
+        assert (again[0], again[1]) == (0, 0) and host._counts(10) == {"messages_taken": 0}
+    finally:
+        host.conn.close()
+        host._child_conn.close()
 
 
 def test_a_stopped_agent_hosts_outbox_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):

@@ -10,8 +10,8 @@ heartbeats, its lease) then never shares a GIL with more than that many agent th
 
 The pipe to the worker carries msgpack lists:
 
-* worker → host: ``["start", slot, class_id, class_blob | None, config_blob, name, tag, hold]``
-  (the class is sent once per host), ``["stop", slot]``, ``["deliver", slot, kind, payload]``,
+* worker → host: ``["start", slot, class_id, class_blob | None, config_blob, name, tag, hold, place]``
+  (the class is sent once per host; ``place``: where its inbox counts in the shared tally, -1: none), ``["stop", slot]``, ``["deliver", slot, kind, payload]``,
   ``["exit"]`` (no agents left: end);
 * host → worker: ``[slot, event, fields]`` (a lifecycle report of one agent) and
   ``[BUS, slot, *item]`` (one bus event, numbered by the agent's publisher).
@@ -35,6 +35,7 @@ from typing import Any
 import msgpack
 
 from pyorchestrate import publisher, shipping
+from pyorchestrate.agents.inbox import TallyPlace
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
@@ -66,8 +67,9 @@ class Host:
     """The agents of one host process (runs in that process)."""
 
     def __init__(self, conn: Any, worker: str, host: str, events_address: str | None, events_key: Any,
-                 bus: bool, worker_pid: int = 0) -> None:
+                 bus: bool, worker_pid: int = 0, tally: Any = None) -> None:
         self._conn = conn
+        self._tally = tally  # the agents' inbox counts, shared with the worker (see hosts.py)
         self._worker, self._host = worker, host
         self._events_address, self._events_key, self._bus = events_address, events_key, bus
         self._send_lock = threading.Lock()
@@ -151,7 +153,7 @@ class Host:
         crowd.apply(action)
 
     def _start(self, slot: int, class_id: str, class_blob: bytes | None, config_blob: bytes, name: str, tag: str,
-               hold: bool) -> None:
+               hold: bool, place: int = -1) -> None:
         def report(event: str, **fields: Any) -> None:
             fields.update(stamp())
             self.send([slot, event, fields])
@@ -160,6 +162,9 @@ class Host:
             self._blobs[class_id] = class_blob
         blob = self._blobs.get(class_id)
         handoff = Handoff()
+        # zeroed here, in the order of the worker's messages: after any delivery to the agent that
+        # had this place before (its end was reported and forgotten before this start was sent)
+        tally = TallyPlace(self._tally, place) if self._tally is not None and place >= 0 else None
 
         def sink(item: Any) -> None:
             self.send([BUS, slot, *item])
@@ -172,6 +177,8 @@ class Host:
                 self._blobs.pop(class_id, None)  # unpickled: the class is kept, its blob need not be
                 config, plugin = shipping.unpack_config(config_class, config_blob)
                 agent = agent_class(name, config, plugin)
+                if tally is not None:
+                    agent._inbox.tally = tally
                 agent._report = report
                 agent._lease = _SlotLease(self, slot)
                 agent.events_address = self._events_address
@@ -225,13 +232,13 @@ class Host:
 
 
 def main(conn: Any, worker: str, host: str, events_address: str | None, events_key: Any, bus: bool,
-         log_level: int = logging.INFO, worker_pid: int = 0) -> None:
+         log_level: int = logging.INFO, worker_pid: int = 0, tally: Any = None) -> None:
     """Run thread agents for the worker at the other end of ``conn`` until it is done with us."""
     leave_the_worker_group(worker_pid)
     stack_dump.register()  # SIGUSR1: its stacks, as the worker's, not its end
     setup_logging(f"agent host {worker}", log_level)
     crowd.settle()  # a process of ours, like the worker's
-    serving = Host(conn, worker, host, events_address, events_key, bus, worker_pid)
+    serving = Host(conn, worker, host, events_address, events_key, bus, worker_pid, tally)
     # SIGTERM or SIGINT sent to this process itself (systemd's default KillMode=control-group): its
     # agents stop, as their worker would stop them (before, they died with it, as failures)
     stop_signals.request_on_signals(serving.stop_agents)

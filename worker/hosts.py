@@ -36,13 +36,19 @@ class AgentHost:
     record of that copy)."""
 
     def __init__(self, mp: Any, number: int, worker: str, host: str, events_address: str | None,
-                 events_key: Any, bus: bool, log_level: int) -> None:
+                 events_key: Any, bus: bool, log_level: int, capacity: int = 0) -> None:
         self.number = number
         self.worker = worker
         self.conn, self._child_conn = mp.Pipe()
+        # each agent's inbox counts (taken, dropped) in a place of this memory shared with the host
+        # (at most ``capacity`` agents at a time): a host that dies reports nothing, and what its
+        # agents had been sent and never took would be lost uncounted (inbox.py)
+        self.tally = mp.RawArray("q", 2 * capacity) if capacity else None
+        self._places = list(range(capacity - 1, -1, -1))  # free places, the lowest last
+        self.place: dict[int, int] = {}  # slot -> its place in tally
         self.process = mp.Process(target=host_process.main,
                                   args=(self._child_conn, worker, host, events_address, events_key, bus, log_level,
-                                        os.getpid()),
+                                        os.getpid(), self.tally),
                                   name=f"agent-host-{number}", daemon=False)
         self.lock = threading.Lock()
         self.slots: dict[int, Any] = {}
@@ -63,12 +69,26 @@ class AgentHost:
                 return False
             self.slots[slot] = record
             self.count += 1
+            if self._places:
+                self.place[slot] = self._places.pop()
             return True
 
     def forget(self, slot: int) -> None:
         with self.lock:
             if self.slots.pop(slot, None) is not None:
                 self.count -= 1
+            place = self.place.pop(slot, None)
+            if place is not None:  # its agent ended: the host writes there again only for the next
+                self._places.append(place)
+
+    def _counts(self, slot: int) -> dict[str, int]:
+        """What the agent in ``slot`` took and dropped, as its place in the tally says (its end,
+        reported for it when the host died, carries them: see Core._count_lost_messages)."""
+        place = self.place.get(slot)
+        if place is None or self.tally is None:
+            return {}
+        taken, dropped = self.tally[2 * place], self.tally[2 * place + 1]
+        return {"messages_taken": taken, **({"messages_dropped": dropped} if dropped else {})}
 
     def send(self, message: list) -> bool:
         """Queue ``message`` for the host; False if it is a delivery refused because the outbox
@@ -178,4 +198,5 @@ class AgentHost:
                 if slot not in failed:
                     emit(record, "AGENT_ERROR", {"error_message": f"thread agent {record.name} ended: {how} on worker "
                                                                   f"{self.worker}", "traceback": "", "exitcode": code})
-                relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus.get(slot, {})})
+                relay(record, "AGENT_TERMINATED", {**stamp(), "ok": False, "exitcode": code, **last_bus.get(slot, {}),
+                                                   **self._counts(slot)})

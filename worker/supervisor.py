@@ -355,7 +355,7 @@ class Supervisor:
         if host is None:
             self._processes_started = True  # see renew_lease
             host = AgentHost(self._mp, next(self._host_numbers), self._worker_name, self.host, self.events_address,
-                             self.events_key, self.bus is not None, _stderr_level())
+                             self.events_key, self.bus is not None, _stderr_level(), self.threads_per_process)
             host.add(slot, record)
             self._hosts.append(host)
             log.info("agent host %d: started for thread agents beyond %d in one process", host.number,
@@ -368,7 +368,7 @@ class Supervisor:
         record.host, record.slot = host, slot
         self._add(record)
         host.send(["start", slot, class_id, None if class_id in host.classes else blob, config_blob, record.name,
-                   record.tag, hold])
+                   record.tag, hold, host.place.get(slot, -1)])
         host.classes.add(class_id)
 
     def _start_soon(self, start: Callable[[], None],

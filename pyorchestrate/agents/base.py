@@ -189,6 +189,8 @@ class BaseAgent(abc.ABC):
         """``count`` messages were refused for the agent before it was made (worker/handoff.py):
         counted and said as its inbox's own drops."""
         self._inbox.dropped += count
+        if self._inbox.tally is not None:
+            self._inbox.tally[1] = self._inbox.dropped
         self._inbox_full("message")
 
     def _inbox_full(self, kind: str) -> None:

@@ -12,7 +12,8 @@ order it was sent, with nothing missing before the first drop.
 A process agent's inbox also keeps its counts where its worker can read them after the process is
 gone (:attr:`Inbox.tally`, memory shared with the worker): a process killed (at its stop timeout,
 by the out-of-memory killer, a segfault) reports no end of its own, and what it had been handed
-but had not taken was lost uncounted.
+but had not taken was lost uncounted.  So does a thread agent in an agent host, in its place in
+memory its host shares with the worker (:class:`TallyPlace`): a host that dies reports nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ from typing import Any, Callable
 
 INBOX_MAX = 10_000  #: the default bound, in messages
 SAY_EVERY = 5.0  #: seconds between two warnings of one run about its full inbox
+
+
+class TallyPlace:
+    """Two counts of one agent in a shared array of many (an agent host's: see worker/hosts.py),
+    indexed as a tally of its own is: ``[0]`` taken, ``[1]`` dropped."""
+
+    __slots__ = ("_array", "_base")
+
+    def __init__(self, array: Any, index: int) -> None:
+        self._array, self._base = array, 2 * index
+        array[self._base] = array[self._base + 1] = 0  # (a place is used again once its agent ended)
+
+    def __getitem__(self, i: int) -> int:
+        return self._array[self._base + i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._array[self._base + i] = value
 
 
 class Inbox:
