@@ -10,6 +10,8 @@ loses what was in flight on it (both ways) and the coordinator's monitor sees th
 close; a worker that re-registers opens a new connection, and whatever was addressed to the old
 one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
 connection resets, coordinator stalls and coordinator restarts (same name, new incarnation),
+messages the user sends to agents (each copy has a small inbox, takes messages at random and says at
+its end what it took, dropped and left waiting),
 workers stopped with SIGTERM (saying they leave, beating on while their copies stop, some stuck past
 their stop timeout) and started again,
 workers cut off and started again elsewhere under the same name, and the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
@@ -43,6 +45,7 @@ STEP = 0.05  # simulated seconds per step
 _ALIVE = ("heartbeat", "agent_events", "register")  # frames that show a worker is alive
 CORE_SLICE = 3  # control frames the coordinator reads per loop turn (kept tiny: backlogs build up)
 STUCK = 0.15  # of the stops a coordinator asks for: the copy is a thread stuck far past its timeout
+INBOX = 3  # a copy's inbox bound (kept tiny: some messages are dropped)
 
 
 @dataclass
@@ -85,6 +88,9 @@ class Copy:
     #: its worker was frozen (SIGSTOP) past its lease: it ran on after thawing until stopped.  No
     #: lease can prevent that (the worker cannot act while stopped); README says so.
     zombie: bool = False
+    inbox: int = 0  #: messages delivered and waiting (at most INBOX: then dropped, as Config.inbox_max)
+    taken: int = 0
+    dropped: int = 0
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -166,6 +172,10 @@ class Sim:
         self._dead: set[bytes] = set()  # connections closed because their process died
         self.log: list[str] = []  # what happened, for reading a failing seed
         self._restarted_at = -1e9
+        # messages: drawn from a generator of their own, so the faults each seed draws stay apart
+        self.mrng = random.Random(seed * 7919 + 1)
+        self.sent_to: dict[tuple[str, str, int], int] = {}  # (agent, run, epoch) -> messages the core took
+        self.end_counts: dict[tuple[str, str, int], tuple[int, int, int]] = {}  # ended copy -> (taken, dropped, waiting)
         for i in range(workers):
             self._new_worker(f"w{i}")
         self.core = self._new_core(adopt=0.0)
@@ -251,6 +261,8 @@ class Sim:
                 elif (action.event.value == "AGENT_TERMINATED" and action.fields.get("ok") is True
                       and "reason" not in action.fields):  # the core's own ends give a reason
                     self._check_end_said(action)
+                if action.event.value == "AGENT_TERMINATED" and action.fields.get("sim_end"):
+                    self._check_messages(action)
                 if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
                     self._count_run(action.subject, self.core.incarnation)
                 self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
@@ -262,6 +274,32 @@ class Sim:
                     self._check_lost_track(action.subject, reason)
             elif isinstance(action, Forget):
                 self.forgotten.add(action.name)
+
+    def _user_sends(self) -> None:
+        """orchestrator.send to an agent the core holds (refused if it is not running)."""
+        name = self.mrng.choice(sorted(self.core.agents))
+        record = self.core.agents[name]
+        try:
+            self.core.command(commands.Deliver(name, "message", self.now), self.now)
+        except ValueError:
+            return
+        key = (name, record.run, record.epoch)
+        self.sent_to[key] = self.sent_to.get(key, 0) + 1
+        self._apply()
+
+    def _check_messages(self, action: Publish) -> None:
+        """No message is lost uncounted: of those the core took for a run it started, its end (as
+        its worker reported it) says how many were taken, and the rest are counted dropped or
+        unhandled, wherever they were lost (the inbox, a connection reset, a copy that had ended)."""
+        run = action.record.run if action.record is not None else ""
+        key = (action.subject, run, action.fields.get("epoch"))
+        if run != self.core.incarnation:
+            return  # adopted: its predecessor sent it messages too (the count is a lower bound)
+        sent, (taken, _, _) = self.sent_to.get(key, 0), self.end_counts[key]
+        counted = taken + action.fields.get("messages_dropped", 0) + action.fields.get("messages_unhandled", 0)
+        if counted != sent:
+            self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{key[2]}: {sent} messages "
+                                   f"sent, {taken} taken, {counted - taken} counted lost")
 
     def _count_run(self, agent: str, incarnation: str) -> None:
         """restart="never": one coordinator starts (or adopts) it at most once; a restarted script
@@ -303,6 +341,8 @@ class Sim:
         self.now += STEP
         if self.faults:
             self._fault()
+        if self.mrng.random() < 0.1:
+            self._user_sends()
         to_core = 0
         while self.net and self.net[0][0] <= self.now:
             if self.net[0][2] != "worker" and self.core_stalled_until <= self.now and to_core >= CORE_SLICE:
@@ -431,6 +471,9 @@ class Sim:
     def _end_copies(self, worker: SimWorker) -> None:
         now = self.now
         for copy in list(worker.copies.values()):
+            if copy.inbox and self.mrng.random() < 0.3:
+                copy.inbox -= 1
+                copy.taken += 1
             if not copy.ready and now >= copy.ready_at:
                 copy.ready = True
                 self._report(worker, copy, "AGENT_READY")
@@ -445,6 +488,13 @@ class Sim:
                     fields["worker_leaving"] = True
                 if ended and not copy.ready and self.specs[copy.agent]["one_shot"]:
                     fields["not_run"] = True  # stopped before its work began (see BaseAgent._not_run)
+                # its inbox's counts, as BaseAgent.run's end says them; sim_end: reported by its worker
+                fields.update(messages_taken=copy.taken, sim_end=True)
+                if copy.dropped:
+                    fields["messages_dropped"] = copy.dropped
+                if copy.inbox:
+                    fields["messages_unhandled"] = copy.inbox
+                self.end_counts[copy.key] = (copy.taken, copy.dropped, copy.inbox)
                 self._report(worker, copy, "AGENT_TERMINATED", fields)
                 self.ended.add(copy.key)
                 self.ended_in[copy.key] = worker.incarnation
@@ -592,6 +642,12 @@ class Sim:
             copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
             if copy is not None:
                 self._stop(copy, message["timeout"], told=True)
+        elif kind == "deliver":  # a copy that ended (or never started here) is sent nothing: dropped
+            copy = worker.copies.get((message["agent"], message["run"], message["epoch"]))
+            if copy is not None and copy.inbox < INBOX:
+                copy.inbox += 1
+            elif copy is not None:
+                copy.dropped += 1
         elif kind == "refused":  # it stops what it is told, and tries again after its back-off
             for item in message["stop"]:
                 copy = worker.copies.get((item["agent"], item["run"], item["epoch"]))
