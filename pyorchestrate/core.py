@@ -62,6 +62,7 @@ _is_str = str.__instancecheck__
 _PUBLISHER_FIELDS = frozenset({"event", "seq", "publisher", "incarnation"})
 #: a run's end's counts of messages sent to it that it never handled (agents/inbox.py), and the
 #: reason each is counted under in ``dropped``
+_MESSAGES_LOST = (("messages_dropped", "agent_inbox_full"), ("messages_unhandled", "agent_ended_with_messages"))
 #: a worker's drop counts kept: reasons (a worker has about ten; more is a stranger's frame)
 WORKER_DROP_REASONS_MAX = 32
 
@@ -70,9 +71,6 @@ def _drop_counts(counts: dict[str, int]) -> dict[str, int]:
     """A worker's drop counts as its heartbeat says them (a map of str to int, checked by the
     protocol), within bounds: reasons of sane length, counts that are not negative."""
     return dict(sorted((k, v) for k, v in counts.items() if len(k) <= 64 and v >= 0)[:WORKER_DROP_REASONS_MAX])
-
-
-_MESSAGES_LOST = (("messages_dropped", "agent_inbox_full"), ("messages_unhandled", "agent_ended_with_messages"))
 
 
 class ClusterCore(Registration, CommandHandlers):

@@ -175,7 +175,8 @@ class Sim:
         # messages: drawn from a generator of their own, so the faults each seed draws stay apart
         self.mrng = random.Random(seed * 7919 + 1)
         self.sent_to: dict[tuple[str, str, int], int] = {}  # (agent, run, epoch) -> messages the core took
-        self.end_counts: dict[tuple[str, str, int], tuple[int, int, int]] = {}  # ended copy -> (taken, dropped, waiting)
+        #: copies that ended and reported it -> (taken, dropped, waiting): their inboxes' counts
+        self.end_counts: dict[tuple[str, str, int], tuple[int, int, int]] = {}
         for i in range(workers):
             self._new_worker(f"w{i}")
         self.core = self._new_core(adopt=0.0)

@@ -84,7 +84,8 @@ def test_views_of_a_snapshot():
     # what workers dropped (their heartbeats say it): per worker, and in all beside the coordinator's own
     assert [w["dropped"] for w in control.workers(snap)] == [{"deliver_to_unknown_agent": 4, "bad_frame": 1},
                                                               {"bad_frame": 2}]
-    assert s["dropped"] == {"bad_frame": 1} and s["workers"]["dropped"] == {"bad_frame": 3, "deliver_to_unknown_agent": 4}
+    assert s["dropped"] == {"bad_frame": 1}
+    assert s["workers"]["dropped"] == {"bad_frame": 3, "deliver_to_unknown_agent": 4}
 
 
 def _event(seq, event, subject, time_):

@@ -11,8 +11,9 @@ heartbeats, its lease) then never shares a GIL with more than that many agent th
 The pipe to the worker carries msgpack lists:
 
 * worker → host: ``["start", slot, class_id, class_blob | None, config_blob, name, tag, hold, place]``
-  (the class is sent once per host; ``place``: where its inbox counts in the shared tally, -1: none), ``["stop", slot]``, ``["deliver", slot, kind, payload]``,
-  ``["exit"]`` (no agents left: end);
+  (the class is sent once per host; ``place``: where its inbox counts in the tally shared with the
+  worker, -1: none), ``["stop", slot]``, ``["deliver", slot, kind, payload]``, ``["exit"]`` (no
+  agents left: end);
 * host → worker: ``[slot, event, fields]`` (a lifecycle report of one agent) and
   ``[BUS, slot, *item]`` (one bus event, numbered by the agent's publisher).
 
