@@ -19,6 +19,16 @@ E = plain_members(OrchestratorEvent)
 log = logging.getLogger("pyorchestrate.coordinator")
 
 
+def _not_read(name: str, agent_class: type, kind: str) -> str:
+    """Why ``send`` (kind "message") or ``trigger`` to an agent that does not take it is refused."""
+    call = "send" if kind == "message" else "trigger"
+    what = f"{call}: agent {name!r} is a {agent_class.__name__}, which does not take {call}()"
+    if "trigger" in getattr(agent_class, "_reads", ()):
+        return f"{what}: it runs once on a trigger; use orchestrator.trigger({name!r}, payload)"
+    return (f"{what}: nothing in it reads its messages, which would wait unread. send() is for EventDriven "
+            "agents (on_event gets each), trigger() for Triggered ones (execute(payload) runs once)")
+
+
 class CommandHandlers:
     """Mixed into :class:`pyorchestrate.core.ClusterCore`: one handler per command type."""
 
@@ -74,6 +84,9 @@ class CommandHandlers:
     @handles(cmd.Deliver)
     def _deliver(self, c: cmd.Deliver, now: float) -> None:
         record = self._record(c.name)
+        reads = getattr(record.agent_class, "_reads", None)
+        if reads is not None and c.kind not in reads:
+            raise ValueError(_not_read(c.name, record.agent_class, c.kind))
         worker = self._live_worker(record)
         if worker is None:
             raise ValueError(f"agent {c.name!r} is not running (state {record.state.value}); nothing to deliver to")

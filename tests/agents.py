@@ -729,6 +729,7 @@ class FirstOnlyProcess(EventDrivenProcessAgent):
 
     class Config(EventDrivenProcessAgent.Config):
         trace = ""
+        pid_file = ""
 
     on_event = FirstOnly.on_event
 

@@ -79,6 +79,9 @@ def test_triggered_by_the_orchestrator_and_by_a_bus_event(daemon, tmp_path, mode
     events.wait("AGENT_READY", "manual")
     time.sleep(0.2)
     assert not out.exists(), "nothing runs before the trigger"
+    # a message instead of a trigger was taken and ignored (lost, uncounted): refused, saying what to do
+    with pytest.raises(ValueError, match=r"use orchestrator.trigger\('manual', payload\)"):
+        orch.send("manual", {"job": 6})
     orch.trigger("manual", {"job": 7})
     events.wait("AGENT_TERMINATED", "manual")
     assert notes(out) == [["payload", "{'job':", "7}"]]

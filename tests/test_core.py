@@ -984,6 +984,32 @@ def test_what_a_run_was_sent_and_neither_took_nor_dropped_is_counted_as_lost_whe
     assert "messages_unhandled" not in h.events("AGENT_TERMINATED")[-1].fields and len(drops) == 4
 
 
+def test_a_message_or_trigger_to_an_agent_that_does_not_take_it_is_refused_saying_what_to_do():
+    """A Looping agent reads no messages (they waited unread in its inbox, up to its bound), and a
+    Triggered one took a message and ignored it (lost, uncounted): the caller is told at once."""
+    from pyorchestrate import EventDrivenThreadAgent, LoopingProcessAgent, TriggeredThreadAgent
+
+    h = Harness()
+    w1 = h.register("w1")
+    for name, cls in (("loop", LoopingProcessAgent), ("trig", TriggeredThreadAgent), ("ev", EventDrivenThreadAgent)):
+        record = h.add(name)
+        record.agent_class = cls
+        h.step()
+        h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    for name, kind, why in (("loop", "message", r"send: agent 'loop' is a LoopingProcessAgent, which does not take "
+                                                r"send\(\): nothing in it reads its messages"),
+                            ("loop", "trigger", r"trigger: .* does not take trigger\(\): nothing in it reads"),
+                            ("trig", "message", r"runs once on a trigger; use orchestrator.trigger\('trig', payload\)")):
+        with pytest.raises(ValueError, match=why):
+            h.core.command(commands.Deliver(name, kind, 1), h.now)
+    for name, kind in (("trig", "trigger"), ("ev", "message"), ("ev", "trigger")):
+        h.core.command(commands.Deliver(name, kind, 1), h.now)
+    h.flush()
+    assert [(m["agent"], m["kind"]) for m in h.to(w1, "deliver")] == [("trig", "trigger"), ("ev", "message"),
+                                                                       ("ev", "trigger")]
+    assert (h.core.agents["loop"].sent, h.core.agents["trig"].sent, h.core.agents["ev"].sent) == (0, 1, 2)
+
+
 def test_a_worker_cannot_report_for_a_copy_another_worker_runs():
     """Runs and epochs are on the bus for anyone to read: a report naming the right run and epoch
     still counts only from the worker that copy runs on.  Another worker's STARTED, READY or end

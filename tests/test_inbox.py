@@ -198,13 +198,15 @@ def test_what_a_worker_drops_is_in_the_coordinators_status_and_in_the_runs_end(c
     holds 16 MiB of them for it and drops the rest (``deliver_backlog_full``), which only the
     worker's log said.  Its heartbeats carry what it dropped: ``status()`` shows it for that
     worker, and the run's end counts every message it never took among its unhandled."""
-    from agents import ForeverProcess
+    from agents import FirstOnlyProcess
 
     orch, events = start_daemon(cluster, ("w1",))
-    pid_file = tmp_path / "pid"
-    orch.register_agent(ForeverProcess, "p", ForeverProcess.Config(pid_file=str(pid_file), inbox_max=-1))
+    pid_file, trace = tmp_path / "pid", tmp_path / "trace"
+    orch.register_agent(FirstOnlyProcess, "p", FirstOnlyProcess.Config(pid_file=str(pid_file), trace=str(trace),
+                                                                      inbox_max=-1))
     events.wait("AGENT_READY", "p")
-    wait_for(pid_file.exists, 30, "the agent's pid")
+    orch.send("p", "first")  # taken: it writes its pid, then handles that one until stopped
+    wait_for(trace.exists, 30, "the agent's pid")
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -218,7 +220,8 @@ def test_what_a_worker_drops_is_in_the_coordinators_status_and_in_the_runs_end(c
     end = events.wait("AGENT_TERMINATED", "p")[0]
     refused = orch.status()["workers"]["w1"]["dropped"]["deliver_backlog_full"]
     assert 0 < refused < 24
-    assert end["messages_unhandled"] == 24 and orch.status()["dropped"] == {"agent_ended_with_messages": 24}, end
+    assert end["messages_taken"] == 1 and end["messages_unhandled"] == 24, end
+    assert orch.status()["dropped"] == {"agent_ended_with_messages": 24}
 
 
 def test_a_stopped_childs_backlog_refuses_deliveries_past_its_bound_but_never_a_stop(monkeypatch):

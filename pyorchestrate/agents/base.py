@@ -40,6 +40,11 @@ class BaseAgent(abc.ABC):
     current work has finished), :meth:`on_close` (always, last).
     """
 
+    #: what it takes from its inbox: "message" (``orchestrator.send``), "trigger"
+    #: (``orchestrator.trigger``).  The coordinator refuses the others at the call, as they would
+    #: wait there unread (or, a message to a Triggered agent, be taken and ignored)
+    _reads: frozenset[str] = frozenset()
+
     class Config(BaseConfig):
         """Settings of an agent.  Subclass as ``class Config(ParentAgent.Config)``."""
 

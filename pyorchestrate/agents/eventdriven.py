@@ -15,6 +15,8 @@ class EventDrivenAgent(LoopingAgent):
     each message from ``orchestrator.send(name, payload)`` (an event ``"MESSAGE"`` with
     ``payload``).  ``Config.limit`` counts events handled (-1: until stopped)."""
 
+    _reads = frozenset({"message", "trigger"})  # (a trigger is an event "MESSAGE" too)
+
     class Config(LoopingAgent.Config):
         subscribe: list[str] = []
 

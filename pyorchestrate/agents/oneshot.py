@@ -93,6 +93,8 @@ class TriggeredAgent(OneShotAgent):
     name such as ``"AGENT_TERMINATED"``, or a topic prefix such as ``"AGENT_READY.db"``); the
     payload is then that event, as a dict."""
 
+    _reads = frozenset({"trigger"})
+
     class Config(OneShotAgent.Config):
         trigger: str | None = None
 
