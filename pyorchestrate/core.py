@@ -818,10 +818,16 @@ class ClusterCore(Registration, CommandHandlers):
     # ================================================================== the end of a run
 
     def _fail_run(self, record: AgentRecord, reason: str, now: float, *, final: bool = False) -> None:
-        """End the current run (or the wait for one) as failed, with an AGENT_ERROR first."""
+        """End the current run (or the wait for one) as failed, with an AGENT_ERROR first.  A run
+        ended here (its worker lost, say) never said what it took of the messages sent to it: at
+        most all of them were lost, said in its end and counted as ``agent_lost_with_messages``."""
         record.error = reason
         self._publish_agent(record, E.AGENT_ERROR, {"error_message": reason, "traceback": ""})
-        self._run_over(record, ok=False, fields={"reason": reason}, now=now, final=final)
+        fields: dict[str, Any] = {"reason": reason}
+        if record.sent:
+            fields["messages_unaccounted"] = record.sent
+            self.drop("agent_lost_with_messages", f"sent to {record.name}", count=record.sent, what="message")
+        self._run_over(record, ok=False, fields=fields, now=now, final=final)
 
     def _run_over(self, record: AgentRecord, ok: bool, fields: dict[str, Any], now: float, *,
                   final: bool = False) -> None:
@@ -830,6 +836,7 @@ class ClusterCore(Registration, CommandHandlers):
         if worker is not None:
             worker.agents.discard(record.name)
         record.failed = not ok
+        record.sent = 0  # (counted in its end: see _count_lost_messages and _fail_run)
         then, record.then = record.then, None
         policy = record.policy
         run_since, record.run_since = record.run_since, 0.0  # (0: no run; each run forgiven once)

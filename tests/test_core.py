@@ -984,6 +984,32 @@ def test_what_a_run_was_sent_and_neither_took_nor_dropped_is_counted_as_lost_whe
     assert "messages_unhandled" not in h.events("AGENT_TERMINATED")[-1].fields and len(drops) == 4
 
 
+def test_messages_sent_to_a_run_whose_worker_was_lost_are_said_unaccounted_in_its_end():
+    """Its worker lost, a run never says what it took of what it was sent: at most all of it was
+    lost.  Its end says how many (``messages_unaccounted``), and ``dropped`` counts them; its next
+    run counts anew."""
+    h = Harness()
+    drops: list[tuple[str, int]] = []
+    h.core.drop = lambda kind, detail, count=1, what="frame": drops.append((kind, count))
+    w1, record = h.ready("db", restart="always")
+    for i in range(4):
+        h.core.command(commands.Deliver("db", "message", i), h.now)
+    w2 = h.register("w2", identity=b"w2")
+    while not h.events("WORKER_LOST"):
+        h.step(0.25)
+        h.beat(w2)
+    end = next(p.fields for p in h.events("AGENT_TERMINATED") if p.subject == "db")
+    assert end["messages_unaccounted"] == 4 and ("agent_lost_with_messages", 4) in drops, end
+    assert record.sent == 0  # (its end said them: a failure before its next run, a dependency's, says none)
+    h.listen(h.core.limits.lease + 5.0)  # replaced on w2 once the lost copy has certainly stopped
+    assert record.worker == "w2" and record.sent == 0
+    h.report(w2, record, "AGENT_STARTED", "AGENT_READY")
+    h.core.command(commands.Deliver("db", "message", 9), h.now)
+    h.report(w2, record, "AGENT_TERMINATED", ok=True, messages_taken=1)
+    assert "messages_unhandled" not in h.events("AGENT_TERMINATED")[-1].fields
+    assert [d for d in drops if d[0] != "bad_frame"] == [("agent_lost_with_messages", 4)], drops
+
+
 def test_a_message_or_trigger_to_an_agent_that_does_not_take_it_is_refused_saying_what_to_do():
     """A Looping agent reads no messages (they waited unread in its inbox, up to its bound), and a
     Triggered one took a message and ignored it (lost, uncounted): the caller is told at once."""
