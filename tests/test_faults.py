@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import zmq
-from agents import FailsEveryCycle, FailsLoudly, Forever, ForeverProcess, GilHog, Quick, Sleeper, StuckTalker
+from agents import FailsEveryCycle, FailsLoudly, Forever, ForeverProcess, GilHog, Inboxed, Quick, Sleeper, StuckTalker
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
 from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
@@ -23,10 +23,16 @@ def test_sigkilled_worker_is_lost_in_time_its_agents_fail_and_join_returns(clust
     events = EventLog(orch)
     orch.register_agent(Forever, "doomed-thread")
     orch.register_agent(ForeverProcess, "doomed-process", ForeverProcess.Config(pid_file=str(tmp_path / "pid")))
+    trace = tmp_path / "inbox"
+    orch.register_agent(Inboxed, "doomed-inbox", Inboxed.Config(trace=str(trace)))
     orch.start()
     victim = cluster.worker(orch.address, "w1")
     events.wait("AGENT_READY", "doomed-thread")
     events.wait("AGENT_READY", "doomed-process")
+    events.wait("AGENT_READY", "doomed-inbox")
+    for i in range(3):
+        orch.send("doomed-inbox", i)
+    wait_for(lambda: trace.exists() and len(trace.read_text().splitlines()) == 3, 10, "the messages handled")
     cluster.worker(orch.address, "w2")
     events.wait("WORKER_JOINED", "w2")
     orch.register_agent(Sleeper, "survivor", Sleeper.Config(seconds=1.5))
@@ -38,10 +44,13 @@ def test_sigkilled_worker_is_lost_in_time_its_agents_fail_and_join_returns(clust
     lost = events.wait("WORKER_LOST", "w1", timeout=10)[0]
     detected = time.monotonic() - killed_at
     assert detected < 0.5 + 1.5, f"lost after {detected:.2f} s, limit is interval x liveness (0.5 s) + margin"
-    assert lost["worker"] == "w1" and sorted(lost["agents"]) == ["doomed-process", "doomed-thread"]
-    for agent in ("doomed-thread", "doomed-process"):
+    assert lost["worker"] == "w1" and sorted(lost["agents"]) == ["doomed-inbox", "doomed-process", "doomed-thread"]
+    for agent in ("doomed-thread", "doomed-process", "doomed-inbox"):
         assert "w1" in events.wait("AGENT_ERROR", agent)[0]["error_message"]
         assert events.wait("AGENT_TERMINATED", agent)[0]["ok"] is False  # callbacks run on a pool: wait
+    # what it was sent: its end could not say what it took (all 3 here), so at most all were lost
+    assert events.of("AGENT_TERMINATED", "doomed-inbox")[0]["messages_unaccounted"] == 3
+    assert orch.status()["dropped"].get("agent_lost_with_messages") == 3
     assert orch.join(timeout=20), "join() returns although a worker was lost"
     assert events.of("AGENT_TERMINATED", "survivor")[0]["ok"] is True
     # the orphaned process agent notices its worker is gone and exits by itself
