@@ -294,8 +294,10 @@ class Sim:
         unhandled, wherever they were lost (the inbox, a connection reset, a copy that had ended)."""
         run = action.record.run if action.record is not None else ""
         key = (action.subject, run, action.fields.get("epoch"))
-        if run != self.core.incarnation:
-            return  # adopted: its predecessor sent it messages too (the count is a lower bound)
+        if run != self.core.incarnation or key not in self.end_counts:
+            # adopted: its predecessor sent it messages too (the count is a lower bound); or the
+            # record has moved on to a run of ours since (the end's run is then not known here)
+            return
         sent, (taken, _, _) = self.sent_to.get(key, 0), self.end_counts[key]
         counted = taken + action.fields.get("messages_dropped", 0) + action.fields.get("messages_unhandled", 0)
         if counted != sent:

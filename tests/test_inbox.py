@@ -150,9 +150,10 @@ def test_messages_that_reach_an_agent_after_its_end_are_counted(cluster, tmp_pat
     end = events.wait("AGENT_TERMINATED", "ender")[0]
     if mode == "hosted":
         assert "agent host 1: started" in cluster.log_of("w1")
-    assert trace.read_text() == "200" and sent > 200 and end["messages_taken"] == 200, end
+    assert trace.read_text() == "200" and end["messages_taken"] == 200, end
     assert 200 + end.get("messages_unhandled", 0) + end.get("messages_dropped", 0) == sent, (sent, end)
-    assert orch.status()["dropped"] == {"agent_ended_with_messages": sent - 200}
+    # (none sent past the 200th only if the script's thread slept through the end's whole way back)
+    assert orch.status()["dropped"] == ({"agent_ended_with_messages": sent - 200} if sent > 200 else {})
 
 
 def test_what_a_thread_agent_in_an_agent_host_that_died_had_been_sent_is_counted(cluster, tmp_path):
