@@ -478,16 +478,18 @@ class Orchestrator:
         self._call(cmd.Execute(name))
 
     def trigger(self, name: str, payload: Any = None) -> None:
-        """Trigger a Triggered agent: its ``execute(payload)`` runs.  ``payload`` must be
-        msgpack-able (numbers, strings, bytes, lists, dicts), at most 32 MiB packed.  Like
-        :meth:`send`, it waits in the agent's inbox (bounded by ``Config.inbox_max``)."""
+        """Trigger a Triggered agent: its ``execute(payload)`` runs (an EventDriven one gets it as
+        a message).  ``payload`` must be msgpack-able (numbers, strings, bytes, lists, dicts), at
+        most 32 MiB packed.  Like :meth:`send`, it waits in the agent's inbox (bounded by
+        ``Config.inbox_max``).  ValueError for an agent of another kind (nothing would read it)."""
         self._call(cmd.Deliver(name, "trigger", _plain(payload, "trigger")))
 
     def send(self, name: str, payload: Any) -> None:
         """Send a message to an EventDriven agent: its ``on_event`` gets an event ``"MESSAGE"``
         with this ``payload`` (msgpack-able, at most 32 MiB packed).  Returns once it is on its
         way; it waits in the agent's inbox, where past the agent's ``Config.inbox_max`` messages
-        (default 10,000) the newest are dropped and counted (``status()["dropped"]``)."""
+        (default 10,000) the newest are dropped and counted (``status()["dropped"]``).  ValueError
+        for an agent of another kind (nothing would read it; a Triggered one takes :meth:`trigger`)."""
         self._call(cmd.Deliver(name, "message", _plain(payload, "send")))
 
     def drain_worker(self, name: str) -> None:
