@@ -46,6 +46,7 @@ class AgentHost:
         self.tally = mp.RawArray("q", 2 * capacity) if capacity else None
         self._places = list(range(capacity - 1, -1, -1))  # free places, the lowest last
         self.place: dict[int, int] = {}  # slot -> its place in tally
+        self._heard: set[int] = set()  # slots the host reported on: it has zeroed their places
         self.process = mp.Process(target=host_process.main,
                                   args=(self._child_conn, worker, host, events_address, events_key, bus, log_level,
                                         os.getpid(), self.tally),
@@ -80,6 +81,7 @@ class AgentHost:
             place = self.place.pop(slot, None)
             if place is not None:  # its agent ended: the host writes there again only for the next
                 self._places.append(place)
+            self._heard.discard(slot)
 
     def _counts(self, slot: int) -> dict[str, int]:
         """What the agent in ``slot`` took and dropped, as its place in the tally says (its end,
@@ -87,6 +89,11 @@ class AgentHost:
         place = self.place.get(slot)
         if place is None or self.tally is None:
             return {}
+        if slot not in self._heard:
+            # the host died before it started this agent (it says STARTED before it takes
+            # anything, and all it wrote was read): its place may still hold the counts of the
+            # agent there before, which the host zeroes only as it starts this one
+            return {"messages_taken": 0}
         taken, dropped = self.tally[2 * place], self.tally[2 * place + 1]
         return {"messages_taken": taken, **({"messages_dropped": dropped} if dropped else {})}
 
@@ -158,6 +165,7 @@ class AgentHost:
                 record = self.slots.get(slot)
                 if record is None:
                     continue
+                self._heard.add(slot)
                 if event == "AGENT_ERROR":
                     failed.add(slot)
                 elif event == "AGENT_TERMINATED":
