@@ -11,7 +11,7 @@ close; a worker that re-registers opens a new connection, and whatever was addre
 one is lost.  Faults: worker crashes (SIGKILL) and restarts, freezes (SIGSTOP), partitions,
 connection resets, coordinator stalls and coordinator restarts (same name, new incarnation),
 messages the user sends to agents (each copy has a small inbox, takes messages at random and says at
-its end what it took, dropped and left waiting),
+its end what it took, dropped and left waiting; an end the core makes says them unaccounted),
 workers stopped with SIGTERM (saying they leave, beating on while their copies stop, some stuck past
 their stop timeout) and started again,
 workers cut off and started again elsewhere under the same name, and the user's commands.  Agents may be pinned to a worker, depend on another, and workers have a
@@ -174,9 +174,13 @@ class Sim:
         self._restarted_at = -1e9
         # messages: drawn from a generator of their own, so the faults each seed draws stay apart
         self.mrng = random.Random(seed * 7919 + 1)
-        self.sent_to: dict[tuple[str, str, int], int] = {}  # (agent, run, epoch) -> messages the core took
+        #: (coordinator incarnation, agent, epoch) -> messages that coordinator took for the run
+        self.sent_to: dict[tuple[str, str, int], int] = {}
+        self.adopted: set[tuple[str, str, int]] = set()  # (coordinator incarnation, agent, epoch) it adopted
         #: copies that ended and reported it -> (taken, dropped, waiting): their inboxes' counts
         self.end_counts: dict[tuple[str, str, int], tuple[int, int, int]] = {}
+        #: (coordinator incarnation, agent, epoch) whose AGENT_TERMINATED was published
+        self.ends_said: set[tuple[str, str, int]] = set()
         for i in range(workers):
             self._new_worker(f"w{i}")
         self.core = self._new_core(adopt=0.0)
@@ -262,10 +266,11 @@ class Sim:
                 elif (action.event.value == "AGENT_TERMINATED" and action.fields.get("ok") is True
                       and "reason" not in action.fields):  # the core's own ends give a reason
                     self._check_end_said(action)
-                if action.event.value == "AGENT_TERMINATED" and action.fields.get("sim_end"):
+                if action.event.value == "AGENT_TERMINATED":
                     self._check_messages(action)
                 if action.event.value == "AGENT_ADOPTED" and action.fields.get("reason", "").startswith("still"):
                     self._count_run(action.subject, self.core.incarnation)
+                    self.adopted.add((self.core.incarnation, action.subject, action.fields.get("epoch")))
                 self.log.append(f"t={self.now:.2f} core {action.event.value} {action.subject} "
                                 f"{ {k: v for k, v in action.fields.items() if k in ('worker', 'epoch', 'reason')} }")
                 if action.event.value == "WORKER_LOST":
@@ -284,25 +289,36 @@ class Sim:
             self.core.command(commands.Deliver(name, "message", self.now), self.now)
         except ValueError:
             return
-        key = (name, record.run, record.epoch)
+        key = (self.core.incarnation, name, record.epoch)
         self.sent_to[key] = self.sent_to.get(key, 0) + 1
         self._apply()
 
     def _check_messages(self, action: Publish) -> None:
         """No message is lost uncounted: of those the core took for a run it started, its end (as
         its worker reported it) says how many were taken, and the rest are counted dropped or
-        unhandled, wherever they were lost (the inbox, a connection reset, a copy that had ended)."""
-        run = action.record.run if action.record is not None else ""
-        key = (action.subject, run, action.fields.get("epoch"))
-        if run != self.core.incarnation or key not in self.end_counts:
-            # adopted: its predecessor sent it messages too (the count is a lower bound); or the
-            # record has moved on to a run of ours since (the end's run is then not known here)
+        unhandled, wherever they were lost (the inbox, a connection reset, a copy that had ended).
+        An end the core makes (its worker lost, say) says them all unaccounted."""
+        # (a run is named by its epoch here: the record may have moved on to its next run since,
+        # and this coordinator's runs and the one it adopted never share an epoch)
+        incarnation, epoch = self.core.incarnation, action.fields.get("epoch")
+        key = (incarnation, action.subject, epoch)
+        if key in self.ends_said:
+            return  # said before: a give-up after it, a stop of the agent waiting for its next run
+        self.ends_said.add(key)
+        sent = self.sent_to.get(key, 0)
+        if not action.fields.get("sim_end"):
+            said = action.fields.get("messages_unaccounted", 0)
+            if said != sent:
+                self.violations.append(f"t={self.now:.2f}: {action.subject} epoch {epoch} ended by the core: {sent} "
+                                       f"messages sent, {said} said unaccounted")
             return
-        sent, (taken, _, _) = self.sent_to.get(key, 0), self.end_counts[key]
-        counted = taken + action.fields.get("messages_dropped", 0) + action.fields.get("messages_unhandled", 0)
+        counts = self.end_counts.get((action.subject, incarnation, epoch))
+        if key in self.adopted or counts is None:
+            return  # adopted: its predecessor sent it messages too (the count is a lower bound)
+        counted = counts[0] + action.fields.get("messages_dropped", 0) + action.fields.get("messages_unhandled", 0)
         if counted != sent:
-            self.violations.append(f"t={self.now:.2f}: {action.subject} run {run[-4:]}.{key[2]}: {sent} messages "
-                                   f"sent, {taken} taken, {counted - taken} counted lost")
+            self.violations.append(f"t={self.now:.2f}: {action.subject} epoch {epoch}: {sent} messages sent, "
+                                   f"{counts[0]} taken, {counted - counts[0]} counted lost")
 
     def _count_run(self, agent: str, incarnation: str) -> None:
         """restart="never": one coordinator starts (or adopts) it at most once; a restarted script
