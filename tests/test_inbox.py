@@ -267,7 +267,8 @@ def test_an_agent_hosts_tally_gives_each_live_agent_a_place_of_its_own_and_takes
         assert host.add(10, object()) and host.place[10] == 0
         # the host died before it started the next agent there: the counts left are not its own
         assert host._counts(10) == {"messages_taken": 0}
-        again = TallyPlace(host.tally, host.place[10])  # zeroed as the host starts its agent
+        again = TallyPlace(host.tally, host.place[10])
+        again.clear()  # as the host does when it starts its agent
         host._heard.add(10)
         assert (again[0], again[1]) == (0, 0) and host._counts(10) == {"messages_taken": 0}
     finally:

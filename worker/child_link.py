@@ -54,9 +54,6 @@ class ChildLink:
         self.lost = 0  #: messages dropped because no writer thread could be started
         self._delivery_bytes = 0  # of the deliveries in the backlog
         self.refused = 0  #: deliveries refused because the backlog held its bound of them
-        #: messages for the agent's inbox (not "execute") sent or queued: its tally says how many
-        #: of them it took or dropped, and the rest were lost if its process was killed
-        self.handed = 0
 
     def send(self, message: list) -> bool:
         """Send or queue ``message``; False if it is a delivery refused for a full backlog (counted)."""
@@ -67,7 +64,6 @@ class ChildLink:
                 if self._backlog and self._delivery_bytes + len(data) > BACKLOG_DELIVERIES_MAX:
                     self.refused += 1
                     return False
-                self.handed += 1
             if self._backlog is None and len(data) <= DIRECT_MAX and self._writable():
                 try:
                     self.conn.send_bytes(data)

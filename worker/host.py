@@ -166,6 +166,8 @@ class Host:
         # zeroed here, in the order of the worker's messages: after any delivery to the agent that
         # had this place before (its end was reported and forgotten before this start was sent)
         tally = TallyPlace(self._tally, place) if self._tally is not None and place >= 0 else None
+        if tally is not None:
+            tally.clear()
 
         def sink(item: Any) -> None:
             self.send([BUS, slot, *item])

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from pyorchestrate.agents.inbox import TallyPlace, tally_fields
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
 
@@ -94,8 +95,7 @@ class AgentHost:
             # anything, and all it wrote was read): its place may still hold the counts of the
             # agent there before, which the host zeroes only as it starts this one
             return {"messages_taken": 0}
-        taken, dropped = self.tally[2 * place], self.tally[2 * place + 1]
-        return {"messages_taken": taken, **({"messages_dropped": dropped} if dropped else {})}
+        return tally_fields(TallyPlace(self.tally, place))
 
     def send(self, message: list) -> bool:
         """Queue ``message`` for the host; False if it is a delivery refused because the outbox

@@ -27,6 +27,7 @@ import msgpack
 
 from pyorchestrate import publisher, shipping, trace
 from pyorchestrate.agents.base import AGENT_LOGGERS
+from pyorchestrate.agents.inbox import tally_fields
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
 
@@ -102,14 +103,10 @@ class Running:
 
 
 def _messages_lost(record: Running) -> dict[str, int]:
-    """What a process agent that ended without a word of its own had been sent and never handled:
-    those handed to it (in the pipe, or still in the link's backlog) that its inbox neither took nor
-    dropped, and those it dropped (its end would have said both)."""
-    if record.tally is None or record.link is None:
-        return {}
-    taken, dropped = record.tally[0], record.tally[1]
-    fields = {"messages_unhandled": record.link.handed - taken - dropped, "messages_dropped": dropped}
-    return {"messages_taken": taken, **{key: count for key, count in fields.items() if count > 0}}
+    """What a process agent that ended without a word of its own took and dropped, as its tally
+    says (its end would have said both): the coordinator counts the rest of what it sent as
+    unhandled, wherever it was (its inbox, the pipe, the link's backlog; Core._count_lost_messages)."""
+    return {} if record.tally is None else tally_fields(record.tally)
 
 
 class Supervisor:

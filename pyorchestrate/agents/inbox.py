@@ -34,13 +34,23 @@ class TallyPlace:
 
     def __init__(self, array: Any, index: int) -> None:
         self._array, self._base = array, 2 * index
-        array[self._base] = array[self._base + 1] = 0  # (a place is used again once its agent ended)
+
+    def clear(self) -> None:
+        """Both counts to 0, for a new agent (a place is used again once its agent ended)."""
+        self._array[self._base] = self._array[self._base + 1] = 0
 
     def __getitem__(self, i: int) -> int:
         return self._array[self._base + i]
 
     def __setitem__(self, i: int, value: int) -> None:
         self._array[self._base + i] = value
+
+
+def tally_fields(tally: Any) -> dict[str, int]:
+    """What a tally says, as the end of an agent that could not say it itself carries it (the
+    worker reports it): the coordinator counts the rest of what it sent as unhandled."""
+    taken, dropped = tally[0], tally[1]
+    return {"messages_taken": taken, **({"messages_dropped": dropped} if dropped else {})}
 
 
 class Inbox:
