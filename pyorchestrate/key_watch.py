@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from . import own_threads
 from .keys import KeyDir
 from .log_thread import defer_in_this_thread
 
@@ -39,7 +40,7 @@ class KeyWatch:
         """Read once now (the caller waits for the first answer: nothing is admitted before it),
         then on the thread."""
         self._read()
-        self._thread = threading.Thread(target=self._run, name="pyorchestrate-keys", daemon=True)
+        self._thread = own_threads.thread(self._run, "pyorchestrate-keys")
         self._thread.start()
 
     def stuck_for(self, now: float) -> float:

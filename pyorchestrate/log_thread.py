@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Callable
 
+from . import own_threads
+
 #: records waiting to be written, at most; later ones are dropped (and counted) until there is room
 LIMIT = 10_000
 #: seconds the process's exit waits for the records still queued (a blocked stream never empties)
@@ -68,7 +70,7 @@ class LogThread:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
-                    thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                    thread = own_threads.thread(self._run, self.name)
                     thread.start()
                     self._thread = thread
 

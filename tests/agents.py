@@ -593,6 +593,33 @@ class ForkerThread(LoopingThreadAgent):
         self.wait_stop(0.02)
 
 
+class ThreadLeaver(CopyTracer):
+    """A thread agent that starts a thread of its own (as a reader or a keep-alive would), which
+    appends "alive COPY-helper TIME" to ``trace`` every 50 ms until told to end: told and joined
+    as the agent stops with ``join_on_stop``, else left running."""
+
+    class Config(CopyTracer.Config):
+        join_on_stop = False
+
+    def setup(self):
+        import threading
+
+        CopyTracer.setup(self)
+        self.helper_done = threading.Event()
+
+        def helper(copy=self.copy, trace=self.config.trace, done=self.helper_done):
+            while not done.wait(0.05):
+                append_line(trace, f"alive {copy}-helper {time.time():.3f}")
+
+        self.helper = threading.Thread(target=helper, name=f"helper-{self.copy}", daemon=True)
+        self.helper.start()
+
+    def on_stop(self):
+        if self.config.join_on_stop:
+            self.helper_done.set()
+            self.helper.join()
+
+
 class SpawnerThread(CopyTracer):
     """A thread agent that leaves processes running in its worker's process group: a ``Popen``
     never waited for, a ``sh -c "... &"`` job whose shell exits, and (``fork``) a forked copy of

@@ -23,7 +23,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from agents import CopyTracer, SpawnerThread, Traced
+from agents import CopyTracer, SpawnerThread, ThreadLeaver, Traced
 from pyorchestrate import Orchestrator, RunMode
 
 o = Orchestrator("stuck", address={address!r}, run_mode=RunMode.DAEMON, min_workers=1, heartbeat_interval=0.1,
@@ -36,6 +36,10 @@ if {spawner!r}:
     o.register_agent(SpawnerThread, "spawner", SpawnerThread.Config(pid_file={spawner!r}, deaf={stuck!r},
                                                                     stop_timeout=1.0),
                      restart="always", worker="w1")
+if {leaver!r}:
+    o.register_agent(ThreadLeaver, "leaver", ThreadLeaver.Config(trace={trace!r}, stop_timeout=1.0,
+                                                                 join_on_stop={leaver!r} == "join"),
+                     restart="always", worker="w1")
 {kept}
 o.start()
 time.sleep(120)
@@ -43,13 +47,13 @@ time.sleep(120)
 
 
 def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "",
-               spawner: str = "", stuck: bool = True) -> tuple[subprocess.Popen, str]:
+               spawner: str = "", stuck: bool = True, leaver: str = "") -> tuple[subprocess.Popen, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     path = tmp_path / "coordinator.py"
     kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
                  if kept else "")
     path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line,
-                                keys=keys, chdir=chdir, spawner=spawner, stuck=stuck))
+                                keys=keys, chdir=chdir, spawner=spawner, stuck=stuck, leaver=leaver))
     log = open(tmp_path / "coordinator.log", "w")
     return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
 
@@ -59,9 +63,14 @@ def alive_times(tmp_path, copy: str) -> list[float]:
     return [float(line.split()[2]) for line in lines if line.startswith(f"alive {copy} ")]
 
 
-def first_copy(tmp_path) -> str:
+def copies(tmp_path) -> list[str]:
+    """The copies that started so far, in order."""
     path = tmp_path / "trace.txt"
-    starts = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("start")] if path.exists() else []
+    return [line.split()[1] for line in path.read_text().splitlines() if line.startswith("start")] if path.exists() else []
+
+
+def first_copy(tmp_path) -> str:
+    starts = copies(tmp_path)
     return starts[0] if starts else ""
 
 
@@ -129,12 +138,69 @@ def test_what_thread_agents_left_running_ends_once_the_lease_ran_out_and_none_ru
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_thread_a_thread_agent_left_running_ends_when_its_replacement_is_due(cluster, tmp_path):
+    """A thread agent that started a thread of its own stops as asked at the lease's end, but
+    leaves that thread running: it went on doing the agent's work beside the copy started
+    elsewhere (5 s after the coordinator went silent, and for ever: threads cannot be killed).
+    It now ends when that copy is due (the lease, 0.5 s, and the agent's stop timeout, 1 s), as
+    its worker starts again in its own place."""
+    script, address = run_script(tmp_path, kept=False, stuck=False, leaver="leave")
+    the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, thread="-helper")
+    assert (f"1 thread(s) that thread agents started and left running (helper-{first_copy(tmp_path)}) still run "
+            "past the lease") in cluster.log_of("w1")
+
+
+def test_a_thread_agent_that_ends_its_threads_as_it_stops_costs_its_worker_nothing(cluster, tmp_path):
+    """The same agent, ending its thread as it stops: no exec."""
+    script, address = run_script(tmp_path, kept=False, stuck=False, leaver="join")
+    try:
+        worker = cluster.worker(address, "w1")
+        copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
+        wait_for(lambda: len(alive_times(tmp_path, copy + "-helper")) >= 3, 30, "its thread at work")
+        script.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        try:
+            wait_for(lambda: "lease ran out" in cluster.log_of("w1"), 15, "the lease to run out")
+            time.sleep(3.0)  # past the replacement's time (lease 0.5 s + stop timeout 1 s)
+            assert max(alive_times(tmp_path, copy + "-helper")) < stopped_at + 4.0
+            assert "starts again" not in cluster.log_of("w1") and worker.poll() is None
+        finally:
+            script.send_signal(signal.SIGCONT)
+    finally:
+        script.kill()
+        script.wait(10)
+
+
+def test_threads_left_running_beside_a_kept_agent_are_only_said(cluster, tmp_path):
+    """The threads left running may be the kept agent's (on_disconnect="keep"), which ending them
+    would break: the worker says so and ends nothing."""
+    script, address = run_script(tmp_path, kept=True, stuck=False, leaver="leave")
+    try:
+        worker = cluster.worker(address, "w1")
+        copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
+        wait_for(lambda: (tmp_path / "kept.txt").exists() and len(alive_times(tmp_path, copy + "-helper")) >= 3, 30,
+                 "both at work")
+        script.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "keep running (on_disconnect='keep') too" in cluster.log_of("w1"), 15, "the worker saying so")
+            assert f"1 thread(s) that thread agents started (helper-{copy}) still run" in cluster.log_of("w1")
+            assert "starts again" not in cluster.log_of("w1") and worker.poll() is None
+            assert "close kept" not in (tmp_path / "kept.txt").read_text()
+        finally:
+            script.send_signal(signal.SIGCONT)
+    finally:
+        script.kill()
+        script.wait(10)
+
+
 def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
-                                             *worker_args: str, spawned: list[int] | None = None) -> None:
+                                             *worker_args: str, spawned: list[int] | None = None,
+                                             thread: str = "") -> None:
+    """``thread``: the suffix of the copy's trace lines to follow ("-helper": a thread it started)."""
     try:
         worker = cluster.worker(address, "w1", *worker_args)
         copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
-        wait_for(lambda: len(alive_times(tmp_path, copy)) >= 3, 30, "the copy at work")
+        wait_for(lambda: len(alive_times(tmp_path, copy + thread)) >= 3, 30, "the copy at work")
         if spawned is not None:
             pid_file = tmp_path / "spawner.pids"
             wait_for(pid_file.exists, 30, "the spawner's pids")
@@ -144,7 +210,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
         stopped_at = time.time()
         try:
             time.sleep(6.0)
-            last = max(alive_times(tmp_path, copy))
+            last = max(alive_times(tmp_path, copy + thread))
             # lease 0.5 s + stop_timeout 1 s, with room for a busy machine: not the 30 s it lingers
             assert last < stopped_at + 4.0, (last - stopped_at, cluster.log_of("w1")[-2000:])
             assert "this worker starts again (exec)" in cluster.log_of("w1")
@@ -154,8 +220,7 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
         finally:
             script.send_signal(signal.SIGCONT)
         # the new worker registers with the resumed coordinator, which starts the agent again on it
-        wait_for(lambda: len([1 for line in (tmp_path / "trace.txt").read_text().splitlines()
-                              if line.startswith("start")]) >= 2, 60, "the agent started again")
+        wait_for(lambda: len(copies(tmp_path)) >= 2, 60, "the agent started again")
     finally:
         script.kill()
         script.wait(10)

@@ -31,6 +31,7 @@ import sys
 import threading
 from typing import Callable
 
+from pyorchestrate import own_threads
 from pyorchestrate.log_thread import deferrable
 
 log = deferrable(logging.getLogger("pyorchestrate.worker.threads"))
@@ -75,7 +76,7 @@ def _locals_live_in_thread_dict(read: Callable[[], dict]) -> bool:
         local.x = 1
         seen.append(dict(read()) != before)
 
-    thread = threading.Thread(target=probe, name="thread-local-probe", daemon=True)
+    thread = own_threads.thread(probe, "thread-local-probe")
     thread.start()
     thread.join(5.0)
     return seen == [True]
@@ -153,7 +154,7 @@ class AgentThreads:
             self._unclaimed -= 1
             self.started += 1
         try:
-            threading.Thread(target=self._serve, name="agent-starting", daemon=True).start()
+            own_threads.thread(self._serve, "agent-starting").start()
         except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError: can't start new thread (limits)
             job = self._jobs.get()  # the one claimed above: it gets no thread
             assert job is not None

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import msgpack
 
+from pyorchestrate import own_threads
+
 #: bytes a message may have to go straight into a writable pipe (a Unix socket that polls writable
 #: has three quarters of its buffer free: ~150 KiB by default); longer ones go through the writer
 DIRECT_MAX = 16 * 1024
@@ -73,7 +75,7 @@ class ChildLink:
             if self._backlog is None:
                 self._backlog = collections.deque()  # before the writer looks: it waits for our lock
                 try:
-                    self._start(threading.Thread(target=self._write, name="child-writer", daemon=True))
+                    self._start(own_threads.thread(self._write, "child-writer"))
                 except RuntimeError:  # no thread to be had (a pids limit): this message is lost, not the loop
                     self._backlog = None
                 if self._backlog is None:  # (or its start failed at once: writer_failed has run)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from pyorchestrate import own_threads
 from pyorchestrate.agents.inbox import TallyPlace, tally_fields
 from pyorchestrate.events import stamp
 from pyorchestrate.log_thread import deferrable
@@ -139,8 +140,7 @@ class AgentHost:
             self.unstarted(relay, emit, exc, "its host process")
             return
         self._child_conn.close()
-        writer: threading.Thread | None = threading.Thread(target=self._write, name=f"host-{self.number}-writer",
-                                                           daemon=True)
+        writer: threading.Thread | None = own_threads.thread(self._write, f"host-{self.number}-writer")
         try:
             writer.start()  # type: ignore[union-attr]
         except RuntimeError as exc:  # no thread to be had (a pids limit): a host nobody writes to is no use

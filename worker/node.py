@@ -33,7 +33,7 @@ from typing import Any
 import tenacity
 import zmq
 
-from pyorchestrate import curve, protocol, sockets, trace
+from pyorchestrate import curve, own_threads, protocol, sockets, trace
 from pyorchestrate.publisher import MAX_EVENT_BYTES, BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
@@ -204,6 +204,10 @@ class Worker:
         self._stuck_said = False  # said once that stuck threads outlive the lease beside kept agents
         #: once the lease ran out: when what thread agents started must be gone (None: ended, or no lease ran out)
         self._strays_due: float | None = None
+        #: once the lease ran out: the threads that thread agents started (own_threads.others()) then,
+        #: and when they must be gone (see _end_left_threads)
+        self._left_threads: list[threading.Thread] = []
+        self._left_due = 0.0
         self._last_heard = clock.now()  # the last frame from a coordinator (the orphan timeout)
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
@@ -395,6 +399,8 @@ class Worker:
         if self._lease_expired:
             self._end_threads_past_lease()
             self._end_strays_past_lease()
+        if self._left_threads:
+            self._end_left_threads()
         self._check_parent()
 
     def _end_threads_past_lease(self) -> None:
@@ -422,6 +428,35 @@ class Worker:
                   "(exec) to end them", ", ".join(stuck))
         exec_again()
 
+    def _end_left_threads(self) -> None:
+        """A thread agent stopped at the lease's end returns, but the threads it started and left
+        running go on doing its work: beside its replacement, due elsewhere once the lease and its
+        stop timeout have passed.  Those threads (any thread of this process that pyorchestrate did
+        not start, and that ran as the lease ran out: own_threads.py) get until then to end, as
+        their agents may have told them to; if one still runs then, this process starts again in
+        its own place (exec), as for a thread agent stuck past its stop timeout, since no thread can
+        be killed.  Not while an agent that keeps running without a coordinator runs here: the
+        threads may be its own.  Checked past that time even if this worker registered again
+        meanwhile: the agents' ends went with its registration, and their replacements may start at
+        once."""
+        if clock.now() < self._left_due or self._shutdown.is_set():
+            return
+        left, self._left_threads = [t for t in self._left_threads if t.is_alive()], []
+        if not left:
+            return
+        names = ", ".join(sorted({t.name for t in left})[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        if self._supervisor.keeps_any():
+            log.error("%d thread(s) that thread agents started (%s) still run past the lease and their agents' stop "
+                      "timeout: they may run beside their agents' replacements, and this worker cannot end them "
+                      "without ending agents that keep running (on_disconnect='keep') too; an agent that starts "
+                      "threads should end them as it stops", len(left), names)
+            return
+        log.error("%d thread(s) that thread agents started and left running (%s) still run past the lease and their "
+                  "agents' stop timeout, when their replacements are due elsewhere: threads cannot be killed, so "
+                  "this worker starts again (exec) to end them; an agent that starts threads should end them as "
+                  "it stops", len(left), names)
+        exec_again()
+
     def _end_strays_past_lease(self) -> None:
         """The lease ran out and no thread agent runs in this process any more: what thread agents
         started and left running (in our process group) belongs to no agent that runs, and would
@@ -437,7 +472,7 @@ class Worker:
         # only what runs now: an agent started meanwhile (this worker registered again) keeps its own
         args = (grace, "lost its lease", False)
         try:
-            threading.Thread(target=group_guard.end_members, args=args, name="strays", daemon=True).start()
+            own_threads.thread(group_guard.end_members, "strays", args=args).start()
         except RuntimeError:  # no thread to be had (a pids limit): here, then; no coordinator waits on us
             group_guard.end_members(*args)
 
@@ -686,6 +721,8 @@ class Worker:
             lease_end = self._lease_from + self._limits.lease
             due = self._supervisor.local_threads_due(lease_end)
             self._strays_due = lease_end if due is None else due
+            if due is not None:  # a thread agent runs here: what threads it started, it may leave running
+                self._left_threads, self._left_due = own_threads.others(), due
             stopped = self._supervisor.stop_all(keep=True, lease_end=self._lease_from + self._limits.lease)
             if stopped:
                 log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "
@@ -747,6 +784,8 @@ class Worker:
                 self._publish_agent_heartbeats()
                 self._maybe_pulse()
                 self._supervisor.renew_lease(self._lease_from + self._limits.lease)
+                if self._left_threads:  # registered again before they were due (see _end_left_threads)
+                    self._end_left_threads()
                 next_beat = now + self._limits.interval
             busy = bool(self._deferred) or bool(len(self._bus_outbox) and self._bus_ready())
             timeout_ms = 0 if busy else min(POLL_CAP_MS, sockets.wait_ms(next_beat - now))

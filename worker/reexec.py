@@ -1,8 +1,9 @@
 """A worker that must end threads it cannot kill starts again in its own place.
 
 A thread agent stopped at the worker's lease that ignores its stop past its stop timeout would run
-beside its replacement, due elsewhere at that moment (node.py: ``_end_threads_past_lease``).  No
-thread can be killed, but a process can replace its own image: ``exec`` of the same command ends
+beside its replacement, due elsewhere at that moment (node.py: ``_end_threads_past_lease``); so
+would a thread that a thread agent started and left running as it stopped
+(``_end_left_threads``).  No thread can be killed, but a process can replace its own image: ``exec`` of the same command ends
 every thread, keeps the pid (so whatever started the worker still knows it), the arguments and the
 environment, and the new worker registers as a new incarnation.  The pipes to its process agents,
 agent hosts, pulse and forkserver are not inherited (Python opens them close-on-exec): those see

@@ -24,7 +24,7 @@ import socket
 import threading
 from typing import Callable
 
-from pyorchestrate import sockets
+from pyorchestrate import own_threads, sockets
 
 
 def lookup_ipv4(host: str) -> str:
@@ -69,7 +69,7 @@ class Resolver:
                 return self._done
             self._asked += 1
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name="pyorchestrate-resolver", daemon=True)
+                thread = own_threads.thread(self._run, "pyorchestrate-resolver")
                 try:
                     thread.start()
                 except RuntimeError as exc:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from typing import Callable
 
+from pyorchestrate import own_threads
 from pyorchestrate.log_thread import deferrable
 
 log = deferrable(logging.getLogger("pyorchestrate.worker"))
@@ -70,7 +70,7 @@ def request_on_signals(request: Callable[[], None], signals: tuple[int, ...] = (
             request()
 
     try:
-        threading.Thread(target=relay, name="pyorchestrate-stop-signals", daemon=True).start()
+        own_threads.thread(relay, "pyorchestrate-stop-signals").start()
     except RuntimeError as exc:  # no thread to be had (a pids limit): better their default than no answer
         log.warning("could not start the thread that acts on %s (%s): they keep their default action",
                     ", ".join(signal.Signals(n).name for n in signals), exc)

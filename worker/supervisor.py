@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from pyorchestrate import publisher, shipping, trace
+from pyorchestrate import own_threads, publisher, shipping, trace
 from pyorchestrate.agents.base import AGENT_LOGGERS
 from pyorchestrate.agents.inbox import tally_fields
 from pyorchestrate.events import stamp
@@ -359,8 +359,8 @@ class Supervisor:
                      self.threads_per_process)
             # started by its reader, on the starter thread: booting the forkserver takes seconds
             # on a busy machine, and this loop must stay responsive
-            self._start_soon(threading.Thread(target=host.serve, args=(self._relay, self._emit, self._bus_sink()),
-                                              name=f"host-{host.number}", daemon=True).start,
+            self._start_soon(own_threads.thread(host.serve, f"host-{host.number}",
+                                                args=(self._relay, self._emit, self._bus_sink())).start,
                              functools.partial(host.unstarted, self._relay, self._emit))
         record.host, record.slot = host, slot
         self._add(record)
@@ -374,7 +374,7 @@ class Supervisor:
         ``failed`` with the error if it raises (no thread to be had: a pids limit), so that what the
         thread was for is reported as failed instead of waiting for ever."""
         if self._starter is None:
-            starter = threading.Thread(target=self._start_threads, name="thread-starter", daemon=True)
+            starter = own_threads.thread(self._start_threads, "thread-starter")
             try:
                 starter.start()
             except RuntimeError as exc:
@@ -446,8 +446,7 @@ class Supervisor:
         # imports pyorchestrate: seconds on a busy machine) and every start waits for the
         # forkserver's answer; on this loop that silenced the worker (a false death beside 4
         # CPU burners).  Until then a stop or a message waits in the pipe; is_alive() is False.
-        record.thread = threading.Thread(target=self._watch_process, args=(record, child_conn),
-                                         name=f"watch-{name}", daemon=True)
+        record.thread = own_threads.thread(self._watch_process, f"watch-{name}", args=(record, child_conn))
         self._start_soon(record.thread.start,
                          functools.partial(self._unstarted_process, record, child_conn, " (could not start the "
                                            "thread that starts and watches its process)"))
