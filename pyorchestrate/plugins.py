@@ -66,21 +66,25 @@ class PluginSet:
     def names(self) -> list[str]:
         return list(self._plugins)
 
-    def initialize(self, owner: Any, report: Callable[[str, BaseException], None]) -> None:
+    def initialize(self, owner: Any, report: Callable[[str, BaseException], None],
+                   catch: type[BaseException] = Exception) -> None:
+        """Initialize each plugin; ``report`` what one raises of ``catch``.  An agent catches
+        everything (BaseException: sys.exit() in a plugin must not end its thread before its end
+        is reported); the orchestrator lets the rest through (Ctrl-C in its main thread)."""
         for name, plugin in self._plugins.items():
             plugin.owner = owner
             try:
                 plugin.initialize()
                 self._initialized.append(name)
-            except Exception as exc:
+            except catch as exc:
                 report(name, exc)
 
-    def finalize(self, report: Callable[[str, BaseException], None]) -> None:
+    def finalize(self, report: Callable[[str, BaseException], None], catch: type[BaseException] = Exception) -> None:
         while self._initialized:  # only what initialized, last first
             name = self._initialized.pop()
             try:
                 self._plugins[name].finalize()
-            except Exception as exc:
+            except catch as exc:
                 report(name, exc)
 
 

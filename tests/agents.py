@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pyorchestrate import (BaseProcessAgent, BaseThreadAgent, DeferredThreadAgent, EventDrivenProcessAgent,
-                           EventDrivenThreadAgent, LoopingProcessAgent, LoopingThreadAgent)
+                           EventDrivenThreadAgent, LoopingProcessAgent, LoopingThreadAgent, PluginBase, PoolThreadAgent)
 
 
 class Quick(BaseThreadAgent):
@@ -684,6 +684,67 @@ class QuietTracer(CopyTracer):
     def cycle(self):
         append_line(self.config.trace, f"alive {self.copy} {time.time():.3f}")
         self.wait_stop(0.05)
+
+
+class _QuitsPlugin(PluginBase):
+    """Quits (see :class:`Quits`) from its ``initialize`` or ``finalize`` when its owner says so."""
+
+    def initialize(self):
+        if self.owner.config.where == "plugin initialize":
+            self.owner.quit()
+
+    def finalize(self):
+        if self.owner.config.where == "plugin finalize":
+            self.owner.quit()
+
+
+class Quits(LoopingThreadAgent):
+    """Leaves the way a script would, by ``sys.exit(7)`` (``how="exit"``) or Ctrl-C's
+    KeyboardInterrupt (``how="interrupt"``), from ``where``: its ``__init__``, ``on_stop``,
+    ``on_close``, or its plugin's ``initialize`` or ``finalize``; else loops until stopped."""
+
+    class Config(LoopingThreadAgent.Config):
+        where = ""
+        how = "exit"
+
+    class Plugin(LoopingThreadAgent.Plugin):
+        quitter = _QuitsPlugin()
+
+    def __init__(self, name=None, config=None, plugin=None):
+        super().__init__(name, config, plugin)
+        if self.config.where == "__init__":
+            self.quit()
+
+    def quit(self):
+        import sys
+
+        if self.config.how == "exit":
+            sys.exit(7)
+        raise KeyboardInterrupt
+
+    def cycle(self):
+        self.wait_stop(0.05)
+
+    def on_stop(self):
+        if self.config.where == "on_stop":
+            self.quit()
+
+    def on_close(self):
+        if self.config.where == "on_close":
+            self.quit()
+
+
+class PoolQuits(PoolThreadAgent):
+    """A pool whose every run calls ``sys.exit(7)``."""
+
+    class Config(PoolThreadAgent.Config):
+        execution_interval = 0.05
+        limit = 3
+
+    def runner(self):
+        import sys
+
+        sys.exit(7)
 
 
 class SlowToMake(EventDrivenThreadAgent):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from agents import Boom, BoomProcess, Forever, ForeverProcess, Quick, QuickProcess, Shout, ShoutProcess, Sleeper
-from conftest import LIFECYCLE, EventLog, free_port, wait_for
+from agents import (Boom, BoomProcess, Forever, ForeverProcess, PoolQuits, Quick, QuickProcess, Quits, Shout,
+                    ShoutProcess, Sleeper)
+from conftest import LIFECYCLE, EventLog, free_port, start_daemon, wait_for
 
 from pyorchestrate import EventSubscriber, Orchestrator, OrchestratorEvent, RunMode
 
@@ -62,6 +63,30 @@ def test_erroring_agent_reports_error_then_terminated_and_others_run(cluster):
     assert not events.of("AGENT_ERROR", "fine")
     assert events.of("AGENT_TERMINATED", "fine")[0]["ok"] is True
     assert orch.status()["agents"]["boom"]["failed"] is True
+
+
+def test_an_agent_that_calls_sys_exit_anywhere_still_ends_saying_so(cluster):
+    """``sys.exit()`` (or a KeyboardInterrupt) in a thread agent's ``__init__``, ``on_stop``,
+    ``on_close`` or a plugin's hooks ended its thread before its end was reported: the agent stayed
+    ASSIGNED or READY for good (a join() waited for ever), and a pool's run that called it was lost
+    without a word.  Each is now the agent's error, and its end follows."""
+    orch, events = start_daemon(cluster, ("w1",))
+    cases = {f"{where.replace(' ', '-')}-{how}": (where, how)
+             for where in ("__init__", "on_stop", "on_close", "plugin initialize", "plugin finalize")
+             for how in ("exit", "interrupt")}
+    for name, (where, how) in cases.items():
+        orch.register_agent(Quits, name, Quits.Config(where=where, how=how, stop_timeout=30))
+    orch.register_agent(PoolQuits, "pool")
+    for name, (where, _) in cases.items():
+        if where != "__init__":  # a plugin's error is recoverable: that agent runs on till stopped too
+            events.wait("AGENT_READY", name)
+            orch.stop_agent(name)
+    for name, (_, how) in [*cases.items(), ("pool", ("", "exit"))]:
+        ended = events.wait("AGENT_TERMINATED", name, timeout=20)[0]
+        errors = [e["error_message"] for e in events.of("AGENT_ERROR", name)]
+        assert errors == ["SystemExit: 7" if how == "exit" else "KeyboardInterrupt: "], (name, errors)
+        assert ended["ok"] is name.startswith("plugin"), name  # a plugin's error is recoverable
+    orch.stop()
 
 
 def test_an_error_too_long_for_a_frame_is_reported_cut_and_costs_no_connection(cluster):

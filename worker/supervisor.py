@@ -336,7 +336,9 @@ class Supervisor:
             agent.events_key = self.events_key
             if hold:
                 agent.control_events.execute_event.clear()  # until the coordinator says execute
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in __init__ or at the import of its module
+            # too (as a process agent's and a host's): it ended the pool's thread, and the agent
+            # stayed ASSIGNED for good
             record.handoff.failed()
             self._end_unstarted(record, exc)
             return None

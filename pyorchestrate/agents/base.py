@@ -267,7 +267,7 @@ class BaseAgent(abc.ABC):
                     for finding in findings:
                         level = logging.WARNING if finding.severity is ValidationSeverity.WARNING else logging.ERROR
                         self.logger.log(level, "config: %s", finding)
-            self.plugin.initialize(self, self._plugin_failed)
+            self.plugin.initialize(self, self._plugin_failed, BaseException)
             if self._wait_control(self.control_events.setup_event):
                 self.setup()
                 self._prepare()
@@ -283,19 +283,21 @@ class BaseAgent(abc.ABC):
             ok = False
             self._report_error(exc)
         finally:
+            # whatever a hook raises (sys.exit() too, which once left the run unended: its thread
+            # died before AGENT_TERMINATED, and the agent stayed READY for good).
             # self.stopping without its two property calls (every run passes here)
             for hook in ((self.on_stop,) if self.control_events.stop_event.is_set() else ()) + (self.on_close,):
                 try:
                     hook()
-                except Exception as exc:
+                except BaseException as exc:  # noqa: BLE001
                     ok = False
                     self._report_error(exc)
             try:
                 self._release()
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001
                 ok = False
                 self._report_error(exc)
-            self.plugin.finalize(self._plugin_failed)
+            self.plugin.finalize(self._plugin_failed, BaseException)
             # the coordinator holds its finish until it has seen our last bus event
             marker = self._bus.flush() if self._bus is not None else {}
             if self._not_run:

@@ -37,7 +37,7 @@ class PoolAgent(PeriodicAgent):
                 self.runner()
             except RecoverableException as exc:
                 self._report_error(exc, recoverable=True)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - sys.exit() too: the pool's executor kept it unread
                 failure.append(exc)
                 self.stop()
             finally:
