@@ -301,7 +301,7 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         assert "token=" not in browser.current_url  # it became a cookie
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")) == 2)
 
-        from agents import Boom, Forever
+        from agents import Boom, EndsAfter, Forever
 
         orch.register_agent(Boom, "broken")
         orch.register_agent(Forever, "sampler")  # the agent appears on the page...
@@ -313,6 +313,32 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         shot = Path(os.environ.get("PYORCHESTRATE_SCREENSHOT", tmp_path / "dashboard.png"))
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+        # what was dropped: an agent that ends after its first message, sent five (the other four
+        # are counted, as unhandled or as reaching a copy that ended, and shown as a total)
+        orch.register_agent(EndsAfter, "one", EndsAfter.Config(trace=str(tmp_path / "one"), count=1))
+        events.wait("AGENT_READY", "one")
+        for i in range(5):
+            try:
+                orch.send("one", i)
+            except ValueError:  # it ended: "not running"
+                break
+        events.wait("AGENT_TERMINATED", "one")
+
+        def shown(card: str) -> str:
+            return browser.find_element(By.CSS_SELECTOR, f'.card[data-card="{card}"] b').text
+
+        wait_for(lambda: sum(orch.status()["dropped"].values()) >= 1, 10, "the drops counted")
+
+        def the_page_shows_the_counts(b) -> bool:
+            status = orch.status()
+            on = {w: sum(status["workers"][w]["dropped"].values()) for w in ("w1", "w2")}
+            return (shown("dropped") == str(sum(status["dropped"].values()))
+                    and shown("dropped on workers") == str(sum(on.values()))
+                    and {w: b.find_element(By.CSS_SELECTOR, f'tr[data-worker="{w}"] .dropped').text for w in on}
+                    == {w: str(n) for w, n in on.items()})
+
+        wait.until(the_page_shows_the_counts)
 
         button = (By.CSS_SELECTOR, 'tr[data-agent="sampler"] button[data-op="stop"]')
         wait.until(EC.element_to_be_clickable(button)).click()  # stopped by a click
