@@ -191,7 +191,7 @@ def test_a_process_agent_stuck_past_its_stop_timeout_ends_at_the_sigterm(daemon)
     assert f"exited with code {128 + signal.SIGTERM}" in error, error
 
 
-def test_a_process_agent_deaf_to_sigterm_is_killed(daemon, tmp_path):
+def test_a_process_agent_deaf_to_sigterm_is_killed(cluster, daemon, tmp_path):
     """A process agent that ignores its stop and SIGTERM too is killed (SIGKILL) 2 s after the
     terminate: its stop timeout is a promise, not a request."""
     orch, events = daemon
@@ -203,3 +203,5 @@ def test_a_process_agent_deaf_to_sigterm_is_killed(daemon, tmp_path):
     orch.stop_agent("deaf", timeout=0.5)
     assert events.wait("AGENT_TERMINATED", "deaf", timeout=20)[0]["ok"] is False
     wait_for(lambda: process_gone(pid), 10, "the deaf process to be gone")
+    # said once, where it was said at each turn of the loop until the kill (40 lines)
+    assert cluster.log_of("w1").count("process agent deaf ignored stop for 0.5 s: terminating it") == 1

@@ -390,18 +390,35 @@ class Worker:
         self._check_lease()
         if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
                 and clock.now() - self._last_heard > self.orphan_timeout):
-            self._orphans_stopped = True
-            log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
-                        self.orphan_timeout, self._supervisor.count())
-            self._supervisor.stop_all()
+            self._stop_orphans()
         self._supervisor.enforce_stop_timeouts()
         self._supervisor.forget_finished()
-        if self._lease_expired:
+        if self._lease_expired or self._orphans_stopped:
             self._end_threads_past_lease()
             self._end_strays_past_lease()
         if self._left_threads:
             self._end_left_threads()
         self._check_parent()
+
+    def _stop_orphans(self) -> None:
+        """The orphan timeout: stop every copy, those kept running without a coordinator too.  The
+        coordinator replaces a kept copy it gave up on (disconnect_timeout) once this timeout and
+        the copy's stop timeout have passed since the worker was lost, so from here on they are
+        held to that as the lease's copies are: a process agent killed at the end of its stop
+        timeout, a thread agent stuck past it ended by an exec, what thread agents left running
+        ended.  Before, they were still "kept": a thread agent lingering in on_stop, a thread one
+        left running, ran on beside the replacement (for good), a process agent deaf to SIGTERM
+        for 0.8 s (measured)."""
+        self._orphans_stopped = True
+        orphaned_at = self._last_heard + self.orphan_timeout
+        log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
+                    self.orphan_timeout, self._supervisor.count())
+        due = self._supervisor.local_threads_due(orphaned_at)
+        self._supervisor.stop_all(lease_end=orphaned_at, orphaned=True)
+        self._stuck_said = False  # a kept agent kept it from ending stuck threads: none is kept now
+        self._strays_due = orphaned_at if due is None else due
+        if due is not None:
+            self._left_threads, self._left_due = own_threads.others(), due
 
     def _end_threads_past_lease(self) -> None:
         """A thread agent the lease stopped that is still running at the end of its stop timeout
@@ -423,9 +440,9 @@ class Worker:
                       "keep running (on_disconnect='keep') too; use process agents for code that may not return",
                       ", ".join(stuck))
             return
-        log.error("thread agent(s) %s ignored their stop past the lease and their stop timeout, and their "
-                  "replacements are due elsewhere: threads cannot be killed, so this worker starts again "
-                  "(exec) to end them", ", ".join(stuck))
+        log.error("thread agent(s) %s ignored their stop past the lease (or the orphan timeout) and their stop "
+                  "timeout, and their replacements are due elsewhere: threads cannot be killed, so this worker "
+                  "starts again (exec) to end them", ", ".join(stuck))
         exec_again()
 
     def _end_left_threads(self) -> None:
@@ -451,10 +468,10 @@ class Worker:
                       "without ending agents that keep running (on_disconnect='keep') too; an agent that starts "
                       "threads should end them as it stops", len(left), names)
             return
-        log.error("%d thread(s) that thread agents started and left running (%s) still run past the lease and their "
-                  "agents' stop timeout, when their replacements are due elsewhere: threads cannot be killed, so "
-                  "this worker starts again (exec) to end them; an agent that starts threads should end them as "
-                  "it stops", len(left), names)
+        log.error("%d thread(s) that thread agents started and left running (%s) still run past the lease (or the "
+                  "orphan timeout) and their agents' stop timeout, when their replacements are due elsewhere: "
+                  "threads cannot be killed, so this worker starts again (exec) to end them; an agent that starts "
+                  "threads should end them as it stops", len(left), names)
         exec_again()
 
     def _end_strays_past_lease(self) -> None:

@@ -194,11 +194,13 @@ class Supervisor:
 
     def threads_past(self, lease_end: float, now: float) -> list[str]:
         """Thread agents (here or in an agent host) that the lease covers (not kept) and that still
-        run past ``lease_end`` + their stop timeout: when their replacements are due elsewhere.
-        (Process agents are killed then: ``enforce_stop_timeouts``.)"""
+        run past ``lease_end`` (or their stop request, if later: the orphan timeout's) + their stop
+        timeout: when their replacements are due elsewhere.  (Process agents are killed then:
+        ``enforce_stop_timeouts``.)"""
         with self._lock:
             return [r.name for r in self._agents.values()
-                    if r.mode == "thread" and not r.keep and not r.terminated and now >= lease_end + r.stop_timeout]
+                    if r.mode == "thread" and not r.keep and not r.terminated
+                    and now >= max(lease_end, r.stop_requested_at or lease_end) + r.stop_timeout]
 
     def local_threads_due(self, lease_end: float) -> float | None:
         """When the first replacement of a thread agent running in this process (not in an agent
@@ -578,16 +580,20 @@ class Supervisor:
             host.send(["lease", until, [r.slot for r in mine], max(r.stop_timeout for r in mine)])
 
     def stop_all(self, timeout: float | None = None, *, keep: bool = False, leaving: bool = False,
-                 lease_end: float | None = None) -> int:
+                 lease_end: float | None = None, orphaned: bool = False) -> int:
         """Ask every copy to stop (``keep=True``: all but those that keep running without a
         coordinator; ``leaving``: because this worker shuts down, which their ends will say;
         ``lease_end``: because the lease ran out then (clock.now()), which their stop timeouts
-        count from, the coordinator's replacement waiting for no word of theirs); return how many
-        were asked."""
+        count from, the coordinator's replacement waiting for no word of theirs; ``orphaned``: at
+        the orphan timeout, after which the coordinator replaces kept copies too (a
+        disconnect_timeout), so they are kept no more: held to their stop timeouts as the lease's
+        copies are); return how many were asked."""
         with self._lock:
             records = [r for r in self._agents.values() if not r.terminated and not (keep and r.keep)]
         for record in records:
             record.leaving = record.leaving or leaving
+            if orphaned:
+                record.keep = False
             if lease_end is not None and record.stop_requested_at is None:
                 record.deadline = True
                 record.stop_requested_at = min(lease_end, clock.now())
@@ -618,9 +624,11 @@ class Supervisor:
             if overdue < 0:
                 continue
             if record.mode == "process" and record.process.is_alive():
-                record.forced = True
+                first, record.forced = not record.forced, True
                 if overdue < 2.0 and not record.deadline:
-                    log.warning("process agent %s ignored stop for %.1f s: terminating it", record.name, record.stop_timeout)
+                    if first:  # said once, not once a turn for those 2 s (40 lines at the loop's pace)
+                        log.warning("process agent %s ignored stop for %.1f s: terminating it", record.name,
+                                    record.stop_timeout)
                     _signal_process_group(record.process, signal.SIGTERM)
                 else:
                     _signal_process_group(record.process, signal.SIGKILL)
