@@ -34,8 +34,11 @@ def thread(target: Callable[..., Any], name: str, args: tuple = (), daemon: bool
 def others() -> list[threading.Thread]:
     """This process's live threads that pyorchestrate did not start, the main thread aside.
 
-    A thread started without ``threading`` (``_thread.start_new_thread``, a C library's) is seen
-    only once it called into ``threading``, and then as alive for ever: those are left out."""
+    Left out: a thread started without ``threading`` (``_thread.start_new_thread``, a C
+    library's), seen only once it called into ``threading`` and then as alive for ever; and
+    pyzmq's own (the garbage collector its zero-copy sends start, once per process), which do no
+    agent's work."""
     main = threading.main_thread()
     return [t for t in threading.enumerate()
-            if t is not main and not getattr(t, _MARK, False) and not isinstance(t, threading._DummyThread)]
+            if t is not main and not getattr(t, _MARK, False) and not isinstance(t, threading._DummyThread)
+            and not type(t).__module__.startswith("zmq.")]

@@ -1,12 +1,15 @@
 """A TCP relay in a process of its own, to cut one worker off from a live coordinator on
 127.0.0.1: SIGSTOP the relay and neither side hears the other, while both connections stay open
-(as a partition does; ``bridge link set ... state 0`` needs namespaces).
+(as a partition does; ``bridge link set ... state 0`` needs namespaces).  One way only: SIGUSR1
+holds what goes to the target (the coordinator), SIGUSR2 what comes back, SIGHUP lets both go
+again (held, not dropped: TCP keeps it, as on a path that stalls one way).
 
     python relay.py TARGET_PORT   # prints the port it listens on, then relays each connection
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +24,13 @@ def start(target: str) -> tuple[subprocess.Popen, str]:
     return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
+#: set while that way flows: [to the target, back from it]
+FLOWING = [threading.Event(), threading.Event()]
+
+
+def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event) -> None:
     try:
-        while data := source.recv(65536):
+        while way.wait() and (data := source.recv(65536)):
             sink.sendall(data)
     except OSError:
         pass
@@ -36,13 +43,18 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 
 def main() -> None:
     target = int(sys.argv[1])
+    for way in FLOWING:
+        way.set()
+    signal.signal(signal.SIGUSR1, lambda *_: FLOWING[0].clear())
+    signal.signal(signal.SIGUSR2, lambda *_: FLOWING[1].clear())
+    signal.signal(signal.SIGHUP, lambda *_: [way.set() for way in FLOWING])
     server = socket.create_server(("127.0.0.1", 0))
     print(server.getsockname()[1], flush=True)
     while True:
         client, _ = server.accept()
         upstream = socket.create_connection(("127.0.0.1", target))
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+        for a, b, way in ((client, upstream, FLOWING[0]), (upstream, client, FLOWING[1])):
+            threading.Thread(target=_pipe, args=(a, b, way), daemon=True).start()
 
 
 if __name__ == "__main__":
