@@ -203,6 +203,8 @@ class HandshakeWatch:
                                                 | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sock = sock
         self.succeeded = False
+        #: a connection is made (TCP) and neither closed nor failed its handshake: it is on its way
+        self.connected = False
         self.streak = streak if streak is not None else [0]
         self._this_connection_failed = False
         #: the latest failure said (None once a handshake succeeded): still the reason when the
@@ -220,7 +222,9 @@ class HandshakeWatch:
             kind, value = event["event"], int(event["value"])
             if kind == zmq.EVENT_CONNECTED:
                 self._this_connection_failed = False
+                self.connected = True
             elif kind == zmq.EVENT_DISCONNECTED:
+                self.connected = False
                 if not self.succeeded and not self._this_connection_failed:
                     # libzmq does not reconnect after such a close: once is all we will see
                     if self.expect:
@@ -230,17 +234,23 @@ class HandshakeWatch:
                 self.succeeded, found, self.streak[0] = True, None, 0
                 self.last = None
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self._this_connection_failed = True
+                self._this_connection_failed, self.connected = True, False
                 self.streak[0] += 1
                 if self.streak[0] >= 2:
                     found = explain(kind, value, self.address, self.key, self.keydir)
             else:
-                self._this_connection_failed = True
+                self._this_connection_failed, self.connected = True, False
                 self.streak[0] = 0
                 found = explain(kind, value, self.address, self.key, self.keydir, self.expect)
         if found:
             self.last = found
         return found
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the socket's next connection or handshake event (read
+        it with :meth:`failure`)."""
+        if self._monitor is not None:
+            self._monitor.poll(int(timeout * 1000))
 
     def close(self) -> None:
         if self._monitor is not None:

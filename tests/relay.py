@@ -2,24 +2,27 @@
 127.0.0.1: SIGSTOP the relay and neither side hears the other, while both connections stay open
 (as a partition does; ``bridge link set ... state 0`` needs namespaces).  One way only: SIGUSR1
 holds what goes to the target (the coordinator), SIGUSR2 what comes back, SIGHUP lets both go
-again (held, not dropped: TCP keeps it, as on a path that stalls one way).
+again (held, not dropped: TCP keeps it, as on a path that stalls one way).  ``delay``: each way
+carries what it reads that many seconds later, in order (a long link; this kernel has no netem).
 
-    python relay.py TARGET_PORT   # prints the port it listens on, then relays each connection
+    python relay.py TARGET_PORT [DELAY]   # prints the port it listens on, then relays each connection
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 
-def start(target: str) -> tuple[subprocess.Popen, str]:
+def start(target: str, delay: float = 0.0) -> tuple[subprocess.Popen, str]:
     """A relay to ``target`` (``tcp://127.0.0.1:PORT``): its process and the address to use instead."""
     port = target.rsplit(":", 1)[1]
-    proc = subprocess.Popen([sys.executable, __file__, port], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, port, str(delay)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
@@ -28,13 +31,40 @@ def start(target: str) -> tuple[subprocess.Popen, str]:
 FLOWING = [threading.Event(), threading.Event()]
 
 
-def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event) -> None:
+def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event, delay: float) -> None:
+    late: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+    if delay:
+        threading.Thread(target=_deliver, args=(late, sink), daemon=True).start()
     try:
         while way.wait() and (data := source.recv(65536)):
+            if delay:
+                late.put((time.monotonic() + delay, data))
+            else:
+                sink.sendall(data)
+    except OSError:
+        pass
+    if delay:
+        late.put((time.monotonic() + delay, b""))
+        return
+    _close(source, sink)
+
+
+def _deliver(late: queue.SimpleQueue, sink: socket.socket) -> None:
+    """Send what a delayed way read, each chunk once its time has come; b"": the end."""
+    try:
+        while True:
+            due, data = late.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            if not data:
+                break
             sink.sendall(data)
     except OSError:
         pass
-    for end in (source, sink):
+    _close(sink)
+
+
+def _close(*ends: socket.socket) -> None:
+    for end in ends:
         try:
             end.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -42,7 +72,7 @@ def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event) -> N
 
 
 def main() -> None:
-    target = int(sys.argv[1])
+    target, delay = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     for way in FLOWING:
         way.set()
     signal.signal(signal.SIGUSR1, lambda *_: FLOWING[0].clear())
@@ -54,7 +84,7 @@ def main() -> None:
         client, _ = server.accept()
         upstream = socket.create_connection(("127.0.0.1", target))
         for a, b, way in ((client, upstream, FLOWING[0]), (upstream, client, FLOWING[1])):
-            threading.Thread(target=_pipe, args=(a, b, way), daemon=True).start()
+            threading.Thread(target=_pipe, args=(a, b, way, delay), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ from .supervisor import Supervisor
 log = deferrable(logging.getLogger("pyorchestrate.worker"))
 
 REGISTER_TIMEOUT = 2.0
+#: how long a registration waits for a connection's ZeroMQ handshake to end once the connection is
+#: made (a slow link takes a few round trips; no connection at all still gives up after REGISTER_TIMEOUT)
+HANDSHAKE_WAIT = 30.0
+#: at most this long between heartbeats while a register waits for its welcome
+PIPELINED_BEAT = 0.1
 # how long a registration waits for a fresh lookup of the coordinator's host name when it has an
 # earlier answer (resolver.py): DNS answers in milliseconds when it answers at all
 RESOLVE_WAIT = 0.25
@@ -209,6 +214,7 @@ class Worker:
         self._left_threads: list[threading.Thread] = []
         self._left_due = 0.0
         self._last_heard = clock.now()  # the last frame from a coordinator (the orphan timeout)
+        self._slow_link_said = False  # said that the round trip to the coordinator exceeds its window
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
         self._errors_kept: dict[tuple[str, str, int], int] = {}  # recoverable errors of a copy among them
@@ -525,13 +531,27 @@ class Worker:
         if address is None:
             raise NoAnswer()
         dealer = self._new_dealer(address)
+        started = clock.now()
+        shaken = self._await_handshake()
         try:
             # never a blocking send: a DEALER whose handshake failed has no peer, and would wait for ever
             dealer.send(self._register_message(), zmq.NOBLOCK)
         except zmq.Again:
             pass
-        deadline = clock.now() + REGISTER_TIMEOUT
+        # the welcome takes a round trip, which the handshake took at least; with no handshake
+        # done (nobody listening, a refusal), the attempt lasts REGISTER_TIMEOUT in all, as before
+        now = clock.now()
+        deadline = now + max(REGISTER_TIMEOUT, now - started) if shaken else started + REGISTER_TIMEOUT
+        # heartbeats follow the register while the welcome is on its way: their stamps, echoed
+        # right after it, renew the lease it starts.  Else the first fresh echo came only a round
+        # trip after the welcome, two after the register's stamp: a link whose round trip is over
+        # half the window never got a lease that held (300 ms each way, a 1 s window)
+        beat_every = min(self._limits.interval, PIPELINED_BEAT)
+        next_beat = clock.now() + beat_every
         while clock.now() < deadline and not self._shutdown.is_set():
+            if clock.now() >= next_beat:
+                self._beat()
+                next_beat = clock.now() + beat_every
             if dealer.poll(50):
                 frame = dealer.recv()
                 try:
@@ -561,6 +581,29 @@ class Worker:
         self._close_dealer()
         raise NoAnswer()
 
+    def _await_handshake(self) -> bool:
+        """Wait until the new connection's ZeroMQ handshake is done (True), or given up on.
+
+        The register carries our clock's stamp, and the lease counts from it once the coordinator
+        echoes it: stamped before the handshake (a few round trips), a register over a slow link
+        came back with a lease that had run out (300 ms each way and a 1 s window: the worker
+        registered, was "silent for 1.8 s" at once, and registered again, for ever).  Stamped
+        after, it counts one round trip.  No connection made within REGISTER_TIMEOUT (nobody
+        listens, or the handshake failed): the register goes out anyway, as before; one made: its
+        handshake gets up to HANDSHAKE_WAIT."""
+        start = clock.now()
+        watch = self._watch
+        if watch is None:
+            return True  # (none to ask: wait for the welcome as before)
+        while not self._shutdown.is_set():
+            self._say_handshake_failure()
+            elapsed = clock.now() - start
+            if watch.succeeded or elapsed >= (HANDSHAKE_WAIT if watch.connected else REGISTER_TIMEOUT):
+                return watch.succeeded
+            watch.wait(0.05)
+            self._pump_outbox_offline()
+        return False
+
     def _on_welcome(self, message: dict[str, Any]) -> None:
         self._session = message["session"]
         self._coordinator_name = message["coordinator"]
@@ -568,6 +611,14 @@ class Worker:
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
         self._renew_lease(message["echo"])
         self._last_heard = clock.now()
+        round_trip = self._last_heard - float(message["echo"])
+        if round_trip >= self._limits.lease and not self._slow_link_said:
+            # (else all it says is "coordinator silent: registering again", over and over)
+            self._slow_link_said = True
+            log.error("the round trip to coordinator %s took %.1f s, longer than its heartbeat window (%.1f s = "
+                      "heartbeat_interval x heartbeat_liveness): this worker can never show a lease, so it runs "
+                      "nothing; give the coordinator a window well above the round trip", self.coordinator,
+                      round_trip, self._limits.lease)
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
