@@ -82,7 +82,11 @@ def main() -> None:
     print(server.getsockname()[1], flush=True)
     while True:
         client, _ = server.accept()
-        upstream = socket.create_connection(("127.0.0.1", target))
+        try:
+            upstream = socket.create_connection(("127.0.0.1", target))
+        except OSError:  # nobody there (yet): as a refused connection to it would be
+            client.close()
+            continue
         for a, b, way in ((client, upstream, FLOWING[0]), (upstream, client, FLOWING[1])):
             threading.Thread(target=_pipe, args=(a, b, way, delay), daemon=True).start()
 
