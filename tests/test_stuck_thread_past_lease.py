@@ -138,7 +138,7 @@ def test_what_thread_agents_left_running_ends_once_the_lease_ran_out_and_none_ru
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_thread_a_thread_agent_left_running_ends_when_its_replacement_is_due(cluster, tmp_path):
+def test_a_thread_that_a_thread_agent_left_running_ends_when_its_replacement_is_due(cluster, tmp_path):
     """A thread agent that started a thread of its own stops as asked at the lease's end, but
     leaves that thread running: it went on doing the agent's work beside the copy started
     elsewhere (5 s after the coordinator went silent, and for ever: threads cannot be killed).
