@@ -441,7 +441,11 @@ def test_the_attacks_replayed_against_a_keyed_coordinator_change_nothing(cluster
         assert set(status["workers"]) == {"w1"} and status["agents"]["probe"] == before
         assert not events.of("AGENT_ERROR") and not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
         refused = status["security"]["refused"]
-        assert refused.get("control: a client without keys", 0) >= 1
+        # refused and counted; named "a client without keys" when libzmq reports the mechanism
+        # mismatch, which it does not always: a clean-clone CI run counted all 20 as "a handshake
+        # that failed" (its test of one keyless worker, which retries, names it: test above)
+        without_keys = refused.get("control: a client without keys", 0)
+        assert without_keys + refused.get("control: a handshake that failed", 0) >= 1, refused
         assert refused.get("bus: reader key 'reader' may not use the bus port", 0) >= 1
         assert max(timings) < RESPONSIVE_MS, f"status() round trips during the attack: max {max(timings):.1f} ms"
         assert statistics.median(timings) < 50, f"status() round trips during the attack: median {statistics.median(timings):.1f} ms"
