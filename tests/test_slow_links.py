@@ -20,7 +20,7 @@ from pyorchestrate import RunMode
 
 
 @pytest.mark.parametrize("delay, liveness", [(0.2, 10), (0.6, 30)])  # windows of 1 s and 3 s (0.1 s beats)
-def test_a_worker_over_a_long_link_joins_once_and_keeps_its_agents(cluster, tmp_path, delay, liveness):
+def test_a_worker_over_a_long_link_joins_once_and_keeps_its_agents(cluster, delay, liveness):
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_liveness=liveness)
     events = EventLog(orch)
     orch.start()
@@ -41,7 +41,7 @@ def test_a_worker_over_a_long_link_joins_once_and_keeps_its_agents(cluster, tmp_
         link.wait(10)
 
 
-def test_a_round_trip_longer_than_the_window_is_said(cluster, tmp_path):
+def test_a_round_trip_longer_than_the_window_is_said(cluster):
     """It cannot hold a lease (600 ms each way, a 1 s window): say why, not only "silent"."""
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_liveness=10)
     orch.start()

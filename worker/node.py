@@ -419,11 +419,17 @@ class Worker:
         orphaned_at = self._last_heard + self.orphan_timeout
         log.warning("no coordinator for %.0f s (orphan timeout): stopping %d agent(s)",
                     self.orphan_timeout, self._supervisor.count())
-        due = self._supervisor.local_threads_due(orphaned_at)
+        self._watch_what_thread_agents_leave(orphaned_at)
         self._supervisor.stop_all(lease_end=orphaned_at, orphaned=True)
         self._stuck_said = False  # a kept agent kept it from ending stuck threads: none is kept now
-        self._strays_due = orphaned_at if due is None else due
-        if due is not None:
+
+    def _watch_what_thread_agents_leave(self, stopped_at: float) -> None:
+        """Copies here are stopped at ``stopped_at`` and will be replaced elsewhere: what thread
+        agents started (processes, threads) must be gone when the first replacement of one is
+        due (_end_strays_past_lease, _end_left_threads)."""
+        due = self._supervisor.local_threads_due(stopped_at)
+        self._strays_due = stopped_at if due is None else due
+        if due is not None:  # a thread agent runs here: what threads it started, it may leave running
             self._left_threads, self._left_due = own_threads.others(), due
 
     def _end_threads_past_lease(self) -> None:
@@ -787,11 +793,8 @@ class Worker:
         if not self._lease_expired:
             self._lease_expired = True
             lease_end = self._lease_from + self._limits.lease
-            due = self._supervisor.local_threads_due(lease_end)
-            self._strays_due = lease_end if due is None else due
-            if due is not None:  # a thread agent runs here: what threads it started, it may leave running
-                self._left_threads, self._left_due = own_threads.others(), due
-            stopped = self._supervisor.stop_all(keep=True, lease_end=self._lease_from + self._limits.lease)
+            self._watch_what_thread_agents_leave(lease_end)
+            stopped = self._supervisor.stop_all(keep=True, lease_end=lease_end)
             if stopped:
                 log.warning("lease ran out (no word from coordinator %s for %.1f s): stopping %d agent(s) that "
                             "will be replaced elsewhere; agents with on_disconnect='keep' keep running",
