@@ -31,7 +31,7 @@ import random
 from typing import Any, Callable
 
 from . import commands as cmd
-from . import protocol
+from . import flow, protocol
 from .actions import Action, AwaitBus, Finished, Forget, Publish, Send
 from .core_commands import CommandHandlers
 from .events import OrchestratorEvent
@@ -85,6 +85,8 @@ class ClusterCore(Registration, CommandHandlers):
         self.incarnation = incarnation
         self.config = config
         self.limits = Limits(config.heartbeat_interval, config.heartbeat_liveness)
+        #: the least and most credit of a worker's connection (flow.py; the simulation lowers them)
+        self.window_limits = (flow.FLOOR, flow.CEILING)
         self.rng = rng
         self.wall = wall
         self.drop = drop
@@ -143,8 +145,15 @@ class ClusterCore(Registration, CommandHandlers):
         if worker.starting:
             self._send_starts(worker)  # decided before this frame: they go before it
         worker.sent_n += 1
-        self.actions.append(Send(worker.identity, protocol.encode(type_, n=worker.sent_n, **fields)))
+        frame = protocol.encode(type_, n=worker.sent_n, **fields)
+        if worker.window.admit(worker.sent_n, frame):  # else it waits for the worker to read (flow.py)
+            self.actions.append(Send(worker.identity, frame))
         return worker.sent_n
+
+    def _worker_read(self, worker: WorkerRecord, n: int, now: float) -> None:
+        """The worker has read our frames up to number ``n``: send what waited for room."""
+        for frame in worker.window.read(n, now):
+            self.actions.append(Send(worker.identity, frame))
 
     def _send_starts(self, worker: WorkerRecord) -> None:
         starting, worker.starting = worker.starting, []
@@ -234,6 +243,9 @@ class ClusterCore(Registration, CommandHandlers):
         complete = self.received(worker, message)  # a gap: it registers again; this frame still counts
         if kind == "heartbeat":
             self.heartbeat(worker, message, now)
+        elif kind == "read":
+            self.heard(worker, now)
+            self._worker_read(worker, message["read"], now)
         elif kind == "agent_events":
             self.heard(worker, now)
             for item in message["events"]:
@@ -247,6 +259,7 @@ class ClusterCore(Registration, CommandHandlers):
             self.drop("unexpected", kind)
 
     def heartbeat(self, worker: WorkerRecord, message: dict[str, Any], now: float) -> None:
+        self._worker_read(worker, message["read"], now)
         worker.last_seen = now
         worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
@@ -612,7 +625,10 @@ class ClusterCore(Registration, CommandHandlers):
                             now - worker.last_seen, limits.busy_cap)
             elif now - worker.last_beat_sent >= limits.interval:
                 worker.last_beat_sent = now
-                self._send(worker, "heartbeat_reply", echo=worker.last_t)
+                # not numbered: it never waits for room behind starts and payloads (flow.py), so a
+                # burst over a narrow link cannot hold the lease back
+                self.actions.append(Send(worker.identity, protocol.encode("heartbeat_reply", echo=worker.last_t,
+                                                                          sent=worker.window.last)))
         if any(now >= r.restart_at for r in self.states.of(S.RESTARTING)):
             self._dirty = True
         if self._holding:
@@ -798,8 +814,10 @@ class ClusterCore(Registration, CommandHandlers):
         worker.agents.add(record.name)
         first = record.class_id not in worker.sent_classes
         size = len(record.config_blob) + (len(record.class_blob) if first else 0)
-        if worker.starting and worker.starting_bytes + size > protocol.STARTS_FRAME_BYTES:
-            self._send_starts(worker)  # a frame over the worker's limit would cost its connection
+        # a frame over the worker's limit would cost its connection; one over the credit would
+        # hold its echoes back longer than the credit allows (flow.py)
+        if worker.starting and worker.starting_bytes + size > min(protocol.STARTS_FRAME_BYTES, worker.window.credit):
+            self._send_starts(worker)
         worker.starting_bytes += size
         worker.sent_classes.add(record.class_id)
         self.class_blobs_sent += first

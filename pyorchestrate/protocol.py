@@ -15,7 +15,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 9  # 5: a worker process's secret token (register, bus frames); 6: pulse
+PROTOCOL_VERSION = 10  # 10: flow control (a worker's "read"; lease echoes not numbered)
+# 5: a worker process's secret token (register, bus frames); 6: pulse
 # 9: a short run's STARTED and READY folded into its AGENT_TERMINATED ("folded": True) when all
 #    went in one report (worker/fold.py)
 # 8: starts (the agents placed on one worker in one pass, in one frame)
@@ -175,6 +176,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},
+    # the number of the last coordinator frame the worker has read, said between heartbeats while
+    # frames pour in: what it has read makes room for what waits to be sent to it (flow.py)
+    "read": {"read": _INT},
     "goodbye": {},
     # the worker closes this connection on purpose and opens another: its close is no death
     # exiting (optional both ways): the worker shuts down, and copies that ignored their stop end
@@ -210,7 +214,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "starts": {"agents": ListOf(START_ITEM)},
     "stop": {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM},
     "deliver": {"agent": _STR, "run": _STR, "epoch": _INT, "kind": _STR, "payload": object},
-    "heartbeat_reply": {"echo": _NUM},
+    # sent (optional both ways; -1: not said): the number of the last numbered frame sent before
+    # this reply on its connection; a worker that has not read that far lost frames (flow.py)
+    "heartbeat_reply": {"echo": _NUM, "sent": Optional(_INT, -1)},
     "pulse_reply": {"echo": _NUM},
     # the coordinator's loop is stalled, its process alive and not stopped (coordinator_pulse.py);
     # session: the coordinator's, as in its welcome (a worker takes only its own coordinator's word)

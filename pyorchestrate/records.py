@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .flow import SendWindow
 from .limits import ORPHAN_TIMEOUT
 from .restart import RestartPolicy
 from .states import AgentState
@@ -125,6 +126,8 @@ class WorkerRecord:
     #: other frame to it (see ClusterCore._send), so its frames keep the order they were decided in
     starting: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     starting_bytes: int = 0  #: the blobs in ``starting`` (see protocol.STARTS_FRAME_BYTES)
+    #: what is in flight on its connection, and the frames waiting for room (flow.py)
+    window: SendWindow = field(default_factory=SendWindow)
 
     @property
     def last_sign(self) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 from . import protocol
 from .actions import Send
 from .events import OrchestratorEvent
+from .flow import SendWindow
 from .records import AgentRecord, WorkerRecord
 from .states import LIVE, RUNNING, AgentState, plain_members
 from .versions import compare, table
@@ -112,14 +113,16 @@ class Registration:
             name=name, identity=identity, incarnation=message["incarnation"], host=message["host"],
             pid=message["pid"], labels=dict(message["labels"]), capacity=message["capacity"],
             versions=message["versions"], order=self._order, last_seen=now, last_t=float(message["t"]),
-            recv_n=message["n"], conn=message["conn"])
+            recv_n=message["n"], conn=message["conn"], window=SendWindow(self.limits.lease, *self.window_limits))
         if existing is not None and existing.incarnation == worker.incarnation:
             # its earlier connections: ends still arriving on one are its own (see stranger())
             worker.past_identities = [*existing.past_identities, existing.identity][-16:]
+        worker.window.opening = True  # (a new connection's: until the register is answered, below)
         if same_process:
             worker.agents, worker.order = existing.agents, existing.order
             if same_connection:  # it answered "register again": what we sent it still arrives in order
                 worker.sent_classes, worker.sent_n = existing.sent_classes, existing.sent_n
+                worker.window = existing.window  # (frames waiting for room go on it, in order)
         worker.token = message["token"]
         if message["orphan_timeout"] is not None and message["orphan_timeout"] >= 0:  # (negative: the default)
             worker.orphan_timeout = float(message["orphan_timeout"])
@@ -181,6 +184,7 @@ class Registration:
                 self._fail_run(record, f"another process registered as worker {name!r}: agent {record.name!r}, "
                                        "kept on the lost one, is given up (it runs there until that one's orphan "
                                        "timeout)", now)
+        worker.window.opening = False
         self._dirty = True
         if not same_process:
             log.info("worker %s joined%s (host %s, pid %d, labels %s, capacity %s)", name,

@@ -939,3 +939,13 @@ class StuckProcess(ForeverProcess):
     def cycle(self):
         while True:
             time.sleep(0.05)
+
+
+class Ballast(LoopingThreadAgent):
+    """Loops until stopped; its config carries ``ballast`` (bytes on the wire to its worker)."""
+
+    class Config(LoopingThreadAgent.Config):
+        ballast = ""
+
+    def cycle(self):
+        time.sleep(0.05)

@@ -4,8 +4,10 @@
 holds what goes to the target (the coordinator), SIGUSR2 what comes back, SIGHUP lets both go
 again (held, not dropped: TCP keeps it, as on a path that stalls one way).  ``delay``: each way
 carries what it reads that many seconds later, in order (a long link; this kernel has no netem).
+``rate``: each way carries at most that many bytes a second, shared by all its connections (a
+narrow link: what waits for its turn backs up in the sockets' buffers, as behind a real one).
 
-    python relay.py TARGET_PORT [DELAY]   # prints the port it listens on, then relays each connection
+    python relay.py TARGET_PORT [DELAY [RATE]]   # prints the port it listens on, then relays each connection
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import threading
 import time
 
 
-def start(target: str, delay: float = 0.0) -> tuple[subprocess.Popen, str]:
-    """A relay to ``target`` (``tcp://127.0.0.1:PORT``): its process and the address to use instead."""
+def start(target: str, delay: float = 0.0, rate: float = 0.0) -> tuple[subprocess.Popen, str]:
+    """A relay to ``target`` (``tcp://127.0.0.1:PORT``): its process and the address to use instead.
+    ``rate``: bytes a second each way (0: as fast as loopback)."""
     port = target.rsplit(":", 1)[1]
-    proc = subprocess.Popen([sys.executable, __file__, port, str(delay)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, port, str(delay), str(rate)], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout is not None
     return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
@@ -32,12 +36,31 @@ def start(target: str, delay: float = 0.0) -> tuple[subprocess.Popen, str]:
 FLOWING = [threading.Event(), threading.Event()]
 
 
-def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event, delay: float) -> None:
+class Narrow:
+    """One way's bandwidth, shared by its connections: each chunk waits for its turn on the link."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def cross(self, size: int) -> None:
+        if not self.rate:
+            return
+        with self._lock:
+            self._free_at = max(self._free_at, time.monotonic()) + size / self.rate
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
+
+
+def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event, delay: float, link: Narrow) -> None:
     late: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
     if delay:
         threading.Thread(target=_deliver, args=(late, sink), daemon=True).start()
+    chunk = 4096 if link.rate else 65536  # (a narrow link: small turns, so one connection cannot hog it)
     try:
-        while way.wait() and (data := source.recv(65536)):
+        while way.wait() and (data := source.recv(chunk)):
+            link.cross(len(data))
             if delay:
                 late.put((time.monotonic() + delay, data))
             else:
@@ -81,6 +104,8 @@ def _end_with_parent(parent: int) -> None:
 
 def main() -> None:
     target, delay = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    rate = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    links = [Narrow(rate), Narrow(rate)]  # one per way
     threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
     for way in FLOWING:
         way.set()
@@ -96,8 +121,8 @@ def main() -> None:
         except OSError:  # nobody there (yet): as a refused connection to it would be
             client.close()
             continue
-        for a, b, way in ((client, upstream, FLOWING[0]), (upstream, client, FLOWING[1])):
-            threading.Thread(target=_pipe, args=(a, b, way, delay), daemon=True).start()
+        for a, b, way, link in ((client, upstream, FLOWING[0], links[0]), (upstream, client, FLOWING[1], links[1])):
+            threading.Thread(target=_pipe, args=(a, b, way, delay, link), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ REGISTER_RETRY = 1.0  # the worker's registration back-off, simplified
 STEP = 0.05  # simulated seconds per step
 _ALIVE = ("heartbeat", "agent_events", "register")  # frames that show a worker is alive
 CORE_SLICE = 3  # control frames the coordinator reads per loop turn (kept tiny: backlogs build up)
+WINDOW_LIMITS = (150, 300)  # bytes of credit (flow.py): one or two frames a heartbeat
 STUCK = 0.15  # of the stops a coordinator asks for: the copy is a thread stuck far past its timeout
 INBOX = 3  # a copy's inbox bound (kept tiny: some messages are dropped)
 
@@ -200,6 +201,9 @@ class Sim:
                            drop=lambda kind, detail, **_: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
                            strict_hold=strict, crash_window=adopt_window(self.limits),
                            versions={})
+        # a credit of a few frames (flow.py): frames wait for room all the time, and go only as
+        # heartbeats say they were read, so waiting frames meet every fault here
+        core.window_limits = WINDOW_LIMITS
         self.core_at = self.now
         return core
 
@@ -654,6 +658,9 @@ class Sim:
             if message["echo"] > worker.lease_from:
                 worker.lease_from = message["echo"]
                 worker.lease_expired = False
+            if message["sent"] > worker.recv_n:  # frames sent before it were lost (flow.py)
+                worker.registered = False
+                self._reconnect(worker)
         elif kind == "starts":
             for item in message["agents"]:
                 self._start(worker, item)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from sim import SimConfig
 
-from pyorchestrate import AgentState, commands, protocol
+from pyorchestrate import AgentState, commands, flow, protocol
 from pyorchestrate.core import ClusterCore, Forget, Publish, Send
 from pyorchestrate.dependencies import check_graph
 from pyorchestrate.placement import choose
@@ -121,6 +121,20 @@ class Harness:
         frame = protocol.encode("heartbeat", t=self.now, running=running, read=read, **told)
         self.core.control(identity, protocol.decode(frame), self.now)
         self.flush()
+
+    def read_all(self, identity: bytes, seconds: float = 0.01) -> int:
+        """The worker reads what was sent to it, ``seconds`` apart, until nothing waits for room
+        (flow.py): how many reads that took."""
+        reads = 0
+        while True:
+            numbered = [m["n"] for i, m in self.sent if i == identity and m["n"]]
+            worker = self.core.worker_of(identity)
+            if worker is None or not worker.window.held:
+                return reads
+            self.now += seconds
+            self.core.control(identity, protocol.decode(protocol.encode("read", read=max(numbered))), self.now)
+            self.flush()
+            reads += 1
 
 
 # ---------------------------------------------------------------------------- states
@@ -762,8 +776,8 @@ def test_starts_in_flight_explain_a_count_difference_and_no_reregistration_is_as
     # with everything read and the count still wrong, a start or a report was really lost
     for _ in range(3):
         h.beat(w1, running=0, read=h.core.workers["w1"].sent_n)
-    # welcome, the reply to its register's clock, then one starts frame with all five
-    assert sent == 3 and len(h.to(w1, "start")) == 5 and len(h.to(w1, "reregister")) == 1
+    # welcome, then one starts frame with all five (echoes are not numbered: flow.py)
+    assert sent == 2 and len(h.to(w1, "start")) == 5 and len(h.to(w1, "reregister")) == 1
 
 
 def test_starts_frames_stay_under_the_workers_frame_limit_whatever_the_configs_weigh():
@@ -775,10 +789,14 @@ def test_starts_frames_stay_under_the_workers_frame_limit_whatever_the_configs_w
     h.sent.clear()
     for i in range(30):
         h.add(f"a{i:02}", class_blob=bytes(2**20) if i == 0 else b"", config_blob=bytes(3 * 2**20))
+    h.core.workers["w1"].window.credit = flow.CEILING  # (a fast link: the frames' own limit cuts them)
     h.now += 0.1
     h.core.tick(h.now)
     h.core.place(h.now)
     frames = [a.frame for a in h.core.take() if isinstance(a, Send) and a.identity == w1]
+    while h.core.workers["w1"].window.held:  # the worker reads them: what waited for room goes (flow.py)
+        h.core.control(w1, protocol.decode(protocol.encode("read", read=protocol.decode(frames[-1])["n"])), h.now)
+        frames += [a.frame for a in h.core.take() if isinstance(a, Send) and a.identity == w1]
     starts = [m for m in map(protocol.decode, frames) if m["type"] == "starts"]
     assert len(starts) > 1
     # each under the worker's limit with room to spare, and the agents in the order decided
@@ -788,6 +806,67 @@ def test_starts_frames_stay_under_the_workers_frame_limit_whatever_the_configs_w
     assert [m["n"] for m in starts] == list(range(starts[0]["n"], starts[0]["n"] + len(starts)))
     assert [len(item["class_blob"] or b"") for item in items] == [2**20] + [0] * 29
     assert all(len(item["config"]) == 3 * 2**20 for item in items)
+
+
+def _burst(h: Harness, w1: bytes, count: int = 40) -> None:
+    """``count`` agents of 10 kB configs placed on w1 in separate passes (a starts frame each)."""
+    for i in range(count):
+        h.add(f"b{i:02}", config_blob=bytes(10_000))
+        h.step()
+
+
+def test_frames_past_a_workers_credit_wait_in_order_and_its_echoes_do_not():
+    """A burst to one worker: what its connection's credit does not cover waits here (flow.py),
+    and goes, in number order, as the worker says it read; echoes never wait behind it, and say
+    how far the frames sent before them go."""
+    h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)  # a 2 s lease: credit floor 64 KiB
+    w1 = h.register("w1")
+    _burst(h, w1)
+    window = h.core.workers["w1"].window
+    sent = [m["n"] for i, m in h.sent if i == w1 and m["n"]]
+    assert sent == list(range(1, len(sent) + 1)) and 5 <= len(sent) <= 9  # the welcome and 64 KiB of starts
+    assert len(window.held) == 41 - len(sent) and window.in_flight >= flow.FLOOR
+    h.beat(w1)  # (its echo goes out at the tick)
+    h.step(0.4)
+    echo = h.to(w1, "heartbeat_reply")[-1]
+    assert echo["n"] == 0 and echo["sent"] == sent[-1]
+    assert h.read_all(w1) >= 2
+    numbered = [m["n"] for i, m in h.sent if i == w1 and m["n"]]
+    assert numbered == list(range(1, 42)) and len(h.to(w1, "start")) == 40
+    assert [item["agent"] for item in h.to(w1, "start")] == [f"b{i:02}" for i in range(40)]
+
+
+def test_a_register_on_the_same_connection_keeps_the_frames_that_wait():
+    h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)
+    w1 = h.register("w1")
+    _burst(h, w1)
+    held = len(h.core.workers["w1"].window.held)
+    h.register("w1", identity=w1, seen=1, conn=1)  # it answers a "reregister": what we sent still arrives
+    window = h.core.workers["w1"].window
+    assert len(window.held) == held + 1  # and its welcome waits behind them, in order
+    h.read_all(w1)
+    numbered = [m["n"] for i, m in h.sent if i == w1 and m["n"]]
+    assert numbered == list(range(1, len(numbered) + 1)) and len(h.to(w1, "start")) == 40
+    # on a new connection, what waited for the old one is moot: its welcome goes at once (the
+    # register's own frames never wait: the worker says how far it read only once welcomed)
+    w2 = h.register("w1", identity=b"w1-2", conn=2)
+    assert [(m["type"], m["n"]) for i, m in h.sent if i == w2][:1] == [("welcome", 1)]
+
+
+def test_the_frames_answering_a_register_never_wait_for_room():
+    """A worker says how far it read only once welcomed: a welcome held behind the stops its own
+    register called for (past a small credit) never came, and it registered again for ever."""
+    h = Harness()
+    h.core.window_limits = (50, 100)  # bytes: one stop frame fills it
+    ghosts = [protocol.agent_event(f"ghost{i}", "old-run", 1, "AGENT_READY", {}) for i in range(3)]
+    w1 = h.register("w1", events=ghosts)
+    assert [m["type"] for i, m in h.sent if i == w1] == ["stop", "stop", "stop", "welcome"]
+    # once welcomed, the credit counts again
+    record = h.add("a", config_blob=bytes(200))
+    h.step()
+    assert not h.to(w1, "start") and h.core.workers["w1"].window.held
+    h.read_all(w1)
+    assert len(h.to(w1, "start")) == 1 and record.state is S.ASSIGNED
 
 
 @pytest.mark.parametrize("reached", ["READY", "STARTED"])

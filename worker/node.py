@@ -74,6 +74,9 @@ _ERRORS_KEPT = 10  # recoverable errors of one copy kept while no coordinator li
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
+#: bytes read from the coordinator after which we say how far we read, between heartbeats: well
+#: under a connection's least credit (flow.FLOOR), so a burst never waits for a heartbeat
+SAY_READ_EVERY = 16 * 1024
 #: one loop turn reads at most this many control frames, and spends at most this long acting on
 #: them and at most this long sending bus batches: no burst can keep the loop from heartbeating
 READ_SLICE = 2000
@@ -222,6 +225,7 @@ class Worker:
         self._conn = 0  # connections opened so far (the current one's number)
         self._sent_n = 0  # frames sent on the current connection
         self._recv_n = 0  # the number of the last coordinator frame handled on it
+        self._unsaid = 0  # bytes read from the coordinator since we last said how far we read (flow.py)
         # the latest ends sent: a connection that resets can lose one in flight, and the next
         # registration repeats them (the coordinator ignores an end it already knows)
         self._recent_ends: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_ENDS)
@@ -301,7 +305,7 @@ class Worker:
         sockets.connect(dealer, address)
         self._connect_to = address
         self._dealer = dealer
-        self._sent_n = self._recv_n = 0  # a new connection numbers its frames from 1
+        self._sent_n = self._recv_n = self._unsaid = 0  # a new connection numbers its frames from 1
         self._conn += 1
         return dealer
 
@@ -554,6 +558,7 @@ class Worker:
         # half the window never got a lease that held (300 ms each way, a 1 s window)
         beat_every = min(self._limits.interval, PIPELINED_BEAT)
         next_beat = clock.now() + beat_every
+        early: list[dict[str, Any]] = []
         while clock.now() < deadline and not self._shutdown.is_set():
             if clock.now() >= next_beat:
                 self._beat()
@@ -570,7 +575,16 @@ class Worker:
                     self._read_session = message["session"]
                     self._drop_deferred()  # a new connection: what was queued on the old one is moot
                     self._on_welcome(message)
+                    # what the coordinator sent on this connection before its welcome (a stop it
+                    # says again, for a copy we listed) is acted on after it, in order (it was
+                    # dropped here before: that copy ran on)
+                    self._deferred.extend(early)
+                    self._deferred_starts += sum(len(m["agents"]) for m in early if m["type"] == "starts")
                     return
+                if message["n"] and message["type"] != "refused":
+                    early.append(message)
+                    self._recv_n = message["n"]  # (said in the heartbeats meanwhile: flow.py)
+                    continue
                 if message["type"] == "refused":
                     self._stop_told(message["stop"])
                     if message["retry"]:
@@ -815,6 +829,7 @@ class Worker:
         if self.dropped.counts:  # (all so far, every time: a lost heartbeat loses nothing)
             fields["dropped"] = dict(self.dropped.counts)
         self._send(self._frame("heartbeat", t=clock.now(), running=running, read=self._recv_n, **fields))
+        self._unsaid = 0
 
     def _send(self, frame: bytes) -> None:
         assert self._dealer is not None
@@ -889,16 +904,24 @@ class Worker:
         replies at once, and queue the rest in order."""
         assert self._dealer is not None
         dealer = self._dealer
-        for i in range(READ_SLICE):
-            if i == 1 and not sockets.readable(dealer):  # see sockets.readable
-                return None
-            try:
-                frame = dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return None
-            if self._guarded(self._receive, frame) == "reconnect":
-                return "reconnect"
-        return None
+        try:
+            for i in range(READ_SLICE):
+                if i == 1 and not sockets.readable(dealer):  # see sockets.readable
+                    return None
+                try:
+                    frame = dealer.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return None
+                self._unsaid += len(frame)
+                if self._guarded(self._receive, frame) == "reconnect":
+                    return "reconnect"
+            return None
+        finally:
+            if self._unsaid >= SAY_READ_EVERY and self._dealer is not None:
+                # what we read makes room for what the coordinator holds for us (flow.py): said
+                # now, not at the next heartbeat, or a burst would cross at a credit per heartbeat
+                self._send(self._frame("read", read=self._recv_n))
+                self._unsaid = 0
 
     def _guarded(self, handler: Any, arg: Any) -> str | None:
         try:
@@ -928,6 +951,12 @@ class Worker:
         kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
+            if message["sent"] > self._recv_n:
+                # frames sent before it never came (a reset connection), and none after them shows
+                # the gap while they use up the credit (flow.py): registering again sets it right
+                log.warning("frames %d..%d from the coordinator were lost: registering again", self._recv_n + 1,
+                            message["sent"])
+                return "reconnect"
             return None
         if kind == "welcome":
             self._read_session = message["session"]

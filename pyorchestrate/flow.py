@@ -1,0 +1,112 @@
+"""Flow control on one worker's control connection: what the worker has not read yet bounds what
+is sent to it next.
+
+Everything the coordinator sends a worker (starts, stops, payloads, lease echoes) crosses one
+connection in order.  Without a bound, a burst of starts filled the sockets' buffers (libzmq's
+queue, both kernels', the link) with seconds' worth of bytes, and a lease echo sent after it
+waited behind them all: 4 MB of starts over a 1 MB/s link with a 2 s window and the worker's
+lease ran out, it registered again, the burst went again, and so on for ever.
+
+So numbered frames go out only while the bytes in flight (sent, not yet read: the worker says
+how far it has read, by frame number, in its heartbeats and in ``read`` frames) are under a
+credit; the rest wait here, in order.  Echoes are not numbered and never wait here, so one waits
+behind at most a credit's worth of bytes.  The credit follows the link: while frames wait, the
+rate at which the worker reads is the link's (or its own loop's), and the credit is what that
+rate carries in a quarter of the lease (never less than FLOOR, never more than CEILING).  On
+loopback it reaches the ceiling within the first burst; over 1 MB/s with a 2 s window it stays
+near 500 kB, half a second of link.
+
+Pure: no socket, no clock (``now`` is passed in).  A ``SendWindow`` per worker connection lives
+on its ``WorkerRecord``; the cluster core holds and releases frames (core.py).
+"""
+
+from __future__ import annotations
+
+import collections
+
+#: the credit a new connection starts with, and the least it falls to: at 1 MB/s, 64 ms of link
+FLOOR = 64 * 1024
+#: the most: a link that fast never needs more in flight, and an echo never waits behind more
+CEILING = 16 * 1024 * 1024
+#: the credit carries this share of the lease at the measured rate: the rest of the lease is for the
+#: round trip, the tick the echo waits for, and a link that slows down before we measure it
+SHARE = 0.25
+#: a rate is measured over at least this share of the lease: acks read in one loop turn measure
+#: nothing, and a frame read just after a sample began does not make a slow link look fast
+SAMPLE_SHARE = 0.05
+
+
+class SendWindow:
+    """Bytes sent on one connection and not yet read, and the frames waiting for room."""
+
+    __slots__ = ("lease", "floor", "ceiling", "credit", "held", "opening", "last", "_sent", "_read", "_marks",
+                 "_sample")
+
+    def __init__(self, lease: float = 5.0, floor: int = FLOOR, ceiling: int = CEILING) -> None:
+        self.lease = lease
+        self.floor, self.ceiling = floor, ceiling
+        self.credit = floor
+        #: numbered frames waiting for room, in order: (number, frame)
+        self.held: collections.deque[tuple[int, bytes]] = collections.deque()
+        #: set while a register on a new connection is answered: its welcome (and the stops before
+        #: it) never wait, since the worker says how far it read only once it is welcomed
+        self.opening = False
+        #: the number of the last frame sent (not held): said with each echo, which follows it on the
+        #: connection; a worker that has not read that far when the echo comes lost frames (a frame
+        #: lost while the credit is used up is followed by no other to show the gap)
+        self.last = 0
+        self._sent = 0  # bytes sent so far (numbered frames)
+        self._read = 0  # of them, bytes the worker said it read
+        self._marks: collections.deque[tuple[int, int]] = collections.deque()  # (number, bytes sent through it)
+        self._sample: tuple[float, int] | None = None  # (when, bytes read then): frames have waited since
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes sent and not yet read (as far as the worker has said)."""
+        return self._sent - self._read
+
+    def admit(self, n: int, frame: bytes) -> bool:
+        """Frame ``n`` is to go: True if it may go now (counted as sent), False if it waits (held,
+        in order behind any others)."""
+        if not self.opening and (self.held or self._sent - self._read >= self.credit):
+            self.held.append((n, frame))
+            return False
+        self._count(n, len(frame))
+        return True
+
+    def _count(self, n: int, size: int) -> None:
+        self.last = n
+        self._sent += size
+        self._marks.append((n, self._sent))
+
+    def read(self, n: int, now: float) -> list[bytes]:
+        """The worker has read every frame up to number ``n``: the frames that may go now, in order.
+        (An ``n`` of another numbering, a heartbeat written before the worker read our welcome, at
+        worst takes frames for read early: a credit overdrawn once, never a frame lost.)"""
+        marks = self._marks
+        while marks and marks[0][0] <= n:
+            self._read = marks.popleft()[1]
+        self._measure(now)
+        return self._release()
+
+    def _measure(self, now: float) -> None:
+        """While frames wait, the worker reads as fast as the link (or its loop) lets it: the credit
+        follows that rate."""
+        if self._sample is None:
+            if self.held:
+                self._sample = (now, self._read)
+            return
+        since, read_then = self._sample
+        if now - since < self.lease * SAMPLE_SHARE:
+            return
+        rate = (self._read - read_then) / (now - since)
+        self.credit = int(min(self.ceiling, max(self.floor, rate * self.lease * SHARE)))
+        self._sample = (now, self._read) if self.held else None
+
+    def _release(self) -> list[bytes]:
+        held, going = self.held, []
+        while held and self._sent - self._read < self.credit:
+            n, frame = held.popleft()
+            self._count(n, len(frame))
+            going.append(frame)
+        return going

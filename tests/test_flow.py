@@ -1,0 +1,76 @@
+"""Flow control on a worker's control connection (pyorchestrate/flow.py), pure: frames, numbers
+and a clock passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyorchestrate import flow
+from pyorchestrate.flow import SendWindow
+
+
+def frames(first: int, count: int, size: int) -> list[tuple[int, bytes]]:
+    return [(n, bytes([n % 256]) * size) for n in range(first, first + count)]
+
+
+def test_frames_past_the_credit_wait_in_order_and_go_as_the_worker_reads():
+    window = SendWindow(lease=2.0, floor=1000)
+    went = [n for n, frame in frames(1, 10, 300) if window.admit(n, frame)]
+    assert went == [1, 2, 3, 4]  # 1200 bytes in flight: the fourth went while 900 < 1000
+    assert [n for n, _ in window.held] == [5, 6, 7, 8, 9, 10] and window.last == 4
+    assert window.in_flight == 1200
+    assert window.read(2, now=0.0) == [bytes([5]) * 300, bytes([6]) * 300]  # 600 read: room for two
+    assert window.last == 6 and window.in_flight == 1200
+    # a frame that comes now waits behind the held ones, whatever the room
+    assert not window.admit(11, b"x")
+    # (a read covers what was sent before it: the four it lets go fill the credit again)
+    assert [len(f) for f in window.read(11, now=0.01)] == [300, 300, 300, 300]
+    assert window.read(10, now=0.02) == [b"x"]
+    assert not window.held and window.in_flight == 1 and window.last == 11
+
+
+def test_the_credit_follows_the_rate_the_worker_reads_at_while_frames_wait():
+    """A link of 1 MB/s and a 2 s lease: the credit settles at what it carries in a quarter of
+    the lease (500 kB); a fast one reaches the ceiling, a slow one stays at the floor."""
+    for rate, expected in ((1_000_000, 500_000), (10**10, flow.CEILING), (20_000, flow.FLOOR)):
+        window = SendWindow(lease=2.0)
+        n, now, read, carried = 0, 0.0, 0, 0.0
+        for _ in range(200):  # the link carries `rate` bytes a second of 10 kB frames, read in 0.05 s steps
+            while len(window.held) < 50:
+                n += 1
+                window.admit(n, bytes(10_000))
+            now += 0.05
+            carried += rate * 0.05
+            while carried >= 10_000 and read < window.last:
+                read, carried = read + 1, carried - 10_000
+            window.read(read, now)
+        assert window.credit == pytest.approx(expected, rel=0.05), rate
+
+
+def test_acks_read_in_one_turn_measure_nothing():
+    window = SendWindow(lease=2.0, floor=1000)
+    for n, frame in frames(1, 20, 500):
+        window.admit(n, frame)
+    window.read(2, now=10.0)  # the sampling starts
+    window.read(4, now=10.001)  # 1000 bytes in a millisecond: no rate from that
+    assert window.credit == 1000
+
+
+def test_an_opening_window_holds_nothing():
+    """A register on a new connection is answered at once: its welcome never waits."""
+    window = SendWindow(lease=2.0, floor=100)
+    window.opening = True
+    assert all(window.admit(n, frame) for n, frame in frames(1, 5, 300))
+    window.opening = False
+    assert not window.admit(6, b"x") and window.in_flight == 1500 and window.last == 5
+
+
+def test_a_read_of_another_numbering_loses_no_frame():
+    """A heartbeat written before the worker read our welcome counts frames of its old
+    connection: at worst frames count as read early (the credit overdrawn once)."""
+    window = SendWindow(lease=2.0, floor=1000)
+    for n, frame in frames(1, 6, 400):
+        window.admit(n, frame)
+    assert window.read(40, now=1.0) == [bytes([n]) * 400 for n in (4, 5, 6)]
+    assert window.read(2, now=1.1) == [] and not window.held and window.in_flight == 1200
+    assert not window.admit(7, b"y") and window.read(6, now=1.2) == [b"y"]

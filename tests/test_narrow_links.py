@@ -1,0 +1,40 @@
+"""A worker behind a narrow link (relay.py carrying 1 MB/s each way).  Everything the coordinator
+sends a worker crosses one connection in order, lease echoes too.  Before, a burst of starts
+filled the sockets' buffers with seconds' worth of bytes and the echoes waited behind them: 4 MB
+of starts over 1 MB/s with a 2 s window and the worker's lease ran out, it registered again, the
+burst was sent again, and so on for ever (59 registrations in 2 minutes, most agents never ran)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import relay
+from agents import Ballast
+from conftest import EventLog
+
+from pyorchestrate import RunMode
+
+MB = 1_000_000
+
+
+def test_a_burst_of_starts_over_a_narrow_link_keeps_the_lease(cluster):
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.4, heartbeat_liveness=5)  # 2 s window
+    events = EventLog(orch)
+    orch.start()
+    link, address = relay.start(orch.address, rate=1 * MB)
+    try:
+        cluster.worker(address, "w1")
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        for i in range(100):  # 4 MB of starts: four seconds of the link
+            orch.register_agent(Ballast, f"b{i}", Ballast.Config(ballast=f"{i:05d}" * 8000))
+        events.wait("AGENT_READY", timeout=90, count=100)
+        time.sleep(2.0)
+        assert not events.of("WORKER_LOST"), cluster.log_of("w1")[-3000:]
+        assert len(events.of("WORKER_JOINED")) == 1
+        assert "registering again" not in cluster.log_of("w1")
+        assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
+    finally:
+        os.kill(link.pid, signal.SIGKILL)
+        link.wait(10)
