@@ -611,7 +611,7 @@ class Coordinator:
         if keyed_frame is not None and message["type"] == "register" and not self._key_allows_worker(
                 identity, keyed_frame.get("User-Id")):
             return
-        core.control(identity, message, time.monotonic())
+        core.control(identity, message, time.monotonic(), len(frame))
         if message["type"] == "register" or core.worker_of(identity) is not None:
             self._note_fd(identity, fd)
 

@@ -150,6 +150,14 @@ class ClusterCore(Registration, CommandHandlers):
             self.actions.append(Send(worker.identity, frame))
         return worker.sent_n
 
+    def _echo(self, worker: WorkerRecord) -> None:
+        """Echo its latest heartbeat's stamp (its lease), and say how far we read its frames."""
+        worker.unsaid = 0
+        # not numbered: it never waits for room behind starts and payloads (flow.py), so a burst
+        # over a narrow link cannot hold the lease back
+        self.actions.append(Send(worker.identity, protocol.encode("heartbeat_reply", echo=worker.last_t,
+                                                                  sent=worker.window.last, read=worker.recv_n)))
+
     def _worker_read(self, worker: WorkerRecord, n: int, now: float) -> None:
         """The worker has read our frames up to number ``n``: send what waited for room."""
         for frame in worker.window.read(n, now):
@@ -217,8 +225,9 @@ class ClusterCore(Registration, CommandHandlers):
 
     # ================================================================== workers
 
-    def control(self, identity: bytes, message: dict[str, Any], now: float) -> None:
-        """One decoded control frame from the connection ``identity``."""
+    def control(self, identity: bytes, message: dict[str, Any], now: float, size: int = 0) -> None:
+        """One decoded control frame from the connection ``identity`` (``size``: its bytes, for
+        saying how far we read: flow.py)."""
         kind = message["type"]
         if kind == "register":
             self.register(identity, message, now)
@@ -241,6 +250,9 @@ class ClusterCore(Registration, CommandHandlers):
                 self.drop("unexpected", kind)
             return
         complete = self.received(worker, message)  # a gap: it registers again; this frame still counts
+        worker.unsaid += size
+        if worker.unsaid >= flow.SAY_READ_EVERY:
+            self._echo(worker)  # what we read makes room for the reports it holds back (flow.py)
         if kind == "heartbeat":
             self.heartbeat(worker, message, now)
         elif kind == "read":
@@ -260,6 +272,14 @@ class ClusterCore(Registration, CommandHandlers):
 
     def heartbeat(self, worker: WorkerRecord, message: dict[str, Any], now: float) -> None:
         self._worker_read(worker, message["read"], now)
+        if message["sent"] > worker.recv_n:
+            # it is not numbered, and follows on its connection the frames it says it sent: some
+            # never came (a reset connection), and no later one showed the gap while the worker
+            # held its reports back for room (flow.py)
+            log.info("worker %s: frames %d..%d were lost on the way; asking it to register again", worker.name,
+                     worker.recv_n + 1, message["sent"])
+            worker.recv_n = message["sent"]
+            self._send(worker, "reregister")
         worker.last_seen = now
         worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
@@ -274,10 +294,11 @@ class ClusterCore(Registration, CommandHandlers):
         if running < 0 or running == len(worker.agents) + len(worker.stopping):
             worker.mismatches = 0
             return
-        if 0 <= message["read"] < worker.sent_n:
+        if 0 <= message["read"] < worker.sent_n or message["waiting"]:
             # starts or stops still on their way to it explain the difference (a burst of 10,000
             # starts keeps some in flight for many heartbeats: each re-registration then cost a
-            # 10,000-entry register, and raced the starts' own reports)
+            # 10,000-entry register, and raced the starts' own reports), as do reports it holds
+            # back for room (flow.py)
             return
         # a report or a start can be lost when a connection resets; reports in flight explain a
         # difference for a moment, never for three heartbeats: then registration sets it right
@@ -625,10 +646,7 @@ class ClusterCore(Registration, CommandHandlers):
                             now - worker.last_seen, limits.busy_cap)
             elif now - worker.last_beat_sent >= limits.interval:
                 worker.last_beat_sent = now
-                # not numbered: it never waits for room behind starts and payloads (flow.py), so a
-                # burst over a narrow link cannot hold the lease back
-                self.actions.append(Send(worker.identity, protocol.encode("heartbeat_reply", echo=worker.last_t,
-                                                                          sent=worker.window.last)))
+                self._echo(worker)
         if any(now >= r.restart_at for r in self.states.of(S.RESTARTING)):
             self._dirty = True
         if self._holding:

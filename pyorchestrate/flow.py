@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import collections
 
+#: bytes read from the other side after which we say how far we read, between heartbeats: well
+#: under the least credit, so a burst never waits for a heartbeat
+SAY_READ_EVERY = 16 * 1024
 #: the credit a new connection starts with, and the least it falls to: at 1 MB/s, 64 ms of link
 FLOOR = 64 * 1024
 #: the most: a link that fast never needs more in flight, and an echo never waits behind more
@@ -65,16 +68,22 @@ class SendWindow:
         """Bytes sent and not yet read (as far as the worker has said)."""
         return self._sent - self._read
 
+    def room(self) -> bool:
+        """May a frame go now: nothing waits, and the credit is not used up?"""
+        return self.opening or (not self.held and self._sent - self._read < self.credit)
+
     def admit(self, n: int, frame: bytes) -> bool:
         """Frame ``n`` is to go: True if it may go now (counted as sent), False if it waits (held,
         in order behind any others)."""
-        if not self.opening and (self.held or self._sent - self._read >= self.credit):
+        if not self.room():
             self.held.append((n, frame))
             return False
-        self._count(n, len(frame))
+        self.count(n, len(frame))
         return True
 
-    def _count(self, n: int, size: int) -> None:
+    def count(self, n: int, size: int) -> None:
+        """Frame ``n`` of ``size`` bytes went (a worker frames its reports only while there is
+        room, so it holds them unframed, and counts here what it sends)."""
         self.last = n
         self._sent += size
         self._marks.append((n, self._sent))
@@ -107,6 +116,6 @@ class SendWindow:
         held, going = self.held, []
         while held and self._sent - self._read < self.credit:
             n, frame = held.popleft()
-            self._count(n, len(frame))
+            self.count(n, len(frame))
             going.append(frame)
         return going

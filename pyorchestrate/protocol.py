@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 10  # 10: flow control (a worker's "read"; lease echoes not numbered)
+PROTOCOL_VERSION = 10  # 10: flow control both ways (flow.py; heartbeats and their echoes not numbered)
 # 5: a worker process's secret token (register, bus frames); 6: pulse
 # 9: a short run's STARTED and READY folded into its AGENT_TERMINATED ("folded": True) when all
 #    went in one report (worker/fold.py)
@@ -171,8 +171,12 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # leaving (optional both ways): it shuts down and stops its copies (their ends say
     # worker_leaving): place nothing new on it
     # dropped (optional both ways): what the worker dropped so far, by reason (its log says it too)
+    # sent (optional both ways; -1: not said): the number of the last numbered frame the worker
+    # sent before this heartbeat, which is not numbered (flow.py); waiting (optional both ways):
+    # it holds reports back for room, so its count may be ahead of what it reported
     "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1), "read": Optional(_INT, -1),
-                  "leaving": Optional(bool, False), "dropped": Optional(MapOf(_INT), {})},
+                  "leaving": Optional(bool, False), "dropped": Optional(MapOf(_INT), {}),
+                  "sent": Optional(_INT, -1), "waiting": Optional(bool, False)},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},
@@ -216,7 +220,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "deliver": {"agent": _STR, "run": _STR, "epoch": _INT, "kind": _STR, "payload": object},
     # sent (optional both ways; -1: not said): the number of the last numbered frame sent before
     # this reply on its connection; a worker that has not read that far lost frames (flow.py)
-    "heartbeat_reply": {"echo": _NUM, "sent": Optional(_INT, -1)},
+    # read (optional both ways; -1: not said): the number of the last worker frame read (flow.py)
+    "heartbeat_reply": {"echo": _NUM, "sent": Optional(_INT, -1), "read": Optional(_INT, -1)},
     "pulse_reply": {"echo": _NUM},
     # the coordinator's loop is stalled, its process alive and not stopped (coordinator_pulse.py);
     # session: the coordinator's, as in its welcome (a worker takes only its own coordinator's word)

@@ -128,6 +128,7 @@ class WorkerRecord:
     starting_bytes: int = 0  #: the blobs in ``starting`` (see protocol.STARTS_FRAME_BYTES)
     #: what is in flight on its connection, and the frames waiting for room (flow.py)
     window: SendWindow = field(default_factory=SendWindow)
+    unsaid: int = 0  #: bytes read from it since we last said how far we read (flow.py)
 
     @property
     def last_sign(self) -> float:

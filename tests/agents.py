@@ -949,3 +949,14 @@ class Ballast(LoopingThreadAgent):
 
     def cycle(self):
         time.sleep(0.05)
+
+
+class DeepBoom(BaseThreadAgent):
+    """Fails at once with a long message and a deep traceback (a report of ~40 kB)."""
+
+    def execute(self):
+        def deep(k):
+            if k == 0:
+                raise ValueError(f"{self.name} " + "x" * 20000)
+            return deep(k - 1)
+        deep(200)

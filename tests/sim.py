@@ -481,7 +481,9 @@ class Sim:
                 self._flush(worker)
             if now >= worker.next_beat:
                 worker.next_beat = now + worker.limits.interval
-                self._send(worker, "heartbeat", t=now, running=len(worker.copies), read=worker.recv_n)
+                # as the real worker's: not numbered, saying how far its numbered frames go (flow.py)
+                self.to_core(worker, protocol.encode("heartbeat", t=now, running=len(worker.copies),
+                                                     read=worker.recv_n, sent=worker.sent_n))
         else:
             worker.pending.extend(self._take_outbox(worker))
             if now - worker.lease_from > ORPHAN_TIMEOUT:  # --orphan-timeout: even kept copies stop
@@ -547,7 +549,8 @@ class Sim:
             if worker.pending or worker.outbox:
                 self._flush(worker)
             worker.next_beat = self.now + worker.limits.interval
-            self._send(worker, "heartbeat", t=self.now, running=len(worker.copies), read=worker.recv_n, leaving=True)
+            self.to_core(worker, protocol.encode("heartbeat", t=self.now, running=len(worker.copies), read=worker.recv_n,
+                                                 sent=worker.sent_n, leaving=True))
 
     def _exit_when_stopped(self, worker: SimWorker) -> None:
         """Once each copy has ended or is past its stop timeout (a stuck thread, given up on), it

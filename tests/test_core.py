@@ -869,6 +869,54 @@ def test_the_frames_answering_a_register_never_wait_for_room():
     assert len(h.to(w1, "start")) == 1 and record.state is S.ASSIGNED
 
 
+def test_a_heartbeat_says_how_far_the_workers_frames_go_and_a_gap_is_repaired():
+    """A worker's heartbeats are not numbered (they never wait behind its reports: flow.py); each
+    says its last numbered frame, which the core has read by then unless it was lost."""
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY", n=2)
+    h.beat(w1, running=1, read=2, sent=2)
+    assert not h.to(w1, "reregister")
+    h.beat(w1, running=1, read=2, sent=4)  # frames 3 and 4 never came, and nothing after them shows it
+    assert len(h.to(w1, "reregister")) == 1
+    h.beat(w1, running=1, read=2, sent=4)  # (asked once)
+    assert len(h.to(w1, "reregister")) == 1
+
+
+def test_reports_a_worker_holds_back_explain_a_count_difference():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    sent = h.core.workers["w1"].sent_n
+    for _ in range(6):  # it ended there, and its end waits for room: its count says 0, ours 1
+        h.beat(w1, running=0, read=sent, waiting=True)
+    assert not h.to(w1, "reregister")
+    for _ in range(3):
+        h.beat(w1, running=0, read=sent)
+    assert len(h.to(w1, "reregister")) == 1
+
+
+def test_the_core_says_how_far_it_read_a_workers_frames_between_heartbeats():
+    h = Harness()
+    w1 = h.register("w1")
+    record = h.add("a")
+    h.step()
+    h.sent.clear()
+    frame = protocol.encode("agent_events", n=2, events=[
+        protocol.agent_event("a", record.run, record.epoch, "AGENT_STARTED", {"pad": "p" * 6000})])
+    for n in range(2, 5):  # 3 x 6 kB: past flow.SAY_READ_EVERY at the third
+        message = protocol.decode(frame)
+        message["n"] = n
+        h.core.control(w1, message, h.now, len(frame))
+        h.flush()
+    replies = h.to(w1, "heartbeat_reply")
+    assert len(replies) == 1 and replies[0]["read"] == 4 and replies[0]["n"] == 0
+
+
 @pytest.mark.parametrize("reached", ["READY", "STARTED"])
 def test_a_folded_end_says_its_run_started_as_reported_in_order(reached):
     """A worker that had a short run's STARTED, READY and end in one report sends the end alone,

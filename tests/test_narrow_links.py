@@ -1,8 +1,11 @@
 """A worker behind a narrow link (relay.py carrying 1 MB/s each way).  Everything the coordinator
-sends a worker crosses one connection in order, lease echoes too.  Before, a burst of starts
-filled the sockets' buffers with seconds' worth of bytes and the echoes waited behind them: 4 MB
-of starts over 1 MB/s with a 2 s window and the worker's lease ran out, it registered again, the
-burst was sent again, and so on for ever (59 registrations in 2 minutes, most agents never ran)."""
+sends a worker crosses one connection in order, lease echoes too, and the same goes for what the
+worker sends back and its heartbeats.  Before flow control (pyorchestrate/flow.py), a burst filled
+the sockets' buffers with seconds' worth of bytes and the lease waited behind them: 4 MB of starts
+over 1 MB/s with a 2 s window and the worker's lease ran out, it registered again, the burst was
+sent again, and so on for ever (59 registrations in 2 minutes, most agents never ran); 100
+failures with long tracebacks the other way, and the worker registered again, and 57 of the 100
+errors were lost with the old connection."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import signal
 import time
 
 import relay
-from agents import Ballast
+from agents import Ballast, DeepBoom
 from conftest import EventLog
 
 from pyorchestrate import RunMode
@@ -35,6 +38,27 @@ def test_a_burst_of_starts_over_a_narrow_link_keeps_the_lease(cluster):
         assert len(events.of("WORKER_JOINED")) == 1
         assert "registering again" not in cluster.log_of("w1")
         assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
+    finally:
+        os.kill(link.pid, signal.SIGKILL)
+        link.wait(10)
+
+
+def test_a_burst_of_reports_over_a_narrow_link_keeps_the_lease_and_loses_none(cluster):
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.4, heartbeat_liveness=5)  # 2 s window
+    events = EventLog(orch)
+    orch.start()
+    link, address = relay.start(orch.address, rate=1 * MB)
+    try:
+        cluster.worker(address, "w1")
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        for i in range(100):  # about 4 MB of error reports: four seconds of the link
+            orch.register_agent(DeepBoom, f"d{i}")
+        events.wait("AGENT_TERMINATED", timeout=90, count=100)
+        time.sleep(1.0)
+        assert len(events.of("AGENT_ERROR")) == 100
+        assert all("x" * 1000 in e["error_message"] for e in events.of("AGENT_ERROR"))
+        assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
+        assert "registering again" not in cluster.log_of("w1")
     finally:
         os.kill(link.pid, signal.SIGKILL)
         link.wait(10)

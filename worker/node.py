@@ -33,7 +33,7 @@ from typing import Any
 import tenacity
 import zmq
 
-from pyorchestrate import curve, own_threads, protocol, sockets, trace
+from pyorchestrate import curve, flow, own_threads, protocol, sockets, trace
 from pyorchestrate.publisher import MAX_EVENT_BYTES, BusOutbox
 from pyorchestrate.drops import DropCounter
 from pyorchestrate.limits import ORPHAN_TIMEOUT, REGISTER_BACKOFF_MAX, REGISTER_JITTER, Limits
@@ -74,9 +74,6 @@ _ERRORS_KEPT = 10  # recoverable errors of one copy kept while no coordinator li
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
-#: bytes read from the coordinator after which we say how far we read, between heartbeats: well
-#: under a connection's least credit (flow.FLOOR), so a burst never waits for a heartbeat
-SAY_READ_EVERY = 16 * 1024
 #: one loop turn reads at most this many control frames, and spends at most this long acting on
 #: them and at most this long sending bus batches: no burst can keep the loop from heartbeating
 READ_SLICE = 2000
@@ -226,6 +223,9 @@ class Worker:
         self._sent_n = 0  # frames sent on the current connection
         self._recv_n = 0  # the number of the last coordinator frame handled on it
         self._unsaid = 0  # bytes read from the coordinator since we last said how far we read (flow.py)
+        #: what we sent on this connection and the coordinator has not read yet: reports are framed
+        #: only while there is room, so our heartbeats never wait behind a burst of them (flow.py)
+        self._window = flow.SendWindow()
         # the latest ends sent: a connection that resets can lose one in flight, and the next
         # registration repeats them (the coordinator ignores an end it already knows)
         self._recent_ends: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_ENDS)
@@ -306,6 +306,7 @@ class Worker:
         self._connect_to = address
         self._dealer = dealer
         self._sent_n = self._recv_n = self._unsaid = 0  # a new connection numbers its frames from 1
+        self._window = flow.SendWindow(self._limits.lease)
         self._conn += 1
         return dealer
 
@@ -629,6 +630,7 @@ class Worker:
         self._coordinator_name = message["coordinator"]
         self._left_by = (self._coordinator_name, self._session)
         self._limits = Limits(float(message["heartbeat_interval"]), int(message["heartbeat_liveness"]))
+        self._window.lease = self._limits.lease
         self._renew_lease(message["echo"])
         self._last_heard = clock.now()
         round_trip = self._last_heard - float(message["echo"])
@@ -828,10 +830,20 @@ class Worker:
         fields: dict[str, Any] = {"leaving": True} if leaving else {}
         if self.dropped.counts:  # (all so far, every time: a lost heartbeat loses nothing)
             fields["dropped"] = dict(self.dropped.counts)
-        self._send(self._frame("heartbeat", t=clock.now(), running=running, read=self._recv_n, **fields))
+        if self._pending:  # reports held back for room (flow.py): our count may be ahead of them
+            fields["waiting"] = True
+        # not numbered: it goes at once, never behind reports waiting for room; ``sent`` says how
+        # far the frames before it go (the coordinator reads them first: if not, some were lost)
+        self._send_plain(protocol.encode("heartbeat", t=clock.now(), running=running, read=self._recv_n,
+                                         sent=self._sent_n, **fields))
         self._unsaid = 0
 
     def _send(self, frame: bytes) -> None:
+        """Send a numbered frame (counted against the connection's credit: flow.py)."""
+        self._window.count(self._sent_n, len(frame))
+        self._send_plain(frame)
+
+    def _send_plain(self, frame: bytes) -> None:
         assert self._dealer is not None
         try:
             self._dealer.send(frame, zmq.NOBLOCK)
@@ -882,8 +894,8 @@ class Worker:
             # calls were a third of the lines this loop ran per launch in S2 (three turns a launch)
             if self._deferred and self._act_on_deferred() == "reconnect":
                 return
-            if self._outbox.wake_socket in ready:
-                self._flush_events()
+            if self._outbox.wake_socket in ready or (self._pending and self._window.room()):
+                self._flush_events()  # (reports that waited for room go once the coordinator read)
             if self._bus_signal.wake_socket in ready:
                 self._bus_signal.drain()
             if len(self._bus_outbox):
@@ -917,10 +929,10 @@ class Worker:
                     return "reconnect"
             return None
         finally:
-            if self._unsaid >= SAY_READ_EVERY and self._dealer is not None:
+            if self._unsaid >= flow.SAY_READ_EVERY and self._dealer is not None:
                 # what we read makes room for what the coordinator holds for us (flow.py): said
                 # now, not at the next heartbeat, or a burst would cross at a credit per heartbeat
-                self._send(self._frame("read", read=self._recv_n))
+                self._send_plain(protocol.encode("read", read=self._recv_n))
                 self._unsaid = 0
 
     def _guarded(self, handler: Any, arg: Any) -> str | None:
@@ -951,6 +963,7 @@ class Worker:
         kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
+            self._window.read(message["read"], clock.now())  # (room for reports that wait: _serve sends them)
             if message["sent"] > self._recv_n:
                 # frames sent before it never came (a reset connection), and none after them shows
                 # the gap while they use up the credit (flow.py): registering again sets it right
@@ -1129,7 +1142,7 @@ class Worker:
         # nothing new on it meanwhile. Replies are not read: nothing more is started here
         beating = self._dealer is not None
         if beating:
-            self._flush_events()  # what ended on its own goes before the word that this worker leaves
+            self._flush_events(force=True)  # what ended on its own goes before the word that this worker leaves
             self._beat(leaving=True)
         next_beat = clock.now() + self._limits.interval
         self._supervisor.stop_all(leaving=True)
@@ -1139,14 +1152,14 @@ class Worker:
         deadline = clock.now() + self._supervisor.longest_stop_timeout() + SHUTDOWN_MARGIN
         while clock.now() < deadline and self._supervisor.count(include_stuck=False):
             self._supervisor.enforce_stop_timeouts()
-            self._flush_events()
+            self._flush_events(force=True)  # (replies are not read: no room would ever be made)
             if self._pub is not None and len(self._bus_outbox) and self._bus_ready():
                 self._send_bus()  # what they log as they stop, as it comes (it all waited till the end)
             if beating and clock.now() >= next_beat:
                 next_beat = clock.now() + self._limits.interval
                 self._beat(leaving=True)
             time.sleep(0.02)
-        self._flush_events()
+        self._flush_events(force=True)
         stuck = self._supervisor.count()
         if self._dealer is not None:
             # "goodbye" says this process's agents are gone, and the coordinator replaces them at
@@ -1181,49 +1194,49 @@ class Worker:
         self._ctx.term()
         log.info("worker %s stopped", self.name)
 
-    def _flush_events(self) -> None:
-        # everything queued since the last flush goes in one message: one send here and one
-        # receive at the coordinator, not three, for an agent that starts and finishes at once
-        self._keep_reports(online=True)  # after what was kept while registering, in order
-        items, self._pending = self._pending, []
-        self._errors_kept.clear()
-        errors = 0  # characters of error text in them
-        for item in items:
-            copy = (item["agent"], item["run"], item["epoch"])
-            if item["event"] == "AGENT_ERROR":
-                errors += _error_chars(item)
-            elif item["event"] == "AGENT_STARTED":
-                self._beating[copy] = self._beat_round
-                self._bus_sent.setdefault((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), 0)
-            elif item["event"] == "AGENT_TERMINATED" and item["fields"].get("folded") is True:
-                self._recent_ends.append(item)  # its STARTED never went out alone: nothing to forget
-            elif item["event"] == "AGENT_TERMINATED":
-                self._beating.pop(copy, None)
-                self._bus_sent.pop((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), None)
-                self._recent_ends.append(item)
-        if errors > _ERROR_CHARS_PER_MESSAGE:
-            self._send_events_cut(items)
-        else:
-            for i in range(0, len(items), _EVENTS_PER_MESSAGE):
-                self._send_events(items[i:i + _EVENTS_PER_MESSAGE])
-        if trace.enabled:
-            trace.ends("flushed", items)
+    def _flush_events(self, force: bool = False) -> None:
+        """Send what agents reported, in order, while this connection has room (flow.py; ``force``:
+        all of it, as the worker leaves).  What waits stays in ``_pending``, in order: sent as the
+        coordinator reads what went before, or with the next registration if this connection is
+        replaced.  (Sent regardless, 100 failures with long tracebacks over 1 MB/s held our
+        heartbeats 4 s: the lease ran out, and the reports still on the old connection were lost.)
 
-    def _send_events_cut(self, items: list[dict[str, Any]]) -> None:
-        """Like the batches of _flush_events, but a batch also ends once its error text reaches
+        A frame ends at _EVENTS_PER_MESSAGE reports or once its error text reaches
         _ERROR_CHARS_PER_MESSAGE: many long tracebacks at once must not add up to a frame over the
-        coordinator's max_message_size (which would cost the connection and the reports in it)."""
-        batch: list[dict[str, Any]] = []
-        size = 0
-        for item in items:
-            cost = _error_chars(item) if item["event"] == "AGENT_ERROR" else 0
-            if batch and (len(batch) >= _EVENTS_PER_MESSAGE or size + cost > _ERROR_CHARS_PER_MESSAGE):
-                self._send_events(batch)
-                batch, size = [], 0
-            batch.append(item)
-            size += cost
-        if batch:
-            self._send_events(batch)
+        coordinator's max_message_size (which would cost the connection and the reports in it).
+        Everything queued since the last flush otherwise goes in one frame: one send here and one
+        receive at the coordinator, not three, for an agent that starts and finishes at once."""
+        self._keep_reports(online=True)  # after what was kept while registering, in order
+        pending = self._pending
+        if not pending:
+            return
+        self._errors_kept.clear()
+        window, sent, total = self._window, 0, len(pending)
+        while sent < total and (force or window.room()):
+            end, chars = sent, 0
+            while end < total and end - sent < _EVENTS_PER_MESSAGE:
+                item = pending[end]
+                event = item["event"]
+                if event == "AGENT_ERROR":
+                    cost = _error_chars(item)
+                    if end > sent and chars + cost > _ERROR_CHARS_PER_MESSAGE:
+                        break
+                    chars += cost
+                elif event == "AGENT_STARTED":
+                    copy = (item["agent"], item["run"], item["epoch"])
+                    self._beating[copy] = self._beat_round
+                    self._bus_sent.setdefault((f"{self.name}/{copy[0]}", f"{copy[1]}.{copy[2]}"), 0)
+                elif event == "AGENT_TERMINATED":
+                    if item["fields"].get("folded") is not True:  # (else its STARTED never went out alone)
+                        self._beating.pop((item["agent"], item["run"], item["epoch"]), None)
+                        self._bus_sent.pop((f"{self.name}/{item['agent']}", f"{item['run']}.{item['epoch']}"), None)
+                    self._recent_ends.append(item)
+                end += 1
+            self._send_events(pending[sent:end])
+            sent = end
+        if trace.enabled:
+            trace.ends("flushed", pending[:sent])
+        del pending[:sent]
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
