@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+import pytest
 import relay
 from agents import Ballast, DeepBoom
 from conftest import EventLog
@@ -22,43 +23,41 @@ from pyorchestrate import RunMode
 MB = 1_000_000
 
 
-def test_a_burst_of_starts_over_a_narrow_link_keeps_the_lease(cluster):
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.4, heartbeat_liveness=5)  # 2 s window
+@pytest.fixture
+def narrow(cluster):
+    """A started coordinator with a 2 s window, and worker w1 joined through a 1 MB/s link."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.4, heartbeat_liveness=5)
     events = EventLog(orch)
     orch.start()
     link, address = relay.start(orch.address, rate=1 * MB)
     try:
         cluster.worker(address, "w1")
         events.wait("WORKER_JOINED", "w1", timeout=30)
-        for i in range(100):  # 4 MB of starts: four seconds of the link
-            orch.register_agent(Ballast, f"b{i}", Ballast.Config(ballast=f"{i:05d}" * 8000))
-        events.wait("AGENT_READY", timeout=90, count=100)
-        time.sleep(2.0)
-        assert not events.of("WORKER_LOST"), cluster.log_of("w1")[-3000:]
-        assert len(events.of("WORKER_JOINED")) == 1
-        assert "registering again" not in cluster.log_of("w1")
-        assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
+        yield orch, events
     finally:
         os.kill(link.pid, signal.SIGKILL)
         link.wait(10)
 
 
-def test_a_burst_of_reports_over_a_narrow_link_keeps_the_lease_and_loses_none(cluster):
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.4, heartbeat_liveness=5)  # 2 s window
-    events = EventLog(orch)
-    orch.start()
-    link, address = relay.start(orch.address, rate=1 * MB)
-    try:
-        cluster.worker(address, "w1")
-        events.wait("WORKER_JOINED", "w1", timeout=30)
-        for i in range(100):  # about 4 MB of error reports: four seconds of the link
-            orch.register_agent(DeepBoom, f"d{i}")
-        events.wait("AGENT_TERMINATED", timeout=90, count=100)
-        time.sleep(1.0)
-        assert len(events.of("AGENT_ERROR")) == 100
-        assert all("x" * 1000 in e["error_message"] for e in events.of("AGENT_ERROR"))
-        assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
-        assert "registering again" not in cluster.log_of("w1")
-    finally:
-        os.kill(link.pid, signal.SIGKILL)
-        link.wait(10)
+def test_a_burst_of_starts_over_a_narrow_link_keeps_the_lease(cluster, narrow):
+    orch, events = narrow
+    for i in range(100):  # 4 MB of starts: four seconds of the link
+        orch.register_agent(Ballast, f"b{i}", Ballast.Config(ballast=f"{i:05d}" * 8000))
+    events.wait("AGENT_READY", timeout=90, count=100)
+    time.sleep(2.0)
+    assert not events.of("WORKER_LOST"), cluster.log_of("w1")[-3000:]
+    assert len(events.of("WORKER_JOINED")) == 1
+    assert "registering again" not in cluster.log_of("w1")
+    assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
+
+
+def test_a_burst_of_reports_over_a_narrow_link_keeps_the_lease_and_loses_none(cluster, narrow):
+    orch, events = narrow
+    for i in range(100):  # about 4 MB of error reports: four seconds of the link
+        orch.register_agent(DeepBoom, f"d{i}")
+    events.wait("AGENT_TERMINATED", timeout=90, count=100)
+    time.sleep(1.0)
+    assert len(events.of("AGENT_ERROR")) == 100
+    assert all("x" * 1000 in e["error_message"] for e in events.of("AGENT_ERROR"))
+    assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
+    assert "registering again" not in cluster.log_of("w1")
