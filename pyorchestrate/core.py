@@ -144,11 +144,21 @@ class ClusterCore(Registration, CommandHandlers):
     def _send(self, worker: WorkerRecord, type_: str, **fields: Any) -> int:
         if worker.starting:
             self._send_starts(worker)  # decided before this frame: they go before it
+        frame = protocol.encode(type_, n=worker.sent_n + 1, **fields)
+        if len(frame) > flow.PART_BYTES and type_ in flow.CUT_TYPES:
+            # in parts, each numbered: the message takes the last part's number (flow.py)
+            pieces = flow.parts(protocol.encode(type_, **fields))
+            for i, data in enumerate(pieces):
+                self._send_numbered(worker, protocol.encode("part", n=worker.sent_n + 1, data=data,
+                                                            last=i == len(pieces) - 1))
+        else:
+            self._send_numbered(worker, frame)
+        return worker.sent_n
+
+    def _send_numbered(self, worker: WorkerRecord, frame: bytes) -> None:
         worker.sent_n += 1
-        frame = protocol.encode(type_, n=worker.sent_n, **fields)
         if worker.window.admit(worker.sent_n, frame):  # else it waits for the worker to read (flow.py)
             self.actions.append(Send(worker.identity, frame))
-        return worker.sent_n
 
     def _echo(self, worker: WorkerRecord) -> None:
         """Echo its latest heartbeat's stamp (its lease), and say how far we read its frames."""

@@ -27,6 +27,12 @@ import collections
 #: bytes read from the other side after which we say how far we read, between heartbeats: well
 #: under the least credit, so a burst never waits for a heartbeat
 SAY_READ_EVERY = 16 * 1024
+#: a start or a payload bigger than this crosses in parts of this size, each a frame of its own
+#: (protocol "part"), so an echo waits behind at most the credit and one part, never behind all of
+#: an 8 MiB payload (8 s of a 1 MB/s link: longer than a 2 s window)
+PART_BYTES = 64 * 1024
+#: frame types that may be that big (a welcome never is cut: a registering worker reads only it)
+CUT_TYPES = frozenset({"starts", "deliver"})
 #: the credit a new connection starts with, and the least it falls to: at 1 MB/s, 64 ms of link
 FLOOR = 64 * 1024
 #: the most: a link that fast never needs more in flight, and an echo never waits behind more
@@ -119,3 +125,37 @@ class SendWindow:
             self.count(n, len(frame))
             going.append(frame)
         return going
+
+
+def parts(frame: bytes) -> list[bytes]:
+    """``frame`` in PART_BYTES pieces, in order (each goes in a numbered "part" frame)."""
+    return [frame[i:i + PART_BYTES] for i in range(0, len(frame), PART_BYTES)]
+
+
+class Reassembly:
+    """The parts of one frame as they come, in order (numbered frames: a lost part is a gap the
+    worker sees, and it registers again on a new connection, with an empty Reassembly)."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, data: bytes, last: bool, most: int) -> bytes | None:
+        """One more part: the whole frame once ``last``, else None.  ValueError past ``most`` bytes
+        (nothing is kept then)."""
+        self._size += len(data)
+        if self._size > most:
+            self.clear()
+            raise ValueError(f"a frame in parts over {most} bytes")
+        self._parts.append(data)
+        if not last:
+            return None
+        whole = b"".join(self._parts)
+        self.clear()
+        return whole
+
+    def clear(self) -> None:
+        self._parts.clear()
+        self._size = 0

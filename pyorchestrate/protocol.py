@@ -213,6 +213,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # stop (optional both ways): copies the refused worker runs that no coordinator can manage now
     "refused": {"reason": _STR, "retry": Optional(bool, False), "stop": Optional(ListOf(STOP_ITEM), [])},
     "reregister": {},
+    # a piece of a big starts or deliver frame (flow.py): the pieces of one frame are numbered in a
+    # row, and the frame they make takes the last one's number
+    "part": {"data": _BYTES, "last": bool},
     # the agents placed on one worker in one pass, in one frame (one send and one decode, not
     # one per agent: a burst of 10,000 starts is 40 frames)
     "starts": {"agents": ListOf(START_ITEM)},

@@ -960,3 +960,13 @@ class DeepBoom(BaseThreadAgent):
                 raise ValueError(f"{self.name} " + "x" * 20000)
             return deep(k - 1)
         deep(200)
+
+
+class MessageSizes(EventDrivenThreadAgent):
+    """Each message it is sent becomes a line "size N" in ``trace`` (N: the payload's length)."""
+
+    class Config(EventDrivenThreadAgent.Config):
+        trace = ""
+
+    def on_event(self, event):
+        append_line(self.config.trace, f"size {len(event.payload)}")

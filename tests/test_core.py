@@ -797,13 +797,22 @@ def test_starts_frames_stay_under_the_workers_frame_limit_whatever_the_configs_w
     while h.core.workers["w1"].window.held:  # the worker reads them: what waited for room goes (flow.py)
         h.core.control(w1, protocol.decode(protocol.encode("read", read=protocol.decode(frames[-1])["n"])), h.now)
         frames += [a.frame for a in h.core.take() if isinstance(a, Send) and a.identity == w1]
+    # they cross in parts (flow.py), which the worker puts together again: the frames are those
+    whole, parts = [], flow.Reassembly()
+    for frame in frames:
+        message = protocol.decode(frame)
+        if message["type"] != "part":
+            whole.append(frame)
+        elif (frame := parts.add(message["data"], message["last"], protocol.DEFAULT_MAX_MESSAGE_SIZE)) is not None:
+            whole.append(frame)
+            assert protocol.decode(frame)["n"] == 0  # (it takes the last part's number)
+    frames = whole
     starts = [m for m in map(protocol.decode, frames) if m["type"] == "starts"]
     assert len(starts) > 1
     # each under the worker's limit with room to spare, and the agents in the order decided
     assert max(map(len, frames)) <= protocol.STARTS_FRAME_BYTES + 64 * 1024 < protocol.DEFAULT_MAX_MESSAGE_SIZE
     items = [item for m in starts for item in m["agents"]]
     assert [item["agent"] for item in items] == [f"a{i:02}" for i in range(30)]
-    assert [m["n"] for m in starts] == list(range(starts[0]["n"], starts[0]["n"] + len(starts)))
     assert [len(item["class_blob"] or b"") for item in items] == [2**20] + [0] * 29
     assert all(len(item["config"]) == 3 * 2**20 for item in items)
 
@@ -834,6 +843,25 @@ def test_frames_past_a_workers_credit_wait_in_order_and_its_echoes_do_not():
     numbered = [m["n"] for i, m in h.sent if i == w1 and m["n"]]
     assert numbered == list(range(1, 42)) and len(h.to(w1, "start")) == 40
     assert [item["agent"] for item in h.to(w1, "start")] == [f"b{i:02}" for i in range(40)]
+
+
+def test_a_big_payload_crosses_in_parts_and_echoes_pass_between_them():
+    h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)
+    w1, record = h.ready("inboxed")
+    payload = bytes(300_000)  # five parts: the credit (64 KiB) lets the first go
+    h.core.command(commands.Deliver("inboxed", "message", payload), h.now)
+    h.flush()
+    window = h.core.workers["w1"].window
+    assert [m["type"] for i, m in h.sent if i == w1][-1] == "part" and len(window.held) == 4
+    h.beat(w1)
+    h.step(0.4)
+    assert h.to(w1, "heartbeat_reply")  # not behind the parts
+    h.read_all(w1)
+    parts = [m for i, m in h.sent if i == w1 and m["type"] == "part"]
+    assert [m["last"] for m in parts] == [False] * 4 + [True]
+    assert [m["n"] for m in parts] == list(range(parts[0]["n"], parts[0]["n"] + 5))
+    message = protocol.decode(b"".join(m["data"] for m in parts))
+    assert message["type"] == "deliver" and message["payload"] == payload and message["agent"] == "inboxed"
 
 
 def test_a_register_on_the_same_connection_keeps_the_frames_that_wait():

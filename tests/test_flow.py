@@ -74,3 +74,15 @@ def test_a_read_of_another_numbering_loses_no_frame():
     assert window.read(40, now=1.0) == [bytes([n]) * 400 for n in (4, 5, 6)]
     assert window.read(2, now=1.1) == [] and not window.held and window.in_flight == 1200
     assert not window.admit(7, b"y") and window.read(6, now=1.2) == [b"y"]
+
+
+def test_a_frame_in_parts_is_whole_again_in_order():
+    frame = bytes(range(256)) * 1000  # 256 kB: four parts
+    pieces = flow.parts(frame)
+    assert [len(p) for p in pieces] == [flow.PART_BYTES] * 3 + [len(frame) - 3 * flow.PART_BYTES]
+    whole = flow.Reassembly()
+    assert [whole.add(p, i == len(pieces) - 1, 10**6) for i, p in enumerate(pieces)][:-1] == [None] * 3
+    assert whole.add(b"ab", False, 10) is None and whole.add(b"c", True, 10) == b"abc"  # (and it starts afresh)
+    with pytest.raises(ValueError):
+        whole.add(bytes(11), False, 10)
+    assert whole.add(b"z", True, 10) == b"z"  # nothing of the refused one was kept

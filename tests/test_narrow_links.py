@@ -15,8 +15,8 @@ import time
 
 import pytest
 import relay
-from agents import Ballast, DeepBoom
-from conftest import EventLog
+from agents import Ballast, DeepBoom, MessageSizes
+from conftest import EventLog, wait_for
 
 from pyorchestrate import RunMode
 
@@ -59,5 +59,21 @@ def test_a_burst_of_reports_over_a_narrow_link_keeps_the_lease_and_loses_none(cl
     time.sleep(1.0)
     assert len(events.of("AGENT_ERROR")) == 100
     assert all("x" * 1000 in e["error_message"] for e in events.of("AGENT_ERROR"))
+    assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
+    assert "registering again" not in cluster.log_of("w1")
+
+
+def test_a_payload_longer_than_the_window_to_cross_arrives_and_the_lease_holds(cluster, narrow, tmp_path):
+    """8 MiB take 8 s of the link, four windows: it crosses in parts, and the echoes pass between
+    them (before, the worker's lease ran out behind it, it registered again, and the message was
+    lost with the old connection)."""
+    orch, events = narrow
+    trace = tmp_path / "sizes"
+    orch.register_agent(MessageSizes, "m", MessageSizes.Config(trace=str(trace)))
+    events.wait("AGENT_READY", "m", timeout=30)
+    orch.send("m", bytes(8 * 2**20))
+    orch.send("m", b"after")
+    wait_for(lambda: trace.exists() and trace.read_text().count("size") == 2, 60, "both messages handled")
+    assert trace.read_text().split("\n")[:2] == [f"size {8 * 2**20}", "size 5"]
     assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
     assert "registering again" not in cluster.log_of("w1")

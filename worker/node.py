@@ -218,6 +218,7 @@ class Worker:
         self._next_parent_check = 0.0
         self._pending: list[dict[str, Any]] = []  # reports not yet delivered to a coordinator
         self._errors_kept: dict[tuple[str, str, int], int] = {}  # recoverable errors of a copy among them
+        self._bounded = 0  # how many reports waited for room when last bounded (_bound_held_back)
         self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
         self._sent_n = 0  # frames sent on the current connection
@@ -226,6 +227,7 @@ class Worker:
         #: what we sent on this connection and the coordinator has not read yet: reports are framed
         #: only while there is room, so our heartbeats never wait behind a burst of them (flow.py)
         self._window = flow.SendWindow()
+        self._parts = flow.Reassembly()  # a big start or payload arriving in parts (flow.py)
         # the latest ends sent: a connection that resets can lose one in flight, and the next
         # registration repeats them (the coordinator ignores an end it already knows)
         self._recent_ends: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_ENDS)
@@ -307,6 +309,7 @@ class Worker:
         self._dealer = dealer
         self._sent_n = self._recv_n = self._unsaid = 0  # a new connection numbers its frames from 1
         self._window = flow.SendWindow(self._limits.lease)
+        self._parts.clear()
         self._conn += 1
         return dealer
 
@@ -351,7 +354,8 @@ class Worker:
         Not ``online`` (they wait for a coordinator), a copy's recoverable errors beyond the first
         _ERRORS_KEPT are dropped and counted: an agent failing a cycle at a time, thousands a
         second, made registrations grow by 2.7 MB a second, until one no longer fit in the
-        coordinator's max_message_size and the worker could never register again."""
+        coordinator's max_message_size and the worker could never register again.  (Online, the
+        same holds for what waits for room: see _bound_held_back.)"""
         # a short run's three reports as one item where they go together anyway (fold.py)
         for name, run, epoch, event, fields in fold(self._outbox.drain()):
             if not online and event == "AGENT_ERROR" and fields.get("recoverable"):
@@ -583,8 +587,10 @@ class Worker:
                     self._deferred_starts += sum(len(m["agents"]) for m in early if m["type"] == "starts")
                     return
                 if message["n"] and message["type"] != "refused":
-                    early.append(message)
                     self._recv_n = message["n"]  # (said in the heartbeats meanwhile: flow.py)
+                    whole = self._whole(message) if message["type"] == "part" else message
+                    if whole is not None:
+                        early.append(whole)
                     continue
                 if message["type"] == "refused":
                     self._stop_told(message["stop"])
@@ -961,6 +967,11 @@ class Worker:
                 return "reconnect"
             self._recv_n = n
         kind = message["type"]
+        if kind == "part":
+            message = self._whole(message)
+            if message is None:
+                return None
+            kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
             self._window.read(message["read"], clock.now())  # (room for reports that wait: _serve sends them)
@@ -980,6 +991,20 @@ class Worker:
                     trace.mark("received", item["agent"])
         self._deferred.append(message)
         return None
+
+    def _whole(self, part: dict[str, Any]) -> dict[str, Any] | None:
+        """One more part of a big frame (flow.py): the message once it is whole (it takes the last
+        part's number), else None."""
+        try:
+            whole = self._parts.add(part["data"], part["last"], protocol.DEFAULT_MAX_MESSAGE_SIZE)
+            if whole is None:
+                return None
+            message = protocol.decode(whole)
+        except (ValueError, protocol.ProtocolError) as exc:
+            self.dropped.drop("bad_frame", exc)
+            return None
+        message["n"] = part["n"]
+        return message
 
     def _act_on_deferred(self) -> str | None:
         """Act on queued control messages, in order, for at most WORK_SLICE seconds."""
@@ -1207,11 +1232,10 @@ class Worker:
         Everything queued since the last flush otherwise goes in one frame: one send here and one
         receive at the coordinator, not three, for an agent that starts and finishes at once."""
         self._keep_reports(online=True)  # after what was kept while registering, in order
-        pending = self._pending
+        window, pending = self._window, self._pending
         if not pending:
             return
-        self._errors_kept.clear()
-        window, sent, total = self._window, 0, len(pending)
+        sent, total = 0, len(pending)
         while sent < total and (force or window.room()):
             end, chars = sent, 0
             while end < total and end - sent < _EVENTS_PER_MESSAGE:
@@ -1237,6 +1261,29 @@ class Worker:
         if trace.enabled:
             trace.ends("flushed", pending[:sent])
         del pending[:sent]
+        if not pending:
+            self._errors_kept.clear()  # the next wait counts each copy's errors from 0 again
+            self._bounded = 0
+        elif len(pending) > self._bounded:
+            self._bound_held_back()
+
+    def _bound_held_back(self) -> None:
+        """What waits for room is kept as what waits for a coordinator is: a copy's recoverable
+        errors past the first _ERRORS_KEPT are dropped and counted (an agent failing every cycle
+        behind a narrow link would fill this list, then a registration, without end)."""
+        kept: dict[tuple[str, str, int], int] = {}
+        bounded = []
+        for item in self._pending:
+            if item["event"] == "AGENT_ERROR" and item["fields"].get("recoverable"):
+                copy = (item["agent"], item["run"], item["epoch"])
+                kept[copy] = kept.get(copy, 0) + 1
+                if kept[copy] > _ERRORS_KEPT:
+                    self.dropped.drop("recoverable_error_held_back", item["agent"])
+                    continue
+            bounded.append(item)
+        self._pending[:] = bounded
+        self._errors_kept = {copy: min(count, _ERRORS_KEPT) for copy, count in kept.items()}
+        self._bounded = len(bounded)  # (looked at again only once more has come)
 
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
