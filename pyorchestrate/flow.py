@@ -94,21 +94,22 @@ class SendWindow:
         self._sent += size
         self._marks.append((n, self._sent))
 
-    def read(self, n: int, now: float) -> list[bytes]:
-        """The worker has read every frame up to number ``n``: the frames that may go now, in order.
+    def read(self, n: int, now: float, waiting: bool = False) -> list[bytes]:
+        """The other side has read every frame up to number ``n``: the frames that may go now, in
+        order.  ``waiting``: frames wait outside this window (a worker holds its reports unframed).
         (An ``n`` of another numbering, a heartbeat written before the worker read our welcome, at
         worst takes frames for read early: a credit overdrawn once, never a frame lost.)"""
         marks = self._marks
         while marks and marks[0][0] <= n:
             self._read = marks.popleft()[1]
-        self._measure(now)
+        self._measure(now, waiting or bool(self.held))
         return self._release()
 
-    def _measure(self, now: float) -> None:
-        """While frames wait, the worker reads as fast as the link (or its loop) lets it: the credit
-        follows that rate."""
+    def _measure(self, now: float, waiting: bool) -> None:
+        """While frames wait, the other side reads as fast as the link (or its loop) lets it: the
+        credit follows that rate."""
         if self._sample is None:
-            if self.held:
+            if waiting:
                 self._sample = (now, self._read)
             return
         since, read_then = self._sample
@@ -116,7 +117,7 @@ class SendWindow:
             return
         rate = (self._read - read_then) / (now - since)
         self.credit = int(min(self.ceiling, max(self.floor, rate * self.lease * SHARE)))
-        self._sample = (now, self._read) if self.held else None
+        self._sample = (now, self._read) if waiting else None
 
     def _release(self) -> list[bytes]:
         held, going = self.held, []

@@ -86,3 +86,20 @@ def test_a_frame_in_parts_is_whole_again_in_order():
     with pytest.raises(ValueError):
         whole.add(bytes(11), False, 10)
     assert whole.add(b"z", True, 10) == b"z"  # nothing of the refused one was kept
+
+
+def test_frames_waiting_outside_the_window_count_for_the_rate():
+    """A worker holds its reports unframed while there is no room: it says so, and its credit
+    follows the rate the coordinator reads at as the coordinator's does."""
+    window = SendWindow(lease=2.0)
+    for n in range(1, 8):
+        window.count(n, 10_000)
+    window.read(1, now=0.0, waiting=True)
+    window.read(7, now=0.1, waiting=True)  # 60 kB in 0.1 s: 600 kB/s, 300 kB in a quarter of 2 s
+    assert window.credit == 300_000
+    without = SendWindow(lease=2.0)
+    for n in range(1, 8):
+        without.count(n, 10_000)
+    without.read(1, now=0.0)
+    without.read(7, now=0.1)  # nothing waited: the link was not the limit, nothing measured
+    assert without.credit == flow.FLOOR

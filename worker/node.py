@@ -974,7 +974,8 @@ class Worker:
             kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
-            self._window.read(message["read"], clock.now())  # (room for reports that wait: _serve sends them)
+            # (room for reports that wait: _serve sends them)
+            self._window.read(message["read"], clock.now(), bool(self._pending))
             if message["sent"] > self._recv_n:
                 # frames sent before it never came (a reset connection), and none after them shows
                 # the gap while they use up the credit (flow.py): registering again sets it right
