@@ -1,23 +1,27 @@
-"""Flow control on one worker's control connection: what the worker has not read yet bounds what
-is sent to it next.
+"""Flow control on a worker's control connection, both ways: what the other side has not read
+yet bounds what is sent to it next, so a lease echo or a heartbeat never waits behind a burst.
 
-Everything the coordinator sends a worker (starts, stops, payloads, lease echoes) crosses one
-connection in order.  Without a bound, a burst of starts filled the sockets' buffers (libzmq's
-queue, both kernels', the link) with seconds' worth of bytes, and a lease echo sent after it
-waited behind them all: 4 MB of starts over a 1 MB/s link with a 2 s window and the worker's
-lease ran out, it registered again, the burst went again, and so on for ever.
+Everything on a worker's control connection crosses in order: starts, stops and payloads to the
+worker, its reports back, and the lease's heartbeats and echoes between them.  Without a bound, a
+burst filled the sockets' buffers (libzmq's queue, both kernels', the link) with seconds' worth
+of bytes, and the lease waited behind them: 4 MB of starts over a 1 MB/s link with a 2 s window,
+and the worker's lease ran out, it registered again, the burst went again, for ever; 100 long
+error reports the other way, and it registered again and half of them were lost with the old
+connection.
 
-So numbered frames go out only while the bytes in flight (sent, not yet read: the worker says
-how far it has read, by frame number, in its heartbeats and in ``read`` frames) are under a
-credit; the rest wait here, in order.  Echoes are not numbered and never wait here, so one waits
-behind at most a credit's worth of bytes.  The credit follows the link: while frames wait, the
-rate at which the worker reads is the link's (or its own loop's), and the credit is what that
-rate carries in a quarter of the lease (never less than FLOOR, never more than CEILING).  On
-loopback it reaches the ceiling within the first burst; over 1 MB/s with a 2 s window it stays
-near 500 kB, half a second of link.
+So numbered frames go out only while the bytes in flight (sent, not yet read: each side says how
+far it has read, by frame number, in its heartbeats or echoes and every SAY_READ_EVERY bytes
+between them) are under a credit.  The coordinator holds what waits here, in order; a worker
+leaves its reports unframed in its pending list (worker/node.py).  Heartbeats and echoes are not
+numbered and never wait, so one waits behind at most a credit's worth of bytes, and a part: a
+start or payload over PART_BYTES crosses in parts.  The credit follows the link: while frames
+wait, the other side reads at the link's rate (or its loop's), and the credit is what that rate
+carries in a quarter of the lease (never less than FLOOR, never more than CEILING).  On loopback
+it reaches the ceiling within the first burst; over 1 MB/s with a 2 s window it settles near
+500 kB, half a second of link.
 
 Pure: no socket, no clock (``now`` is passed in).  A ``SendWindow`` per worker connection lives
-on its ``WorkerRecord``; the cluster core holds and releases frames (core.py).
+on its ``WorkerRecord`` (core.py holds and releases frames), and one in the worker for what it sends.
 """
 
 from __future__ import annotations
@@ -60,18 +64,18 @@ class SendWindow:
         #: set while a register on a new connection is answered: its welcome (and the stops before
         #: it) never wait, since the worker says how far it read only once it is welcomed
         self.opening = False
-        #: the number of the last frame sent (not held): said with each echo, which follows it on the
-        #: connection; a worker that has not read that far when the echo comes lost frames (a frame
-        #: lost while the credit is used up is followed by no other to show the gap)
+        #: the number of the last frame sent (not held): said with each echo or heartbeat, which
+        #: follows it on the connection; a side that has not read that far when it comes lost frames
+        #: (a frame lost while the credit is used up is followed by no other to show the gap)
         self.last = 0
         self._sent = 0  # bytes sent so far (numbered frames)
-        self._read = 0  # of them, bytes the worker said it read
+        self._read = 0  # of them, bytes the other side said it read
         self._marks: collections.deque[tuple[int, int]] = collections.deque()  # (number, bytes sent through it)
         self._sample: tuple[float, int] | None = None  # (when, bytes read then): frames have waited since
 
     @property
     def in_flight(self) -> int:
-        """Bytes sent and not yet read (as far as the worker has said)."""
+        """Bytes sent and not yet read (as far as the other side has said)."""
         return self._sent - self._read
 
     def room(self) -> bool:

@@ -201,8 +201,8 @@ class Sim:
                            drop=lambda kind, detail, **_: self.dropped.append(kind), min_workers=1, adopt_window=adopt,
                            strict_hold=strict, crash_window=adopt_window(self.limits),
                            versions={})
-        # a credit of a few frames (flow.py): frames wait for room all the time, and go only as
-        # heartbeats say they were read, so waiting frames meet every fault here
+        # a credit of a frame or two (flow.py): frames wait for room often (15 % of sends), and go
+        # only as heartbeats say they were read, so waiting frames meet every fault here
         core.window_limits = WINDOW_LIMITS
         self.core_at = self.now
         return core
