@@ -504,6 +504,25 @@ def test_a_register_fits_in_a_frame_however_long_the_errors_kept_meanwhile(clust
         ctx.destroy(linger=0)
 
 
+def _until_k_ends(router: zmq.Socket, answer) -> tuple[int, list]:
+    """Read the worker's registers until one tells that kept copy "k" ended, calling
+    ``answer(identity, register)`` for each before it: (how many it answered, those ends)."""
+    answered, ends = 0, []
+    deadline = time.monotonic() + 30
+    while not ends and time.monotonic() < deadline:
+        if not router.poll(100):
+            continue
+        ident, frame = router.recv_multipart()
+        message = protocol.decode(frame)
+        if message["type"] != "register":
+            continue
+        ends = [e for e in message["events"] if e["event"] == "AGENT_TERMINATED" and e["agent"] == "k"]
+        if not ends:
+            assert [a["agent"] for a in message["agents"]] == ["k"]  # kept: it runs on
+            answered += answer(ident, message)
+    return answered, ends
+
+
 def test_a_worker_refused_for_its_name_stops_the_copies_it_is_told_to(cluster):
     """Refused because another process holds its name, a worker stops the copies the refusal lists
     (its kept agent would otherwise run on until its orphan timeout, no coordinator managing it),
@@ -511,24 +530,41 @@ def test_a_worker_refused_for_its_name_stops_the_copies_it_is_told_to(cluster):
     ctx = zmq.Context()
     try:
         worker, router = _kept_past_its_lease(cluster, ctx, "k", Forever)
-        router_send = lambda ident, type_, **fields: router.send_multipart([ident, protocol.encode(type_, **fields)])
-        refused, ends = 0, []
-        deadline = time.monotonic() + 30
-        while not ends and time.monotonic() < deadline:
-            if not router.poll(100):
-                continue
-            ident, frame = router.recv_multipart()
-            message = protocol.decode(frame)
-            if message["type"] != "register":
-                continue
-            ends = [e for e in message["events"] if e["event"] == "AGENT_TERMINATED" and e["agent"] == "k"]
-            if not ends:
-                assert [a["agent"] for a in message["agents"]] == ["k"]  # kept: it runs on
-                refused += 1
-                router_send(ident, "refused", reason="a live worker named 'w1' is already registered", retry=True,
-                            stop=[{"agent": "k", "run": "s", "epoch": 1, "timeout": 1.0}])
+
+        def refuse(ident: bytes, message: dict) -> int:
+            router.send_multipart([ident, protocol.encode(
+                "refused", reason="a live worker named 'w1' is already registered", retry=True,
+                stop=[{"agent": "k", "run": "s", "epoch": 1, "timeout": 1.0}])])
+            return 1
+
+        refused, ends = _until_k_ends(router, refuse)
         assert refused and ends, "the refused worker never stopped its copy"
         assert worker.poll() is None
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_stop_sent_before_the_welcome_is_acted_on(cluster):
+    """A coordinator says a stop again, before its welcome, for a copy a worker registering on a new
+    connection lists (registration.py: its stop may have been lost).  The worker dropped every
+    frame that came before its welcome, and that kept copy ran on (a fake coordinator)."""
+    ctx = zmq.Context()
+    try:
+        worker, router = _kept_past_its_lease(cluster, ctx, "k", Forever)
+        told = []
+
+        def stop_then_welcome(ident: bytes, message: dict) -> int:
+            if told:
+                return 0  # (once: the registers after it come as the lease runs out again)
+            told.append(ident)
+            send = _numbered(router, ident)  # (a new connection numbers from 1)
+            send("stop", agent="k", run="s", epoch=1, timeout=1.0)
+            send("welcome", coordinator="fake", session="s", heartbeat_interval=0.1, heartbeat_liveness=5,
+                 bus_port=1, stop=[], warnings=[], echo=message["t"])
+            return 1
+
+        answered, ends = _until_k_ends(router, stop_then_welcome)
+        assert answered and ends, "the stop before the welcome was never acted on: the kept copy ran on"
     finally:
         ctx.destroy(linger=0)
 
