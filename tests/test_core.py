@@ -901,9 +901,7 @@ def test_a_heartbeat_says_how_far_the_workers_frames_go_and_a_gap_is_repaired():
     """A worker's heartbeats are not numbered (they never wait behind its reports: flow.py); each
     says its last numbered frame, which the core has read by then unless it was lost."""
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
+    w1, record = h.assigned()
     h.report(w1, record, "AGENT_STARTED", "AGENT_READY", n=2)
     h.beat(w1, running=1, read=2, sent=2)
     assert not h.to(w1, "reregister")
@@ -915,10 +913,7 @@ def test_a_heartbeat_says_how_far_the_workers_frames_go_and_a_gap_is_repaired():
 
 def test_reports_a_worker_holds_back_explain_a_count_difference():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
-    h.report(w1, record, "AGENT_STARTED", "AGENT_READY")
+    w1, _ = h.ready()
     sent = h.core.workers["w1"].sent_n
     for _ in range(6):  # it ended there, and its end waits for room: its count says 0, ours 1
         h.beat(w1, running=0, read=sent, waiting=True)
@@ -930,9 +925,7 @@ def test_reports_a_worker_holds_back_explain_a_count_difference():
 
 def test_the_core_says_how_far_it_read_a_workers_frames_between_heartbeats():
     h = Harness()
-    w1 = h.register("w1")
-    record = h.add("a")
-    h.step()
+    w1, record = h.assigned()
     h.sent.clear()
     frame = protocol.encode("agent_events", n=2, events=[
         protocol.agent_event("a", record.run, record.epoch, "AGENT_STARTED", {"pad": "p" * 6000})])
