@@ -206,6 +206,9 @@ class HandshakeWatch:
         #: a connection is made (TCP) and neither closed nor failed its handshake: it is on its way
         self.connected = False
         self.streak = streak if streak is not None else [0]
+        #: connections closed after their handshake succeeded (what was sent on them and not read
+        #: yet is lost: a DEALER drops it, even as it connects again)
+        self.drops = 0
         self._this_connection_failed = False
         #: the latest failure said (None once a handshake succeeded): still the reason when the
         #: connection it ended is not remade (libzmq gives up after a protocol error)
@@ -225,6 +228,7 @@ class HandshakeWatch:
                 self.connected = True
             elif kind == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+                self.drops += self.succeeded
                 if not self.succeeded and not self._this_connection_failed:
                     # libzmq does not reconnect after such a close: once is all we will see
                     if self.expect:

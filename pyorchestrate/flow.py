@@ -49,6 +49,16 @@ SHARE = 0.25
 SAMPLE_SHARE = 0.05
 
 
+def longest_crossing(size: int, lease: float) -> float:
+    """The longest ``size`` bytes take over the narrowest link this flow control keeps a lease
+    on: one that carries a credit at FLOOR and a part within the lease (a heartbeat waits behind
+    at most those).  A frame that is never cut, a worker's register, may take that long to arrive:
+    a worker that waited 2 s for its welcome, whatever its register's size, never got back after
+    a cut over such a link (283 kB of running copies over 50 kB/s: it gave up and sent it again
+    every 2-5 s, for ever)."""
+    return size * lease / (FLOOR + PART_BYTES)
+
+
 class SendWindow:
     """Bytes sent on one connection and not yet read, and the frames waiting for room."""
 

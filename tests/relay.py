@@ -6,8 +6,11 @@ again (held, not dropped: TCP keeps it, as on a path that stalls one way).  ``de
 carries what it reads that many seconds later, in order (a long link; this kernel has no netem).
 ``rate``: each way carries at most that many bytes a second, shared by all its connections (a
 narrow link: what waits for its turn backs up in the sockets' buffers, as behind a real one).
+``narrow_later``: the link carries ``rate`` only from SIGWINCH on (a link that narrows: a test
+sets up at loopback speed, then measures what it is after over the narrow link).  SIGQUIT resets
+every connection it carries, both ends, and goes on listening (a NAT or firewall forgetting them).
 
-    python relay.py TARGET_PORT [DELAY [RATE]]   # prints the port it listens on, then relays each connection
+    python relay.py TARGET_PORT [DELAY [RATE [later]]]   # prints the port it listens on, then relays each connection
 """
 
 from __future__ import annotations
@@ -22,18 +25,22 @@ import threading
 import time
 
 
-def start(target: str, delay: float = 0.0, rate: float = 0.0) -> tuple[subprocess.Popen, str]:
+def start(target: str, delay: float = 0.0, rate: float = 0.0,
+          narrow_later: bool = False) -> tuple[subprocess.Popen, str]:
     """A relay to ``target`` (``tcp://127.0.0.1:PORT``): its process and the address to use instead.
-    ``rate``: bytes a second each way (0: as fast as loopback)."""
+    ``rate``: bytes a second each way (0: as fast as loopback); ``narrow_later``: only once the
+    relay gets SIGWINCH."""
     port = target.rsplit(":", 1)[1]
-    proc = subprocess.Popen([sys.executable, __file__, port, str(delay), str(rate)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, __file__, port, str(delay), str(rate), *(["later"] * narrow_later)],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
 #: set while that way flows: [to the target, back from it]
 FLOWING = [threading.Event(), threading.Event()]
+#: the ends of every connection carried so far (SIGQUIT shuts them all)
+ENDS: list[socket.socket] = []
 
 
 class Narrow:
@@ -57,9 +64,9 @@ def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event, dela
     late: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
     if delay:
         threading.Thread(target=_deliver, args=(late, sink), daemon=True).start()
-    chunk = 4096 if link.rate else 65536  # (a narrow link: small turns, so one connection cannot hog it)
     try:
-        while way.wait() and (data := source.recv(chunk)):
+        # (a narrow link: small turns, so one connection cannot hog it)
+        while way.wait() and (data := source.recv(4096 if link.rate else 65536)):
             link.cross(len(data))
             if delay:
                 late.put((time.monotonic() + delay, data))
@@ -105,13 +112,16 @@ def _end_with_parent(parent: int) -> None:
 def main() -> None:
     target, delay = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     rate = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    links = [Narrow(rate), Narrow(rate)]  # one per way
+    later = sys.argv[4:] == ["later"]
+    links = [Narrow(0.0 if later else rate), Narrow(0.0 if later else rate)]  # one per way
     threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
     for way in FLOWING:
         way.set()
     signal.signal(signal.SIGUSR1, lambda *_: FLOWING[0].clear())
     signal.signal(signal.SIGUSR2, lambda *_: FLOWING[1].clear())
     signal.signal(signal.SIGHUP, lambda *_: [way.set() for way in FLOWING])
+    signal.signal(signal.SIGWINCH, lambda *_: [setattr(link, "rate", rate) for link in links])
+    signal.signal(signal.SIGQUIT, lambda *_: _close(*ENDS))
     server = socket.create_server(("127.0.0.1", 0))
     print(server.getsockname()[1], flush=True)
     while True:
@@ -121,6 +131,7 @@ def main() -> None:
         except OSError:  # nobody there (yet): as a refused connection to it would be
             client.close()
             continue
+        ENDS.extend((client, upstream))
         for a, b, way, link in ((client, upstream, FLOWING[0], links[0]), (upstream, client, FLOWING[1], links[1])):
             threading.Thread(target=_pipe, args=(a, b, way, delay, link), daemon=True).start()
 

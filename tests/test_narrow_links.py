@@ -15,7 +15,7 @@ import time
 
 import pytest
 import relay
-from agents import Ballast, DeepBoom, MessageSizes
+from agents import Ballast, DeepBoom, Forever, MessageSizes
 from conftest import EventLog, wait_for
 
 from pyorchestrate import RunMode
@@ -77,3 +77,68 @@ def test_a_payload_longer_than_the_window_to_cross_arrives_and_the_lease_holds(c
     assert trace.read_text().split("\n")[:2] == [f"size {8 * 2**20}", "size 5"]
     assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1
     assert "registering again" not in cluster.log_of("w1")
+
+
+
+@pytest.fixture
+def long_register(cluster):
+    """A coordinator with a 5 s window, worker w1 joined through a link that narrows to 50 kB/s,
+    and 100 copies with 3,000-character names running there: a register of 300 kB, 6 s of the
+    link (its list of copies makes it long).  The link is cut until the worker's lease has run
+    out; the test lets it go again."""
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=1.0, heartbeat_liveness=5)
+    events = EventLog(orch)
+    orch.start()
+    link, address = relay.start(orch.address, rate=50_000, narrow_later=True)
+    try:
+        cluster.worker(address, "w1")
+        events.wait("WORKER_JOINED", "w1", timeout=30)
+        names = [f"{i:03d}" + "f" * 3000 for i in range(100)]
+        for name in names:
+            orch.register_agent(Forever, name, on_disconnect="keep")
+        events.wait("AGENT_READY", timeout=60, count=100)
+        os.kill(link.pid, signal.SIGWINCH)  # the link narrows to 50 kB/s
+        os.kill(link.pid, signal.SIGSTOP)  # and is cut for the worker's window
+        events.wait("WORKER_LOST", "w1", timeout=30)
+        yield orch, events, link, names
+    finally:
+        os.kill(link.pid, signal.SIGCONT)
+        os.kill(link.pid, signal.SIGKILL)
+        link.wait(10)
+
+
+def _back_for_good(cluster, orch, events, names):
+    wait_for(lambda: len(events.of("AGENT_ADOPTED")) == 100, 30, "every copy taken back")
+    time.sleep(6.0)  # (a window more: the lease holds)
+    log = cluster.log_of("w1")
+    assert log.count("registered with coordinator") == 2 and log.count("registering again") == 1, log[-3000:]
+    assert len(events.of("WORKER_LOST")) == 1 and len(events.of("WORKER_JOINED")) == 2
+    assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
+    assert set(orch.status()["agents"]) == set(names)
+
+
+def test_a_register_longer_than_the_window_to_cross_gets_its_welcome(cluster, long_register):
+    """The worker waited 2 s for its welcome whatever its register's size, gave up, and sent it
+    again on a new connection, for ever: after the cut it never got back (each try took 2-5 s,
+    as the earlier tries' bytes went first).  Then, welcomed, its lease had run out as the welcome
+    came (it counts from the register's stamp), and it registered again at once."""
+    orch, events, link, names = long_register
+    os.kill(link.pid, signal.SIGCONT)
+    wait_for(lambda: cluster.log_of("w1").count("registered with coordinator") == 2, 60, "w1 welcomed again")
+    _back_for_good(cluster, orch, events, names)
+
+
+def test_a_long_register_lost_with_its_connection_is_sent_again_at_once(cluster, long_register):
+    """The worker now waits as long as its register may take to cross (11 s more here); a
+    connection that closes meanwhile lost it, and it goes again at once, not after that wait."""
+    orch, events, link, names = long_register
+    os.kill(link.pid, signal.SIGCONT)
+    wait_for(lambda: cluster.log_of("w1").count("registering again") == 1, 30, "w1 registering")
+    time.sleep(1.5)  # the register is on its way
+    os.kill(link.pid, signal.SIGQUIT)  # the link resets its connections
+    reset = time.monotonic()
+    wait_for(lambda: cluster.log_of("w1").count("registered with coordinator") == 2, 60, "w1 welcomed again")
+    # (6 s to cross again; waiting out the first register's time, it came after 18 s or more)
+    assert time.monotonic() - reset < 15.0
+    assert "closed before its welcome came" in cluster.log_of("w1")
+    _back_for_good(cluster, orch, events, names)

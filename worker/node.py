@@ -548,15 +548,22 @@ class Worker:
         dealer = self._new_dealer(address)
         started = clock.now()
         shaken = self._await_handshake()
+        register = self._register_message()
         try:
             # never a blocking send: a DEALER whose handshake failed has no peer, and would wait for ever
-            dealer.send(self._register_message(), zmq.NOBLOCK)
+            dealer.send(register, zmq.NOBLOCK)
         except zmq.Again:
             pass
-        # the welcome takes a round trip, which the handshake took at least; with no handshake
-        # done (nobody listening, a refusal), the attempt lasts REGISTER_TIMEOUT in all, as before
+        drops = self._watch.drops if self._watch is not None else 0
+        # the welcome takes a round trip, which the handshake took at least, and the register's
+        # time to cross, which over a narrow link is its size's (flow.longest_crossing); with no
+        # handshake done (nobody listening, a refusal), the attempt lasts REGISTER_TIMEOUT in all
         now = clock.now()
-        deadline = now + max(REGISTER_TIMEOUT, now - started) if shaken else started + REGISTER_TIMEOUT
+        if shaken:
+            deadline = now + max(REGISTER_TIMEOUT, now - started) + flow.longest_crossing(len(register),
+                                                                                         self._limits.lease)
+        else:
+            deadline = started + REGISTER_TIMEOUT
         # heartbeats follow the register while the welcome is on its way: their stamps, echoed
         # right after it, renew the lease it starts.  Else the first fresh echo came only a round
         # trip after the welcome, two after the register's stamp: a link whose round trip is over
@@ -585,7 +592,9 @@ class Worker:
                     # dropped here before: that copy ran on)
                     self._deferred.extend(early)
                     self._deferred_starts += sum(len(m["agents"]) for m in early if m["type"] == "starts")
-                    return
+                    if self._await_fresh_lease() != "reconnect":
+                        return
+                    break
                 if message["n"] and message["type"] != "refused":
                     self._recv_n = message["n"]  # (said in the heartbeats meanwhile: flow.py)
                     whole = self._whole(message) if message["type"] == "part" else message
@@ -603,6 +612,12 @@ class Worker:
                         break
                     raise Refused(f"coordinator {self.coordinator} refused worker {self.name}:\n{message['reason']}")
             self._pump_outbox_offline()
+            self._say_handshake_failure()
+            if self._watch is not None and self._watch.drops > drops:
+                # the register is lost with it: sent again now, not once a long register's wait is over
+                log.info("the connection to coordinator %s closed before its welcome came: sending the register again",
+                         self.coordinator)
+                break
         # close now, not at the next attempt: a socket left open through the back-off sleep would
         # deliver this register when the coordinator appears, and its welcome would be lost
         self._close_dealer()
@@ -639,14 +654,6 @@ class Worker:
         self._window.lease = self._limits.lease
         self._renew_lease(message["echo"])
         self._last_heard = clock.now()
-        round_trip = self._last_heard - float(message["echo"])
-        if round_trip >= self._limits.lease and not self._slow_link_said:
-            # (else all it says is "coordinator silent: registering again", over and over)
-            self._slow_link_said = True
-            log.error("the round trip to coordinator %s took %.1f s, longer than its heartbeat window (%.1f s = "
-                      "heartbeat_interval x heartbeat_liveness): this worker can never show a lease, so it runs "
-                      "nothing; give the coordinator a window well above the round trip", self.coordinator,
-                      round_trip, self._limits.lease)
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
@@ -681,6 +688,33 @@ class Worker:
         at = self.coordinator if self._connect_to == self.coordinator else f"{self.coordinator} ({self._connect_to})"
         log.info("registered with coordinator %s at %s (heartbeat %.2fs x %d)",
                  message["coordinator"], at, self._limits.interval, self._limits.liveness)
+
+    def _await_fresh_lease(self) -> str | None:
+        """After a welcome, serve only once the lease holds: a welcome's lease counts from its
+        register's stamp, and a long register over a narrow link took longer than the window to
+        cross (300 kB over 50 kB/s, a 5 s window), so the lease had run out as it came, and the
+        worker registered again at once, with the same register, for ever.  The heartbeats sent
+        while it crossed follow it, and the coordinator echoes the latest within its heartbeat
+        interval: wait that long for a fresh lease, reading what comes meanwhile in order (acted on
+        once serving).  "reconnect": frames were lost (register again)."""
+        assert self._dealer is not None
+        end = clock.now() + self._limits.interval + REGISTER_TIMEOUT
+        next_beat = clock.now()
+        while clock.now() - self._lease_from > self._limits.lease and clock.now() < end and not self._shutdown.is_set():
+            if clock.now() >= next_beat:
+                self._beat()
+                next_beat = clock.now() + PIPELINED_BEAT
+            if self._dealer.poll(50) and self._read_control() == "reconnect":
+                return "reconnect"
+        round_trip = clock.now() - self._lease_from
+        if round_trip > self._limits.lease and not self._slow_link_said:
+            # (else all it says is "coordinator silent: registering again", over and over)
+            self._slow_link_said = True
+            log.error("the round trip to coordinator %s took %.1f s, longer than its heartbeat window (%.1f s = "
+                      "heartbeat_interval x heartbeat_liveness): this worker can never show a lease, so it runs "
+                      "nothing; give the coordinator a window well above the round trip", self.coordinator,
+                      round_trip, self._limits.lease)
+        return None
 
     def _stop_told(self, items: list[dict[str, Any]]) -> None:
         """Stop the copies a coordinator says are not ours to run any more (in a welcome, or in a
