@@ -8,6 +8,7 @@ lingers in ``on_stop`` for 30 s.  Its replacement is due elsewhere at lease + ``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pyorchestrate.keys import KeyDir
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = """
-import sys, time
+import json, os, sys, time
 sys.path.insert(0, {tests!r})
 from agents import CopyTracer, SpawnerThread, ThreadLeaver, Traced
 from pyorchestrate import Orchestrator, RunMode
@@ -42,7 +43,11 @@ if {leaver!r}:
                      restart="always", worker="w1")
 {kept}
 o.start()
-time.sleep(120)
+for _ in range(240):  # what each worker dropped, as the coordinator knows it (for the test to read)
+    time.sleep(0.5)
+    with open({status!r} + ".tmp", "w") as f:
+        json.dump({{name: w["dropped"] for name, w in o.status()["workers"].items()}}, f)
+    os.replace({status!r} + ".tmp", {status!r})
 """
 
 
@@ -53,7 +58,8 @@ def run_script(tmp_path, kept: bool, keys: str | None = None, chdir: str = "",
     kept_line = (f"o.register_agent(Traced, 'kept', Traced.Config(trace={str(tmp_path / 'kept.txt')!r}), worker='w1')"
                  if kept else "")
     path.write_text(SCRIPT.format(tests=TESTS, address=address, trace=str(tmp_path / "trace.txt"), kept=kept_line,
-                                keys=keys, chdir=chdir, spawner=spawner, stuck=stuck, leaver=leaver))
+                                keys=keys, chdir=chdir, spawner=spawner, stuck=stuck, leaver=leaver,
+                                status=str(tmp_path / "dropped.json")))
     log = open(tmp_path / "coordinator.log", "w")
     return subprocess.Popen([sys.executable, str(path)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), address
 
@@ -67,6 +73,12 @@ def copies(tmp_path) -> list[str]:
     """The copies that started so far, in order."""
     path = tmp_path / "trace.txt"
     return [line.split()[1] for line in path.read_text().splitlines() if line.startswith("start")] if path.exists() else []
+
+
+def dropped(tmp_path) -> dict[str, int]:
+    """What the coordinator says worker w1 dropped, as its script last wrote it."""
+    path = tmp_path / "dropped.json"
+    return json.loads(path.read_text()).get("w1", {}) if path.exists() else {}
 
 
 def first_copy(tmp_path) -> str:
@@ -145,7 +157,10 @@ def test_a_thread_that_a_thread_agent_left_running_ends_when_its_replacement_is_
     It now ends when that copy is due (the lease, 0.5 s, and the agent's stop timeout, 1 s), as
     its worker starts again in its own place."""
     script, address = run_script(tmp_path, kept=False, stuck=False, leaver="leave")
-    the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, thread="-helper")
+    # its end, reported while the coordinator was silent, was lost with the exec: counted now
+    the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script, address, thread="-helper",
+                                            lost="report_lost_in_exec")
+    assert "started again in its own place (exec); the process before dropped" in cluster.log_of("w1")
     assert (f"1 thread(s) that thread agents started and left running (helper-{first_copy(tmp_path)}) still run "
             "past the lease") in cluster.log_of("w1")
 
@@ -195,8 +210,9 @@ def test_threads_left_running_beside_a_kept_agent_are_only_said(cluster, tmp_pat
 
 def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subprocess.Popen, address: str,
                                              *worker_args: str, spawned: list[int] | None = None,
-                                             thread: str = "") -> None:
-    """``thread``: the suffix of the copy's trace lines to follow ("-helper": a thread it started)."""
+                                             thread: str = "", lost: str = "") -> None:
+    """``thread``: the suffix of the copy's trace lines to follow ("-helper": a thread it started);
+    ``lost``: a kind of drop the coordinator must hear of from the worker started again."""
     try:
         worker = cluster.worker(address, "w1", *worker_args)
         copy = wait_for(lambda: first_copy(tmp_path), 60, "the agent's first copy")
@@ -221,6 +237,8 @@ def the_copy_ends_and_its_worker_comes_back(cluster, tmp_path, script: subproces
             script.send_signal(signal.SIGCONT)
         # the new worker registers with the resumed coordinator, which starts the agent again on it
         wait_for(lambda: len(copies(tmp_path)) >= 2, 60, "the agent started again")
+        if lost:
+            wait_for(lambda: dropped(tmp_path).get(lost, 0) >= 1, 30, f"the coordinator counting {lost}")
     finally:
         script.kill()
         script.wait(10)

@@ -46,7 +46,7 @@ from . import clock, crowd, group_guard, pulse
 from .coordinator_vouch import CoordinatorVouch
 from .errors import bounded
 from .fold import fold
-from .reexec import exec_again
+from .reexec import carried_drops, exec_again
 from .resolver import Resolver
 from .supervisor import Supervisor
 
@@ -173,6 +173,10 @@ class Worker:
         self.incarnation = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.dropped = DropCounter(log)
+        carried = carried_drops()
+        if carried:
+            self.dropped.counts.update(carried)
+            log.warning("started again in its own place (exec); the process before dropped %s", carried)
         self._ctx = zmq.Context()
         # asks the coordinator's pulse process whether its loop is stalled, when its echoes are late
         self._vouch = CoordinatorVouch(self._ctx, self._key, self.dropped.drop)
@@ -464,7 +468,16 @@ class Worker:
         log.error("thread agent(s) %s ignored their stop past the lease (or the orphan timeout) and their stop "
                   "timeout, and their replacements are due elsewhere: threads cannot be killed, so this worker "
                   "starts again (exec) to end them", ", ".join(stuck))
-        exec_again()
+        exec_again(self._dropped_by_exec())
+
+    def _dropped_by_exec(self) -> dict[str, int]:
+        """What this process dropped, and what an exec loses: the reports not yet delivered (a
+        coordinator was silent, or this happened before the welcome) and the bus items not yet
+        sent.  The next process says them in its heartbeats, under the same name."""
+        counts = collections.Counter(self.dropped.counts)
+        counts["report_lost_in_exec"] += len(self._pending) + len(self._outbox)
+        counts["bus_item_lost_in_exec"] += len(self._bus_outbox)
+        return {kind: n for kind, n in counts.items() if n}
 
     def _end_left_threads(self) -> None:
         """A thread agent stopped at the lease's end returns, but the threads it started and left
@@ -493,7 +506,7 @@ class Worker:
                   "orphan timeout) and their agents' stop timeout, when their replacements are due elsewhere: "
                   "threads cannot be killed, so this worker starts again (exec) to end them; an agent that starts "
                   "threads should end them as it stops", len(left), names)
-        exec_again()
+        exec_again(self._dropped_by_exec())
 
     def _end_strays_past_lease(self) -> None:
         """The lease ran out and no thread agent runs in this process any more: what thread agents

@@ -19,6 +19,7 @@ of an agent's.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -26,14 +27,32 @@ from pyorchestrate.log_thread import EXIT_WAIT, LOG_THREAD
 
 from . import group_guard
 
+#: what the process before an exec dropped, and what the exec itself lost (reports not yet
+#: delivered, bus items not yet sent), as JSON counts by kind: the new process says them in its
+#: heartbeats, as it would have (before, an exec lost them uncounted)
+CARRIED = "PYORCHESTRATE_DROPPED_BEFORE_EXEC"
+
 _START_DIR = os.getcwd()
+_CARRIED = os.environ.pop(CARRIED, "")  # (not in the environment the next exec starts with)
 _START_ENV = dict(os.environ)
 
 
-def exec_again() -> None:
+def carried_drops() -> dict[str, int]:
+    """The drop counts the process before this one's exec carried over (empty if there was none)."""
+    try:
+        counts = json.loads(_CARRIED) if _CARRIED else {}
+    except ValueError:
+        return {}
+    if not isinstance(counts, dict):
+        return {}
+    return {str(kind): n for kind, n in counts.items() if isinstance(n, int) and n > 0}
+
+
+def exec_again(dropped: dict[str, int] | None = None) -> None:
     """Replace this process with a fresh run of the command that started it, from the directory
     and with the environment it started with; never returns.  What thread agents started ends
-    first: an exec ends threads, not processes (group_guard.py)."""
+    first: an exec ends threads, not processes (group_guard.py).  ``dropped``: counts by kind
+    the new process starts with (:func:`carried_drops`)."""
     group_guard.before_exec()
     if LOG_THREAD.flush(EXIT_WAIT):  # else stderr takes nothing: flushing it would wait for ever
         sys.stdout.flush()
@@ -43,4 +62,7 @@ def exec_again() -> None:
     except OSError as exc:  # removed since: relative paths in the command cannot mean what they did
         print(f"pyorchestrate-worker: cannot return to {_START_DIR} ({exc.strerror}) before starting again; "
               f"starting again from {os.getcwd()}", file=sys.stderr, flush=True)
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], _START_ENV)
+    env = dict(_START_ENV)
+    if dropped:
+        env[CARRIED] = json.dumps(dropped)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
