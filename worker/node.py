@@ -225,6 +225,11 @@ class Worker:
         self._bounded = 0  # how many reports waited for room when last bounded (_bound_held_back)
         self._in_register = 0  # how many of them the last register carried
         self._conn = 0  # connections opened so far (the current one's number)
+        self._welcomed_conn = 0  # the number of the last connection a coordinator welcomed us on
+        #: that connection, kept while we register on a new one: its heartbeats and their echoes go
+        #: on while a long register crosses (see _keep_old_dealer), and the frames it had sent
+        self._old_dealer: zmq.Socket | None = None
+        self._old_sent_n = 0
         self._sent_n = 0  # frames sent on the current connection
         self._recv_n = 0  # the number of the last coordinator frame handled on it
         self._unsaid = 0  # bytes read from the coordinator since we last said how far we read (flow.py)
@@ -300,8 +305,57 @@ class Worker:
         self._dealer.close(linger=200)
         self._dealer = None
 
+    def _keep_old_dealer(self) -> None:
+        """Keep the connection we were welcomed on while we register on a new one (make before
+        break).  A register over a narrow link can take longer than the window to cross, and the
+        heartbeats on its connection wait behind it: after frames were lost (a connection that
+        reset), a worker registering again with 130 copies (300 kB, 6 s of a 50 kB/s link, a 5 s
+        window) was declared lost, though it was alive and only resyncing.  The old connection
+        still carries heartbeats, and their echoes renew the lease; what else comes on it is moot
+        (the register sets all of it right), and it closes once the new one is welcomed."""
+        self._close_old_dealer()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._old_dealer, self._old_sent_n, self._dealer = self._dealer, self._sent_n, None
+
+    def _close_old_dealer(self) -> None:
+        old, self._old_dealer = self._old_dealer, None
+        if old is None:
+            return
+        try:  # (its close is no death: the worker lives on, on its new connection)
+            old.send(protocol.encode("closing", n=self._old_sent_n + 1), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        old.close(linger=200)
+
+    def _beat_old(self) -> None:
+        """A heartbeat on the kept connection: liveness only (no counts to compare, no numbers)."""
+        if self._old_dealer is not None:
+            try:
+                self._old_dealer.send(protocol.encode("heartbeat", t=clock.now()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _read_old(self) -> None:
+        """Echoes on the kept connection renew the lease; the rest is moot (see _keep_old_dealer)."""
+        old = self._old_dealer
+        for _ in range(READ_SLICE):
+            if old is None or not old.poll(0):
+                return
+            try:
+                message = protocol.decode(old.recv())
+            except protocol.ProtocolError as exc:
+                self.dropped.drop("bad_frame", exc)
+                continue
+            if message["type"] == "heartbeat_reply":
+                self._renew_lease(message["echo"])
+
     def _new_dealer(self, address: str) -> zmq.Socket:
-        self._close_dealer()
+        if self._dealer is not None and self._welcomed_conn == self._conn:
+            self._keep_old_dealer()
+        else:
+            self._close_dealer()
         dealer = sockets.make_socket(self._ctx, zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, f"{self.name}/{uuid.uuid4().hex[:8]}".encode())
         if self._key is not None:
@@ -587,7 +641,9 @@ class Worker:
         while clock.now() < deadline and not self._shutdown.is_set():
             if clock.now() >= next_beat:
                 self._beat()
+                self._beat_old()
                 next_beat = clock.now() + beat_every
+            self._read_old()
             if dealer.poll(50):
                 frame = dealer.recv()
                 try:
@@ -596,6 +652,8 @@ class Worker:
                     self.dropped.drop("bad_frame", exc)
                     continue
                 if message["type"] == "welcome":
+                    self._close_old_dealer()  # (the coordinator has moved us to this connection)
+                    self._welcomed_conn = self._conn
                     self._recv_n = message["n"]
                     self._read_session = message["session"]
                     self._drop_deferred()  # a new connection: what was queued on the old one is moot
@@ -1213,6 +1271,10 @@ class Worker:
         # leaves: silent, it was declared lost (WORKER_LOST, its agents' ends taken for failures)
         # after one window, though it was only stopping them as asked; and the coordinator places
         # nothing new on it meanwhile. Replies are not read: nothing more is started here
+        if self._dealer is None and self._old_dealer is not None:
+            # between registrations: say we leave on the connection the coordinator knows
+            self._dealer, self._sent_n, self._old_dealer = self._old_dealer, self._old_sent_n, None
+        self._close_old_dealer()  # (one left beside a connection not yet welcomed)
         beating = self._dealer is not None
         if beating:
             self._flush_events(force=True)  # what ended on its own goes before the word that this worker leaves
