@@ -81,11 +81,10 @@ def test_a_payload_longer_than_the_window_to_cross_arrives_and_the_lease_holds(c
 
 
 @pytest.fixture
-def long_register(cluster):
-    """A coordinator with a 5 s window, worker w1 joined through a link that narrows to 50 kB/s,
-    and 100 copies with 3,000-character names running there: a register of 300 kB, 6 s of the
-    link (its list of copies makes it long).  The link is cut until the worker's lease has run
-    out; the test lets it go again."""
+def long_copies(cluster):
+    """A coordinator with a 5 s window, worker w1 joined through a link that then narrows to
+    50 kB/s, and 100 copies with 3,000-character names running there: a register of 300 kB, 6 s
+    of the link (its list of copies makes it long)."""
     orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=1.0, heartbeat_liveness=5)
     events = EventLog(orch)
     orch.start()
@@ -98,13 +97,20 @@ def long_register(cluster):
             orch.register_agent(Forever, name, on_disconnect="keep")
         events.wait("AGENT_READY", timeout=60, count=100)
         os.kill(link.pid, signal.SIGWINCH)  # the link narrows to 50 kB/s
-        os.kill(link.pid, signal.SIGSTOP)  # and is cut for the worker's window
-        events.wait("WORKER_LOST", "w1", timeout=30)
         yield orch, events, link, names
     finally:
         os.kill(link.pid, signal.SIGCONT)
         os.kill(link.pid, signal.SIGKILL)
         link.wait(10)
+
+
+@pytest.fixture
+def long_register(long_copies):
+    """The same, the link cut until the worker's lease has run out; the test lets it go again."""
+    orch, events, link, names = long_copies
+    os.kill(link.pid, signal.SIGSTOP)
+    events.wait("WORKER_LOST", "w1", timeout=30)
+    return long_copies
 
 
 def _back_for_good(cluster, orch, events, names):
@@ -144,35 +150,22 @@ def test_a_long_register_lost_with_its_connection_is_sent_again_at_once(cluster,
     _back_for_good(cluster, orch, events, names)
 
 
-def test_a_worker_resyncing_with_a_long_register_is_not_taken_for_dead(cluster):
+def test_a_worker_resyncing_with_a_long_register_is_not_taken_for_dead(cluster, long_copies):
     """Frames lost with a connection that reset: the worker registers again on a new connection,
     with a register of 300 kB (6 s of a 50 kB/s link, a 5 s window), and its heartbeats there wait
     behind it.  It was declared lost, alive as it was (WORKER_LOST, then WORKER_JOINED 6.6 s
     later).  It now keeps the old connection for heartbeats until the new one is welcomed."""
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=1.0, heartbeat_liveness=5)
-    events = EventLog(orch)
-    orch.start()
-    link, address = relay.start(orch.address, rate=50_000, narrow_later=True)
-    try:
-        cluster.worker(address, "w1")
-        events.wait("WORKER_JOINED", "w1", timeout=30)
-        for i in range(100):
-            orch.register_agent(Forever, f"{i:03d}" + "f" * 3000)
-        events.wait("AGENT_READY", timeout=60, count=100)
-        os.kill(link.pid, signal.SIGWINCH)  # the link narrows to 50 kB/s
-        time.sleep(1.0)
-        for i in range(30):  # 90 kB of starts: on their way as the link resets
-            orch.register_agent(Forever, f"late{i:02d}" + "g" * 3000)
-        time.sleep(0.5)
-        os.kill(link.pid, signal.SIGQUIT)
-        wait_for(lambda: "from the coordinator were lost: registering again" in cluster.log_of("w1"), 30,
-                 "the worker noticing the lost frames")
-        wait_for(lambda: cluster.log_of("w1").count("registered with coordinator") == 2, 60, "w1 welcomed again")
-        events.wait("AGENT_READY", timeout=60, count=130)
-        time.sleep(6.0)  # (a window more)
-        assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1, cluster.log_of("w1")[-3000:]
-        assert cluster.log_of("w1").count("registering again") == 1
-        assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
-    finally:
-        os.kill(link.pid, signal.SIGKILL)
-        link.wait(10)
+    orch, events, link, names = long_copies
+    time.sleep(1.0)
+    for i in range(30):  # 90 kB of starts: on their way as the link resets
+        orch.register_agent(Forever, f"late{i:02d}" + "g" * 3000)
+    time.sleep(0.5)
+    os.kill(link.pid, signal.SIGQUIT)
+    wait_for(lambda: "from the coordinator were lost: registering again" in cluster.log_of("w1"), 30,
+             "the worker noticing the lost frames")
+    wait_for(lambda: cluster.log_of("w1").count("registered with coordinator") == 2, 60, "w1 welcomed again")
+    events.wait("AGENT_READY", timeout=60, count=130)
+    time.sleep(6.0)  # (a window more)
+    assert not events.of("WORKER_LOST") and len(events.of("WORKER_JOINED")) == 1, cluster.log_of("w1")[-3000:]
+    assert cluster.log_of("w1").count("registering again") == 1
+    assert {a["state"] for a in orch.status()["agents"].values()} == {"READY"}
