@@ -230,6 +230,7 @@ class Worker:
         #: on while a long register crosses (see _keep_old_dealer), and the frames it had sent
         self._old_dealer: zmq.Socket | None = None
         self._old_sent_n = 0
+        self._old_beat_due = 0.0
         self._sent_n = 0  # frames sent on the current connection
         self._recv_n = 0  # the number of the last coordinator frame handled on it
         self._unsaid = 0  # bytes read from the coordinator since we last said how far we read (flow.py)
@@ -329,19 +330,29 @@ class Worker:
             pass
         old.close(linger=200)
 
-    def _beat_old(self) -> None:
-        """A heartbeat on the kept connection: liveness only (no counts to compare, no numbers)."""
-        if self._old_dealer is not None:
+    def _tend_old(self) -> None:
+        """While registering (every wait of it: the handshake, the welcome, the back-off between
+        attempts): heartbeats on the kept connection, liveness only (no counts to compare, no
+        numbers); their echoes renew the lease, and the rest is moot (see _keep_old_dealer).
+        Not once the lease has run out: this worker has stopped the copies the coordinator will
+        replace, and must not go on looking alive to it (a one-way cut, the coordinator unheard:
+        its heartbeats on the old connection kept the worker "alive", its agents stopped and never
+        moved); that connection closes, and the coordinator judges it by its silence, as before."""
+        old = self._old_dealer
+        if old is None:
+            return
+        if self._lease_expired:
+            self._close_old_dealer()
+            return
+        now = clock.now()
+        if now >= self._old_beat_due:
+            self._old_beat_due = now + min(self._limits.interval, PIPELINED_BEAT)
             try:
-                self._old_dealer.send(protocol.encode("heartbeat", t=clock.now()), zmq.NOBLOCK)
+                old.send(protocol.encode("heartbeat", t=now), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-
-    def _read_old(self) -> None:
-        """Echoes on the kept connection renew the lease; the rest is moot (see _keep_old_dealer)."""
-        old = self._old_dealer
         for _ in range(READ_SLICE):
-            if old is None or not old.poll(0):
+            if not old.poll(0):
                 return
             try:
                 message = protocol.decode(old.recv())
@@ -459,6 +470,7 @@ class Worker:
     def _pump_outbox_offline(self) -> None:
         # while no coordinator listens: keep what agents report (the next coordinator gets it),
         # let the lease run out, enforce stop timeouts
+        self._tend_old()  # (a coordinator may still hear us there, and renew the lease)
         self._keep_reports()
         self._check_lease()
         if (self.orphan_timeout and not self._orphans_stopped and self._supervisor.count()
@@ -641,9 +653,7 @@ class Worker:
         while clock.now() < deadline and not self._shutdown.is_set():
             if clock.now() >= next_beat:
                 self._beat()
-                self._beat_old()
                 next_beat = clock.now() + beat_every
-            self._read_old()
             if dealer.poll(50):
                 frame = dealer.recv()
                 try:
