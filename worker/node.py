@@ -1167,9 +1167,11 @@ class Worker:
                 self._left_by = ("", "")  # it ended cleanly (drained, we cannot know how it ends)
                 log.info("coordinator %s finished; stopping its agents and waiting for the next one", self._session)
             self._supervisor.stop_all()
+            self._welcomed_conn = 0  # (let go: this connection is not kept while we register again)
             return "reconnect"
         elif kind == "refused":
             (log.info if message["retry"] else log.error)("coordinator refused this worker: %s", message["reason"])
+            self._welcomed_conn = 0
             return "reconnect"
         else:
             self.dropped.drop("unexpected", kind)
