@@ -79,7 +79,6 @@ def test_a_payload_longer_than_the_window_to_cross_arrives_and_the_lease_holds(c
     assert "registering again" not in cluster.log_of("w1")
 
 
-
 @pytest.fixture
 def long_copies(cluster):
     """A coordinator with a 5 s window, worker w1 joined through a link that then narrows to
