@@ -124,6 +124,16 @@ def _errors_cut_to_fit(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _close_saying(dealer: zmq.Socket, closing: bytes) -> None:
+    """Close a control connection on purpose, saying so first (``closing``): else the coordinator
+    would take the closed connection for a dead worker (and restart its agents elsewhere)."""
+    try:
+        dealer.send(closing, zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass
+    dealer.close(linger=200)
+
+
 class Worker:
     """One ``pyorchestrate-worker`` process."""
 
@@ -296,15 +306,14 @@ class Worker:
         if self._dealer is None:
             return
         self._say_handshake_failure()
+        self._drop_watch()
+        _close_saying(self._dealer, self._frame("closing"))
+        self._dealer = None
+
+    def _drop_watch(self) -> None:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
-        try:
-            self._dealer.send(self._frame("closing"), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self._dealer.close(linger=200)
-        self._dealer = None
 
     def _keep_old_dealer(self) -> None:
         """Keep the connection we were welcomed on while we register on a new one (make before
@@ -315,20 +324,13 @@ class Worker:
         still carries heartbeats, and their echoes renew the lease; what else comes on it is moot
         (the register sets all of it right), and it closes once the new one is welcomed."""
         self._close_old_dealer()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        self._drop_watch()
         self._old_dealer, self._old_sent_n, self._dealer = self._dealer, self._sent_n, None
 
     def _close_old_dealer(self) -> None:
         old, self._old_dealer = self._old_dealer, None
-        if old is None:
-            return
-        try:  # (its close is no death: the worker lives on, on its new connection)
-            old.send(protocol.encode("closing", n=self._old_sent_n + 1), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        old.close(linger=200)
+        if old is not None:  # (its close is no death: the worker lives on, on its new connection)
+            _close_saying(old, protocol.encode("closing", n=self._old_sent_n + 1))
 
     def _tend_old(self) -> None:
         """While registering (every wait of it: the handshake, the welcome, the back-off between
@@ -1326,9 +1328,7 @@ class Worker:
             deadline = clock.now() + 1.0  # agents' last events, while the coordinator listens
             while len(self._bus_outbox) and self._bus_ready() and clock.now() < deadline:
                 self._send_bus()
-        if self._watch is not None:
-            self._watch.close()  # its monitor socket too, or the context would never end
-            self._watch = None
+        self._drop_watch()  # its monitor socket too, or the context would never end
         for sock in (self._dealer, self._pub):
             if sock is not None:
                 sock.close(linger=500)
