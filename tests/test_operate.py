@@ -301,7 +301,7 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         assert "token=" not in browser.current_url  # it became a cookie
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")) == 2)
 
-        from agents import Boom, EndsAfter, Forever
+        from agents import Boom, FirstOnly, Forever
 
         orch.register_agent(Boom, "broken")
         orch.register_agent(Forever, "sampler")  # the agent appears on the page...
@@ -314,21 +314,23 @@ def test_dashboard_in_a_real_browser(cluster, dashboard_of, tmp_path):
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
 
-        # what was dropped: an agent that ends after its first message, sent five (the other four
-        # are counted, as unhandled or as reaching a copy that ended, and shown as a total)
-        orch.register_agent(EndsAfter, "one", EndsAfter.Config(trace=str(tmp_path / "one"), count=1))
+        # what was dropped: an agent that takes its first message and holds it until stopped, sent
+        # five; the other four wait in its inbox, are counted as unhandled at its stop, and shown as
+        # a total.  (An agent that ended by itself after one was a race: under load its end could
+        # reach the coordinator before the second send, which then raised, and nothing was dropped.)
+        took = tmp_path / "one"
+        orch.register_agent(FirstOnly, "one", FirstOnly.Config(trace=str(took)))
         events.wait("AGENT_READY", "one")
         for i in range(5):
-            try:
-                orch.send("one", i)
-            except ValueError:  # it ended: "not running"
-                break
+            orch.send("one", i)
+        wait_for(took.exists, 30, "one took a message")
+        orch.stop_agent("one")
         events.wait("AGENT_TERMINATED", "one")
 
         def shown(card: str) -> str:
             return browser.find_element(By.CSS_SELECTOR, f'.card[data-card="{card}"] b').text
 
-        wait_for(lambda: sum(orch.status()["dropped"].values()) >= 1, 10, "the drops counted")
+        wait_for(lambda: orch.status()["dropped"].get("agent_ended_with_messages") == 4, 10, "the four drops counted")
 
         def the_page_shows_the_counts(b) -> bool:
             status = orch.status()
