@@ -12,7 +12,7 @@ import zmq
 from agents import FailsEveryCycle, FailsLoudly, Forever, ForeverProcess, GilHog, Inboxed, Quick, Sleeper, StuckTalker
 from conftest import DETECT, EventLog, _session_members, free_port, probe_on_w1, wait_for
 
-from pyorchestrate import EventSubscriber, RunMode, protocol, shipping
+from pyorchestrate import EventSubscriber, protocol, shipping
 from pyorchestrate.events import stamp
 from pyorchestrate.versions import local_versions
 from pyorchestrate_worker import clock
