@@ -44,7 +44,9 @@ class Plugins:
         if found is None:
             found = {}
             for klass in reversed(cls.__mro__):
-                for key, value in vars(klass).items():
+                # a copy, taken at once: another thread's first walk may write ``_declared`` into
+                # this dict meanwhile (see EventSet._own_names)
+                for key, value in list(vars(klass).items()):
                     if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
                         found[key] = value
             cls._declared = found  # every agent start asks: walk the MRO once per class

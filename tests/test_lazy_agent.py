@@ -177,3 +177,65 @@ def _race_lazy_events(LazyEvent):
         assert not event.is_set() and event.wait(0.001) is False
         event.set()
         assert event.wait(0) is True
+
+
+def _first_uses_at_once(make_class, use, rounds: int = 30, threads: int = 6) -> list[BaseException]:
+    """``use`` of a class never used before, from several threads at once, ``rounds`` times over:
+    what any of them raised."""
+    import sys
+
+    failures: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race happens
+    try:
+        for _ in range(rounds):
+            klass = make_class()
+            start = threading.Barrier(threads)
+
+            def first_use():
+                start.wait(TIMEOUT)
+                try:
+                    use(klass)
+                except BaseException as exc:  # noqa: BLE001 - what the test is after
+                    failures.append(exc)
+
+            runners = [threading.Thread(target=first_use) for _ in range(threads)]
+            for runner in runners:
+                runner.start()
+            for runner in runners:
+                runner.join(TIMEOUT)
+    finally:
+        sys.setswitchinterval(interval)
+    return failures
+
+
+def test_agents_of_one_class_starting_at_once_on_first_use_all_start():
+    """The names of an agent's events and its plugins are walked once per class and kept on the
+    class.  Agents of a class never started before, starting at once in their own threads (a
+    worker starting its capacity of them): one thread's walk read the class's dict while another
+    wrote the kept result into it, and that agent failed, "dictionary changed size during
+    iteration" (1 of 10,000 agents in a run of S9)."""
+    from pyorchestrate.agents.signals import StateEvents
+    from pyorchestrate.plugins import Plugins
+
+    many = 2_000  # a long walk: the other threads' writes land inside it
+
+    def events_class():
+        return type("Events", (StateEvents,), {f"a{i}_event": None for i in range(many)})
+
+    failures = _first_uses_at_once(events_class, lambda klass: klass(lambda: None))
+    assert not failures, failures[:3]
+
+    class Held:
+        def initialize(self, owner):
+            pass
+
+        def finalize(self, owner, error):
+            pass
+
+    def plugins_class():
+        return type("Plugin", (Plugins,), {f"p{i}": Held() for i in range(many)})
+
+    failures = _first_uses_at_once(plugins_class, lambda klass: klass.declared())
+    assert not failures, failures[:3]
+    assert len(plugins_class().declared()) == many

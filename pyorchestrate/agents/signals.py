@@ -79,7 +79,11 @@ class EventSet:
         if cached is None:
             cached = []
             for klass in reversed(cls.__mro__):
-                for key in vars(klass):
+                # a copy of the keys (taken at once, in C): agents of a class new to this process
+                # start at once in their own threads, and another's walk may write ``_names`` into
+                # this very dict meanwhile ("dictionary changed size during iteration" failed an
+                # agent in S9)
+                for key in list(vars(klass)):
                     if key.endswith("_event") and key not in cached:
                         cached.append(key)
             cls._names = cached  # every agent start asks: walk the MRO once per class
