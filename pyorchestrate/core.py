@@ -662,7 +662,10 @@ class ClusterCore(Registration, CommandHandlers):
         if self._holding:
             self._dirty = True  # a held agent may be free to go now
         self._expire(now)
-        if self._stopping_deadline is not None and now > self._stopping_deadline:
+        # like a worker's silence, an end not read yet is not an end missed: while frames wait to be
+        # read (the ends of thousands of agents stopped at once may be among them) nobody is given up
+        # (the caller's own wait, Limits.stop_wait, still bounds the stop)
+        if self._stopping_deadline is not None and now > self._stopping_deadline and not behind:
             for record in list(self.agents.values()):
                 if record.state is not S.TERMINATED:
                     self._fail_run(record, f"agent {record.name!r} did not stop in time", now, final=True)
