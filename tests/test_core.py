@@ -1803,25 +1803,23 @@ def test_the_stop_deadline_waits_while_frames_are_still_to_be_read():
     """stop(): agents whose end has not come by the deadline are given up ("did not stop in
     time").  While the loop is behind (frames wait to be read: the ends of thousands of agents
     stopped at once may be among them), that is not known yet, as a worker's silence is not."""
-    h = Harness()
-    identity, record = h.ready()
-    h.core.command(commands.StopAll(1.0), h.now)
-    h.flush()
-    past = h.core.limits.stop_deadline(1.0) + 0.5
-    h.now += past
-    h.core.tick(h.now, behind=True)
-    h.flush()
+    def past_the_deadline_behind() -> tuple[Harness, bytes, AgentRecord]:
+        h = Harness()
+        identity, record = h.ready()
+        h.core.command(commands.StopAll(1.0), h.now)
+        h.flush()
+        h.now += h.core.limits.stop_deadline(1.0) + 0.5
+        h.core.tick(h.now, behind=True)
+        h.flush()
+        return h, identity, record
+
+    h, identity, record = past_the_deadline_behind()
     assert record.state is not S.TERMINATED and not h.events("AGENT_ERROR")
     h.report(identity, record, "AGENT_TERMINATED")  # read once caught up: it did stop
     h.step()
     assert record.state is S.TERMINATED and not h.events("AGENT_ERROR")
 
-    h = Harness()  # caught up, and still no end: given up
-    identity, record = h.ready()
-    h.core.command(commands.StopAll(1.0), h.now)
-    h.flush()
-    h.now += past
-    h.core.tick(h.now, behind=True)
+    h, identity, record = past_the_deadline_behind()  # caught up, and still no end: given up
     h.step()
     assert record.state is S.TERMINATED
     assert "did not stop in time" in h.events("AGENT_ERROR")[-1].fields["error_message"]
