@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from typing import Any, Callable
 
 log = logging.getLogger("pyorchestrate.plugins")
+#: held while a Plugin class is walked for its plugins, and its result kept on it (once a class)
+_DECLARED_LOCK = threading.Lock()
 
 
 class PluginBase:
@@ -42,14 +45,15 @@ class Plugins:
     def declared(cls) -> dict[str, Any]:
         found = cls.__dict__.get("_declared")  # this class's own, not a parent's
         if found is None:
-            found = {}
-            for klass in reversed(cls.__mro__):
-                # a copy, taken at once: another thread's first walk may write ``_declared`` into
-                # this dict meanwhile (see EventSet._own_names)
-                for key, value in list(vars(klass).items()):
-                    if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
-                        found[key] = value
-            cls._declared = found  # every agent start asks: walk the MRO once per class
+            with _DECLARED_LOCK:  # another thread's first walk writes ``_declared`` (see EventSet._own_names)
+                found = cls.__dict__.get("_declared")
+                if found is None:
+                    found = {}
+                    for klass in reversed(cls.__mro__):
+                        for key, value in vars(klass).items():
+                            if not key.startswith("_") and hasattr(value, "initialize") and hasattr(value, "finalize"):
+                                found[key] = value
+                    cls._declared = found  # every agent start asks: walk the MRO once per class
         return dict(found)
 
 

@@ -17,6 +17,8 @@ from ..timeouts import until_done_if_past_max
 #: guards the moments a LazyEvent's real Event is made, and any change of a LazyEvent that has
 #: one (rare: only events somebody waited on while they were clear have one)
 _WAITED_LOCK = threading.Lock()
+#: held while an event set's class is walked for its names, and its result kept on it (once a class)
+_NAMES_LOCK = threading.Lock()
 _make_event = threading.Event  # a name of its own: a test sets the event while one is being made
 
 
@@ -77,16 +79,19 @@ class EventSet:
     def _own_names(cls) -> list[str]:
         cached = cls.__dict__.get("_names")  # this class's own, not a parent's
         if cached is None:
-            cached = []
-            for klass in reversed(cls.__mro__):
-                # a copy of the keys (taken at once, in C): agents of a class new to this process
-                # start at once in their own threads, and another's walk may write ``_names`` into
-                # this very dict meanwhile ("dictionary changed size during iteration" failed an
-                # agent in S9)
-                for key in list(vars(klass)):
-                    if key.endswith("_event") and key not in cached:
-                        cached.append(key)
-            cls._names = cached  # every agent start asks: walk the MRO once per class
+            # under a lock: agents of a class new to this process start at once in their own
+            # threads, and one's walk read a class's dict while another wrote ``_names`` into it
+            # ("dictionary changed size during iteration" failed an agent in S9; a copy of the
+            # keys first was not enough: a collection during the copy can switch threads)
+            with _NAMES_LOCK:
+                cached = cls.__dict__.get("_names")
+                if cached is None:
+                    cached = []
+                    for klass in reversed(cls.__mro__):
+                        for key in vars(klass):
+                            if key.endswith("_event") and key not in cached:
+                                cached.append(key)
+                    cls._names = cached  # every agent start asks: walk the MRO once per class
         return cached
 
     def __init__(self, make: Callable[[], Any]) -> None:
