@@ -165,8 +165,11 @@ class ClusterCore(Registration, CommandHandlers):
         worker.unsaid = 0
         # not numbered: it never waits for room behind starts and payloads (flow.py), so a burst
         # over a narrow link cannot hold the lease back
+        # (never past a frame lost on the way: the worker keeps the reports of frames not said read,
+        # and its register carries them again; said read, they were lost for good)
+        read = worker.lost[0][0] - 1 if worker.lost else worker.recv_n
         self.actions.append(Send(worker.identity, protocol.encode("heartbeat_reply", echo=worker.last_t,
-                                                                  sent=worker.window.last, read=worker.recv_n)))
+                                                                  sent=worker.window.last, read=read)))
 
     def _worker_read(self, worker: WorkerRecord, n: int, now: float) -> None:
         """The worker has read our frames up to number ``n``: send what waited for room."""
@@ -194,6 +197,7 @@ class ClusterCore(Registration, CommandHandlers):
             return True
         log.info("worker %s: frames %d..%d were lost on the way; asking it to register again", worker.name,
                  expected, n - 1)
+        worker.note_lost(expected, n - 1)
         self._send(worker, "reregister")
         return False
 
@@ -288,6 +292,7 @@ class ClusterCore(Registration, CommandHandlers):
             # held its reports back for room (flow.py)
             log.info("worker %s: frames %d..%d were lost on the way; asking it to register again", worker.name,
                      worker.recv_n + 1, message["sent"])
+            worker.note_lost(worker.recv_n + 1, message["sent"])
             worker.recv_n = message["sent"]
             self._send(worker, "reregister")
         worker.last_seen = now
@@ -389,14 +394,24 @@ class ClusterCore(Registration, CommandHandlers):
         """Take the ends of current runs among ``items`` (from a frame we otherwise refuse: one
         written on a connection that has since closed, say), if the frame ``speaks_for`` the very
         worker that ran them.  Anyone else's is not an end (runs and incarnations are on the bus
-        for all to read)."""
+        for all to read).  Each with what its run reported before it there, in order: an end
+        taken alone made the run's error, which came again with the register that was welcomed,
+        a report of a run that had ended, and it was lost (10 of 10 errors, a link that reset)."""
+        ending: dict[tuple[str, str, int], WorkerRecord] = {}
         for item in items:
             record = self.agents.get(item["agent"])
             if (item["event"] == "AGENT_TERMINATED" and record is not None and record.state in LIVE
                     and (record.run, record.epoch) == (item["run"], item["epoch"])):
                 worker = self.workers.get(record.worker or "")
                 if worker is not None and speaks_for(worker):
+                    ending[(item["agent"], item["run"], item["epoch"])] = worker
+        for item in items:
+            worker = ending.get((item["agent"], item["run"], item["epoch"]))
+            if worker is not None:
+                try:
                     self.agent_event(worker, item, now)
+                except protocol.ProtocolError as exc:  # one bad item spoils no other
+                    self.drop("bad_frame", exc)
 
     def _worker_gone(self, worker: WorkerRecord, event: OrchestratorEvent, reason: str, now: float, *,
                      certain: bool) -> None:
@@ -579,6 +594,13 @@ class ClusterCore(Registration, CommandHandlers):
     def _stale_event(self, worker: WorkerRecord, item: dict[str, Any], now: float) -> None:
         """A report about a copy that is not the current run (replaced, or a previous coordinator's)."""
         name = item["agent"]
+        record = self.agents.get(name)
+        if (item["event"] != "AGENT_TERMINATED" and record is not None and record.worker == worker.name
+                and (record.run, record.epoch) == (item["run"], item["epoch"])):
+            # of the run that ended last, which we have the end of: said again (a register carries
+            # what we may not have read; ends_from_anywhere took it first), nothing to stop
+            self.drop("duplicate_report", f"{name} {item['event']}")
+            return
         if item["event"] == "AGENT_TERMINATED":
             worker.stopping.discard((name, item["run"], item["epoch"]))
             if name in self.predecessor.foreign:

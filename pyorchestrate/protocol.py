@@ -119,6 +119,9 @@ START_ITEM: dict[str, Any] = {
     "keep": Optional(bool, False),  # keep running while the coordinator is unreachable
     "definition": Optional(_STR, ""),
 }
+# One frame of reports a worker sent that the coordinator had not said it read (inside register):
+# its number on the connection it went on, and its reports.
+UNREAD_FRAME: dict[str, Any] = {"n": _INT, "events": ListOf(AGENT_EVENT)}
 # One copy a coordinator tells a worker to stop (inside welcome).
 STOP_ITEM: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "timeout": _NUM}
 
@@ -164,6 +167,12 @@ MESSAGES: dict[str, dict[str, Any]] = {
         # "" both: it finished, or none yet (and an older worker)
         "left_by": Optional(_STR, ""),
         "left_session": Optional(_STR, ""),
+        # the frames of reports it sent on connection ``unread_conn`` (its last welcomed one, or
+        # this one) that the coordinator has not said it read: lost on the way, or read late from a
+        # connection that is no longer the worker's.  The coordinator takes those it never read,
+        # before ``events`` (registration.py)
+        "unread": Optional(ListOf(UNREAD_FRAME), []),
+        "unread_conn": Optional(_INT, 0),
     },
     # running: how many copies the worker runs (-1: not said); a persistent difference from what
     # the coordinator believes makes it ask for a full registration (lost messages are repaired)

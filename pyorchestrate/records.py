@@ -11,6 +11,10 @@ from .restart import RestartPolicy
 from .states import AgentState
 
 DISCONNECT_POLICIES = ("replace", "keep")
+#: gaps in a worker's frames remembered until it registers again (see WorkerRecord.note_lost)
+LOST_RANGES = 16
+#: a worker process's earlier connections remembered (see WorkerRecord.read_before)
+EARLIER_CONNECTIONS = 8
 
 
 @dataclass(eq=False, slots=True)
@@ -121,6 +125,13 @@ class WorkerRecord:
     token: str = ""  #: the secret its process made at start and showed in its register
     past_identities: list[bytes] = field(default_factory=list)  #: its process's earlier connections
     recv_n: int = 0  #: the number of the last frame received from it
+    #: frames of its that were lost on the way (a gap before ``recv_n``): (first, last), oldest
+    #: first.  Not said read in our echoes: the worker keeps their reports, and its next register
+    #: carries them again (see Registration._unread_reports)
+    lost: list[tuple[int, int]] = field(default_factory=list)
+    #: its process's earlier connections: conn -> the frame number up to which all it sent there
+    #: has been taken (read, or taken from a register that carried it again)
+    read_before: dict[int, int] = field(default_factory=dict)
     sent_classes: set[str] = field(default_factory=set)
     #: starts decided for it and not yet sent: (record, item); they leave in one frame before any
     #: other frame to it (see ClusterCore._send), so its frames keep the order they were decided in
@@ -134,3 +145,13 @@ class WorkerRecord:
     def last_sign(self) -> float:
         """When it last gave a sign of life: its loop's frames or its pulse."""
         return max(self.last_seen, self.pulse_at)
+
+    def note_lost(self, first: int, last: int) -> None:
+        """Its frames ``first``..``last`` were lost on the way (it is asked to register again).
+        At most LOST_RANGES kept: beyond, the two oldest merge (their reports may then be taken
+        twice from its register, never lost; a worker whose frames keep going missing before it
+        registers again is not worth more)."""
+        self.lost.append((first, last))
+        if len(self.lost) > LOST_RANGES:
+            (a, _), (_, b) = self.lost[0], self.lost[1]
+            self.lost[:2] = [(a, b)]

@@ -16,7 +16,7 @@ from . import protocol
 from .actions import Send
 from .events import OrchestratorEvent
 from .flow import SendWindow
-from .records import AgentRecord, WorkerRecord
+from .records import EARLIER_CONNECTIONS, AgentRecord, WorkerRecord
 from .states import LIVE, RUNNING, AgentState, plain_members
 from .versions import compare, table
 
@@ -37,6 +37,18 @@ def _own_register(message: dict[str, Any]):
     return lambda worker: worker.incarnation == message["incarnation"] and holds_token(worker, message)
 
 
+def _accounted(existing: WorkerRecord, message: dict[str, Any]) -> dict[int, int]:
+    """What a worker process that registers again (``message``) sent on its earlier connections,
+    as far as it has been taken: read there, or taken now from the register's ``unread``."""
+    upto = dict(existing.read_before)
+    upto[existing.conn] = max(upto.get(existing.conn, 0), existing.recv_n)
+    if message["unread"] and message["unread_conn"] in upto:
+        conn = message["unread_conn"]
+        upto[conn] = max(upto[conn], max(frame["n"] for frame in message["unread"]))
+    upto.pop(message["conn"], None)  # (a register on the same connection: that one goes on)
+    return dict(list(upto.items())[-EARLIER_CONNECTIONS:])
+
+
 class Registration:
     """Mixed into :class:`pyorchestrate.core.ClusterCore`."""
 
@@ -48,7 +60,7 @@ class Registration:
             # new connection and registers there
             self.actions.append(Send(identity, protocol.encode("refused", reason="connection closed", retry=True)))
             self.drop("register_on_closed_connection", name)
-            self.ends_from_anywhere(message["events"], now, _own_register(message))
+            self._ends_in_register(self.workers.get(name), message, now)
             return
         if not protocol.is_worker_name(name):  # a worker of ours refuses such a --name itself
             reason = f"{name!r} is not a worker's name: printable characters without spaces or '/'"
@@ -81,7 +93,7 @@ class Registration:
             stop = [{"agent": r["agent"], "run": r["run"], "epoch": r["epoch"],
                      "timeout": self._stop_timeout_of(r["agent"])} for r in message["agents"]]
             self.actions.append(Send(identity, protocol.encode("refused", reason=reason, retry=True, stop=stop)))
-            self.ends_from_anywhere(message["events"], now, _own_register(message))
+            self._ends_in_register(existing, message, now)
             return
         if existing is not None and existing.incarnation == message["incarnation"] and not holds_token(existing, message):
             # its name and incarnation without the secret its process showed us: not that process
@@ -102,8 +114,9 @@ class Registration:
         if ((existing is not None and existing.incarnation == message["incarnation"] and message["conn"] < existing.conn)
                 or (same_connection and message["seen_session"] not in (None, self.incarnation))):
             self.drop("stale_register", name)
-            self.ends_from_anywhere(message["events"], now, _own_register(message))
+            self._ends_in_register(existing, message, now)
             return
+        unread = self._unread_reports(existing, message)
         if existing is not None:
             if existing.starting:  # decided before this register: sent as they would have been
                 self._send_starts(existing)
@@ -117,6 +130,7 @@ class Registration:
         if existing is not None and existing.incarnation == worker.incarnation:
             # its earlier connections: ends still arriving on one are its own (see stranger())
             worker.past_identities = [*existing.past_identities, existing.identity][-16:]
+            worker.read_before = _accounted(existing, message)
         worker.window.opening = True  # (a new connection's: until the register is answered, below)
         if same_process:
             worker.agents, worker.order = existing.agents, existing.order
@@ -134,7 +148,7 @@ class Registration:
             self._holding = self._dirty = True
         # what happened while it was away comes first, then the list of what runs there now: a
         # worker lists copies only after queueing their last reports, so together they are complete
-        for item in message["events"]:
+        for item in [*unread, *message["events"]]:  # (in the order they happened)
             self.agent_event(worker, item, now)
         stop: list[dict[str, Any]] = []
         reported = set()
@@ -193,6 +207,43 @@ class Registration:
             self._publish(E.WORKER_JOINED, name, {
                 "worker": name, "host": worker.host, "pid": worker.pid, "labels": worker.labels,
                 "capacity": worker.capacity, "rejoined": existing is not None})
+
+    def _ends_in_register(self, existing: WorkerRecord | None, message: dict[str, Any], now: float) -> None:
+        """A register we refuse: the ends in it are taken still (see ends_from_anywhere), from
+        what it carries again and we never read as from what happened since."""
+        unread = self._unread_reports(existing, message, count=False)
+        self.ends_from_anywhere([*unread, *message["events"]], now, _own_register(message))
+
+    def _unread_reports(self, existing: WorkerRecord | None, message: dict[str, Any],
+                        count: bool = True) -> list[dict[str, Any]]:
+        """The reports in a register's ``unread`` frames that we never read.  Those frames went on
+        the connection ``unread_conn``, and we never said we read them: lost on the way (a gap),
+        or still on their way on a connection that is no longer the worker's when they come (then
+        only their ends are taken: see stranger()).  Seen beside 4 CPU burners: a worker whose
+        lease ran out behind 100 long error reports registered again on a new connection, and
+        the 14 errors still on the old one were lost (their ends came, repeated in the register).
+        We know how far we read on that connection if it is this process's current one, or an
+        earlier one of it we remember; else (a coordinator started since, or a connection long
+        gone) whether they were read is not known, and the reports other than ends (which every
+        register repeats) are counted as maybe lost (``count``: not for a register we refuse,
+        which the worker sends again)."""
+        frames = message["unread"]
+        if not frames:
+            return []
+        conn = message["unread_conn"]
+        if existing is not None and existing.incarnation == message["incarnation"]:
+            if conn == existing.conn:
+                lost, upto = existing.lost, existing.recv_n
+                return [item for frame in frames
+                        if frame["n"] > upto or any(a <= frame["n"] <= b for a, b in lost) for item in frame["events"]]
+            if conn in existing.read_before:
+                upto = existing.read_before[conn]
+                return [item for frame in frames if frame["n"] > upto for item in frame["events"]]
+        unsure = sum(1 for frame in frames for item in frame["events"] if item["event"] != "AGENT_TERMINATED")
+        if unsure and count:
+            self.drop("report_maybe_lost", f"worker {message['name']}: sent on a connection we cannot tell we read",
+                      count=unsure, what="report")
+        return []
 
     def _left_by_predecessor(self, message: dict[str, Any]) -> bool:
         """Does a register show that a coordinator of our name left this worker without saying it

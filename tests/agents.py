@@ -25,14 +25,15 @@ class Boom(BaseThreadAgent):
 
 
 class BoomLater(BaseThreadAgent):
-    """Fails after ``seconds`` of work."""
+    """Fails after ``seconds`` of work (its message ``size`` characters longer)."""
 
     class Config(BaseThreadAgent.Config):
         seconds = 1.0
+        size = 0
 
     def execute(self):
         time.sleep(self.config.seconds)
-        raise ValueError("boom, later")
+        raise ValueError("boom, later" + "x" * self.config.size)
 
 
 class BoomProcess(BaseProcessAgent):

@@ -53,11 +53,11 @@ class Harness:
         return [m for i, m in self.sent if i == identity and m["type"] == kind]
 
     def register(self, name: str, *, identity: bytes | None = None, agents=(), events=(), incarnation="w-inc",
-                 conn=1, seen=0, token=None, seen_session=None, **told) -> bytes:
+                 conn=1, seen=0, token=None, seen_session=None, n=1, **told) -> bytes:
         identity = identity or name.encode()
         if token is None:  # the worker process itself: its own secret
             token = f"secret-{incarnation}"
-        frame = protocol.encode("register", n=1, name=name, incarnation=incarnation, host="h", pid=1, labels={},
+        frame = protocol.encode("register", n=n, name=name, incarnation=incarnation, host="h", pid=1, labels={},
                                 capacity=0, versions={}, agents=list(agents), events=list(events), t=self.now,
                                 conn=conn, seen=seen, token=token,
                                 **({} if seen_session is None else {"seen_session": seen_session}), **told)

@@ -124,6 +124,21 @@ def _errors_cut_to_fit(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _bound_errors(items: list[dict[str, Any]], kept: dict[tuple[str, str, int], int]) -> tuple[list, list[str]]:
+    """``items`` without a copy's recoverable errors past the first _ERRORS_KEPT (``kept``
+    counts them by copy, across calls), and the agents of those left out, one per error."""
+    bounded, dropped = [], []
+    for item in items:
+        if item["event"] == "AGENT_ERROR" and item["fields"].get("recoverable"):
+            copy = (item["agent"], item["run"], item["epoch"])
+            kept[copy] = kept.get(copy, 0) + 1
+            if kept[copy] > _ERRORS_KEPT:
+                dropped.append(item["agent"])
+                continue
+        bounded.append(item)
+    return bounded, dropped
+
+
 def _close_saying(dealer: zmq.Socket, closing: bytes) -> None:
     """Close a control connection on purpose, saying so first (``closing``): else the coordinator
     would take the closed connection for a dead worker (and restart its agents elsewhere)."""
@@ -251,6 +266,14 @@ class Worker:
         # the latest ends sent: a connection that resets can lose one in flight, and the next
         # registration repeats them (the coordinator ignores an end it already knows)
         self._recent_ends: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_ENDS)
+        #: the frames of reports sent on this connection that the coordinator has not said it read:
+        #: (number, reports).  Lost on the way, or still on it when we register again on a new
+        #: connection (the coordinator then reads them from one that is no longer ours), their
+        #: reports would be lost; the next register carries them again (see _register_message)
+        self._unread: collections.deque[tuple[int, list[dict[str, Any]]]] = collections.deque()
+        #: the same for the connection we were welcomed on last, once replaced: (its number, frames);
+        #: carried by every register until one is welcomed
+        self._unread_old: tuple[int, list[tuple[int, list[dict[str, Any]]]]] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -363,8 +386,14 @@ class Worker:
                 continue
             if message["type"] == "heartbeat_reply":
                 self._renew_lease(message["echo"])
+                if self._unread_old is not None:  # (read there, so not to be carried again)
+                    conn, frames = self._unread_old
+                    self._unread_old = (conn, [frame for frame in frames if frame[0] > message["read"]])
 
     def _new_dealer(self, address: str) -> zmq.Socket:
+        if self._unread:  # (reports go only on a welcomed connection: the coordinator knows it)
+            self._unread_old = (self._conn, list(self._unread))
+            self._unread.clear()
         if self._dealer is not None and self._welcomed_conn == self._conn:
             self._keep_old_dealer()
         else:
@@ -404,13 +433,41 @@ class Worker:
         running = self._supervisor.running()
         self._keep_reports()
         self._in_register = len(self._pending)
+        # the reports sent and not said read, then those not sent yet: the coordinator takes the
+        # first it never read (registration.py), and both fit in one frame together
+        unread_conn, frames = self._bound_unread()
+        sent = [item for _, batch in frames for item in batch]
+        fitted = _errors_cut_to_fit(sent + self._pending)
+        unread, at = [], 0
+        for n, batch in frames:
+            unread.append({"n": n, "events": fitted[at:at + len(batch)]})
+            at += len(batch)
         return self._frame(
             "register", name=self.name, incarnation=self.incarnation, host=self.host, pid=os.getpid(),
             labels=self.labels, capacity=self.capacity, versions=local_versions(),
-            agents=running, events=[*self._recent_ends, *_errors_cut_to_fit(self._pending)], bus_seq=self._bus_seq,
+            agents=running, events=[*self._recent_ends, *fitted[at:]], bus_seq=self._bus_seq,
             drained_by=self._drained_by, t=clock.now(), seen=self._acted_n(), seen_session=self._read_session,
             conn=self._conn, token=self._token, orphan_timeout=self.orphan_timeout,
-            left_by=self._left_by[0], left_session=self._left_by[1])
+            left_by=self._left_by[0], left_session=self._left_by[1], unread=unread, unread_conn=unread_conn)
+
+    def _bound_unread(self) -> tuple[int, list[tuple[int, list[dict[str, Any]]]]]:
+        """The unread frames a register carries (see _unread), and the connection they went on,
+        bounded as what waits for a coordinator is: a copy's recoverable errors past the first
+        _ERRORS_KEPT are dropped and counted (an agent failing every cycle while the coordinator
+        did not read made a register of 220 kB, more the longer it went on)."""
+        conn, frames = self._unread_old or (self._conn, list(self._unread))
+        kept: dict[tuple[str, str, int], int] = {}
+        bounded = []
+        for n, batch in frames:
+            items, dropped = _bound_errors(batch, kept)
+            for agent in dropped:
+                self.dropped.drop("recoverable_error_unread", agent)
+            bounded.append((n, items))
+        if self._unread_old is not None:  # (kept bounded: the next register counts no drop twice)
+            self._unread_old = (conn, bounded)
+        else:
+            self._unread = collections.deque(bounded)
+        return conn, bounded
 
     def _acted_n(self) -> int:
         """The number of the last coordinator frame acted on: every frame up to it has been (a
@@ -740,6 +797,7 @@ class Worker:
         # the coordinator has what the register carried; what came after goes out next
         del self._pending[:self._in_register]
         self._in_register = 0
+        self._unread_old = None
         self._errors_kept.clear()  # the next time no coordinator listens, its copies start again at 0
         self._orphans_stopped = False
         self._last_refusal = ""
@@ -1093,6 +1151,9 @@ class Worker:
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
             # (room for reports that wait: _serve sends them)
             self._window.read(message["read"], clock.now(), bool(self._pending))
+            unread = self._unread
+            while unread and unread[0][0] <= message["read"]:
+                unread.popleft()
             if message["sent"] > self._recv_n:
                 # frames sent before it never came (a reset connection), and none after them shows
                 # the gap while they use up the credit (flow.py): registering again sets it right
@@ -1394,15 +1455,9 @@ class Worker:
         errors past the first _ERRORS_KEPT are dropped and counted (an agent failing every cycle
         behind a narrow link would fill this list, then a registration, without end)."""
         kept: dict[tuple[str, str, int], int] = {}
-        bounded = []
-        for item in self._pending:
-            if item["event"] == "AGENT_ERROR" and item["fields"].get("recoverable"):
-                copy = (item["agent"], item["run"], item["epoch"])
-                kept[copy] = kept.get(copy, 0) + 1
-                if kept[copy] > _ERRORS_KEPT:
-                    self.dropped.drop("recoverable_error_held_back", item["agent"])
-                    continue
-            bounded.append(item)
+        bounded, dropped = _bound_errors(self._pending, kept)
+        for agent in dropped:
+            self.dropped.drop("recoverable_error_held_back", agent)
         self._pending[:] = bounded
         self._errors_kept = {copy: min(count, _ERRORS_KEPT) for copy, count in kept.items()}
         self._bounded = len(bounded)  # (looked at again only once more has come)
@@ -1410,3 +1465,4 @@ class Worker:
     def _send_events(self, batch: list[dict[str, Any]]) -> None:
         if self._dealer is not None:
             self._send(self._frame("agent_events", events=batch))
+            self._unread.append((self._sent_n, batch))
