@@ -47,6 +47,11 @@ SHARE = 0.25
 #: a rate is measured over at least this share of the lease: acks read in one loop turn measure
 #: nothing, and a frame read just after a sample began does not make a slow link look fast
 SAMPLE_SHARE = 0.05
+#: a worker's lease echo that comes back later than the coordinator's echo cadence plus this share
+#: of the lease says its heartbeat waited behind more than the credit meant it to (a quarter of
+#: the lease): the credit halves, and grows again only once an echo comes within QUICK_SHARE
+SLOW_SHARE = 0.2
+QUICK_SHARE = 0.1
 
 
 def longest_crossing(size: int, lease: float) -> float:
@@ -63,7 +68,7 @@ class SendWindow:
     """Bytes sent on one connection and not yet read, and the frames waiting for room."""
 
     __slots__ = ("lease", "floor", "ceiling", "credit", "held", "opening", "last", "_sent", "_read", "_marks",
-                 "_sample")
+                 "_sample", "_cap")
 
     def __init__(self, lease: float = 5.0, floor: int = FLOOR, ceiling: int = CEILING) -> None:
         self.lease = lease
@@ -82,6 +87,7 @@ class SendWindow:
         self._read = 0  # of them, bytes the other side said it read
         self._marks: collections.deque[tuple[int, int]] = collections.deque()  # (number, bytes sent through it)
         self._sample: tuple[float, int] | None = None  # (when, bytes read then): frames have waited since
+        self._cap = ceiling  # the most the rate may raise the credit to (see echoed)
 
     @property
     def in_flight(self) -> int:
@@ -130,8 +136,23 @@ class SendWindow:
         if now - since < self.lease * SAMPLE_SHARE:
             return
         rate = (self._read - read_then) / (now - since)
-        self.credit = int(min(self.ceiling, max(self.floor, rate * self.lease * SHARE)))
+        self.credit = int(min(self._cap, max(self.floor, rate * self.lease * SHARE)))
         self._sample = (now, self._read) if waiting else None
+
+    def echoed(self, age: float, cadence: float) -> None:
+        """A worker's lease echo came back ``age`` seconds after its heartbeat left (its own
+        clock's stamp, echoed every ``cadence`` seconds).  The rate the other side reads at is
+        not the link's when it reads in bursts: a coordinator starved of the CPU (beside 4 CPU
+        burners) read a backlog that had crossed meanwhile, its rate looked 2.6 times the 1 MB/s
+        link's, the credit grew to 1.3 MB, the heartbeats waited up to 1.35 s behind it, and the
+        2 s lease ran out.  So the echo's delay rules too: late, the credit halves (down to the
+        floor) and the rate may not raise it past that until an echo comes back quick again."""
+        late = age - cadence
+        if late > self.lease * SLOW_SHARE:
+            self._cap = max(self.floor, min(self.credit, self._cap) // 2)
+            self.credit = min(self.credit, self._cap)
+        elif late < self.lease * QUICK_SHARE:
+            self._cap = self.ceiling
 
     def _release(self) -> list[bytes]:
         held, going = self.held, []

@@ -103,3 +103,37 @@ def test_frames_waiting_outside_the_window_count_for_the_rate():
     without.read(1, now=0.0)
     without.read(7, now=0.1)  # nothing waited: the link was not the limit, nothing measured
     assert without.credit == flow.FLOOR
+
+
+def _burst(window: SendWindow, n: int, now: float, size: int = 100_000, count: int = 10) -> int:
+    """``count`` frames of ``size`` sent, then read within 0.1 s (a backlog read at once, after a
+    stall: 10 MB/s where the link carries 1): the number of the last."""
+    for i in range(count):
+        window.count(n + i, size)
+    window.read(n - 1, now=now, waiting=True)
+    window.read(n + count - 1, now=now + 0.1, waiting=True)
+    return n + count
+
+
+def test_a_late_echo_halves_the_credit_and_keeps_the_rate_from_raising_it_until_one_is_quick():
+    """A coordinator starved of the CPU read in bursts: the rate it read at looked 2.6 times the
+    link's, and the credit grew until the worker's heartbeats waited past its lease."""
+    window = SendWindow(lease=2.0)
+    n = _burst(window, 1, now=0.0)
+    assert window.credit == pytest.approx(5_000_000, abs=1)  # 1 MB in 0.1 s, a quarter of 2 s of it
+    window.echoed(1.0, cadence=0.4)  # 0.6 s later than its cadence: over a fifth of the lease
+    assert window.credit == 2_500_000
+    n = _burst(window, n, now=1.0)
+    assert window.credit == 2_500_000  # (the bursts' rate no longer raises it)
+    window.echoed(0.9, cadence=0.4)
+    window.echoed(0.9, cadence=0.4)
+    assert window.credit == 625_000
+    window.echoed(0.7, cadence=0.4)  # late by less than a fifth and more than a tenth: no change
+    _burst(window, n, now=2.0)
+    assert window.credit == 625_000
+    window.echoed(0.55, cadence=0.4)  # late by 0.15 s, under a tenth of the lease: quick again
+    n = _burst(window, n + 10, now=3.0)
+    assert window.credit == pytest.approx(5_000_000, abs=1)
+    for _ in range(30):
+        window.echoed(2.0, cadence=0.4)
+    assert window.credit == flow.FLOOR

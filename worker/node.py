@@ -1149,6 +1149,7 @@ class Worker:
             kind = message["type"]
         if kind == "heartbeat_reply":
             self._renew_lease(message["echo"])  # liveness never waits behind a burst of starts
+            self._window.echoed(clock.now() - message["echo"], self._limits.interval)  # (flow.py)
             # (room for reports that wait: _serve sends them)
             self._window.read(message["read"], clock.now(), bool(self._pending))
             unread = self._unread
@@ -1421,12 +1422,15 @@ class Worker:
         sent, total = 0, len(pending)
         while sent < total and (force or window.room()):
             end, chars = sent, 0
+            # (and within the room left: a frame of long errors far past the credit held our
+            # heartbeats behind it, 260 kB of them over a 1 MB/s link with 64 kB of credit)
+            most = _ERROR_CHARS_PER_MESSAGE if force else min(_ERROR_CHARS_PER_MESSAGE, window.credit - window.in_flight)
             while end < total and end - sent < _EVENTS_PER_MESSAGE:
                 item = pending[end]
                 event = item["event"]
                 if event == "AGENT_ERROR":
                     cost = _error_chars(item)
-                    if end > sent and chars + cost > _ERROR_CHARS_PER_MESSAGE:
+                    if end > sent and chars + cost > most:
                         break
                     chars += cost
                 elif event == "AGENT_STARTED":
