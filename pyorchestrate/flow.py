@@ -18,7 +18,8 @@ start or payload over PART_BYTES crosses in parts.  The credit follows the link:
 wait, the other side reads at the link's rate (or its loop's), and the credit is what that rate
 carries in a quarter of the lease (never less than FLOOR, never more than CEILING).  On loopback
 it reaches the ceiling within the first burst; over 1 MB/s with a 2 s window it settles near
-500 kB, half a second of link.
+500 kB, half a second of link.  A reader that reads in bursts (starved of the CPU) looks faster
+than the link, so a worker also watches how late its lease echoes come back (SendWindow.echoed).
 
 Pure: no socket, no clock (``now`` is passed in).  A ``SendWindow`` per worker connection lives
 on its ``WorkerRecord`` (core.py holds and releases frames), and one in the worker for what it sends.
