@@ -51,7 +51,7 @@ E = plain_members(OrchestratorEvent)
 _EVENT_BY_NAME: dict[str, OrchestratorEvent] = {e.value: e for e in OrchestratorEvent}
 _STARTS_PER_FRAME = 250  # agents in one starts frame (a frame stays small; the worker acts on it at once)
 _RECOVERED = {"recovered": True}  # read only (_publish_agent copies what it is given)
-_CLOSED_REMEMBERED = 10_000  # identities of closed connections remembered (oldest forgotten)
+_CLOSED_REMEMBERED = 10_000  # identities of closed connections, and ended copies, remembered (oldest forgotten)
 #: ``isinstance(key, str)`` as a C callable for ``map`` (what msgpack decodes as a map key is an
 #: exact str or bytes)
 _is_str = str.__instancecheck__
@@ -124,6 +124,9 @@ class ClusterCore(Registration, CommandHandlers):
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.closing_connections: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: runs whose end their worker reported, (agent, run, epoch), the latest: such a copy has
+        #: stopped, so a report of it that comes again later asks for no stop (see _stale_event)
+        self.ended_copies: collections.OrderedDict[tuple[str, str, int], None] = collections.OrderedDict()
         self._depended: collections.Counter[str] = collections.Counter()  # never forget these
 
     # ================================================================== helpers
@@ -342,7 +345,7 @@ class ClusterCore(Registration, CommandHandlers):
             worker.disconnected_at = now
 
     @staticmethod
-    def _remember(connections: collections.OrderedDict[bytes, None], identity: bytes) -> None:
+    def _remember(connections: collections.OrderedDict[Any, None], identity: Any) -> None:
         connections[identity] = None
         if len(connections) > _CLOSED_REMEMBERED:
             connections.popitem(last=False)
@@ -546,6 +549,7 @@ class ClusterCore(Registration, CommandHandlers):
                 # a one-shot agent whose work had begun when the stop came (its execute() need not
                 # look at it): its end is its own, done or failed. Moved, it ran a second time
                 record.then = None
+            self._remember(self.ended_copies, (record.name, record.run, record.epoch))
             self._run_over(record, ok, fields, now)
             return
         if event is E.AGENT_STARTED:
@@ -594,11 +598,9 @@ class ClusterCore(Registration, CommandHandlers):
     def _stale_event(self, worker: WorkerRecord, item: dict[str, Any], now: float) -> None:
         """A report about a copy that is not the current run (replaced, or a previous coordinator's)."""
         name = item["agent"]
-        record = self.agents.get(name)
-        if (item["event"] != "AGENT_TERMINATED" and record is not None and record.worker == worker.name
-                and (record.run, record.epoch) == (item["run"], item["epoch"])):
-            # of the run that ended last, which we have the end of: said again (a register carries
-            # what we may not have read; ends_from_anywhere took it first), nothing to stop
+        if item["event"] != "AGENT_TERMINATED" and (name, item["run"], item["epoch"]) in self.ended_copies:
+            # of a run whose end its worker reported: said again (a register carries what we may
+            # not have read; ends_from_anywhere took it first), and that copy has stopped
             self.drop("duplicate_report", f"{name} {item['event']}")
             return
         if item["event"] == "AGENT_TERMINATED":

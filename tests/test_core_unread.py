@@ -129,3 +129,14 @@ def test_reports_a_coordinator_cannot_tell_it_read_are_counted_as_maybe_lost():
     h.register("w1", conn=4, unread=[{"n": 7, "events": failed}], unread_conn=3)
     assert ("report_maybe_lost", 1) in drops
     assert not [p for p in h.published if p.event.value == "AGENT_ERROR"]
+
+
+def test_a_report_of_a_run_given_up_without_its_end_still_stops_that_copy():
+    """Only a run whose end its worker reported has stopped: a report of one we failed for want
+    of its end (its worker registered without it) may come from a copy that runs, and is stopped."""
+    h = Harness()
+    _, record = _ready(h)
+    w1 = h.register("w1", identity=b"w1/2", conn=2)  # lists no copy, and reports no end
+    assert _lifecycle(h, "a")[-1] == "AGENT_TERMINATED"
+    h.report(w1, record, "AGENT_ERROR", n=2, error_message="still here", recoverable=True)
+    assert [(m["agent"], m["run"], m["epoch"]) for m in h.to(w1, "stop")] == [("a", record.run, record.epoch)]
