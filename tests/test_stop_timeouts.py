@@ -1,6 +1,5 @@
 """A worker's supervisor holds each stopping copy to its stop timeout (real agent threads, no
-sockets): it looks at a copy when its timeout runs out, not at every stopping copy every loop
-turn (that scan took the worker's loop 18 ms a turn with 8,000 copies stopping)."""
+sockets), the latest said: a stop said again with a shorter one is held to that."""
 
 from __future__ import annotations
 

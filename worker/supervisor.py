@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import heapq
 import itertools
 import logging
 import multiprocessing
@@ -48,9 +47,6 @@ Report = Callable[[str, str, int, str, dict], None]
 Key = tuple[str, str, int]
 
 _CLASS_CACHE_SIZE = 256
-#: a process agent past its stop timeout is looked at this often until it is gone (SIGTERM, then
-#: SIGKILL 2 s on)
-_KILL_CHECK = 0.05
 
 
 def _stderr_level() -> int:
@@ -136,11 +132,6 @@ class Supervisor:
         self._by_name: dict[str, list[Key]] = {}
         self._ended: collections.deque[Key] = collections.deque()
         self._stopping: set[Key] = set()
-        #: when each of them is past its stop timeout, soonest first: (moment, key), some stale (a
-        #: copy ended since, a timeout said again), told by looking at the copy.  Scanning every
-        #: stopping copy each loop turn, as before, took the loop 18 ms a turn with 8,000 of them
-        #: (in a stop of S11's 20,000 agents; wall time, mostly waiting for the GIL)
-        self._due: list[tuple[float, Key]] = []
         # threads are started by a thread of their own: Thread.start() waits until the new
         # thread runs, and with thousands of agent threads queued for the GIL that wait took 11 s
         # in one loop turn (the worker fell silent and was declared lost)
@@ -534,13 +525,11 @@ class Supervisor:
         return True
 
     def _request_stop(self, record: Running, timeout: float | None) -> None:
-        if timeout is not None and timeout != record.stop_timeout:
+        if timeout is not None:
             record.stop_timeout = timeout
-            if record.stop_requested_at is not None:
-                self._check_at(record)  # (said again with another timeout: it counts)
         if record.stop_requested_at is None:
             record.stop_requested_at = clock.now()
-            self._check_at(record)
+            self._stopping.add(record.key)
         if record.host is not None:
             record.host.send(["stop", record.slot])
         elif record.mode == "thread":
@@ -608,7 +597,7 @@ class Supervisor:
             if lease_end is not None and record.stop_requested_at is None:
                 record.deadline = True
                 record.stop_requested_at = min(lease_end, clock.now())
-                self._check_at(record)
+                self._stopping.add(record.key)
             self._request_stop(record, timeout)
         return len(records)
 
@@ -620,38 +609,21 @@ class Supervisor:
         self.enforce_stop_timeouts()
         return self.forget_finished()
 
-    def _check_at(self, record: Running, moment: float | None = None) -> None:
-        """Look at a stopping copy again at ``moment`` (by default: when its stop timeout runs out)."""
-        if moment is None:
-            moment = record.stop_requested_at + record.stop_timeout
-        # (no lock: the loop's thread alone stops copies and looks at them, and a push is one C
-        # call; taking the lock every agent thread ends under, 10,000 times in a stop, is not free)
-        self._stopping.add(record.key)
-        heapq.heappush(self._due, (moment, record.key))
-
     def enforce_stop_timeouts(self) -> None:
         """Terminate process agents that ignored a stop request past their timeout (call often)."""
         if not self._stopping:  # read without the lock: a stop requested meanwhile is seen next turn
             return
         now = clock.now()
-        due = self._due
-        records = []
-        while due and due[0][0] <= now:
-            key = heapq.heappop(due)[1]
-            record = self._agents.get(key)  # (one C call: no lock needed to read it)
-            if record is not None:
-                records.append(record)
-            else:
-                self._stopping.discard(key)
+        with self._lock:
+            records = [r for r in map(self._agents.get, list(self._stopping)) if r is not None]
         for record in records:
             if record.terminated or record.stop_requested_at is None:
                 self._stopping.discard(record.key)
                 continue
             overdue = now - record.stop_requested_at - record.stop_timeout
             if overdue < 0:
-                continue  # (its timeout was said again, longer: looked at again then)
+                continue
             if record.mode == "process" and record.process.is_alive():
-                self._check_at(record, now + _KILL_CHECK)  # (until it is gone)
                 first, record.forced = not record.forced, True
                 if overdue < 2.0 and not record.deadline:
                     if first:  # said once, not once a turn for those 2 s (40 lines at the loop's pace)
