@@ -288,6 +288,10 @@ class ClusterCore(Registration, CommandHandlers):
             self.drop("unexpected", kind)
 
     def heartbeat(self, worker: WorkerRecord, message: dict[str, Any], now: float) -> None:
+        if message["lease_age"] >= 0:
+            # our echoes to it wait behind what we send it: its lease late, we send less at a time
+            # (flow.py; a worker starved of the CPU reads in bursts, and looks faster than its link)
+            worker.window.echoed(float(message["lease_age"]), self.limits.interval)
         self._worker_read(worker, message["read"], now)
         if message["sent"] > worker.recv_n:
             # it is not numbered, and follows on its connection the frames it says it sent: some

@@ -19,7 +19,8 @@ wait, the other side reads at the link's rate (or its loop's), and the credit is
 carries in a quarter of the lease (never less than FLOOR, never more than CEILING).  On loopback
 it reaches the ceiling within the first burst; over 1 MB/s with a 2 s window it settles near
 500 kB, half a second of link.  A reader that reads in bursts (starved of the CPU) looks faster
-than the link, so a worker also watches how late its lease echoes come back (SendWindow.echoed).
+than the link, so the lease's delay rules too (SendWindow.echoed): a worker watches how late its
+echoes come back, and tells the coordinator how old its lease is in each heartbeat.
 
 Pure: no socket, no clock (``now`` is passed in).  A ``SendWindow`` per worker connection lives
 on its ``WorkerRecord`` (core.py holds and releases frames), and one in the worker for what it sends.

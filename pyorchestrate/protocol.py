@@ -183,9 +183,12 @@ MESSAGES: dict[str, dict[str, Any]] = {
     # sent (optional both ways; -1: not said): the number of the last numbered frame the worker
     # sent before this heartbeat, which is not numbered (flow.py); waiting (optional both ways):
     # it holds reports back for room, so its count may be ahead of what it reported
+    # lease_age (optional both ways; negative: not said): how old its lease was as it sent this (the
+    # latest echo's stamp, on its clock): late, the coordinator sends it less at a time (flow.py)
     "heartbeat": {"t": Optional(_NUM, 0.0), "running": Optional(_INT, -1), "read": Optional(_INT, -1),
                   "leaving": Optional(bool, False), "dropped": Optional(MapOf(_INT), {}),
-                  "sent": Optional(_INT, -1), "waiting": Optional(bool, False)},
+                  "sent": Optional(_INT, -1), "waiting": Optional(bool, False),
+                  "lease_age": Optional(_NUM, -1.0)},
     # what happened to agents since the last one (a thread agent's STARTED, READY and TERMINATED
     # often travel together)
     "agent_events": {"events": ListOf(AGENT_EVENT)},

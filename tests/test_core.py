@@ -845,6 +845,25 @@ def test_frames_past_a_workers_credit_wait_in_order_and_its_echoes_do_not():
     assert [item["agent"] for item in h.to(w1, "start")] == [f"b{i:02}" for i in range(40)]
 
 
+def test_a_workers_late_lease_makes_us_send_it_less_at_a_time():
+    """Our echoes wait behind what we send it: a worker starved of the CPU reads in bursts and
+    looks faster than its link, and its lease runs late; its heartbeats say how late (lease_age),
+    and our credit to it halves each time until one says it is quick again (flow.py)."""
+    h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)  # a 2 s lease
+    w1 = h.register("w1")
+    window = h.core.workers["w1"].window
+    window.credit = 1_000_000  # (as a fast reader made it)
+    h.beat(w1, lease_age=0.5)  # within the cadence and a tenth of the lease: quick
+    assert window.credit == 1_000_000
+    h.beat(w1, lease_age=1.3)  # 0.9 s late: over a fifth of the lease
+    h.beat(w1, lease_age=1.7)
+    assert window.credit == 250_000
+    _burst(h, w1, count=80)  # 800 kB of starts: most wait for room
+    assert window.held
+    h.read_all(w1, seconds=0.11)  # 250 kB read in 0.11 s (a backlog, say): the rate no longer raises it
+    assert window.credit == 250_000
+
+
 def test_a_big_payload_crosses_in_parts_and_echoes_pass_between_them():
     h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)
     w1, record = h.ready("inboxed")

@@ -1015,8 +1015,11 @@ class Worker:
             fields["waiting"] = True
         # not numbered: it goes at once, never behind reports waiting for room; ``sent`` says how
         # far the frames before it go (the coordinator reads them first: if not, some were lost)
-        self._send_plain(protocol.encode("heartbeat", t=clock.now(), running=running, read=self._recv_n,
-                                         sent=self._sent_n, **fields))
+        now = clock.now()
+        # (how old our lease is: the coordinator's echoes wait behind what it sends us, and
+        # late, it sends us less at a time; flow.py)
+        self._send_plain(protocol.encode("heartbeat", t=now, running=running, read=self._recv_n,
+                                         sent=self._sent_n, lease_age=max(0.0, now - self._lease_from), **fields))
         self._unsaid = 0
 
     def _send(self, frame: bytes) -> None:
