@@ -38,7 +38,10 @@ def _waiting_at(address: str) -> int:
 
 
 def test_errors_lost_with_a_reset_link_come_again_with_the_register_once_each_and_in_order(cluster):
-    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=1.0, heartbeat_liveness=10)
+    # a 30 s window: nothing is heard from the worker while the link holds its way (a one-way
+    # cut), and beside 4 CPU burners that lasted past a 10 s window once (the worker was, rightly,
+    # declared lost); with only 10 agents it runs no pulse process to vouch for it
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=1.0, heartbeat_liveness=30)
     events = EventLog(orch)
     orch.start()
     link, address = relay.start(orch.address)
@@ -56,6 +59,9 @@ def test_errors_lost_with_a_reset_link_come_again_with_the_register_once_each_an
         wait_for(lambda: _waiting_at(address) >= 20_000, 30, "the reports on the link")
         assert not events.of("AGENT_ERROR")  # (held: the coordinator has read none of them)
         os.kill(link.pid, signal.SIGQUIT)  # the link resets: what it held is lost
+        # (only then let it flow: both at once, the relay ran SIGHUP's handler first, by signal
+        # number, and what it held went through before the reset)
+        wait_for(lambda: _waiting_at(address) == 0, 10, "the link reset")
         os.kill(link.pid, signal.SIGHUP)
         events.wait("AGENT_TERMINATED", timeout=30, count=len(names))
         wait_for(lambda: len(events.of("AGENT_ERROR")) >= len(names), 10, "every error")
