@@ -60,8 +60,10 @@ def test_errors_lost_with_a_reset_link_come_again_with_the_register_once_each_an
         assert not events.of("AGENT_ERROR")  # (held: the coordinator has read none of them)
         os.kill(link.pid, signal.SIGQUIT)  # the link resets: what it held is lost
         # (only then let it flow: both at once, the relay ran SIGHUP's handler first, by signal
-        # number, and what it held went through before the reset)
-        wait_for(lambda: _waiting_at(address) == 0, 10, "the link reset")
+        # number, and what it held went through before the reset.  The worker may have connected
+        # again meanwhile: its greeting waits on the held link, and nothing more can until the
+        # handshake is done)
+        wait_for(lambda: _waiting_at(address) < 1_000, 10, "the link reset")
         os.kill(link.pid, signal.SIGHUP)
         events.wait("AGENT_TERMINATED", timeout=30, count=len(names))
         wait_for(lambda: len(events.of("AGENT_ERROR")) >= len(names), 10, "every error")
