@@ -49,8 +49,8 @@ SHARE = 0.25
 #: a rate is measured over at least this share of the lease: acks read in one loop turn measure
 #: nothing, and a frame read just after a sample began does not make a slow link look fast
 SAMPLE_SHARE = 0.05
-#: a worker's lease echo that comes back later than the coordinator's echo cadence plus this share
-#: of the lease says its heartbeat waited behind more than the credit meant it to (a quarter of
+#: a lease echo that comes back later than the coordinator's echo cadence plus this share of the
+#: lease says the lease's messages waited behind more than the credit meant them to (a quarter of
 #: the lease): the credit halves, and grows again only once an echo comes within QUICK_SHARE
 SLOW_SHARE = 0.2
 QUICK_SHARE = 0.1
@@ -143,7 +143,9 @@ class SendWindow:
 
     def echoed(self, age: float, cadence: float) -> None:
         """A worker's lease echo came back ``age`` seconds after its heartbeat left (its own
-        clock's stamp, echoed every ``cadence`` seconds).  The rate the other side reads at is
+        clock's stamp, echoed every ``cadence`` seconds): the worker calls this for what it
+        sends, and the coordinator for what it sends the worker, with the lease age the worker's
+        heartbeat says (its echoes wait behind those frames).  The rate the other side reads at is
         not the link's when it reads in bursts: a coordinator starved of the CPU (beside 4 CPU
         burners) read a backlog that had crossed meanwhile, its rate looked 2.6 times the 1 MB/s
         link's, the credit grew to 1.3 MB, the heartbeats waited up to 1.35 s behind it, and the
