@@ -67,7 +67,12 @@ def serve(mountpoint: str) -> None:
             time.sleep(0.2)
         os._exit(0)  # the kernel aborts the mount's connection: its waiters get ENOTCONN
 
+    # (made with SIGUSR1 blocked, which it keeps: the kernel gives the signal to the main thread,
+    # whose read it interrupts, so the handler runs at once; a signal given to this thread waited
+    # in Python until the main thread's read returned, as relay.py's did)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     threading.Thread(target=bounded, daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     print("mounted", flush=True)
     while True:
         try:

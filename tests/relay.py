@@ -37,6 +37,8 @@ def start(target: str, delay: float = 0.0, rate: float = 0.0,
     return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
+#: what the relay is told by (their handlers run in the main thread, see _spawn)
+SIGNALS = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGWINCH, signal.SIGQUIT}
 #: set while that way flows: [to the target, back from it]
 FLOWING = [threading.Event(), threading.Event()]
 #: the ends of every connection carried so far (SIGQUIT shuts them all)
@@ -60,10 +62,25 @@ class Narrow:
         time.sleep(max(0.0, done - time.monotonic()))
 
 
+def _spawn(target, *args) -> None:
+    """A thread that never takes the relay's signals, so the kernel gives them to the main thread.
+
+    Python runs a handler only in the main thread, and only once that thread runs bytecode: a
+    signal the kernel gave to a piping thread left the main thread asleep in accept() with the
+    handler pending, until the next connection came.  A link told to reset or flow did neither
+    (seen beside 4 CPU burners: a worker went unheard for its whole window, then was declared lost).
+    Blocked in the main thread while the thread is made: a new thread takes its maker's mask."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        threading.Thread(target=target, args=args, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _pipe(source: socket.socket, sink: socket.socket, way: threading.Event, delay: float, link: Narrow) -> None:
     late: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
     if delay:
-        threading.Thread(target=_deliver, args=(late, sink), daemon=True).start()
+        _spawn(_deliver, late, sink)
     try:
         # (a narrow link: small turns, so one connection cannot hog it)
         while way.wait() and (data := source.recv(4096 if link.rate else 65536)):
@@ -114,7 +131,7 @@ def main() -> None:
     rate = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     later = sys.argv[4:] == ["later"]
     links = [Narrow(0.0 if later else rate), Narrow(0.0 if later else rate)]  # one per way
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    _spawn(_end_with_parent, os.getppid())
     for way in FLOWING:
         way.set()
     signal.signal(signal.SIGUSR1, lambda *_: FLOWING[0].clear())
@@ -133,7 +150,7 @@ def main() -> None:
             continue
         ENDS.extend((client, upstream))
         for a, b, way, link in ((client, upstream, FLOWING[0], links[0]), (upstream, client, FLOWING[1], links[1])):
-            threading.Thread(target=_pipe, args=(a, b, way, delay, link), daemon=True).start()
+            _spawn(_pipe, a, b, way, delay, link)
 
 
 if __name__ == "__main__":
