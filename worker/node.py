@@ -74,6 +74,9 @@ _ERRORS_KEPT = 10  # recoverable errors of one copy kept while no coordinator li
 _PENDING_MAX = 200_000  # reports kept while no coordinator listens (beyond: the oldest go, counted)
 _RECENT_ENDS = 2_000  # last TERMINATED reports, repeated in every registration (one may have been lost)
 POLL_CAP_MS = 100
+#: how long a loop that finds its lease past the window waits for frames already on their way
+#: (_read_arrived): one poll cap, so a lease that did run out is acted on at most that much later
+ARRIVED_WAIT = POLL_CAP_MS / 1000
 #: one loop turn reads at most this many control frames, and spends at most this long acting on
 #: them and at most this long sending bus batches: no burst can keep the loop from heartbeating
 READ_SLICE = 2000
@@ -1050,7 +1053,11 @@ class Worker:
         while not self._shutdown.is_set():
             now = clock.now()
             # the lease first: a worker resumed after SIGSTOP must not vouch for agents the
-            # coordinator may have restarted elsewhere meanwhile; it registers again instead
+            # coordinator may have restarted elsewhere meanwhile; it registers again instead.  But
+            # judged on what has come: an echo that arrived while we were stalled renews it
+            if now - self._lease_from > self._limits.lease and not self._lease_expired:
+                if self._read_arrived() == "reconnect":
+                    return
             if self._check_lease():
                 log.warning("coordinator %s silent for %.1f s: registering again", self.coordinator,
                             now - self._lease_from)
@@ -1094,6 +1101,27 @@ class Worker:
             if now >= self._next_parent_check:  # a system call: once a poll cap, not every turn
                 self._next_parent_check = now + POLL_CAP_MS / 1000
                 self._check_parent()
+
+    def _read_arrived(self) -> str | None:
+        """Read what came for us, waiting up to ARRIVED_WAIT for it, until an echo renews the lease.
+
+        After a stall (SIGSTOP, a starved CPU) the loop found its lease past the window before its
+        poll had seen the echoes that arrived meanwhile: libzmq's I/O thread, stalled too, had not
+        yet moved them from the kernel's buffer.  A worker stopped 0.8 s of every second, with a 2 s
+        window and no agent, registered again within 6 s, every time.  An echo read late renews the
+        lease safely: it counts from our own stamp (_renew_lease).  The wait is at most ARRIVED_WAIT
+        and only once the lease looks expired; agents told to stop keep their deadline, counted
+        from the lease's end (Supervisor.stop_all)."""
+        assert self._dealer is not None
+        start = clock.now()
+        lease_from = self._lease_from
+        while self._lease_from == lease_from:
+            left = ARRIVED_WAIT - (clock.now() - start)
+            if left <= 0 or not self._dealer.poll(max(1, int(left * 1000))):
+                return None
+            if self._read_control() == "reconnect":
+                return "reconnect"
+        return None
 
     def _read_control(self) -> str | None:
         """Read up to READ_SLICE frames: check their numbering, renew the lease from heartbeat
