@@ -305,6 +305,13 @@ class ClusterCore(Registration, CommandHandlers):
         worker.last_seen = now
         worker.busy_said = False
         worker.last_t = max(worker.last_t, float(message["t"]))
+        # echoed at once, not at our next tick: its lease counts from the stamp we echo, and its
+        # process agents stop theirs at that lease's end if it is stopped then (lease_guard.py).
+        # Held for the tick, the echo was up to an interval older: a worker stopped 0.8 s of every
+        # second with a 2 s window had its process agent stopped by that guard, though nobody
+        # had missed it (tests/test_starved_worker.py)
+        worker.last_beat_sent = now
+        self._echo(worker)
         worker.disconnected_at = None
         if message["dropped"]:
             worker.dropped = _drop_counts(message["dropped"])

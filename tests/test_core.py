@@ -835,7 +835,7 @@ def test_frames_past_a_workers_credit_wait_in_order_and_its_echoes_do_not():
     sent = [m["n"] for i, m in h.sent if i == w1 and m["n"]]
     assert sent == list(range(1, len(sent) + 1)) and 5 <= len(sent) <= 9  # the welcome and 64 KiB of starts
     assert len(window.held) == 41 - len(sent) and window.in_flight >= flow.FLOOR
-    h.beat(w1)  # (its echo goes out at the tick)
+    h.beat(w1)  # (echoed at once, and again at the tick)
     h.step(0.4)
     echo = h.to(w1, "heartbeat_reply")[-1]
     assert echo["n"] == 0 and echo["sent"] == sent[-1]
@@ -1842,3 +1842,15 @@ def test_the_stop_deadline_waits_while_frames_are_still_to_be_read():
     h.step()
     assert record.state is S.TERMINATED
     assert "did not stop in time" in h.events("AGENT_ERROR")[-1].fields["error_message"]
+
+
+def test_a_heartbeat_is_echoed_at_once_not_at_the_next_tick():
+    """The worker's lease, and the one it tells its process agents, counts from the stamp echoed:
+    an echo held for the tick made it up to an interval older (tests/test_starved_worker.py)."""
+    h = Harness(heartbeat_interval=0.4, heartbeat_liveness=5)
+    w1 = h.register("w1")
+    h.step(0.4)
+    h.sent.clear()
+    h.now += 0.1  # (between two ticks)
+    h.beat(w1)
+    assert [m["echo"] for m in h.to(w1, "heartbeat_reply")] == [h.now]

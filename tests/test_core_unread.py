@@ -76,7 +76,8 @@ def test_frames_lost_on_the_way_are_not_said_read_and_come_again_with_the_regist
     h.sent.clear()
     h.beat(w1)
     h.step(h.core.limits.interval)
-    assert [m["read"] for m in h.to(w1, "heartbeat_reply")] == [2]
+    said = [m["read"] for m in h.to(w1, "heartbeat_reply")]  # (the beat's own echo, and the tick's)
+    assert said and set(said) == {2}
     h.register("w1", identity=w1, conn=1, n=5, events=[], agents=[h.running_report(other, "STARTED")],
                unread=[{"n": 3, "events": failed}, {"n": 4, "events": [_item(other, "AGENT_STARTED")]}],
                unread_conn=1, seen_session="inc1")
@@ -85,7 +86,8 @@ def test_frames_lost_on_the_way_are_not_said_read_and_come_again_with_the_regist
     h.sent.clear()
     h.beat(w1)
     h.step(h.core.limits.interval)
-    assert [m["read"] for m in h.to(w1, "heartbeat_reply")] == [5]  # (all of it taken: said read)
+    said = [m["read"] for m in h.to(w1, "heartbeat_reply")]
+    assert said and set(said) == {5}  # (all of it taken: said read)
 
 
 def test_a_second_register_carrying_the_same_reports_takes_none_again():

@@ -877,6 +877,10 @@ class Worker:
             self._lease_expired = False
             self._stuck_said = False
             self._strays_due = None  # the lease runs again: what runs here is its agents' again
+            # its process agents told now, not at our next heartbeat: they stop theirs at the end of
+            # the lease last told if we are stopped then (lease_guard.py), and a lease told a
+            # heartbeat late ended that much sooner (tests/test_starved_worker.py)
+            self._supervisor.renew_lease(self._lease_from + self._limits.lease)
         self._supervisor.lease.until = self._lease_from + self._limits.lease  # for its agents' threads
 
     def _maybe_pulse(self) -> None:
