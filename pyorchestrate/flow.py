@@ -143,7 +143,8 @@ class SendWindow:
 
     def echoed(self, age: float, cadence: float) -> None:
         """A worker's lease echo came back ``age`` seconds after its heartbeat left (its own
-        clock's stamp, echoed every ``cadence`` seconds): the worker calls this for what it
+        clock's stamp; the coordinator echoes each heartbeat as it reads it, and every ``cadence``
+        seconds if none came, so ``cadence`` is the slack allowed): the worker calls this for what it
         sends, and the coordinator for what it sends the worker, with the lease age the worker's
         heartbeat says (its echoes wait behind those frames).  The rate the other side reads at is
         not the link's when it reads in bursts: a coordinator starved of the CPU (beside 4 CPU
