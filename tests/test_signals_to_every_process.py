@@ -91,7 +91,12 @@ def test_sigterm_to_all_of_a_workers_processes_stops_every_agent_gracefully(clus
     everyone = [worker, *_descendants(worker)]
     assert len(everyone) == 5, everyone  # with the forkserver and the resource tracker
     for pid in everyone:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            # ended before its turn: the worker, signalled first, stopped it meanwhile (seen beside
+            # 4 CPU burners; a group's signal reaches all at once, this loop one at a time)
+            pass
     assert cluster.workers["w1"].wait(30) == 0
     for name in ("p", "t1", "t2"):
         events.wait("AGENT_TERMINATED", name, timeout=10)
