@@ -99,6 +99,13 @@ class MapOf:
 
 # One agent event reported by a worker (inside agent_events and register).
 AGENT_EVENT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "event": _STR, "fields": _DICT}
+#: the fields of an agent report whose types the coordinator relies on: it logs an error's message
+#: and traceback, and a run's end fails it unless ``ok`` is True.  A report with one of another type
+#: is no worker's of ours, and its frame is dropped: a worker's AGENT_ERROR whose traceback was not a
+#: string ended the coordinator's loop, and the whole cluster with it (one frame, found by
+#: tests/test_hostile_worker.py).  Other fields go on as they came: the bus carries them as given
+REPORT_FIELDS: dict[str, type] = {"error_message": str, "traceback": str, "recoverable": bool, "ok": bool}
+_REPORT_FIELD_NAMES = frozenset(REPORT_FIELDS)
 # One agent copy a worker runs (inside register): enough to fence it, reconnect it or adopt it.
 RUN_REPORT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "state": _STR,
                               "coordinator": _STR, "definition": _STR,
@@ -312,11 +319,34 @@ def decode(frame: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, 
     if schema is None:
         raise ProtocolError(f"unknown message type {type_!r}")
     _check(type_, schema, message)
+    if type_ in _REPORTING:
+        _check_reports(type_, message)
     # the envelope's one field, looked at inline: what msgpack decodes is an exact int or absent
     # (a second _check pass was 13 of the lines each decode ran, two decodes a launch)
     if message.setdefault("n", 0).__class__ is not int:
         _check("envelope", ENVELOPE, message)  # says what is wrong (a bool, a str...)
     return message
+
+
+#: the messages that carry agent reports (AGENT_EVENT items): their fields are checked too
+_REPORTING = frozenset({"agent_events", "register"})
+
+
+def _check_reports(what: str, message: dict[str, Any]) -> None:
+    """The fields of every report ``message`` carries, against REPORT_FIELDS (exact classes, as
+    msgpack decodes them: a bool is no int here, and an int no bool)."""
+    batches = [message["events"]]
+    if what == "register":
+        batches += [frame["events"] for frame in message["unread"]]
+    for items in batches:
+        for item in items:
+            fields = item["fields"]
+            # (most reports carry none of them: STARTED and READY carry no fields at all)
+            if fields and not _REPORT_FIELD_NAMES.isdisjoint(fields):
+                for name in _REPORT_FIELD_NAMES.intersection(fields):
+                    if fields[name].__class__ is not REPORT_FIELDS[name]:
+                        raise ProtocolError(f"{what}: {item['event']} of {item['agent']!r} has {name!r} of type "
+                                            f"{type(fields[name]).__name__}, expected {REPORT_FIELDS[name].__name__}")
 
 
 def check_fields(what: str, schema: dict[str, Any], fields: dict[str, Any]) -> None:

@@ -1,0 +1,229 @@
+"""A real coordinator against a worker that says odd things on a real connection: frames that pass
+protocol.py's schema (or nearly) with made-up values, about the copies it was really given and
+about others.  tests/test_core_fuzz.py does this to the pure core; this reaches what the core does
+not, the coordinator's loop carrying out what the core decides (publishing, logging, the handles,
+the callbacks, the bus's tail hold) and its reading of frames.
+
+What must hold: the loop never ends and no handler fails on such a frame (``handler_error``), and
+once the odd worker is gone the coordinator still runs agents on a real worker.  Found with it: a
+worker's AGENT_ERROR whose ``traceback`` was not a string ended the coordinator's loop, one frame
+stopping the whole cluster (protocol.REPORT_FIELDS).  Seeded and bounded: the same seed sends the
+same frames, at most FRAMES of them and for at most a minute."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import msgpack
+import pytest
+import zmq
+from agents import Forever, Quick
+from conftest import EventLog
+
+from pyorchestrate import RunMode, protocol
+from pyorchestrate.protocol import MESSAGES, ListOf, MapOf, Optional
+from pyorchestrate.versions import local_versions
+
+FRAMES = 3000
+EVENTS = ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", "AGENT_ERROR", "AGENT_LOG", "NO_SUCH_EVENT"]
+#: fields a worker's reports carry, and some that the coordinator adds to events (a report must
+#: not set those: publisher_field_in_report)
+FIELD_NAMES = [*protocol.REPORT_FIELDS, "folded", "reached", "bus_publisher", "bus_incarnation", "bus_seq",
+               "messages_taken", "messages_dropped", "messages_unhandled", "worker_leaving", "not_run", "reason",
+               "exitcode", "stuck", "attempt", "agent_name", "worker", "host", "epoch", "event", "seq", "publisher"]
+#: how a worker of ours is told (or tells) apart from the worker under test: only these types
+TYPES = (["agent_events"] * 8 + ["heartbeat"] * 3 + ["bus"] * 4 + ["register", "read", "closing", "pulse",
+                                                                   "coordinator_pulse", "starts", "welcome", "beats"])
+BUS_TOPICS = ["AGENT_LOG", "AGENT_EVENT", "AGENT_HEARTBEAT", "AGENT_TERMINATED", "_HISTORY", "WORKER_LOST"]
+
+
+class OddWorker:
+    """A raw DEALER registered as worker "odd", numbering its frames as a worker does, and the
+    copies the coordinator gave it (agent, run, epoch)."""
+
+    def __init__(self, ctx: zmq.Context, address: str, bus: str, rng: random.Random) -> None:
+        self.rng = rng
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(address)
+        # its bus, as a worker's: an XPUB the coordinator's XSUB subscribes to
+        self.pub = ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.connect(bus)
+        assert self.pub.poll(10_000), "the coordinator's bus never subscribed"
+        self.pub.recv()
+        self.n = self.wseq = 0
+        self.seqs: dict[tuple[str, str], int] = {}
+        self.copies: list[tuple[str, str, int]] = []
+        self.welcomed = 0
+        self.register()
+
+    def register(self, **fields) -> None:
+        fields = {"name": "odd", "incarnation": "odd-1", "host": "h", "pid": 1, "labels": {}, "capacity": 0,
+                  "versions": local_versions(), "agents": [], "token": "odd-token", "t": time.monotonic(), **fields}
+        self.dealer.send(protocol.encode("register", **fields))
+
+    def read(self) -> None:
+        while self.dealer.poll(0):
+            message = protocol.decode(self.dealer.recv())
+            if message["type"] == "starts":
+                self.copies += [(a["agent"], a["run"], a["epoch"]) for a in message["agents"]]
+            elif message["type"] == "welcome":
+                self.n, self.welcomed = 0, self.welcomed + 1
+            elif message["type"] == "reregister":
+                self.register(events=[], n=0)
+
+    def publish(self, values: "Values") -> None:
+        """A batch of bus events, or beats, about its copies (and others), numbered as a worker
+        numbers them (now and then not)."""
+        rng = self.rng
+        self.wseq += 1 if rng.random() < 0.95 else rng.choice([0, 2, -3])
+        token = "odd-token" if rng.random() < 0.95 else "another-token"
+        if rng.random() < 0.2:
+            beats = [[c[0], f"{c[1]}.{c[2]}", rng.choice([0, 1, 5, 2**40])] for c in self.copies[-5:]]
+            self.pub.send_multipart(protocol.encode_beats("odd", token, self.wseq, beats))
+            return
+        items = []
+        for _ in range(rng.randint(1, 4)):
+            agent, run, epoch = rng.choice(self.copies[-30:] or [("x", "x", 1)])
+            key = (f"odd/{agent}" if rng.random() < 0.9 else f"another/{agent}", f"{run}.{epoch}")
+            seq = self.seqs[key] = self.seqs.get(key, 0) + (1 if rng.random() < 0.9 else rng.choice([0, 3, -1]))
+            event = rng.choice(BUS_TOPICS)
+            body = {"event": event, "seq": seq, "publisher": key[0], "incarnation": key[1], "event_date": "d",
+                    "event_time": "t", "agent_name": agent, "worker": "odd", **values.fields()}
+            if rng.random() < 0.1:
+                body = values.anything()
+            items.append([key[0], key[1], f"{event}.{agent}", seq, msgpack.packb(body, use_bin_type=True)])
+        self.pub.send_multipart(protocol.encode_batch("odd", token, self.wseq, items))
+
+    def send(self, type_: str, fields: dict) -> None:
+        if type_ != "heartbeat" and self.rng.random() < 0.97:  # (now and then a gap: frames "lost")
+            self.n += 1
+            fields["n"] = self.n
+        self.dealer.send(protocol.encode(type_, **fields))
+
+
+class Values:
+    """Values for a schema's fields: what a worker would send, mostly about the copies it runs;
+    now and then a field of a type nobody sends (the schema drops those frames, as it must)."""
+
+    def __init__(self, rng: random.Random, worker: OddWorker) -> None:
+        self.rng, self.worker = rng, worker
+
+    def anything(self, depth: int = 0):
+        rng = self.rng
+        pick = rng.randrange(8 if depth < 2 else 6)
+        return [lambda: rng.choice(["", "x", "READY", " ", "é" * 3, "x" * 3000]),
+                lambda: rng.choice([0, 1, -1, 2**31, 2**63 - 1, -2**63]),
+                lambda: rng.choice([0.5, -1.0, 1e300, math.inf, math.nan]),
+                lambda: rng.random() < 0.5, lambda: None, lambda: b"\x00\xff",
+                lambda: [self.anything(depth + 1) for _ in range(rng.randint(0, 3))],
+                lambda: {rng.choice(FIELD_NAMES): self.anything(depth + 1) for _ in range(rng.randint(0, 3))}][pick]()
+
+    def fields(self, event: str = "") -> dict:
+        rng = self.rng
+        # an error says what and where, as a worker's do
+        names = ["error_message", "traceback"] if event == "AGENT_ERROR" and rng.random() < 0.8 else []
+        out = {}
+        for name in names + rng.sample(FIELD_NAMES, rng.randint(0, 6)):
+            kind = protocol.REPORT_FIELDS.get(name)
+            if kind is not None and rng.random() < 0.75:
+                out[name] = rng.random() < 0.5 if kind is bool else rng.choice(["", "boom", "x" * 2000])
+            else:
+                out[name] = self.anything()
+        return out
+
+    def item(self, schema: dict) -> dict:
+        out = {}
+        if "agent" in schema and self.worker.copies and self.rng.random() < 0.8:
+            agent, run, epoch = self.rng.choice(self.worker.copies[-30:])
+            out = {"agent": agent, "run": run, "epoch": epoch}
+        for name, kind in schema.items():
+            if name not in out and not (isinstance(kind, Optional) and self.rng.random() < 0.5):
+                out[name] = self.value(name, kind)
+        if "fields" in out and "event" in out:
+            out["fields"] = self.fields(out["event"])
+        return out
+
+    def value(self, name: str, kind):
+        rng = self.rng
+        if isinstance(kind, Optional):
+            kind = kind.kind
+        if isinstance(kind, ListOf):
+            return [self.item(kind.schema) for _ in range(rng.choice([0, 1, 1, 2, 3]))]
+        if isinstance(kind, MapOf):
+            return {rng.choice(FIELD_NAMES): self.value("", kind.kind) for _ in range(rng.randint(0, 3))}
+        if name == "fields":
+            return self.fields()
+        if name == "event":
+            return rng.choice(EVENTS)
+        if name == "leaving":  # (a worker leaving is given nothing new: now and then)
+            return rng.random() < 0.02
+        if name == "state":
+            return rng.choice(["STARTED", "READY", "TERMINATED", "NO_SUCH_STATE"])
+        if name in ("agent", "run"):
+            copies = self.worker.copies
+            return rng.choice([c[0 if name == "agent" else 1] for c in copies[-30:]] or ["x"]) if rng.random() < 0.7 else "x"
+        if kind is object:
+            return self.anything()
+        if isinstance(kind, tuple):
+            kind = rng.choice(kind)
+        return {str: lambda: rng.choice(["", "x", "odd", "é", "x" * 300]),
+                int: lambda: rng.choice([0, 1, -1, 2, 7, 2**31, 2**63 - 1, -2**63]),
+                float: lambda: rng.choice([0.0, -1.0, 0.5, 1e300, time.monotonic()]),
+                bool: lambda: rng.random() < 0.5, bytes: lambda: rng.choice([b"", b"x"]),
+                dict: lambda: self.fields(), list: lambda: [self.anything() for _ in range(rng.randint(0, 2))],
+                type(None): lambda: None}[kind]()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_worker_saying_odd_things_never_stops_the_coordinator(cluster, seed, caplog):
+    rng = random.Random(seed)
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON, heartbeat_interval=0.2)
+    events = EventLog(orch)
+    orch.start()
+    ctx = zmq.Context()
+    try:
+        odd = OddWorker(ctx, orch.address, orch.status()["addresses"]["bus"], rng)
+        values = Values(rng, odd)
+        for i in range(4):
+            orch.register_agent(Forever, f"a{i}", restart=rng.choice(["never", "on-failure", "always"]))
+        deadline = time.monotonic() + 60
+        for sent in range(FRAMES):
+            if time.monotonic() > deadline:
+                break
+            odd.read()
+            type_ = rng.choice(TYPES)
+            if type_ in ("bus", "beats"):
+                try:
+                    odd.publish(values)
+                except (TypeError, ValueError):
+                    pass
+                continue
+            fields = values.item(MESSAGES[type_])
+            if type_ == "register":  # its own name and token: the coordinator takes it for the same worker
+                fields.update(name="odd", incarnation="odd-1", token="odd-token", versions=local_versions())
+            try:
+                odd.send(type_, fields)
+            except (TypeError, ValueError):  # (a value msgpack cannot pack: nothing sent)
+                continue
+            if rng.random() < 0.05:  # new copies for it to talk about
+                orch.register_agent(Forever, f"b{sent}", restart=rng.choice(["never", "always"]))
+            if sent % 100 == 0:
+                time.sleep(0.02)  # (the loop reads in turns; so do workers)
+                assert orch.status()["incarnation"], "the coordinator stopped answering"
+        caplog.set_level("INFO")
+        status = orch.status()
+        assert odd.welcomed >= 1 and len(odd.copies) >= 4, (odd.welcomed, len(odd.copies))
+        assert "handler_error" not in status["dropped"], status["dropped"]
+        assert "coordinator loop crashed" not in caplog.text
+    finally:
+        ctx.destroy(linger=0)
+    # the odd worker is gone (its connection closed): a real one runs what comes next
+    cluster.worker(orch.address, "w1")
+    events.wait("WORKER_JOINED", "w1", timeout=30)
+    orch.register_agent(Quick, "after")
+    ended = events.wait("AGENT_TERMINATED", "after", timeout=30)
+    assert ended[0]["ok"] is True
