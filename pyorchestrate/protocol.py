@@ -103,7 +103,7 @@ AGENT_EVENT: dict[str, Any] = {"agent": _STR, "run": _STR, "epoch": _INT, "event
 #: and traceback, and a run's end fails it unless ``ok`` is True.  A report with one of another type
 #: is no worker's of ours, and its frame is dropped: a worker's AGENT_ERROR whose traceback was not a
 #: string ended the coordinator's loop, and the whole cluster with it (one frame, found by
-#: tests/test_hostile_worker.py).  Other fields go on as they came: the bus carries them as given
+#: tests/test_hostile_peers.py).  Other fields go on as they came: the bus carries them as given
 REPORT_FIELDS: dict[str, type] = {"error_message": str, "traceback": str, "recoverable": bool, "ok": bool}
 _REPORT_FIELD_NAMES = frozenset(REPORT_FIELDS)
 # One agent copy a worker runs (inside register): enough to fence it, reconnect it or adopt it.
@@ -611,9 +611,14 @@ def parse_range_request(subscription: bytes) -> tuple[str, int, int] | None:
         return None
     try:
         _, session, first, last = subscription.decode().split("\n")
-        return session, int(first), int(last)
+        span = int(first), int(last)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("malformed range request") from None
+    # within what a reply can carry (msgpack's 64 bits): a first of 10**30 failed the reply's
+    # packing, in the loop's handler, where a subscriber's request must not reach
+    if not all(-2**63 <= n < 2**63 for n in span):
+        raise ProtocolError("range request out of range")
+    return session, *span
 
 
 def encode_range_reply(session: str, first: int, covered: int, items: list, refused: str = "") -> bytes:

@@ -1,14 +1,17 @@
-"""A real coordinator against a worker that says odd things on a real connection: frames that pass
-protocol.py's schema (or nearly) with made-up values, about the copies it was really given and
-about others.  tests/test_core_fuzz.py does this to the pure core; this reaches what the core does
-not, the coordinator's loop carrying out what the core decides (publishing, logging, the handles,
-the callbacks, the bus's tail hold) and its reading of frames.
+"""A real coordinator against peers that say odd things on real connections.  A worker: frames that
+pass protocol.py's schema (or nearly) with made-up values, about the copies it was really given
+and about others, and bus batches and beats.  A subscriber: requests for history and for ranges of
+events with made-up numbers.  tests/test_core_fuzz.py does the worker's part to the pure core; this
+reaches what the core does not, the coordinator's loop carrying out what the core decides
+(publishing, logging, the handles, the callbacks, the bus's tail hold) and its reading of frames.
 
 What must hold: the loop never ends and no handler fails on such a frame (``handler_error``), and
-once the odd worker is gone the coordinator still runs agents on a real worker.  Found with it: a
-worker's AGENT_ERROR whose ``traceback`` was not a string ended the coordinator's loop, one frame
-stopping the whole cluster (protocol.REPORT_FIELDS).  Seeded and bounded: the same seed sends the
-same frames, at most FRAMES of them and for at most a minute."""
+once the odd peer is gone the coordinator still runs agents on a real worker and a real
+subscriber hears of them.  Found with it: a worker's AGENT_ERROR whose ``traceback`` was not a
+string ended the coordinator's loop, one frame stopping the whole cluster (protocol.REPORT_FIELDS);
+a subscriber's range request from event 10**30 failed the handler packing the reply
+(protocol.parse_range_request).  Seeded and bounded: the same seed sends the same frames, at most
+FRAMES of them (a worker) and for at most a minute."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import zmq
 from agents import Forever, Quick
 from conftest import EventLog
 
-from pyorchestrate import RunMode, protocol
+from pyorchestrate import EventSubscriber, RunMode, protocol
 from pyorchestrate.protocol import MESSAGES, ListOf, MapOf, Optional
 from pyorchestrate.versions import local_versions
 
@@ -227,3 +230,49 @@ def test_a_worker_saying_odd_things_never_stops_the_coordinator(cluster, seed, c
     orch.register_agent(Quick, "after")
     ended = events.wait("AGENT_TERMINATED", "after", timeout=30)
     assert ended[0]["ok"] is True
+
+
+#: numbers a range request may hold, as text: in range, out of range, not numbers
+RANGE_NUMBERS = ["0", "1", "-1", "5", str(2**63 - 1), str(2**63), str(-2**63 - 1), str(10**30), "", "1e3", "x", " 7"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_subscriber_asking_odd_things_never_fails_a_handler(cluster, seed):
+    rng = random.Random(seed)
+    orch = cluster.orchestrator(run_mode=RunMode.DAEMON)
+    orch.start()
+    status = orch.status()
+    session, address = status["incarnation"], status["addresses"]["events"]
+    ctx = zmq.Context()
+    try:
+        odd = ctx.socket(zmq.XSUB)
+        odd.setsockopt(zmq.LINGER, 0)
+        odd.connect(address)
+        for i in range(1000):
+            roll = rng.random()
+            if roll < 0.5:  # a range of this run's events (or another's), its numbers made up
+                head = protocol.range_request(f"r{i}", rng.choice([session, "another-run"]), 1, 1).rsplit("\n", 2)[0]
+                topic = f"{head}\n{rng.choice(RANGE_NUMBERS)}\n{rng.choice(RANGE_NUMBERS)}"
+            elif roll < 0.8:
+                topic = protocol.history_request(f"h{i}", [rng.choice(["", "AGENT", "AGENT_LOG.a0", "x" * 3000])
+                                                           for _ in range(rng.randint(0, 3))])
+            else:
+                topic = rng.choice([protocol.RANGE_TOPIC, protocol.HISTORY_TOPIC, "AGENT", ""]) + "x" * rng.randint(0, 5)
+            odd.send(b"\x01" + topic.encode())
+            if rng.random() < 0.3:
+                odd.send(b"\x00" + topic.encode())  # and unsubscribes
+            if i % 100 == 0:
+                time.sleep(0.02)
+                assert orch.status()["incarnation"] == session, "the coordinator stopped answering"
+        time.sleep(0.5)  # (what was sent last is read)
+        dropped = orch.status()["dropped"]
+        assert dropped.get("bad_frame") and "handler_error" not in dropped, dropped
+    finally:
+        ctx.destroy(linger=0)
+    # and a subscriber of ours still gets what is published
+    with EventSubscriber(address, topics=["AGENT_TERMINATED"]) as sub:
+        sub.wait_connected(10)
+        cluster.worker(orch.address, "w1")
+        orch.register_agent(Quick, "after")
+        event = sub.recv(timeout=30)
+        assert event is not None and event["agent_name"] == "after" and event["ok"] is True
