@@ -158,7 +158,7 @@ def _until_idle(subscriber: EventSubscriber, timeout: float | None, shown: Any =
 def _subscriber(args: argparse.Namespace, topics: list[str], **options: Any) -> EventSubscriber | None:
     try:
         return EventSubscriber(args.address, topics, keys=args.keys, key_name=args.key_name, **options)
-    except KeysError as exc:
+    except (KeysError, ValueError) as exc:  # (ValueError: topics the events port would refuse)
         print(f"pyorchestrate {args.command}: {exc}", file=sys.stderr)
         return None
 

@@ -171,7 +171,7 @@ class Coordinator:
             size = cfg.max_message_size
             self.router = sockets.make_socket(self.ctx, zmq.ROUTER, max_message_size=size)
             self.xsub = sockets.make_socket(self.ctx, zmq.XSUB, max_message_size=size)
-            self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=4096)
+            self.xpub = sockets.make_socket(self.ctx, zmq.XPUB, max_message_size=protocol.SUBSCRIPTION_MAX)
             # events queued per subscriber before a slow one starts missing some (and recovering
             # them from history)
             self.xpub.setsockopt(zmq.SNDHWM, cfg.subscriber_hwm)

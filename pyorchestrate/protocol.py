@@ -497,6 +497,17 @@ BATCH_TOPIC = b"_BATCH"
 HISTORY_TOPIC = "_HISTORY."
 
 
+#: the longest subscription frame the coordinator's events port takes (bytes): libzmq closes the
+#: connection of a subscriber that sends a longer one, which then connects again, subscribes again,
+#: and so on.  Subscriptions are a prefix each, and history requests (one names every prefix): an
+#: EventSubscriber of 90 topics with history never connected, and said nothing
+SUBSCRIPTION_MAX = 4096
+#: the longest topic a SUB may subscribe to there: ZMTP 3.1 sends a subscription as a command,
+#: b"\x09SUBSCRIBE" and the topic, and the limit counts all of it (measured: a topic of 4,086
+#: bytes is taken, one of 4,087 closes the connection)
+TOPIC_MAX = SUBSCRIPTION_MAX - len(b"\x09SUBSCRIBE")
+
+
 def history_request(nonce: str, prefixes: list[str]) -> str:
     """The subscription that asks the coordinator for recent history: a unique topic only this
     subscriber listens to, naming the prefixes it wants."""

@@ -57,6 +57,25 @@ class Event(dict):
         return str(self.get("agent_name") or self.get("worker") or self.get("source") or self.get("publisher") or "")
 
 
+def _check_subscriptions(topics: list[str] | tuple[str, ...], history: bool) -> None:
+    """Raise ValueError, saying what to do, for topics the coordinator's events port would refuse
+    (protocol.TOPIC_MAX): it closes the connection, and the subscriber waited for ever, connecting
+    and subscribing again, told nothing."""
+    if isinstance(topics, str):  # topics="AGENT_": each character would be a prefix of its own
+        raise TypeError(f"topics must be a list of prefixes, e.g. [{topics!r}]")
+    most = protocol.TOPIC_MAX
+    for topic in topics:
+        if len(topic.encode()) > most:
+            raise ValueError(f"topic {topic[:40]!r}... is {len(topic.encode()):,} bytes; the events port takes "
+                             f"subscriptions of at most {most:,}: subscribe to a shorter prefix of it")
+    if history and "" not in topics:
+        size = len(protocol.history_request(uuid.uuid4().hex, list(topics)).encode())
+        if size > most:
+            raise ValueError(f"history=True asks for the history of all {len(topics)} topics in one subscription of "
+                             f"{size:,} bytes; the events port takes at most {most:,}: subscribe to fewer or shorter "
+                             "prefixes (a common prefix of them, filtering what arrives), or without history")
+
+
 class EventSubscriber:
     """Iterate over a cluster's events::
 
@@ -71,6 +90,7 @@ class EventSubscriber:
     def __init__(self, address: str, topics: list[str] | tuple[str, ...] = ("",), *, timeout: float | None = None,
                  history: bool = False, hwm: int = sockets.HWM, keys: Any = None, key_name: str | None = None) -> None:
         sockets.parse_tcp(address)
+        _check_subscriptions(topics, history)
         # with keys: CurveZMQ, a reader key (or admin, or worker) from the directory ``keys`` (or
         # $PYORCHESTRATE_KEYS); the coordinator must hold the secret of DIR/coordinator.key
         self._keydir, self.key = curve.client_key(keys, ("reader", "admin", "worker"), key_name)

@@ -96,6 +96,42 @@ def test_event_subscriber_filters_by_topic_and_times_out(cluster):
     sub.close()  # closing twice is fine
 
 
+def _topics_for_a_history_request_of(size: int) -> list[str]:
+    """Topics whose history request (protocol.history_request, a 32-character nonce) is ``size``
+    bytes, the last of them "AGENT_TERMINATED.one"; the others fill, 40 characters and a newline each."""
+    last = "AGENT_TERMINATED.one"
+    remaining = size - len(protocol.history_request("n" * 32, [last]))
+    full = (remaining - 14) // 41
+    rest = remaining - 41 * full  # (14 to 54: one more topic of 13 to 53 characters and its newline)
+    topics = ["AGENT_EVENT." + "x" * 28] * full + ["AGENT_EVENT." + "x" * (rest - 13), last]
+    assert len(protocol.history_request("n" * 32, topics)) == size
+    return topics
+
+
+def test_a_history_request_as_long_as_the_events_port_takes_is_answered_and_a_longer_one_refused(cluster):
+    """libzmq closes the connection of a subscriber whose subscription is over the events port's
+    limit, and it connects and subscribes again, for ever: an EventSubscriber of 90 topics with
+    history=True never connected, and said nothing.  It now raises, saying what to do; at the
+    limit, history is answered."""
+    orch = cluster.orchestrator(min_workers=1, run_mode=RunMode.DAEMON)
+    orch.start()
+    cluster.worker(orch.address, "w1")
+    orch.register_agent(Quick, "one")
+    wait_for(lambda: orch.status()["agents"]["one"]["state"] == "TERMINATED", 30, "one to end")
+    most = protocol.TOPIC_MAX
+    topics = _topics_for_a_history_request_of(most)
+    with EventSubscriber(orch.events_address, topics=topics, history=True) as sub:
+        assert sub.wait_connected(10)
+        ev = sub.recv(timeout=10)
+        assert ev is not None and ev.event == "AGENT_TERMINATED" and ev.agent_name == "one"
+    with pytest.raises(ValueError, match="history=True asks for the history of all .* at most 4,086"):
+        EventSubscriber(orch.events_address, topics=_topics_for_a_history_request_of(most + 1), history=True)
+    with pytest.raises(ValueError, match="subscribe to a shorter prefix"):
+        EventSubscriber(orch.events_address, topics=["AGENT_LOG." + "x" * most])
+    with pytest.raises(TypeError, match=r"topics must be a list of prefixes, e.g. \['AGENT_'\]"):
+        EventSubscriber(orch.events_address, topics="AGENT_")
+
+
 def _bus_input(ctx, orch):
     """An XPUB connected to ``orch``'s bus input, once the coordinator's XSUB has subscribed."""
     pub = ctx.socket(zmq.XPUB)
