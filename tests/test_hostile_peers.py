@@ -249,6 +249,8 @@ def test_a_subscriber_asking_odd_things_never_fails_a_handler(cluster, seed):
         odd = ctx.socket(zmq.XSUB)
         odd.setsockopt(zmq.LINGER, 0)
         odd.connect(address)
+        odd.send(b"\x01_HEARTBEAT")  # connected once the coordinator's bus heartbeat comes
+        assert odd.poll(10_000), "no bus heartbeat from the coordinator"
         for i in range(1000):
             roll = rng.random()
             if roll < 0.5:  # a range of this run's events (or another's), its numbers made up
