@@ -257,7 +257,9 @@ def test_a_subscriber_asking_odd_things_never_fails_a_handler(cluster, seed):
                 head = protocol.range_request(f"r{i}", rng.choice([session, "another-run"]), 1, 1).rsplit("\n", 2)[0]
                 topic = f"{head}\n{rng.choice(RANGE_NUMBERS)}\n{rng.choice(RANGE_NUMBERS)}"
             elif roll < 0.8:
-                topic = protocol.history_request(f"h{i}", [rng.choice(["", "AGENT", "AGENT_LOG.a0", "x" * 3000])
+                # (within the port's limit: libzmq closes a connection that sends more, and it
+                # sends the same again on connecting again, so nothing after would be read)
+                topic = protocol.history_request(f"h{i}", [rng.choice(["", "AGENT", "AGENT_LOG.a0", "x" * 1000])
                                                            for _ in range(rng.randint(0, 3))])
             else:
                 topic = rng.choice([protocol.RANGE_TOPIC, protocol.HISTORY_TOPIC, "AGENT", ""])
@@ -270,7 +272,8 @@ def test_a_subscriber_asking_odd_things_never_fails_a_handler(cluster, seed):
                 assert orch.status()["incarnation"] == session, "the coordinator stopped answering"
         time.sleep(0.5)  # (what was sent last is read)
         dropped = orch.status()["dropped"]
-        assert dropped.get("bad_frame") and "handler_error" not in dropped, dropped
+        # (every malformed request counted: none was lost with a connection the port closed)
+        assert dropped.get("bad_frame", 0) > 100 and "handler_error" not in dropped, dropped
     finally:
         ctx.destroy(linger=0)
     # and a subscriber of ours still gets what is published
