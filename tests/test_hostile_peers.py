@@ -36,7 +36,8 @@ EVENTS = ["AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", "AGENT_ERROR", "AG
 FIELD_NAMES = [*protocol.ERROR_FIELDS, "ok", "folded", "reached", "bus_publisher", "bus_incarnation", "bus_seq",
                "messages_taken", "messages_dropped", "messages_unhandled", "worker_leaving", "not_run", "reason",
                "exitcode", "stuck", "attempt", "agent_name", "worker", "host", "epoch", "event", "seq", "publisher"]
-#: how a worker of ours is told (or tells) apart from the worker under test: only these types
+#: what the odd worker sends, weighted: mostly reports and heartbeats, its bus (batches and beats),
+#: and now and then what a worker never sends (starts, welcome: the coordinator's own types)
 TYPES = (["agent_events"] * 8 + ["heartbeat"] * 3 + ["bus"] * 4 + ["register", "read", "closing", "pulse",
                                                                    "coordinator_pulse", "starts", "welcome", "beats"])
 BUS_TOPICS = ["AGENT_LOG", "AGENT_EVENT", "AGENT_HEARTBEAT", "AGENT_TERMINATED", "_HISTORY", "WORKER_LOST"]
@@ -218,11 +219,10 @@ def test_a_worker_saying_odd_things_never_stops_the_coordinator(cluster, seed, c
             if sent % 100 == 0:
                 time.sleep(0.02)  # (the loop reads in turns; so do workers)
                 assert orch.status()["incarnation"], "the coordinator stopped answering"
-        caplog.set_level("INFO")
         status = orch.status()
         assert odd.welcomed >= 1 and len(odd.copies) >= 4, (odd.welcomed, len(odd.copies))
         assert "handler_error" not in status["dropped"], status["dropped"]
-        assert "coordinator loop crashed" not in caplog.text
+        assert "coordinator loop crashed" not in caplog.text  # (an error: captured at pytest's level)
     finally:
         ctx.destroy(linger=0)
     # the odd worker is gone (its connection closed): a real one runs what comes next
