@@ -3,15 +3,16 @@ pass protocol.py's schema (or nearly) with made-up values, about the copies it w
 and about others, and bus batches and beats.  A subscriber: requests for history and for ranges of
 events with made-up numbers.  tests/test_core_fuzz.py does the worker's part to the pure core; this
 reaches what the core does not, the coordinator's loop carrying out what the core decides
-(publishing, logging, the handles, the callbacks, the bus's tail hold) and its reading of frames.
+(publishing, logging, the handles, the callbacks, the bus) and its reading of frames.
 
 What must hold: the loop never ends and no handler fails on such a frame (``handler_error``), and
 once the odd peer is gone the coordinator still runs agents on a real worker and a real
 subscriber hears of them.  Found with it: a worker's AGENT_ERROR whose ``traceback`` was not a
 string ended the coordinator's loop, one frame stopping the whole cluster (protocol.ERROR_FIELDS);
 a subscriber's range request from event 10**30 failed the handler packing the reply
-(protocol.parse_range_request).  Seeded and bounded: the same seed sends the same frames, at most
-FRAMES of them (a worker) and for at most a minute."""
+(protocol.parse_range_request).  Seeded and bounded: a seed makes the same choices every run (what
+they name, runs and times, comes from the coordinator and the clock), at most FRAMES frames (a
+worker) and for at most a minute."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ class OddWorker:
 
 class Values:
     """Values for a schema's fields: what a worker would send, mostly about the copies it runs;
-    now and then a field of a type nobody sends (the schema drops those frames, as it must)."""
+    now and then a value of a type no worker of ours sends.  Where the coordinator relies on the
+    type (an error's text) the schema drops the frame; the rest it must take as it comes."""
 
     def __init__(self, rng: random.Random, worker: OddWorker) -> None:
         self.rng, self.worker = rng, worker
