@@ -64,6 +64,11 @@ TAIL_GIVE_UP = 30.0
 TAIL_QUIET = 5.0  #: seconds without events from its worker before a late tail is given up
 _HELLO = b"\x01" + protocol.HELLO_TOPIC.encode()  # a subscription to a hello request
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
+#: history requests being answered at most; while this many are, no subscription is read (the
+#: rest wait in their senders' queues, which drop what is over their limit): each holds its answer
+#: so far, and one sender could otherwise queue work without end
+_MAX_SCANS = 8
+_SCAN_EVENTS = 1000  #: events one step of a history answer looks at (5 ms at 2,000 prefixes)
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
 
@@ -114,6 +119,8 @@ class Coordinator:
         self._prejoin = prejoin.PreJoinHold(2 * config.heartbeat_interval * config.heartbeat_liveness + 2.0)
         self._started_keys: list[tuple[str, str]] = []
         self._history = history.History(config.history_max_events, config.history_max_bytes)
+        #: history requests being answered, a slice a turn (reply topic, scan), oldest first
+        self._scans: collections.deque[tuple[bytes, history.RecentScan]] = collections.deque()
         self._started_wall = time.time()
         self._started = time.monotonic()  # uptime: a step of the wall clock does not change it
         self._stamp = protocol.stamp_encoder(self.session, self._started_wall)
@@ -289,7 +296,9 @@ class Coordinator:
                 # Tried: polling with 0 while a capped placement pass left agents waiting and fewer
                 # than 4 passes of copies ran (S3 1-17 % faster): status() at S9's peak (--nice 19)
                 # got slower, max 76-100 against 43-91 ms and medians 42-63 against 33-51 in 3 pairs
-                ready = dict(poller.poll(sockets.wait_ms(min(next_tick, core.next_restart) - now)))
+                # (no wait while a history answer is being built: it goes on at once)
+                ready = dict(poller.poll(0 if self._scans else
+                                         sockets.wait_ms(min(next_tick, core.next_restart) - now)))
                 # read what is queued first, then judge: after a stall of our own (GC, SIGSTOP, a
                 # burst) the heartbeats that arrived meanwhile count before anyone is declared lost
                 if self.mailbox.wake_socket in ready:
@@ -329,7 +338,9 @@ class Coordinator:
                         self.dispatcher.release()
                     self._serve_queries_waiting()
                 if self.xpub in ready:
-                    self._drain(self.xpub, self._on_subscription)
+                    self._drain(self.xpub, self._on_subscription, self._scans, _MAX_SCANS)
+                if self._scans:
+                    self._scan_history(time.monotonic() + _DRAIN_SECONDS)
                 now = time.monotonic()
                 if now >= next_tick:
                     # how late the tick is: the loop's lag, for status and /metrics
@@ -531,10 +542,12 @@ class Coordinator:
             if identity is not None:
                 self.core.disconnected(identity, time.monotonic())
 
-    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None],
+               work: collections.deque | None = None, most: int = 0) -> None:
+        """Handle a bounded slice of ``sock``'s frames (and none once ``work`` holds ``most``)."""
         deadline = time.monotonic() + _DRAIN_SECONDS
         for i in range(_DRAIN_BATCH):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (work is not None and len(work) >= most):
                 return
             if i == 1 and not sockets.readable(sock):  # see sockets.readable
                 return
@@ -655,7 +668,8 @@ class Coordinator:
     def _status_extra(self) -> dict[str, Any]:
         return {"coordinator": self.name, "session": self.session, "protocol": protocol.PROTOCOL_VERSION,
                 "uptime": round(time.monotonic() - self._started, 1), "events_published": self._seq,
-                "history_held": len(self._history), "client_requests": dict(self.client_requests),
+                "history_held": len(self._history), "history_answering": len(self._scans),
+                "client_requests": dict(self.client_requests),
                 "loop_lag": round(max(self.loop_lags, default=0.0), 4), "open_files": fd_limit.open_files()}
 
     def _send_client(self, identity: bytes, frame: bytes) -> None:
@@ -999,8 +1013,24 @@ class Coordinator:
             return
         prefixes = protocol.parse_history_request(frame[1:])
         if prefixes is not None:
-            items = self._history.recent(prefixes)
-            self.xpub.send_multipart([frame[1:], msgpack.packb(items, use_bin_type=True)], zmq.NOBLOCK)
+            # answered a slice at a time, between the loop's other work (history.RecentScan)
+            self._scans.append((frame[1:], history.RecentScan(self._history, prefixes)))
+
+    def _scan_history(self, deadline: float) -> None:
+        """Build the answers to history requests, oldest request first, until ``deadline``."""
+        scans = self._scans
+        while scans:
+            topic, scan = scans[0]
+            while not scan.step(_SCAN_EVENTS):
+                if time.monotonic() >= deadline:
+                    return
+            scans.popleft()
+            try:
+                self.xpub.send_multipart([topic, msgpack.packb(scan.answer(), use_bin_type=True)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # its queue is full: the asker goes on without history after subscriber.HISTORY_WAIT
+            if time.monotonic() >= deadline:
+                return
 
     def _serve_range(self, topic: bytes, session: str, first: int, last: int) -> None:
         """One slice of a range of our events (bounded work per request; the asker continues)."""

@@ -179,6 +179,48 @@ def test_recent_history_is_bounded_by_items_and_bytes_newest_first():
     assert h.recent(["AGENT_EVENT."]) == []
 
 
+@pytest.mark.parametrize("seed", range(200))
+def test_a_history_answer_built_a_slice_at_a_time_is_the_answer_at_its_start(seed):
+    """The loop builds an answer between its other work (history.RecentScan), while events are
+    published: the answer is what history held at the scan's start, minus only what left history
+    before the scan reached it, and in order."""
+    import random
+
+    from pyorchestrate.history import History, RecentScan
+
+    rng = random.Random(seed)
+    topics = ["AGENT_LOG.a", "AGENT_LOG.b", "AGENT_EVENT.a", "WORKER_JOINED.w", "AGENT_LOG.ab"]
+    held = rng.choice([5, 50, 400, 10**6])
+    h = History(held, 10**9)
+    seq = 0
+
+    def publish(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            h.add(seq, rng.choice(topics), seq.to_bytes(4, "big") * rng.randint(1, 3))
+
+    publish(rng.randint(0, 500))
+    prefixes = rng.sample(["AGENT_LOG.a", "AGENT_LOG.", "AGENT_", "WORKER", "", "X"], rng.randint(0, 3))
+    max_items, max_bytes = rng.choice([(3, 10**9), (2000, 40), (2000, 10**9)])
+    at_start = History(10**6, 10**9)
+    for item in h.items():
+        at_start.add(*item)
+    expected = at_start.recent(prefixes, max_items, max_bytes)
+    scan = RecentScan(h, prefixes, max_items, max_bytes)
+    oldest = h.oldest
+    steps = 0
+    while not scan.step(rng.randint(1, 30)):
+        publish(rng.choice([0, 0, 1, 7, 60]))  # between slices: events come, old ones go
+        steps += 1
+        assert steps < 10_000
+    answer = scan.answer()
+    # what left history before the scan reached it is all that may be missing, from the oldest side
+    assert answer == expected[len(expected) - len(answer):], (answer, expected)
+    if h.oldest == oldest:  # nothing left meanwhile: all of it
+        assert answer == expected
+
+
 def test_an_oversized_event_raises_in_the_agent_and_numbers_nothing():
     from pyorchestrate.publisher import MAX_EVENT_BYTES, AgentBus
 

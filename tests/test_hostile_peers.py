@@ -23,10 +23,10 @@ import time
 import msgpack
 import pytest
 import zmq
-from agents import Forever, Quick
-from conftest import EventLog
+from agents import Burst, Forever, Quick
+from conftest import EventLog, start_daemon, wait_for
 
-from pyorchestrate import EventSubscriber, RunMode, protocol
+from pyorchestrate import ControlClient, EventSubscriber, RunMode, coordinator, protocol
 from pyorchestrate.protocol import MESSAGES, ListOf, MapOf, Optional
 from pyorchestrate.versions import local_versions
 
@@ -285,3 +285,53 @@ def test_a_subscriber_asking_odd_things_never_fails_a_handler(cluster, seed):
         orch.register_agent(Quick, "after")
         event = sub.recv(timeout=30)
         assert event is not None and event["agent_name"] == "after" and event["ok"] is True
+
+
+HELD = 50_000  # events in the coordinator's history (half its default)
+ASKS = 12  # history requests at once (more than coordinator._MAX_SCANS)
+
+
+def test_a_reader_asking_for_the_longest_history_never_holds_the_loop(cluster):
+    """A history request names up to ~2,000 prefixes, and each event held is tried against them:
+    in a full history (100,000 events) one request took 0.5 s of the loop, and a reader sending
+    them held every turn that long (status() waited 0.26 s in the median, the workers' echoes as
+    long).  Now an answer is built a slice at a time between the loop's other work, and at most
+    coordinator._MAX_SCANS at once: status() is answered while they are, and every one of them is
+    answered in full."""
+    orch, events = start_daemon(cluster, ("w1",))
+    orch.register_agent(Burst, "burst", Burst.Config(count=HELD))
+    events.wait("AGENT_TERMINATED", "burst", timeout=120)
+    # every request looks at the whole history: one prefix matches one event, the burst's start
+    # (old), and the rest match nothing
+    prefixes = ["q"] * 2020 + ["AGENT_STARTED.burst"]
+    requests = [protocol.history_request(f"{i:02}", prefixes).encode() for i in range(ASKS)]
+    assert len(requests[0]) <= protocol.TOPIC_MAX
+    ctx = zmq.Context()
+    try:
+        with ControlClient(orch.address, timeout=30.0) as client:
+            wait_for(lambda: client.status()["history_held"] >= HELD, 60, "the burst in the history")
+            reader = ctx.socket(zmq.XSUB)
+            reader.setsockopt(zmq.LINGER, 0)
+            reader.connect(orch.status()["addresses"]["events"])
+            reader.send(b"\x01_HEARTBEAT")  # connected once the coordinator's bus heartbeat comes
+            assert reader.poll(10_000), "no bus heartbeat from the coordinator"
+            for request in requests:
+                reader.send(b"\x01" + request)
+            answers: dict[bytes, list] = {}
+            answering = []  # history requests being answered, as each status() saw it
+            deadline = time.monotonic() + 120
+            while len(answers) < ASKS:
+                assert time.monotonic() < deadline, f"{len(answers)} of {ASKS} requests answered"
+                answering.append(client.status().get("history_answering", 0))
+                while reader.poll(0):
+                    frames = reader.recv_multipart()
+                    if frames[0].startswith(protocol.HISTORY_TOPIC.encode()):
+                        answers[frames[0]] = msgpack.unpackb(frames[1])
+        assert sorted(answers) == requests
+        assert all([topic for topic, _ in items] == ["AGENT_STARTED.burst"] for items in answers.values()), answers
+        # status() was answered while answers were being built (before, only between requests),
+        # and never more were being built than the limit
+        assert sum(1 for n in answering if n) >= ASKS and max(answering) <= coordinator._MAX_SCANS, answering
+        assert not events.of("WORKER_LOST")
+    finally:
+        ctx.destroy(linger=0)
