@@ -64,9 +64,8 @@ TAIL_GIVE_UP = 30.0
 TAIL_QUIET = 5.0  #: seconds without events from its worker before a late tail is given up
 _HELLO = b"\x01" + protocol.HELLO_TOPIC.encode()  # a subscription to a hello request
 _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that ended
-#: history requests being answered at most; while this many are, no subscription is read (the
-#: rest wait in their senders' queues, which drop what is over their limit): each holds its answer
-#: so far, and one sender could otherwise queue work without end
+#: history requests waiting for their answers at most (one is built at a time): more are refused,
+#: as each may cost the loop half a second, and one reader could queue such work without end
 _MAX_SCANS = 8
 _SCAN_EVENTS = 1000  #: events one step of a history answer looks at (5 ms at 2,000 prefixes)
 
@@ -338,7 +337,7 @@ class Coordinator:
                         self.dispatcher.release()
                     self._serve_queries_waiting()
                 if self.xpub in ready:
-                    self._drain(self.xpub, self._on_subscription, self._scans, _MAX_SCANS)
+                    self._drain(self.xpub, self._on_subscription)
                 if self._scans:
                     self._scan_history(time.monotonic() + _DRAIN_SECONDS)
                 now = time.monotonic()
@@ -542,12 +541,10 @@ class Coordinator:
             if identity is not None:
                 self.core.disconnected(identity, time.monotonic())
 
-    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None],
-               work: collections.deque | None = None, most: int = 0) -> None:
-        """Handle a bounded slice of ``sock``'s frames (and none once ``work`` holds ``most``)."""
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         deadline = time.monotonic() + _DRAIN_SECONDS
         for i in range(_DRAIN_BATCH):
-            if time.monotonic() >= deadline or (work is not None and len(work) >= most):
+            if time.monotonic() >= deadline:
                 return
             if i == 1 and not sockets.readable(sock):  # see sockets.readable
                 return
@@ -1012,9 +1009,16 @@ class Coordinator:
             self._serve_range(frame[1:], *wanted)
             return
         prefixes = protocol.parse_history_request(frame[1:])
-        if prefixes is not None:
-            # answered a slice at a time, between the loop's other work (history.RecentScan)
-            self._scans.append((frame[1:], history.RecentScan(self._history, prefixes)))
+        if prefixes is None:
+            return
+        if len(self._scans) >= _MAX_SCANS:
+            reason = f"{_MAX_SCANS} history requests are waiting for their answers already: ask again later"
+            self.dropped.drop("history_refused", reason)
+            # (a subscriber of before this answer counts it a frame it could not read, and goes on)
+            self.xpub.send_multipart([frame[1:], msgpack.packb([]), reason.encode()], zmq.NOBLOCK)
+            return
+        # answered a slice at a time, between the loop's other work (history.RecentScan)
+        self._scans.append((frame[1:], history.RecentScan(self._history, prefixes)))
 
     def _scan_history(self, deadline: float) -> None:
         """Build the answers to history requests, oldest request first, until ``deadline``."""

@@ -101,6 +101,8 @@ class EventSubscriber:
         self.lost = 0
         self.recovered = 0
         self.dropped = 0
+        #: why the coordinator refused the history asked for (``history=True``), or None
+        self.history_refused: str | None = None
         self._whole_stream = "" in topics
         #: whether gaps can be detected (only on the unfiltered stream)
         self.gap_detection = self._whole_stream
@@ -390,6 +392,9 @@ class EventSubscriber:
         self._sub.setsockopt(zmq.UNSUBSCRIBE, self._history_topic)
         self._history_topic = None
         seen, self._live_keys = self._live_keys or set(), None
+        if len(frames) == 3:  # refused: live events only
+            self.history_refused = frames[2].decode(errors="replace")
+            return
         try:
             items = msgpack.unpackb(frames[1], raw=False) if len(frames) == 2 else None
             past = [protocol.decode_body(t, b) for t, b in items]  # type: ignore[union-attr]

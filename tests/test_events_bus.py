@@ -489,6 +489,24 @@ def test_events_both_live_and_in_the_history_answer_are_delivered_once():
         ctx.destroy(linger=0)
 
 
+def test_a_refused_history_request_says_why_and_holds_nothing_back():
+    """A coordinator with too many history requests waiting refuses one (a third frame, its
+    reason): the subscriber hands out the live events at once and says why it got no history
+    (a fake coordinator: an XPUB played by hand)."""
+    ctx = zmq.Context()
+    try:
+        pub, address = _fake_events_port(ctx)
+        with EventSubscriber(address, topics=["AGENT_READY."], history=True) as sub:
+            history_topic = _history_request(pub)
+            pub.send_multipart(_event(5, agent="a5"))
+            pub.send_multipart([history_topic, msgpack.packb([]), b"8 history requests are waiting"])
+            event = sub.recv(3)  # (before HISTORY_WAIT: not held for an answer that came)
+            assert event is not None and event.agent_name == "a5"
+            assert sub.history_refused == "8 history requests are waiting" and sub.dropped == 0
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_live_events_wait_for_a_history_answer_that_never_comes_only_so_long(monkeypatch):
     """A coordinator that never answers the history request (gone meanwhile) holds the live
     events back for HISTORY_WAIT seconds, not for ever."""
