@@ -68,6 +68,11 @@ _SWEEP_EVERY = 10.0  # seconds between frees of bus sequence state of runs that 
 #: as each may cost the loop half a second, and one reader could queue such work without end
 _MAX_SCANS = 8
 _SCAN_EVENTS = 1000  #: events one step of a history answer looks at (5 ms at 2,000 prefixes)
+#: bytes a client's connection may hold unacknowledged (sockets.unacked_bytes) for its next request
+#: to be answered.  A client that sent requests without reading the answers (history: up to 16 MiB
+#: each) had the coordinator queue all of them in libzmq, 45 MB a second here, without end; one that
+#: reads each answer before asking again (ours) holds none when it asks
+CLIENT_UNREAD_MAX = 1024 * 1024
 
 __all__ = ["AgentRecord", "Coordinator", "WorkerRecord", "WorkerWaitTimeout"]
 
@@ -616,7 +621,7 @@ class Coordinator:
             trace.ends("reported", message["events"])
         if message["type"] == "request":  # a client: pyorchestrate status/ps/stop..., the dashboard
             role = keyed_frame.get("User-Id").partition(":")[0] if keyed_frame is not None else None
-            self._on_request(identity, message, role)
+            self._on_request(identity, message, role, fd)
             return
         if keyed_frame is not None and message["type"] == "register" and not self._key_allows_worker(
                 identity, keyed_frame.get("User-Id")):
@@ -625,10 +630,16 @@ class Coordinator:
         if message["type"] == "register" or core.worker_of(identity) is not None:
             self._note_fd(identity, fd)
 
-    def _on_request(self, identity: bytes, message: dict[str, Any], role: str | None) -> None:
+    def _on_request(self, identity: bytes, message: dict[str, Any], role: str | None, fd: int = -1) -> None:
         """Answer a client on the control port (queries: reader keys; actions: admin keys)."""
         assert self.core is not None
         op, rid = message["op"], message["id"]
+        unread = sockets.unacked_bytes(fd)
+        if unread > CLIENT_UNREAD_MAX:
+            # not answered at all: an answer would wait in libzmq too, as would a refusal
+            self.dropped.drop("client_not_reading", f"a client asked {op!r} with {unread} bytes of earlier "
+                                                    f"answers still unread (at most {CLIENT_UNREAD_MAX})", what="request")
+            return
         try:
             args = control.check(op, message["args"], role)
             result = self._answer(op, args)

@@ -341,3 +341,45 @@ def test_a_reader_asking_for_the_longest_history_never_holds_the_loop(cluster):
         assert not events.of("WORKER_LOST")
     finally:
         ctx.destroy(linger=0)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+
+def test_a_client_that_never_reads_its_answers_is_not_answered_without_end(cluster):
+    """A client sending requests without reading the answers had the coordinator queue every
+    answer in libzmq (ZeroMQ tells nothing of what waits for one connection): history answers of
+    150 KB grew the coordinator's process, the user's script, by 45 MB a second.  A request whose
+    connection holds over coordinator.CLIENT_UNREAD_MAX unacknowledged bytes is now not answered,
+    and counted; a client that reads each answer before asking again (ours) is always answered."""
+    orch, events = start_daemon(cluster, ("w1",))
+    orch.register_agent(Burst, "burst", Burst.Config(count=2_000, pad=1_000))
+    events.wait("AGENT_TERMINATED", "burst", timeout=60)
+    ctx = zmq.Context()
+    try:
+        with ControlClient(orch.address, timeout=30.0) as client:
+            wait_for(lambda: client.status()["history_held"] >= 2_000, 30, "the burst in the history")
+            for _ in range(20):  # answers of 2 MB, each read before the next request
+                assert len(client.history(limit=10_000)) >= 2_000
+            assert "client_not_reading" not in orch.status()["dropped"]
+            odd = ctx.socket(zmq.DEALER)
+            odd.setsockopt(zmq.LINGER, 0)
+            odd.setsockopt(zmq.RCVHWM, 1)
+            odd.connect(orch.address)
+            before = _rss_mb()
+            for i in range(300):
+                odd.send(protocol.encode("request", id=str(i), op="history", args={"limit": 10_000}))
+
+            def handled() -> int:  # the odd client's requests answered or refused
+                status = client.status()
+                return status["client_requests"].get("history", 0) - 20 + status["dropped"].get("client_not_reading", 0)
+
+            wait_for(lambda: handled() >= 300, 120, "the odd client's requests handled")
+            grown = _rss_mb() - before
+        # (without the limit all 300 were answered, and the process grew by 681 MB)
+        assert grown < 200, f"the coordinator's process grew by {grown:.0f} MB"
+        assert orch.status()["dropped"]["client_not_reading"] >= 250
+    finally:
+        ctx.destroy(linger=0)
