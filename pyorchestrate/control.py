@@ -177,13 +177,17 @@ def history(items: Iterable[tuple[int, str, bytes]], args: dict[str, Any],
     agent, since = args.get("agent"), args.get("since")
     limit = max(0, min(int(args.get("limit", 1000)), HISTORY_MAX))
     picked: list[tuple[int, str, bytes]] = []
+    # an agent's own AGENT_EVENTs hold its name (UTF-8, in whatever msgpack header) in their body:
+    # one search in C each spares decoding the others' (every AGENT_EVENT held was decoded: 0.19 s
+    # of the coordinator's loop for 100,000 of another agent's)
+    name = agent.encode() if agent else b""
     for item in items:
         event, _, subject = item[1].partition(".")
         if event in ("AGENT_HEARTBEAT", "WORKER_HEARTBEAT"):
             continue
         # the subject whole (agent "b" is not "a.b"), and an agent's own events whatever their
         # topic: AGENT_EVENT.<topic> names the topic it published, not the agent (seen decoded)
-        if agent and subject != agent and event != "AGENT_EVENT":
+        if agent and subject != agent and (event != "AGENT_EVENT" or name not in item[2]):
             continue
         picked.append(item)
     rows = []
