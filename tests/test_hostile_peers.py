@@ -7,7 +7,9 @@ reaches what the core does not, the coordinator's loop carrying out what the cor
 
 What must hold: the loop never ends and no handler fails on such a frame (``handler_error``), and
 once the odd peer is gone the coordinator still runs agents on a real worker and a real
-subscriber hears of them.  Found with it: a worker's AGENT_ERROR whose ``traceback`` was not a
+subscriber hears of them.  And two that cost the coordinator without end before: a reader asking
+for the longest history (the loop held half a second a request), and a client that never reads
+its answers (each waited in libzmq).  Found with it: a worker's AGENT_ERROR whose ``traceback`` was not a
 string ended the coordinator's loop, one frame stopping the whole cluster (protocol.ERROR_FIELDS);
 a subscriber's range request from event 10**30 failed the handler packing the reply
 (protocol.parse_range_request).  Seeded and bounded: a seed makes the same choices every run (what
