@@ -7,11 +7,9 @@ lifecycle events.  Address helpers live here too, because binding is where secur
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import socket as _socket
 import struct
-import termios
 from typing import Any, Callable
 
 import zmq
@@ -201,8 +199,11 @@ def unacked_bytes(fd: int) -> int:
     if fd < 0:
         return 0
     try:
+        import fcntl  # (here: neither exists on Windows, and TIOCOUTQ not everywhere)
+        import termios
+
         return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
+    except (ImportError, AttributeError, OSError):
         return 0
 
 
