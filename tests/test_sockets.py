@@ -1,8 +1,10 @@
-"""Small socket helpers (pyorchestrate/sockets.py): poll timeouts and the readiness question."""
+"""Small socket helpers (pyorchestrate/sockets.py): poll timeouts, the readiness question, and what
+a TCP peer has not acknowledged."""
 
 from __future__ import annotations
 
 import zmq
+from conftest import wait_for
 
 from pyorchestrate import sockets
 
@@ -55,3 +57,45 @@ def test_plain_send_delivers_multipart_messages_and_says_when_a_peer_is_full():
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def test_unacked_bytes_tells_what_a_peer_that_does_not_read_holds_back():
+    """What the coordinator asks before answering a client (sockets.unacked_bytes): bytes sent on
+    a TCP connection that its peer has not acknowledged.  0 for what it cannot ask."""
+    import os
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    opened = [listener]
+    try:
+        # a peer that does not read: what its buffer does not take waits, unacknowledged
+        deaf = socket.create_connection(listener.getsockname())
+        deaf_end, _ = listener.accept()
+        opened += [deaf, deaf_end]
+        deaf_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.setblocking(False)
+        sent = 0
+        try:
+            while sent < 64 * 2**20:
+                sent += deaf.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the kernel holds all it will
+        assert sockets.unacked_bytes(deaf.fileno()) > 2**16, sent
+        # a peer that reads: nothing waits once it has
+        reader = socket.create_connection(listener.getsockname())
+        reader_end, _ = listener.accept()
+        opened += [reader, reader_end]
+        reader.sendall(b"y" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(reader_end.recv(1000))
+        wait_for(lambda: sockets.unacked_bytes(reader.fileno()) == 0, 10, "all 1,000 bytes acknowledged")
+    finally:
+        for sock in opened:
+            sock.close()
+    r, w = os.pipe()
+    try:
+        assert sockets.unacked_bytes(-1) == 0 and sockets.unacked_bytes(r) == 0  # not a socket: unknown
+    finally:
+        os.close(r)
+        os.close(w)
