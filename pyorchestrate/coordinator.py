@@ -1040,10 +1040,9 @@ class Coordinator:
                 if time.monotonic() >= deadline:
                     return
             scans.popleft()
-            try:
-                self.xpub.send_multipart([topic, msgpack.packb(scan.answer(), use_bin_type=True)], zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # its queue is full: the asker goes on without history after subscriber.HISTORY_WAIT
+            # (an XPUB drops what a subscriber's queue does not take: that asker goes on without
+            # history after subscriber.HISTORY_WAIT)
+            self.xpub.send_multipart([topic, msgpack.packb(scan.answer(), use_bin_type=True)], zmq.NOBLOCK)
             if time.monotonic() >= deadline:
                 return
 

@@ -19,6 +19,7 @@ worker) and for at most a minute."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 
@@ -26,6 +27,7 @@ import msgpack
 import pytest
 import zmq
 from agents import Burst, Forever, Quick
+from benchmarks.stats import rss_mb
 from conftest import EventLog, start_daemon, wait_for
 
 from pyorchestrate import ControlClient, EventSubscriber, RunMode, coordinator, protocol
@@ -345,11 +347,6 @@ def test_a_reader_asking_for_the_longest_history_never_holds_the_loop(cluster):
         ctx.destroy(linger=0)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
-
-
 def test_a_client_that_never_reads_its_answers_is_not_answered_without_end(cluster):
     """A client sending requests without reading the answers had the coordinator queue every
     answer in libzmq (ZeroMQ tells nothing of what waits for one connection): history answers of
@@ -370,7 +367,7 @@ def test_a_client_that_never_reads_its_answers_is_not_answered_without_end(clust
             odd.setsockopt(zmq.LINGER, 0)
             odd.setsockopt(zmq.RCVHWM, 1)
             odd.connect(orch.address)
-            before = _rss_mb()
+            before = rss_mb(os.getpid())
             for i in range(300):
                 odd.send(protocol.encode("request", id=str(i), op="history", args={"limit": 10_000}))
 
@@ -379,7 +376,7 @@ def test_a_client_that_never_reads_its_answers_is_not_answered_without_end(clust
                 return status["client_requests"].get("history", 0) - 20 + status["dropped"].get("client_not_reading", 0)
 
             wait_for(lambda: handled() >= 300, 120, "the odd client's requests handled")
-            grown = _rss_mb() - before
+            grown = rss_mb(os.getpid()) - before
         # (without the limit all 300 were answered, and the process grew by 681 MB)
         assert grown < 200, f"the coordinator's process grew by {grown:.0f} MB"
         assert orch.status()["dropped"]["client_not_reading"] >= 250

@@ -86,9 +86,12 @@ def test_unacked_bytes_tells_what_a_peer_that_does_not_read_holds_back():
         reader_end, _ = listener.accept()
         opened += [reader, reader_end]
         reader.sendall(b"y" * 1000)
+        reader_end.settimeout(10)
         got = 0
         while got < 1000:
-            got += len(reader_end.recv(1000))
+            chunk = reader_end.recv(1000)
+            assert chunk, "the connection closed"
+            got += len(chunk)
         wait_for(lambda: sockets.unacked_bytes(reader.fileno()) == 0, 10, "all 1,000 bytes acknowledged")
     finally:
         for sock in opened:
