@@ -28,7 +28,7 @@ import collections
 import logging
 import math
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import commands as cmd
 from . import flow, protocol
@@ -106,6 +106,10 @@ class ClusterCore(Registration, CommandHandlers):
         self.finished = False
         self._order = 0
         self._dirty = True  # something changed that placement should look at
+        self._pass = 0  # placement passes so far (AgentRecord.reason_pass: the last that looked at it)
+        #: why the agents that may go anywhere wait, when the latest placement pass found no worker
+        #: with room (None: it did not)
+        self.no_room: str | None = None
         #: the earliest ``restart_at`` of the agents RESTARTING (inf: none; sooner than any of them
         #: once one of them left that state another way): the loop wakes for it, not at its next
         #: tick, which came up to a quarter of a heartbeat interval after the backoff said
@@ -767,6 +771,7 @@ class ClusterCore(Registration, CommandHandlers):
         if not self._dirty or self._stopping_deadline is not None:
             return
         self._dirty = False
+        self.no_room = None
         if not (self.states.size(S.PENDING) or self.states.size(S.RESTARTING)):
             # nothing waits: most passes after a report (READY and ends mark us dirty), and the
             # whole pass cost 16 us a turn (S2: two turns a launch)
@@ -792,15 +797,18 @@ class ClusterCore(Registration, CommandHandlers):
         # O(log workers), and once none is left the rest wait without scanning every worker
         free = Free(self.workers.values())
         assigned = 0
-        for record in self.states.of(S.PENDING):
+        self._pass += 1
+        for record in self._to_place():
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
             if assigned >= PLACE_PER_PASS:
                 self._dirty = True  # the rest in the next pass: one pass never holds the loop long
                 break
+            record.reason_pass = self._pass
             anywhere = record.pin is None and not record.labels
             if anywhere and not free:
                 record.pending_reason = free.why_none()
+                self.no_room = record.pending_reason  # (_to_place goes on with the particular ones)
                 continue
             # (measured from the last moment we surely listened: placed right after a stall, before
             # the tick that notices it, the adoption window would count the stall)
@@ -832,6 +840,32 @@ class ClusterCore(Registration, CommandHandlers):
             free.update(worker)
             assigned += 1
             running += 1
+
+    def _to_place(self) -> Iterator[AgentRecord]:
+        """The pending agents a placement pass looks at, oldest first, until one that may go anywhere
+        finds no worker with room (``no_room`` set): then nothing more is placed in the pass, and
+        every agent that may go anywhere waits for that one reason (see :meth:`explain_waits`).
+        Only those that must go to a particular worker follow, for a reason of their own or a
+        dependency that failed.  Looking at every pending agent in every pass made a burst over
+        full workers quadratic: 40,000 agents on two workers of capacity 20 went at 4,074 a second,
+        the coordinator's loop 90 % in placement."""
+        for record in self.states.oldest_first(S.PENDING):
+            yield record
+            if self.no_room is not None:
+                break
+        else:
+            return
+        yield from self.states.particular_pending()  # (one seen already is looked at again: no harm)
+
+    def explain_waits(self) -> None:
+        """Before a snapshot: the agents that may go anywhere, and which the last placement pass did
+        not look at once it found no worker with room (:meth:`_to_place`), are given that reason."""
+        if self.no_room is None:
+            return
+        reason, latest = self.no_room, self._pass
+        for record in self.states.oldest_first(S.PENDING):
+            if record.reason_pass != latest:
+                record.pending_reason = reason
 
     def _count_lost_messages(self, record: AgentRecord, fields: dict[str, Any]) -> None:
         """What this coordinator sent to a run that ended and that its end says it neither took nor

@@ -211,6 +211,7 @@ class CommandHandlers:
     def snapshot(self, c: Any, now: float) -> dict[str, Any]:
         # tens of thousands of agents, on the loop thread while status() waits: only a capture here,
         # the rows are built in the caller's thread (snapshots.expand)
+        self.explain_waits()
         return {
             "agent_rows": capture_agents(self.agents.values()),
             "workers": {w.name: {

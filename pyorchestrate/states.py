@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Any, Iterable
+import itertools
+from typing import Any, Iterable, Iterator
 
 
 class AgentState(str, enum.Enum):
@@ -67,12 +68,19 @@ class StateIndex:
 
     def __init__(self) -> None:
         self._by_state: dict[AgentState, dict[str, Any]] = collections.defaultdict(dict)
+        #: the PENDING agents that must go to a particular worker (a pin or labels), oldest first:
+        #: once no worker has room, placement looks only at these (see ClusterCore.place)
+        self._particular: dict[str, Any] = {}
 
     def add(self, record: Any) -> None:
         self._by_state[record.state][record.name] = record
+        if record.state is S.PENDING and (record.pin is not None or record.labels):
+            self._particular[record.name] = record
 
     def remove(self, record: Any) -> None:
         self._by_state[record.state].pop(record.name, None)
+        if record.state is S.PENDING:
+            self._particular.pop(record.name, None)
 
     def move(self, record: Any, new: AgentState) -> None:
         old = record.state
@@ -81,6 +89,11 @@ class StateIndex:
         del self._by_state[old][record.name]
         self._by_state[new][record.name] = record
         record.state = new
+        if (old is S.PENDING or new is S.PENDING) and (record.pin is not None or record.labels):
+            if new is S.PENDING:
+                self._particular[record.name] = record
+            else:
+                self._particular.pop(record.name, None)
 
     def count(self, *states: AgentState) -> int:
         return sum(len(self._by_state[s]) for s in states)
@@ -92,6 +105,26 @@ class StateIndex:
     def of(self, state: AgentState) -> list[Any]:
         """The agents in ``state`` now (a copy: the caller may change their states)."""
         return list(self._by_state[state].values())
+
+    def oldest_first(self, state: AgentState, head: int = 512) -> Iterator[Any]:
+        """The agents in ``state``, oldest first, which the caller may move to other states as it
+        goes: copied ``head`` at a time, then the rest at once.  A placement pass usually stops
+        early (its quota placed, or no room left), and a copy of every pending agent in each pass
+        made a burst of 40,000 agents over full workers quadratic (with :meth:`particular_pending`:
+        4,074 agents a second, the coordinator's loop 90 % in placement)."""
+        agents = self._by_state[state]
+        first = list(itertools.islice(agents.values(), head))
+        yield from first
+        if len(first) < head:
+            return
+        seen = {id(record) for record in first}
+        for record in list(agents.values()):
+            if id(record) not in seen:
+                yield record
+
+    def particular_pending(self) -> list[Any]:
+        """The PENDING agents that must go to a particular worker, oldest first (a copy)."""
+        return list(self._particular.values())
 
     def first(self, states: Iterable[AgentState]) -> Any:
         for state in states:
