@@ -797,6 +797,7 @@ class ClusterCore(Registration, CommandHandlers):
         # O(log workers), and once none is left the rest wait without scanning every worker
         free = Free(self.workers.values())
         assigned = 0
+        full: dict[tuple, str] = {}  # (pin, labels) found without room in this pass -> why
         self._pass += 1
         for record in self._to_place():
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
@@ -808,7 +809,8 @@ class ClusterCore(Registration, CommandHandlers):
             anywhere = record.pin is None and not record.labels
             if anywhere and not free:
                 record.pending_reason = free.why_none()
-                self.no_room = record.pending_reason  # (_to_place goes on with the particular ones)
+                if self.no_room is None:
+                    self.no_room = record.pending_reason  # (_to_place goes on with the particular ones)
                 continue
             # (measured from the last moment we surely listened: placed right after a stall, before
             # the tick that notices it, the adoption window would count the stall)
@@ -830,9 +832,20 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
+                if self.no_room is None:
+                    self.no_room = record.pending_reason  # no slot for anyone: as above
                 continue
-            # free.pop(): `not free` above has just looked at its top, and nothing since moved a load
-            worker, why = (free.pop(), "") if anywhere else choose(self.workers.values(), record.pin, record.labels)
+            if anywhere:
+                worker, why = free.pop(), ""  # `not free` above has just looked at its top, and nothing since moved a load
+            else:
+                # agents bound for the same workers find them as full as the first did: room is
+                # only taken within a pass (thousands pinned to one full worker were each a scan)
+                target = (record.pin, tuple(record.labels.items()))
+                worker, why = None, full.get(target)
+                if why is None:
+                    worker, why = choose(self.workers.values(), record.pin, record.labels)
+                    if worker is None:
+                        full[target] = why
             if worker is None:
                 record.pending_reason = why
                 continue
@@ -842,13 +855,14 @@ class ClusterCore(Registration, CommandHandlers):
             running += 1
 
     def _to_place(self) -> Iterator[AgentRecord]:
-        """The pending agents a placement pass looks at, oldest first, until one that may go anywhere
-        finds no worker with room (``no_room`` set): then nothing more is placed in the pass, and
-        every agent that may go anywhere waits for that one reason (see :meth:`explain_waits`).
-        Only those that must go to a particular worker follow, for a reason of their own or a
-        dependency that failed.  Looking at every pending agent in every pass made a burst over
-        full workers quadratic: 40,000 agents on two workers of capacity 20 went at 4,074 a second,
-        the coordinator's loop 90 % in placement."""
+        """The pending agents a placement pass looks at, oldest first, until one finds no worker with
+        room or no slot under max_workers (``no_room`` set): then nothing more that may go anywhere
+        is placed in the pass, and every such agent waits for that one reason (see
+        :meth:`explain_waits`).  Only those that need a look of their own follow
+        (``states.particular``): bound for particular workers, which may have room, or with
+        dependencies, which may have failed.  Looking at every pending agent in every pass made a
+        burst over full workers quadratic: 40,000 agents on two workers of capacity 20 went at
+        4,074 a second, the coordinator's loop 90 % in placement."""
         for record in self.states.oldest_first(S.PENDING):
             yield record
             if self.no_room is not None:
@@ -858,8 +872,8 @@ class ClusterCore(Registration, CommandHandlers):
         yield from self.states.particular_pending()  # (one seen already is looked at again: no harm)
 
     def explain_waits(self) -> None:
-        """Before a snapshot: the agents that may go anywhere, and which the last placement pass did
-        not look at once it found no worker with room (:meth:`_to_place`), are given that reason."""
+        """Before a snapshot: the pending agents the latest placement pass did not look at, once it
+        found no room (:meth:`_to_place`), are given that reason."""
         if self.no_room is None:
             return
         reason, latest = self.no_room, self._pass

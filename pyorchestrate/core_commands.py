@@ -64,6 +64,7 @@ class CommandHandlers:
         check_graph(graph)
         self._depended.update(d for d in graph[c.name] if d not in record.depends_on)
         record.depends_on = graph[c.name]
+        self.states.refresh(record)
         self._dirty = True
 
     @handles(cmd.StartAgent)

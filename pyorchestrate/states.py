@@ -61,6 +61,12 @@ class IllegalTransition(RuntimeError):
     """The cluster core tried a state change the transitions table forbids (a bug)."""
 
 
+def particular(record: Any) -> bool:
+    """Does a pending agent need a look of its own in a placement pass that found no room (it is
+    bound for particular workers, or waits for others: a dependency may have failed)?"""
+    return record.pin is not None or bool(record.labels) or bool(record.depends_on)
+
+
 class StateIndex:
     """Agents grouped by state, so the loop asks "which are pending?" or "have all finished?"
     without scanning every agent on every turn (which made thousands of agents quadratic).
@@ -68,13 +74,14 @@ class StateIndex:
 
     def __init__(self) -> None:
         self._by_state: dict[AgentState, dict[str, Any]] = collections.defaultdict(dict)
-        #: the PENDING agents that must go to a particular worker (a pin or labels), oldest first:
-        #: once no worker has room, placement looks only at these (see ClusterCore.place)
+        #: the PENDING agents that need a look of their own, oldest first: bound for particular
+        #: workers (a pin or labels) or waiting for others (dependencies).  Once no worker has room,
+        #: or no slot is left under max_workers, placement looks only at these (ClusterCore._to_place)
         self._particular: dict[str, Any] = {}
 
     def add(self, record: Any) -> None:
         self._by_state[record.state][record.name] = record
-        if record.state is S.PENDING and (record.pin is not None or record.labels):
+        if record.state is S.PENDING and particular(record):
             self._particular[record.name] = record
 
     def remove(self, record: Any) -> None:
@@ -89,7 +96,7 @@ class StateIndex:
         del self._by_state[old][record.name]
         self._by_state[new][record.name] = record
         record.state = new
-        if (old is S.PENDING or new is S.PENDING) and (record.pin is not None or record.labels):
+        if (old is S.PENDING or new is S.PENDING) and particular(record):
             if new is S.PENDING:
                 self._particular[record.name] = record
             else:
@@ -123,8 +130,13 @@ class StateIndex:
                 yield record
 
     def particular_pending(self) -> list[Any]:
-        """The PENDING agents that must go to a particular worker, oldest first (a copy)."""
+        """The PENDING agents that need a look of their own (see ``_particular``), oldest first (a copy)."""
         return list(self._particular.values())
+
+    def refresh(self, record: Any) -> None:
+        """``record`` was given dependencies: a PENDING one now needs a look of its own."""
+        if record.state is S.PENDING and particular(record):
+            self._particular[record.name] = record
 
     def first(self, states: Iterable[AgentState]) -> Any:
         for state in states:
