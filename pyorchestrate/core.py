@@ -28,7 +28,7 @@ import collections
 import logging
 import math
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import commands as cmd
 from . import flow, protocol
@@ -36,6 +36,7 @@ from .actions import Action, AwaitBus, Finished, Forget, Publish, Send
 from .core_commands import CommandHandlers
 from .events import OrchestratorEvent
 from .limits import Limits
+from .pending import target
 from .placement import PLACE_PER_PASS, Free, choose
 from .predecessor import Predecessor
 from .records import AgentRecord, WorkerRecord
@@ -110,6 +111,7 @@ class ClusterCore(Registration, CommandHandlers):
         #: why the agents that may go anywhere wait, when the latest placement pass found no worker
         #: with room (None: it did not)
         self.no_room: str | None = None
+        self._full: dict[tuple, str] = {}  # the latest pass's targets without room -> why (see place)
         #: the earliest ``restart_at`` of the agents RESTARTING (inf: none; sooner than any of them
         #: once one of them left that state another way): the loop wakes for it, not at its next
         #: tick, which came up to a quarter of a heartbeat interval after the backoff said
@@ -772,6 +774,7 @@ class ClusterCore(Registration, CommandHandlers):
             return
         self._dirty = False
         self.no_room = None
+        self._full: dict[tuple, str] = {}
         if not (self.states.size(S.PENDING) or self.states.size(S.RESTARTING)):
             # nothing waits: most passes after a report (READY and ends mark us dirty), and the
             # whole pass cost 16 us a turn (S2: two turns a launch)
@@ -797,9 +800,14 @@ class ClusterCore(Registration, CommandHandlers):
         # O(log workers), and once none is left the rest wait without scanning every worker
         free = Free(self.workers.values())
         assigned = 0
-        full: dict[tuple, str] = {}  # (pin, labels) found without room in this pass -> why
+        # targets (pending.target) found without room in this pass -> why: room is only taken
+        # within a pass, so the agents bound for them wait for the same (and are not looked at)
+        full: dict[tuple, str] = {}
+        self._full = full
         self._pass += 1
-        for record in self._to_place():
+        line = self.states.pending.for_placement(lambda: self.no_room is not None,
+                                                 lambda bound_for: self.no_room is not None or bound_for in full)
+        for record in line:
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
             if assigned >= PLACE_PER_PASS:
@@ -810,7 +818,9 @@ class ClusterCore(Registration, CommandHandlers):
             if anywhere and not free:
                 record.pending_reason = free.why_none()
                 if self.no_room is None:
-                    self.no_room = record.pending_reason  # (_to_place goes on with the particular ones)
+                    # nothing more is placed in this pass: the line leaves out the agents this
+                    # concerns (pending.py), whose reason explain_waits gives
+                    self.no_room = record.pending_reason
                 continue
             # (measured from the last moment we surely listened: placed right after a stall, before
             # the tick that notices it, the adoption window would count the stall)
@@ -838,14 +848,12 @@ class ClusterCore(Registration, CommandHandlers):
             if anywhere:
                 worker, why = free.pop(), ""  # `not free` above has just looked at its top, and nothing since moved a load
             else:
-                # agents bound for the same workers find them as full as the first did: room is
-                # only taken within a pass (thousands pinned to one full worker were each a scan)
-                target = (record.pin, tuple(record.labels.items()))
-                worker, why = None, full.get(target)
+                bound_for = target(record)
+                worker, why = None, full.get(bound_for)  # (a bound agent with dependencies comes twice)
                 if why is None:
                     worker, why = choose(self.workers.values(), record.pin, record.labels)
                     if worker is None:
-                        full[target] = why
+                        full[bound_for] = why
             if worker is None:
                 record.pending_reason = why
                 continue
@@ -854,32 +862,20 @@ class ClusterCore(Registration, CommandHandlers):
             assigned += 1
             running += 1
 
-    def _to_place(self) -> Iterator[AgentRecord]:
-        """The pending agents a placement pass looks at, oldest first, until one finds no worker with
-        room or no slot under max_workers (``no_room`` set): then nothing more that may go anywhere
-        is placed in the pass, and every such agent waits for that one reason (see
-        :meth:`explain_waits`).  Only those that need a look of their own follow
-        (``states.particular``): bound for particular workers, which may have room, or with
-        dependencies, which may have failed.  Looking at every pending agent in every pass made a
-        burst over full workers quadratic: 40,000 agents on two workers of capacity 20 went at
-        4,074 a second, the coordinator's loop 90 % in placement."""
-        for record in self.states.oldest_first(S.PENDING):
-            yield record
-            if self.no_room is not None:
-                break
-        else:
-            return
-        yield from self.states.particular_pending()  # (one seen already is looked at again: no harm)
-
     def explain_waits(self) -> None:
-        """Before a snapshot: the pending agents the latest placement pass did not look at, once it
-        found no room (:meth:`_to_place`), are given that reason."""
-        if self.no_room is None:
+        """Before a snapshot: the pending agents the latest placement pass left out once it found no
+        room (pending.py) are given the reason it found."""
+        full, latest = self._full, self._pass
+        if self.no_room is None and not full:
             return
-        reason, latest = self.no_room, self._pass
         for record in self.states.oldest_first(S.PENDING):
             if record.reason_pass != latest:
-                record.pending_reason = reason
+                bound_for = target(record)
+                reason = full.get(bound_for) if bound_for is not None else None
+                if reason is None:
+                    reason = self.no_room
+                if reason is not None:
+                    record.pending_reason = reason
 
     def _count_lost_messages(self, record: AgentRecord, fields: dict[str, Any]) -> None:
         """What this coordinator sent to a run that ended and that its end says it neither took nor

@@ -64,7 +64,8 @@ class CommandHandlers:
         check_graph(graph)
         self._depended.update(d for d in graph[c.name] if d not in record.depends_on)
         record.depends_on = graph[c.name]
-        self.states.refresh(record)
+        if record.state is S.PENDING:
+            self.states.pending.gained_dependencies(record)
         self._dirty = True
 
     @handles(cmd.StartAgent)

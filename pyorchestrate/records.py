@@ -55,6 +55,7 @@ class AgentRecord:
     run_since: float = 0.0  #: when its current run was placed or adopted (coordinator clock)
     pending_reason: str = ""
     reason_pass: int = 0  #: the latest placement pass that looked at it (see ClusterCore.explain_waits)
+    queued: int = 0  #: its place in the line of pending agents (pending.PendingLine), while PENDING
     restart_at: float = 0.0  #: RESTARTING until then (coordinator clock)
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR

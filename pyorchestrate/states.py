@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import collections
 import enum
-import itertools
 from typing import Any, Iterable, Iterator
+
+from .pending import PendingLine, lazily
 
 
 class AgentState(str, enum.Enum):
@@ -61,10 +62,9 @@ class IllegalTransition(RuntimeError):
     """The cluster core tried a state change the transitions table forbids (a bug)."""
 
 
-def particular(record: Any) -> bool:
-    """Does a pending agent need a look of its own in a placement pass that found no room (it is
-    bound for particular workers, or waits for others: a dependency may have failed)?"""
-    return record.pin is not None or bool(record.labels) or bool(record.depends_on)
+#: read on every move: a module global, not ``AgentState.PENDING`` (an enum member read is a
+#: descriptor call, see plain_members)
+_PENDING = AgentState.PENDING
 
 
 class StateIndex:
@@ -74,20 +74,18 @@ class StateIndex:
 
     def __init__(self) -> None:
         self._by_state: dict[AgentState, dict[str, Any]] = collections.defaultdict(dict)
-        #: the PENDING agents that need a look of their own, oldest first: bound for particular
-        #: workers (a pin or labels) or waiting for others (dependencies).  Once no worker has room,
-        #: or no slot is left under max_workers, placement looks only at these (ClusterCore._to_place)
-        self._particular: dict[str, Any] = {}
+        #: the PENDING agents again, kept apart by what they wait for (pending.py)
+        self.pending = PendingLine()
 
     def add(self, record: Any) -> None:
         self._by_state[record.state][record.name] = record
-        if record.state is S.PENDING and particular(record):
-            self._particular[record.name] = record
+        if record.state is _PENDING:
+            self.pending.enter(record)
 
     def remove(self, record: Any) -> None:
         self._by_state[record.state].pop(record.name, None)
-        if record.state is S.PENDING:
-            self._particular.pop(record.name, None)
+        if record.state is _PENDING:
+            self.pending.leave(record)
 
     def move(self, record: Any, new: AgentState) -> None:
         old = record.state
@@ -96,11 +94,10 @@ class StateIndex:
         del self._by_state[old][record.name]
         self._by_state[new][record.name] = record
         record.state = new
-        if (old is S.PENDING or new is S.PENDING) and particular(record):
-            if new is S.PENDING:
-                self._particular[record.name] = record
-            else:
-                self._particular.pop(record.name, None)
+        if old is _PENDING:
+            self.pending.leave(record)
+        elif new is _PENDING:
+            self.pending.enter(record)
 
     def count(self, *states: AgentState) -> int:
         return sum(len(self._by_state[s]) for s in states)
@@ -113,30 +110,10 @@ class StateIndex:
         """The agents in ``state`` now (a copy: the caller may change their states)."""
         return list(self._by_state[state].values())
 
-    def oldest_first(self, state: AgentState, head: int = 512) -> Iterator[Any]:
+    def oldest_first(self, state: AgentState) -> Iterator[Any]:
         """The agents in ``state``, oldest first, which the caller may move to other states as it
-        goes: copied ``head`` at a time, then the rest at once.  A placement pass usually stops
-        early (its quota placed, or no room left), and a copy of every pending agent in each pass
-        made a burst of 40,000 agents over full workers quadratic (with :meth:`particular_pending`:
-        4,074 agents a second, the coordinator's loop 90 % in placement)."""
-        agents = self._by_state[state]
-        first = list(itertools.islice(agents.values(), head))
-        yield from first
-        if len(first) < head:
-            return
-        seen = {id(record) for record in first}
-        for record in list(agents.values()):
-            if id(record) not in seen:
-                yield record
-
-    def particular_pending(self) -> list[Any]:
-        """The PENDING agents that need a look of their own (see ``_particular``), oldest first (a copy)."""
-        return list(self._particular.values())
-
-    def refresh(self, record: Any) -> None:
-        """``record`` was given dependencies: a PENDING one now needs a look of its own."""
-        if record.state is S.PENDING and particular(record):
-            self._particular[record.name] = record
+        goes (copied a slice at a time: see :func:`pending.lazily`)."""
+        return lazily(self._by_state[state])
 
     def first(self, states: Iterable[AgentState]) -> Any:
         for state in states:
