@@ -770,6 +770,10 @@ class ClusterCore(Registration, CommandHandlers):
 
     def place(self, now: float) -> None:
         """Place what can be placed (after each batch of stimuli; cheap when nothing changed)."""
+        line = self.states.pending
+        if line.woke:  # agents waiting for one that changed state are looked at again
+            line.woke = False
+            self._dirty = True
         if not self._dirty or self._stopping_deadline is not None:
             return
         self._dirty = False
@@ -805,9 +809,8 @@ class ClusterCore(Registration, CommandHandlers):
         full: dict[tuple, str] = {}
         self._full = full
         self._pass += 1
-        line = self.states.pending.for_placement(lambda: self.no_room is not None,
-                                                 lambda bound_for: self.no_room is not None or bound_for in full)
-        for record in line:
+        for record in line.for_placement(lambda: self.no_room is not None,
+                                         lambda bound_for: self.no_room is not None or bound_for in full):
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
             if assigned >= PLACE_PER_PASS:
@@ -833,12 +836,13 @@ class ClusterCore(Registration, CommandHandlers):
             if self.predecessor.waits_for(record.name):
                 record.pending_reason = f"waiting for the previous copy on {self.predecessor.waits_for(record.name)} to stop"
                 continue
-            verdict, detail = self._dependency_state(record) if record.depends_on else ("ok", "")
+            verdict, dependency = self._dependency_state(record) if record.depends_on else ("ok", "")
             if verdict == "failed":
-                self._fail_run(record, f"dependency {detail} failed", now, final=True)
+                self._fail_run(record, f"dependency {dependency} failed", now, final=True)
                 continue
             if verdict == "wait":
-                record.pending_reason = f"waiting for dependency {detail}"
+                record.pending_reason = f"waiting for dependency {dependency} ({self.agents[dependency].state.value})"
+                self.states.pending.park(record, dependency)  # not looked at again until that one moves
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
@@ -861,6 +865,9 @@ class ClusterCore(Registration, CommandHandlers):
             free.update(worker)
             assigned += 1
             running += 1
+        # woken in this pass (one placed or failed here that others wait for): they were not in
+        # this pass's line, and are looked at in the next (the loop's next turn)
+        self._dirty |= line.woke
 
     def explain_waits(self) -> None:
         """Before a snapshot: the pending agents the latest placement pass left out once it found no
@@ -898,15 +905,16 @@ class ClusterCore(Registration, CommandHandlers):
             fields["messages_unhandled"] = lost
 
     def _dependency_state(self, record: AgentRecord) -> tuple[str, str]:
-        # a long-running dependency (Looping/Periodic) must be READY; a one-shot one (a migration,
-        # say) must have finished without error
+        """("ok", ""), or ("wait" or "failed", the dependency that says so).  A long-running
+        dependency (Looping/Periodic) must be READY; a one-shot one (a migration, say) must have
+        finished without error."""
         for name in record.depends_on:
             dep = self.agents[name]
             if (dep.state is S.READY and not dep.one_shot) or (dep.state is S.TERMINATED and not dep.failed):
                 continue
             if dep.state is S.TERMINATED:
                 return "failed", name
-            return "wait", f"{name} ({dep.state.value})"
+            return "wait", name
         return "ok", ""
 
     def _assign(self, record: AgentRecord, worker: WorkerRecord, now: float) -> None:

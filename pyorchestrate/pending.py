@@ -5,9 +5,10 @@ made bursts quadratic: 40,000 agents over two full workers went at 4,074 a secon
 coordinator's loop 90 % in placement), 20,000 under ``max_workers=40`` took 10.2 s, 20,000 pinned
 to one full worker 18.1 s.  Kept apart, a pass skips a whole kind at once: the agents that may go
 anywhere once no worker has room (or no slot is left), those bound for the same workers (the same
-pin and labels) once those have none.  Agents with dependencies are looked at in every pass, as a
-dependency that failed fails them.  The kinds are merged back into one line by the order the agents
-entered it, so placement stays first come, first served.
+pin and labels) once those have none.  Agents with dependencies are looked at in every pass (a
+dependency that failed fails them), except those found waiting for one, until it changes state.
+The kinds are merged back into one line by the order the agents entered it, so placement stays
+first come, first served.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ class PendingLine:
         self._count = itertools.count(1)
         self.anywhere: dict[str, Any] = {}  #: no pin, no labels, no dependencies
         self.bound: dict[tuple, dict[str, Any]] = {}  #: by target(): those with a pin or labels
-        self.waiting: dict[str, Any] = {}  #: those with dependencies (bound ones as well)
+        self.waiting: dict[str, Any] = {}  #: those with dependencies (bound ones as well)...
+        #: ...but for those found waiting for one, kept here by its name until it changes state
+        #: (see park): 20,000 agents waiting for one that does not start cut other agents' launches
+        #: from 25,494 to 5,377 a second when every pass looked at each of them
+        self.parked: dict[str, dict[str, Any]] = {}
+        self.woke = False  #: agents were woken (placement should look again), until it is told
 
     def enter(self, record: Any) -> None:
         record.queued = next(self._count)
@@ -86,6 +92,34 @@ class PendingLine:
                     del self.bound[bound_for]
         if record.depends_on:
             self.waiting.pop(name, None)
+            self._unpark(record)
+
+    def park(self, record: Any, dependency: str) -> None:
+        """A pending ``record`` waits for ``dependency``: left out of the line until that agent
+        changes state (:meth:`wake`)."""
+        self._unpark(record)
+        self.waiting.pop(record.name, None)
+        self.parked.setdefault(dependency, {})[record.name] = record
+        record.parked_on = dependency
+
+    def wake(self, dependency: str) -> None:
+        """``dependency`` changed state: the agents parked on it are back in the line, in their place."""
+        group = self.parked.pop(dependency, None)
+        if group:
+            self.woke = True
+            for record in group.values():
+                record.parked_on = None
+            self.waiting.update(group)
+            self.waiting = dict(sorted(self.waiting.items(), key=lambda item: item[1].queued))
+
+    def _unpark(self, record: Any) -> None:
+        if record.parked_on is not None:
+            group = self.parked.get(record.parked_on)
+            if group is not None:
+                group.pop(record.name, None)
+                if not group:
+                    del self.parked[record.parked_on]
+            record.parked_on = None
 
     def gained_dependencies(self, record: Any) -> None:
         """A pending ``record`` was given dependencies (add_dependency): it keeps its place."""
@@ -98,7 +132,8 @@ class PendingLine:
                       bound_stops: Callable[[tuple], bool]) -> Iterator[Any]:
         """The line oldest first, leaving out the agents that may go anywhere once
         ``anywhere_stops()``, and those bound for a target once ``bound_stops(target)``.  An agent
-        with dependencies comes in every case (a bound one twice: looking again changes nothing)."""
+        with dependencies comes in every case unless parked (a bound one twice, or even parked:
+        looking again changes nothing)."""
         if not self.bound and not self.waiting:
             return lazily(self.anywhere, anywhere_stops)  # the common case: one kind, nothing to merge
         streams = [lazily(self.anywhere, anywhere_stops), lazily(self.waiting)]

@@ -56,6 +56,7 @@ class AgentRecord:
     pending_reason: str = ""
     reason_pass: int = 0  #: the latest placement pass that looked at it (see ClusterCore.explain_waits)
     queued: int = 0  #: its place in the line of pending agents (pending.PendingLine), while PENDING
+    parked_on: str | None = None  #: the dependency it was found waiting for (pending.PendingLine.park)
     restart_at: float = 0.0  #: RESTARTING until then (coordinator clock)
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR

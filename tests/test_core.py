@@ -185,7 +185,8 @@ def test_the_pending_line_keeps_kinds_apart_and_merges_them_back_oldest_first():
 
     def agent(i: int) -> SimpleNamespace:
         return SimpleNamespace(name=f"a{i}", state=S.PENDING, pin="w1" if i % 3 == 0 else None,
-                               labels={"gpu": "1"} if i % 5 == 0 else {}, depends_on=["x"] if i % 7 == 0 else [])
+                               labels={"gpu": "1"} if i % 5 == 0 else {}, depends_on=["x"] if i % 7 == 0 else [],
+                               parked_on=None)
 
     records = [agent(i) for i in range(30)]
     for record in records:
@@ -2006,3 +2007,32 @@ def test_a_pass_does_not_look_at_each_agent_bound_for_workers_found_full():
     h.report(w1, busy, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
     h.step()
     assert [r.name for r in pinned if r.state is S.ASSIGNED] == ["p0000"]
+
+
+def test_agents_waiting_for_a_dependency_are_not_looked_at_until_it_changes_state():
+    """20,000 agents waiting for one that did not start were looked at in every pass, which cut
+    other agents' launches from 25,494 to 5,377 a second.  Found waiting, an agent is parked on
+    that dependency until it changes state: then looked at again, in its place in the line; one
+    whose dependency then fails fails at once, as before."""
+    h = Harness()
+    w1 = h.register("w1")
+    setup = h.add("setup", pin="w9")  # its worker never comes: PENDING
+    svc = h.add("svc", depends_on=["setup"])
+    waiting = [h.add(f"d{i:04}", depends_on=["setup"]) for i in range(1000)]
+    h.step()
+    assert {r.pending_reason for r in waiting} == {"waiting for dependency setup (PENDING)"}
+    others = [h.add(f"t{i}") for i in range(3)]
+    h.step()  # a pass for these: the parked ones are not looked at
+    assert all(r.state is S.ASSIGNED for r in others)
+    assert not [r.name for r in waiting + [svc] if r.reason_pass == h.core._pass]
+    h.register("w9")  # setup's worker joins: setup is ASSIGNED, and they are looked at again
+    h.step()
+    assert setup.state is S.ASSIGNED and h.core._dirty  # (in the next pass)
+    h.step()
+    assert {r.pending_reason for r in waiting} == {"waiting for dependency setup (ASSIGNED)"}
+    assert svc.state is S.PENDING and all(r.state is S.PENDING for r in waiting)
+    h.report(b"w9", setup, "AGENT_STARTED", "AGENT_READY", "AGENT_ERROR", error_message="x", traceback="")
+    h.report(b"w9", setup, "AGENT_TERMINATED", ok=False)
+    h.step()
+    assert setup.failed and all(r.state is S.TERMINATED and r.failed for r in waiting + [svc])
+    assert svc.error == "dependency setup failed"
