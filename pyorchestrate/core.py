@@ -786,8 +786,10 @@ class ClusterCore(Registration, CommandHandlers):
             return
         if not self._workers_ready:
             if sum(w.alive for w in self.workers.values()) < max(1, self.min_workers):
-                for record in self.states.of(S.PENDING):
-                    record.pending_reason = f"waiting for min_workers={self.min_workers} worker(s) to join"
+                # the reason of every pending agent, said when a snapshot asks (explain_waits):
+                # not written into each in every pass while thousands are registered
+                self._pass += 1
+                self.no_room = f"waiting for min_workers={self.min_workers} worker(s) to join"
                 return
             self._workers_ready = True
         soonest = math.inf

@@ -2036,3 +2036,17 @@ def test_agents_waiting_for_a_dependency_are_not_looked_at_until_it_changes_stat
     h.step()
     assert setup.failed and all(r.state is S.TERMINATED and r.failed for r in waiting + [svc])
     assert svc.error == "dependency setup failed"
+
+
+def test_agents_registered_before_min_workers_joined_are_told_why_they_wait():
+    h = Harness()
+    h.core.min_workers = 2
+    h.register("w1")
+    records = [h.add(f"a{i}") for i in range(3)]
+    h.step()
+    reasons = {row[0]: row[9] for row in h.core.command(commands.Snapshot(), h.now)["agent_rows"]}
+    assert set(reasons.values()) == {"waiting for min_workers=2 worker(s) to join"}
+    h.register("w2")
+    h.step()
+    assert all(r.state is S.ASSIGNED for r in records)
+    assert {row[9] for row in h.core.command(commands.Snapshot(), h.now)["agent_rows"]} == {""}
