@@ -820,7 +820,7 @@ class ClusterCore(Registration, CommandHandlers):
                 break
             record.reason_pass = self._pass
             anywhere = record.pin is None and not record.labels
-            if anywhere and not free:
+            if anywhere and not free and not record.depends_on:
                 record.pending_reason = free.why_none()
                 if self.no_room is None:
                     # nothing more is placed in this pass: the line leaves out the agents this
@@ -845,6 +845,15 @@ class ClusterCore(Registration, CommandHandlers):
             if verdict == "wait":
                 record.pending_reason = f"waiting for dependency {dependency} ({self.agents[dependency].state.value})"
                 self.states.pending.park(record, dependency)  # not looked at again until that one moves
+                continue
+            if anywhere and not free:
+                # one with dependencies, no room: they were looked at first, so that it fails with
+                # a dependency that failed, or is parked, whether or not there is room (else the
+                # agents waiting for a dependency were each looked at in every pass while workers
+                # were full)
+                record.pending_reason = free.why_none()
+                if self.no_room is None:
+                    self.no_room = record.pending_reason
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
@@ -878,7 +887,9 @@ class ClusterCore(Registration, CommandHandlers):
         if self.no_room is None and not full:
             return
         for record in self.states.oldest_first(S.PENDING):
-            if record.reason_pass != latest:
+            # (a parked one's reason names its dependency, current: given when it was parked,
+            # and it is looked at again whenever that dependency changes state)
+            if record.reason_pass != latest and record.parked_on is None:
                 bound_for = target(record)
                 reason = full.get(bound_for) if bound_for is not None else None
                 if reason is None:

@@ -2050,3 +2050,35 @@ def test_agents_registered_before_min_workers_joined_are_told_why_they_wait():
     h.step()
     assert all(r.state is S.ASSIGNED for r in records)
     assert {row[9] for row in h.core.command(commands.Snapshot(), h.now)["agent_rows"]} == {""}
+
+
+def test_agents_waiting_for_a_dependency_are_parked_while_workers_are_full_too():
+    """With no room anywhere, an agent with dependencies is still looked at for them first: parked
+    if one is not ready (and not looked at again while workers stay full), failed if one failed."""
+    h = Harness()
+    w1 = h.register("w1")
+    h.core.workers["w1"].capacity = 1
+    setup = h.add("setup", pin="w9")  # never placed: its worker never comes
+    busy = h.add("busy")
+    h.step()
+    assert busy.state is S.ASSIGNED  # w1 is full
+    waiting = [h.add(f"d{i:04}", depends_on=["setup"]) for i in range(500)]
+    h.step()
+    assert {r.pending_reason for r in waiting} == {"waiting for dependency setup (PENDING)"}
+    assert all(r.parked_on == "setup" for r in waiting)
+    h.add("other")
+    h.step()  # another pass while w1 is full: the parked ones are not looked at
+    assert not [r.name for r in waiting if r.reason_pass == h.core._pass]
+    reasons = {row[0]: row[9] for row in h.core.command(commands.Snapshot(), h.now)["agent_rows"]}
+    assert {reasons[r.name] for r in waiting} == {"waiting for dependency setup (PENDING)"}
+    assert reasons["other"] == "every eligible worker is at capacity"
+    w9 = h.register("w9")
+    h.core.workers["w9"].capacity = 1
+    h.step()  # setup on w9, which is full with it; they are woken and looked at again
+    h.step()
+    assert setup.state is S.ASSIGNED and all(r.parked_on == "setup" for r in waiting)
+    assert {r.pending_reason for r in waiting} == {"waiting for dependency setup (ASSIGNED)"}
+    h.report(w9, setup, "AGENT_STARTED", "AGENT_ERROR", error_message="x", traceback="")
+    h.report(w9, setup, "AGENT_TERMINATED", ok=False)
+    h.step()
+    assert all(r.state is S.TERMINATED and r.failed for r in waiting)  # though w1 is still full
