@@ -1,6 +1,7 @@
 """python -m benchmarks [--quick] [--peers] [--scale X] [--soak S] [--json FILE]: our costs next to the raw-pyzmq
 floor and (``--peers``) to Ray, Dask and ipyparallel, in one run on this machine.  ``--trace``,
-``--lines`` and ``--prototype N`` look inside one launch instead."""
+``--lines`` and ``--prototype N`` look inside one launch instead; ``--backlog`` at placement's cost
+with thousands of agents waiting."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 from importlib import metadata
 
-from . import floor, lean, lines, ours, prototype
+from . import backlog, floor, lean, lines, ours, prototype
 
 
 def _keys() -> str:
@@ -222,6 +223,13 @@ def peer_table(scenarios: dict, peers: dict) -> str:
     return "\n".join(rows + ["", "Where a peer's scenario differs from ours:"] + notes)
 
 
+def _dump(path: str | None, key: str, value: object) -> None:
+    """``--json`` of a mode that looks at one thing: its results, with the machine and versions."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"machine": _machine(), "versions": _versions(), key: value}, f, indent=2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts, fast settings only (< 2 min)")
@@ -241,6 +249,10 @@ def main() -> int:
                              "prototype (the same hand-offs, nothing else: benchmarks/prototype.py), the lean "
                              "prototype (those plus the least code keeping our guarantees: benchmarks/lean.py) "
                              "and ours")
+    parser.add_argument("--backlog", action="store_true",
+                        help="only what a backlog of pending agents costs placement (benchmarks/backlog.py: "
+                             "20,000 agents over full workers, under max_workers, pinned to one full worker, "
+                             "and 2,000 beside 20,000 waiting for a dependency)")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
@@ -260,16 +272,17 @@ def main() -> int:
             row["prototype_us"] = bare
             row["lean_us"] = leaner.get(row["hop"], {}).get("median_us", "")
             print(f"{row['hop']:<22} {row['median_us']:>9} {row['lean_us']:>9} {bare:>9}  {row['what']}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": _machine(), "versions": _versions(), "trace": rows}, f, indent=2)
+        _dump(args.json, "trace", rows)
         return 0
     if args.lines:
         counted = lines.lines(count(300, 50, args.quick, args.scale))
         print(lines.table(counted))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": _machine(), "versions": _versions(), "lines": counted}, f, indent=2)
+        _dump(args.json, "lines", counted)
+        return 0
+    if args.backlog:
+        results = backlog.run(count(20000, 2000, args.quick, args.scale))
+        print(backlog.table(results))
+        _dump(args.json, "backlog", results)
         return 0
     if args.prototype:
         rounds = [four_ways(args.quick, args.scale) for _ in range(args.prototype)]
@@ -277,9 +290,7 @@ def main() -> int:
             print(json.dumps(one))
         print()
         print(prototype_table(rounds))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": _machine(), "versions": _versions(), "rounds": rounds}, f, indent=2)
+        _dump(args.json, "rounds", rounds)
         return 0
     scenarios = run(args.quick, args.scale, args.soak, args.burst)
     report = {"machine": _machine(), "versions": _versions(), "scenarios": scenarios}

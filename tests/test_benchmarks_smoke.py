@@ -115,3 +115,15 @@ def test_trace_times_every_hop_of_a_launch_in_every_process(tmp_path):
         assert row["n"] >= 5 and isinstance(row["median_us"], float), row
         # the prototypes time the same hops in the same run
         assert row["lean_us"] != "" and row["prototype_us"] != "", row
+
+
+def test_backlog_runs_every_case(tmp_path):
+    """--backlog: placement with many agents waiting (tiny sizes: that it runs and counts, not how fast)."""
+    out = tmp_path / "backlog.json"
+    result = run_script(["-m", "benchmarks", "--backlog", "--quick", "--scale", "0.1", "--json", str(out)],
+                        cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())["backlog"]
+    assert set(results) == {"floor", "capacity", "max_workers", "pinned", "beside_waiting"}
+    assert all(value["per_s"] > 0 for value in results.values())
+    assert "of the floor" in result.stdout
