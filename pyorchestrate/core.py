@@ -111,6 +111,9 @@ class ClusterCore(Registration, CommandHandlers):
         #: why the agents that may go anywhere wait, when the latest placement pass found no worker
         #: with room (None: it did not)
         self.no_room: str | None = None
+        #: why no agent at all could be placed, bound for particular workers or not, from some point
+        #: of the latest pass on (no slot under max_workers; too few workers joined), or None
+        self._no_slot: str | None = None
         self._full: dict[tuple, str] = {}  # the latest pass's targets without room -> why (see place)
         #: the earliest ``restart_at`` of the agents RESTARTING (inf: none; sooner than any of them
         #: once one of them left that state another way): the loop wakes for it, not at its next
@@ -777,8 +780,8 @@ class ClusterCore(Registration, CommandHandlers):
         if not self._dirty or self._stopping_deadline is not None:
             return
         self._dirty = False
-        self.no_room = None
-        self._full: dict[tuple, str] = {}
+        self.no_room = self._no_slot = None
+        self._full = {}
         if not (self.states.size(S.PENDING) or self.states.size(S.RESTARTING)):
             # nothing waits: most passes after a report (READY and ends mark us dirty), and the
             # whole pass cost 16 us a turn (S2: two turns a launch)
@@ -789,7 +792,7 @@ class ClusterCore(Registration, CommandHandlers):
                 # the reason of every pending agent, said when a snapshot asks (explain_waits):
                 # not written into each in every pass while thousands are registered
                 self._pass += 1
-                self.no_room = f"waiting for min_workers={self.min_workers} worker(s) to join"
+                self.no_room = self._no_slot = f"waiting for min_workers={self.min_workers} worker(s) to join"
                 return
             self._workers_ready = True
         soonest = math.inf
@@ -811,8 +814,10 @@ class ClusterCore(Registration, CommandHandlers):
         full: dict[tuple, str] = {}
         self._full = full
         self._pass += 1
+        # (no room anywhere leaves out those that may go anywhere; one bound for particular workers
+        # still finds its own reason, its workers may be missing: each target's first is looked at)
         for record in line.for_placement(lambda: self.no_room is not None,
-                                         lambda bound_for: self.no_room is not None or bound_for in full):
+                                         lambda bound_for: self._no_slot is not None or bound_for in full):
             if record.state is not S.PENDING:  # failed meanwhile, as a dependent of one that failed
                 continue
             if assigned >= PLACE_PER_PASS:
@@ -857,8 +862,11 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
-                if self.no_room is None:
-                    self.no_room = record.pending_reason  # no slot for anyone: as above
+                if self._no_slot is None:
+                    self._no_slot = record.pending_reason  # no slot for anyone: as above
+                    if self.no_room is None:
+                        # (one that may go anywhere is told of room first, as when looked at)
+                        self.no_room = record.pending_reason if free else free.why_none()
                 continue
             if anywhere:
                 worker, why = free.pop(), ""  # `not free` above has just looked at its top, and nothing since moved a load
@@ -891,9 +899,7 @@ class ClusterCore(Registration, CommandHandlers):
             # and it is looked at again whenever that dependency changes state)
             if record.reason_pass != latest and record.parked_on is None:
                 bound_for = target(record)
-                reason = full.get(bound_for) if bound_for is not None else None
-                if reason is None:
-                    reason = self.no_room
+                reason = self.no_room if bound_for is None else full.get(bound_for, self._no_slot)
                 if reason is not None:
                     record.pending_reason = reason
 
