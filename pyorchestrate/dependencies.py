@@ -10,23 +10,26 @@ def check_graph(depends_on: Mapping[str, Sequence[str]]) -> None:
     missing = sorted({f"{agent} -> {dep}" for agent, deps in depends_on.items() for dep in deps if dep not in depends_on})
     if missing:
         raise ValueError(f"dependencies on agents that are not registered: {', '.join(missing)}")
+    # depth first with a stack of our own: a chain of a thousand agents, each depending on the
+    # next, went past Python's recursion limit (RecursionError instead of a start)
     done: set[str] = set()
     for start in depends_on:
-        path: list[str] = []
-        on_path: set[str] = set()
-
-        def visit(node: str) -> None:
-            if node in done:
-                return
-            if node in on_path:
-                cycle = path[path.index(node):] + [node]
+        if start in done:
+            continue
+        path = [start]  # the agents being visited, each depending on the next
+        on_path = {start}
+        todo = [iter(depends_on[start])]  # what is left of each one's dependencies
+        while todo:
+            dep = next(todo[-1], None)
+            if dep is None:
+                todo.pop()
+                finished = path.pop()
+                on_path.discard(finished)
+                done.add(finished)
+            elif dep in on_path:
+                cycle = path[path.index(dep):] + [dep]
                 raise ValueError(f"dependency cycle: {' -> '.join(cycle)}")
-            on_path.add(node)
-            path.append(node)
-            for dep in depends_on[node]:
-                visit(dep)
-            path.pop()
-            on_path.discard(node)
-            done.add(node)
-
-        visit(start)
+            elif dep not in done:
+                path.append(dep)
+                on_path.add(dep)
+                todo.append(iter(depends_on[dep]))
