@@ -25,6 +25,8 @@ core_commands.py (what the user asks).
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -119,6 +121,11 @@ class ClusterCore(Registration, CommandHandlers):
         #: once one of them left that state another way): the loop wakes for it, not at its next
         #: tick, which came up to a quarter of a heartbeat interval after the backoff said
         self.next_restart = math.inf
+        #: (restart_at, a tie-breaker, record) of each restart scheduled, soonest first; one whose
+        #: agent left RESTARTING another way (or was scheduled again) is dropped when it comes up.
+        #: Placement and the tick looked at every agent RESTARTING instead, each pass.
+        self._restarts: list[tuple[float, int, AgentRecord]] = []
+        self._restart_count = itertools.count()
         self._workers_ready = False
         self._wait_deadline = now + config.worker_wait_timeout
         self._stopping_deadline: float | None = None
@@ -701,7 +708,7 @@ class ClusterCore(Registration, CommandHandlers):
             elif now - worker.last_beat_sent >= limits.interval:
                 worker.last_beat_sent = now
                 self._echo(worker)
-        if any(now >= r.restart_at for r in self.states.of(S.RESTARTING)):
+        if self._restarts and now >= self._restarts[0][0]:
             self._dirty = True
         if self._holding:
             self._dirty = True  # a held agent may be free to go now
@@ -795,13 +802,13 @@ class ClusterCore(Registration, CommandHandlers):
                 self.no_room = self._no_slot = f"waiting for min_workers={self.min_workers} worker(s) to join"
                 return
             self._workers_ready = True
-        soonest = math.inf
-        for record in self.states.of(S.RESTARTING):
-            if now >= record.restart_at:
+        restarts = self._restarts
+        while restarts and (restarts[0][0] <= now or restarts[0][2].state is not S.RESTARTING
+                            or restarts[0][2].restart_at != restarts[0][0]):
+            at, _, record = heapq.heappop(restarts)
+            if at <= now and record.state is S.RESTARTING and record.restart_at == at:
                 self.states.move(record, S.PENDING)
-            elif record.restart_at < soonest:
-                soonest = record.restart_at
-        self.next_restart = soonest
+        self.next_restart = restarts[0][0] if restarts else math.inf
         self._holding = False
         cap = self.config.max_workers
         running = self.states.count(*LIVE) if cap else 0  # only a cap needs the count
@@ -1030,6 +1037,7 @@ class ClusterCore(Registration, CommandHandlers):
     def _schedule_restart(self, record: AgentRecord, now: float, delay: float, reason: str) -> None:
         self.states.move(record, S.RESTARTING)
         record.restart_at = now + delay
+        heapq.heappush(self._restarts, (record.restart_at, next(self._restart_count), record))
         if record.restart_at < self.next_restart:
             self.next_restart = record.restart_at
         record.pending_reason = f"restarting in {delay:.2f} s"

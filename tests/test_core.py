@@ -317,6 +317,35 @@ def test_a_restart_is_placed_once_its_backoff_ends_without_waiting_for_a_tick():
     assert h.core.next_restart == float("inf")
 
 
+def test_a_restart_scheduled_again_is_not_placed_at_the_time_first_scheduled():
+    """Restarts are kept soonest first (placement and the tick looked at every agent RESTARTING in
+    each pass); an agent restarted by hand and scheduled again is placed at its new time, not at
+    the first one, which is still in that queue behind another agent's sooner restart."""
+    h = Harness()
+    identity = h.register("w1")
+    a, b = h.add("a", restart="always"), h.add("b", restart="always")
+    h.step()
+    h.report(identity, b, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    h.now += 0.1
+    h.report(identity, a, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    first = a.restart_at
+    assert b.restart_at < first
+    h.core.command(commands.RestartAgent("a", 1.0), h.now)  # at once, by hand
+    h.step()
+    assert a.state is S.ASSIGNED and b.state is S.RESTARTING
+    h.report(identity, a, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    assert a.state is S.RESTARTING and a.restart_at > first  # a longer backoff: the second in a row
+    h.now = first
+    h.core.restarts_due(h.now)
+    h.step()
+    assert b.state is S.ASSIGNED  # its time came before
+    assert a.state is S.RESTARTING and h.core.next_restart == a.restart_at
+    h.now = a.restart_at
+    h.core.restarts_due(h.now)
+    h.step()
+    assert a.state is S.ASSIGNED and h.core.next_restart == float("inf")
+
+
 def test_a_draining_worker_gets_no_new_agent_even_when_it_is_the_least_loaded():
     h = Harness()
     h.register("w1")
