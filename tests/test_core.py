@@ -293,14 +293,21 @@ def test_restarts_in_a_row_and_their_backoff_start_over_after_a_run_of_restart_r
     assert record.streak == record.restarts == 0 and fail_after(1.0)["attempt"] == 1
 
 
-def test_a_restart_is_placed_once_its_backoff_ends_without_waiting_for_a_tick():
+def _restarting_one_after_the_other(first: str, second: str) -> tuple[Harness, bytes, AgentRecord, AgentRecord]:
+    """A worker and agents "a" and "b" (restart="always") whose runs ended 0.1 s apart, ``first``
+    first: both RESTARTING."""
     h = Harness()
     identity = h.register("w1")
-    a, b = h.add("a", restart="always"), h.add("b", restart="always")
+    records = {"a": h.add("a", restart="always"), "b": h.add("b", restart="always")}
     h.step()
-    h.report(identity, a, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    h.report(identity, records[first], "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
     h.now += 0.1
-    h.report(identity, b, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    h.report(identity, records[second], "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    return h, identity, records["a"], records["b"]
+
+
+def test_a_restart_is_placed_once_its_backoff_ends_without_waiting_for_a_tick():
+    h, identity, a, b = _restarting_one_after_the_other("a", "b")
     assert a.state is b.state is S.RESTARTING and h.core.next_restart == a.restart_at < b.restart_at
     h.core.restarts_due(a.restart_at - 0.001)  # not yet: nothing changes
     assert h.core.next_restart == a.restart_at
@@ -321,13 +328,7 @@ def test_a_restart_scheduled_again_is_not_placed_at_the_time_first_scheduled():
     """Restarts are kept soonest first (placement and the tick looked at every agent RESTARTING in
     each pass); an agent restarted by hand and scheduled again is placed at its new time, not at
     the first one, which is still in that queue behind another agent's sooner restart."""
-    h = Harness()
-    identity = h.register("w1")
-    a, b = h.add("a", restart="always"), h.add("b", restart="always")
-    h.step()
-    h.report(identity, b, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
-    h.now += 0.1
-    h.report(identity, a, "AGENT_STARTED", "AGENT_READY", "AGENT_TERMINATED", reached="READY")
+    h, identity, a, b = _restarting_one_after_the_other("b", "a")
     first = a.restart_at
     assert b.restart_at < first
     h.core.command(commands.RestartAgent("a", 1.0), h.now)  # at once, by hand
