@@ -937,9 +937,14 @@ class PidsFiller(LoopingProcessAgent):
 
 
 class StuckProcess(ForeverProcess):
-    """Never returns from its cycle (its stop is never seen), and leaves SIGTERM as we set it."""
+    """Never returns from its cycle (its stop is never seen), and leaves SIGTERM as we set it;
+    writes its pid file from inside that cycle (see DeafProcess)."""
+
+    def setup(self):
+        pass
 
     def cycle(self):
+        ForeverProcess.setup(self)  # the pid file
         while True:
             time.sleep(0.05)
 

@@ -170,6 +170,8 @@ def test_agent_that_ignores_stop_is_reported(daemon, tmp_path, mode, expected):
     cls = STUBBORN[mode]
     orch.register_agent(cls, "stubborn", cls.Config(out=str(tmp_path / "out"), stop_timeout=0.5))
     events.wait("AGENT_READY", "stubborn")
+    # in its cycle: a stop asked between READY and the first cycle is seen before it (a clean end)
+    wait_for(lambda: ["stuck"] in notes(tmp_path / "out"), 10, "the agent in its cycle")
     orch.stop_agent("stubborn", timeout=0.5)
     error = events.wait("AGENT_ERROR", "stubborn", timeout=10)[0]
     assert expected in error["error_message"]
@@ -179,13 +181,15 @@ def test_agent_that_ignores_stop_is_reported(daemon, tmp_path, mode, expected):
         assert error["stuck"] is True
 
 
-def test_a_process_agent_stuck_past_its_stop_timeout_ends_at_the_sigterm(daemon):
+def test_a_process_agent_stuck_past_its_stop_timeout_ends_at_the_sigterm(daemon, tmp_path):
     """The worker's SIGTERM past the stop timeout ends it at once, as SIGTERM's default did, though
     a process agent takes a SIGTERM of its own as a stop (worker/child.py): the stop was asked
     already.  Without that, it ran on until the SIGKILL 2 s later."""
     orch, events = daemon
-    orch.register_agent(StuckProcess, "stuck", StuckProcess.Config(stop_timeout=0.5))
+    pid_file = tmp_path / "pid"  # written from inside its cycle (see DeafProcess)
+    orch.register_agent(StuckProcess, "stuck", StuckProcess.Config(stop_timeout=0.5, pid_file=str(pid_file)))
     events.wait("AGENT_READY", "stuck")
+    wait_for(pid_file.exists, 10, "the agent in its cycle")
     orch.stop_agent("stuck", timeout=0.5)
     error = events.wait("AGENT_ERROR", "stuck", timeout=20)[0]["error_message"]
     assert f"exited with code {128 + signal.SIGTERM}" in error, error
