@@ -788,7 +788,7 @@ class ClusterCore(Registration, CommandHandlers):
             return
         self._dirty = False
         self.no_room = self._no_slot = None
-        self._full = {}
+        self._full = full = {}  # (filled by the pass below; empty after an early return)
         if not (self.states.size(S.PENDING) or self.states.size(S.RESTARTING)):
             # nothing waits: most passes after a report (READY and ends mark us dirty), and the
             # whole pass cost 16 us a turn (S2: two turns a launch)
@@ -816,10 +816,8 @@ class ClusterCore(Registration, CommandHandlers):
         # O(log workers), and once none is left the rest wait without scanning every worker
         free = Free(self.workers.values())
         assigned = 0
-        # targets (pending.target) found without room in this pass -> why: room is only taken
+        # full: targets (pending.target) found without room in this pass -> why: room is only taken
         # within a pass, so the agents bound for them wait for the same (and are not looked at)
-        full: dict[tuple, str] = {}
-        self._full = full
         self._pass += 1
         # (no room anywhere leaves out those that may go anywhere; one bound for particular workers
         # still finds its own reason, its workers may be missing: each target's first is looked at)
@@ -856,7 +854,7 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if verdict == "wait":
                 record.pending_reason = f"waiting for dependency {dependency} ({self.agents[dependency].state.value})"
-                self.states.pending.park(record, dependency)  # not looked at again until that one moves
+                line.park(record, dependency)  # not looked at again until that one moves
                 continue
             if anywhere and not free:
                 # one with dependencies, no room: they were looked at first, so that it fails with

@@ -110,7 +110,7 @@ class PendingLine:
             for record in group.values():
                 record.parked_on = None
             self.waiting.update(group)
-            self.waiting = dict(sorted(self.waiting.items(), key=lambda item: item[1].queued))
+            self._waiting_in_line()
 
     def _unpark(self, record: Any) -> None:
         if record.parked_on is not None:
@@ -126,7 +126,11 @@ class PendingLine:
         self.anywhere.pop(record.name, None)
         if record.name not in self.waiting:
             self.waiting[record.name] = record
-            self.waiting = dict(sorted(self.waiting.items(), key=lambda item: item[1].queued))
+            self._waiting_in_line()
+
+    def _waiting_in_line(self) -> None:
+        """``waiting`` back in the order its agents entered the line (some were put back at its end)."""
+        self.waiting = dict(sorted(self.waiting.items(), key=lambda item: item[1].queued))
 
     def for_placement(self, anywhere_stops: Callable[[], bool],
                       bound_stops: Callable[[tuple], bool]) -> Iterator[Any]:
