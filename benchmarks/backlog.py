@@ -56,12 +56,32 @@ def beside_waiting(n: int, waiting: int) -> dict:
             "per_s": round(n / seconds), "seconds": round(seconds, 2)}
 
 
+def fan_out(n: int) -> dict:
+    """``n`` agents that depend on one setup agent, over 2 workers of ``--capacity 20``: once setup
+    has finished, all are ready to go and most wait for room."""
+    cluster = Cluster(2, worker_args=("--capacity", "20"))
+    try:
+        cluster.orch.register_agent(agents.Trivial, "warm")
+        cluster.wait("AGENT_TERMINATED", 1)
+        t0 = time.perf_counter()
+        cluster.orch.register_agent(agents.Trivial, "setup")
+        for i in range(n):
+            cluster.orch.register_agent(agents.Trivial, f"f{i}", depends_on=["setup"])
+        cluster.wait("AGENT_TERMINATED", n + 2, timeout=600)
+        seconds = time.perf_counter() - t0
+    finally:
+        cluster.close()
+    return {"what": f"{n:,} agents that depend on one setup agent, over 2 workers of --capacity 20",
+            "per_s": round(n / seconds), "seconds": round(seconds, 2)}
+
+
 def run(n: int) -> dict[str, dict]:
     """Every case with ``n`` agents (the one beside waiting agents: n/10 beside n), and the floor."""
     out = {"floor": floor.dispatch(50, max(1000, n))[1]}
     for name in CASES:
         out[name] = case(name, n)
     out["beside_waiting"] = beside_waiting(max(1, n // 10), n)
+    out["fan_out"] = fan_out(n)
     for key, value in out.items():
         if key != "floor":
             value["floor_ratio"] = round(value["per_s"] / out["floor"]["per_s"], 3)

@@ -854,7 +854,7 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if verdict == "wait":
                 record.pending_reason = f"waiting for dependency {dependency} ({self.agents[dependency].state.value})"
-                line.park(record, dependency)  # not looked at again until that one moves
+                line.park(record, dependency)  # not looked at again until one of its dependencies moves
                 continue
             if anywhere and not free:
                 # one with dependencies, no room: they were looked at first, so that it fails with
@@ -864,9 +864,12 @@ class ClusterCore(Registration, CommandHandlers):
                 record.pending_reason = free.why_none()
                 if self.no_room is None:
                     self.no_room = record.pending_reason
+                line.settle(record)  # waits for room with those that may go anywhere
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
+                if record.depends_on:
+                    line.settle(record)
                 if self._no_slot is None:
                     self._no_slot = record.pending_reason  # no slot for anyone: as above
                     if self.no_room is None:
@@ -884,6 +887,8 @@ class ClusterCore(Registration, CommandHandlers):
                         full[bound_for] = why
             if worker is None:
                 record.pending_reason = why
+                if record.depends_on:
+                    line.settle(record)  # waits with the agents bound for the same workers
                 continue
             self._assign(record, worker, now)
             free.update(worker)
@@ -901,7 +906,7 @@ class ClusterCore(Registration, CommandHandlers):
             return
         for record in self.states.oldest_first(S.PENDING):
             # (a parked one's reason names its dependency, current: given when it was parked,
-            # and it is looked at again whenever that dependency changes state)
+            # and it is looked at again whenever one of its dependencies changes state)
             if record.reason_pass != latest and record.parked_on is None:
                 bound_for = target(record)
                 reason = self.no_room if bound_for is None else full.get(bound_for, self._no_slot)

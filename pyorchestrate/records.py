@@ -57,6 +57,7 @@ class AgentRecord:
     reason_pass: int = 0  #: the latest placement pass that looked at it (see ClusterCore.explain_waits)
     queued: int = 0  #: its place in the line of pending agents (pending.PendingLine), while PENDING
     parked_on: str | None = None  #: the dependency it was found waiting for (pending.PendingLine.park)
+    settled: bool = False  #: its dependencies were met, it found no room (pending.PendingLine.settle)
     restart_at: float = 0.0  #: RESTARTING until then (coordinator clock)
     stop_requested: bool = False  #: stopped on purpose: never restarted
     run_errored: bool = False  #: the current run reported AGENT_ERROR

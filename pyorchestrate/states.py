@@ -86,7 +86,7 @@ class StateIndex:
         self._by_state[record.state].pop(record.name, None)
         if record.state is _PENDING:
             self.pending.leave(record)
-        if self.pending.parked and record.name in self.pending.parked:
+        if self.pending.watched and record.name in self.pending.watched:
             self.pending.wake(record.name)
 
     def move(self, record: Any, new: AgentState) -> None:
@@ -100,8 +100,8 @@ class StateIndex:
             self.pending.leave(record)
         elif new is _PENDING:
             self.pending.enter(record)
-        if self.pending.parked and record.name in self.pending.parked:
-            self.pending.wake(record.name)  # agents waiting for it are looked at again
+        if self.pending.watched and record.name in self.pending.watched:
+            self.pending.wake(record.name)  # agents waiting for it, or settled, are looked at again
 
     def count(self, *states: AgentState) -> int:
         return sum(len(self._by_state[s]) for s in states)

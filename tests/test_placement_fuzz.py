@@ -35,6 +35,9 @@ S = AgentState
 def reference_place(core, now: float) -> bool:
     """One pass the plain way; whether it changed any agent's state."""
     before = {name: r.state for name, r in core.agents.items()}
+    for record in sorted(core.states.of(S.RESTARTING), key=lambda r: r.restart_at):
+        if record.restart_at <= now:  # its restart is due: back in the line, soonest first
+            core.states.move(record, S.PENDING)
     free = Free(core.workers.values())
     cap = core.config.max_workers
     running = core.states.count(*LIVE) if cap else 0
@@ -123,7 +126,10 @@ def test_placement_decides_as_a_pass_over_every_pending_agent_would(seed):
                     fields["labels"] = {"gpu": "1"}
                 if names and rng.random() < 0.35:
                     fields["depends_on"] = rng.sample(names, min(len(names), rng.randint(1, 2)))
-                h.add(name, **fields)
+                if rng.random() < 0.3:  # long-running: READY is what its dependents wait for
+                    fields["one_shot"] = False
+                # restarted after a failure: a dependency that was met is not for a while
+                h.add(name, restart="on-failure" if rng.random() < 0.2 else "never", **fields)
                 names.append(name)
         elif roll < 0.85:
             live = [r for r in h.core.agents.values() if r.state in (S.ASSIGNED, S.STARTED, S.READY)]
@@ -140,6 +146,8 @@ def test_placement_decides_as_a_pass_over_every_pending_agent_would(seed):
                     h.report(identity, record, "AGENT_TERMINATED", ok=False)
         elif roll < 0.92 and len(workers) < 6:
             join()
+        elif roll < 0.93:
+            h.now += rng.uniform(0.2, 5.0)  # restarts come due (no tick: no worker is judged)
         elif names and roll < 0.96:
             name = rng.choice(names)
             if h.core.agents[name].state is S.PENDING and names.index(name) > 0:
