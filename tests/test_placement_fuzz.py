@@ -4,8 +4,9 @@ placement keeps pending agents apart by kind and leaves a kind out of a pass onc
 (pending.py), parks agents waiting for a dependency, and says the reason of those it left out only
 when a snapshot asks.  None of that may change a decision.  Seeded clusters of workers with and
 without capacities and labels, agents that may go anywhere, pinned (to present and missing
-workers), labelled, with dependencies, some under max_workers, go through random registrations,
-runs that end well or badly and workers that join.  Before each placement the core is copied and
+workers), labelled, with dependencies, one-shot and long-running, some restarted after a failure,
+some under max_workers, go through random registrations, runs that end well or badly, workers that
+join and time that passes (restarts come due).  Before each placement the core is copied and
 the copy placed the plain way: every pending agent, oldest first, in every pass.  After both have
 settled (more passes while either has more to do), every agent's state, worker, failure and, while
 pending, the reason a snapshot shows must agree.
@@ -14,7 +15,11 @@ Its power was checked by breaking placement on purpose: it fails when the agents
 particular workers are left out once no worker has room (those bound for a missing worker were told
 of room), when agents parked on a dependency are not woken when it changes state, or are woken out
 of their place in the line, when the reason of the agents left out is not given, and when those
-that may go anywhere are told of the slot when there is no room either.  (It forces a pass after
+that may go anywhere are told of the slot when there is no room either; and (with long-running
+agents and restarts, added later) when agents settled with their dependencies met are not woken
+when one of them changes state, or are not put back in their place, or when a parked agent is
+woken only by the one dependency it was found waiting for (it did not fail at once when another,
+met before, failed: a bug this found).  (It forces a pass after
 every change, so the pass a wake asks for is test_core's to check.)"""
 
 from __future__ import annotations
