@@ -89,6 +89,18 @@ class Forever(LoopingThreadAgent):
         self._note("on_close")
 
 
+class FailsWhenTold(LoopingThreadAgent):
+    """Loops until the file ``told`` exists, then fails: a long-running dependency that fails."""
+
+    class Config(LoopingThreadAgent.Config):
+        told = ""
+
+    def cycle(self):
+        if os.path.exists(self.config.told):
+            raise ValueError("told to fail")
+        self.wait_stop(0.02)
+
+
 class ForeverProcess(LoopingProcessAgent):
     """Loops until stopped, in a child process; writes its pid to ``pid_file``."""
 

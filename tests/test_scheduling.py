@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from agents import Boom, BoomLater, Forever, Quick, QuickProcess, Sleeper
+from agents import Boom, BoomLater, FailsWhenTold, Forever, Quick, QuickProcess, Sleeper
 from conftest import EventLog, start_daemon, wait_for
 
 from pyorchestrate import RunMode
@@ -159,6 +159,43 @@ def test_failed_dependency_fails_its_dependents(cluster):
     assert events.of("AGENT_ERROR", "api")[0]["error_message"] == "dependency db failed"
     assert events.of("AGENT_ERROR", "frontend")[0]["error_message"] == "dependency api failed"
     assert not events.of("AGENT_STARTED", "api") and not events.of("AGENT_STARTED", "frontend")
+
+
+def test_a_fan_out_over_a_full_worker_runs_in_order_and_fails_at_once_with_its_dependency(cluster, tmp_path):
+    """Agents whose dependencies are met but that find no room wait for it (settled, pending.py):
+    they run first come, first served, each once (left out of placement for good, they never ran:
+    checked); and when a long-running dependency they wait with fails, they fail without starting,
+    though the worker stays full.  (How soon, in which pass, is test_core's to check.)"""
+    orch, events = daemon(cluster, [("w1", "--capacity", "2")])
+    orch.register_agent(Sleeper, "setup", Sleeper.Config(seconds=0.2))
+    names = [f"f{i:02}" for i in range(30)]
+    for name in names:
+        orch.register_agent(Quick, name, depends_on=["setup"])
+    for name in names:
+        events.wait("AGENT_TERMINATED", name)
+    agents = orch.status()["agents"]
+    assert sorted(names, key=lambda n: agents[n]["started_at"]) == names
+    assert all(len(events.of("AGENT_STARTED", n)) == 1 for n in names)
+    told = tmp_path / "fail"
+    orch.register_agent(FailsWhenTold, "db", FailsWhenTold.Config(told=str(told)))
+    orch.register_agent(Forever, "hog")
+    events.wait("AGENT_READY", "db")
+    events.wait("AGENT_READY", "hog")
+    # older than the dependents and without room: one takes db's place when it fails, the other
+    # still finds none, so those that may go anywhere are left out of that pass
+    for name in ("filler1", "filler2"):
+        orch.register_agent(Forever, name)
+    dependents = [f"d{i}" for i in range(5)]
+    for name in dependents:
+        orch.register_agent(Quick, name, depends_on=["db"])
+    wait_for(lambda: {orch.status()["agents"][n]["pending_reason"] for n in dependents}
+             == {"every eligible worker is at capacity"}, 10, "the dependents to wait for room")
+    told.write_text("now")
+    for name in dependents:
+        assert events.wait("AGENT_ERROR", name)[-1]["error_message"] == "dependency db failed"
+    assert not any(events.of("AGENT_STARTED", n) for n in dependents)
+    events.wait("AGENT_READY", "filler1")
+    assert orch.status()["agents"]["filler2"]["state"] == "PENDING"
 
 
 # ---------------------------------------------------------------------------- restarts
