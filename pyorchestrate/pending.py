@@ -108,7 +108,7 @@ class PendingLine:
         """A pending ``record`` waits for ``dependency``: left out of the line until one of its
         dependencies changes state (:meth:`wake`)."""
         self.waiting.pop(record.name, None)
-        if record.settled:  # (its dependencies changed, so it was woken: not seen here)
+        if record.settled:  # (not seen: a change of its dependencies woke it first)
             self._unwatch(record)
         record.parked_on = dependency
         self._watch(record)
@@ -171,8 +171,9 @@ class PendingLine:
                       bound_stops: Callable[[tuple], bool]) -> Iterator[Any]:
         """The line oldest first, leaving out the agents that may go anywhere once
         ``anywhere_stops()``, and those bound for a target once ``bound_stops(target)``.  An agent
-        with dependencies comes in every case unless parked or settled (a bound one twice, or even
-        parked or settled, in its target's group: looking again changes nothing)."""
+        with dependencies comes in every case unless parked or settled; a settled one comes with
+        its kind, as if it had none (a bound one in its target's group, so twice when neither,
+        and even when parked: looking again changes nothing)."""
         if not self.bound and not self.waiting and not self.settled:
             return lazily(self.anywhere, anywhere_stops)  # the common case: one kind, nothing to merge
         if not self._settled_sorted:
