@@ -252,8 +252,8 @@ def main() -> int:
     parser.add_argument("--backlog", action="store_true",
                         help="only what a backlog of pending agents costs placement (benchmarks/backlog.py: "
                              "20,000 agents over full workers, under max_workers, pinned to one full worker, "
-                             "2,000 beside 20,000 waiting for a dependency, and 20,000 that depend on one "
-                             "setup agent over full workers)")
+                             "2,000 beside 20,000 waiting for a dependency, 20,000 that depend on one "
+                             "setup agent over full workers, and 10,000 pairs, one depending on the other)")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray, Dask and ipyparallel (pip install -e '.[peers]')")
     parser.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",

@@ -75,6 +75,25 @@ def fan_out(n: int) -> dict:
             "per_s": round(n / seconds), "seconds": round(seconds, 2)}
 
 
+def pairs(n: int) -> dict:
+    """``n`` pairs registered at once on 2 workers: ``a{i}``, and ``b{i}`` that depends on it
+    (agents woken by their dependency's changes while thousands wait for a pass)."""
+    cluster = Cluster(2)
+    try:
+        cluster.orch.register_agent(agents.Trivial, "warm")
+        cluster.wait("AGENT_TERMINATED", 1)
+        t0 = time.perf_counter()
+        for i in range(n):
+            cluster.orch.register_agent(agents.Trivial, f"a{i}")
+            cluster.orch.register_agent(agents.Trivial, f"b{i}", depends_on=[f"a{i}"])
+        cluster.wait("AGENT_TERMINATED", 2 * n + 1, timeout=600)
+        seconds = time.perf_counter() - t0
+    finally:
+        cluster.close()
+    return {"what": f"{n:,} pairs, one agent of each depending on the other", "per_s": round(2 * n / seconds),
+            "seconds": round(seconds, 2)}
+
+
 def run(n: int) -> dict[str, dict]:
     """Every case with ``n`` agents (the one beside waiting agents: n/10 beside n), and the floor."""
     out = {"floor": floor.dispatch(50, max(1000, n))[1]}
@@ -82,6 +101,7 @@ def run(n: int) -> dict[str, dict]:
         out[name] = case(name, n)
     out["beside_waiting"] = beside_waiting(max(1, n // 10), n)
     out["fan_out"] = fan_out(n)
+    out["pairs"] = pairs(n // 2)
     for key, value in out.items():
         if key != "floor":
             value["floor_ratio"] = round(value["per_s"] / out["floor"]["per_s"], 3)

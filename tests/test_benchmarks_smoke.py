@@ -124,6 +124,6 @@ def test_backlog_runs_every_case(tmp_path):
                         cwd=REPO, timeout=240)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())["backlog"]
-    assert set(results) == {"floor", "capacity", "max_workers", "pinned", "beside_waiting", "fan_out"}
+    assert set(results) == {"floor", "capacity", "max_workers", "pinned", "beside_waiting", "fan_out", "pairs"}
     assert all(value["per_s"] > 0 for value in results.values())
     assert "of the floor" in result.stdout

@@ -208,8 +208,8 @@ def test_the_pending_line_keeps_kinds_apart_and_merges_them_back_oldest_first():
     assert names[-1] == "a1" and "a3" not in names and len(names) == len(everyone) - 1
     records[2].depends_on = ["x"]  # given a dependency while pending (add_dependency): keeps its place
     line.gained_dependencies(records[2])
-    assert [r.name for r in line.waiting.values()][:3] == ["a0", "a2", "a7"] and "a2" not in line.anywhere
     names = [r.name for r in line.for_placement(lambda: True, lambda bound_for: True)]
+    assert [r.name for r in line.waiting.values()][:3] == ["a0", "a2", "a7"] and "a2" not in line.anywhere
     assert "a2" in names and "a8" not in names  # it comes, though the agents that may go anywhere do not (a4: the first)
     for record in list(index.of(S.PENDING)):
         index.move(record, S.ASSIGNED)
