@@ -7,6 +7,7 @@ pending agent made each of these quadratic (pyorchestrate/pending.py has the fig
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 from . import agents, floor
 from .ours import Cluster
@@ -19,79 +20,74 @@ CASES = {
 }
 
 
-def _timed(cluster: Cluster, n: int, done_before: int, **how) -> float:
-    t0 = time.perf_counter()
-    for i in range(n):
-        cluster.orch.register_agent(agents.Trivial, f"t{i}", **how)
-    cluster.wait("AGENT_TERMINATED", done_before + n, timeout=600)
-    return time.perf_counter() - t0
-
-
-def case(name: str, n: int) -> dict:
-    what, worker_args, settings, how = CASES[name]
+def _timed(register: Callable[[Cluster], int], worker_args: tuple[str, ...] = (), before: Callable[[Cluster], None] | None = None,
+           **settings: Any) -> float:
+    """Seconds from ``register(cluster)`` (which registers agents and returns how many will end)
+    until all of them ended, on a fresh cluster of 2 workers, after a warm-up agent shipped the
+    class (and ``before``: what it registers then, untimed)."""
     cluster = Cluster(2, worker_args=worker_args, **settings)
     try:
         cluster.orch.register_agent(agents.Trivial, "warm")
         cluster.wait("AGENT_TERMINATED", 1)
-        seconds = _timed(cluster, n, 1, **how)
+        if before is not None:
+            before(cluster)
+        t0 = time.perf_counter()
+        ends = register(cluster)
+        cluster.wait("AGENT_TERMINATED", 1 + ends, timeout=600)
+        return time.perf_counter() - t0
     finally:
         cluster.close()
-    return {"what": f"{n:,} agents {what}", "per_s": round(n / seconds), "seconds": round(seconds, 2)}
+
+
+def _trivial(n: int, prefix: str = "t", **how: Any) -> Callable[[Cluster], int]:
+    def register(cluster: Cluster) -> int:
+        for i in range(n):
+            cluster.orch.register_agent(agents.Trivial, f"{prefix}{i}", **how)
+        return n
+    return register
+
+
+def _result(what: str, n: int, seconds: float) -> dict:
+    return {"what": what, "per_s": round(n / seconds), "seconds": round(seconds, 2)}
+
+
+def case(name: str, n: int) -> dict:
+    what, worker_args, settings, how = CASES[name]
+    return _result(f"{n:,} agents {what}", n, _timed(_trivial(n, **how), worker_args, **settings))
 
 
 def beside_waiting(n: int, waiting: int) -> dict:
     """``n`` agents while ``waiting`` others wait for a dependency that never starts (pinned to a
     worker that never joins)."""
-    cluster = Cluster(2)
-    try:
+    def waiters(cluster: Cluster) -> None:
         cluster.orch.register_agent(agents.Trivial, "setup", worker="nowhere")
-        cluster.orch.register_agent(agents.Trivial, "warm")
-        cluster.wait("AGENT_TERMINATED", 1)
-        for i in range(waiting):
-            cluster.orch.register_agent(agents.Trivial, f"d{i}", depends_on=["setup"])
-        seconds = _timed(cluster, n, 1)
-    finally:
-        cluster.close()
-    return {"what": f"{n:,} agents beside {waiting:,} waiting for a dependency that never starts",
-            "per_s": round(n / seconds), "seconds": round(seconds, 2)}
+        _trivial(waiting, "d", depends_on=["setup"])(cluster)
+
+    seconds = _timed(_trivial(n), before=waiters)
+    return _result(f"{n:,} agents beside {waiting:,} waiting for a dependency that never starts", n, seconds)
 
 
 def fan_out(n: int) -> dict:
     """``n`` agents that depend on one setup agent, over 2 workers of ``--capacity 20``: once setup
     has finished, all are ready to go and most wait for room."""
-    cluster = Cluster(2, worker_args=("--capacity", "20"))
-    try:
-        cluster.orch.register_agent(agents.Trivial, "warm")
-        cluster.wait("AGENT_TERMINATED", 1)
-        t0 = time.perf_counter()
+    def register(cluster: Cluster) -> int:
         cluster.orch.register_agent(agents.Trivial, "setup")
-        for i in range(n):
-            cluster.orch.register_agent(agents.Trivial, f"f{i}", depends_on=["setup"])
-        cluster.wait("AGENT_TERMINATED", n + 2, timeout=600)
-        seconds = time.perf_counter() - t0
-    finally:
-        cluster.close()
-    return {"what": f"{n:,} agents that depend on one setup agent, over 2 workers of --capacity 20",
-            "per_s": round(n / seconds), "seconds": round(seconds, 2)}
+        return 1 + _trivial(n, "f", depends_on=["setup"])(cluster)
+
+    seconds = _timed(register, ("--capacity", "20"))
+    return _result(f"{n:,} agents that depend on one setup agent, over 2 workers of --capacity 20", n, seconds)
 
 
 def pairs(n: int) -> dict:
     """``n`` pairs registered at once on 2 workers: ``a{i}``, and ``b{i}`` that depends on it
     (agents woken by their dependency's changes while thousands wait for a pass)."""
-    cluster = Cluster(2)
-    try:
-        cluster.orch.register_agent(agents.Trivial, "warm")
-        cluster.wait("AGENT_TERMINATED", 1)
-        t0 = time.perf_counter()
+    def register(cluster: Cluster) -> int:
         for i in range(n):
             cluster.orch.register_agent(agents.Trivial, f"a{i}")
             cluster.orch.register_agent(agents.Trivial, f"b{i}", depends_on=[f"a{i}"])
-        cluster.wait("AGENT_TERMINATED", 2 * n + 1, timeout=600)
-        seconds = time.perf_counter() - t0
-    finally:
-        cluster.close()
-    return {"what": f"{n:,} pairs, one agent of each depending on the other", "per_s": round(2 * n / seconds),
-            "seconds": round(seconds, 2)}
+        return 2 * n
+
+    return _result(f"{n:,} pairs, one agent of each depending on the other", 2 * n, _timed(register))
 
 
 def run(n: int) -> dict[str, dict]:
