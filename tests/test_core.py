@@ -2055,6 +2055,30 @@ def test_a_pass_does_not_look_at_each_agent_bound_for_workers_found_full():
     assert [r.name for r in pinned if r.state is S.ASSIGNED] == ["p0000"]
 
 
+def test_a_pinned_agent_is_matched_to_its_worker_by_name_not_by_a_scan_of_every_worker(monkeypatch):
+    """The first agent of each pin's group is looked at in every pass; matched against every worker,
+    20,000 agents pinned over 1,000 full workers cost a pass 29 ms (8.4 now).  Only the worker named
+    is looked at; one pinned to a worker not there is told to wait for it, as before."""
+    from pyorchestrate import placement
+
+    h = Harness()
+    for i in range(200):
+        h.register(f"w{i}")
+        h.core.workers[f"w{i}"].capacity = 1
+    busy = [h.add(f"busy{i}", pin=f"w{i}") for i in range(200)]
+    h.step()
+    assert all(r.state is S.ASSIGNED for r in busy)  # every worker full
+    waiting = [h.add(f"p{i}", pin=f"w{i % 200}") for i in range(400)] + [h.add("lost", pin="w999")]
+    looks = []
+    real = placement.eligible
+    monkeypatch.setattr(placement, "eligible", lambda *args: (looks.append(args[0].name), real(*args))[1])
+    h.step()
+    assert len(looks) == 200  # one a group, each of its own worker
+    reasons = {row[0]: row[9] for row in h.core.command(commands.Snapshot(), h.now)["agent_rows"]}
+    assert {reasons[r.name] for r in waiting[:-1]} == {"every eligible worker is at capacity"}
+    assert reasons["lost"] == "waiting for worker 'w999' to join"
+
+
 def test_agents_waiting_for_a_dependency_are_not_looked_at_until_it_changes_state():
     """20,000 agents waiting for one that did not start were looked at in every pass, which cut
     other agents' launches from 25,494 to 5,377 a second.  Found waiting, an agent is parked on
