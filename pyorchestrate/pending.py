@@ -9,9 +9,9 @@ pin and labels) once those have none.  Agents with dependencies are looked at in
 dependency that failed fails them), except those found waiting for one (parked) and those whose
 dependencies were all met but found no room (settled: they wait for room with the agents of their
 kind; 20,000 agents waiting for one setup agent over two workers of capacity 20 took 16.9 s when
-each was looked at in every pass), both until one of their dependencies changes state.  The kinds
-are merged back into one line by the order the agents entered it, so placement stays first come,
-first served.
+each was looked at in every pass), both until a dependency that may change their verdict changes
+state (PendingLine._watched_by).  The kinds are merged back into one line by the order the agents
+entered it, so placement stays first come, first served.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class PendingLine:
         #: those with dependencies (bound ones as well) to be looked at in the next pass...
         self.waiting: dict[str, Any] = {}
         #: waiting is in the order its agents entered the line (woken ones go back in their place
-        #: when a pass asks, once: sorted at each wake, a report of 90 ends cost 90 sorts)
+        #: when a pass asks, once: sorted at each wake, 10,000 pairs of agents registered at once,
+        #: one of each depending on the other, took 8.76 s on 2 workers; 1.5 s now)
         self._waiting_sorted = True
         #: ...and those taken out of it: found waiting for a dependency (parked: 20,000 agents waiting
         #: for one that does not start cut other agents' launches from 25,494 to 5,377 a second

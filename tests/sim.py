@@ -49,6 +49,34 @@ STUCK = 0.15  # of the stops a coordinator asks for: the copy is a thread stuck 
 INBOX = 3  # a copy's inbox bound (kept tiny: some messages are dropped)
 
 
+
+def line_problems(core: ClusterCore) -> list[str]:
+    """What is wrong with the pending line's own bookkeeping (pending.PendingLine): only pending
+    agents in it; each one with dependencies either to be looked at (waiting), or parked or settled
+    (not both); the settled ones that may go anywhere in their own group; and watched exactly on
+    the dependencies that may change what placement says of each."""
+    line = core.states.pending
+    pending = {r.name: r for r in core.states.of(AgentState.PENDING)}
+    problems = []
+    for group in (line.anywhere, line.waiting, line.settled, *line.bound.values(), *line.watched.values()):
+        if set(group) - set(pending):
+            problems.append(f"not pending: {sorted(set(group) - set(pending))}")
+    watched: dict[str, set] = {}
+    for name, r in pending.items():
+        held = r.settled or r.parked_on is not None
+        if r.settled and r.parked_on is not None:
+            problems.append(f"{name} parked and settled")
+        if r.depends_on and (name in line.waiting) == held:
+            problems.append(f"{name}: waiting {name in line.waiting}, parked on {r.parked_on}, settled {r.settled}")
+        if (name in line.settled) != (r.settled and r.pin is None and not r.labels):
+            problems.append(f"{name}: settled {r.settled} but in the settled group: {name in line.settled}")
+        if held:
+            for dependency in line._watched_by(r):
+                watched.setdefault(dependency, set()).add(name)
+    if {d: set(group) for d, group in line.watched.items()} != watched:
+        problems.append(f"watched {line.watched} instead of {watched}")
+    return problems
+
 @dataclass
 class SimConfig:
     """The Orchestrator.Config fields the core reads."""
@@ -845,6 +873,7 @@ class Sim:
                 for c in w.copies.values() if c.agent == agent and not c.zombie]
 
     def check(self) -> None:
+        self.violations += [f"t={self.now:.2f}: pending line: {problem}" for problem in line_problems(self.core)]
         live: dict[str, int] = {}
         for worker in self.workers.values():  # one pass over every copy (see live_copies)
             if worker.frozen_until <= self.now:

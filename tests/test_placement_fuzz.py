@@ -10,7 +10,7 @@ join and time that passes (restarts come due).  Before each placement the core i
 the copy placed the plain way: every pending agent, oldest first, in every pass.  After both have
 settled (more passes while either has more to do), every agent's state, worker, failure and, while
 pending, the reason a snapshot shows must agree, and the pending line's own bookkeeping must hold
-together (line_is_whole: it fails when an agent's watch on a dependency outlives its wait).
+together (sim.line_problems: it fails when an agent's watch on a dependency outlives its wait).
 
 Its power was checked by breaking placement on purpose: it fails when the agents bound for
 particular workers are left out once no worker has room (those bound for a missing worker were told
@@ -29,6 +29,7 @@ import copy
 import random
 
 import pytest
+from sim import line_problems
 from test_core import Harness
 
 from pyorchestrate import AgentState, commands
@@ -83,26 +84,6 @@ def seen(core, explain: bool) -> dict[str, tuple]:
             for name, r in core.agents.items()}
 
 
-def line_is_whole(core) -> None:
-    """The pending line's own bookkeeping (pending.PendingLine): only pending agents in it; each
-    one with dependencies either to be looked at (waiting) or parked or settled, and watched
-    exactly on the dependencies that may change what placement says of it."""
-    line = core.states.pending
-    pending = {r.name: r for r in core.states.of(S.PENDING)}
-    for group in (line.anywhere, line.waiting, line.settled, *line.bound.values(), *line.watched.values()):
-        assert set(group) <= set(pending), set(group) - set(pending)
-    watched: dict[str, set] = {}
-    for name, r in pending.items():
-        assert not (r.settled and r.parked_on is not None), name
-        if r.depends_on:
-            assert (name in line.waiting) != (r.settled or r.parked_on is not None), name
-        assert (name in line.settled) == (r.settled and r.pin is None and not r.labels), name
-        if r.settled or r.parked_on is not None:
-            for dependency in line._watched_by(r):
-                watched.setdefault(dependency, set()).add(name)
-    assert {d: set(group) for d, group in line.watched.items()} == watched
-
-
 def settle(h: Harness, step: int) -> None:
     """Both place until a pass changes no agent's state (ours: nor wakes one), then compare what
     that quiet pass says: which pass a reason was written in must not matter."""
@@ -118,7 +99,7 @@ def settle(h: Harness, step: int) -> None:
         if before == {name: r.state for name, r in h.core.agents.items()} and not woke:
             break
     h.flush()
-    line_is_whole(h.core)
+    assert not line_problems(h.core), line_problems(h.core)
     ours, plain = seen(h.core, True), seen(twin, False)
     assert ours == plain, (step, {name: (ours[name], plain[name]) for name in ours if ours[name] != plain[name]})
 
