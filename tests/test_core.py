@@ -2185,10 +2185,10 @@ def test_agents_whose_dependencies_are_met_wait_for_room_without_being_looked_at
 
 
 def test_a_met_dependency_that_fails_fails_its_waiting_dependents_at_once_wherever_they_wait():
-    """Dependents parked on one dependency, or settled with all met, are looked at again when any
-    of their dependencies changes state: a long-running one that was READY and fails fails them at
-    once, though workers are full (parked on the other one only, they waited for that one to move);
-    one that restarts makes them wait for it again."""
+    """Dependents parked on one dependency are looked at again when it, or one before it in their
+    ``depends_on``, changes state; settled ones with all met, when any does.  A long-running one
+    that was READY and fails fails them at once, though workers are full (woken by the one they were
+    parked on only, they waited for that one to move); one that restarts makes them wait for it."""
     h = Harness()
     w1 = h.register("w1")
     h.core.workers["w1"].capacity = 2
