@@ -161,7 +161,7 @@ def test_failed_dependency_fails_its_dependents(cluster):
     assert not events.of("AGENT_STARTED", "api") and not events.of("AGENT_STARTED", "frontend")
 
 
-def test_a_fan_out_over_a_full_worker_runs_in_order_and_fails_at_once_with_its_dependency(cluster, tmp_path):
+def test_a_fan_out_over_a_full_worker_runs_in_order_and_fails_with_its_dependency(cluster, tmp_path):
     """Agents whose dependencies are met but that find no room wait for it (settled, pending.py):
     they run first come, first served, each once (left out of placement for good, they never ran:
     checked); and when a long-running dependency they wait with fails, they fail without starting,
@@ -181,8 +181,8 @@ def test_a_fan_out_over_a_full_worker_runs_in_order_and_fails_at_once_with_its_d
     orch.register_agent(Forever, "hog")
     events.wait("AGENT_READY", "db")
     events.wait("AGENT_READY", "hog")
-    # older than the dependents and without room: one takes db's place when it fails, the other
-    # still finds none, so those that may go anywhere are left out of that pass
+    # older than the dependents, without room: one takes db's place when it fails, so the worker
+    # stays full, and the other still waits
     for name in ("filler1", "filler2"):
         orch.register_agent(Forever, name)
     dependents = [f"d{i}" for i in range(5)]
