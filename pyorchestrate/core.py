@@ -868,8 +868,7 @@ class ClusterCore(Registration, CommandHandlers):
                 continue
             if cap and running >= cap:
                 record.pending_reason = f"waiting for a slot: max_workers={cap} agents are running"
-                if record.depends_on:
-                    line.settle(record)
+                line.settle(record)  # (one with dependencies: waits with its kind; else nothing)
                 if self._no_slot is None:
                     self._no_slot = record.pending_reason  # no slot for anyone: as above
                     if self.no_room is None:
@@ -882,18 +881,20 @@ class ClusterCore(Registration, CommandHandlers):
                 bound_for = target(record)
                 worker, why = None, full.get(bound_for)  # (a bound agent with dependencies comes twice)
                 if why is None:
-                    # a pinned agent's one candidate by its name, not a scan of every worker: the
-                    # first of each pin's group is looked at in each pass, and 20,000 agents pinned
-                    # over 1,000 full workers cost a pass 29 ms, most of it in these scans (8.4 ms now)
-                    pinned = self.workers.get(record.pin) if record.pin is not None else None
-                    candidates = self.workers.values() if record.pin is None else () if pinned is None else (pinned,)
+                    if record.pin is None:
+                        candidates: Any = self.workers.values()
+                    else:
+                        # its one candidate by name, not a scan of every worker: the first of each
+                        # pin's group is looked at in each pass, and 20,000 agents pinned over 1,000
+                        # full workers cost a pass 29 ms, most of it in these scans (8.4 ms now)
+                        pinned = self.workers.get(record.pin)
+                        candidates = () if pinned is None else (pinned,)
                     worker, why = choose(candidates, record.pin, record.labels)
                     if worker is None:
                         full[bound_for] = why
             if worker is None:
                 record.pending_reason = why
-                if record.depends_on:
-                    line.settle(record)  # waits with the agents bound for the same workers
+                line.settle(record)  # (one with dependencies: waits with those bound for the same workers)
                 continue
             self._assign(record, worker, now)
             free.update(worker)

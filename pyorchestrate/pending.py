@@ -126,7 +126,7 @@ class PendingLine:
         already), until one of its dependencies changes state (:meth:`wake`: looked at for them
         again).  Placement looks at its dependencies again before it places it."""
         if self.waiting.pop(record.name, None) is None:
-            return  # settled already (or a bound one, looked at in its target's group)
+            return  # settled already, or without dependencies (or a bound one, looked at in its group)
         record.settled = True
         if target(record) is None:
             if self.settled and record.queued < next(reversed(self.settled.values())).queued:
